@@ -1,0 +1,6 @@
+//! Skein's partition log.
+#![warn(missing_docs)]
+
+pub mod batch;
+pub mod storage;
+pub mod types;
