@@ -109,3 +109,8 @@ impl Sequence {
     /// No sequence: the batch is not idempotent.
     pub const NONE: Sequence = Sequence(-1);
 }
+
+impl Timestamp {
+    /// "No timestamp": smaller than every real one (an empty segment's maximum).
+    pub const NONE: Timestamp = Timestamp(i64::MIN);
+}

@@ -1,0 +1,950 @@
+//! The partition log: a directory of segments with one owner.
+//!
+//! Call protocol (one owner, no locks, no clock: time is passed in):
+//! - [`Log::open`] recovers the directory and returns the log with `durable_offset ==
+//!   log_end_offset` (open syncs the tail).
+//! - [`Log::append`] (leader: assigns offsets) or [`Log::append_replicated`] (follower: keeps
+//!   the leader's offsets) writes a validated batch at the end of the active segment. The bytes
+//!   are in the OS's hands, not yet durable.
+//! - Durability: when [`Log::sync_due`] says so (per the [`Durability`] policy), the owner calls
+//!   [`Log::begin_sync`], runs the returned [`SyncJob`] (inline, or on another thread: it only
+//!   holds file handles), and reports the result with [`Log::finish_sync`]. Every append made
+//!   before `begin_sync` becomes durable with that one fdatasync: this is group commit.
+//!   [`Log::sync`] does all three inline.
+//! - [`Log::read`] returns the file range of whole batches for a zero-copy send;
+//!   [`Log::read_range_into`] copies a range and checks every CRC.
+//! - [`Log::close`] syncs, persists the active segment's index and writes the clean-shutdown
+//!   marker, so the next open scans nothing.
+//!
+//! Invariants: offsets are dense across batches and segments; `log_start <= durable <=
+//! log_end`; sealed segments are synced and their index is on disk; only the active segment
+//! can hold unsynced bytes. A storage error in a mutating operation poisons the log: every
+//! later mutation fails until it is reopened, since the state of the files is unknown.
+//!
+//! Not done here: replication, high watermark (callers pass a read bound), compaction.
+
+use crate::batch::{check_crc, BatchHeader, RecordBatch, HEADER_BYTES};
+use crate::checkpoint::{self, CheckpointError};
+use crate::config::{Durability, LogConfig};
+use crate::epoch::EpochCache;
+use crate::error::{AppendError, Corruption, LogError, OpenError, ReadError};
+use crate::index::SegmentIndex;
+use crate::segment::{
+    index_name, intact_batch_follows, parse_segment_name, scan, segment_name, Problem, Segment, SegmentReadError,
+};
+use crate::storage::{read_exact_at, Storage, StorageError, StorageFile, SyncHandle};
+use crate::types::{LeaderEpoch, Offset, Timestamp};
+
+/// A partition log. See the module docs for the call protocol.
+#[derive(Debug)]
+pub struct Log<S: Storage> {
+    storage: S,
+    config: LogConfig,
+    /// Sorted by base offset, never empty; the last one is active.
+    segments: Vec<Segment<S::File>>,
+    log_start: Offset,
+    durable: Offset,
+    epochs: EpochCache,
+    /// Set by the first failed mutation; see the module docs.
+    poisoned: Option<String>,
+    last_sync_at: Timestamp,
+    /// Bumped by truncation, so a sync begun before it cannot vouch for bytes written after.
+    generation: u64,
+    recovery: RecoveryReport,
+}
+
+/// Where an append landed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendInfo {
+    /// Offset of the batch's first record.
+    pub base_offset: Offset,
+    /// Offset of its last record.
+    pub last_offset: Offset,
+    /// The log end offset after the append.
+    pub log_end_offset: Offset,
+}
+
+/// Bounds of a read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadLimit {
+    /// Stop before a batch that would take the result past this many bytes; the first batch
+    /// is returned even if larger, so a consumer always makes progress (Kafka's KIP-74).
+    pub max_bytes: u32,
+    /// Return only batches that end before this offset (e.g. the high watermark); `None` for
+    /// the log end.
+    pub end: Option<Offset>,
+}
+
+/// Whole batches in one segment file: `bytes` bytes from `position`. The first batch may
+/// start before the offset asked for (offsets inside a batch are not addressable on disk);
+/// consumers skip records below their position.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReadRange {
+    /// Base offset of the segment holding the range.
+    pub segment_base: Offset,
+    /// Byte position in the segment file.
+    pub position: u64,
+    /// Length in bytes (0: nothing to read).
+    pub bytes: u64,
+    /// Base offset of the first batch.
+    pub first_offset: Offset,
+    /// Offset after the last batch: where the next read starts.
+    pub next_offset: Offset,
+}
+
+/// What the last open found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// A clean-shutdown marker was found: no segment was scanned unless its index was bad.
+    pub clean_shutdown: bool,
+    /// Segments scanned batch by batch.
+    pub segments_scanned: usize,
+    /// Index files rebuilt (missing, damaged or stale).
+    pub indexes_rebuilt: usize,
+    /// Bytes cut from the tail as a torn write, with the file and position.
+    pub truncated: Option<(String, u64, u64)>,
+}
+
+/// What retention deleted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    /// Segments deleted.
+    pub segments_deleted: usize,
+    /// Bytes deleted.
+    pub bytes_deleted: u64,
+    /// The log start offset afterwards.
+    pub log_start_offset: Offset,
+}
+
+/// One fdatasync covering every append before [`Log::begin_sync`]. Holds only file handles,
+/// so it can run on another thread when the storage's handles allow.
+#[derive(Debug)]
+pub struct SyncJob<H> {
+    handle: H,
+    upto: Offset,
+    generation: u64,
+}
+
+impl<H: SyncHandle> SyncJob<H> {
+    /// Runs the fdatasync.
+    pub fn run(&self) -> Result<(), StorageError> {
+        self.handle.sync()
+    }
+
+    /// The log end offset this sync makes durable.
+    pub fn upto(&self) -> Offset {
+        self.upto
+    }
+}
+
+impl<S: Storage> Log<S> {
+    /// Opens the log in `storage`, creating it if empty and recovering it otherwise.
+    pub fn open(storage: S, config: LogConfig, now: Timestamp) -> Result<Log<S>, OpenError> {
+        config.validate().map_err(OpenError::Config)?;
+        let names = storage.list()?;
+        for tmp in names.iter().filter(|n| n.ends_with(".tmp")) {
+            storage.remove(tmp)?;
+        }
+        let clean_shutdown = matches!(checkpoint::read(&storage, CLEAN_MARKER, CLEAN_MAGIC), Ok(Some(_)));
+        storage.remove(CLEAN_MARKER)?;
+        storage.sync_dir()?;
+        let mut bases: Vec<Offset> = names.iter().filter_map(|n| parse_segment_name(n)).collect();
+        bases.sort();
+        let mut log = Log {
+            storage,
+            config,
+            segments: Vec::with_capacity(bases.len() + 1),
+            log_start: Offset::ZERO,
+            durable: Offset::ZERO,
+            epochs: EpochCache::default(),
+            poisoned: None,
+            last_sync_at: now,
+            generation: 0,
+            recovery: RecoveryReport { clean_shutdown, ..RecoveryReport::default() },
+        };
+        let mut tail_epochs = Vec::new();
+        for (i, &base) in bases.iter().enumerate() {
+            let is_tail = i + 1 == bases.len();
+            let (segment, epochs) = log.load_segment(base, is_tail, now)?;
+            if let Some(prev) = log.segments.last() {
+                if prev.next_offset != segment.base {
+                    let reason = format!("segment starts at {} but the previous one ends at {}", base, prev.next_offset);
+                    return Err(Corruption { file: segment.path.clone(), position: 0, reason }.into());
+                }
+            }
+            tail_epochs = epochs;
+            log.segments.push(segment);
+        }
+        log.load_log_start()?;
+        log.load_epochs(&tail_epochs)?;
+        if log.segments.is_empty() {
+            let segment = log.create_segment(log.log_start, now)?;
+            log.segments.push(segment);
+        }
+        log.active().file.sync()?;
+        log.durable = log.log_end_offset();
+        Ok(log)
+    }
+
+    /// First offset present.
+    pub fn log_start_offset(&self) -> Offset {
+        self.log_start
+    }
+
+    /// Offset the next append gets (one past the last record written).
+    pub fn log_end_offset(&self) -> Offset {
+        self.active().next_offset
+    }
+
+    /// One past the last record known to be on stable storage. Never ahead of the truth.
+    pub fn durable_offset(&self) -> Offset {
+        self.durable
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// The leader-epoch history.
+    pub fn epochs(&self) -> &EpochCache {
+        &self.epochs
+    }
+
+    /// KIP-101's OffsetsForLeaderEpoch answer; see [`EpochCache::end_offset_for`].
+    pub fn end_offset_for_epoch(&self, epoch: LeaderEpoch) -> Option<(LeaderEpoch, Offset)> {
+        self.epochs.end_offset_for(epoch, self.log_end_offset())
+    }
+
+    /// What the last open found.
+    pub fn recovery(&self) -> &RecoveryReport {
+        &self.recovery
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Bytes of batches in all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.segments.iter().map(|s| u64::from(s.bytes)).sum()
+    }
+
+    /// Base offsets of the segments, oldest first.
+    pub fn segment_bases(&self) -> Vec<Offset> {
+        self.segments.iter().map(|s| s.base).collect()
+    }
+
+    /// The file of the segment starting at `base`, for zero-copy sends of a [`ReadRange`].
+    pub fn segment_file(&self, base: Offset) -> Option<&S::File> {
+        self.segment_at(base).map(|i| &self.segments[i].file)
+    }
+
+    /// Appends a validated batch as leader: stamps the next offsets into it and writes it.
+    pub fn append<B>(&mut self, batch: &mut RecordBatch<B>, now: Timestamp) -> Result<AppendInfo, AppendError>
+    where
+        B: AsRef<[u8]> + AsMut<[u8]>,
+    {
+        self.check_writable()?;
+        batch.set_base_offset(self.log_end_offset());
+        self.append_bytes(batch.header(), batch.as_bytes(), now)
+    }
+
+    /// Appends a batch as follower, unchanged: it must start at the log end.
+    pub fn append_replicated<B: AsRef<[u8]>>(
+        &mut self,
+        batch: &RecordBatch<B>,
+        now: Timestamp,
+    ) -> Result<AppendInfo, AppendError> {
+        self.check_writable()?;
+        if batch.header().base_offset != self.log_end_offset() {
+            return Err(AppendError::OffsetMismatch { batch: batch.header().base_offset, log_end: self.log_end_offset() });
+        }
+        self.append_bytes(batch.header(), batch.as_bytes(), now)
+    }
+
+    /// Whether the durability policy wants a sync now.
+    pub fn sync_due(&self, now: Timestamp) -> bool {
+        let behind = self.durable < self.log_end_offset();
+        match self.config.durability {
+            Durability::Always => behind,
+            Durability::IntervalMs(ms) => behind && now.millis_since(self.last_sync_at) >= ms,
+            Durability::Never => false,
+        }
+    }
+
+    /// Starts a group commit covering every append so far; `None` if all is durable.
+    pub fn begin_sync(&mut self, now: Timestamp) -> Option<SyncJob<<S::File as StorageFile>::SyncHandle>> {
+        if self.durable >= self.log_end_offset() || self.poisoned.is_some() {
+            return None;
+        }
+        self.last_sync_at = now;
+        Some(SyncJob { handle: self.active().file.sync_handle(), upto: self.log_end_offset(), generation: self.generation })
+    }
+
+    /// Completes a group commit with the job's result; returns the durable offset.
+    pub fn finish_sync(
+        &mut self,
+        job: SyncJob<<S::File as StorageFile>::SyncHandle>,
+        result: Result<(), StorageError>,
+    ) -> Result<Offset, LogError> {
+        if let Err(e) = result {
+            return Err(self.poison(e).into());
+        }
+        // A truncation since `begin_sync` may have replaced the bytes the job covered.
+        if job.generation == self.generation {
+            self.durable = self.durable.max(job.upto.min(self.log_end_offset()));
+        }
+        assert!(self.durable <= self.log_end_offset(), "durable offset {} past log end", self.durable);
+        Ok(self.durable)
+    }
+
+    /// Syncs every append so far, inline; returns the durable offset.
+    pub fn sync(&mut self, now: Timestamp) -> Result<Offset, LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        match self.begin_sync(now) {
+            Some(job) => {
+                let result = job.run();
+                self.finish_sync(job, result)
+            }
+            None => Ok(self.durable),
+        }
+    }
+
+    /// Whole batches from the one holding `from`, within `limit`, as a file range.
+    pub fn read(&self, from: Offset, limit: ReadLimit) -> Result<ReadRange, ReadError> {
+        let log_end = self.log_end_offset();
+        if from < self.log_start || from > log_end {
+            return Err(ReadError::OffsetOutOfRange { requested: from, log_start: self.log_start, log_end });
+        }
+        let end = limit.end.map_or(log_end, |e| e.min(log_end));
+        let empty = ReadRange { segment_base: from, position: 0, bytes: 0, first_offset: from, next_offset: from };
+        if from >= end {
+            return Ok(empty);
+        }
+        let i = self.segment_for(from);
+        let seg = &self.segments[i];
+        let (start, first) = seg.find_batch(from).map_err(|e| self.read_error(seg, e))?;
+        if first.next_offset() > end {
+            return Ok(empty);
+        }
+        let (stop, next) = self.extend_range(seg, start, &first, limit.max_bytes, end)?;
+        Ok(ReadRange {
+            segment_base: seg.base,
+            position: u64::from(start),
+            bytes: u64::from(stop - start),
+            first_offset: first.base_offset,
+            next_offset: next,
+        })
+    }
+
+    /// Copies a range into `buf` (replacing its contents) and checks every batch's framing and
+    /// CRC; damage is reported with file and position and nothing is returned.
+    pub fn read_range_into(&self, range: &ReadRange, buf: &mut Vec<u8>) -> Result<(), ReadError> {
+        buf.clear();
+        if range.bytes == 0 {
+            return Ok(());
+        }
+        let seg = self.segment_at(range.segment_base).map(|i| &self.segments[i]);
+        let seg = seg.ok_or(ReadError::OffsetOutOfRange {
+            requested: range.first_offset,
+            log_start: self.log_start,
+            log_end: self.log_end_offset(),
+        })?;
+        buf.resize(range.bytes as usize, 0);
+        read_exact_at(&seg.file, buf, range.position, &seg.path)?;
+        let mut at = 0usize;
+        while at < buf.len() {
+            let checked = BatchHeader::decode(&buf[at..]).and_then(|h| check_crc(&h, &buf[at..]).map(|()| h));
+            let header = checked.map_err(|e| Corruption {
+                file: seg.path.clone(),
+                position: range.position + at as u64,
+                reason: e.to_string(),
+            });
+            let header = match header {
+                Ok(h) => h,
+                Err(c) => {
+                    buf.clear();
+                    return Err(c.into());
+                }
+            };
+            at += header.batch_length as usize;
+        }
+        Ok(())
+    }
+
+    /// [`Log::read`] then [`Log::read_range_into`].
+    pub fn read_verified(&self, from: Offset, limit: ReadLimit, buf: &mut Vec<u8>) -> Result<ReadRange, ReadError> {
+        let range = self.read(from, limit)?;
+        self.read_range_into(&range, buf)?;
+        Ok(range)
+    }
+
+    /// The first offset at or after the log start whose record timestamp is `>= ts`, or
+    /// `None` if every record is older.
+    pub fn offset_for_timestamp(&self, ts: Timestamp) -> Result<Option<Offset>, ReadError> {
+        let Some(i) = self.segments.iter().position(|s| s.max_timestamp >= ts && s.next_offset > self.log_start) else {
+            return Ok(None);
+        };
+        for seg in &self.segments[i..] {
+            if let Some(offset) = self.offset_for_timestamp_in(seg, ts)? {
+                return Ok(Some(offset));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Seals the active segment and starts a new one at the log end.
+    pub fn roll(&mut self, now: Timestamp) -> Result<(), LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        self.roll_inner(now).map_err(|e| self.poison(e).into())
+    }
+
+    /// Removes every record at or after `offset`; if `offset` falls inside a batch, that whole
+    /// batch goes. Returns the new log end. The cut is synced before returning.
+    pub fn truncate_to(&mut self, offset: Offset) -> Result<Offset, LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        if offset >= self.log_end_offset() {
+            return Ok(self.log_end_offset());
+        }
+        if offset < self.log_start {
+            return Err(self.out_of_range(offset));
+        }
+        let i = self.segment_for(offset);
+        let (cut, batch) = {
+            let seg = &self.segments[i];
+            seg.find_batch(offset).map_err(|e| to_log_error_read(self.read_error(seg, e)))?
+        };
+        self.truncate_segments_after(i).map_err(|e| self.poison(e))?;
+        self.cut_active(cut, batch.base_offset).map_err(|e| self.poison(e))?;
+        if batch.base_offset < self.log_start {
+            self.log_start = batch.base_offset;
+            self.write_log_start().map_err(|e| self.poison(e))?;
+        }
+        if self.epochs.truncate_end(batch.base_offset) {
+            self.write_epochs().map_err(|e| self.poison(e))?;
+        }
+        self.generation += 1;
+        self.durable = self.log_end_offset();
+        Ok(self.log_end_offset())
+    }
+
+    /// Deletes everything and restarts the log empty at `offset` (a follower whose log has
+    /// nothing in common with its leader's).
+    pub fn truncate_fully_and_start_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        self.reset_at(offset, now).map_err(|e| self.poison(e).into())
+    }
+
+    /// Advances the log start to `offset` (Kafka's DeleteRecords) and deletes the sealed
+    /// segments wholly below it. Returns the new log start.
+    pub fn delete_records_before(&mut self, offset: Offset, now: Timestamp) -> Result<Offset, LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        if offset > self.log_end_offset() {
+            return Err(self.out_of_range(offset));
+        }
+        if offset <= self.log_start {
+            return Ok(self.log_start);
+        }
+        self.advance_start(offset, now).map_err(|e| self.poison(e))?;
+        Ok(self.log_start)
+    }
+
+    /// Deletes whole sealed segments past the retention limits (age of their newest record,
+    /// total size). The active segment is never deleted.
+    pub fn apply_retention(&mut self, now: Timestamp) -> Result<RetentionReport, LogError> {
+        self.check_writable().map_err(to_log_error)?;
+        let mut report = RetentionReport::default();
+        let mut total = self.size_bytes();
+        let mut keep_from = 0;
+        while keep_from + 1 < self.segments.len() {
+            let seg = &self.segments[keep_from];
+            let expired = self.config.retention_ms.is_some_and(|ms| now.millis_since(seg.max_timestamp) > ms);
+            let oversize = self.config.retention_bytes.is_some_and(|limit| total - u64::from(seg.bytes) >= limit);
+            if !expired && !oversize {
+                break;
+            }
+            total -= u64::from(seg.bytes);
+            report.segments_deleted += 1;
+            report.bytes_deleted += u64::from(seg.bytes);
+            keep_from += 1;
+        }
+        if keep_from > 0 {
+            let start = self.segments[keep_from].base.max(self.log_start);
+            self.advance_start(start, now).map_err(|e| self.poison(e))?;
+        }
+        report.log_start_offset = self.log_start;
+        Ok(report)
+    }
+
+    /// Clean shutdown: syncs, persists the active segment's index and the clean marker.
+    pub fn close(mut self, now: Timestamp) -> Result<(), LogError> {
+        self.sync(now)?;
+        self.write_index(self.segments.len() - 1)?;
+        checkpoint::write(&self.storage, CLEAN_MARKER, CLEAN_MAGIC, &self.log_end_offset().0.to_le_bytes())?;
+        Ok(())
+    }
+
+    /// Deletes the whole partition log: every file and the directory.
+    pub fn delete(self) -> Result<(), LogError> {
+        drop(self.segments);
+        self.storage.destroy()?;
+        Ok(())
+    }
+}
+
+// Private helpers: opening.
+impl<S: Storage> Log<S> {
+    /// Loads one segment: from its index file if valid, else by scanning it. Returns the epoch
+    /// changes seen if it was scanned.
+    fn load_segment(
+        &mut self,
+        base: Offset,
+        is_tail: bool,
+        now: Timestamp,
+    ) -> Result<(Segment<S::File>, Vec<(LeaderEpoch, Offset)>), OpenError> {
+        let name = segment_name(base);
+        let path = self.storage.path_of(&name);
+        let mut file = self.storage.open(&name)?;
+        let file_bytes = file.len()?;
+        let trust_index = !is_tail || self.recovery.clean_shutdown;
+        if trust_index && file_bytes <= u64::from(u32::MAX) {
+            if let Some((index, meta)) = self.read_index(base, file_bytes) {
+                let segment = Segment {
+                    base,
+                    file,
+                    path,
+                    bytes: meta.segment_bytes,
+                    next_offset: base.add(u64::from(meta.offset_count)),
+                    max_timestamp: meta.max_timestamp,
+                    index,
+                    created_at: now,
+                };
+                return Ok((segment, Vec::new()));
+            }
+        }
+        self.recovery.segments_scanned += 1;
+        let interval = self.config.index_interval_bytes;
+        let scanned = scan(&file, &path, base, file_bytes, interval)?;
+        if let Some(problem) = &scanned.problem {
+            let torn = is_tail && problem.maybe_torn && !intact_batch_follows(&file, &path, problem, file_bytes)?;
+            if !torn {
+                return Err(corruption(&path, problem).into());
+            }
+            tracing::warn!(file = %path, position = problem.position, reason = %problem.reason,
+                bytes = file_bytes - u64::from(scanned.bytes), "truncating torn tail");
+            self.recovery.truncated = Some((path.clone(), u64::from(problem.position), file_bytes - u64::from(scanned.bytes)));
+            file.set_len(u64::from(scanned.bytes))?;
+            file.sync()?;
+        } else if u64::from(scanned.bytes) != file_bytes {
+            let reason = "segment longer than 4 GiB".to_owned();
+            return Err(Corruption { file: path, position: u64::from(u32::MAX), reason }.into());
+        }
+        let segment = Segment {
+            base,
+            file,
+            path,
+            bytes: scanned.bytes,
+            next_offset: scanned.next_offset,
+            max_timestamp: scanned.max_timestamp,
+            index: scanned.index,
+            created_at: now,
+        };
+        if !is_tail {
+            self.recovery.indexes_rebuilt += 1;
+            write_index_file(&self.storage, &segment)?;
+        }
+        Ok((segment, scanned.epochs))
+    }
+
+    /// The segment's index and metadata, if the file is present, intact and current.
+    fn read_index(&mut self, base: Offset, file_bytes: u64) -> Option<(SegmentIndex, crate::index::SegmentMeta)> {
+        let name = index_name(base);
+        let file = self.storage.open(&name).ok()?;
+        let len = file.len().ok()?;
+        let mut bytes = vec![0u8; usize::try_from(len).ok()?.min(INDEX_FILE_BYTES_MAX)];
+        read_exact_at(&file, &mut bytes, 0, &name).ok()?;
+        match SegmentIndex::decode(&bytes) {
+            Ok((index, meta)) if u64::from(meta.segment_bytes) == file_bytes => Some((index, meta)),
+            other => {
+                tracing::info!(file = %self.storage.path_of(&name), ok = other.is_ok(), "index file unusable; rebuilding");
+                None
+            }
+        }
+    }
+
+    fn load_log_start(&mut self) -> Result<(), OpenError> {
+        let first = self.segments.first().map_or(Offset::ZERO, |s| s.base);
+        let stored = match checkpoint::read(&self.storage, LOG_START_FILE, LOG_START_MAGIC) {
+            Ok(Some(p)) if p.len() == 8 => Offset(u64::from_le_bytes(p[..].try_into().expect("8 bytes"))),
+            Ok(_) => first,
+            Err(CheckpointError::Storage(e)) => return Err(e.into()),
+            Err(CheckpointError::Damaged(path)) => {
+                tracing::warn!(file = %path, "log start checkpoint damaged; using the first segment");
+                first
+            }
+        };
+        let end = self.segments.last().map_or(stored, |s| s.next_offset);
+        self.log_start = stored.max(first).min(end);
+        Ok(())
+    }
+
+    fn load_epochs(&mut self, tail_epochs: &[(LeaderEpoch, Offset)]) -> Result<(), OpenError> {
+        let stored = match checkpoint::read(&self.storage, EPOCH_FILE, EPOCH_MAGIC) {
+            Ok(Some(p)) => EpochCache::decode(&p),
+            Ok(None) => None,
+            Err(CheckpointError::Storage(e)) => return Err(e.into()),
+            Err(CheckpointError::Damaged(_)) => None,
+        };
+        let nonempty = self.segments.iter().any(|s| s.bytes > 0);
+        let mut cache = match stored {
+            Some(c) => c,
+            None if nonempty => {
+                tracing::warn!("leader epoch checkpoint missing or damaged; rebuilding from batch headers");
+                self.rebuild_epochs()?
+            }
+            None => EpochCache::default(),
+        };
+        let log_end = self.segments.last().map_or(self.log_start, |s| s.next_offset);
+        let mut changed = cache.truncate_end(log_end);
+        for &(epoch, start) in tail_epochs {
+            if cache.latest().is_none_or(|l| epoch > l.epoch) {
+                changed |= cache.assign(epoch, start);
+            }
+        }
+        changed |= cache.truncate_start(self.log_start);
+        self.epochs = cache;
+        if changed {
+            self.write_epochs()?;
+        }
+        Ok(())
+    }
+
+    fn rebuild_epochs(&self) -> Result<EpochCache, OpenError> {
+        let mut cache = EpochCache::default();
+        for seg in &self.segments {
+            let mut position = 0;
+            while position < seg.bytes {
+                let h = seg.read_header(position).map_err(|e| to_open_error(seg, e))?;
+                if cache.latest().is_none_or(|l| h.leader_epoch > l.epoch) {
+                    cache.assign(h.leader_epoch, h.base_offset);
+                }
+                position += h.batch_length;
+            }
+        }
+        Ok(cache)
+    }
+}
+
+// Private helpers: writing.
+impl<S: Storage> Log<S> {
+    fn append_bytes(&mut self, header: &BatchHeader, bytes: &[u8], now: Timestamp) -> Result<AppendInfo, AppendError> {
+        assert_eq!(header.base_offset, self.log_end_offset(), "append at the log end");
+        assert_eq!(bytes.len(), header.batch_length as usize, "batch length matches its bytes");
+        if let Some(latest) = self.epochs.latest() {
+            if header.leader_epoch < latest.epoch {
+                return Err(AppendError::StaleEpoch { batch: header.leader_epoch, latest: latest.epoch });
+            }
+        }
+        if self.should_roll(header, now) {
+            self.roll_inner(now).map_err(|e| self.poison(e))?;
+        }
+        if self.epochs.assign(header.leader_epoch, header.base_offset) {
+            // Persisted before the batch: a crash leaves an epoch entry past the log end,
+            // which open drops, never a batch whose epoch the cache does not know.
+            self.write_epochs().map_err(|e| self.poison(e))?;
+        }
+        let interval = self.config.index_interval_bytes;
+        let active = self.segments.last_mut().expect("a log has an active segment");
+        let position = active.bytes;
+        if let Err(e) = active.file.write_at(bytes, u64::from(position)) {
+            return Err(self.poison(e).into());
+        }
+        active.note_appended(header, position, interval);
+        Ok(AppendInfo {
+            base_offset: header.base_offset,
+            last_offset: header.last_offset(),
+            log_end_offset: header.next_offset(),
+        })
+    }
+
+    fn should_roll(&self, header: &BatchHeader, now: Timestamp) -> bool {
+        let active = self.active();
+        if active.bytes == 0 {
+            return false;
+        }
+        let too_big = u64::from(active.bytes) + u64::from(header.batch_length) > u64::from(self.config.segment_bytes);
+        let too_old = self.config.segment_ms.is_some_and(|ms| now.millis_since(active.created_at) >= ms);
+        let too_many_offsets = header.next_offset().distance(active.base) > u64::from(u32::MAX);
+        too_big || too_old || too_many_offsets
+    }
+
+    /// Seals the active segment (sync, index file) and creates the next one.
+    fn roll_inner(&mut self, now: Timestamp) -> Result<(), StorageError> {
+        let last = self.segments.len() - 1;
+        self.segments[last].file.sync()?;
+        self.durable = self.durable.max(self.segments[last].next_offset);
+        self.write_index(last)?;
+        let segment = self.create_segment(self.log_end_offset(), now)?;
+        self.segments.push(segment);
+        Ok(())
+    }
+
+    fn create_segment(&self, base: Offset, now: Timestamp) -> Result<Segment<S::File>, StorageError> {
+        let name = segment_name(base);
+        let file = self.storage.create(&name)?;
+        self.storage.remove(&index_name(base))?;
+        self.storage.sync_dir()?;
+        Ok(Segment {
+            base,
+            file,
+            path: self.storage.path_of(&name),
+            bytes: 0,
+            next_offset: base,
+            max_timestamp: Timestamp::NONE,
+            index: SegmentIndex::new(),
+            created_at: now,
+        })
+    }
+
+    fn write_index(&self, i: usize) -> Result<(), StorageError> {
+        write_index_file(&self.storage, &self.segments[i])
+    }
+
+    /// Deletes the segments after `i`; segment `i` becomes the active one.
+    fn truncate_segments_after(&mut self, i: usize) -> Result<(), StorageError> {
+        while self.segments.len() > i + 1 {
+            let seg = self.segments.pop().expect("more than i + 1 segments");
+            self.remove_segment_files(seg.base)?;
+        }
+        self.storage.remove(&index_name(self.segments[i].base))?;
+        self.storage.sync_dir()
+    }
+
+    /// Cuts the active segment at `position`, where the batch starting at `base` was.
+    fn cut_active(&mut self, position: u32, base: Offset) -> Result<(), StorageError> {
+        let seg = self.segments.last_mut().expect("a log has an active segment");
+        seg.file.set_len(u64::from(position))?;
+        seg.file.sync()?;
+        seg.index.truncate_to_position(position);
+        seg.bytes = position;
+        seg.next_offset = base;
+        // The index gives the newest timestamp before its last entry; scan the rest.
+        let last_entry = seg.index.entries().last();
+        let mut at = last_entry.map_or(0, |e| e.position);
+        let mut max = last_entry.map_or(Timestamp::NONE, |e| e.max_ts_before);
+        while at < position {
+            let h = seg.read_header(at).map_err(|e| match e {
+                SegmentReadError::Storage(s) => s,
+                SegmentReadError::Problem(p) => StorageError {
+                    op: "rescan",
+                    path: seg.path.clone(),
+                    source: std::io::Error::other(p.reason),
+                },
+            })?;
+            max = max.max(h.max_timestamp);
+            at += h.batch_length;
+        }
+        seg.max_timestamp = max;
+        Ok(())
+    }
+
+    fn reset_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), StorageError> {
+        while let Some(seg) = self.segments.pop() {
+            self.remove_segment_files(seg.base)?;
+        }
+        let segment = self.create_segment(offset, now)?;
+        self.segments.push(segment);
+        self.log_start = offset;
+        self.write_log_start()?;
+        self.epochs = EpochCache::default();
+        self.write_epochs()?;
+        self.generation += 1;
+        self.durable = offset;
+        Ok(())
+    }
+
+    /// Moves the log start forward and deletes sealed segments wholly below it.
+    fn advance_start(&mut self, offset: Offset, now: Timestamp) -> Result<(), StorageError> {
+        assert!(offset > self.log_start && offset <= self.log_end_offset(), "log start {offset} out of range");
+        if self.active().bytes > 0 && self.active().next_offset <= offset {
+            self.roll_inner(now)?;
+        }
+        self.log_start = offset;
+        self.write_log_start()?;
+        if self.epochs.truncate_start(offset) {
+            self.write_epochs()?;
+        }
+        let doomed = self.segments.iter().take_while(|s| s.next_offset <= offset).count().min(self.segments.len() - 1);
+        for seg in self.segments.drain(..doomed).collect::<Vec<_>>() {
+            self.remove_segment_files(seg.base)?;
+        }
+        self.storage.sync_dir()
+    }
+
+    fn remove_segment_files(&self, base: Offset) -> Result<(), StorageError> {
+        self.storage.remove(&segment_name(base))?;
+        self.storage.remove(&index_name(base))
+    }
+
+    fn write_log_start(&self) -> Result<(), StorageError> {
+        checkpoint::write(&self.storage, LOG_START_FILE, LOG_START_MAGIC, &self.log_start.0.to_le_bytes())
+    }
+
+    fn write_epochs(&self) -> Result<(), StorageError> {
+        checkpoint::write(&self.storage, EPOCH_FILE, EPOCH_MAGIC, &self.epochs.encode())
+    }
+
+    fn check_writable(&self) -> Result<(), AppendError> {
+        match &self.poisoned {
+            Some(reason) => Err(AppendError::Poisoned(reason.clone())),
+            None => Ok(()),
+        }
+    }
+
+    /// Marks the log unusable after a failed mutation and hands the error back.
+    fn poison(&mut self, e: StorageError) -> StorageError {
+        tracing::error!(error = %e, "storage failure; log poisoned until reopened");
+        self.poisoned = Some(e.to_string());
+        e
+    }
+}
+
+// Private helpers: reading.
+impl<S: Storage> Log<S> {
+    fn active(&self) -> &Segment<S::File> {
+        self.segments.last().expect("a log has an active segment")
+    }
+
+    /// Index of the segment holding `offset` (which is within the log).
+    fn segment_for(&self, offset: Offset) -> usize {
+        let i = self.segments.partition_point(|s| s.base <= offset);
+        assert!(i > 0, "offset {offset} below the first segment");
+        i - 1
+    }
+
+    fn segment_at(&self, base: Offset) -> Option<usize> {
+        self.segments.binary_search_by_key(&base, |s| s.base).ok()
+    }
+
+    /// Grows a range that starts with `first` at `start` by whole batches while they fit
+    /// `max_bytes` and end by `end`. Jumps over indexed stretches without reading them.
+    fn extend_range(
+        &self,
+        seg: &Segment<S::File>,
+        start: u32,
+        first: &BatchHeader,
+        max_bytes: u32,
+        end: Offset,
+    ) -> Result<(u32, Offset), ReadError> {
+        let mut stop = start + first.batch_length;
+        let mut next = first.next_offset();
+        let limit = start.saturating_add(max_bytes);
+        let rel_end = u32::try_from(end.distance(seg.base)).unwrap_or(u32::MAX);
+        if let Some(e) = seg.index.last_within(limit, rel_end) {
+            if e.position > stop {
+                stop = e.position;
+                next = seg.base.add(u64::from(e.rel_offset));
+            }
+        }
+        while stop < seg.bytes {
+            let h = seg.read_header(stop).map_err(|e| self.read_error(seg, e))?;
+            seg.check_continuity(stop, &h, next).map_err(|e| self.read_error(seg, e))?;
+            if u64::from(stop) + u64::from(h.batch_length) > u64::from(limit) || h.next_offset() > end {
+                break;
+            }
+            stop += h.batch_length;
+            next = h.next_offset();
+        }
+        Ok((stop, next))
+    }
+
+    fn offset_for_timestamp_in(&self, seg: &Segment<S::File>, ts: Timestamp) -> Result<Option<Offset>, ReadError> {
+        let (rel, mut position) = seg.index.lookup_timestamp(ts);
+        let mut expected = seg.base.add(u64::from(rel));
+        let mut buf = Vec::new();
+        while position < seg.bytes {
+            let h = seg.read_header(position).map_err(|e| self.read_error(seg, e))?;
+            seg.check_continuity(position, &h, expected).map_err(|e| self.read_error(seg, e))?;
+            if h.max_timestamp >= ts && h.next_offset() > self.log_start {
+                buf.resize(h.batch_length as usize, 0);
+                read_exact_at(&seg.file, &mut buf, u64::from(position), &seg.path)?;
+                let batch = RecordBatch::parse(&buf[..]).map_err(|e| Corruption {
+                    file: seg.path.clone(),
+                    position: u64::from(position),
+                    reason: e.to_string(),
+                })?;
+                let first_ts = h.first_timestamp.0;
+                let found = batch.records().iter().find_map(|r| {
+                    let offset = h.base_offset.add(u64::from(r.offset_delta.to_native()));
+                    let record_ts = first_ts.wrapping_add(r.timestamp_delta.to_native());
+                    (record_ts >= ts.0 && offset >= self.log_start).then_some(offset)
+                });
+                if found.is_some() {
+                    return Ok(found);
+                }
+            }
+            expected = h.next_offset();
+            position += h.batch_length;
+        }
+        Ok(None)
+    }
+
+    fn read_error(&self, seg: &Segment<S::File>, e: SegmentReadError) -> ReadError {
+        match e {
+            SegmentReadError::Storage(s) => ReadError::Storage(s),
+            SegmentReadError::Problem(p) => ReadError::Corrupt(corruption(&seg.path, &p)),
+        }
+    }
+
+    fn out_of_range(&self, offset: Offset) -> LogError {
+        LogError::OffsetOutOfRange { requested: offset, log_start: self.log_start, log_end: self.log_end_offset() }
+    }
+}
+
+fn write_index_file<S: Storage>(storage: &S, seg: &Segment<S::File>) -> Result<(), StorageError> {
+    let mut file = storage.create(&index_name(seg.base))?;
+    file.write_at(&seg.index.encode(&seg.meta()), 0)?;
+    file.sync()
+}
+
+fn corruption(path: &str, p: &Problem) -> Corruption {
+    Corruption { file: path.to_owned(), position: u64::from(p.position), reason: p.reason.clone() }
+}
+
+fn to_open_error<F>(seg: &Segment<F>, e: SegmentReadError) -> OpenError {
+    match e {
+        SegmentReadError::Storage(s) => OpenError::Storage(s),
+        SegmentReadError::Problem(p) => OpenError::Corrupt(corruption(&seg.path, &p)),
+    }
+}
+
+fn to_log_error(e: AppendError) -> LogError {
+    match e {
+        AppendError::Poisoned(r) => LogError::Poisoned(r),
+        AppendError::Storage(s) => LogError::Storage(s),
+        other => unreachable!("check_writable only fails with Poisoned, got {other}"),
+    }
+}
+
+fn to_log_error_read(e: ReadError) -> LogError {
+    match e {
+        ReadError::Storage(s) => LogError::Storage(s),
+        ReadError::Corrupt(c) => LogError::Corrupt(c),
+        ReadError::OffsetOutOfRange { requested, log_start, log_end } => {
+            LogError::OffsetOutOfRange { requested, log_start, log_end }
+        }
+    }
+}
+
+const CLEAN_MARKER: &str = "clean-shutdown";
+const CLEAN_MAGIC: u32 = u32::from_le_bytes(*b"SKCS");
+const LOG_START_FILE: &str = "log-start-offset";
+const LOG_START_MAGIC: u32 = u32::from_le_bytes(*b"SKLS");
+const EPOCH_FILE: &str = "leader-epoch-checkpoint";
+const EPOCH_MAGIC: u32 = u32::from_le_bytes(*b"SKLE");
+/// An index of a 4 GiB segment at one entry per batch of 64 bytes would be 1 GiB; a larger
+/// file is damage, and is not read whole.
+const INDEX_FILE_BYTES_MAX: usize = 1 << 30;
+const _: () = assert!(HEADER_BYTES == 64);
