@@ -238,7 +238,7 @@ impl BatchHeader {
 
     /// Offset of the last record.
     pub fn last_offset(&self) -> Offset {
-        self.base_offset.add(u64::from(self.last_offset_delta))
+        self.base_offset.plus(u64::from(self.last_offset_delta))
     }
 
     /// The offset after the last record.

@@ -94,7 +94,7 @@ impl EpochCache {
 
     /// Decodes a checkpoint payload; `None` if malformed or out of order. Never panics.
     pub fn decode(payload: &[u8]) -> Option<EpochCache> {
-        if payload.len() % 12 != 0 {
+        if !payload.len().is_multiple_of(12) {
             return None;
         }
         let mut cache = EpochCache::default();

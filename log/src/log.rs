@@ -503,7 +503,7 @@ impl<S: Storage> Log<S> {
         base: Offset,
         is_tail: bool,
         now: Timestamp,
-    ) -> Result<(Segment<S::File>, Vec<(LeaderEpoch, Offset)>), OpenError> {
+    ) -> Result<LoadedSegment<S::File>, OpenError> {
         let name = segment_name(base);
         let path = self.storage.path_of(&name);
         let mut file = self.storage.open(&name)?;
@@ -516,7 +516,7 @@ impl<S: Storage> Log<S> {
                     file,
                     path,
                     bytes: meta.segment_bytes,
-                    next_offset: base.add(u64::from(meta.offset_count)),
+                    next_offset: base.plus(u64::from(meta.offset_count)),
                     max_timestamp: meta.max_timestamp,
                     index,
                     created_at: now,
@@ -845,7 +845,7 @@ impl<S: Storage> Log<S> {
         if let Some(e) = seg.index.last_within(limit, rel_end) {
             if e.position > stop {
                 stop = e.position;
-                next = seg.base.add(u64::from(e.rel_offset));
+                next = seg.base.plus(u64::from(e.rel_offset));
             }
         }
         while stop < seg.bytes {
@@ -862,7 +862,7 @@ impl<S: Storage> Log<S> {
 
     fn offset_for_timestamp_in(&self, seg: &Segment<S::File>, ts: Timestamp) -> Result<Option<Offset>, ReadError> {
         let (rel, mut position) = seg.index.lookup_timestamp(ts);
-        let mut expected = seg.base.add(u64::from(rel));
+        let mut expected = seg.base.plus(u64::from(rel));
         let mut buf = Vec::new();
         while position < seg.bytes {
             let h = seg.read_header(position).map_err(|e| self.read_error(seg, e))?;
@@ -877,7 +877,7 @@ impl<S: Storage> Log<S> {
                 })?;
                 let first_ts = h.first_timestamp.0;
                 let found = batch.records().iter().find_map(|r| {
-                    let offset = h.base_offset.add(u64::from(r.offset_delta.to_native()));
+                    let offset = h.base_offset.plus(u64::from(r.offset_delta.to_native()));
                     let record_ts = first_ts.wrapping_add(r.timestamp_delta.to_native());
                     (record_ts >= ts.0 && offset >= self.log_start).then_some(offset)
                 });
@@ -937,6 +937,9 @@ fn to_log_error_read(e: ReadError) -> LogError {
         }
     }
 }
+
+/// A segment loaded at open, with the epoch changes seen if it was scanned.
+type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset)>);
 
 const CLEAN_MARKER: &str = "clean-shutdown";
 const CLEAN_MAGIC: u32 = u32::from_le_bytes(*b"SKCS");

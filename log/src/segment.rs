@@ -123,7 +123,7 @@ impl<F: StorageFile> Segment<F> {
     pub fn find_batch(&self, target: Offset) -> Result<(u32, BatchHeader), SegmentReadError> {
         assert!(target >= self.base && target < self.next_offset, "offset {target} not in segment {}", self.path);
         let (rel, mut position) = self.index.lookup_offset(self.rel(target));
-        let mut expected = self.base.add(u64::from(rel));
+        let mut expected = self.base.plus(u64::from(rel));
         loop {
             let header = self.read_header(position)?;
             self.check_continuity(position, &header, expected)?;

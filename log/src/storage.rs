@@ -67,6 +67,7 @@ pub trait Storage {
 }
 
 /// One file: positional IO, no cursor.
+#[allow(clippy::len_without_is_empty)] // emptiness is never asked; `len` is IO
 pub trait StorageFile {
     /// A handle that syncs this file from anywhere (another thread, for `FileStorage`).
     type SyncHandle: SyncHandle;

@@ -20,7 +20,7 @@ impl Offset {
     }
 
     /// This offset moved forward by `count` records.
-    pub fn add(self, count: u64) -> Offset {
+    pub fn plus(self, count: u64) -> Offset {
         Offset(self.0.checked_add(count).expect("offset overflow: 2^64 records"))
     }
 
