@@ -587,6 +587,11 @@ impl<S: Storage> Log<S> {
         };
         let end = self.segments.last().map_or(stored, |s| s.next_offset);
         self.log_start = stored.max(first).min(end);
+        if self.log_start != stored {
+            // A crash lost the tail past the stored start: persist the pulled-back start, or
+            // records appended from here would vanish below it at the next open.
+            self.write_log_start()?;
+        }
         Ok(())
     }
 
@@ -680,9 +685,13 @@ impl<S: Storage> Log<S> {
         too_big || too_old || too_many_offsets
     }
 
-    /// Seals the active segment (sync, index file) and creates the next one.
+    /// Seals the active segment (sync, index file) and creates the next one. An empty
+    /// active segment stays: two segments never share a base offset.
     fn roll_inner(&mut self, now: Timestamp) -> Result<(), StorageError> {
         let last = self.segments.len() - 1;
+        if self.segments[last].bytes == 0 {
+            return Ok(());
+        }
         self.segments[last].file.sync()?;
         self.durable = self.durable.max(self.segments[last].next_offset);
         self.write_index(last)?;
@@ -767,12 +776,14 @@ impl<S: Storage> Log<S> {
 
     /// Moves the log start forward and deletes sealed segments wholly below it.
     fn advance_start(&mut self, offset: Offset, now: Timestamp) -> Result<(), StorageError> {
-        assert!(offset > self.log_start && offset <= self.log_end_offset(), "log start {offset} out of range");
+        assert!(offset >= self.log_start && offset <= self.log_end_offset(), "log start {offset} out of range");
         if self.active().bytes > 0 && self.active().next_offset <= offset {
             self.roll_inner(now)?;
         }
-        self.log_start = offset;
-        self.write_log_start()?;
+        if offset > self.log_start {
+            self.log_start = offset;
+            self.write_log_start()?;
+        }
         if self.epochs.truncate_start(offset) {
             self.write_epochs()?;
         }
