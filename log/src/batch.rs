@@ -300,10 +300,7 @@ impl<B: AsRef<[u8]>> RecordBatch<B> {
 impl<B: AsRef<[u8]> + AsMut<[u8]>> RecordBatch<B> {
     /// Stamps the base offset (outside the CRC; no checksum work).
     pub fn set_base_offset(&mut self, base: Offset) {
-        assert!(
-            base.0.checked_add(self.header.offset_count()).is_some(),
-            "base offset {base} overflows"
-        );
+        assert!(base.0.checked_add(self.header.offset_count()).is_some(), "base offset {base} overflows");
         self.bytes.as_mut()[POS_BASE_OFFSET..POS_BASE_OFFSET + 8].copy_from_slice(&base.0.to_le_bytes());
         self.header.base_offset = base;
     }

@@ -162,13 +162,14 @@ impl<S: Storage> Log<S> {
             generation: 0,
             recovery: RecoveryReport { clean_shutdown, ..RecoveryReport::default() },
         };
-        let mut tail_epochs = Vec::new();
+        let mut tail_epochs: Vec<(LeaderEpoch, Offset, u32)> = Vec::new();
         for (i, &base) in bases.iter().enumerate() {
             let is_tail = i + 1 == bases.len();
             let (segment, epochs) = log.load_segment(base, is_tail, now)?;
             if let Some(prev) = log.segments.last() {
                 if prev.next_offset != segment.base {
-                    let reason = format!("segment starts at {} but the previous one ends at {}", base, prev.next_offset);
+                    let reason =
+                        format!("segment starts at {} but the previous one ends at {}", base, prev.next_offset);
                     return Err(Corruption { file: segment.path.clone(), position: 0, reason }.into());
                 }
             }
@@ -259,7 +260,10 @@ impl<S: Storage> Log<S> {
     ) -> Result<AppendInfo, AppendError> {
         self.check_writable()?;
         if batch.header().base_offset != self.log_end_offset() {
-            return Err(AppendError::OffsetMismatch { batch: batch.header().base_offset, log_end: self.log_end_offset() });
+            return Err(AppendError::OffsetMismatch {
+                batch: batch.header().base_offset,
+                log_end: self.log_end_offset(),
+            });
         }
         self.append_bytes(batch.header(), batch.as_bytes(), now)
     }
@@ -280,7 +284,11 @@ impl<S: Storage> Log<S> {
             return None;
         }
         self.last_sync_at = now;
-        Some(SyncJob { handle: self.active().file.sync_handle(), upto: self.log_end_offset(), generation: self.generation })
+        Some(SyncJob {
+            handle: self.active().file.sync_handle(),
+            upto: self.log_end_offset(),
+            generation: self.generation,
+        })
     }
 
     /// Completes a group commit with the job's result; returns the durable offset.
@@ -534,7 +542,8 @@ impl<S: Storage> Log<S> {
             }
             tracing::warn!(file = %path, position = problem.position, reason = %problem.reason,
                 bytes = file_bytes - u64::from(scanned.bytes), "truncating torn tail");
-            self.recovery.truncated = Some((path.clone(), u64::from(problem.position), file_bytes - u64::from(scanned.bytes)));
+            self.recovery.truncated =
+                Some((path.clone(), u64::from(problem.position), file_bytes - u64::from(scanned.bytes)));
             file.set_len(u64::from(scanned.bytes))?;
             file.sync()?;
         } else if u64::from(scanned.bytes) != file_bytes {
@@ -595,7 +604,7 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    fn load_epochs(&mut self, tail_epochs: &[(LeaderEpoch, Offset)]) -> Result<(), OpenError> {
+    fn load_epochs(&mut self, tail_epochs: &[(LeaderEpoch, Offset, u32)]) -> Result<(), OpenError> {
         let stored = match checkpoint::read(&self.storage, EPOCH_FILE, EPOCH_MAGIC) {
             Ok(Some(p)) => EpochCache::decode(&p),
             Ok(None) => None,
@@ -613,9 +622,18 @@ impl<S: Storage> Log<S> {
         };
         let log_end = self.segments.last().map_or(self.log_start, |s| s.next_offset);
         let mut changed = cache.truncate_end(log_end);
-        for &(epoch, start) in tail_epochs {
-            if cache.latest().is_none_or(|l| epoch > l.epoch) {
-                changed |= cache.assign(epoch, start);
+        for &(epoch, start, position) in tail_epochs {
+            match cache.latest() {
+                Some(l) if epoch < l.epoch || (epoch > l.epoch && start < l.start_offset) => {
+                    let tail = self.segments.last().expect("tail epochs come from a segment");
+                    let reason = format!(
+                        "batch epoch {epoch} at offset {start} contradicts epoch {} from {}",
+                        l.epoch, l.start_offset
+                    );
+                    return Err(Corruption { file: tail.path.clone(), position: u64::from(position), reason }.into());
+                }
+                Some(l) if epoch == l.epoch => {}
+                _ => changed |= cache.assign(epoch, start),
             }
         }
         changed |= cache.truncate_start(self.log_start);
@@ -629,12 +647,21 @@ impl<S: Storage> Log<S> {
     fn rebuild_epochs(&self) -> Result<EpochCache, OpenError> {
         let mut cache = EpochCache::default();
         for seg in &self.segments {
-            let mut position = 0;
+            let (mut position, mut expected) = (0, seg.base);
             while position < seg.bytes {
                 let h = seg.read_header(position).map_err(|e| to_open_error(seg, e))?;
-                if cache.latest().is_none_or(|l| h.leader_epoch > l.epoch) {
-                    cache.assign(h.leader_epoch, h.base_offset);
+                seg.check_continuity(position, &h, expected).map_err(|e| to_open_error(seg, e))?;
+                match cache.latest() {
+                    Some(l) if h.leader_epoch < l.epoch => {
+                        let reason = format!("leader epoch {} after a batch of epoch {}", h.leader_epoch, l.epoch);
+                        return Err(Corruption { file: seg.path.clone(), position: u64::from(position), reason }.into());
+                    }
+                    Some(l) if h.leader_epoch == l.epoch => {}
+                    _ => {
+                        cache.assign(h.leader_epoch, h.base_offset);
+                    }
                 }
+                expected = h.next_offset();
                 position += h.batch_length;
             }
         }
@@ -746,11 +773,9 @@ impl<S: Storage> Log<S> {
         while at < position {
             let h = seg.read_header(at).map_err(|e| match e {
                 SegmentReadError::Storage(s) => s,
-                SegmentReadError::Problem(p) => StorageError {
-                    op: "rescan",
-                    path: seg.path.clone(),
-                    source: std::io::Error::other(p.reason),
-                },
+                SegmentReadError::Problem(p) => {
+                    StorageError { op: "rescan", path: seg.path.clone(), source: std::io::Error::other(p.reason) }
+                }
             })?;
             max = max.max(h.max_timestamp);
             at += h.batch_length;
@@ -950,7 +975,7 @@ fn to_log_error_read(e: ReadError) -> LogError {
 }
 
 /// A segment loaded at open, with the epoch changes seen if it was scanned.
-type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset)>);
+type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset, u32)>);
 
 const CLEAN_MARKER: &str = "clean-shutdown";
 const CLEAN_MAGIC: u32 = u32::from_le_bytes(*b"SKCS");

@@ -45,8 +45,8 @@ pub(crate) struct Scan {
     pub next_offset: Offset,
     pub max_timestamp: Timestamp,
     pub index: SegmentIndex,
-    /// (epoch, first offset) each time the batch epoch changed.
-    pub epochs: Vec<(LeaderEpoch, Offset)>,
+    /// (epoch, first offset, position) each time the batch epoch changed.
+    pub epochs: Vec<(LeaderEpoch, Offset, u32)>,
     pub problem: Option<Problem>,
 }
 
@@ -86,7 +86,8 @@ impl<F: StorageFile> Segment<F> {
     pub fn note_appended(&mut self, header: &BatchHeader, position: u32, interval_bytes: u32) {
         assert_eq!(position, self.bytes, "batches are appended at the segment end");
         assert_eq!(header.base_offset, self.next_offset, "batch offsets are dense");
-        let entry = IndexEntry { rel_offset: self.rel(header.base_offset), position, max_ts_before: self.max_timestamp };
+        let entry =
+            IndexEntry { rel_offset: self.rel(header.base_offset), position, max_ts_before: self.max_timestamp };
         self.index.note_batch(entry, interval_bytes);
         self.bytes = position.checked_add(header.batch_length).expect("segment under 4 GiB");
         self.next_offset = header.next_offset();
@@ -187,8 +188,8 @@ pub(crate) fn scan<F: StorageFile>(
                 let rel = u32::try_from(scan.next_offset.distance(base)).expect("checked in scan_one");
                 let entry = IndexEntry { rel_offset: rel, position: scan.bytes, max_ts_before: scan.max_timestamp };
                 scan.index.note_batch(entry, interval_bytes);
-                if scan.epochs.last().is_none_or(|&(e, _)| e != header.leader_epoch) {
-                    scan.epochs.push((header.leader_epoch, header.base_offset));
+                if scan.epochs.last().is_none_or(|&(e, _, _)| e != header.leader_epoch) {
+                    scan.epochs.push((header.leader_epoch, header.base_offset, scan.bytes));
                 }
                 scan.bytes += header.batch_length;
                 scan.next_offset = header.next_offset();
@@ -227,7 +228,11 @@ fn scan_one<F: StorageFile>(
         Err(e) => return problem(e.to_string(), true, None),
     };
     if u64::from(header.batch_length) > remaining {
-        return problem(format!("batch of {} bytes, file has {remaining} left", header.batch_length), true, Some(header));
+        return problem(
+            format!("batch of {} bytes, file has {remaining} left", header.batch_length),
+            true,
+            Some(header),
+        );
     }
     buf.resize(header.batch_length as usize, 0);
     read_exact_at(file, buf, u64::from(position), path)?;
@@ -237,6 +242,14 @@ fn scan_one<F: StorageFile>(
     if header.base_offset != scan.next_offset {
         let reason = format!("batch base offset {} where {} was expected", header.base_offset, scan.next_offset);
         return problem(reason, false, Some(header));
+    }
+    if scan.epochs.last().is_some_and(|&(e, _, _)| header.leader_epoch < e) {
+        // The epoch is outside the CRC; a log's epochs never go down, so this is damage.
+        return problem(
+            format!("leader epoch {} after a batch of a later epoch", header.leader_epoch),
+            false,
+            Some(header),
+        );
     }
     if header.next_offset().distance(base) > u64::from(u32::MAX) {
         return problem("segment spans more than 2^32 offsets".into(), false, Some(header));

@@ -190,7 +190,8 @@ impl Storage for FileStorage {
     }
 
     fn destroy(&self) -> Result<(), StorageError> {
-        std::fs::remove_dir_all(&self.dir).map_err(|e| StorageError::new("remove dir", self.dir.display().to_string(), e))
+        std::fs::remove_dir_all(&self.dir)
+            .map_err(|e| StorageError::new("remove dir", self.dir.display().to_string(), e))
     }
 
     fn path_of(&self, name: &str) -> String {
@@ -390,7 +391,8 @@ impl Storage for MemStorage {
 
     fn rename(&self, from: &str, to: &str) -> Result<(), StorageError> {
         let mut dir = self.dir.borrow_mut();
-        let data = dir.files.remove(from).ok_or_else(|| StorageError::new("rename", from, io::ErrorKind::NotFound.into()))?;
+        let data =
+            dir.files.remove(from).ok_or_else(|| StorageError::new("rename", from, io::ErrorKind::NotFound.into()))?;
         dir.files.insert(to.to_owned(), data);
         Ok(())
     }

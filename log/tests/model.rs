@@ -88,8 +88,14 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
     let cfg = config(segment_bytes, retention_bytes);
     let mut storage = MemStorage::new();
     let mut log = Log::open(storage.clone(), cfg.clone(), now).expect("open empty");
-    let mut m =
-        Model { records: Vec::new(), log_start: Offset(0), log_end: Offset(0), durable: Offset(0), epoch: LeaderEpoch(0), next_id: 0 };
+    let mut m = Model {
+        records: Vec::new(),
+        log_start: Offset(0),
+        log_end: Offset(0),
+        durable: Offset(0),
+        epoch: LeaderEpoch(0),
+        next_id: 0,
+    };
     for op in ops {
         match op {
             Op::Append { timestamps, value_bytes } => {

@@ -1,0 +1,266 @@
+//! Deterministic tests of the log's documented behaviour: group commit, epochs, faults,
+//! rolling, retention, index rebuilds, read bounds and timestamp lookups.
+
+mod common;
+
+use common::{batch, read_all};
+use skein_log::storage::{FaultKind, FileStorage, MemStorage, Storage};
+use skein_log::types::{LeaderEpoch, Offset, Timestamp};
+use skein_log::{AppendError, Durability, Log, LogConfig, LogError, ReadLimit};
+
+const T0: Timestamp = Timestamp(1_000_000);
+const E0: LeaderEpoch = LeaderEpoch(0);
+
+fn config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        segment_ms: None,
+        index_interval_bytes: 512,
+        durability: Durability::Always,
+        retention_bytes: None,
+        retention_ms: None,
+    }
+}
+
+/// Appends `count` one-record batches with ids from `first`, value of 200 bytes.
+fn fill<S: Storage>(log: &mut Log<S>, first: u64, count: u64, ts: Timestamp) {
+    for id in first..first + count {
+        log.append(&mut batch(&[(id, ts)], 200, log_epoch(log)), ts).expect("append");
+    }
+}
+
+fn log_epoch<S: Storage>(log: &Log<S>) -> LeaderEpoch {
+    log.epochs().latest().map_or(E0, |e| e.epoch)
+}
+
+#[test]
+fn group_commit_shares_one_fdatasync() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    assert_eq!(log.durable_offset(), Offset(0), "nothing is durable before a sync");
+    assert!(log.sync_due(T0));
+    let before = s.sync_count();
+    assert_eq!(log.sync(T0).expect("sync"), Offset(3));
+    assert_eq!(s.sync_count() - before, 1, "three appends, one fdatasync");
+    assert!(!log.sync_due(T0));
+    assert!(log.begin_sync(T0).is_none(), "nothing left to sync");
+}
+
+#[test]
+fn group_commit_runs_off_thread_while_appends_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), config(), T0).expect("open");
+    fill(&mut log, 0, 2, T0);
+    let job = log.begin_sync(T0).expect("job");
+    assert_eq!(job.upto(), Offset(2));
+    let syncing = std::thread::spawn(move || {
+        let result = job.run();
+        (job, result)
+    });
+    fill(&mut log, 2, 2, T0);
+    let (job, result) = syncing.join().expect("sync thread");
+    assert_eq!(log.finish_sync(job, result).expect("finish"), Offset(2), "later appends wait for the next sync");
+    assert_eq!(log.log_end_offset(), Offset(4));
+    assert_eq!(log.sync(T0).expect("sync"), Offset(4));
+}
+
+#[test]
+fn a_sync_begun_before_a_truncation_does_not_vouch_for_what_follows() {
+    let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
+    fill(&mut log, 0, 4, T0);
+    let job = log.begin_sync(T0).expect("job");
+    assert_eq!(log.truncate_to(Offset(2)).expect("truncate"), Offset(2));
+    assert_eq!(log.durable_offset(), Offset(2), "truncation syncs the cut");
+    fill(&mut log, 10, 2, T0);
+    let result = job.run();
+    assert_eq!(log.finish_sync(job, result).expect("finish"), Offset(2));
+}
+
+#[test]
+fn interval_and_never_policies() {
+    let mut cfg = config();
+    cfg.durability = Durability::IntervalMs(100);
+    let mut log = Log::open(MemStorage::new(), cfg, T0).expect("open");
+    fill(&mut log, 0, 1, T0);
+    assert!(!log.sync_due(T0.add_millis(99)));
+    assert!(log.sync_due(T0.add_millis(100)));
+    let mut cfg = config();
+    cfg.durability = Durability::Never;
+    let mut log = Log::open(MemStorage::new(), cfg, T0).expect("open");
+    fill(&mut log, 0, 1, T0);
+    assert!(!log.sync_due(T0.add_millis(1_000_000)));
+}
+
+#[test]
+fn epochs_are_recorded_and_stale_epochs_rejected() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    log.append(&mut batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(1)), T0).expect("append");
+    log.append(&mut batch(&[(2, T0)], 10, LeaderEpoch(3)), T0).expect("append");
+    let stale = log.append(&mut batch(&[(3, T0)], 10, LeaderEpoch(2)), T0);
+    assert!(matches!(stale, Err(AppendError::StaleEpoch { batch: LeaderEpoch(2), latest: LeaderEpoch(3) })));
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(1)), Some((LeaderEpoch(1), Offset(2))));
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(2)), Some((LeaderEpoch(1), Offset(2))));
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(3))));
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(0)), None);
+    drop(log);
+    let log = Log::open(s.restart(), config(), T0).expect("reopen");
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(3))), "persisted");
+}
+
+#[test]
+fn replicated_appends_keep_offsets_and_must_start_at_the_end() {
+    let mut leader = Log::open(MemStorage::new(), config(), T0).expect("open");
+    let mut follower = Log::open(MemStorage::new(), config(), T0).expect("open");
+    let mut b = batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(2));
+    leader.append(&mut b, T0).expect("append");
+    follower.append_replicated(&b, T0).expect("replicate");
+    assert_eq!(follower.log_end_offset(), Offset(2));
+    let err = follower.append_replicated(&b, T0);
+    assert!(matches!(err, Err(AppendError::OffsetMismatch { batch: Offset(0), log_end: Offset(2) })));
+}
+
+#[test]
+fn a_failed_write_poisons_the_log_and_reopen_recovers() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    log.sync(T0).expect("sync");
+    s.fail_op(1, FaultKind::DiskFull);
+    let err = log.append(&mut batch(&[(3, T0)], 200, E0), T0);
+    assert!(matches!(err, Err(AppendError::Storage(_))), "{err:?}");
+    assert!(matches!(log.append(&mut batch(&[(4, T0)], 200, E0), T0), Err(AppendError::Poisoned(_))));
+    assert!(matches!(log.sync(T0), Err(LogError::Poisoned(_))));
+    drop(log);
+    let log = Log::open(s.crash(7), config(), T0).expect("reopen");
+    assert_eq!(log.log_end_offset(), Offset(3), "the half-written batch is cut as a torn tail");
+    assert_eq!(read_all(&log, Offset(0), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>(), vec![0, 1, 2]);
+}
+
+#[test]
+fn a_failed_sync_reports_nothing_durable() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 2, T0);
+    s.fail_op(1, FaultKind::Io);
+    assert!(matches!(log.sync(T0), Err(LogError::Storage(_))));
+    assert_eq!(log.durable_offset(), Offset(0));
+}
+
+#[test]
+fn machine_crash_cuts_the_torn_tail_and_keeps_durable_records() {
+    let mut torn = 0;
+    for seed in 0..50 {
+        let s = MemStorage::new();
+        let mut log = Log::open(s.clone(), config(), T0).expect("open");
+        fill(&mut log, 0, 5, T0);
+        log.sync(T0).expect("sync");
+        log.append(&mut batch(&[(5, T0), (6, T0), (7, T0)], 300, E0), T0).expect("append");
+        drop(log);
+        let log = Log::open(s.crash(seed), config(), T0).expect("reopen");
+        let end = log.log_end_offset();
+        assert!(end == Offset(5) || end == Offset(8), "whole batches only, got end {end}");
+        torn += usize::from(log.recovery().truncated.is_some());
+        let ids: Vec<u64> = read_all(&log, Offset(0), 1 << 20).iter().map(|r| r.id).collect();
+        assert_eq!(ids, (0..end.get()).collect::<Vec<_>>());
+    }
+    assert!(torn > 10, "crashes should tear the unsynced batch often, got {torn}/50");
+}
+
+#[test]
+fn segments_roll_by_size_and_by_age() {
+    let mut cfg = config();
+    cfg.segment_ms = Some(1000);
+    let mut log = Log::open(MemStorage::new(), cfg, T0).expect("open");
+    fill(&mut log, 0, 30, T0); // ~ 300 bytes each: 4 KiB segments hold 13
+    assert_eq!(log.segment_count(), 3);
+    fill(&mut log, 30, 1, T0.add_millis(999));
+    assert_eq!(log.segment_count(), 3);
+    fill(&mut log, 31, 1, T0.add_millis(2500));
+    assert_eq!(log.segment_count(), 4, "rolled by age");
+    assert_eq!(log.durable_offset(), Offset(31), "sealed segments are synced");
+    let ids: Vec<u64> = read_all(&log, Offset(0), 1000).iter().map(|r| r.id).collect();
+    assert_eq!(ids, (0..32).collect::<Vec<_>>());
+}
+
+#[test]
+fn retention_by_age_and_size_deletes_whole_sealed_segments() {
+    let mut cfg = config();
+    cfg.retention_ms = Some(10_000);
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), cfg, T0).expect("open");
+    fill(&mut log, 0, 13, T0);
+    fill(&mut log, 13, 13, T0.add_millis(20_000));
+    fill(&mut log, 26, 5, T0.add_millis(20_000));
+    assert_eq!(log.segment_bases(), vec![Offset(0), Offset(13), Offset(26)]);
+    let report = log.apply_retention(T0.add_millis(25_000)).expect("retention");
+    assert_eq!((report.segments_deleted, report.log_start_offset), (1, Offset(13)));
+    assert_eq!(log.segment_bases(), vec![Offset(13), Offset(26)]);
+    assert!(s.file_bytes("00000000000000000000.log").is_none(), "file deleted");
+    assert!(log.read(Offset(5), ReadLimit { max_bytes: 100, end: None }).is_err(), "below log start");
+    let report = log.apply_retention(T0.add_millis(100_000)).expect("retention");
+    assert_eq!(report.segments_deleted, 1, "the active segment is never deleted");
+    assert_eq!(log.log_start_offset(), Offset(26));
+}
+
+#[test]
+fn clean_close_skips_the_scan_and_bad_indexes_are_rebuilt() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 40, T0);
+    log.close(T0).expect("close");
+    let log = Log::open(s.clone(), config(), T0).expect("reopen");
+    assert!(log.recovery().clean_shutdown);
+    assert_eq!((log.recovery().segments_scanned, log.recovery().indexes_rebuilt), (0, 0));
+    drop(log);
+    s.remove("00000000000000000000.index").expect("remove");
+    s.flip_byte("00000000000000000013.index", 9, 0x40);
+    let log = Log::open(s.clone(), config(), T0).expect("reopen");
+    assert!(!log.recovery().clean_shutdown, "no marker: the last open did not close");
+    assert_eq!(log.recovery().indexes_rebuilt, 2);
+    assert_eq!(log.recovery().segments_scanned, 3, "two rebuilt indexes and the tail");
+    assert_eq!(read_all(&log, Offset(0), 777).len(), 40);
+    assert!(s.file_bytes("00000000000000000000.index").is_some(), "rebuilt index persisted");
+}
+
+#[test]
+fn reads_respect_the_end_bound_and_byte_limit() {
+    let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
+    fill(&mut log, 0, 10, T0);
+    let r = log.read(Offset(2), ReadLimit { max_bytes: 1 << 20, end: Some(Offset(5)) }).expect("read");
+    assert_eq!((r.first_offset, r.next_offset), (Offset(2), Offset(5)));
+    let r = log.read(Offset(5), ReadLimit { max_bytes: 1 << 20, end: Some(Offset(5)) }).expect("read");
+    assert_eq!(r.bytes, 0, "nothing at or past the bound");
+    let r = log.read(Offset(0), ReadLimit { max_bytes: 1, end: None }).expect("read");
+    assert_eq!(r.next_offset, Offset(1), "one batch even when larger than the limit");
+    assert!(log.read(Offset(11), ReadLimit { max_bytes: 1, end: None }).is_err());
+    assert_eq!(log.read(Offset(10), ReadLimit { max_bytes: 1, end: None }).expect("at end").bytes, 0);
+}
+
+#[test]
+fn offset_for_timestamp_finds_the_first_record_at_or_after() {
+    let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
+    for i in 0..30u64 {
+        let ts = T0.add_millis(i * 10);
+        log.append(&mut batch(&[(i, ts)], 200, E0), ts).expect("append");
+    }
+    assert_eq!(log.offset_for_timestamp(Timestamp(0)).expect("lookup"), Some(Offset(0)));
+    assert_eq!(log.offset_for_timestamp(T0.add_millis(155)).expect("lookup"), Some(Offset(16)));
+    assert_eq!(log.offset_for_timestamp(T0.add_millis(290)).expect("lookup"), Some(Offset(29)));
+    assert_eq!(log.offset_for_timestamp(T0.add_millis(291)).expect("lookup"), None);
+}
+
+#[test]
+fn truncate_fully_restarts_at_an_offset_and_delete_removes_everything() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("p0");
+    let mut log = Log::open(FileStorage::new(&path).expect("dir"), config(), T0).expect("open");
+    fill(&mut log, 0, 20, T0);
+    log.truncate_fully_and_start_at(Offset(100), T0).expect("reset");
+    assert_eq!((log.log_start_offset(), log.log_end_offset()), (Offset(100), Offset(100)));
+    fill(&mut log, 0, 1, T0);
+    assert_eq!(log.log_end_offset(), Offset(101));
+    log.delete().expect("delete");
+    assert!(!path.exists());
+}
