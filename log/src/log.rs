@@ -624,7 +624,11 @@ impl<S: Storage> Log<S> {
         let mut changed = cache.truncate_end(log_end);
         for &(epoch, start, position) in tail_epochs {
             match cache.latest() {
-                Some(l) if epoch < l.epoch || (epoch > l.epoch && start < l.start_offset) => {
+                // An older epoch after the latest began, or a newer one before it: the epoch
+                // fields (outside the CRC) or the checkpoint are damaged.
+                Some(l)
+                    if (epoch < l.epoch && start >= l.start_offset) || (epoch > l.epoch && start < l.start_offset) =>
+                {
                     let tail = self.segments.last().expect("tail epochs come from a segment");
                     let reason = format!(
                         "batch epoch {epoch} at offset {start} contradicts epoch {} from {}",
@@ -632,7 +636,7 @@ impl<S: Storage> Log<S> {
                     );
                     return Err(Corruption { file: tail.path.clone(), position: u64::from(position), reason }.into());
                 }
-                Some(l) if epoch == l.epoch => {}
+                Some(l) if epoch <= l.epoch => {}
                 _ => changed |= cache.assign(epoch, start),
             }
         }

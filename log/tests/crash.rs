@@ -79,7 +79,7 @@ fn check_after_kill(dir: &Path, durable: Offset, round: u64) {
     }
     let info = log.append(&mut batch(&[(end.get(), now)], 50, LeaderEpoch(0)), now).expect("append after reopen");
     assert_eq!(info.base_offset, end, "round {round}: appends go on at the log end");
-    if round % 2 == 0 {
+    if round.is_multiple_of(2) {
         log.close(now).expect("clean close");
     } else {
         log.sync(now).expect("sync");
