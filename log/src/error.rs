@@ -47,6 +47,9 @@ pub enum AppendError {
         /// The log's latest epoch.
         latest: LeaderEpoch,
     },
+    /// The batch would take offsets past `OFFSET_MAX` (2^62).
+    #[error("offsets past 2^62 from log end {0}")]
+    OffsetLimit(Offset),
     /// A replicated batch does not start at the log end.
     #[error("batch starts at {batch}, log ends at {log_end}")]
     OffsetMismatch {

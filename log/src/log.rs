@@ -248,6 +248,9 @@ impl<S: Storage> Log<S> {
         B: AsRef<[u8]> + AsMut<[u8]>,
     {
         self.check_writable()?;
+        if self.log_end_offset().get() + batch.header().offset_count() > OFFSET_MAX {
+            return Err(AppendError::OffsetLimit(self.log_end_offset()));
+        }
         batch.set_base_offset(self.log_end_offset());
         self.append_bytes(batch.header(), batch.as_bytes(), now)
     }
@@ -264,6 +267,9 @@ impl<S: Storage> Log<S> {
                 batch: batch.header().base_offset,
                 log_end: self.log_end_offset(),
             });
+        }
+        if batch.header().next_offset().get() > OFFSET_MAX {
+            return Err(AppendError::OffsetLimit(self.log_end_offset()));
         }
         self.append_bytes(batch.header(), batch.as_bytes(), now)
     }
@@ -299,6 +305,11 @@ impl<S: Storage> Log<S> {
     ) -> Result<Offset, LogError> {
         if let Err(e) = result {
             return Err(self.poison(e).into());
+        }
+        if let Some(reason) = &self.poisoned {
+            // Linux reports a failed writeback once per open file: a sync that "succeeds"
+            // after another one failed proves nothing.
+            return Err(LogError::Poisoned(reason.clone()));
         }
         // A truncation since `begin_sync` may have replaced the bytes the job covered.
         if job.generation == self.generation {
@@ -360,24 +371,18 @@ impl<S: Storage> Log<S> {
             log_start: self.log_start,
             log_end: self.log_end_offset(),
         })?;
+        if range.position + range.bytes > u64::from(seg.bytes) {
+            return Err(ReadError::OffsetOutOfRange {
+                requested: range.first_offset,
+                log_start: self.log_start,
+                log_end: self.log_end_offset(),
+            });
+        }
         buf.resize(range.bytes as usize, 0);
         read_exact_at(&seg.file, buf, range.position, &seg.path)?;
-        let mut at = 0usize;
-        while at < buf.len() {
-            let checked = BatchHeader::decode(&buf[at..]).and_then(|h| check_crc(&h, &buf[at..]).map(|()| h));
-            let header = checked.map_err(|e| Corruption {
-                file: seg.path.clone(),
-                position: range.position + at as u64,
-                reason: e.to_string(),
-            });
-            let header = match header {
-                Ok(h) => h,
-                Err(c) => {
-                    buf.clear();
-                    return Err(c.into());
-                }
-            };
-            at += header.batch_length as usize;
+        if let Err(c) = check_range(buf, range, &seg.path) {
+            buf.clear();
+            return Err(c.into());
         }
         Ok(())
     }
@@ -424,6 +429,10 @@ impl<S: Storage> Log<S> {
             let seg = &self.segments[i];
             seg.find_batch(offset).map_err(|e| to_log_error_read(self.read_error(seg, e)))?
         };
+        // Before any IO: a sync in flight must not vouch for bytes being cut, even if the
+        // cut fails half-way.
+        self.generation += 1;
+        self.durable = self.durable.min(batch.base_offset);
         self.truncate_segments_after(i).map_err(|e| self.poison(e))?;
         self.cut_active(cut, batch.base_offset).map_err(|e| self.poison(e))?;
         if batch.base_offset < self.log_start {
@@ -433,7 +442,7 @@ impl<S: Storage> Log<S> {
         if self.epochs.truncate_end(batch.base_offset) {
             self.write_epochs().map_err(|e| self.poison(e))?;
         }
-        self.generation += 1;
+        // `cut_active` synced the tail; sealed segments were synced when they rolled.
         self.durable = self.log_end_offset();
         Ok(self.log_end_offset())
     }
@@ -442,6 +451,9 @@ impl<S: Storage> Log<S> {
     /// nothing in common with its leader's).
     pub fn truncate_fully_and_start_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), LogError> {
         self.check_writable().map_err(to_log_error)?;
+        if offset.get() > OFFSET_MAX {
+            return Err(self.out_of_range(offset));
+        }
         self.reset_at(offset, now).map_err(|e| self.poison(e).into())
     }
 
@@ -454,6 +466,10 @@ impl<S: Storage> Log<S> {
         }
         if offset <= self.log_start {
             return Ok(self.log_start);
+        }
+        if offset > self.durable {
+            // Keep `log_start <= durable`: a crash must not leave a start past the surviving end.
+            self.sync(now)?;
         }
         self.advance_start(offset, now).map_err(|e| self.poison(e))?;
         Ok(self.log_start)
@@ -514,11 +530,17 @@ impl<S: Storage> Log<S> {
     ) -> Result<LoadedSegment<S::File>, OpenError> {
         let name = segment_name(base);
         let path = self.storage.path_of(&name);
+        if base.get() > OFFSET_MAX {
+            return Err(
+                Corruption { file: path, position: 0, reason: format!("base offset {base} beyond 2^62") }.into()
+            );
+        }
         let mut file = self.storage.open(&name)?;
         let file_bytes = file.len()?;
         let trust_index = !is_tail || self.recovery.clean_shutdown;
         if trust_index && file_bytes <= u64::from(u32::MAX) {
-            if let Some((index, meta)) = self.read_index(base, file_bytes) {
+            let index = self.read_index(base, file_bytes);
+            if let Some((index, meta)) = index.filter(|(_, m)| base.get() + u64::from(m.offset_count) <= OFFSET_MAX) {
                 let segment = Segment {
                     base,
                     file,
@@ -536,7 +558,9 @@ impl<S: Storage> Log<S> {
         let interval = self.config.index_interval_bytes;
         let scanned = scan(&file, &path, base, file_bytes, interval)?;
         if let Some(problem) = &scanned.problem {
-            let torn = is_tail && problem.maybe_torn && !intact_batch_follows(&file, &path, problem, file_bytes)?;
+            let torn = is_tail
+                && problem.maybe_torn
+                && !intact_batch_follows(&file, &path, problem, scanned.next_offset, file_bytes)?;
             if !torn {
                 return Err(corruption(&path, problem).into());
             }
@@ -586,7 +610,9 @@ impl<S: Storage> Log<S> {
     fn load_log_start(&mut self) -> Result<(), OpenError> {
         let first = self.segments.first().map_or(Offset::ZERO, |s| s.base);
         let stored = match checkpoint::read(&self.storage, LOG_START_FILE, LOG_START_MAGIC) {
-            Ok(Some(p)) if p.len() == 8 => Offset(u64::from_le_bytes(p[..].try_into().expect("8 bytes"))),
+            Ok(Some(p)) if p.len() == 8 && u64::from_le_bytes(p[..].try_into().expect("8 bytes")) <= OFFSET_MAX => {
+                Offset(u64::from_le_bytes(p[..].try_into().expect("8 bytes")))
+            }
             Ok(_) => first,
             Err(CheckpointError::Storage(e)) => return Err(e.into()),
             Err(CheckpointError::Damaged(path)) => {
@@ -612,6 +638,7 @@ impl<S: Storage> Log<S> {
             Err(CheckpointError::Damaged(_)) => None,
         };
         let nonempty = self.segments.iter().any(|s| s.bytes > 0);
+        let checkpoint_valid = stored.is_some();
         let mut cache = match stored {
             Some(c) => c,
             None if nonempty => {
@@ -622,12 +649,15 @@ impl<S: Storage> Log<S> {
         };
         let log_end = self.segments.last().map_or(self.log_start, |s| s.next_offset);
         let mut changed = cache.truncate_end(log_end);
-        for &(epoch, start, position) in tail_epochs {
+        for (epoch, start, position) in visible_epochs(tail_epochs, self.log_start, log_end) {
             match cache.latest() {
                 // An older epoch after the latest began, or a newer one before it: the epoch
-                // fields (outside the CRC) or the checkpoint are damaged.
+                // fields (outside the CRC) or the checkpoint are damaged. Epochs are
+                // checkpointed before their first batch is written, so with a valid
+                // checkpoint any newer epoch in the tail is damage too.
                 Some(l)
-                    if (epoch < l.epoch && start >= l.start_offset) || (epoch > l.epoch && start < l.start_offset) =>
+                    if (epoch < l.epoch && start >= l.start_offset)
+                        || (epoch > l.epoch && (start < l.start_offset || checkpoint_valid)) =>
                 {
                     let tail = self.segments.last().expect("tail epochs come from a segment");
                     let reason = format!(
@@ -788,17 +818,22 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
+    /// Order matters for crashes: segments go first, then the epochs, then the new start,
+    /// and only then the new segment; an open after a crash at any step finds either the old
+    /// state minus some segments (an empty log at the old start) or the new one.
     fn reset_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), StorageError> {
+        self.generation += 1;
+        self.durable = self.durable.min(offset);
         while let Some(seg) = self.segments.pop() {
             self.remove_segment_files(seg.base)?;
         }
-        let segment = self.create_segment(offset, now)?;
-        self.segments.push(segment);
-        self.log_start = offset;
-        self.write_log_start()?;
+        self.storage.sync_dir()?;
         self.epochs = EpochCache::default();
         self.write_epochs()?;
-        self.generation += 1;
+        self.log_start = offset;
+        self.write_log_start()?;
+        let segment = self.create_segment(offset, now)?;
+        self.segments.push(segment);
         self.durable = offset;
         Ok(())
     }
@@ -847,6 +882,8 @@ impl<S: Storage> Log<S> {
     fn poison(&mut self, e: StorageError) -> StorageError {
         tracing::error!(error = %e, "storage failure; log poisoned until reopened");
         self.poisoned = Some(e.to_string());
+        self.generation += 1;
+        self.durable = self.durable.min(self.log_end_offset());
         e
     }
 }
@@ -943,6 +980,44 @@ impl<S: Storage> Log<S> {
     }
 }
 
+/// The epoch changes seen in a scan, clipped to `[log_start, log_end)`: an epoch whose
+/// batches all lie below the log start (still in the file, logically deleted) says nothing
+/// about the log, and one that spans the start begins, for the log, at the start.
+fn visible_epochs(
+    scanned: &[(LeaderEpoch, Offset, u32)],
+    log_start: Offset,
+    log_end: Offset,
+) -> impl Iterator<Item = (LeaderEpoch, Offset, u32)> + '_ {
+    scanned.iter().enumerate().filter_map(move |(i, &(epoch, start, position))| {
+        let end = scanned.get(i + 1).map_or(log_end, |next| next.1);
+        let start = start.max(log_start);
+        (start < end).then_some((epoch, start, position))
+    })
+}
+
+/// Checks every batch of a range read into `buf`: framing, CRC, and offsets continuing from
+/// `range.first_offset` to `range.next_offset` (base offsets are outside the CRC).
+fn check_range(buf: &[u8], range: &ReadRange, path: &str) -> Result<(), Corruption> {
+    let mut at = 0usize;
+    let mut expected = range.first_offset;
+    while at < buf.len() {
+        let corrupt =
+            |reason: String| Corruption { file: path.to_owned(), position: range.position + at as u64, reason };
+        let header = BatchHeader::decode(&buf[at..]).map_err(|e| corrupt(e.to_string()))?;
+        check_crc(&header, &buf[at..]).map_err(|e| corrupt(e.to_string()))?;
+        if header.base_offset != expected {
+            return Err(corrupt(format!("batch base offset {} where {expected} was expected", header.base_offset)));
+        }
+        expected = header.next_offset();
+        at += header.batch_length as usize;
+    }
+    if expected != range.next_offset {
+        let reason = format!("range ends at offset {expected}, expected {}", range.next_offset);
+        return Err(Corruption { file: path.to_owned(), position: range.position, reason });
+    }
+    Ok(())
+}
+
 fn write_index_file<S: Storage>(storage: &S, seg: &Segment<S::File>) -> Result<(), StorageError> {
     let mut file = storage.create(&index_name(seg.base))?;
     file.write_at(&seg.index.encode(&seg.meta()), 0)?;
@@ -981,6 +1056,9 @@ fn to_log_error_read(e: ReadError) -> LogError {
 /// A segment loaded at open, with the epoch changes seen if it was scanned.
 type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset, u32)>);
 
+/// Offsets stop at 2^62: far beyond any real log, and far enough from `u64::MAX` that offset
+/// arithmetic on values read from disk cannot overflow.
+pub const OFFSET_MAX: u64 = 1 << 62;
 const CLEAN_MARKER: &str = "clean-shutdown";
 const CLEAN_MAGIC: u32 = u32::from_le_bytes(*b"SKCS");
 const LOG_START_FILE: &str = "log-start-offset";

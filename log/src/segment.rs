@@ -257,33 +257,44 @@ fn scan_one<F: StorageFile>(
     Ok(Ok(header))
 }
 
-/// True if a complete batch with a valid CRC follows the damaged one at `problem`: the damage
-/// is then in the middle of the log, not a torn write at its end.
+/// True if a complete batch with a valid CRC and a later base offset than `expected` lies
+/// anywhere after the damaged one at `problem`: the damage is then in the middle of the log,
+/// not a torn write at its end. Searches byte by byte, because the damaged header's length
+/// cannot be trusted; only runs when recovery finds a problem.
 pub(crate) fn intact_batch_follows<F: StorageFile>(
     file: &F,
     path: &str,
     problem: &Problem,
+    expected: Offset,
     file_bytes: u64,
 ) -> Result<bool, StorageError> {
-    let Some(h) = problem.header else {
-        return Ok(false);
-    };
-    let next = u64::from(problem.position) + u64::from(h.batch_length);
-    if next + HEADER_BYTES as u64 > file_bytes {
-        return Ok(false);
+    let mut chunk = vec![0u8; SEARCH_CHUNK_BYTES];
+    let mut batch = Vec::new();
+    let mut start = u64::from(problem.position) + 1;
+    while start + HEADER_BYTES as u64 <= file_bytes {
+        let n = (file_bytes - start).min(SEARCH_CHUNK_BYTES as u64) as usize;
+        read_exact_at(file, &mut chunk[..n], start, path)?;
+        for at in 0..=(n - HEADER_BYTES) {
+            let Ok(h) = BatchHeader::decode(&chunk[at..at + HEADER_BYTES]) else {
+                continue;
+            };
+            let pos = start + at as u64;
+            if h.base_offset <= expected || pos + u64::from(h.batch_length) > file_bytes {
+                continue;
+            }
+            batch.resize(h.batch_length as usize, 0);
+            read_exact_at(file, &mut batch, pos, path)?;
+            if check_crc(&h, &batch).is_ok() {
+                return Ok(true);
+            }
+        }
+        // Overlap by a header so a header straddling two chunks is still seen.
+        start += (n - HEADER_BYTES + 1) as u64;
     }
-    let mut head = [0u8; HEADER_BYTES];
-    read_exact_at(file, &mut head, next, path)?;
-    let Ok(after) = BatchHeader::decode(&head) else {
-        return Ok(false);
-    };
-    if next + u64::from(after.batch_length) > file_bytes {
-        return Ok(false);
-    }
-    let mut buf = vec![0u8; after.batch_length as usize];
-    read_exact_at(file, &mut buf, next, path)?;
-    Ok(check_crc(&after, &buf).is_ok())
+    Ok(false)
 }
+
+const SEARCH_CHUNK_BYTES: usize = 1 << 20;
 
 #[cfg(test)]
 mod tests {

@@ -264,3 +264,42 @@ fn truncate_fully_restarts_at_an_offset_and_delete_removes_everything() {
     log.delete().expect("delete");
     assert!(!path.exists());
 }
+
+#[test]
+fn a_sync_finishing_after_the_log_was_poisoned_vouches_for_nothing() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    let job = log.begin_sync(T0).expect("job");
+    s.fail_op(1, FaultKind::Io);
+    assert!(log.sync(T0).is_err(), "the inline sync fails and poisons the log");
+    let result = job.run();
+    assert!(result.is_ok(), "the second fdatasync 'succeeds', as Linux reports an error once");
+    assert!(matches!(log.finish_sync(job, result), Err(LogError::Poisoned(_))));
+    assert_eq!(log.durable_offset(), Offset(0));
+}
+
+#[test]
+fn a_failed_truncation_leaves_no_durability_claim_past_the_end() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 26, T0);
+    log.sync(T0).expect("sync");
+    fill(&mut log, 26, 2, T0);
+    let job = log.begin_sync(T0).expect("job");
+    s.fail_op(1, FaultKind::Io);
+    assert!(log.truncate_to(Offset(5)).is_err());
+    assert!(log.durable_offset() <= log.log_end_offset());
+    let result = job.run();
+    assert!(log.finish_sync(job, result).is_err(), "poisoned");
+    assert!(log.durable_offset() <= Offset(5));
+}
+
+#[test]
+fn offsets_stop_at_the_limit_with_an_error() {
+    let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
+    log.truncate_fully_and_start_at(Offset(skein_log::OFFSET_MAX), T0).expect("reset");
+    let err = log.append(&mut batch(&[(0, T0)], 10, E0), T0);
+    assert!(matches!(err, Err(AppendError::OffsetLimit(_))), "{err:?}");
+    assert!(log.truncate_fully_and_start_at(Offset(skein_log::OFFSET_MAX + 1), T0).is_err());
+}

@@ -157,3 +157,45 @@ fn corrupt_tail_segment_after_clean_shutdown_is_caught_by_reads() {
     let err = log.read_verified(Offset(27), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);
     assert!(matches!(err, Err(ReadError::Corrupt(ref c)) if c.position == pos), "{err:?}");
 }
+
+#[test]
+fn corrupt_tail_batch_header_before_intact_batches_fails_open() {
+    // Damage to the header (magic, length) hides where the next batch starts; recovery must
+    // still find the intact batches after it and refuse to cut them as a torn tail.
+    for (field, at) in [("magic", 4u64), ("length", 1), ("record count", 61)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        build(dir.path());
+        let (name, pos) = locate(dir.path(), 29);
+        flip(dir.path(), &name, pos + at);
+        unclean(dir.path());
+        match open(dir.path()) {
+            Err(OpenError::Corrupt(c)) => assert_eq!(c.position, pos, "{field}: {c}"),
+            other => panic!("{field}: expected corruption, got {:?}", other.map(|l| l.log_end_offset())),
+        }
+    }
+}
+
+#[test]
+fn corrupt_base_offset_outside_the_crc_is_caught_by_reads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    build(dir.path());
+    let (name, pos) = locate(dir.path(), 16);
+    flip(dir.path(), &name, pos + 8);
+    let log = open(dir.path()).expect("open");
+    let mut buf = Vec::new();
+    let err = log.read_verified(Offset(13), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);
+    assert!(matches!(err, Err(ReadError::Corrupt(ref c)) if c.position == pos), "{err:?}");
+}
+
+#[test]
+fn corrupt_leader_epoch_raised_in_the_tail_fails_open() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    build(dir.path());
+    let (name, pos) = locate(dir.path(), 35);
+    flip(dir.path(), &name, pos + 18);
+    unclean(dir.path());
+    match open(dir.path()) {
+        Err(OpenError::Corrupt(c)) => assert_eq!(c.position, pos, "{c}"),
+        other => panic!("expected corruption, got {:?}", other.map(|l| l.log_end_offset())),
+    }
+}
