@@ -83,6 +83,7 @@ fn read(c: &mut Criterion) {
             });
         });
     }
+    group.throughput(Throughput::Elements(1));
     group.bench_function("range_lookup", |b| {
         let mut at = 0u64;
         b.iter(|| {
