@@ -16,6 +16,18 @@ pub struct Corruption {
     pub reason: String,
 }
 
+/// An offset outside `[log_start, log_end]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("offset {requested} out of range [{log_start}, {log_end}]")]
+pub struct OutOfRange {
+    /// The offset asked for.
+    pub requested: Offset,
+    /// First offset present.
+    pub log_start: Offset,
+    /// Log end offset.
+    pub log_end: Offset,
+}
+
 /// Opening (and recovering) a log failed.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
@@ -64,15 +76,8 @@ pub enum AppendError {
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The offset is below the log start or above the log end.
-    #[error("offset {requested} out of range [{log_start}, {log_end}]")]
-    OffsetOutOfRange {
-        /// The offset asked for.
-        requested: Offset,
-        /// First offset present.
-        log_start: Offset,
-        /// Log end offset.
-        log_end: Offset,
-    },
+    #[error(transparent)]
+    OffsetOutOfRange(#[from] OutOfRange),
     /// IO failed.
     #[error(transparent)]
     Storage(#[from] StorageError),
@@ -91,15 +96,8 @@ pub enum LogError {
     #[error("log poisoned by an earlier failure: {0}")]
     Poisoned(String),
     /// The offset is outside the log.
-    #[error("offset {requested} out of range [{log_start}, {log_end}]")]
-    OffsetOutOfRange {
-        /// The offset asked for.
-        requested: Offset,
-        /// First offset present.
-        log_start: Offset,
-        /// Log end offset.
-        log_end: Offset,
-    },
+    #[error(transparent)]
+    OffsetOutOfRange(#[from] OutOfRange),
     /// The bytes are damaged.
     #[error(transparent)]
     Corrupt(#[from] Corruption),

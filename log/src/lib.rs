@@ -21,5 +21,5 @@ pub mod storage;
 pub mod types;
 
 pub use crate::config::{Durability, LogConfig, SEGMENT_BYTES_MAX};
-pub use crate::error::{AppendError, Corruption, LogError, OpenError, ReadError};
+pub use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 pub use crate::log::{AppendInfo, Log, ReadLimit, ReadRange, RecoveryReport, RetentionReport, SyncJob, OFFSET_MAX};

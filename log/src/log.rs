@@ -27,7 +27,7 @@ use crate::batch::{check_crc, BatchHeader, RecordBatch, HEADER_BYTES};
 use crate::checkpoint::{self, CheckpointError};
 use crate::config::{Durability, LogConfig};
 use crate::epoch::EpochCache;
-use crate::error::{AppendError, Corruption, LogError, OpenError, ReadError};
+use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 use crate::index::SegmentIndex;
 use crate::segment::{
     index_name, intact_batch_follows, parse_segment_name, scan, segment_name, Problem, Segment, SegmentReadError,
@@ -335,7 +335,7 @@ impl<S: Storage> Log<S> {
     pub fn read(&self, from: Offset, limit: ReadLimit) -> Result<ReadRange, ReadError> {
         let log_end = self.log_end_offset();
         if from < self.log_start || from > log_end {
-            return Err(ReadError::OffsetOutOfRange { requested: from, log_start: self.log_start, log_end });
+            return Err(OutOfRange { requested: from, log_start: self.log_start, log_end }.into());
         }
         let end = limit.end.map_or(log_end, |e| e.min(log_end));
         let empty = ReadRange { segment_base: from, position: 0, bytes: 0, first_offset: from, next_offset: from };
@@ -366,17 +366,9 @@ impl<S: Storage> Log<S> {
             return Ok(());
         }
         let seg = self.segment_at(range.segment_base).map(|i| &self.segments[i]);
-        let seg = seg.ok_or(ReadError::OffsetOutOfRange {
-            requested: range.first_offset,
-            log_start: self.log_start,
-            log_end: self.log_end_offset(),
-        })?;
+        let seg = seg.ok_or_else(|| self.out_of_range(range.first_offset))?;
         if range.position + range.bytes > u64::from(seg.bytes) {
-            return Err(ReadError::OffsetOutOfRange {
-                requested: range.first_offset,
-                log_start: self.log_start,
-                log_end: self.log_end_offset(),
-            });
+            return Err(self.out_of_range(range.first_offset).into());
         }
         buf.resize(range.bytes as usize, 0);
         read_exact_at(&seg.file, buf, range.position, &seg.path)?;
@@ -422,7 +414,7 @@ impl<S: Storage> Log<S> {
             return Ok(self.log_end_offset());
         }
         if offset < self.log_start {
-            return Err(self.out_of_range(offset));
+            return Err(self.out_of_range(offset).into());
         }
         let i = self.segment_for(offset);
         let (cut, batch) = {
@@ -452,7 +444,7 @@ impl<S: Storage> Log<S> {
     pub fn truncate_fully_and_start_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), LogError> {
         self.check_writable().map_err(to_log_error)?;
         if offset.get() > OFFSET_MAX {
-            return Err(self.out_of_range(offset));
+            return Err(self.out_of_range(offset).into());
         }
         self.reset_at(offset, now).map_err(|e| self.poison(e).into())
     }
@@ -462,7 +454,7 @@ impl<S: Storage> Log<S> {
     pub fn delete_records_before(&mut self, offset: Offset, now: Timestamp) -> Result<Offset, LogError> {
         self.check_writable().map_err(to_log_error)?;
         if offset > self.log_end_offset() {
-            return Err(self.out_of_range(offset));
+            return Err(self.out_of_range(offset).into());
         }
         if offset <= self.log_start {
             return Ok(self.log_start);
@@ -824,8 +816,10 @@ impl<S: Storage> Log<S> {
     fn reset_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), StorageError> {
         self.generation += 1;
         self.durable = self.durable.min(offset);
-        while let Some(seg) = self.segments.pop() {
-            self.remove_segment_files(seg.base)?;
+        // The in-memory segments stay until the new one exists, so a failure half-way leaves
+        // a poisoned log that still answers `log_end_offset` (and reads fail as IO errors).
+        for base in self.segment_bases() {
+            self.remove_segment_files(base)?;
         }
         self.storage.sync_dir()?;
         self.epochs = EpochCache::default();
@@ -833,7 +827,7 @@ impl<S: Storage> Log<S> {
         self.log_start = offset;
         self.write_log_start()?;
         let segment = self.create_segment(offset, now)?;
-        self.segments.push(segment);
+        self.segments = vec![segment];
         self.durable = offset;
         Ok(())
     }
@@ -975,8 +969,8 @@ impl<S: Storage> Log<S> {
         }
     }
 
-    fn out_of_range(&self, offset: Offset) -> LogError {
-        LogError::OffsetOutOfRange { requested: offset, log_start: self.log_start, log_end: self.log_end_offset() }
+    fn out_of_range(&self, offset: Offset) -> OutOfRange {
+        OutOfRange { requested: offset, log_start: self.log_start, log_end: self.log_end_offset() }
     }
 }
 
@@ -1047,9 +1041,7 @@ fn to_log_error_read(e: ReadError) -> LogError {
     match e {
         ReadError::Storage(s) => LogError::Storage(s),
         ReadError::Corrupt(c) => LogError::Corrupt(c),
-        ReadError::OffsetOutOfRange { requested, log_start, log_end } => {
-            LogError::OffsetOutOfRange { requested, log_start, log_end }
-        }
+        ReadError::OffsetOutOfRange(r) => LogError::OffsetOutOfRange(r),
     }
 }
 

@@ -12,14 +12,7 @@ const T0: Timestamp = Timestamp(1_000_000);
 const E0: LeaderEpoch = LeaderEpoch(0);
 
 fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes: 4096,
-        segment_ms: None,
-        index_interval_bytes: 512,
-        durability: Durability::Always,
-        retention_bytes: None,
-        retention_ms: None,
-    }
+    common::small_config()
 }
 
 /// Appends `count` one-record batches with ids from `first`, value of 200 bytes.
@@ -302,4 +295,24 @@ fn offsets_stop_at_the_limit_with_an_error() {
     let err = log.append(&mut batch(&[(0, T0)], 10, E0), T0);
     assert!(matches!(err, Err(AppendError::OffsetLimit(_))), "{err:?}");
     assert!(log.truncate_fully_and_start_at(Offset(skein_log::OFFSET_MAX + 1), T0).is_err());
+}
+
+#[test]
+fn a_failure_during_a_full_reset_poisons_without_panicking() {
+    for fail_at in 1..6 {
+        let s = MemStorage::new();
+        let mut log = Log::open(s.clone(), config(), T0).expect("open");
+        fill(&mut log, 0, 20, T0);
+        log.sync(T0).expect("sync");
+        s.fail_op(fail_at, FaultKind::Io);
+        if log.truncate_fully_and_start_at(Offset(100), T0).is_ok() {
+            continue; // the fault landed after the reset's last mutation
+        }
+        assert!(log.durable_offset() <= log.log_end_offset(), "fault at op {fail_at}");
+        assert!(matches!(log.append(&mut batch(&[(0, T0)], 10, E0), T0), Err(AppendError::Poisoned(_))));
+        drop(log);
+        let log = Log::open(s.restart(), config(), T0).expect("reopen after a failed reset");
+        let end = log.log_end_offset();
+        assert!(end == Offset(20) || end == Offset(100) || end == log.log_start_offset(), "fault at op {fail_at}");
+    }
 }

@@ -17,19 +17,12 @@ use std::path::Path;
 use common::{batch, read_all};
 use skein_log::storage::FileStorage;
 use skein_log::types::{LeaderEpoch, Offset, Timestamp};
-use skein_log::{Durability, Log, LogConfig, OpenError, ReadError, ReadLimit};
+use skein_log::{Log, LogConfig, OpenError, ReadError, ReadLimit};
 
 const T0: Timestamp = Timestamp(1_000_000);
 
 fn config() -> LogConfig {
-    LogConfig {
-        segment_bytes: 4096,
-        segment_ms: None,
-        index_interval_bytes: 512,
-        durability: Durability::Always,
-        retention_bytes: None,
-        retention_ms: None,
-    }
+    common::small_config()
 }
 
 /// A log of 3 segments (offsets 0..13, 13..26, 26..36) of 300-byte batches, closed cleanly.

@@ -4,7 +4,7 @@
 use skein_log::batch::{batches, BatchBuilder, RecordBatch};
 use skein_log::storage::Storage;
 use skein_log::types::{LeaderEpoch, Offset, Timestamp};
-use skein_log::{Log, ReadLimit};
+use skein_log::{Durability, Log, LogConfig, ReadLimit};
 
 /// A record as tests see it: its offset, the unique id in its value, its timestamp.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,4 +61,17 @@ pub fn read_all<S: Storage>(log: &Log<S>, from: Offset, max_bytes: u32) -> Vec<R
         at = range.next_offset;
     }
     out
+}
+
+/// Small segments (4 KiB), dense index, durability `Always`, no retention: the shape most
+/// tests want.
+pub fn small_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 4096,
+        segment_ms: None,
+        index_interval_bytes: 512,
+        durability: Durability::Always,
+        retention_bytes: None,
+        retention_ms: None,
+    }
 }
