@@ -1,6 +1,67 @@
-//! Skein's client library: producer, consumer and the wire protocol shared with the broker.
+//! Skein's client library: the wire protocol (shared with the broker), an admin [`Client`],
+//! a batching [`Producer`] and a [`Consumer`], all on compio (call them from inside a compio
+//! runtime). The `skein` CLI is built on it.
 //!
-//! Skeleton: the wire protocol, producer and consumer arrive with the single-node broker
-//! issue. Record batches already have their format in `skein_log::batch`, which producers
-//! will build with `BatchBuilder` and consumers read in place.
+//! ```no_run
+//! # compio::runtime::Runtime::new().unwrap().block_on(async {
+//! use skein_client::{Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+//!
+//! let client = Client::connect("127.0.0.1:9092").await?;
+//! client.create_topic("greetings", 4, 1, &[]).await?;
+//! let producer = Producer::new(client.clone(), ProducerConfig::default());
+//! let delivery = producer.send("greetings", Some(b"key"), b"hello").await?;
+//! let (partition, offset) = delivery.await?;
+//! let mut consumer = Consumer::new(client, ConsumerConfig::default());
+//! consumer.assign("greetings", &[partition], Position::Offset(offset)).await?;
+//! let records = consumer.poll().await?;
+//! assert_eq!(records[0].value, b"hello");
+//! # Ok::<(), skein_client::ClientError>(())
+//! # });
+//! ```
 #![warn(missing_docs)]
+
+mod admin;
+pub mod conn;
+mod consumer;
+mod producer;
+pub mod wire;
+
+pub use admin::{Client, ClientConfig};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
+pub use producer::{Acks, Delivery, Producer, ProducerConfig};
+
+use crate::wire::ErrorCode;
+
+/// What went wrong talking to a broker.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientError {
+    /// A socket operation failed.
+    #[error("io: {0}")]
+    Io(String),
+    /// The connection broke while the request was outstanding.
+    #[error("connection lost")]
+    ConnectionLost,
+    /// No answer in time.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The broker answered with an error code.
+    #[error("broker error {0} for {1}")]
+    Broker(ErrorCode, String),
+    /// The broker's bytes did not decode, or a batch failed its checks.
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    /// The caller asked for something impossible (unknown partition, bad argument).
+    #[error("invalid: {0}")]
+    Invalid(String),
+}
+
+impl ClientError {
+    /// Whether retrying (after refreshing metadata or reconnecting) may succeed.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            ClientError::Io(_) | ClientError::ConnectionLost | ClientError::Timeout(_) => true,
+            ClientError::Broker(code, _) => code.is_retriable(),
+            ClientError::Protocol(_) | ClientError::Invalid(_) => false,
+        }
+    }
+}

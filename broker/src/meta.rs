@@ -1,0 +1,131 @@
+//! Topic metadata: which topics exist, their partition counts and configs. Persisted as
+//! `topics.json` in the data directory, replaced atomically (temp file, fsync, rename, fsync
+//! of the directory) on every change, so a restart finds exactly the acknowledged topics.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use skein_client::wire::ErrorCode;
+use skein_log::{Durability, LogConfig};
+
+/// One topic.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicMeta {
+    /// The topic name.
+    pub name: String,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Replication factor (1 until replication exists).
+    pub replicas: u16,
+    /// Config overrides.
+    pub configs: BTreeMap<String, String>,
+}
+
+/// Every topic, by name.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Topics {
+    /// Topics by name.
+    pub topics: BTreeMap<String, TopicMeta>,
+}
+
+impl Topics {
+    /// Loads `DIR/topics.json`, or an empty set if it does not exist.
+    pub fn load(dir: &Path) -> Result<Topics> {
+        let path = file(dir);
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Topics::default()),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Persists atomically and durably.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let path = file(dir);
+        let tmp = dir.join("topics.json.tmp");
+        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        f.write_all(&serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
+        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+    }
+}
+
+fn file(dir: &Path) -> PathBuf {
+    dir.join("topics.json")
+}
+
+/// Checks a topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
+pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    if name.is_empty() || name.len() > 249 || !ok_chars || name == "." || name == ".." {
+        return Err(ErrorCode::INVALID_TOPIC);
+    }
+    Ok(())
+}
+
+/// The log settings for a topic's configs; unknown keys or bad values are an error message.
+///
+/// Keys: `flush.ms` (`always`, `never` or milliseconds; default 1000), `segment.bytes`,
+/// `segment.ms`, `retention.ms` (-1: forever), `retention.bytes` (-1: unbounded).
+pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, String> {
+    let mut c = LogConfig { durability: Durability::IntervalMs(1000), ..LogConfig::default() };
+    for (k, v) in configs {
+        let num = || v.parse::<i64>().map_err(|_| format!("{k}: '{v}' is not a number"));
+        match k.as_str() {
+            "flush.ms" => {
+                c.durability = match v.as_str() {
+                    "always" | "0" => Durability::Always,
+                    "never" => Durability::Never,
+                    _ => Durability::IntervalMs(u64::try_from(num()?).map_err(|_| format!("{k} must be >= 0"))?),
+                }
+            }
+            "segment.bytes" => c.segment_bytes = u32::try_from(num()?).map_err(|_| format!("{k} out of range"))?,
+            "segment.ms" => c.segment_ms = u64::try_from(num()?).ok(),
+            "retention.ms" => c.retention_ms = u64::try_from(num()?).ok(),
+            "retention.bytes" => c.retention_bytes = u64::try_from(num()?).ok(),
+            _ => return Err(format!("unknown config '{k}'")),
+        }
+    }
+    c.validate().map_err(str::to_owned)?;
+    Ok(c)
+}
+
+/// The directory of one partition's log.
+pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
+    data_dir.join(format!("{topic}-{partition}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_configs_are_checked() {
+        assert!(validate_name("orders.v2_a-b").is_ok());
+        for bad in ["", ".", "..", "a/b", "a b", &"x".repeat(250)] {
+            assert_eq!(validate_name(bad), Err(ErrorCode::INVALID_TOPIC), "{bad:?}");
+        }
+        let cfg = |k: &str, v: &str| log_config(&BTreeMap::from([(k.to_owned(), v.to_owned())]));
+        assert_eq!(cfg("flush.ms", "always").map(|c| c.durability), Ok(Durability::Always));
+        assert_eq!(cfg("flush.ms", "250").map(|c| c.durability), Ok(Durability::IntervalMs(250)));
+        assert!(cfg("flush.ms", "soon").is_err());
+        assert!(cfg("segment.bytes", "10").is_err(), "below the minimum");
+        assert!(cfg("colour", "blue").is_err());
+        assert_eq!(cfg("retention.ms", "-1").map(|c| c.retention_ms), Ok(None));
+    }
+
+    #[test]
+    fn topics_persist() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut t = Topics::default();
+        let meta = TopicMeta { name: "a".into(), partitions: 3, replicas: 1, configs: BTreeMap::new() };
+        t.topics.insert("a".into(), meta);
+        t.save(dir.path()).expect("save");
+        assert_eq!(Topics::load(dir.path()).expect("load"), t);
+    }
+}

@@ -1,0 +1,401 @@
+//! Request handling on typed messages (the frame codec lives in `conn`), so another wire
+//! protocol can reuse it. Each handler splits work per partition, sends it to the owning
+//! shard, and assembles the response in request order.
+
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_channel::oneshot;
+use skein_client::wire::{
+    decode_exact, finish_frame, response_frame, ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo,
+    CreateTopicsRequest, CreateTopicsResponse, DecodeError, DeleteTopicsRequest, DeleteTopicsResponse,
+    DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, ProduceRequest, ProduceResponse, Reader,
+    RequestHeader, TopicConfig, TopicDescription, TopicMetadata, TopicResult, Wire, Writer,
+};
+
+use super::shard::FetchResult;
+use super::{Shard, ShardMsg};
+use crate::meta::{self, TopicMeta, Topics};
+
+/// Handles one request; `None` when no response is due (produce with acks=0).
+pub(crate) async fn handle(shard: Rc<Shard>, header: RequestHeader, body: Reader) -> Option<Vec<Vec<u8>>> {
+    shard.in_flight.set(shard.in_flight.get() + 1);
+    let out = dispatch(&shard, &header, body).await;
+    shard.in_flight.set(shard.in_flight.get() - 1);
+    out
+}
+
+async fn dispatch(shard: &Rc<Shard>, header: &RequestHeader, body: Reader) -> Option<Vec<Vec<u8>>> {
+    let id = header.correlation_id;
+    if shard.stopping.get() {
+        return Some(vec![response_frame::<ApiVersionsResponse>(id, Err(ErrorCode::SHUTTING_DOWN))]);
+    }
+    let reply = match header.api_key {
+        ApiKey::ApiVersions => {
+            frame(id, decode_exact(body).map(|_: skein_client::wire::ApiVersionsRequest| api_versions()))
+        }
+        ApiKey::Metadata => frame(id, decode_exact(body).map(|r| metadata(shard, r))),
+        ApiKey::CreateTopics => match decode_exact::<CreateTopicsRequest>(body) {
+            Ok(r) => frame(id, Ok(create_topics(shard, r).await)),
+            Err(e) => bad(id, e),
+        },
+        ApiKey::DeleteTopics => match decode_exact::<DeleteTopicsRequest>(body) {
+            Ok(r) => frame(id, Ok(delete_topics(shard, r).await)),
+            Err(e) => bad(id, e),
+        },
+        ApiKey::DescribeTopics => match decode_exact::<DescribeTopicsRequest>(body) {
+            Ok(r) => frame(id, Ok(describe_topics(shard, r).await)),
+            Err(e) => bad(id, e),
+        },
+        ApiKey::Produce => match decode_exact::<ProduceRequest>(body) {
+            Ok(r) => return produce(shard, id, r).await,
+            Err(e) => bad(id, e),
+        },
+        ApiKey::Fetch => match decode_exact::<FetchRequest>(body) {
+            Ok(r) => return Some(fetch(shard, id, r).await),
+            Err(e) => bad(id, e),
+        },
+        ApiKey::ListOffsets => match decode_exact::<ListOffsetsRequest>(body) {
+            Ok(r) => frame(id, Ok(list_offsets(shard, r).await)),
+            Err(e) => bad(id, e),
+        },
+    };
+    Some(vec![reply])
+}
+
+fn frame<T: Wire>(id: u32, body: Result<T, DecodeError>) -> Vec<u8> {
+    match body {
+        Ok(b) => response_frame(id, Ok(&b)),
+        Err(e) => bad(id, e),
+    }
+}
+
+fn bad(id: u32, e: DecodeError) -> Vec<u8> {
+    tracing::debug!(error = %e, "undecodable request");
+    response_frame::<ApiVersionsResponse>(id, Err(ErrorCode::INVALID_REQUEST))
+}
+
+/// Sends `msg` to the shard owning the work (or runs it here) and waits for the reply.
+async fn ask<T>(shard: &Rc<Shard>, owner: usize, make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    let msg = make(tx);
+    if owner == shard.id {
+        compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
+    } else if shard.peers[owner].send_async(msg).await.is_err() {
+        return None;
+    }
+    rx.await.ok()
+}
+
+fn api_versions() -> ApiVersionsResponse {
+    let apis = ApiKey::ALL
+        .iter()
+        .map(|k| ApiVersion { api_key: *k as u16, min_version: 0, max_version: k.max_version() })
+        .collect();
+    ApiVersionsResponse { apis }
+}
+
+fn metadata(shard: &Rc<Shard>, req: MetadataRequest) -> MetadataResponse {
+    let topics = shard.topics.borrow().clone();
+    let node = shard.config.node_id;
+    let names: Vec<String> = req.topics.unwrap_or_else(|| topics.topics.keys().cloned().collect());
+    let topics = names
+        .into_iter()
+        .map(|name| match topics.topics.get(&name) {
+            Some(t) => TopicMetadata {
+                name,
+                error: ErrorCode::NONE,
+                partitions: (0..t.partitions)
+                    .map(|p| PartitionMetadata {
+                        partition: p,
+                        error: ErrorCode::NONE,
+                        leader: node,
+                        leader_epoch: 0,
+                        replicas: vec![node],
+                        isr: vec![node],
+                    })
+                    .collect(),
+            },
+            None => TopicMetadata { name, error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, partitions: vec![] },
+        })
+        .collect();
+    let listen = shard.config.listen;
+    let host = listen.ip().to_string();
+    MetadataResponse {
+        brokers: vec![BrokerInfo { node_id: node, host, port: listen.port() }],
+        controller: node,
+        topics,
+    }
+}
+
+pub(crate) async fn create_topics(shard: &Rc<Shard>, req: CreateTopicsRequest) -> CreateTopicsResponse {
+    if shard.id != 0 {
+        return ask(shard, 0, |reply| ShardMsg::Create { req, reply })
+            .await
+            .unwrap_or(CreateTopicsResponse { results: vec![] });
+    }
+    let _serial = shard.admin.lock().await;
+    let mut results = Vec::new();
+    for t in req.topics {
+        let (error, message) = match create_one(shard, &t).await {
+            Ok(()) => (ErrorCode::NONE, String::new()),
+            Err((code, msg)) => (code, msg),
+        };
+        results.push(TopicResult { name: t.name, error, message });
+    }
+    CreateTopicsResponse { results }
+}
+
+async fn create_one(shard: &Rc<Shard>, t: &skein_client::wire::NewTopic) -> Result<(), (ErrorCode, String)> {
+    meta::validate_name(&t.name).map_err(|c| (c, "names are 1-249 characters of [A-Za-z0-9._-]".to_owned()))?;
+    if t.partitions == 0 || t.partitions > PARTITIONS_MAX {
+        return Err((ErrorCode::INVALID_PARTITIONS, format!("partitions must be 1..={PARTITIONS_MAX}")));
+    }
+    if t.replicas != 1 {
+        return Err((ErrorCode::INVALID_PARTITIONS, "this is a single-node cluster: replicas must be 1".to_owned()));
+    }
+    let configs: BTreeMap<String, String> = t.configs.iter().map(|c| (c.key.clone(), c.value.clone())).collect();
+    meta::log_config(&configs).map_err(|m| (ErrorCode::INVALID_CONFIG, m))?;
+    let mut topics = (**shard.topics.borrow()).clone();
+    if topics.topics.contains_key(&t.name) {
+        return Err((ErrorCode::TOPIC_ALREADY_EXISTS, format!("topic '{}' already exists", t.name)));
+    }
+    let meta = TopicMeta { name: t.name.clone(), partitions: t.partitions, replicas: t.replicas, configs };
+    topics.topics.insert(t.name.clone(), meta);
+    publish(shard, topics).await.map_err(|e| (ErrorCode::STORAGE_ERROR, e))?;
+    for p in 0..t.partitions {
+        let (topic, owner) = (t.name.clone(), shard.owner(&t.name, p));
+        let opened = ask(shard, owner, |reply| ShardMsg::OpenPartition { topic, partition: p, reply }).await;
+        match opened {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return Err((ErrorCode::STORAGE_ERROR, e)),
+            None => return Err((ErrorCode::SHUTTING_DOWN, "broker stopping".to_owned())),
+        }
+    }
+    Ok(())
+}
+
+pub(crate) async fn delete_topics(shard: &Rc<Shard>, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
+    if shard.id != 0 {
+        return ask(shard, 0, |reply| ShardMsg::Delete { req, reply })
+            .await
+            .unwrap_or(DeleteTopicsResponse { results: vec![] });
+    }
+    let _serial = shard.admin.lock().await;
+    let mut results = Vec::new();
+    for name in req.names {
+        let mut topics = (**shard.topics.borrow()).clone();
+        let Some(t) = topics.topics.remove(&name) else {
+            results.push(TopicResult {
+                name,
+                error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                message: "no such topic".into(),
+            });
+            continue;
+        };
+        if let Err(e) = publish(shard, topics).await {
+            results.push(TopicResult { name, error: ErrorCode::STORAGE_ERROR, message: e });
+            continue;
+        }
+        for p in 0..t.partitions {
+            let (topic, owner) = (name.clone(), shard.owner(&name, p));
+            ask(shard, owner, |reply| ShardMsg::DeletePartition { topic, partition: p, reply }).await;
+        }
+        results.push(TopicResult { name, error: ErrorCode::NONE, message: String::new() });
+    }
+    DeleteTopicsResponse { results }
+}
+
+/// Persists a new metadata snapshot, then hands it to every shard.
+async fn publish(shard: &Rc<Shard>, topics: Topics) -> Result<(), String> {
+    topics.save(&shard.config.data_dir).map_err(|e| format!("{e:#}"))?;
+    let topics = Arc::new(topics);
+    *shard.topics.borrow_mut() = topics.clone();
+    for (i, peer) in shard.peers.iter().enumerate() {
+        if i != shard.id {
+            let _ = peer.send_async(ShardMsg::Topics(topics.clone())).await;
+        }
+    }
+    Ok(())
+}
+
+async fn describe_topics(shard: &Rc<Shard>, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
+    let topics = shard.topics.borrow().clone();
+    let names: Vec<String> = if req.names.is_empty() { topics.topics.keys().cloned().collect() } else { req.names };
+    let mut out = Vec::new();
+    for name in names {
+        let Some(t) = topics.topics.get(&name) else {
+            out.push(TopicDescription {
+                name,
+                error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                configs: vec![],
+                partitions: vec![],
+            });
+            continue;
+        };
+        let mut partitions = Vec::new();
+        for p in 0..t.partitions {
+            let topic = name.clone();
+            let d = ask(shard, shard.owner(&name, p), |reply| ShardMsg::Describe { topic, partition: p, reply }).await;
+            partitions.extend(d);
+        }
+        let configs = t.configs.iter().map(|(k, v)| TopicConfig { key: k.clone(), value: v.clone() }).collect();
+        out.push(TopicDescription { name, error: ErrorCode::NONE, configs, partitions });
+    }
+    DescribeTopicsResponse { topics: out }
+}
+
+async fn produce(shard: &Rc<Shard>, id: u32, req: ProduceRequest) -> Option<Vec<Vec<u8>>> {
+    if !(-1..=1).contains(&req.acks) {
+        return Some(vec![response_frame::<ProduceResponse>(id, Err(ErrorCode::INVALID_REQUEST))]);
+    }
+    let timeout = req.timeout_ms.min(shard.config.max_request_timeout_ms);
+    let deadline = Instant::now() + Duration::from_millis(u64::from(timeout));
+    let mut waits = Vec::with_capacity(req.partitions.len());
+    for part in req.partitions {
+        let owner = shard.owner(&part.topic, part.partition);
+        let (topic, partition) = (part.topic.clone(), part.partition);
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::Produce { part, acks: req.acks, deadline, reply: tx };
+        if owner == shard.id {
+            compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
+        } else if shard.peers[owner].send_async(msg).await.is_err() {
+            return Some(vec![response_frame::<ProduceResponse>(id, Err(ErrorCode::SHUTTING_DOWN))]);
+        }
+        waits.push((topic, partition, rx));
+    }
+    let mut partitions = Vec::with_capacity(waits.len());
+    for (topic, partition, rx) in waits {
+        partitions.push(rx.await.unwrap_or(skein_client::wire::ProducePartitionResponse {
+            topic,
+            partition,
+            error: ErrorCode::SHUTTING_DOWN,
+            base_offset: 0,
+            leader_epoch: 0,
+            log_start: 0,
+        }));
+    }
+    if req.acks == 0 {
+        return None;
+    }
+    Some(vec![response_frame(id, Ok(&ProduceResponse { partitions }))])
+}
+
+/// Fetch with long polling: read every partition; if fewer than `min_bytes` came back and
+/// time is left, wait until any partition grows (or the deadline), then read again.
+async fn fetch(shard: &Rc<Shard>, id: u32, req: FetchRequest) -> Vec<Vec<u8>> {
+    let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(shard.config.max_request_timeout_ms)));
+    let deadline = Instant::now() + wait;
+    loop {
+        let results = fetch_once(shard, &req.partitions).await;
+        let total: usize = results.iter().map(|r| r.records.len()).sum();
+        let failed = results.iter().any(|r| r.error != ErrorCode::NONE);
+        if total >= req.min_bytes as usize || failed || Instant::now() >= deadline {
+            return encode_fetch(id, &req, results);
+        }
+        let mut waits = Vec::new();
+        for p in &req.partitions {
+            let (topic, partition, offset) = (p.topic.clone(), p.partition, p.fetch_offset);
+            let (tx, rx) = oneshot::channel();
+            let msg = ShardMsg::WaitForData { topic, partition, offset, reply: tx };
+            let owner = shard.owner(&p.topic, p.partition);
+            if owner == shard.id {
+                compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
+            } else if shard.peers[owner].send_async(msg).await.is_err() {
+                return encode_fetch(id, &req, results);
+            }
+            waits.push(rx);
+        }
+        if waits.is_empty() {
+            return encode_fetch(id, &req, results);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        let _ = compio::time::timeout(left, futures_util::future::select_all(waits)).await;
+    }
+}
+
+async fn fetch_once(shard: &Rc<Shard>, parts: &[FetchPartition]) -> Vec<FetchResult> {
+    let mut rxs = Vec::with_capacity(parts.len());
+    for p in parts {
+        let (tx, rx) = oneshot::channel();
+        let msg = ShardMsg::Fetch { part: p.clone(), reply: tx };
+        let owner = shard.owner(&p.topic, p.partition);
+        if owner == shard.id {
+            compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
+        } else if shard.peers[owner].send_async(msg).await.is_err() {
+            drop(rx);
+            rxs.push(None);
+            continue;
+        }
+        rxs.push(Some(rx));
+    }
+    let mut out = Vec::with_capacity(parts.len());
+    for rx in rxs {
+        let r = match rx {
+            Some(rx) => rx.await.ok(),
+            None => None,
+        };
+        out.push(r.unwrap_or(FetchResult {
+            error: ErrorCode::SHUTTING_DOWN,
+            high_watermark: 0,
+            log_start: 0,
+            records: Vec::new(),
+        }));
+    }
+    out
+}
+
+/// Encodes the fetch response as a vectored frame: record bytes go out as their own buffers,
+/// never copied into the header buffer. Whole batches past `max_bytes` are left out (at least
+/// one partition's data is always sent).
+fn encode_fetch(id: u32, req: &FetchRequest, results: Vec<FetchResult>) -> Vec<Vec<u8>> {
+    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(results.len() * 2 + 1);
+    let mut w = Writer { buf: vec![0; 4] };
+    id.encode(&mut w);
+    ErrorCode::NONE.encode(&mut w);
+    (results.len() as u32).encode(&mut w);
+    let mut total = 0usize;
+    for (p, mut r) in req.partitions.iter().zip(results) {
+        if total > 0 && total + r.records.len() > req.max_bytes as usize {
+            r.records.clear();
+        }
+        total += r.records.len();
+        p.topic.encode(&mut w);
+        p.partition.encode(&mut w);
+        r.error.encode(&mut w);
+        r.high_watermark.encode(&mut w);
+        r.log_start.encode(&mut w);
+        (r.records.len() as u32).encode(&mut w);
+        if !r.records.is_empty() {
+            chunks.push(std::mem::take(&mut w.buf));
+            chunks.push(r.records);
+        }
+    }
+    chunks.push(w.buf);
+    let len: usize = chunks.iter().map(Vec::len).sum::<usize>() - 4;
+    let len = u32::try_from(len).expect("fetch responses are bounded by max_bytes");
+    chunks[0][..4].copy_from_slice(&len.to_le_bytes());
+    let _ = finish_frame;
+    chunks
+}
+
+async fn list_offsets(shard: &Rc<Shard>, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut partitions = Vec::with_capacity(req.partitions.len());
+    for part in req.partitions {
+        let owner = shard.owner(&part.topic, part.partition);
+        let fallback = skein_client::wire::ListOffsetsPartitionResponse {
+            topic: part.topic.clone(),
+            partition: part.partition,
+            error: ErrorCode::SHUTTING_DOWN,
+            offset: 0,
+        };
+        let r = ask(shard, owner, |reply| ShardMsg::ListOffsets { part, reply }).await;
+        partitions.push(r.unwrap_or(fallback));
+    }
+    ListOffsetsResponse { partitions }
+}
+
+const PARTITIONS_MAX: u32 = 10_000;

@@ -1,0 +1,570 @@
+//! A shard: one thread, one compio runtime, the partitions it owns, and its message loop.
+//!
+//! Everything here is single-threaded (`Rc`, `RefCell`, `Cell`); no borrow is held across an
+//! `.await`. Cross-shard work arrives as [`ShardMsg`] on a bounded channel and answers on a
+//! oneshot.
+//!
+//! Group commit: appends that need durability register a waiter `(offset, sender)` and start
+//! the partition's sync task if it is idle. The task takes a `SyncJob` (every append so far),
+//! runs its fdatasync on compio's blocking pool so the shard keeps serving, reports it, and
+//! wakes every waiter it covers; appends that arrived meanwhile are covered by the next round.
+//! A storage failure fail-stops the process (exit status 74): the log's state is unknown.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use bytes::BytesMut;
+use futures_channel::oneshot;
+use skein_client::wire::{
+    CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse, ErrorCode, FetchPartition,
+    ListOffsetsPartition, ListOffsetsPartitionResponse, PartitionDescription, ProducePartition,
+    ProducePartitionResponse, EARLIEST, LATEST,
+};
+use skein_log::batch::{BatchHeader, RecordBatch, HEADER_BYTES};
+use skein_log::storage::FileStorage;
+use skein_log::types::{LeaderEpoch, Offset, Timestamp};
+use skein_log::{AppendError, Log, ReadError, ReadLimit};
+
+use super::EXIT_STORAGE_FAILURE;
+use crate::meta::{self, Topics};
+use crate::BrokerConfig;
+
+/// Work sent to the shard that owns it.
+pub(crate) enum ShardMsg {
+    /// A new client connection to serve on this shard.
+    Connection(std::net::TcpStream, Arc<AtomicUsize>),
+    /// Append batches to an owned partition.
+    Produce { part: ProducePartition, acks: i8, deadline: Instant, reply: oneshot::Sender<ProducePartitionResponse> },
+    /// Read from an owned partition.
+    Fetch { part: FetchPartition, reply: oneshot::Sender<FetchResult> },
+    /// Answer when the partition's end passes `offset` (or drop the reply at the deadline).
+    WaitForData { topic: String, partition: u32, offset: u64, reply: oneshot::Sender<()> },
+    /// Look up an offset.
+    ListOffsets { part: ListOffsetsPartition, reply: oneshot::Sender<ListOffsetsPartitionResponse> },
+    /// Describe an owned partition.
+    Describe { topic: String, partition: u32, reply: oneshot::Sender<PartitionDescription> },
+    /// Open (creating if needed) an owned partition's log.
+    OpenPartition { topic: String, partition: u32, reply: oneshot::Sender<Result<(), String>> },
+    /// Delete an owned partition's log.
+    DeletePartition { topic: String, partition: u32, reply: oneshot::Sender<()> },
+    /// Create topics (shard 0 owns the metadata).
+    Create { req: CreateTopicsRequest, reply: oneshot::Sender<CreateTopicsResponse> },
+    /// Delete topics (shard 0 owns the metadata).
+    Delete { req: DeleteTopicsRequest, reply: oneshot::Sender<DeleteTopicsResponse> },
+    /// A new topic metadata snapshot.
+    Topics(Arc<Topics>),
+    /// Drain, close every log, and stop.
+    Shutdown,
+}
+
+/// A fetch's result: the partition's answer and the record bytes read for it.
+pub(crate) struct FetchResult {
+    pub error: ErrorCode,
+    pub high_watermark: u64,
+    pub log_start: u64,
+    pub records: Vec<u8>,
+}
+
+pub(crate) struct Partition {
+    log: Log<FileStorage>,
+    epoch: LeaderEpoch,
+    /// Producers waiting for durability: (offset that must be durable, wake-up).
+    durable_waiters: Vec<(Offset, oneshot::Sender<()>)>,
+    syncing: bool,
+    /// Long-polling fetches waiting for the log end to pass an offset.
+    data_waiters: Vec<(Offset, oneshot::Sender<()>)>,
+}
+
+type PartitionCell = Rc<RefCell<Partition>>;
+
+pub(crate) struct Shard {
+    pub id: usize,
+    pub config: Arc<BrokerConfig>,
+    pub peers: Vec<flume::Sender<ShardMsg>>,
+    partitions: RefCell<HashMap<(String, u32), PartitionCell>>,
+    pub topics: RefCell<Arc<Topics>>,
+    produce_bytes: Cell<u64>,
+    pub in_flight: Cell<usize>,
+    pub stopping: Cell<bool>,
+    /// Serialises topic creation and deletion (shard 0 only; not on the data path).
+    pub admin: futures_util::lock::Mutex<()>,
+}
+
+impl Shard {
+    /// Opens (recovering) every partition this shard owns.
+    pub fn open(
+        id: usize,
+        config: Arc<BrokerConfig>,
+        topics: Arc<Topics>,
+        peers: Vec<flume::Sender<ShardMsg>>,
+    ) -> Result<Rc<Shard>> {
+        let shard = Shard {
+            id,
+            config,
+            peers,
+            partitions: RefCell::new(HashMap::new()),
+            topics: RefCell::new(topics.clone()),
+            produce_bytes: Cell::new(0),
+            in_flight: Cell::new(0),
+            stopping: Cell::new(false),
+            admin: futures_util::lock::Mutex::new(()),
+        };
+        for t in topics.topics.values() {
+            for p in 0..t.partitions {
+                if shard.owner(&t.name, p) == id {
+                    shard.open_partition(&t.name, p).map_err(anyhow::Error::msg)?;
+                }
+            }
+        }
+        Ok(Rc::new(shard))
+    }
+
+    /// The shard owning a partition.
+    pub fn owner(&self, topic: &str, partition: u32) -> usize {
+        owner(topic, partition, self.peers.len())
+    }
+
+    /// Receives messages until shutdown, then drains and closes the logs.
+    pub async fn message_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
+        while let Ok(msg) = rx.recv_async().await {
+            if let ShardMsg::Shutdown = msg {
+                break;
+            }
+            compio::runtime::spawn(self.clone().on_msg(msg)).detach();
+        }
+        self.stopping.set(true);
+        let grace = Instant::now() + Duration::from_millis(self.config.shutdown_grace_ms);
+        while self.in_flight.get() > 0 && Instant::now() < grace {
+            compio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.close_all();
+    }
+
+    /// Handles one message (also used directly for work this shard owns).
+    pub async fn on_msg_pub(self: Rc<Self>, msg: ShardMsg) {
+        self.on_msg(msg).await
+    }
+
+    async fn on_msg(self: Rc<Self>, msg: ShardMsg) {
+        match msg {
+            ShardMsg::Connection(stream, count) => super::conn::serve(self, stream, count).await,
+            ShardMsg::Produce { part, acks, deadline, reply } => {
+                let _ = reply.send(self.produce(part, acks, deadline).await);
+            }
+            ShardMsg::Fetch { part, reply } => {
+                let _ = reply.send(self.fetch(&part));
+            }
+            ShardMsg::WaitForData { topic, partition, offset, reply } => {
+                self.wait_for_data(&topic, partition, offset, reply)
+            }
+            ShardMsg::ListOffsets { part, reply } => {
+                let _ = reply.send(self.list_offsets(&part));
+            }
+            ShardMsg::Describe { topic, partition, reply } => {
+                let _ = reply.send(self.describe(&topic, partition));
+            }
+            ShardMsg::OpenPartition { topic, partition, reply } => {
+                let _ = reply.send(self.open_partition(&topic, partition));
+            }
+            ShardMsg::DeletePartition { topic, partition, reply } => {
+                self.delete_partition(&topic, partition);
+                let _ = reply.send(());
+            }
+            ShardMsg::Create { req, reply } => {
+                let _ = reply.send(super::handlers::create_topics(&self, req).await);
+            }
+            ShardMsg::Delete { req, reply } => {
+                let _ = reply.send(super::handlers::delete_topics(&self, req).await);
+            }
+            ShardMsg::Topics(t) => *self.topics.borrow_mut() = t,
+            ShardMsg::Shutdown => {}
+        }
+    }
+
+    /// Applies the flush policy and retention every few milliseconds.
+    pub async fn tick_loop(self: Rc<Self>) {
+        let mut ticks: u64 = 0;
+        while !self.stopping.get() {
+            compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+            ticks += 1;
+            let now = now();
+            let parts: Vec<PartitionCell> = self.partitions.borrow().values().cloned().collect();
+            for p in parts {
+                let due = p.borrow().log.sync_due(now);
+                if due {
+                    start_sync(&p);
+                }
+                if ticks.is_multiple_of(RETENTION_EVERY_TICKS) {
+                    if let Err(e) = p.borrow_mut().log.apply_retention(now) {
+                        fail_stop("retention", &e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn partition(&self, topic: &str, partition: u32) -> Option<PartitionCell> {
+        self.partitions.borrow().get(&(topic.to_owned(), partition)).cloned()
+    }
+
+    pub fn open_partition(&self, topic: &str, partition: u32) -> Result<(), String> {
+        if self.partition(topic, partition).is_some() {
+            return Ok(());
+        }
+        let topics = self.topics.borrow().clone();
+        let configs = topics.topics.get(topic).map(|t| t.configs.clone()).unwrap_or_default();
+        let config = meta::log_config(&configs)?;
+        let dir = meta::partition_dir(&self.config.data_dir, topic, partition);
+        let log = open_log(&dir, config).map_err(|e| format!("{e:#}"))?;
+        let report = log.recovery();
+        tracing::info!(shard = self.id, topic, partition, log_end = %log.log_end_offset(),
+            clean = report.clean_shutdown, scanned = report.segments_scanned, truncated = ?report.truncated, "partition open");
+        let epoch = log.epochs().latest().map_or(LeaderEpoch(0), |e| e.epoch);
+        let p = Partition { log, epoch, durable_waiters: Vec::new(), syncing: false, data_waiters: Vec::new() };
+        self.partitions.borrow_mut().insert((topic.to_owned(), partition), Rc::new(RefCell::new(p)));
+        Ok(())
+    }
+
+    fn delete_partition(&self, topic: &str, partition: u32) {
+        let Some(p) = self.partitions.borrow_mut().remove(&(topic.to_owned(), partition)) else {
+            return;
+        };
+        let dir = meta::partition_dir(&self.config.data_dir, topic, partition);
+        drop(p);
+        if let Err(e) = std::fs::remove_dir_all(&dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "could not delete a partition directory");
+        }
+    }
+
+    fn close_all(&self) {
+        let parts: Vec<((String, u32), PartitionCell)> = self.partitions.borrow_mut().drain().collect();
+        for ((topic, partition), p) in parts {
+            match Rc::try_unwrap(p) {
+                Ok(cell) => {
+                    if let Err(e) = cell.into_inner().log.close(now()) {
+                        tracing::error!(topic, partition, error = %e, "closing a log failed");
+                    }
+                }
+                Err(p) => {
+                    // A sync task still holds it: sync through the shared handle instead.
+                    if let Err(e) = p.borrow_mut().log.sync(now()) {
+                        tracing::error!(topic, partition, error = %e, "final sync failed");
+                    }
+                }
+            }
+        }
+    }
+
+    async fn produce(&self, part: ProducePartition, acks: i8, deadline: Instant) -> ProducePartitionResponse {
+        let (topic, partition) = (part.topic.clone(), part.partition);
+        let mut resp = ProducePartitionResponse {
+            topic,
+            partition,
+            error: ErrorCode::NONE,
+            base_offset: 0,
+            leader_epoch: 0,
+            log_start: 0,
+        };
+        if self.stopping.get() {
+            resp.error = ErrorCode::SHUTTING_DOWN;
+            return resp;
+        }
+        let Some(p) = self.partition(&part.topic, part.partition) else {
+            resp.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
+            return resp;
+        };
+        let bytes = part.records.len() as u64;
+        if self.produce_bytes.get() + bytes > self.config.max_produce_bytes {
+            resp.error = ErrorCode::THROTTLED;
+            return resp;
+        }
+        let batches = match split_batches(part.records) {
+            Ok(b) => b,
+            Err(code) => {
+                resp.error = code;
+                return resp;
+            }
+        };
+        self.produce_bytes.set(self.produce_bytes.get() + bytes);
+        let appended = append_all(&p, batches);
+        resp.leader_epoch = p.borrow().epoch.0;
+        resp.log_start = p.borrow().log.log_start_offset().get();
+        match appended {
+            Ok((base, end)) => {
+                resp.base_offset = base.get();
+                wake_data_waiters(&p, end);
+                if acks == -1 {
+                    resp.error = wait_durable(&p, end, deadline).await;
+                }
+            }
+            Err(code) => resp.error = code,
+        }
+        self.produce_bytes.set(self.produce_bytes.get() - bytes);
+        resp
+    }
+
+    fn fetch(&self, part: &FetchPartition) -> FetchResult {
+        let mut out = FetchResult { error: ErrorCode::NONE, high_watermark: 0, log_start: 0, records: Vec::new() };
+        let Some(p) = self.partition(&part.topic, part.partition) else {
+            out.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
+            return out;
+        };
+        let p = p.borrow();
+        // One node: everything written is committed, so the high watermark is the log end.
+        let hw = p.log.log_end_offset();
+        out.high_watermark = hw.get();
+        out.log_start = p.log.log_start_offset().get();
+        let limit = ReadLimit { max_bytes: part.partition_max_bytes.max(1), end: Some(hw) };
+        match p.log.read_verified(Offset(part.fetch_offset), limit, &mut out.records) {
+            Ok(_) => {}
+            Err(ReadError::OffsetOutOfRange(_)) => out.error = ErrorCode::OFFSET_OUT_OF_RANGE,
+            Err(ReadError::Corrupt(c)) => {
+                tracing::error!(error = %c, "corrupt batch not served");
+                out.error = ErrorCode::STORAGE_ERROR;
+            }
+            Err(ReadError::Storage(e)) => fail_stop("read", &e),
+        }
+        out
+    }
+
+    fn wait_for_data(&self, topic: &str, partition: u32, offset: u64, reply: oneshot::Sender<()>) {
+        let Some(p) = self.partition(topic, partition) else {
+            let _ = reply.send(());
+            return;
+        };
+        let mut pb = p.borrow_mut();
+        if pb.log.log_end_offset().get() > offset {
+            let _ = reply.send(());
+            return;
+        }
+        pb.data_waiters.retain(|(_, w)| !w.is_canceled());
+        pb.data_waiters.push((Offset(offset), reply));
+    }
+
+    fn list_offsets(&self, part: &ListOffsetsPartition) -> ListOffsetsPartitionResponse {
+        let mut resp = ListOffsetsPartitionResponse {
+            topic: part.topic.clone(),
+            partition: part.partition,
+            error: ErrorCode::NONE,
+            offset: 0,
+        };
+        let Some(p) = self.partition(&part.topic, part.partition) else {
+            resp.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
+            return resp;
+        };
+        let p = p.borrow();
+        resp.offset = match part.timestamp {
+            EARLIEST => p.log.log_start_offset().get(),
+            LATEST => p.log.log_end_offset().get(),
+            ts => match p.log.offset_for_timestamp(Timestamp(ts)) {
+                Ok(found) => found.unwrap_or(p.log.log_end_offset()).get(),
+                Err(e) => {
+                    tracing::error!(error = %e, "timestamp lookup failed");
+                    resp.error = ErrorCode::STORAGE_ERROR;
+                    0
+                }
+            },
+        };
+        resp
+    }
+
+    fn describe(&self, topic: &str, partition: u32) -> PartitionDescription {
+        let node = self.config.node_id;
+        let mut d = PartitionDescription {
+            partition,
+            error: ErrorCode::NONE,
+            leader: node,
+            leader_epoch: 0,
+            replicas: vec![node],
+            isr: vec![node],
+            log_start: 0,
+            high_watermark: 0,
+            log_end: 0,
+        };
+        match self.partition(topic, partition) {
+            Some(p) => {
+                let p = p.borrow();
+                d.leader_epoch = p.epoch.0;
+                d.log_start = p.log.log_start_offset().get();
+                d.log_end = p.log.log_end_offset().get();
+                d.high_watermark = d.log_end;
+            }
+            None => d.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+        }
+        d
+    }
+}
+
+/// Which shard owns a partition: a stable hash (FNV-1a) of topic and partition.
+pub(crate) fn owner(topic: &str, partition: u32, shards: usize) -> usize {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in topic.bytes().chain(partition.to_le_bytes()) {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    (h % shards as u64) as usize
+}
+
+/// Splits a partition's records into fully validated batches, sharing the frame's memory.
+fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, ErrorCode> {
+    let mut out = Vec::new();
+    if records.is_empty() {
+        return Err(ErrorCode::CORRUPT_BATCH);
+    }
+    while !records.is_empty() {
+        let header =
+            BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)]).map_err(|_| ErrorCode::CORRUPT_BATCH)?;
+        let len = header.batch_length as usize;
+        if len > records.len() {
+            return Err(ErrorCode::CORRUPT_BATCH);
+        }
+        out.push(RecordBatch::parse(records.split_to(len)).map_err(|_| ErrorCode::CORRUPT_BATCH)?);
+    }
+    Ok(out)
+}
+
+/// Appends every batch (stamping the leader epoch); returns the first offset and the new end.
+fn append_all(p: &PartitionCell, batches: Vec<RecordBatch<BytesMut>>) -> Result<(Offset, Offset), ErrorCode> {
+    let mut pb = p.borrow_mut();
+    let epoch = pb.epoch;
+    let base = pb.log.log_end_offset();
+    for mut batch in batches {
+        batch.set_leader_epoch(epoch);
+        match pb.log.append(&mut batch, now()) {
+            Ok(_) => {}
+            Err(AppendError::Storage(e)) => fail_stop("append", &e),
+            Err(AppendError::Poisoned(e)) => fail_stop("append", &e),
+            Err(AppendError::OffsetLimit(_)) => return Err(ErrorCode::TOO_LARGE),
+            Err(e) => {
+                tracing::error!(error = %e, "append rejected");
+                return Err(ErrorCode::UNKNOWN);
+            }
+        }
+    }
+    Ok((base, pb.log.log_end_offset()))
+}
+
+fn wake_data_waiters(p: &PartitionCell, end: Offset) {
+    let mut pb = p.borrow_mut();
+    let waiters = std::mem::take(&mut pb.data_waiters);
+    for (offset, w) in waiters {
+        if end > offset {
+            let _ = w.send(());
+        } else if !w.is_canceled() {
+            pb.data_waiters.push((offset, w));
+        }
+    }
+}
+
+/// Waits until `end` is durable (group commit), or the deadline.
+async fn wait_durable(p: &PartitionCell, end: Offset, deadline: Instant) -> ErrorCode {
+    let rx = {
+        let mut pb = p.borrow_mut();
+        if pb.log.durable_offset() >= end {
+            return ErrorCode::NONE;
+        }
+        let (tx, rx) = oneshot::channel();
+        pb.durable_waiters.push((end, tx));
+        rx
+    };
+    start_sync(p);
+    let wait = deadline.saturating_duration_since(Instant::now());
+    match compio::time::timeout(wait, rx).await {
+        Ok(Ok(())) => ErrorCode::NONE,
+        _ => ErrorCode::REQUEST_TIMED_OUT,
+    }
+}
+
+/// Starts the partition's sync task unless it is running.
+fn start_sync(p: &PartitionCell) {
+    {
+        let mut pb = p.borrow_mut();
+        if pb.syncing {
+            return;
+        }
+        pb.syncing = true;
+    }
+    compio::runtime::spawn(sync_task(p.clone())).detach();
+}
+
+/// Group commit: one fdatasync per round, off the shard thread, covering every append made
+/// before the round began; loops while appends wait for durability.
+async fn sync_task(p: PartitionCell) {
+    loop {
+        let job = p.borrow_mut().log.begin_sync(now());
+        let Some(job) = job else {
+            let mut pb = p.borrow_mut();
+            let durable = pb.log.durable_offset();
+            wake_durable(&mut pb, durable);
+            pb.syncing = false;
+            return;
+        };
+        let (job, result) = match compio::runtime::spawn_blocking(move || {
+            let r = job.run();
+            (job, r)
+        })
+        .await
+        {
+            Ok(done) => done,
+            Err(_) => fail_stop("sync", &"the sync thread panicked"),
+        };
+        let mut pb = p.borrow_mut();
+        match pb.log.finish_sync(job, result) {
+            Ok(durable) => wake_durable(&mut pb, durable),
+            Err(e) => fail_stop("sync", &e),
+        }
+        if pb.durable_waiters.is_empty() {
+            pb.syncing = false;
+            return;
+        }
+    }
+}
+
+fn wake_durable(pb: &mut Partition, durable: Offset) {
+    let waiters = std::mem::take(&mut pb.durable_waiters);
+    for (offset, w) in waiters {
+        if offset <= durable {
+            let _ = w.send(());
+        } else {
+            pb.durable_waiters.push((offset, w));
+        }
+    }
+}
+
+fn open_log(dir: &Path, config: skein_log::LogConfig) -> Result<Log<FileStorage>> {
+    let storage = FileStorage::new(dir).with_context(|| format!("opening {}", dir.display()))?;
+    Log::open(storage, config, now()).with_context(|| format!("recovering {}", dir.display()))
+}
+
+/// Storage failed under a log: its state is unknown, so the process stops (STYLE: fail-stop).
+pub(crate) fn fail_stop(what: &str, e: &dyn std::fmt::Display) -> ! {
+    tracing::error!(operation = what, error = %e, "storage failure; stopping the broker");
+    eprintln!("skein-broker: fatal storage failure during {what}: {e}");
+    std::process::exit(EXIT_STORAGE_FAILURE);
+}
+
+pub(crate) fn now() -> Timestamp {
+    let ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+const TICK_MS: u64 = 10;
+const RETENTION_EVERY_TICKS: u64 = 6000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owners_spread_and_are_stable() {
+        let owners: Vec<usize> = (0..64).map(|p| owner("t", p, 2)).collect();
+        assert!(owners.contains(&0) && owners.contains(&1));
+        assert_eq!(owner("orders", 7, 4), owner("orders", 7, 4));
+        assert_eq!(owner("x", 3, 1), 0);
+    }
+}

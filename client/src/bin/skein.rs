@@ -1,0 +1,472 @@
+//! `skein`: the command-line client. Errors are one line on stderr; exit 0 ok, 1 failure,
+//! 2 usage.
+
+use std::io::{BufRead, BufWriter, Write};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use skein_client::wire::TopicDescription;
+use skein_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+
+#[derive(Parser)]
+#[command(name = "skein", version, about = "Skein command-line client")]
+struct Cli {
+    /// Brokers to bootstrap from.
+    #[arg(long, global = true, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create, list, describe and delete topics.
+    Topic {
+        #[command(subcommand)]
+        command: TopicCommand,
+    },
+    /// Produce stdin lines as records (the value, or KEY SEP VALUE).
+    Produce {
+        /// Topic to write to.
+        topic: String,
+        /// Write every record to this partition.
+        #[arg(long)]
+        partition: Option<u32>,
+        /// Split each line at the first SEP into key and value.
+        #[arg(long)]
+        key_separator: Option<String>,
+        /// Durability to wait for.
+        #[arg(long, value_enum, default_value_t = AcksArg::All)]
+        acks: AcksArg,
+        /// Print `PARTITION OFFSET` per acknowledged record, in input order.
+        #[arg(long)]
+        print_offsets: bool,
+    },
+    /// Print records of a topic.
+    Consume {
+        /// Topic to read.
+        topic: String,
+        /// Read only this partition (default: all).
+        #[arg(long)]
+        partition: Option<u32>,
+        /// `beginning`, `end` or an offset.
+        #[arg(long, default_value = "beginning")]
+        from: String,
+        /// Stop after this many records.
+        #[arg(long)]
+        count: Option<u64>,
+        /// Stop after this many milliseconds without a new record.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Output format: %p partition, %o offset, %k key, %v value, %t timestamp; \t \n \\.
+        #[arg(long, default_value = "%v")]
+        format: String,
+    },
+    /// Cluster state.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TopicCommand {
+    /// Create a topic.
+    Create {
+        /// Topic name.
+        name: String,
+        /// Partitions.
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas per partition.
+        #[arg(long, default_value_t = 1)]
+        replicas: u16,
+        /// Config override KEY=VALUE (repeatable), e.g. flush.ms=always.
+        #[arg(long = "config")]
+        configs: Vec<String>,
+    },
+    /// List topics.
+    List,
+    /// Partitions with leaders and offsets.
+    Describe {
+        /// Topic name.
+        name: String,
+        /// One JSON object instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete a topic and its data.
+    Delete {
+        /// Topic name.
+        name: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Nodes, controller, partitions and leaders.
+    Status {
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AcksArg {
+    All,
+    Leader,
+    None,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let runtime = match compio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("skein: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(run(cli)) {
+        eprintln!("skein: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let config =
+        ClientConfig { brokers: cli.brokers.clone(), client_id: "skein-cli".into(), ..ClientConfig::default() };
+    let client = Client::with_config(config).await.with_context(|| format!("connecting to {}", cli.brokers))?;
+    match cli.command {
+        Command::Topic { command } => topic(&client, command).await,
+        Command::Produce { topic, partition, key_separator, acks, print_offsets } => {
+            produce(client, &topic, partition, key_separator.as_deref(), acks, print_offsets).await
+        }
+        Command::Consume { topic, partition, from, count, timeout_ms, format } => {
+            consume(client, &topic, partition, &from, count, timeout_ms, &format).await
+        }
+        Command::Cluster { command: ClusterCommand::Status { json } } => cluster_status(&client, json).await,
+    }
+}
+
+async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
+    match command {
+        TopicCommand::Create { name, partitions, replicas, configs } => {
+            let configs = configs
+                .iter()
+                .map(|c| {
+                    c.split_once('=')
+                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                        .context(format!("config '{c}' is not KEY=VALUE"))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            client.create_topic(&name, partitions, replicas, &configs).await?;
+            println!("created topic {name} with {partitions} partitions");
+        }
+        TopicCommand::List => {
+            for name in client.list_topics().await? {
+                println!("{name}");
+            }
+        }
+        TopicCommand::Describe { name, json } => {
+            let t = client.describe_topic(&name).await?;
+            if json {
+                println!("{}", describe_json(&t));
+            } else {
+                print_describe(&t);
+            }
+        }
+        TopicCommand::Delete { name } => {
+            client.delete_topic(&name).await?;
+            println!("deleted topic {name}");
+        }
+    }
+    Ok(())
+}
+
+fn describe_json(t: &TopicDescription) -> serde_json::Value {
+    let partitions: Vec<serde_json::Value> = t
+        .partitions
+        .iter()
+        .map(|p| {
+            serde_json::json!({"partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
+                "replicas": p.replicas, "isr": p.isr, "log_start": p.log_start, "high_watermark": p.high_watermark,
+                "log_end": p.log_end})
+        })
+        .collect();
+    serde_json::json!({"topic": t.name, "partitions": partitions})
+}
+
+fn print_describe(t: &TopicDescription) {
+    println!("topic {}", t.name);
+    for c in &t.configs {
+        println!("  config {}={}", c.key, c.value);
+    }
+    println!(
+        "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12}",
+        "partition", "leader", "epoch", "replicas", "isr", "log_start", "high_watermark", "log_end"
+    );
+    for p in &t.partitions {
+        let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        println!(
+            "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12}",
+            p.partition,
+            p.leader,
+            p.leader_epoch,
+            list(&p.replicas),
+            list(&p.isr),
+            p.log_start,
+            p.high_watermark,
+            p.log_end
+        );
+    }
+}
+
+async fn produce(
+    client: Client,
+    topic: &str,
+    partition: Option<u32>,
+    sep: Option<&str>,
+    acks: AcksArg,
+    print: bool,
+) -> Result<()> {
+    let acks = match acks {
+        AcksArg::All => Acks::All,
+        AcksArg::Leader => Acks::Leader,
+        AcksArg::None => Acks::None,
+    };
+    let producer =
+        Producer::new(client, ProducerConfig { acks, linger: Duration::from_millis(2), ..ProducerConfig::default() });
+    let stdin = std::io::stdin();
+    let mut lines = stdin.lock();
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut pending = std::collections::VecDeque::new();
+    let mut failed: Vec<(u64, String)> = Vec::new();
+    let mut line = Vec::new();
+    let mut n: u64 = 0;
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        n += 1;
+        let (key, value) = match sep.and_then(|s| split_key(&line, s.as_bytes())) {
+            Some((k, v)) => (Some(k), v),
+            None => (None, &line[..]),
+        };
+        pending.push_back((n, producer.send_to(topic, partition, key, value).await?));
+        while pending.len() > PENDING_MAX {
+            let (i, d) = pending.pop_front().expect("non-empty");
+            report(d.await, i, print, &mut out, &mut failed)?;
+        }
+    }
+    producer.flush().await;
+    for (i, d) in pending {
+        report(d.await, i, print, &mut out, &mut failed)?;
+    }
+    out.flush()?;
+    if !failed.is_empty() {
+        let shown: Vec<String> = failed.iter().take(10).map(|(i, e)| format!("line {i}: {e}")).collect();
+        bail!(
+            "{} of {n} records failed ({}{})",
+            failed.len(),
+            shown.join("; "),
+            if failed.len() > 10 { "; ..." } else { "" }
+        );
+    }
+    Ok(())
+}
+
+fn split_key<'a>(line: &'a [u8], sep: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
+    if sep.is_empty() {
+        return None;
+    }
+    let at = line.windows(sep.len()).position(|w| w == sep)?;
+    Some((&line[..at], &line[at + sep.len()..]))
+}
+
+fn report(
+    r: Result<(u32, u64), skein_client::ClientError>,
+    line: u64,
+    print: bool,
+    out: &mut impl Write,
+    failed: &mut Vec<(u64, String)>,
+) -> Result<()> {
+    match r {
+        Ok((p, o)) if print => writeln!(out, "{p} {}", if o == u64::MAX { "-1".to_owned() } else { o.to_string() })?,
+        Ok(_) => {}
+        Err(e) => failed.push((line, e.to_string())),
+    }
+    Ok(())
+}
+
+async fn consume(
+    client: Client,
+    topic: &str,
+    partition: Option<u32>,
+    from: &str,
+    count: Option<u64>,
+    timeout_ms: Option<u64>,
+    format: &str,
+) -> Result<()> {
+    let position = match from {
+        "beginning" => Position::Beginning,
+        "end" => Position::End,
+        o => Position::Offset(o.parse().with_context(|| format!("--from '{o}' is not beginning, end or an offset"))?),
+    };
+    let partitions: Vec<u32> = match partition {
+        Some(p) => vec![p],
+        None => (0..client.partition_count(topic).await?).collect(),
+    };
+    let max_wait = Duration::from_millis(timeout_ms.unwrap_or(500).clamp(1, 500));
+    let mut consumer = Consumer::new(client, ConsumerConfig { max_wait, ..ConsumerConfig::default() });
+    consumer.assign(topic, &partitions, position).await?;
+    let format = Format::parse(format);
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut seen = 0u64;
+    let mut last = Instant::now();
+    while count.is_none_or(|c| seen < c) {
+        let records = consumer.poll().await?;
+        if records.is_empty() {
+            if timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)) {
+                break;
+            }
+            continue;
+        }
+        last = Instant::now();
+        for r in records {
+            if count.is_some_and(|c| seen >= c) {
+                break;
+            }
+            format.write(&mut out, &r)?;
+            seen += 1;
+        }
+        out.flush()?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+/// A parsed `--format`.
+struct Format(Vec<Piece>);
+
+enum Piece {
+    Text(Vec<u8>),
+    Partition,
+    Offset,
+    Key,
+    Value,
+    Timestamp,
+}
+
+impl Format {
+    fn parse(s: &str) -> Format {
+        let mut pieces = Vec::new();
+        let mut text = Vec::new();
+        let mut chars = s.chars();
+        while let Some(c) = chars.next() {
+            let piece = match (c, c == '%' || c == '\\') {
+                (_, false) => None,
+                ('%', true) => match chars.next() {
+                    Some('p') => Some(Piece::Partition),
+                    Some('o') => Some(Piece::Offset),
+                    Some('k') => Some(Piece::Key),
+                    Some('v') => Some(Piece::Value),
+                    Some('t') => Some(Piece::Timestamp),
+                    Some(other) => {
+                        text.push(b'%');
+                        text.extend(other.to_string().bytes());
+                        continue;
+                    }
+                    None => {
+                        text.push(b'%');
+                        continue;
+                    }
+                },
+                _ => {
+                    match chars.next() {
+                        Some('t') => text.push(b'\t'),
+                        Some('n') => text.push(b'\n'),
+                        Some('r') => text.push(b'\r'),
+                        Some('0') => text.push(0),
+                        Some('\\') => text.push(b'\\'),
+                        Some(other) => {
+                            text.push(b'\\');
+                            text.extend(other.to_string().bytes());
+                        }
+                        None => text.push(b'\\'),
+                    }
+                    continue;
+                }
+            };
+            match piece {
+                Some(p) => {
+                    if !text.is_empty() {
+                        pieces.push(Piece::Text(std::mem::take(&mut text)));
+                    }
+                    pieces.push(p);
+                }
+                None => text.extend(c.to_string().bytes()),
+            }
+        }
+        if !text.is_empty() {
+            pieces.push(Piece::Text(text));
+        }
+        Format(pieces)
+    }
+
+    fn write(&self, out: &mut impl Write, r: &skein_client::ConsumerRecord) -> std::io::Result<()> {
+        for p in &self.0 {
+            match p {
+                Piece::Text(t) => out.write_all(t)?,
+                Piece::Partition => write!(out, "{}", r.partition)?,
+                Piece::Offset => write!(out, "{}", r.offset)?,
+                Piece::Key => out.write_all(r.key.as_deref().unwrap_or_default())?,
+                Piece::Value => out.write_all(&r.value)?,
+                Piece::Timestamp => write!(out, "{}", r.timestamp)?,
+            }
+        }
+        out.write_all(b"\n")
+    }
+}
+
+async fn cluster_status(client: &Client, json: bool) -> Result<()> {
+    let md = client.metadata(None).await?;
+    if json {
+        let nodes: Vec<_> = md
+            .brokers
+            .iter()
+            .map(|b| serde_json::json!({"node_id": b.node_id, "host": b.host, "port": b.port}))
+            .collect();
+        let partitions: Vec<_> = md
+            .topics
+            .iter()
+            .flat_map(|t| t.partitions.iter().map(move |p| serde_json::json!({"topic": t.name, "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch})))
+            .collect();
+        println!("{}", serde_json::json!({"nodes": nodes, "controller": md.controller, "partitions": partitions}));
+        return Ok(());
+    }
+    for b in &md.brokers {
+        println!(
+            "node {} at {}:{}{}",
+            b.node_id,
+            b.host,
+            b.port,
+            if b.node_id == md.controller { " (controller)" } else { "" }
+        );
+    }
+    for t in &md.topics {
+        for p in &t.partitions {
+            println!("{}/{} leader {} epoch {}", t.name, p.partition, p.leader, p.leader_epoch);
+        }
+    }
+    Ok(())
+}
+
+/// Records awaiting acknowledgement before the CLI waits for the oldest.
+const PENDING_MAX: usize = 100_000;

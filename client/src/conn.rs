@@ -1,0 +1,173 @@
+//! One connection to a broker: pipelined requests, responses matched in order.
+//!
+//! A writer task sends frames in the order requests were made and records, for each, who
+//! waits for the answer; a reader task hands each response frame to the oldest waiter and
+//! checks its correlation id. A broken connection fails every waiting request with
+//! `ConnectionLost`; callers reconnect.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use compio::net::TcpStream;
+use futures_channel::oneshot;
+
+use crate::wire::io::{read_frame, write_frames};
+use crate::wire::{decode_response, request_frame, ApiKey, ErrorCode, RequestHeader, Wire, FRAME_BYTES_MAX_DEFAULT};
+use crate::ClientError;
+
+type Waiter = (u32, oneshot::Sender<Result<BytesMut, ClientError>>);
+
+struct Outgoing {
+    frame: Vec<u8>,
+    waiter: Option<Waiter>,
+}
+
+/// A connection to one broker.
+pub struct Connection {
+    outgoing: flume::Sender<Outgoing>,
+    next_id: Cell<u32>,
+    client_id: String,
+    broken: Rc<Cell<bool>>,
+    request_timeout: Duration,
+}
+
+impl Connection {
+    /// Connects (with TCP_NODELAY) and starts the reader and writer tasks.
+    pub async fn connect(addr: &str, client_id: &str, request_timeout: Duration) -> Result<Connection, ClientError> {
+        let stream = compio::time::timeout(request_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout(format!("connecting to {addr}")))?
+            .map_err(|e| ClientError::Io(format!("connecting to {addr}: {e}")))?;
+        stream.set_nodelay(true).map_err(|e| ClientError::Io(e.to_string()))?;
+        let (mut reader, mut writer) = stream.into_split();
+        let (tx, rx) = flume::bounded::<Outgoing>(1024);
+        let pending: Rc<RefCell<VecDeque<Waiter>>> = Rc::default();
+        let broken = Rc::new(Cell::new(false));
+        {
+            let (pending, broken) = (pending.clone(), broken.clone());
+            compio::runtime::spawn(async move {
+                while let Ok(first) = rx.recv_async().await {
+                    // Batch whatever else is queued into one vectored write.
+                    let mut frames = Vec::new();
+                    for out in std::iter::once(first).chain(rx.try_iter().take(255)) {
+                        if let Some(w) = out.waiter {
+                            pending.borrow_mut().push_back(w);
+                        }
+                        frames.push(out.frame);
+                    }
+                    if write_frames(&mut writer, frames).await.is_err() {
+                        break;
+                    }
+                }
+                broken.set(true);
+                fail_all(&pending, "write failed");
+            })
+            .detach();
+        }
+        {
+            let (pending, broken) = (pending.clone(), broken.clone());
+            compio::runtime::spawn(async move {
+                loop {
+                    let body = match read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT).await {
+                        Ok(b) => b,
+                        Err(_) => break,
+                    };
+                    let Some((id, waiter)) = pending.borrow_mut().pop_front() else {
+                        break; // a response nobody asked for: the stream is out of step
+                    };
+                    let got = body.get(..4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                    if got != Some(id) {
+                        let _ = waiter.send(Err(ClientError::Protocol(format!("response for {got:?}, expected {id}"))));
+                        break;
+                    }
+                    let _ = waiter.send(Ok(body));
+                }
+                broken.set(true);
+                fail_all(&pending, "connection closed");
+            })
+            .detach();
+        }
+        Ok(Connection { outgoing: tx, next_id: Cell::new(1), client_id: client_id.to_owned(), broken, request_timeout })
+    }
+
+    /// Whether the connection failed (reconnect to go on).
+    pub fn is_broken(&self) -> bool {
+        self.broken.get()
+    }
+
+    /// Sends a request and waits for its response (bounded by the request timeout).
+    pub async fn call<Req: Wire, Resp: Wire>(&self, key: ApiKey, req: &Req) -> Result<Resp, ClientError> {
+        let rx = self.send(key, req).await?;
+        self.wait(key, rx).await
+    }
+
+    /// Sends a request; the returned receiver resolves to its response body. Requests sent
+    /// one after another are pipelined on the connection.
+    pub async fn send<Req: Wire>(
+        &self,
+        key: ApiKey,
+        req: &Req,
+    ) -> Result<oneshot::Receiver<Result<BytesMut, ClientError>>, ClientError> {
+        let (tx, rx) = oneshot::channel();
+        let frame = self.frame(key, req);
+        self.enqueue(Outgoing { frame: frame.1, waiter: Some((frame.0, tx)) }).await?;
+        Ok(rx)
+    }
+
+    /// Sends a request that gets no response (produce with acks=0).
+    pub async fn send_no_reply<Req: Wire>(&self, key: ApiKey, req: &Req) -> Result<(), ClientError> {
+        let frame = self.frame(key, req).1;
+        self.enqueue(Outgoing { frame, waiter: None }).await
+    }
+
+    /// Waits for a response from [`Connection::send`] and decodes it.
+    pub async fn wait<Resp: Wire>(
+        &self,
+        key: ApiKey,
+        rx: oneshot::Receiver<Result<BytesMut, ClientError>>,
+    ) -> Result<Resp, ClientError> {
+        let body = match compio::time::timeout(self.request_timeout, rx).await {
+            Err(_) => return Err(ClientError::Timeout(format!("{key:?} request"))),
+            Ok(Err(_)) => return Err(ClientError::ConnectionLost),
+            Ok(Ok(body)) => body?,
+        };
+        match decode_response::<Resp>(body) {
+            Ok((_, Ok(resp))) => Ok(resp),
+            Ok((_, Err(code))) => Err(ClientError::Broker(code, format!("{key:?} request"))),
+            Err(e) => Err(ClientError::Protocol(e.to_string())),
+        }
+    }
+
+    fn frame<Req: Wire>(&self, key: ApiKey, req: &Req) -> (u32, Vec<u8>) {
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1));
+        let header =
+            RequestHeader { api_key: key, api_version: 0, correlation_id: id, client_id: self.client_id.clone() };
+        (id, request_frame(&header, req))
+    }
+
+    async fn enqueue(&self, out: Outgoing) -> Result<(), ClientError> {
+        if self.broken.get() {
+            return Err(ClientError::ConnectionLost);
+        }
+        self.outgoing.send_async(out).await.map_err(|_| ClientError::ConnectionLost)
+    }
+}
+
+fn fail_all(pending: &RefCell<VecDeque<Waiter>>, _why: &str) {
+    for (_, w) in pending.borrow_mut().drain(..) {
+        let _ = w.send(Err(ClientError::ConnectionLost));
+    }
+}
+
+/// The error code a broker put in a response, as a client error.
+pub fn broker_error(code: ErrorCode, what: impl Into<String>) -> Result<(), ClientError> {
+    if code == ErrorCode::NONE {
+        Ok(())
+    } else {
+        Err(ClientError::Broker(code, what.into()))
+    }
+}

@@ -1,0 +1,432 @@
+//! The producer: per-partition batching, key-hash and sticky partitioning, bounded in-flight
+//! requests, retries that never reorder a partition, and one future per record.
+//!
+//! `send` puts the record into its partition's open batch and returns a [`Delivery`]. A batch
+//! is sealed when it reaches `batch_bytes_max` or has waited `linger`. A background task sends
+//! sealed batches, several partitions per request, at most `max_in_flight` requests at once and
+//! at most one per partition: a partition's batches are retried (after a metadata refresh or
+//! reconnect) before any later batch of it is sent, so order per partition holds. Each batch's
+//! response resolves its records' futures with `(partition, offset)`.
+//!
+//! Not yet: idempotence (producer ids and sequences arrive with replication), so a retry after
+//! a lost response can duplicate a batch.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_channel::oneshot;
+use futures_util::future::{select, Either};
+use skein_log::batch::BatchBuilder;
+use skein_log::types::Timestamp;
+
+use crate::wire::{ApiKey, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse};
+use crate::{Client, ClientError};
+
+/// How much durability a produce waits for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acks {
+    /// On disk (fdatasync) on every in-sync replica.
+    All,
+    /// Written to the leader's log (synced by its flush policy).
+    Leader,
+    /// No response; offsets are unknown (`u64::MAX`).
+    None,
+}
+
+impl Acks {
+    fn wire(self) -> i8 {
+        match self {
+            Acks::All => -1,
+            Acks::Leader => 1,
+            Acks::None => 0,
+        }
+    }
+}
+
+/// Producer settings.
+#[derive(Clone, Debug)]
+pub struct ProducerConfig {
+    /// Durability to wait for.
+    pub acks: Acks,
+    /// Seal a batch at this size.
+    pub batch_bytes_max: usize,
+    /// Seal a batch after it waited this long.
+    pub linger: Duration,
+    /// Produce requests in flight at once.
+    pub max_in_flight: usize,
+    /// Attempts after the first for a retriable failure.
+    pub retries: u32,
+    /// Pause before a retry.
+    pub retry_backoff: Duration,
+    /// `send` waits while this many bytes are buffered.
+    pub buffer_bytes_max: usize,
+    /// The broker's timeout for acks=all.
+    pub request_timeout_ms: u32,
+}
+
+impl Default for ProducerConfig {
+    fn default() -> Self {
+        ProducerConfig {
+            acks: Acks::All,
+            batch_bytes_max: 64 * 1024,
+            linger: Duration::from_millis(5),
+            max_in_flight: 5,
+            retries: 10,
+            retry_backoff: Duration::from_millis(100),
+            buffer_bytes_max: 64 << 20,
+            request_timeout_ms: 30_000,
+        }
+    }
+}
+
+type Reply = oneshot::Sender<Result<(u32, u64), ClientError>>;
+
+/// Resolves to the record's `(partition, offset)` once acknowledged.
+pub struct Delivery {
+    rx: oneshot::Receiver<Result<(u32, u64), ClientError>>,
+}
+
+impl Future for Delivery {
+    type Output = Result<(u32, u64), ClientError>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx).poll(cx).map(|r| r.unwrap_or(Err(ClientError::ConnectionLost)))
+    }
+}
+
+/// A producer; clones share batches and the connection.
+#[derive(Clone)]
+pub struct Producer {
+    inner: Rc<Inner>,
+}
+
+struct Inner {
+    client: Client,
+    config: ProducerConfig,
+    state: RefCell<State>,
+    wake: flume::Sender<()>,
+}
+
+type Key = (String, u32);
+
+#[derive(Default)]
+struct State {
+    partition_counts: HashMap<String, u32>,
+    sticky: HashMap<String, u32>,
+    open: HashMap<Key, Open>,
+    ready: HashMap<Key, VecDeque<Sealed>>,
+    busy: HashSet<Key>,
+    requests_in_flight: usize,
+    buffered_bytes: usize,
+    unresolved: usize,
+}
+
+struct Open {
+    builder: BatchBuilder,
+    bytes: usize,
+    replies: Vec<Reply>,
+    since: Instant,
+}
+
+struct Sealed {
+    bytes: Vec<u8>,
+    replies: Vec<Reply>,
+    attempts: u32,
+    /// What these records added to `buffered_bytes`.
+    accounted: usize,
+}
+
+impl Producer {
+    /// A producer on `client`'s connection; starts its sender task.
+    pub fn new(client: Client, config: ProducerConfig) -> Producer {
+        let (wake, woken) = flume::bounded(1);
+        let inner = Rc::new(Inner { client, config, state: RefCell::new(State::default()), wake });
+        compio::runtime::spawn(sender_loop(Rc::downgrade(&inner), woken)).detach();
+        Producer { inner }
+    }
+
+    /// Queues a record; the returned future resolves when it is acknowledged. Records with a
+    /// key go to `hash(key) % partitions`; others stick to one partition per batch.
+    pub async fn send(&self, topic: &str, key: Option<&[u8]>, value: &[u8]) -> Result<Delivery, ClientError> {
+        self.send_to(topic, None, key, value).await
+    }
+
+    /// Like [`Producer::send`], to an explicit partition when `partition` is `Some`.
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+    ) -> Result<Delivery, ClientError> {
+        let count = self.partition_count(topic).await?;
+        let partition = match (partition, key) {
+            (Some(p), _) if p < count => p,
+            (Some(p), _) => return Err(ClientError::Invalid(format!("{topic} has {count} partitions, not {p}"))),
+            (None, Some(k)) => key_partition(k, count),
+            (None, None) => *self.inner.state.borrow_mut().sticky.entry(topic.to_owned()).or_insert(0) % count,
+        };
+        while self.inner.state.borrow().buffered_bytes > self.inner.config.buffer_bytes_max {
+            let _ = self.inner.wake.try_send(());
+            compio::time::sleep(Duration::from_micros(200)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let size = value.len() + key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES;
+        let full = {
+            let mut st = self.inner.state.borrow_mut();
+            st.buffered_bytes += size;
+            st.unresolved += 1;
+            let open = st.open.entry((topic.to_owned(), partition)).or_insert_with(|| Open {
+                builder: BatchBuilder::new(),
+                bytes: 0,
+                replies: Vec::new(),
+                since: Instant::now(),
+            });
+            open.builder.push(key, value, &[], now());
+            open.bytes += size;
+            open.replies.push(tx);
+            open.bytes >= self.inner.config.batch_bytes_max
+        };
+        if full {
+            seal(&mut self.inner.state.borrow_mut(), &(topic.to_owned(), partition));
+            let _ = self.inner.wake.try_send(());
+        }
+        Ok(Delivery { rx })
+    }
+
+    /// Sends everything buffered and waits until every record so far is resolved.
+    pub async fn flush(&self) {
+        {
+            let mut st = self.inner.state.borrow_mut();
+            let keys: Vec<Key> = st.open.keys().cloned().collect();
+            for k in keys {
+                seal(&mut st, &k);
+            }
+        }
+        while self.inner.state.borrow().unresolved > 0 {
+            let _ = self.inner.wake.try_send(());
+            compio::time::sleep(Duration::from_micros(500)).await;
+        }
+    }
+
+    async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
+        if let Some(&n) = self.inner.state.borrow().partition_counts.get(topic) {
+            return Ok(n);
+        }
+        let n = self.inner.client.partition_count(topic).await?;
+        if n == 0 {
+            return Err(ClientError::Invalid(format!("topic {topic} has no partitions")));
+        }
+        self.inner.state.borrow_mut().partition_counts.insert(topic.to_owned(), n);
+        Ok(n)
+    }
+}
+
+/// The partition of a key: FNV-1a (32-bit) of its bytes, modulo the partition count.
+pub fn key_partition(key: &[u8], partitions: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for &b in key {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
+/// Moves a partition's open batch to its ready queue; keyless records move to the next
+/// partition (sticky partitioning).
+fn seal(st: &mut State, key: &Key) {
+    let Some(open) = st.open.remove(key) else {
+        return;
+    };
+    let batch = open.builder.build();
+    if let (Some(sticky), Some(&n)) = (st.sticky.get_mut(&key.0), st.partition_counts.get(&key.0)) {
+        if *sticky == key.1 {
+            *sticky = (key.1 + 1) % n.max(1);
+        }
+    }
+    let sealed = Sealed { bytes: batch.into_bytes(), replies: open.replies, attempts: 0, accounted: open.bytes };
+    st.ready.entry(key.clone()).or_default().push_back(sealed);
+}
+
+/// The background task: seals lingering batches and sends ready ones.
+async fn sender_loop(inner: std::rc::Weak<Inner>, woken: flume::Receiver<()>) {
+    loop {
+        let Some(p) = inner.upgrade() else {
+            return;
+        };
+        let next_deadline = seal_lingering(&p);
+        dispatch(&p);
+        let linger = p.config.linger;
+        drop(p);
+        let wait = next_deadline.map_or(linger, |d| d.saturating_duration_since(Instant::now()));
+        let woke = woken.recv_async();
+        let nap = compio::time::sleep(wait.max(Duration::from_micros(100)));
+        if let Either::Left((Err(_), _)) = select(Box::pin(woke), Box::pin(nap)).await {
+            return; // every producer handle is gone
+        }
+    }
+}
+
+/// Seals batches older than `linger`; returns when the next one will be due.
+fn seal_lingering(p: &Inner) -> Option<Instant> {
+    let mut st = p.state.borrow_mut();
+    let now = Instant::now();
+    let due: Vec<Key> =
+        st.open.iter().filter(|(_, o)| now >= o.since + p.config.linger).map(|(k, _)| k.clone()).collect();
+    for k in due {
+        seal(&mut st, &k);
+    }
+    st.open.values().map(|o| o.since + p.config.linger).min()
+}
+
+/// Sends requests while there is room: each takes the ready batches of partitions not busy.
+fn dispatch(p: &Rc<Inner>) {
+    loop {
+        let mut st = p.state.borrow_mut();
+        if st.requests_in_flight >= p.config.max_in_flight {
+            return;
+        }
+        let keys: Vec<Key> =
+            st.ready.iter().filter(|(k, q)| !q.is_empty() && !st.busy.contains(*k)).map(|(k, _)| k.clone()).collect();
+        if keys.is_empty() {
+            return;
+        }
+        let mut parts = Vec::new();
+        let mut request_bytes = 0usize;
+        for k in keys {
+            if request_bytes >= REQUEST_BYTES_MAX {
+                break;
+            }
+            let q = st.ready.get_mut(&k).expect("key listed from the map");
+            let mut batches = Vec::new();
+            while let Some(b) = q.pop_front() {
+                request_bytes += b.bytes.len();
+                batches.push(b);
+                if request_bytes >= REQUEST_BYTES_MAX {
+                    break;
+                }
+            }
+            st.busy.insert(k.clone());
+            parts.push((k, batches));
+        }
+        st.requests_in_flight += 1;
+        drop(st);
+        compio::runtime::spawn(send_request(p.clone(), parts)).detach();
+    }
+}
+
+async fn send_request(p: Rc<Inner>, parts: Vec<(Key, Vec<Sealed>)>) {
+    let req = ProduceRequest {
+        acks: p.config.acks.wire(),
+        timeout_ms: p.config.request_timeout_ms,
+        partitions: parts
+            .iter()
+            .map(|((topic, partition), batches)| {
+                let mut records = BytesMut::with_capacity(batches.iter().map(|b| b.bytes.len()).sum());
+                for b in batches {
+                    records.extend_from_slice(&b.bytes);
+                }
+                ProducePartition { topic: topic.clone(), partition: *partition, records }
+            })
+            .collect(),
+    };
+    let outcome: Result<Option<ProduceResponse>, ClientError> = async {
+        let conn = p.client.connection().await?;
+        if p.config.acks == Acks::None {
+            conn.send_no_reply(ApiKey::Produce, &req).await?;
+            return Ok(None);
+        }
+        Ok(Some(conn.call(ApiKey::Produce, &req).await?))
+    }
+    .await;
+    let mut retry = Vec::new();
+    for (i, (key, batches)) in parts.into_iter().enumerate() {
+        let result = match &outcome {
+            Ok(None) => Ok(u64::MAX),
+            Ok(Some(resp)) => match resp.partitions.get(i) {
+                Some(r) if r.error == ErrorCode::NONE => Ok(r.base_offset),
+                Some(r) => Err(ClientError::Broker(r.error, format!("produce to {}/{}", key.0, key.1))),
+                None => Err(ClientError::Protocol("produce response shorter than the request".into())),
+            },
+            Err(e) => Err(e.clone()),
+        };
+        match result {
+            Ok(base) => resolve(&p, &key, batches, base),
+            Err(e) if e.is_retriable() && batches.iter().all(|b| b.attempts < p.config.retries) => {
+                retry.push((key, batches, e))
+            }
+            Err(e) => fail(&p, &key, batches, &e),
+        }
+    }
+    if !retry.is_empty() {
+        compio::time::sleep(p.config.retry_backoff).await;
+        let mut st = p.state.borrow_mut();
+        for (key, batches, e) in retry {
+            tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
+            if matches!(e, ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) {
+                st.partition_counts.remove(&key.0);
+            }
+            let q = st.ready.entry(key.clone()).or_default();
+            for mut b in batches.into_iter().rev() {
+                b.attempts += 1;
+                q.push_front(b);
+            }
+            st.busy.remove(&key);
+        }
+    }
+    p.state.borrow_mut().requests_in_flight -= 1;
+    let _ = p.wake.try_send(());
+}
+
+fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64) {
+    let mut st = p.state.borrow_mut();
+    let mut offset = base;
+    for b in batches {
+        st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
+        st.unresolved -= b.replies.len();
+        for reply in b.replies {
+            let _ = reply.send(Ok((key.1, offset)));
+            // acks=none answers u64::MAX ("unknown") for every record.
+            offset = offset.saturating_add(1);
+        }
+    }
+    st.busy.remove(key);
+}
+
+fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
+    let mut st = p.state.borrow_mut();
+    for b in batches {
+        st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
+        st.unresolved -= b.replies.len();
+        for reply in b.replies {
+            let _ = reply.send(Err(e.clone()));
+        }
+    }
+    st.busy.remove(key);
+}
+
+fn now() -> Timestamp {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
+/// Archive overhead per record, for batch size accounting.
+const RECORD_OVERHEAD_BYTES: usize = 40;
+const REQUEST_BYTES_MAX: usize = 4 << 20;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn key_partitioning_is_stable_and_spread() {
+        assert_eq!(key_partition(b"user-1", 8), key_partition(b"user-1", 8));
+        let used: HashSet<u32> = (0..100).map(|i| key_partition(format!("k{i}").as_bytes(), 8)).collect();
+        assert_eq!(used.len(), 8);
+        assert_eq!(key_partition(b"x", 1), 0);
+    }
+}

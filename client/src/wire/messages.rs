@@ -1,0 +1,210 @@
+//! The request and response messages. Each encodes as its fields in order (see
+//! `client/PROTOCOL.md`). Partition-level lists are flat: every entry names its topic.
+
+use bytes::BytesMut;
+
+use super::ErrorCode;
+use crate::wire_struct;
+
+wire_struct! {
+    /// ApiVersions request: no fields.
+    pub struct ApiVersionsRequest {}
+}
+
+wire_struct! {
+    /// One supported API and its version range.
+    pub struct ApiVersion { pub api_key: u16, pub min_version: u16, pub max_version: u16 }
+}
+
+wire_struct! {
+    /// ApiVersions response.
+    pub struct ApiVersionsResponse { pub apis: Vec<ApiVersion> }
+}
+
+wire_struct! {
+    /// Metadata request: `None` asks for every topic.
+    pub struct MetadataRequest { pub topics: Option<Vec<String>> }
+}
+
+wire_struct! {
+    /// A broker of the cluster.
+    pub struct BrokerInfo { pub node_id: u32, pub host: String, pub port: u16 }
+}
+
+wire_struct! {
+    /// Leadership of one partition.
+    pub struct PartitionMetadata {
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub leader: u32,
+        pub leader_epoch: u32,
+        pub replicas: Vec<u32>,
+        pub isr: Vec<u32>,
+    }
+}
+
+wire_struct! {
+    /// One topic's metadata.
+    pub struct TopicMetadata { pub name: String, pub error: ErrorCode, pub partitions: Vec<PartitionMetadata> }
+}
+
+wire_struct! {
+    /// Metadata response.
+    pub struct MetadataResponse { pub brokers: Vec<BrokerInfo>, pub controller: u32, pub topics: Vec<TopicMetadata> }
+}
+
+wire_struct! {
+    /// A topic to create.
+    pub struct NewTopic { pub name: String, pub partitions: u32, pub replicas: u16, pub configs: Vec<TopicConfig> }
+}
+
+wire_struct! {
+    /// A topic config entry.
+    pub struct TopicConfig { pub key: String, pub value: String }
+}
+
+wire_struct! {
+    /// CreateTopics request.
+    pub struct CreateTopicsRequest { pub topics: Vec<NewTopic> }
+}
+
+wire_struct! {
+    /// The outcome for one topic.
+    pub struct TopicResult { pub name: String, pub error: ErrorCode, pub message: String }
+}
+
+wire_struct! {
+    /// CreateTopics response.
+    pub struct CreateTopicsResponse { pub results: Vec<TopicResult> }
+}
+
+wire_struct! {
+    /// DeleteTopics request.
+    pub struct DeleteTopicsRequest { pub names: Vec<String> }
+}
+
+wire_struct! {
+    /// DeleteTopics response.
+    pub struct DeleteTopicsResponse { pub results: Vec<TopicResult> }
+}
+
+wire_struct! {
+    /// DescribeTopics request: empty asks for every topic.
+    pub struct DescribeTopicsRequest { pub names: Vec<String> }
+}
+
+wire_struct! {
+    /// One partition's leadership and offsets.
+    pub struct PartitionDescription {
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub leader: u32,
+        pub leader_epoch: u32,
+        pub replicas: Vec<u32>,
+        pub isr: Vec<u32>,
+        pub log_start: u64,
+        pub high_watermark: u64,
+        pub log_end: u64,
+    }
+}
+
+wire_struct! {
+    /// One topic's description.
+    pub struct TopicDescription {
+        pub name: String,
+        pub error: ErrorCode,
+        pub configs: Vec<TopicConfig>,
+        pub partitions: Vec<PartitionDescription>,
+    }
+}
+
+wire_struct! {
+    /// DescribeTopics response.
+    pub struct DescribeTopicsResponse { pub topics: Vec<TopicDescription> }
+}
+
+wire_struct! {
+    /// Record batches for one partition (one or more batches back to back).
+    pub struct ProducePartition { pub topic: String, pub partition: u32, pub records: BytesMut }
+}
+
+wire_struct! {
+    /// Produce request. `acks`: -1 all, 1 leader, 0 none (no response is sent).
+    pub struct ProduceRequest { pub acks: i8, pub timeout_ms: u32, pub partitions: Vec<ProducePartition> }
+}
+
+wire_struct! {
+    /// The outcome for one partition: the first offset assigned.
+    pub struct ProducePartitionResponse {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub base_offset: u64,
+        pub leader_epoch: u32,
+        pub log_start: u64,
+    }
+}
+
+wire_struct! {
+    /// Produce response, entries in request order.
+    pub struct ProduceResponse { pub partitions: Vec<ProducePartitionResponse> }
+}
+
+wire_struct! {
+    /// Where to read one partition.
+    pub struct FetchPartition { pub topic: String, pub partition: u32, pub fetch_offset: u64, pub partition_max_bytes: u32 }
+}
+
+wire_struct! {
+    /// Fetch request: waits up to `max_wait_ms` for `min_bytes`; `isolation` is reserved (0).
+    pub struct FetchRequest {
+        pub max_wait_ms: u32,
+        pub min_bytes: u32,
+        pub max_bytes: u32,
+        pub isolation: u8,
+        pub partitions: Vec<FetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// Whole batches of one partition, as stored.
+    pub struct FetchPartitionResponse {
+        pub topic: String,
+        pub partition: u32,
+        pub error: ErrorCode,
+        pub high_watermark: u64,
+        pub log_start: u64,
+        pub records: BytesMut,
+    }
+}
+
+wire_struct! {
+    /// Fetch response, entries in request order.
+    pub struct FetchResponse { pub partitions: Vec<FetchPartitionResponse> }
+}
+
+wire_struct! {
+    /// Which offset to look up: `timestamp` -2 earliest, -1 latest, else the first offset
+    /// with a timestamp at or after it.
+    pub struct ListOffsetsPartition { pub topic: String, pub partition: u32, pub timestamp: i64 }
+}
+
+wire_struct! {
+    /// ListOffsets request.
+    pub struct ListOffsetsRequest { pub partitions: Vec<ListOffsetsPartition> }
+}
+
+wire_struct! {
+    /// The offset found (the log end if no record is that recent).
+    pub struct ListOffsetsPartitionResponse { pub topic: String, pub partition: u32, pub error: ErrorCode, pub offset: u64 }
+}
+
+wire_struct! {
+    /// ListOffsets response.
+    pub struct ListOffsetsResponse { pub partitions: Vec<ListOffsetsPartitionResponse> }
+}
+
+/// `ListOffsetsPartition::timestamp` for the earliest offset.
+pub const EARLIEST: i64 = -2;
+/// `ListOffsetsPartition::timestamp` for the latest offset (the log end).
+pub const LATEST: i64 = -1;

@@ -1,0 +1,345 @@
+//! Skein's wire protocol, shared by the client and the broker (`client/PROTOCOL.md`).
+//!
+//! A connection carries length-prefixed frames: `u32 length | body`. A request body is a
+//! [`RequestHeader`] (api key, api version, correlation id, client id) followed by the
+//! request; a response body is the correlation id, a top-level [`ErrorCode`], and, when that
+//! code is `NONE`, the response. Requests on one connection are answered in order.
+//!
+//! Decoding happens once, at the edge, into these typed messages; it never panics on any
+//! input and splits record batches off the frame without copying them. The broker's request
+//! handling works on these types, not on bytes, so another wire protocol can share it.
+
+pub mod codec;
+pub mod io;
+// Message fields are documented field by field in client/PROTOCOL.md.
+#[allow(missing_docs)]
+mod messages;
+
+pub use codec::{DecodeError, Reader, Wire, Writer};
+pub use messages::*;
+
+/// The largest frame a peer accepts by default (64 MiB).
+pub const FRAME_BYTES_MAX_DEFAULT: u32 = 64 << 20;
+
+/// Identifies a request type. Numbers are stable and never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u16)]
+pub enum ApiKey {
+    /// Supported API versions.
+    ApiVersions = 0,
+    /// Brokers, topics, partitions and leaders.
+    Metadata = 1,
+    /// Create topics.
+    CreateTopics = 2,
+    /// Delete topics.
+    DeleteTopics = 3,
+    /// Per-partition offsets and leaders.
+    DescribeTopics = 4,
+    /// Append record batches.
+    Produce = 5,
+    /// Read record batches.
+    Fetch = 6,
+    /// Earliest, latest or by-timestamp offsets.
+    ListOffsets = 7,
+}
+
+impl ApiKey {
+    /// Every API, in key order.
+    pub const ALL: [ApiKey; 8] = [
+        ApiKey::ApiVersions,
+        ApiKey::Metadata,
+        ApiKey::CreateTopics,
+        ApiKey::DeleteTopics,
+        ApiKey::DescribeTopics,
+        ApiKey::Produce,
+        ApiKey::Fetch,
+        ApiKey::ListOffsets,
+    ];
+
+    /// The key for a number, if known.
+    pub fn from_u16(v: u16) -> Option<ApiKey> {
+        ApiKey::ALL.get(usize::from(v)).copied()
+    }
+
+    /// Highest version of this API this build speaks (all start at 0).
+    pub fn max_version(self) -> u16 {
+        0
+    }
+}
+
+/// A stable numeric error code. Codes are never reused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+pub struct ErrorCode(pub u16);
+
+impl ErrorCode {
+    /// Success.
+    pub const NONE: ErrorCode = ErrorCode(0);
+    /// The topic or partition does not exist.
+    pub const UNKNOWN_TOPIC_OR_PARTITION: ErrorCode = ErrorCode(1);
+    /// This broker does not lead the partition.
+    pub const NOT_LEADER: ErrorCode = ErrorCode(2);
+    /// The offset is outside the log.
+    pub const OFFSET_OUT_OF_RANGE: ErrorCode = ErrorCode(3);
+    /// A record batch failed validation (CRC, framing, archive).
+    pub const CORRUPT_BATCH: ErrorCode = ErrorCode(4);
+    /// A batch or request is larger than allowed.
+    pub const TOO_LARGE: ErrorCode = ErrorCode(5);
+    /// The broker is over a limit; retry later.
+    pub const THROTTLED: ErrorCode = ErrorCode(6);
+    /// The topic already exists.
+    pub const TOPIC_ALREADY_EXISTS: ErrorCode = ErrorCode(7);
+    /// The topic name is not allowed.
+    pub const INVALID_TOPIC: ErrorCode = ErrorCode(8);
+    /// Partition or replica count not allowed.
+    pub const INVALID_PARTITIONS: ErrorCode = ErrorCode(9);
+    /// The API key or version is not supported.
+    pub const UNSUPPORTED_VERSION: ErrorCode = ErrorCode(10);
+    /// The request could not be decoded.
+    pub const INVALID_REQUEST: ErrorCode = ErrorCode(11);
+    /// The request did not complete in time (durability not confirmed).
+    pub const REQUEST_TIMED_OUT: ErrorCode = ErrorCode(12);
+    /// Fewer in-sync replicas than required.
+    pub const NOT_ENOUGH_REPLICAS: ErrorCode = ErrorCode(13);
+    /// The broker's storage failed.
+    pub const STORAGE_ERROR: ErrorCode = ErrorCode(14);
+    /// The request carried a stale leader epoch.
+    pub const FENCED_LEADER_EPOCH: ErrorCode = ErrorCode(15);
+    /// A topic config key or value is invalid.
+    pub const INVALID_CONFIG: ErrorCode = ErrorCode(16);
+    /// Unexpected broker error.
+    pub const UNKNOWN: ErrorCode = ErrorCode(17);
+    /// The broker is shutting down.
+    pub const SHUTTING_DOWN: ErrorCode = ErrorCode(18);
+
+    /// Whether a client should retry (after refreshing metadata).
+    pub fn is_retriable(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::NOT_LEADER
+                | ErrorCode::THROTTLED
+                | ErrorCode::REQUEST_TIMED_OUT
+                | ErrorCode::NOT_ENOUGH_REPLICAS
+                | ErrorCode::FENCED_LEADER_EPOCH
+                | ErrorCode::SHUTTING_DOWN
+                | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+        )
+    }
+
+    /// A stable name, as in PROTOCOL.md.
+    pub fn name(self) -> &'static str {
+        const NAMES: [&str; 19] = [
+            "NONE",
+            "UNKNOWN_TOPIC_OR_PARTITION",
+            "NOT_LEADER",
+            "OFFSET_OUT_OF_RANGE",
+            "CORRUPT_BATCH",
+            "TOO_LARGE",
+            "THROTTLED",
+            "TOPIC_ALREADY_EXISTS",
+            "INVALID_TOPIC",
+            "INVALID_PARTITIONS",
+            "UNSUPPORTED_VERSION",
+            "INVALID_REQUEST",
+            "REQUEST_TIMED_OUT",
+            "NOT_ENOUGH_REPLICAS",
+            "STORAGE_ERROR",
+            "FENCED_LEADER_EPOCH",
+            "INVALID_CONFIG",
+            "UNKNOWN",
+            "SHUTTING_DOWN",
+        ];
+        NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} ({})", self.name(), self.0)
+    }
+}
+
+impl Wire for ErrorCode {
+    fn encode(&self, w: &mut Writer) {
+        self.0.encode(w);
+    }
+    fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
+        Ok(ErrorCode(u16::decode(r)?))
+    }
+}
+
+/// The header of every request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHeader {
+    /// Which API.
+    pub api_key: ApiKey,
+    /// Which version of it.
+    pub api_version: u16,
+    /// Echoed in the response.
+    pub correlation_id: u32,
+    /// Free-form client name, for logs.
+    pub client_id: String,
+}
+
+/// Why a request header cannot be served; the broker answers with the code when it knows the
+/// correlation id.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum HeaderError {
+    /// Too short to hold a correlation id: the connection is closed.
+    Malformed,
+    /// Unknown API or version: answered with `UNSUPPORTED_VERSION`.
+    Unsupported {
+        /// The request's correlation id.
+        correlation_id: u32,
+    },
+    /// Bad client id: answered with `INVALID_REQUEST`.
+    Invalid {
+        /// The request's correlation id.
+        correlation_id: u32,
+    },
+}
+
+impl RequestHeader {
+    /// Decodes the header at the start of a request body.
+    pub fn decode(r: &mut Reader) -> Result<RequestHeader, HeaderError> {
+        let key = u16::decode(r).map_err(|_| HeaderError::Malformed)?;
+        let version = u16::decode(r).map_err(|_| HeaderError::Malformed)?;
+        let correlation_id = u32::decode(r).map_err(|_| HeaderError::Malformed)?;
+        let Some(api_key) = ApiKey::from_u16(key).filter(|k| version <= k.max_version()) else {
+            return Err(HeaderError::Unsupported { correlation_id });
+        };
+        let client_id = String::decode(r).map_err(|_| HeaderError::Invalid { correlation_id })?;
+        Ok(RequestHeader { api_key, api_version: version, correlation_id, client_id })
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        (self.api_key as u16).encode(w);
+        self.api_version.encode(w);
+        self.correlation_id.encode(w);
+        self.client_id.encode(w);
+    }
+}
+
+/// Encodes a whole request frame (length prefix included).
+pub fn request_frame<T: Wire>(header: &RequestHeader, body: &T) -> Vec<u8> {
+    let mut w = Writer { buf: vec![0; 4] };
+    header.encode(&mut w);
+    body.encode(&mut w);
+    finish_frame(w.buf)
+}
+
+/// Encodes a whole response frame: correlation id, error code, and the body if the code is
+/// `NONE`.
+pub fn response_frame<T: Wire>(correlation_id: u32, body: Result<&T, ErrorCode>) -> Vec<u8> {
+    let mut w = Writer { buf: vec![0; 4] };
+    correlation_id.encode(&mut w);
+    match body {
+        Ok(b) => {
+            ErrorCode::NONE.encode(&mut w);
+            b.encode(&mut w);
+        }
+        Err(code) => code.encode(&mut w),
+    }
+    finish_frame(w.buf)
+}
+
+/// Writes the length prefix into the first four bytes.
+pub fn finish_frame(mut buf: Vec<u8>) -> Vec<u8> {
+    let len = u32::try_from(buf.len() - 4).expect("frames under 4 GiB");
+    buf[..4].copy_from_slice(&len.to_le_bytes());
+    buf
+}
+
+/// Decodes a response body: correlation id, error code, then `T` if the code is `NONE`.
+pub fn decode_response<T: Wire>(body: bytes::BytesMut) -> Result<(u32, Result<T, ErrorCode>), DecodeError> {
+    let mut r = Reader::new(body);
+    let correlation_id = u32::decode(&mut r)?;
+    let code = ErrorCode::decode(&mut r)?;
+    if code != ErrorCode::NONE {
+        return Ok((correlation_id, Err(code)));
+    }
+    let value = T::decode(&mut r)?;
+    r.finish()?;
+    Ok((correlation_id, Ok(value)))
+}
+
+/// Decodes a request payload (after the header), requiring that nothing trails it.
+pub fn decode_exact<T: Wire>(mut r: Reader) -> Result<T, DecodeError> {
+    let value = T::decode(&mut r)?;
+    r.finish()?;
+    Ok(value)
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::BytesMut;
+
+    use super::*;
+
+    fn round_trip<T: Wire + PartialEq + std::fmt::Debug>(value: T) {
+        let mut w = Writer::default();
+        value.encode(&mut w);
+        let decoded = decode_exact::<T>(Reader::new(BytesMut::from(&w.buf[..]))).expect("decodes");
+        assert_eq!(decoded, value);
+    }
+
+    #[test]
+    fn messages_round_trip() {
+        round_trip(ProduceRequest {
+            acks: -1,
+            timeout_ms: 100,
+            partitions: vec![ProducePartition {
+                topic: "t".into(),
+                partition: 3,
+                records: BytesMut::from(&b"abc"[..]),
+            }],
+        });
+        round_trip(FetchRequest {
+            max_wait_ms: 5,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            isolation: 0,
+            partitions: vec![FetchPartition {
+                topic: "t".into(),
+                partition: 0,
+                fetch_offset: 9,
+                partition_max_bytes: 7,
+            }],
+        });
+        round_trip(MetadataRequest { topics: Some(vec!["a".into()]) });
+        round_trip(CreateTopicsRequest {
+            topics: vec![NewTopic { name: "x".into(), partitions: 8, replicas: 1, configs: vec![] }],
+        });
+    }
+
+    #[test]
+    fn error_codes_have_stable_names() {
+        assert_eq!(ErrorCode::CORRUPT_BATCH.name(), "CORRUPT_BATCH");
+        assert_eq!(ErrorCode(9999).name(), "UNRECOGNIZED");
+        assert_eq!(ErrorCode::SHUTTING_DOWN.name(), "SHUTTING_DOWN");
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn prop_every_decoder_survives_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300)) {
+            let r = || Reader::new(BytesMut::from(&bytes[..]));
+            let _ = RequestHeader::decode(&mut r());
+            let _ = decode_exact::<ApiVersionsRequest>(r());
+            let _ = decode_exact::<ApiVersionsResponse>(r());
+            let _ = decode_exact::<MetadataRequest>(r());
+            let _ = decode_exact::<MetadataResponse>(r());
+            let _ = decode_exact::<CreateTopicsRequest>(r());
+            let _ = decode_exact::<CreateTopicsResponse>(r());
+            let _ = decode_exact::<DeleteTopicsRequest>(r());
+            let _ = decode_exact::<DeleteTopicsResponse>(r());
+            let _ = decode_exact::<DescribeTopicsRequest>(r());
+            let _ = decode_exact::<DescribeTopicsResponse>(r());
+            let _ = decode_exact::<ProduceRequest>(r());
+            let _ = decode_exact::<ProduceResponse>(r());
+            let _ = decode_exact::<FetchRequest>(r());
+            let _ = decode_exact::<FetchResponse>(r());
+            let _ = decode_exact::<ListOffsetsRequest>(r());
+            let _ = decode_exact::<ListOffsetsResponse>(r());
+            let _ = decode_response::<MetadataResponse>(BytesMut::from(&bytes[..]));
+        }
+    }
+}
