@@ -1,0 +1,127 @@
+//! Starts real `skein-broker` processes (free port, temporary directory) for integration
+//! tests, and finds the `skein` CLI and the client examples next to it.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+/// A broker process on a temporary data directory.
+pub struct Broker {
+    pub child: Child,
+    pub addr: String,
+    pub dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl Broker {
+    /// Starts a broker on a fresh directory.
+    pub fn start(dir: &Path, extra: &[&str]) -> Broker {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Broker::spawn(dir.to_path_buf(), extra, "127.0.0.1:0")
+    }
+
+    fn spawn(dir: PathBuf, extra: Vec<String>, listen: &str) -> Broker {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_skein-broker"))
+            .args(["--listen", listen, "--data-dir"])
+            .arg(&dir)
+            .args(&extra)
+            .env("SKEIN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start skein-broker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read ready line");
+        let addr = line.trim().strip_prefix("ready ").unwrap_or_else(|| panic!("broker said {line:?}")).to_owned();
+        Broker { child, addr, dir, extra }
+    }
+
+    /// Restarts on the same directory and port.
+    pub fn restart(&mut self) {
+        let addr = self.addr.clone();
+        // The old socket may linger briefly; retry the bind.
+        for attempt in 0..50 {
+            let mut b = Broker::spawn_checked(self.dir.clone(), self.extra.clone(), &addr);
+            if let Some(b) = b.take() {
+                *self = b;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20 * (attempt + 1)));
+        }
+        panic!("broker did not restart on {addr}");
+    }
+
+    fn spawn_checked(dir: PathBuf, extra: Vec<String>, listen: &str) -> Option<Broker> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_skein-broker"))
+            .args(["--listen", listen, "--data-dir"])
+            .arg(&dir)
+            .args(&extra)
+            .env("SKEIN_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start skein-broker");
+        let mut line = String::new();
+        if BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).is_err() {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        match line.trim().strip_prefix("ready ") {
+            Some(addr) => Some(Broker { child, addr: addr.to_owned(), dir, extra }),
+            None => {
+                let _ = child.wait();
+                None
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> ExitStatus {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("kill");
+        assert!(status.success());
+        self.child.wait().expect("wait for broker")
+    }
+
+    /// SIGKILL.
+    pub fn kill9(&mut self) {
+        self.child.kill().expect("SIGKILL");
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A binary built next to `skein-broker` (the CLI, or an example). Builds it first, once
+/// per test process, so a test never runs a stale binary (a no-op under `cargo test
+/// --workspace`, which builds them all).
+pub fn sibling(name: &str, build_args: &[&str]) -> PathBuf {
+    static BUILT: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+    let broker = PathBuf::from(env!("CARGO_BIN_EXE_skein-broker"));
+    let dir = broker.parent().expect("target dir").to_path_buf();
+    let path = if build_args.contains(&"--example") { dir.join("examples").join(name) } else { dir.join(name) };
+    let mut built = BUILT.lock().expect("build lock");
+    if !built.iter().any(|n| n == name) {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-q", "-p", "skein-client"])
+            .args(build_args)
+            .status()
+            .expect("cargo build");
+        assert!(status.success(), "building {name}");
+        built.push(name.to_owned());
+    }
+    path
+}
+
+/// Runs a compio future to completion on this thread.
+pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    compio::runtime::Runtime::new().expect("runtime").block_on(f)
+}
