@@ -15,9 +15,10 @@ use std::sync::Arc;
 use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use skein_client::wire::io::{read_frame, write_frames, FrameError};
-use skein_client::wire::{response_frame, ApiVersionsResponse, ErrorCode, HeaderError, Reader, RequestHeader};
+use skein_client::wire::{ErrorCode, HeaderError, Reader, RequestHeader};
 
-use super::handlers;
+use super::codec::{decode_request, encode_response, error_frame};
+use super::handlers::{self, Response};
 use super::Shard;
 
 type Pending = JoinHandle<Option<Vec<Vec<u8>>>>;
@@ -68,7 +69,20 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: 
         };
         let mut r = Reader::new(body);
         let pending = match RequestHeader::decode(&mut r) {
-            Ok(header) => compio::runtime::spawn(handlers::handle(shard.clone(), header, r)),
+            Ok(header) => {
+                let (shard, id) = (shard.clone(), header.correlation_id);
+                let request = decode_request(header.api_key, r);
+                compio::runtime::spawn(async move {
+                    let response = match request {
+                        Ok(req) => handlers::handle(shard, req).await,
+                        Err(e) => {
+                            tracing::debug!(error = %e, "undecodable request body");
+                            Response::Error(ErrorCode::INVALID_REQUEST)
+                        }
+                    };
+                    encode_response(id, response)
+                })
+            }
             Err(HeaderError::Malformed) => {
                 tracing::warn!(?peer, "closing connection: frame too short for a request header");
                 break;
@@ -87,7 +101,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: 
 }
 
 fn error_reply(correlation_id: u32, code: ErrorCode) -> Pending {
-    compio::runtime::spawn(async move { Some(vec![response_frame::<ApiVersionsResponse>(correlation_id, Err(code))]) })
+    compio::runtime::spawn(async move { Some(vec![error_frame(correlation_id, code)]) })
 }
 
 struct CountGuard(Arc<AtomicUsize>);

@@ -1,5 +1,5 @@
-//! Request handling on typed messages (the frame codec lives in `conn`), so another wire
-//! protocol can reuse it. Each handler splits work per partition, sends it to the owning
+//! Request handling on typed messages ([`Request`] in, [`Response`] out); the Skein frame
+//! codec lives in `codec`, so another wire protocol (Kafka's) can reuse these handlers. Each handler splits work per partition, sends it to the owning
 //! shard, and assembles the response in request order.
 
 use std::collections::BTreeMap;
@@ -9,73 +9,67 @@ use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use skein_client::wire::{
-    decode_exact, finish_frame, response_frame, ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo,
-    CreateTopicsRequest, CreateTopicsResponse, DecodeError, DeleteTopicsRequest, DeleteTopicsResponse,
-    DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, ProduceRequest, ProduceResponse, Reader,
-    RequestHeader, TopicConfig, TopicDescription, TopicMetadata, TopicResult, Wire, Writer,
+    ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, CreateTopicsRequest, CreateTopicsResponse,
+    DeleteTopicsRequest, DeleteTopicsResponse, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode,
+    FetchPartition, FetchRequest, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
+    PartitionMetadata, ProduceRequest, ProduceResponse, TopicConfig, TopicDescription, TopicMetadata, TopicResult,
 };
 
 use super::shard::FetchResult;
 use super::{Shard, ShardMsg};
 use crate::meta::{self, TopicMeta, Topics};
 
-/// Handles one request; `None` when no response is due (produce with acks=0).
-pub(crate) async fn handle(shard: Rc<Shard>, header: RequestHeader, body: Reader) -> Option<Vec<Vec<u8>>> {
+/// A decoded request, independent of the wire protocol that carried it.
+pub(crate) enum Request {
+    ApiVersions,
+    Metadata(MetadataRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(DeleteTopicsRequest),
+    DescribeTopics(DescribeTopicsRequest),
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+}
+
+/// A response, for the codec of the protocol the request came in on to encode.
+pub(crate) enum Response {
+    ApiVersions(ApiVersionsResponse),
+    Metadata(MetadataResponse),
+    CreateTopics(CreateTopicsResponse),
+    DeleteTopics(DeleteTopicsResponse),
+    DescribeTopics(DescribeTopicsResponse),
+    Produce(ProduceResponse),
+    /// Per partition, in request order; record bytes stay in their own buffers.
+    Fetch(Vec<(FetchPartition, FetchResult)>),
+    ListOffsets(ListOffsetsResponse),
+    /// The whole request failed with this code.
+    Error(ErrorCode),
+    /// No response is due (produce with acks=0).
+    Nothing,
+}
+
+/// Handles one request.
+pub(crate) async fn handle(shard: Rc<Shard>, req: Request) -> Response {
     shard.in_flight.set(shard.in_flight.get() + 1);
-    let out = dispatch(&shard, &header, body).await;
+    let out = dispatch(&shard, req).await;
     shard.in_flight.set(shard.in_flight.get() - 1);
     out
 }
 
-async fn dispatch(shard: &Rc<Shard>, header: &RequestHeader, body: Reader) -> Option<Vec<Vec<u8>>> {
-    let id = header.correlation_id;
+async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
     if shard.stopping.get() {
-        return Some(vec![response_frame::<ApiVersionsResponse>(id, Err(ErrorCode::SHUTTING_DOWN))]);
+        return Response::Error(ErrorCode::SHUTTING_DOWN);
     }
-    let reply = match header.api_key {
-        ApiKey::ApiVersions => {
-            frame(id, decode_exact(body).map(|_: skein_client::wire::ApiVersionsRequest| api_versions()))
-        }
-        ApiKey::Metadata => frame(id, decode_exact(body).map(|r| metadata(shard, r))),
-        ApiKey::CreateTopics => match decode_exact::<CreateTopicsRequest>(body) {
-            Ok(r) => frame(id, Ok(create_topics(shard, r).await)),
-            Err(e) => bad(id, e),
-        },
-        ApiKey::DeleteTopics => match decode_exact::<DeleteTopicsRequest>(body) {
-            Ok(r) => frame(id, Ok(delete_topics(shard, r).await)),
-            Err(e) => bad(id, e),
-        },
-        ApiKey::DescribeTopics => match decode_exact::<DescribeTopicsRequest>(body) {
-            Ok(r) => frame(id, Ok(describe_topics(shard, r).await)),
-            Err(e) => bad(id, e),
-        },
-        ApiKey::Produce => match decode_exact::<ProduceRequest>(body) {
-            Ok(r) => return produce(shard, id, r).await,
-            Err(e) => bad(id, e),
-        },
-        ApiKey::Fetch => match decode_exact::<FetchRequest>(body) {
-            Ok(r) => return Some(fetch(shard, id, r).await),
-            Err(e) => bad(id, e),
-        },
-        ApiKey::ListOffsets => match decode_exact::<ListOffsetsRequest>(body) {
-            Ok(r) => frame(id, Ok(list_offsets(shard, r).await)),
-            Err(e) => bad(id, e),
-        },
-    };
-    Some(vec![reply])
-}
-
-fn frame<T: Wire>(id: u32, body: Result<T, DecodeError>) -> Vec<u8> {
-    match body {
-        Ok(b) => response_frame(id, Ok(&b)),
-        Err(e) => bad(id, e),
+    match req {
+        Request::ApiVersions => Response::ApiVersions(api_versions()),
+        Request::Metadata(r) => Response::Metadata(metadata(shard, r)),
+        Request::CreateTopics(r) => Response::CreateTopics(create_topics(shard, r).await),
+        Request::DeleteTopics(r) => Response::DeleteTopics(delete_topics(shard, r).await),
+        Request::DescribeTopics(r) => Response::DescribeTopics(describe_topics(shard, r).await),
+        Request::Produce(r) => produce(shard, r).await,
+        Request::Fetch(r) => fetch(shard, r).await,
+        Request::ListOffsets(r) => Response::ListOffsets(list_offsets(shard, r).await),
     }
-}
-
-fn bad(id: u32, e: DecodeError) -> Vec<u8> {
-    tracing::debug!(error = %e, "undecodable request");
-    response_frame::<ApiVersionsResponse>(id, Err(ErrorCode::INVALID_REQUEST))
 }
 
 /// Sends `msg` to the shard owning the work (or runs it here) and waits for the reply.
@@ -248,9 +242,9 @@ async fn describe_topics(shard: &Rc<Shard>, req: DescribeTopicsRequest) -> Descr
     DescribeTopicsResponse { topics: out }
 }
 
-async fn produce(shard: &Rc<Shard>, id: u32, req: ProduceRequest) -> Option<Vec<Vec<u8>>> {
+async fn produce(shard: &Rc<Shard>, req: ProduceRequest) -> Response {
     if !(-1..=1).contains(&req.acks) {
-        return Some(vec![response_frame::<ProduceResponse>(id, Err(ErrorCode::INVALID_REQUEST))]);
+        return Response::Error(ErrorCode::INVALID_REQUEST);
     }
     let timeout = req.timeout_ms.min(shard.config.max_request_timeout_ms);
     let deadline = Instant::now() + Duration::from_millis(u64::from(timeout));
@@ -263,7 +257,7 @@ async fn produce(shard: &Rc<Shard>, id: u32, req: ProduceRequest) -> Option<Vec<
         if owner == shard.id {
             compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
         } else if shard.peers[owner].send_async(msg).await.is_err() {
-            return Some(vec![response_frame::<ProduceResponse>(id, Err(ErrorCode::SHUTTING_DOWN))]);
+            return Response::Error(ErrorCode::SHUTTING_DOWN);
         }
         waits.push((topic, partition, rx));
     }
@@ -279,14 +273,14 @@ async fn produce(shard: &Rc<Shard>, id: u32, req: ProduceRequest) -> Option<Vec<
         }));
     }
     if req.acks == 0 {
-        return None;
+        return Response::Nothing;
     }
-    Some(vec![response_frame(id, Ok(&ProduceResponse { partitions }))])
+    Response::Produce(ProduceResponse { partitions })
 }
 
 /// Fetch with long polling: read every partition; if fewer than `min_bytes` came back and
 /// time is left, wait until any partition grows (or the deadline), then read again.
-async fn fetch(shard: &Rc<Shard>, id: u32, req: FetchRequest) -> Vec<Vec<u8>> {
+async fn fetch(shard: &Rc<Shard>, req: FetchRequest) -> Response {
     let wait = Duration::from_millis(u64::from(req.max_wait_ms.min(shard.config.max_request_timeout_ms)));
     let deadline = Instant::now() + wait;
     loop {
@@ -294,7 +288,7 @@ async fn fetch(shard: &Rc<Shard>, id: u32, req: FetchRequest) -> Vec<Vec<u8>> {
         let total: usize = results.iter().map(|r| r.records.len()).sum();
         let failed = results.iter().any(|r| r.error != ErrorCode::NONE);
         if total >= req.min_bytes as usize || failed || Instant::now() >= deadline {
-            return encode_fetch(id, &req, results);
+            return fetch_response(req, results);
         }
         let mut waits = Vec::new();
         for p in &req.partitions {
@@ -305,12 +299,12 @@ async fn fetch(shard: &Rc<Shard>, id: u32, req: FetchRequest) -> Vec<Vec<u8>> {
             if owner == shard.id {
                 compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
             } else if shard.peers[owner].send_async(msg).await.is_err() {
-                return encode_fetch(id, &req, results);
+                return fetch_response(req, results);
             }
             waits.push(rx);
         }
         if waits.is_empty() {
-            return encode_fetch(id, &req, results);
+            return fetch_response(req, results);
         }
         let left = deadline.saturating_duration_since(Instant::now());
         let _ = compio::time::timeout(left, futures_util::future::select_all(waits)).await;
@@ -348,38 +342,19 @@ async fn fetch_once(shard: &Rc<Shard>, parts: &[FetchPartition]) -> Vec<FetchRes
     out
 }
 
-/// Encodes the fetch response as a vectored frame: record bytes go out as their own buffers,
-/// never copied into the header buffer. Whole batches past `max_bytes` are left out (at least
-/// one partition's data is always sent).
-fn encode_fetch(id: u32, req: &FetchRequest, results: Vec<FetchResult>) -> Vec<Vec<u8>> {
-    let mut chunks: Vec<Vec<u8>> = Vec::with_capacity(results.len() * 2 + 1);
-    let mut w = Writer { buf: vec![0; 4] };
-    id.encode(&mut w);
-    ErrorCode::NONE.encode(&mut w);
-    (results.len() as u32).encode(&mut w);
+/// Pairs results with their partitions, leaving out whole partitions' data past `max_bytes`
+/// (the first partition with data is always sent, so a consumer progresses).
+fn fetch_response(req: FetchRequest, results: Vec<FetchResult>) -> Response {
     let mut total = 0usize;
-    for (p, mut r) in req.partitions.iter().zip(results) {
+    let mut out = Vec::with_capacity(results.len());
+    for (p, mut r) in req.partitions.into_iter().zip(results) {
         if total > 0 && total + r.records.len() > req.max_bytes as usize {
             r.records.clear();
         }
         total += r.records.len();
-        p.topic.encode(&mut w);
-        p.partition.encode(&mut w);
-        r.error.encode(&mut w);
-        r.high_watermark.encode(&mut w);
-        r.log_start.encode(&mut w);
-        (r.records.len() as u32).encode(&mut w);
-        if !r.records.is_empty() {
-            chunks.push(std::mem::take(&mut w.buf));
-            chunks.push(r.records);
-        }
+        out.push((p, r));
     }
-    chunks.push(w.buf);
-    let len: usize = chunks.iter().map(Vec::len).sum::<usize>() - 4;
-    let len = u32::try_from(len).expect("fetch responses are bounded by max_bytes");
-    chunks[0][..4].copy_from_slice(&len.to_le_bytes());
-    let _ = finish_frame;
-    chunks
+    Response::Fetch(out)
 }
 
 async fn list_offsets(shard: &Rc<Shard>, req: ListOffsetsRequest) -> ListOffsetsResponse {

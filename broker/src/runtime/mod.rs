@@ -6,11 +6,12 @@
 //! path takes a lock. Topic metadata is owned by shard 0 and broadcast to the other shards as
 //! immutable snapshots.
 //!
-//! Life of a request: `conn` decodes a frame into a typed request; `handlers` splits it per
-//! partition and sends each part to its owner; `shard` appends or reads the log there and
-//! answers through a oneshot; `handlers` assembles the response; `conn` writes responses in
-//! request order.
+//! Life of a request: `conn` reads a frame and `codec` decodes it into a typed `Request`;
+//! `handlers` splits it per partition and sends each part to its owner; `shard` appends or
+//! reads the log there and answers through a oneshot; `handlers` assembles a typed `Response`;
+//! `codec` encodes it and `conn` writes responses in request order.
 
+mod codec;
 mod conn;
 mod handlers;
 mod shard;
