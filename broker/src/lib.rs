@@ -28,6 +28,10 @@ pub struct BrokerConfig {
     /// Directory holding topic metadata and partition logs.
     #[arg(long, env = "SKEIN_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
+    /// TOML file with any of these settings (snake_case keys, e.g. `node_id = 2`); flags and
+    /// environment variables override it.
+    #[arg(long, env = "SKEIN_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Cores to use, one shard (thread with its own runtime) each; default: all.
     #[arg(long, env = "SKEIN_CORES")]
     pub cores: Option<usize>,
@@ -53,8 +57,82 @@ pub struct BrokerConfig {
 }
 
 impl BrokerConfig {
+    /// Parses flags and environment, then takes every setting neither gave from the
+    /// `--config` file. A usage error comes back as a `clap::Error` (call `.exit()` on it).
+    pub fn parse_with_file<I, T>(args: I) -> anyhow::Result<BrokerConfig>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        use anyhow::Context;
+        use clap::{CommandFactory, FromArgMatches};
+        let matches = BrokerConfig::command().try_get_matches_from(args)?;
+        let mut config = BrokerConfig::from_arg_matches(&matches)?;
+        let Some(path) = config.config.clone() else {
+            return Ok(config);
+        };
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
+        let table: toml::Table = text.parse().with_context(|| format!("parsing config {}", path.display()))?;
+        for (key, value) in table {
+            let known = BrokerConfig::command().get_arguments().any(|a| a.get_id() == key.as_str());
+            let explicit = known
+                && matches!(
+                    matches.value_source(&key),
+                    Some(clap::parser::ValueSource::CommandLine | clap::parser::ValueSource::EnvVariable)
+                );
+            if !explicit {
+                config.set(&key, &value).with_context(|| format!("config {}: key '{key}'", path.display()))?;
+            }
+        }
+        Ok(config)
+    }
+
+    fn set(&mut self, key: &str, value: &toml::Value) -> anyhow::Result<()> {
+        use anyhow::{anyhow, bail};
+        let int = || value.as_integer().ok_or_else(|| anyhow!("expected an integer"));
+        let text = || value.as_str().ok_or_else(|| anyhow!("expected a string"));
+        match key {
+            "node_id" => self.node_id = u32::try_from(int()?)?,
+            "listen" => self.listen = text()?.parse()?,
+            "data_dir" => self.data_dir = PathBuf::from(text()?),
+            "cores" => self.cores = Some(usize::try_from(int()?)?),
+            "max_frame_bytes" => self.max_frame_bytes = u32::try_from(int()?)?,
+            "max_connections" => self.max_connections = usize::try_from(int()?)?,
+            "max_in_flight" => self.max_in_flight = usize::try_from(int()?)?,
+            "max_produce_bytes" => self.max_produce_bytes = u64::try_from(int()?)?,
+            "max_request_timeout_ms" => self.max_request_timeout_ms = u32::try_from(int()?)?,
+            "shutdown_grace_ms" => self.shutdown_grace_ms = u64::try_from(int()?)?,
+            _ => bail!("unknown setting"),
+        }
+        Ok(())
+    }
+
     /// The number of shards to run.
     pub fn shard_count(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_file_fills_what_flags_do_not_set() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("broker.toml");
+        std::fs::write(&file, "node_id = 7\nlisten = \"127.0.0.1:1234\"\ndata_dir = \"/srv/skein\"\ncores = 3\n")
+            .expect("write");
+        let f = file.to_str().expect("utf8 path");
+        let c = BrokerConfig::parse_with_file(["skein-broker", "--config", f, "--node-id", "9"]).expect("parses");
+        assert_eq!(c.node_id, 9, "the flag wins");
+        assert_eq!(c.listen, "127.0.0.1:1234".parse::<SocketAddr>().expect("addr"));
+        assert_eq!(c.data_dir, PathBuf::from("/srv/skein"));
+        assert_eq!(c.cores, Some(3));
+        std::fs::write(&file, "colour = \"blue\"\n").expect("write");
+        let err = BrokerConfig::parse_with_file(["skein-broker", "--config", f]).expect_err("unknown key");
+        assert!(format!("{err:#}").contains("colour"), "{err:#}");
+        let usage = BrokerConfig::parse_with_file(["skein-broker", "--bogus"]).expect_err("usage");
+        assert!(usage.downcast_ref::<clap::Error>().is_some());
     }
 }

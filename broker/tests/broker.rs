@@ -278,3 +278,23 @@ fn read_response(c: &mut TcpStream) -> (u32, ErrorCode) {
     let id = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
     (id, ErrorCode(u16::from_le_bytes([body[4], body[5]])))
 }
+
+#[test]
+fn connections_past_the_limit_are_closed_and_the_others_served() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &["--max-connections", "3"]);
+    let mut open: Vec<TcpStream> = (0..3).map(|_| TcpStream::connect(&broker.addr).expect("connect")).collect();
+    for (i, c) in open.iter_mut().enumerate() {
+        c.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        c.write_all(&api_versions_frame(i as u32)).expect("send");
+        assert_eq!(read_response(c), (i as u32, ErrorCode::NONE));
+    }
+    let mut extra = TcpStream::connect(&broker.addr).expect("the kernel accepts the connection");
+    extra.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let _ = extra.write_all(&api_versions_frame(99));
+    assert_eq!(extra.read(&mut [0u8; 8]).unwrap_or(0), 0, "the fourth connection is closed");
+    for (i, c) in open.iter_mut().enumerate() {
+        c.write_all(&api_versions_frame(10 + i as u32)).expect("send");
+        assert_eq!(read_response(c), (10 + i as u32, ErrorCode::NONE), "connection {i} still served");
+    }
+}

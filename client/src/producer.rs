@@ -227,7 +227,16 @@ impl Producer {
     }
 }
 
-/// The partition of a key: FNV-1a (32-bit) of its bytes, modulo the partition count.
+/// The partition of a key: FNV-1a (32-bit) of its bytes, modulo the partition count. Stable
+/// across processes and versions, so every producer sends a key to the same partition.
+///
+/// ```
+/// use skein_client::key_partition;
+/// let p = key_partition(b"user-42", 8);
+/// assert!(p < 8);
+/// assert_eq!(p, key_partition(b"user-42", 8));
+/// assert_eq!(key_partition(b"", 8), 0x811c_9dc5 % 8);
+/// ```
 pub fn key_partition(key: &[u8], partitions: u32) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
     for &b in key {

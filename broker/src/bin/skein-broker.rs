@@ -4,7 +4,6 @@
 use std::pin::pin;
 
 use anyhow::Result;
-use clap::Parser;
 use futures_util::future::select;
 use skein_broker::BrokerConfig;
 
@@ -16,7 +15,13 @@ fn main() -> Result<()> {
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKEIN_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .init();
-    let config = BrokerConfig::parse();
+    let config = match BrokerConfig::parse_with_file(std::env::args_os()) {
+        Ok(c) => c,
+        Err(e) => match e.downcast::<clap::Error>() {
+            Ok(usage) => usage.exit(),
+            Err(e) => return Err(e),
+        },
+    };
     let node_id = config.node_id;
     let data_dir = config.data_dir.clone();
     let shards = config.shard_count();

@@ -58,6 +58,10 @@ pub(crate) async fn handle(shard: Rc<Shard>, req: Request) -> Response {
 
 async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
     if shard.stopping.get() {
+        // acks=0 producers expect no response at all, not even an error.
+        if let Request::Produce(ProduceRequest { acks: 0, .. }) = req {
+            return Response::Nothing;
+        }
         return Response::Error(ErrorCode::SHUTTING_DOWN);
     }
     match req {
@@ -291,8 +295,10 @@ async fn fetch(shard: &Rc<Shard>, req: FetchRequest) -> Response {
             return fetch_response(req, results);
         }
         let mut waits = Vec::new();
-        for p in &req.partitions {
-            let (topic, partition, offset) = (p.topic.clone(), p.partition, p.fetch_offset);
+        for (p, r) in req.partitions.iter().zip(&results) {
+            // Wake on growth past what this round saw, not on data already returned (which
+            // would spin until the deadline when some, but under `min_bytes`, is there).
+            let (topic, partition, offset) = (p.topic.clone(), p.partition, p.fetch_offset.max(r.high_watermark));
             let (tx, rx) = oneshot::channel();
             let msg = ShardMsg::WaitForData { topic, partition, offset, reply: tx };
             let owner = shard.owner(&p.topic, p.partition);

@@ -42,7 +42,8 @@ where
     let topics = Arc::new(Topics::load(&config.data_dir)?);
     let listener = TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let addr = listener.local_addr()?;
-    let config = Arc::new(config);
+    // Metadata advertises the bound address (port 0 becomes the port picked).
+    let config = Arc::new(BrokerConfig { listen: addr, ..config });
     let n = config.shard_count();
     let (senders, receivers): (Vec<_>, Vec<_>) = (0..n).map(|_| flume::bounded::<ShardMsg>(4096)).unzip();
     let connections = Arc::new(AtomicUsize::new(0));

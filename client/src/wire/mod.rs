@@ -220,6 +220,15 @@ impl RequestHeader {
 }
 
 /// Encodes a whole request frame (length prefix included).
+///
+/// ```
+/// use skein_client::wire::{request_frame, ApiKey, MetadataRequest, Reader, RequestHeader};
+/// let header = RequestHeader { api_key: ApiKey::Metadata, api_version: 0, correlation_id: 7, client_id: "me".into() };
+/// let frame = request_frame(&header, &MetadataRequest { topics: None });
+/// assert_eq!(u32::from_le_bytes(frame[..4].try_into().unwrap()) as usize, frame.len() - 4);
+/// let mut r = Reader::new(bytes::BytesMut::from(&frame[4..]));
+/// assert_eq!(RequestHeader::decode(&mut r).unwrap(), header);
+/// ```
 pub fn request_frame<T: Wire>(header: &RequestHeader, body: &T) -> Vec<u8> {
     let mut w = Writer { buf: vec![0; 4] };
     header.encode(&mut w);
