@@ -261,7 +261,7 @@ async fn produce(shard: &Rc<Shard>, req: ProduceRequest) -> Response {
         if owner == shard.id {
             compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
         } else if shard.peers[owner].send_async(msg).await.is_err() {
-            return Response::Error(ErrorCode::SHUTTING_DOWN);
+            return if req.acks == 0 { Response::Nothing } else { Response::Error(ErrorCode::SHUTTING_DOWN) };
         }
         waits.push((topic, partition, rx));
     }
