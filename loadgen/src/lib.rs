@@ -1,4 +1,16 @@
-//! `skein-loadgen`: open-loop load generation with HDR latency reports.
+//! `skein-loadgen`: open-loop load against Skein, HDR latency histograms, reports for people
+//! (tables, SVG plots) and programs (JSON, HdrHistogram interval logs), and the machine's own
+//! ceilings measured with the same sizes.
 //!
-//! Skeleton: arrives with the loadgen issue, after the single-node broker.
+//! - [`keys`]: key distributions (none, uniform, zipf).
+//! - [`report`]: the JSON report (keys other tools rely on) and the final table.
+//! - [`load`]: produce, consume and end-to-end runs.
+//! - [`limits`]: loopback TCP and disk ceilings.
+//! - [`plot`]: latency-by-percentile SVG charts.
 #![warn(missing_docs)]
+
+pub mod keys;
+pub mod limits;
+pub mod load;
+pub mod plot;
+pub mod report;

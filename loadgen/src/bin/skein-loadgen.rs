@@ -1,0 +1,319 @@
+//! `skein-loadgen`: load generation, machine ceilings and plots. See `skein-loadgen --help`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use skein_client::Acks;
+use skein_loadgen::keys::KeyDistribution;
+use skein_loadgen::load::{self, LoadConfig, Mode};
+use skein_loadgen::report::{self, Report};
+use skein_loadgen::{limits, plot};
+
+#[derive(Parser)]
+#[command(name = "skein-loadgen", version, about = "Open-loop load for Skein with HDR latency reports")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Producers only; latency = acknowledgement latency.
+    Produce(LoadArgs),
+    /// Consumers only (reading from the beginning); latency = fetch round trip.
+    Consume(LoadArgs),
+    /// Producers and consumers at once; latency = intended send time to receipt.
+    E2e(LoadArgs),
+    /// The machine's ceilings: loopback TCP and the disk under --data-dir.
+    Limits(LimitsArgs),
+    /// Draws several JSON reports' latency curves on one chart.
+    Plot {
+        /// Reports written with --report.
+        #[arg(required = true)]
+        reports: Vec<PathBuf>,
+        /// Output SVG.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
+}
+
+#[derive(Args, Clone)]
+struct LoadArgs {
+    /// Bootstrap brokers.
+    #[arg(long, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Start a single-node broker inside this process on a temporary directory.
+    #[arg(long)]
+    embedded: bool,
+    /// Cores of the embedded broker (default: all).
+    #[arg(long)]
+    broker_cores: Option<usize>,
+    /// Report the CPU seconds this broker process used while measuring.
+    #[arg(long)]
+    broker_pid: Option<u32>,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "loadgen")]
+    topic: String,
+    /// Partitions when creating the topic.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Replicas when creating the topic.
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
+    /// Producer threads.
+    #[arg(long, default_value_t = 1)]
+    producers: usize,
+    /// Consumer threads.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
+    /// Value bytes per record.
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    /// none, uniform:K or zipf:K:S.
+    #[arg(long, default_value = "none")]
+    key_distribution: KeyDistribution,
+    /// Producer batch size in bytes.
+    #[arg(long, default_value_t = 65536)]
+    batch_bytes: usize,
+    /// Producer linger in milliseconds.
+    #[arg(long, default_value_t = 1)]
+    linger_ms: u64,
+    /// Durability to wait for.
+    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
+    acks: AcksArg,
+    /// Records to measure (instead of --duration).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// How long to measure (e.g. 10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Not measured, first.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Records per second over all producers (open loop); default: as fast as possible.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write an HdrHistogram interval log here (one histogram per second).
+    #[arg(long)]
+    hdr: Option<PathBuf>,
+    /// Write a latency-by-percentile SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LimitsArgs {
+    /// Directory on the disk to measure.
+    #[arg(long, default_value = ".")]
+    data_dir: PathBuf,
+    /// Write size (use the produce batch size).
+    #[arg(long, default_value_t = 65536)]
+    batch_bytes: usize,
+    /// Time per measurement.
+    #[arg(long, default_value = "3s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum AcksArg {
+    All,
+    Leader,
+    None,
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("skein-loadgen: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Produce(a) => load_command(Mode::Produce, a),
+        Command::Consume(a) => load_command(Mode::Consume, a),
+        Command::E2e(a) => load_command(Mode::E2e, a),
+        Command::Limits(a) => {
+            let r = limits::measure(&a.data_dir, a.batch_bytes, a.duration, std::io::stderr().is_terminal())?;
+            println!("{:<40} {:>12.1} MB/s", "loopback TCP, 1 connection", r.tcp_bytes_per_sec / 1e6);
+            println!(
+                "{:<40} {:>12.1} MB/s",
+                format!("loopback TCP, {} connections", r.machine.cores),
+                r.tcp_bytes_per_sec_all_cores / 1e6
+            );
+            println!("{:<40} {:>12.1} MB/s", "sequential write + fdatasync", r.disk_write_bytes_per_sec / 1e6);
+            println!("{:<40} {:>8} µs p50 {:>8} µs p99", "write + fdatasync", r.fdatasync_us.p50, r.fdatasync_us.p99);
+            if let Some(path) = a.report {
+                write_json(&path, &r)?;
+            }
+            Ok(())
+        }
+        Command::Plot { reports, output } => {
+            let mut series = Vec::new();
+            for path in &reports {
+                let r: Report = serde_json::from_slice(
+                    &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
+                )
+                .with_context(|| format!("parsing {}", path.display()))?;
+                let label = path.file_stem().map_or_else(|| r.mode.clone(), |s| s.to_string_lossy().into_owned());
+                series.push((label, r.percentiles));
+            }
+            plot::latency_by_percentile(&output, "latency by percentile", &series)?;
+            println!("wrote {}", output.display());
+            Ok(())
+        }
+    }
+}
+
+fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
+    let embedded = if a.embedded { Some(EmbeddedBroker::start(a.broker_cores)?) } else { None };
+    let brokers = embedded.as_ref().map_or_else(|| a.brokers.clone(), |b| b.addr.clone());
+    let acks = match a.acks {
+        AcksArg::All => Acks::All,
+        AcksArg::Leader => Acks::Leader,
+        AcksArg::None => Acks::None,
+    };
+    let cfg = LoadConfig {
+        brokers,
+        topic: a.topic.clone(),
+        partitions: a.partitions,
+        replicas: a.replicas,
+        producers: a.producers,
+        consumers: a.consumers,
+        message_size: a.message_size,
+        keys: a.key_distribution.clone(),
+        batch_bytes: a.batch_bytes,
+        linger: Duration::from_millis(a.linger_ms),
+        acks,
+        messages: a.messages,
+        duration: a.duration,
+        warmup: a.warmup,
+        rate: a.rate,
+        progress: std::io::stderr().is_terminal(),
+        broker_pid: a.broker_pid,
+    };
+    let started = SystemTime::now();
+    let outcome = load::run(mode, cfg)?;
+    drop(embedded);
+    print!("{}", report::table(&outcome.report));
+    if let Some(path) = &a.report {
+        write_json(path, &outcome.report)?;
+    }
+    if let Some(path) = &a.hdr {
+        write_hdr(path, started, &outcome.intervals)?;
+    }
+    if let Some(path) = &a.plot {
+        let title = format!("{} latency by percentile", outcome.report.mode);
+        plot::latency_by_percentile(
+            path,
+            &title,
+            &[(outcome.report.mode.clone(), outcome.report.percentiles.clone())],
+        )?;
+    }
+    if outcome.report.errors > 0 {
+        bail!("{} records failed", outcome.report.errors);
+    }
+    Ok(())
+}
+
+fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| format!("writing {}", path.display()))
+}
+
+/// An HdrHistogram interval log (readable by HistogramLogProcessor and friends).
+fn write_hdr(path: &Path, started: SystemTime, intervals: &[hdrhistogram::Histogram<u64>]) -> Result<()> {
+    use hdrhistogram::serialization::interval_log::IntervalLogWriterBuilder;
+    use hdrhistogram::serialization::V2DeflateSerializer;
+    let mut file =
+        std::io::BufWriter::new(std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?);
+    let mut serializer = V2DeflateSerializer::new();
+    let mut writer = IntervalLogWriterBuilder::new()
+        .add_comment("skein-loadgen latency, microseconds")
+        .with_start_time(started)
+        .with_base_time(started)
+        .with_max_value_divisor(1000.0)
+        .begin_log_with(&mut file, &mut serializer)?;
+    for (i, h) in intervals.iter().enumerate() {
+        writer
+            .write_histogram(h, Duration::from_secs(i as u64), Duration::from_secs(1), None)
+            .map_err(|e| anyhow::anyhow!("writing the interval log: {e:?}"))?;
+    }
+    drop(writer);
+    std::io::Write::flush(&mut file)?;
+    Ok(())
+}
+
+/// A single-node broker inside this process, on a temporary directory.
+struct EmbeddedBroker {
+    addr: String,
+    stop: Option<flume::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+impl EmbeddedBroker {
+    fn start(cores: Option<usize>) -> Result<EmbeddedBroker> {
+        let dir = tempfile::tempdir().context("creating the embedded broker's directory")?;
+        let config = skein_broker::BrokerConfig {
+            node_id: 1,
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            data_dir: dir.path().to_path_buf(),
+            config: None,
+            cores,
+            max_frame_bytes: 64 << 20,
+            max_connections: 10_000,
+            max_in_flight: 64,
+            max_produce_bytes: 256 << 20,
+            max_request_timeout_ms: 30_000,
+            shutdown_grace_ms: 2_000,
+        };
+        let (stop_tx, stop_rx) = flume::bounded::<()>(1);
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("embedded-broker".into()).spawn(move || {
+            let shutdown = async move {
+                let _ = stop_rx.recv_async().await;
+            };
+            skein_broker::runtime::run(config, shutdown, move |addr| {
+                let _ = addr_tx.send(addr);
+            })
+        })?;
+        let addr = addr_rx.recv_timeout(Duration::from_secs(30)).context("the embedded broker did not start")?;
+        Ok(EmbeddedBroker { addr: addr.to_string(), stop: Some(stop_tx), thread: Some(thread), _dir: dir })
+    }
+}
+
+impl Drop for EmbeddedBroker {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Parses `10s`, `500ms`, `2m`, `1h` or plain seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s.find(|c: char| c.is_ascii_alphabetic()).map_or((s, "s"), |i| (&s[..i], &s[i..]));
+    let n: f64 = num.parse().map_err(|_| format!("'{s}' is not a duration (e.g. 10s, 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("unknown unit in '{s}' (ms, s, m, h)")),
+    };
+    if !(0.0..=1e7).contains(&secs) {
+        return Err(format!("'{s}' is out of range"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}

@@ -1,0 +1,574 @@
+//! Produce, consume and end-to-end runs.
+//!
+//! Each producer and consumer is a thread with its own compio runtime and connection. With
+//! `rate`, producers are open loop: record `k` of a producer is due at `start + k / rate` and
+//! its latency counts from that intended time, so a stall that delays sending shows up in the
+//! latency instead of hiding (no coordinated omission). Without `rate`, producers send as fast
+//! as the producer's buffer allows (closed loop) and latency counts from the send call.
+//!
+//! Records sent during the warm-up are neither counted nor timed. Every thread sends its
+//! latency histogram once per second (the interval log) and at the end; the main thread
+//! merges them, prints progress and builds the report.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
+use hdrhistogram::Histogram;
+use skein_client::wire::ErrorCode;
+use skein_client::{Acks, Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+
+use crate::keys::{KeyDistribution, KeyGen};
+use crate::report::{self, histogram, Report};
+
+/// What to run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// Producers only; latency is the acknowledgement latency.
+    Produce,
+    /// Consumers only, reading what is there; latency is the fetch round trip.
+    Consume,
+    /// Producers and consumers at once; latency is send (intended) to receipt.
+    E2e,
+}
+
+impl Mode {
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Produce => "produce",
+            Mode::Consume => "consume",
+            Mode::E2e => "e2e",
+        }
+    }
+}
+
+/// Settings of a load run.
+#[derive(Clone, Debug)]
+pub struct LoadConfig {
+    /// Bootstrap brokers.
+    pub brokers: String,
+    /// Topic (created if missing).
+    pub topic: String,
+    /// Partitions when creating the topic.
+    pub partitions: u32,
+    /// Replicas when creating the topic.
+    pub replicas: u16,
+    /// Producer threads.
+    pub producers: usize,
+    /// Consumer threads.
+    pub consumers: usize,
+    /// Value bytes per record (at least 8: the send time rides in the first 8).
+    pub message_size: usize,
+    /// Keys.
+    pub keys: KeyDistribution,
+    /// Producer batch size.
+    pub batch_bytes: usize,
+    /// Producer linger.
+    pub linger: Duration,
+    /// Durability to wait for.
+    pub acks: Acks,
+    /// Records to measure (across all producers, or consumers in consume mode).
+    pub messages: Option<u64>,
+    /// How long to measure when `messages` is not set.
+    pub duration: Duration,
+    /// Not measured, first.
+    pub warmup: Duration,
+    /// Records per second over all producers (open loop); `None`: as fast as possible.
+    pub rate: Option<f64>,
+    /// Print a live progress line.
+    pub progress: bool,
+    /// Broker process whose CPU time to report.
+    pub broker_pid: Option<u32>,
+}
+
+impl LoadConfig {
+    /// The settings as JSON, for the report.
+    pub fn to_json(&self, mode: Mode) -> serde_json::Value {
+        serde_json::json!({
+            "mode": mode.name(), "brokers": self.brokers, "topic": self.topic, "partitions": self.partitions,
+            "replicas": self.replicas, "producers": self.producers, "consumers": self.consumers,
+            "message_size": self.message_size, "key_distribution": format!("{:?}", self.keys),
+            "batch_bytes": self.batch_bytes, "linger_ms": self.linger.as_millis() as u64,
+            "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
+            "duration_s": self.duration.as_secs_f64(), "warmup_s": self.warmup.as_secs_f64(), "rate": self.rate,
+        })
+    }
+}
+
+/// One second of latencies from one thread (index 0 is the first measured second).
+struct Interval {
+    index: usize,
+    histogram: Histogram<u64>,
+}
+
+/// Counters the progress line reads.
+#[derive(Default)]
+struct Counters {
+    sent: AtomicU64,
+    measured: AtomicU64,
+    errors: AtomicU64,
+    received: AtomicU64,
+}
+
+/// A finished run: the report and the per-second histograms (for `--hdr`).
+pub struct Outcome {
+    /// The report.
+    pub report: Report,
+    /// Merged latency histogram per measured second.
+    pub intervals: Vec<Histogram<u64>>,
+}
+
+/// Runs a load and returns its report.
+pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
+    if cfg.message_size < 8 {
+        bail!("--message-size must be at least 8 bytes (the send time rides in the value)");
+    }
+    let partitions = ensure_topic(&cfg)?;
+    let cfg = Arc::new(cfg);
+    let counters = Arc::new(Counters::default());
+    let (tx, rx) = flume::unbounded::<Interval>();
+    let stop_consumers = Arc::new(AtomicBool::new(false));
+    let consumers = if mode == Mode::Produce { 0 } else { cfg.consumers.max(1) };
+    let producers = if mode == Mode::Consume { 0 } else { cfg.producers.max(1) };
+    let barrier = Arc::new(Barrier::new(consumers + producers + 1));
+    let base_slot: Arc<std::sync::OnceLock<Instant>> = Arc::new(std::sync::OnceLock::new());
+    let mut threads = Vec::new();
+    for i in 0..consumers {
+        let parts: Vec<u32> = (0..partitions).filter(|p| *p as usize % consumers == i).collect();
+        let from = if mode == Mode::E2e { Position::End } else { Position::Beginning };
+        let (cfg, counters, tx, stop, barrier, base) =
+            (cfg.clone(), counters.clone(), tx.clone(), stop_consumers.clone(), barrier.clone(), base_slot.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("consumer-{i}"))
+                .spawn(move || consumer_thread(mode, cfg, parts, from, counters, tx, stop, barrier, base))?,
+        );
+    }
+    let quota = cfg.messages.map(|m| m.div_ceil(producers.max(consumers) as u64));
+    for i in 0..producers {
+        let (cfg, counters, tx, barrier, base) =
+            (cfg.clone(), counters.clone(), tx.clone(), barrier.clone(), base_slot.clone());
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("producer-{i}"))
+                .spawn(move || producer_thread(mode, i, cfg, quota, counters, tx, barrier, base))?,
+        );
+    }
+    drop(tx);
+    barrier.wait();
+    let base = *base_slot.get_or_init(Instant::now);
+    let measure_start = base + cfg.warmup;
+    let cpu_start = cfg.broker_pid.and_then(cpu_seconds);
+    let mut merged = Merge::default();
+    let mut progress = Progress::new(cfg.progress, measure_start, &cfg);
+    let mut producers_done_at = None;
+    let mut threads_left = threads;
+    let grace_deadline = |done: Instant| done + Duration::from_secs(10);
+    loop {
+        merged.drain(&rx);
+        progress.tick(&counters, &merged);
+        let producers_done = threads_left
+            .iter()
+            .filter(|t| t.thread().name().is_some_and(|n| n.starts_with("producer")))
+            .all(|t| t.is_finished());
+        if producers_done && producers_done_at.is_none() {
+            producers_done_at = Some(Instant::now());
+        }
+        let all_done = threads_left.iter().all(|t| t.is_finished());
+        if all_done {
+            break;
+        }
+        if let Some(done) = producers_done_at {
+            let consumed_enough = mode != Mode::E2e
+                || counters.received.load(Ordering::Relaxed) >= counters.measured.load(Ordering::Relaxed)
+                || Instant::now() >= grace_deadline(done);
+            if mode == Mode::E2e && consumed_enough {
+                stop_consumers.store(true, Ordering::Relaxed);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let end = match mode {
+        Mode::E2e | Mode::Produce => producers_done_at.unwrap_or_else(Instant::now),
+        Mode::Consume => Instant::now(),
+    };
+    let cpu = match (cpu_start, cfg.broker_pid.and_then(cpu_seconds)) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let mut failures = Vec::new();
+    for t in threads_left.drain(..) {
+        match t.join() {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => failures.push(format!("{e:#}")),
+            Err(_) => failures.push("a load thread panicked".into()),
+        }
+    }
+    merged.drain(&rx);
+    progress.finish();
+    if let Some(f) = failures.first() {
+        bail!("load failed: {f}");
+    }
+    let messages = match mode {
+        Mode::Produce => {
+            counters.measured.load(Ordering::Relaxed)
+                - counters.errors.load(Ordering::Relaxed).min(counters.measured.load(Ordering::Relaxed))
+        }
+        Mode::Consume | Mode::E2e => counters.received.load(Ordering::Relaxed),
+    };
+    let seconds = end.saturating_duration_since(measure_start).as_secs_f64().max(1e-9);
+    let bytes = messages * cfg.message_size as u64;
+    let report = Report {
+        mode: mode.name().into(),
+        messages,
+        bytes,
+        seconds,
+        messages_per_sec: messages as f64 / seconds,
+        bytes_per_sec: bytes as f64 / seconds,
+        latency_us: report::latency(&merged.total),
+        config: cfg.to_json(mode),
+        commit: report::commit(),
+        machine: report::machine(),
+        percentiles: report::percentile_points(&merged.total),
+        broker_cpu_seconds: cpu,
+        errors: counters.errors.load(Ordering::Relaxed),
+    };
+    Ok(Outcome { report, intervals: merged.intervals })
+}
+
+/// Creates the topic if missing; returns its partition count.
+fn ensure_topic(cfg: &LoadConfig) -> Result<u32> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = Client::connect(&cfg.brokers).await.with_context(|| format!("connecting to {}", cfg.brokers))?;
+        match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &[]).await {
+            Ok(()) | Err(ClientError::Broker(ErrorCode::TOPIC_ALREADY_EXISTS, _)) => {}
+            Err(e) => return Err(e).context("creating the topic"),
+        }
+        Ok(client.partition_count(&cfg.topic).await?)
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn producer_thread(
+    mode: Mode,
+    index: usize,
+    cfg: Arc<LoadConfig>,
+    quota: Option<u64>,
+    counters: Arc<Counters>,
+    tx: flume::Sender<Interval>,
+    barrier: Arc<Barrier>,
+    base: Arc<std::sync::OnceLock<Instant>>,
+) -> Result<()> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let client = Client::connect(&cfg.brokers).await?;
+        let config = ProducerConfig {
+            acks: cfg.acks,
+            batch_bytes_max: cfg.batch_bytes,
+            linger: cfg.linger,
+            buffer_bytes_max: (cfg.batch_bytes * 64).max(1 << 20),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config);
+        let mut keys = KeyGen::new(cfg.keys.clone(), 0x5EED + index as u64);
+        let mut value = vec![b'x'; cfg.message_size];
+        let rate = cfg.rate.map(|r| r / cfg.producers.max(1) as f64);
+        barrier.wait();
+        let base = *base.get_or_init(Instant::now);
+        let measure_start = base + cfg.warmup;
+        let end = measure_start + cfg.duration;
+        let mut clock = IntervalClock::new(measure_start);
+        let mut pending = FuturesUnordered::new();
+        let mut k: u64 = 0;
+        let mut measured: u64 = 0;
+        let mut key_buf = String::new();
+        loop {
+            let now = Instant::now();
+            let finished = match quota {
+                Some(q) => measured >= q,
+                None => now >= end,
+            };
+            if finished {
+                break;
+            }
+            // Open loop: record k is due at base + k / rate.
+            let due = match rate {
+                Some(r) => ((now.duration_since(base).as_secs_f64() * r) as u64 + 1).saturating_sub(k),
+                None => BURST,
+            };
+            for _ in 0..due.min(BURST) {
+                if quota.is_some_and(|q| measured >= q) {
+                    break;
+                }
+                let intended = match rate {
+                    Some(r) => base + Duration::from_secs_f64(k as f64 / r),
+                    None => Instant::now(),
+                };
+                let nanos = u64::try_from(intended.duration_since(base).as_nanos()).unwrap_or(u64::MAX);
+                value[..8].copy_from_slice(&nanos.to_le_bytes());
+                let key = keys.next_key().map(|k| {
+                    key_buf.clear();
+                    key_buf.push_str("key-");
+                    key_buf.push_str(&k.to_string());
+                    key_buf.as_bytes()
+                });
+                let delivery = producer.send(&cfg.topic, key, &value).await?;
+                let is_measured = intended >= measure_start;
+                measured += u64::from(is_measured);
+                k += 1;
+                counters.sent.fetch_add(1, Ordering::Relaxed);
+                counters.measured.fetch_add(u64::from(is_measured), Ordering::Relaxed);
+                pending.push(delivery.map(move |r| (intended, is_measured, r)));
+            }
+            drain(&mut pending, mode, &mut clock, &counters, &tx, false).await;
+            if let (Some(r), 0) = (rate, due) {
+                let next = base + Duration::from_secs_f64(k as f64 / r);
+                compio::time::sleep(next.saturating_duration_since(Instant::now()).max(Duration::from_micros(50)))
+                    .await;
+            } else {
+                yield_now().await;
+            }
+        }
+        producer.flush().await;
+        drain(&mut pending, mode, &mut clock, &counters, &tx, true).await;
+        clock.flush(&tx);
+        Ok(())
+    })
+}
+
+/// Records finished deliveries; with `all`, waits for every one.
+async fn drain<F>(
+    pending: &mut FuturesUnordered<F>,
+    mode: Mode,
+    clock: &mut IntervalClock,
+    counters: &Counters,
+    tx: &flume::Sender<Interval>,
+    all: bool,
+) where
+    F: std::future::Future<Output = (Instant, bool, Result<(u32, u64), ClientError>)>,
+{
+    loop {
+        let next = if all { pending.next().await } else { pending.next().now_or_never().flatten() };
+        let Some((intended, measured, result)) = next else {
+            return;
+        };
+        let now = Instant::now();
+        match result {
+            Ok(_) if measured && mode == Mode::Produce => {
+                clock.record(now, now.saturating_duration_since(intended), tx)
+            }
+            Ok(_) => {}
+            Err(e) => {
+                if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                    tracing::warn!(error = %e, "a record failed");
+                }
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn consumer_thread(
+    mode: Mode,
+    cfg: Arc<LoadConfig>,
+    partitions: Vec<u32>,
+    from: Position,
+    counters: Arc<Counters>,
+    tx: flume::Sender<Interval>,
+    stop: Arc<AtomicBool>,
+    barrier: Arc<Barrier>,
+    base: Arc<std::sync::OnceLock<Instant>>,
+) -> Result<()> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let client = Client::connect(&cfg.brokers).await?;
+        let config = ConsumerConfig { max_wait: Duration::from_millis(100), ..ConsumerConfig::default() };
+        let mut consumer = Consumer::new(client, config);
+        if !partitions.is_empty() {
+            consumer.assign(&cfg.topic, &partitions, from).await?;
+        }
+        barrier.wait();
+        let base = *base.get_or_init(Instant::now);
+        let measure_start = base + cfg.warmup;
+        let end = measure_start + cfg.duration;
+        let mut clock = IntervalClock::new(measure_start);
+        let quota = cfg.messages;
+        let mut idle_polls = 0u32;
+        while !partitions.is_empty() && !stop.load(Ordering::Relaxed) {
+            if mode == Mode::Consume && (quota.is_none() && Instant::now() >= end) {
+                break;
+            }
+            if mode == Mode::Consume && quota.is_some_and(|q| counters.received.load(Ordering::Relaxed) >= q) {
+                break;
+            }
+            let asked = Instant::now();
+            let records = consumer.poll().await?;
+            let now = Instant::now();
+            if records.is_empty() {
+                idle_polls += 1;
+                if mode == Mode::Consume && idle_polls >= 20 {
+                    break; // two seconds without data: everything was read
+                }
+                continue;
+            }
+            idle_polls = 0;
+            if mode == Mode::Consume && now >= measure_start {
+                clock.record(now, now - asked, &tx);
+            }
+            let mut counted = 0u64;
+            for r in &records {
+                let Some(sent) = r.value.get(..8).map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes"))) else {
+                    continue;
+                };
+                let intended = base + Duration::from_nanos(sent);
+                match mode {
+                    Mode::E2e if intended >= measure_start => {
+                        clock.record(now, now.saturating_duration_since(intended), &tx);
+                        counted += 1;
+                    }
+                    Mode::Consume if now >= measure_start => counted += 1,
+                    _ => {}
+                }
+            }
+            counters.received.fetch_add(counted, Ordering::Relaxed);
+        }
+        clock.flush(&tx);
+        Ok(())
+    })
+}
+
+/// Per-thread latency histogram, sent to the main thread once per measured second.
+struct IntervalClock {
+    start: Instant,
+    index: usize,
+    histogram: Histogram<u64>,
+}
+
+impl IntervalClock {
+    fn new(start: Instant) -> IntervalClock {
+        IntervalClock { start, index: 0, histogram: histogram() }
+    }
+
+    fn record(&mut self, now: Instant, latency: Duration, tx: &flume::Sender<Interval>) {
+        let index = (now.saturating_duration_since(self.start).as_secs()) as usize;
+        if index != self.index {
+            self.flush(tx);
+            self.index = index;
+        }
+        report::record(&mut self.histogram, latency);
+    }
+
+    fn flush(&mut self, tx: &flume::Sender<Interval>) {
+        if !self.histogram.is_empty() {
+            let h = std::mem::replace(&mut self.histogram, histogram());
+            let _ = tx.send(Interval { index: self.index, histogram: h });
+        }
+    }
+}
+
+/// The main thread's merge of every thread's intervals.
+struct Merge {
+    total: Histogram<u64>,
+    intervals: Vec<Histogram<u64>>,
+}
+
+impl Default for Merge {
+    fn default() -> Self {
+        Merge { total: histogram(), intervals: Vec::new() }
+    }
+}
+
+impl Merge {
+    fn drain(&mut self, rx: &flume::Receiver<Interval>) {
+        for i in rx.try_iter() {
+            while self.intervals.len() <= i.index {
+                self.intervals.push(histogram());
+            }
+            let _ = self.intervals[i.index].add(&i.histogram);
+            let _ = self.total.add(&i.histogram);
+        }
+    }
+}
+
+/// The live progress line on stderr.
+struct Progress {
+    on: bool,
+    measure_start: Instant,
+    total: Option<Duration>,
+    last: Instant,
+    last_count: u64,
+}
+
+impl Progress {
+    fn new(on: bool, measure_start: Instant, cfg: &LoadConfig) -> Progress {
+        let total = cfg.messages.is_none().then_some(cfg.duration);
+        Progress { on, measure_start, total, last: Instant::now(), last_count: 0 }
+    }
+
+    fn tick(&mut self, c: &Counters, m: &Merge) {
+        if !self.on || self.last.elapsed() < Duration::from_millis(500) {
+            return;
+        }
+        let count = c.sent.load(Ordering::Relaxed).max(c.received.load(Ordering::Relaxed));
+        let rate = (count - self.last_count.min(count)) as f64 / self.last.elapsed().as_secs_f64();
+        self.last = Instant::now();
+        self.last_count = count;
+        let elapsed = Instant::now().saturating_duration_since(self.measure_start);
+        let phase = if Instant::now() < self.measure_start { "warm-up" } else { "measuring" };
+        let p99 = if m.total.is_empty() { 0 } else { m.total.value_at_quantile(0.99) };
+        let remaining = self.total.map_or_else(String::new, |t| format!(" / {:.0}s", t.as_secs_f64()));
+        eprint!(
+            "\r{phase} {:>5.1}s{remaining}  {:>10.0} rec/s  p99 {:>7} µs  errors {}   ",
+            elapsed.as_secs_f64(),
+            rate,
+            p99,
+            c.errors.load(Ordering::Relaxed)
+        );
+    }
+
+    fn finish(&self) {
+        if self.on {
+            eprintln!();
+        }
+    }
+}
+
+/// CPU seconds (user + system) a process has used, from `/proc/PID/stat`.
+pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+fn clock_ticks_per_second() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// Lets the runtime run other tasks (the producer's sender) before continuing.
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(|cx| {
+        if yielded {
+            std::task::Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            std::task::Poll::Pending
+        }
+    })
+    .await
+}
+
+/// Records sent per loop turn before yielding.
+const BURST: u64 = 256;

@@ -1,0 +1,204 @@
+//! Reports: the JSON other tools read (keys are a contract: keep them), the table people read,
+//! and the helpers that turn histograms into both.
+
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+/// Latency percentiles in microseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Latency {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// 99.9th percentile.
+    pub p999: u64,
+    /// 99.99th percentile.
+    pub p9999: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// Cores and kernel of the machine the run was on.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Machine {
+    /// Cores available to the process.
+    pub cores: usize,
+    /// Kernel release.
+    pub kernel: String,
+}
+
+/// A load run's report (`--report FILE.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Report {
+    /// `produce`, `consume` or `e2e`.
+    pub mode: String,
+    /// Records measured (after warm-up).
+    pub messages: u64,
+    /// Record value bytes measured.
+    pub bytes: u64,
+    /// Measured seconds.
+    pub seconds: f64,
+    /// Records per second.
+    pub messages_per_sec: f64,
+    /// Value bytes per second.
+    pub bytes_per_sec: f64,
+    /// Produce acknowledgement latency (produce), end-to-end latency (e2e), or fetch round
+    /// trip (consume), in microseconds; open loop counts from the intended send time.
+    pub latency_us: Latency,
+    /// The settings of the run.
+    pub config: serde_json::Value,
+    /// The commit measured.
+    pub commit: String,
+    /// Where it ran.
+    pub machine: Machine,
+    /// `[percentile, latency_us]` points for plots.
+    pub percentiles: Vec<[f64; 2]>,
+    /// CPU seconds (user + system) of the broker process during the measured part, when known.
+    pub broker_cpu_seconds: Option<f64>,
+    /// Records sent but not acknowledged (errors), over the whole run.
+    pub errors: u64,
+}
+
+/// The machine's ceilings (`limits --report FILE.json`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LimitsReport {
+    /// Always `limits`.
+    pub mode: String,
+    /// Loopback TCP, one connection.
+    pub tcp_bytes_per_sec: f64,
+    /// Loopback TCP, one connection per core, all together.
+    pub tcp_bytes_per_sec_all_cores: f64,
+    /// Sequential buffered writes plus one final fdatasync.
+    pub disk_write_bytes_per_sec: f64,
+    /// One write of `chunk_bytes` plus fdatasync, repeated.
+    pub fdatasync_us: SyncLatency,
+    /// The settings.
+    pub config: serde_json::Value,
+    /// The commit.
+    pub commit: String,
+    /// Where it ran.
+    pub machine: Machine,
+}
+
+/// fdatasync latency percentiles in microseconds.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SyncLatency {
+    /// Median.
+    pub p50: u64,
+    /// 99th percentile.
+    pub p99: u64,
+}
+
+/// A latency histogram in microseconds (1 µs to 100 s, 3 significant digits).
+pub fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, 100_000_000, 3).expect("valid histogram bounds")
+}
+
+/// Records a duration in microseconds (at least 1, saturating at the top).
+pub fn record(h: &mut Histogram<u64>, d: Duration) {
+    let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX).clamp(1, h.high());
+    h.saturating_record(us);
+}
+
+/// The standard percentiles of a histogram.
+pub fn latency(h: &Histogram<u64>) -> Latency {
+    if h.is_empty() {
+        return Latency::default();
+    }
+    Latency {
+        p50: h.value_at_quantile(0.50),
+        p90: h.value_at_quantile(0.90),
+        p99: h.value_at_quantile(0.99),
+        p999: h.value_at_quantile(0.999),
+        p9999: h.value_at_quantile(0.9999),
+        max: h.max(),
+    }
+}
+
+/// Points for a latency-by-percentile plot, from the median to 99.999%.
+pub fn percentile_points(h: &Histogram<u64>) -> Vec<[f64; 2]> {
+    if h.is_empty() {
+        return Vec::new();
+    }
+    (0..=20)
+        .map(|i| {
+            let nines = 0.301 + f64::from(i) * (5.0 - 0.301) / 20.0;
+            let q = 1.0 - 10f64.powf(-nines);
+            [q * 100.0, h.value_at_quantile(q) as f64]
+        })
+        .collect()
+}
+
+/// The machine's cores and kernel.
+pub fn machine() -> Machine {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map_or_else(|_| "unknown".into(), |s| s.trim().to_owned());
+    Machine { cores, kernel }
+}
+
+/// The commit of the working tree, if git knows it.
+pub fn commit() -> String {
+    std::process::Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(|| "unknown".into(), |o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+}
+
+/// The final table of a load run.
+pub fn table(r: &Report) -> String {
+    let l = &r.latency_us;
+    let mut out = String::new();
+    out.push_str(&format!("{:<12} {:>14} {:>10} {:>10}\n", "mode", "records/s", "MB/s", "records"));
+    out.push_str(&format!(
+        "{:<12} {:>14.0} {:>10.1} {:>10}\n",
+        r.mode,
+        r.messages_per_sec,
+        r.bytes_per_sec / 1e6,
+        r.messages
+    ));
+    out.push_str(&format!(
+        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "latency µs", "p50", "p90", "p99", "p99.9", "p99.99", "max"
+    ));
+    out.push_str(&format!(
+        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+        "", l.p50, l.p90, l.p99, l.p999, l.p9999, l.max
+    ));
+    if let Some(cpu) = r.broker_cpu_seconds {
+        let gb = r.bytes as f64 / 1e9;
+        out.push_str(&format!("broker cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));
+    }
+    if r.errors > 0 {
+        out.push_str(&format!("errors: {} records failed\n", r.errors));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_and_points_follow_the_histogram() {
+        let mut h = histogram();
+        for us in 1..=10_000u64 {
+            record(&mut h, Duration::from_micros(us));
+        }
+        let l = latency(&h);
+        assert!((4_990..=5_010).contains(&l.p50), "{l:?}");
+        assert!((9_890..=9_910).contains(&l.p99), "{l:?}");
+        assert_eq!(l.max, h.max());
+        let pts = percentile_points(&h);
+        assert_eq!(pts.len(), 21);
+        assert!(pts.windows(2).all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1]));
+        assert_eq!(latency(&histogram()), Latency::default());
+    }
+}
