@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use compio::net::TcpStream;
 use futures_channel::oneshot;
 
@@ -21,7 +21,7 @@ use crate::ClientError;
 type Waiter = (u32, oneshot::Sender<Result<BytesMut, ClientError>>);
 
 struct Outgoing {
-    frame: Vec<u8>,
+    frame: Vec<Bytes>,
     waiter: Option<Waiter>,
 }
 
@@ -56,7 +56,7 @@ impl Connection {
                         if let Some(w) = out.waiter {
                             pending.borrow_mut().push_back(w);
                         }
-                        frames.push(out.frame);
+                        frames.extend(out.frame);
                     }
                     if write_frames(&mut writer, frames).await.is_err() {
                         break;
@@ -113,14 +113,37 @@ impl Connection {
     ) -> Result<oneshot::Receiver<Result<BytesMut, ClientError>>, ClientError> {
         let (tx, rx) = oneshot::channel();
         let frame = self.frame(key, req);
-        self.enqueue(Outgoing { frame: frame.1, waiter: Some((frame.0, tx)) }).await?;
+        self.enqueue(Outgoing { frame: vec![Bytes::from(frame.1)], waiter: Some((frame.0, tx)) }).await?;
         Ok(rx)
+    }
+
+    /// Sends a frame built by `build` from a fresh request header (for frames encoded in
+    /// several buffers, like `wire::produce_frame`). With `reply`, returns the receiver of the
+    /// response body.
+    pub async fn send_frame(
+        &self,
+        key: ApiKey,
+        reply: bool,
+        build: impl FnOnce(&RequestHeader) -> Vec<Bytes>,
+    ) -> Result<Option<oneshot::Receiver<Result<BytesMut, ClientError>>>, ClientError> {
+        let id = self.next_id.get();
+        self.next_id.set(id.wrapping_add(1));
+        let header =
+            RequestHeader { api_key: key, api_version: 0, correlation_id: id, client_id: self.client_id.clone() };
+        let frame = build(&header);
+        if !reply {
+            self.enqueue(Outgoing { frame, waiter: None }).await?;
+            return Ok(None);
+        }
+        let (tx, rx) = oneshot::channel();
+        self.enqueue(Outgoing { frame, waiter: Some((id, tx)) }).await?;
+        Ok(Some(rx))
     }
 
     /// Sends a request that gets no response (produce with acks=0).
     pub async fn send_no_reply<Req: Wire>(&self, key: ApiKey, req: &Req) -> Result<(), ClientError> {
         let frame = self.frame(key, req).1;
-        self.enqueue(Outgoing { frame, waiter: None }).await
+        self.enqueue(Outgoing { frame: vec![Bytes::from(frame)], waiter: None }).await
     }
 
     /// Waits for a response from [`Connection::send`] and decodes it.

@@ -10,16 +10,18 @@
 //! latency histogram once per second (the interval log) and at the end; the main thread
 //! merges them, prints progress and builds the report.
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use futures_util::stream::FuturesUnordered;
-use futures_util::{FutureExt, StreamExt};
 use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
-use skein_client::{Acks, Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_client::{
+    Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
+};
 
 use crate::keys::{KeyDistribution, KeyGen};
 use crate::report::{self, histogram, Report};
@@ -270,7 +272,7 @@ fn producer_thread(
             acks: cfg.acks,
             batch_bytes_max: cfg.batch_bytes,
             linger: cfg.linger,
-            buffer_bytes_max: (cfg.batch_bytes * 64).max(1 << 20),
+            buffer_bytes_max: (cfg.batch_bytes * 256).max(16 << 20),
             ..ProducerConfig::default()
         };
         let producer = Producer::new(client, config);
@@ -281,8 +283,12 @@ fn producer_thread(
         let base = *base.get_or_init(Instant::now);
         let measure_start = base + cfg.warmup;
         let end = measure_start + cfg.duration;
-        let mut clock = IntervalClock::new(measure_start);
-        let mut pending = FuturesUnordered::new();
+        // Shared with the per-record callbacks (same thread): latency histogram and counters.
+        let tally = Rc::new(RefCell::new(Tally {
+            clock: IntervalClock::new(measure_start),
+            tx: tx.clone(),
+            counters: counters.clone(),
+        }));
         let mut k: u64 = 0;
         let mut measured: u64 = 0;
         let mut key_buf = String::new();
@@ -316,15 +322,18 @@ fn producer_thread(
                     key_buf.push_str(&k.to_string());
                     key_buf.as_bytes()
                 });
-                let delivery = producer.send(&cfg.topic, key, &value).await?;
                 let is_measured = intended >= measure_start;
+                let t = tally.clone();
+                producer
+                    .send_with(&cfg.topic, None, key, &value, move |r| {
+                        t.borrow_mut().done(mode, intended, is_measured, r)
+                    })
+                    .await?;
                 measured += u64::from(is_measured);
                 k += 1;
                 counters.sent.fetch_add(1, Ordering::Relaxed);
                 counters.measured.fetch_add(u64::from(is_measured), Ordering::Relaxed);
-                pending.push(delivery.map(move |r| (intended, is_measured, r)));
             }
-            drain(&mut pending, mode, &mut clock, &counters, &tx, false).await;
             if let (Some(r), 0) = (rate, due) {
                 let next = base + Duration::from_secs_f64(k as f64 / r);
                 compio::time::sleep(next.saturating_duration_since(Instant::now()).max(Duration::from_micros(50)))
@@ -334,36 +343,28 @@ fn producer_thread(
             }
         }
         producer.flush().await;
-        drain(&mut pending, mode, &mut clock, &counters, &tx, true).await;
-        clock.flush(&tx);
+        tally.borrow_mut().clock.flush(&tx);
         Ok(())
     })
 }
 
-/// Records finished deliveries; with `all`, waits for every one.
-async fn drain<F>(
-    pending: &mut FuturesUnordered<F>,
-    mode: Mode,
-    clock: &mut IntervalClock,
-    counters: &Counters,
-    tx: &flume::Sender<Interval>,
-    all: bool,
-) where
-    F: std::future::Future<Output = (Instant, bool, Result<(u32, u64), ClientError>)>,
-{
-    loop {
-        let next = if all { pending.next().await } else { pending.next().now_or_never().flatten() };
-        let Some((intended, measured, result)) = next else {
-            return;
-        };
-        let now = Instant::now();
+/// A producer thread's outcomes, fed by the per-record callbacks.
+struct Tally {
+    clock: IntervalClock,
+    tx: flume::Sender<Interval>,
+    counters: Arc<Counters>,
+}
+
+impl Tally {
+    fn done(&mut self, mode: Mode, intended: Instant, measured: bool, result: DeliveryResult) {
         match result {
             Ok(_) if measured && mode == Mode::Produce => {
-                clock.record(now, now.saturating_duration_since(intended), tx)
+                let now = Instant::now();
+                self.clock.record(now, now.saturating_duration_since(intended), &self.tx);
             }
             Ok(_) => {}
             Err(e) => {
-                if counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                if self.counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
                     tracing::warn!(error = %e, "a record failed");
                 }
             }

@@ -372,6 +372,8 @@ pub struct BatchBuilder {
     producer_id: ProducerId,
     producer_epoch: ProducerEpoch,
     base_sequence: Sequence,
+    /// Rough archive size, to size the output buffer once.
+    bytes_estimate: usize,
 }
 
 impl Default for BatchBuilder {
@@ -391,6 +393,7 @@ impl BatchBuilder {
             producer_id: ProducerId::NONE,
             producer_epoch: ProducerEpoch::NONE,
             base_sequence: Sequence::NONE,
+            bytes_estimate: 0,
         }
     }
 
@@ -411,6 +414,7 @@ impl BatchBuilder {
     /// Adds a record.
     pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])], timestamp: Timestamp) {
         let first = *self.first_timestamp.get_or_insert(timestamp);
+        self.bytes_estimate += value.len() + key.map_or(0, <[u8]>::len) + 48 + headers.len() * 32;
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let offset_delta = u32::try_from(self.records.len()).expect("fewer than 2^32 records per batch");
         self.records.push(Record {
@@ -437,8 +441,9 @@ impl BatchBuilder {
     /// Panics if no record was added.
     pub fn build(self) -> RecordBatch<Vec<u8>> {
         assert!(!self.records.is_empty(), "a batch needs at least one record");
-        let mut buf = vec![0u8; HEADER_BYTES];
-        let mut buf = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&self.records, std::mem::take(&mut buf))
+        let mut buf = Vec::with_capacity(HEADER_BYTES + self.bytes_estimate);
+        buf.resize(HEADER_BYTES, 0);
+        let mut buf = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&self.records, buf)
             .expect("serializing owned records into a Vec cannot fail");
         let batch_length = u32::try_from(buf.len()).ok().filter(|&l| l <= BATCH_BYTES_MAX);
         let batch_length = batch_length.expect("batch larger than BATCH_BYTES_MAX");
@@ -456,7 +461,11 @@ impl BatchBuilder {
         put_u32(&mut buf, POS_RECORD_COUNT, count);
         let crc = crc32c::crc32c(&buf[CRC_START..]);
         put_u32(&mut buf, POS_CRC, crc);
-        RecordBatch::parse(buf).expect("a freshly built batch is valid")
+        // Built from typed records, so valid by construction; the full check (a second CRC
+        // pass and archive validation) runs only in debug builds.
+        debug_assert!(check_batch(&buf).is_ok(), "a freshly built batch is valid");
+        let header = BatchHeader::decode(&buf).expect("a freshly built header decodes");
+        RecordBatch { bytes: buf, header }
     }
 }
 

@@ -1,7 +1,7 @@
 //! Reading and writing frames on a compio stream.
 
 use bytes::BytesMut;
-use compio::buf::{BufResult, IntoInner};
+use compio::buf::{BufResult, IntoInner, IoBuf};
 use compio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 /// Why a frame could not be read.
@@ -34,8 +34,9 @@ pub async fn read_frame<S: AsyncRead>(stream: &mut S, max_bytes: u32) -> Result<
     Ok(body.into_inner())
 }
 
-/// Writes whole frames (each already length-prefixed) with one vectored write.
-pub async fn write_frames<S: AsyncWrite>(stream: &mut S, frames: Vec<Vec<u8>>) -> std::io::Result<Vec<Vec<u8>>> {
+/// Writes whole frames (each already length-prefixed, possibly in several buffers) with one
+/// vectored write.
+pub async fn write_frames<S: AsyncWrite, T: IoBuf>(stream: &mut S, frames: Vec<T>) -> std::io::Result<Vec<T>> {
     let BufResult(res, frames) = stream.write_vectored_all(frames).await;
     res.map(|()| frames)
 }

@@ -1,0 +1,89 @@
+#!/usr/bin/env bash
+# Measures the loadgen issue's figures in one run on this machine and writes JSON reports,
+# HdrHistogram logs and SVG plots into bench/results/. Each figure is a ratio of numbers from
+# this same run (the machine is shared and noisy). Usage: bench/loadgen-figures.sh [SECONDS]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs=${1:-8}
+out=bench/results
+mkdir -p "$out"
+cargo build --release -q -p skein-broker -p skein-loadgen -p skein-client
+lg=target/release/skein-loadgen
+data=$(mktemp -d /var/tmp/skein-figures.XXXXXX)
+trap 'pkill -f "skein-broker --data-dir $data" || true; rm -rf "$data"' EXIT
+
+start_broker() { # cores port
+  rm -rf "$data/b$1"
+  target/release/skein-broker --cores "$1" --listen "127.0.0.1:$2" --data-dir "$data/b$1" > "$data/ready$1" 2>/dev/null &
+  for _ in $(seq 100); do grep -q ready "$data/ready$1" 2>/dev/null && break; sleep 0.1; done
+  pgrep -f "skein-broker --cores $1 --listen 127.0.0.1:$2" | head -1
+}
+run() { # name args...
+  local name=$1; shift
+  echo "== $name: $*" >&2
+  "$lg" "$@" --duration "${secs}s" --warmup 2s --report "$out/$name.json" --hdr "$out/$name.hlog" | tee "$out/$name.txt"
+}
+
+# This VM pays a large cost the first time the guest touches a page of memory (the host
+# faults it in): writes into never-touched page cache run at about a third of the speed of
+# writes into recycled pages. A long-running server recycles pages; a fresh VM does not. So
+# touch the memory the run will use first (write and delete a file), for the ceilings and the
+# broker alike. Set PREWARM_GIB=0 to skip.
+prewarm=${PREWARM_GIB:-12}
+if [ "$prewarm" -gt 0 ]; then
+  echo "== pre-warming ${prewarm} GiB of page cache" >&2
+  dd if=/dev/zero of="$data/prewarm" bs=1M count=$((prewarm * 1024)) status=none
+  rm -f "$data/prewarm"
+fi
+
+echo "== limits" >&2
+"$lg" limits --data-dir "$data" --batch-bytes 65536 --duration 3s --report "$out/limits.json" | tee "$out/limits.txt"
+
+pid=$(start_broker 2 19301)
+run f1-produce-1p-leader produce --brokers 127.0.0.1:19301 --topic f1 --partitions 1 --message-size 1024 \
+  --batch-bytes 65536 --acks leader --producers 1 --broker-pid "$pid"
+run f3-produce-8p-leader-8prod produce --brokers 127.0.0.1:19301 --topic f3l --partitions 8 --message-size 1024 \
+  --batch-bytes 65536 --acks leader --producers 8 --broker-pid "$pid"
+run f3-produce-8p-all-8prod produce --brokers 127.0.0.1:19301 --topic f3a --partitions 8 --message-size 1024 \
+  --batch-bytes 65536 --acks all --producers 8 --broker-pid "$pid"
+run f2-produce-8p-2prod-cores2 produce --brokers 127.0.0.1:19301 --topic f2 --partitions 8 --message-size 1024 \
+  --batch-bytes 65536 --acks leader --producers 2 --broker-pid "$pid"
+run f4-e2e-max e2e --brokers 127.0.0.1:19301 --topic f4m --partitions 1 --message-size 1024 \
+  --batch-bytes 65536 --linger-ms 1 --acks leader
+max=$(python3 -c "import json;print(json.load(open('$out/f4-e2e-max.json'))['messages_per_sec'])")
+half=$(python3 -c "print(int($max/2))")
+run f4-e2e-half-rate e2e --brokers 127.0.0.1:19301 --topic f4 --partitions 1 --message-size 1024 \
+  --batch-bytes 65536 --linger-ms 1 --acks leader --rate "$half" --plot "$out/f4-e2e-half-rate.svg"
+pkill -f "skein-broker --cores 2 --listen 127.0.0.1:19301" || true
+
+pid=$(start_broker 1 19302)
+run f2-produce-8p-2prod-cores1 produce --brokers 127.0.0.1:19302 --topic f2 --partitions 8 --message-size 1024 \
+  --batch-bytes 65536 --acks leader --producers 2 --broker-pid "$pid"
+pkill -f "skein-broker --cores 1 --listen 127.0.0.1:19302" || true
+
+"$lg" plot "$out/f1-produce-1p-leader.json" "$out/f3-produce-8p-leader-8prod.json" "$out/f3-produce-8p-all-8prod.json" \
+  "$out/f4-e2e-half-rate.json" -o "$out/latency.svg"
+python3 - "$out" <<'PY'
+import json, sys
+d = sys.argv[1]
+j = lambda n: json.load(open(f"{d}/{n}.json"))
+lim, f1 = j("limits"), j("f1-produce-1p-leader")
+c2, c1 = j("f2-produce-8p-2prod-cores2"), j("f2-produce-8p-2prod-cores1")
+lead, all_ = j("f3-produce-8p-leader-8prod"), j("f3-produce-8p-all-8prod")
+e2e = j("f4-e2e-half-rate")
+cpu_gb = lambda r: r["broker_cpu_seconds"] / (r["bytes"] / 1e9)
+rows = [
+  ("f1 1 producer, acks=leader / loopback TCP", f1["bytes_per_sec"] / lim["tcp_bytes_per_sec"], ">= 0.5"),
+  ("f1 1 producer, acks=leader / disk write", f1["bytes_per_sec"] / lim["disk_write_bytes_per_sec"], "(context)"),
+  ("f2 throughput --cores 2 / --cores 1", c2["bytes_per_sec"] / c1["bytes_per_sec"], ">= 1.25"),
+  ("f2 broker CPU per GB, cores 2 / cores 1", cpu_gb(c2) / cpu_gb(c1), "<= 1.15"),
+  ("f3 acks=all / acks=leader, 8 producers", all_["bytes_per_sec"] / lead["bytes_per_sec"], ">= 0.6"),
+  ("f4 e2e max rate (records/s), closed loop", j("f4-e2e-max")["messages_per_sec"], "(context)"),
+  ("f4 e2e p99 at half max rate (ms)", e2e["latency_us"]["p99"] / 1000, "<= 1"),
+  ("f4 e2e p99.9 at half max rate (ms)", e2e["latency_us"]["p999"] / 1000, "<= 5"),
+]
+summary = {name: round(v, 3) for name, v, _ in rows}
+json.dump(summary, open(f"{d}/summary.json", "w"), indent=2)
+for name, v, goal in rows:
+    print(f"{name:<45} {v:>9.3f}   goal {goal}")
+PY
