@@ -18,10 +18,12 @@ start_broker() { # cores port
   for _ in $(seq 100); do grep -q ready "$data/ready$1" 2>/dev/null && break; sleep 0.1; done
   pgrep -f "skein-broker --cores $1 --listen 127.0.0.1:$2" | head -1
 }
-run() { # name args...
+run() { # name args... (args must start with --brokers B --topic T)
   local name=$1; shift
   echo "== $name: $*" >&2
   "$lg" "$@" --duration "${secs}s" --warmup 2s --report "$out/$name.json" --hdr "$out/$name.hlog" | tee "$out/$name.txt"
+  # Delete the run's data so the next run writes into recycled (warm) pages, as every run does.
+  target/release/skein --brokers "$3" topic delete "$5" >/dev/null
 }
 
 # This VM pays a large cost the first time the guest touches a page of memory (the host
