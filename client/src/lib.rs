@@ -28,7 +28,7 @@ pub mod wire;
 
 pub use admin::{Client, ClientConfig};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
-pub use producer::{key_partition, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
+pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
 
 use crate::wire::ErrorCode;
 

@@ -39,6 +39,19 @@ pub enum Acks {
     None,
 }
 
+impl std::str::FromStr for Acks {
+    type Err = String;
+    /// `all`, `leader` or `none`, as the CLIs spell them.
+    fn from_str(s: &str) -> Result<Acks, String> {
+        match s {
+            "all" => Ok(Acks::All),
+            "leader" => Ok(Acks::Leader),
+            "none" => Ok(Acks::None),
+            _ => Err(format!("acks is all, leader or none, not '{s}'")),
+        }
+    }
+}
+
 impl Acks {
     fn wire(self) -> i8 {
         match self {
@@ -491,8 +504,8 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
     }
 }
 
-/// Lets the runtime run other tasks before continuing.
-async fn yield_now() {
+/// Lets the runtime run other tasks (such as a producer's sender) before continuing.
+pub async fn yield_now() {
     let mut yielded = false;
     std::future::poll_fn(|cx| {
         if yielded {

@@ -20,7 +20,7 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
 use skein_client::{
-    Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
+    yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
 };
 
 use crate::keys::{KeyDistribution, KeyGen};
@@ -554,21 +554,6 @@ fn clock_ticks_per_second() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-/// Lets the runtime run other tasks (the producer's sender) before continuing.
-async fn yield_now() {
-    let mut yielded = false;
-    std::future::poll_fn(|cx| {
-        if yielded {
-            std::task::Poll::Ready(())
-        } else {
-            yielded = true;
-            cx.waker().wake_by_ref();
-            std::task::Poll::Pending
-        }
-    })
-    .await
 }
 
 /// Records sent per loop turn before yielding.

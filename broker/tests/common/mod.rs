@@ -23,19 +23,7 @@ impl Broker {
     }
 
     fn spawn(dir: PathBuf, extra: Vec<String>, listen: &str) -> Broker {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_skein-broker"))
-            .args(["--listen", listen, "--data-dir"])
-            .arg(&dir)
-            .args(&extra)
-            .env("SKEIN_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start skein-broker");
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read ready line");
-        let addr = line.trim().strip_prefix("ready ").unwrap_or_else(|| panic!("broker said {line:?}")).to_owned();
-        Broker { child, addr, dir, extra }
+        Broker::spawn_checked(dir, extra, listen).unwrap_or_else(|| panic!("skein-broker did not start on {listen}"))
     }
 
     /// Restarts on the same directory and port.
@@ -43,8 +31,7 @@ impl Broker {
         let addr = self.addr.clone();
         // The old socket may linger briefly; retry the bind.
         for attempt in 0..50 {
-            let mut b = Broker::spawn_checked(self.dir.clone(), self.extra.clone(), &addr);
-            if let Some(b) = b.take() {
+            if let Some(b) = Broker::spawn_checked(self.dir.clone(), self.extra.clone(), &addr) {
                 *self = b;
                 return;
             }
@@ -60,7 +47,7 @@ impl Broker {
             .args(&extra)
             .env("SKEIN_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(Stdio::inherit())
             .spawn()
             .expect("start skein-broker");
         let mut line = String::new();

@@ -5,7 +5,7 @@ use std::io::{BufRead, BufWriter, Write};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use skein_client::wire::TopicDescription;
 use skein_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
 
@@ -37,8 +37,8 @@ enum Command {
         #[arg(long)]
         key_separator: Option<String>,
         /// Durability to wait for.
-        #[arg(long, value_enum, default_value_t = AcksArg::All)]
-        acks: AcksArg,
+        #[arg(long, default_value = "all")]
+        acks: Acks,
         /// Print `PARTITION OFFSET` per acknowledged record, in input order.
         #[arg(long)]
         print_offsets: bool,
@@ -111,13 +111,6 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum AcksArg {
-    All,
-    Leader,
-    None,
 }
 
 fn main() {
@@ -229,14 +222,9 @@ async fn produce(
     topic: &str,
     partition: Option<u32>,
     sep: Option<&str>,
-    acks: AcksArg,
+    acks: Acks,
     print: bool,
 ) -> Result<()> {
-    let acks = match acks {
-        AcksArg::All => Acks::All,
-        AcksArg::Leader => Acks::Leader,
-        AcksArg::None => Acks::None,
-    };
     let producer =
         Producer::new(client, ProducerConfig { acks, linger: Duration::from_millis(2), ..ProducerConfig::default() });
     let stdin = std::io::stdin();

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use skein_client::Acks;
 use skein_loadgen::keys::KeyDistribution;
 use skein_loadgen::load::{self, LoadConfig, Mode};
@@ -82,8 +82,8 @@ struct LoadArgs {
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
     /// Durability to wait for.
-    #[arg(long, value_enum, default_value_t = AcksArg::Leader)]
-    acks: AcksArg,
+    #[arg(long, default_value = "leader")]
+    acks: Acks,
     /// Records to measure (instead of --duration).
     #[arg(long)]
     messages: Option<u64>,
@@ -121,13 +121,6 @@ struct LimitsArgs {
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum AcksArg {
-    All,
-    Leader,
-    None,
 }
 
 fn main() {
@@ -178,11 +171,7 @@ fn run(cli: Cli) -> Result<()> {
 fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
     let embedded = if a.embedded { Some(EmbeddedBroker::start(a.broker_cores)?) } else { None };
     let brokers = embedded.as_ref().map_or_else(|| a.brokers.clone(), |b| b.addr.clone());
-    let acks = match a.acks {
-        AcksArg::All => Acks::All,
-        AcksArg::Leader => Acks::Leader,
-        AcksArg::None => Acks::None,
-    };
+    let acks = a.acks;
     let cfg = LoadConfig {
         brokers,
         topic: a.topic.clone(),
