@@ -143,6 +143,11 @@ impl Shard {
         while self.in_flight.get() > 0 && Instant::now() < grace {
             compio::time::sleep(Duration::from_millis(5)).await;
         }
+        // Let running group commits finish, so every log can be closed cleanly (a sync task
+        // holds its partition; `close_all` could only sync that one, without the marker).
+        while self.partitions.borrow().values().any(|p| p.borrow().syncing) && Instant::now() < grace {
+            compio::time::sleep(Duration::from_millis(2)).await;
+        }
         self.close_all();
     }
 
