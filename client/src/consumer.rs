@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_channel::oneshot;
-use skein_log::batch::batches;
+use skein_log::batch::{BatchError, BatchHeader, RecordBatch, HEADER_BYTES};
 
 use crate::conn::Connection;
 use crate::wire::{ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, EARLIEST, LATEST};
@@ -72,6 +72,19 @@ pub struct ConsumerRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// One fetched batch of a partition, read in place from the response.
+#[derive(Debug)]
+pub struct FetchedBatch {
+    /// Topic.
+    pub topic: Rc<str>,
+    /// Partition.
+    pub partition: u32,
+    /// Records below this offset were delivered before; skip them.
+    pub from_offset: u64,
+    /// The batch, fully checked.
+    pub batch: RecordBatch<BytesMut>,
+}
+
 type Pending = (Vec<u64>, Rc<Connection>, oneshot::Receiver<Result<BytesMut, ClientError>>);
 
 /// Reads assigned partitions.
@@ -117,6 +130,37 @@ impl Consumer {
 
     /// The next records (possibly none, after `max_wait` without new data).
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
+        let fetched = self.poll_batches().await?;
+        let mut out = Vec::new();
+        for f in &fetched {
+            let h = *f.batch.header();
+            for r in f.batch.records().iter() {
+                let offset = h.base_offset.get() + u64::from(r.offset_delta.to_native());
+                if offset < f.from_offset {
+                    continue;
+                }
+                out.push(ConsumerRecord {
+                    topic: f.topic.clone(),
+                    partition: f.partition,
+                    offset,
+                    timestamp: h.first_timestamp.0.wrapping_add(r.timestamp_delta.to_native()),
+                    key: r.key.as_ref().map(|k| k.as_slice().to_vec()),
+                    value: r.value.as_slice().to_vec(),
+                    headers: r
+                        .headers
+                        .iter()
+                        .map(|x| (x.key.as_str().to_owned(), x.value.as_slice().to_vec()))
+                        .collect(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The next batches, checked (framing, CRC, archive) and read in place: no record is
+    /// copied. Records below `from_offset` in a batch were already delivered (or asked to be
+    /// skipped) and should be ignored.
+    pub async fn poll_batches(&mut self) -> Result<Vec<FetchedBatch>, ClientError> {
         if self.assigned.is_empty() {
             return Err(ClientError::Invalid("no partitions assigned".into()));
         }
@@ -134,9 +178,9 @@ impl Consumer {
             }
             Err(e) => return Err(e),
         };
-        let records = self.take_records(resp)?;
+        let fetched = self.take_batches(resp)?;
         self.in_flight = Some(self.send_fetch().await?);
-        Ok(records)
+        Ok(fetched)
     }
 
     async fn send_fetch(&self) -> Result<Pending, ClientError> {
@@ -161,7 +205,7 @@ impl Consumer {
         Ok((self.assigned.iter().map(|e| e.2).collect(), conn, rx))
     }
 
-    fn take_records(&mut self, resp: FetchResponse) -> Result<Vec<ConsumerRecord>, ClientError> {
+    fn take_batches(&mut self, resp: FetchResponse) -> Result<Vec<FetchedBatch>, ClientError> {
         let mut out = Vec::new();
         for part in resp.partitions {
             let Some(entry) = self.assigned.iter_mut().find(|(t, p, _)| **t == *part.topic && *p == part.partition)
@@ -178,30 +222,18 @@ impl Consumer {
                     ))
                 }
             }
-            for batch in batches(&part.records) {
-                let batch =
-                    batch.map_err(|e| ClientError::Protocol(format!("{}/{}: {e}", part.topic, part.partition)))?;
-                let h = *batch.header();
-                for r in batch.records().iter() {
-                    let offset = h.base_offset.get() + u64::from(r.offset_delta.to_native());
-                    if offset < entry.2 {
-                        continue;
-                    }
-                    out.push(ConsumerRecord {
-                        topic: entry.0.clone(),
-                        partition: entry.1,
-                        offset,
-                        timestamp: h.first_timestamp.0.wrapping_add(r.timestamp_delta.to_native()),
-                        key: r.key.as_ref().map(|k| k.as_slice().to_vec()),
-                        value: r.value.as_slice().to_vec(),
-                        headers: r
-                            .headers
-                            .iter()
-                            .map(|x| (x.key.as_str().to_owned(), x.value.as_slice().to_vec()))
-                            .collect(),
-                    });
+            let corrupt = |e: BatchError| ClientError::Protocol(format!("{}/{}: {e}", part.topic, part.partition));
+            let mut records = part.records;
+            while !records.is_empty() {
+                let header = BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)]).map_err(corrupt)?;
+                let len = header.batch_length as usize;
+                if len > records.len() {
+                    return Err(corrupt(BatchError::Truncated { needed: len as u64, available: records.len() as u64 }));
                 }
-                entry.2 = entry.2.max(h.next_offset().get());
+                let batch = RecordBatch::parse(records.split_to(len)).map_err(corrupt)?;
+                let from_offset = entry.2;
+                entry.2 = entry.2.max(batch.header().next_offset().get());
+                out.push(FetchedBatch { topic: entry.0.clone(), partition: entry.1, from_offset, batch });
             }
         }
         Ok(out)

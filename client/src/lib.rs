@@ -27,7 +27,7 @@ mod producer;
 pub mod wire;
 
 pub use admin::{Client, ClientConfig};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, Position};
+pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position};
 pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
 
 use crate::wire::ErrorCode;
