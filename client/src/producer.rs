@@ -250,8 +250,10 @@ impl Producer {
                 st.open.insert(topic.to_owned(), HashMap::new());
             }
             let by_partition = st.open.get_mut(topic).expect("inserted above");
+            let batch_bytes_max = self.inner.config.batch_bytes_max;
             let open = by_partition.entry(partition).or_insert_with(|| Open {
-                builder: BatchBuilder::new(),
+                // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
+                builder: BatchBuilder::with_capacity(batch_bytes_max.saturating_add(size).min(1 << 20)),
                 bytes: 0,
                 replies: Vec::new(),
                 since: Instant::now(),

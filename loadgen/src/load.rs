@@ -306,6 +306,9 @@ fn producer_thread(
                 Some(r) => ((now.duration_since(base).as_secs_f64() * r) as u64 + 1).saturating_sub(k),
                 None => BURST,
             };
+            // Shared counters are updated once per burst: an atomic add per record on a cache
+            // line every producer thread writes cost ~10 % of the load generator's CPU.
+            let (sent_before, measured_before) = (k, measured);
             for _ in 0..due.min(BURST) {
                 if quota.is_some_and(|q| measured >= q) {
                     break;
@@ -331,9 +334,9 @@ fn producer_thread(
                     .await?;
                 measured += u64::from(is_measured);
                 k += 1;
-                counters.sent.fetch_add(1, Ordering::Relaxed);
-                counters.measured.fetch_add(u64::from(is_measured), Ordering::Relaxed);
             }
+            counters.sent.fetch_add(k - sent_before, Ordering::Relaxed);
+            counters.measured.fetch_add(measured - measured_before, Ordering::Relaxed);
             if let (Some(r), 0) = (rate, due) {
                 let next = base + Duration::from_secs_f64(k as f64 / r);
                 compio::time::sleep(next.saturating_duration_since(Instant::now()).max(Duration::from_micros(50)))

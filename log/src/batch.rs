@@ -363,17 +363,77 @@ fn check_records(header: &BatchHeader, records: &ArchivedRecords) -> Result<(), 
 }
 
 /// Builds a batch from records. Used by producers (and tests); brokers never rebuild batches.
-#[derive(Debug, Clone)]
+///
+/// Keys, values and headers are written into the output buffer as they are pushed, in exactly
+/// the place and order rkyv would write them when serializing a `Vec<Record>`; `build` then
+/// writes only the record array and the archive root. So a record costs one copy of its bytes
+/// and no allocation (the buffer and the span list grow amortized; headers, when present, are
+/// serialized through rkyv at push time).
+#[derive(Clone)]
 pub struct BatchBuilder {
-    records: Vec<Record>,
+    /// Header placeholder, then every pushed record's out-of-line bytes.
+    buf: Vec<u8>,
+    records: Vec<PushedRecord>,
     first_timestamp: Option<Timestamp>,
     max_timestamp: Timestamp,
     attributes: Attributes,
     producer_id: ProducerId,
     producer_epoch: ProducerEpoch,
     base_sequence: Sequence,
-    /// Rough archive size, to size the output buffer once.
-    bytes_estimate: usize,
+}
+
+/// A record whose bytes are already in the builder's buffer; archives as [`ArchivedRecord`]
+/// pointing at them.
+#[derive(Archive, Serialize, Clone, Copy)]
+#[rkyv(as = ArchivedRecord)]
+struct PushedRecord {
+    offset_delta: u32,
+    timestamp_delta: i64,
+    key: Option<Written<u8>>,
+    value: Written<u8>,
+    headers: Written<ArchivedRecordHeader>,
+}
+
+/// A slice of `len` archived `T`s already written at `pos` of the output; archives as an
+/// `ArchivedVec<T>` pointing there and writes nothing more when serialized.
+struct Written<T> {
+    pos: usize,
+    len: usize,
+    _t: std::marker::PhantomData<fn() -> T>,
+}
+
+impl<T> Clone for Written<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for Written<T> {}
+
+impl<T> Written<T> {
+    fn new(pos: usize, len: usize) -> Self {
+        Written { pos, len, _t: std::marker::PhantomData }
+    }
+}
+
+impl<T: rkyv::Portable> Archive for Written<T> {
+    type Archived = rkyv::vec::ArchivedVec<T>;
+    type Resolver = ();
+
+    fn resolve(&self, (): (), out: rkyv::Place<Self::Archived>) {
+        rkyv::vec::ArchivedVec::resolve_from_len(self.len, rkyv::vec::VecResolver::from_pos(self.pos), out);
+    }
+}
+
+impl<T: rkyv::Portable, S: rancor::Fallible + ?Sized> Serialize<S> for Written<T> {
+    fn serialize(&self, _: &mut S) -> Result<(), S::Error> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for BatchBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BatchBuilder").field("records", &self.records.len()).field("bytes", &self.buf.len()).finish()
+    }
 }
 
 impl Default for BatchBuilder {
@@ -386,6 +446,7 @@ impl BatchBuilder {
     /// An empty, non-idempotent, non-transactional batch.
     pub fn new() -> BatchBuilder {
         BatchBuilder {
+            buf: vec![0; HEADER_BYTES],
             records: Vec::new(),
             first_timestamp: None,
             max_timestamp: Timestamp(i64::MIN),
@@ -393,8 +454,14 @@ impl BatchBuilder {
             producer_id: ProducerId::NONE,
             producer_epoch: ProducerEpoch::NONE,
             base_sequence: Sequence::NONE,
-            bytes_estimate: 0,
         }
+    }
+
+    /// An empty batch whose buffer holds `bytes` of records before it grows.
+    pub fn with_capacity(bytes: usize) -> BatchBuilder {
+        let mut b = BatchBuilder::new();
+        b.buf.reserve(bytes);
+        b
     }
 
     /// Marks the batch as an idempotent producer's.
@@ -414,16 +481,40 @@ impl BatchBuilder {
     /// Adds a record.
     pub fn push(&mut self, key: Option<&[u8]>, value: &[u8], headers: &[(&str, &[u8])], timestamp: Timestamp) {
         let first = *self.first_timestamp.get_or_insert(timestamp);
-        self.bytes_estimate += value.len() + key.map_or(0, <[u8]>::len) + 48 + headers.len() * 32;
         self.max_timestamp = self.max_timestamp.max(timestamp);
         let offset_delta = u32::try_from(self.records.len()).expect("fewer than 2^32 records per batch");
-        self.records.push(Record {
+        // Same order as rkyv's own serializer: key, value, then the headers' bytes and array.
+        let key = key.map(|k| self.write_bytes(k));
+        let value = self.write_bytes(value);
+        let headers = if headers.is_empty() { Written::new(self.buf.len(), 0) } else { self.write_headers(headers) };
+        self.records.push(PushedRecord {
             offset_delta,
             timestamp_delta: timestamp.0.wrapping_sub(first.0),
-            key: key.map(<[u8]>::to_vec),
-            value: value.to_vec(),
-            headers: headers.iter().map(|(k, v)| RecordHeader { key: (*k).to_owned(), value: v.to_vec() }).collect(),
+            key,
+            value,
+            headers,
         });
+    }
+
+    /// Appends bytes as rkyv writes a `Vec<u8>`'s elements (alignment 1 in this format).
+    fn write_bytes(&mut self, bytes: &[u8]) -> Written<u8> {
+        let pos = self.buf.len();
+        self.buf.extend_from_slice(bytes);
+        Written::new(pos, bytes.len())
+    }
+
+    fn write_headers(&mut self, headers: &[(&str, &[u8])]) -> Written<ArchivedRecordHeader> {
+        let owned: Vec<RecordHeader> =
+            headers.iter().map(|(k, v)| RecordHeader { key: (*k).to_owned(), value: v.to_vec() }).collect();
+        let buf = std::mem::take(&mut self.buf);
+        let (buf, pos) = rkyv::util::with_arena(|arena| {
+            let mut ser = rkyv::ser::Serializer::new(buf, arena.acquire(), rkyv::ser::sharing::Share::new());
+            let pos = rkyv::SerializeUnsized::serialize_unsized(owned.as_slice(), rancor::Strategy::<_, rancor::Error>::wrap(&mut ser))
+                .expect("serializing owned headers into a Vec cannot fail");
+            (ser.into_writer(), pos)
+        });
+        self.buf = buf;
+        Written::new(pos, owned.len())
     }
 
     /// Records added so far.
@@ -436,15 +527,21 @@ impl BatchBuilder {
         self.records.is_empty()
     }
 
+    /// Bytes the batch holds so far (header and record bytes; the record array adds about
+    /// 40 bytes per record at `build`).
+    pub fn len_bytes(&self) -> usize {
+        self.buf.len()
+    }
+
     /// Encodes the batch with base offset 0 and leader epoch 0 (the leader stamps both).
     ///
     /// Panics if no record was added.
     pub fn build(self) -> RecordBatch<Vec<u8>> {
         assert!(!self.records.is_empty(), "a batch needs at least one record");
-        let mut buf = Vec::with_capacity(HEADER_BYTES + self.bytes_estimate);
-        buf.resize(HEADER_BYTES, 0);
+        let mut buf = self.buf;
+        buf.reserve(self.records.len() * std::mem::size_of::<ArchivedRecord>() + 16);
         let mut buf = rkyv::api::high::to_bytes_in::<_, rancor::Error>(&self.records, buf)
-            .expect("serializing owned records into a Vec cannot fail");
+            .expect("serializing pushed records into a Vec cannot fail");
         let batch_length = u32::try_from(buf.len()).ok().filter(|&l| l <= BATCH_BYTES_MAX);
         let batch_length = batch_length.expect("batch larger than BATCH_BYTES_MAX");
         let count = self.records.len() as u32;
@@ -463,7 +560,7 @@ impl BatchBuilder {
         put_u32(&mut buf, POS_CRC, crc);
         // Built from typed records, so valid by construction; the full check (a second CRC
         // pass and archive validation) runs only in debug builds.
-        debug_assert!(check_batch(&buf).is_ok(), "a freshly built batch is valid");
+        debug_assert!(check_batch(&buf).is_ok(), "a freshly built batch is valid: {:?}", check_batch(&buf));
         let header = BatchHeader::decode(&buf).expect("a freshly built header decodes");
         RecordBatch { bytes: buf, header }
     }
@@ -591,6 +688,51 @@ mod tests {
         assert!(results[1].is_err());
     }
 
+    type PropRecord = (Option<Vec<u8>>, Vec<u8>, Vec<(String, Vec<u8>)>, i64);
+
+    fn prop_record() -> impl proptest::strategy::Strategy<Value = PropRecord> {
+        use proptest::prelude::*;
+        let bytes = proptest::collection::vec(any::<u8>(), 0..40);
+        (
+            proptest::option::of(bytes.clone()),
+            bytes.clone(),
+            proptest::collection::vec(("[a-z]{0,20}", bytes), 0..3),
+            -5i64..5,
+        )
+    }
+
+    /// The builder writes the archive itself (bytes at push, records at build); it must be
+    /// exactly what rkyv would write for the owned records: same bytes, and valid.
+    fn check_builder_matches_rkyv(records: &[PropRecord]) {
+        let mut b = BatchBuilder::new();
+        let mut owned = Vec::new();
+        let first = records[0].3;
+        for (i, (k, v, h, ts)) in records.iter().enumerate() {
+            let hs: Vec<(&str, &[u8])> = h.iter().map(|(a, b)| (a.as_str(), b.as_slice())).collect();
+            b.push(k.as_deref(), v, &hs, Timestamp(*ts));
+            owned.push(Record {
+                offset_delta: i as u32,
+                timestamp_delta: ts - first,
+                key: k.clone(),
+                value: v.clone(),
+                headers: h.iter().map(|(a, b)| RecordHeader { key: a.clone(), value: b.clone() }).collect(),
+            });
+        }
+        let batch = RecordBatch::parse(b.build().into_bytes()).expect("built batch is valid");
+        let expected = rkyv::to_bytes::<rancor::Error>(&owned).expect("serializes");
+        assert_eq!(&batch.as_bytes()[HEADER_BYTES..], expected.as_slice(), "archive differs from rkyv's");
+        let back: Vec<Record> = rkyv::deserialize::<_, rancor::Error>(batch.records()).expect("deserializes");
+        assert_eq!(back, owned);
+    }
+
+    #[test]
+    fn builder_matches_rkyv_for_edge_records() {
+        check_builder_matches_rkyv(&[(None, vec![], vec![], 0)]);
+        check_builder_matches_rkyv(&[(Some(vec![]), vec![1], vec![(String::new(), vec![])], 3)]);
+        let long = "a-header-name-longer-than-inline".to_string();
+        check_builder_matches_rkyv(&[(Some(vec![7; 9]), vec![1; 100], vec![(long, vec![2; 3])], 1), (None, vec![], vec![], 0)]);
+    }
+
     proptest::proptest! {
         #[test]
         fn prop_decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
@@ -613,6 +755,11 @@ mod tests {
             let crc = crc32c::crc32c(&bytes[CRC_START..]);
             bytes[POS_CRC..POS_CRC + 4].copy_from_slice(&crc.to_le_bytes());
             let _ = RecordBatch::parse(&bytes[..]).map(|b| b.records().len());
+        }
+
+        #[test]
+        fn prop_builder_matches_rkyv(records in proptest::collection::vec(prop_record(), 1..12)) {
+            check_builder_matches_rkyv(&records);
         }
     }
 }
