@@ -1,6 +1,7 @@
 //! Skein's broker: a single node serving the wire protocol of `skein_client::wire` over
 //! thread-per-core shards, each owning a set of partition logs.
 //!
+//! - [`check`]: the history checker (Jepsen-style checks of recorded client histories).
 //! - [`meta`]: topic metadata, persisted atomically.
 //! - [`runtime`]: shards (one compio runtime per core), connections, request handling,
 //!   group commit and long-polling fetches.
@@ -9,6 +10,7 @@
 //! ARCHITECTURE.md).
 #![warn(missing_docs)]
 
+pub mod check;
 pub mod meta;
 pub mod runtime;
 
