@@ -11,8 +11,11 @@
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod core;
 pub mod meta;
 pub mod runtime;
+#[cfg(feature = "sim")]
+pub mod sim;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

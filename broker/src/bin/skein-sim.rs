@@ -1,0 +1,119 @@
+//! `skein-sim`: runs simulator seeds S..S+N and reports each failing seed with the command
+//! that replays it. Exit status 1 if any seed failed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use clap::Parser;
+use skein_broker::core::replica::Plant;
+use skein_broker::sim::{run, SimConfig};
+
+static CURRENT_SEED: AtomicU64 = AtomicU64::new(0);
+
+#[derive(Parser, Debug)]
+#[command(name = "skein-sim", about = "Deterministic cluster simulation over many seeds")]
+struct Args {
+    /// How many seeds to run.
+    #[arg(long, default_value_t = 100)]
+    seeds: u64,
+    /// The first seed.
+    #[arg(long, default_value_t = 0)]
+    start: u64,
+    /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack.
+    #[arg(long)]
+    plant: Option<String>,
+    /// Virtual milliseconds of faults per seed.
+    #[arg(long, default_value_t = 6_000)]
+    safety_ms: u64,
+    /// Virtual milliseconds of healed running per seed.
+    #[arg(long, default_value_t = 3_000)]
+    liveness_ms: u64,
+    /// Print every seed's result, not only failures.
+    #[arg(long)]
+    verbose: bool,
+    /// Print the full checker report of failing seeds.
+    #[arg(long)]
+    report: bool,
+}
+
+fn main() -> Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let args = Args::parse();
+    let mut plant = Plant::default();
+    match args.plant.as_deref() {
+        None => {}
+        Some("no-fencing") => plant.no_fencing = true,
+        Some("no-truncation") => plant.no_truncation = true,
+        Some("early-ack") => plant.early_ack = true,
+        Some(other) => bail!("unknown bug {other:?}: no-fencing, no-truncation or early-ack"),
+    }
+    // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
+    let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default();
+    let hint = plant_arg.clone();
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        let seed = CURRENT_SEED.load(Ordering::Relaxed);
+        eprintln!("seed {seed}: PANICKED");
+        eprintln!("  replay: cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{hint}");
+    }));
+    let started = Instant::now();
+    let (mut passed, mut failed, mut events, mut ops) = (0u64, 0u64, 0u64, 0u64);
+    let mut caught: std::collections::BTreeMap<String, u64> = Default::default();
+    for seed in args.start..args.start + args.seeds {
+        CURRENT_SEED.store(seed, Ordering::Relaxed);
+        let cfg = SimConfig { plant, safety_ms: args.safety_ms, liveness_ms: args.liveness_ms, ..SimConfig::new(seed) };
+        let out = run(&cfg);
+        events += out.events;
+        ops += out.ops;
+        if out.passed() {
+            passed += 1;
+            if args.verbose {
+                println!("seed {seed}: passed ({} events, {} ops, {} faults)", out.events, out.ops, out.faults);
+            }
+            continue;
+        }
+        failed += 1;
+        let props = out.failed_properties();
+        for p in &props {
+            *caught.entry(p.clone()).or_default() += 1;
+        }
+        println!("seed {seed}: FAILED {}", props.join(", "));
+        for v in out.violations.iter().take(3) {
+            println!("  {v}");
+        }
+        for r in out.report.results.iter().filter(|r| r.failed()) {
+            if let Some(v) = r.violations().first() {
+                println!("  {}: {}", r.check.name(), v.detail);
+            }
+        }
+        if args.report {
+            println!("{}", out.report);
+        }
+        println!(
+            "  replay: cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{plant_arg}"
+        );
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "simulated {events} events and {ops} client operations in {secs:.1} s: {:.0} events/s, {:.0} ops/s",
+        events as f64 / secs,
+        ops as f64 / secs
+    );
+    if !caught.is_empty() {
+        let list: Vec<String> = caught.iter().map(|(k, v)| format!("{k} x{v}")).collect();
+        println!("violated properties: {}", list.join(", "));
+    }
+    println!("seeds: {} passed: {passed} failed: {failed}", args.seeds);
+    if failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}

@@ -1,0 +1,334 @@
+//! The controller's state machine: broker liveness, leader election, ISR changes.
+//!
+//! Deterministic and sans-IO: messages and ticks in, messages out. In the simulator it runs on
+//! one controller node (standing in for the Raft quorum of the cluster issue, whose replicated
+//! log will carry exactly these decisions). Decisions:
+//!
+//! - A broker is alive while its heartbeats arrive within `session_timeout_ms`; a silent
+//!   broker is fenced: it leaves every ISR (never emptying one: the last member stays, so the
+//!   controller remembers who holds the committed data) and the partitions it led get a new
+//!   leader from the live ISR members, with the epoch bumped. With no live ISR member the
+//!   partition is offline (leader `None`, epoch bumped) until one returns.
+//! - A leader's `AlterIsr` is accepted only if its epoch and ISR version are current and every
+//!   added member is alive; accepted or not, the leader gets the current state back.
+//! - Every change is sent to the partition's replicas; heartbeat responses repeat the state,
+//!   so a lost message only delays a replica.
+
+use std::collections::BTreeMap;
+
+use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, PartitionState, Time};
+
+/// Controller settings.
+#[derive(Clone, Debug)]
+pub struct ControllerConfig {
+    /// A broker silent this long is fenced.
+    pub session_timeout_ms: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        ControllerConfig { session_timeout_ms: 400 }
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Broker {
+    last_heartbeat: Option<Time>,
+    alive: bool,
+    incarnation: Option<u64>,
+}
+
+/// The controller state machine.
+pub struct Controller {
+    config: ControllerConfig,
+    /// Planted bug: accept stale ISR changes.
+    no_fencing: bool,
+    brokers: BTreeMap<NodeId, Broker>,
+    partitions: BTreeMap<PartitionId, PartitionState>,
+}
+
+impl Controller {
+    /// A controller for these brokers and partition assignments (first replica preferred).
+    /// No broker is alive until it heartbeats.
+    pub fn new(config: ControllerConfig, brokers: &[NodeId], assignments: &[(PartitionId, Vec<NodeId>)]) -> Self {
+        let brokers =
+            brokers.iter().map(|&b| (b, Broker { last_heartbeat: None, alive: false, incarnation: None })).collect();
+        let partitions = assignments
+            .iter()
+            .map(|(p, replicas)| {
+                assert!(!replicas.is_empty(), "partition {p} has no replicas");
+                let state = PartitionState {
+                    partition: *p,
+                    epoch: LeaderEpoch(0),
+                    leader: None,
+                    isr: replicas.clone(),
+                    isr_version: IsrVersion(0),
+                    replicas: replicas.clone(),
+                };
+                (*p, state)
+            })
+            .collect();
+        Controller { config, no_fencing: false, brokers, partitions }
+    }
+
+    /// Plants the no-fencing bug (simulator only).
+    pub fn plant_no_fencing(&mut self) {
+        self.no_fencing = true;
+    }
+
+    /// The current state of a partition.
+    pub fn partition(&self, p: PartitionId) -> Option<&PartitionState> {
+        self.partitions.get(&p)
+    }
+
+    /// Every partition's state.
+    pub fn partitions(&self) -> impl Iterator<Item = &PartitionState> {
+        self.partitions.values()
+    }
+
+    /// Whether the controller considers a broker alive.
+    pub fn alive(&self, b: NodeId) -> bool {
+        self.brokers.get(&b).is_some_and(|x| x.alive)
+    }
+
+    /// A message from a broker. Outgoing messages are pushed as (destination, message).
+    pub fn handle_message(&mut self, now: Time, from: NodeId, msg: Message, out: &mut Vec<(NodeId, Message)>) {
+        match msg {
+            Message::Heartbeat { broker, incarnation, sent } => {
+                if broker != from || !self.brokers.contains_key(&broker) {
+                    return; // ignore_*: unknown or spoofed broker
+                }
+                let b = self.brokers.get_mut(&broker).expect("checked above");
+                b.last_heartbeat = Some(now);
+                let restarted = b.incarnation.is_some_and(|i| i != incarnation);
+                b.incarnation = Some(incarnation);
+                let was_alive = std::mem::replace(&mut b.alive, true);
+                if restarted {
+                    // It may have lost records it had shown followers: what it led gets a
+                    // new epoch (possibly with itself as leader again).
+                    tracing::debug!(%broker, incarnation, "broker restarted");
+                    self.depose(broker, out);
+                } else if !was_alive {
+                    tracing::debug!(%broker, "broker alive");
+                    self.elect_all(out);
+                }
+                let partitions = self.partitions.values().filter(|s| s.replicas.contains(&broker)).cloned().collect();
+                out.push((broker, Message::HeartbeatResponse { incarnation, sent, alive: true, partitions }));
+            }
+            Message::AlterIsr { leader, epoch, isr_version, partition, isr } => {
+                let Some(state) = self.partitions.get(&partition) else { return };
+                let current = state.leader == Some(leader) && state.epoch == epoch && state.isr_version == isr_version;
+                let members_ok = !isr.is_empty()
+                    && isr.contains(&leader)
+                    && isr.iter().all(|r| state.replicas.contains(r))
+                    && isr.iter().all(|r| state.isr.contains(r) || self.alive(*r));
+                if (current || self.no_fencing) && members_ok {
+                    let state = self.partitions.get_mut(&partition).expect("checked above");
+                    let mut isr = isr;
+                    isr.sort();
+                    isr.dedup();
+                    state.isr = isr;
+                    state.isr_version = IsrVersion(state.isr_version.0 + 1);
+                    let state = state.clone();
+                    self.broadcast(&state, out);
+                } else {
+                    out.push((from, Message::PartitionState(state.clone())));
+                }
+            }
+            _ => {} // not for the controller
+        }
+    }
+
+    /// Periodic work: fence silent brokers.
+    pub fn handle_tick(&mut self, now: Time, out: &mut Vec<(NodeId, Message)>) {
+        let silent: Vec<NodeId> = self
+            .brokers
+            .iter()
+            .filter(|(_, b)| {
+                b.alive && b.last_heartbeat.is_some_and(|t| now.ms_since(t) >= self.config.session_timeout_ms)
+            })
+            .map(|(&id, _)| id)
+            .collect();
+        if silent.is_empty() {
+            return;
+        }
+        for id in &silent {
+            tracing::debug!(broker = %id, "broker fenced (session timeout)");
+            self.brokers.get_mut(id).expect("listed above").alive = false;
+        }
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            let mut changed = false;
+            for id in &silent {
+                if state.isr.contains(id) && state.isr.len() > 1 {
+                    state.isr.retain(|r| r != id);
+                    changed = true;
+                }
+            }
+            if state.leader.is_some_and(|l| silent.contains(&l)) {
+                state.leader = None;
+                state.epoch = LeaderEpoch(state.epoch.0 + 1);
+                changed = true;
+            }
+            if changed {
+                state.isr_version = IsrVersion(state.isr_version.0 + 1);
+                let state = state.clone();
+                self.broadcast(&state, out);
+            }
+        }
+        self.elect_all(out);
+    }
+
+    /// Ends every leadership of `broker` (epoch bumped), then elects again.
+    fn depose(&mut self, broker: NodeId, out: &mut Vec<(NodeId, Message)>) {
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            if state.leader == Some(broker) {
+                state.leader = None;
+                state.epoch = LeaderEpoch(state.epoch.0 + 1);
+                state.isr_version = IsrVersion(state.isr_version.0 + 1);
+            }
+        }
+        self.elect_all(out);
+    }
+
+    /// Elects a leader for every partition without one, from its live ISR members.
+    fn elect_all(&mut self, out: &mut Vec<(NodeId, Message)>) {
+        let alive: Vec<NodeId> = self.brokers.iter().filter(|(_, b)| b.alive).map(|(&id, _)| id).collect();
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            if state.leader.is_some() {
+                continue;
+            }
+            // Preferred order: the assignment's.
+            let Some(&leader) = state.replicas.iter().find(|r| state.isr.contains(r) && alive.contains(r)) else {
+                continue;
+            };
+            state.leader = Some(leader);
+            state.epoch = LeaderEpoch(state.epoch.0 + 1);
+            state.isr.retain(|r| alive.contains(r));
+            assert!(state.isr.contains(&leader), "the new leader {leader} is in the ISR");
+            state.isr_version = IsrVersion(state.isr_version.0 + 1);
+            tracing::debug!(partition = %p, %leader, epoch = %state.epoch, "leader elected");
+            let state = state.clone();
+            self.broadcast(&state, out);
+        }
+    }
+
+    fn broadcast(&self, state: &PartitionState, out: &mut Vec<(NodeId, Message)>) {
+        for &r in &state.replicas {
+            out.push((r, Message::PartitionState(state.clone())));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn n(i: u32) -> NodeId {
+        NodeId(i)
+    }
+
+    fn setup() -> (Controller, Vec<(NodeId, Message)>) {
+        let mut c = Controller::new(
+            ControllerConfig::default(),
+            &[n(1), n(2), n(3)],
+            &[(PartitionId(0), vec![n(1), n(2), n(3)])],
+        );
+        let mut out = Vec::new();
+        for i in 1..=3 {
+            c.handle_message(
+                Time(0),
+                n(i),
+                Message::Heartbeat { broker: n(i), incarnation: 1, sent: Time(0) },
+                &mut out,
+            );
+        }
+        (c, out)
+    }
+
+    #[test]
+    fn first_heartbeat_elects_the_preferred_leader() {
+        let (c, _) = setup();
+        let s = c.partition(PartitionId(0)).expect("exists");
+        assert_eq!(s.leader, Some(n(1)));
+        assert_eq!(s.epoch, LeaderEpoch(1));
+    }
+
+    #[test]
+    fn silent_leader_is_fenced_and_replaced_from_the_isr_with_a_new_epoch() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        let t = Time(0).plus_ms(300);
+        for i in 2..=3 {
+            c.handle_message(t, n(i), Message::Heartbeat { broker: n(i), incarnation: 1, sent: t }, &mut out);
+        }
+        c.handle_tick(Time(0).plus_ms(450), &mut out);
+        let s = c.partition(PartitionId(0)).expect("exists");
+        assert_eq!(s.leader, Some(n(2)));
+        assert_eq!(s.epoch, LeaderEpoch(3), "fencing bumps once (offline), election once more");
+        assert_eq!(s.isr, vec![n(2), n(3)]);
+        assert!(out
+            .iter()
+            .any(|(to, m)| *to == n(3) && matches!(m, Message::PartitionState(p) if p.leader == Some(n(2)))));
+    }
+
+    #[test]
+    fn stale_isr_change_is_rejected_and_answered_with_the_current_state() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        let s = c.partition(PartitionId(0)).expect("exists").clone();
+        let msg = Message::AlterIsr {
+            leader: n(1),
+            epoch: s.epoch,
+            isr_version: IsrVersion(s.isr_version.0 - 1),
+            partition: PartitionId(0),
+            isr: vec![n(1)],
+        };
+        c.handle_message(Time(1), n(1), msg, &mut out);
+        assert_eq!(c.partition(PartitionId(0)).expect("exists").isr, vec![n(1), n(2), n(3)]);
+        assert_eq!(out, vec![(n(1), Message::PartitionState(s.clone()))]);
+        let ok = Message::AlterIsr {
+            leader: n(1),
+            epoch: s.epoch,
+            isr_version: s.isr_version,
+            partition: PartitionId(0),
+            isr: vec![n(1), n(3)],
+        };
+        out.clear();
+        c.handle_message(Time(2), n(1), ok, &mut out);
+        assert_eq!(c.partition(PartitionId(0)).expect("exists").isr, vec![n(1), n(3)]);
+        assert_eq!(out.len(), 3, "broadcast to every replica");
+    }
+
+    #[test]
+    fn a_restarted_leader_gets_a_new_epoch() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        c.handle_message(Time(5), n(1), Message::Heartbeat { broker: n(1), incarnation: 2, sent: Time(5) }, &mut out);
+        let s = c.partition(PartitionId(0)).expect("exists");
+        assert_eq!(s.leader, Some(n(1)), "still the preferred live ISR member");
+        assert_eq!(s.epoch, LeaderEpoch(2), "but in a new epoch");
+    }
+
+    #[test]
+    fn the_last_isr_member_stays_and_returns_as_leader() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        c.handle_tick(Time(0).plus_ms(500), &mut out); // everyone silent
+        let s = c.partition(PartitionId(0)).expect("exists").clone();
+        assert_eq!(s.leader, None);
+        assert_eq!(s.isr.len(), 1, "the ISR never empties");
+        let last = s.isr[0];
+        let other = if last == n(2) { n(3) } else { n(2) };
+        let t = Time(0).plus_ms(600);
+        c.handle_message(t, other, Message::Heartbeat { broker: other, incarnation: 1, sent: t }, &mut out);
+        assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, None, "only an ISR member may lead");
+        c.handle_message(t, last, Message::Heartbeat { broker: last, incarnation: 1, sent: t }, &mut out);
+        assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, Some(last));
+    }
+}

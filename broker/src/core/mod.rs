@@ -1,0 +1,274 @@
+//! The sans-IO core: replication and controller logic as deterministic state machines.
+//!
+//! Nothing here reads a clock, opens a socket, spawns or blocks. Every input is a method
+//! named `handle_*` taking the current time; every output is a [`Command`] drained by the
+//! driver (the simulator in `sim`, later the thread-per-core runtime). Logs are
+//! `skein_log::Log<S>` for any storage, so the simulator runs the same code on
+//! `MemStorage`, whose crashes lose unsynced bytes. Durability is reported back
+//! ([`replica::Replica::handle_sync_done`]), never assumed.
+//!
+//! - [`replica`]: one partition replica: leader (appends, follower tracking, high watermark,
+//!   ISR proposals, `acks=all` completion) or follower (fetch, divergence truncation).
+//! - [`node`]: one broker: its replicas, its controller session and lease, message routing.
+//! - [`controller`]: the metadata state machine: broker liveness, leader election from the
+//!   ISR with epoch bumps, ISR changes. In the simulator it runs on one controller node; the
+//!   cluster issue replicates it with Raft (see ARCHITECTURE.md).
+
+pub mod controller;
+pub mod node;
+pub mod replica;
+
+use std::fmt;
+
+pub use skein_log::types::{LeaderEpoch, Offset};
+
+/// A broker (and replica) id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NodeId(pub u32);
+
+impl fmt::Display for NodeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "n{}", self.0)
+    }
+}
+
+/// A partition of the simulated/managed topic set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PartitionId(pub u32);
+
+impl fmt::Display for PartitionId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "p{}", self.0)
+    }
+}
+
+/// Time in microseconds since an arbitrary origin (virtual in the simulator).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Time(pub u64);
+
+impl Time {
+    /// `self + ms` milliseconds.
+    pub fn plus_ms(self, ms: u64) -> Time {
+        Time(self.0.saturating_add(ms.saturating_mul(1000)))
+    }
+
+    /// Milliseconds from `earlier` to `self` (0 if `earlier` is later).
+    pub fn ms_since(self, earlier: Time) -> u64 {
+        self.0.saturating_sub(earlier.0) / 1000
+    }
+
+    /// The log's timestamp type (milliseconds).
+    pub fn timestamp(self) -> skein_log::types::Timestamp {
+        skein_log::types::Timestamp((self.0 / 1000) as i64)
+    }
+}
+
+/// A request id chosen by the driver, echoed in the reply.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct RequestId(pub u64);
+
+/// Version of a partition's ISR (bumped by every accepted ISR change and every election), so
+/// a leader's ISR proposal based on an old state is rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct IsrVersion(pub u32);
+
+/// Produce durability.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Acks {
+    /// After the leader's own append (asynchronous replication).
+    Leader,
+    /// After every ISR member has the records on disk (the high watermark passed them).
+    All,
+}
+
+/// A partition's replication state as the controller decided it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionState {
+    /// The partition.
+    pub partition: PartitionId,
+    /// Leader epoch; bumped by every leader change.
+    pub epoch: LeaderEpoch,
+    /// The leader, if any ISR member is alive.
+    pub leader: Option<NodeId>,
+    /// In-sync replicas (never empty: the last member stays when it dies).
+    pub isr: Vec<NodeId>,
+    /// Version of `isr`.
+    pub isr_version: IsrVersion,
+    /// All assigned replicas.
+    pub replicas: Vec<NodeId>,
+}
+
+/// Errors a produce or read can end with. Codes match `skein_client::wire::ErrorCode` names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ProduceError {
+    /// Not the leader (or the lease ran out); nothing was written.
+    NotLeader,
+    /// The request's leader epoch is older than the replica's; nothing was written.
+    FencedLeaderEpoch,
+    /// Fewer than `min_insync_replicas` in the ISR; nothing was written.
+    NotEnoughReplicas,
+    /// Written on the leader, but leadership was lost or the deadline passed before the
+    /// durability asked for: the outcome is unknown to the client.
+    Abandoned,
+    /// The leader's storage failed; nothing acknowledged.
+    Storage,
+    /// (Reads) a new leader's high watermark has not yet reached its epoch's start, so it
+    /// could be below what an earlier leader showed readers; retry shortly.
+    LeaderNotReady,
+}
+
+impl ProduceError {
+    /// Whether the records were certainly not written (the client may report a failure);
+    /// otherwise the outcome is unknown.
+    pub fn definitely_not_written(self) -> bool {
+        matches!(self, ProduceError::NotLeader | ProduceError::FencedLeaderEpoch | ProduceError::NotEnoughReplicas)
+    }
+}
+
+/// A follower's fetch from its leader (pull replication).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FetchRequest {
+    /// Partition.
+    pub partition: PartitionId,
+    /// The follower.
+    pub replica: NodeId,
+    /// The leader epoch the follower follows.
+    pub epoch: LeaderEpoch,
+    /// The follower's log end: it has every record below.
+    pub fetch_offset: Offset,
+    /// The epoch of the follower's last record (`None` for an empty log), for the
+    /// divergence check (KIP-320).
+    pub last_fetched_epoch: Option<LeaderEpoch>,
+    /// The follower's durable offset: every record below is on its disk.
+    pub durable_offset: Offset,
+    /// Echoed in the response; the follower applies only the answer to its latest fetch (a
+    /// duplicated or late answer could otherwise truncate records fetched since).
+    pub correlation: u64,
+}
+
+/// The leader's answer to a [`FetchRequest`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum FetchResponse {
+    /// Whole batches from the fetch offset (possibly none), and the leader's high watermark.
+    Records {
+        /// Partition.
+        partition: PartitionId,
+        /// The request's correlation.
+        correlation: u64,
+        /// The leader's epoch.
+        epoch: LeaderEpoch,
+        /// Batches, back to back, starting at the fetch offset.
+        batches: Vec<u8>,
+        /// The leader's high watermark.
+        high_watermark: Offset,
+    },
+    /// The follower's log diverges: truncate to where `epoch` ends, then fetch again.
+    Diverging {
+        /// Partition.
+        partition: PartitionId,
+        /// The request's correlation.
+        correlation: u64,
+        /// The leader's epoch.
+        epoch: LeaderEpoch,
+        /// The largest leader epoch `<=` the follower's last fetched epoch.
+        end_epoch: LeaderEpoch,
+        /// Where that epoch ends on the leader.
+        end_offset: Offset,
+    },
+    /// The request's epoch is not the replica's: `epoch` is the replica's (or it is not the
+    /// leader). The follower waits for new partition state from the controller.
+    Fenced {
+        /// Partition.
+        partition: PartitionId,
+        /// The request's correlation.
+        correlation: u64,
+        /// The replica's epoch.
+        epoch: LeaderEpoch,
+    },
+}
+
+/// Every message between nodes (brokers, the controller). Clients talk to brokers through
+/// the node's produce/read methods, not messages.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// Follower to leader.
+    Fetch(FetchRequest),
+    /// Leader to follower.
+    FetchResponse(FetchResponse),
+    /// Broker to controller: alive; grants the broker a lease from `sent`.
+    Heartbeat {
+        /// The broker.
+        broker: NodeId,
+        /// Changes at every process start (Kafka's broker epoch): a broker that restarted may
+        /// have lost unsynced records, so the partitions it led get a new leader epoch.
+        incarnation: u64,
+        /// The broker's clock when it sent the heartbeat (echoed back).
+        sent: Time,
+    },
+    /// Controller to broker: the lease from `sent` and the state of the broker's partitions.
+    HeartbeatResponse {
+        /// Echo of the heartbeat's `incarnation`.
+        incarnation: u64,
+        /// Echo of the heartbeat's `sent`.
+        sent: Time,
+        /// Whether the controller considers the broker alive (unfenced).
+        alive: bool,
+        /// Current state of every partition the broker replicates.
+        partitions: Vec<PartitionState>,
+    },
+    /// Leader to controller: change the ISR (shrink or expand).
+    AlterIsr {
+        /// The proposing leader.
+        leader: NodeId,
+        /// Its epoch.
+        epoch: LeaderEpoch,
+        /// The ISR version the proposal is based on.
+        isr_version: IsrVersion,
+        /// Partition.
+        partition: PartitionId,
+        /// Proposed ISR.
+        isr: Vec<NodeId>,
+    },
+    /// Controller to replicas: new partition state (after an election or ISR change).
+    PartitionState(PartitionState),
+}
+
+/// Destinations of outgoing messages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Peer {
+    /// A broker.
+    Node(NodeId),
+    /// The controller (quorum).
+    Controller,
+}
+
+/// Work for the driver.
+#[derive(Debug)]
+pub enum Command<J> {
+    /// Send a message.
+    Send {
+        /// Destination.
+        to: Peer,
+        /// Message.
+        msg: Message,
+    },
+    /// Run this sync job (fdatasync) and report it with `handle_sync_done`.
+    Sync {
+        /// Partition.
+        partition: PartitionId,
+        /// The job.
+        job: J,
+    },
+    /// Answer a produce.
+    ProduceReply {
+        /// The request.
+        request: RequestId,
+        /// Offset of the first record, or why not.
+        result: Result<Offset, ProduceError>,
+    },
+    /// A log failed: the driver stops the node (fail-stop), as the runtime's exit code 74.
+    Fail {
+        /// What failed.
+        reason: String,
+    },
+}

@@ -1,0 +1,192 @@
+//! One broker as a sans-IO state machine: its partition replicas, its controller session and
+//! lease, and message routing.
+//!
+//! Call protocol: `handle_message` for every message from a peer, `handle_produce` /
+//! `read_committed` for clients, `handle_sync_done` for finished sync jobs, `handle_tick`
+//! every few milliseconds; then execute the commands pushed onto `out`, in order.
+//!
+//! The lease: a heartbeat sent at `t` and answered by the controller makes the broker's lease
+//! valid until `t + lease_ms`. `lease_ms` is shorter than the controller's session timeout,
+//! so by the time the controller fences a silent broker (and elects new leaders), the
+//! broker's lease has run out and it accepts no more writes: two leaders never both
+//! acknowledge writes, even with `acks=leader`.
+
+use std::collections::BTreeMap;
+
+use skein_log::batch::RecordBatch;
+use skein_log::storage::{Storage, StorageError};
+
+use super::replica::{Job, Replica};
+use super::{Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+
+/// Broker settings for the core.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// Lease length from a heartbeat's send time (shorter than the session timeout).
+    pub lease_ms: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig { heartbeat_ms: 50, lease_ms: 250 }
+    }
+}
+
+/// A broker's core.
+pub struct BrokerNode<S: Storage> {
+    id: NodeId,
+    config: NodeConfig,
+    replicas: BTreeMap<PartitionId, Replica<S>>,
+    lease_until: Option<Time>,
+    next_heartbeat: Time,
+    incarnation: u64,
+    /// Set by the first heartbeat response to this incarnation; partition states are
+    /// ignored before it (one sent before a restart could name this broker leader of an
+    /// epoch whose unsynced records it lost).
+    registered: bool,
+    /// Planted bug: ignore the lease.
+    no_fencing: bool,
+}
+
+impl<S: Storage> BrokerNode<S> {
+    /// A broker with these replicas (opened logs). `incarnation` must differ at every start.
+    pub fn new(id: NodeId, incarnation: u64, config: NodeConfig, replicas: Vec<Replica<S>>, no_fencing: bool) -> Self {
+        let replicas = replicas.into_iter().map(|r: Replica<S>| (r.partition(), r)).collect();
+        BrokerNode {
+            id,
+            config,
+            replicas,
+            lease_until: None,
+            next_heartbeat: Time(0),
+            incarnation,
+            registered: false,
+            no_fencing,
+        }
+    }
+
+    /// This broker's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// Its replicas.
+    pub fn replicas(&self) -> impl Iterator<Item = (&PartitionId, &Replica<S>)> {
+        self.replicas.iter()
+    }
+
+    /// One replica.
+    pub fn replica(&self, p: PartitionId) -> Option<&Replica<S>> {
+        self.replicas.get(&p)
+    }
+
+    /// Whether the controller lease is valid at `now`.
+    pub fn lease_valid(&self, now: Time) -> bool {
+        self.no_fencing || self.lease_until.is_some_and(|t| now < t)
+    }
+
+    /// A message from a peer.
+    pub fn handle_message(&mut self, now: Time, from: Peer, msg: Message, out: &mut Vec<Command<Job<S>>>) {
+        match msg {
+            Message::Fetch(req) => {
+                let Some(r) = self.replicas.get_mut(&req.partition) else { return };
+                let resp = r.handle_fetch(now, &req, out);
+                out.push(Command::Send { to: Peer::Node(req.replica), msg: Message::FetchResponse(resp) });
+            }
+            Message::FetchResponse(resp) => {
+                let p = match &resp {
+                    super::FetchResponse::Records { partition, .. }
+                    | super::FetchResponse::Diverging { partition, .. }
+                    | super::FetchResponse::Fenced { partition, .. } => *partition,
+                };
+                if let Some(r) = self.replicas.get_mut(&p) {
+                    r.handle_fetch_response(now, resp, out);
+                }
+            }
+            Message::HeartbeatResponse { incarnation, sent, alive, partitions } => {
+                if from != Peer::Controller || incarnation != self.incarnation {
+                    return; // an answer to an earlier process
+                }
+                self.registered = true;
+                if alive {
+                    let until = sent.plus_ms(self.config.lease_ms);
+                    self.lease_until = Some(self.lease_until.map_or(until, |t| t.max(until)));
+                }
+                for s in partitions {
+                    if let Some(r) = self.replicas.get_mut(&s.partition) {
+                        r.handle_state(now, s, out);
+                    }
+                }
+            }
+            Message::PartitionState(s) => {
+                if from != Peer::Controller || (!self.registered && !self.no_fencing) {
+                    return;
+                }
+                if let Some(r) = self.replicas.get_mut(&s.partition) {
+                    r.handle_state(now, s, out);
+                }
+            }
+            Message::Heartbeat { .. } | Message::AlterIsr { .. } => {} // for the controller
+        }
+    }
+
+    /// A client's produce of one batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_produce(
+        &mut self,
+        now: Time,
+        request: RequestId,
+        partition: PartitionId,
+        client_epoch: Option<LeaderEpoch>,
+        batch: RecordBatch<Vec<u8>>,
+        acks: Acks,
+        deadline: Time,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        let lease_ok = self.lease_valid(now);
+        match self.replicas.get_mut(&partition) {
+            Some(r) => r.handle_produce(now, request, client_epoch, batch, acks, deadline, lease_ok, out),
+            None => out.push(Command::ProduceReply { request, result: Err(ProduceError::NotLeader) }),
+        }
+    }
+
+    /// Committed batches of a partition from `from`, and its high watermark (leader only).
+    pub fn read_committed(
+        &self,
+        partition: PartitionId,
+        from: Offset,
+        max_bytes: u32,
+    ) -> Result<(Vec<u8>, Offset), ProduceError> {
+        let r: &Replica<S> = self.replicas.get(&partition).ok_or(ProduceError::NotLeader)?;
+        r.read_committed(from, max_bytes)
+    }
+
+    /// A sync job finished.
+    pub fn handle_sync_done(
+        &mut self,
+        now: Time,
+        partition: PartitionId,
+        job: Job<S>,
+        result: Result<(), StorageError>,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        if let Some(r) = self.replicas.get_mut(&partition) {
+            r.handle_sync_done(now, job, result, out);
+        }
+    }
+
+    /// Periodic work: heartbeats, then every replica's tick.
+    pub fn handle_tick(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        if now >= self.next_heartbeat {
+            self.next_heartbeat = now.plus_ms(self.config.heartbeat_ms);
+            out.push(Command::Send {
+                to: Peer::Controller,
+                msg: Message::Heartbeat { broker: self.id, incarnation: self.incarnation, sent: now },
+            });
+        }
+        for r in self.replicas.values_mut() {
+            r.handle_tick(now, out);
+        }
+    }
+}

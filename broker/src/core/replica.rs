@@ -1,0 +1,673 @@
+//! One partition replica as a sans-IO state machine.
+//!
+//! Call protocol (the driver's side):
+//! - `handle_state` with every [`PartitionState`] from the controller (stale ones are
+//!   ignored: their epoch or ISR version is older than the replica's);
+//! - `handle_produce` for a client's batch (the node checks its lease first);
+//! - `handle_fetch` on the leader for a follower's [`FetchRequest`]; the returned
+//!   [`FetchResponse`] goes back to that follower;
+//! - `handle_fetch_response` on the follower;
+//! - `handle_sync_done` when a [`Command::Sync`] job finished;
+//! - `handle_tick` every few milliseconds (fetch scheduling, ISR shrink, produce deadlines).
+//!
+//! After each call, the commands pushed onto `out` are executed in order.
+//!
+//! Invariants (asserted): the high watermark never moves backwards while the replica runs and
+//! never passes the log end; a leader only completes `acks=all` below its high watermark,
+//! which is the smallest *durable* offset over the ISR (including proposed additions);
+//! followers append only batches starting at their log end.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use skein_log::batch::{batches, RecordBatch};
+use skein_log::storage::{Storage, StorageError, StorageFile};
+use skein_log::{Log, ReadLimit, SyncJob};
+
+use super::{
+    Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
+    PartitionState, Peer, ProduceError, RequestId, Time,
+};
+
+/// The sync job type of a storage.
+pub type Job<S> = SyncJob<<<S as Storage>::File as StorageFile>::SyncHandle>;
+
+/// Settings of a replica.
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    /// `acks=all` produces fail with NOT_ENOUGH_REPLICAS below this ISR size.
+    pub min_insync_replicas: usize,
+    /// A follower not caught up for this long leaves the ISR.
+    pub replica_lag_max_ms: u64,
+    /// Bytes per replication fetch.
+    pub fetch_max_bytes: u32,
+    /// A follower whose fetch got no records waits this long before the next.
+    pub fetch_backoff_ms: u64,
+    /// A fetch unanswered for this long is sent again (lost message, dead leader).
+    pub fetch_timeout_ms: u64,
+    /// An ISR proposal unanswered for this long is sent again.
+    pub alter_isr_retry_ms: u64,
+}
+
+impl Default for ReplicaConfig {
+    fn default() -> Self {
+        ReplicaConfig {
+            min_insync_replicas: 2,
+            replica_lag_max_ms: 300,
+            fetch_max_bytes: 1 << 20,
+            fetch_backoff_ms: 5,
+            fetch_timeout_ms: 100,
+            alter_isr_retry_ms: 100,
+        }
+    }
+}
+
+/// Bugs the simulator can plant to prove its checks catch them. Off in every real build.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Plant {
+    /// Epoch checks off: stale partition states, fetches and responses are accepted.
+    pub no_fencing: bool,
+    /// A follower told its log diverges does not truncate.
+    pub no_truncation: bool,
+    /// `acks=all` is acknowledged right after the leader's own append.
+    pub early_ack: bool,
+}
+
+/// A replica's role.
+#[derive(Debug)]
+enum Role {
+    /// No leader known, not a replica, or stepped down.
+    Offline,
+    Leader(LeaderState),
+    Follower(FollowerState),
+}
+
+#[derive(Debug)]
+struct LeaderState {
+    /// The log end when this replica became leader: followers must pass it to join the ISR.
+    epoch_start: Offset,
+    followers: BTreeMap<NodeId, FollowerProgress>,
+    /// An ISR change sent to the controller and not yet answered: (proposal, sent at).
+    pending_isr: Option<(Vec<NodeId>, Time)>,
+    /// `acks=all` produces waiting for the high watermark: (batch end, request, base, deadline).
+    waiting: VecDeque<(Offset, RequestId, Offset, Time)>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct FollowerProgress {
+    /// Known only from fetches of this epoch; zero until then.
+    log_end: Offset,
+    durable: Offset,
+    last_caught_up: Time,
+    last_fetch_leader_end: Offset,
+    last_fetch_at: Time,
+}
+
+#[derive(Debug)]
+struct FollowerState {
+    leader: NodeId,
+    /// When the outstanding fetch was sent.
+    in_flight: Option<Time>,
+    /// Earliest time of the next fetch.
+    next_fetch: Time,
+    /// Planted no-truncation: the epoch the follower pretends to have truncated to.
+    pretend_epoch: Option<LeaderEpoch>,
+    /// Correlation of the latest fetch.
+    correlation: u64,
+}
+
+/// One partition replica. See the module docs for the call protocol.
+pub struct Replica<S: Storage> {
+    id: NodeId,
+    partition: PartitionId,
+    config: ReplicaConfig,
+    plant: Plant,
+    log: Log<S>,
+    state: Option<PartitionState>,
+    role: Role,
+    high_watermark: Offset,
+    sync_in_flight: bool,
+    failed: bool,
+    /// Fetch correlations, increasing over the replica's life (across leader changes).
+    fetch_correlation: u64,
+}
+
+impl<S: Storage> Replica<S> {
+    /// A replica over an opened log. It does nothing until it receives a partition state.
+    pub fn new(id: NodeId, partition: PartitionId, config: ReplicaConfig, plant: Plant, log: Log<S>) -> Self {
+        // After a restart the high watermark is unknown; the log start is safe (the leader
+        // tells followers the real one; a new leader recomputes it from its ISR).
+        let high_watermark = log.log_start_offset();
+        Replica {
+            id,
+            partition,
+            config,
+            plant,
+            log,
+            state: None,
+            role: Role::Offline,
+            high_watermark,
+            sync_in_flight: false,
+            failed: false,
+            fetch_correlation: 0,
+        }
+    }
+
+    /// The partition.
+    pub fn partition(&self) -> PartitionId {
+        self.partition
+    }
+
+    /// The log (read-only; for invariant checks and reads).
+    pub fn log(&self) -> &Log<S> {
+        &self.log
+    }
+
+    /// The high watermark: records below it are committed (on disk on every ISR member).
+    pub fn high_watermark(&self) -> Offset {
+        self.high_watermark
+    }
+
+    /// The latest partition state accepted.
+    pub fn state(&self) -> Option<&PartitionState> {
+        self.state.as_ref()
+    }
+
+    /// The epoch this replica leads, if it is the leader.
+    pub fn leader_epoch(&self) -> Option<LeaderEpoch> {
+        match (&self.role, &self.state) {
+            (Role::Leader(_), Some(s)) => Some(s.epoch),
+            _ => None,
+        }
+    }
+
+    /// Whether a storage error stopped this replica.
+    pub fn failed(&self) -> bool {
+        self.failed
+    }
+
+    fn epoch(&self) -> LeaderEpoch {
+        self.state.as_ref().map_or(LeaderEpoch(0), |s| s.epoch)
+    }
+
+    /// A new partition state from the controller.
+    pub fn handle_state(&mut self, now: Time, new: PartitionState, out: &mut Vec<Command<Job<S>>>) {
+        assert_eq!(new.partition, self.partition, "state for another partition routed here");
+        if self.failed {
+            return;
+        }
+        if let Some(old) = &self.state {
+            let stale = new.epoch < old.epoch || (new.epoch == old.epoch && new.isr_version <= old.isr_version);
+            if stale && !self.plant.no_fencing {
+                return;
+            }
+            if new == *old {
+                return;
+            }
+        }
+        let same_epoch_leader =
+            matches!(self.role, Role::Leader(_)) && self.state.as_ref().is_some_and(|o| o.epoch == new.epoch);
+        let me = self.id;
+        self.state = Some(new.clone());
+        if new.leader == Some(me) && new.replicas.contains(&me) {
+            if same_epoch_leader {
+                // An ISR change of our own epoch: the proposal was answered (or superseded).
+                if let Role::Leader(l) = &mut self.role {
+                    l.pending_isr = None;
+                }
+            } else {
+                self.abandon_waiting(out);
+                let log_end = self.log.log_end_offset();
+                let followers = new
+                    .replicas
+                    .iter()
+                    .filter(|&&r| r != me)
+                    .map(|&r| {
+                        let p = FollowerProgress {
+                            log_end: Offset(0),
+                            durable: Offset(0),
+                            last_caught_up: now,
+                            last_fetch_leader_end: log_end,
+                            last_fetch_at: now,
+                        };
+                        (r, p)
+                    })
+                    .collect();
+                tracing::debug!(node = %me, partition = %self.partition, epoch = %new.epoch, %log_end, "leader");
+                self.role = Role::Leader(LeaderState {
+                    epoch_start: log_end,
+                    followers,
+                    pending_isr: None,
+                    waiting: VecDeque::new(),
+                });
+            }
+            self.advance_high_watermark(out);
+        } else if let Some(leader) = new.leader.filter(|_| new.replicas.contains(&me)) {
+            self.abandon_waiting(out);
+            let keep_pretend = match &self.role {
+                Role::Follower(f) if f.leader == leader => f.pretend_epoch,
+                _ => None,
+            };
+            tracing::debug!(node = %me, partition = %self.partition, epoch = %new.epoch, %leader, "follower");
+            self.role = Role::Follower(FollowerState {
+                leader,
+                in_flight: None,
+                next_fetch: now,
+                pretend_epoch: keep_pretend,
+                correlation: self.fetch_correlation,
+            });
+            self.maybe_fetch(now, out);
+        } else {
+            tracing::debug!(node = %me, partition = %self.partition, epoch = %new.epoch, "offline");
+            self.abandon_waiting(out);
+            self.role = Role::Offline;
+        }
+    }
+
+    /// A client's batch. `client_epoch` is the leader epoch the client's metadata names, if any;
+    /// `lease_ok` says whether the node's controller lease is valid.
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_produce(
+        &mut self,
+        now: Time,
+        request: RequestId,
+        client_epoch: Option<LeaderEpoch>,
+        mut batch: RecordBatch<Vec<u8>>,
+        acks: Acks,
+        deadline: Time,
+        lease_ok: bool,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        let epoch = self.epoch();
+        let reject = |out: &mut Vec<Command<Job<S>>>, e| out.push(Command::ProduceReply { request, result: Err(e) });
+        if self.failed {
+            return reject(out, ProduceError::Storage);
+        }
+        let Role::Leader(_) = &self.role else { return reject(out, ProduceError::NotLeader) };
+        if !lease_ok && !self.plant.no_fencing {
+            return reject(out, ProduceError::NotLeader);
+        }
+        if let Some(ce) = client_epoch {
+            if ce < epoch && !self.plant.no_fencing {
+                return reject(out, ProduceError::FencedLeaderEpoch);
+            }
+        }
+        let isr_len = self.state.as_ref().map_or(0, |s| s.isr.len());
+        if acks == Acks::All && isr_len < self.config.min_insync_replicas {
+            return reject(out, ProduceError::NotEnoughReplicas);
+        }
+        batch.set_leader_epoch(epoch);
+        let info = match self.log.append(&mut batch, now.timestamp()) {
+            Ok(info) => info,
+            Err(e) => {
+                self.fail(format!("append failed: {e}"), out);
+                return reject(out, ProduceError::Storage);
+            }
+        };
+        match acks {
+            Acks::All if !self.plant.early_ack => {
+                if let Role::Leader(l) = &mut self.role {
+                    l.waiting.push_back((info.log_end_offset, request, info.base_offset, deadline));
+                }
+            }
+            _ => out.push(Command::ProduceReply { request, result: Ok(info.base_offset) }),
+        }
+        self.maybe_sync(now, out);
+        self.advance_high_watermark(out);
+    }
+
+    /// A follower's fetch (leader side). Returns the response for the follower.
+    pub fn handle_fetch(&mut self, now: Time, req: &FetchRequest, out: &mut Vec<Command<Job<S>>>) -> FetchResponse {
+        let partition = self.partition;
+        let epoch = self.epoch();
+        let correlation = req.correlation;
+        let fenced = FetchResponse::Fenced { partition, correlation, epoch };
+        if self.failed || !matches!(self.role, Role::Leader(_)) {
+            return fenced;
+        }
+        if req.epoch != epoch && !self.plant.no_fencing {
+            if req.epoch > epoch {
+                // Someone follows a newer epoch: this leader is stale. Step down at once.
+                tracing::debug!(node = %self.id, partition = %partition, %epoch, newer = %req.epoch, "step down");
+                self.abandon_waiting(out);
+                self.role = Role::Offline;
+            }
+            return fenced;
+        }
+        let log_end = self.log.log_end_offset();
+        // Divergence check (KIP-320): the follower's last epoch must end at or after its
+        // fetch offset here, with the same epoch.
+        if let Some(last) = req.last_fetched_epoch {
+            match self.log.end_offset_for_epoch(last) {
+                Some((e, end)) if e == last && end >= req.fetch_offset => {}
+                Some((e, end)) => {
+                    return FetchResponse::Diverging { partition, correlation, epoch, end_epoch: e, end_offset: end };
+                }
+                None => {
+                    return FetchResponse::Diverging {
+                        partition,
+                        correlation,
+                        epoch,
+                        end_epoch: LeaderEpoch(0),
+                        end_offset: self.log.log_start_offset(),
+                    };
+                }
+            }
+        } else if req.fetch_offset > self.log.log_start_offset() {
+            return FetchResponse::Diverging {
+                partition,
+                correlation,
+                epoch,
+                end_epoch: LeaderEpoch(0),
+                end_offset: self.log.log_start_offset(),
+            };
+        }
+        if req.fetch_offset > log_end {
+            return FetchResponse::Diverging {
+                partition,
+                correlation,
+                epoch,
+                end_epoch: self.log.epochs().latest().map_or(LeaderEpoch(0), |e| e.epoch),
+                end_offset: log_end,
+            };
+        }
+        // Track the follower.
+        let mut expand = None;
+        if let Role::Leader(l) = &mut self.role {
+            if let Some(p) = l.followers.get_mut(&req.replica) {
+                if req.fetch_offset >= log_end {
+                    p.last_caught_up = now;
+                } else if req.fetch_offset >= p.last_fetch_leader_end {
+                    p.last_caught_up = p.last_caught_up.max(p.last_fetch_at);
+                }
+                p.last_fetch_leader_end = log_end;
+                p.last_fetch_at = now;
+                p.log_end = req.fetch_offset;
+                p.durable = req.durable_offset.min(req.fetch_offset);
+                let in_isr = self.state.as_ref().is_some_and(|s| s.isr.contains(&req.replica));
+                if !in_isr && p.log_end >= self.high_watermark && p.log_end >= l.epoch_start && l.pending_isr.is_none()
+                {
+                    expand = Some(req.replica);
+                }
+            }
+        }
+        if let Some(r) = expand {
+            let mut isr = self.state.as_ref().map(|s| s.isr.clone()).unwrap_or_default();
+            isr.push(r);
+            isr.sort();
+            self.propose_isr(now, isr, out);
+        }
+        self.advance_high_watermark(out);
+        let mut batches = Vec::new();
+        if req.fetch_offset < log_end {
+            let limit = ReadLimit { max_bytes: self.config.fetch_max_bytes, end: None };
+            if let Err(e) = self.log.read_verified(req.fetch_offset, limit, &mut batches) {
+                self.fail(format!("read for replication failed: {e}"), out);
+                return FetchResponse::Fenced { partition, correlation, epoch };
+            }
+        }
+        FetchResponse::Records { partition, correlation, epoch, batches, high_watermark: self.high_watermark }
+    }
+
+    /// The leader's answer to this follower's fetch.
+    pub fn handle_fetch_response(&mut self, now: Time, resp: FetchResponse, out: &mut Vec<Command<Job<S>>>) {
+        if self.failed {
+            return;
+        }
+        let my_epoch = self.epoch();
+        let Role::Follower(f) = &mut self.role else { return };
+        let (resp_epoch, correlation) = match &resp {
+            FetchResponse::Records { epoch, correlation, .. }
+            | FetchResponse::Diverging { epoch, correlation, .. }
+            | FetchResponse::Fenced { epoch, correlation, .. } => (*epoch, *correlation),
+        };
+        if f.in_flight.is_none() || correlation != f.correlation {
+            return; // a duplicate, or the answer to a fetch given up on
+        }
+        f.in_flight = None;
+        if resp_epoch != my_epoch && !self.plant.no_fencing {
+            // A late answer from an older leader, or the leader moved on: wait for state.
+            f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
+            return;
+        }
+        match resp {
+            FetchResponse::Fenced { .. } => {
+                f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
+            }
+            FetchResponse::Diverging { end_epoch, end_offset, .. } => {
+                if self.plant.no_truncation {
+                    let _ = end_epoch;
+                    f.pretend_epoch = Some(my_epoch);
+                    f.next_fetch = now;
+                } else {
+                    let own_end = self.log.end_offset_for_epoch(end_epoch).map(|(_, o)| o);
+                    let to = own_end.map_or(self.log.log_start_offset(), |o| o.min(end_offset));
+                    let to = to.max(self.log.log_start_offset());
+                    f.next_fetch = now;
+                    f.pretend_epoch = None;
+                    tracing::debug!(node = %self.id, partition = %self.partition, %end_epoch, %end_offset, %to, log_end = %self.log.log_end_offset(), "truncate");
+                    if let Err(e) = self.log.truncate_to(to) {
+                        return self.fail(format!("truncation to {to} failed: {e}"), out);
+                    }
+                    self.high_watermark = self.high_watermark.min(self.log.log_end_offset());
+                }
+            }
+            FetchResponse::Records { batches: bytes, high_watermark, .. } => {
+                let mut got = 0;
+                for b in batches(&bytes) {
+                    let Ok(b) = b else { break };
+                    // A stale answer (the log moved since it was asked): drop the rest.
+                    if b.header().base_offset != self.log.log_end_offset() {
+                        break;
+                    }
+                    if let Err(e) = self.log.append_replicated(&b, now.timestamp()) {
+                        return self.fail(format!("replicated append failed: {e}"), out);
+                    }
+                    got += 1;
+                }
+                let hw = high_watermark.min(self.log.log_end_offset());
+                if hw > self.high_watermark {
+                    self.high_watermark = hw;
+                }
+                let Role::Follower(f) = &mut self.role else { unreachable!("still a follower") };
+                if got > 0 {
+                    f.pretend_epoch = None;
+                }
+                f.next_fetch = if got > 0 { now } else { now.plus_ms(self.config.fetch_backoff_ms) };
+                self.maybe_sync(now, out);
+            }
+        }
+        self.maybe_fetch(now, out);
+    }
+
+    /// A sync job finished.
+    pub fn handle_sync_done(
+        &mut self,
+        now: Time,
+        job: Job<S>,
+        result: Result<(), StorageError>,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        self.sync_in_flight = false;
+        if self.failed {
+            return;
+        }
+        if let Err(e) = self.log.finish_sync(job, result) {
+            return self.fail(format!("sync failed: {e}"), out);
+        }
+        self.advance_high_watermark(out);
+        self.maybe_sync(now, out);
+        // A follower reports its new durable offset with its next fetch.
+        self.maybe_fetch(now, out);
+    }
+
+    /// Periodic work.
+    pub fn handle_tick(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        if self.failed {
+            return;
+        }
+        match &mut self.role {
+            Role::Follower(f) => {
+                if f.in_flight.is_some_and(|sent| now.ms_since(sent) >= self.config.fetch_timeout_ms) {
+                    f.in_flight = None;
+                }
+                self.maybe_fetch(now, out);
+            }
+            Role::Leader(l) => {
+                while let Some(&(_, request, _, deadline)) = l.waiting.front() {
+                    if deadline > now {
+                        break;
+                    }
+                    l.waiting.pop_front();
+                    out.push(Command::ProduceReply { request, result: Err(ProduceError::Abandoned) });
+                }
+                if l.pending_isr.as_ref().is_some_and(|(_, at)| now.ms_since(*at) >= self.config.alter_isr_retry_ms) {
+                    l.pending_isr = None;
+                }
+                let Some(state) = &self.state else { return };
+                let lagging: Vec<NodeId> = state
+                    .isr
+                    .iter()
+                    .filter(|&&r| r != self.id)
+                    .filter(|r| {
+                        l.followers
+                            .get(r)
+                            .is_some_and(|p| now.ms_since(p.last_caught_up) > self.config.replica_lag_max_ms)
+                    })
+                    .copied()
+                    .collect();
+                if !lagging.is_empty() && l.pending_isr.is_none() {
+                    let isr = state.isr.iter().filter(|r| !lagging.contains(r)).copied().collect();
+                    self.propose_isr(now, isr, out);
+                }
+                self.maybe_sync(now, out);
+            }
+            Role::Offline => {}
+        }
+    }
+
+    /// Committed batches from `from` (for consumers), with the high watermark. Only the
+    /// leader serves them.
+    pub fn read_committed(&self, from: Offset, max_bytes: u32) -> Result<(Vec<u8>, Offset), ProduceError> {
+        if self.failed {
+            return Err(ProduceError::Storage);
+        }
+        let Role::Leader(l) = &self.role else { return Err(ProduceError::NotLeader) };
+        if self.high_watermark < l.epoch_start {
+            return Err(ProduceError::LeaderNotReady);
+        }
+        let mut buf = Vec::new();
+        if from < self.high_watermark {
+            let limit = ReadLimit { max_bytes, end: Some(self.high_watermark) };
+            self.log.read_verified(from, limit, &mut buf).map_err(|_| ProduceError::Storage)?;
+        }
+        Ok((buf, self.high_watermark))
+    }
+
+    fn propose_isr(&mut self, now: Time, isr: Vec<NodeId>, out: &mut Vec<Command<Job<S>>>) {
+        let Some(state) = &self.state else { return };
+        let Role::Leader(l) = &mut self.role else { return };
+        // The controller never names a leader outside the ISR; only stale states (accepted
+        // with the planted no-fencing bug) can.
+        assert!(self.plant.no_fencing || isr.contains(&self.id), "a leader never proposes an ISR without itself");
+        if !isr.contains(&self.id) {
+            return;
+        }
+        if isr == state.isr {
+            return;
+        }
+        l.pending_isr = Some((isr.clone(), now));
+        out.push(Command::Send {
+            to: Peer::Controller,
+            msg: Message::AlterIsr {
+                leader: self.id,
+                epoch: state.epoch,
+                isr_version: state.isr_version,
+                partition: self.partition,
+                isr,
+            },
+        });
+    }
+
+    /// Leader: recomputes the high watermark and completes `acks=all` produces below it.
+    fn advance_high_watermark(&mut self, out: &mut Vec<Command<Job<S>>>) {
+        let Role::Leader(l) = &mut self.role else { return };
+        let Some(state) = &self.state else { return };
+        // The ISR in effect is the committed one plus any proposed addition, so a shrink
+        // only takes effect once the controller accepted it (KIP-497's maximal ISR).
+        let mut members: Vec<NodeId> = state.isr.clone();
+        if let Some((p, _)) = &l.pending_isr {
+            members.extend(p.iter().filter(|r| !state.isr.contains(r)));
+        }
+        let mut hw = self.log.durable_offset();
+        for r in members.iter().filter(|&&r| r != self.id) {
+            hw = hw.min(l.followers.get(r).map_or(Offset(0), |p| p.durable));
+        }
+        let hw = hw.min(self.log.log_end_offset());
+        if hw > self.high_watermark {
+            self.high_watermark = hw;
+        }
+        assert!(self.high_watermark <= self.log.log_end_offset(), "high watermark past the log end");
+        while let Some(&(end, request, base, _)) = l.waiting.front() {
+            if end > self.high_watermark {
+                break;
+            }
+            l.waiting.pop_front();
+            out.push(Command::ProduceReply { request, result: Ok(base) });
+        }
+    }
+
+    fn abandon_waiting(&mut self, out: &mut Vec<Command<Job<S>>>) {
+        if let Role::Leader(l) = &mut self.role {
+            for (_, request, _, _) in l.waiting.drain(..) {
+                out.push(Command::ProduceReply { request, result: Err(ProduceError::Abandoned) });
+            }
+        }
+    }
+
+    fn maybe_sync(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        if self.sync_in_flight || self.failed {
+            return;
+        }
+        if let Some(job) = self.log.begin_sync(now.timestamp()) {
+            self.sync_in_flight = true;
+            out.push(Command::Sync { partition: self.partition, job });
+        }
+    }
+
+    fn maybe_fetch(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        let epoch = self.epoch();
+        let Role::Follower(f) = &mut self.role else { return };
+        if f.in_flight.is_some() || now < f.next_fetch {
+            return;
+        }
+        f.in_flight = Some(now);
+        self.fetch_correlation += 1;
+        f.correlation = self.fetch_correlation;
+        let last = self.log.epochs().latest().map(|e| e.epoch);
+        let last_fetched_epoch = f.pretend_epoch.or(last);
+        out.push(Command::Send {
+            to: Peer::Node(f.leader),
+            msg: Message::Fetch(FetchRequest {
+                partition: self.partition,
+                replica: self.id,
+                epoch,
+                fetch_offset: self.log.log_end_offset(),
+                last_fetched_epoch,
+                durable_offset: self.log.durable_offset(),
+                correlation: self.fetch_correlation,
+            }),
+        });
+    }
+
+    fn fail(&mut self, reason: String, out: &mut Vec<Command<Job<S>>>) {
+        self.abandon_waiting(out);
+        self.failed = true;
+        self.role = Role::Offline;
+        out.push(Command::Fail { reason });
+    }
+
+    /// The ISR version of the latest state (for tests and the simulator).
+    pub fn isr_version(&self) -> IsrVersion {
+        self.state.as_ref().map_or(IsrVersion(0), |s| s.isr_version)
+    }
+}

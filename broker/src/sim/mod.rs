@@ -1,0 +1,925 @@
+//! Deterministic cluster simulator (feature `sim`): the real sans-IO core (`crate::core`) and
+//! the real partition log (`skein_log::Log` on `MemStorage`) for several brokers and a
+//! controller, in one thread, with virtual time and one seed.
+//!
+//! Each seed runs a **safety phase** in which faults are injected — message drop, delay,
+//! duplication and reordering; network partitions (one node, the leader cut off from the
+//! controller and the other brokers while clients still reach it, one-way links, a ring
+//! where majorities overlap); crashes that lose unsynced bytes (with torn writes) and
+//! restarts; process pauses; failing disk operations (EIO, disk full) on one node; per-node
+//! clock rate skew — then a **liveness phase** with every fault healed, in which each
+//! partition must accept `acks=all` writes again. Producers (`acks=all`, one record per
+//! batch, unique values) and consumers record a history; at the end a full read of every
+//! partition is added and [`crate::check`] judges it.
+//!
+//! Invariants checked after every event: no two brokers both lead a partition with a valid
+//! lease (split brain); a replica's high watermark never moves backwards while it runs;
+//! committed prefixes agree on every replica (one value per committed offset, across all
+//! replicas and all time); a restarted log always opens.
+//!
+//! Not simulated yet: the controller's own replication (one controller node that never
+//! fails stands in for the Raft quorum), bit flips and lying fsyncs, idempotent retries
+//! (producers never retry, so duplicates would be a bug), client metadata over the network
+//! (clients read the controller's state directly when they refresh).
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
+
+use skein_log::batch::{batches, BatchBuilder, RecordBatch};
+use skein_log::storage::{FaultKind, MemStorage};
+use skein_log::{Durability, Log, LogConfig};
+
+use crate::check::{self, History, PollOp, SendOp, SendOutcome};
+use crate::core::controller::{Controller, ControllerConfig};
+use crate::core::node::{BrokerNode, NodeConfig};
+use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
+use crate::core::{Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+
+/// What a simulation run does.
+#[derive(Clone, Debug)]
+pub struct SimConfig {
+    /// The seed: everything random derives from it.
+    pub seed: u64,
+    /// Brokers (every partition is replicated on all of them).
+    pub nodes: u32,
+    /// Partitions.
+    pub partitions: u32,
+    /// Producer clients.
+    pub producers: u32,
+    /// Consumer clients.
+    pub consumers: u32,
+    /// Virtual milliseconds of the fault phase.
+    pub safety_ms: u64,
+    /// Virtual milliseconds of the healed phase.
+    pub liveness_ms: u64,
+    /// Planted bugs.
+    pub plant: Plant,
+}
+
+impl SimConfig {
+    /// The defaults for a seed.
+    pub fn new(seed: u64) -> SimConfig {
+        SimConfig {
+            seed,
+            nodes: 3,
+            partitions: 2,
+            producers: 3,
+            consumers: 2,
+            safety_ms: 6_000,
+            liveness_ms: 3_000,
+            plant: Plant::default(),
+        }
+    }
+}
+
+/// What a run found.
+#[derive(Debug)]
+pub struct SimOutcome {
+    /// The seed.
+    pub seed: u64,
+    /// Invariant violations seen during the run (first few), each naming its property.
+    pub violations: Vec<String>,
+    /// The history checker's verdict.
+    pub report: check::Report,
+    /// Events processed.
+    pub events: u64,
+    /// Client operations in the history.
+    pub ops: u64,
+    /// Faults injected.
+    pub faults: u64,
+}
+
+impl SimOutcome {
+    /// Whether the seed passed: no invariant violation and every history check passed.
+    pub fn passed(&self) -> bool {
+        self.violations.is_empty() && self.report.ok()
+    }
+
+    /// Names of the violated properties (invariants and checks).
+    pub fn failed_properties(&self) -> Vec<String> {
+        let mut v: Vec<String> =
+            self.violations.iter().map(|s| s.split(':').next().unwrap_or("").to_string()).collect();
+        v.extend(self.report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
+        v.sort();
+        v.dedup();
+        v
+    }
+}
+
+/// Small deterministic PRNG (splitmix64).
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        skein_log::storage::splitmix(&mut self.0)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 {
+            0
+        } else {
+            self.next() % n
+        }
+    }
+    fn range(&mut self, lo: u64, hi: u64) -> u64 {
+        lo + self.below(hi.saturating_sub(lo) + 1)
+    }
+    fn chance(&mut self, per_mille: u64) -> bool {
+        self.below(1000) < per_mille
+    }
+}
+
+const TICK_US: u64 = 5_000;
+const CLIENT_TICK_US: u64 = 2_000;
+const CLIENT_TIMEOUT_MS: u64 = 600;
+const PRODUCE_DEADLINE_MS: u64 = 500;
+const MAX_VIOLATIONS: usize = 10;
+
+#[derive(Debug)]
+enum ClientReq {
+    Produce { partition: PartitionId, epoch: Option<crate::core::LeaderEpoch>, batch: Vec<u8> },
+    Read { partition: PartitionId, from: Offset },
+}
+
+#[derive(Debug)]
+enum ClientResp {
+    Produce(Result<Offset, ProduceError>),
+    Read(Result<(Vec<u8>, Offset), ProduceError>),
+}
+
+enum Event {
+    Tick(NodeId),
+    ControllerTick,
+    ClientTick(usize),
+    Deliver { from: Peer, to: Peer, msg: Message },
+    SyncDone { node: NodeId, incarnation: u64, partition: PartitionId, job: Job<MemStorage> },
+    ClientRequest { client: usize, request: u64, to: NodeId, req: ClientReq },
+    ClientResponse { client: usize, request: u64, resp: ClientResp },
+    Restart(NodeId),
+    Heal,
+    Fault,
+}
+
+struct SimNode {
+    id: NodeId,
+    core: Option<BrokerNode<MemStorage>>,
+    storages: BTreeMap<PartitionId, MemStorage>,
+    incarnation: u64,
+    paused_until: Option<u64>,
+    /// Clock rate skew in parts per million.
+    skew_ppm: i64,
+    last_hw: BTreeMap<PartitionId, Offset>,
+    checked: BTreeMap<PartitionId, Offset>,
+    /// Client produce requests in flight on this node: core request id -> (client, client request).
+    requests: BTreeMap<u64, (usize, u64)>,
+}
+
+struct Client {
+    producer: bool,
+    process: check::ProcessId,
+    /// Outstanding request: (id, partition, value, invoke time, from offset for reads).
+    pending: Option<(u64, PartitionId, u64, u64, Offset)>,
+    next_partition: u32,
+    positions: BTreeMap<PartitionId, Offset>,
+    leaders: BTreeMap<PartitionId, (NodeId, crate::core::LeaderEpoch)>,
+    idle_until: u64,
+}
+
+struct Sim {
+    cfg: SimConfig,
+    rng: Rng,
+    now: u64,
+    seq: u64,
+    queue: BinaryHeap<Reverse<(u64, u64)>>,
+    events: BTreeMap<u64, Event>,
+    nodes: Vec<SimNode>,
+    controller: Controller,
+    clients: Vec<Client>,
+    /// Cut directed links (from, to).
+    cut: BTreeSet<(Peer, Peer)>,
+    /// Brokers clients cannot reach.
+    client_cut: BTreeSet<NodeId>,
+    faults_on: bool,
+    history: History,
+    next_value: u64,
+    next_request: u64,
+    committed: BTreeMap<PartitionId, BTreeMap<Offset, u64>>,
+    violations: Vec<String>,
+    processed: u64,
+    faults: u64,
+    /// Per partition: time of the last acknowledged produce.
+    last_ack: BTreeMap<PartitionId, u64>,
+    log_config: LogConfig,
+}
+
+/// Runs one seed.
+pub fn run(cfg: &SimConfig) -> SimOutcome {
+    let mut sim = Sim::new(cfg.clone());
+    sim.run();
+    let report = check::check(&sim.history);
+    SimOutcome {
+        seed: cfg.seed,
+        violations: sim.violations,
+        report,
+        events: sim.processed,
+        ops: sim.history.ops.len() as u64,
+        faults: sim.faults,
+    }
+}
+
+impl Sim {
+    fn new(cfg: SimConfig) -> Sim {
+        let mut rng = Rng(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
+        let ids: Vec<NodeId> = (1..=cfg.nodes).map(NodeId).collect();
+        let parts: Vec<PartitionId> = (0..cfg.partitions).map(PartitionId).collect();
+        let assignments: Vec<(PartitionId, Vec<NodeId>)> = parts
+            .iter()
+            .map(|&p| {
+                let mut r = ids.clone();
+                r.rotate_left(p.0 as usize % ids.len());
+                (p, r)
+            })
+            .collect();
+        let mut controller = Controller::new(ControllerConfig::default(), &ids, &assignments);
+        if cfg.plant.no_fencing {
+            controller.plant_no_fencing();
+        }
+        let log_config = LogConfig { durability: Durability::Never, segment_bytes: 64 * 1024, ..LogConfig::default() };
+        let nodes = ids
+            .iter()
+            .map(|&id| SimNode {
+                id,
+                core: None,
+                storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
+                incarnation: 0,
+                paused_until: None,
+                skew_ppm: rng.range(0, 4000) as i64 - 2000,
+                last_hw: BTreeMap::new(),
+                checked: BTreeMap::new(),
+                requests: BTreeMap::new(),
+            })
+            .collect();
+        let clients = (0..cfg.producers + cfg.consumers)
+            .map(|i| Client {
+                producer: i < cfg.producers,
+                process: check::ProcessId(i),
+                pending: None,
+                next_partition: i,
+                positions: BTreeMap::new(),
+                leaders: BTreeMap::new(),
+                idle_until: 0,
+            })
+            .collect();
+        let mut sim = Sim {
+            cfg,
+            rng,
+            now: 0,
+            seq: 0,
+            queue: BinaryHeap::new(),
+            events: BTreeMap::new(),
+            nodes,
+            controller,
+            clients,
+            cut: BTreeSet::new(),
+            client_cut: BTreeSet::new(),
+            faults_on: true,
+            history: History::new(),
+            next_value: 1,
+            next_request: 1,
+            committed: BTreeMap::new(),
+            violations: Vec::new(),
+            processed: 0,
+            faults: 0,
+            last_ack: BTreeMap::new(),
+            log_config,
+        };
+        for i in 0..sim.nodes.len() {
+            sim.start_node(i);
+            let id = sim.nodes[i].id;
+            let at = sim.rng.range(0, TICK_US);
+            sim.schedule(at, Event::Tick(id));
+        }
+        sim.schedule(1, Event::ControllerTick);
+        for c in 0..sim.clients.len() {
+            let at = sim.rng.range(0, CLIENT_TICK_US);
+            sim.schedule(at, Event::ClientTick(c));
+        }
+        let first_fault = sim.rng.range(300_000, 800_000);
+        sim.schedule(first_fault, Event::Fault);
+        sim
+    }
+
+    fn schedule(&mut self, delay_us: u64, ev: Event) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay_us, self.seq)));
+        self.events.insert(self.seq, ev);
+    }
+
+    fn violation(&mut self, v: String) {
+        if self.violations.len() < MAX_VIOLATIONS {
+            tracing::debug!(at_us = self.now, "{v}");
+            self.violations.push(format!("{v} (at {} ms)", self.now / 1000));
+        }
+    }
+
+    /// A node's local clock.
+    fn local(&self, i: usize) -> Time {
+        let skew = self.nodes[i].skew_ppm;
+        Time((self.now as i64 + self.now as i64 / 1_000_000 * skew) as u64)
+    }
+
+    fn idx(&self, id: NodeId) -> usize {
+        (id.0 - 1) as usize
+    }
+
+    fn start_node(&mut self, i: usize) {
+        let now = self.local(i);
+        let n = &mut self.nodes[i];
+        n.incarnation += 1;
+        n.last_hw.clear();
+        n.checked.clear();
+        n.requests.clear();
+        let mut replicas = Vec::new();
+        for (&p, storage) in &n.storages {
+            match Log::open(storage.clone(), self.log_config.clone(), now.timestamp()) {
+                Ok(log) => replicas.push(Replica::new(n.id, p, ReplicaConfig::default(), self.cfg.plant, log)),
+                Err(skein_log::OpenError::Storage(e)) => {
+                    // The disk fault fired during recovery: fail-stop, try again later.
+                    tracing::debug!(node = %n.id, %p, error = %e, "open failed, restarting later");
+                    let id = n.id;
+                    let back = self.rng.range(100_000, 500_000);
+                    self.schedule(back, Event::Restart(id));
+                    return;
+                }
+                Err(e) => {
+                    let msg = format!("recovery: {} {p} log does not open after a crash: {e}", n.id);
+                    self.violation(msg);
+                    return;
+                }
+            }
+        }
+        let n = &mut self.nodes[i];
+        n.core = Some(BrokerNode::new(n.id, n.incarnation, NodeConfig::default(), replicas, self.cfg.plant.no_fencing));
+    }
+
+    fn crash(&mut self, i: usize) {
+        let seed = self.rng.next();
+        let n = &mut self.nodes[i];
+        n.core = None;
+        n.paused_until = None;
+        for s in n.storages.values_mut() {
+            *s = s.crash(seed);
+        }
+        // Clients waiting on this node time out.
+    }
+
+    fn run(&mut self) {
+        let safety_end = self.cfg.safety_ms * 1000;
+        let end = safety_end + self.cfg.liveness_ms * 1000;
+        let heal_at = safety_end;
+        self.schedule(heal_at, Event::Heal);
+        while let Some(Reverse((at, seq))) = self.queue.pop() {
+            if at > end {
+                break;
+            }
+            self.now = at;
+            let ev = self.events.remove(&seq).expect("every queued event is stored");
+            self.processed += 1;
+            self.step(ev);
+            self.check_invariants();
+        }
+        // Liveness: every partition served acks=all writes in the second half of the
+        // healed phase.
+        let since = safety_end + self.cfg.liveness_ms * 500;
+        for p in 0..self.cfg.partitions {
+            let p = PartitionId(p);
+            if self.last_ack.get(&p).is_none_or(|&t| t < since) {
+                self.violation(format!("liveness: {p} acknowledged no write in the last half of the healed phase"));
+            }
+        }
+        self.final_read();
+    }
+
+    fn step(&mut self, ev: Event) {
+        // A paused node's events wait until it resumes (a stopped process keeps its sockets).
+        let target = match &ev {
+            Event::Tick(id) | Event::ClientRequest { to: id, .. } | Event::SyncDone { node: id, .. } => Some(*id),
+            Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
+            _ => None,
+        };
+        if let Some(id) = target {
+            let i = self.idx(id);
+            if let Some(until) = self.nodes[i].paused_until {
+                if self.now < until {
+                    self.schedule(until - self.now, ev);
+                    return;
+                }
+                self.nodes[i].paused_until = None;
+            }
+        }
+        match ev {
+            Event::Tick(id) => {
+                let i = self.idx(id);
+                let now = self.local(i);
+                let mut out = Vec::new();
+                if let Some(core) = &mut self.nodes[i].core {
+                    core.handle_tick(now, &mut out);
+                }
+                self.execute(i, out);
+                self.schedule(TICK_US, Event::Tick(id));
+            }
+            Event::ControllerTick => {
+                let mut out = Vec::new();
+                self.controller.handle_tick(Time(self.now), &mut out);
+                for (to, msg) in out {
+                    self.send(Peer::Controller, Peer::Node(to), msg);
+                }
+                self.schedule(TICK_US, Event::ControllerTick);
+            }
+            Event::Deliver { from, to, msg } => match to {
+                Peer::Controller => {
+                    let Peer::Node(from_id) = from else { return };
+                    let mut out = Vec::new();
+                    self.controller.handle_message(Time(self.now), from_id, msg, &mut out);
+                    for (to, msg) in out {
+                        self.send(Peer::Controller, Peer::Node(to), msg);
+                    }
+                }
+                Peer::Node(id) => {
+                    let i = self.idx(id);
+                    let now = self.local(i);
+                    let mut out = Vec::new();
+                    if let Some(core) = &mut self.nodes[i].core {
+                        core.handle_message(now, from, msg, &mut out);
+                    }
+                    self.execute(i, out);
+                }
+            },
+            Event::SyncDone { node, incarnation, partition, job } => {
+                let i = self.idx(node);
+                if self.nodes[i].incarnation != incarnation || self.nodes[i].core.is_none() {
+                    return; // the process died before its fdatasync returned
+                }
+                let result = job.run();
+                let now = self.local(i);
+                let mut out = Vec::new();
+                if let Some(core) = &mut self.nodes[i].core {
+                    core.handle_sync_done(now, partition, job, result, &mut out);
+                }
+                self.execute(i, out);
+            }
+            Event::ClientRequest { client, request, to, req } => self.serve_client(client, request, to, req),
+            Event::ClientResponse { client, request, resp } => self.client_response(client, request, resp),
+            Event::ClientTick(c) => {
+                self.client_tick(c);
+                let jitter = self.rng.range(0, CLIENT_TICK_US);
+                self.schedule(CLIENT_TICK_US + jitter, Event::ClientTick(c));
+            }
+            Event::Restart(id) => {
+                let i = self.idx(id);
+                if self.nodes[i].core.is_none() {
+                    self.start_node(i);
+                }
+            }
+            Event::Heal => {
+                self.faults_on = false;
+                self.cut.clear();
+                self.client_cut.clear();
+                for i in 0..self.nodes.len() {
+                    self.nodes[i].paused_until = None;
+                    if self.nodes[i].core.is_none() {
+                        self.start_node(i);
+                    }
+                }
+            }
+            Event::Fault => {
+                if self.faults_on {
+                    self.inject_fault();
+                    let next = self.rng.range(300_000, 1_200_000);
+                    self.schedule(next, Event::Fault);
+                }
+            }
+        }
+    }
+
+    fn inject_fault(&mut self) {
+        self.faults += 1;
+        // Heal the previous network fault first, most of the time (faults overlap sometimes).
+        if self.rng.chance(700) {
+            self.cut.clear();
+            self.client_cut.clear();
+        }
+        let n = self.nodes.len();
+        let victim = self.rng.below(n as u64) as usize;
+        let leader = self
+            .controller
+            .partition(PartitionId(self.rng.below(self.cfg.partitions as u64) as u32))
+            .and_then(|s| s.leader)
+            .map(|l| self.idx(l))
+            .unwrap_or(victim);
+        match self.rng.below(8) {
+            0 | 1 => {
+                // Crash and restart later (kill -9: unsynced bytes are lost, tails may tear).
+                let target = if self.rng.chance(500) { leader } else { victim };
+                if self.nodes[target].core.is_some() {
+                    self.crash(target);
+                    let id = self.nodes[target].id;
+                    let back = self.rng.range(100_000, 1_500_000);
+                    self.schedule(back, Event::Restart(id));
+                }
+            }
+            2 => {
+                // Isolate one node from everyone (brokers, controller, clients).
+                let id = Peer::Node(self.nodes[victim].id);
+                for p in self.peers() {
+                    if p != id {
+                        self.cut.insert((id, p));
+                        self.cut.insert((p, id));
+                    }
+                }
+                self.client_cut.insert(self.nodes[victim].id);
+            }
+            3 => {
+                // The leader cut off from the controller and the other brokers; clients
+                // still reach it.
+                let id = Peer::Node(self.nodes[leader].id);
+                for p in self.peers() {
+                    if p != id {
+                        self.cut.insert((id, p));
+                        self.cut.insert((p, id));
+                    }
+                }
+            }
+            4 => {
+                // One-way: the leader hears nobody, but its messages go out.
+                let id = Peer::Node(self.nodes[leader].id);
+                for p in self.peers() {
+                    if p != id {
+                        self.cut.insert((p, id));
+                    }
+                }
+            }
+            5 => {
+                // A ring: node i reaches only its neighbours (overlapping majorities); the
+                // controller reaches everyone.
+                let peers: Vec<Peer> = self.nodes.iter().map(|x| Peer::Node(x.id)).collect();
+                for a in 0..n {
+                    for b in 0..n {
+                        let d = (a + n - b) % n;
+                        if a != b && d != 1 && d != n - 1 {
+                            self.cut.insert((peers[a], peers[b]));
+                        }
+                    }
+                }
+            }
+            6 => {
+                // Pause (SIGSTOP) for a while.
+                let until = self.now + self.rng.range(100_000, 800_000);
+                self.nodes[victim].paused_until = Some(until);
+            }
+            _ => {
+                // A failing disk operation on one node (EIO or disk full): it fail-stops.
+                let kind = if self.rng.chance(500) { FaultKind::Io } else { FaultKind::DiskFull };
+                let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+                let n_ops = self.rng.range(1, 20);
+                if let Some(s) = self.nodes[victim].storages.get(&p) {
+                    s.fail_op(n_ops, kind);
+                }
+            }
+        }
+    }
+
+    fn peers(&self) -> Vec<Peer> {
+        let mut v: Vec<Peer> = self.nodes.iter().map(|x| Peer::Node(x.id)).collect();
+        v.push(Peer::Controller);
+        v
+    }
+
+    /// Sends over the simulated network: delay, drop, duplication, reordering, cuts.
+    fn send(&mut self, from: Peer, to: Peer, msg: Message) {
+        if self.cut.contains(&(from, to)) {
+            return;
+        }
+        let faulty = self.faults_on;
+        if faulty && self.rng.chance(10) {
+            return; // dropped
+        }
+        let mut delay = self.rng.range(100, 1_500);
+        if faulty && self.rng.chance(30) {
+            delay += self.rng.range(5_000, 120_000); // reordered behind later messages
+        }
+        if faulty && self.rng.chance(5) {
+            let again = delay + self.rng.range(1_000, 50_000);
+            self.schedule(again, Event::Deliver { from, to, msg: msg.clone() });
+        }
+        self.schedule(delay, Event::Deliver { from, to, msg });
+    }
+
+    fn execute(&mut self, i: usize, out: Vec<Command<Job<MemStorage>>>) {
+        let id = self.nodes[i].id;
+        for cmd in out {
+            match cmd {
+                Command::Send { to, msg } => self.send(Peer::Node(id), to, msg),
+                Command::Sync { partition, job } => {
+                    let delay = self.rng.range(200, 3_000);
+                    let incarnation = self.nodes[i].incarnation;
+                    self.schedule(delay, Event::SyncDone { node: id, incarnation, partition, job });
+                }
+                Command::ProduceReply { request, result } => {
+                    if let Some((client, creq)) = self.nodes[i].requests.remove(&request.0) {
+                        self.reply_client(id, client, creq, ClientResp::Produce(result));
+                    }
+                }
+                Command::Fail { reason } => {
+                    tracing::debug!(node = %id, %reason, "fail-stop");
+                    self.crash(i);
+                    let back = self.rng.range(100_000, 1_000_000);
+                    self.schedule(back, Event::Restart(id));
+                    return;
+                }
+            }
+        }
+    }
+
+    fn reply_client(&mut self, from: NodeId, client: usize, request: u64, resp: ClientResp) {
+        if self.client_cut.contains(&from) {
+            return;
+        }
+        let delay = self.rng.range(100, 1_500);
+        self.schedule(delay, Event::ClientResponse { client, request, resp });
+    }
+
+    fn serve_client(&mut self, client: usize, request: u64, to: NodeId, req: ClientReq) {
+        let i = self.idx(to);
+        let now = self.local(i);
+        if self.nodes[i].core.is_none() {
+            return; // connection refused: the client times out
+        }
+        match req {
+            ClientReq::Produce { partition, epoch, batch } => {
+                let Ok(batch) = RecordBatch::parse(batch) else { return };
+                let id = self.next_request;
+                self.next_request += 1;
+                self.nodes[i].requests.insert(id, (client, request));
+                let mut out = Vec::new();
+                let deadline = now.plus_ms(PRODUCE_DEADLINE_MS);
+                let core = self.nodes[i].core.as_mut().expect("checked above");
+                core.handle_produce(now, RequestId(id), partition, epoch, batch, Acks::All, deadline, &mut out);
+                self.execute(i, out);
+            }
+            ClientReq::Read { partition, from } => {
+                let core = self.nodes[i].core.as_ref().expect("checked above");
+                let result = core.read_committed(partition, from, 64 * 1024);
+                self.reply_client(to, client, request, ClientResp::Read(result));
+            }
+        }
+    }
+
+    fn refresh(&mut self, c: usize, p: PartitionId) {
+        match self.controller.partition(p).and_then(|s| s.leader.map(|l| (l, s.epoch))) {
+            Some(le) => {
+                self.clients[c].leaders.insert(p, le);
+            }
+            None => {
+                self.clients[c].leaders.remove(&p);
+            }
+        }
+    }
+
+    fn client_tick(&mut self, c: usize) {
+        let now = self.now;
+        // Time out the outstanding request: its outcome is unknown.
+        if let Some((_, p, value, invoked, from)) = self.clients[c].pending {
+            if now.saturating_sub(invoked) / 1000 >= CLIENT_TIMEOUT_MS {
+                self.clients[c].pending = None;
+                if self.clients[c].producer {
+                    self.record_send(c, p, value, invoked, SendOutcome::Unknown);
+                }
+                let _ = from;
+                self.refresh(c, p);
+            }
+            return;
+        }
+        if now < self.clients[c].idle_until {
+            return;
+        }
+        let p = PartitionId(self.clients[c].next_partition % self.cfg.partitions);
+        self.clients[c].next_partition += 1;
+        if !self.clients[c].leaders.contains_key(&p) {
+            self.refresh(c, p);
+        }
+        let Some(&(leader, epoch)) = self.clients[c].leaders.get(&p) else {
+            self.clients[c].idle_until = now + 20_000;
+            return;
+        };
+        let request = self.next_request;
+        self.next_request += 1;
+        let req = if self.clients[c].producer {
+            let value = self.next_value;
+            self.next_value += 1;
+            let mut b = BatchBuilder::new();
+            b.push(None, &value.to_le_bytes(), &[], Time(now).timestamp());
+            self.clients[c].pending = Some((request, p, value, now, Offset(0)));
+            ClientReq::Produce { partition: p, epoch: Some(epoch), batch: b.build().into_bytes() }
+        } else {
+            let from = self.clients[c].positions.get(&p).copied().unwrap_or(Offset(0));
+            self.clients[c].pending = Some((request, p, 0, now, from));
+            ClientReq::Read { partition: p, from }
+        };
+        if self.client_cut.contains(&leader) {
+            return; // the request is lost; the client times out
+        }
+        let delay = self.rng.range(100, 1_500);
+        self.schedule(delay, Event::ClientRequest { client: c, request, to: leader, req });
+    }
+
+    fn record_send(&mut self, c: usize, p: PartitionId, value: u64, invoked: u64, outcome: SendOutcome) {
+        self.history.push(SendOp {
+            process: self.clients[c].process,
+            partition: Some(check::PartitionId(p.0)),
+            key: None,
+            value: check::Value(value),
+            invoke_us: invoked,
+            complete_us: self.now.max(invoked),
+            outcome,
+        });
+    }
+
+    fn client_response(&mut self, c: usize, request: u64, resp: ClientResp) {
+        let Some((id, p, value, invoked, from)) = self.clients[c].pending else { return };
+        if id != request {
+            return; // a late answer to a request that already timed out
+        }
+        self.clients[c].pending = None;
+        match resp {
+            ClientResp::Produce(Ok(offset)) => {
+                let outcome = SendOutcome::Ok { partition: check::PartitionId(p.0), offset: check::Offset(offset.0) };
+                self.record_send(c, p, value, invoked, outcome);
+                self.last_ack.insert(p, self.now);
+            }
+            ClientResp::Produce(Err(e)) => {
+                let outcome = if e.definitely_not_written() { SendOutcome::Failed } else { SendOutcome::Unknown };
+                self.record_send(c, p, value, invoked, outcome);
+                self.refresh(c, p);
+            }
+            ClientResp::Read(Ok((bytes, hw))) => {
+                let records = decode(&bytes, from, hw);
+                if let Some(&(last, _)) = records.last() {
+                    self.clients[c].positions.insert(p, Offset(last.0 + 1));
+                }
+                self.history.push(PollOp {
+                    process: self.clients[c].process,
+                    partition: check::PartitionId(p.0),
+                    from: check::Offset(from.0),
+                    records,
+                    high_watermark: Some(check::Offset(hw.0)),
+                    invoke_us: invoked,
+                    complete_us: self.now,
+                    final_read: false,
+                });
+            }
+            ClientResp::Read(Err(_)) => self.refresh(c, p),
+        }
+    }
+
+    /// The end-of-run read of every partition from its leader, straight from the core.
+    fn final_read(&mut self) {
+        for p in 0..self.cfg.partitions {
+            let p = PartitionId(p);
+            let Some(leader) = self.controller.partition(p).and_then(|s| s.leader) else {
+                self.violation(format!("liveness: {p} has no leader at the end"));
+                continue;
+            };
+            let i = self.idx(leader);
+            let Some(core) = &self.nodes[i].core else {
+                self.violation(format!("liveness: {p} leader {leader} is down at the end"));
+                continue;
+            };
+            let mut from = Offset(0);
+            loop {
+                match core.read_committed(p, from, 1 << 20) {
+                    Ok((bytes, hw)) => {
+                        let records = decode(&bytes, from, hw);
+                        let next = records.last().map(|&(o, _)| Offset(o.0 + 1));
+                        self.history.push(PollOp {
+                            process: check::ProcessId(1_000 + p.0),
+                            partition: check::PartitionId(p.0),
+                            from: check::Offset(from.0),
+                            records,
+                            high_watermark: Some(check::Offset(hw.0)),
+                            invoke_us: self.now,
+                            complete_us: self.now,
+                            final_read: true,
+                        });
+                        match next {
+                            Some(n) if n < hw => from = n,
+                            _ => break,
+                        }
+                    }
+                    Err(e) => {
+                        self.violation(format!("liveness: final read of {p} from {leader} failed: {e:?}"));
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_invariants(&mut self) {
+        // Split brain: two brokers leading one partition, both with a valid lease.
+        for p in 0..self.cfg.partitions {
+            let p = PartitionId(p);
+            let mut leaders = Vec::new();
+            for i in 0..self.nodes.len() {
+                let now = self.local(i);
+                if let Some(core) = &self.nodes[i].core {
+                    if let Some(e) = core.replica(p).and_then(|r| r.leader_epoch()) {
+                        if core.lease_valid(now) {
+                            leaders.push((core.id(), e));
+                        }
+                    }
+                }
+            }
+            if leaders.len() > 1 {
+                self.violation(format!("split-brain: {p} led by {leaders:?} at once, each with a valid lease"));
+            }
+        }
+        // High watermarks never move backwards; committed prefixes agree everywhere.
+        for i in 0..self.nodes.len() {
+            let Some(core) = &self.nodes[i].core else { continue };
+            let id = core.id();
+            let mut found = Vec::new();
+            let mut updates = Vec::new();
+            for (&p, r) in core.replicas() {
+                let hw = r.high_watermark();
+                let last = self.nodes[i].last_hw.get(&p).copied().unwrap_or(Offset(0));
+                if hw < last {
+                    found.push(format!("hw-regression: {id} {p} high watermark went from {last} back to {hw}"));
+                }
+                let checked = self.nodes[i].checked.get(&p).copied().unwrap_or(Offset(0)).min(hw);
+                if hw > checked {
+                    let mut buf = Vec::new();
+                    let limit = skein_log::ReadLimit { max_bytes: u32::MAX, end: Some(hw) };
+                    if r.log().read_verified(checked, limit, &mut buf).is_ok() {
+                        let committed = self.committed.entry(p).or_default();
+                        for (o, v) in decode(&buf, checked, hw) {
+                            let o = Offset(o.0);
+                            match committed.get(&o) {
+                                Some(&c) if c != v.0 => found.push(format!(
+                                    "committed-prefix: {p} offset {o} holds {} on {id} but {c} was committed",
+                                    v.0
+                                )),
+                                Some(_) => {}
+                                None => {
+                                    committed.insert(o, v.0);
+                                }
+                            }
+                        }
+                    }
+                }
+                updates.push((p, hw));
+            }
+            for (p, hw) in updates {
+                let n = &mut self.nodes[i];
+                let last = n.last_hw.entry(p).or_insert(Offset(0));
+                *last = (*last).max(hw);
+                n.checked.insert(p, hw);
+            }
+            for f in found {
+                self.violation(f);
+            }
+        }
+    }
+}
+
+/// Records of whole batches at or after `from` and below `hw`, as (offset, value).
+fn decode(bytes: &[u8], from: Offset, hw: Offset) -> Vec<(check::Offset, check::Value)> {
+    let mut out = Vec::new();
+    for b in batches(bytes) {
+        let Ok(b) = b else { break };
+        let base = b.header().base_offset;
+        for (i, r) in b.records().iter().enumerate() {
+            let o = base.0 + i as u64;
+            if o < from.0 || o >= hw.0 {
+                continue;
+            }
+            let v = r.value.as_slice();
+            let value = if v.len() >= 8 { u64::from_le_bytes(v[..8].try_into().expect("8 bytes")) } else { 0 };
+            out.push((check::Offset(o), check::Value(value)));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_passes_and_replays_identically() {
+        let a = run(&SimConfig::new(7));
+        assert!(a.passed(), "seed 7 failed: {:?}\n{}", a.violations, a.report);
+        assert!(a.ops > 100, "the workload ran: {} ops", a.ops);
+        let b = run(&SimConfig::new(7));
+        assert_eq!((a.events, a.ops, a.faults), (b.events, b.ops, b.faults), "same seed, same run");
+    }
+}
