@@ -209,7 +209,8 @@ impl Controller {
             };
             state.leader = Some(leader);
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
-            state.isr.retain(|r| alive.contains(r));
+            // Members fenced since were removed then; ones that never registered stay (they
+            // hold nothing yet, and the leader shrinks the ISR if they never catch up).
             assert!(state.isr.contains(&leader), "the new leader {leader} is in the ISR");
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
             tracing::debug!(partition = %p, %leader, epoch = %state.epoch, "leader elected");
@@ -312,7 +313,7 @@ mod tests {
         c.handle_message(Time(5), n(1), Message::Heartbeat { broker: n(1), incarnation: 2, sent: Time(5) }, &mut out);
         let s = c.partition(PartitionId(0)).expect("exists");
         assert_eq!(s.leader, Some(n(1)), "still the preferred live ISR member");
-        assert_eq!(s.epoch, LeaderEpoch(2), "but in a new epoch");
+        assert_eq!(s.epoch, LeaderEpoch(3), "in a new epoch (deposed: 2, elected: 3)");
     }
 
     #[test]
