@@ -509,8 +509,11 @@ impl BatchBuilder {
         let buf = std::mem::take(&mut self.buf);
         let (buf, pos) = rkyv::util::with_arena(|arena| {
             let mut ser = rkyv::ser::Serializer::new(buf, arena.acquire(), rkyv::ser::sharing::Share::new());
-            let pos = rkyv::SerializeUnsized::serialize_unsized(owned.as_slice(), rancor::Strategy::<_, rancor::Error>::wrap(&mut ser))
-                .expect("serializing owned headers into a Vec cannot fail");
+            let pos = rkyv::SerializeUnsized::serialize_unsized(
+                owned.as_slice(),
+                rancor::Strategy::<_, rancor::Error>::wrap(&mut ser),
+            )
+            .expect("serializing owned headers into a Vec cannot fail");
             (ser.into_writer(), pos)
         });
         self.buf = buf;
@@ -730,7 +733,10 @@ mod tests {
         check_builder_matches_rkyv(&[(None, vec![], vec![], 0)]);
         check_builder_matches_rkyv(&[(Some(vec![]), vec![1], vec![(String::new(), vec![])], 3)]);
         let long = "a-header-name-longer-than-inline".to_string();
-        check_builder_matches_rkyv(&[(Some(vec![7; 9]), vec![1; 100], vec![(long, vec![2; 3])], 1), (None, vec![], vec![], 0)]);
+        check_builder_matches_rkyv(&[
+            (Some(vec![7; 9]), vec![1; 100], vec![(long, vec![2; 3])], 1),
+            (None, vec![], vec![], 0),
+        ]);
     }
 
     proptest::proptest! {
