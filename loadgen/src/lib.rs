@@ -7,6 +7,7 @@
 //! - [`load`]: produce, consume and end-to-end runs.
 //! - [`limits`]: loopback TCP and disk ceilings.
 //! - [`plot`]: latency-by-percentile SVG charts.
+//! - [`verify`]: a checked workload (history + [`skein_broker::check`]) with faults.
 #![warn(missing_docs)]
 
 pub mod keys;
@@ -14,3 +15,4 @@ pub mod limits;
 pub mod load;
 pub mod plot;
 pub mod report;
+pub mod verify;

@@ -29,6 +29,10 @@ enum Command {
     E2e(LoadArgs),
     /// The machine's ceilings: loopback TCP and the disk under --data-dir.
     Limits(LimitsArgs),
+    /// A checked workload: records a history, checks it (lost, duplicated, reordered or
+    /// phantom records; session guarantees), prints a verdict per check; exit 1 on any
+    /// violation. Optionally kills/restarts or pauses broker processes meanwhile.
+    Verify(VerifyArgs),
     /// Draws several JSON reports' latency curves on one chart.
     Plot {
         /// Reports written with --report.
@@ -108,6 +112,56 @@ struct LoadArgs {
 }
 
 #[derive(Args)]
+struct VerifyArgs {
+    /// Bootstrap brokers.
+    #[arg(long, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    /// Topic (created if missing; use a fresh one per run).
+    #[arg(long, default_value = "verify")]
+    topic: String,
+    /// Partitions when creating the topic.
+    #[arg(long, default_value_t = 3)]
+    partitions: u32,
+    /// Replicas when creating the topic.
+    #[arg(long, default_value_t = 1)]
+    replicas: u16,
+    /// Producer threads.
+    #[arg(long, default_value_t = 2)]
+    producers: usize,
+    /// Consumer threads.
+    #[arg(long, default_value_t = 2)]
+    consumers: usize,
+    /// Records per second per producer.
+    #[arg(long, default_value_t = 200.0)]
+    rate: f64,
+    /// Durability to ask for.
+    #[arg(long, default_value = "all")]
+    acks: Acks,
+    /// How long the workload runs.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Faults to inject, comma-separated: kill, pause.
+    #[arg(long, value_delimiter = ',')]
+    faults: Vec<skein_loadgen::verify::Fault>,
+    /// Broker process ids to inject faults into, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pids: Vec<u32>,
+    /// For `kill`: per pid (in order), a shell command restarting that broker and printing
+    /// its new process id on the first line. Repeat the flag per pid.
+    #[arg(long)]
+    restart: Vec<String>,
+    /// Time between faults.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    fault_interval: Duration,
+    /// Write the history here (JSON lines; `check` re-reads it).
+    #[arg(long)]
+    history: Option<PathBuf>,
+    /// Write the checker's report here (JSON).
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+#[derive(Args)]
 struct LimitsArgs {
     /// Directory on the disk to measure.
     #[arg(long, default_value = ".")]
@@ -148,6 +202,39 @@ fn run(cli: Cli) -> Result<()> {
             println!("{:<40} {:>8} µs p50 {:>8} µs p99", "write + fdatasync", r.fdatasync_us.p50, r.fdatasync_us.p99);
             if let Some(path) = a.report {
                 write_json(&path, &r)?;
+            }
+            Ok(())
+        }
+        Command::Verify(a) => {
+            let cfg = skein_loadgen::verify::VerifyConfig {
+                brokers: a.brokers,
+                topic: a.topic,
+                partitions: a.partitions,
+                replicas: a.replicas,
+                producers: a.producers,
+                consumers: a.consumers,
+                rate: a.rate,
+                acks: a.acks,
+                duration: a.duration,
+                faults: a.faults,
+                pids: a.pids,
+                restart: a.restart,
+                fault_interval: a.fault_interval,
+                history: a.history,
+            };
+            let v = skein_loadgen::verify::run(cfg)?;
+            let (sends, polls) = v.history.ops.iter().fold((0, 0), |(s, p), op| match op {
+                skein_broker::check::Op::Send(_) => (s + 1, p),
+                skein_broker::check::Op::Poll(_) => (s, p + 1),
+                skein_broker::check::Op::Gap(_) => (s, p),
+            });
+            println!("history: {sends} sends, {polls} polls, {} faults injected", v.faults);
+            print!("{}", v.report);
+            if let Some(path) = a.report {
+                write_json(&path, &v.report)?;
+            }
+            if !v.report.ok() {
+                bail!("the history violates {} check(s)", v.report.results.iter().filter(|r| r.failed()).count());
             }
             Ok(())
         }

@@ -1,0 +1,82 @@
+//! `skein-loadgen verify` against a real broker process that is killed (-9) and restarted
+//! and paused (SIGSTOP/SIGCONT) while the workload runs: every check passes, faults happened,
+//! and the history file re-reads to the same verdict.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+/// The broker binary of this build (built by `cargo test --workspace`; built here if not).
+fn broker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
+    let bin = dir.join("skein-broker");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "skein-broker", "--bin", "skein-broker"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building skein-broker failed");
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+#[test]
+fn verify_passes_against_a_broker_killed_and_paused_under_load() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let port = free_port();
+    let addr = format!("127.0.0.1:{port}");
+    let start = format!(
+        "{} --listen {addr} --data-dir {} >>{} 2>&1 & echo $!",
+        broker_binary().display(),
+        dir.path().join("data").display(),
+        dir.path().join("broker.log").display()
+    );
+    let out = Command::new("sh").arg("-c").arg(&start).output().expect("start broker");
+    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid printed");
+    // Wait until it serves.
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let history = dir.path().join("history.jsonl");
+    let cfg = skein_loadgen::verify::VerifyConfig {
+        brokers: addr.clone(),
+        topic: "verify".into(),
+        partitions: 3,
+        replicas: 1,
+        producers: 2,
+        consumers: 2,
+        rate: 300.0,
+        acks: skein_client::Acks::All,
+        duration: std::time::Duration::from_secs(6),
+        faults: vec![skein_loadgen::verify::Fault::Kill, skein_loadgen::verify::Fault::Pause],
+        pids: vec![pid],
+        restart: vec![start.clone()],
+        fault_interval: std::time::Duration::from_millis(1500),
+        history: Some(history.clone()),
+    };
+    let verdict = skein_loadgen::verify::run(cfg);
+    // Stop whichever broker process is current (the last restart's).
+    let _ = Command::new("pkill").args(["-KILL", "-f", &format!("skein-broker --listen {addr}")]).status();
+    let verdict = verdict.expect("verify ran");
+    assert!(verdict.report.ok(), "{}", verdict.report);
+    assert!(verdict.report.not_run().is_empty(), "every check ran: {}", verdict.report);
+    assert!(verdict.faults >= 3, "faults injected: {}", verdict.faults);
+    let acked = verdict
+        .history
+        .ops
+        .iter()
+        .filter(|op| matches!(op, skein_broker::check::Op::Send(s) if s.ack().is_some()))
+        .count();
+    assert!(acked >= 500, "the workload made progress through the faults: {acked} acknowledged");
+    let reread = skein_broker::check::History::from_json_lines(std::fs::File::open(&history).expect("history written"))
+        .expect("history parses");
+    assert_eq!(reread.ops.len(), verdict.history.ops.len());
+    assert!(skein_broker::check::check(&reread).ok());
+}
