@@ -46,6 +46,10 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (102, "a new leader served reads with a high watermark below the one readers had seen"),
     (391, "a disk fault armed before a crash fired during recovery and was reported as corruption"),
     (89, "a follower's high watermark moved backwards (stale fetch answer)"),
+    (767, "a replaced (corrupt) log was wiped for every partition and its broker led with an empty log"),
+    (1147, "acks=all committed on the last ISR member alone, which then restarted without it (KIP-966)"),
+    (2719, "a lost fsync undid a truncation; the epoch cache did not describe the returned batches"),
+    (2472, "a late heartbeat of a dead process looked like a restart: a second leader while the first held its lease"),
 ];
 
 #[test]

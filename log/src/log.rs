@@ -662,6 +662,24 @@ impl<S: Storage> Log<S> {
                 _ => changed |= cache.assign(epoch, start),
             }
         }
+        // The checkpoint must agree with the batches it describes: a lost fsync after a
+        // truncation can bring back older batches under a checkpoint written since (seen in
+        // the cluster simulator). The batches are what will be served, so rebuild from them.
+        let tail_base = self.segments.last().map_or(self.log_start, |s| s.base);
+        let runs: Vec<(LeaderEpoch, Offset, u32)> = visible_epochs(tail_epochs, self.log_start, log_end).collect();
+        let epoch_at =
+            |c: &EpochCache, o: Offset| c.entries().iter().rev().find(|e| e.start_offset <= o).map(|e| e.epoch);
+        let disagrees = runs.iter().any(|&(epoch, start, _)| epoch_at(&cache, start) != Some(epoch))
+            || cache
+                .entries()
+                .iter()
+                .filter(|e| e.start_offset >= tail_base.max(self.log_start) && e.start_offset < log_end)
+                .any(|e| !runs.iter().any(|&(epoch, start, _)| start == e.start_offset && epoch == e.epoch));
+        if disagrees {
+            tracing::warn!("leader epoch checkpoint disagrees with the batches; rebuilding from batch headers");
+            cache = self.rebuild_epochs()?;
+            changed = true;
+        }
         changed |= cache.truncate_start(self.log_start);
         self.epochs = cache;
         if changed {

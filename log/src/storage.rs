@@ -261,6 +261,8 @@ struct MemDir {
     /// fdatasyncs done, for group-commit tests.
     syncs: u64,
     destroyed: bool,
+    /// A lying disk: syncs report success without making anything durable.
+    lying: bool,
 }
 
 #[derive(Debug, Default, Clone)]
@@ -331,6 +333,12 @@ impl MemStorage {
     pub fn fail_op(&self, n: u64, kind: FaultKind) {
         let mut dir = self.dir.borrow_mut();
         dir.fail_op = Some((dir.ops + n, kind));
+    }
+
+    /// Makes every later sync lie (report success, persist nothing) until called with
+    /// `false`: a disk or virtual disk that loses fsyncs.
+    pub fn set_lying(&self, lying: bool) {
+        self.dir.borrow_mut().lying = lying;
     }
 
     /// The fdatasyncs done so far.
@@ -472,9 +480,15 @@ impl StorageFile for MemFile {
         if let Some(kind) = self.tick() {
             return Err(self.fault("sync", kind));
         }
-        self.dir.borrow_mut().syncs += 1;
-        let mut d = self.data.borrow_mut();
-        d.durable = d.live.clone();
+        let lying = {
+            let mut dir = self.dir.borrow_mut();
+            dir.syncs += 1;
+            dir.lying
+        };
+        if !lying {
+            let mut d = self.data.borrow_mut();
+            d.durable = d.live.clone();
+        }
         Ok(())
     }
 
@@ -513,6 +527,24 @@ pub fn splitmix(state: &mut u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_lying_disk_loses_synced_bytes_in_a_crash() {
+        let s = MemStorage::new();
+        let mut f = s.create("a").expect("create");
+        f.write_at(b"kept", 0).expect("write");
+        StorageFile::sync(&f).expect("sync");
+        s.set_lying(true);
+        f.write_at(b"lost", 4).expect("write");
+        StorageFile::sync(&f).expect("the lie: success");
+        let after = s.crash(0);
+        let data = after.file_bytes("a").expect("file");
+        assert!(data.starts_with(b"kept") && data.len() <= 8);
+        assert_eq!(s.file_bytes("a").expect("file").len(), 8, "the live image is whole");
+        s.set_lying(false);
+        StorageFile::sync(&f).expect("sync");
+        assert_eq!(s.crash(0).file_bytes("a").expect("file"), b"keptlost");
+    }
 
     #[test]
     fn mem_crash_keeps_durable_image_and_a_prefix_of_the_rest() {

@@ -316,3 +316,31 @@ fn a_failure_during_a_full_reset_poisons_without_panicking() {
         assert!(end == Offset(20) || end == Offset(100) || end == log.log_start_offset(), "fault at op {fail_at}");
     }
 }
+
+/// Found by the cluster simulator: a lying disk (fsyncs lost) undoes a truncation, so after a
+/// crash the old batches are back under an epoch checkpoint written since. The log must
+/// describe the batches it will serve: epochs are rebuilt from their headers.
+#[test]
+fn epochs_follow_the_batches_when_a_lost_fsync_undid_a_truncation() {
+    let s = MemStorage::new();
+    let ts = Timestamp(1_000);
+    let mut log = Log::open(s.clone(), config(), ts).expect("open");
+    for i in 0..5 {
+        log.append(&mut batch(&[(i, ts)], 16, LeaderEpoch(1)), ts).expect("append");
+    }
+    log.sync(ts).expect("sync");
+    s.set_lying(true);
+    log.truncate_to(Offset(3)).expect("truncate");
+    for i in 100..103 {
+        log.append(&mut batch(&[(i, ts)], 16, LeaderEpoch(3)), ts).expect("append");
+    }
+    log.sync(ts).expect("sync (a lie)");
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(6))));
+    drop(log);
+    let after = s.crash(7);
+    let log = Log::open(after, config(), ts).expect("reopen");
+    let ids: Vec<u64> = read_all(&log, Offset(0), 1 << 20).iter().map(|r| r.id).collect();
+    assert_eq!(ids, vec![0, 1, 2, 3, 4], "the truncated batches came back");
+    assert_eq!(log_epoch(&log), LeaderEpoch(1), "so the epochs describe them, not the checkpoint");
+    assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(1), Offset(5))));
+}

@@ -94,20 +94,27 @@ impl Controller {
     /// A message from a broker. Outgoing messages are pushed as (destination, message).
     pub fn handle_message(&mut self, now: Time, from: NodeId, msg: Message, out: &mut Vec<(NodeId, Message)>) {
         match msg {
-            Message::Heartbeat { broker, incarnation, sent } => {
+            Message::Heartbeat { broker, incarnation, lost, sent } => {
                 if broker != from || !self.brokers.contains_key(&broker) {
                     return; // ignore_*: unknown or spoofed broker
                 }
                 let b = self.brokers.get_mut(&broker).expect("checked above");
+                if b.incarnation.is_some_and(|i| incarnation < i) {
+                    return; // ignore_*: a late heartbeat of a process that has since restarted
+                }
                 b.last_heartbeat = Some(now);
                 let restarted = b.incarnation.is_some_and(|i| i != incarnation);
+                let first = b.incarnation.is_none();
                 b.incarnation = Some(incarnation);
                 let was_alive = std::mem::replace(&mut b.alive, true);
+                if (restarted || first) && !lost.is_empty() {
+                    self.lost_logs(broker, &lost, out);
+                }
                 if restarted {
                     // It may have lost records it had shown followers: what it led gets a
                     // new epoch (possibly with itself as leader again).
                     tracing::debug!(%broker, incarnation, "broker restarted");
-                    self.depose(broker, out);
+                    self.restarted(broker, out);
                 } else if !was_alive {
                     tracing::debug!(%broker, "broker alive");
                     self.elect_all(out);
@@ -180,15 +187,47 @@ impl Controller {
         self.elect_all(out);
     }
 
-    /// Ends every leadership of `broker` (epoch bumped), then elects again.
-    fn depose(&mut self, broker: NodeId, out: &mut Vec<(NodeId, Message)>) {
-        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
-        for p in ids {
-            let state = self.partitions.get_mut(&p).expect("listed above");
+    /// A broker replaced damaged logs with empty ones: it leaves those ISRs even as the last
+    /// member (then the partition is offline: its only in-sync copy is gone).
+    fn lost_logs(&mut self, broker: NodeId, lost: &[PartitionId], out: &mut Vec<(NodeId, Message)>) {
+        for p in lost {
+            let Some(state) = self.partitions.get_mut(p) else { continue };
+            if !state.isr.contains(&broker) {
+                continue;
+            }
+            tracing::warn!(%broker, partition = %p, "replica lost its log; removed from the ISR");
+            state.isr.retain(|&r| r != broker);
             if state.leader == Some(broker) {
                 state.leader = None;
                 state.epoch = LeaderEpoch(state.epoch.0 + 1);
+            }
+            state.isr_version = IsrVersion(state.isr_version.0 + 1);
+            let state = state.clone();
+            self.broadcast(&state, out);
+        }
+    }
+
+    /// A broker restarted: it may have lost records (unsynced, or synced on a lying disk), so
+    /// it leaves every ISR it is in (unless it is the last member) and every leadership ends
+    /// (epoch bumped); then leaders are elected again. It rejoins ISRs by catching up.
+    fn restarted(&mut self, broker: NodeId, out: &mut Vec<(NodeId, Message)>) {
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            let mut changed = false;
+            if state.isr.contains(&broker) && state.isr.len() > 1 {
+                state.isr.retain(|&r| r != broker);
+                changed = true;
+            }
+            if state.leader == Some(broker) {
+                state.leader = None;
+                state.epoch = LeaderEpoch(state.epoch.0 + 1);
+                changed = true;
+            }
+            if changed {
                 state.isr_version = IsrVersion(state.isr_version.0 + 1);
+                let state = state.clone();
+                self.broadcast(&state, out);
             }
         }
         self.elect_all(out);
@@ -245,7 +284,7 @@ mod tests {
             c.handle_message(
                 Time(0),
                 n(i),
-                Message::Heartbeat { broker: n(i), incarnation: 1, sent: Time(0) },
+                Message::Heartbeat { broker: n(i), incarnation: 1, lost: vec![], sent: Time(0) },
                 &mut out,
             );
         }
@@ -266,7 +305,12 @@ mod tests {
         let mut out = Vec::new();
         let t = Time(0).plus_ms(300);
         for i in 2..=3 {
-            c.handle_message(t, n(i), Message::Heartbeat { broker: n(i), incarnation: 1, sent: t }, &mut out);
+            c.handle_message(
+                t,
+                n(i),
+                Message::Heartbeat { broker: n(i), incarnation: 1, lost: vec![], sent: t },
+                &mut out,
+            );
         }
         c.handle_tick(Time(0).plus_ms(450), &mut out);
         let s = c.partition(PartitionId(0)).expect("exists");
@@ -307,13 +351,46 @@ mod tests {
     }
 
     #[test]
-    fn a_restarted_leader_gets_a_new_epoch() {
+    fn a_restarted_leader_leaves_the_isr_and_a_new_leader_gets_a_new_epoch() {
         let (mut c, _) = setup();
         let mut out = Vec::new();
-        c.handle_message(Time(5), n(1), Message::Heartbeat { broker: n(1), incarnation: 2, sent: Time(5) }, &mut out);
+        c.handle_message(
+            Time(5),
+            n(1),
+            Message::Heartbeat { broker: n(1), incarnation: 2, lost: vec![], sent: Time(5) },
+            &mut out,
+        );
         let s = c.partition(PartitionId(0)).expect("exists");
-        assert_eq!(s.leader, Some(n(1)), "still the preferred live ISR member");
-        assert_eq!(s.epoch, LeaderEpoch(3), "in a new epoch (deposed: 2, elected: 3)");
+        assert_eq!(s.leader, Some(n(2)), "the restarted broker may have lost records: not elected");
+        assert_eq!(s.isr, vec![n(2), n(3)]);
+        assert_eq!(s.epoch, LeaderEpoch(3), "deposed: 2, elected: 3");
+    }
+
+    #[test]
+    fn a_replica_that_lost_its_log_leaves_the_isr_even_as_its_last_member() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        c.handle_tick(Time(0).plus_ms(500), &mut out); // everyone silent: ISR keeps one
+        let last = c.partition(PartitionId(0)).expect("exists").isr[0];
+        let t = Time(0).plus_ms(600);
+        let hb = Message::Heartbeat { broker: last, incarnation: 2, lost: vec![PartitionId(0)], sent: t };
+        c.handle_message(t, last, hb, &mut out);
+        let s = c.partition(PartitionId(0)).expect("exists");
+        assert!(s.isr.is_empty(), "the only in-sync copy is gone");
+        assert_eq!(s.leader, None, "no replica may lead: all would serve a log missing committed records");
+    }
+
+    #[test]
+    fn a_late_heartbeat_of_an_earlier_process_is_ignored() {
+        let (mut c, _) = setup();
+        let mut out = Vec::new();
+        let hb = |i| Message::Heartbeat { broker: n(2), incarnation: i, lost: vec![], sent: Time(5) };
+        c.handle_message(Time(5), n(2), hb(2), &mut out);
+        let before = c.partition(PartitionId(0)).expect("exists").clone();
+        out.clear();
+        c.handle_message(Time(6), n(2), hb(1), &mut out);
+        assert_eq!(c.partition(PartitionId(0)).expect("exists"), &before, "no restart seen, no election");
+        assert!(out.is_empty(), "and no answer to the dead process");
     }
 
     #[test]
@@ -327,9 +404,14 @@ mod tests {
         let last = s.isr[0];
         let other = if last == n(2) { n(3) } else { n(2) };
         let t = Time(0).plus_ms(600);
-        c.handle_message(t, other, Message::Heartbeat { broker: other, incarnation: 1, sent: t }, &mut out);
+        c.handle_message(
+            t,
+            other,
+            Message::Heartbeat { broker: other, incarnation: 1, lost: vec![], sent: t },
+            &mut out,
+        );
         assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, None, "only an ISR member may lead");
-        c.handle_message(t, last, Message::Heartbeat { broker: last, incarnation: 1, sent: t }, &mut out);
+        c.handle_message(t, last, Message::Heartbeat { broker: last, incarnation: 1, lost: vec![], sent: t }, &mut out);
         assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, Some(last));
     }
 }

@@ -90,7 +90,8 @@ pub struct PartitionState {
     pub epoch: LeaderEpoch,
     /// The leader, if any ISR member is alive.
     pub leader: Option<NodeId>,
-    /// In-sync replicas (never empty: the last member stays when it dies).
+    /// In-sync replicas. The last member stays when it dies (it holds the committed data);
+    /// the set is empty only if that member lost its log (then the partition is offline).
     pub isr: Vec<NodeId>,
     /// Version of `isr`.
     pub isr_version: IsrVersion,
@@ -199,9 +200,13 @@ pub enum Message {
     Heartbeat {
         /// The broker.
         broker: NodeId,
-        /// Changes at every process start (Kafka's broker epoch): a broker that restarted may
-        /// have lost unsynced records, so the partitions it led get a new leader epoch.
+        /// Grows at every process start (Kafka's broker epoch): a broker that restarted may
+        /// have lost unsynced records, so the partitions it led get a new leader epoch; a
+        /// heartbeat with a smaller one is a late message from a dead process.
         incarnation: u64,
+        /// Partitions whose log this process found damaged and replaced with an empty one:
+        /// the broker no longer holds what it had acknowledged for them.
+        lost: Vec<PartitionId>,
         /// The broker's clock when it sent the heartbeat (echoed back).
         sent: Time,
     },
@@ -272,3 +277,6 @@ pub enum Command<J> {
         reason: String,
     },
 }
+
+#[cfg(test)]
+mod tests;

@@ -42,6 +42,8 @@ pub struct BrokerNode<S: Storage> {
     lease_until: Option<Time>,
     next_heartbeat: Time,
     incarnation: u64,
+    /// Partitions whose logs were replaced (damaged) at this start; told to the controller.
+    lost: Vec<PartitionId>,
     /// Set by the first heartbeat response to this incarnation; partition states are
     /// ignored before it (one sent before a restart could name this broker leader of an
     /// epoch whose unsynced records it lost).
@@ -51,8 +53,16 @@ pub struct BrokerNode<S: Storage> {
 }
 
 impl<S: Storage> BrokerNode<S> {
-    /// A broker with these replicas (opened logs). `incarnation` must differ at every start.
-    pub fn new(id: NodeId, incarnation: u64, config: NodeConfig, replicas: Vec<Replica<S>>, no_fencing: bool) -> Self {
+    /// A broker with these replicas (opened logs). `incarnation` must differ at every start;
+    /// `lost` names partitions whose damaged logs were replaced by empty ones at this start.
+    pub fn new(
+        id: NodeId,
+        incarnation: u64,
+        lost: Vec<PartitionId>,
+        config: NodeConfig,
+        replicas: Vec<Replica<S>>,
+        no_fencing: bool,
+    ) -> Self {
         let replicas = replicas.into_iter().map(|r: Replica<S>| (r.partition(), r)).collect();
         BrokerNode {
             id,
@@ -61,6 +71,7 @@ impl<S: Storage> BrokerNode<S> {
             lease_until: None,
             next_heartbeat: Time(0),
             incarnation,
+            lost,
             registered: false,
             no_fencing,
         }
@@ -182,7 +193,12 @@ impl<S: Storage> BrokerNode<S> {
             self.next_heartbeat = now.plus_ms(self.config.heartbeat_ms);
             out.push(Command::Send {
                 to: Peer::Controller,
-                msg: Message::Heartbeat { broker: self.id, incarnation: self.incarnation, sent: now },
+                msg: Message::Heartbeat {
+                    broker: self.id,
+                    incarnation: self.incarnation,
+                    lost: self.lost.clone(),
+                    sent: now,
+                },
             });
         }
         for r in self.replicas.values_mut() {

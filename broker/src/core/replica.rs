@@ -384,7 +384,7 @@ impl<S: Storage> Replica<S> {
                 p.log_end = req.fetch_offset;
                 p.durable = req.durable_offset.min(req.fetch_offset);
                 let in_isr = self.state.as_ref().is_some_and(|s| s.isr.contains(&req.replica));
-                if !in_isr && p.log_end >= self.high_watermark && p.log_end >= l.epoch_start && l.pending_isr.is_none()
+                if !in_isr && p.durable >= self.high_watermark && p.log_end >= l.epoch_start && l.pending_isr.is_none()
                 {
                     expand = Some(req.replica);
                 }
@@ -464,6 +464,7 @@ impl<S: Storage> Replica<S> {
                     }
                     got += 1;
                 }
+                tracing::trace!(node = %self.id, partition = %self.partition, got, log_end = %self.log.log_end_offset(), %high_watermark, "fetched");
                 let hw = high_watermark.min(self.log.log_end_offset());
                 if hw > self.high_watermark {
                     self.high_watermark = hw;
@@ -496,7 +497,11 @@ impl<S: Storage> Replica<S> {
         }
         self.advance_high_watermark(out);
         self.maybe_sync(now, out);
-        // A follower reports its new durable offset with its next fetch.
+        // A follower reports its new durable offset with its next fetch, at once: the
+        // leader's high watermark (and acks=all) waits for it.
+        if let Role::Follower(f) = &mut self.role {
+            f.next_fetch = f.next_fetch.min(now);
+        }
         self.maybe_fetch(now, out);
     }
 
@@ -603,7 +608,10 @@ impl<S: Storage> Replica<S> {
             hw = hw.min(l.followers.get(r).map_or(Offset(0), |p| p.durable));
         }
         let hw = hw.min(self.log.log_end_offset());
-        if hw > self.high_watermark {
+        // KIP-966: nothing is committed while the ISR is below min_insync_replicas, so an
+        // `acks=all` record is never acknowledged with fewer copies than asked (and replicas
+        // leaving a too-small ISR still hold everything committed).
+        if hw > self.high_watermark && state.isr.len() >= self.config.min_insync_replicas {
             self.high_watermark = hw;
         }
         assert!(self.high_watermark <= self.log.log_end_offset(), "high watermark past the log end");

@@ -6,8 +6,8 @@
 //! duplication and reordering; network partitions (one node, the leader cut off from the
 //! controller and the other brokers while clients still reach it, one-way links, a ring
 //! where majorities overlap); crashes that lose unsynced bytes (with torn writes) and
-//! restarts; process pauses; failing disk operations (EIO, disk full) on one node; per-node
-//! clock rate skew — then a **liveness phase** with every fault healed, in which each
+//! restarts; process pauses; disk faults on one node at a time (EIO, disk full, a lying disk
+//! whose fsyncs persist nothing, a flipped bit found at restart); per-node clock rate skew — then a **liveness phase** with every fault healed, in which each
 //! partition must accept `acks=all` writes again. Producers (`acks=all`, one record per
 //! batch, unique values) and consumers record a history; at the end a full read of every
 //! partition is added and [`crate::check`] judges it.
@@ -18,7 +18,7 @@
 //! replicas and all time); a restarted log always opens.
 //!
 //! Not simulated yet: the controller's own replication (one controller node that never
-//! fails stands in for the Raft quorum), bit flips and lying fsyncs, idempotent retries
+//! fails stands in for the Raft quorum), idempotent retries
 //! (producers never retry, so duplicates would be a bug), client metadata over the network
 //! (clients read the controller's state directly when they refresh).
 
@@ -150,11 +150,31 @@ enum Event {
     Tick(NodeId),
     ControllerTick,
     ClientTick(usize),
-    Deliver { from: Peer, to: Peer, msg: Message },
-    SyncDone { node: NodeId, incarnation: u64, partition: PartitionId, job: Job<MemStorage> },
-    ClientRequest { client: usize, request: u64, to: NodeId, req: ClientReq },
-    ClientResponse { client: usize, request: u64, resp: ClientResp },
+    Deliver {
+        from: Peer,
+        to: Peer,
+        msg: Message,
+    },
+    SyncDone {
+        node: NodeId,
+        incarnation: u64,
+        partition: PartitionId,
+        job: Job<MemStorage>,
+    },
+    ClientRequest {
+        client: usize,
+        request: u64,
+        to: NodeId,
+        req: ClientReq,
+    },
+    ClientResponse {
+        client: usize,
+        request: u64,
+        resp: ClientResp,
+    },
     Restart(NodeId),
+    /// Crash a node (the end of a lying-disk period reveals what was lost).
+    Crash(NodeId),
     Heal,
     Fault,
 }
@@ -169,6 +189,11 @@ struct SimNode {
     skew_ppm: i64,
     last_hw: BTreeMap<PartitionId, Offset>,
     checked: BTreeMap<PartitionId, Offset>,
+    /// A byte of this partition's log was flipped since it last opened cleanly: a corrupt
+    /// log is expected.
+    flipped: Option<PartitionId>,
+    /// Partitions whose logs were replaced at the coming start.
+    lost: Vec<PartitionId>,
     /// Client produce requests in flight on this node: core request id -> (client, client request).
     requests: BTreeMap<u64, (usize, u64)>,
 }
@@ -255,6 +280,8 @@ impl Sim {
                 skew_ppm: rng.range(0, 4000) as i64 - 2000,
                 last_hw: BTreeMap::new(),
                 checked: BTreeMap::new(),
+                flipped: None,
+                lost: Vec::new(),
                 requests: BTreeMap::new(),
             })
             .collect();
@@ -350,6 +377,17 @@ impl Sim {
                     self.schedule(back, Event::Restart(id));
                     return;
                 }
+                Err(e @ skein_log::OpenError::Corrupt(_)) if n.flipped == Some(p) => {
+                    // The flipped byte is found (the log refuses to serve it): the log is
+                    // replaced with an empty one, the controller told, the replica catches up.
+                    tracing::debug!(node = %n.id, %p, error = %e, "corrupt log after a bit flip: replaced");
+                    n.storages.insert(p, MemStorage::new());
+                    n.flipped = None;
+                    n.lost.push(p);
+                    let id = n.id;
+                    self.schedule(1, Event::Restart(id));
+                    return;
+                }
                 Err(e) => {
                     let msg = format!("recovery: {} {p} log does not open after a crash: {e}", n.id);
                     self.violation(msg);
@@ -358,10 +396,20 @@ impl Sim {
             }
         }
         let n = &mut self.nodes[i];
-        n.core = Some(BrokerNode::new(n.id, n.incarnation, NodeConfig::default(), replicas, self.cfg.plant.no_fencing));
+        n.flipped = None;
+        let lost = std::mem::take(&mut n.lost);
+        n.core = Some(BrokerNode::new(
+            n.id,
+            n.incarnation,
+            lost,
+            NodeConfig::default(),
+            replicas,
+            self.cfg.plant.no_fencing,
+        ));
     }
 
     fn crash(&mut self, i: usize) {
+        tracing::debug!(node = %self.nodes[i].id, at_ms = self.now / 1000, "sim: crash");
         let seed = self.rng.next();
         let n = &mut self.nodes[i];
         n.core = None;
@@ -474,6 +522,14 @@ impl Sim {
                 let jitter = self.rng.range(0, CLIENT_TICK_US);
                 self.schedule(CLIENT_TICK_US + jitter, Event::ClientTick(c));
             }
+            Event::Crash(id) => {
+                let i = self.idx(id);
+                if self.nodes[i].core.is_some() {
+                    self.crash(i);
+                    let back = self.rng.range(100_000, 800_000);
+                    self.schedule(back, Event::Restart(id));
+                }
+            }
             Event::Restart(id) => {
                 let i = self.idx(id);
                 if self.nodes[i].core.is_none() {
@@ -516,7 +572,7 @@ impl Sim {
             .and_then(|s| s.leader)
             .map(|l| self.idx(l))
             .unwrap_or(victim);
-        match self.rng.below(8) {
+        match self.rng.below(10) {
             0 | 1 => {
                 // Crash and restart later (kill -9: unsynced bytes are lost, tails may tear).
                 let target = if self.rng.chance(500) { leader } else { victim };
@@ -575,6 +631,52 @@ impl Sim {
                 // Pause (SIGSTOP) for a while.
                 let until = self.now + self.rng.range(100_000, 800_000);
                 self.nodes[victim].paused_until = Some(until);
+            }
+            8 => {
+                // A lying disk on one node: fsyncs succeed without persisting, until the node
+                // crashes (then restarts on an honest disk) and loses what it acknowledged.
+                // Only on a node outside every ISR, so the lie never makes it the last copy
+                // of committed records (faults hit a minority; a restarted broker leaves
+                // every ISR it was in unless it is the last member).
+                let id = self.nodes[victim].id;
+                let in_isr = self.controller.partitions().any(|s| s.isr.contains(&id));
+                if let Some(core) = self.nodes[victim].core.as_ref().filter(|_| !in_isr) {
+                    let id = core.id();
+                    tracing::debug!(node = %id, at_ms = self.now / 1000, "sim: lying disk");
+                    for s in self.nodes[victim].storages.values() {
+                        s.set_lying(true);
+                    }
+                    let crash_in = self.rng.range(50_000, 400_000);
+                    self.schedule(crash_in, Event::Crash(id));
+                }
+            }
+            9 => {
+                // A bit flips in one partition's log on one node while it is down. Only in a
+                // replica outside the ISR (it stays outside until it restarts and catches
+                // up), so the fault never takes the last in-sync copy (faults hit a minority).
+                let id = self.nodes[victim].id;
+                let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+                let in_isr = self.controller.partition(p).is_some_and(|s| s.isr.contains(&id));
+                if self.nodes[victim].core.is_some() && !in_isr {
+                    self.crash(victim);
+                    let storage = self.nodes[victim].storages[&p].clone();
+                    let files: Vec<(String, usize)> = skein_log::storage::Storage::list(&storage)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|n| n.ends_with(".log"))
+                        .filter_map(|n| storage.file_bytes(&n).map(|b| (n, b.len())))
+                        .filter(|(_, len)| *len > 0)
+                        .collect();
+                    if !files.is_empty() {
+                        let (name, len) = &files[self.rng.below(files.len() as u64) as usize];
+                        let pos = self.rng.below(*len as u64);
+                        let mask = 1u8 << self.rng.below(8);
+                        storage.flip_byte(name, pos, mask);
+                        self.nodes[victim].flipped = Some(p);
+                    }
+                    let back = self.rng.range(100_000, 800_000);
+                    self.schedule(back, Event::Restart(id));
+                }
             }
             _ => {
                 // A failing disk operation on one node (EIO or disk full): it fail-stops.
