@@ -39,6 +39,11 @@ fn planted_no_fencing_is_caught_as_split_brain() {
     );
 }
 
+#[test]
+fn planted_no_idempotence_is_caught_as_duplicates() {
+    assert_caught(Plant { no_idempotence: true, ..Plant::default() }, &["duplicate"]);
+}
+
 /// Seeds that found real bugs while the core was written; each must keep passing.
 const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (465, "a leader restarted within its session resumed its old epoch and re-used offsets its followers held"),

@@ -20,7 +20,8 @@ struct Args {
     /// The first seed.
     #[arg(long, default_value_t = 0)]
     start: u64,
-    /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack.
+    /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack,
+    /// no-idempotence.
     #[arg(long)]
     plant: Option<String>,
     /// Virtual milliseconds of faults per seed.
@@ -52,7 +53,8 @@ fn main() -> Result<()> {
         Some("no-fencing") => plant.no_fencing = true,
         Some("no-truncation") => plant.no_truncation = true,
         Some("early-ack") => plant.early_ack = true,
-        Some(other) => bail!("unknown bug {other:?}: no-fencing, no-truncation or early-ack"),
+        Some("no-idempotence") => plant.no_idempotence = true,
+        Some(other) => bail!("unknown bug {other:?}: no-fencing, no-truncation, early-ack or no-idempotence"),
     }
     // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
     let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default();

@@ -16,6 +16,7 @@
 
 pub mod controller;
 pub mod node;
+pub mod producers;
 pub mod replica;
 
 use std::fmt;
@@ -113,6 +114,10 @@ pub enum ProduceError {
     Abandoned,
     /// The leader's storage failed; nothing acknowledged.
     Storage,
+    /// An idempotent producer's sequence does not follow its last one; nothing was written.
+    OutOfOrderSequence,
+    /// An idempotent producer's epoch is older than its newest; nothing was written.
+    ProducerFenced,
     /// (Reads) a new leader's high watermark has not yet reached its epoch's start, so it
     /// could be below what an earlier leader showed readers; retry shortly.
     LeaderNotReady,
@@ -122,7 +127,14 @@ impl ProduceError {
     /// Whether the records were certainly not written (the client may report a failure);
     /// otherwise the outcome is unknown.
     pub fn definitely_not_written(self) -> bool {
-        matches!(self, ProduceError::NotLeader | ProduceError::FencedLeaderEpoch | ProduceError::NotEnoughReplicas)
+        matches!(
+            self,
+            ProduceError::NotLeader
+                | ProduceError::FencedLeaderEpoch
+                | ProduceError::NotEnoughReplicas
+                | ProduceError::OutOfOrderSequence
+                | ProduceError::ProducerFenced
+        )
     }
 }
 

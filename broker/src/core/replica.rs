@@ -23,6 +23,7 @@ use skein_log::batch::{batches, RecordBatch};
 use skein_log::storage::{Storage, StorageError, StorageFile};
 use skein_log::{Log, ReadLimit, SyncJob};
 
+use super::producers::{ProducerStates, SequenceCheck};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
     PartitionState, Peer, ProduceError, RequestId, Time,
@@ -70,6 +71,8 @@ pub struct Plant {
     pub no_truncation: bool,
     /// `acks=all` is acknowledged right after the leader's own append.
     pub early_ack: bool,
+    /// Idempotent producers' retries are appended again instead of recognized.
+    pub no_idempotence: bool,
 }
 
 /// A replica's role.
@@ -129,6 +132,8 @@ pub struct Replica<S: Storage> {
     failed: bool,
     /// Fetch correlations, increasing over the replica's life (across leader changes).
     fetch_correlation: u64,
+    /// Idempotent producers' recent batches, from this replica's log.
+    producers: ProducerStates,
 }
 
 impl<S: Storage> Replica<S> {
@@ -137,7 +142,7 @@ impl<S: Storage> Replica<S> {
         // After a restart the high watermark is unknown; the log start is safe (the leader
         // tells followers the real one; a new leader recomputes it from its ISR).
         let high_watermark = log.log_start_offset();
-        Replica {
+        let mut replica = Replica {
             id,
             partition,
             config,
@@ -149,7 +154,36 @@ impl<S: Storage> Replica<S> {
             sync_in_flight: false,
             failed: false,
             fetch_correlation: 0,
+            producers: ProducerStates::default(),
+        };
+        if let Err(e) = replica.rebuild_producers() {
+            tracing::error!(node = %id, %partition, error = %e, "reading producer state from the log failed");
+            replica.failed = true;
         }
+        replica
+    }
+
+    /// Rebuilds the idempotent producer state from the log's batch headers (after opening
+    /// and after a truncation). Reads the whole log: fine for the simulator's logs; the
+    /// runtime will snapshot it like Kafka's producer-state files.
+    fn rebuild_producers(&mut self) -> Result<(), skein_log::ReadError> {
+        self.producers.clear();
+        let mut from = self.log.log_start_offset();
+        let end = self.log.log_end_offset();
+        let mut buf = Vec::new();
+        while from < end {
+            buf.clear();
+            let limit = ReadLimit { max_bytes: 1 << 20, end: None };
+            let range = self.log.read_verified(from, limit, &mut buf)?;
+            for b in batches(&buf).flatten() {
+                self.producers.note(b.header());
+            }
+            if range.next_offset <= from {
+                break;
+            }
+            from = range.next_offset;
+        }
+        Ok(())
     }
 
     /// The partition.
@@ -295,6 +329,24 @@ impl<S: Storage> Replica<S> {
         if acks == Acks::All && isr_len < self.config.min_insync_replicas {
             return reject(out, ProduceError::NotEnoughReplicas);
         }
+        if !self.plant.no_idempotence {
+            match self.producers.check(batch.header()) {
+                SequenceCheck::Append => {}
+                SequenceCheck::Duplicate { base, end } => {
+                    // A retry of a batch already written: answer as the original would be.
+                    let committed = end <= self.high_watermark;
+                    match (acks, &mut self.role) {
+                        (Acks::All, Role::Leader(l)) if !committed && !self.plant.early_ack => {
+                            l.waiting.push_back((end, request, base, deadline));
+                        }
+                        _ => out.push(Command::ProduceReply { request, result: Ok(base) }),
+                    }
+                    return;
+                }
+                SequenceCheck::OutOfOrder => return reject(out, ProduceError::OutOfOrderSequence),
+                SequenceCheck::Fenced => return reject(out, ProduceError::ProducerFenced),
+            }
+        }
         batch.set_leader_epoch(epoch);
         let info = match self.log.append(&mut batch, now.timestamp()) {
             Ok(info) => info,
@@ -303,6 +355,7 @@ impl<S: Storage> Replica<S> {
                 return reject(out, ProduceError::Storage);
             }
         };
+        self.producers.note(batch.header());
         match acks {
             Acks::All if !self.plant.early_ack => {
                 if let Role::Leader(l) = &mut self.role {
@@ -449,6 +502,9 @@ impl<S: Storage> Replica<S> {
                         return self.fail(format!("truncation to {to} failed: {e}"), out);
                     }
                     self.high_watermark = self.high_watermark.min(self.log.log_end_offset());
+                    if let Err(e) = self.rebuild_producers() {
+                        return self.fail(format!("reading producer state after truncation failed: {e}"), out);
+                    }
                 }
             }
             FetchResponse::Records { batches: bytes, high_watermark, .. } => {
@@ -462,6 +518,7 @@ impl<S: Storage> Replica<S> {
                     if let Err(e) = self.log.append_replicated(&b, now.timestamp()) {
                         return self.fail(format!("replicated append failed: {e}"), out);
                     }
+                    self.producers.note(b.header());
                     got += 1;
                 }
                 tracing::trace!(node = %self.id, partition = %self.partition, got, log_end = %self.log.log_end_offset(), %high_watermark, "fetched");

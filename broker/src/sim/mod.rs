@@ -207,7 +207,29 @@ struct Client {
     positions: BTreeMap<PartitionId, Offset>,
     leaders: BTreeMap<PartitionId, (NodeId, crate::core::LeaderEpoch)>,
     idle_until: u64,
+    /// Idempotent producer identity: id, epoch (bumped when it gives up on a record), and
+    /// the next sequence per partition.
+    producer_id: i64,
+    producer_epoch: i16,
+    sequences: BTreeMap<PartitionId, i32>,
+    /// The record being sent (with retries until acknowledged or given up).
+    attempt: Option<Attempt>,
 }
+
+/// A record a producer keeps retrying, with the same sequence, until it is acknowledged.
+#[derive(Clone, Copy, Debug)]
+struct Attempt {
+    partition: PartitionId,
+    value: u64,
+    sequence: i32,
+    first_invoke: u64,
+    tries: u32,
+    /// Some try's outcome was unknown: it may be in the log.
+    maybe_written: bool,
+}
+
+/// Tries per record before a producer gives up (and bumps its epoch, as KIP-360).
+const SEND_TRIES_MAX: u32 = 30;
 
 struct Sim {
     cfg: SimConfig,
@@ -294,6 +316,10 @@ impl Sim {
                 positions: BTreeMap::new(),
                 leaders: BTreeMap::new(),
                 idle_until: 0,
+                producer_id: 1_000 + i64::from(i),
+                producer_epoch: 0,
+                sequences: BTreeMap::new(),
+                attempt: None,
             })
             .collect();
         let mut sim = Sim {
@@ -790,13 +816,12 @@ impl Sim {
     fn client_tick(&mut self, c: usize) {
         let now = self.now;
         // Time out the outstanding request: its outcome is unknown.
-        if let Some((_, p, value, invoked, from)) = self.clients[c].pending {
+        if let Some((_, p, _, invoked, _)) = self.clients[c].pending {
             if now.saturating_sub(invoked) / 1000 >= CLIENT_TIMEOUT_MS {
                 self.clients[c].pending = None;
-                if self.clients[c].producer {
-                    self.record_send(c, p, value, invoked, SendOutcome::Unknown);
+                if let Some(a) = &mut self.clients[c].attempt {
+                    a.maybe_written = true;
                 }
-                let _ = from;
                 self.refresh(c, p);
             }
             return;
@@ -804,8 +829,33 @@ impl Sim {
         if now < self.clients[c].idle_until {
             return;
         }
-        let p = PartitionId(self.clients[c].next_partition % self.cfg.partitions);
-        self.clients[c].next_partition += 1;
+        if self.clients[c].producer {
+            self.producer_send(c);
+        } else {
+            self.consumer_poll(c);
+        }
+    }
+
+    fn producer_send(&mut self, c: usize) {
+        let now = self.now;
+        let attempt = match self.clients[c].attempt {
+            Some(a) if a.tries >= SEND_TRIES_MAX => {
+                // Give up on the record; a new epoch restarts the sequences (KIP-360).
+                self.give_up(c, a);
+                return;
+            }
+            Some(a) => a,
+            None => {
+                let partition = PartitionId(self.clients[c].next_partition % self.cfg.partitions);
+                self.clients[c].next_partition += 1;
+                let value = self.next_value;
+                self.next_value += 1;
+                let sequence = self.clients[c].sequences.get(&partition).copied().unwrap_or(0);
+                Attempt { partition, value, sequence, first_invoke: now, tries: 0, maybe_written: false }
+            }
+        };
+        let p = attempt.partition;
+        self.clients[c].attempt = Some(Attempt { tries: attempt.tries + 1, ..attempt });
         if !self.clients[c].leaders.contains_key(&p) {
             self.refresh(c, p);
         }
@@ -815,18 +865,47 @@ impl Sim {
         };
         let request = self.next_request;
         self.next_request += 1;
-        let req = if self.clients[c].producer {
-            let value = self.next_value;
-            self.next_value += 1;
-            let mut b = BatchBuilder::new();
-            b.push(None, &value.to_le_bytes(), &[], Time(now).timestamp());
-            self.clients[c].pending = Some((request, p, value, now, Offset(0)));
-            ClientReq::Produce { partition: p, epoch: Some(epoch), batch: b.build().into_bytes() }
-        } else {
-            let from = self.clients[c].positions.get(&p).copied().unwrap_or(Offset(0));
-            self.clients[c].pending = Some((request, p, 0, now, from));
-            ClientReq::Read { partition: p, from }
+        let client = &self.clients[c];
+        let mut b = BatchBuilder::new().producer(
+            skein_log::types::ProducerId(client.producer_id),
+            skein_log::types::ProducerEpoch(client.producer_epoch),
+            skein_log::types::Sequence(attempt.sequence),
+        );
+        b.push(None, &attempt.value.to_le_bytes(), &[], Time(now).timestamp());
+        self.clients[c].pending = Some((request, p, attempt.value, now, Offset(0)));
+        let req = ClientReq::Produce { partition: p, epoch: Some(epoch), batch: b.build().into_bytes() };
+        if self.client_cut.contains(&leader) {
+            return; // the request is lost; the client times out
+        }
+        let delay = self.rng.range(100, 1_500);
+        self.schedule(delay, Event::ClientRequest { client: c, request, to: leader, req });
+    }
+
+    fn give_up(&mut self, c: usize, a: Attempt) {
+        let outcome = if a.maybe_written { SendOutcome::Unknown } else { SendOutcome::Failed };
+        self.record_send(c, a.partition, a.value, a.first_invoke, outcome);
+        let client = &mut self.clients[c];
+        client.attempt = None;
+        client.producer_epoch += 1;
+        client.sequences.clear();
+    }
+
+    fn consumer_poll(&mut self, c: usize) {
+        let now = self.now;
+        let p = PartitionId(self.clients[c].next_partition % self.cfg.partitions);
+        self.clients[c].next_partition += 1;
+        if !self.clients[c].leaders.contains_key(&p) {
+            self.refresh(c, p);
+        }
+        let Some(&(leader, _)) = self.clients[c].leaders.get(&p) else {
+            self.clients[c].idle_until = now + 20_000;
+            return;
         };
+        let request = self.next_request;
+        self.next_request += 1;
+        let from = self.clients[c].positions.get(&p).copied().unwrap_or(Offset(0));
+        self.clients[c].pending = Some((request, p, 0, now, from));
+        let req = ClientReq::Read { partition: p, from };
         if self.client_cut.contains(&leader) {
             return; // the request is lost; the client times out
         }
@@ -854,13 +933,24 @@ impl Sim {
         self.clients[c].pending = None;
         match resp {
             ClientResp::Produce(Ok(offset)) => {
+                let Some(a) = self.clients[c].attempt.take() else { return };
+                debug_assert_eq!(a.value, value);
                 let outcome = SendOutcome::Ok { partition: check::PartitionId(p.0), offset: check::Offset(offset.0) };
-                self.record_send(c, p, value, invoked, outcome);
+                self.record_send(c, p, value, a.first_invoke, outcome);
+                self.clients[c].sequences.insert(p, a.sequence + 1);
                 self.last_ack.insert(p, self.now);
+                let _ = invoked;
             }
             ClientResp::Produce(Err(e)) => {
-                let outcome = if e.definitely_not_written() { SendOutcome::Failed } else { SendOutcome::Unknown };
-                self.record_send(c, p, value, invoked, outcome);
+                let Some(a) = self.clients[c].attempt.as_mut() else { return };
+                if !e.definitely_not_written() {
+                    a.maybe_written = true;
+                }
+                if matches!(e, ProduceError::OutOfOrderSequence | ProduceError::ProducerFenced) {
+                    // The broker's producer state does not match: give up on this record.
+                    let a = *a;
+                    self.give_up(c, a);
+                }
                 self.refresh(c, p);
             }
             ClientResp::Read(Ok((bytes, hw))) => {
