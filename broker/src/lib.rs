@@ -2,12 +2,12 @@
 //! thread-per-core shards, each owning a set of partition logs.
 //!
 //! - [`check`]: the history checker (Jepsen-style checks of recorded client histories).
+//! - [`core`]: the sans-IO replication core (replica, broker node, controller, idempotent
+//!   producer state), driven today by the simulator only.
 //! - [`meta`]: topic metadata, persisted atomically.
 //! - [`runtime`]: shards (one compio runtime per core), connections, request handling,
-//!   group commit and long-polling fetches.
-//!
-//! Replication, the controller and the simulator come with the cluster issues (see
-//! ARCHITECTURE.md).
+//!   group commit and long-polling fetches (single node; it does not run the core yet).
+//! - `sim` (feature `sim`): the deterministic cluster simulator and its planted bugs.
 #![warn(missing_docs)]
 
 pub mod check;

@@ -12,8 +12,8 @@
 //!
 //! After each call, the commands pushed onto `out` are executed in order.
 //!
-//! Invariants (asserted): the high watermark never moves backwards while the replica runs and
-//! never passes the log end; a leader only completes `acks=all` below its high watermark,
+//! Invariants: the high watermark never passes the log end (asserted) and never moves
+//! backwards while the replica runs (checked by the simulator after every event); a leader only completes `acks=all` below its high watermark,
 //! which is the smallest *durable* offset over the ISR (including proposed additions);
 //! followers append only batches starting at their log end.
 
