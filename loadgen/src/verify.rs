@@ -32,6 +32,9 @@ pub enum Fault {
     Kill,
     /// SIGSTOP for a while, then SIGCONT.
     Pause,
+    /// Drop every TCP packet to one broker address for a while (an `nft` rule; needs root
+    /// and nftables), then heal.
+    Partition,
 }
 
 impl std::str::FromStr for Fault {
@@ -40,8 +43,8 @@ impl std::str::FromStr for Fault {
         match s {
             "kill" => Ok(Fault::Kill),
             "pause" => Ok(Fault::Pause),
-            "partition" => Err("partition faults need network namespaces: see the cluster chaos tests".into()),
-            other => Err(format!("unknown fault {other:?} (kill, pause)")),
+            "partition" => Ok(Fault::Partition),
+            other => Err(format!("unknown fault {other:?} (kill, pause, partition)")),
         }
     }
 }
@@ -76,6 +79,8 @@ pub struct VerifyConfig {
     pub restart: Vec<String>,
     /// Time between faults.
     pub fault_interval: Duration,
+    /// Broker addresses `partition` cuts off (default: the bootstrap list).
+    pub partition_addrs: Vec<std::net::SocketAddr>,
     /// Where to write the history (JSON lines).
     pub history: Option<PathBuf>,
 }
@@ -123,9 +128,19 @@ pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
     if cfg.faults.contains(&Fault::Kill) && cfg.restart.len() != cfg.pids.len() {
         bail!("--faults kill needs one --restart command per --pids entry");
     }
-    if !cfg.faults.is_empty() && cfg.pids.is_empty() {
-        bail!("--faults needs --pids");
+    let process_faults = cfg.faults.iter().any(|f| *f != Fault::Partition);
+    if process_faults && cfg.pids.is_empty() {
+        bail!("--faults kill or pause needs --pids");
     }
+    let mut cfg = cfg;
+    if cfg.faults.contains(&Fault::Partition) && cfg.partition_addrs.is_empty() {
+        use std::net::ToSocketAddrs;
+        for b in cfg.brokers.split(',') {
+            let addr = b.trim().to_socket_addrs().with_context(|| format!("resolving {b}"))?.next();
+            cfg.partition_addrs.extend(addr);
+        }
+    }
+    let cfg = cfg;
     let partitions = {
         let rt = compio::runtime::Runtime::new()?;
         rt.block_on(async {
@@ -355,10 +370,19 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
             continue;
         }
         next += cfg.fault_interval;
-        let i = (skein_log::storage::splitmix(&mut seed) % pids.len() as u64) as usize;
         let fault = cfg.faults[(skein_log::storage::splitmix(&mut seed) % cfg.faults.len() as u64) as usize];
+        let targets = if fault == Fault::Partition { cfg.partition_addrs.len() } else { pids.len() };
+        let i = (skein_log::storage::splitmix(&mut seed) % targets.max(1) as u64) as usize;
         count += 1;
         match fault {
+            Fault::Partition => {
+                let addr = cfg.partition_addrs[i];
+                let ms = 300 + skein_log::storage::splitmix(&mut seed) % 1500;
+                let cut = NetCut::new(addr)?;
+                tracing::info!(%addr, ms, "partitioned");
+                std::thread::sleep(Duration::from_millis(ms));
+                drop(cut);
+            }
             Fault::Pause => {
                 signal(pids[i], "STOP")?;
                 let ms = 300 + skein_log::storage::splitmix(&mut seed) % 1500;
@@ -386,6 +410,50 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
         }
     }
     Ok(count)
+}
+
+/// An `nft` table dropping TCP packets to one address while it lives.
+struct NetCut {
+    table: String,
+}
+
+impl NetCut {
+    fn new(addr: std::net::SocketAddr) -> Result<NetCut> {
+        let table = format!("skein_verify_{}", std::process::id());
+        let family = if addr.is_ipv4() { "ip" } else { "ip6" };
+        let script = format!(
+            "add table inet {table}\nadd chain inet {table} input {{ type filter hook input priority 0; }}\n\
+             add rule inet {table} input {family} daddr {} tcp dport {} drop\n",
+            addr.ip(),
+            addr.port()
+        );
+        let cut = NetCut { table };
+        nft(&script).context("installing the partition rule (needs root and nftables)")?;
+        Ok(cut)
+    }
+}
+
+impl Drop for NetCut {
+    fn drop(&mut self) {
+        if let Err(e) = nft(&format!("delete table inet {}\n", self.table)) {
+            tracing::error!(error = %e, table = %self.table, "could not remove the partition rule; delete the nft table by hand");
+        }
+    }
+}
+
+fn nft(script: &str) -> Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
+    let status = child.wait()?;
+    if !status.success() {
+        bail!("nft -f - failed for:\n{script}");
+    }
+    Ok(())
 }
 
 fn signal(pid: u32, sig: &str) -> Result<()> {

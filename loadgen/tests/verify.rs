@@ -1,5 +1,5 @@
-//! `skein-loadgen verify` against a real broker process that is killed (-9) and restarted
-//! and paused (SIGSTOP/SIGCONT) while the workload runs: every check passes, faults happened,
+//! `skein-loadgen verify` against a real broker process that is killed (-9) and restarted,
+//! paused (SIGSTOP/SIGCONT) and cut off by an nft rule while the workload runs: every check passes, faults happened,
 //! and the history file re-reads to the same verdict.
 
 use std::path::PathBuf;
@@ -54,11 +54,16 @@ fn verify_passes_against_a_broker_killed_and_paused_under_load() {
         consumers: 2,
         rate: 300.0,
         acks: skein_client::Acks::All,
-        duration: std::time::Duration::from_secs(6),
-        faults: vec![skein_loadgen::verify::Fault::Kill, skein_loadgen::verify::Fault::Pause],
+        duration: std::time::Duration::from_secs(8),
+        faults: vec![
+            skein_loadgen::verify::Fault::Kill,
+            skein_loadgen::verify::Fault::Pause,
+            skein_loadgen::verify::Fault::Partition,
+        ],
         pids: vec![pid],
         restart: vec![start.clone()],
-        fault_interval: std::time::Duration::from_millis(1500),
+        fault_interval: std::time::Duration::from_millis(1200),
+        partition_addrs: vec![],
         history: Some(history.clone()),
     };
     let verdict = skein_loadgen::verify::run(cfg);
@@ -67,7 +72,7 @@ fn verify_passes_against_a_broker_killed_and_paused_under_load() {
     let verdict = verdict.expect("verify ran");
     assert!(verdict.report.ok(), "{}", verdict.report);
     assert!(verdict.report.not_run().is_empty(), "every check ran: {}", verdict.report);
-    assert!(verdict.faults >= 3, "faults injected: {}", verdict.faults);
+    assert!(verdict.faults >= 4, "faults injected: {}", verdict.faults);
     let acked = verdict
         .history
         .ops

@@ -192,6 +192,9 @@ struct SimNode {
     /// A byte of this partition's log was flipped since it last opened cleanly: a corrupt
     /// log is expected.
     flipped: Option<PartitionId>,
+    /// Its disk lied about fsyncs since it last opened cleanly: torn or contradictory logs
+    /// (a truncation undone under a newer epoch checkpoint) are expected.
+    lied: bool,
     /// Partitions whose logs were replaced at the coming start.
     lost: Vec<PartitionId>,
     /// Client produce requests in flight on this node: core request id -> (client, client request).
@@ -303,6 +306,7 @@ impl Sim {
                 last_hw: BTreeMap::new(),
                 checked: BTreeMap::new(),
                 flipped: None,
+                lied: false,
                 lost: Vec::new(),
                 requests: BTreeMap::new(),
             })
@@ -403,7 +407,7 @@ impl Sim {
                     self.schedule(back, Event::Restart(id));
                     return;
                 }
-                Err(e @ skein_log::OpenError::Corrupt(_)) if n.flipped == Some(p) => {
+                Err(e @ skein_log::OpenError::Corrupt(_)) if n.flipped == Some(p) || n.lied => {
                     // The flipped byte is found (the log refuses to serve it): the log is
                     // replaced with an empty one, the controller told, the replica catches up.
                     tracing::debug!(node = %n.id, %p, error = %e, "corrupt log after a bit flip: replaced");
@@ -423,6 +427,7 @@ impl Sim {
         }
         let n = &mut self.nodes[i];
         n.flipped = None;
+        n.lied = false;
         let lost = std::mem::take(&mut n.lost);
         n.core = Some(BrokerNode::new(
             n.id,
@@ -669,6 +674,7 @@ impl Sim {
                 if let Some(core) = self.nodes[victim].core.as_ref().filter(|_| !in_isr) {
                     let id = core.id();
                     tracing::debug!(node = %id, at_ms = self.now / 1000, "sim: lying disk");
+                    self.nodes[victim].lied = true;
                     for s in self.nodes[victim].storages.values() {
                         s.set_lying(true);
                     }

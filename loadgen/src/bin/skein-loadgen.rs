@@ -140,7 +140,8 @@ struct VerifyArgs {
     /// How long the workload runs.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
-    /// Faults to inject, comma-separated: kill, pause.
+    /// Faults to inject, comma-separated: kill, pause, partition (an nft rule dropping TCP to
+    /// one broker address; needs root and nftables).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<skein_loadgen::verify::Fault>,
     /// Broker process ids to inject faults into, comma-separated.
@@ -153,6 +154,9 @@ struct VerifyArgs {
     /// Time between faults.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     fault_interval: Duration,
+    /// Broker addresses the partition fault cuts off, comma-separated (default: --brokers).
+    #[arg(long, value_delimiter = ',')]
+    partition_addrs: Vec<std::net::SocketAddr>,
     /// Write the history here (JSON lines; `check` re-reads it).
     #[arg(long)]
     history: Option<PathBuf>,
@@ -220,6 +224,7 @@ fn run(cli: Cli) -> Result<()> {
                 pids: a.pids,
                 restart: a.restart,
                 fault_interval: a.fault_interval,
+                partition_addrs: a.partition_addrs,
                 history: a.history,
             };
             let v = skein_loadgen::verify::run(cfg)?;
