@@ -45,13 +45,59 @@ impl Topics {
 
     /// Persists atomically and durably.
     pub fn save(&self, dir: &Path) -> Result<()> {
-        let path = file(dir);
-        let tmp = dir.join("topics.json.tmp");
-        let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        f.write_all(&serde_json::to_vec_pretty(self)?).with_context(|| format!("writing {}", tmp.display()))?;
-        f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
-        File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+        write_atomically(dir, "topics.json", &serde_json::to_vec_pretty(self)?)
+    }
+}
+
+/// Replaces `dir/name` with `bytes` atomically and durably (temp file, fsync, rename, fsync
+/// of the directory).
+fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    f.sync_all().with_context(|| format!("syncing {}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("renaming to {}", path.display()))?;
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+/// Ids handed out per block; the end of the block is persisted before its first id is used.
+pub const PRODUCER_ID_BLOCK: i64 = 1_000;
+
+/// Allocates idempotent producer ids that are never reused over the broker's life: ids are
+/// handed out from a block whose end is persisted (`producer_ids`) before the block's first
+/// id; after a restart allocation continues at the persisted end (the rest of a block that
+/// was in use is skipped, as Kafka's ProducerIdManager does).
+#[derive(Debug)]
+pub struct ProducerIds {
+    dir: PathBuf,
+    next: i64,
+    block_end: i64,
+}
+
+impl ProducerIds {
+    /// Reads the persisted block end in `dir` (none: start at 0).
+    pub fn load(dir: &Path) -> Result<ProducerIds> {
+        let path = dir.join("producer_ids");
+        let end = match std::fs::read_to_string(&path) {
+            Ok(s) => s.trim().parse::<i64>().with_context(|| format!("parsing {}", path.display()))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        };
+        anyhow::ensure!(end >= 0, "{} holds a negative id", path.display());
+        Ok(ProducerIds { dir: dir.to_owned(), next: end, block_end: end })
+    }
+
+    /// The next id, persisting a new block first when the current one is used up.
+    pub fn allocate(&mut self) -> Result<i64> {
+        if self.next >= self.block_end {
+            let end = self.next.checked_add(PRODUCER_ID_BLOCK).context("producer ids exhausted")?;
+            write_atomically(&self.dir, "producer_ids", end.to_string().as_bytes())?;
+            self.block_end = end;
+        }
+        let id = self.next;
+        self.next += 1;
+        Ok(id)
     }
 }
 
@@ -123,6 +169,19 @@ mod tests {
         assert!(cfg("segment.bytes", "10").is_err(), "below the minimum");
         assert!(cfg("colour", "blue").is_err());
         assert_eq!(cfg("retention.ms", "-1").map(|c| c.retention_ms), Ok(None));
+    }
+
+    #[test]
+    fn producer_ids_are_never_reused_across_restarts() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut ids = ProducerIds::load(dir.path()).expect("load");
+        let a: Vec<i64> = (0..3).map(|_| ids.allocate().expect("id")).collect();
+        assert_eq!(a, vec![0, 1, 2]);
+        drop(ids);
+        let mut again = ProducerIds::load(dir.path()).expect("load");
+        assert_eq!(again.allocate().expect("id"), PRODUCER_ID_BLOCK, "the used block is skipped");
+        std::fs::write(dir.path().join("producer_ids"), "garbage").expect("write");
+        assert!(ProducerIds::load(dir.path()).is_err(), "a damaged file is an error, not a reset");
     }
 
     #[test]

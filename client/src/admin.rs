@@ -8,8 +8,9 @@ use std::time::Duration;
 use crate::conn::{broker_error, Connection};
 use crate::wire::{
     ApiKey, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
-    DescribeTopicsRequest, DescribeTopicsResponse, ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse,
-    MetadataRequest, MetadataResponse, NewTopic, TopicConfig, TopicDescription,
+    DescribeTopicsRequest, DescribeTopicsResponse, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsPartition,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, NewTopic, TopicConfig,
+    TopicDescription,
 };
 use crate::ClientError;
 
@@ -108,6 +109,14 @@ impl Client {
     /// Brokers, controller and topics (`None`: all topics).
     pub async fn metadata(&self, topics: Option<Vec<String>>) -> Result<MetadataResponse, ClientError> {
         self.connection().await?.call(ApiKey::Metadata, &MetadataRequest { topics }).await
+    }
+
+    /// A new idempotent producer identity: (producer id, epoch).
+    pub async fn init_producer_id(&self) -> Result<(i64, i16), ClientError> {
+        let req = InitProducerIdRequest { transactional_id: None };
+        let resp: InitProducerIdResponse = self.connection().await?.call(ApiKey::InitProducerId, &req).await?;
+        broker_error(resp.error, "init producer id".to_string())?;
+        Ok((resp.producer_id, resp.producer_epoch))
     }
 
     /// Names of all topics.

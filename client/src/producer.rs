@@ -8,8 +8,11 @@
 //! reconnect) before any later batch of it is sent, so order per partition holds. Each batch's
 //! response resolves its records' futures with `(partition, offset)`.
 //!
-//! Not yet: idempotence (producer ids and sequences arrive with replication), so a retry after
-//! a lost response can duplicate a batch.
+//! Idempotence (on by default): the producer gets a producer id (InitProducerId) before its
+//! first record and stamps each batch with it and the per-partition sequence of its first
+//! record; the broker appends a retried batch only once, so a retry after a lost response, a
+//! timeout or a broker restart cannot duplicate a record. A batch that finally fails leaves a
+//! gap in the sequence, so the producer then starts over with a new producer id.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -23,7 +26,7 @@ use bytes::Bytes;
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
 use skein_log::batch::BatchBuilder;
-use skein_log::types::Timestamp;
+use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 
 use crate::wire::{produce_frame, ApiKey, ErrorCode, ProduceResponse};
 use crate::{Client, ClientError};
@@ -81,6 +84,11 @@ pub struct ProducerConfig {
     pub buffer_bytes_max: usize,
     /// The broker's timeout for acks=all.
     pub request_timeout_ms: u32,
+    /// Idempotence (Kafka's default since 3.0): the producer gets a producer id from the
+    /// broker and numbers its records per partition; the broker appends a retried batch only
+    /// once and answers a duplicate with the offset it was first written at, so retries
+    /// (after a timeout, a lost connection or a broker restart) never duplicate a record.
+    pub idempotence: bool,
 }
 
 impl Default for ProducerConfig {
@@ -94,6 +102,7 @@ impl Default for ProducerConfig {
             retry_backoff: Duration::from_millis(100),
             buffer_bytes_max: 64 << 20,
             request_timeout_ms: 30_000,
+            idempotence: true,
         }
     }
 }
@@ -157,6 +166,10 @@ struct State {
     requests_in_flight: usize,
     buffered_bytes: usize,
     unresolved: usize,
+    /// The idempotent producer identity, once the broker gave one.
+    producer: Option<(i64, i16)>,
+    /// Next sequence per partition (idempotence).
+    sequences: HashMap<Key, i32>,
 }
 
 struct Open {
@@ -224,6 +237,14 @@ impl Producer {
         value: &[u8],
         reply: Reply,
     ) -> Result<(), ClientError> {
+        if self.inner.config.idempotence && self.inner.state.borrow().producer.is_none() {
+            let id = self.inner.client.init_producer_id().await?;
+            let mut st = self.inner.state.borrow_mut();
+            if st.producer.is_none() {
+                st.producer = Some(id);
+                st.sequences.clear();
+            }
+        }
         let count = self.partition_count(topic).await?;
         let partition = match (partition, key) {
             (Some(p), _) if p < count => p,
@@ -249,11 +270,25 @@ impl Producer {
             if !st.open.contains_key(topic) {
                 st.open.insert(topic.to_owned(), HashMap::new());
             }
-            let by_partition = st.open.get_mut(topic).expect("inserted above");
             let batch_bytes_max = self.inner.config.batch_bytes_max;
+            let has_open = st.open.get(topic).is_some_and(|m| m.contains_key(&partition));
+            let identity = match (st.producer, has_open) {
+                (Some((id, epoch)), false) => {
+                    let seq = st.sequences.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
+                    Some((id, epoch, seq))
+                }
+                _ => None,
+            };
+            let by_partition = st.open.get_mut(topic).expect("inserted above");
             let open = by_partition.entry(partition).or_insert_with(|| Open {
                 // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
-                builder: BatchBuilder::with_capacity(batch_bytes_max.saturating_add(size).min(1 << 20)),
+                builder: match identity {
+                    Some((id, epoch, seq)) => BatchBuilder::with_capacity(
+                        batch_bytes_max.saturating_add(size).min(1 << 20),
+                    )
+                    .producer(ProducerId(id), ProducerEpoch(epoch), Sequence(seq)),
+                    None => BatchBuilder::with_capacity(batch_bytes_max.saturating_add(size).min(1 << 20)),
+                },
                 bytes: 0,
                 replies: Vec::new(),
                 since: Instant::now(),
@@ -324,6 +359,13 @@ fn seal(st: &mut State, key: &Key) {
     let Some(open) = st.open.get_mut(&key.0).and_then(|m| m.remove(&key.1)) else {
         return;
     };
+    if st.producer.is_some() {
+        // The next batch of this partition continues the sequence (one open batch per
+        // partition, sealed in order).
+        let records = i32::try_from(open.builder.len()).unwrap_or(i32::MAX);
+        let seq = st.sequences.entry(key.clone()).or_insert(0);
+        *seq = seq.wrapping_add(records);
+    }
     let batch = open.builder.build();
     if let (Some(sticky), Some(&n)) = (st.sticky.get_mut(&key.0), st.partition_counts.get(&key.0)) {
         if *sticky == key.1 {
@@ -500,6 +542,14 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
             done.extend(b.replies);
         }
         st.busy.remove(key);
+        if st.producer.is_some() {
+            // A failed batch leaves a gap in this producer's sequence, so later batches would
+            // be rejected as out of order: start over with a new producer id (as Kafka's
+            // KIP-360 bumps the epoch). Batches already sealed keep the old id and its order.
+            tracing::debug!(topic = %key.0, partition = key.1, error = %e, "batch failed; new producer id");
+            st.producer = None;
+            st.sequences.clear();
+        }
     }
     for reply in done {
         reply.complete(Err(e.clone()));

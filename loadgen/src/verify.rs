@@ -1,8 +1,8 @@
 //! `verify`: a Jepsen-style workload against a running cluster, checked by
 //! [`skein_broker::check`].
 //!
-//! Producers send unique values (one record per batch, no retries, so a retry can never be
-//! mistaken for a duplicate) to partitions in turn; consumers read every partition from the
+//! Producers send unique values (one record per batch) to partitions in turn, idempotently
+//! and with retries (so a duplicate in the history is an idempotence failure); consumers read every partition from the
 //! beginning; an optional fault thread kills (then restarts with the operator's command) or
 //! pauses broker processes. After the run every fault is healed, the producers drain, and a
 //! final read takes every partition from its start to its end. The history (JSON lines) and
@@ -214,8 +214,10 @@ fn producer(
         let config = ProducerConfig {
             acks: cfg.acks,
             linger: Duration::ZERO,
-            retries: 0,
+            retries: 20,
+            retry_backoff: Duration::from_millis(100),
             request_timeout_ms: 5_000,
+            idempotence: true,
             ..ProducerConfig::default()
         };
         let producer = Producer::new(client, config);

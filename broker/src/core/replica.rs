@@ -163,26 +163,9 @@ impl<S: Storage> Replica<S> {
         replica
     }
 
-    /// Rebuilds the idempotent producer state from the log's batch headers (after opening
-    /// and after a truncation). Reads the whole log: fine for the simulator's logs; the
-    /// runtime will snapshot it like Kafka's producer-state files.
+    /// Rebuilds the idempotent producer state from the log (after opening and truncating).
     fn rebuild_producers(&mut self) -> Result<(), skein_log::ReadError> {
-        self.producers.clear();
-        let mut from = self.log.log_start_offset();
-        let end = self.log.log_end_offset();
-        let mut buf = Vec::new();
-        while from < end {
-            buf.clear();
-            let limit = ReadLimit { max_bytes: 1 << 20, end: None };
-            let range = self.log.read_verified(from, limit, &mut buf)?;
-            for b in batches(&buf).flatten() {
-                self.producers.note(b.header());
-            }
-            if range.next_offset <= from {
-                break;
-            }
-            from = range.next_offset;
-        }
+        self.producers = ProducerStates::rebuild(&self.log)?;
         Ok(())
     }
 

@@ -24,6 +24,7 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         ApiKey::Produce => Request::Produce(decode_exact(body)?),
         ApiKey::Fetch => Request::Fetch(decode_exact(body)?),
         ApiKey::ListOffsets => Request::ListOffsets(decode_exact(body)?),
+        ApiKey::InitProducerId => Request::InitProducerId(decode_exact(body)?),
     })
 }
 
@@ -38,6 +39,7 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::DescribeTopics(r) => response_frame(id, Ok(&r)),
         Response::Produce(r) => response_frame(id, Ok(&r)),
         Response::ListOffsets(r) => response_frame(id, Ok(&r)),
+        Response::InitProducerId(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,

@@ -11,8 +11,9 @@ use futures_channel::oneshot;
 use skein_client::wire::{
     ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, CreateTopicsRequest, CreateTopicsResponse,
     DeleteTopicsRequest, DeleteTopicsResponse, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode,
-    FetchPartition, FetchRequest, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse,
-    PartitionMetadata, ProduceRequest, ProduceResponse, TopicConfig, TopicDescription, TopicMetadata, TopicResult,
+    FetchPartition, FetchRequest, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
+    ListOffsetsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, ProduceRequest, ProduceResponse,
+    TopicConfig, TopicDescription, TopicMetadata, TopicResult,
 };
 
 use super::shard::FetchResult;
@@ -29,6 +30,7 @@ pub(crate) enum Request {
     Produce(ProduceRequest),
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
+    InitProducerId(InitProducerIdRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -42,6 +44,7 @@ pub(crate) enum Response {
     /// Per partition, in request order; record bytes stay in their own buffers.
     Fetch(Vec<(FetchPartition, FetchResult)>),
     ListOffsets(ListOffsetsResponse),
+    InitProducerId(InitProducerIdResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).
@@ -73,6 +76,7 @@ async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
         Request::Produce(r) => produce(shard, r).await,
         Request::Fetch(r) => fetch(shard, r).await,
         Request::ListOffsets(r) => Response::ListOffsets(list_offsets(shard, r).await),
+        Request::InitProducerId(r) => Response::InitProducerId(init_producer_id(shard, r).await),
     }
 }
 
@@ -86,6 +90,18 @@ async fn ask<T>(shard: &Rc<Shard>, owner: usize, make: impl FnOnce(oneshot::Send
         return None;
     }
     rx.await.ok()
+}
+
+async fn init_producer_id(shard: &Rc<Shard>, req: InitProducerIdRequest) -> InitProducerIdResponse {
+    let fail = |error| InitProducerIdResponse { error, producer_id: -1, producer_epoch: -1 };
+    if req.transactional_id.is_some() {
+        return fail(ErrorCode::INVALID_REQUEST); // transactions are not built yet
+    }
+    match ask(shard, 0, |reply| ShardMsg::InitProducerId { reply }).await {
+        Some(Ok(id)) => InitProducerIdResponse { error: ErrorCode::NONE, producer_id: id, producer_epoch: 0 },
+        Some(Err(code)) => fail(code),
+        None => fail(ErrorCode::SHUTTING_DOWN),
+    }
 }
 
 fn api_versions() -> ApiVersionsResponse {

@@ -32,6 +32,7 @@ use skein_log::types::{LeaderEpoch, Offset, Timestamp};
 use skein_log::{AppendError, Log, ReadError, ReadLimit};
 
 use super::EXIT_STORAGE_FAILURE;
+use crate::core::producers::{ProducerStates, SequenceCheck};
 use crate::meta::{self, Topics};
 use crate::BrokerConfig;
 
@@ -53,6 +54,8 @@ pub(crate) enum ShardMsg {
     OpenPartition { topic: String, partition: u32, reply: oneshot::Sender<Result<(), String>> },
     /// Delete an owned partition's log.
     DeletePartition { topic: String, partition: u32, reply: oneshot::Sender<()> },
+    /// A new idempotent producer id (shard 0 owns the allocator).
+    InitProducerId { reply: oneshot::Sender<Result<i64, ErrorCode>> },
     /// Create topics (shard 0 owns the metadata).
     Create { req: CreateTopicsRequest, reply: oneshot::Sender<CreateTopicsResponse> },
     /// Delete topics (shard 0 owns the metadata).
@@ -79,6 +82,8 @@ pub(crate) struct Partition {
     syncing: bool,
     /// Long-polling fetches waiting for the log end to pass an offset.
     data_waiters: Vec<(Offset, oneshot::Sender<()>)>,
+    /// Idempotent producers' recent batches (rebuilt from the log at open).
+    producers: ProducerStates,
 }
 
 type PartitionCell = Rc<RefCell<Partition>>;
@@ -94,6 +99,8 @@ pub(crate) struct Shard {
     pub stopping: Cell<bool>,
     /// Serialises topic creation and deletion (shard 0 only; not on the data path).
     pub admin: futures_util::lock::Mutex<()>,
+    /// Producer id allocation (shard 0 only).
+    producer_ids: RefCell<Option<meta::ProducerIds>>,
 }
 
 impl Shard {
@@ -114,7 +121,11 @@ impl Shard {
             in_flight: Cell::new(0),
             stopping: Cell::new(false),
             admin: futures_util::lock::Mutex::new(()),
+            producer_ids: RefCell::new(None),
         };
+        if id == 0 {
+            *shard.producer_ids.borrow_mut() = Some(meta::ProducerIds::load(&shard.config.data_dir)?);
+        }
         for t in topics.topics.values() {
             for p in 0..t.partitions {
                 if shard.owner(&t.name, p) == id {
@@ -181,6 +192,16 @@ impl Shard {
                 self.delete_partition(&topic, partition);
                 let _ = reply.send(());
             }
+            ShardMsg::InitProducerId { reply } => {
+                let id = match self.producer_ids.borrow_mut().as_mut() {
+                    Some(ids) => ids.allocate().map_err(|e| {
+                        tracing::error!(error = %format!("{e:#}"), "allocating a producer id failed");
+                        ErrorCode::STORAGE_ERROR
+                    }),
+                    None => Err(ErrorCode::UNKNOWN),
+                };
+                let _ = reply.send(id);
+            }
             ShardMsg::Create { req, reply } => {
                 let _ = reply.send(super::handlers::create_topics(&self, req).await);
             }
@@ -231,7 +252,9 @@ impl Shard {
         tracing::info!(shard = self.id, topic, partition, log_end = %log.log_end_offset(),
             clean = report.clean_shutdown, scanned = report.segments_scanned, truncated = ?report.truncated, "partition open");
         let epoch = log.epochs().latest().map_or(LeaderEpoch(0), |e| e.epoch);
-        let p = Partition { log, epoch, durable_waiters: Vec::new(), syncing: false, data_waiters: Vec::new() };
+        let producers = ProducerStates::rebuild(&log).map_err(|e| format!("reading producer state: {e}"))?;
+        let p =
+            Partition { log, epoch, durable_waiters: Vec::new(), syncing: false, data_waiters: Vec::new(), producers };
         self.partitions.borrow_mut().insert((topic.to_owned(), partition), Rc::new(RefCell::new(p)));
         Ok(())
     }
@@ -433,15 +456,32 @@ fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, Er
     Ok(out)
 }
 
-/// Appends every batch (stamping the leader epoch); returns the first offset and the new end.
+/// Appends every batch (stamping the leader epoch); returns the first offset and the end
+/// the request must wait for (for acks=all). An idempotent producer's retried batch is not
+/// appended again: its original offsets answer.
 fn append_all(p: &PartitionCell, batches: Vec<RecordBatch<BytesMut>>) -> Result<(Offset, Offset), ErrorCode> {
     let mut pb = p.borrow_mut();
     let epoch = pb.epoch;
-    let base = pb.log.log_end_offset();
+    let mut first = None;
+    let mut end = pb.log.log_end_offset();
     for mut batch in batches {
+        match pb.producers.check(batch.header()) {
+            SequenceCheck::Append => {}
+            SequenceCheck::Duplicate { base, end: dup_end } => {
+                first.get_or_insert(base);
+                end = end.max(dup_end);
+                continue;
+            }
+            SequenceCheck::OutOfOrder => return Err(ErrorCode::OUT_OF_ORDER_SEQUENCE),
+            SequenceCheck::Fenced => return Err(ErrorCode::PRODUCER_FENCED),
+        }
         batch.set_leader_epoch(epoch);
         match pb.log.append(&mut batch, now()) {
-            Ok(_) => {}
+            Ok(info) => {
+                first.get_or_insert(info.base_offset);
+                end = end.max(info.log_end_offset);
+                pb.producers.note(batch.header());
+            }
             Err(AppendError::Storage(e)) => fail_stop("append", &e),
             Err(AppendError::Poisoned(e)) => fail_stop("append", &e),
             Err(AppendError::OffsetLimit(_)) => return Err(ErrorCode::TOO_LARGE),
@@ -451,7 +491,8 @@ fn append_all(p: &PartitionCell, batches: Vec<RecordBatch<BytesMut>>) -> Result<
             }
         }
     }
-    Ok((base, pb.log.log_end_offset()))
+    let base = first.unwrap_or_else(|| pb.log.log_end_offset());
+    Ok((base, end))
 }
 
 fn wake_data_waiters(p: &PartitionCell, end: Offset) {

@@ -208,3 +208,14 @@ wire_struct! {
 pub const EARLIEST: i64 = -2;
 /// `ListOffsetsPartition::timestamp` for the latest offset (the log end).
 pub const LATEST: i64 = -1;
+
+wire_struct! {
+    /// InitProducerId request: a new idempotent producer identity. `transactional_id` is
+    /// reserved for transactions and must be `None`.
+    pub struct InitProducerIdRequest { pub transactional_id: Option<String> }
+}
+
+wire_struct! {
+    /// InitProducerId response: a producer id unique in the cluster's lifetime, epoch 0.
+    pub struct InitProducerIdResponse { pub error: ErrorCode, pub producer_id: i64, pub producer_epoch: i16 }
+}

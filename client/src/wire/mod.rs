@@ -41,11 +41,13 @@ pub enum ApiKey {
     Fetch = 6,
     /// Earliest, latest or by-timestamp offsets.
     ListOffsets = 7,
+    /// A new idempotent producer id (and epoch).
+    InitProducerId = 8,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 8] = [
+    pub const ALL: [ApiKey; 9] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -54,6 +56,7 @@ impl ApiKey {
         ApiKey::Produce,
         ApiKey::Fetch,
         ApiKey::ListOffsets,
+        ApiKey::InitProducerId,
     ];
 
     /// The key for a number, if known.
@@ -110,6 +113,10 @@ impl ErrorCode {
     pub const UNKNOWN: ErrorCode = ErrorCode(17);
     /// The broker is shutting down.
     pub const SHUTTING_DOWN: ErrorCode = ErrorCode(18);
+    /// An idempotent producer's batch does not continue its sequence; nothing was written.
+    pub const OUT_OF_ORDER_SEQUENCE: ErrorCode = ErrorCode(19);
+    /// An idempotent producer's epoch is older than the newest seen; nothing was written.
+    pub const PRODUCER_FENCED: ErrorCode = ErrorCode(20);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -127,7 +134,7 @@ impl ErrorCode {
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 19] = [
+        const NAMES: [&str; 21] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -147,6 +154,8 @@ impl ErrorCode {
             "INVALID_CONFIG",
             "UNKNOWN",
             "SHUTTING_DOWN",
+            "OUT_OF_ORDER_SEQUENCE",
+            "PRODUCER_FENCED",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }
