@@ -86,6 +86,14 @@ impl Controller {
         self.partitions.values()
     }
 
+    /// A new active controller took over: every live broker's session restarts at `now` (the
+    /// previous controller's last heartbeat times may be stale by an election's length).
+    pub fn restart_sessions(&mut self, now: Time) {
+        for b in self.brokers.values_mut().filter(|b| b.alive) {
+            b.last_heartbeat = Some(now);
+        }
+    }
+
     /// Whether the controller considers a broker alive.
     pub fn alive(&self, b: NodeId) -> bool {
         self.brokers.get(&b).is_some_and(|x| x.alive)

@@ -11,12 +11,13 @@
 //!   ISR proposals, `acks=all` completion) or follower (fetch, divergence truncation).
 //! - [`node`]: one broker: its replicas, its controller session and lease, message routing.
 //! - [`controller`]: the metadata state machine: broker liveness, leader election from the
-//!   ISR with epoch bumps, ISR changes. In the simulator it runs on one controller node; the
-//!   cluster issue replicates it with Raft (see ARCHITECTURE.md).
+//!   ISR with epoch bumps, ISR changes.
+//! - [`quorum`]: that state machine replicated with Raft (raft-rs) over the voters.
 
 pub mod controller;
 pub mod node;
 pub mod producers;
+pub mod quorum;
 pub mod replica;
 
 use std::fmt;
@@ -202,8 +203,10 @@ pub enum FetchResponse {
 
 /// Every message between nodes (brokers, the controller). Clients talk to brokers through
 /// the node's produce/read methods, not messages.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum Message {
+    /// Between controller voters: Raft's own messages (votes, appends, heartbeats).
+    Raft(Box<raft::prelude::Message>),
     /// Follower to leader.
     Fetch(FetchRequest),
     /// Leader to follower.

@@ -138,7 +138,7 @@ impl<S: Storage> BrokerNode<S> {
                     r.handle_state(now, s, out);
                 }
             }
-            Message::Heartbeat { .. } | Message::AlterIsr { .. } => {} // for the controller
+            Message::Heartbeat { .. } | Message::AlterIsr { .. } | Message::Raft(_) => {} // for the controller
         }
     }
 

@@ -32,6 +32,7 @@ use skein_log::{Durability, Log, LogConfig};
 use crate::check::{self, History, PollOp, SendOp, SendOutcome};
 use crate::core::controller::{Controller, ControllerConfig};
 use crate::core::node::{BrokerNode, NodeConfig};
+use crate::core::quorum::{ControllerVoter, QuorumConfig};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
 use crate::core::{Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
 
@@ -148,7 +149,6 @@ enum ClientResp {
 
 enum Event {
     Tick(NodeId),
-    ControllerTick,
     ClientTick(usize),
     Deliver {
         from: Peer,
@@ -182,6 +182,10 @@ enum Event {
 struct SimNode {
     id: NodeId,
     core: Option<BrokerNode<MemStorage>>,
+    /// This broker's controller voter (combined mode), down with the process.
+    voter: Option<ControllerVoter>,
+    /// The voter's Raft log, durable across crashes (appended and synced per ready).
+    raft_log: raft::storage::MemStorage,
     storages: BTreeMap<PartitionId, MemStorage>,
     incarnation: u64,
     paused_until: Option<u64>,
@@ -242,7 +246,8 @@ struct Sim {
     queue: BinaryHeap<Reverse<(u64, u64)>>,
     events: BTreeMap<u64, Event>,
     nodes: Vec<SimNode>,
-    controller: Controller,
+    /// Partition assignments (every voter's controller starts from them).
+    assignments: Vec<(PartitionId, Vec<NodeId>)>,
     clients: Vec<Client>,
     /// Cut directed links (from, to).
     cut: BTreeSet<(Peer, Peer)>,
@@ -289,16 +294,14 @@ impl Sim {
                 (p, r)
             })
             .collect();
-        let mut controller = Controller::new(ControllerConfig::default(), &ids, &assignments);
-        if cfg.plant.no_fencing {
-            controller.plant_no_fencing();
-        }
         let log_config = LogConfig { durability: Durability::Never, segment_bytes: 64 * 1024, ..LogConfig::default() };
         let nodes = ids
             .iter()
             .map(|&id| SimNode {
                 id,
                 core: None,
+                voter: None,
+                raft_log: raft::storage::MemStorage::new(),
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
                 paused_until: None,
@@ -334,7 +337,7 @@ impl Sim {
             queue: BinaryHeap::new(),
             events: BTreeMap::new(),
             nodes,
-            controller,
+            assignments,
             clients,
             cut: BTreeSet::new(),
             client_cut: BTreeSet::new(),
@@ -355,7 +358,6 @@ impl Sim {
             let at = sim.rng.range(0, TICK_US);
             sim.schedule(at, Event::Tick(id));
         }
-        sim.schedule(1, Event::ControllerTick);
         for c in 0..sim.clients.len() {
             let at = sim.rng.range(0, CLIENT_TICK_US);
             sim.schedule(at, Event::ClientTick(c));
@@ -425,6 +427,24 @@ impl Sim {
                 }
             }
         }
+        let ids: Vec<NodeId> = self.nodes.iter().map(|x| x.id).collect();
+        let mut controller = Controller::new(ControllerConfig::default(), &ids, &self.assignments);
+        if self.cfg.plant.no_fencing {
+            controller.plant_no_fencing();
+        }
+        // raft-rs randomizes election waits with a thread-local RNG: give it a one-value range
+        // drawn from the seed instead (different per voter and per start), for replay.
+        let ticks = 10 + self.rng.below(10) as usize;
+        let quorum = QuorumConfig { election_ticks: ticks, election_ticks_max: ticks + 1, ..QuorumConfig::default() };
+        let n = &mut self.nodes[i];
+        match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.clone()) {
+            Ok(v) => n.voter = Some(v),
+            Err(e) => {
+                let msg = format!("recovery: {} controller voter does not start: {e}", n.id);
+                self.violation(msg);
+                return;
+            }
+        }
         let n = &mut self.nodes[i];
         n.flipped = None;
         n.lied = false;
@@ -444,6 +464,7 @@ impl Sim {
         let seed = self.rng.next();
         let n = &mut self.nodes[i];
         n.core = None;
+        n.voter = None;
         n.paused_until = None;
         for s in n.storages.values_mut() {
             *s = s.crash(seed);
@@ -504,35 +525,39 @@ impl Sim {
                     core.handle_tick(now, &mut out);
                 }
                 self.execute(i, out);
+                let mut out = Vec::new();
+                if let Some(v) = &mut self.nodes[i].voter {
+                    v.handle_tick(now, &mut out);
+                }
+                self.voter_sends(i, out);
                 self.schedule(TICK_US, Event::Tick(id));
             }
-            Event::ControllerTick => {
-                let mut out = Vec::new();
-                self.controller.handle_tick(Time(self.now), &mut out);
-                for (to, msg) in out {
-                    self.send(Peer::Controller, Peer::Node(to), msg);
-                }
-                self.schedule(TICK_US, Event::ControllerTick);
-            }
-            Event::Deliver { from, to, msg } => match to {
-                Peer::Controller => {
+            Event::Deliver { from, to, msg } => {
+                let Peer::Node(id) = to else { return };
+                let i = self.idx(id);
+                let now = self.local(i);
+                let for_controller =
+                    matches!(msg, Message::Raft(_) | Message::Heartbeat { .. } | Message::AlterIsr { .. });
+                if for_controller {
                     let Peer::Node(from_id) = from else { return };
                     let mut out = Vec::new();
-                    self.controller.handle_message(Time(self.now), from_id, msg, &mut out);
-                    for (to, msg) in out {
-                        self.send(Peer::Controller, Peer::Node(to), msg);
+                    if let Some(v) = &mut self.nodes[i].voter {
+                        v.handle_message(now, from_id, msg, &mut out);
                     }
-                }
-                Peer::Node(id) => {
-                    let i = self.idx(id);
-                    let now = self.local(i);
+                    self.voter_sends(i, out);
+                } else {
+                    // Partition states and heartbeat answers come from the controller quorum.
+                    let from = match msg {
+                        Message::PartitionState(_) | Message::HeartbeatResponse { .. } => Peer::Controller,
+                        _ => from,
+                    };
                     let mut out = Vec::new();
                     if let Some(core) = &mut self.nodes[i].core {
                         core.handle_message(now, from, msg, &mut out);
                     }
                     self.execute(i, out);
                 }
-            },
+            }
             Event::SyncDone { node, incarnation, partition, job } => {
                 let i = self.idx(node);
                 if self.nodes[i].incarnation != incarnation || self.nodes[i].core.is_none() {
@@ -597,12 +622,9 @@ impl Sim {
         }
         let n = self.nodes.len();
         let victim = self.rng.below(n as u64) as usize;
-        let leader = self
-            .controller
-            .partition(PartitionId(self.rng.below(self.cfg.partitions as u64) as u32))
-            .and_then(|s| s.leader)
-            .map(|l| self.idx(l))
-            .unwrap_or(victim);
+        let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+        let leader =
+            self.view().and_then(|v| v.partition(p)).and_then(|s| s.leader).map(|l| self.idx(l)).unwrap_or(victim);
         match self.rng.below(10) {
             0 | 1 => {
                 // Crash and restart later (kill -9: unsynced bytes are lost, tails may tear).
@@ -670,7 +692,7 @@ impl Sim {
                 // of committed records (faults hit a minority; a restarted broker leaves
                 // every ISR it was in unless it is the last member).
                 let id = self.nodes[victim].id;
-                let in_isr = self.controller.partitions().any(|s| s.isr.contains(&id));
+                let in_isr = self.view().is_none_or(|v| v.partitions().any(|s| s.isr.contains(&id)));
                 if let Some(core) = self.nodes[victim].core.as_ref().filter(|_| !in_isr) {
                     let id = core.id();
                     tracing::debug!(node = %id, at_ms = self.now / 1000, "sim: lying disk");
@@ -688,7 +710,7 @@ impl Sim {
                 // up), so the fault never takes the last in-sync copy (faults hit a minority).
                 let id = self.nodes[victim].id;
                 let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
-                let in_isr = self.controller.partition(p).is_some_and(|s| s.isr.contains(&id));
+                let in_isr = self.view().is_none_or(|v| v.partition(p).is_none_or(|s| s.isr.contains(&id)));
                 if self.nodes[victim].core.is_some() && !in_isr {
                     self.crash(victim);
                     let storage = self.nodes[victim].storages[&p].clone();
@@ -723,13 +745,32 @@ impl Sim {
     }
 
     fn peers(&self) -> Vec<Peer> {
-        let mut v: Vec<Peer> = self.nodes.iter().map(|x| Peer::Node(x.id)).collect();
-        v.push(Peer::Controller);
-        v
+        self.nodes.iter().map(|x| Peer::Node(x.id)).collect()
     }
 
-    /// Sends over the simulated network: delay, drop, duplication, reordering, cuts.
+    /// Messages of a node's controller voter: Raft to other voters, decisions to brokers.
+    fn voter_sends(&mut self, i: usize, out: Vec<(NodeId, Message)>) {
+        let id = self.nodes[i].id;
+        for (to, msg) in out {
+            self.send(Peer::Node(id), Peer::Node(to), msg);
+        }
+    }
+
+    /// Sends over the simulated network: delay, drop, duplication, reordering, cuts. A message
+    /// to the controller goes to every voter (each broker hosts one; the active one acts).
     fn send(&mut self, from: Peer, to: Peer, msg: Message) {
+        if to == Peer::Controller {
+            let voters: Vec<Peer> = self.nodes.iter().map(|n| Peer::Node(n.id)).collect();
+            for v in voters {
+                self.send(from, v, msg.clone());
+            }
+            return;
+        }
+        if from == to {
+            // Within one process: no network.
+            self.schedule(1, Event::Deliver { from, to, msg });
+            return;
+        }
         if self.cut.contains(&(from, to)) {
             return;
         }
@@ -808,8 +849,18 @@ impl Sim {
         }
     }
 
+    /// The controller state as the most up-to-date live voter has it (the active one when
+    /// there is one): what a client's metadata request would return.
+    fn view(&self) -> Option<&Controller> {
+        self.nodes
+            .iter()
+            .filter_map(|n| n.voter.as_ref())
+            .max_by_key(|v| (v.is_active(), v.term(), v.applied()))
+            .map(|v| v.controller())
+    }
+
     fn refresh(&mut self, c: usize, p: PartitionId) {
-        match self.controller.partition(p).and_then(|s| s.leader.map(|l| (l, s.epoch))) {
+        match self.view().and_then(|v| v.partition(p)).and_then(|s| s.leader.map(|l| (l, s.epoch))) {
             Some(le) => {
                 self.clients[c].leaders.insert(p, le);
             }
@@ -983,7 +1034,7 @@ impl Sim {
     fn final_read(&mut self) {
         for p in 0..self.cfg.partitions {
             let p = PartitionId(p);
-            let Some(leader) = self.controller.partition(p).and_then(|s| s.leader) else {
+            let Some(leader) = self.view().and_then(|v| v.partition(p)).and_then(|s| s.leader) else {
                 self.violation(format!("liveness: {p} has no leader at the end"));
                 continue;
             };
