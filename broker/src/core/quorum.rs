@@ -164,18 +164,22 @@ impl ControllerVoter {
     /// Periodic work: the Raft clock, and committing the time on the active controller.
     pub fn handle_tick(&mut self, now: Time, out: &mut Vec<(NodeId, Message)>) {
         self.raw.tick();
-        if self.is_active() && self.last_tick_proposed.is_none_or(|t| now.ms_since(t) >= self.config.tick_interval_ms) {
+        self.process(out);
+        if !self.is_active() {
+            self.was_leader = false;
+            return;
+        }
+        if !self.was_leader {
+            // First, before any tick: restart the sessions, so the time this voter commits
+            // next does not fence brokers whose heartbeats went to no one during the election.
+            self.was_leader = true;
+            self.last_tick_proposed = Some(now);
+            self.propose(Input::NewLeader { now: now.0 });
+        } else if self.last_tick_proposed.is_none_or(|t| now.ms_since(t) >= self.config.tick_interval_ms) {
             self.last_tick_proposed = Some(now);
             self.propose(Input::Tick { now: now.0 });
         }
         self.process(out);
-        if self.is_active() && !self.was_leader {
-            self.was_leader = true;
-            self.propose(Input::NewLeader { now: now.0 });
-            self.process(out);
-        } else if !self.is_active() {
-            self.was_leader = false;
-        }
     }
 
     fn propose(&mut self, input: Input) {
