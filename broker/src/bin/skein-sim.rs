@@ -36,6 +36,10 @@ struct Args {
     /// Print the full checker report of failing seeds.
     #[arg(long)]
     report: bool,
+    /// Also write the results as JSON (counts, throughput, violated properties, failing seeds
+    /// with their replay commands).
+    #[arg(long)]
+    json: Option<std::path::PathBuf>,
 }
 
 fn main() -> Result<()> {
@@ -69,8 +73,16 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let (mut passed, mut failed, mut events, mut ops) = (0u64, 0u64, 0u64, 0u64);
     let mut caught: std::collections::BTreeMap<String, u64> = Default::default();
+    let mut failures = Vec::new();
+    let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let mut last_progress = Instant::now();
     for seed in args.start..args.start + args.seeds {
         CURRENT_SEED.store(seed, Ordering::Relaxed);
+        if progress && last_progress.elapsed().as_secs_f64() >= 0.5 {
+            last_progress = Instant::now();
+            let done = seed - args.start;
+            eprint!("\r{done}/{} seeds, {failed} failed, {:.0} s", args.seeds, started.elapsed().as_secs_f64());
+        }
         let cfg = SimConfig { plant, safety_ms: args.safety_ms, liveness_ms: args.liveness_ms, ..SimConfig::new(seed) };
         let out = run(&cfg);
         events += out.events;
@@ -99,9 +111,19 @@ fn main() -> Result<()> {
         if args.report {
             println!("{}", out.report);
         }
-        println!(
-            "  replay: cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{plant_arg}"
+        let replay = format!(
+            "cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{plant_arg}"
         );
+        println!("  replay: {replay}");
+        failures.push(serde_json::json!({
+            "seed": seed,
+            "properties": props,
+            "violations": out.violations.iter().take(3).collect::<Vec<_>>(),
+            "replay": replay,
+        }));
+    }
+    if progress {
+        eprint!("\r{:60}\r", "");
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
@@ -112,6 +134,24 @@ fn main() -> Result<()> {
     if !caught.is_empty() {
         let list: Vec<String> = caught.iter().map(|(k, v)| format!("{k} x{v}")).collect();
         println!("violated properties: {}", list.join(", "));
+    }
+    if let Some(path) = &args.json {
+        let report = serde_json::json!({
+            "seeds": args.seeds,
+            "start": args.start,
+            "plant": args.plant,
+            "passed": passed,
+            "failed": failed,
+            "seconds": secs,
+            "events": events,
+            "client_ops": ops,
+            "events_per_sec": events as f64 / secs,
+            "client_ops_per_sec": ops as f64 / secs,
+            "violated": caught,
+            "failures": failures,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
     }
     println!("seeds: {} passed: {passed} failed: {failed}", args.seeds);
     if failed > 0 {
