@@ -672,13 +672,13 @@ impl<S: Storage> Log<S> {
         // Only a scanned tail (after an unclean shutdown) says what its batches hold; after a
         // clean one the checkpoint was written with the batches synced.
         let scanned = !tail_epochs.is_empty();
-        let disagrees = scanned && runs.iter().any(|&(epoch, start, _)| epoch_at(&cache, start) != Some(epoch))
-            || scanned
-                && cache
+        let disagrees = scanned
+            && (runs.iter().any(|&(epoch, start, _)| epoch_at(&cache, start) != Some(epoch))
+                || cache
                     .entries()
                     .iter()
                     .filter(|e| e.start_offset >= tail_base.max(self.log_start) && e.start_offset < log_end)
-                    .any(|e| !runs.iter().any(|&(epoch, start, _)| start == e.start_offset && epoch == e.epoch));
+                    .any(|e| !runs.iter().any(|&(epoch, start, _)| start == e.start_offset && epoch == e.epoch)));
         if disagrees {
             tracing::warn!("leader epoch checkpoint disagrees with the batches; rebuilding from batch headers");
             cache = self.rebuild_epochs()?;
