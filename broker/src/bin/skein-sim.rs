@@ -74,6 +74,7 @@ fn main() -> Result<()> {
     let (mut passed, mut failed, mut events, mut ops) = (0u64, 0u64, 0u64, 0u64);
     let mut caught: std::collections::BTreeMap<String, u64> = Default::default();
     let mut failures = Vec::new();
+    let mut failover_ms: Vec<u64> = Vec::new();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_progress = Instant::now();
     for seed in args.start..args.start + args.seeds {
@@ -87,6 +88,7 @@ fn main() -> Result<()> {
         let out = run(&cfg);
         events += out.events;
         ops += out.ops;
+        failover_ms.extend(&out.failover_ms);
         if out.passed() {
             passed += 1;
             if args.verbose {
@@ -131,6 +133,18 @@ fn main() -> Result<()> {
         events as f64 / secs,
         ops as f64 / secs
     );
+    failover_ms.sort_unstable();
+    let pct = |q: f64| failover_ms.get(((failover_ms.len() as f64 - 1.0) * q).round() as usize).copied().unwrap_or(0);
+    if !failover_ms.is_empty() {
+        println!(
+            "failover (leader crash to next acknowledged write, virtual ms) over {} crashes: median {} p90 {} p99 {} max {}",
+            failover_ms.len(),
+            pct(0.5),
+            pct(0.9),
+            pct(0.99),
+            failover_ms.last().copied().unwrap_or(0)
+        );
+    }
     if !caught.is_empty() {
         let list: Vec<String> = caught.iter().map(|(k, v)| format!("{k} x{v}")).collect();
         println!("violated properties: {}", list.join(", "));
@@ -148,6 +162,13 @@ fn main() -> Result<()> {
             "events_per_sec": events as f64 / secs,
             "client_ops_per_sec": ops as f64 / secs,
             "violated": caught,
+            "failover_ms": {
+                "count": failover_ms.len(),
+                "p50": pct(0.5),
+                "p90": pct(0.9),
+                "p99": pct(0.99),
+                "max": failover_ms.last().copied().unwrap_or(0),
+            },
             "failures": failures,
         });
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)

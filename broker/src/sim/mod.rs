@@ -88,6 +88,9 @@ pub struct SimOutcome {
     pub ops: u64,
     /// Faults injected.
     pub faults: u64,
+    /// Failover times in virtual milliseconds: from the crash of a partition's leader to the
+    /// first acknowledged write of that partition afterwards (the cluster issue's measure).
+    pub failover_ms: Vec<u64>,
 }
 
 impl SimOutcome {
@@ -263,6 +266,9 @@ struct Sim {
     faults: u64,
     /// Per partition: time of the last acknowledged produce.
     last_ack: BTreeMap<PartitionId, u64>,
+    /// Per partition: when its leader was crashed, until the next acknowledgement.
+    leader_crashed_at: BTreeMap<PartitionId, u64>,
+    failover_ms: Vec<u64>,
     log_config: LogConfig,
 }
 
@@ -278,6 +284,7 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
         events: sim.processed,
         ops: sim.history.ops.len() as u64,
         faults: sim.faults,
+        failover_ms: sim.failover_ms,
     }
 }
 
@@ -350,6 +357,8 @@ impl Sim {
             processed: 0,
             faults: 0,
             last_ack: BTreeMap::new(),
+            leader_crashed_at: BTreeMap::new(),
+            failover_ms: Vec::new(),
             log_config,
         };
         for i in 0..sim.nodes.len() {
@@ -630,6 +639,14 @@ impl Sim {
                 // Crash and restart later (kill -9: unsynced bytes are lost, tails may tear).
                 let target = if self.rng.chance(500) { leader } else { victim };
                 if self.nodes[target].core.is_some() {
+                    let id = self.nodes[target].id;
+                    let led: Vec<PartitionId> = self
+                        .view()
+                        .map(|v| v.partitions().filter(|s| s.leader == Some(id)).map(|s| s.partition).collect())
+                        .unwrap_or_default();
+                    for p in led {
+                        self.leader_crashed_at.entry(p).or_insert(self.now);
+                    }
                     self.crash(target);
                     let id = self.nodes[target].id;
                     let back = self.rng.range(100_000, 1_500_000);
@@ -827,7 +844,14 @@ impl Sim {
         let i = self.idx(to);
         let now = self.local(i);
         if self.nodes[i].core.is_none() {
-            return; // connection refused: the client times out
+            // The process is gone: its port refuses the connection at once (unlike a paused
+            // process, whose connections hang until the client's timeout).
+            let resp = match req {
+                ClientReq::Produce { .. } => ClientResp::Produce(Err(ProduceError::NotLeader)),
+                ClientReq::Read { .. } => ClientResp::Read(Err(ProduceError::NotLeader)),
+            };
+            self.reply_client(to, client, request, resp);
+            return;
         }
         match req {
             ClientReq::Produce { partition, epoch, batch } => {
@@ -996,6 +1020,9 @@ impl Sim {
                 self.record_send(c, p, value, a.first_invoke, outcome);
                 self.clients[c].sequences.insert(p, a.sequence + 1);
                 self.last_ack.insert(p, self.now);
+                if let Some(at) = self.leader_crashed_at.remove(&p) {
+                    self.failover_ms.push((self.now - at) / 1000);
+                }
                 let _ = invoked;
             }
             ClientResp::Produce(Err(e)) => {
