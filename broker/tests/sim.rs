@@ -81,3 +81,19 @@ fn a_block_of_seeds_passes_with_faults_happening() {
     assert!(faults >= 100, "faults were injected: {faults}");
     assert!(ops >= 20 * 1000, "the workload ran: {ops} ops");
 }
+
+#[test]
+fn acks_leader_loses_only_records_acknowledged_in_the_window_before_a_leader_stops() {
+    let mut lost = 0;
+    for seed in 0..20 {
+        let out = run(&SimConfig { acks: skein_broker::core::Acks::Leader, ..SimConfig::new(seed) });
+        assert!(
+            out.passed(),
+            "seed {seed}: a loss outside the window, or another violation: {:?}\n{}",
+            out.violations,
+            out.report
+        );
+        lost += out.lost_in_window;
+    }
+    assert!(lost > 0, "acks=leader does lose records when leaders stop: the window is real");
+}

@@ -36,6 +36,10 @@ struct Args {
     /// Print the full checker report of failing seeds.
     #[arg(long)]
     report: bool,
+    /// Producer acks: all (default) or leader (losses allowed only in the documented window
+    /// before a failover; counted and reported).
+    #[arg(long, default_value = "all")]
+    acks: String,
     /// Also write the results as JSON (counts, throughput, violated properties, failing seeds
     /// with their replay commands).
     #[arg(long)]
@@ -70,6 +74,12 @@ fn main() -> Result<()> {
         eprintln!("seed {seed}: PANICKED");
         eprintln!("  replay: cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{hint}");
     }));
+    let acks = match args.acks.as_str() {
+        "all" => skein_broker::core::Acks::All,
+        "leader" => skein_broker::core::Acks::Leader,
+        other => bail!("unknown acks {other:?}: all or leader"),
+    };
+    let mut lost_in_window = 0u64;
     let started = Instant::now();
     let (mut passed, mut failed, mut events, mut ops) = (0u64, 0u64, 0u64, 0u64);
     let mut caught: std::collections::BTreeMap<String, u64> = Default::default();
@@ -84,11 +94,13 @@ fn main() -> Result<()> {
             let done = seed - args.start;
             eprint!("\r{done}/{} seeds, {failed} failed, {:.0} s", args.seeds, started.elapsed().as_secs_f64());
         }
-        let cfg = SimConfig { plant, safety_ms: args.safety_ms, liveness_ms: args.liveness_ms, ..SimConfig::new(seed) };
+        let cfg =
+            SimConfig { plant, acks, safety_ms: args.safety_ms, liveness_ms: args.liveness_ms, ..SimConfig::new(seed) };
         let out = run(&cfg);
         events += out.events;
         ops += out.ops;
         failover_ms.extend(&out.failover_ms);
+        lost_in_window += out.lost_in_window;
         if out.passed() {
             passed += 1;
             if args.verbose {
@@ -145,6 +157,9 @@ fn main() -> Result<()> {
             failover_ms.last().copied().unwrap_or(0)
         );
     }
+    if acks == skein_broker::core::Acks::Leader {
+        println!("acks=leader: {lost_in_window} acknowledged records lost within the window (a lease period before their leader stopped); any other loss fails its seed");
+    }
     if !caught.is_empty() {
         let list: Vec<String> = caught.iter().map(|(k, v)| format!("{k} x{v}")).collect();
         println!("violated properties: {}", list.join(", "));
@@ -162,6 +177,8 @@ fn main() -> Result<()> {
             "events_per_sec": events as f64 / secs,
             "client_ops_per_sec": ops as f64 / secs,
             "violated": caught,
+            "acks": args.acks,
+            "lost_in_window": lost_in_window,
             "failover_ms": {
                 "count": failover_ms.len(),
                 "p50": pct(0.5),

@@ -25,9 +25,12 @@ pub struct ControllerConfig {
     pub session_timeout_ms: u64,
 }
 
+/// Default session timeout (ms).
+pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 400;
+
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { session_timeout_ms: 400 }
+        ControllerConfig { session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS }
     }
 }
 

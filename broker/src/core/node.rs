@@ -28,9 +28,12 @@ pub struct NodeConfig {
     pub lease_ms: u64,
 }
 
+/// Default lease length (ms): shorter than the controller's default session timeout (400 ms).
+pub const DEFAULT_LEASE_MS: u64 = 250;
+
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { heartbeat_ms: 50, lease_ms: 250 }
+        NodeConfig { heartbeat_ms: 50, lease_ms: DEFAULT_LEASE_MS }
     }
 }
 

@@ -42,9 +42,17 @@ pub struct QuorumConfig {
     pub tick_interval_ms: u64,
 }
 
+/// Default interval at which the active controller commits the time (ms).
+pub const DEFAULT_TICK_INTERVAL_MS: u64 = 50;
+
 impl Default for QuorumConfig {
     fn default() -> Self {
-        QuorumConfig { election_ticks: 10, election_ticks_max: 20, heartbeat_ticks: 2, tick_interval_ms: 50 }
+        QuorumConfig {
+            election_ticks: 10,
+            election_ticks_max: 20,
+            heartbeat_ticks: 2,
+            tick_interval_ms: DEFAULT_TICK_INTERVAL_MS,
+        }
     }
 }
 

@@ -55,6 +55,11 @@ pub struct SimConfig {
     pub liveness_ms: u64,
     /// Planted bugs.
     pub plant: Plant,
+    /// Producer durability. With `Acks::Leader` acknowledged records may be lost, but only in
+    /// the documented window: written within a lease period (plus replication slack) before a
+    /// failover of their partition (see `LOSS_WINDOW_US`); such losses are reported in
+    /// [`SimOutcome::lost_in_window`] and their sends judged unknown, anything else fails.
+    pub acks: Acks,
 }
 
 impl SimConfig {
@@ -69,6 +74,7 @@ impl SimConfig {
             safety_ms: 6_000,
             liveness_ms: 3_000,
             plant: Plant::default(),
+            acks: Acks::All,
         }
     }
 }
@@ -91,6 +97,8 @@ pub struct SimOutcome {
     /// Failover times in virtual milliseconds: from the crash of a partition's leader to the
     /// first acknowledged write of that partition afterwards (the cluster issue's measure).
     pub failover_ms: Vec<u64>,
+    /// `acks=leader` only: acknowledged records lost inside the documented window.
+    pub lost_in_window: u64,
 }
 
 impl SimOutcome {
@@ -137,6 +145,8 @@ const CLIENT_TICK_US: u64 = 2_000;
 const CLIENT_TIMEOUT_MS: u64 = 600;
 const PRODUCE_DEADLINE_MS: u64 = 500;
 const MAX_VIOLATIONS: usize = 10;
+/// Virtual time after the healed phase for pending sends to resolve and replicas to catch up.
+const DRAIN_US: u64 = 2_000_000;
 
 #[derive(Debug)]
 enum ClientReq {
@@ -269,6 +279,12 @@ struct Sim {
     /// Per partition: when its leader was crashed, until the next acknowledgement.
     leader_crashed_at: BTreeMap<PartitionId, u64>,
     failover_ms: Vec<u64>,
+    /// Leaders able to acknowledge (with a valid lease) after the last event, and when one
+    /// stopped being able to (for the `acks=leader` loss window).
+    acknowledging: std::collections::BTreeSet<(NodeId, PartitionId)>,
+    leader_stops: Vec<(PartitionId, u64)>,
+    /// Past the healed phase: producers start nothing new.
+    draining: bool,
     log_config: LogConfig,
 }
 
@@ -276,6 +292,7 @@ struct Sim {
 pub fn run(cfg: &SimConfig) -> SimOutcome {
     let mut sim = Sim::new(cfg.clone());
     sim.run();
+    let lost_in_window = if cfg.acks == Acks::Leader { sim.excuse_losses_in_window() } else { 0 };
     let report = check::check(&sim.history);
     SimOutcome {
         seed: cfg.seed,
@@ -285,8 +302,14 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
         ops: sim.history.ops.len() as u64,
         faults: sim.faults,
         failover_ms: sim.failover_ms,
+        lost_in_window,
     }
 }
+
+/// The `acks=leader` loss window: an acknowledged record may be lost only if it was
+/// acknowledged at most a lease period (plus replication slack) before its leader stopped
+/// acknowledging (it crashed, stepped down, or its lease ran out).
+const LOSS_WINDOW_US: u64 = (crate::core::node::DEFAULT_LEASE_MS + 150) * 1000;
 
 impl Sim {
     fn new(cfg: SimConfig) -> Sim {
@@ -359,6 +382,9 @@ impl Sim {
             last_ack: BTreeMap::new(),
             leader_crashed_at: BTreeMap::new(),
             failover_ms: Vec::new(),
+            acknowledging: std::collections::BTreeSet::new(),
+            leader_stops: Vec::new(),
+            draining: false,
             log_config,
         };
         for i in 0..sim.nodes.len() {
@@ -486,10 +512,14 @@ impl Sim {
         let end = safety_end + self.cfg.liveness_ms * 1000;
         let heal_at = safety_end;
         self.schedule(heal_at, Event::Heal);
+        // After the healed phase, producers stop and the cluster settles for a drain period
+        // (pending sends resolve, followers catch up) before the final read.
+        let drained = end + DRAIN_US;
         while let Some(Reverse((at, seq))) = self.queue.pop() {
-            if at > end {
+            if at > drained {
                 break;
             }
+            self.draining = at > end;
             self.now = at;
             let ev = self.events.remove(&seq).expect("every queued event is stored");
             self.processed += 1;
@@ -862,7 +892,8 @@ impl Sim {
                 let mut out = Vec::new();
                 let deadline = now.plus_ms(PRODUCE_DEADLINE_MS);
                 let core = self.nodes[i].core.as_mut().expect("checked above");
-                core.handle_produce(now, RequestId(id), partition, epoch, batch, Acks::All, deadline, &mut out);
+                let acks = self.cfg.acks;
+                core.handle_produce(now, RequestId(id), partition, epoch, batch, acks, deadline, &mut out);
                 self.execute(i, out);
             }
             ClientReq::Read { partition, from } => {
@@ -919,6 +950,9 @@ impl Sim {
 
     fn producer_send(&mut self, c: usize) {
         let now = self.now;
+        if self.draining && self.clients[c].attempt.is_none() {
+            return; // no new records while draining; retries of pending ones go on
+        }
         let attempt = match self.clients[c].attempt {
             Some(a) if a.tries >= SEND_TRIES_MAX => {
                 // Give up on the record; a new epoch restarts the sequences (KIP-360).
@@ -1100,6 +1134,49 @@ impl Sim {
         }
     }
 
+    /// `acks=leader`: an acknowledged record missing from the final read is allowed only if a
+    /// failover of its partition followed its acknowledgement within the window; those sends
+    /// become "unknown" for the checker. Returns how many. Others stay, and fail the checks.
+    fn excuse_losses_in_window(&mut self) -> u64 {
+        let mut read: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
+        for op in &self.history.ops {
+            if let check::Op::Poll(p) = op {
+                if p.final_read {
+                    read.entry(p.partition.0).or_default().extend(p.records.iter().map(|(_, v)| v.0));
+                }
+            }
+        }
+        let mut excused = 0;
+        for op in &mut self.history.ops {
+            let check::Op::Send(s) = op else { continue };
+            let SendOutcome::Ok { partition, .. } = s.outcome else { continue };
+            if read.get(&partition.0).is_some_and(|r| r.contains(&s.value.0)) {
+                continue;
+            }
+            let acked = s.complete_us;
+            // The leader stopped after the record's acknowledgement reached the client, so
+            // compare with the send's invocation too (the ack travels back over the network).
+            let invoked = s.invoke_us.max(acked.saturating_sub(LOSS_WINDOW_US));
+            let failover_after = self
+                .leader_stops
+                .iter()
+                .any(|&(p, at)| p.0 == partition.0 && at + 2_000 >= invoked && at <= acked + LOSS_WINDOW_US);
+            if failover_after {
+                s.outcome = SendOutcome::Unknown;
+                excused += 1;
+            } else {
+                let next = self
+                    .leader_stops
+                    .iter()
+                    .filter(|&&(p, at)| p.0 == partition.0 && at >= acked)
+                    .map(|&(_, at)| at)
+                    .min();
+                tracing::debug!(value = s.value.0, partition = partition.0, acked_us = acked, next_stop_us = ?next, "acks=leader loss outside the window");
+            }
+        }
+        excused
+    }
+
     fn check_invariants(&mut self) {
         // Split brain: two brokers leading one partition, both with a valid lease.
         for p in 0..self.cfg.partitions {
@@ -1117,6 +1194,18 @@ impl Sim {
             }
             if leaders.len() > 1 {
                 self.violation(format!("split-brain: {p} led by {leaders:?} at once, each with a valid lease"));
+            }
+            // A leader that could acknowledge and no longer can: crashed, stepped down, or its
+            // lease ran out.
+            let now_set: Vec<NodeId> = leaders.iter().map(|&(n, _)| n).collect();
+            let stopped: Vec<(NodeId, PartitionId)> =
+                self.acknowledging.iter().filter(|&&(n, q)| q == p && !now_set.contains(&n)).copied().collect();
+            for key in stopped {
+                self.acknowledging.remove(&key);
+                self.leader_stops.push((p, self.now));
+            }
+            for n in now_set {
+                self.acknowledging.insert((n, p));
             }
         }
         // High watermarks never move backwards; committed prefixes agree everywhere.
