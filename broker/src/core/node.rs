@@ -165,13 +165,20 @@ impl<S: Storage> BrokerNode<S> {
         }
     }
 
-    /// Committed batches of a partition from `from`, and its high watermark (leader only).
+    /// Committed batches of a partition from `from`, and its high watermark (leader with a
+    /// valid lease only).
     pub fn read_committed(
         &self,
+        now: Time,
         partition: PartitionId,
         from: Offset,
         max_bytes: u32,
     ) -> Result<(Vec<u8>, Offset), ProduceError> {
+        // Like writes, reads need the lease: a leader without one may have been replaced, and
+        // its high watermark would then be behind what readers saw from its successor.
+        if !self.lease_valid(now) {
+            return Err(ProduceError::NotLeader);
+        }
         let r: &Replica<S> = self.replicas.get(&partition).ok_or(ProduceError::NotLeader)?;
         r.read_committed(from, max_bytes)
     }

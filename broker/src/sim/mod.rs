@@ -898,7 +898,7 @@ impl Sim {
             }
             ClientReq::Read { partition, from } => {
                 let core = self.nodes[i].core.as_ref().expect("checked above");
-                let result = core.read_committed(partition, from, 64 * 1024);
+                let result = core.read_committed(now, partition, from, 64 * 1024);
                 self.reply_client(to, client, request, ClientResp::Read(result));
             }
         }
@@ -1100,13 +1100,14 @@ impl Sim {
                 continue;
             };
             let i = self.idx(leader);
+            let now = self.local(i);
             let Some(core) = &self.nodes[i].core else {
                 self.violation(format!("liveness: {p} leader {leader} is down at the end"));
                 continue;
             };
             let mut from = Offset(0);
             loop {
-                match core.read_committed(p, from, 1 << 20) {
+                match core.read_committed(now, p, from, 1 << 20) {
                     Ok((bytes, hw)) => {
                         let records = decode(&bytes, from, hw);
                         let next = records.last().map(|&(o, _)| Offset(o.0 + 1));
