@@ -59,6 +59,7 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (2719, "a lost fsync undid a truncation; the epoch cache did not describe the returned batches"),
     (2472, "a late heartbeat of a dead process looked like a restart: a second leader while the first held its lease"),
     (1969, "a new active controller committed a tick before restarting sessions and fenced every broker"),
+    (8919, "a deposed leader without a lease served a reader an older high watermark"),
 ];
 
 #[test]
