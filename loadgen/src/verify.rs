@@ -231,30 +231,25 @@ fn producer(
             let value = ((index as u64 + 1) << 40) | k;
             k += 1;
             let invoke_us = micros(start);
-            let log = sent.clone();
-            let result = producer
-                .send_with(&cfg.topic, Some(partition), None, &value.to_le_bytes(), move |r| {
-                    log.borrow_mut().push(check::Op::Send(SendOp {
-                        process,
-                        partition: Some(check::PartitionId(partition)),
-                        key: None,
-                        value: check::Value(value),
-                        invoke_us,
-                        complete_us: micros(start).max(invoke_us),
-                        outcome: outcome(&r),
-                    }))
-                })
-                .await;
-            if let Err(e) = result {
-                sent.borrow_mut().push(check::Op::Send(SendOp {
+            let op = move |r: &Result<(u32, u64), ClientError>| {
+                check::Op::Send(SendOp {
                     process,
                     partition: Some(check::PartitionId(partition)),
                     key: None,
                     value: check::Value(value),
                     invoke_us,
                     complete_us: micros(start).max(invoke_us),
-                    outcome: outcome(&Err(e)),
-                }));
+                    outcome: outcome(r),
+                })
+            };
+            let log = sent.clone();
+            let result = producer
+                .send_with(&cfg.topic, Some(partition), None, &value.to_le_bytes(), move |r| {
+                    log.borrow_mut().push(op(&r))
+                })
+                .await;
+            if let Err(e) = result {
+                sent.borrow_mut().push(op(&Err(e)));
             }
             next += gap;
             let now = Instant::now();

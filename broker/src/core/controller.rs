@@ -176,24 +176,7 @@ impl Controller {
         }
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
         for p in ids {
-            let state = self.partitions.get_mut(&p).expect("listed above");
-            let mut changed = false;
-            for id in &silent {
-                if state.isr.contains(id) && state.isr.len() > 1 {
-                    state.isr.retain(|r| r != id);
-                    changed = true;
-                }
-            }
-            if state.leader.is_some_and(|l| silent.contains(&l)) {
-                state.leader = None;
-                state.epoch = LeaderEpoch(state.epoch.0 + 1);
-                changed = true;
-            }
-            if changed {
-                state.isr_version = IsrVersion(state.isr_version.0 + 1);
-                let state = state.clone();
-                self.broadcast(&state, out);
-            }
+            self.remove_members(p, &silent, true, out);
         }
         self.elect_all(out);
     }
@@ -201,20 +184,11 @@ impl Controller {
     /// A broker replaced damaged logs with empty ones: it leaves those ISRs even as the last
     /// member (then the partition is offline: its only in-sync copy is gone).
     fn lost_logs(&mut self, broker: NodeId, lost: &[PartitionId], out: &mut Vec<(NodeId, Message)>) {
-        for p in lost {
-            let Some(state) = self.partitions.get_mut(p) else { continue };
-            if !state.isr.contains(&broker) {
-                continue;
+        for &p in lost {
+            if self.partitions.get(&p).is_some_and(|s| s.isr.contains(&broker)) {
+                tracing::warn!(%broker, partition = %p, "replica lost its log; removed from the ISR");
+                self.remove_members(p, &[broker], false, out);
             }
-            tracing::warn!(%broker, partition = %p, "replica lost its log; removed from the ISR");
-            state.isr.retain(|&r| r != broker);
-            if state.leader == Some(broker) {
-                state.leader = None;
-                state.epoch = LeaderEpoch(state.epoch.0 + 1);
-            }
-            state.isr_version = IsrVersion(state.isr_version.0 + 1);
-            let state = state.clone();
-            self.broadcast(&state, out);
         }
     }
 
@@ -224,24 +198,38 @@ impl Controller {
     fn restarted(&mut self, broker: NodeId, out: &mut Vec<(NodeId, Message)>) {
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
         for p in ids {
-            let state = self.partitions.get_mut(&p).expect("listed above");
-            let mut changed = false;
-            if state.isr.contains(&broker) && state.isr.len() > 1 {
-                state.isr.retain(|&r| r != broker);
-                changed = true;
-            }
-            if state.leader == Some(broker) {
-                state.leader = None;
-                state.epoch = LeaderEpoch(state.epoch.0 + 1);
-                changed = true;
-            }
-            if changed {
-                state.isr_version = IsrVersion(state.isr_version.0 + 1);
-                let state = state.clone();
-                self.broadcast(&state, out);
-            }
+            self.remove_members(p, &[broker], true, out);
         }
         self.elect_all(out);
+    }
+
+    /// Takes `brokers` out of partition `p`'s ISR (but never its last member when `keep_last`)
+    /// and ends their leadership (epoch bumped); announces the new state if anything changed.
+    fn remove_members(
+        &mut self,
+        p: PartitionId,
+        brokers: &[NodeId],
+        keep_last: bool,
+        out: &mut Vec<(NodeId, Message)>,
+    ) {
+        let Some(state) = self.partitions.get_mut(&p) else { return };
+        let mut changed = false;
+        for b in brokers {
+            if state.isr.contains(b) && (!keep_last || state.isr.len() > 1) {
+                state.isr.retain(|r| r != b);
+                changed = true;
+            }
+        }
+        if state.leader.is_some_and(|l| brokers.contains(&l)) {
+            state.leader = None;
+            state.epoch = LeaderEpoch(state.epoch.0 + 1);
+            changed = true;
+        }
+        if changed {
+            state.isr_version = IsrVersion(state.isr_version.0 + 1);
+            let state = state.clone();
+            self.broadcast(&state, out);
+        }
     }
 
     /// Elects a leader for every partition without one, from its live ISR members.

@@ -372,30 +372,17 @@ impl<S: Storage> Replica<S> {
         let log_end = self.log.log_end_offset();
         // Divergence check (KIP-320): the follower's last epoch must end at or after its
         // fetch offset here, with the same epoch.
-        if let Some(last) = req.last_fetched_epoch {
-            match self.log.end_offset_for_epoch(last) {
-                Some((e, end)) if e == last && end >= req.fetch_offset => {}
-                Some((e, end)) => {
-                    return FetchResponse::Diverging { partition, correlation, epoch, end_epoch: e, end_offset: end };
-                }
-                None => {
-                    return FetchResponse::Diverging {
-                        partition,
-                        correlation,
-                        epoch,
-                        end_epoch: LeaderEpoch(0),
-                        end_offset: self.log.log_start_offset(),
-                    };
-                }
-            }
-        } else if req.fetch_offset > self.log.log_start_offset() {
-            return FetchResponse::Diverging {
-                partition,
-                correlation,
-                epoch,
-                end_epoch: LeaderEpoch(0),
-                end_offset: self.log.log_start_offset(),
-            };
+        let diverging =
+            |end_epoch, end_offset| FetchResponse::Diverging { partition, correlation, epoch, end_epoch, end_offset };
+        let log_start = self.log.log_start_offset();
+        match req.last_fetched_epoch.map(|last| (last, self.log.end_offset_for_epoch(last))) {
+            Some((last, Some((e, end)))) if e == last && end >= req.fetch_offset => {}
+            Some((_, Some((e, end)))) => return diverging(e, end),
+            // The follower's epochs are all older than this log's, or it is empty but claims
+            // records: it starts over from the log start.
+            Some((_, None)) => return diverging(LeaderEpoch(0), log_start),
+            None if req.fetch_offset > log_start => return diverging(LeaderEpoch(0), log_start),
+            None => {}
         }
         if req.fetch_offset > log_end {
             return FetchResponse::Diverging {
