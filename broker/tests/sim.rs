@@ -26,25 +26,22 @@ fn assert_caught(plant: Plant, expected_any: &[&str]) {
 
 #[test]
 fn planted_early_ack_is_caught_as_lost_acknowledged_writes() {
-    assert_caught(Plant { early_ack: true, ..Plant::default() }, &["unread-ack", "lost-write"]);
+    assert_caught(Plant::named("early-ack").expect("known"), &["unread-ack", "lost-write"]);
 }
 
 #[test]
 fn planted_no_truncation_is_caught_as_diverging_committed_logs() {
-    assert_caught(Plant { no_truncation: true, ..Plant::default() }, &["committed-prefix", "inconsistent-offset"]);
+    assert_caught(Plant::named("no-truncation").expect("known"), &["committed-prefix", "inconsistent-offset"]);
 }
 
 #[test]
 fn planted_no_fencing_is_caught_as_split_brain() {
-    assert_caught(
-        Plant { no_fencing: true, ..Plant::default() },
-        &["split-brain", "inconsistent-offset", "lost-write"],
-    );
+    assert_caught(Plant::named("no-fencing").expect("known"), &["split-brain", "inconsistent-offset", "lost-write"]);
 }
 
 #[test]
 fn planted_no_idempotence_is_caught_as_duplicates() {
-    assert_caught(Plant { no_idempotence: true, ..Plant::default() }, &["duplicate"]);
+    assert_caught(Plant::named("no-idempotence").expect("known"), &["duplicate"]);
 }
 
 /// Seeds that found real bugs while the core was written; each must keep passing.

@@ -55,15 +55,11 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let mut plant = Plant::default();
-    match args.plant.as_deref() {
-        None => {}
-        Some("no-fencing") => plant.no_fencing = true,
-        Some("no-truncation") => plant.no_truncation = true,
-        Some("early-ack") => plant.early_ack = true,
-        Some("no-idempotence") => plant.no_idempotence = true,
-        Some(other) => bail!("unknown bug {other:?}: no-fencing, no-truncation, early-ack or no-idempotence"),
-    }
+    let plant = match args.plant.as_deref() {
+        None => Plant::default(),
+        Some(name) => Plant::named(name)
+            .ok_or_else(|| anyhow::anyhow!("unknown bug {name:?}: one of {}", Plant::NAMES.join(", ")))?,
+    };
     // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
     let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default();
     let hint = plant_arg.clone();

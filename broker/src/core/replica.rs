@@ -62,17 +62,44 @@ impl Default for ReplicaConfig {
     }
 }
 
-/// Bugs the simulator can plant to prove its checks catch them. Off in every real build.
+/// Bugs the simulator can plant to prove its checks catch them. Outside the crate a planted
+/// bug can only be made with [`Plant::named`], which exists only with the `sim` feature: every
+/// other build has `Plant::default()`, no bug.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Plant {
     /// Epoch checks off: stale partition states, fetches and responses are accepted.
-    pub no_fencing: bool,
+    pub(crate) no_fencing: bool,
     /// A follower told its log diverges does not truncate.
-    pub no_truncation: bool,
+    pub(crate) no_truncation: bool,
     /// `acks=all` is acknowledged right after the leader's own append.
-    pub early_ack: bool,
+    pub(crate) early_ack: bool,
     /// Idempotent producers' retries are appended again instead of recognized.
-    pub no_idempotence: bool,
+    pub(crate) no_idempotence: bool,
+}
+
+impl Plant {
+    /// The names `named` knows.
+    #[cfg(feature = "sim")]
+    pub const NAMES: [&'static str; 4] = ["no-fencing", "no-truncation", "early-ack", "no-idempotence"];
+
+    /// A planted bug by name (simulator builds only).
+    #[cfg(feature = "sim")]
+    pub fn named(name: &str) -> Option<Plant> {
+        let mut p = Plant::default();
+        match name {
+            "no-fencing" => p.no_fencing = true,
+            "no-truncation" => p.no_truncation = true,
+            "early-ack" => p.early_ack = true,
+            "no-idempotence" => p.no_idempotence = true,
+            _ => return None,
+        }
+        Some(p)
+    }
+
+    /// Whether the no-fencing bug is planted.
+    pub fn no_fencing(&self) -> bool {
+        self.no_fencing
+    }
 }
 
 /// A replica's role.
