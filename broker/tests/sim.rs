@@ -57,6 +57,7 @@ const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (2472, "a late heartbeat of a dead process looked like a restart: a second leader while the first held its lease"),
     (1969, "a new active controller committed a tick before restarting sessions and fenced every broker"),
     (8919, "a deposed leader without a lease served a reader an older high watermark"),
+    (12938, "a lying replica rejoined the ISR on a lie, then was elected with the records it lost"),
 ];
 
 #[test]

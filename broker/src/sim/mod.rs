@@ -735,15 +735,26 @@ impl Sim {
             8 => {
                 // A lying disk on one node: fsyncs succeed without persisting, until the node
                 // crashes (then restarts on an honest disk) and loses what it acknowledged.
-                // Only on a node outside every ISR, so the lie never makes it the last copy
-                // of committed records (faults hit a minority; a restarted broker leaves
-                // every ISR it was in unless it is the last member).
+                // Only on a node outside every ISR (faults hit a minority).
                 let id = self.nodes[victim].id;
                 let in_isr = self.view().is_none_or(|v| v.partitions().any(|s| s.isr.contains(&id)));
                 if let Some(core) = self.nodes[victim].core.as_ref().filter(|_| !in_isr) {
                     let id = core.id();
                     tracing::debug!(node = %id, at_ms = self.now / 1000, "sim: lying disk");
                     self.nodes[victim].lied = true;
+                    // Until it crashes, the node is cut off: what its disk lies about never
+                    // reaches another replica's decisions (it cannot rejoin an ISR on a lie).
+                    // A lying ISR member whose up-to-date peers also restart can lose committed
+                    // records: the controller cannot tell which restarted replica kept its data
+                    // (KIP-966's unclean-shutdown tracking is the remedy; not built).
+                    let me = Peer::Node(id);
+                    for p in self.peers() {
+                        if p != me {
+                            self.cut.insert((me, p));
+                            self.cut.insert((p, me));
+                        }
+                    }
+                    self.client_cut.insert(id);
                     for s in self.nodes[victim].storages.values() {
                         s.set_lying(true);
                     }
