@@ -5,12 +5,15 @@
 //! - [`core`]: the sans-IO replication core (replica, broker node, controller, idempotent
 //!   producer state), driven today by the simulator only.
 //! - [`meta`]: topic metadata, persisted atomically.
+//! - [`cluster`]: cluster mode (`--voters`): the core driven over the network, with the
+//!   controller quorum's Raft log on disk.
 //! - [`runtime`]: shards (one compio runtime per core), connections, request handling,
 //!   group commit and long-polling fetches (single node; it does not run the core yet).
 //! - `sim` (feature `sim`): the deterministic cluster simulator and its planted bugs.
 #![warn(missing_docs)]
 
 pub mod check;
+pub mod cluster;
 pub mod core;
 pub mod meta;
 pub mod runtime;
@@ -59,6 +62,32 @@ pub struct BrokerConfig {
     /// Shutdown waits this long for in-flight requests before closing logs.
     #[arg(long, env = "SKEIN_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
+    /// Cluster mode: the controller voters, `ID@HOST:PORT,...`, the same on every broker (this
+    /// broker's `--node-id` must be one of them). Without it the broker is a single-node
+    /// cluster.
+    #[arg(long, env = "SKEIN_VOTERS")]
+    pub voters: Option<String>,
+    /// Cluster mode: how often a broker heartbeats the active controller (ms).
+    #[arg(long, env = "SKEIN_HEARTBEAT_MS", default_value_t = 50)]
+    pub heartbeat_ms: u64,
+    /// Cluster mode: a broker accepts writes and serves reads only within this long after a
+    /// heartbeat the controller answered (ms); must be below the session timeout.
+    #[arg(long, env = "SKEIN_LEASE_MS", default_value_t = crate::core::node::DEFAULT_LEASE_MS)]
+    pub lease_ms: u64,
+    /// Cluster mode: a broker silent this long is fenced and its partitions fail over (ms).
+    #[arg(long, env = "SKEIN_SESSION_TIMEOUT_MS", default_value_t = crate::core::controller::DEFAULT_SESSION_TIMEOUT_MS)]
+    pub session_timeout_ms: u64,
+    /// Cluster mode: a controller voter that hears no active controller for this long (plus a
+    /// random part up to the same again) starts an election (ms).
+    #[arg(long, env = "SKEIN_ELECTION_TIMEOUT_MS", default_value_t = 100)]
+    pub election_timeout_ms: u64,
+    /// Cluster mode: a follower not caught up for this long leaves the ISR (ms).
+    #[arg(long, env = "SKEIN_REPLICA_LAG_MAX_MS", default_value_t = 1_000)]
+    pub replica_lag_max_ms: u64,
+    /// Cluster mode: `min.insync.replicas` of topics that do not set it (capped at their
+    /// replication factor).
+    #[arg(long, env = "SKEIN_MIN_INSYNC_REPLICAS", default_value_t = 1)]
+    pub min_insync_replicas: usize,
 }
 
 impl BrokerConfig {
@@ -107,6 +136,13 @@ impl BrokerConfig {
             "max_produce_bytes" => self.max_produce_bytes = u64::try_from(int()?)?,
             "max_request_timeout_ms" => self.max_request_timeout_ms = u32::try_from(int()?)?,
             "shutdown_grace_ms" => self.shutdown_grace_ms = u64::try_from(int()?)?,
+            "voters" => self.voters = Some(text()?.to_owned()),
+            "heartbeat_ms" => self.heartbeat_ms = u64::try_from(int()?)?,
+            "lease_ms" => self.lease_ms = u64::try_from(int()?)?,
+            "session_timeout_ms" => self.session_timeout_ms = u64::try_from(int()?)?,
+            "election_timeout_ms" => self.election_timeout_ms = u64::try_from(int()?)?,
+            "replica_lag_max_ms" => self.replica_lag_max_ms = u64::try_from(int()?)?,
+            "min_insync_replicas" => self.min_insync_replicas = usize::try_from(int()?)?,
             _ => bail!("unknown setting"),
         }
         Ok(())

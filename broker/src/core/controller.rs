@@ -14,7 +14,7 @@
 //! - Every change is sent to the partition's replicas; heartbeat responses repeat the state,
 //!   so a lost message only delays a replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, PartitionState, Time};
 
@@ -41,6 +41,35 @@ struct Broker {
     incarnation: Option<u64>,
 }
 
+/// A topic: a name for a run of partition ids, with its settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topic {
+    /// The topic's partition `i` is `PartitionId(first.0 + i)`.
+    pub first: PartitionId,
+    /// Number of partitions.
+    pub partitions: u32,
+    /// Replicas per partition.
+    pub replication: u16,
+    /// Config overrides, as given at creation.
+    pub configs: Vec<(String, String)>,
+}
+
+impl Topic {
+    /// The id of the topic's partition `index`, if it has one.
+    pub fn partition(&self, index: u32) -> Option<PartitionId> {
+        (index < self.partitions).then(|| PartitionId(self.first.0 + index))
+    }
+}
+
+/// Why a topic could not be created.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CreateTopicError {
+    /// A topic with this name exists.
+    Exists,
+    /// Zero partitions, or replication outside `1..=brokers`.
+    Invalid(String),
+}
+
 /// The controller state machine.
 pub struct Controller {
     config: ControllerConfig,
@@ -48,6 +77,10 @@ pub struct Controller {
     no_fencing: bool,
     brokers: BTreeMap<NodeId, Broker>,
     partitions: BTreeMap<PartitionId, PartitionState>,
+    topics: BTreeMap<String, Topic>,
+    next_partition: u32,
+    /// Partitions of topics with `unclean.leader.election.enable=true`.
+    unclean: BTreeSet<PartitionId>,
 }
 
 impl Controller {
@@ -71,7 +104,75 @@ impl Controller {
                 (*p, state)
             })
             .collect();
-        Controller { config, no_fencing: false, brokers, partitions }
+        let next_partition = assignments.iter().map(|(p, _)| p.0 + 1).max().unwrap_or(0);
+        Controller {
+            config,
+            no_fencing: false,
+            brokers,
+            partitions,
+            topics: BTreeMap::new(),
+            next_partition,
+            unclean: BTreeSet::new(),
+        }
+    }
+
+    /// Every topic, by name.
+    pub fn topics(&self) -> &BTreeMap<String, Topic> {
+        &self.topics
+    }
+
+    /// The brokers (every voter), with whether each is alive.
+    pub fn brokers(&self) -> impl Iterator<Item = (NodeId, bool)> + '_ {
+        self.brokers.iter().map(|(&id, b)| (id, b.alive))
+    }
+
+    /// Creates a topic: new partition ids, replicas spread round-robin over the brokers (the
+    /// first replica of each partition is its preferred leader), every replica in the ISR, and
+    /// leaders elected among the live ones. Deterministic: every voter applying the same
+    /// inputs assigns the same ids and replicas.
+    pub fn create_topic(
+        &mut self,
+        name: &str,
+        partitions: u32,
+        replication: u16,
+        configs: Vec<(String, String)>,
+        out: &mut Vec<(NodeId, Message)>,
+    ) -> Result<(), CreateTopicError> {
+        if self.topics.contains_key(name) {
+            return Err(CreateTopicError::Exists);
+        }
+        let brokers: Vec<NodeId> = self.brokers.keys().copied().collect();
+        if partitions == 0 || replication == 0 || usize::from(replication) > brokers.len() {
+            return Err(CreateTopicError::Invalid(format!(
+                "{partitions} partitions with {replication} replicas on {} brokers",
+                brokers.len()
+            )));
+        }
+        let first = self.next_partition;
+        let end =
+            first.checked_add(partitions).ok_or_else(|| CreateTopicError::Invalid("too many partitions".into()))?;
+        for i in 0..partitions {
+            let p = PartitionId(first + i);
+            let replicas: Vec<NodeId> = (0..usize::from(replication))
+                .map(|j| brokers[(first as usize + i as usize + j) % brokers.len()])
+                .collect();
+            let state = PartitionState {
+                partition: p,
+                epoch: LeaderEpoch(0),
+                leader: None,
+                isr: replicas.clone(),
+                isr_version: IsrVersion(0),
+                replicas,
+            };
+            self.partitions.insert(p, state);
+        }
+        self.next_partition = end;
+        if configs.iter().any(|(k, v)| k == "unclean.leader.election.enable" && v == "true") {
+            self.unclean.extend((first..end).map(PartitionId));
+        }
+        self.topics.insert(name.to_owned(), Topic { first: PartitionId(first), partitions, replication, configs });
+        self.elect_all(out);
+        Ok(())
     }
 
     /// Plants the no-fencing bug (simulator only).
@@ -242,8 +343,19 @@ impl Controller {
                 continue;
             }
             // Preferred order: the assignment's.
-            let Some(&leader) = state.replicas.iter().find(|r| state.isr.contains(r) && alive.contains(r)) else {
-                continue;
+            let clean = state.replicas.iter().find(|r| state.isr.contains(r) && alive.contains(r));
+            let leader = match clean {
+                Some(&l) => l,
+                None if self.unclean.contains(&p) => {
+                    // Unclean election (the topic allows it): a live replica outside the ISR
+                    // leads; records only the ISR held are lost.
+                    let Some(&l) = state.replicas.iter().find(|r| alive.contains(r)) else { continue };
+                    tracing::warn!(partition = %p, leader = %l, isr = ?state.isr,
+                        "UNCLEAN leader election: a replica outside the ISR leads; acknowledged records may be lost");
+                    state.isr = vec![l];
+                    l
+                }
+                None => continue,
             };
             state.leader = Some(leader);
             state.epoch = LeaderEpoch(state.epoch.0 + 1);

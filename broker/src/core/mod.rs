@@ -251,6 +251,17 @@ pub enum Message {
     },
     /// Controller to replicas: new partition state (after an election or ISR change).
     PartitionState(PartitionState),
+    /// Broker to controller: create a topic (the answer is the topic in the metadata).
+    CreateTopic {
+        /// Name.
+        name: String,
+        /// Partitions.
+        partitions: u32,
+        /// Replicas per partition.
+        replication: u16,
+        /// Config overrides.
+        configs: Vec<(String, String)>,
+    },
 }
 
 /// Destinations of outgoing messages.

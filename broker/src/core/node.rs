@@ -80,6 +80,11 @@ impl<S: Storage> BrokerNode<S> {
         }
     }
 
+    /// Adds a replica (a partition newly assigned to this broker); it waits for its state.
+    pub fn add_replica(&mut self, replica: Replica<S>) {
+        self.replicas.entry(replica.partition()).or_insert(replica);
+    }
+
     /// This broker's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -141,19 +146,19 @@ impl<S: Storage> BrokerNode<S> {
                     r.handle_state(now, s, out);
                 }
             }
-            Message::Heartbeat { .. } | Message::AlterIsr { .. } | Message::Raft(_) => {} // for the controller
+            Message::Heartbeat { .. } | Message::AlterIsr { .. } | Message::Raft(_) | Message::CreateTopic { .. } => {} // for the controller
         }
     }
 
     /// A client's produce of one batch.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_produce(
+    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]>>(
         &mut self,
         now: Time,
         request: RequestId,
         partition: PartitionId,
         client_epoch: Option<LeaderEpoch>,
-        batch: RecordBatch<Vec<u8>>,
+        batch: RecordBatch<B>,
         acks: Acks,
         deadline: Time,
         out: &mut Vec<Command<Job<S>>>,

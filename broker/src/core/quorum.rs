@@ -67,6 +67,17 @@ enum Input {
     Heartbeat { now: u64, broker: u32, incarnation: u64, lost: Vec<u32>, sent: u64 },
     /// A leader's ISR change.
     AlterIsr { now: u64, from: u32, leader: u32, epoch: u32, isr_version: u32, partition: u32, isr: Vec<u32> },
+    /// A new topic.
+    CreateTopic { name: String, partitions: u32, replication: u16, configs: Vec<(String, String)> },
+}
+
+/// Makes the Raft log durable: called with the entries and hard state of every Raft `Ready`
+/// before any message that depends on them is sent (raft-rs's contract). Must not return
+/// until they are on disk; an implementation that cannot write stops the process.
+pub trait RaftPersist {
+    /// Appends `entries` (replacing any suffix from the first one's index) and records
+    /// `hard_state` if given.
+    fn persist(&mut self, entries: &[Entry], hard_state: Option<&raft::prelude::HardState>);
 }
 
 /// One voter of the controller quorum (co-located with a broker).
@@ -78,6 +89,7 @@ pub struct ControllerVoter {
     last_tick_proposed: Option<Time>,
     was_leader: bool,
     applied: u64,
+    persist: Option<Box<dyn RaftPersist>>,
 }
 
 fn raft_id(n: NodeId) -> u64 {
@@ -113,7 +125,28 @@ impl ControllerVoter {
         raft_config.validate()?;
         let logger = slog::Logger::root(slog::Discard, slog::o!());
         let raw = RawNode::new(&raft_config, storage, &logger)?;
-        Ok(ControllerVoter { id, config, raw, controller, last_tick_proposed: None, was_leader: false, applied: 0 })
+        Ok(ControllerVoter {
+            id,
+            config,
+            raw,
+            controller,
+            last_tick_proposed: None,
+            was_leader: false,
+            applied: 0,
+            persist: None,
+        })
+    }
+
+    /// Makes the Raft log durable through `persist` (the runtime's; the simulator keeps the
+    /// in-memory log across crashes instead).
+    pub fn set_persist(&mut self, persist: Box<dyn RaftPersist>) {
+        self.persist = Some(persist);
+    }
+
+    /// The active controller as this voter knows it.
+    pub fn leader(&self) -> Option<NodeId> {
+        let l = self.raw.raft.leader_id;
+        (l != raft::INVALID_ID).then(|| NodeId(u32::try_from(l).unwrap_or(0)))
     }
 
     /// The voter's copy of the controller state (as of its last applied input).
@@ -150,6 +183,9 @@ impl ControllerVoter {
             Message::Heartbeat { broker, incarnation, lost, sent } if self.is_active() => {
                 let lost = lost.iter().map(|p| p.0).collect();
                 self.propose(Input::Heartbeat { now: now.0, broker: broker.0, incarnation, lost, sent: sent.0 });
+            }
+            Message::CreateTopic { name, partitions, replication, configs } if self.is_active() => {
+                self.propose(Input::CreateTopic { name, partitions, replication, configs });
             }
             Message::AlterIsr { leader, epoch, isr_version, partition, isr } if self.is_active() => {
                 let isr = isr.iter().map(|r| r.0).collect();
@@ -204,6 +240,11 @@ impl ControllerVoter {
             self.send(ready.take_messages(), out);
             let committed = ready.take_committed_entries();
             self.apply(committed, out);
+            if let Some(p) = self.persist.as_mut() {
+                if !ready.entries().is_empty() || ready.hs().is_some() {
+                    p.persist(ready.entries(), ready.hs());
+                }
+            }
             if !ready.entries().is_empty() {
                 self.raw.raft.raft_log.store.wl().append(ready.entries()).expect("appending to the Raft log in memory");
             }
@@ -261,6 +302,12 @@ impl ControllerVoter {
                         isr: isr.into_iter().map(NodeId).collect(),
                     };
                     self.controller.handle_message(Time(now), NodeId(from), msg, &mut outputs);
+                }
+                Input::CreateTopic { name, partitions, replication, configs } => {
+                    if let Err(e) = self.controller.create_topic(&name, partitions, replication, configs, &mut outputs)
+                    {
+                        tracing::debug!(topic = %name, error = ?e, "topic not created");
+                    }
                 }
             }
             // Every voter applies; only the active one speaks for the controller.

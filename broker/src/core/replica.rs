@@ -310,12 +310,12 @@ impl<S: Storage> Replica<S> {
     /// A client's batch. `client_epoch` is the leader epoch the client's metadata names, if any;
     /// `lease_ok` says whether the node's controller lease is valid.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_produce(
+    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]>>(
         &mut self,
         now: Time,
         request: RequestId,
         client_epoch: Option<LeaderEpoch>,
-        mut batch: RecordBatch<Vec<u8>>,
+        mut batch: RecordBatch<B>,
         acks: Acks,
         deadline: Time,
         lease_ok: bool,

@@ -25,6 +25,8 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         ApiKey::Fetch => Request::Fetch(decode_exact(body)?),
         ApiKey::ListOffsets => Request::ListOffsets(decode_exact(body)?),
         ApiKey::InitProducerId => Request::InitProducerId(decode_exact(body)?),
+        // Inter-broker messages are one-way and handled by the connection (cluster mode).
+        ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
 

@@ -8,6 +8,8 @@
 //! unknown API or version and an undecodable body get an error response and the connection
 //! goes on.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -15,16 +17,45 @@ use std::sync::Arc;
 use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use skein_client::wire::io::{read_frame, write_frames, FrameError};
-use skein_client::wire::{ErrorCode, HeaderError, Reader, RequestHeader};
+use skein_client::wire::{ApiKey, ErrorCode, HeaderError, Reader, RequestHeader};
 
 use super::codec::{decode_request, encode_response, error_frame};
-use super::handlers::{self, Response};
+use super::handlers::{self, Request, Response};
 use super::Shard;
 
 type Pending = JoinHandle<Option<Vec<Vec<u8>>>>;
 
+/// What serves the requests of a connection: a shard of the single-node broker, or the
+/// cluster node.
+pub(crate) trait Service: 'static {
+    /// Most requests in flight per connection.
+    fn max_in_flight(&self) -> usize;
+    /// Largest frame accepted.
+    fn max_frame_bytes(&self) -> u32;
+    /// Handles one request.
+    fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>>;
+    /// A one-way inter-broker message (`ApiKey::Cluster`); `false` closes the connection.
+    fn peer_message(self: &Rc<Self>, body: Reader) -> bool;
+}
+
+impl Service for Shard {
+    fn max_in_flight(&self) -> usize {
+        self.config.max_in_flight
+    }
+    fn max_frame_bytes(&self) -> u32 {
+        self.config.max_frame_bytes
+    }
+    fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
+        Box::pin(handlers::handle(self, req))
+    }
+    fn peer_message(self: &Rc<Self>, _body: Reader) -> bool {
+        tracing::warn!("closing connection: inter-broker message to a broker without --voters");
+        false
+    }
+}
+
 /// Serves a connection handed to this shard until the peer closes it or breaks the protocol.
-pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: Arc<AtomicUsize>) {
+pub(crate) async fn serve<S: Service>(shard: Rc<S>, stream: std::net::TcpStream, count: Arc<AtomicUsize>) {
     let _guard = CountGuard(count);
     let peer = stream.peer_addr().ok();
     let stream = match TcpStream::from_std(stream) {
@@ -38,7 +69,7 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: 
         tracing::debug!(error = %e, "TCP_NODELAY not set");
     }
     let (mut reader, mut writer) = stream.into_split();
-    let (tx, rx) = flume::bounded::<Pending>(shard.config.max_in_flight.max(1));
+    let (tx, rx) = flume::bounded::<Pending>(shard.max_in_flight().max(1));
     let write_task = compio::runtime::spawn(async move {
         while let Ok(pending) = rx.recv_async().await {
             let Ok(Some(frames)) = pending.await else {
@@ -50,14 +81,14 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: 
         }
     });
     loop {
-        let body = match read_frame(&mut reader, shard.config.max_frame_bytes).await {
+        let body = match read_frame(&mut reader, shard.max_frame_bytes()).await {
             Ok(b) => b,
             Err(FrameError::Closed) => break,
             Err(FrameError::TooLarge(n)) => {
                 tracing::warn!(
                     ?peer,
                     bytes = n,
-                    limit = shard.config.max_frame_bytes,
+                    limit = shard.max_frame_bytes(),
                     "closing connection: frame too large"
                 );
                 break;
@@ -69,12 +100,18 @@ pub(crate) async fn serve(shard: Rc<Shard>, stream: std::net::TcpStream, count: 
         };
         let mut r = Reader::new(body);
         let pending = match RequestHeader::decode(&mut r) {
+            Ok(header) if header.api_key == ApiKey::Cluster => {
+                if shard.peer_message(r) {
+                    continue;
+                }
+                break;
+            }
             Ok(header) => {
                 let (shard, id) = (shard.clone(), header.correlation_id);
                 let request = decode_request(header.api_key, r);
                 compio::runtime::spawn(async move {
                     let response = match request {
-                        Ok(req) => handlers::handle(shard, req).await,
+                        Ok(req) => shard.handle(req).await,
                         Err(e) => {
                             tracing::debug!(error = %e, "undecodable request body");
                             Response::Error(ErrorCode::INVALID_REQUEST)

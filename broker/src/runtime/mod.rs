@@ -11,9 +11,9 @@
 //! reads the log there and answers through a oneshot; `handlers` assembles a typed `Response`;
 //! `codec` encodes it and `conn` writes responses in request order.
 
-mod codec;
-mod conn;
-mod handlers;
+pub(crate) mod codec;
+pub(crate) mod conn;
+pub(crate) mod handlers;
 mod shard;
 
 use std::net::{SocketAddr, TcpListener};
@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 
 use crate::meta::Topics;
 use crate::BrokerConfig;
-pub(crate) use shard::{Shard, ShardMsg};
+pub(crate) use shard::{fail_stop, now as wall_clock, FetchResult, Shard, ShardMsg};
 
 /// Exit status when storage fails under the broker (fsync EIO and the like): fail-stop.
 pub const EXIT_STORAGE_FAILURE: i32 = 74;

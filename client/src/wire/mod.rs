@@ -43,11 +43,14 @@ pub enum ApiKey {
     ListOffsets = 7,
     /// A new idempotent producer id (and epoch).
     InitProducerId = 8,
+    /// Between brokers of a cluster: one replication or controller message, one way (no
+    /// response). See PROTOCOL.md, "Inter-broker messages".
+    Cluster = 9,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 9] = [
+    pub const ALL: [ApiKey; 10] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -57,6 +60,7 @@ impl ApiKey {
         ApiKey::Fetch,
         ApiKey::ListOffsets,
         ApiKey::InitProducerId,
+        ApiKey::Cluster,
     ];
 
     /// The key for a number, if known.
