@@ -84,6 +84,10 @@ pub struct BrokerConfig {
     /// Cluster mode: a follower not caught up for this long leaves the ISR (ms).
     #[arg(long, env = "SKEIN_REPLICA_LAG_MAX_MS", default_value_t = 1_000)]
     pub replica_lag_max_ms: u64,
+    /// Cluster mode: how often leadership moves back to preferred replicas (each partition's
+    /// first replica) that are alive and in sync (ms); 0 turns it off.
+    #[arg(long, env = "SKEIN_LEADER_REBALANCE_INTERVAL_MS", default_value_t = 30_000)]
+    pub leader_rebalance_interval_ms: u64,
     /// Cluster mode: `min.insync.replicas` of topics that do not set it (capped at their
     /// replication factor).
     #[arg(long, env = "SKEIN_MIN_INSYNC_REPLICAS", default_value_t = 1)]
@@ -142,6 +146,7 @@ impl BrokerConfig {
             "session_timeout_ms" => self.session_timeout_ms = u64::try_from(int()?)?,
             "election_timeout_ms" => self.election_timeout_ms = u64::try_from(int()?)?,
             "replica_lag_max_ms" => self.replica_lag_max_ms = u64::try_from(int()?)?,
+            "leader_rebalance_interval_ms" => self.leader_rebalance_interval_ms = u64::try_from(int()?)?,
             "min_insync_replicas" => self.min_insync_replicas = usize::try_from(int()?)?,
             _ => bail!("unknown setting"),
         }

@@ -150,7 +150,7 @@ where
         compio::runtime::spawn(node.clone().tick_loop()).detach();
         on_ready(addr);
         shutdown.await;
-        tracing::info!("shutting down");
+        node.controlled_shutdown().await;
         node.stopping.set(true);
         Ok(())
     })
@@ -190,7 +190,12 @@ impl Node {
         let incarnation = next_incarnation(&data)?;
         let (raft_storage, raft_file) = raftlog::open(&data.join("controller"))?;
         let ids: Vec<NodeId> = voters.iter().map(|(n, _)| *n).collect();
-        let controller = Controller::new(ControllerConfig { session_timeout_ms: config.session_timeout_ms }, &ids, &[]);
+        let controller_config = ControllerConfig {
+            session_timeout_ms: config.session_timeout_ms,
+            rebalance_interval_ms: (config.leader_rebalance_interval_ms > 0)
+                .then_some(config.leader_rebalance_interval_ms),
+        };
+        let controller = Controller::new(controller_config, &ids, &[]);
         let ticks = (config.election_timeout_ms / TICK_MS).max(3) as usize;
         let quorum = QuorumConfig {
             election_ticks: ticks,
@@ -216,6 +221,31 @@ impl Node {
             fetch_waiters: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
         }))
+    }
+
+    /// Asks the controller to move leadership away (again every 200 ms) until this broker
+    /// leads no partition or the shutdown grace period ends; clients meanwhile get NOT_LEADER
+    /// and move to the new leaders.
+    async fn controlled_shutdown(&self) {
+        let grace = now().plus_ms(self.config.shutdown_grace_ms);
+        tracing::info!("controlled shutdown: moving leadership away");
+        loop {
+            let t = now();
+            {
+                let mut st = self.st.borrow_mut();
+                let leads =
+                    st.core.replicas().filter(|(_, r)| r.state().is_some_and(|s| s.leader == Some(self.id))).count();
+                if leads == 0 || t >= grace {
+                    tracing::info!(still_leading = leads, "controlled shutdown done; stopping");
+                    return;
+                }
+                let msg = Message::ControlledShutdown { broker: self.id, incarnation: st.core.incarnation() };
+                let mut work = VecDeque::new();
+                self.commands(&mut st, vec![Command::Send { to: Peer::Controller, msg }], &mut work);
+                self.pump(&mut st, t, work);
+            }
+            compio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     async fn tick_loop(self: Rc<Self>) {
@@ -349,9 +379,11 @@ impl Node {
             return;
         }
         let work = match msg {
-            Message::Raft(_) | Message::Heartbeat { .. } | Message::AlterIsr { .. } | Message::CreateTopic { .. } => {
-                Work::Voter(from, msg)
-            }
+            Message::Raft(_)
+            | Message::Heartbeat { .. }
+            | Message::AlterIsr { .. }
+            | Message::CreateTopic { .. }
+            | Message::ControlledShutdown { .. } => Work::Voter(from, msg),
             Message::Fetch(_) | Message::FetchResponse(_) => Work::Node(Peer::Node(from), msg),
             Message::HeartbeatResponse { .. } | Message::PartitionState(_) if from_controller => {
                 Work::Node(Peer::Controller, msg)

@@ -154,6 +154,11 @@ impl Wire for PeerFrame {
                 put(w, 8u8);
                 encode_state(w, s);
             }
+            Message::ControlledShutdown { broker, incarnation } => {
+                put(w, 10u8);
+                put(w, broker.0);
+                put(w, *incarnation);
+            }
             Message::CreateTopic { name, partitions, replication, configs } => {
                 put(w, 9u8);
                 put(w, name.clone());
@@ -242,6 +247,7 @@ impl Wire for PeerFrame {
                 }
                 Message::CreateTopic { name, partitions, replication, configs }
             }
+            10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
             _ => return Err(DecodeError::Invalid("inter-broker message type")),
         };
         Ok(PeerFrame { from, from_controller, msg })
@@ -401,6 +407,7 @@ mod tests {
             isr: vec![NodeId(1)],
         });
         roundtrip(Message::PartitionState(state));
+        roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
         roundtrip(Message::CreateTopic {
             name: "t".into(),
             partitions: 8,

@@ -23,6 +23,9 @@ use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, PartitionStat
 pub struct ControllerConfig {
     /// A broker silent this long is fenced.
     pub session_timeout_ms: u64,
+    /// How often leadership goes back to each partition's preferred replica (its first),
+    /// when that replica is alive and in the ISR; `None`: never (the simulator's default).
+    pub rebalance_interval_ms: Option<u64>,
 }
 
 /// Default session timeout (ms).
@@ -30,7 +33,7 @@ pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 400;
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS }
+        ControllerConfig { session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS, rebalance_interval_ms: None }
     }
 }
 
@@ -39,6 +42,9 @@ struct Broker {
     last_heartbeat: Option<Time>,
     alive: bool,
     incarnation: Option<u64>,
+    /// Asked for a controlled shutdown: it leads nothing (unless it is the only live ISR
+    /// member) until it restarts.
+    shutting_down: bool,
 }
 
 /// A topic: a name for a run of partition ids, with its settings.
@@ -81,14 +87,17 @@ pub struct Controller {
     next_partition: u32,
     /// Partitions of topics with `unclean.leader.election.enable=true`.
     unclean: BTreeSet<PartitionId>,
+    last_rebalance: Option<Time>,
 }
 
 impl Controller {
     /// A controller for these brokers and partition assignments (first replica preferred).
     /// No broker is alive until it heartbeats.
     pub fn new(config: ControllerConfig, brokers: &[NodeId], assignments: &[(PartitionId, Vec<NodeId>)]) -> Self {
-        let brokers =
-            brokers.iter().map(|&b| (b, Broker { last_heartbeat: None, alive: false, incarnation: None })).collect();
+        let brokers = brokers
+            .iter()
+            .map(|&b| (b, Broker { last_heartbeat: None, alive: false, incarnation: None, shutting_down: false }))
+            .collect();
         let partitions = assignments
             .iter()
             .map(|(p, replicas)| {
@@ -113,6 +122,7 @@ impl Controller {
             topics: BTreeMap::new(),
             next_partition,
             unclean: BTreeSet::new(),
+            last_rebalance: None,
         }
     }
 
@@ -198,6 +208,52 @@ impl Controller {
         }
     }
 
+    /// Controlled shutdown of `broker` (incarnation `incarnation`): leadership moves to other
+    /// ISR members and it leaves the ISRs (never as the last member), so acks=all no longer
+    /// waits for it; it stays out of elections until it restarts.
+    pub fn controlled_shutdown(&mut self, broker: NodeId, incarnation: u64, out: &mut Vec<(NodeId, Message)>) {
+        let Some(b) = self.brokers.get_mut(&broker) else { return };
+        if b.incarnation != Some(incarnation) || b.shutting_down {
+            return; // ignore_*: another process of this broker, or already done
+        }
+        b.shutting_down = true;
+        tracing::info!(%broker, "controlled shutdown");
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            self.remove_members(p, &[broker], true, out);
+        }
+        self.elect_all(out);
+    }
+
+    /// Whether a broker asked for a controlled shutdown (and has not restarted since).
+    pub fn shutting_down(&self, b: NodeId) -> bool {
+        self.brokers.get(&b).is_some_and(|x| x.shutting_down)
+    }
+
+    /// Moves leadership back to preferred replicas (the first of each partition's replicas)
+    /// that are alive, in the ISR and not shutting down.
+    fn rebalance(&mut self, out: &mut Vec<(NodeId, Message)>) {
+        let ready: Vec<NodeId> =
+            self.brokers.iter().filter(|(_, b)| b.alive && !b.shutting_down).map(|(&id, _)| id).collect();
+        let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
+        for p in ids {
+            let state = self.partitions.get_mut(&p).expect("listed above");
+            let preferred = state.replicas[0];
+            if state.leader.is_none_or(|l| l == preferred)
+                || !state.isr.contains(&preferred)
+                || !ready.contains(&preferred)
+            {
+                continue;
+            }
+            tracing::debug!(partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
+            state.leader = Some(preferred);
+            state.epoch = LeaderEpoch(state.epoch.0 + 1);
+            state.isr_version = IsrVersion(state.isr_version.0 + 1);
+            let state = state.clone();
+            self.broadcast(&state, out);
+        }
+    }
+
     /// Whether the controller considers a broker alive.
     pub fn alive(&self, b: NodeId) -> bool {
         self.brokers.get(&b).is_some_and(|x| x.alive)
@@ -216,6 +272,9 @@ impl Controller {
                 }
                 b.last_heartbeat = Some(now);
                 let restarted = b.incarnation.is_some_and(|i| i != incarnation);
+                if restarted {
+                    b.shutting_down = false;
+                }
                 let first = b.incarnation.is_none();
                 b.incarnation = Some(incarnation);
                 let was_alive = std::mem::replace(&mut b.alive, true);
@@ -260,6 +319,16 @@ impl Controller {
 
     /// Periodic work: fence silent brokers.
     pub fn handle_tick(&mut self, now: Time, out: &mut Vec<(NodeId, Message)>) {
+        if let Some(every) = self.config.rebalance_interval_ms {
+            match self.last_rebalance {
+                None => self.last_rebalance = Some(now),
+                Some(t) if now.ms_since(t) >= every => {
+                    self.last_rebalance = Some(now);
+                    self.rebalance(out);
+                }
+                Some(_) => {}
+            }
+        }
         let silent: Vec<NodeId> = self
             .brokers
             .iter()
@@ -336,14 +405,21 @@ impl Controller {
     /// Elects a leader for every partition without one, from its live ISR members.
     fn elect_all(&mut self, out: &mut Vec<(NodeId, Message)>) {
         let alive: Vec<NodeId> = self.brokers.iter().filter(|(_, b)| b.alive).map(|(&id, _)| id).collect();
+        let leaving: Vec<NodeId> = self.brokers.iter().filter(|(_, b)| b.shutting_down).map(|(&id, _)| id).collect();
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
         for p in ids {
             let state = self.partitions.get_mut(&p).expect("listed above");
             if state.leader.is_some() {
                 continue;
             }
-            // Preferred order: the assignment's.
-            let clean = state.replicas.iter().find(|r| state.isr.contains(r) && alive.contains(r));
+            // Preferred order: the assignment's; a broker shutting down only as a last resort.
+            let live_isr = |r: &&NodeId| state.isr.contains(r) && alive.contains(r);
+            let clean = state
+                .replicas
+                .iter()
+                .filter(live_isr)
+                .find(|r| !leaving.contains(r))
+                .or_else(|| state.replicas.iter().find(live_isr));
             let leader = match clean {
                 Some(&l) => l,
                 None if self.unclean.contains(&p) => {
@@ -400,6 +476,100 @@ mod tests {
             );
         }
         (c, out)
+    }
+
+    fn heartbeat_all(c: &mut Controller, at: Time, incarnation: u64, out: &mut Vec<(NodeId, Message)>) {
+        for i in 1..=3 {
+            let msg = Message::Heartbeat { broker: n(i), incarnation, lost: vec![], sent: at };
+            c.handle_message(at, n(i), msg, out);
+        }
+    }
+
+    #[test]
+    fn controlled_shutdown_moves_leadership_and_preferred_leaders_come_back() {
+        let mut c = Controller::new(
+            ControllerConfig { rebalance_interval_ms: Some(1_000), ..ControllerConfig::default() },
+            &[n(1), n(2), n(3)],
+            &[],
+        );
+        let mut out = Vec::new();
+        heartbeat_all(&mut c, Time(0), 1, &mut out);
+        c.create_topic("t", 3, 3, vec![], &mut out).expect("created");
+        let leaders = |c: &Controller| c.partitions().map(|s| s.leader).collect::<Vec<_>>();
+        assert_eq!(leaders(&c), vec![Some(n(1)), Some(n(2)), Some(n(3))], "preferred leaders, round-robin");
+        assert_eq!(c.create_topic("t", 1, 1, vec![], &mut out), Err(CreateTopicError::Exists));
+        assert!(matches!(c.create_topic("u", 1, 4, vec![], &mut out), Err(CreateTopicError::Invalid(_))));
+
+        // Broker 1 shuts down: it leads nothing and leaves the ISRs; a stale incarnation is ignored.
+        c.controlled_shutdown(n(1), 7, &mut out);
+        assert_eq!(c.partitions().next().expect("p").leader, Some(n(1)), "wrong incarnation ignored");
+        c.controlled_shutdown(n(1), 1, &mut out);
+        assert!(c.partitions().all(|s| s.leader != Some(n(1)) && s.leader.is_some()), "{:?}", leaders(&c));
+        assert!(c.partitions().all(|s| !s.isr.contains(&n(1))));
+        // While it is shutting down, rebalancing does not move leadership back to it.
+        for t in [2_000_000, 4_000_000] {
+            heartbeat_all(&mut c, Time(t), 1, &mut out);
+            c.handle_tick(Time(t), &mut out);
+        }
+        let s0 = c.partitions().next().expect("p");
+        assert!(s0.leader.is_some() && s0.leader != Some(n(1)), "{s0:?}");
+
+        // It restarts (new incarnation) and catches up into the ISR: the next rebalance
+        // makes it leader of its preferred partition again, with a new epoch.
+        heartbeat_all(&mut c, Time(5_000_000), 2, &mut out);
+        let s = c.partitions().next().expect("p").clone();
+        let msg = Message::AlterIsr {
+            leader: s.leader.expect("led"),
+            epoch: s.epoch,
+            isr_version: s.isr_version,
+            partition: s.partition,
+            isr: vec![n(1), n(2), n(3)],
+        };
+        c.handle_message(Time(5_000_000), s.leader.expect("led"), msg, &mut out);
+        heartbeat_all(&mut c, Time(7_000_000), 2, &mut out);
+        c.handle_tick(Time(7_000_000), &mut out);
+        let after = c.partitions().next().expect("p");
+        assert_eq!(after.leader, Some(n(1)), "preferred leader restored");
+        assert!(after.epoch > s.epoch);
+    }
+
+    #[test]
+    fn unclean_election_only_where_the_topic_allows_it() {
+        let mut c = Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[]);
+        let mut out = Vec::new();
+        heartbeat_all(&mut c, Time(0), 1, &mut out);
+        c.create_topic("clean", 1, 2, vec![], &mut out).expect("created");
+        let unclean = vec![("unclean.leader.election.enable".to_owned(), "true".to_owned())];
+        c.create_topic("dirty", 1, 2, unclean, &mut out).expect("created");
+        // Shrink both ISRs to their leader, then only the other replica stays alive.
+        for s in c.partitions().cloned().collect::<Vec<_>>() {
+            let l = s.leader.expect("led");
+            let msg = Message::AlterIsr {
+                leader: l,
+                epoch: s.epoch,
+                isr_version: s.isr_version,
+                partition: s.partition,
+                isr: vec![l],
+            };
+            c.handle_message(Time(1), l, msg, &mut out);
+        }
+        let (p0, p1) = (PartitionId(0), PartitionId(1));
+        let dead0 = c.partition(p0).expect("p0").leader.expect("led");
+        let dead1 = c.partition(p1).expect("p1").leader.expect("led");
+        let survivors: Vec<NodeId> = (1..=3).map(n).filter(|b| *b != dead0 && *b != dead1).collect();
+        for t in [100_000u64, 300_000, 500_000] {
+            for b in &survivors {
+                let msg = Message::Heartbeat { broker: *b, incarnation: 1, lost: vec![], sent: Time(t) };
+                c.handle_message(Time(t), *b, msg, &mut out);
+            }
+            c.handle_tick(Time(t), &mut out);
+        }
+        let clean = c.partition(p0).expect("p0");
+        let dirty = c.partition(p1).expect("p1");
+        assert_eq!(clean.leader, None, "no live ISR member: offline, not unclean");
+        assert_eq!(survivors, vec![n(3)]);
+        assert_eq!(dirty.leader, Some(n(3)), "unclean election picked the live replica outside the ISR");
+        assert_eq!(dirty.isr, vec![n(3)]);
     }
 
     #[test]

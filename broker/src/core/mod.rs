@@ -251,6 +251,14 @@ pub enum Message {
     },
     /// Controller to replicas: new partition state (after an election or ISR change).
     PartitionState(PartitionState),
+    /// Broker to controller: move leadership away from me and take me out of the ISRs, I am
+    /// stopping (controlled shutdown).
+    ControlledShutdown {
+        /// The broker.
+        broker: NodeId,
+        /// Its process incarnation (a later process of the same broker is not affected).
+        incarnation: u64,
+    },
     /// Broker to controller: create a topic (the answer is the topic in the metadata).
     CreateTopic {
         /// Name.

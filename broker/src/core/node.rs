@@ -90,6 +90,11 @@ impl<S: Storage> BrokerNode<S> {
         self.id
     }
 
+    /// This process's incarnation.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
     /// Its replicas.
     pub fn replicas(&self) -> impl Iterator<Item = (&PartitionId, &Replica<S>)> {
         self.replicas.iter()
@@ -146,7 +151,11 @@ impl<S: Storage> BrokerNode<S> {
                     r.handle_state(now, s, out);
                 }
             }
-            Message::Heartbeat { .. } | Message::AlterIsr { .. } | Message::Raft(_) | Message::CreateTopic { .. } => {} // for the controller
+            Message::Heartbeat { .. }
+            | Message::AlterIsr { .. }
+            | Message::Raft(_)
+            | Message::CreateTopic { .. }
+            | Message::ControlledShutdown { .. } => {} // for the controller
         }
     }
 

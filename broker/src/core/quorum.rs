@@ -67,6 +67,8 @@ enum Input {
     Heartbeat { now: u64, broker: u32, incarnation: u64, lost: Vec<u32>, sent: u64 },
     /// A leader's ISR change.
     AlterIsr { now: u64, from: u32, leader: u32, epoch: u32, isr_version: u32, partition: u32, isr: Vec<u32> },
+    /// A broker's controlled shutdown.
+    ControlledShutdown { broker: u32, incarnation: u64 },
     /// A new topic.
     CreateTopic { name: String, partitions: u32, replication: u16, configs: Vec<(String, String)> },
 }
@@ -183,6 +185,9 @@ impl ControllerVoter {
             Message::Heartbeat { broker, incarnation, lost, sent } if self.is_active() => {
                 let lost = lost.iter().map(|p| p.0).collect();
                 self.propose(Input::Heartbeat { now: now.0, broker: broker.0, incarnation, lost, sent: sent.0 });
+            }
+            Message::ControlledShutdown { broker, incarnation } if self.is_active() && broker == from => {
+                self.propose(Input::ControlledShutdown { broker: broker.0, incarnation });
             }
             Message::CreateTopic { name, partitions, replication, configs } if self.is_active() => {
                 self.propose(Input::CreateTopic { name, partitions, replication, configs });
@@ -302,6 +307,9 @@ impl ControllerVoter {
                         isr: isr.into_iter().map(NodeId).collect(),
                     };
                     self.controller.handle_message(Time(now), NodeId(from), msg, &mut outputs);
+                }
+                Input::ControlledShutdown { broker, incarnation } => {
+                    self.controller.controlled_shutdown(NodeId(broker), incarnation, &mut outputs);
                 }
                 Input::CreateTopic { name, partitions, replication, configs } => {
                     if let Err(e) = self.controller.create_topic(&name, partitions, replication, configs, &mut outputs)
