@@ -359,10 +359,7 @@ mod tests {
             isr_version: IsrVersion(9),
             replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
         };
-        let mut raft = RaftMessage::default();
-        raft.to = 3;
-        raft.from = 2;
-        raft.term = 5;
+        let raft = RaftMessage { to: 3, from: 2, term: 5, ..Default::default() };
         roundtrip(Message::Raft(Box::new(raft)));
         roundtrip(Message::Fetch(FetchRequest {
             partition: PartitionId(1),

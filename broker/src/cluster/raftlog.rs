@@ -118,11 +118,7 @@ mod tests {
     use raft::Storage as _;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = data.to_vec().into();
-        e
+        Entry { index, term, data: data.to_vec().into(), ..Default::default() }
     }
 
     #[test]
@@ -130,10 +126,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let (_, mut f) = open(dir.path()).expect("opens");
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.vote = 3;
-            hs.commit = 2;
+            let hs = HardState { term: 2, vote: 3, commit: 2, ..Default::default() };
             f.persist(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], Some(&hs));
             // A new leader overwrote index 3 (conflicting suffix).
             f.persist(&[entry(3, 2, b"C")], None);
