@@ -383,7 +383,8 @@ impl Node {
             | Message::Heartbeat { .. }
             | Message::AlterIsr { .. }
             | Message::CreateTopic { .. }
-            | Message::ControlledShutdown { .. } => Work::Voter(from, msg),
+            | Message::ControlledShutdown { .. }
+            | Message::Reassign { .. } => Work::Voter(from, msg),
             Message::Fetch(_) | Message::FetchResponse(_) => Work::Node(Peer::Node(from), msg),
             Message::HeartbeatResponse { .. } | Message::PartitionState(_) if from_controller => {
                 Work::Node(Peer::Controller, msg)
@@ -452,6 +453,13 @@ impl Node {
                     .collect(),
             }),
             Request::DescribeTopics(r) => Response::DescribeTopics(self.describe(r)),
+            Request::ReassignPartition(r) => {
+                let (error, message) = match self.reassign(r).await {
+                    Ok(()) => (ErrorCode::NONE, String::new()),
+                    Err((code, msg)) => (code, msg),
+                };
+                Response::ReassignPartition(skein_client::wire::ReassignPartitionResponse { error, message })
+            }
             Request::Produce(r) => self.produce(r).await,
             Request::Fetch(r) => self.fetch(r).await,
             Request::ListOffsets(r) => Response::ListOffsets(self.list_offsets(r)),
@@ -589,35 +597,62 @@ impl Node {
             replication: t.replicas,
             configs: configs.into_iter().collect(),
         };
-        // Sent to the active controller (again every 500 ms: a lost message or a controller
-        // change); done when this broker's voter has applied the topic.
+        self.until_applied(msg, |c| c.topics().contains_key(&t.name)).await?;
+        let st = self.st.borrow();
+        match st.voter.controller().topics().get(&t.name) {
+            Some(got) if got.partitions == t.partitions && got.replication == t.replicas => Ok(()),
+            _ => Err((ErrorCode::TOPIC_ALREADY_EXISTS, "created concurrently with other settings".into())),
+        }
+    }
+
+    /// Sends `msg` to the active controller every 500 ms until `done` holds on this broker's
+    /// voter (it applied the change) or 10 s pass.
+    async fn until_applied(&self, msg: Message, done: impl Fn(&Controller) -> bool) -> Result<(), (ErrorCode, String)> {
         let deadline = now().plus_ms(10_000);
         let mut next_send = now();
         loop {
-            let t_now = now();
+            let t = now();
             {
                 let mut st = self.st.borrow_mut();
-                if let Some(got) = st.voter.controller().topics().get(&t.name) {
-                    if got.partitions != t.partitions || got.replication != t.replicas {
-                        return Err((
-                            ErrorCode::TOPIC_ALREADY_EXISTS,
-                            "created concurrently with other settings".into(),
-                        ));
-                    }
+                if done(st.voter.controller()) {
                     return Ok(());
                 }
-                if t_now >= deadline {
-                    return Err((ErrorCode::REQUEST_TIMED_OUT, "no active controller committed the topic".into()));
+                if t >= deadline {
+                    return Err((ErrorCode::REQUEST_TIMED_OUT, "no active controller applied the change".into()));
                 }
-                if t_now >= next_send {
-                    next_send = t_now.plus_ms(500);
+                if t >= next_send {
+                    next_send = t.plus_ms(500);
                     let mut work = VecDeque::new();
                     self.commands(&mut st, vec![Command::Send { to: Peer::Controller, msg: msg.clone() }], &mut work);
-                    self.pump(&mut st, t_now, work);
+                    self.pump(&mut st, t, work);
                 }
             }
             compio::time::sleep(Duration::from_millis(5)).await;
         }
+    }
+
+    async fn reassign(&self, r: skein_client::wire::ReassignPartitionRequest) -> Result<(), (ErrorCode, String)> {
+        let p = {
+            let st = self.st.borrow();
+            self.partition_id(&st, &r.topic, r.partition)
+        }
+        .ok_or((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, format!("{}/{}", r.topic, r.partition)))?;
+        let target: Vec<NodeId> = r.replicas.iter().map(|&n| NodeId(n)).collect();
+        let mut sorted = target.clone();
+        sorted.sort();
+        sorted.dedup();
+        if target.is_empty() || sorted.len() != target.len() {
+            return Err((ErrorCode::INVALID_REQUEST, "the replica list is empty or repeats a broker".into()));
+        }
+        if let Some(b) = target.iter().find(|b| !self.voters.iter().any(|(n, _)| n == *b)) {
+            return Err((ErrorCode::INVALID_REQUEST, format!("broker {} is not in the cluster", b.0)));
+        }
+        let msg = Message::Reassign { partition: p, replicas: target.clone() };
+        // Started (the target is pending) or already done (the replica set is the target).
+        self.until_applied(msg, |c| {
+            c.reassignment(p) == Some(&target) || c.partition(p).is_some_and(|s| s.replicas == target)
+        })
+        .await
     }
 
     fn partition_id(&self, st: &State, topic: &str, index: u32) -> Option<PartitionId> {

@@ -154,6 +154,11 @@ impl Wire for PeerFrame {
                 put(w, 8u8);
                 encode_state(w, s);
             }
+            Message::Reassign { partition, replicas } => {
+                put(w, 11u8);
+                put(w, partition.0);
+                put(w, nodes(replicas));
+            }
             Message::ControlledShutdown { broker, incarnation } => {
                 put(w, 10u8);
                 put(w, broker.0);
@@ -248,6 +253,7 @@ impl Wire for PeerFrame {
                 Message::CreateTopic { name, partitions, replication, configs }
             }
             10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
+            11 => Message::Reassign { partition: PartitionId(get(r)?), replicas: get_nodes(r)? },
             _ => return Err(DecodeError::Invalid("inter-broker message type")),
         };
         Ok(PeerFrame { from, from_controller, msg })
@@ -405,6 +411,7 @@ mod tests {
         });
         roundtrip(Message::PartitionState(state));
         roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
+        roundtrip(Message::Reassign { partition: PartitionId(2), replicas: vec![NodeId(3), NodeId(1)] });
         roundtrip(Message::CreateTopic {
             name: "t".into(),
             partitions: 8,

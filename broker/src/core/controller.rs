@@ -88,6 +88,8 @@ pub struct Controller {
     /// Partitions of topics with `unclean.leader.election.enable=true`.
     unclean: BTreeSet<PartitionId>,
     last_rebalance: Option<Time>,
+    /// Reassignments in progress: partition → target replicas.
+    reassigning: BTreeMap<PartitionId, Vec<NodeId>>,
 }
 
 impl Controller {
@@ -123,6 +125,7 @@ impl Controller {
             next_partition,
             unclean: BTreeSet::new(),
             last_rebalance: None,
+            reassigning: BTreeMap::new(),
         }
     }
 
@@ -225,6 +228,68 @@ impl Controller {
         self.elect_all(out);
     }
 
+    /// Starts moving partition `p` to the `target` replicas (first = preferred leader), as
+    /// Kafka's KIP-455: the replica set becomes old ∪ target, new replicas catch up and join
+    /// the ISR through their leader; once every target replica is in the ISR the set becomes
+    /// `target`, replicas outside it leave (and a leader outside it hands over).
+    pub fn reassign(
+        &mut self,
+        p: PartitionId,
+        target: Vec<NodeId>,
+        out: &mut Vec<(NodeId, Message)>,
+    ) -> Result<(), String> {
+        let Some(state) = self.partitions.get_mut(&p) else { return Err(format!("unknown partition {p}")) };
+        let mut dedup = target.clone();
+        dedup.sort();
+        dedup.dedup();
+        if target.is_empty() || dedup.len() != target.len() {
+            return Err("the target replica list is empty or repeats a broker".into());
+        }
+        if let Some(b) = target.iter().find(|b| !self.brokers.contains_key(b)) {
+            return Err(format!("unknown broker {b}"));
+        }
+        let mut replicas = target.clone();
+        replicas.extend(state.replicas.iter().filter(|r| !target.contains(r)));
+        state.replicas = replicas;
+        state.isr_version = IsrVersion(state.isr_version.0 + 1);
+        tracing::info!(partition = %p, ?target, "reassignment started");
+        self.reassigning.insert(p, target);
+        let state = state.clone();
+        self.broadcast(&state, out);
+        self.finish_reassignment(p, out);
+        Ok(())
+    }
+
+    /// The target replicas of partition `p`'s reassignment in progress, if any.
+    pub fn reassignment(&self, p: PartitionId) -> Option<&Vec<NodeId>> {
+        self.reassigning.get(&p)
+    }
+
+    /// Ends partition `p`'s reassignment if every target replica is in the ISR.
+    fn finish_reassignment(&mut self, p: PartitionId, out: &mut Vec<(NodeId, Message)>) {
+        let (Some(target), Some(state)) = (self.reassigning.get(&p), self.partitions.get_mut(&p)) else { return };
+        if !target.iter().all(|r| state.isr.contains(r)) {
+            return;
+        }
+        let removed: Vec<NodeId> = state.replicas.iter().filter(|r| !target.contains(r)).copied().collect();
+        state.replicas = target.clone();
+        state.isr.retain(|r| target.contains(r));
+        state.isr_version = IsrVersion(state.isr_version.0 + 1);
+        if state.leader.is_some_and(|l| !target.contains(&l)) {
+            state.leader = None;
+            state.epoch = LeaderEpoch(state.epoch.0 + 1);
+        }
+        tracing::info!(partition = %p, replicas = ?state.replicas, "reassignment done");
+        self.reassigning.remove(&p);
+        let state = state.clone();
+        // The removed replicas learn they are out (heartbeat responses no longer name them).
+        for r in removed {
+            out.push((r, Message::PartitionState(state.clone())));
+        }
+        self.broadcast(&state, out);
+        self.elect_all(out);
+    }
+
     /// Whether a broker asked for a controlled shutdown (and has not restarted since).
     pub fn shutting_down(&self, b: NodeId) -> bool {
         self.brokers.get(&b).is_some_and(|x| x.shutting_down)
@@ -309,6 +374,7 @@ impl Controller {
                     state.isr_version = IsrVersion(state.isr_version.0 + 1);
                     let state = state.clone();
                     self.broadcast(&state, out);
+                    self.finish_reassignment(partition, out);
                 } else {
                     out.push((from, Message::PartitionState(state.clone())));
                 }

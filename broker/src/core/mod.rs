@@ -259,6 +259,14 @@ pub enum Message {
         /// Its process incarnation (a later process of the same broker is not affected).
         incarnation: u64,
     },
+    /// Broker to controller: move a partition to these replicas (the first is the preferred
+    /// leader). New replicas catch up first; the old ones leave when all new ones are in sync.
+    Reassign {
+        /// Partition.
+        partition: PartitionId,
+        /// The target replica set.
+        replicas: Vec<NodeId>,
+    },
     /// Broker to controller: create a topic (the answer is the topic in the metadata).
     CreateTopic {
         /// Name.

@@ -155,7 +155,8 @@ impl<S: Storage> BrokerNode<S> {
             | Message::AlterIsr { .. }
             | Message::Raft(_)
             | Message::CreateTopic { .. }
-            | Message::ControlledShutdown { .. } => {} // for the controller
+            | Message::ControlledShutdown { .. }
+            | Message::Reassign { .. } => {} // for the controller
         }
     }
 

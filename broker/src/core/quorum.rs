@@ -67,6 +67,8 @@ enum Input {
     Heartbeat { now: u64, broker: u32, incarnation: u64, lost: Vec<u32>, sent: u64 },
     /// A leader's ISR change.
     AlterIsr { now: u64, from: u32, leader: u32, epoch: u32, isr_version: u32, partition: u32, isr: Vec<u32> },
+    /// A partition reassignment.
+    Reassign { partition: u32, replicas: Vec<u32> },
     /// A broker's controlled shutdown.
     ControlledShutdown { broker: u32, incarnation: u64 },
     /// A new topic.
@@ -189,6 +191,10 @@ impl ControllerVoter {
             Message::ControlledShutdown { broker, incarnation } if self.is_active() && broker == from => {
                 self.propose(Input::ControlledShutdown { broker: broker.0, incarnation });
             }
+            Message::Reassign { partition, replicas } if self.is_active() => {
+                let replicas = replicas.iter().map(|r| r.0).collect();
+                self.propose(Input::Reassign { partition: partition.0, replicas });
+            }
             Message::CreateTopic { name, partitions, replication, configs } if self.is_active() => {
                 self.propose(Input::CreateTopic { name, partitions, replication, configs });
             }
@@ -307,6 +313,12 @@ impl ControllerVoter {
                         isr: isr.into_iter().map(NodeId).collect(),
                     };
                     self.controller.handle_message(Time(now), NodeId(from), msg, &mut outputs);
+                }
+                Input::Reassign { partition, replicas } => {
+                    let target = replicas.into_iter().map(NodeId).collect();
+                    if let Err(e) = self.controller.reassign(PartitionId(partition), target, &mut outputs) {
+                        tracing::debug!(partition, error = %e, "reassignment refused");
+                    }
                 }
                 Input::ControlledShutdown { broker, incarnation } => {
                     self.controller.controlled_shutdown(NodeId(broker), incarnation, &mut outputs);

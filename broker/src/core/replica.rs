@@ -254,9 +254,21 @@ impl<S: Storage> Replica<S> {
         self.state = Some(new.clone());
         if new.leader == Some(me) && new.replicas.contains(&me) {
             if same_epoch_leader {
-                // An ISR change of our own epoch: the proposal was answered (or superseded).
+                // An ISR change of our own epoch: the proposal was answered (or superseded). A
+                // reassignment may have added replicas (tracked from now) or removed some.
+                let log_end = self.log.log_end_offset();
                 if let Role::Leader(l) = &mut self.role {
                     l.pending_isr = None;
+                    l.followers.retain(|r, _| new.replicas.contains(r));
+                    for &r in new.replicas.iter().filter(|&&r| r != me) {
+                        l.followers.entry(r).or_insert(FollowerProgress {
+                            log_end: Offset(0),
+                            durable: Offset(0),
+                            last_caught_up: now,
+                            last_fetch_leader_end: log_end,
+                            last_fetch_at: now,
+                        });
+                    }
                 }
             } else {
                 self.abandon_waiting(out);

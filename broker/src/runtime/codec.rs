@@ -26,6 +26,7 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         ApiKey::ListOffsets => Request::ListOffsets(decode_exact(body)?),
         ApiKey::InitProducerId => Request::InitProducerId(decode_exact(body)?),
         // Inter-broker messages are one-way and handled by the connection (cluster mode).
+        ApiKey::ReassignPartition => Request::ReassignPartition(decode_exact(body)?),
         ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
@@ -42,6 +43,7 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::Produce(r) => response_frame(id, Ok(&r)),
         Response::ListOffsets(r) => response_frame(id, Ok(&r)),
         Response::InitProducerId(r) => response_frame(id, Ok(&r)),
+        Response::ReassignPartition(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,

@@ -31,6 +31,7 @@ pub(crate) enum Request {
     Fetch(FetchRequest),
     ListOffsets(ListOffsetsRequest),
     InitProducerId(InitProducerIdRequest),
+    ReassignPartition(skein_client::wire::ReassignPartitionRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -45,6 +46,7 @@ pub(crate) enum Response {
     Fetch(Vec<(FetchPartition, FetchResult)>),
     ListOffsets(ListOffsetsResponse),
     InitProducerId(InitProducerIdResponse),
+    ReassignPartition(skein_client::wire::ReassignPartitionResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).
@@ -77,6 +79,10 @@ async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
         Request::Fetch(r) => fetch(shard, r).await,
         Request::ListOffsets(r) => Response::ListOffsets(list_offsets(shard, r).await),
         Request::InitProducerId(r) => Response::InitProducerId(init_producer_id(shard, r).await),
+        Request::ReassignPartition(_) => Response::ReassignPartition(skein_client::wire::ReassignPartitionResponse {
+            error: ErrorCode::INVALID_REQUEST,
+            message: "a single-node broker has nowhere to move replicas (start brokers with --voters)".into(),
+        }),
     }
 }
 

@@ -101,6 +101,24 @@ enum TopicCommand {
         /// Topic name.
         name: String,
     },
+    /// Move a partition to other brokers (cluster mode): new replicas catch up, then the old
+    /// ones leave; waits (with progress) until the move is done.
+    Reassign {
+        /// Topic name.
+        name: String,
+        /// The partition to move.
+        #[arg(long)]
+        partition: u32,
+        /// Target replicas, e.g. `3,1,2` (the first is the preferred leader).
+        #[arg(long, value_delimiter = ',', required = true)]
+        replicas: Vec<u32>,
+        /// Return once the move started instead of waiting for it to finish.
+        #[arg(long)]
+        no_wait: bool,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 300)]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -175,8 +193,53 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
             client.delete_topic(&name).await?;
             println!("deleted topic {name}");
         }
+        TopicCommand::Reassign { name, partition, replicas, no_wait, timeout_secs } => {
+            reassign(client, &name, partition, replicas, no_wait, timeout_secs).await?;
+        }
     }
     Ok(())
+}
+
+async fn reassign(
+    client: &Client,
+    name: &str,
+    partition: u32,
+    replicas: Vec<u32>,
+    no_wait: bool,
+    timeout_secs: u64,
+) -> Result<()> {
+    use skein_client::wire::{ApiKey, ReassignPartitionRequest, ReassignPartitionResponse};
+    let req = ReassignPartitionRequest { topic: name.to_owned(), partition, replicas: replicas.clone() };
+    let resp: ReassignPartitionResponse = client.connection().await?.call(ApiKey::ReassignPartition, &req).await?;
+    if resp.error != skein_client::wire::ErrorCode::NONE {
+        bail!("reassigning {name}/{partition}: {} {}", resp.error.name(), resp.message);
+    }
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    println!("reassignment of {name}/{partition} to {} started", list(&replicas));
+    if no_wait {
+        return Ok(());
+    }
+    let deadline = Instant::now() + Duration::from_secs(timeout_secs);
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    loop {
+        let t = client.describe_topic(name).await?;
+        let p = t.partitions.iter().find(|p| p.partition == partition).context("partition vanished")?;
+        let done = p.replicas == replicas && replicas.iter().all(|r| p.isr.contains(r));
+        if tty {
+            eprint!("\r  replicas {} isr {} leader {}   ", list(&p.replicas), list(&p.isr), p.leader);
+        }
+        if done {
+            if tty {
+                eprintln!();
+            }
+            println!("reassignment done: replicas {} isr {} leader {}", list(&p.replicas), list(&p.isr), p.leader);
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("reassignment not done after {timeout_secs} s: replicas {} isr {}", list(&p.replicas), list(&p.isr));
+        }
+        compio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 fn describe_json(t: &TopicDescription) -> serde_json::Value {
@@ -424,33 +487,79 @@ impl Format {
 }
 
 async fn cluster_status(client: &Client, json: bool) -> Result<()> {
+    use skein_client::conn::Connection;
+    use skein_client::wire::{ApiKey, ApiVersionsRequest, ApiVersionsResponse};
     let md = client.metadata(None).await?;
+    // Whether each node answers from here (1 s bound).
+    let mut reachable = Vec::new();
+    for b in &md.brokers {
+        let addr = format!("{}:{}", b.host, b.port);
+        let ok = match Connection::connect(&addr, "skein-cli", Duration::from_secs(1)).await {
+            Ok(c) => c.call::<_, ApiVersionsResponse>(ApiKey::ApiVersions, &ApiVersionsRequest {}).await.is_ok(),
+            Err(_) => false,
+        };
+        reachable.push(ok);
+    }
+    let under: Vec<(&str, &skein_client::wire::PartitionMetadata)> = md
+        .topics
+        .iter()
+        .flat_map(|t| t.partitions.iter().map(move |p| (t.name.as_str(), p)))
+        .filter(|(_, p)| p.isr.len() < p.replicas.len() || p.leader == 0)
+        .collect();
     if json {
         let nodes: Vec<_> = md
             .brokers
             .iter()
-            .map(|b| serde_json::json!({"node_id": b.node_id, "host": b.host, "port": b.port}))
+            .zip(&reachable)
+            .map(|(b, ok)| serde_json::json!({"node_id": b.node_id, "host": b.host, "port": b.port, "reachable": ok}))
             .collect();
         let partitions: Vec<_> = md
             .topics
             .iter()
-            .flat_map(|t| t.partitions.iter().map(move |p| serde_json::json!({"topic": t.name, "partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch})))
+            .flat_map(|t| {
+                t.partitions.iter().map(move |p| {
+                    serde_json::json!({"topic": t.name, "partition": p.partition,
+                "leader": p.leader, "leader_epoch": p.leader_epoch, "replicas": p.replicas, "isr": p.isr})
+                })
+            })
             .collect();
-        println!("{}", serde_json::json!({"nodes": nodes, "controller": md.controller, "partitions": partitions}));
+        let under: Vec<_> = under
+            .iter()
+            .map(|(t, p)| serde_json::json!({"topic": t, "partition": p.partition, "replicas": p.replicas, "isr": p.isr, "leader": p.leader}))
+            .collect();
+        println!(
+            "{}",
+            serde_json::json!({"nodes": nodes, "controller": md.controller, "partitions": partitions,
+                "under_replicated": under})
+        );
         return Ok(());
     }
-    for b in &md.brokers {
+    for (b, ok) in md.brokers.iter().zip(&reachable) {
         println!(
-            "node {} at {}:{}{}",
+            "node {} at {}:{} {}{}",
             b.node_id,
             b.host,
             b.port,
+            if *ok { "reachable" } else { "UNREACHABLE" },
             if b.node_id == md.controller { " (controller)" } else { "" }
         );
+    }
+    if md.controller == 0 {
+        println!("no active controller known");
     }
     for t in &md.topics {
         for p in &t.partitions {
             println!("{}/{} leader {} epoch {}", t.name, p.partition, p.leader, p.leader_epoch);
+        }
+    }
+    if under.is_empty() {
+        println!("under-replicated partitions: none");
+    } else {
+        println!("under-replicated partitions: {}", under.len());
+        for (t, p) in under {
+            let l = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            let leader = if p.leader == 0 { "none (offline)".to_string() } else { p.leader.to_string() };
+            println!("  {t}/{} replicas {} isr {} leader {leader}", p.partition, l(&p.replicas), l(&p.isr));
         }
     }
     Ok(())

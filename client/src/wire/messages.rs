@@ -219,3 +219,15 @@ wire_struct! {
     /// InitProducerId response: a producer id unique in the cluster's lifetime, epoch 0.
     pub struct InitProducerIdResponse { pub error: ErrorCode, pub producer_id: i64, pub producer_epoch: i16 }
 }
+
+wire_struct! {
+    /// ReassignPartition request: move one partition to `replicas` (the first is the preferred
+    /// leader). Answered once the controller has started the move; new replicas then catch up
+    /// and the old ones leave (watch it with DescribeTopics).
+    pub struct ReassignPartitionRequest { pub topic: String, pub partition: u32, pub replicas: Vec<u32> }
+}
+
+wire_struct! {
+    /// ReassignPartition response.
+    pub struct ReassignPartitionResponse { pub error: ErrorCode, pub message: String }
+}

@@ -46,11 +46,13 @@ pub enum ApiKey {
     /// Between brokers of a cluster: one replication or controller message, one way (no
     /// response). See PROTOCOL.md, "Inter-broker messages".
     Cluster = 9,
+    /// Move a partition to other replicas (cluster mode).
+    ReassignPartition = 10,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 10] = [
+    pub const ALL: [ApiKey; 11] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -61,6 +63,7 @@ impl ApiKey {
         ApiKey::ListOffsets,
         ApiKey::InitProducerId,
         ApiKey::Cluster,
+        ApiKey::ReassignPartition,
     ];
 
     /// The key for a number, if known.
