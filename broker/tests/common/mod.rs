@@ -22,6 +22,12 @@ impl Broker {
         Broker::spawn(dir.to_path_buf(), extra, "127.0.0.1:0")
     }
 
+    /// Starts a broker listening on `listen` (cluster members need fixed addresses).
+    pub fn start_at(dir: &Path, listen: &str, extra: &[&str]) -> Broker {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Broker::spawn(dir.to_path_buf(), extra, listen)
+    }
+
     fn spawn(dir: PathBuf, extra: Vec<String>, listen: &str) -> Broker {
         Broker::spawn_checked(dir, extra, listen).unwrap_or_else(|| panic!("skein-broker did not start on {listen}"))
     }

@@ -1,0 +1,251 @@
+//! Cluster mode with real processes: three brokers (`--voters`) on 127.0.0.x, a topic with
+//! replication 3 and min ISR 2. Replication and failover (kill -9 of the leader: a new leader
+//! with a higher epoch takes acks=all writes, the old one comes back as a follower, catches
+//! up and rejoins the ISR, and a write sent to it is refused), controlled shutdown (SIGTERM
+//! moves leadership away before the process exits) and online reassignment. Requests go to
+//! explicit brokers, so these tests do not depend on the client's leader routing.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use common::{block_on, Broker};
+use skein_client::conn::Connection;
+use skein_client::wire::{
+    ApiKey, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
+    MetadataRequest, MetadataResponse, PartitionDescription, ProducePartition, ProduceRequest, ProduceResponse,
+    ReassignPartitionRequest, ReassignPartitionResponse,
+};
+use skein_client::Client;
+use skein_log::batch::{batches, BatchBuilder};
+use skein_log::types::Timestamp;
+
+struct Cluster {
+    brokers: Vec<Option<Broker>>,
+    addrs: Vec<String>,
+    dirs: Vec<tempfile::TempDir>,
+    voters: String,
+}
+
+impl Cluster {
+    /// Three brokers on 127.0.0.`ip`, .`ip+1`, .`ip+2`, port `port`.
+    fn start(ip: u8, port: u16) -> Cluster {
+        let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.{}:{port}", ip + i)).collect();
+        let voters = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
+        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
+        let mut c = Cluster { brokers: Vec::new(), addrs, dirs, voters };
+        for i in 0..3 {
+            let b = c.spawn(i);
+            c.brokers.push(Some(b));
+        }
+        c
+    }
+
+    fn spawn(&self, i: usize) -> Broker {
+        let id = (i + 1).to_string();
+        let args = ["--node-id", id.as_str(), "--voters", self.voters.as_str()];
+        // The old socket may linger briefly after a kill: retry.
+        for attempt in 0..50 {
+            let r = std::panic::catch_unwind(|| Broker::start_at(self.dirs[i].path(), &self.addrs[i], &args));
+            if let Ok(b) = r {
+                return b;
+            }
+            std::thread::sleep(Duration::from_millis(20 * (attempt + 1)));
+        }
+        panic!("broker {id} did not start");
+    }
+
+    fn index(&self, node: u32) -> usize {
+        node as usize - 1
+    }
+}
+
+async fn conn(addr: &str) -> Connection {
+    Connection::connect(addr, "cluster-test", Duration::from_secs(5)).await.expect("connect")
+}
+
+/// Partition 0 of `t` as `addr` describes it.
+async fn describe(addr: &str) -> Option<PartitionDescription> {
+    let c = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await.ok()?;
+    let resp: DescribeTopicsResponse =
+        c.call(ApiKey::DescribeTopics, &DescribeTopicsRequest { names: vec!["t".into()] }).await.ok()?;
+    resp.topics.into_iter().next()?.partitions.into_iter().next()
+}
+
+/// The leader of `t`/0 and its epoch, as broker `addr` knows it (0: none).
+async fn leader(addr: &str) -> (u32, u32) {
+    let Ok(c) = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await else { return (0, 0) };
+    let md: Result<MetadataResponse, _> =
+        c.call(ApiKey::Metadata, &MetadataRequest { topics: Some(vec!["t".into()]) }).await;
+    md.ok()
+        .and_then(|m| m.topics.into_iter().next())
+        .and_then(|t| t.partitions.into_iter().next())
+        .map_or((0, 0), |p| (p.leader, p.leader_epoch))
+}
+
+fn batch(values: std::ops::Range<u32>) -> BytesMut {
+    let mut b = BatchBuilder::new();
+    for v in values {
+        b.push(None, v.to_string().as_bytes(), &[], Timestamp(1_000));
+    }
+    BytesMut::from(&b.build().into_bytes()[..])
+}
+
+async fn produce(addr: &str, values: std::ops::Range<u32>) -> (ErrorCode, u32) {
+    let Ok(c) = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await else {
+        return (ErrorCode::UNKNOWN, 0);
+    };
+    let req = ProduceRequest {
+        acks: -1,
+        timeout_ms: 2_000,
+        partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch(values) }],
+    };
+    match c.call::<_, ProduceResponse>(ApiKey::Produce, &req).await {
+        Ok(r) => (r.partitions[0].error, r.partitions[0].leader_epoch),
+        Err(_) => (ErrorCode::UNKNOWN, 0),
+    }
+}
+
+/// Every value of `t`/0 read from `addr` (committed records only).
+async fn read_all(addr: &str) -> Vec<u32> {
+    let c = conn(addr).await;
+    let mut out = Vec::new();
+    let mut offset = 0u64;
+    for _ in 0..100 {
+        let req = FetchRequest {
+            max_wait_ms: 50,
+            min_bytes: 1,
+            max_bytes: 1 << 20,
+            isolation: 0,
+            partitions: vec![FetchPartition {
+                topic: "t".into(),
+                partition: 0,
+                fetch_offset: offset,
+                partition_max_bytes: 1 << 20,
+            }],
+        };
+        let resp: FetchResponse = c.call(ApiKey::Fetch, &req).await.expect("fetch");
+        let p = &resp.partitions[0];
+        assert_eq!(p.error, ErrorCode::NONE, "fetch from {addr}");
+        for b in batches(&p.records) {
+            let b = b.expect("a valid batch");
+            for r in b.records().iter() {
+                out.push(std::str::from_utf8(r.value.as_slice()).expect("utf8").parse().expect("a number"));
+            }
+            offset = b.header().base_offset.get() + b.header().offset_count();
+        }
+        if offset >= p.high_watermark && p.records.is_empty() {
+            break;
+        }
+    }
+    out
+}
+
+async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        compio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn create(addr: &str) {
+    let client = Client::connect(addr).await.expect("connect");
+    let configs = [("min.insync.replicas".to_owned(), "2".to_owned())];
+    client.create_topic("t", 1, 3, &configs).await.expect("create topic");
+}
+
+#[test]
+fn a_killed_leader_is_replaced_with_a_new_epoch_and_rejoins_as_a_follower() {
+    let mut c = Cluster::start(31, 19531);
+    block_on(async {
+        create(&c.addrs[0]).await;
+        let (old, old_epoch) = wait_for("a leader", Duration::from_secs(10), async || {
+            let l = leader(&c.addrs[0]).await;
+            (l.0 != 0).then_some(l)
+        })
+        .await;
+        let old_addr = c.addrs[c.index(old)].clone();
+        for i in 0..10 {
+            let got = produce(&old_addr, i * 10..(i + 1) * 10).await;
+            assert_eq!(got, (ErrorCode::NONE, old_epoch), "acks=all on the first leader");
+        }
+        let survivor = c.addrs[(c.index(old) + 1) % 3].clone();
+        let i = c.index(old);
+        c.brokers[i].take().expect("running").kill9();
+
+        // A new leader with a higher epoch takes the next acks=all write.
+        let (new, new_epoch) = wait_for("a new leader taking writes", Duration::from_secs(10), async || {
+            let (l, e) = leader(&survivor).await;
+            if l == 0 || l == old {
+                return None;
+            }
+            let addr = c.addrs[c.index(l)].clone();
+            (produce(&addr, 100..110).await.0 == ErrorCode::NONE).then_some((l, e))
+        })
+        .await;
+        assert!(new_epoch > old_epoch, "the epoch was bumped: {old_epoch} -> {new_epoch}");
+        let new_addr = c.addrs[c.index(new)].clone();
+
+        // The old leader restarts as a follower, catches up and rejoins the ISR; a write sent
+        // to it is refused (it is not the leader of the new epoch).
+        let i = c.index(old);
+        c.brokers[i] = Some(c.spawn(i));
+        wait_for("the old leader back in the ISR", Duration::from_secs(15), async || {
+            describe(&new_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
+        })
+        .await;
+        assert_eq!(produce(&old_addr, 999..1000).await.0, ErrorCode::NOT_LEADER);
+        assert_eq!(read_all(&new_addr).await, (0..110).collect::<Vec<u32>>(), "every acknowledged record, once");
+        let on_old = describe(&old_addr).await.expect("describe the old leader");
+        let on_new = describe(&new_addr).await.expect("describe the new leader");
+        assert_eq!(on_old.log_end, on_new.log_end, "the follower caught up");
+    });
+}
+
+#[test]
+fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
+    let mut c = Cluster::start(41, 19541);
+    block_on(async {
+        create(&c.addrs[0]).await;
+        let (first, _) = wait_for("a leader", Duration::from_secs(10), async || {
+            let l = leader(&c.addrs[0]).await;
+            (l.0 != 0).then_some(l)
+        })
+        .await;
+        assert_eq!(produce(&c.addrs[c.index(first)], 0..50).await.0, ErrorCode::NONE);
+        let i = c.index(first);
+        let status = c.brokers[i].as_mut().expect("running").terminate();
+        assert!(status.success(), "clean exit after a controlled shutdown: {status}");
+        // Leadership moved before the process exited: a survivor names another leader at once.
+        let survivor = c.addrs[(i + 1) % 3].clone();
+        let (next, _) = leader(&survivor).await;
+        assert!(next != 0 && next != first, "leader {next} right after the controlled shutdown of {first}");
+        c.brokers[i] = Some(c.spawn(i));
+
+        // Move the partition onto two brokers, without the current leader.
+        let (l, _) = leader(&survivor).await;
+        let target: Vec<u32> = (1..=3).filter(|&n| n != l).collect();
+        let req = ReassignPartitionRequest { topic: "t".into(), partition: 0, replicas: target.clone() };
+        let resp: ReassignPartitionResponse =
+            conn(&survivor).await.call(ApiKey::ReassignPartition, &req).await.expect("call");
+        assert_eq!(resp.error, ErrorCode::NONE, "{}", resp.message);
+        let done = wait_for("the reassignment", Duration::from_secs(15), async || {
+            describe(&survivor).await.filter(|p| p.replicas == target && p.isr.len() == 2 && p.leader != 0)
+        })
+        .await;
+        assert!(target.contains(&done.leader), "the new leader is a target replica");
+        let leader_addr = c.addrs[c.index(done.leader)].clone();
+        assert_eq!(produce(&leader_addr, 50..60).await.0, ErrorCode::NONE);
+        assert_eq!(read_all(&leader_addr).await, (0..60).collect::<Vec<u32>>());
+        // Bad requests are refused with a reason.
+        let bad = ReassignPartitionRequest { topic: "t".into(), partition: 0, replicas: vec![1, 1] };
+        let resp: ReassignPartitionResponse =
+            conn(&survivor).await.call(ApiKey::ReassignPartition, &bad).await.expect("call");
+        assert_eq!(resp.error, ErrorCode::INVALID_REQUEST);
+    });
+}
