@@ -346,17 +346,11 @@ impl EmbeddedBroker {
     fn start(cores: Option<usize>) -> Result<EmbeddedBroker> {
         let dir = tempfile::tempdir().context("creating the embedded broker's directory")?;
         let config = skein_broker::BrokerConfig {
-            node_id: 1,
             listen: "127.0.0.1:0".parse().expect("valid address"),
             data_dir: dir.path().to_path_buf(),
-            config: None,
             cores,
-            max_frame_bytes: 64 << 20,
-            max_connections: 10_000,
-            max_in_flight: 64,
-            max_produce_bytes: 256 << 20,
-            max_request_timeout_ms: 30_000,
             shutdown_grace_ms: 2_000,
+            ..skein_broker::BrokerConfig::parse_with_file(["skein-broker"]).context("default broker settings")?
         };
         let (stop_tx, stop_rx) = flume::bounded::<()>(1);
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
