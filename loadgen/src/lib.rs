@@ -8,8 +8,14 @@
 //! - [`limits`]: loopback TCP and disk ceilings.
 //! - [`plot`]: latency-by-percentile SVG charts.
 //! - [`verify`]: a checked workload (history + [`skein_broker::check`]) with faults.
+//! - [`cluster`]: a local cluster of real broker processes (start, kill, restart, pause).
+//! - [`chaos`]: network faults between those brokers with nftables.
+//! - [`failover`]: failover time under kill -9 of the leader, and leader stability.
 #![warn(missing_docs)]
 
+pub mod chaos;
+pub mod cluster;
+pub mod failover;
 pub mod keys;
 pub mod limits;
 pub mod load;

@@ -8,6 +8,16 @@
 //! final read takes every partition from its start to its end. The history (JSON lines) and
 //! the checker's verdict per property are the output.
 //!
+//! Against a [`LocalCluster`] ([`run_cluster`]) the fault thread also hits partition leaders
+//! (found with [`Probe`], the newest leader epoch any broker reports): `kill-leader`,
+//! `pause-leader`, `isolate`, `cut-leader` (the leader cut off from the other brokers while
+//! clients still reach it) and `one-way` (leader to follower or back), the network faults with
+//! [`NetChaos`]. Every fault is logged with its start time and the partitions its node led.
+//! With `acks=leader` an acknowledged record may be lost when its leader stops leading within
+//! a lease period of the acknowledgement; [`excuse_losses`] turns exactly those losses into
+//! unknown outcomes before the check (as the simulator does) and counts them; any other loss
+//! still fails `lost-write`.
+//!
 //! Outcomes: an acknowledgement is `Ok`; an error the broker returns before appending
 //! (NOT_LEADER, NOT_ENOUGH_REPLICAS, FENCED_LEADER_EPOCH, THROTTLED, ...) is `Failed`;
 //! anything else (timeout, lost connection, REQUEST_TIMED_OUT, STORAGE_ERROR) is `Unknown`.
@@ -23,7 +33,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use skein_broker::check::{self, History, PollOp, SendOp, SendOutcome};
 use skein_client::wire::ErrorCode;
-use skein_client::{Acks, Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_client::{
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
+};
+
+use crate::chaos::{nft, NetChaos};
+use crate::cluster::{signal, LocalCluster, PartitionView, Probe};
 
 /// A fault the verifier injects into broker processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,17 +50,110 @@ pub enum Fault {
     /// Drop every TCP packet to one broker address for a while (an `nft` rule; needs root
     /// and nftables), then heal.
     Partition,
+    /// Cluster only: SIGKILL the leader of a random partition, then restart it.
+    KillLeader,
+    /// Cluster only: SIGSTOP the leader of a random partition for a while, then SIGCONT.
+    PauseLeader,
+    /// Cluster only: cut a random node off from every broker and client for a while.
+    Isolate,
+    /// Cluster only: cut the leader of a random partition off from the other brokers for a
+    /// while; clients still reach it.
+    CutLeader,
+    /// Cluster only: drop packets one way between the leader of a random partition and one
+    /// of its followers (either direction) for a while.
+    OneWay,
+}
+
+impl Fault {
+    /// Every fault, in the order `--faults` lists them.
+    pub const ALL: [Fault; 8] = [
+        Fault::Kill,
+        Fault::Pause,
+        Fault::Partition,
+        Fault::KillLeader,
+        Fault::PauseLeader,
+        Fault::Isolate,
+        Fault::CutLeader,
+        Fault::OneWay,
+    ];
+
+    /// The name `--faults` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fault::Kill => "kill",
+            Fault::Pause => "pause",
+            Fault::Partition => "partition",
+            Fault::KillLeader => "kill-leader",
+            Fault::PauseLeader => "pause-leader",
+            Fault::Isolate => "isolate",
+            Fault::CutLeader => "cut-leader",
+            Fault::OneWay => "one-way",
+        }
+    }
+
+    /// Whether the fault needs a [`LocalCluster`] (leaders, node addresses).
+    pub fn needs_cluster(self) -> bool {
+        !matches!(self, Fault::Kill | Fault::Pause | Fault::Partition)
+    }
 }
 
 impl std::str::FromStr for Fault {
     type Err = String;
     fn from_str(s: &str) -> Result<Fault, String> {
-        match s {
-            "kill" => Ok(Fault::Kill),
-            "pause" => Ok(Fault::Pause),
-            "partition" => Ok(Fault::Partition),
-            other => Err(format!("unknown fault {other:?} (kill, pause, partition)")),
-        }
+        Fault::ALL.into_iter().find(|f| f.name() == s).ok_or_else(|| {
+            let names: Vec<&str> = Fault::ALL.iter().map(|f| f.name()).collect();
+            format!("unknown fault {s:?} ({})", names.join(", "))
+        })
+    }
+}
+
+impl std::fmt::Display for Fault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One injected fault, for the report and the `acks=leader` loss window.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct FaultEvent {
+    /// What was done.
+    pub fault: Fault,
+    /// The node hit (cluster node id; without a cluster, the index in `pids` or
+    /// `partition_addrs` plus one).
+    pub node: u32,
+    /// The partitions that node led when the fault began; empty when unknown (then the fault
+    /// counts for every partition).
+    pub partitions: Vec<u32>,
+    /// When it began, in the history's microseconds.
+    pub start_us: u64,
+    /// When it was healed.
+    pub end_us: u64,
+}
+
+impl serde::Serialize for Fault {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.name())
+    }
+}
+
+/// The `acks=leader` loss window: a lost acknowledged record is excused if a fault hit its
+/// partition's leader at most `before` after the acknowledgement and at most `detection`
+/// before it (the leader keeps acknowledging until its lease runs out), or while the
+/// request was in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LossWindow {
+    /// How long before a fault an acknowledgement may still be lost: the lease plus a margin
+    /// for replication.
+    pub before: Duration,
+    /// How long after the fault began its leader may still acknowledge: the lease plus a
+    /// margin for scheduling.
+    pub detection: Duration,
+}
+
+impl LossWindow {
+    /// `lease + margin` on both sides.
+    pub fn new(lease: Duration, margin: Duration) -> LossWindow {
+        LossWindow { before: lease + margin, detection: lease + margin }
     }
 }
 
@@ -83,16 +191,52 @@ pub struct VerifyConfig {
     pub partition_addrs: Vec<std::net::SocketAddr>,
     /// Where to write the history (JSON lines).
     pub history: Option<PathBuf>,
+    /// Topic configs when creating it (e.g. `min.insync.replicas`).
+    pub topic_configs: Vec<(String, String)>,
+    /// With `acks=leader`, the losses excused (see [`excuse_losses`]); ignored otherwise.
+    pub loss_window: LossWindow,
 }
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            brokers: "127.0.0.1:9092".into(),
+            topic: "verify".into(),
+            partitions: 3,
+            replicas: 1,
+            producers: 2,
+            consumers: 2,
+            rate: 200.0,
+            acks: Acks::All,
+            duration: Duration::from_secs(10),
+            faults: Vec::new(),
+            pids: Vec::new(),
+            restart: Vec::new(),
+            fault_interval: Duration::from_secs(2),
+            partition_addrs: Vec::new(),
+            history: None,
+            topic_configs: Vec::new(),
+            loss_window: LossWindow::new(Duration::from_millis(LEASE_MS_DEFAULT), Duration::from_millis(250)),
+        }
+    }
+}
+
+/// The broker's default `--lease-ms`.
+pub const LEASE_MS_DEFAULT: u64 = 250;
 
 /// The verdict.
 pub struct Verdict {
-    /// The recorded history.
+    /// The recorded history (excused losses already turned into unknown outcomes).
     pub history: History,
     /// The checker's report.
     pub report: check::Report,
     /// Faults injected.
     pub faults: usize,
+    /// Each fault, in order.
+    pub fault_log: Vec<FaultEvent>,
+    /// Acknowledged records lost inside the `acks=leader` window, excused (always 0 with
+    /// `acks=all`).
+    pub excused: u64,
 }
 
 fn micros(start: Instant) -> u64 {
@@ -123,36 +267,31 @@ fn outcome(r: &Result<(u32, u64), ClientError>) -> SendOutcome {
     }
 }
 
-/// Runs the workload and checks its history.
+/// Runs the workload against `cfg.brokers` and checks its history. Faults hit `cfg.pids`
+/// (kill, pause) and `cfg.partition_addrs` (partition); cluster faults need [`run_cluster`].
 pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
-    if cfg.faults.contains(&Fault::Kill) && cfg.restart.len() != cfg.pids.len() {
-        bail!("--faults kill needs one --restart command per --pids entry");
+    if let Some(f) = cfg.faults.iter().find(|f| f.needs_cluster()) {
+        bail!("--faults {f} needs a cluster started by skein-loadgen (--cluster-bin)");
     }
-    let process_faults = cfg.faults.iter().any(|f| *f != Fault::Partition);
-    if process_faults && cfg.pids.is_empty() {
-        bail!("--faults kill or pause needs --pids");
+    run_with(cfg, None)
+}
+
+/// Runs the workload against `cluster` (its addresses replace `cfg.brokers`): faults hit its
+/// nodes and their network, every fault is healed at the end (paused nodes resumed, dead ones
+/// restarted, cuts removed) before the final read.
+pub fn run_cluster(cfg: VerifyConfig, cluster: &mut LocalCluster) -> Result<Verdict> {
+    let cfg = VerifyConfig { brokers: cluster.bootstrap(), ..cfg };
+    run_with(cfg, Some(cluster))
+}
+
+fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Verdict> {
+    if cluster.is_none() {
+        check_process_targets(&cfg)?;
     }
-    let mut cfg = cfg;
-    if cfg.faults.contains(&Fault::Partition) && cfg.partition_addrs.is_empty() {
-        use std::net::ToSocketAddrs;
-        for b in cfg.brokers.split(',') {
-            let addr = b.trim().to_socket_addrs().with_context(|| format!("resolving {b}"))?.next();
-            cfg.partition_addrs.extend(addr);
-        }
+    let partitions = create_topic(&cfg)?;
+    if let Some(cluster) = cluster.as_deref() {
+        wait_for_leaders(&cfg.topic, partitions, cluster)?;
     }
-    let cfg = cfg;
-    let partitions = {
-        let rt = compio::runtime::Runtime::new()?;
-        rt.block_on(async {
-            let client =
-                Client::connect(&cfg.brokers).await.with_context(|| format!("connecting to {}", cfg.brokers))?;
-            match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &[]).await {
-                Ok(()) | Err(ClientError::Broker(ErrorCode::TOPIC_ALREADY_EXISTS, _)) => {}
-                Err(e) => return Err(e).context("creating the topic"),
-            }
-            Ok::<_, anyhow::Error>(client.partition_count(&cfg.topic).await?)
-        })?
-    };
     let start = Instant::now();
     let ops: Arc<Mutex<Vec<check::Op>>> = Arc::default();
     let stop_producers = Arc::new(AtomicBool::new(false));
@@ -167,7 +306,10 @@ pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
         let process = (cfg.producers + i) as u32;
         threads.push(std::thread::spawn(move || consumer(process, &cfg, partitions, start, &ops, &stop, false)));
     }
-    let faults = inject_faults(&cfg, start)?;
+    let faults = match cluster {
+        Some(cluster) => inject_cluster_faults(&cfg, cluster, partitions, start),
+        None => inject_faults(&cfg, start),
+    };
     stop_producers.store(true, Ordering::Relaxed);
     // Let consumers see the tail, then stop them.
     std::thread::sleep(Duration::from_secs(2));
@@ -178,6 +320,7 @@ pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
             Err(_) => bail!("a workload thread panicked"),
         }
     }
+    let fault_log = faults?;
     // The final read: every partition from its start to its end.
     let final_process = (cfg.producers + cfg.consumers) as u32;
     let done = Arc::new(AtomicBool::new(false));
@@ -192,12 +335,119 @@ pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
     for op in all {
         history.push(op);
     }
+    let excused = if cfg.acks == Acks::Leader { excuse_losses(&mut history, &fault_log, cfg.loss_window) } else { 0 };
     if let Some(path) = &cfg.history {
         let f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
         history.write_json_lines(std::io::BufWriter::new(f)).with_context(|| format!("writing {}", path.display()))?;
     }
     let report = check::check(&history);
-    Ok(Verdict { history, report, faults })
+    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused })
+}
+
+/// With `acks=leader`: turns every acknowledged send missing from the final read whose
+/// acknowledgement falls in a fault's loss window into an unknown outcome, and returns how
+/// many. A fault counts for a send if it hit a node leading the send's partition (or a node
+/// of unknown leadership) and began
+///
+/// - between `window.detection` before and `window.before` after the acknowledgement (the
+///   leader acknowledged within a lease of losing its place), or
+/// - after the send was invoked and before it was acknowledged (the leader appended it, then
+///   stopped; the answer left when it resumed).
+///
+/// Losses outside every window stay acknowledged, so `lost-write` reports them.
+pub fn excuse_losses(history: &mut History, faults: &[FaultEvent], window: LossWindow) -> u64 {
+    let mut read: BTreeMap<u32, std::collections::BTreeSet<u64>> = BTreeMap::new();
+    for op in &history.ops {
+        if let check::Op::Poll(p) = op {
+            if p.final_read {
+                read.entry(p.partition.0).or_default().extend(p.records.iter().map(|(_, v)| v.0));
+            }
+        }
+    }
+    let before_us = u64::try_from(window.before.as_micros()).unwrap_or(u64::MAX);
+    let detection_us = u64::try_from(window.detection.as_micros()).unwrap_or(u64::MAX);
+    let mut excused = 0;
+    for op in &mut history.ops {
+        let check::Op::Send(s) = op else { continue };
+        let SendOutcome::Ok { partition, .. } = s.outcome else { continue };
+        if read.get(&partition.0).is_some_and(|r| r.contains(&s.value.0)) {
+            continue;
+        }
+        let (invoked, acked) = (s.invoke_us, s.complete_us);
+        let in_window = faults.iter().any(|f| {
+            let hits = f.partitions.is_empty() || f.partitions.contains(&partition.0);
+            let near_ack =
+                f.start_us.saturating_add(detection_us) >= acked && f.start_us <= acked.saturating_add(before_us);
+            let in_flight = f.start_us >= invoked && f.start_us <= acked;
+            hits && (near_ack || in_flight)
+        });
+        if in_window {
+            s.outcome = SendOutcome::Unknown;
+            excused += 1;
+        } else {
+            tracing::warn!(
+                value = s.value.0,
+                partition = partition.0,
+                acked_us = acked,
+                "acks=leader loss outside every window"
+            );
+        }
+    }
+    excused
+}
+
+fn check_process_targets(cfg: &VerifyConfig) -> Result<()> {
+    if cfg.faults.contains(&Fault::Kill) && cfg.restart.len() != cfg.pids.len() {
+        bail!("--faults kill needs one --restart command per --pids entry");
+    }
+    let process_faults = cfg.faults.iter().any(|f| *f != Fault::Partition);
+    if process_faults && cfg.pids.is_empty() {
+        bail!("--faults kill or pause needs --pids");
+    }
+    if cfg.faults.contains(&Fault::Partition) && cfg.partition_addrs.is_empty() && broker_addrs(cfg)?.is_empty() {
+        bail!("--faults partition needs --partition-addrs or --brokers");
+    }
+    Ok(())
+}
+
+fn broker_addrs(cfg: &VerifyConfig) -> Result<Vec<std::net::SocketAddr>> {
+    use std::net::ToSocketAddrs;
+    let mut addrs = Vec::new();
+    for b in cfg.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+        addrs.extend(b.to_socket_addrs().with_context(|| format!("resolving {b}"))?.next());
+    }
+    Ok(addrs)
+}
+
+/// Creates the topic (if missing) and returns its partition count.
+fn create_topic(cfg: &VerifyConfig) -> Result<u32> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = Client::connect(&cfg.brokers).await.with_context(|| format!("connecting to {}", cfg.brokers))?;
+        match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &cfg.topic_configs).await {
+            Ok(()) | Err(ClientError::Broker(ErrorCode::TOPIC_ALREADY_EXISTS, _)) => {}
+            Err(e) => return Err(e).context("creating the topic"),
+        }
+        Ok::<_, anyhow::Error>(client.partition_count(&cfg.topic).await?)
+    })
+}
+
+/// Waits until every partition of `topic` has a leader (topic creation goes through the
+/// controller, so a new topic's partitions get leaders a moment later).
+fn wait_for_leaders(topic: &str, partitions: u32, cluster: &LocalCluster) -> Result<()> {
+    let probe = Probe::new(cluster.addrs(), PROBE_TIMEOUT)?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let views = probe.partitions(topic).unwrap_or_default();
+        let led = views.values().filter(|v| v.leader != 0).count();
+        if led as u32 >= partitions {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{topic}: {led} of {partitions} partitions have a leader after 30 s: {views:?}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn producer(
@@ -210,7 +460,7 @@ fn producer(
 ) -> Result<()> {
     let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let client = Client::connect(&cfg.brokers).await?;
+        let client = Client::with_config(client_config(cfg)).await?;
         let config = ProducerConfig {
             acks: cfg.acks,
             linger: Duration::ZERO,
@@ -279,7 +529,7 @@ fn consumer(
     rt.block_on(async {
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = loop {
-            match Client::connect(&cfg.brokers).await {
+            match Client::with_config(client_config(cfg)).await {
                 Ok(c) => break c,
                 Err(e) if Instant::now() < deadline => {
                     tracing::debug!(error = %e, "consumer connect failed; retrying");
@@ -355,10 +605,12 @@ fn consumer(
     })
 }
 
-/// Injects faults until the run's duration is over, then heals everything. Returns how many.
-fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
+/// Injects faults into `cfg.pids` / `cfg.partition_addrs` until the run's duration is over;
+/// each fault heals itself before the next.
+fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<Vec<FaultEvent>> {
+    let partition_addrs = if cfg.partition_addrs.is_empty() { broker_addrs(cfg)? } else { cfg.partition_addrs.clone() };
     let mut pids = cfg.pids.clone();
-    let mut count = 0;
+    let mut log = Vec::new();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
     let mut next = start + cfg.fault_interval;
     while start.elapsed() < cfg.duration {
@@ -367,14 +619,14 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
             continue;
         }
         next += cfg.fault_interval;
-        let fault = cfg.faults[(skein_log::storage::splitmix(&mut seed) % cfg.faults.len() as u64) as usize];
-        let targets = if fault == Fault::Partition { cfg.partition_addrs.len() } else { pids.len() };
-        let i = (skein_log::storage::splitmix(&mut seed) % targets.max(1) as u64) as usize;
-        count += 1;
+        let fault = cfg.faults[random(&mut seed, cfg.faults.len())];
+        let targets = if fault == Fault::Partition { partition_addrs.len() } else { pids.len() };
+        let i = random(&mut seed, targets.max(1));
+        let start_us = micros(start);
         match fault {
             Fault::Partition => {
-                let addr = cfg.partition_addrs[i];
-                let ms = 300 + skein_log::storage::splitmix(&mut seed) % 1500;
+                let addr = partition_addrs[i];
+                let ms = hold_ms(&mut seed);
                 let cut = NetCut::new(addr)?;
                 tracing::info!(%addr, ms, "partitioned");
                 std::thread::sleep(Duration::from_millis(ms));
@@ -382,7 +634,7 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
             }
             Fault::Pause => {
                 signal(pids[i], "STOP")?;
-                let ms = 300 + skein_log::storage::splitmix(&mut seed) % 1500;
+                let ms = hold_ms(&mut seed);
                 std::thread::sleep(Duration::from_millis(ms));
                 signal(pids[i], "CONT")?;
                 tracing::info!(pid = pids[i], ms, "paused");
@@ -404,10 +656,146 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<usize> {
                 tracing::info!(old = pids[i], new = pid, "killed and restarted");
                 pids[i] = pid;
             }
+            other => bail!("--faults {other} needs a cluster started by skein-loadgen (--cluster-bin)"),
         }
+        let node = i as u32 + 1;
+        log.push(FaultEvent { fault, node, partitions: Vec::new(), start_us, end_us: micros(start) });
     }
-    Ok(count)
+    Ok(log)
 }
+
+/// Injects faults into `cluster` until the run's duration is over, then heals everything
+/// (also when a fault failed).
+fn inject_cluster_faults(
+    cfg: &VerifyConfig,
+    cluster: &mut LocalCluster,
+    partitions: u32,
+    start: Instant,
+) -> Result<Vec<FaultEvent>> {
+    let network = cfg.faults.iter().any(|f| matches!(f, Fault::Isolate | Fault::CutLeader | Fault::OneWay));
+    let mut chaos = if network { Some(NetChaos::new(cluster.ips())?) } else { None };
+    let mut log = Vec::new();
+    let result = cluster_fault_loop(cfg, cluster, chaos.as_mut(), partitions, start, &mut log);
+    let healed = chaos.as_mut().map_or(Ok(()), NetChaos::heal).and_then(|()| cluster.heal());
+    result?;
+    healed.context("healing the cluster")?;
+    Ok(log)
+}
+
+fn cluster_fault_loop(
+    cfg: &VerifyConfig,
+    cluster: &mut LocalCluster,
+    mut chaos: Option<&mut NetChaos>,
+    partitions: u32,
+    start: Instant,
+    log: &mut Vec<FaultEvent>,
+) -> Result<()> {
+    let probe = Probe::new(cluster.addrs(), PROBE_TIMEOUT)?;
+    let nodes = cluster.ids().count();
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
+    let mut next = start + cfg.fault_interval;
+    while start.elapsed() < cfg.duration {
+        std::thread::sleep(Duration::from_millis(50));
+        if cfg.faults.is_empty() || Instant::now() < next {
+            continue;
+        }
+        next += cfg.fault_interval;
+        let fault = cfg.faults[random(&mut seed, cfg.faults.len())];
+        let views = probe.partitions(&cfg.topic).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no leadership known before the fault");
+            BTreeMap::new()
+        });
+        let partition = random(&mut seed, partitions as usize) as u32;
+        let random_node = random(&mut seed, nodes) as u32 + 1;
+        let leader = views.get(&partition).map_or(0, |v| v.leader);
+        let node = match fault {
+            Fault::KillLeader | Fault::PauseLeader | Fault::CutLeader | Fault::OneWay if leader != 0 => leader,
+            _ => random_node,
+        };
+        let led = led_by(&views, node);
+        let hold = Duration::from_millis(hold_ms(&mut seed));
+        let start_us = micros(start);
+        tracing::info!(%fault, node, ?led, ?hold, "fault");
+        match fault {
+            Fault::Kill | Fault::KillLeader => {
+                cluster.kill(node)?;
+                std::thread::sleep(hold / 2);
+                cluster.restart(node)?;
+            }
+            Fault::Pause | Fault::PauseLeader => {
+                cluster.pause(node)?;
+                std::thread::sleep(hold);
+                cluster.resume(node)?;
+            }
+            Fault::Partition => {
+                let cut = NetCut::new(cluster.addr(node))?;
+                std::thread::sleep(hold);
+                drop(cut);
+            }
+            Fault::Isolate | Fault::CutLeader | Fault::OneWay => {
+                let chaos = chaos.as_deref_mut().context("network faults need the nft table")?;
+                match fault {
+                    Fault::Isolate => chaos.isolate(node)?,
+                    Fault::CutLeader => chaos.cut_from_brokers(node)?,
+                    _ => {
+                        let follower = follower_of(views.get(&partition), node, nodes as u32, &mut seed);
+                        if random(&mut seed, 2) == 0 {
+                            chaos.one_way(node, follower)?;
+                        } else {
+                            chaos.one_way(follower, node)?;
+                        }
+                    }
+                }
+                std::thread::sleep(hold);
+                chaos.heal()?;
+            }
+        }
+        log.push(FaultEvent { fault, node, partitions: led, start_us, end_us: micros(start) });
+    }
+    Ok(())
+}
+
+/// The partitions `node` leads in `views`; empty (meaning: all) if leadership is unknown.
+fn led_by(views: &BTreeMap<u32, PartitionView>, node: u32) -> Vec<u32> {
+    if views.is_empty() {
+        return Vec::new();
+    }
+    views.iter().filter(|(_, v)| v.leader == node).map(|(&p, _)| p).collect()
+}
+
+/// A replica of the partition other than `leader` (any other node if unknown).
+fn follower_of(view: Option<&PartitionView>, leader: u32, nodes: u32, seed: &mut u64) -> u32 {
+    let replicas: Vec<u32> =
+        view.map(|v| v.replicas.iter().copied().filter(|&r| r != leader).collect()).unwrap_or_default();
+    if replicas.is_empty() {
+        let others: Vec<u32> = (1..=nodes).filter(|&n| n != leader).collect();
+        return others.get(random(seed, others.len().max(1))).copied().unwrap_or(leader);
+    }
+    replicas[random(seed, replicas.len())]
+}
+
+fn random(seed: &mut u64, n: usize) -> usize {
+    (skein_log::storage::splitmix(seed) % n.max(1) as u64) as usize
+}
+
+/// How long a pause or a cut lasts: 0.3 to 1.8 s, around the session timeout.
+fn hold_ms(seed: &mut u64) -> u64 {
+    300 + skein_log::storage::splitmix(seed) % 1500
+}
+
+/// The workload's connection settings: a request a paused or cut-off broker never answers
+/// ends after [`CLIENT_REQUEST_TIMEOUT`] (recorded as unknown), not after the client's default
+/// 30 s, so the workload keeps going through network faults.
+fn client_config(cfg: &VerifyConfig) -> ClientConfig {
+    ClientConfig { brokers: cfg.brokers.clone(), request_timeout: CLIENT_REQUEST_TIMEOUT, ..ClientConfig::default() }
+}
+
+/// Longer than the producers' own produce timeout (5 s), so the broker answers first when it
+/// can.
+const CLIENT_REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
+
+/// Each broker's metadata answer is awaited this long before the fault thread moves on.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// An `nft` table dropping TCP packets to one address while it lives.
 struct NetCut {
@@ -438,29 +826,107 @@ impl Drop for NetCut {
     }
 }
 
-fn nft(script: &str) -> Result<()> {
-    use std::io::Write;
-    let mut child = std::process::Command::new("nft")
-        .args(["-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .context("running nft")?;
-    child.stdin.take().context("nft stdin")?.write_all(script.as_bytes())?;
-    let status = child.wait()?;
-    if !status.success() {
-        bail!("nft -f - failed for:\n{script}");
-    }
-    Ok(())
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn signal(pid: u32, sig: &str) -> Result<()> {
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .context("running kill")?;
-    if !status.success() {
-        bail!("kill -{sig} {pid} failed");
+    fn send(value: u64, invoke_us: u64, complete_us: u64) -> check::Op {
+        check::Op::Send(SendOp {
+            process: check::ProcessId(0),
+            partition: Some(check::PartitionId(0)),
+            key: None,
+            value: check::Value(value),
+            invoke_us,
+            complete_us,
+            outcome: SendOutcome::Ok { partition: check::PartitionId(0), offset: check::Offset(value) },
+        })
     }
-    Ok(())
+
+    fn fault(start_us: u64, partitions: Vec<u32>) -> FaultEvent {
+        FaultEvent { fault: Fault::KillLeader, node: 1, partitions, start_us, end_us: start_us + 1 }
+    }
+
+    /// Sends of values 0..n acknowledged at `acks[i]` (invoked 1 ms earlier), of which the
+    /// final read saw `read`; returns which were excused.
+    fn check(acks: &[u64], read: &[u64], faults: &[FaultEvent]) -> Vec<u64> {
+        let mut history = History::new();
+        for (v, &at) in acks.iter().enumerate() {
+            history.push(send(v as u64, at.saturating_sub(1_000), at));
+        }
+        history.push(check::Op::Poll(PollOp {
+            process: check::ProcessId(1),
+            partition: check::PartitionId(0),
+            from: check::Offset(0),
+            records: read.iter().map(|&v| (check::Offset(v), check::Value(v))).collect(),
+            high_watermark: None,
+            invoke_us: 0,
+            complete_us: 0,
+            final_read: true,
+        }));
+        let window = LossWindow::new(Duration::from_millis(250), Duration::from_millis(100));
+        let n = excuse_losses(&mut history, faults, window);
+        let excused: Vec<u64> = history
+            .ops
+            .iter()
+            .filter_map(|op| match op {
+                check::Op::Send(s) if s.outcome == SendOutcome::Unknown => Some(s.value.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(n as usize, excused.len());
+        excused
+    }
+
+    #[test]
+    fn losses_acknowledged_within_a_lease_of_the_fault_are_excused() {
+        // Fault at 10 s; window 350 ms on both sides.
+        let acks = [9_000_000, 9_700_000, 10_000_000, 10_300_000, 10_400_000];
+        assert_eq!(check(&acks, &[], &[fault(10_000_000, vec![0])]), [1, 2, 3]);
+    }
+
+    #[test]
+    fn records_read_back_or_on_other_partitions_are_not_excused() {
+        let acks = [9_900_000, 9_950_000];
+        assert_eq!(check(&acks, &[0], &[fault(10_000_000, vec![0])]), [1]);
+        assert!(check(&acks, &[], &[fault(10_000_000, vec![2])]).is_empty());
+        // Unknown leadership counts for every partition.
+        assert_eq!(check(&acks, &[], &[fault(10_000_000, vec![])]), [0, 1]);
+    }
+
+    #[test]
+    fn a_request_in_flight_across_the_fault_is_excused() {
+        // Invoked at 9.999 s, acknowledged after a 2 s pause of the leader.
+        let mut history = History::new();
+        history.push(send(0, 9_999_000, 12_000_000));
+        let window = LossWindow::new(Duration::from_millis(250), Duration::from_millis(100));
+        assert_eq!(excuse_losses(&mut history, &[fault(10_000_000, vec![0])], window), 1);
+    }
+
+    fn view(leader: u32, replicas: &[u32]) -> PartitionView {
+        PartitionView { leader, leader_epoch: 1, replicas: replicas.to_vec(), isr: replicas.to_vec() }
+    }
+
+    #[test]
+    fn faults_are_attributed_to_the_partitions_their_node_led() {
+        let views: BTreeMap<u32, PartitionView> =
+            [(0, view(1, &[1, 2, 3])), (1, view(2, &[2, 3, 1])), (2, view(1, &[3, 1, 2]))].into();
+        assert_eq!(led_by(&views, 1), [0, 2]);
+        assert!(led_by(&views, 3).is_empty());
+        assert!(led_by(&BTreeMap::new(), 3).is_empty(), "unknown leadership: every partition");
+        let mut seed = 7;
+        for _ in 0..20 {
+            let f = follower_of(views.get(&1), 2, 3, &mut seed);
+            assert!(f == 3 || f == 1, "a replica other than the leader: {f}");
+            let f = follower_of(None, 2, 3, &mut seed);
+            assert!(f == 3 || f == 1, "without metadata, another node: {f}");
+        }
+    }
+
+    #[test]
+    fn fault_names_round_trip() {
+        for f in Fault::ALL {
+            assert_eq!(f.name().parse::<Fault>(), Ok(f));
+        }
+        assert!("kill-everything".parse::<Fault>().unwrap_err().contains("cut-leader"));
+    }
 }

@@ -184,3 +184,19 @@ impl Drop for Child {
         let _ = self.0.wait();
     }
 }
+
+#[test]
+fn cluster_faults_and_failover_kills_need_a_cluster_started_by_loadgen() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skein-loadgen"))
+        .args(["verify", "--brokers", "127.0.0.1:1", "--faults", "kill-leader"])
+        .output()
+        .expect("run skein-loadgen");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("kill-leader needs a cluster") && err.contains("--cluster-bin"), "{err}");
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_skein-loadgen")).args(["failover", "--kills", "1"]).output().expect("run");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cluster-bin"), "{err}");
+}

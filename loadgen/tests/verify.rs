@@ -65,6 +65,7 @@ fn verify_passes_against_a_broker_killed_and_paused_under_load() {
         fault_interval: std::time::Duration::from_millis(1200),
         partition_addrs: vec![],
         history: Some(history.clone()),
+        ..skein_loadgen::verify::VerifyConfig::default()
     };
     let verdict = skein_loadgen::verify::run(cfg);
     // Stop whichever broker process is current (the last restart's).

@@ -7,6 +7,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use skein_client::Acks;
+use skein_loadgen::cluster::{ClusterConfig, LocalCluster};
 use skein_loadgen::keys::KeyDistribution;
 use skein_loadgen::load::{self, LoadConfig, Mode};
 use skein_loadgen::report::{self, Report};
@@ -31,8 +32,13 @@ enum Command {
     Limits(LimitsArgs),
     /// A checked workload: records a history, checks it (lost, duplicated, reordered or
     /// phantom records; session guarantees), prints a verdict per check; exit 1 on any
-    /// violation. Optionally kills/restarts or pauses broker processes meanwhile.
+    /// violation. Optionally kills/restarts or pauses broker processes meanwhile; with
+    /// --cluster-bin it starts its own local cluster and can hit leaders and the network.
     Verify(VerifyArgs),
+    /// Failover time: kills the partition leader of a local cluster N times under an acks=all
+    /// producer and measures kill to the first acknowledgement of a record sent after it;
+    /// with --steady, a run without faults counting leader changes.
+    Failover(FailoverArgs),
     /// Draws several JSON reports' latency curves on one chart.
     Plot {
         /// Reports written with --report.
@@ -122,9 +128,13 @@ struct VerifyArgs {
     /// Partitions when creating the topic.
     #[arg(long, default_value_t = 3)]
     partitions: u32,
-    /// Replicas when creating the topic.
-    #[arg(long, default_value_t = 1)]
-    replicas: u16,
+    /// Replicas when creating the topic (default: 1, or min(3, --nodes) with --cluster-bin).
+    #[arg(long)]
+    replicas: Option<u16>,
+    /// The topic's min.insync.replicas (default with --cluster-bin and several replicas: 2;
+    /// 0: not set).
+    #[arg(long)]
+    min_insync_replicas: Option<u16>,
     /// Producer threads.
     #[arg(long, default_value_t = 2)]
     producers: usize,
@@ -141,7 +151,8 @@ struct VerifyArgs {
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     duration: Duration,
     /// Faults to inject, comma-separated: kill, pause, partition (an nft rule dropping TCP to
-    /// one broker address; needs root and nftables).
+    /// one broker address; needs root and nftables); with --cluster-bin also kill-leader,
+    /// pause-leader, isolate, cut-leader, one-way (network faults need root and nftables).
     #[arg(long, value_delimiter = ',')]
     faults: Vec<skein_loadgen::verify::Fault>,
     /// Broker process ids to inject faults into, comma-separated.
@@ -161,6 +172,62 @@ struct VerifyArgs {
     #[arg(long)]
     history: Option<PathBuf>,
     /// Write the checker's report here (JSON).
+    #[arg(long)]
+    report: Option<PathBuf>,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// The brokers' --lease-ms (the acks=leader loss window is lease + margin).
+    #[arg(long, default_value_t = skein_loadgen::verify::LEASE_MS_DEFAULT)]
+    lease_ms: u64,
+    /// The margin added to the lease in the acks=leader loss window.
+    #[arg(long, default_value_t = 250)]
+    loss_margin_ms: u64,
+}
+
+/// A local cluster started by skein-loadgen.
+#[derive(Args)]
+struct ClusterArgs {
+    /// Start a local cluster of this skein-broker binary (nodes on 127.0.0.11, .12, ...) in a
+    /// temporary directory and run against it instead of --brokers.
+    #[arg(long)]
+    cluster_bin: Option<PathBuf>,
+    /// Nodes of that cluster.
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    /// Keep the cluster's data and logs here instead of a temporary directory.
+    #[arg(long)]
+    cluster_dir: Option<PathBuf>,
+    /// An extra argument for every broker (repeat: --broker-arg=--lease-ms --broker-arg=250).
+    #[arg(long, allow_hyphen_values = true)]
+    broker_arg: Vec<String>,
+}
+
+#[derive(Args)]
+struct FailoverArgs {
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// With --steady and no --cluster-bin: the running cluster to measure.
+    #[arg(long, env = "SKEIN_BROKERS")]
+    brokers: Option<String>,
+    /// Topic (created with one partition).
+    #[arg(long, default_value = "failover")]
+    topic: String,
+    /// Leader kills.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Replicas of the topic.
+    #[arg(long, default_value_t = 3)]
+    replicas: u16,
+    /// The topic's min.insync.replicas (0: not set).
+    #[arg(long, default_value_t = 2)]
+    min_insync_replicas: u16,
+    /// Time between sends (open loop); 0: as fast as the producer takes records.
+    #[arg(long, default_value = "1ms", value_parser = parse_duration)]
+    send_interval: Duration,
+    /// Instead of kills: run this long without faults and report leader changes.
+    #[arg(long, value_parser = parse_duration)]
+    steady: Option<Duration>,
+    /// Write the JSON report here (kills, failover_ms {p50, p90, max}, samples_ms).
     #[arg(long)]
     report: Option<PathBuf>,
 }
@@ -209,40 +276,8 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Command::Verify(a) => {
-            let cfg = skein_loadgen::verify::VerifyConfig {
-                brokers: a.brokers,
-                topic: a.topic,
-                partitions: a.partitions,
-                replicas: a.replicas,
-                producers: a.producers,
-                consumers: a.consumers,
-                rate: a.rate,
-                acks: a.acks,
-                duration: a.duration,
-                faults: a.faults,
-                pids: a.pids,
-                restart: a.restart,
-                fault_interval: a.fault_interval,
-                partition_addrs: a.partition_addrs,
-                history: a.history,
-            };
-            let v = skein_loadgen::verify::run(cfg)?;
-            let (sends, polls) = v.history.ops.iter().fold((0, 0), |(s, p), op| match op {
-                skein_broker::check::Op::Send(_) => (s + 1, p),
-                skein_broker::check::Op::Poll(_) => (s, p + 1),
-                skein_broker::check::Op::Gap(_) => (s, p),
-            });
-            println!("history: {sends} sends, {polls} polls, {} faults injected", v.faults);
-            print!("{}", v.report);
-            if let Some(path) = a.report {
-                write_json(&path, &v.report)?;
-            }
-            if !v.report.ok() {
-                bail!("the history violates {} check(s)", v.report.results.iter().filter(|r| r.failed()).count());
-            }
-            Ok(())
-        }
+        Command::Verify(a) => verify_command(a),
+        Command::Failover(a) => failover_command(a),
         Command::Plot { reports, output } => {
             let mut series = Vec::new();
             for path in &reports {
@@ -256,6 +291,162 @@ fn run(cli: Cli) -> Result<()> {
             plot::latency_by_percentile(&output, "latency by percentile", &series)?;
             println!("wrote {}", output.display());
             Ok(())
+        }
+    }
+}
+
+fn verify_command(a: VerifyArgs) -> Result<()> {
+    use skein_loadgen::verify::{self, LossWindow, VerifyConfig};
+    let mut cluster = a.cluster.start()?;
+    let replicas = a.replicas.unwrap_or(if cluster.is_some() { a.cluster.nodes.min(3) as u16 } else { 1 });
+    let min_isr = match a.min_insync_replicas {
+        Some(0) => None,
+        Some(n) => Some(n),
+        None if cluster.is_some() && replicas > 1 => Some(replicas.min(2)),
+        None => None,
+    };
+    let cfg = VerifyConfig {
+        brokers: a.brokers,
+        topic: a.topic,
+        partitions: a.partitions,
+        replicas,
+        producers: a.producers,
+        consumers: a.consumers,
+        rate: a.rate,
+        acks: a.acks,
+        duration: a.duration,
+        faults: a.faults,
+        pids: a.pids,
+        restart: a.restart,
+        fault_interval: a.fault_interval,
+        partition_addrs: a.partition_addrs,
+        history: a.history,
+        topic_configs: min_isr.map(|n| ("min.insync.replicas".to_owned(), n.to_string())).into_iter().collect(),
+        loss_window: LossWindow::new(Duration::from_millis(a.lease_ms), Duration::from_millis(a.loss_margin_ms)),
+    };
+    let v = match cluster.as_mut() {
+        Some(c) => verify::run_cluster(cfg, &mut c.cluster),
+        None => verify::run(cfg),
+    };
+    let v = match v {
+        Ok(v) => v,
+        Err(e) => {
+            if let Some(c) = cluster {
+                c.keep();
+            }
+            return Err(e);
+        }
+    };
+    let (sends, polls) = v.history.ops.iter().fold((0, 0), |(s, p), op| match op {
+        skein_broker::check::Op::Send(_) => (s + 1, p),
+        skein_broker::check::Op::Poll(_) => (s, p + 1),
+        skein_broker::check::Op::Gap(_) => (s, p),
+    });
+    println!("history: {sends} sends, {polls} polls, {} faults injected", v.faults);
+    for f in &v.fault_log {
+        println!(
+            "fault {:<12} node {} at {:>8.3} s for {:>6.3} s (led partitions {:?})",
+            f.fault.name(),
+            f.node,
+            f.start_us as f64 / 1e6,
+            f.end_us.saturating_sub(f.start_us) as f64 / 1e6,
+            f.partitions
+        );
+    }
+    if a.acks == Acks::Leader {
+        println!("acks=leader: {} acknowledged record(s) lost inside the loss window, excused", v.excused);
+    }
+    print!("{}", v.report);
+    if let Some(path) = a.report {
+        write_json(&path, &v.report)?;
+    }
+    if !v.report.ok() {
+        if let Some(c) = cluster {
+            c.keep();
+        }
+        bail!("the history violates {} check(s)", v.report.results.iter().filter(|r| r.failed()).count());
+    }
+    Ok(())
+}
+
+fn failover_command(a: FailoverArgs) -> Result<()> {
+    use skein_loadgen::failover::{self, FailoverConfig};
+    let cfg = FailoverConfig {
+        topic: a.topic,
+        replicas: a.replicas,
+        min_insync_replicas: a.min_insync_replicas,
+        kills: a.kills,
+        send_interval: (!a.send_interval.is_zero()).then_some(a.send_interval),
+        ..FailoverConfig::default()
+    };
+    let mut cluster = a.cluster.start()?;
+    if let Some(duration) = a.steady {
+        let brokers = match (&cluster, a.brokers) {
+            (Some(c), _) => c.cluster.bootstrap(),
+            (None, Some(b)) => b,
+            (None, None) => bail!("--steady needs --cluster-bin or --brokers"),
+        };
+        let r = failover::steady(&cfg, &brokers, duration)?;
+        println!(
+            "steady {:.1} s: {} acknowledged ({:.0}/s), {} failed, leader changes {}",
+            r.seconds, r.acked, r.acked_per_sec, r.failed, r.leader_changes
+        );
+        println!("leaders before {:?}\nleaders after  {:?}", r.leaders_before, r.leaders_after);
+        if let Some(path) = &a.report {
+            write_json(path, &r)?;
+        }
+        return Ok(());
+    }
+    let Some(c) = cluster.as_mut() else {
+        bail!("failover kills need --cluster-bin (a cluster skein-loadgen started)");
+    };
+    let r = match failover::run(&cfg, &mut c.cluster) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(c) = cluster {
+                c.keep();
+            }
+            return Err(e);
+        }
+    };
+    print!("{}", failover::table(&r));
+    if let Some(path) = &a.report {
+        write_json(path, &r)?;
+    }
+    Ok(())
+}
+
+impl ClusterArgs {
+    /// Starts the cluster if --cluster-bin was given.
+    fn start(&self) -> Result<Option<OwnedCluster>> {
+        let Some(bin) = &self.cluster_bin else { return Ok(None) };
+        let (dir, temp) = match &self.cluster_dir {
+            Some(d) => (d.clone(), None),
+            None => {
+                let t = tempfile::tempdir().context("creating the cluster's directory")?;
+                (t.path().to_path_buf(), Some(t))
+            }
+        };
+        let mut config = ClusterConfig::new(bin, &dir, self.nodes)?;
+        config.extra_args = self.broker_arg.clone();
+        eprintln!("skein-loadgen: starting {} brokers in {}", self.nodes, dir.display());
+        let cluster = LocalCluster::start(config)?;
+        Ok(Some(OwnedCluster { cluster, temp }))
+    }
+}
+
+/// A cluster and its temporary directory (deleted after the brokers are killed).
+struct OwnedCluster {
+    cluster: LocalCluster,
+    temp: Option<tempfile::TempDir>,
+}
+
+impl OwnedCluster {
+    /// Kills the brokers but keeps the directory (data and logs) for a post-mortem.
+    fn keep(mut self) {
+        self.cluster.stop_all();
+        if let Some(t) = self.temp.take() {
+            eprintln!("skein-loadgen: kept the cluster's data and logs in {}", t.keep().display());
         }
     }
 }

@@ -1,0 +1,87 @@
+//! Multi-process chaos against a local 3-node cluster of real `skein-broker` processes:
+//! `verify` with leader kills, pauses, isolation, the leader cut from the other brokers and
+//! one-way cuts (acks=all, 3 replicas, min.insync.replicas=2, idempotent producers) passes
+//! every check; and `failover` measures kill -9 of the leader to the first new
+//! acknowledgement. Both need the broker's cluster mode (`--voters`) and root with nftables.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use skein_loadgen::cluster::{ClusterConfig, LocalCluster};
+use skein_loadgen::failover::{self, FailoverConfig};
+use skein_loadgen::verify::{self, Fault, VerifyConfig};
+
+/// The broker binary of this build (built here if missing).
+fn broker_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
+    let bin = dir.join("skein-broker");
+    if !bin.exists() {
+        let status = Command::new(env!("CARGO"))
+            .args(["build", "-p", "skein-broker", "--bin", "skein-broker"])
+            .status()
+            .expect("run cargo build");
+        assert!(status.success(), "building skein-broker failed");
+    }
+    bin
+}
+
+fn cluster(dir: &std::path::Path) -> LocalCluster {
+    let config = ClusterConfig::new(broker_binary(), dir, 3).expect("free ports");
+    LocalCluster::start(config).expect("3 brokers ready")
+}
+
+#[test]
+
+fn verify_passes_under_leader_kills_pauses_and_network_cuts() {
+    assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    let cfg = VerifyConfig {
+        topic: "chaos".into(),
+        partitions: 3,
+        replicas: 3,
+        topic_configs: vec![("min.insync.replicas".into(), "2".into())],
+        producers: 2,
+        consumers: 2,
+        rate: 200.0,
+        duration: Duration::from_secs(45),
+        fault_interval: Duration::from_secs(3),
+        faults: vec![Fault::KillLeader, Fault::Pause, Fault::Isolate, Fault::CutLeader, Fault::OneWay],
+        history: Some(dir.path().join("history.jsonl")),
+        ..VerifyConfig::default()
+    };
+    let verdict = verify::run_cluster(cfg, &mut cluster);
+    drop(cluster);
+    let verdict = verdict.expect("verify ran");
+    let logs = dir.path().display();
+    assert!(verdict.report.ok(), "{} (history and broker logs in {logs})", verdict.report);
+    assert!(verdict.report.not_run().is_empty(), "every check ran: {}", verdict.report);
+    assert!(verdict.faults >= 8, "faults injected: {} ({:?})", verdict.faults, verdict.fault_log);
+    assert_eq!(verdict.excused, 0, "acks=all excuses nothing");
+    let kinds: std::collections::BTreeSet<&str> = verdict.fault_log.iter().map(|f| f.fault.name()).collect();
+    assert!(kinds.len() >= 3, "several kinds of fault were injected: {kinds:?}");
+    let acked = verdict
+        .history
+        .ops
+        .iter()
+        .filter(|op| matches!(op, skein_broker::check::Op::Send(s) if s.ack().is_some()))
+        .count();
+    assert!(acked >= 2_000, "the workload made progress through the faults: {acked} acknowledged");
+}
+
+#[test]
+
+fn failover_after_a_leader_kill_takes_under_a_second_at_the_median() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    let cfg = FailoverConfig { kills: 5, ..FailoverConfig::default() };
+    let report = failover::run(&cfg, &mut cluster);
+    drop(cluster);
+    let report = report.expect("failover ran");
+    assert_eq!(report.kills, 5);
+    assert_eq!(report.samples_ms.len(), 5);
+    assert!(report.failover_ms.p50 < 1_000.0, "median failover {} ms: {:?}", report.failover_ms.p50, report.samples_ms);
+    assert!(report.failover_ms.max < 2_000.0, "max failover {} ms: {:?}", report.failover_ms.max, report.samples_ms);
+}
