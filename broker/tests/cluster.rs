@@ -240,12 +240,41 @@ fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
         .await;
         assert!(target.contains(&done.leader), "the new leader is a target replica");
         let leader_addr = c.addrs[c.index(done.leader)].clone();
-        assert_eq!(produce(&leader_addr, 50..60).await.0, ErrorCode::NONE);
+        // The controller's view may run ahead of the new leader's by a message: retry
+        // (NOT_LEADER and NOT_ENOUGH_REPLICAS are retriable and nothing was written).
+        wait_for("an acks=all write on the moved partition", Duration::from_secs(10), async || {
+            let (code, _) = produce(&leader_addr, 50..60).await;
+            assert!(
+                [ErrorCode::NONE, ErrorCode::NOT_LEADER, ErrorCode::NOT_ENOUGH_REPLICAS].contains(&code),
+                "{code:?}"
+            );
+            (code == ErrorCode::NONE).then_some(())
+        })
+        .await;
         assert_eq!(read_all(&leader_addr).await, (0..60).collect::<Vec<u32>>());
+        // The broker the partition moved away from deleted its copy.
+        let moved_from = c.dirs[c.index(l)].path().join("partitions");
+        wait_for("the old replica deleted", Duration::from_secs(10), async || {
+            moved_from.read_dir().is_ok_and(|mut r| r.next().is_none()).then_some(())
+        })
+        .await;
         // Bad requests are refused with a reason.
         let bad = ReassignPartitionRequest { topic: "t".into(), partition: 0, replicas: vec![1, 1] };
         let resp: ReassignPartitionResponse =
             conn(&survivor).await.call(ApiKey::ReassignPartition, &bad).await.expect("call");
         assert_eq!(resp.error, ErrorCode::INVALID_REQUEST);
+
+        // Deleting the topic removes every broker's replica directory.
+        let client = Client::connect(&survivor).await.expect("connect");
+        client.delete_topic("t").await.expect("delete");
+        let dirs = || {
+            c.dirs
+                .iter()
+                .filter(|d| d.path().join("partitions").read_dir().is_ok_and(|mut r| r.next().is_some()))
+                .count()
+        };
+        wait_for("replicas deleted on every broker", Duration::from_secs(10), async || (dirs() == 0).then_some(()))
+            .await;
+        assert!(describe(&survivor).await.is_none(), "the topic is gone from the metadata");
     });
 }

@@ -30,12 +30,17 @@ fn main() -> Result<()> {
         let terminate = pin!(compio::signal::unix::signal(SIGTERM));
         let _ = select(interrupt, terminate).await;
     };
+    let cluster = config.voters.is_some();
     let ready = move |addr| {
-        tracing::info!(node_id, %addr, data_dir = %data_dir.display(), shards, "broker ready");
+        if cluster {
+            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), "broker ready (cluster mode)");
+        } else {
+            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), shards, "broker ready");
+        }
         // Tests and scripts wait for this line; it carries the bound address (port 0 picks one).
         println!("ready {addr}");
     };
-    if config.voters.is_some() {
+    if cluster {
         skein_broker::cluster::run(config, shutdown, ready)?;
     } else {
         skein_broker::runtime::run(config, shutdown, ready)?;

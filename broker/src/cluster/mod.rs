@@ -152,6 +152,7 @@ where
         shutdown.await;
         node.controlled_shutdown().await;
         node.stopping.set(true);
+        node.close_logs();
         Ok(())
     })
 }
@@ -248,6 +249,27 @@ impl Node {
         }
     }
 
+    /// Closes every log cleanly (indexes written), so the next start need not scan.
+    fn close_logs(&self) {
+        let mut st = self.st.borrow_mut();
+        let ids: Vec<PartitionId> = st.core.replicas().map(|(p, _)| *p).collect();
+        let mut out = Vec::new();
+        for p in ids {
+            if let Some(log) = st.core.remove_replica(p, &mut out) {
+                if let Err(e) = log.close(now().timestamp()) {
+                    tracing::warn!(partition = %p, error = %e, "closing a log failed; the next start recovers it");
+                }
+            }
+        }
+        for c in out {
+            if let Command::ProduceReply { request, result } = c {
+                if let Some(tx) = st.pending.remove(&request) {
+                    let _ = tx.send(result);
+                }
+            }
+        }
+    }
+
     async fn tick_loop(self: Rc<Self>) {
         loop {
             compio::time::sleep(Duration::from_millis(TICK_MS)).await;
@@ -260,6 +282,7 @@ impl Node {
             let mut vout = Vec::new();
             st.voter.handle_tick(t, &mut vout);
             self.voter_out(&mut st, vout, &mut work);
+            self.drop_deleted(&mut st, &mut work);
             self.pump(&mut st, t, work);
         }
     }
@@ -384,7 +407,8 @@ impl Node {
             | Message::AlterIsr { .. }
             | Message::CreateTopic { .. }
             | Message::ControlledShutdown { .. }
-            | Message::Reassign { .. } => Work::Voter(from, msg),
+            | Message::Reassign { .. }
+            | Message::DeleteTopic { .. } => Work::Voter(from, msg),
             Message::Fetch(_) | Message::FetchResponse(_) => Work::Node(Peer::Node(from), msg),
             Message::HeartbeatResponse { .. } | Message::PartitionState(_) if from_controller => {
                 Work::Node(Peer::Controller, msg)
@@ -441,17 +465,17 @@ impl Node {
             Request::ApiVersions => Response::ApiVersions(api_versions()),
             Request::Metadata(r) => Response::Metadata(self.metadata(r)),
             Request::CreateTopics(r) => Response::CreateTopics(self.create_topics(r).await),
-            Request::DeleteTopics(r) => Response::DeleteTopics(DeleteTopicsResponse {
-                results: r
-                    .names
-                    .into_iter()
-                    .map(|name| TopicResult {
-                        name,
-                        error: ErrorCode::INVALID_REQUEST,
-                        message: "deleting topics is not supported in cluster mode yet".into(),
-                    })
-                    .collect(),
-            }),
+            Request::DeleteTopics(r) => {
+                let mut results = Vec::with_capacity(r.names.len());
+                for name in r.names {
+                    let (error, message) = match self.delete_topic(&name).await {
+                        Ok(()) => (ErrorCode::NONE, String::new()),
+                        Err((code, msg)) => (code, msg),
+                    };
+                    results.push(TopicResult { name, error, message });
+                }
+                Response::DeleteTopics(DeleteTopicsResponse { results })
+            }
             Request::DescribeTopics(r) => Response::DescribeTopics(self.describe(r)),
             Request::ReassignPartition(r) => {
                 let (error, message) = match self.reassign(r).await {
@@ -631,6 +655,38 @@ impl Node {
         }
     }
 
+    async fn delete_topic(&self, name: &str) -> Result<(), (ErrorCode, String)> {
+        if !self.st.borrow().voter.controller().topics().contains_key(name) {
+            return Err((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, format!("no topic '{name}'")));
+        }
+        let msg = Message::DeleteTopic { name: name.to_owned() };
+        self.until_applied(msg, |c| !c.topics().contains_key(name)).await
+    }
+
+    /// Deletes the local replicas (and their data) of deleted topics' partitions and of
+    /// partitions reassigned away from this broker. (A voter that lags shows an older state,
+    /// which still names this broker; if a newer one names it again, the replica is created
+    /// anew and catches up before it can rejoin the ISR.)
+    fn drop_deleted(&self, st: &mut State, work: &mut VecDeque<Work>) {
+        let c = st.voter.controller();
+        let gone: Vec<PartitionId> = st
+            .core
+            .replicas()
+            .map(|(p, _)| *p)
+            .filter(|p| c.deleted().contains(p) || c.partition(*p).is_some_and(|s| !s.replicas.contains(&self.id)))
+            .collect();
+        for p in gone {
+            let mut out = Vec::new();
+            if let Some(log) = st.core.remove_replica(p, &mut out) {
+                match log.delete() {
+                    Ok(()) => tracing::info!(partition = %p, "replica of a deleted topic removed"),
+                    Err(e) => fail_stop("deleting a replica", &e),
+                }
+            }
+            self.commands(st, out, work);
+        }
+    }
+
     async fn reassign(&self, r: skein_client::wire::ReassignPartitionRequest) -> Result<(), (ErrorCode, String)> {
         let p = {
             let st = self.st.borrow();
@@ -797,9 +853,11 @@ impl Node {
                     resp.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
                     return resp;
                 };
-                let leads = st.core.replica(pid).is_some_and(|r| {
-                    r.state().is_some_and(|s| s.leader == Some(self.id)) && r.leader_epoch().is_some()
-                });
+                // Like reads, offsets come from a leader with a valid lease only.
+                let leads = st.core.lease_valid(now())
+                    && st.core.replica(pid).is_some_and(|r| {
+                        r.state().is_some_and(|s| s.leader == Some(self.id)) && r.leader_epoch().is_some()
+                    });
                 let Some(r) = st.core.replica(pid).filter(|_| leads) else {
                     resp.error = ErrorCode::NOT_LEADER;
                     return resp;
@@ -960,8 +1018,9 @@ fn open_replica(config: &BrokerConfig, me: NodeId, dir: &Path, meta: &ReplicaMet
     let (replica_config, log_config) =
         replica_settings(config, &meta.configs, meta.replication).map_err(|m| anyhow::anyhow!(m))?;
     let storage = FileStorage::new(dir).with_context(|| format!("opening {}", dir.display()))?;
-    let ts = crate::runtime::wall_clock();
-    let log = Log::open(storage, log_config, ts).with_context(|| format!("recovering {}", dir.display()))?;
+    // The same clock as the core's appends (segment ages compare the two).
+    let log =
+        Log::open(storage, log_config, now().timestamp()).with_context(|| format!("recovering {}", dir.display()))?;
     Ok(Replica::new(me, PartitionId(meta.partition), replica_config, Plant::default(), log))
 }
 

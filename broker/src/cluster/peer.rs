@@ -154,6 +154,10 @@ impl Wire for PeerFrame {
                 put(w, 8u8);
                 encode_state(w, s);
             }
+            Message::DeleteTopic { name } => {
+                put(w, 12u8);
+                put(w, name.clone());
+            }
             Message::Reassign { partition, replicas } => {
                 put(w, 11u8);
                 put(w, partition.0);
@@ -254,6 +258,7 @@ impl Wire for PeerFrame {
             }
             10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
             11 => Message::Reassign { partition: PartitionId(get(r)?), replicas: get_nodes(r)? },
+            12 => Message::DeleteTopic { name: get(r)? },
             _ => return Err(DecodeError::Invalid("inter-broker message type")),
         };
         Ok(PeerFrame { from, from_controller, msg })
@@ -411,6 +416,7 @@ mod tests {
         });
         roundtrip(Message::PartitionState(state));
         roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
+        roundtrip(Message::DeleteTopic { name: "gone".into() });
         roundtrip(Message::Reassign { partition: PartitionId(2), replicas: vec![NodeId(3), NodeId(1)] });
         roundtrip(Message::CreateTopic {
             name: "t".into(),

@@ -90,6 +90,8 @@ pub struct Controller {
     last_rebalance: Option<Time>,
     /// Reassignments in progress: partition → target replicas.
     reassigning: BTreeMap<PartitionId, Vec<NodeId>>,
+    /// Partitions of deleted topics (ids are never reused): brokers delete their replicas.
+    deleted: BTreeSet<PartitionId>,
 }
 
 impl Controller {
@@ -126,6 +128,7 @@ impl Controller {
             unclean: BTreeSet::new(),
             last_rebalance: None,
             reassigning: BTreeMap::new(),
+            deleted: BTreeSet::new(),
         }
     }
 
@@ -258,6 +261,26 @@ impl Controller {
         self.broadcast(&state, out);
         self.finish_reassignment(p, out);
         Ok(())
+    }
+
+    /// Deletes a topic: its partitions leave the metadata and join `deleted`, so every
+    /// broker deletes its replicas of them. Returns whether the topic existed.
+    pub fn delete_topic(&mut self, name: &str) -> bool {
+        let Some(t) = self.topics.remove(name) else { return false };
+        for i in 0..t.partitions {
+            let p = PartitionId(t.first.0 + i);
+            self.partitions.remove(&p);
+            self.reassigning.remove(&p);
+            self.unclean.remove(&p);
+            self.deleted.insert(p);
+        }
+        tracing::info!(topic = %name, "topic deleted");
+        true
+    }
+
+    /// Partitions of deleted topics.
+    pub fn deleted(&self) -> &BTreeSet<PartitionId> {
+        &self.deleted
     }
 
     /// The target replicas of partition `p`'s reassignment in progress, if any.

@@ -267,6 +267,11 @@ pub enum Message {
         /// The target replica set.
         replicas: Vec<NodeId>,
     },
+    /// Broker to controller: delete a topic.
+    DeleteTopic {
+        /// Name.
+        name: String,
+    },
     /// Broker to controller: create a topic (the answer is the topic in the metadata).
     CreateTopic {
         /// Name.

@@ -90,6 +90,11 @@ impl<S: Storage> BrokerNode<S> {
         self.id
     }
 
+    /// Removes a replica (its partition was deleted), returning its log.
+    pub fn remove_replica(&mut self, p: PartitionId, out: &mut Vec<Command<Job<S>>>) -> Option<skein_log::Log<S>> {
+        self.replicas.remove(&p).map(|r| r.into_log(out))
+    }
+
     /// This process's incarnation.
     pub fn incarnation(&self) -> u64 {
         self.incarnation
@@ -156,7 +161,8 @@ impl<S: Storage> BrokerNode<S> {
             | Message::Raft(_)
             | Message::CreateTopic { .. }
             | Message::ControlledShutdown { .. }
-            | Message::Reassign { .. } => {} // for the controller
+            | Message::Reassign { .. }
+            | Message::DeleteTopic { .. } => {} // for the controller
         }
     }
 

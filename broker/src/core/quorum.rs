@@ -67,6 +67,8 @@ enum Input {
     Heartbeat { now: u64, broker: u32, incarnation: u64, lost: Vec<u32>, sent: u64 },
     /// A leader's ISR change.
     AlterIsr { now: u64, from: u32, leader: u32, epoch: u32, isr_version: u32, partition: u32, isr: Vec<u32> },
+    /// A topic deletion.
+    DeleteTopic { name: String },
     /// A partition reassignment.
     Reassign { partition: u32, replicas: Vec<u32> },
     /// A broker's controlled shutdown.
@@ -191,6 +193,7 @@ impl ControllerVoter {
             Message::ControlledShutdown { broker, incarnation } if self.is_active() && broker == from => {
                 self.propose(Input::ControlledShutdown { broker: broker.0, incarnation });
             }
+            Message::DeleteTopic { name } if self.is_active() => self.propose(Input::DeleteTopic { name }),
             Message::Reassign { partition, replicas } if self.is_active() => {
                 let replicas = replicas.iter().map(|r| r.0).collect();
                 self.propose(Input::Reassign { partition: partition.0, replicas });
@@ -313,6 +316,11 @@ impl ControllerVoter {
                         isr: isr.into_iter().map(NodeId).collect(),
                     };
                     self.controller.handle_message(Time(now), NodeId(from), msg, &mut outputs);
+                }
+                Input::DeleteTopic { name } => {
+                    if !self.controller.delete_topic(&name) {
+                        tracing::debug!(topic = %name, "no such topic to delete");
+                    }
                 }
                 Input::Reassign { partition, replicas } => {
                     let target = replicas.into_iter().map(NodeId).collect();

@@ -690,6 +690,13 @@ impl<S: Storage> Replica<S> {
         }
     }
 
+    /// Ends the replica (its partition was deleted): waiting produces are answered
+    /// `Abandoned`; the log is returned for the driver to delete.
+    pub fn into_log(mut self, out: &mut Vec<Command<Job<S>>>) -> Log<S> {
+        self.abandon_waiting(out);
+        self.log
+    }
+
     fn abandon_waiting(&mut self, out: &mut Vec<Command<Job<S>>>) {
         if let Role::Leader(l) = &mut self.role {
             for (_, request, _, _) in l.waiting.drain(..) {
