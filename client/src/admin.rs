@@ -78,7 +78,7 @@ struct Inner {
     suspects: RefCell<HashMap<String, Instant>>,
     cache: RefCell<MetadataCache>,
     /// Some while a metadata refresh is in flight: the callers waiting for it.
-    refresh: RefCell<Option<Vec<oneshot::Sender<Result<(), ClientError>>>>>,
+    refresh: RefCell<Option<Vec<RefreshWaiter>>>,
 }
 
 impl Client {
@@ -141,14 +141,10 @@ impl Client {
         // A refresh joined while in flight may have been asked without this topic: a second
         // one includes it.
         for _ in 0..LEADER_REFRESHES_MAX {
-            let found = self.inner.cache.borrow_mut().lookup(topic, partition);
-            match found {
+            // No leader, or no such topic: as of the last refresh. Callers that retry
+            // invalidate the topic first (`ClientError::refreshes_metadata`).
+            match self.inner.cache.borrow_mut().lookup(topic, partition) {
                 Lookup::Missing => {}
-                // The next lookup asks again, as the leader may be elected by then.
-                Lookup::NoLeader => {
-                    self.invalidate_metadata(topic);
-                    return found.into_leader(topic, partition);
-                }
                 found => return found.into_leader(topic, partition),
             }
             self.refresh_metadata().await?;
@@ -416,6 +412,9 @@ impl Client {
         Ok(resp)
     }
 }
+
+/// A caller waiting for the refresh in flight, told its outcome.
+type RefreshWaiter = oneshot::Sender<Result<(), ClientError>>;
 
 /// Releases the waiters of a refresh whose caller was dropped before it finished.
 struct RefreshGuard<'a>(&'a Inner);
