@@ -630,3 +630,162 @@ const LIST_OFFSET_RETRIES: u32 = 5;
 const ADMIN_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// How long an address that failed is tried after the others.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::{BrokerInfo, PartitionMetadata, TopicMetadata};
+
+    /// A Metadata response: brokers `(node, port)` on 127.0.0.1, topics with their
+    /// partitions' `(leader, epoch)`.
+    fn metadata(brokers: &[(u32, u16)], topics: &[(&str, &[(u32, u32)])]) -> MetadataResponse {
+        MetadataResponse {
+            brokers: brokers
+                .iter()
+                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port })
+                .collect(),
+            controller: brokers.first().map_or(0, |b| b.0),
+            topics: topics
+                .iter()
+                .map(|(name, parts)| TopicMetadata {
+                    name: (*name).into(),
+                    error: ErrorCode::NONE,
+                    partitions: parts
+                        .iter()
+                        .enumerate()
+                        .map(|(i, &(leader, leader_epoch))| PartitionMetadata {
+                            partition: i as u32,
+                            error: if leader == 0 { ErrorCode::NOT_LEADER } else { ErrorCode::NONE },
+                            leader,
+                            leader_epoch,
+                            replicas: vec![1, 2, 3],
+                            isr: vec![1, 2, 3],
+                        })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    /// The cache's answers for partitions 0..n of `topic`.
+    fn check(cache: &MetadataCache, topic: &str, expect: &[Lookup]) {
+        let got: Vec<Lookup> = (0..expect.len() as u32).map(|p| cache.peek(topic, p)).collect();
+        assert_eq!(got, expect, "{topic}");
+    }
+
+    #[test]
+    fn cache_maps_partitions_to_leaders_and_nodes_to_addresses() {
+        let mut cache = MetadataCache::default();
+        check(&cache, "t", &[Lookup::Missing]);
+        cache.update(&metadata(&[(1, 9001), (2, 9002)], &[("t", &[(1, 3), (2, 4), (0, 5)])]), "127.0.0.1");
+        check(&cache, "t", &[Lookup::Leader(1), Lookup::Leader(2), Lookup::NoLeader, Lookup::NoSuchPartition]);
+        assert_eq!(cache.brokers.get(&2).map(String::as_str), Some("127.0.0.1:9002"));
+        assert_eq!(cache.wanted(), vec!["t".to_string()]);
+        // A later answer without the topic leaves it alone; one with a new broker list replaces it.
+        cache.update(&metadata(&[(3, 9003)], &[]), "127.0.0.1");
+        check(&cache, "t", &[Lookup::Leader(1)]);
+        assert_eq!(cache.brokers.keys().copied().collect::<Vec<_>>(), vec![3]);
+    }
+
+    #[test]
+    fn cache_ignores_older_epochs_unless_invalidated() {
+        let mut cache = MetadataCache::default();
+        cache.update(&metadata(&[(1, 9001)], &[("t", &[(2, 7)])]), "h");
+        // A broker behind on metadata still names the old leader at an older epoch.
+        cache.update(&metadata(&[(1, 9001)], &[("t", &[(1, 6)])]), "h");
+        check(&cache, "t", &[Lookup::Leader(2)]);
+        // A newer epoch wins.
+        cache.update(&metadata(&[(1, 9001)], &[("t", &[(3, 8)])]), "h");
+        check(&cache, "t", &[Lookup::Leader(3)]);
+        // Invalidated: lookups miss until the next answer, which is taken as it is (the topic
+        // may have been re-created, its epochs starting over).
+        cache.invalidate("t");
+        check(&cache, "t", &[Lookup::Missing]);
+        cache.update(&metadata(&[(1, 9001)], &[("t", &[(1, 0)])]), "h");
+        check(&cache, "t", &[Lookup::Leader(1)]);
+    }
+
+    #[test]
+    fn cache_keeps_topic_errors_and_wanted_topics() {
+        let mut cache = MetadataCache::default();
+        assert_eq!(cache.lookup("gone", 0), Lookup::Missing);
+        assert_eq!(cache.wanted(), vec!["gone".to_string()], "a looked-up topic is asked for by refreshes");
+        let mut resp = metadata(&[(1, 9001)], &[("gone", &[])]);
+        resp.topics[0].error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
+        cache.update(&resp, "h");
+        check(&cache, "gone", &[Lookup::TopicError(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)]);
+        assert!(matches!(
+            cache.peek("gone", 0).into_leader("gone", 0),
+            Err(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))
+        ));
+        assert!(cache.peek("other", 0).into_leader("other", 0).is_err_and(|e| e.is_retriable()));
+    }
+
+    #[test]
+    fn unspecified_broker_hosts_are_the_answering_host() {
+        let mut cache = MetadataCache::default();
+        let mut resp = metadata(&[(1, 9001), (2, 9002), (3, 9003)], &[]);
+        resp.brokers[0].host = "0.0.0.0".into();
+        resp.brokers[1].host = "::1".into();
+        resp.brokers[2].host = "::".into();
+        cache.update(&resp, host_of("10.0.0.5:9092"));
+        let addrs: Vec<&str> = cache.brokers.values().map(String::as_str).collect();
+        assert_eq!(addrs, vec!["10.0.0.5:9001", "[::1]:9002", "10.0.0.5:9003"]);
+        assert_eq!(host_of("[::1]:9092"), "[::1]");
+    }
+
+    #[test]
+    fn partitions_are_grouped_by_leader_in_order() {
+        let leaders: HashMap<u32, u32> = [(0, 2), (1, 1), (2, 2), (4, 3)].into_iter().collect();
+        let grouped = group_by_leader(0..6u32, |p| leaders.get(p).copied());
+        let expect: BTreeMap<u32, Vec<u32>> = [(1, vec![1]), (2, vec![0, 2]), (3, vec![4])].into_iter().collect();
+        assert_eq!(grouped.by_leader, expect);
+        assert_eq!(grouped.unrouted, vec![3, 5]);
+        let empty = group_by_leader(Vec::<u32>::new(), |_| Some(1));
+        assert!(empty.by_leader.is_empty() && empty.unrouted.is_empty());
+    }
+
+    fn description(leaders: &[(u32, u64)]) -> TopicDescription {
+        TopicDescription {
+            name: "t".into(),
+            error: ErrorCode::NONE,
+            configs: vec![],
+            partitions: leaders
+                .iter()
+                .enumerate()
+                .map(|(i, &(leader, high_watermark))| PartitionDescription {
+                    partition: i as u32,
+                    error: ErrorCode::NONE,
+                    leader,
+                    leader_epoch: 1,
+                    replicas: vec![1, 2],
+                    isr: vec![1, 2],
+                    log_start: 0,
+                    high_watermark,
+                    log_end: high_watermark,
+                })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn described_partitions_come_from_their_leaders() {
+        // Node 1 leads partition 0, node 2 leads partition 1; each knows its own offsets best.
+        let from_1 = description(&[(1, 10), (2, 3)]);
+        let from_2 = description(&[(1, 7), (2, 20)]);
+        let merged = merge_descriptions(vec![(1, from_1.clone()), (2, from_2.clone())]).expect("answers");
+        let hw: Vec<u64> = merged.partitions.iter().map(|p| p.high_watermark).collect();
+        assert_eq!(hw, vec![10, 20]);
+        let merged = merge_descriptions(vec![(2, from_2), (1, from_1)]).expect("answers");
+        assert_eq!(merged.partitions.iter().map(|p| p.high_watermark).collect::<Vec<_>>(), vec![10, 20]);
+        // No leader answered for partition 1 (node 2 is down): any row will do.
+        let merged = merge_descriptions(vec![(1, description(&[(1, 10), (2, 3)]))]).expect("answer");
+        assert_eq!(merged.partitions.iter().map(|p| p.high_watermark).collect::<Vec<_>>(), vec![10, 3]);
+        // Every broker says the topic is unknown: that error is the answer.
+        let mut unknown = description(&[]);
+        unknown.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
+        let merged = merge_descriptions(vec![(1, unknown)]).expect("answer");
+        assert_eq!(merged.error, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
+        assert!(merge_descriptions(vec![]).is_none());
+    }
+}
