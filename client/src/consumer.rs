@@ -259,7 +259,11 @@ impl Consumer {
         if todo.is_empty() {
             return;
         }
-        if todo.iter().any(|(t, p, _)| self.client.cached_leader(t, *p).is_none()) {
+        let unknown: Vec<&Rc<str>> =
+            todo.iter().filter(|(t, p, _)| self.client.cached_leader(t, *p).is_none()).map(|(t, _, _)| t).collect();
+        if !unknown.is_empty() {
+            // Invalidating also makes the refresh ask for topics not looked up before.
+            unknown.iter().for_each(|t| self.client.invalidate_metadata(t));
             if let Err(e) = self.client.refresh_metadata().await {
                 tracing::debug!(error = %e, "metadata refresh for fetching failed");
             }

@@ -501,6 +501,8 @@ fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Ke
 /// looked up; those still without a leader are charged an attempt after `retry_backoff`, and
 /// their batches that ran out of attempts or time fail.
 async fn route(p: Rc<Inner>, keys: Vec<Key>) {
+    // Invalidating also makes the refresh ask for each of these topics.
+    keys.iter().for_each(|k| p.client.invalidate_metadata(&k.0));
     let refreshed = p.client.refresh_metadata().await;
     let mut failed = Vec::new();
     for k in &keys {
