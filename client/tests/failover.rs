@@ -177,3 +177,32 @@ fn consumer_gives_up_on_a_silent_leader() {
         assert_eq!(fakes[0].seen.fetches.get(), 1);
     });
 }
+
+#[test]
+fn producer_retries_are_bounded_by_count_and_by_delivery_timeout() {
+    block_on(async {
+        // A broker that answers NOT_LEADER yet names itself the leader: every retry fails.
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::NotLeader { to: 1 })], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig { linger: Duration::ZERO, retries: 3, ..ProducerConfig::default() };
+        let producer = Producer::new(client.clone(), config);
+        let failed = producer.send("t", None, b"v").await.expect("queued").await;
+        assert!(matches!(failed, Err(skein_client::ClientError::Broker(skein_client::wire::ErrorCode::NOT_LEADER, _))));
+        assert_eq!(fakes[0].seen.produces.get(), 4, "the first attempt and 3 retries");
+
+        // No leader at all: the batch waits for one until its delivery timeout.
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Lead)], 0, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            delivery_timeout: Duration::from_millis(300),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config);
+        let start = Instant::now();
+        let failed = producer.send("t", None, b"v").await.expect("queued").await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+        assert_eq!(fakes[0].seen.produces.get(), 0, "nothing is sent without a leader");
+    });
+}
