@@ -4,6 +4,11 @@
 //! waits for the answer; a reader task hands each response frame to the oldest waiter and
 //! checks its correlation id. A broken connection fails every waiting request with
 //! `ConnectionLost`; callers reconnect.
+//!
+//! A caller that gives up on a response ([`Connection::wait_for`] past its bound, or
+//! [`Connection::mark_broken`]) breaks the whole connection: responses come back in request
+//! order, so every later request would queue behind the lost one. Breaking it fails the
+//! waiting requests at once and stops both tasks, which closes the socket.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -13,6 +18,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use compio::net::TcpStream;
 use futures_channel::oneshot;
+use futures_util::future::{select, Either};
 
 use crate::wire::io::{read_frame, write_frames};
 use crate::wire::{decode_response, request_frame, ApiKey, ErrorCode, RequestHeader, Wire, FRAME_BYTES_MAX_DEFAULT};
@@ -32,6 +38,11 @@ pub struct Connection {
     client_id: String,
     broken: Rc<Cell<bool>>,
     request_timeout: Duration,
+    /// Dropped to stop the reader and writer tasks (see [`Connection::mark_broken`]).
+    close: RefCell<Option<flume::Sender<()>>>,
+    /// The writer's queue, drained when the connection is given up.
+    queued: flume::Receiver<Outgoing>,
+    pending: Rc<RefCell<VecDeque<Waiter>>>,
 }
 
 impl Connection {
@@ -44,12 +55,18 @@ impl Connection {
         stream.set_nodelay(true).map_err(|e| ClientError::Io(e.to_string()))?;
         let (mut reader, mut writer) = stream.into_split();
         let (tx, rx) = flume::bounded::<Outgoing>(1024);
+        let (close, closed) = flume::bounded::<()>(1);
+        let queued = rx.clone();
         let pending: Rc<RefCell<VecDeque<Waiter>>> = Rc::default();
         let broken = Rc::new(Cell::new(false));
         {
-            let (pending, broken) = (pending.clone(), broken.clone());
+            let (pending, broken, closed) = (pending.clone(), broken.clone(), closed.clone());
             compio::runtime::spawn(async move {
-                while let Ok(first) = rx.recv_async().await {
+                loop {
+                    let first = match select(rx.recv_async(), closed.recv_async()).await {
+                        Either::Left((Ok(first), _)) => first,
+                        _ => break, // every sender is gone, or the connection was closed
+                    };
                     // Batch whatever else is queued into one vectored write.
                     let mut frames = Vec::new();
                     for out in std::iter::once(first).chain(rx.try_iter().take(255)) {
@@ -71,9 +88,10 @@ impl Connection {
             let (pending, broken) = (pending.clone(), broken.clone());
             compio::runtime::spawn(async move {
                 loop {
-                    let body = match read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT).await {
-                        Ok(b) => b,
-                        Err(_) => break,
+                    let read = Box::pin(read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT));
+                    let body = match select(read, closed.recv_async()).await {
+                        Either::Left((Ok(b), _)) => b,
+                        _ => break, // read failed, or the connection was closed
                     };
                     let Some((id, waiter)) = pending.borrow_mut().pop_front() else {
                         break; // a response nobody asked for: the stream is out of step
@@ -90,12 +108,33 @@ impl Connection {
             })
             .detach();
         }
-        Ok(Connection { outgoing: tx, next_id: Cell::new(1), client_id: client_id.to_owned(), broken, request_timeout })
+        Ok(Connection {
+            outgoing: tx,
+            next_id: Cell::new(1),
+            client_id: client_id.to_owned(),
+            broken,
+            request_timeout,
+            close: RefCell::new(Some(close)),
+            queued,
+            pending,
+        })
     }
 
     /// Whether the connection failed (reconnect to go on).
     pub fn is_broken(&self) -> bool {
         self.broken.get()
+    }
+
+    /// Gives up on this connection: every waiting request fails with `ConnectionLost` now,
+    /// new requests are refused, and the socket is closed once its tasks notice (at once,
+    /// unless a write is blocked). Used when a response did not come in time, since every
+    /// later response on the connection would wait behind it.
+    pub fn mark_broken(&self) {
+        self.broken.set(true);
+        drop(self.close.borrow_mut().take());
+        fail_all(&self.pending, "given up");
+        // Requests not written yet: dropping their waiters fails them with ConnectionLost.
+        drop(self.queued.try_iter().collect::<Vec<_>>());
     }
 
     /// Sends a request and waits for its response (bounded by the request timeout).
@@ -157,11 +196,40 @@ impl Connection {
             Ok(Err(_)) => return Err(ClientError::ConnectionLost),
             Ok(Ok(body)) => body?,
         };
-        match decode_response::<Resp>(body) {
-            Ok((_, Ok(resp))) => Ok(resp),
-            Ok((_, Err(code))) => Err(ClientError::Broker(code, format!("{key:?} request"))),
-            Err(e) => Err(ClientError::Protocol(e.to_string())),
-        }
+        decode_body(key, body)
+    }
+
+    /// Like [`Connection::wait`], bounded by `timeout` instead of the request timeout; a
+    /// response that does not come in time **breaks the connection** ([`Connection::mark_broken`]),
+    /// so later requests do not queue behind the lost one. For requests whose answer is due
+    /// soon (produce, fetch), where silence means the broker is gone or stuck.
+    pub async fn wait_for<Resp: Wire>(
+        &self,
+        key: ApiKey,
+        rx: oneshot::Receiver<Result<BytesMut, ClientError>>,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let body = match compio::time::timeout(timeout, rx).await {
+            Err(_) => {
+                self.mark_broken();
+                return Err(ClientError::Timeout(format!("{key:?} request: no answer in {timeout:?}")));
+            }
+            Ok(Err(_)) => return Err(ClientError::ConnectionLost),
+            Ok(Ok(body)) => body?,
+        };
+        decode_body(key, body)
+    }
+
+    /// A request and its bounded wait in one: [`Connection::send`], then
+    /// [`Connection::wait_for`].
+    pub async fn call_for<Req: Wire, Resp: Wire>(
+        &self,
+        key: ApiKey,
+        req: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, ClientError> {
+        let rx = self.send(key, req).await?;
+        self.wait_for(key, rx, timeout).await
     }
 
     fn frame<Req: Wire>(&self, key: ApiKey, req: &Req) -> (u32, Vec<u8>) {
@@ -177,6 +245,15 @@ impl Connection {
             return Err(ClientError::ConnectionLost);
         }
         self.outgoing.send_async(out).await.map_err(|_| ClientError::ConnectionLost)
+    }
+}
+
+/// Decodes a response body of `key`; a top-level error code becomes `ClientError::Broker`.
+pub fn decode_body<Resp: Wire>(key: ApiKey, body: BytesMut) -> Result<Resp, ClientError> {
+    match decode_response::<Resp>(body) {
+        Ok((_, Ok(resp))) => Ok(resp),
+        Ok((_, Err(code))) => Err(ClientError::Broker(code, format!("{key:?} request"))),
+        Err(e) => Err(ClientError::Protocol(e.to_string())),
     }
 }
 

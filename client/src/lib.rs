@@ -26,7 +26,7 @@ mod consumer;
 mod producer;
 pub mod wire;
 
-pub use admin::{Client, ClientConfig};
+pub use admin::{group_by_leader, Client, ClientConfig, GroupedByLeader};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position};
 pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
 
@@ -61,6 +61,27 @@ impl ClientError {
         match self {
             ClientError::Io(_) | ClientError::ConnectionLost | ClientError::Timeout(_) => true,
             ClientError::Broker(code, _) => code.is_retriable(),
+            ClientError::Protocol(_) | ClientError::Invalid(_) => false,
+        }
+    }
+
+    /// Whether the failure suggests the client's metadata is out of date (the partition moved
+    /// to another leader, or the broker is gone or stuck), so it should be refreshed before a
+    /// retry: NOT_LEADER, FENCED_LEADER_EPOCH, UNKNOWN_TOPIC_OR_PARTITION, REQUEST_TIMED_OUT,
+    /// NOT_ENOUGH_REPLICAS, SHUTTING_DOWN, a lost connection, an IO error or no answer in
+    /// time. (THROTTLED is retried without a refresh.)
+    pub fn refreshes_metadata(&self) -> bool {
+        match self {
+            ClientError::Io(_) | ClientError::ConnectionLost | ClientError::Timeout(_) => true,
+            ClientError::Broker(code, _) => matches!(
+                *code,
+                ErrorCode::NOT_LEADER
+                    | ErrorCode::FENCED_LEADER_EPOCH
+                    | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+                    | ErrorCode::REQUEST_TIMED_OUT
+                    | ErrorCode::NOT_ENOUGH_REPLICAS
+                    | ErrorCode::SHUTTING_DOWN
+            ),
             ClientError::Protocol(_) | ClientError::Invalid(_) => false,
         }
     }

@@ -3,10 +3,21 @@
 //!
 //! `send` puts the record into its partition's open batch and returns a [`Delivery`]. A batch
 //! is sealed when it reaches `batch_bytes_max` or has waited `linger`. A background task sends
-//! sealed batches, several partitions per request, at most `max_in_flight` requests at once and
-//! at most one per partition: a partition's batches are retried (after a metadata refresh or
-//! reconnect) before any later batch of it is sent, so order per partition holds. Each batch's
-//! response resolves its records' futures with `(partition, offset)`.
+//! sealed batches to their partition's **leader** (from the client's metadata cache): the
+//! ready partitions are grouped by leader and each leader gets its own Produce requests,
+//! several partitions per request, at most `max_in_flight` requests per leader and at most one
+//! per partition. A partition's batches are retried before any later batch of it is sent, so
+//! order per partition holds. Each batch's response resolves its records' futures with
+//! `(partition, offset)`.
+//!
+//! Failover: NOT_LEADER, FENCED_LEADER_EPOCH, UNKNOWN_TOPIC_OR_PARTITION, REQUEST_TIMED_OUT,
+//! NOT_ENOUGH_REPLICAS, SHUTTING_DOWN, a lost connection, an IO error, or **no answer within
+//! `response_timeout`** (the connection is then dropped, so nothing else queues behind it)
+//! mark the topic's metadata stale; after `retry_backoff` (20 ms) the metadata is refreshed
+//! and the batches go to whichever broker leads now. Retries are bounded by `retries` and by
+//! `delivery_timeout` (30 s from the batch's first record), whichever ends first. Partitions
+//! with no known leader wait for a refresh (one at a time) and are charged an attempt per
+//! refresh that finds none.
 //!
 //! Idempotence (on by default): the producer gets a producer id (InitProducerId) before its
 //! first record and stamps each batch with it and the per-partition sequence of its first
@@ -29,7 +40,7 @@ use skein_log::batch::BatchBuilder;
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 
 use crate::wire::{produce_frame, ApiKey, ErrorCode, ProduceResponse};
-use crate::{Client, ClientError};
+use crate::{group_by_leader, Client, ClientError};
 
 /// How much durability a produce waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -74,16 +85,26 @@ pub struct ProducerConfig {
     pub batch_bytes_max: usize,
     /// Seal a batch after it waited this long.
     pub linger: Duration,
-    /// Produce requests in flight at once.
+    /// Produce requests in flight at once to one broker.
     pub max_in_flight: usize,
-    /// Attempts after the first for a retriable failure.
+    /// Attempts after the first for a retriable failure (see also `delivery_timeout`).
     pub retries: u32,
-    /// Pause before a retry.
+    /// Pause before a retry (the metadata refresh follows it).
     pub retry_backoff: Duration,
+    /// A batch is failed once this long has passed since its first record was queued, even
+    /// with retries left (Kafka's `delivery.timeout.ms`); it is checked when an attempt
+    /// fails, so a batch can take up to one `response_timeout` longer.
+    pub delivery_timeout: Duration,
     /// `send` waits while this many bytes are buffered.
     pub buffer_bytes_max: usize,
-    /// The broker's timeout for acks=all.
+    /// The broker's timeout for acks=all (the request's `timeout_ms`): how long it may wait
+    /// for durability before answering REQUEST_TIMED_OUT. Keep it below `response_timeout`.
     pub request_timeout_ms: u32,
+    /// A Produce request not answered within this bound is treated as lost: its connection
+    /// is dropped (later requests would queue behind it), the metadata refreshed and the
+    /// batches retried. With acks=all the bound used is at least `request_timeout_ms` plus
+    /// 500 ms, so a broker legitimately waiting for durability is never given up on.
+    pub response_timeout: Duration,
     /// Idempotence (Kafka's default since 3.0): the producer gets a producer id from the
     /// broker and numbers its records per partition; the broker appends a retried batch only
     /// once and answers a duplicate with the offset it was first written at, so retries
@@ -98,10 +119,12 @@ impl Default for ProducerConfig {
             batch_bytes_max: 64 * 1024,
             linger: Duration::from_millis(5),
             max_in_flight: 5,
-            retries: 10,
-            retry_backoff: Duration::from_millis(100),
+            retries: 1_000,
+            retry_backoff: Duration::from_millis(20),
+            delivery_timeout: Duration::from_secs(30),
             buffer_bytes_max: 64 << 20,
-            request_timeout_ms: 30_000,
+            request_timeout_ms: 1_000,
+            response_timeout: Duration::from_millis(1_500),
             idempotence: true,
         }
     }
@@ -163,7 +186,10 @@ struct State {
     open: HashMap<String, HashMap<u32, Open>>,
     ready: HashMap<Key, VecDeque<Sealed>>,
     busy: HashSet<Key>,
-    requests_in_flight: usize,
+    /// Produce requests awaiting an answer, per broker node id.
+    in_flight: HashMap<u32, usize>,
+    /// A task is refreshing metadata for partitions with no known leader.
+    routing: bool,
     buffered_bytes: usize,
     unresolved: usize,
     /// The idempotent producer identity, once the broker gave one.
@@ -183,6 +209,8 @@ struct Sealed {
     bytes: Bytes,
     replies: Vec<Reply>,
     attempts: u32,
+    /// When its first record was queued (for `delivery_timeout`).
+    created: Instant,
     /// What these records added to `buffered_bytes`.
     accounted: usize,
 }
@@ -372,8 +400,13 @@ fn seal(st: &mut State, key: &Key) {
             *sticky = (key.1 + 1) % n.max(1);
         }
     }
-    let sealed =
-        Sealed { bytes: Bytes::from(batch.into_bytes()), replies: open.replies, attempts: 0, accounted: open.bytes };
+    let sealed = Sealed {
+        bytes: Bytes::from(batch.into_bytes()),
+        replies: open.replies,
+        attempts: 0,
+        created: open.since,
+        accounted: open.bytes,
+    };
     st.ready.entry(key.clone()).or_default().push_back(sealed);
 }
 
@@ -413,43 +446,107 @@ fn seal_lingering(p: &Inner) -> Option<Instant> {
     st.open.values().flat_map(|m| m.values()).map(|o| o.since + p.config.linger).min()
 }
 
-/// Sends requests while there is room: each takes the ready batches of partitions not busy.
+/// Sends requests while there is room: the ready batches of partitions not busy, grouped by
+/// their leader, one request (of up to `REQUEST_BYTES_MAX`) per leader at a time while that
+/// leader has fewer than `max_in_flight` requests outstanding. Partitions with no known
+/// leader are handed to a routing task (one at a time).
 fn dispatch(p: &Rc<Inner>) {
-    loop {
-        let mut st = p.state.borrow_mut();
-        if st.requests_in_flight >= p.config.max_in_flight {
-            return;
+    let mut st = p.state.borrow_mut();
+    let ready: Vec<Key> =
+        st.ready.iter().filter(|(k, q)| !q.is_empty() && !st.busy.contains(*k)).map(|(k, _)| k.clone()).collect();
+    if ready.is_empty() {
+        return;
+    }
+    let grouped = group_by_leader(ready, |k| p.client.cached_leader(&k.0, k.1));
+    if !grouped.unrouted.is_empty() && !st.routing {
+        st.routing = true;
+        st.busy.extend(grouped.unrouted.iter().cloned());
+        compio::runtime::spawn(route(p.clone(), grouped.unrouted)).detach();
+    }
+    for (node, keys) in grouped.by_leader {
+        let mut keys = keys.into_iter().peekable();
+        while keys.peek().is_some() && st.in_flight.get(&node).copied().unwrap_or(0) < p.config.max_in_flight {
+            let parts = take_request(&mut st, &mut keys);
+            *st.in_flight.entry(node).or_default() += 1;
+            compio::runtime::spawn(send_request(p.clone(), node, parts)).detach();
         }
-        let keys: Vec<Key> =
-            st.ready.iter().filter(|(k, q)| !q.is_empty() && !st.busy.contains(*k)).map(|(k, _)| k.clone()).collect();
-        if keys.is_empty() {
-            return;
-        }
-        let mut parts = Vec::new();
-        let mut request_bytes = 0usize;
-        for k in keys {
-            if request_bytes >= REQUEST_BYTES_MAX {
-                break;
-            }
-            let q = st.ready.get_mut(&k).expect("key listed from the map");
-            let mut batches = Vec::new();
-            while let Some(b) = q.pop_front() {
-                request_bytes += b.bytes.len();
-                batches.push(b);
-                if request_bytes >= REQUEST_BYTES_MAX {
-                    break;
-                }
-            }
-            st.busy.insert(k.clone());
-            parts.push((k, batches));
-        }
-        st.requests_in_flight += 1;
-        drop(st);
-        compio::runtime::spawn(send_request(p.clone(), parts)).detach();
     }
 }
 
-async fn send_request(p: Rc<Inner>, parts: Vec<(Key, Vec<Sealed>)>) {
+/// Takes the ready batches of `keys`, in order, until the request holds `REQUEST_BYTES_MAX`,
+/// and marks their partitions busy.
+fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Key, Vec<Sealed>)> {
+    let mut parts = Vec::new();
+    let mut request_bytes = 0usize;
+    while request_bytes < REQUEST_BYTES_MAX {
+        let Some(k) = keys.next() else {
+            break;
+        };
+        let q = st.ready.get_mut(&k).expect("key listed from the map");
+        let mut batches = Vec::new();
+        while let Some(b) = q.pop_front() {
+            request_bytes += b.bytes.len();
+            batches.push(b);
+            if request_bytes >= REQUEST_BYTES_MAX {
+                break;
+            }
+        }
+        st.busy.insert(k.clone());
+        parts.push((k, batches));
+    }
+    parts
+}
+
+/// Finds leaders for partitions that have none cached: one metadata refresh, then each is
+/// looked up; those still without a leader are charged an attempt after `retry_backoff`, and
+/// their batches that ran out of attempts or time fail.
+async fn route(p: Rc<Inner>, keys: Vec<Key>) {
+    // Invalidating also makes the refresh ask for each of these topics.
+    keys.iter().for_each(|k| p.client.invalidate_metadata(&k.0));
+    let refreshed = p.client.refresh_metadata().await;
+    let mut failed = Vec::new();
+    for k in &keys {
+        let found = match &refreshed {
+            Ok(()) => p.client.leader(&k.0, k.1).await.map(drop),
+            Err(e) => Err(e.clone()),
+        };
+        if let Err(e) = found {
+            tracing::debug!(topic = %k.0, partition = k.1, error = %e, "no leader for partition");
+            p.client.invalidate_metadata(&k.0);
+            failed.push((k.clone(), e));
+        }
+    }
+    if !failed.is_empty() {
+        compio::time::sleep(p.config.retry_backoff).await;
+    }
+    let mut expired = Vec::new();
+    {
+        let mut st = p.state.borrow_mut();
+        for (k, e) in failed {
+            let Some(q) = st.ready.get_mut(&k) else {
+                continue;
+            };
+            q.iter_mut().for_each(|b| b.attempts += 1);
+            let mut gone = Vec::new();
+            while q.front().is_some_and(|b| !may_retry(&p.config, b, &e)) {
+                gone.extend(q.pop_front());
+            }
+            if !gone.is_empty() {
+                expired.push((k, gone, e));
+            }
+        }
+        for k in &keys {
+            st.busy.remove(k);
+        }
+        st.routing = false;
+    }
+    for (k, batches, e) in expired {
+        fail(&p, &k, batches, &e);
+    }
+    let _ = p.wake.try_send(());
+}
+
+async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
     // Batches go out from their own buffers (`Bytes` clones), so a retry resends them
     // without any copy having been made.
     let batch_bytes: Vec<Vec<Bytes>> =
@@ -460,54 +557,83 @@ async fn send_request(p: Rc<Inner>, parts: Vec<(Key, Vec<Sealed>)>) {
         .map(|(((topic, partition), _), bs)| (topic.as_str(), *partition, &bs[..]))
         .collect();
     let (acks, timeout) = (p.config.acks.wire(), p.config.request_timeout_ms);
+    let response_timeout = p.response_timeout();
     let outcome: Result<Option<ProduceResponse>, ClientError> = async {
-        let conn = p.client.connection().await?;
+        let conn = p.client.node_connection(node).await?;
         let reply = p.config.acks != Acks::None;
         let rx = conn.send_frame(ApiKey::Produce, reply, |h| produce_frame(h, acks, timeout, &entries)).await?;
         match rx {
-            Some(rx) => Ok(Some(conn.wait(ApiKey::Produce, rx).await?)),
+            // Past the bound the connection is dropped: whatever follows it would wait too.
+            Some(rx) => Ok(Some(conn.wait_for(ApiKey::Produce, rx, response_timeout).await?)),
             None => Ok(None),
         }
     }
     .await;
     drop(entries);
+    if let Some(n) = p.state.borrow_mut().in_flight.get_mut(&node) {
+        *n -= 1;
+    }
     let mut retry = Vec::new();
     for (i, (key, batches)) in parts.into_iter().enumerate() {
         let result = match &outcome {
             Ok(None) => Ok(u64::MAX),
             Ok(Some(resp)) => match resp.partitions.get(i) {
                 Some(r) if r.error == ErrorCode::NONE => Ok(r.base_offset),
-                Some(r) => Err(ClientError::Broker(r.error, format!("produce to {}/{}", key.0, key.1))),
+                Some(r) => {
+                    Err(ClientError::Broker(r.error, format!("produce to {}/{} at broker {node}", key.0, key.1)))
+                }
                 None => Err(ClientError::Protocol("produce response shorter than the request".into())),
             },
             Err(e) => Err(e.clone()),
         };
         match result {
             Ok(base) => resolve(&p, &key, batches, base),
-            Err(e) if e.is_retriable() && batches.iter().all(|b| b.attempts < p.config.retries) => {
-                retry.push((key, batches, e))
-            }
+            Err(e) if batches.iter().all(|b| may_retry(&p.config, b, &e)) => retry.push((key, batches, e)),
             Err(e) => fail(&p, &key, batches, &e),
         }
     }
     if !retry.is_empty() {
-        compio::time::sleep(p.config.retry_backoff).await;
-        let mut st = p.state.borrow_mut();
-        for (key, batches, e) in retry {
-            tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
-            if matches!(e, ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) {
-                st.partition_counts.remove(&key.0);
-            }
-            let q = st.ready.entry(key.clone()).or_default();
-            for mut b in batches.into_iter().rev() {
-                b.attempts += 1;
-                q.push_front(b);
-            }
-            st.busy.remove(&key);
+        requeue(&p, retry).await;
+    }
+    let _ = p.wake.try_send(());
+}
+
+/// Puts failed batches back at the front of their partitions' queues after `retry_backoff`,
+/// refreshing the metadata first if a failure suggests it is stale.
+async fn requeue(p: &Inner, retry: Vec<(Key, Vec<Sealed>, ClientError)>) {
+    let mut stale = false;
+    for (key, _, e) in &retry {
+        tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
+        if e.refreshes_metadata() {
+            // At once, so other partitions of the topic stop going to the old leader.
+            p.client.invalidate_metadata(&key.0);
+            stale = true;
         }
     }
-    p.state.borrow_mut().requests_in_flight -= 1;
-    let _ = p.wake.try_send(());
+    compio::time::sleep(p.config.retry_backoff).await;
+    if stale {
+        // Failing here is fine: the partitions then wait for a leader in `route`.
+        if let Err(e) = p.client.refresh_metadata().await {
+            tracing::debug!(error = %e, "metadata refresh before a produce retry failed");
+        }
+    }
+    let mut st = p.state.borrow_mut();
+    for (key, batches, e) in retry {
+        if matches!(e, ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) {
+            st.partition_counts.remove(&key.0);
+        }
+        let q = st.ready.entry(key.clone()).or_default();
+        for mut b in batches.into_iter().rev() {
+            b.attempts += 1;
+            q.push_front(b);
+        }
+        st.busy.remove(&key);
+    }
+}
+
+/// Whether a batch that failed with `e` may be sent again.
+fn may_retry(config: &ProducerConfig, batch: &Sealed, e: &ClientError) -> bool {
+    e.is_retriable() && batch.attempts < config.retries && batch.created.elapsed() < config.delivery_timeout
 }
 
 fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64) {
@@ -556,6 +682,19 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
     }
 }
 
+impl Inner {
+    /// The client-side bound on a Produce answer: never below what the broker may wait.
+    fn response_timeout(&self) -> Duration {
+        match self.config.acks {
+            Acks::All => self
+                .config
+                .response_timeout
+                .max(Duration::from_millis(u64::from(self.config.request_timeout_ms)) + RESPONSE_MARGIN),
+            Acks::Leader | Acks::None => self.config.response_timeout,
+        }
+    }
+}
+
 /// Lets the runtime run other tasks (such as a producer's sender) before continuing.
 pub async fn yield_now() {
     let mut yielded = false;
@@ -579,6 +718,8 @@ fn now() -> Timestamp {
 /// Archive overhead per record, for batch size accounting.
 const RECORD_OVERHEAD_BYTES: usize = 40;
 const REQUEST_BYTES_MAX: usize = 4 << 20;
+/// How much longer than the broker's own timeout (acks=all) an answer may take to arrive.
+const RESPONSE_MARGIN: Duration = Duration::from_millis(500);
 
 #[cfg(test)]
 mod tests {

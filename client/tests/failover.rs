@@ -1,0 +1,208 @@
+//! Leader routing and failover against fake brokers that stage leader changes: a leader
+//! that answers NOT_LEADER, one that never answers, and many callers wanting metadata at once.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{fake_cluster, Behaviour};
+use skein_client::{Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_log::batch::BatchBuilder;
+use skein_log::types::Timestamp;
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    compio::runtime::Runtime::new().expect("runtime").block_on(f)
+}
+
+#[test]
+fn producer_follows_not_leader_to_the_new_leader_and_is_acknowledged_once() {
+    block_on(async {
+        let (fakes, view) =
+            fake_cluster(&[(1, Behaviour::NotLeader { to: 2 }), (2, Behaviour::Lead)], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let producer = Producer::new(client, ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() });
+        let delivery = producer.send("t", None, b"v").await.expect("queued");
+        let acked = compio::time::timeout(Duration::from_secs(5), delivery).await.expect("acknowledged in time");
+        assert_eq!(acked, Ok((0, 0)));
+        assert_eq!(fakes[0].seen.produces.get(), 1, "the old leader was asked once");
+        assert_eq!(fakes[1].seen.produces.get(), 1, "the new leader was asked once");
+        assert_eq!(fakes[1].seen.records.get(), 1, "the record was appended once");
+        assert_eq!(view.borrow().leader, 2);
+    });
+}
+
+#[test]
+fn producer_gives_up_on_a_silent_leader_within_the_response_timeout() {
+    block_on(async {
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Silent { to: 2 }), (2, Behaviour::Lead)], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        // Defaults: acks=all, broker-side timeout 1 s, client-side bound 1.5 s.
+        let config = ProducerConfig { linger: Duration::ZERO, ..ProducerConfig::default() };
+        let bound = config.response_timeout;
+        let producer = Producer::new(client, config);
+        let start = Instant::now();
+        let delivery = producer.send("t", None, b"v").await.expect("queued");
+        let acked = compio::time::timeout(Duration::from_secs(10), delivery).await.expect("resolved");
+        let took = start.elapsed();
+        assert_eq!(acked, Ok((0, 0)));
+        assert!(took >= bound, "it waited for the bound: {took:?}");
+        assert!(took < bound + Duration::from_millis(800), "no stall beyond the bound: {took:?}");
+        assert_eq!(fakes[0].seen.produces.get(), 1);
+        assert_eq!(fakes[1].seen.records.get(), 1);
+        // The client dropped the silent connection.
+        for _ in 0..100 {
+            if fakes[0].seen.closed.get() > 0 {
+                break;
+            }
+            compio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(fakes[0].seen.closed.get() > 0, "the silent connection was closed");
+    });
+}
+
+#[test]
+fn producer_response_timeout_is_configurable() {
+    block_on(async {
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Silent { to: 2 }), (2, Behaviour::Lead)], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            acks: skein_client::Acks::Leader,
+            response_timeout: Duration::from_millis(200),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config);
+        let start = Instant::now();
+        let delivery = producer.send("t", None, b"v").await.expect("queued");
+        let acked = compio::time::timeout(Duration::from_secs(5), delivery).await.expect("resolved");
+        assert_eq!(acked, Ok((0, 0)));
+        assert!(start.elapsed() < Duration::from_millis(800), "took {:?}", start.elapsed());
+    });
+}
+
+#[test]
+fn concurrent_lookups_share_one_metadata_refresh() {
+    block_on(async {
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Lead)], 1, 16, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        assert_eq!(client.leader("t", 0).await, Ok(1));
+        let before = fakes[0].seen.metadata.get();
+        client.invalidate_metadata("t");
+        let lookups = (0..16).map(|p| {
+            let client = client.clone();
+            async move { client.leader("t", p).await }
+        });
+        let leaders = futures_util::future::join_all(lookups).await;
+        assert!(leaders.iter().all(|l| *l == Ok(1)), "{leaders:?}");
+        assert_eq!(fakes[0].seen.metadata.get() - before, 1, "one Metadata request for all of them");
+        // Cached now: no request at all.
+        assert_eq!(client.leader("t", 3).await, Ok(1));
+        assert_eq!(client.cached_leader("t", 3), Some(1));
+        assert_eq!(fakes[0].seen.metadata.get() - before, 1);
+    });
+}
+
+#[test]
+fn metadata_skips_an_unreachable_bootstrap_broker() {
+    block_on(async {
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Lead)], 1, 1, None).await;
+        // A port nothing listens on (bound, then released).
+        let dead = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr");
+        let client = Client::connect(&format!("{dead},{}", fakes[0].addr())).await.expect("connect");
+        assert_eq!(client.leader("t", 0).await, Ok(1));
+        let missing = client.leader("nope", 0).await;
+        assert!(
+            matches!(
+                missing,
+                Err(skein_client::ClientError::Broker(skein_client::wire::ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))
+            ),
+            "{missing:?}"
+        );
+    });
+}
+
+fn one_record_batch() -> Vec<u8> {
+    let mut builder = BatchBuilder::new();
+    builder.push(None, b"hello", &[], Timestamp(1));
+    builder.build().into_bytes()
+}
+
+/// Polls until a record arrives; every poll must succeed.
+async fn poll_one(consumer: &mut Consumer, within: Duration) -> (Vec<skein_client::ConsumerRecord>, Duration) {
+    let start = Instant::now();
+    loop {
+        let records = consumer.poll().await.expect("poll does not fail during a leader change");
+        if !records.is_empty() {
+            return (records, start.elapsed());
+        }
+        assert!(start.elapsed() < within, "no record within {within:?}");
+    }
+}
+
+#[test]
+fn consumer_moves_to_the_new_leader_without_failing_poll() {
+    block_on(async {
+        let (fakes, _) =
+            fake_cluster(&[(1, Behaviour::NotLeader { to: 2 }), (2, Behaviour::Lead)], 1, 1, Some(one_record_batch()))
+                .await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ConsumerConfig { max_wait: Duration::from_millis(100), ..ConsumerConfig::default() };
+        let mut consumer = Consumer::new(client, config);
+        consumer.assign("t", &[0], Position::Offset(0)).await.expect("assign");
+        let (records, _) = poll_one(&mut consumer, Duration::from_secs(3)).await;
+        assert_eq!(records.len(), 1);
+        assert_eq!((records[0].offset, &records[0].value[..]), (0, &b"hello"[..]));
+        assert_eq!(consumer.position("t", 0), Some(1));
+        assert!(fakes[0].seen.fetches.get() >= 1);
+    });
+}
+
+#[test]
+fn consumer_gives_up_on_a_silent_leader() {
+    block_on(async {
+        let (fakes, _) =
+            fake_cluster(&[(1, Behaviour::Silent { to: 2 }), (2, Behaviour::Lead)], 1, 1, Some(one_record_batch()))
+                .await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            response_timeout: Duration::from_millis(300),
+            ..ConsumerConfig::default()
+        };
+        let mut consumer = Consumer::new(client, config);
+        consumer.assign("t", &[0], Position::Offset(0)).await.expect("assign");
+        let (records, took) = poll_one(&mut consumer, Duration::from_secs(3)).await;
+        assert_eq!(records.len(), 1);
+        assert!(took < Duration::from_millis(1_000), "took {took:?}");
+        assert_eq!(fakes[0].seen.fetches.get(), 1);
+    });
+}
+
+#[test]
+fn producer_retries_are_bounded_by_count_and_by_delivery_timeout() {
+    block_on(async {
+        // A broker that answers NOT_LEADER yet names itself the leader: every retry fails.
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::NotLeader { to: 1 })], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig { linger: Duration::ZERO, retries: 3, ..ProducerConfig::default() };
+        let producer = Producer::new(client.clone(), config);
+        let failed = producer.send("t", None, b"v").await.expect("queued").await;
+        assert!(matches!(failed, Err(skein_client::ClientError::Broker(skein_client::wire::ErrorCode::NOT_LEADER, _))));
+        assert_eq!(fakes[0].seen.produces.get(), 4, "the first attempt and 3 retries");
+
+        // No leader at all: the batch waits for one until its delivery timeout.
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Lead)], 0, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            delivery_timeout: Duration::from_millis(300),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config);
+        let start = Instant::now();
+        let failed = producer.send("t", None, b"v").await.expect("queued").await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert!(start.elapsed() < Duration::from_secs(2), "took {:?}", start.elapsed());
+        assert_eq!(fakes[0].seen.produces.get(), 0, "nothing is sent without a leader");
+    });
+}
