@@ -483,8 +483,14 @@ fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Ke
             break;
         };
         let q = st.ready.get_mut(&k).expect("key listed from the map");
-        let mut batches = Vec::new();
-        while let Some(b) = q.pop_front() {
+        let mut batches: Vec<Sealed> = Vec::new();
+        // A retried batch goes alone: it may already be in the log (its first answer was
+        // lost), and the broker answers a duplicate with its original offset while appending
+        // the batches after it at the log end; the response has one base offset per
+        // partition, so only batches that are certainly appended back to back (first
+        // attempts) may share a request.
+        while q.front().is_some_and(|b| batches.is_empty() || (b.attempts == 0 && batches[0].attempts == 0)) {
+            let b = q.pop_front().expect("front checked");
             request_bytes += b.bytes.len();
             batches.push(b);
             if request_bytes >= REQUEST_BYTES_MAX {
