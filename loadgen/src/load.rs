@@ -273,6 +273,9 @@ fn producer_thread(
             batch_bytes_max: cfg.batch_bytes,
             linger: cfg.linger,
             buffer_bytes_max: (cfg.batch_bytes * 256).max(16 << 20),
+            // A benchmark measures queueing, not retries: the broker may hold an acks=all
+            // produce this long (the client's default is 1 s, for fast failover).
+            request_timeout_ms: 30_000,
             ..ProducerConfig::default()
         };
         let producer = Producer::new(client, config);
