@@ -393,6 +393,25 @@ impl Probe {
         }
     }
 
+    /// The active controller as the answering brokers name it (the most named; `None` if
+    /// none names one).
+    pub fn controller(&self) -> Option<u32> {
+        let mut votes: BTreeMap<u32, usize> = BTreeMap::new();
+        for addr in &self.addrs {
+            let ask = async {
+                let brokers = addr.to_string();
+                let config = ClientConfig { brokers, request_timeout: self.timeout, ..ClientConfig::default() };
+                Client::with_config(config).await?.metadata(Some(Vec::new())).await
+            };
+            if let Ok(Ok(md)) = self.rt.block_on(compio::time::timeout(self.timeout * 2, ask)) {
+                if md.controller != 0 {
+                    *votes.entry(md.controller).or_default() += 1;
+                }
+            }
+        }
+        votes.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c)
+    }
+
     /// The leader of `partition` of `topic` (`None` while it has none).
     pub fn leader(&self, topic: &str, partition: u32) -> Result<Option<(u32, u32)>> {
         let views = self.partitions(topic)?;

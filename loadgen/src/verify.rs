@@ -712,7 +712,24 @@ fn cluster_fault_loop(
             Fault::KillLeader | Fault::PauseLeader | Fault::CutLeader | Fault::OneWay if leader != 0 => leader,
             _ => random_node,
         };
-        let led = led_by(&views, node);
+        let controller = probe.controller();
+        let follower =
+            (fault == Fault::OneWay).then(|| follower_of(views.get(&partition), node, nodes as u32, &mut seed));
+        let touched: Vec<u32> = std::iter::once(node).chain(follower).collect();
+        // The partitions whose leadership the fault can end: those led by a node it touches
+        // and, when it touches the active controller (whose loss delays every broker's lease
+        // renewal, so any leader may be fenced), all of them.
+        let led = if controller.is_some_and(|c| touched.contains(&c)) {
+            Vec::new()
+        } else {
+            let mut led: Vec<u32> = touched.iter().flat_map(|&n| led_by(&views, n)).collect();
+            if touched.iter().any(|&n| led_by(&views, n).is_empty()) {
+                led.clear(); // unknown or no leadership for a touched node: every partition
+            }
+            led.sort_unstable();
+            led.dedup();
+            led
+        };
         let hold = Duration::from_millis(hold_ms(&mut seed));
         let start_us = micros(start);
         tracing::info!(%fault, node, ?led, ?hold, "fault");
@@ -738,7 +755,7 @@ fn cluster_fault_loop(
                     Fault::Isolate => chaos.isolate(node)?,
                     Fault::CutLeader => chaos.cut_from_brokers(node)?,
                     _ => {
-                        let follower = follower_of(views.get(&partition), node, nodes as u32, &mut seed);
+                        let follower = follower.context("a one-way fault has a follower")?;
                         if random(&mut seed, 2) == 0 {
                             chaos.one_way(node, follower)?;
                         } else {

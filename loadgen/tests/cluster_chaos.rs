@@ -120,9 +120,10 @@ fn acks_leader_loses_only_records_inside_the_documented_window() {
     // stays a lost write and fails this; inside it, it is excused and counted.
     assert!(
         verdict.report.ok(),
-        "acks=leader: only losses inside the window ({} excused):\n{}",
+        "acks=leader: only losses inside the window ({} excused):\n{}\nfaults: {:?}",
         verdict.excused,
-        verdict.report
+        verdict.report,
+        verdict.fault_log
     );
     assert!(verdict.faults >= 6, "faults injected: {}", verdict.faults);
     eprintln!("acks=leader: {} acknowledged records lost inside the window", verdict.excused);
