@@ -193,6 +193,7 @@ impl Node {
         let ids: Vec<NodeId> = voters.iter().map(|(n, _)| *n).collect();
         let controller_config = ControllerConfig {
             session_timeout_ms: config.session_timeout_ms,
+            handover_ms: config.lease_ms + 50,
             rebalance_interval_ms: (config.leader_rebalance_interval_ms > 0)
                 .then_some(config.leader_rebalance_interval_ms),
         };

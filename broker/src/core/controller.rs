@@ -26,6 +26,12 @@ pub struct ControllerConfig {
     /// How often leadership goes back to each partition's preferred replica (its first),
     /// when that replica is alive and in the ISR; `None`: never (the simulator's default).
     pub rebalance_interval_ms: Option<u64>,
+    /// When leadership moves away from a live leader (rebalancing, controlled shutdown,
+    /// reassignment), the partition stays leaderless this long: the brokers' lease plus a
+    /// margin. The old leader learns it lost leadership from the same heartbeat response that
+    /// would renew its lease, so after this long it has either stepped down or stopped
+    /// acknowledging; only then may another leader acknowledge (no two leaders at once).
+    pub handover_ms: u64,
 }
 
 /// Default session timeout (ms).
@@ -33,7 +39,11 @@ pub const DEFAULT_SESSION_TIMEOUT_MS: u64 = 400;
 
 impl Default for ControllerConfig {
     fn default() -> Self {
-        ControllerConfig { session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS, rebalance_interval_ms: None }
+        ControllerConfig {
+            session_timeout_ms: DEFAULT_SESSION_TIMEOUT_MS,
+            rebalance_interval_ms: None,
+            handover_ms: super::node::DEFAULT_LEASE_MS + 50,
+        }
     }
 }
 
@@ -92,6 +102,10 @@ pub struct Controller {
     reassigning: BTreeMap<PartitionId, Vec<NodeId>>,
     /// Partitions of deleted topics (ids are never reused): brokers delete their replicas.
     deleted: BTreeSet<PartitionId>,
+    /// Partitions handed over from a live leader: no election before this time.
+    held: BTreeMap<PartitionId, Time>,
+    /// The latest time an input carried.
+    last_now: Time,
 }
 
 impl Controller {
@@ -129,6 +143,8 @@ impl Controller {
             last_rebalance: None,
             reassigning: BTreeMap::new(),
             deleted: BTreeSet::new(),
+            held: BTreeMap::new(),
+            last_now: Time(0),
         }
     }
 
@@ -226,9 +242,19 @@ impl Controller {
         tracing::info!(%broker, "controlled shutdown");
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
         for p in ids {
+            let led = self.partitions.get(&p).is_some_and(|s| s.leader == Some(broker));
             self.remove_members(p, &[broker], true, out);
+            if led {
+                self.hold(p);
+            }
         }
         self.elect_all(out);
+    }
+
+    /// Keeps `p` (just made leaderless while its leader lives) without a leader for
+    /// `handover_ms`.
+    fn hold(&mut self, p: PartitionId) {
+        self.held.insert(p, self.last_now.plus_ms(self.config.handover_ms));
     }
 
     /// Starts moving partition `p` to the `target` replicas (first = preferred leader), as
@@ -272,6 +298,7 @@ impl Controller {
             self.partitions.remove(&p);
             self.reassigning.remove(&p);
             self.unclean.remove(&p);
+            self.held.remove(&p);
             self.deleted.insert(p);
         }
         tracing::info!(topic = %name, "topic deleted");
@@ -298,13 +325,17 @@ impl Controller {
         state.replicas = target.clone();
         state.isr.retain(|r| target.contains(r));
         state.isr_version = IsrVersion(state.isr_version.0 + 1);
-        if state.leader.is_some_and(|l| !target.contains(&l)) {
+        let handed_over = state.leader.is_some_and(|l| !target.contains(&l));
+        if handed_over {
             state.leader = None;
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
         }
         tracing::info!(partition = %p, replicas = ?state.replicas, "reassignment done");
         self.reassigning.remove(&p);
         let state = state.clone();
+        if handed_over {
+            self.hold(p);
+        }
         // The removed replicas learn they are out (heartbeat responses no longer name them).
         for r in removed {
             out.push((r, Message::PartitionState(state.clone())));
@@ -333,12 +364,15 @@ impl Controller {
             {
                 continue;
             }
+            // The current leader steps down first; the preferred replica (first in the
+            // election order) takes over after the handover hold.
             tracing::debug!(partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
-            state.leader = Some(preferred);
+            state.leader = None;
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
             let state = state.clone();
             self.broadcast(&state, out);
+            self.hold(p);
         }
     }
 
@@ -349,6 +383,7 @@ impl Controller {
 
     /// A message from a broker. Outgoing messages are pushed as (destination, message).
     pub fn handle_message(&mut self, now: Time, from: NodeId, msg: Message, out: &mut Vec<(NodeId, Message)>) {
+        self.last_now = self.last_now.max(now);
         match msg {
             Message::Heartbeat { broker, incarnation, lost, sent } => {
                 if broker != from || !self.brokers.contains_key(&broker) {
@@ -408,6 +443,10 @@ impl Controller {
 
     /// Periodic work: fence silent brokers.
     pub fn handle_tick(&mut self, now: Time, out: &mut Vec<(NodeId, Message)>) {
+        self.last_now = self.last_now.max(now);
+        if !self.held.is_empty() {
+            self.elect_all(out);
+        }
         if let Some(every) = self.config.rebalance_interval_ms {
             match self.last_rebalance {
                 None => self.last_rebalance = Some(now),
@@ -501,6 +540,13 @@ impl Controller {
             if state.leader.is_some() {
                 continue;
             }
+            match self.held.get(&p) {
+                Some(&until) if until > self.last_now => continue, // handover: the old leader's lease
+                Some(_) => {
+                    self.held.remove(&p);
+                }
+                None => {}
+            }
             // Preferred order: the assignment's; a broker shutting down only as a last resort.
             let live_isr = |r: &&NodeId| state.isr.contains(r) && alive.contains(r);
             let clean = state
@@ -593,8 +639,11 @@ mod tests {
         c.controlled_shutdown(n(1), 7, &mut out);
         assert_eq!(c.partitions().next().expect("p").leader, Some(n(1)), "wrong incarnation ignored");
         c.controlled_shutdown(n(1), 1, &mut out);
-        assert!(c.partitions().all(|s| s.leader != Some(n(1)) && s.leader.is_some()), "{:?}", leaders(&c));
+        // Its partition is leaderless for the handover (its lease may still run), then elected.
+        assert_eq!(leaders(&c), vec![None, Some(n(2)), Some(n(3))]);
         assert!(c.partitions().all(|s| !s.isr.contains(&n(1))));
+        c.handle_tick(Time(100_000), &mut out);
+        assert_eq!(leaders(&c)[0], None, "still within the handover");
         // While it is shutting down, rebalancing does not move leadership back to it.
         for t in [2_000_000, 4_000_000] {
             heartbeat_all(&mut c, Time(t), 1, &mut out);
@@ -617,6 +666,11 @@ mod tests {
         c.handle_message(Time(5_000_000), s.leader.expect("led"), msg, &mut out);
         heartbeat_all(&mut c, Time(7_000_000), 2, &mut out);
         c.handle_tick(Time(7_000_000), &mut out);
+        // The rebalance first takes leadership away (the old leader's lease may still run)...
+        assert_eq!(c.partitions().next().expect("p").leader, None, "handover: nobody leads");
+        heartbeat_all(&mut c, Time(7_400_000), 2, &mut out);
+        c.handle_tick(Time(7_400_000), &mut out);
+        // ...then the preferred replica leads.
         let after = c.partitions().next().expect("p");
         assert_eq!(after.leader, Some(n(1)), "preferred leader restored");
         assert!(after.epoch > s.epoch);
