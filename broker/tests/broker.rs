@@ -224,6 +224,7 @@ fn malformed_frames_leave_the_broker_serving_others() {
         partitions: vec![ProducePartition {
             topic: "t".into(),
             partition: 0,
+            leader_epoch: 0,
             records: bytes::BytesMut::from(&bytes[..]),
         }],
     };

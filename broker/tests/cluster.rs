@@ -93,13 +93,23 @@ fn batch(values: std::ops::Range<u32>) -> BytesMut {
 }
 
 async fn produce(addr: &str, values: std::ops::Range<u32>) -> (ErrorCode, u32) {
+    produce_at(addr, 0, values).await
+}
+
+/// Produces naming `epoch` as the leader epoch the client knows (0: none).
+async fn produce_at(addr: &str, epoch: u32, values: std::ops::Range<u32>) -> (ErrorCode, u32) {
     let Ok(c) = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await else {
         return (ErrorCode::UNKNOWN, 0);
     };
     let req = ProduceRequest {
         acks: -1,
         timeout_ms: 2_000,
-        partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records: batch(values) }],
+        partitions: vec![ProducePartition {
+            topic: "t".into(),
+            partition: 0,
+            leader_epoch: epoch,
+            records: batch(values),
+        }],
     };
     match c.call::<_, ProduceResponse>(ApiKey::Produce, &req).await {
         Ok(r) => (r.partitions[0].error, r.partitions[0].leader_epoch),
@@ -121,6 +131,7 @@ async fn read_all(addr: &str) -> Vec<u32> {
             partitions: vec![FetchPartition {
                 topic: "t".into(),
                 partition: 0,
+                leader_epoch: 0,
                 fetch_offset: offset,
                 partition_max_bytes: 1 << 20,
             }],
@@ -190,6 +201,10 @@ fn a_killed_leader_is_replaced_with_a_new_epoch_and_rejoins_as_a_follower() {
         .await;
         assert!(new_epoch > old_epoch, "the epoch was bumped: {old_epoch} -> {new_epoch}");
         let new_addr = c.addrs[c.index(new)].clone();
+        // A client that still names the old epoch is refused by the new leader (nothing
+        // written); naming the current one works.
+        assert_eq!(produce_at(&new_addr, old_epoch, 500..501).await.0, ErrorCode::FENCED_LEADER_EPOCH);
+        assert_eq!(produce_at(&new_addr, new_epoch, 110..111).await.0, ErrorCode::NONE);
 
         // The old leader restarts as a follower, catches up and rejoins the ISR; a write sent
         // to it is refused (it is not the leader of the new epoch).
@@ -200,7 +215,7 @@ fn a_killed_leader_is_replaced_with_a_new_epoch_and_rejoins_as_a_follower() {
         })
         .await;
         assert_eq!(produce(&old_addr, 999..1000).await.0, ErrorCode::NOT_LEADER);
-        assert_eq!(read_all(&new_addr).await, (0..110).collect::<Vec<u32>>(), "every acknowledged record, once");
+        assert_eq!(read_all(&new_addr).await, (0..111).collect::<Vec<u32>>(), "every acknowledged record, once");
         let on_old = describe(&old_addr).await.expect("describe the old leader");
         let on_new = describe(&new_addr).await.expect("describe the new leader");
         assert_eq!(on_old.log_end, on_new.log_end, "the follower caught up");

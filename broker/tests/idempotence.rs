@@ -21,7 +21,7 @@ async fn produce(client: &Client, records: BytesMut) -> (ErrorCode, u64) {
     let req = ProduceRequest {
         acks: -1,
         timeout_ms: 5_000,
-        partitions: vec![ProducePartition { topic: "t".into(), partition: 0, records }],
+        partitions: vec![ProducePartition { topic: "t".into(), partition: 0, leader_epoch: 0, records }],
     };
     let conn = client.connection().await.expect("connection");
     let resp: ProduceResponse = conn.call(ApiKey::Produce, &req).await.expect("produce");

@@ -152,6 +152,16 @@ impl Client {
         self.inner.cache.borrow_mut().lookup(topic, partition).into_leader(topic, partition)
     }
 
+    /// The cached leader epoch of a partition (0 if unknown or invalidated); never sends
+    /// anything. Requests carry it so a leader of a newer epoch can refuse them.
+    pub fn cached_leader_epoch(&self, topic: &str, partition: u32) -> u32 {
+        let cache = self.inner.cache.borrow();
+        match cache.topics.get(topic).filter(|t| !t.stale && t.error == Some(ErrorCode::NONE)) {
+            Some(t) => t.leaders.get(partition as usize).and_then(|(l, e)| l.map(|_| *e)).unwrap_or(0),
+            None => 0,
+        }
+    }
+
     /// The cached leader of a partition, if known and not invalidated; never sends anything.
     pub fn cached_leader(&self, topic: &str, partition: u32) -> Option<u32> {
         match self.inner.cache.borrow().peek(topic, partition) {

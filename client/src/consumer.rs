@@ -303,6 +303,7 @@ impl Consumer {
                 .map(|(t, p, o)| FetchPartition {
                     topic: t.to_string(),
                     partition: *p,
+                    leader_epoch: self.client.cached_leader_epoch(t, *p),
                     fetch_offset: *o,
                     partition_max_bytes: self.config.partition_max_bytes,
                 })

@@ -557,10 +557,12 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
     // without any copy having been made.
     let batch_bytes: Vec<Vec<Bytes>> =
         parts.iter().map(|(_, bs)| bs.iter().map(|b| b.bytes.clone()).collect()).collect();
-    let entries: Vec<(&str, u32, &[Bytes])> = parts
+    let entries: Vec<(&str, u32, u32, &[Bytes])> = parts
         .iter()
         .zip(&batch_bytes)
-        .map(|(((topic, partition), _), bs)| (topic.as_str(), *partition, &bs[..]))
+        .map(|(((topic, partition), _), bs)| {
+            (topic.as_str(), *partition, p.client.cached_leader_epoch(topic, *partition), &bs[..])
+        })
         .collect();
     let (acks, timeout) = (p.config.acks.wire(), p.config.request_timeout_ms);
     let response_timeout = p.response_timeout();

@@ -349,8 +349,10 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
 /// many. A fault counts for a send if it hit a node leading the send's partition (or a node
 /// of unknown leadership) and began
 ///
-/// - between `window.detection` before and `window.before` after the acknowledgement (the
-///   leader acknowledged within a lease of losing its place), or
+/// - at most `window.before` after the acknowledgement (the leader acknowledged within a
+///   lease of losing its place), with the acknowledgement arriving before the fault ended plus
+///   `window.detection` (a paused or cut-off leader's answer to a record it appended just
+///   before the fault arrives when the fault ends), or
 /// - after the send was invoked and before it was acknowledged (the leader appended it, then
 ///   stopped; the answer left when it resumed).
 ///
@@ -376,8 +378,8 @@ pub fn excuse_losses(history: &mut History, faults: &[FaultEvent], window: LossW
         let (invoked, acked) = (s.invoke_us, s.complete_us);
         let in_window = faults.iter().any(|f| {
             let hits = f.partitions.is_empty() || f.partitions.contains(&partition.0);
-            let near_ack =
-                f.start_us.saturating_add(detection_us) >= acked && f.start_us <= acked.saturating_add(before_us);
+            let until = f.start_us.max(f.end_us).saturating_add(detection_us);
+            let near_ack = acked <= until && f.start_us <= acked.saturating_add(before_us);
             let in_flight = f.start_us >= invoked && f.start_us <= acked;
             hits && (near_ack || in_flight)
         });
@@ -908,6 +910,25 @@ mod tests {
         assert!(check(&acks, &[], &[fault(10_000_000, vec![2])]).is_empty());
         // Unknown leadership counts for every partition.
         assert_eq!(check(&acks, &[], &[fault(10_000_000, vec![])]), [0, 1]);
+    }
+
+    #[test]
+    fn an_answer_delayed_by_the_fault_is_excused_until_the_fault_ends() {
+        // Invoked just after the fault began (the leader appended it before it stopped), its
+        // answer arrives when the 1 s pause ends; a later loss is not excused.
+        let mut history = History::new();
+        history.push(send(0, 10_002_000, 11_050_000));
+        history.push(send(1, 11_500_000, 11_600_000));
+        let window = LossWindow::new(Duration::from_millis(250), Duration::from_millis(100));
+        let pause =
+            FaultEvent { fault: Fault::Pause, node: 1, partitions: vec![0], start_us: 10_000_000, end_us: 11_000_000 };
+        assert_eq!(excuse_losses(&mut history, &[pause], window), 1);
+        let outcomes: Vec<bool> = history
+            .ops
+            .iter()
+            .map(|op| matches!(op, check::Op::Send(s) if s.outcome == SendOutcome::Unknown))
+            .collect();
+        assert_eq!(outcomes, [true, false]);
     }
 
     #[test]

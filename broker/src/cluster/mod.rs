@@ -50,7 +50,9 @@ use crate::core::controller::{Controller, ControllerConfig, Topic};
 use crate::core::node::{BrokerNode, NodeConfig};
 use crate::core::quorum::{ControllerVoter, QuorumConfig};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
-use crate::core::{Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+use crate::core::{
+    Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time,
+};
 use crate::meta::{self, ProducerIds};
 use crate::runtime::conn::{self, Service};
 use crate::runtime::handlers::{Request, Response};
@@ -740,7 +742,8 @@ impl Node {
                             let (tx, rx) = oneshot::channel();
                             st.pending.insert(id, tx);
                             let mut out = Vec::new();
-                            st.core.handle_produce(t, id, p, None, batch, acks, deadline, &mut out);
+                            let epoch = (part.leader_epoch != 0).then_some(LeaderEpoch(part.leader_epoch));
+                            st.core.handle_produce(t, id, p, epoch, batch, acks, deadline, &mut out);
                             self.commands(&mut st, out, &mut work);
                             rxs.push(rx);
                         }
@@ -802,6 +805,14 @@ impl Node {
                         log_start,
                         records: Vec::new(),
                     };
+                }
+                // A client naming an older leader epoch than this replica's is refused; one
+                // naming a newer epoch knows more than this broker yet (retriable).
+                let epoch = st.core.replica(pid).and_then(|r| r.leader_epoch()).map_or(0, |e| e.0);
+                if p.leader_epoch != 0 && p.leader_epoch != epoch {
+                    let code =
+                        if p.leader_epoch < epoch { ErrorCode::FENCED_LEADER_EPOCH } else { ErrorCode::NOT_LEADER };
+                    return fail(code);
                 }
                 let log_end = st.core.replica(pid).map_or(0, |r| r.log().log_end_offset().0);
                 match st.core.read_committed(t, pid, Offset(p.fetch_offset), p.partition_max_bytes) {

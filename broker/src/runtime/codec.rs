@@ -95,7 +95,13 @@ mod tests {
     fn vectored_fetch_frames_decode_as_fetch_responses() {
         let part = |name: &str, records: &[u8]| {
             (
-                FetchPartition { topic: name.into(), partition: 1, fetch_offset: 0, partition_max_bytes: 10 },
+                FetchPartition {
+                    topic: name.into(),
+                    partition: 1,
+                    leader_epoch: 0,
+                    fetch_offset: 0,
+                    partition_max_bytes: 10,
+                },
                 FetchResult { error: ErrorCode::NONE, high_watermark: 5, log_start: 0, records: records.to_vec() },
             )
         };

@@ -124,8 +124,10 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// Record batches for one partition (one or more batches back to back).
-    pub struct ProducePartition { pub topic: String, pub partition: u32, pub records: BytesMut }
+    /// Record batches for one partition (one or more batches back to back). `leader_epoch`:
+    /// the leader epoch the client's metadata names (0: not given); a leader of a newer epoch
+    /// answers FENCED_LEADER_EPOCH.
+    pub struct ProducePartition { pub topic: String, pub partition: u32, pub leader_epoch: u32, pub records: BytesMut }
 }
 
 wire_struct! {
@@ -151,8 +153,14 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// Where to read one partition.
-    pub struct FetchPartition { pub topic: String, pub partition: u32, pub fetch_offset: u64, pub partition_max_bytes: u32 }
+    /// Where to read one partition. `leader_epoch` as in `ProducePartition`.
+    pub struct FetchPartition {
+        pub topic: String,
+        pub partition: u32,
+        pub leader_epoch: u32,
+        pub fetch_offset: u64,
+        pub partition_max_bytes: u32,
+    }
 }
 
 wire_struct! {

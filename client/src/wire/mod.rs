@@ -259,7 +259,7 @@ pub fn produce_frame(
     header: &RequestHeader,
     acks: i8,
     timeout_ms: u32,
-    parts: &[(&str, u32, &[bytes::Bytes])],
+    parts: &[(&str, u32, u32, &[bytes::Bytes])],
 ) -> Vec<bytes::Bytes> {
     let mut chunks = Vec::with_capacity(parts.len() * 2 + 1);
     let mut w = Writer { buf: vec![0; 4] };
@@ -268,9 +268,10 @@ pub fn produce_frame(
     timeout_ms.encode(&mut w);
     u32::try_from(parts.len()).expect("fewer than 2^32 partitions").encode(&mut w);
     let mut total = 0usize;
-    for (topic, partition, batches) in parts {
+    for (topic, partition, leader_epoch, batches) in parts {
         topic.to_string().encode(&mut w);
         partition.encode(&mut w);
+        leader_epoch.encode(&mut w);
         let len: usize = batches.iter().map(|b| b.len()).sum();
         u32::try_from(len).expect("partition data under 4 GiB").encode(&mut w);
         total += w.buf.len();
@@ -358,6 +359,7 @@ mod tests {
             partitions: vec![ProducePartition {
                 topic: "t".into(),
                 partition: 3,
+                leader_epoch: 2,
                 records: BytesMut::from(&b"abc"[..]),
             }],
         });
@@ -369,6 +371,7 @@ mod tests {
             partitions: vec![FetchPartition {
                 topic: "t".into(),
                 partition: 0,
+                leader_epoch: 4,
                 fetch_offset: 9,
                 partition_max_bytes: 7,
             }],
@@ -386,7 +389,7 @@ mod tests {
         let b1 = bytes::Bytes::from_static(b"batch-one");
         let b2 = bytes::Bytes::from_static(b"two");
         let both = [b1.clone(), b2.clone()];
-        let parts: Vec<(&str, u32, &[bytes::Bytes])> = vec![("t", 0, &both[..]), ("u", 5, &[][..])];
+        let parts: Vec<(&str, u32, u32, &[bytes::Bytes])> = vec![("t", 0, 3, &both[..]), ("u", 5, 0, &[][..])];
         let chunks = produce_frame(&header, -1, 500, &parts);
         let plain = request_frame(
             &header,
@@ -394,8 +397,13 @@ mod tests {
                 acks: -1,
                 timeout_ms: 500,
                 partitions: vec![
-                    ProducePartition { topic: "t".into(), partition: 0, records: BytesMut::from(&b"batch-onetwo"[..]) },
-                    ProducePartition { topic: "u".into(), partition: 5, records: BytesMut::new() },
+                    ProducePartition {
+                        topic: "t".into(),
+                        partition: 0,
+                        leader_epoch: 3,
+                        records: BytesMut::from(&b"batch-onetwo"[..]),
+                    },
+                    ProducePartition { topic: "u".into(), partition: 5, leader_epoch: 0, records: BytesMut::new() },
                 ],
             },
         );
