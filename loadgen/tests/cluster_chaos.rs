@@ -4,28 +4,13 @@
 //! every check; and `failover` measures kill -9 of the leader to the first new
 //! acknowledgement. Both need the broker's cluster mode (`--voters`) and root with nftables.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
 use skein_loadgen::cluster::{ClusterConfig, LocalCluster};
 use skein_loadgen::failover::{self, FailoverConfig};
 use skein_loadgen::verify::{self, Fault, VerifyConfig};
-
-/// The broker binary of this build (built here if missing).
-fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
-    let bin = dir.join("skein-broker");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "skein-broker", "--bin", "skein-broker"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building skein-broker failed");
-    }
-    bin
-}
 
 /// The tests of this file share the nft table and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -35,7 +20,7 @@ fn serial() -> std::sync::MutexGuard<'static, ()> {
 }
 
 fn cluster(dir: &std::path::Path) -> LocalCluster {
-    let config = ClusterConfig::new(broker_binary(), dir, 3).expect("free ports");
+    let config = ClusterConfig::new(common::broker_binary(), dir, 3).expect("free ports");
     LocalCluster::start(config).expect("3 brokers ready")
 }
 

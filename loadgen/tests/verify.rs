@@ -2,23 +2,9 @@
 //! paused (SIGSTOP/SIGCONT) and cut off by an nft rule while the workload runs: every check passes, faults happened,
 //! and the history file re-reads to the same verdict.
 
-use std::path::PathBuf;
-use std::process::Command;
+mod common;
 
-/// The broker binary of this build (built by `cargo test --workspace`; built here if not).
-fn broker_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
-    let bin = dir.join("skein-broker");
-    if !bin.exists() {
-        let status = Command::new(env!("CARGO"))
-            .args(["build", "-p", "skein-broker", "--bin", "skein-broker"])
-            .status()
-            .expect("run cargo build");
-        assert!(status.success(), "building skein-broker failed");
-    }
-    bin
-}
+use std::process::Command;
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
@@ -31,7 +17,7 @@ fn verify_passes_against_a_broker_killed_and_paused_under_load() {
     let addr = format!("127.0.0.1:{port}");
     let start = format!(
         "{} --listen {addr} --data-dir {} >>{} 2>&1 & echo $!",
-        broker_binary().display(),
+        common::broker_binary().display(),
         dir.path().join("data").display(),
         dir.path().join("broker.log").display()
     );

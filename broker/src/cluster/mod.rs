@@ -31,17 +31,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use bytes::BytesMut;
 use futures_channel::oneshot;
 use serde::{Deserialize, Serialize};
 use skein_client::wire::{
-    ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, CreateTopicsRequest, CreateTopicsResponse,
-    DeleteTopicsResponse, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchRequest as WireFetch,
-    InitProducerIdResponse, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
-    MetadataResponse, PartitionDescription, PartitionMetadata, ProducePartitionResponse, ProduceRequest,
-    ProduceResponse, Reader, TopicConfig, TopicDescription, TopicMetadata, TopicResult, EARLIEST, LATEST,
+    BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsResponse, DescribeTopicsRequest,
+    DescribeTopicsResponse, ErrorCode, FetchRequest as WireFetch, InitProducerIdResponse, ListOffsetsPartitionResponse,
+    ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, PartitionDescription,
+    PartitionMetadata, ProducePartitionResponse, ProduceRequest, ProduceResponse, Reader, TopicConfig,
+    TopicDescription, TopicMetadata, TopicResult, EARLIEST, LATEST,
 };
-use skein_log::batch::{BatchHeader, RecordBatch, HEADER_BYTES};
 use skein_log::storage::{FileStorage, StorageError};
 use skein_log::types::Timestamp;
 use skein_log::Log;
@@ -55,8 +53,8 @@ use crate::core::{
 };
 use crate::meta::{self, ProducerIds};
 use crate::runtime::conn::{self, Service};
-use crate::runtime::handlers::{Request, Response};
-use crate::runtime::{fail_stop, FetchResult};
+use crate::runtime::handlers::{api_versions, fetch_response, Request, Response};
+use crate::runtime::{fail_stop, split_batches, FetchResult};
 use crate::BrokerConfig;
 use peer::{PeerFrame, PeerLink};
 
@@ -528,15 +526,9 @@ impl Node {
                 Some(t) => {
                     let partitions = (0..t.partitions)
                         .filter_map(|i| {
-                            let s = c.partition(t.partition(i)?)?;
-                            Some(PartitionMetadata {
-                                partition: i,
-                                error: if s.leader.is_some() { ErrorCode::NONE } else { ErrorCode::NOT_LEADER },
-                                leader: s.leader.map_or(0, |l| l.0),
-                                leader_epoch: s.epoch.0,
-                                replicas: s.replicas.iter().map(|r| r.0).collect(),
-                                isr: s.isr.iter().map(|r| r.0).collect(),
-                            })
+                            let (error, leader, leader_epoch, replicas, isr) =
+                                wire_state(c.partition(t.partition(i)?)?);
+                            Some(PartitionMetadata { partition: i, error, leader, leader_epoch, replicas, isr })
                         })
                         .collect();
                     TopicMetadata { name, error: ErrorCode::NONE, partitions }
@@ -570,13 +562,14 @@ impl Node {
                         let (log_start, hw, log_end) = st.core.replica(p).map_or((0, 0, 0), |r| {
                             (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0)
                         });
+                        let (error, leader, leader_epoch, replicas, isr) = wire_state(s);
                         Some(PartitionDescription {
                             partition: i,
-                            error: if s.leader.is_some() { ErrorCode::NONE } else { ErrorCode::NOT_LEADER },
-                            leader: s.leader.map_or(0, |l| l.0),
-                            leader_epoch: s.epoch.0,
-                            replicas: s.replicas.iter().map(|r| r.0).collect(),
-                            isr: s.isr.iter().map(|r| r.0).collect(),
+                            error,
+                            leader,
+                            leader_epoch,
+                            replicas,
+                            isr,
                             log_start,
                             high_watermark: hw,
                             log_end,
@@ -935,44 +928,12 @@ fn produce_error(e: ProduceError) -> ErrorCode {
     }
 }
 
-fn api_versions() -> ApiVersionsResponse {
-    let apis = ApiKey::ALL
-        .iter()
-        .map(|k| ApiVersion { api_key: *k as u16, min_version: 0, max_version: k.max_version() })
-        .collect();
-    ApiVersionsResponse { apis }
-}
-
-/// Pairs results with their partitions, leaving out whole partitions' data past `max_bytes`.
-fn fetch_response(req: WireFetch, results: Vec<FetchResult>) -> Response {
-    let mut total = 0usize;
-    let mut out = Vec::with_capacity(results.len());
-    for (p, mut r) in req.partitions.into_iter().zip(results) {
-        if total > 0 && total + r.records.len() > req.max_bytes as usize {
-            r.records.clear();
-        }
-        total += r.records.len();
-        out.push((p, r));
-    }
-    Response::Fetch(out)
-}
-
-/// Splits a produce's record bytes into batches (each checked).
-fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, ErrorCode> {
-    let mut out = Vec::new();
-    if records.is_empty() {
-        return Err(ErrorCode::CORRUPT_BATCH);
-    }
-    while !records.is_empty() {
-        let header =
-            BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)]).map_err(|_| ErrorCode::CORRUPT_BATCH)?;
-        let len = header.batch_length as usize;
-        if len > records.len() || len == 0 {
-            return Err(ErrorCode::CORRUPT_BATCH);
-        }
-        out.push(RecordBatch::parse(records.split_to(len)).map_err(|_| ErrorCode::CORRUPT_BATCH)?);
-    }
-    Ok(out)
+/// A partition state's wire fields: error (NOT_LEADER when leaderless), leader (0: none),
+/// epoch, replicas, ISR.
+fn wire_state(s: &crate::core::PartitionState) -> (ErrorCode, u32, u32, Vec<u32>, Vec<u32>) {
+    let error = if s.leader.is_some() { ErrorCode::NONE } else { ErrorCode::NOT_LEADER };
+    let ids = |v: &[NodeId]| v.iter().map(|r| r.0).collect();
+    (error, s.leader.map_or(0, |l| l.0), s.epoch.0, ids(&s.replicas), ids(&s.isr))
 }
 
 fn topic_of(c: &Controller, p: PartitionId) -> Option<(&String, &Topic)> {

@@ -110,7 +110,7 @@ async fn init_producer_id(shard: &Rc<Shard>, req: InitProducerIdRequest) -> Init
     }
 }
 
-fn api_versions() -> ApiVersionsResponse {
+pub(crate) fn api_versions() -> ApiVersionsResponse {
     let apis = ApiKey::ALL
         .iter()
         .map(|k| ApiVersion { api_key: *k as u16, min_version: 0, max_version: k.max_version() })
@@ -372,7 +372,7 @@ async fn fetch_once(shard: &Rc<Shard>, parts: &[FetchPartition]) -> Vec<FetchRes
 
 /// Pairs results with their partitions, leaving out whole partitions' data past `max_bytes`
 /// (the first partition with data is always sent, so a consumer progresses).
-fn fetch_response(req: FetchRequest, results: Vec<FetchResult>) -> Response {
+pub(crate) fn fetch_response(req: FetchRequest, results: Vec<FetchResult>) -> Response {
     let mut total = 0usize;
     let mut out = Vec::with_capacity(results.len());
     for (p, mut r) in req.partitions.into_iter().zip(results) {

@@ -25,7 +25,7 @@ use anyhow::{Context, Result};
 
 use crate::meta::Topics;
 use crate::BrokerConfig;
-pub(crate) use shard::{fail_stop, FetchResult, Shard, ShardMsg};
+pub(crate) use shard::{fail_stop, split_batches, FetchResult, Shard, ShardMsg};
 
 /// Exit status when storage fails under the broker (fsync EIO and the like): fail-stop.
 pub const EXIT_STORAGE_FAILURE: i32 = 74;

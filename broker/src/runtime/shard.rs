@@ -439,7 +439,7 @@ pub(crate) fn owner(topic: &str, partition: u32, shards: usize) -> usize {
 }
 
 /// Splits a partition's records into fully validated batches, sharing the frame's memory.
-fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, ErrorCode> {
+pub(crate) fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, ErrorCode> {
     let mut out = Vec::new();
     if records.is_empty() {
         return Err(ErrorCode::CORRUPT_BATCH);
