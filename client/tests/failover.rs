@@ -61,6 +61,41 @@ fn producer_gives_up_on_a_silent_leader_within_the_response_timeout() {
 }
 
 #[test]
+fn a_retried_batch_is_sent_without_the_partitions_later_batches() {
+    // The first batch goes to a leader that never answers (it may have appended it); two
+    // later batches of the same partition wait behind it. The retry goes to the new leader
+    // alone: a broker that finds it a duplicate answers with its old offset while the batches
+    // after it would land at the log end, and the response has one base offset per partition.
+    block_on(async {
+        let (fakes, _) = fake_cluster(&[(1, Behaviour::Silent { to: 2 }), (2, Behaviour::Lead)], 1, 1, None).await;
+        let client = Client::connect(&fakes[0].addr()).await.expect("connect");
+        let config = ProducerConfig {
+            linger: Duration::ZERO,
+            acks: skein_client::Acks::Leader,
+            response_timeout: Duration::from_millis(200),
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client, config);
+        let first = producer.send("t", None, b"a").await.expect("queued");
+        // Let the first batch leave before the others are sealed.
+        while fakes[0].seen.produces.get() == 0 {
+            compio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let later = [
+            producer.send("t", None, b"b").await.expect("queued"),
+            producer.send("t", None, b"c").await.expect("queued"),
+        ];
+        let timeout = Duration::from_secs(5);
+        assert_eq!(compio::time::timeout(timeout, first).await.expect("resolved"), Ok((0, 0)));
+        for d in later {
+            assert!(compio::time::timeout(timeout, d).await.expect("resolved").is_ok());
+        }
+        assert_eq!(fakes[1].seen.records.get(), 3);
+        assert_eq!(fakes[1].seen.produces.get(), 2, "the retried batch alone, then the later ones");
+    });
+}
+
+#[test]
 fn producer_response_timeout_is_configurable() {
     block_on(async {
         let (fakes, _) = fake_cluster(&[(1, Behaviour::Silent { to: 2 }), (2, Behaviour::Lead)], 1, 1, None).await;
