@@ -366,7 +366,7 @@ impl Controller {
             }
             // The current leader steps down first; the preferred replica (first in the
             // election order) takes over after the handover hold.
-            tracing::debug!(partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
+            tracing::info!(partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
             state.leader = None;
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
@@ -407,7 +407,7 @@ impl Controller {
                 if restarted {
                     // It may have lost records it had shown followers: what it led gets a
                     // new epoch (possibly with itself as leader again).
-                    tracing::debug!(%broker, incarnation, "broker restarted");
+                    tracing::info!(%broker, incarnation, "broker restarted");
                     self.restarted(broker, out);
                 } else if !was_alive {
                     tracing::debug!(%broker, "broker alive");
@@ -469,7 +469,7 @@ impl Controller {
             return;
         }
         for id in &silent {
-            tracing::debug!(broker = %id, "broker fenced (session timeout)");
+            tracing::warn!(broker = %id, "broker fenced (session timeout)");
             self.brokers.get_mut(id).expect("listed above").alive = false;
         }
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
@@ -574,7 +574,7 @@ impl Controller {
             // hold nothing yet, and the leader shrinks the ISR if they never catch up).
             assert!(state.isr.contains(&leader), "the new leader {leader} is in the ISR");
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
-            tracing::debug!(partition = %p, %leader, epoch = %state.epoch, "leader elected");
+            tracing::info!(partition = %p, %leader, epoch = %state.epoch, "leader elected");
             let state = state.clone();
             self.broadcast(&state, out);
         }
