@@ -368,16 +368,7 @@ fn produce(
             }
             k += 1;
             match interval {
-                Some(gap) => {
-                    next += gap;
-                    let now = Instant::now();
-                    if next > now {
-                        compio::time::sleep(next - now).await;
-                    } else {
-                        next = now;
-                        skein_client::yield_now().await;
-                    }
-                }
+                Some(gap) => crate::verify::pace(&mut next, gap).await,
                 None => skein_client::yield_now().await,
             }
         }

@@ -503,14 +503,7 @@ fn producer(
             if let Err(e) = result {
                 sent.borrow_mut().push(op(&Err(e)));
             }
-            next += gap;
-            let now = Instant::now();
-            if next > now {
-                compio::time::sleep(next - now).await;
-            } else {
-                next = now;
-                skein_client::yield_now().await;
-            }
+            pace(&mut next, gap).await;
         }
         producer.flush().await;
         ops.lock().expect("no thread panicked holding the lock").extend(sent.take());
@@ -614,14 +607,8 @@ fn inject_faults(cfg: &VerifyConfig, start: Instant) -> Result<Vec<FaultEvent>> 
     let mut pids = cfg.pids.clone();
     let mut log = Vec::new();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
-    let mut next = start + cfg.fault_interval;
-    while start.elapsed() < cfg.duration {
-        std::thread::sleep(Duration::from_millis(50));
-        if cfg.faults.is_empty() || Instant::now() < next {
-            continue;
-        }
-        next += cfg.fault_interval;
-        let fault = cfg.faults[random(&mut seed, cfg.faults.len())];
+    let mut schedule = FaultSchedule::new(cfg, start);
+    while let Some(fault) = schedule.next(&mut seed) {
         let targets = if fault == Fault::Partition { partition_addrs.len() } else { pids.len() };
         let i = random(&mut seed, targets.max(1));
         let start_us = micros(start);
@@ -695,14 +682,8 @@ fn cluster_fault_loop(
     let probe = Probe::new(cluster.addrs(), PROBE_TIMEOUT)?;
     let nodes = cluster.ids().count();
     let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ u64::from(std::process::id());
-    let mut next = start + cfg.fault_interval;
-    while start.elapsed() < cfg.duration {
-        std::thread::sleep(Duration::from_millis(50));
-        if cfg.faults.is_empty() || Instant::now() < next {
-            continue;
-        }
-        next += cfg.fault_interval;
-        let fault = cfg.faults[random(&mut seed, cfg.faults.len())];
+    let mut schedule = FaultSchedule::new(cfg, start);
+    while let Some(fault) = schedule.next(&mut seed) {
         let views = probe.partitions(&cfg.topic).unwrap_or_else(|e| {
             tracing::warn!(error = %e, "no leadership known before the fault");
             BTreeMap::new()
@@ -791,6 +772,46 @@ fn follower_of(view: Option<&PartitionView>, leader: u32, nodes: u32, seed: &mut
         return others.get(random(seed, others.len().max(1))).copied().unwrap_or(leader);
     }
     replicas[random(seed, replicas.len())]
+}
+
+/// When the fault threads inject their next fault, and which kind: every `fault_interval`
+/// until `duration` has passed, a kind drawn from `faults`.
+struct FaultSchedule<'a> {
+    cfg: &'a VerifyConfig,
+    start: Instant,
+    next: Instant,
+}
+
+impl<'a> FaultSchedule<'a> {
+    fn new(cfg: &'a VerifyConfig, start: Instant) -> Self {
+        FaultSchedule { cfg, start, next: start + cfg.fault_interval }
+    }
+
+    /// Sleeps until the next fault is due and returns its kind; `None` once the run is over.
+    fn next(&mut self, seed: &mut u64) -> Option<Fault> {
+        while self.start.elapsed() < self.cfg.duration {
+            std::thread::sleep(Duration::from_millis(50));
+            if self.cfg.faults.is_empty() || Instant::now() < self.next {
+                continue;
+            }
+            self.next += self.cfg.fault_interval;
+            return Some(self.cfg.faults[random(seed, self.cfg.faults.len())]);
+        }
+        None
+    }
+}
+
+/// Open-loop pacing: waits until `next + gap` (and moves `next` there); when behind
+/// schedule, only yields and restarts the schedule from now.
+pub(crate) async fn pace(next: &mut Instant, gap: Duration) {
+    *next += gap;
+    let now = Instant::now();
+    if *next > now {
+        compio::time::sleep(*next - now).await;
+    } else {
+        *next = now;
+        skein_client::yield_now().await;
+    }
 }
 
 fn random(seed: &mut u64, n: usize) -> usize {
