@@ -62,8 +62,9 @@ pub struct BrokerConfig {
     /// Shutdown waits this long for in-flight requests before closing logs.
     #[arg(long, env = "SKEIN_SHUTDOWN_GRACE_MS", default_value_t = 5_000)]
     pub shutdown_grace_ms: u64,
-    /// Cluster mode: the controller voters, `ID@HOST:PORT,...`, the same on every broker (this
-    /// broker's `--node-id` must be one of them). Without it the broker is a single-node
+    /// Cluster mode: the controller voters, `ID@HOST:PORT[/RACK],...`, the same on every broker
+    /// (this broker's `--node-id` must be one of them). A rack lets consumers that prefer the
+    /// closest replica read from one in their own rack. Without it the broker is a single-node
     /// cluster.
     #[arg(long, env = "SKEIN_VOTERS")]
     pub voters: Option<String>,
@@ -92,6 +93,15 @@ pub struct BrokerConfig {
     /// replication factor).
     #[arg(long, env = "SKEIN_MIN_INSYNC_REPLICAS", default_value_t = 1)]
     pub min_insync_replicas: usize,
+    /// Cluster mode: how long a read carrying a session token waits for this replica to catch
+    /// up with it (high watermark and leader epoch) before answering NOT_CAUGHT_UP, which sends
+    /// the client to the leader (ms; capped by the fetch's own wait).
+    #[arg(long, env = "SKEIN_READ_WAIT_MS", default_value_t = 100)]
+    pub read_wait_ms: u64,
+    /// TEST ONLY: followers serve reads up to their log end instead of the high watermark they
+    /// learned, breaking consistent prefix on purpose (proves the history checker catches it).
+    #[arg(long, hide = true)]
+    pub unsafe_follower_reads_past_high_watermark: bool,
 }
 
 impl BrokerConfig {
@@ -148,6 +158,7 @@ impl BrokerConfig {
             "replica_lag_max_ms" => self.replica_lag_max_ms = u64::try_from(int()?)?,
             "leader_rebalance_interval_ms" => self.leader_rebalance_interval_ms = u64::try_from(int()?)?,
             "min_insync_replicas" => self.min_insync_replicas = usize::try_from(int()?)?,
+            "read_wait_ms" => self.read_wait_ms = u64::try_from(int()?)?,
             _ => bail!("unknown setting"),
         }
         Ok(())

@@ -128,12 +128,15 @@ async fn read_all(addr: &str) -> Vec<u32> {
             min_bytes: 1,
             max_bytes: 1 << 20,
             isolation: 0,
+            replica_read: false,
             partitions: vec![FetchPartition {
                 topic: "t".into(),
                 partition: 0,
                 leader_epoch: 0,
                 fetch_offset: offset,
                 partition_max_bytes: 1 << 20,
+                min_high_watermark: 0,
+                min_leader_epoch: 0,
             }],
         };
         let resp: FetchResponse = c.call(ApiKey::Fetch, &req).await.expect("fetch");

@@ -652,7 +652,7 @@ mod tests {
         MetadataResponse {
             brokers: brokers
                 .iter()
-                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port })
+                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port, rack: String::new() })
                 .collect(),
             controller: brokers.first().map_or(0, |b| b.0),
             topics: topics

@@ -298,6 +298,7 @@ impl Consumer {
             min_bytes: self.config.min_bytes,
             max_bytes: self.config.max_bytes,
             isolation: 0,
+            replica_read: false,
             partitions: parts
                 .iter()
                 .map(|(t, p, o)| FetchPartition {
@@ -306,6 +307,8 @@ impl Consumer {
                     leader_epoch: self.client.cached_leader_epoch(t, *p),
                     fetch_offset: *o,
                     partition_max_bytes: self.config.partition_max_bytes,
+                    min_high_watermark: 0,
+                    min_leader_epoch: 0,
                 })
                 .collect(),
         };

@@ -65,10 +65,11 @@ const UNCLEAN: &str = "unclean.leader.election.enable";
 /// How often the core and the voter tick.
 const TICK_MS: u64 = 5;
 
-/// Parses `--voters`: `ID@HOST:PORT,...`.
+/// Parses `--voters`: `ID@HOST:PORT[/RACK],...` (racks: [`parse_racks`]).
 pub fn parse_voters(s: &str) -> Result<Vec<(NodeId, SocketAddr)>> {
     let mut out = Vec::new();
     for item in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let item = item.split_once('/').map_or(item, |(voter, _)| voter);
         let (id, addr) = item.split_once('@').with_context(|| format!("voter '{item}' is not ID@HOST:PORT"))?;
         let id: u32 = id.parse().with_context(|| format!("voter id '{id}'"))?;
         anyhow::ensure!(id > 0, "voter ids start at 1 (0 means no leader on the wire)");
@@ -79,6 +80,17 @@ pub fn parse_voters(s: &str) -> Result<Vec<(NodeId, SocketAddr)>> {
     anyhow::ensure!(!out.is_empty(), "--voters lists no voter");
     out.sort();
     Ok(out)
+}
+
+/// The racks `--voters` names (`ID@HOST:PORT/RACK`); a voter without one is not listed.
+pub fn parse_racks(s: &str) -> BTreeMap<NodeId, String> {
+    s.split(',')
+        .filter_map(|item| {
+            let (voter, rack) = item.trim().split_once('/')?;
+            let id = voter.split_once('@')?.0.parse().ok()?;
+            Some((NodeId(id), rack.trim().to_owned())).filter(|(_, r)| !r.is_empty())
+        })
+        .collect()
 }
 
 /// The monotonic clock in microseconds (the same origin for every process on the machine).
@@ -162,6 +174,8 @@ pub(crate) struct Node {
     id: NodeId,
     config: BrokerConfig,
     voters: Vec<(NodeId, SocketAddr)>,
+    /// Racks from `--voters`.
+    racks: BTreeMap<NodeId, String>,
     st: RefCell<State>,
     producer_ids: RefCell<ProducerIds>,
     /// Fetches waiting for new data: woken after every event that may move a high watermark.
@@ -214,10 +228,12 @@ impl Node {
         let core = BrokerNode::new(me, incarnation, Vec::new(), node_config, replicas, false);
         let links = voters.iter().filter(|(n, _)| *n != me).map(|&(n, a)| (n, PeerLink::start(me, ip, n, a))).collect();
         let producer_ids = ProducerIds::load(&data)?;
+        let racks = parse_racks(config.voters.as_deref().unwrap_or_default());
         Ok(Rc::new(Node {
             id: me,
             config,
             voters,
+            racks,
             st: RefCell::new(State { core, voter, links, pending: HashMap::new(), next_request: 0 }),
             producer_ids: RefCell::new(producer_ids),
             fetch_waiters: RefCell::new(Vec::new()),
@@ -512,7 +528,11 @@ impl Node {
     }
 
     fn brokers(&self) -> Vec<BrokerInfo> {
-        self.voters.iter().map(|(n, a)| BrokerInfo { node_id: n.0, host: a.ip().to_string(), port: a.port() }).collect()
+        let rack = |n: &NodeId| self.racks.get(n).cloned().unwrap_or_default();
+        self.voters
+            .iter()
+            .map(|(n, a)| BrokerInfo { node_id: n.0, host: a.ip().to_string(), port: a.port(), rack: rack(n) })
+            .collect()
     }
 
     fn metadata(&self, req: MetadataRequest) -> MetadataResponse {
@@ -780,64 +800,111 @@ impl Node {
         Response::Produce(ProduceResponse { partitions })
     }
 
-    fn fetch_once(&self, req: &WireFetch) -> Vec<FetchResult> {
+    /// One pass over a fetch's partitions. A partition whose replica is behind the read's
+    /// session token (or, on a follower, behind the fetch offset) comes back with no records
+    /// and `behind` set; the caller waits for it or answers NOT_CAUGHT_UP.
+    fn fetch_once(&self, req: &WireFetch) -> Vec<(FetchResult, bool)> {
         let t = now();
         let st = self.st.borrow();
         req.partitions
             .iter()
             .map(|p| {
-                let fail = |error| FetchResult { error, high_watermark: 0, log_start: 0, records: Vec::new() };
+                let fail = |error| (FetchResult::empty(error), false);
                 let Some(pid) = self.partition_id(&st, &p.topic, p.partition) else {
                     return fail(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION);
                 };
-                let log_start = st.core.replica(pid).map_or(0, |r| r.log().log_start_offset().0);
+                let Some(r) = st.core.replica(pid) else { return fail(ErrorCode::NOT_LEADER) };
+                let log_start = r.log().log_start_offset().0;
                 if p.fetch_offset < log_start {
-                    return FetchResult {
-                        error: ErrorCode::OFFSET_OUT_OF_RANGE,
-                        high_watermark: 0,
-                        log_start,
-                        records: Vec::new(),
-                    };
+                    return (FetchResult { log_start, ..FetchResult::empty(ErrorCode::OFFSET_OUT_OF_RANGE) }, false);
                 }
-                // A client naming an older leader epoch than this replica's is refused; one
-                // naming a newer epoch knows more than this broker yet (retriable).
-                let epoch = st.core.replica(pid).and_then(|r| r.leader_epoch()).map_or(0, |e| e.0);
-                if p.leader_epoch != 0 && p.leader_epoch != epoch {
-                    let code =
-                        if p.leader_epoch < epoch { ErrorCode::FENCED_LEADER_EPOCH } else { ErrorCode::NOT_LEADER };
-                    return fail(code);
+                let leads = r.leader_epoch().is_some();
+                let known = r.known_epoch().0;
+                if !leads && !(req.replica_read && r.is_follower()) {
+                    return fail(ErrorCode::NOT_LEADER);
                 }
-                let log_end = st.core.replica(pid).map_or(0, |r| r.log().log_end_offset().0);
-                match st.core.read_committed(t, pid, Offset(p.fetch_offset), p.partition_max_bytes) {
-                    Ok((_, hw)) if p.fetch_offset > log_end => FetchResult {
-                        error: ErrorCode::OFFSET_OUT_OF_RANGE,
-                        high_watermark: hw.0,
-                        log_start,
-                        records: vec![],
-                    },
-                    Ok((records, hw)) => {
-                        FetchResult { error: ErrorCode::NONE, high_watermark: hw.0, log_start, records }
-                    }
-                    Err(e) => fail(produce_error(e)),
+                // A client naming an older leader epoch than this replica knows is refused; one
+                // naming a newer epoch knows more than this broker yet (retriable): a leader
+                // answers NOT_LEADER, a follower is behind.
+                if p.leader_epoch != 0 && p.leader_epoch < known {
+                    return fail(ErrorCode::FENCED_LEADER_EPOCH);
                 }
+                if p.leader_epoch > known && leads {
+                    return fail(ErrorCode::NOT_LEADER);
+                }
+                let read = if leads {
+                    st.core.read_committed(t, pid, Offset(p.fetch_offset), p.partition_max_bytes)
+                } else {
+                    let past = self.config.unsafe_follower_reads_past_high_watermark;
+                    r.read_follower(Offset(p.fetch_offset), p.partition_max_bytes, past)
+                };
+                let (records, hw) = match read {
+                    Ok((records, hw)) => (records, hw.0),
+                    Err(e) => return fail(produce_error(e)),
+                };
+                let result = FetchResult {
+                    high_watermark: hw,
+                    leader_epoch: known,
+                    log_start,
+                    records,
+                    ..FetchResult::empty(ErrorCode::NONE)
+                };
+                // The session token: this replica must have seen the session's writes and
+                // reads (their high watermark and leader epoch) before it answers.
+                let behind = hw < p.min_high_watermark
+                    || known < p.min_leader_epoch.max(p.leader_epoch)
+                    || (!leads && p.fetch_offset > hw);
+                if behind {
+                    return (FetchResult { records: Vec::new(), ..result }, true);
+                }
+                if leads && p.fetch_offset > r.log().log_end_offset().0 {
+                    return (
+                        FetchResult { records: Vec::new(), ..result.with_error(ErrorCode::OFFSET_OUT_OF_RANGE) },
+                        false,
+                    );
+                }
+                (result, false)
             })
             .collect()
     }
 
+    /// A fetch: long-polls up to `max_wait_ms` for `min_bytes`; partitions behind their
+    /// session token are waited for up to `--read-wait-ms` (within the fetch's wait), then
+    /// answered NOT_CAUGHT_UP.
     async fn fetch(&self, req: WireFetch) -> Response {
         let wait = u64::from(req.max_wait_ms.min(self.config.max_request_timeout_ms));
-        let deadline = now().plus_ms(wait);
+        let start = now();
+        let deadline = start.plus_ms(wait);
+        let token_deadline = start.plus_ms(wait.min(self.config.read_wait_ms));
+        let mut waited: Vec<bool> = vec![false; req.partitions.len()];
         loop {
-            let results = self.fetch_once(&req);
+            let t = now();
+            let elapsed_us = u32::try_from(t.0.saturating_sub(start.0)).unwrap_or(u32::MAX);
+            let mut results = Vec::with_capacity(req.partitions.len());
+            let mut behind_any = false;
+            for (i, (mut r, behind)) in self.fetch_once(&req).into_iter().enumerate() {
+                if behind {
+                    waited[i] = true;
+                    behind_any = true;
+                    if t >= token_deadline {
+                        r.error = ErrorCode::NOT_CAUGHT_UP;
+                    }
+                }
+                if waited[i] {
+                    r.token_wait_us = elapsed_us;
+                }
+                results.push(r);
+            }
             let total: usize = results.iter().map(|r| r.records.len()).sum();
             let failed = results.iter().any(|r| r.error != ErrorCode::NONE);
-            let t = now();
-            if total >= req.min_bytes.max(1) as usize || failed || t >= deadline {
+            let waiting_for_token = behind_any && t < token_deadline;
+            if !waiting_for_token && (total >= req.min_bytes.max(1) as usize || failed || t >= deadline) {
                 return fetch_response(req, results);
             }
             let (tx, rx) = oneshot::channel();
             self.fetch_waiters.borrow_mut().push(tx);
-            let left = Duration::from_micros(deadline.0 - t.0).min(Duration::from_millis(20));
+            let until = if waiting_for_token { token_deadline } else { deadline };
+            let left = Duration::from_micros(until.0.saturating_sub(t.0)).min(Duration::from_millis(20));
             let _ = compio::time::timeout(left, rx).await;
         }
     }
@@ -1047,6 +1114,10 @@ mod tests {
         let v = parse_voters("2@127.0.0.12:9093, 1@127.0.0.11:9092").expect("parses");
         assert_eq!(v[0], (NodeId(1), "127.0.0.11:9092".parse().expect("addr")));
         assert_eq!(v.len(), 2);
+        let spec = "1@127.0.0.11:9092/east,2@127.0.0.12:9092,3@127.0.0.13:9092/west";
+        assert_eq!(parse_voters(spec).expect("racks are allowed").len(), 3);
+        let racks = parse_racks(spec);
+        assert_eq!(racks.into_iter().collect::<Vec<_>>(), vec![(NodeId(1), "east".into()), (NodeId(3), "west".into())]);
         for bad in ["", "1@", "x@127.0.0.1:1", "1@127.0.0.1:1,1@127.0.0.2:1", "0@127.0.0.1:1", "127.0.0.1:1"] {
             assert!(parse_voters(bad).is_err(), "{bad:?}");
         }

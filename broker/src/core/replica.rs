@@ -634,6 +634,42 @@ impl<S: Storage> Replica<S> {
         Ok((buf, self.high_watermark))
     }
 
+    /// Committed batches from `from` served by a follower (a follower read), with the high
+    /// watermark bounding them: the one this follower learned from its leader, capped at its
+    /// own log end. Every record below it is committed and this log matches the leader's up
+    /// to it, so the read is a prefix of the partition's committed log even when the leader is
+    /// gone. `past_high_watermark` (a test switch that breaks consistent prefix on purpose)
+    /// serves up to the log end instead.
+    pub fn read_follower(
+        &self,
+        from: Offset,
+        max_bytes: u32,
+        past_high_watermark: bool,
+    ) -> Result<(Vec<u8>, Offset), ProduceError> {
+        if self.failed {
+            return Err(ProduceError::Storage);
+        }
+        let Role::Follower(_) = &self.role else { return Err(ProduceError::NotLeader) };
+        assert!(self.high_watermark <= self.log.log_end_offset(), "follower high watermark past its log end");
+        let end = if past_high_watermark { self.log.log_end_offset() } else { self.high_watermark };
+        let mut buf = Vec::new();
+        if from < end {
+            let limit = ReadLimit { max_bytes, end: Some(end) };
+            self.log.read_verified(from, limit, &mut buf).map_err(|_| ProduceError::Storage)?;
+        }
+        Ok((buf, self.high_watermark))
+    }
+
+    /// The newest leader epoch this replica knows (0 before any partition state).
+    pub fn known_epoch(&self) -> LeaderEpoch {
+        self.epoch()
+    }
+
+    /// Whether this replica follows a leader (and so may serve follower reads).
+    pub fn is_follower(&self) -> bool {
+        matches!(self.role, Role::Follower(_))
+    }
+
     fn propose_isr(&mut self, now: Time, isr: Vec<NodeId>, out: &mut Vec<Command<Job<S>>>) {
         let Some(state) = &self.state else { return };
         let Role::Leader(l) = &mut self.role else { return };

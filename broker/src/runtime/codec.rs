@@ -70,7 +70,9 @@ fn encode_fetch(id: u32, parts: Vec<(skein_client::wire::FetchPartition, FetchRe
         p.partition.encode(&mut w);
         r.error.encode(&mut w);
         r.high_watermark.encode(&mut w);
+        r.leader_epoch.encode(&mut w);
         r.log_start.encode(&mut w);
+        r.token_wait_us.encode(&mut w);
         (r.records.len() as u32).encode(&mut w);
         if !r.records.is_empty() {
             chunks.push(std::mem::take(&mut w.buf));
@@ -101,8 +103,17 @@ mod tests {
                     leader_epoch: 0,
                     fetch_offset: 0,
                     partition_max_bytes: 10,
+                    min_high_watermark: 0,
+                    min_leader_epoch: 0,
                 },
-                FetchResult { error: ErrorCode::NONE, high_watermark: 5, log_start: 0, records: records.to_vec() },
+                FetchResult {
+                    error: ErrorCode::NONE,
+                    high_watermark: 5,
+                    leader_epoch: 3,
+                    log_start: 0,
+                    token_wait_us: 7,
+                    records: records.to_vec(),
+                },
             )
         };
         let chunks = encode_fetch(42, vec![part("a", b"xyz"), part("b", b""), part("c", b"12")]);
@@ -113,5 +124,6 @@ mod tests {
         assert_eq!(id, 42);
         let got: Vec<(&str, &[u8])> = resp.partitions.iter().map(|p| (p.topic.as_str(), &p.records[..])).collect();
         assert_eq!(got, vec![("a", &b"xyz"[..]), ("b", &b""[..]), ("c", &b"12"[..])]);
+        assert!(resp.partitions.iter().all(|p| (p.high_watermark, p.leader_epoch, p.token_wait_us) == (5, 3, 7)));
     }
 }

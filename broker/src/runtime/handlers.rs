@@ -145,7 +145,7 @@ fn metadata(shard: &Rc<Shard>, req: MetadataRequest) -> MetadataResponse {
     let listen = shard.config.listen;
     let host = listen.ip().to_string();
     MetadataResponse {
-        brokers: vec![BrokerInfo { node_id: node, host, port: listen.port() }],
+        brokers: vec![BrokerInfo { node_id: node, host, port: listen.port(), rack: String::new() }],
         controller: node,
         topics,
     }
@@ -360,12 +360,7 @@ async fn fetch_once(shard: &Rc<Shard>, parts: &[FetchPartition]) -> Vec<FetchRes
             Some(rx) => rx.await.ok(),
             None => None,
         };
-        out.push(r.unwrap_or(FetchResult {
-            error: ErrorCode::SHUTTING_DOWN,
-            high_watermark: 0,
-            log_start: 0,
-            records: Vec::new(),
-        }));
+        out.push(r.unwrap_or(FetchResult::empty(ErrorCode::SHUTTING_DOWN)));
     }
     out
 }

@@ -70,8 +70,24 @@ pub(crate) enum ShardMsg {
 pub(crate) struct FetchResult {
     pub error: ErrorCode,
     pub high_watermark: u64,
+    /// The newest leader epoch the serving replica knows.
+    pub leader_epoch: u32,
     pub log_start: u64,
+    /// How long the read waited for the replica to catch up with its session token.
+    pub token_wait_us: u32,
     pub records: Vec<u8>,
+}
+
+impl FetchResult {
+    /// A result with no records.
+    pub(crate) fn empty(error: ErrorCode) -> FetchResult {
+        FetchResult { error, high_watermark: 0, leader_epoch: 0, log_start: 0, token_wait_us: 0, records: Vec::new() }
+    }
+
+    /// The same result with another error code.
+    pub(crate) fn with_error(self, error: ErrorCode) -> FetchResult {
+        FetchResult { error, ..self }
+    }
 }
 
 pub(crate) struct Partition {
@@ -338,7 +354,7 @@ impl Shard {
     }
 
     fn fetch(&self, part: &FetchPartition) -> FetchResult {
-        let mut out = FetchResult { error: ErrorCode::NONE, high_watermark: 0, log_start: 0, records: Vec::new() };
+        let mut out = FetchResult::empty(ErrorCode::NONE);
         let Some(p) = self.partition(&part.topic, part.partition) else {
             out.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
             return out;
@@ -348,6 +364,14 @@ impl Shard {
         let hw = p.log.log_end_offset();
         out.high_watermark = hw.get();
         out.log_start = p.log.log_start_offset().get();
+        out.leader_epoch = p.epoch.0;
+        // Everything acknowledged is in the log, so a session token beyond the log end names
+        // writes this log does not hold (lost with an unsynced tail, or from another log):
+        // waiting cannot help.
+        if part.min_high_watermark > hw.get() || part.min_leader_epoch > p.epoch.0 {
+            out.error = ErrorCode::NOT_CAUGHT_UP;
+            return out;
+        }
         let limit = ReadLimit { max_bytes: part.partition_max_bytes.max(1), end: Some(hw) };
         match p.log.read_verified(Offset(part.fetch_offset), limit, &mut out.records) {
             Ok(_) => {}

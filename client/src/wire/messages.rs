@@ -27,8 +27,9 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// A broker of the cluster.
-    pub struct BrokerInfo { pub node_id: u32, pub host: String, pub port: u16 }
+    /// A broker of the cluster. `rack`: its `--rack` (empty: none); a consumer preferring the
+    /// closest replica reads from an in-sync replica in its own rack.
+    pub struct BrokerInfo { pub node_id: u32, pub host: String, pub port: u16, pub rack: String }
 }
 
 wire_struct! {
@@ -153,35 +154,49 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// Where to read one partition. `leader_epoch` as in `ProducePartition`.
+    /// Where to read one partition. `leader_epoch` as in `ProducePartition` (a follower
+    /// compares it with the epoch it follows). The session token (`min_high_watermark`,
+    /// `min_leader_epoch`; 0 = none): the replica serves the read only once its high watermark
+    /// is at least `min_high_watermark` and it knows epoch `min_leader_epoch` or a newer one;
+    /// it waits up to its read wait for that, then answers NOT_CAUGHT_UP.
     pub struct FetchPartition {
         pub topic: String,
         pub partition: u32,
         pub leader_epoch: u32,
         pub fetch_offset: u64,
         pub partition_max_bytes: u32,
+        pub min_high_watermark: u64,
+        pub min_leader_epoch: u32,
     }
 }
 
 wire_struct! {
     /// Fetch request: waits up to `max_wait_ms` for `min_bytes`; `isolation` is reserved (0).
+    /// `replica_read`: a follower of a partition may serve it (up to the high watermark it
+    /// learned from the leader); false: only the leader serves, others answer NOT_LEADER.
     pub struct FetchRequest {
         pub max_wait_ms: u32,
         pub min_bytes: u32,
         pub max_bytes: u32,
         pub isolation: u8,
+        pub replica_read: bool,
         pub partitions: Vec<FetchPartition>,
     }
 }
 
 wire_struct! {
-    /// Whole batches of one partition, as stored.
+    /// Whole batches of one partition, as stored, all below `high_watermark`. `leader_epoch`:
+    /// the newest epoch the serving replica knows (for session tokens; 0 if unknown).
+    /// `token_wait_us`: how long the read waited for the replica to catch up with its session
+    /// token (0: it had).
     pub struct FetchPartitionResponse {
         pub topic: String,
         pub partition: u32,
         pub error: ErrorCode,
         pub high_watermark: u64,
+        pub leader_epoch: u32,
         pub log_start: u64,
+        pub token_wait_us: u32,
         pub records: BytesMut,
     }
 }

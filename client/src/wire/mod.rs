@@ -124,6 +124,9 @@ impl ErrorCode {
     pub const OUT_OF_ORDER_SEQUENCE: ErrorCode = ErrorCode(19);
     /// An idempotent producer's epoch is older than the newest seen; nothing was written.
     pub const PRODUCER_FENCED: ErrorCode = ErrorCode(20);
+    /// The replica asked to serve a read has not caught up with the read's session token (its
+    /// high watermark or leader epoch is behind) within the bounded wait: read from the leader.
+    pub const NOT_CAUGHT_UP: ErrorCode = ErrorCode(21);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -136,12 +139,13 @@ impl ErrorCode {
                 | ErrorCode::FENCED_LEADER_EPOCH
                 | ErrorCode::SHUTTING_DOWN
                 | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
+                | ErrorCode::NOT_CAUGHT_UP
         )
     }
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 21] = [
+        const NAMES: [&str; 22] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -163,6 +167,7 @@ impl ErrorCode {
             "SHUTTING_DOWN",
             "OUT_OF_ORDER_SEQUENCE",
             "PRODUCER_FENCED",
+            "NOT_CAUGHT_UP",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }
@@ -368,11 +373,14 @@ mod tests {
             min_bytes: 1,
             max_bytes: 1 << 20,
             isolation: 0,
+            replica_read: true,
             partitions: vec![FetchPartition {
                 topic: "t".into(),
                 partition: 0,
                 leader_epoch: 4,
                 fetch_offset: 9,
+                min_high_watermark: 12,
+                min_leader_epoch: 3,
                 partition_max_bytes: 7,
             }],
         });

@@ -121,7 +121,7 @@ impl View {
             brokers: self
                 .nodes
                 .iter()
-                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port })
+                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port, rack: String::new() })
                 .collect(),
             controller: self.nodes[0].0,
             topics: names
@@ -361,7 +361,9 @@ fn fetch(st: &FakeState, req: &FetchRequest) -> FetchResponse {
                 partition: p.partition,
                 error: if leads { ErrorCode::NONE } else { ErrorCode::NOT_LEADER },
                 high_watermark: u64::from(st.fetch_batch.is_some()),
+                leader_epoch: 0,
                 log_start: 0,
+                token_wait_us: 0,
                 records,
             }
         })
