@@ -13,9 +13,9 @@ use bytes::BytesMut;
 use common::{block_on, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
-    ApiKey, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
-    MetadataRequest, MetadataResponse, PartitionDescription, ProducePartition, ProduceRequest, ProduceResponse,
-    ReassignPartitionRequest, ReassignPartitionResponse,
+    ApiKey, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchPartitionResponse,
+    FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, PartitionDescription, ProducePartition,
+    ProduceRequest, ProduceResponse, ReassignPartitionRequest, ReassignPartitionResponse,
 };
 use skein_client::Client;
 use skein_log::batch::{batches, BatchBuilder};
@@ -98,8 +98,14 @@ async fn produce(addr: &str, values: std::ops::Range<u32>) -> (ErrorCode, u32) {
 
 /// Produces naming `epoch` as the leader epoch the client knows (0: none).
 async fn produce_at(addr: &str, epoch: u32, values: std::ops::Range<u32>) -> (ErrorCode, u32) {
+    let (error, epoch, _) = produce_acked(addr, epoch, values).await;
+    (error, epoch)
+}
+
+/// Produces with acks=all; the error, the leader epoch and the base offset answered.
+async fn produce_acked(addr: &str, epoch: u32, values: std::ops::Range<u32>) -> (ErrorCode, u32, u64) {
     let Ok(c) = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await else {
-        return (ErrorCode::UNKNOWN, 0);
+        return (ErrorCode::UNKNOWN, 0, 0);
     };
     let req = ProduceRequest {
         acks: -1,
@@ -112,48 +118,71 @@ async fn produce_at(addr: &str, epoch: u32, values: std::ops::Range<u32>) -> (Er
         }],
     };
     match c.call::<_, ProduceResponse>(ApiKey::Produce, &req).await {
-        Ok(r) => (r.partitions[0].error, r.partitions[0].leader_epoch),
-        Err(_) => (ErrorCode::UNKNOWN, 0),
+        Ok(r) => (r.partitions[0].error, r.partitions[0].leader_epoch, r.partitions[0].base_offset),
+        Err(_) => (ErrorCode::UNKNOWN, 0, 0),
     }
 }
 
 /// Every value of `t`/0 read from `addr` (committed records only).
 async fn read_all(addr: &str) -> Vec<u32> {
-    let c = conn(addr).await;
     let mut out = Vec::new();
     let mut offset = 0u64;
     for _ in 0..100 {
-        let req = FetchRequest {
-            max_wait_ms: 50,
-            min_bytes: 1,
-            max_bytes: 1 << 20,
-            isolation: 0,
-            replica_read: false,
-            partitions: vec![FetchPartition {
-                topic: "t".into(),
-                partition: 0,
-                leader_epoch: 0,
-                fetch_offset: offset,
-                partition_max_bytes: 1 << 20,
-                min_high_watermark: 0,
-                min_leader_epoch: 0,
-            }],
-        };
-        let resp: FetchResponse = c.call(ApiKey::Fetch, &req).await.expect("fetch");
-        let p = &resp.partitions[0];
+        let p = fetch(addr, Read { offset, ..Read::default() }).await;
         assert_eq!(p.error, ErrorCode::NONE, "fetch from {addr}");
-        for b in batches(&p.records) {
-            let b = b.expect("a valid batch");
-            for r in b.records().iter() {
-                out.push(std::str::from_utf8(r.value.as_slice()).expect("utf8").parse().expect("a number"));
-            }
-            offset = b.header().base_offset.get() + b.header().offset_count();
-        }
+        offset = values(&p.records, &mut out).unwrap_or(offset);
         if offset >= p.high_watermark && p.records.is_empty() {
             break;
         }
     }
     out
+}
+
+/// Appends the values of `records` to `out`; the offset after the last batch, if any.
+fn values(records: &[u8], out: &mut Vec<u32>) -> Option<u64> {
+    let mut next = None;
+    for b in batches(records) {
+        let b = b.expect("a valid batch");
+        for r in b.records().iter() {
+            out.push(std::str::from_utf8(r.value.as_slice()).expect("utf8").parse().expect("a number"));
+        }
+        next = Some(b.header().base_offset.get() + b.header().offset_count());
+    }
+    next
+}
+
+/// One fetch of `t`/0: from `offset`, by a follower too if `replica_read`, with a session
+/// token (`min_high_watermark`, `min_leader_epoch`; 0: none), waiting up to `max_wait_ms`
+/// (0: 50).
+#[derive(Clone, Copy, Default)]
+struct Read {
+    max_wait_ms: u32,
+    offset: u64,
+    replica_read: bool,
+    min_high_watermark: u64,
+    min_leader_epoch: u32,
+}
+
+async fn fetch(addr: &str, read: Read) -> FetchPartitionResponse {
+    let c = conn(addr).await;
+    let req = FetchRequest {
+        max_wait_ms: if read.max_wait_ms == 0 { 50 } else { read.max_wait_ms },
+        min_bytes: 1,
+        max_bytes: 1 << 20,
+        isolation: 0,
+        replica_read: read.replica_read,
+        partitions: vec![FetchPartition {
+            topic: "t".into(),
+            partition: 0,
+            leader_epoch: 0,
+            fetch_offset: read.offset,
+            partition_max_bytes: 1 << 20,
+            min_high_watermark: read.min_high_watermark,
+            min_leader_epoch: read.min_leader_epoch,
+        }],
+    };
+    let resp: FetchResponse = c.call(ApiKey::Fetch, &req).await.expect("fetch");
+    resp.partitions.into_iter().next().expect("one partition")
 }
 
 async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
@@ -302,5 +331,107 @@ fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
         wait_for("replicas deleted on every broker", Duration::from_secs(10), async || (dirs() == 0).then_some(()))
             .await;
         assert!(describe(&survivor).await.is_none(), "the topic is gone from the metadata");
+    });
+}
+
+/// Follower reads and session tokens at the wire level (the client's sessions are tested in
+/// `read_guarantees.rs`): a follower serves only with `replica_read`, only committed records
+/// (a prefix of the leader's), waits for a session token covering a write acknowledged a
+/// moment ago, and answers NOT_CAUGHT_UP to one it cannot reach within `--read-wait-ms`; after
+/// the leader is killed no replica answers a token with a lower high watermark.
+#[test]
+fn followers_serve_committed_prefixes_and_wait_for_session_tokens() {
+    let mut c = Cluster::start(51, 19551);
+    block_on(async {
+        create(&c.addrs[0]).await;
+        let (lead, _) = wait_for("a leader", Duration::from_secs(10), async || {
+            let l = leader(&c.addrs[0]).await;
+            (l.0 != 0).then_some(l)
+        })
+        .await;
+        let lead_addr = c.addrs[c.index(lead)].clone();
+        let followers: Vec<String> = (1..=3).filter(|&n| n != lead).map(|n| c.addrs[c.index(n)].clone()).collect();
+        wait_for("all three in the ISR", Duration::from_secs(10), async || {
+            describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
+        })
+        .await;
+        assert_eq!(fetch(&followers[0], Read::default()).await.error, ErrorCode::NOT_LEADER, "no replica_read");
+
+        // Read-after-write through a follower: each acknowledged write is read back at once
+        // from a follower, with the write's token.
+        let mut waited = 0;
+        for i in 0..20u32 {
+            let (error, epoch, base) = produce_acked(&lead_addr, 0, i * 5..(i + 1) * 5).await;
+            assert_eq!(error, ErrorCode::NONE);
+            // From the log start, so that only the token (not the fetch offset) asks for the write.
+            let token =
+                Read { replica_read: true, min_high_watermark: base + 5, min_leader_epoch: epoch, ..Read::default() };
+            let p = fetch(&followers[i as usize % 2], token).await;
+            assert_eq!(p.error, ErrorCode::NONE, "round {i}");
+            assert!(p.high_watermark >= base + 5, "round {i}: high watermark {} below the token", p.high_watermark);
+            let mut got = Vec::new();
+            values(&p.records, &mut got);
+            let own = got.get(base as usize..base as usize + 5);
+            assert_eq!(own, Some(&(i * 5..(i + 1) * 5).collect::<Vec<u32>>()[..]), "round {i}: the write, read back");
+            waited += usize::from(p.token_wait_us > 0);
+        }
+        println!("{waited} of 20 follower reads waited for their token");
+
+        // Consistent prefix: what followers serve is a prefix of the leader's log.
+        let on_leader = read_all(&lead_addr).await;
+        for f in &followers {
+            let mut got = Vec::new();
+            let mut offset = 0;
+            loop {
+                let p = fetch(f, Read { offset, replica_read: true, ..Read::default() }).await;
+                assert_eq!(p.error, ErrorCode::NONE);
+                assert!(p.high_watermark <= on_leader.len() as u64 + 1);
+                match values(&p.records, &mut got) {
+                    Some(next) => offset = next,
+                    None => break,
+                }
+            }
+            assert_eq!(got[..], on_leader[..got.len()], "{f} serves a prefix of the leader's log");
+        }
+
+        // A token the follower cannot reach: NOT_CAUGHT_UP after the read wait (100 ms).
+        let hw = on_leader.len() as u64;
+        let started = Instant::now();
+        let far = Read { max_wait_ms: 1_000, replica_read: true, min_high_watermark: hw + 1_000, ..Read::default() };
+        let p = fetch(&followers[0], far).await;
+        assert_eq!(p.error, ErrorCode::NOT_CAUGHT_UP);
+        let waited_us = p.token_wait_us;
+        assert!(started.elapsed() >= Duration::from_millis(90) && waited_us >= 90_000, "{waited_us}");
+        assert!(started.elapsed() < Duration::from_millis(900), "the read wait, not the fetch's, bounds it");
+        let newer = Read { replica_read: true, min_leader_epoch: 1_000, ..Read::default() };
+        assert_eq!(fetch(&followers[1], newer).await.error, ErrorCode::NOT_CAUGHT_UP, "an epoch it has not seen");
+        let beyond = Read { offset: hw + 5, replica_read: true, ..Read::default() };
+        assert_eq!(fetch(&followers[0], beyond).await.error, ErrorCode::NOT_CAUGHT_UP, "past its high watermark");
+        assert_eq!(
+            fetch(&lead_addr, Read { offset: hw + 5, ..Read::default() }).await.error,
+            ErrorCode::OFFSET_OUT_OF_RANGE
+        );
+
+        // Failover: with the leader killed, a read carrying the token of everything read so
+        // far is either served at or above it, or refused; never answered with less.
+        let i = c.index(lead);
+        c.brokers[i].take().expect("running").kill9();
+        let token = Read { offset: hw, replica_read: true, min_high_watermark: hw, ..Read::default() };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut served = 0;
+        while Instant::now() < deadline {
+            for f in &followers {
+                let p = fetch(f, token).await;
+                match p.error {
+                    ErrorCode::NONE => {
+                        assert!(p.high_watermark >= hw, "{f} answered high watermark {} below {hw}", p.high_watermark);
+                        served += 1;
+                    }
+                    ErrorCode::NOT_CAUGHT_UP | ErrorCode::NOT_LEADER => {}
+                    other => panic!("{f}: unexpected {other}"),
+                }
+            }
+        }
+        assert!(served > 0, "no replica served the token after the failover");
     });
 }
