@@ -10,79 +10,16 @@ mod common;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{block_on, Broker};
+use common::block_on;
+use common::cluster::{conn, create, describe, leader, wait_for, Cluster};
 use skein_client::conn::Connection;
 use skein_client::wire::{
-    ApiKey, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchPartitionResponse,
-    FetchRequest, FetchResponse, MetadataRequest, MetadataResponse, PartitionDescription, ProducePartition,
+    ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, ProducePartition,
     ProduceRequest, ProduceResponse, ReassignPartitionRequest, ReassignPartitionResponse,
 };
 use skein_client::Client;
 use skein_log::batch::{batches, BatchBuilder};
 use skein_log::types::Timestamp;
-
-struct Cluster {
-    brokers: Vec<Option<Broker>>,
-    addrs: Vec<String>,
-    dirs: Vec<tempfile::TempDir>,
-    voters: String,
-}
-
-impl Cluster {
-    /// Three brokers on 127.0.0.`ip`, .`ip+1`, .`ip+2`, port `port`.
-    fn start(ip: u8, port: u16) -> Cluster {
-        let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.{}:{port}", ip + i)).collect();
-        let voters = addrs.iter().enumerate().map(|(i, a)| format!("{}@{a}", i + 1)).collect::<Vec<_>>().join(",");
-        let dirs: Vec<tempfile::TempDir> = (0..3).map(|_| tempfile::tempdir().expect("tempdir")).collect();
-        let mut c = Cluster { brokers: Vec::new(), addrs, dirs, voters };
-        for i in 0..3 {
-            let b = c.spawn(i);
-            c.brokers.push(Some(b));
-        }
-        c
-    }
-
-    fn spawn(&self, i: usize) -> Broker {
-        let id = (i + 1).to_string();
-        let args = ["--node-id", id.as_str(), "--voters", self.voters.as_str()];
-        // The old socket may linger briefly after a kill: retry.
-        for attempt in 0..50 {
-            let r = std::panic::catch_unwind(|| Broker::start_at(self.dirs[i].path(), &self.addrs[i], &args));
-            if let Ok(b) = r {
-                return b;
-            }
-            std::thread::sleep(Duration::from_millis(20 * (attempt + 1)));
-        }
-        panic!("broker {id} did not start");
-    }
-
-    fn index(&self, node: u32) -> usize {
-        node as usize - 1
-    }
-}
-
-async fn conn(addr: &str) -> Connection {
-    Connection::connect(addr, "cluster-test", Duration::from_secs(5)).await.expect("connect")
-}
-
-/// Partition 0 of `t` as `addr` describes it.
-async fn describe(addr: &str) -> Option<PartitionDescription> {
-    let c = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await.ok()?;
-    let resp: DescribeTopicsResponse =
-        c.call(ApiKey::DescribeTopics, &DescribeTopicsRequest { names: vec!["t".into()] }).await.ok()?;
-    resp.topics.into_iter().next()?.partitions.into_iter().next()
-}
-
-/// The leader of `t`/0 and its epoch, as broker `addr` knows it (0: none).
-async fn leader(addr: &str) -> (u32, u32) {
-    let Ok(c) = Connection::connect(addr, "cluster-test", Duration::from_secs(2)).await else { return (0, 0) };
-    let md: Result<MetadataResponse, _> =
-        c.call(ApiKey::Metadata, &MetadataRequest { topics: Some(vec!["t".into()]) }).await;
-    md.ok()
-        .and_then(|m| m.topics.into_iter().next())
-        .and_then(|t| t.partitions.into_iter().next())
-        .map_or((0, 0), |p| (p.leader, p.leader_epoch))
-}
 
 fn batch(values: std::ops::Range<u32>) -> BytesMut {
     let mut b = BatchBuilder::new();
@@ -183,23 +120,6 @@ async fn fetch(addr: &str, read: Read) -> FetchPartitionResponse {
     };
     let resp: FetchResponse = c.call(ApiKey::Fetch, &req).await.expect("fetch");
     resp.partitions.into_iter().next().expect("one partition")
-}
-
-async fn wait_for<T>(what: &str, limit: Duration, mut f: impl AsyncFnMut() -> Option<T>) -> T {
-    let start = Instant::now();
-    loop {
-        if let Some(v) = f().await {
-            return v;
-        }
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        compio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn create(addr: &str) {
-    let client = Client::connect(addr).await.expect("connect");
-    let configs = [("min.insync.replicas".to_owned(), "2".to_owned())];
-    client.create_topic("t", 1, 3, &configs).await.expect("create topic");
 }
 
 #[test]

@@ -118,3 +118,4 @@ pub fn sibling(name: &str, build_args: &[&str]) -> PathBuf {
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     compio::runtime::Runtime::new().expect("runtime").block_on(f)
 }
+pub mod cluster;
