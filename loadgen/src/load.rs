@@ -21,6 +21,7 @@ use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
 use skein_client::{
     yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
+    ReadReplica, ReadStats, SessionHandle,
 };
 
 use crate::keys::{KeyDistribution, KeyGen};
@@ -84,6 +85,10 @@ pub struct LoadConfig {
     pub progress: bool,
     /// Broker process whose CPU time to report.
     pub broker_pid: Option<u32>,
+    /// Which replica consumers read from (followers serve with `closest` or a node id).
+    pub prefer_replica: ReadReplica,
+    /// The consumers' rack, for `closest`.
+    pub rack: Option<String>,
 }
 
 impl LoadConfig {
@@ -96,6 +101,7 @@ impl LoadConfig {
             "batch_bytes": self.batch_bytes, "linger_ms": self.linger.as_millis() as u64,
             "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
             "duration_s": self.duration.as_secs_f64(), "warmup_s": self.warmup.as_secs_f64(), "rate": self.rate,
+            "prefer_replica": self.prefer_replica.to_string(), "rack": self.rack,
         })
     }
 }
@@ -113,6 +119,8 @@ struct Counters {
     measured: AtomicU64,
     errors: AtomicU64,
     received: AtomicU64,
+    /// The consumers' fetch statistics, added when each finishes.
+    reads: std::sync::Mutex<ReadStats>,
 }
 
 /// A finished run: the report and the per-second histograms (for `--hdr`).
@@ -237,6 +245,8 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         percentiles: report::percentile_points(&merged.total),
         broker_cpu_seconds: cpu,
         errors: counters.errors.load(Ordering::Relaxed),
+        reads: (mode != Mode::Produce)
+            .then(|| report::Reads::from(&*counters.reads.lock().unwrap_or_else(|e| e.into_inner()))),
     };
     Ok(Outcome { report, intervals: merged.intervals })
 }
@@ -393,7 +403,15 @@ fn consumer_thread(
     let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async move {
         let client = Client::connect(&cfg.brokers).await?;
-        let config = ConsumerConfig { max_wait: Duration::from_millis(100), ..ConsumerConfig::default() };
+        // Each consumer keeps a session, so its reads stay monotonic when they move between
+        // replicas (a follower behind what it has seen waits, or sends it to the leader).
+        let config = ConsumerConfig {
+            max_wait: Duration::from_millis(100),
+            prefer_replica: cfg.prefer_replica,
+            rack: cfg.rack.clone(),
+            session: Some(SessionHandle::default()),
+            ..ConsumerConfig::default()
+        };
         let mut consumer = Consumer::new(client, config);
         if !partitions.is_empty() {
             consumer.assign(&cfg.topic, &partitions, from).await?;
@@ -453,6 +471,7 @@ fn consumer_thread(
             counters.received.fetch_add(counted, Ordering::Relaxed);
         }
         clock.flush(&tx);
+        counters.reads.lock().unwrap_or_else(|e| e.into_inner()).add(&consumer.read_stats());
         Ok(())
     })
 }

@@ -62,6 +62,42 @@ pub struct Report {
     pub broker_cpu_seconds: Option<f64>,
     /// Records sent but not acknowledged (errors), over the whole run.
     pub errors: u64,
+    /// The consumers' fetches (consume and e2e), over the whole run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reads: Option<Reads>,
+}
+
+/// What the consumers' fetches needed: partition answers, how many followers served, how many
+/// waited for the replica to catch up with the session token, how many were sent to the
+/// leader after NOT_CAUGHT_UP.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Reads {
+    /// Partition answers received.
+    pub fetches: u64,
+    /// Answers a follower served.
+    pub follower_reads: u64,
+    /// Answers that waited for a session token.
+    pub waited: u64,
+    /// NOT_CAUGHT_UP answers (each redirected that partition's next fetch to the leader).
+    pub redirected: u64,
+    /// `waited / fetches`.
+    pub waited_share: f64,
+    /// `redirected / fetches`.
+    pub redirected_share: f64,
+}
+
+impl From<&skein_client::ReadStats> for Reads {
+    fn from(r: &skein_client::ReadStats) -> Reads {
+        let share = |n: u64| if r.fetches == 0 { 0.0 } else { n as f64 / r.fetches as f64 };
+        Reads {
+            fetches: r.fetches,
+            follower_reads: r.follower_reads,
+            waited: r.waited,
+            redirected: r.not_caught_up,
+            waited_share: share(r.waited),
+            redirected_share: share(r.not_caught_up),
+        }
+    }
 }
 
 /// The machine's ceilings (`limits --report FILE.json`).
@@ -175,6 +211,15 @@ pub fn table(r: &Report) -> String {
     if let Some(cpu) = r.broker_cpu_seconds {
         let gb = r.bytes as f64 / 1e9;
         out.push_str(&format!("broker cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));
+    }
+    if let Some(reads) = r.reads.as_ref().filter(|reads| reads.fetches > 0) {
+        out.push_str(&format!(
+            "reads: {} answers, {:.1} % from followers, {:.2} % waited for the session token, {:.2} % redirected to the leader\n",
+            reads.fetches,
+            100.0 * reads.follower_reads as f64 / reads.fetches as f64,
+            100.0 * reads.waited_share,
+            100.0 * reads.redirected_share
+        ));
     }
     if r.errors > 0 {
         out.push_str(&format!("errors: {} records failed\n", r.errors));

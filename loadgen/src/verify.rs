@@ -34,7 +34,8 @@ use anyhow::{bail, Context, Result};
 use skein_broker::check::{self, History, PollOp, SendOp, SendOutcome};
 use skein_client::wire::ErrorCode;
 use skein_client::{
-    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig,
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ReadReplica,
+    ReadStats, SessionHandle,
 };
 
 use crate::chaos::{nft, NetChaos};
@@ -195,6 +196,58 @@ pub struct VerifyConfig {
     pub topic_configs: Vec<(String, String)>,
     /// With `acks=leader`, the losses excused (see [`excuse_losses`]); ignored otherwise.
     pub loss_window: LossWindow,
+    /// Which replicas readers read from.
+    pub read_from: ReadFrom,
+    /// Each producer also reads every partition in the same session (its process id), so
+    /// that the read-after-write check has its own writes to look for.
+    pub read_your_writes: bool,
+    /// TEST ONLY: readers keep no session (no tokens: no read-after-write or monotonic reads
+    /// across replicas). With a cluster started for it, brokers also serve follower reads past
+    /// the high watermark (`--unsafe-follower-reads-past-high-watermark`). The read checks must
+    /// then fail.
+    pub unsafe_reads: bool,
+    /// Nodes to spread reads over with [`ReadFrom::Any`] (ids 1..=nodes; set by
+    /// [`run_cluster`]).
+    pub nodes: u32,
+}
+
+/// The broker flag that makes followers serve past their high watermark (with
+/// [`VerifyConfig::unsafe_reads`], for a cluster started for the run).
+pub const UNSAFE_READS_BROKER_ARG: &str = "--unsafe-follower-reads-past-high-watermark";
+
+/// One line on the readers' fetches: answers, how many a follower served, waited for a
+/// session token, or were redirected to the leader.
+pub fn reads_line(r: &ReadStats) -> String {
+    let share = |n: u64| if r.fetches == 0 { 0.0 } else { 100.0 * n as f64 / r.fetches as f64 };
+    format!(
+        "reads: {} partition answers, {:.1} % by followers, {:.2} % waited for a session token, {:.2} % redirected to the leader (NOT_CAUGHT_UP)",
+        r.fetches,
+        share(r.follower_reads),
+        share(r.waited),
+        share(r.not_caught_up)
+    )
+}
+
+/// Which replicas `verify`'s readers read from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Partition leaders only.
+    #[default]
+    Leader,
+    /// Every replica in turn: each poll prefers the next node (a follower in the ISR serves
+    /// it; others fall back to the leader).
+    Any,
+}
+
+impl std::str::FromStr for ReadFrom {
+    type Err = String;
+    fn from_str(s: &str) -> Result<ReadFrom, String> {
+        match s {
+            "leader" => Ok(ReadFrom::Leader),
+            "any" => Ok(ReadFrom::Any),
+            _ => Err(format!("'{s}': expected leader or any")),
+        }
+    }
 }
 
 impl Default for VerifyConfig {
@@ -217,6 +270,10 @@ impl Default for VerifyConfig {
             history: None,
             topic_configs: Vec::new(),
             loss_window: LossWindow::new(Duration::from_millis(LEASE_MS_DEFAULT), Duration::from_millis(250)),
+            read_from: ReadFrom::Leader,
+            read_your_writes: false,
+            unsafe_reads: false,
+            nodes: 1,
         }
     }
 }
@@ -237,6 +294,9 @@ pub struct Verdict {
     /// Acknowledged records lost inside the `acks=leader` window, excused (always 0 with
     /// `acks=all`).
     pub excused: u64,
+    /// The readers' fetches (final read excluded): answers, follower answers, waits for a
+    /// session token, redirects to the leader.
+    pub reads: ReadStats,
 }
 
 fn micros(start: Instant) -> u64 {
@@ -280,7 +340,8 @@ pub fn run(cfg: VerifyConfig) -> Result<Verdict> {
 /// nodes and their network, every fault is healed at the end (paused nodes resumed, dead ones
 /// restarted, cuts removed) before the final read.
 pub fn run_cluster(cfg: VerifyConfig, cluster: &mut LocalCluster) -> Result<Verdict> {
-    let cfg = VerifyConfig { brokers: cluster.bootstrap(), ..cfg };
+    let nodes = u32::try_from(cluster.ids().count()).unwrap_or(u32::MAX);
+    let cfg = VerifyConfig { brokers: cluster.bootstrap(), nodes, ..cfg };
     run_with(cfg, Some(cluster))
 }
 
@@ -294,17 +355,27 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
     }
     let start = Instant::now();
     let ops: Arc<Mutex<Vec<check::Op>>> = Arc::default();
+    let reads: Arc<Mutex<ReadStats>> = Arc::default();
     let stop_producers = Arc::new(AtomicBool::new(false));
     let stop_consumers = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for i in 0..cfg.producers {
-        let (cfg, ops, stop) = (cfg.clone(), ops.clone(), stop_producers.clone());
-        threads.push(std::thread::spawn(move || producer(i, &cfg, partitions, start, &ops, &stop)));
+        let (cfg, ops, stop, reads) = (cfg.clone(), ops.clone(), stop_producers.clone(), reads.clone());
+        let stop_reads = stop_consumers.clone();
+        threads
+            .push(std::thread::spawn(move || producer(i, &cfg, partitions, start, &ops, &stop, (&reads, &stop_reads))));
     }
     for i in 0..cfg.consumers {
-        let (cfg, ops, stop) = (cfg.clone(), ops.clone(), stop_consumers.clone());
+        let (cfg, ops, stop, reads) = (cfg.clone(), ops.clone(), stop_consumers.clone(), reads.clone());
         let process = (cfg.producers + i) as u32;
-        threads.push(std::thread::spawn(move || consumer(process, &cfg, partitions, start, &ops, &stop, false)));
+        threads.push(std::thread::spawn(move || {
+            let rt = compio::runtime::Runtime::new()?;
+            rt.block_on(async {
+                let reader =
+                    Reader { process, cfg: &cfg, partitions, start, final_read: false, session: session(&cfg) };
+                reader.run(&ops, &stop, &reads).await
+            })
+        }));
     }
     let faults = match cluster {
         Some(cluster) => inject_cluster_faults(&cfg, cluster, partitions, start),
@@ -324,7 +395,15 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
     // The final read: every partition from its start to its end.
     let final_process = (cfg.producers + cfg.consumers) as u32;
     let done = Arc::new(AtomicBool::new(false));
-    consumer(final_process, &cfg, partitions, start, &ops, &done, true).context("final read")?;
+    let final_cfg = VerifyConfig { read_from: ReadFrom::Leader, ..cfg.clone() };
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let reader =
+            Reader { process: final_process, cfg: &final_cfg, partitions, start, final_read: true, session: None };
+        reader.run(&ops, &done, &Mutex::default()).await
+    })
+    .context("final read")?;
+    let reads = reads.lock().expect("no thread panicked holding the lock").clone();
     let mut history = History::new();
     let mut all = std::mem::take(&mut *ops.lock().expect("no thread panicked holding the lock"));
     all.sort_by_key(|op| match op {
@@ -341,7 +420,7 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
         history.write_json_lines(std::io::BufWriter::new(f)).with_context(|| format!("writing {}", path.display()))?;
     }
     let report = check::check(&history);
-    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused })
+    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused, reads })
 }
 
 /// With `acks=leader`: turns every acknowledged send missing from the final read whose
@@ -457,13 +536,26 @@ fn producer(
     cfg: &VerifyConfig,
     partitions: u32,
     start: Instant,
-    ops: &Mutex<Vec<check::Op>>,
+    ops: &Arc<Mutex<Vec<check::Op>>>,
     stop: &AtomicBool,
+    (reads, stop_reads): (&Arc<Mutex<ReadStats>>, &Arc<AtomicBool>),
 ) -> Result<()> {
     let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async {
         let client = Client::with_config(client_config(cfg)).await?;
+        let session = session(cfg);
+        // Reads in the producer's own session, under its process id (read-after-write).
+        let own_reads = cfg.read_your_writes.then(|| {
+            let (cfg, ops, reads, stop) = (cfg.clone(), ops.clone(), reads.clone(), stop_reads.clone());
+            let session = session.clone();
+            compio::runtime::spawn(async move {
+                let process = index as u32;
+                let reader = Reader { process, cfg: &cfg, partitions, start, final_read: false, session };
+                reader.run(&ops, &stop, &reads).await
+            })
+        });
         let config = ProducerConfig {
+            session: session.clone(),
             acks: cfg.acks,
             linger: Duration::ZERO,
             retries: 20,
@@ -507,21 +599,37 @@ fn producer(
         }
         producer.flush().await;
         ops.lock().expect("no thread panicked holding the lock").extend(sent.take());
-        Ok(())
+        match own_reads {
+            Some(task) => task.await.unwrap_or_else(|_| Err(anyhow::anyhow!("a producer's reader panicked"))),
+            None => Ok(()),
+        }
     })
 }
 
-fn consumer(
+/// A new session for a reader or producer, none with [`VerifyConfig::unsafe_reads`].
+fn session(cfg: &VerifyConfig) -> Option<SessionHandle> {
+    (!cfg.unsafe_reads).then(SessionHandle::default)
+}
+
+/// One reading session of `verify`: every partition from the beginning, recording each poll
+/// that returned records (with the high watermark its answer reported).
+///
+/// The consumer pipelines (the next fetch leaves before a poll returns), so a poll's answer
+/// may come from a fetch sent during the previous poll: each poll is recorded as invoked when
+/// the previous one was, which only makes the read-after-write check count fewer writes as
+/// "before" it, never one its fetch could not have known.
+struct Reader<'a> {
     process: u32,
-    cfg: &VerifyConfig,
+    cfg: &'a VerifyConfig,
     partitions: u32,
     start: Instant,
-    ops: &Mutex<Vec<check::Op>>,
-    stop: &AtomicBool,
     final_read: bool,
-) -> Result<()> {
-    let rt = compio::runtime::Runtime::new()?;
-    rt.block_on(async {
+    session: Option<SessionHandle>,
+}
+
+impl Reader<'_> {
+    async fn run(self, ops: &Mutex<Vec<check::Op>>, stop: &AtomicBool, stats: &Mutex<ReadStats>) -> Result<()> {
+        let cfg = self.cfg;
         let deadline = Instant::now() + Duration::from_secs(60);
         let client = loop {
             match Client::with_config(client_config(cfg)).await {
@@ -533,9 +641,9 @@ fn consumer(
                 Err(e) => return Err(e).context("connecting"),
             }
         };
-        let all: Vec<u32> = (0..partitions).collect();
+        let all: Vec<u32> = (0..self.partitions).collect();
         let mut ends = BTreeMap::new();
-        if final_read {
+        if self.final_read {
             for &p in &all {
                 let end = loop {
                     match client.list_offset(&cfg.topic, p, skein_client::wire::LATEST).await {
@@ -550,12 +658,18 @@ fn consumer(
                 ends.insert(p, end);
             }
         }
-        let config = ConsumerConfig { max_wait: Duration::from_millis(200), ..ConsumerConfig::default() };
+        let config = ConsumerConfig {
+            max_wait: Duration::from_millis(200),
+            session: self.session.clone(),
+            ..ConsumerConfig::default()
+        };
         let mut consumer = Consumer::new(client, config);
         consumer.assign(&cfg.topic, &all, Position::Beginning).await?;
         let mut recorded = Vec::new();
+        let mut previous_invoke_us = micros(self.start);
+        let mut polls: u32 = 0;
         loop {
-            if final_read {
+            if self.final_read {
                 let reached = all.iter().all(|&p| consumer.position(&cfg.topic, p).unwrap_or(0) >= ends[&p]);
                 if reached {
                     break;
@@ -566,8 +680,14 @@ fn consumer(
             } else if stop.load(Ordering::Relaxed) {
                 break;
             }
+            if cfg.read_from == ReadFrom::Any {
+                // Spread over every node, starting at a different one per session.
+                let node = 1 + (polls + self.process) % cfg.nodes.max(1);
+                consumer.set_prefer_replica(ReadReplica::Node(node));
+            }
+            polls = polls.wrapping_add(1);
             let before: Vec<u64> = all.iter().map(|&p| consumer.position(&cfg.topic, p).unwrap_or(0)).collect();
-            let invoke_us = micros(start);
+            let invoke_us = std::mem::replace(&mut previous_invoke_us, micros(self.start));
             let records = match consumer.poll().await {
                 Ok(r) => r,
                 Err(e) => {
@@ -576,7 +696,7 @@ fn consumer(
                     continue;
                 }
             };
-            let complete_us = micros(start);
+            let complete_us = micros(self.start);
             let mut by_partition: BTreeMap<u32, Vec<(check::Offset, check::Value)>> = BTreeMap::new();
             for r in records {
                 let value = r.value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
@@ -584,20 +704,22 @@ fn consumer(
             }
             for (p, records) in by_partition {
                 recorded.push(check::Op::Poll(PollOp {
-                    process: check::ProcessId(process),
+                    process: check::ProcessId(self.process),
                     partition: check::PartitionId(p),
                     from: check::Offset(before[p as usize]),
                     records,
-                    high_watermark: None,
+                    // The answer that carried these records reported it.
+                    high_watermark: consumer.high_watermark(&cfg.topic, p).map(check::Offset),
                     invoke_us,
                     complete_us,
-                    final_read,
+                    final_read: self.final_read,
                 }));
             }
         }
         ops.lock().expect("no thread panicked holding the lock").extend(recorded);
+        stats.lock().expect("no thread panicked holding the lock").add(&consumer.read_stats());
         Ok(())
-    })
+    }
 }
 
 /// Injects faults into `cfg.pids` / `cfg.partition_addrs` until the run's duration is over;

@@ -8,9 +8,10 @@ mod common;
 
 use std::time::Duration;
 
+use skein_broker::check::Check;
 use skein_loadgen::cluster::{ClusterConfig, LocalCluster};
 use skein_loadgen::failover::{self, FailoverConfig};
-use skein_loadgen::verify::{self, Fault, VerifyConfig};
+use skein_loadgen::verify::{self, Fault, ReadFrom, VerifyConfig};
 
 /// The tests of this file share the nft table and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -112,4 +113,68 @@ fn acks_leader_loses_only_records_inside_the_documented_window() {
     );
     assert!(verdict.faults >= 6, "faults injected: {}", verdict.faults);
     eprintln!("acks=leader: {} acknowledged records lost inside the window", verdict.excused);
+}
+
+/// The read guarantees of the session-guarantee appendix under the faults above, with every
+/// poll preferring the next node (followers serve most reads) and producers reading their own
+/// writes in their session: read-after-write, monotonic reads and consistent prefix pass (and
+/// each examined many polls).
+#[test]
+fn reads_spread_over_all_replicas_keep_the_session_guarantees_under_faults() {
+    let _serial = serial();
+    assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut cluster = cluster(dir.path());
+    let verdict = verify::run_cluster(read_workload("reads", false, dir.path()), &mut cluster);
+    drop(cluster);
+    let verdict = verdict.expect("verify ran");
+    let logs = dir.path().display();
+    assert!(verdict.report.ok(), "{} (history and broker logs in {logs})", verdict.report);
+    for check in [Check::ReadAfterWrite, Check::MonotonicRead, Check::ConsistentPrefix] {
+        let counted = verdict.report.result(check).map_or(0, |r| r.counted);
+        assert!(counted >= 200, "{check} examined only {counted}: {}", verdict.report);
+    }
+    assert!(verdict.faults >= 5, "faults injected: {}", verdict.faults);
+    let r = &verdict.reads;
+    assert!(r.follower_reads * 3 >= r.fetches, "followers served at least a third: {r:?}");
+    eprintln!("{}", verify::reads_line(r));
+}
+
+/// The same workload with the guarantees switched off (no session tokens; brokers serving
+/// follower reads past the high watermark): each of the three read checks must fail, which
+/// shows they can.
+#[test]
+fn switching_the_read_guarantees_off_fails_the_read_checks() {
+    let _serial = serial();
+    assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = ClusterConfig::new(common::broker_binary(), dir.path(), 3).expect("free ports");
+    config.extra_args.push(verify::UNSAFE_READS_BROKER_ARG.to_owned());
+    let mut cluster = LocalCluster::start(config).expect("3 brokers ready");
+    let verdict = verify::run_cluster(read_workload("unsafe-reads", true, dir.path()), &mut cluster);
+    drop(cluster);
+    let verdict = verdict.expect("verify ran");
+    for check in [Check::ReadAfterWrite, Check::MonotonicRead, Check::ConsistentPrefix] {
+        assert!(verdict.report.violated(check), "{check} did not fail without the guarantees: {}", verdict.report);
+    }
+}
+
+fn read_workload(topic: &str, unsafe_reads: bool, dir: &std::path::Path) -> VerifyConfig {
+    VerifyConfig {
+        topic: topic.into(),
+        partitions: 3,
+        replicas: 3,
+        topic_configs: vec![("min.insync.replicas".into(), "2".into())],
+        producers: 2,
+        consumers: 2,
+        rate: 200.0,
+        duration: Duration::from_secs(if unsafe_reads { 15 } else { 30 }),
+        fault_interval: Duration::from_secs(3),
+        faults: vec![Fault::KillLeader, Fault::Pause, Fault::Isolate, Fault::CutLeader, Fault::OneWay],
+        history: Some(dir.join("history.jsonl")),
+        read_from: ReadFrom::Any,
+        read_your_writes: true,
+        unsafe_reads,
+        ..VerifyConfig::default()
+    }
 }

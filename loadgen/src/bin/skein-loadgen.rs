@@ -106,6 +106,13 @@ struct LoadArgs {
     /// Records per second over all producers (open loop); default: as fast as possible.
     #[arg(long)]
     rate: Option<f64>,
+    /// Which replica consumers read from: leader, closest (an in-sync replica in --rack) or a
+    /// node id (if in sync; else the leader).
+    #[arg(long, default_value = "leader")]
+    prefer_replica: skein_client::ReadReplica,
+    /// The consumers' rack, for --prefer-replica closest.
+    #[arg(long)]
+    rack: Option<String>,
     /// Write the JSON report here.
     #[arg(long)]
     report: Option<PathBuf>,
@@ -182,6 +189,17 @@ struct VerifyArgs {
     /// The margin added to the lease in the acks=leader loss window.
     #[arg(long, default_value_t = 250)]
     loss_margin_ms: u64,
+    /// Replicas the readers read from: `leader`, or `any` (each poll prefers the next node;
+    /// followers in the ISR serve it).
+    #[arg(long, default_value = "leader")]
+    read_from: skein_loadgen::verify::ReadFrom,
+    /// Producers also read every partition in their own session (read-after-write).
+    #[arg(long)]
+    read_your_writes: bool,
+    /// TEST ONLY: switch the read guarantees off to see the checks fail: readers keep no
+    /// session, and a cluster started here serves follower reads past the high watermark.
+    #[arg(long)]
+    unsafe_reads: bool,
 }
 
 /// A local cluster started by skein-loadgen.
@@ -295,8 +313,11 @@ fn run(cli: Cli) -> Result<()> {
     }
 }
 
-fn verify_command(a: VerifyArgs) -> Result<()> {
+fn verify_command(mut a: VerifyArgs) -> Result<()> {
     use skein_loadgen::verify::{self, LossWindow, VerifyConfig};
+    if a.unsafe_reads {
+        a.cluster.broker_arg.push(verify::UNSAFE_READS_BROKER_ARG.to_owned());
+    }
     let mut cluster = a.cluster.start()?;
     let replicas = a.replicas.unwrap_or(if cluster.is_some() { a.cluster.nodes.min(3) as u16 } else { 1 });
     let min_isr = match a.min_insync_replicas {
@@ -323,6 +344,10 @@ fn verify_command(a: VerifyArgs) -> Result<()> {
         history: a.history,
         topic_configs: min_isr.map(|n| ("min.insync.replicas".to_owned(), n.to_string())).into_iter().collect(),
         loss_window: LossWindow::new(Duration::from_millis(a.lease_ms), Duration::from_millis(a.loss_margin_ms)),
+        read_from: a.read_from,
+        read_your_writes: a.read_your_writes,
+        unsafe_reads: a.unsafe_reads,
+        nodes: 1,
     };
     let v = match cluster.as_mut() {
         Some(c) => verify::run_cluster(cfg, &mut c.cluster),
@@ -356,6 +381,7 @@ fn verify_command(a: VerifyArgs) -> Result<()> {
     if a.acks == Acks::Leader {
         println!("acks=leader: {} acknowledged record(s) lost inside the loss window, excused", v.excused);
     }
+    println!("{}", verify::reads_line(&v.reads));
     print!("{}", v.report);
     if let Some(path) = a.report {
         write_json(&path, &v.report)?;
@@ -473,6 +499,8 @@ fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
         rate: a.rate,
         progress: std::io::stderr().is_terminal(),
         broker_pid: a.broker_pid,
+        prefer_replica: a.prefer_replica,
+        rack: a.rack.clone(),
     };
     let started = SystemTime::now();
     let outcome = load::run(mode, cfg)?;

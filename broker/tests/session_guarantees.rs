@@ -1,0 +1,311 @@
+//! The session-guarantee cases of `acceptance/isolation_cases.md` (appendix) against three
+//! real brokers, through the client library and the `skein` CLI:
+//!
+//! - read-after-write: a value acknowledged at offset o is read at o by the writer's session,
+//!   from a follower, from another process holding the serialized session, and after the
+//!   leader is killed;
+//! - monotonic reads: a session switching replicas on every poll, through a leader kill, never
+//!   sees the high watermark go back and reads consecutive offsets;
+//! - consistent prefix: readers on the leader, on a follower and on the closest replica (by
+//!   rack) agree on the value at every offset, with no gaps;
+//! - fencing: a leader replaced while paused refuses the write it finds on resuming, and no
+//!   read ever shows it.
+
+mod common;
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::cluster::{create, describe, leader, wait_for, Cluster};
+use common::{block_on, sibling};
+use skein_client::wire::{ApiKey, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse};
+use skein_client::{
+    Acks, Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ReadReplica, Session, SessionHandle,
+};
+use skein_log::batch::BatchBuilder;
+use skein_log::types::Timestamp;
+
+/// The cluster's leader of `t`/0 once all three replicas are in sync, and its epoch.
+async fn settled(c: &Cluster) -> (u32, u32) {
+    create(&c.addrs[0]).await;
+    let (lead, epoch) = wait_for("a leader", Duration::from_secs(10), async || {
+        let l = leader(&c.addrs[0]).await;
+        (l.0 != 0).then_some(l)
+    })
+    .await;
+    let lead_addr = c.addrs[c.index(lead)].clone();
+    wait_for("all three in the ISR", Duration::from_secs(10), async || {
+        describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
+    })
+    .await;
+    (lead, epoch)
+}
+
+fn bootstrap(c: &Cluster) -> String {
+    c.addrs.join(",")
+}
+
+async fn producer(c: &Cluster, session: Option<SessionHandle>) -> Producer {
+    let client = Client::connect(&bootstrap(c)).await.expect("connect");
+    Producer::new(client, ProducerConfig { acks: Acks::All, linger: Duration::ZERO, session, ..ProducerConfig::default() })
+}
+
+async fn consumer(c: &Cluster, prefer: ReadReplica, rack: Option<&str>, session: Option<SessionHandle>) -> Consumer {
+    let client = Client::connect(&bootstrap(c)).await.expect("connect");
+    let config = ConsumerConfig {
+        max_wait: Duration::from_millis(100),
+        prefer_replica: prefer,
+        rack: rack.map(str::to_owned),
+        session,
+        ..ConsumerConfig::default()
+    };
+    Consumer::new(client, config)
+}
+
+/// Sends `value` to `t`/0 and waits for its acknowledgement; its offset.
+async fn send(p: &Producer, value: u32) -> u64 {
+    let delivery = p.send_to("t", Some(0), None, value.to_string().as_bytes()).await.expect("queued");
+    delivery.await.expect("acknowledged").1
+}
+
+/// Polls until `n` records were read (or 15 s passed); the (offset, value) pairs.
+async fn read_n(consumer: &mut Consumer, n: usize) -> Vec<(u64, String)> {
+    let start = Instant::now();
+    let mut out = Vec::new();
+    while out.len() < n && start.elapsed() < Duration::from_secs(15) {
+        for r in consumer.poll().await.expect("poll") {
+            out.push((r.offset, String::from_utf8(r.value).expect("utf8")));
+        }
+    }
+    out
+}
+
+fn texts(values: impl IntoIterator<Item = u32>) -> Vec<String> {
+    values.into_iter().map(|v| v.to_string()).collect()
+}
+
+/// A node other than `a` and `b`.
+fn other(a: u32, b: u32) -> u32 {
+    (1..=3).find(|&n| n != a && n != b).expect("three nodes")
+}
+
+#[test]
+fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() {
+    let mut c = Cluster::start(61, 19561);
+    block_on(async {
+        let (lead, _) = settled(&c).await;
+        let follower = other(lead, 0);
+        let writes = Session::new().into_handle();
+        let p = producer(&c, Some(writes.clone())).await;
+        for round in 0..20u32 {
+            let offset = send(&p, round).await;
+            // Another reader holding the writer's serialized session reads from a follower at
+            // once: the follower serves only once it has the write.
+            let text = writes.borrow().to_text();
+            let session = Session::parse(&text).expect("a session parses back").into_handle();
+            let mut reader = consumer(&c, ReadReplica::Node(follower), None, Some(session)).await;
+            reader.assign("t", &[0], Position::Offset(offset)).await.expect("assign");
+            let got = read_n(&mut reader, 1).await;
+            assert_eq!(got.first(), Some(&(offset, round.to_string())), "round {round}: the write at {offset}, read back");
+            assert!(reader.high_watermark("t", 0).is_some_and(|hw| hw > offset));
+            assert!(reader.read_stats().follower_reads > 0 || reader.read_stats().not_caught_up > 0);
+        }
+
+        // Another process: `skein produce --session F` then `skein consume --session F` on a
+        // follower.
+        let file = c.dirs[0].path().join("session.txt");
+        let skein = sibling("skein", &["--bin", "skein"]);
+        let f = file.to_str().expect("utf8 path");
+        let out = Command::new(&skein)
+            .args(["--brokers", &bootstrap(&c), "produce", "t", "--partition", "0", "--session", f, "--print-offsets"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .and_then(|mut child| {
+                use std::io::Write;
+                child.stdin.take().expect("stdin").write_all(b"cli-value\n")?;
+                child.wait_with_output()
+            })
+            .expect("skein produce");
+        assert!(out.status.success(), "skein produce: {}", String::from_utf8_lossy(&out.stdout));
+        let printed = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let offset = printed.split_whitespace().nth(1).expect("PARTITION OFFSET").to_owned();
+        let node = follower.to_string();
+        let read = Command::new(&skein)
+            .args(["--brokers", &bootstrap(&c), "consume", "t", "--partition", "0", "--from", &offset])
+            .args(["--count", "1", "--timeout-ms", "5000", "--session", f, "--prefer-replica", &node])
+            .output()
+            .expect("skein consume");
+        assert!(read.status.success(), "skein consume: {}", String::from_utf8_lossy(&read.stderr));
+        assert_eq!(String::from_utf8_lossy(&read.stdout).trim(), "cli-value");
+
+        // Failover: the leader is killed; the next acknowledged writes (to the new leader) are
+        // read back through the remaining follower with the session, and nothing was lost.
+        let i = c.index(lead);
+        c.brokers[i].take().expect("running").kill9();
+        let mut last = 0;
+        for value in 100..110u32 {
+            last = send(&p, value).await;
+        }
+        let (new_leader, _) = leader(&c.addrs[c.index(follower)]).await;
+        let survivor = other(lead, new_leader);
+        let prefer = if survivor == lead { new_leader } else { survivor };
+        let mut reader = consumer(&c, ReadReplica::Node(prefer), None, Some(writes.clone())).await;
+        reader.assign("t", &[0], Position::Offset(last)).await.expect("assign");
+        assert_eq!(read_n(&mut reader, 1).await.first(), Some(&(last, "109".to_owned())), "the write after the failover");
+        let mut all = consumer(&c, ReadReplica::Leader, None, None).await;
+        all.assign("t", &[0], Position::Beginning).await.expect("assign");
+        let values: Vec<String> = read_n(&mut all, 31).await.into_iter().map(|(_, v)| v).collect();
+        let mut expected = texts(0..20);
+        expected.push("cli-value".into());
+        expected.extend(texts(100..110));
+        assert_eq!(values, expected, "every acknowledged value once, in order");
+    });
+}
+
+#[test]
+fn monotonic_reads_hold_while_switching_replicas_and_through_a_leader_kill() {
+    let mut c = Cluster::start(64, 19564);
+    block_on(async {
+        let (lead, _) = settled(&c).await;
+        let p = producer(&c, None).await;
+        let mut reader = consumer(&c, ReadReplica::Leader, None, Some(Session::new().into_handle())).await;
+        reader.assign("t", &[0], Position::Beginning).await.expect("assign");
+        let mut written = 0u32;
+        let mut next_offset = 0u64;
+        let mut seen_hw = 0u64;
+        let mut killed = false;
+        let start = Instant::now();
+        let mut polls = 0u32;
+        while start.elapsed() < Duration::from_secs(6) {
+            // Keep writing (without waiting for the acknowledgements).
+            for _ in 0..5 {
+                let _ = p.send_to("t", Some(0), None, written.to_string().as_bytes()).await.expect("queued");
+                written += 1;
+            }
+            if !killed && start.elapsed() > Duration::from_secs(2) {
+                let i = c.index(lead);
+                c.brokers[i].take().expect("running").kill9();
+                killed = true;
+            }
+            polls += 1;
+            reader.set_prefer_replica(ReadReplica::Node(1 + polls % 3));
+            for r in reader.poll().await.expect("poll") {
+                assert_eq!(r.offset, next_offset, "consecutive offsets");
+                next_offset += 1;
+            }
+            if let Some(hw) = reader.high_watermark("t", 0) {
+                assert!(hw >= seen_hw, "poll {polls}: high watermark {hw} after {seen_hw}");
+                assert!(hw >= next_offset, "poll {polls}: high watermark {hw} below what was read");
+                seen_hw = hw;
+            }
+        }
+        let stats = reader.read_stats();
+        assert!(next_offset > 100, "read {next_offset} records");
+        assert!(stats.follower_reads > 10, "followers served reads: {stats:?}");
+        println!("monotonic reads over {polls} polls: {stats:?}");
+    });
+}
+
+#[test]
+fn readers_on_every_replica_see_one_consistent_prefix() {
+    let _c = Cluster::start_in_racks(67, 19567, &["east", "west", "north"]);
+    let c = &_c;
+    block_on(async {
+        let (lead, _) = settled(c).await;
+        let follower = other(lead, 0);
+        let p = producer(c, None).await;
+        let mut readers = [
+            consumer(c, ReadReplica::Leader, None, Some(Session::new().into_handle())).await,
+            consumer(c, ReadReplica::Node(follower), None, Some(Session::new().into_handle())).await,
+            consumer(c, ReadReplica::Closest, Some("north"), Some(Session::new().into_handle())).await,
+        ];
+        for r in readers.iter_mut() {
+            r.assign("t", &[0], Position::Beginning).await.expect("assign");
+        }
+        let mut logs: Vec<Vec<(u64, String)>> = vec![Vec::new(); 3];
+        for round in 0..30u32 {
+            for v in 0..10 {
+                let _ = p.send_to("t", Some(0), None, (round * 10 + v).to_string().as_bytes()).await.expect("queued");
+            }
+            for (r, log) in readers.iter_mut().zip(logs.iter_mut()) {
+                for rec in r.poll().await.expect("poll") {
+                    log.push((rec.offset, String::from_utf8(rec.value).expect("utf8")));
+                }
+            }
+        }
+        p.flush().await;
+        for (r, log) in readers.iter_mut().zip(logs.iter_mut()) {
+            let more = 300 - log.len();
+            log.extend(read_n(r, more).await);
+        }
+        for (i, log) in logs.iter().enumerate() {
+            let offsets: Vec<u64> = log.iter().map(|x| x.0).collect();
+            assert_eq!(offsets, (0..300).collect::<Vec<u64>>(), "reader {i}: consecutive from 0, no gaps");
+            assert_eq!(log, &logs[0], "reader {i} and the leader reader agree at every offset");
+        }
+        assert!(readers[1].read_stats().follower_reads > 0, "node {follower} served as a follower");
+        let closest = readers[2].read_stats();
+        assert!(lead == 3 || closest.follower_reads > 0, "the reader in rack north read from node 3: {closest:?}");
+    });
+}
+
+#[test]
+fn a_leader_replaced_while_paused_refuses_the_write_it_finds_and_no_read_shows_it() {
+    let mut c = Cluster::start(71, 19571);
+    block_on(async {
+        let (lead, epoch) = settled(&c).await;
+        let p = producer(&c, None).await;
+        for v in 0..10 {
+            send(&p, v).await;
+        }
+        let old_addr = c.addrs[c.index(lead)].clone();
+        let pid = c.brokers[c.index(lead)].as_ref().expect("running").child.id();
+        let old = skein_client::conn::Connection::connect(&old_addr, "fencing", Duration::from_secs(2))
+            .await
+            .expect("connect to the leader");
+        let signal = |sig: &str| {
+            let ok = Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill").success();
+            assert!(ok, "kill {sig} {pid}");
+        };
+        signal("-STOP");
+        // A write to the paused leader, naming its epoch: it sits in the socket until it
+        // resumes, after a new leader took over.
+        let mut b = BatchBuilder::new();
+        b.push(None, b"999", &[], Timestamp(1_000));
+        let req = ProduceRequest {
+            acks: 1,
+            timeout_ms: 2_000,
+            partitions: vec![ProducePartition {
+                topic: "t".into(),
+                partition: 0,
+                leader_epoch: epoch,
+                records: bytes::BytesMut::from(&b.build().into_bytes()[..]),
+            }],
+        };
+        let pending = old.send(ApiKey::Produce, &req).await.expect("sent");
+        let other_addr = c.addrs[c.index(other(lead, 0))].clone();
+        let (new_leader, new_epoch) = wait_for("a new leader", Duration::from_secs(10), async || {
+            let l = leader(&other_addr).await;
+            (l.0 != 0 && l.0 != lead && l.1 > epoch).then_some(l)
+        })
+        .await;
+        send(&p, 10).await;
+        signal("-CONT");
+        let answer = compio::time::timeout(Duration::from_secs(5), pending).await;
+        if let Ok(Ok(Ok(body))) = answer {
+            let resp: ProduceResponse =
+                skein_client::conn::decode_body(ApiKey::Produce, body).expect("a produce response");
+            assert_ne!(resp.partitions[0].error, ErrorCode::NONE, "the old leader (epoch {epoch}) accepted a write after epoch {new_epoch}");
+        }
+        // Whatever the old leader did, the value never shows in a read, from any replica.
+        compio::time::sleep(Duration::from_secs(1)).await;
+        for node in [lead, new_leader, other(lead, new_leader)] {
+            let mut r = consumer(&c, ReadReplica::Node(node), None, Some(Session::new().into_handle())).await;
+            r.assign("t", &[0], Position::Beginning).await.expect("assign");
+            let values: Vec<String> = read_n(&mut r, 11).await.into_iter().map(|x| x.1).collect();
+            assert_eq!(values, texts(0..11), "read through node {node}");
+        }
+        let _ = &mut c;
+    });
+}
