@@ -24,11 +24,13 @@ mod admin;
 pub mod conn;
 mod consumer;
 mod producer;
+mod session;
 pub mod wire;
 
 pub use admin::{group_by_leader, Client, ClientConfig, GroupedByLeader};
 pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position};
 pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
+pub use session::{Session, SessionError, SessionHandle, Token};
 
 use crate::wire::ErrorCode;
 
