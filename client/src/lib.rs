@@ -28,7 +28,9 @@ mod session;
 pub mod wire;
 
 pub use admin::{group_by_leader, Client, ClientConfig, GroupedByLeader};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
+};
 pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
 pub use session::{Session, SessionError, SessionHandle, Token};
 
