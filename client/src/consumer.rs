@@ -448,12 +448,20 @@ impl Consumer {
             routed.entry((node, replica_read)).or_default().push(asked);
         }
         for ((node, replica_read), parts) in routed {
-            let topics: Vec<Rc<str>> = parts.iter().map(|x| x.topic.clone()).collect();
+            let sent: Vec<(Rc<str>, u32, bool)> =
+                parts.iter().map(|x| (x.topic.clone(), x.partition, x.follower)).collect();
             match self.send_fetch(node, replica_read, parts).await {
                 Ok(f) => self.in_flight.push(f),
                 Err(e) => {
                     tracing::debug!(node, error = %e, "sending a fetch failed");
-                    topics.iter().for_each(|t| self.client.invalidate_metadata(t));
+                    for (topic, partition, follower) in sent {
+                        self.client.invalidate_metadata(&topic);
+                        // An unreachable follower: the leader serves the next fetch.
+                        if let Some(a) = self.assigned.iter_mut().find(|a| a.topic == topic && a.partition == partition)
+                        {
+                            a.to_leader |= follower;
+                        }
+                    }
                 }
             }
         }

@@ -18,6 +18,10 @@
 //! # Ok::<(), skein_client::ClientError>(())
 //! # });
 //! ```
+//!
+//! Reads may be served by followers (`ConsumerConfig::prefer_replica`), and a [`Session`]
+//! shared by producers and consumers (`session` in both configs) gives read-your-writes and
+//! monotonic reads across replicas and failovers; see `consumer.rs` and PROTOCOL.md §9.
 #![warn(missing_docs)]
 
 mod admin;
