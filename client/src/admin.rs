@@ -170,6 +170,22 @@ impl Client {
         }
     }
 
+    /// The cached in-sync replicas of a partition, if its leader is known and the topic not
+    /// invalidated; never sends anything. Consumers reading from followers pick among them.
+    pub fn cached_isr(&self, topic: &str, partition: u32) -> Option<Vec<u32>> {
+        let cache = self.inner.cache.borrow();
+        match cache.peek(topic, partition) {
+            Lookup::Leader(_) => cache.topics.get(topic)?.isr.get(partition as usize).cloned(),
+            _ => None,
+        }
+    }
+
+    /// The rack of a broker (its `--rack`) from the latest Metadata; `None` if it has none or
+    /// the broker is not known.
+    pub fn broker_rack(&self, node: u32) -> Option<String> {
+        self.inner.cache.borrow().racks.get(&node).cloned()
+    }
+
     /// The shared connection to a broker by node id (known from metadata), connecting if
     /// needed.
     pub async fn node_connection(&self, node: u32) -> Result<Rc<Connection>, ClientError> {
@@ -468,6 +484,8 @@ impl Lookup {
 struct MetadataCache {
     /// Broker address (`host:port`) by node id, from the latest Metadata response.
     brokers: BTreeMap<u32, String>,
+    /// Broker rack by node id (brokers without a rack are left out), from the same response.
+    racks: BTreeMap<u32, String>,
     topics: HashMap<String, TopicEntry>,
 }
 
@@ -477,6 +495,8 @@ struct TopicEntry {
     error: Option<ErrorCode>,
     /// By partition: the leader (`None`: no leader now) and its epoch.
     leaders: Vec<(Option<u32>, u32)>,
+    /// By partition: the in-sync replicas, from the same answer as the leader.
+    isr: Vec<Vec<u32>>,
     /// Invalidated: lookups answer `Missing` until the next response about it.
     stale: bool,
 }
@@ -536,19 +556,28 @@ impl MetadataCache {
                     (b.node_id, broker_address(h, b.port))
                 })
                 .collect();
+            self.racks =
+                resp.brokers.iter().filter(|b| !b.rack.is_empty()).map(|b| (b.node_id, b.rack.clone())).collect();
         }
         for t in &resp.topics {
             let entry = self.topics.entry(t.name.clone()).or_default();
             let mut leaders: Vec<(Option<u32>, u32)> = Vec::with_capacity(t.partitions.len());
+            let mut isr: Vec<Vec<u32>> = Vec::with_capacity(t.partitions.len());
             for (i, p) in t.partitions.iter().enumerate() {
                 let fresh = (Some(p.leader).filter(|&l| l != 0 && p.error == ErrorCode::NONE), p.leader_epoch);
-                let kept = match entry.leaders.get(i) {
-                    Some(&old) if !entry.stale && old.0.is_some() && old.1 > fresh.1 => old,
-                    _ => fresh,
-                };
-                leaders.push(kept);
+                match entry.leaders.get(i) {
+                    // The ISR kept with its leader: both come from the newer answer.
+                    Some(&old) if !entry.stale && old.0.is_some() && old.1 > fresh.1 => {
+                        leaders.push(old);
+                        isr.push(entry.isr.get(i).cloned().unwrap_or_default());
+                    }
+                    _ => {
+                        leaders.push(fresh);
+                        isr.push(p.isr.clone());
+                    }
+                }
             }
-            *entry = TopicEntry { error: Some(t.error), leaders, stale: false };
+            *entry = TopicEntry { error: Some(t.error), leaders, isr, stale: false };
         }
     }
 }
@@ -713,6 +742,29 @@ mod tests {
         check(&cache, "t", &[Lookup::Missing]);
         cache.update(&metadata(&[(1, 9001)], &[("t", &[(1, 0)])]), "h");
         check(&cache, "t", &[Lookup::Leader(1)]);
+    }
+
+    #[test]
+    fn cache_keeps_isr_with_its_leader_and_broker_racks() {
+        let mut cache = MetadataCache::default();
+        let mut resp = metadata(&[(1, 9001), (2, 9002)], &[("t", &[(2, 7)])]);
+        resp.brokers[0].rack = "a".into();
+        resp.topics[0].partitions[0].isr = vec![2, 1];
+        cache.update(&resp, "h");
+        assert_eq!(cache.topics["t"].isr, vec![vec![2, 1]]);
+        assert_eq!(cache.racks.get(&1).map(String::as_str), Some("a"));
+        assert_eq!(cache.racks.get(&2), None, "an empty rack is no rack");
+        // An answer with an older epoch keeps the cached leader and its ISR.
+        let mut old = metadata(&[(1, 9001), (2, 9002)], &[("t", &[(1, 6)])]);
+        old.topics[0].partitions[0].isr = vec![1];
+        cache.update(&old, "h");
+        assert_eq!(cache.topics["t"].isr, vec![vec![2, 1]]);
+        assert!(cache.racks.is_empty(), "the broker list (and racks) are the latest answer's");
+        // A newer epoch replaces both.
+        let mut new = metadata(&[(1, 9001)], &[("t", &[(1, 8)])]);
+        new.topics[0].partitions[0].isr = vec![1];
+        cache.update(&new, "h");
+        assert_eq!(cache.topics["t"].isr, vec![vec![1]]);
     }
 
     #[test]

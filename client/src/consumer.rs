@@ -18,8 +18,29 @@
 //! metadata marked stale and is fetched again, from the leader a refresh finds, on the next
 //! poll. `poll` does not fail for these; only errors retrying cannot fix (OFFSET_OUT_OF_RANGE,
 //! STORAGE_ERROR, damaged batches) are returned.
+//!
+//! Follower reads (`ConsumerConfig::prefer_replica`): with [`ReadReplica::Node`] or
+//! [`ReadReplica::Closest`] a partition is fetched from an in-sync replica (the cached ISR)
+//! instead of its leader, with `replica_read` set; a follower serves records only up to the
+//! high watermark it learned from the leader, so what it serves is a prefix of the committed
+//! log, possibly an older one than the leader's. A replica not in the cached ISR is never
+//! asked. A fetch to a follower that failed as a whole sends the partition's next fetch to the
+//! leader.
+//!
+//! Sessions (`ConsumerConfig::session`, see [`crate::Session`]): every fetch carries the
+//! session's token for its partition, and every answer without error raises the token to the
+//! answer's high watermark and leader epoch. The replica answers only once it has caught up
+//! with the token (it waits a bounded time, then answers NOT_CAUGHT_UP), so a consumer sharing
+//! a session with a producer reads that producer's acknowledged writes (read-your-writes), and
+//! the high watermark it sees never goes back, across replica switches and failovers
+//! (monotonic reads). An answer reporting a lower high watermark or leader epoch than the
+//! token asked for is not taken (as if NOT_CAUGHT_UP). A partition answered NOT_CAUGHT_UP by a
+//! follower has its next fetch sent to the leader (`replica_read` off), later ones to the
+//! preferred replica again; answered so by the leader, it is fetched again after
+//! `retry_backoff`. Without a session no token is sent and neither guarantee holds when reads
+//! move between replicas. [`Consumer::read_stats`] counts follower reads, waits and redirects.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -31,8 +52,10 @@ use futures_channel::oneshot;
 use skein_log::batch::{BatchError, BatchHeader, RecordBatch, HEADER_BYTES};
 
 use crate::conn::{decode_body, Connection};
-use crate::wire::{ApiKey, ErrorCode, FetchPartition, FetchRequest, FetchResponse, EARLIEST, LATEST};
-use crate::{group_by_leader, Client, ClientError};
+use crate::wire::{
+    ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, EARLIEST, LATEST,
+};
+use crate::{Client, ClientError, SessionHandle, Token};
 
 /// Consumer settings.
 #[derive(Clone, Debug)]
@@ -51,6 +74,13 @@ pub struct ConsumerConfig {
     /// How long `poll` pauses before returning nothing when every fetch failed (no leader,
     /// unreachable brokers), so a caller polling in a loop does not spin.
     pub retry_backoff: Duration,
+    /// Which replica serves reads (default: the leader).
+    pub prefer_replica: ReadReplica,
+    /// This consumer's rack, for [`ReadReplica::Closest`].
+    pub rack: Option<String>,
+    /// The session whose tokens fetches carry and whose tokens answers raise (read-your-writes,
+    /// monotonic reads); `None`: no tokens are sent.
+    pub session: Option<SessionHandle>,
 }
 
 impl Default for ConsumerConfig {
@@ -62,8 +92,69 @@ impl Default for ConsumerConfig {
             partition_max_bytes: 1 << 20,
             response_timeout: Duration::from_millis(1_500),
             retry_backoff: Duration::from_millis(50),
+            prefer_replica: ReadReplica::Leader,
+            rack: None,
+            session: None,
         }
     }
+}
+
+/// Which replica of a partition a consumer reads from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ReadReplica {
+    /// The leader (newest high watermark).
+    #[default]
+    Leader,
+    /// An in-sync replica in the consumer's rack (`ConsumerConfig::rack`): the leader if it is
+    /// one, else the lowest node id; the leader if none is.
+    Closest,
+    /// This broker if it is in the partition's in-sync replicas, else the leader.
+    Node(u32),
+}
+
+/// A `--prefer-replica` value that is not `leader`, `closest` or a node id.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("prefer-replica is leader, closest or a node id (1 or more), not '{0}'")]
+pub struct ReadReplicaParseError(pub String);
+
+impl std::str::FromStr for ReadReplica {
+    type Err = ReadReplicaParseError;
+    /// `leader`, `closest` or a node id, as the CLI spells them.
+    fn from_str(s: &str) -> Result<ReadReplica, ReadReplicaParseError> {
+        match s {
+            "leader" => Ok(ReadReplica::Leader),
+            "closest" => Ok(ReadReplica::Closest),
+            _ => match s.parse::<u32>() {
+                // Node id 0 means "no node" on the wire.
+                Ok(node) if node != 0 => Ok(ReadReplica::Node(node)),
+                _ => Err(ReadReplicaParseError(s.to_owned())),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for ReadReplica {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReadReplica::Leader => f.write_str("leader"),
+            ReadReplica::Closest => f.write_str("closest"),
+            ReadReplica::Node(node) => write!(f, "{node}"),
+        }
+    }
+}
+
+/// Counts of this consumer's partition answers, since it was created.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReadStats {
+    /// Partition answers received (with or without error).
+    pub fetches: u64,
+    /// Answers without error from a replica that was not the partition's leader.
+    pub follower_reads: u64,
+    /// Answers whose replica waited to catch up with the session token (`token_wait_us > 0`).
+    pub waited: u64,
+    /// NOT_CAUGHT_UP answers (and answers behind the token), each sending the partition's
+    /// next fetch to the leader.
+    pub not_caught_up: u64,
 }
 
 /// Where to start reading a partition.
@@ -113,43 +204,83 @@ pub struct FetchedBatch {
 
 type Body = Result<BytesMut, ClientError>;
 
+/// One partition of a Fetch request, as asked.
+struct Asked {
+    topic: Rc<str>,
+    partition: u32,
+    /// The fetch offset.
+    offset: u64,
+    /// Sent to a replica that was not the cached leader.
+    follower: bool,
+    /// The session token sent (`None`: no session, or nothing noted yet).
+    token: Option<Token>,
+}
+
 /// A Fetch request awaiting its answer.
 struct InFlight {
     node: u32,
     conn: Rc<Connection>,
-    /// (topic, partition, fetch offset), as asked.
-    parts: Vec<(Rc<str>, u32, u64)>,
+    parts: Vec<Asked>,
     rx: oneshot::Receiver<Body>,
     deadline: Instant,
+}
+
+/// An assigned partition.
+struct Assigned {
+    topic: Rc<str>,
+    partition: u32,
+    /// The next offset to read.
+    position: u64,
+    /// The high watermark the last answer without error reported.
+    high_watermark: Option<u64>,
+    /// The next fetch goes to the leader (a follower was not caught up, or failed).
+    to_leader: bool,
 }
 
 /// Reads assigned partitions.
 pub struct Consumer {
     client: Client,
     config: ConsumerConfig,
-    /// (topic, partition, next offset to read).
-    assigned: Vec<(Rc<str>, u32, u64)>,
+    assigned: Vec<Assigned>,
     /// At most one fetch per partition.
     in_flight: Vec<InFlight>,
     /// This consumer's connections, by broker node id.
     conns: HashMap<u32, Rc<Connection>>,
     /// An error found while other partitions returned records: returned by the next poll.
     deferred: Option<ClientError>,
+    stats: ReadStats,
+    /// A leader answered NOT_CAUGHT_UP: pause `retry_backoff` before a poll returns nothing.
+    backoff: bool,
 }
 
 impl Consumer {
     /// A consumer with nothing assigned.
     pub fn new(client: Client, config: ConsumerConfig) -> Consumer {
-        Consumer { client, config, assigned: Vec::new(), in_flight: Vec::new(), conns: HashMap::new(), deferred: None }
+        Consumer {
+            client,
+            config,
+            assigned: Vec::new(),
+            in_flight: Vec::new(),
+            conns: HashMap::new(),
+            deferred: None,
+            stats: ReadStats::default(),
+            backoff: false,
+        }
     }
 
     /// Adds partitions of a topic, each starting at `from`.
     pub async fn assign(&mut self, topic: &str, partitions: &[u32], from: Position) -> Result<(), ClientError> {
         for &p in partitions {
             let offset = self.resolve(topic, p, from).await?;
-            match self.assigned.iter_mut().find(|(t, q, _)| &**t == topic && *q == p) {
-                Some(entry) => entry.2 = offset,
-                None => self.assigned.push((Rc::from(topic), p, offset)),
+            match self.assigned.iter_mut().find(|a| &*a.topic == topic && a.partition == p) {
+                Some(entry) => entry.position = offset,
+                None => self.assigned.push(Assigned {
+                    topic: Rc::from(topic),
+                    partition: p,
+                    position: offset,
+                    high_watermark: None,
+                    to_leader: false,
+                }),
             }
         }
         self.in_flight.clear();
@@ -158,7 +289,7 @@ impl Consumer {
 
     /// Moves an assigned partition to `to`.
     pub async fn seek(&mut self, topic: &str, partition: u32, to: Position) -> Result<(), ClientError> {
-        if !self.assigned.iter().any(|(t, p, _)| &**t == topic && *p == partition) {
+        if self.find(topic, partition).is_none() {
             return Err(ClientError::Invalid(format!("{topic}/{partition} is not assigned")));
         }
         self.assign(topic, &[partition], to).await
@@ -166,7 +297,29 @@ impl Consumer {
 
     /// The next offset to be read from a partition.
     pub fn position(&self, topic: &str, partition: u32) -> Option<u64> {
-        self.assigned.iter().find(|(t, p, _)| &**t == topic && *p == partition).map(|e| e.2)
+        self.find(topic, partition).map(|a| a.position)
+    }
+
+    /// The high watermark the last answer without error reported for a partition (`None`
+    /// before the first). With a session it never goes back.
+    pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.find(topic, partition).and_then(|a| a.high_watermark)
+    }
+
+    /// Counts of partition answers so far.
+    pub fn read_stats(&self) -> ReadStats {
+        self.stats
+    }
+
+    /// Which replica serves reads.
+    pub fn prefer_replica(&self) -> ReadReplica {
+        self.config.prefer_replica
+    }
+
+    /// Changes which replica serves reads, from the next fetch of each partition on (fetches
+    /// in flight are answered by the replica they went to).
+    pub fn set_prefer_replica(&mut self, prefer: ReadReplica) {
+        self.config.prefer_replica = prefer;
     }
 
     /// The next records (possibly none, after `max_wait` without new data).
@@ -240,27 +393,32 @@ impl Consumer {
         }
         // Pipelining: the next fetches go out before the records are handed back.
         self.send_fetches().await;
-        if out.is_empty() && failed {
+        let backoff = std::mem::take(&mut self.backoff);
+        if out.is_empty() && (failed || backoff) {
             compio::time::sleep(self.config.retry_backoff).await;
         }
         Ok(out)
     }
 
-    /// Sends a fetch to each leader for the assigned partitions that have none in flight,
-    /// refreshing metadata first if a leader is unknown. Failures only mark metadata stale:
-    /// those partitions are tried again on the next poll.
+    /// Sends a fetch to each replica chosen for the assigned partitions that have none in
+    /// flight (see [`read_replica`]), refreshing metadata first if a leader is unknown.
+    /// Failures only mark metadata stale: those partitions are tried again on the next poll.
     async fn send_fetches(&mut self) {
-        let todo: Vec<(Rc<str>, u32, u64)> = self
-            .assigned
-            .iter()
-            .filter(|(t, p, _)| !self.in_flight.iter().any(|f| f.parts.iter().any(|(ft, fp, _)| ft == t && fp == p)))
-            .cloned()
+        let todo: Vec<usize> = (0..self.assigned.len())
+            .filter(|&i| {
+                let a = &self.assigned[i];
+                !self.in_flight.iter().any(|f| f.parts.iter().any(|x| x.topic == a.topic && x.partition == a.partition))
+            })
             .collect();
         if todo.is_empty() {
             return;
         }
-        let unknown: Vec<&Rc<str>> =
-            todo.iter().filter(|(t, p, _)| self.client.cached_leader(t, *p).is_none()).map(|(t, _, _)| t).collect();
+        let unknown: Vec<Rc<str>> = todo
+            .iter()
+            .map(|&i| &self.assigned[i])
+            .filter(|a| self.client.cached_leader(&a.topic, a.partition).is_none())
+            .map(|a| a.topic.clone())
+            .collect();
         if !unknown.is_empty() {
             // Invalidating also makes the refresh ask for topics not looked up before.
             unknown.iter().for_each(|t| self.client.invalidate_metadata(t));
@@ -268,23 +426,62 @@ impl Consumer {
                 tracing::debug!(error = %e, "metadata refresh for fetching failed");
             }
         }
-        let grouped = group_by_leader(todo, |(t, p, _)| self.client.cached_leader(t, *p));
-        for (t, p, _) in &grouped.unrouted {
-            tracing::debug!(topic = %t, partition = p, "no leader to fetch from");
-            self.client.invalidate_metadata(t);
+        // By (node, replica_read): a redirect to the leader goes without replica_read, so a
+        // stale leader that is a follower now refuses it instead of serving it.
+        let mut routed: BTreeMap<(u32, bool), Vec<Asked>> = BTreeMap::new();
+        for i in todo {
+            let a = &self.assigned[i];
+            let Some(leader) = self.client.cached_leader(&a.topic, a.partition) else {
+                tracing::debug!(topic = %a.topic, partition = a.partition, "no leader to fetch from");
+                self.client.invalidate_metadata(&a.topic);
+                continue;
+            };
+            let (node, replica_read) = self.route(a, leader);
+            let token = self.config.session.as_ref().and_then(|s| s.borrow().token(&a.topic, a.partition));
+            let asked = Asked {
+                topic: a.topic.clone(),
+                partition: a.partition,
+                offset: a.position,
+                follower: node != leader,
+                token,
+            };
+            routed.entry((node, replica_read)).or_default().push(asked);
         }
-        for (node, parts) in grouped.by_leader {
-            match self.send_fetch(node, &parts).await {
+        for ((node, replica_read), parts) in routed {
+            let sent: Vec<(Rc<str>, u32, bool)> =
+                parts.iter().map(|x| (x.topic.clone(), x.partition, x.follower)).collect();
+            match self.send_fetch(node, replica_read, parts).await {
                 Ok(f) => self.in_flight.push(f),
                 Err(e) => {
                     tracing::debug!(node, error = %e, "sending a fetch failed");
-                    parts.iter().for_each(|(t, _, _)| self.client.invalidate_metadata(t));
+                    for (topic, partition, follower) in sent {
+                        self.client.invalidate_metadata(&topic);
+                        // An unreachable follower: the leader serves the next fetch.
+                        if let Some(a) = self.assigned.iter_mut().find(|a| a.topic == topic && a.partition == partition)
+                        {
+                            a.to_leader |= follower;
+                        }
+                    }
                 }
             }
         }
     }
 
-    async fn send_fetch(&mut self, node: u32, parts: &[(Rc<str>, u32, u64)]) -> Result<InFlight, ClientError> {
+    /// The replica to fetch a partition from, and whether the request may be served by a
+    /// follower.
+    fn route(&self, a: &Assigned, leader: u32) -> (u32, bool) {
+        let prefer = self.config.prefer_replica;
+        if prefer == ReadReplica::Leader || a.to_leader {
+            return (leader, false);
+        }
+        let isr = self.client.cached_isr(&a.topic, a.partition).unwrap_or_default();
+        let rack = self.config.rack.as_deref();
+        let node =
+            read_replica(prefer, leader, &isr, |n| rack.is_some() && self.client.broker_rack(n).as_deref() == rack);
+        (node, true)
+    }
+
+    async fn send_fetch(&mut self, node: u32, replica_read: bool, parts: Vec<Asked>) -> Result<InFlight, ClientError> {
         let conn = match self.conns.get(&node).filter(|c| !c.is_broken()) {
             Some(c) => c.clone(),
             None => {
@@ -298,23 +495,26 @@ impl Consumer {
             min_bytes: self.config.min_bytes,
             max_bytes: self.config.max_bytes,
             isolation: 0,
-            replica_read: false,
+            replica_read,
             partitions: parts
                 .iter()
-                .map(|(t, p, o)| FetchPartition {
-                    topic: t.to_string(),
-                    partition: *p,
-                    leader_epoch: self.client.cached_leader_epoch(t, *p),
-                    fetch_offset: *o,
-                    partition_max_bytes: self.config.partition_max_bytes,
-                    min_high_watermark: 0,
-                    min_leader_epoch: 0,
+                .map(|x| {
+                    let token = x.token.unwrap_or_default();
+                    FetchPartition {
+                        topic: x.topic.to_string(),
+                        partition: x.partition,
+                        leader_epoch: self.client.cached_leader_epoch(&x.topic, x.partition),
+                        fetch_offset: x.offset,
+                        partition_max_bytes: self.config.partition_max_bytes,
+                        min_high_watermark: token.min_high_watermark,
+                        min_leader_epoch: token.min_leader_epoch,
+                    }
                 })
                 .collect(),
         };
         let rx = conn.send(ApiKey::Fetch, &req).await?;
         let deadline = Instant::now() + self.config.max_wait + self.config.response_timeout;
-        Ok(InFlight { node, conn, parts: parts.to_vec(), rx, deadline })
+        Ok(InFlight { node, conn, parts, rx, deadline })
     }
 
     /// Waits until at least one fetch is answered or the earliest deadline passes; returns
@@ -360,11 +560,17 @@ impl Consumer {
         out
     }
 
-    /// A fetch that failed as a whole: its partitions are fetched again on the next poll.
+    /// A fetch that failed as a whole: its partitions are fetched again on the next poll,
+    /// from the leader if this fetch went to a follower.
     fn lost(&mut self, f: &InFlight, e: &ClientError) {
         tracing::debug!(node = f.node, error = %e, "fetch failed; retrying on the next poll");
         if e.refreshes_metadata() {
-            f.parts.iter().for_each(|(t, _, _)| self.client.invalidate_metadata(t));
+            f.parts.iter().for_each(|x| self.client.invalidate_metadata(&x.topic));
+        }
+        for x in f.parts.iter().filter(|x| x.follower) {
+            if let Some(a) = self.assigned.iter_mut().find(|a| a.topic == x.topic && a.partition == x.partition) {
+                a.to_leader = true;
+            }
         }
         if f.conn.is_broken() {
             self.conns.retain(|_, c| !c.is_broken());
@@ -372,8 +578,9 @@ impl Consumer {
     }
 
     /// Takes the batches of a fetch's answer into `out`, advancing positions. A partition
-    /// with a retriable error is skipped (its metadata marked stale if that may be why); the
-    /// first non-retriable error is returned after every partition was taken.
+    /// with a retriable error is skipped (its metadata marked stale if that may be why; sent to
+    /// the leader next if a follower was not caught up); the first non-retriable error is
+    /// returned after every partition was taken.
     fn take_batches(
         &mut self,
         f: &InFlight,
@@ -382,16 +589,38 @@ impl Consumer {
     ) -> Result<(), ClientError> {
         let mut error = None;
         for part in resp.partitions {
-            let asked = f.parts.iter().find(|(t, p, _)| **t == *part.topic && *p == part.partition).map(|x| x.2);
-            let Some(entry) = self
-                .assigned
-                .iter_mut()
-                .find(|(t, p, o)| **t == *part.topic && *p == part.partition && Some(*o) == asked)
-            else {
-                continue; // not asked, or moved by a seek since
+            let Some(asked) = f.parts.iter().find(|x| *x.topic == *part.topic && x.partition == part.partition) else {
+                continue; // not asked
             };
-            match part.error {
+            let Some(i) = self
+                .assigned
+                .iter()
+                .position(|a| a.topic == asked.topic && a.partition == asked.partition && a.position == asked.offset)
+            else {
+                continue; // moved by a seek since
+            };
+            self.stats.fetches += 1;
+            if part.token_wait_us > 0 {
+                self.stats.waited += 1;
+            }
+            let code = if part.error == ErrorCode::NONE && behind_token(&part, asked.token) {
+                // The broker should have waited for the token: take nothing older than it.
+                tracing::debug!(topic = %part.topic, partition = part.partition, node = f.node,
+                    high_watermark = part.high_watermark, "answer behind the session token");
+                ErrorCode::NOT_CAUGHT_UP
+            } else {
+                part.error
+            };
+            let entry = &mut self.assigned[i];
+            entry.to_leader = code == ErrorCode::NOT_CAUGHT_UP && asked.follower;
+            match code {
                 ErrorCode::NONE => {}
+                ErrorCode::NOT_CAUGHT_UP => {
+                    self.stats.not_caught_up += 1;
+                    // From the leader there is nowhere better to go: pause before asking again.
+                    self.backoff |= !asked.follower;
+                    continue;
+                }
                 code if code.is_retriable() => {
                     let e = ClientError::Broker(code, String::new());
                     if e.refreshes_metadata() {
@@ -401,10 +630,17 @@ impl Consumer {
                     continue;
                 }
                 code => {
-                    let what = format!("fetch {}/{} at {}", part.topic, part.partition, entry.2);
+                    let what = format!("fetch {}/{} at {}", part.topic, part.partition, entry.position);
                     error.get_or_insert(ClientError::Broker(code, what));
                     continue;
                 }
+            }
+            if asked.follower {
+                self.stats.follower_reads += 1;
+            }
+            entry.high_watermark = Some(part.high_watermark);
+            if let Some(session) = &self.config.session {
+                session.borrow_mut().note_read(&part.topic, part.partition, part.high_watermark, part.leader_epoch);
             }
             if let Err(e) = take_partition(entry, part.records, out) {
                 error.get_or_insert(ClientError::Protocol(format!("{}/{}: {e}", part.topic, part.partition)));
@@ -421,14 +657,35 @@ impl Consumer {
             Position::Timestamp(ts) => self.client.list_offset(topic, partition, ts).await,
         }
     }
+
+    fn find(&self, topic: &str, partition: u32) -> Option<&Assigned> {
+        self.assigned.iter().find(|a| &*a.topic == topic && a.partition == partition)
+    }
+}
+
+/// The replica to read a partition from, given its leader and in-sync replicas, and which
+/// nodes are in the consumer's rack (see [`ReadReplica`]). The leader whenever the preferred
+/// replica is not in sync: only in-sync replicas know a recent high watermark.
+fn read_replica(prefer: ReadReplica, leader: u32, isr: &[u32], in_my_rack: impl Fn(u32) -> bool) -> u32 {
+    match prefer {
+        ReadReplica::Leader => leader,
+        ReadReplica::Node(node) if isr.contains(&node) => node,
+        ReadReplica::Node(_) => leader,
+        ReadReplica::Closest if isr.contains(&leader) && in_my_rack(leader) => leader,
+        ReadReplica::Closest => isr.iter().copied().filter(|&n| in_my_rack(n)).min().unwrap_or(leader),
+    }
+}
+
+/// Whether an answer reports less than the session token asked for: a lower high watermark,
+/// or a lower leader epoch (an epoch of 0 is "unknown", as from a single-node broker).
+fn behind_token(part: &FetchPartitionResponse, token: Option<Token>) -> bool {
+    token.is_some_and(|t| {
+        part.high_watermark < t.min_high_watermark || (part.leader_epoch != 0 && part.leader_epoch < t.min_leader_epoch)
+    })
 }
 
 /// Parses the batches of one partition's records into `out`, advancing its position.
-fn take_partition(
-    entry: &mut (Rc<str>, u32, u64),
-    mut records: BytesMut,
-    out: &mut Vec<FetchedBatch>,
-) -> Result<(), BatchError> {
+fn take_partition(entry: &mut Assigned, mut records: BytesMut, out: &mut Vec<FetchedBatch>) -> Result<(), BatchError> {
     while !records.is_empty() {
         let header = BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)])?;
         let len = header.batch_length as usize;
@@ -436,9 +693,72 @@ fn take_partition(
             return Err(BatchError::Truncated { needed: len as u64, available: records.len() as u64 });
         }
         let batch = RecordBatch::parse(records.split_to(len))?;
-        let from_offset = entry.2;
-        entry.2 = entry.2.max(batch.header().next_offset().get());
-        out.push(FetchedBatch { topic: entry.0.clone(), partition: entry.1, from_offset, batch });
+        let from_offset = entry.position;
+        entry.position = entry.position.max(batch.header().next_offset().get());
+        out.push(FetchedBatch { topic: entry.topic.clone(), partition: entry.partition, from_offset, batch });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The replica chosen for leader 1, ISR `isr`, with nodes `rack_b` in the consumer's rack.
+    fn check(prefer: ReadReplica, isr: &[u32], rack_b: &[u32], expect: u32) {
+        let got = read_replica(prefer, 1, isr, |n| rack_b.contains(&n));
+        assert_eq!(got, expect, "{prefer:?} isr {isr:?} in rack {rack_b:?}");
+    }
+
+    #[test]
+    fn reads_go_to_an_in_sync_replica_or_the_leader() {
+        check(ReadReplica::Leader, &[1, 2, 3], &[2], 1);
+        check(ReadReplica::Node(2), &[1, 2, 3], &[], 2);
+        check(ReadReplica::Node(2), &[1, 3], &[], 1);
+        check(ReadReplica::Node(4), &[1, 2, 3], &[], 1);
+        check(ReadReplica::Node(1), &[1, 2], &[], 1);
+        check(ReadReplica::Node(2), &[], &[], 1);
+        // Closest: the leader if it is in the rack, else the lowest in-sync id in the rack.
+        check(ReadReplica::Closest, &[1, 2, 3], &[1, 3], 1);
+        check(ReadReplica::Closest, &[1, 3, 2], &[3, 2], 2);
+        check(ReadReplica::Closest, &[1, 3], &[2], 1);
+        check(ReadReplica::Closest, &[1, 3], &[], 1);
+        check(ReadReplica::Closest, &[2, 3], &[1, 3], 3);
+    }
+
+    #[test]
+    fn read_replica_parses_and_prints() {
+        for (text, want) in
+            [("leader", ReadReplica::Leader), ("closest", ReadReplica::Closest), ("7", ReadReplica::Node(7))]
+        {
+            assert_eq!(text.parse::<ReadReplica>(), Ok(want));
+            assert_eq!(want.to_string(), text);
+        }
+        for bad in ["", "0", "-1", "Leader", "4294967296", "2,3", " 2"] {
+            let err = bad.parse::<ReadReplica>().expect_err(bad);
+            assert!(err.to_string().contains(&format!("'{bad}'")), "{err}");
+        }
+        assert_eq!(ReadReplica::default(), ReadReplica::Leader);
+    }
+
+    #[test]
+    fn answers_behind_the_token_are_detected() {
+        let part = |high_watermark, leader_epoch| FetchPartitionResponse {
+            topic: "t".into(),
+            partition: 0,
+            error: ErrorCode::NONE,
+            high_watermark,
+            leader_epoch,
+            log_start: 0,
+            token_wait_us: 0,
+            records: BytesMut::new(),
+        };
+        let token = Some(Token { min_high_watermark: 10, min_leader_epoch: 3 });
+        assert!(!behind_token(&part(5, 1), None), "no token, nothing to be behind");
+        assert!(!behind_token(&part(10, 3), token));
+        assert!(!behind_token(&part(11, 4), token));
+        assert!(behind_token(&part(9, 3), token));
+        assert!(behind_token(&part(10, 2), token));
+        assert!(!behind_token(&part(10, 0), token), "epoch 0 is unknown");
+    }
 }

@@ -18,17 +18,25 @@
 //! # Ok::<(), skein_client::ClientError>(())
 //! # });
 //! ```
+//!
+//! Reads may be served by followers (`ConsumerConfig::prefer_replica`), and a [`Session`]
+//! shared by producers and consumers (`session` in both configs) gives read-your-writes and
+//! monotonic reads across replicas and failovers; see `consumer.rs` and PROTOCOL.md §9.
 #![warn(missing_docs)]
 
 mod admin;
 pub mod conn;
 mod consumer;
 mod producer;
+mod session;
 pub mod wire;
 
 pub use admin::{group_by_leader, Client, ClientConfig, GroupedByLeader};
-pub use consumer::{Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position};
+pub use consumer::{
+    Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
+};
 pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig};
+pub use session::{Session, SessionError, SessionHandle, Token};
 
 use crate::wire::ErrorCode;
 

@@ -24,6 +24,10 @@
 //! record; the broker appends a retried batch only once, so a retry after a lost response, a
 //! timeout or a broker restart cannot duplicate a record. A batch that finally fails leaves a
 //! gap in the sequence, so the producer then starts over with a new producer id.
+//!
+//! Sessions: with `ProducerConfig::session`, each acknowledged batch raises its partition's
+//! session token to the batch's end offset and the answering leader's epoch, before its
+//! records' futures resolve, so a consumer sharing the session reads its writes.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -40,7 +44,7 @@ use skein_log::batch::BatchBuilder;
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 
 use crate::wire::{produce_frame, ApiKey, ErrorCode, ProduceResponse};
-use crate::{group_by_leader, Client, ClientError};
+use crate::{group_by_leader, Client, ClientError, SessionHandle};
 
 /// How much durability a produce waits for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,6 +114,11 @@ pub struct ProducerConfig {
     /// once and answers a duplicate with the offset it was first written at, so retries
     /// (after a timeout, a lost connection or a broker restart) never duplicate a record.
     pub idempotence: bool,
+    /// A session to note acknowledged writes in (read-your-writes): every acknowledged batch
+    /// raises its partition's token to the batch's end offset and the leader's epoch, so a
+    /// consumer carrying the same session reads at least up to it. Not noted with
+    /// `Acks::None` (no offsets are known).
+    pub session: Option<SessionHandle>,
 }
 
 impl Default for ProducerConfig {
@@ -126,6 +135,7 @@ impl Default for ProducerConfig {
             request_timeout_ms: 1_000,
             response_timeout: Duration::from_millis(1_500),
             idempotence: true,
+            session: None,
         }
     }
 }
@@ -584,9 +594,9 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
     let mut retry = Vec::new();
     for (i, (key, batches)) in parts.into_iter().enumerate() {
         let result = match &outcome {
-            Ok(None) => Ok(u64::MAX),
+            Ok(None) => Ok((u64::MAX, 0)),
             Ok(Some(resp)) => match resp.partitions.get(i) {
-                Some(r) if r.error == ErrorCode::NONE => Ok(r.base_offset),
+                Some(r) if r.error == ErrorCode::NONE => Ok((r.base_offset, r.leader_epoch)),
                 Some(r) => {
                     Err(ClientError::Broker(r.error, format!("produce to {}/{} at broker {node}", key.0, key.1)))
                 }
@@ -595,7 +605,7 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
             Err(e) => Err(e.clone()),
         };
         match result {
-            Ok(base) => resolve(&p, &key, batches, base),
+            Ok((base, leader_epoch)) => resolve(&p, &key, batches, base, leader_epoch),
             Err(e) if batches.iter().all(|b| may_retry(&p.config, b, &e)) => retry.push((key, batches, e)),
             Err(e) => fail(&p, &key, batches, &e),
         }
@@ -644,7 +654,14 @@ fn may_retry(config: &ProducerConfig, batch: &Sealed, e: &ClientError) -> bool {
     e.is_retriable() && batch.attempts < config.retries && batch.created.elapsed() < config.delivery_timeout
 }
 
-fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64) {
+/// Completes an acknowledged entry's records (`base`: the first one's offset, `u64::MAX` if
+/// unknown) and notes the write in the session, before any caller learns of it.
+fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64, leader_epoch: u32) {
+    if let Some(session) = p.config.session.as_ref().filter(|_| base != u64::MAX) {
+        let records: usize = batches.iter().map(|b| b.replies.len()).sum();
+        let end = base.saturating_add(records as u64);
+        session.borrow_mut().note_write(&key.0, key.1, end, leader_epoch);
+    }
     let mut done = Vec::new();
     {
         let mut st = p.state.borrow_mut();

@@ -2,12 +2,16 @@
 //! 2 usage.
 
 use std::io::{BufRead, BufWriter, Write};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use skein_client::wire::TopicDescription;
-use skein_client::{Acks, Client, ClientConfig, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_client::{
+    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ReadReplica, Session,
+    SessionHandle,
+};
 
 #[derive(Parser)]
 #[command(name = "skein", version, about = "Skein command-line client")]
@@ -42,6 +46,10 @@ enum Command {
         /// Print `PARTITION OFFSET` per acknowledged record, in input order.
         #[arg(long)]
         print_offsets: bool,
+        /// Session file (read-your-writes): loaded if it exists, every acknowledged write
+        /// noted, saved on exit; pass it to `consume --session` to read these writes.
+        #[arg(long, value_name = "FILE")]
+        session: Option<PathBuf>,
     },
     /// Print records of a topic.
     Consume {
@@ -62,6 +70,17 @@ enum Command {
         /// Output format: %p partition, %o offset, %k key, %v value, %t timestamp; \t \n \\.
         #[arg(long, default_value = "%v")]
         format: String,
+        /// Session file (read-your-writes, monotonic reads): loaded if it exists, its tokens
+        /// sent with every fetch and raised by every answer, saved on exit.
+        #[arg(long, value_name = "FILE")]
+        session: Option<PathBuf>,
+        /// Which replica serves reads: `leader`, `closest` (an in-sync replica in `--rack`) or
+        /// a node id (used while it is in sync).
+        #[arg(long, default_value = "leader")]
+        prefer_replica: ReadReplica,
+        /// This client's rack, for `--prefer-replica closest`.
+        #[arg(long)]
+        rack: Option<String>,
     },
     /// Cluster state.
     Cluster {
@@ -152,11 +171,21 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::with_config(config).await.with_context(|| format!("connecting to {}", cli.brokers))?;
     match cli.command {
         Command::Topic { command } => topic(&client, command).await,
-        Command::Produce { topic, partition, key_separator, acks, print_offsets } => {
-            produce(client, &topic, partition, key_separator.as_deref(), acks, print_offsets).await
+        Command::Produce { topic, partition, key_separator, acks, print_offsets, session } => {
+            let loaded = load_session(session.as_deref())?;
+            let result =
+                produce(client, &topic, partition, key_separator.as_deref(), acks, print_offsets, loaded.clone()).await;
+            // A failed run still saves the writes it had acknowledged; its own error comes first.
+            let saved = save_session(session.as_deref(), loaded.as_ref());
+            result.and(saved)
         }
-        Command::Consume { topic, partition, from, count, timeout_ms, format } => {
-            consume(client, &topic, partition, &from, count, timeout_ms, &format).await
+        Command::Consume { topic, partition, from, count, timeout_ms, format, session, prefer_replica, rack } => {
+            let loaded = load_session(session.as_deref())?;
+            let read = ReadOptions { prefer_replica, rack, session: loaded.clone() };
+            let result = consume(client, &topic, partition, &from, count, timeout_ms, &format, read).await;
+            // A failed run still saves the writes it had acknowledged; its own error comes first.
+            let saved = save_session(session.as_deref(), loaded.as_ref());
+            result.and(saved)
         }
         Command::Cluster { command: ClusterCommand::Status { json } } => cluster_status(&client, json).await,
     }
@@ -280,6 +309,25 @@ fn print_describe(t: &TopicDescription) {
     }
 }
 
+/// The session in `path` (empty if the file does not exist yet), shared in this process.
+fn load_session(path: Option<&Path>) -> Result<Option<SessionHandle>> {
+    path.map(|p| Session::load(p).map(Session::into_handle).with_context(|| format!("loading session {}", p.display())))
+        .transpose()
+}
+
+/// Saves the session, merged with what the file holds now (another process may have saved
+/// meanwhile: tokens only grow, so merging loses nothing).
+fn save_session(path: Option<&Path>, session: Option<&SessionHandle>) -> Result<()> {
+    let (Some(path), Some(session)) = (path, session) else {
+        return Ok(());
+    };
+    let mut merged = session.borrow().clone();
+    if let Ok(on_disk) = Session::load(path) {
+        merged.merge(&on_disk);
+    }
+    merged.save(path).with_context(|| format!("saving session {}", path.display()))
+}
+
 async fn produce(
     client: Client,
     topic: &str,
@@ -287,9 +335,10 @@ async fn produce(
     sep: Option<&str>,
     acks: Acks,
     print: bool,
+    session: Option<SessionHandle>,
 ) -> Result<()> {
-    let producer =
-        Producer::new(client, ProducerConfig { acks, linger: Duration::from_millis(2), ..ProducerConfig::default() });
+    let config = ProducerConfig { acks, linger: Duration::from_millis(2), session, ..ProducerConfig::default() };
+    let producer = Producer::new(client, config);
     let stdin = std::io::stdin();
     let mut lines = stdin.lock();
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
@@ -356,6 +405,14 @@ fn report(
     Ok(())
 }
 
+/// `consume`'s replica choice and session.
+struct ReadOptions {
+    prefer_replica: ReadReplica,
+    rack: Option<String>,
+    session: Option<SessionHandle>,
+}
+
+#[allow(clippy::too_many_arguments)]
 async fn consume(
     client: Client,
     topic: &str,
@@ -364,6 +421,7 @@ async fn consume(
     count: Option<u64>,
     timeout_ms: Option<u64>,
     format: &str,
+    read: ReadOptions,
 ) -> Result<()> {
     let position = match from {
         "beginning" => Position::Beginning,
@@ -375,7 +433,14 @@ async fn consume(
         None => (0..client.partition_count(topic).await?).collect(),
     };
     let max_wait = Duration::from_millis(timeout_ms.unwrap_or(500).clamp(1, 500));
-    let mut consumer = Consumer::new(client, ConsumerConfig { max_wait, ..ConsumerConfig::default() });
+    let config = ConsumerConfig {
+        max_wait,
+        prefer_replica: read.prefer_replica,
+        rack: read.rack,
+        session: read.session,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = Consumer::new(client, config);
     consumer.assign(topic, &partitions, position).await?;
     let format = Format::parse(format);
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());

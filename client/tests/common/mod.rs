@@ -112,6 +112,10 @@ pub struct View {
     pub epoch: u32,
     /// Partitions of topic `t`.
     pub partitions: u32,
+    /// In-sync replicas of every partition (`None`: every fake).
+    pub isr: Option<Vec<u32>>,
+    /// Racks by node id (nodes not listed have none).
+    pub racks: HashMap<u32, String>,
 }
 
 impl View {
@@ -121,7 +125,12 @@ impl View {
             brokers: self
                 .nodes
                 .iter()
-                .map(|&(node_id, port)| BrokerInfo { node_id, host: "127.0.0.1".into(), port, rack: String::new() })
+                .map(|&(node_id, port)| BrokerInfo {
+                    node_id,
+                    host: "127.0.0.1".into(),
+                    port,
+                    rack: self.racks.get(&node_id).cloned().unwrap_or_default(),
+                })
                 .collect(),
             controller: self.nodes[0].0,
             topics: names
@@ -141,7 +150,7 @@ impl View {
                             leader: self.leader,
                             leader_epoch: self.epoch,
                             replicas: self.nodes.iter().map(|n| n.0).collect(),
-                            isr: self.nodes.iter().map(|n| n.0).collect(),
+                            isr: self.isr.clone().unwrap_or_else(|| self.nodes.iter().map(|n| n.0).collect()),
                         })
                         .collect();
                     TopicMetadata { name, error: ErrorCode::NONE, partitions }
@@ -161,6 +170,9 @@ pub enum Behaviour {
     /// Never answers a Produce or Fetch (nor anything after it on that connection), and
     /// moves the leadership to `to`.
     Silent { to: u32 },
+    /// A follower: serves fetches with `replica_read` set (the same data as a leader),
+    /// answers NOT_LEADER to other fetches and to Produce, and moves no leadership.
+    Follow,
 }
 
 /// What a fake saw.
@@ -174,6 +186,8 @@ pub struct Seen {
     pub records: Cell<usize>,
     /// Fetch requests.
     pub fetches: Cell<usize>,
+    /// Every Fetch request, as decoded.
+    pub fetch_requests: RefCell<Vec<FetchRequest>>,
     /// Connections the client closed.
     pub closed: Cell<usize>,
 }
@@ -186,6 +200,19 @@ pub struct Fake {
     pub port: u16,
     /// What it saw.
     pub seen: Rc<Seen>,
+    /// How it answers fetches (changeable while it runs).
+    pub script: Rc<Script>,
+}
+
+/// Knobs for a fake's Fetch answers.
+#[derive(Default, Debug)]
+pub struct Script {
+    /// Answer this many partition reads NOT_CAUGHT_UP (no records) before serving again.
+    pub not_caught_up: Cell<usize>,
+    /// The high watermark to report (default: 1 with a fetch batch, else 0).
+    pub high_watermark: Cell<Option<u64>>,
+    /// `token_wait_us` to report.
+    pub token_wait_us: Cell<u32>,
 }
 
 impl Fake {
@@ -203,18 +230,21 @@ pub async fn fake_cluster(
     partitions: u32,
     fetch_batch: Option<Vec<u8>>,
 ) -> (Vec<Fake>, Rc<RefCell<View>>) {
-    let view = Rc::new(RefCell::new(View { nodes: vec![], leader, epoch: 1, partitions }));
+    let view =
+        Rc::new(RefCell::new(View { nodes: vec![], leader, epoch: 1, partitions, isr: None, racks: HashMap::new() }));
     let mut fakes = Vec::new();
     for &(node, behaviour) in nodes {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("local addr").port();
         view.borrow_mut().nodes.push((node, port));
         let seen = Rc::new(Seen::default());
+        let script = Rc::new(Script::default());
         let state = Rc::new(FakeState {
             node,
             behaviour,
             view: view.clone(),
             seen: seen.clone(),
+            script: script.clone(),
             ends: RefCell::default(),
             fetch_batch: fetch_batch.clone(),
         });
@@ -224,7 +254,7 @@ pub async fn fake_cluster(
             }
         })
         .detach();
-        fakes.push(Fake { node, port, seen });
+        fakes.push(Fake { node, port, seen, script });
     }
     (fakes, view)
 }
@@ -234,6 +264,7 @@ struct FakeState {
     behaviour: Behaviour,
     view: Rc<RefCell<View>>,
     seen: Rc<Seen>,
+    script: Rc<Script>,
     /// Next offset per partition (Lead).
     ends: RefCell<HashMap<u32, u64>>,
     /// One batch (base offset 0) served to fetches at offset 0 (Lead).
@@ -282,13 +313,14 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
                         continue;
                     }
                     Behaviour::NotLeader { to } => st.move_leadership(to),
-                    Behaviour::Lead => {}
+                    Behaviour::Lead | Behaviour::Follow => {}
                 }
                 response_frame(id, Ok(&produce(&st, req)))
             }
             ApiKey::Fetch => {
                 st.seen.fetches.set(st.seen.fetches.get() + 1);
                 let req: FetchRequest = decode_exact(r).expect("fetch request");
+                st.seen.fetch_requests.borrow_mut().push(req.clone());
                 match st.behaviour {
                     Behaviour::Silent { to } => {
                         st.move_leadership(to);
@@ -296,7 +328,7 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
                         continue;
                     }
                     Behaviour::NotLeader { to } => st.move_leadership(to),
-                    Behaviour::Lead => {}
+                    Behaviour::Lead | Behaviour::Follow => {}
                 }
                 let resp = fetch(&st, &req);
                 if resp.partitions.iter().all(|p| p.records.is_empty()) {
@@ -347,23 +379,33 @@ fn produce(st: &FakeState, req: ProduceRequest) -> ProduceResponse {
 }
 
 fn fetch(st: &FakeState, req: &FetchRequest) -> FetchResponse {
-    let leads = st.behaviour == Behaviour::Lead;
+    let serves = st.behaviour == Behaviour::Lead || (st.behaviour == Behaviour::Follow && req.replica_read);
     let partitions = req
         .partitions
         .iter()
         .map(|p| {
-            let records = match (&st.fetch_batch, leads && p.fetch_offset == 0) {
+            let behind = serves && st.script.not_caught_up.get() > 0;
+            if behind {
+                st.script.not_caught_up.set(st.script.not_caught_up.get() - 1);
+            }
+            let serves = serves && !behind;
+            let records = match (&st.fetch_batch, serves && p.fetch_offset == 0) {
                 (Some(batch), true) => BytesMut::from(&batch[..]),
                 _ => BytesMut::new(),
+            };
+            let error = match (serves, behind) {
+                (true, _) => ErrorCode::NONE,
+                (false, true) => ErrorCode::NOT_CAUGHT_UP,
+                (false, false) => ErrorCode::NOT_LEADER,
             };
             FetchPartitionResponse {
                 topic: p.topic.clone(),
                 partition: p.partition,
-                error: if leads { ErrorCode::NONE } else { ErrorCode::NOT_LEADER },
-                high_watermark: u64::from(st.fetch_batch.is_some()),
-                leader_epoch: 0,
+                error,
+                high_watermark: st.script.high_watermark.get().unwrap_or(u64::from(st.fetch_batch.is_some())),
+                leader_epoch: st.view.borrow().epoch,
                 log_start: 0,
-                token_wait_us: 0,
+                token_wait_us: st.script.token_wait_us.get(),
                 records,
             }
         })
