@@ -47,7 +47,10 @@ fn bootstrap(c: &Cluster) -> String {
 
 async fn producer(c: &Cluster, session: Option<SessionHandle>) -> Producer {
     let client = Client::connect(&bootstrap(c)).await.expect("connect");
-    Producer::new(client, ProducerConfig { acks: Acks::All, linger: Duration::ZERO, session, ..ProducerConfig::default() })
+    Producer::new(
+        client,
+        ProducerConfig { acks: Acks::All, linger: Duration::ZERO, session, ..ProducerConfig::default() },
+    )
 }
 
 async fn consumer(c: &Cluster, prefer: ReadReplica, rack: Option<&str>, session: Option<SessionHandle>) -> Consumer {
@@ -106,7 +109,11 @@ fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() 
             let mut reader = consumer(&c, ReadReplica::Node(follower), None, Some(session)).await;
             reader.assign("t", &[0], Position::Offset(offset)).await.expect("assign");
             let got = read_n(&mut reader, 1).await;
-            assert_eq!(got.first(), Some(&(offset, round.to_string())), "round {round}: the write at {offset}, read back");
+            assert_eq!(
+                got.first(),
+                Some(&(offset, round.to_string())),
+                "round {round}: the write at {offset}, read back"
+            );
             assert!(reader.high_watermark("t", 0).is_some_and(|hw| hw > offset));
             assert!(reader.read_stats().follower_reads > 0 || reader.read_stats().not_caught_up > 0);
         }
@@ -152,7 +159,11 @@ fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() 
         let prefer = if survivor == lead { new_leader } else { survivor };
         let mut reader = consumer(&c, ReadReplica::Node(prefer), None, Some(writes.clone())).await;
         reader.assign("t", &[0], Position::Offset(last)).await.expect("assign");
-        assert_eq!(read_n(&mut reader, 1).await.first(), Some(&(last, "109".to_owned())), "the write after the failover");
+        assert_eq!(
+            read_n(&mut reader, 1).await.first(),
+            Some(&(last, "109".to_owned())),
+            "the write after the failover"
+        );
         let mut all = consumer(&c, ReadReplica::Leader, None, None).await;
         all.assign("t", &[0], Position::Beginning).await.expect("assign");
         let values: Vec<String> = read_n(&mut all, 31).await.into_iter().map(|(_, v)| v).collect();
@@ -180,7 +191,7 @@ fn monotonic_reads_hold_while_switching_replicas_and_through_a_leader_kill() {
         while start.elapsed() < Duration::from_secs(6) {
             // Keep writing (without waiting for the acknowledgements).
             for _ in 0..5 {
-                let _ = p.send_to("t", Some(0), None, written.to_string().as_bytes()).await.expect("queued");
+                drop(p.send_to("t", Some(0), None, written.to_string().as_bytes()).await.expect("queued"));
                 written += 1;
             }
             if !killed && start.elapsed() > Duration::from_secs(2) {
@@ -226,7 +237,7 @@ fn readers_on_every_replica_see_one_consistent_prefix() {
         let mut logs: Vec<Vec<(u64, String)>> = vec![Vec::new(); 3];
         for round in 0..30u32 {
             for v in 0..10 {
-                let _ = p.send_to("t", Some(0), None, (round * 10 + v).to_string().as_bytes()).await.expect("queued");
+                drop(p.send_to("t", Some(0), None, (round * 10 + v).to_string().as_bytes()).await.expect("queued"));
             }
             for (r, log) in readers.iter_mut().zip(logs.iter_mut()) {
                 for rec in r.poll().await.expect("poll") {
@@ -296,7 +307,11 @@ fn a_leader_replaced_while_paused_refuses_the_write_it_finds_and_no_read_shows_i
         if let Ok(Ok(Ok(body))) = answer {
             let resp: ProduceResponse =
                 skein_client::conn::decode_body(ApiKey::Produce, body).expect("a produce response");
-            assert_ne!(resp.partitions[0].error, ErrorCode::NONE, "the old leader (epoch {epoch}) accepted a write after epoch {new_epoch}");
+            assert_ne!(
+                resp.partitions[0].error,
+                ErrorCode::NONE,
+                "the old leader (epoch {epoch}) accepted a write after epoch {new_epoch}"
+            );
         }
         // Whatever the old leader did, the value never shows in a read, from any replica.
         compio::time::sleep(Duration::from_secs(1)).await;

@@ -157,6 +157,16 @@ pub struct ReadStats {
     pub not_caught_up: u64,
 }
 
+impl ReadStats {
+    /// Adds another consumer's counts (for totals over several consumers).
+    pub fn add(&mut self, other: &ReadStats) {
+        self.fetches += other.fetches;
+        self.follower_reads += other.follower_reads;
+        self.waited += other.waited;
+        self.not_caught_up += other.not_caught_up;
+    }
+}
+
 /// Where to start reading a partition.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Position {

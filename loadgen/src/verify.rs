@@ -403,7 +403,7 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
         reader.run(&ops, &done, &Mutex::default()).await
     })
     .context("final read")?;
-    let reads = reads.lock().expect("no thread panicked holding the lock").clone();
+    let reads = *reads.lock().expect("no thread panicked holding the lock");
     let mut history = History::new();
     let mut all = std::mem::take(&mut *ops.lock().expect("no thread panicked holding the lock"));
     all.sort_by_key(|op| match op {

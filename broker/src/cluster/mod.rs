@@ -820,7 +820,7 @@ impl Node {
                 }
                 let leads = r.leader_epoch().is_some();
                 let known = r.known_epoch().0;
-                if !leads && !(req.replica_read && r.is_follower()) {
+                if !(leads || req.replica_read && r.is_follower()) {
                     return fail(ErrorCode::NOT_LEADER);
                 }
                 // A client naming an older leader epoch than this replica knows is refused; one
