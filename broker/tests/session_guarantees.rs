@@ -4,8 +4,9 @@
 //! - read-after-write: a value acknowledged at offset o is read at o by the writer's session,
 //!   from a follower, from another process holding the serialized session, and after the
 //!   leader is killed;
-//! - monotonic reads: a session switching replicas on every poll, through a leader kill, never
-//!   sees the high watermark go back and reads consecutive offsets;
+//! - monotonic reads: a session switching replicas on every poll, through a follower cut off
+//!   from the leader (needs root and nftables) and a leader kill, never sees the high
+//!   watermark go back and reads consecutive offsets;
 //! - consistent prefix: readers on the leader, on a follower and on the closest replica (by
 //!   rack) agree on the value at every offset, with no gaps;
 //! - fencing: a leader replaced while paused refuses the write it finds on resuming, and no
@@ -60,6 +61,9 @@ async fn consumer(c: &Cluster, prefer: ReadReplica, rack: Option<&str>, session:
         prefer_replica: prefer,
         rack: rack.map(str::to_owned),
         session,
+        // One batch per answer: readers lag the high watermark, so a replica behind what they
+        // have seen would show it.
+        partition_max_bytes: 1,
         ..ConsumerConfig::default()
     };
     Consumer::new(client, config)
@@ -71,12 +75,20 @@ async fn send(p: &Producer, value: u32) -> u64 {
     delivery.await.expect("acknowledged").1
 }
 
-/// Polls until `n` records were read (or 15 s passed); the (offset, value) pairs.
-async fn read_n(consumer: &mut Consumer, n: usize) -> Vec<(u64, String)> {
+/// Polls until `n` records were read (or 15 s passed); the (offset, value) pairs. Every
+/// answer must report a high watermark of at least `min_high_watermark` (the session's
+/// guarantee) and above every offset it returned (only committed records are served).
+async fn read_n(consumer: &mut Consumer, n: usize, min_high_watermark: u64) -> Vec<(u64, String)> {
     let start = Instant::now();
     let mut out = Vec::new();
     while out.len() < n && start.elapsed() < Duration::from_secs(15) {
-        for r in consumer.poll().await.expect("poll") {
+        let records = consumer.poll().await.expect("poll");
+        let hw = consumer.high_watermark("t", 0);
+        if let Some(hw) = hw {
+            assert!(hw >= min_high_watermark, "an answer reported high watermark {hw}, below {min_high_watermark}");
+        }
+        for r in records {
+            assert!(hw.is_some_and(|hw| r.offset < hw), "offset {} served at or above high watermark {hw:?}", r.offset);
             out.push((r.offset, String::from_utf8(r.value).expect("utf8")));
         }
     }
@@ -100,23 +112,24 @@ fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() 
         let follower = other(lead, 0);
         let writes = Session::new().into_handle();
         let p = producer(&c, Some(writes.clone())).await;
+        // A reader that gets the writer's serialized session (as another process would) reads
+        // from a follower right after each acknowledgement, from the log start, so only the
+        // token asks for the write: every answer must cover it.
+        let session = Session::new().into_handle();
+        let mut reader = consumer(&c, ReadReplica::Node(follower), None, Some(session.clone())).await;
+        reader.assign("t", &[0], Position::Beginning).await.expect("assign");
         for round in 0..20u32 {
             let offset = send(&p, round).await;
-            // Another reader holding the writer's serialized session reads from a follower at
-            // once: the follower serves only once it has the write.
             let text = writes.borrow().to_text();
-            let session = Session::parse(&text).expect("a session parses back").into_handle();
-            let mut reader = consumer(&c, ReadReplica::Node(follower), None, Some(session)).await;
-            reader.assign("t", &[0], Position::Offset(offset)).await.expect("assign");
-            let got = read_n(&mut reader, 1).await;
-            assert_eq!(
-                got.first(),
-                Some(&(offset, round.to_string())),
-                "round {round}: the write at {offset}, read back"
-            );
-            assert!(reader.high_watermark("t", 0).is_some_and(|hw| hw > offset));
-            assert!(reader.read_stats().follower_reads > 0 || reader.read_stats().not_caught_up > 0);
+            session.borrow_mut().merge(&Session::parse(&text).expect("a session parses back"));
+            reader.seek("t", 0, Position::Offset(0)).await.expect("seek");
+            let got = read_n(&mut reader, offset as usize + 1, offset + 1).await;
+            let own = got.get(offset as usize);
+            assert_eq!(own, Some(&(offset, round.to_string())), "round {round}: the write at {offset}, read back");
         }
+        let stats = reader.read_stats();
+        assert!(stats.follower_reads > 0, "the follower served reads: {stats:?}");
+        println!("read-after-write from a follower: {stats:?}");
 
         // Another process: `skein produce --session F` then `skein consume --session F` on a
         // follower.
@@ -159,14 +172,11 @@ fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() 
         let prefer = if survivor == lead { new_leader } else { survivor };
         let mut reader = consumer(&c, ReadReplica::Node(prefer), None, Some(writes.clone())).await;
         reader.assign("t", &[0], Position::Offset(last)).await.expect("assign");
-        assert_eq!(
-            read_n(&mut reader, 1).await.first(),
-            Some(&(last, "109".to_owned())),
-            "the write after the failover"
-        );
+        let got = read_n(&mut reader, 1, last + 1).await;
+        assert_eq!(got.first(), Some(&(last, "109".to_owned())), "the write after the failover");
         let mut all = consumer(&c, ReadReplica::Leader, None, None).await;
         all.assign("t", &[0], Position::Beginning).await.expect("assign");
-        let values: Vec<String> = read_n(&mut all, 31).await.into_iter().map(|(_, v)| v).collect();
+        let values: Vec<String> = read_n(&mut all, 31, 0).await.into_iter().map(|(_, v)| v).collect();
         let mut expected = texts(0..20);
         expected.push("cli-value".into());
         expected.extend(texts(100..110));
@@ -174,45 +184,90 @@ fn read_after_write_holds_on_followers_in_other_processes_and_across_failover() 
     });
 }
 
+/// Drops the TCP traffic between two addresses, both ways, while it lives (an nft table of
+/// its own; needs root and nftables).
+struct Cut {
+    table: &'static str,
+}
+
+impl Cut {
+    fn new(table: &'static str, a: &str, b: &str) -> Cut {
+        let ip = |addr: &str| addr.split(':').next().expect("HOST:PORT").to_owned();
+        let (a, b) = (ip(a), ip(b));
+        let chain = "{ type filter hook output priority 0 ; }";
+        nft(&format!("add table inet {table}"));
+        nft(&format!("add chain inet {table} out {chain}"));
+        nft(&format!("add rule inet {table} out ip saddr {a} ip daddr {b} drop"));
+        nft(&format!("add rule inet {table} out ip saddr {b} ip daddr {a} drop"));
+        Cut { table }
+    }
+}
+
+impl Drop for Cut {
+    fn drop(&mut self) {
+        let _ = Command::new("nft").args(["delete", "table", "inet", self.table]).status();
+    }
+}
+
+fn nft(command: &str) {
+    let status = Command::new("nft").args(command.split_whitespace()).status().expect("the nft command (nftables)");
+    assert!(status.success(), "nft {command}");
+}
+
 #[test]
-fn monotonic_reads_hold_while_switching_replicas_and_through_a_leader_kill() {
+fn monotonic_reads_hold_while_switching_replicas_through_a_lagging_follower_and_a_leader_kill() {
     let mut c = Cluster::start(64, 19564);
     block_on(async {
         let (lead, _) = settled(&c).await;
+        // Not the active controller: cut off from the leader, it must lag, not take over.
+        let client = Client::connect(&bootstrap(&c)).await.expect("connect");
+        let controller = client.metadata(None).await.expect("metadata").controller;
+        let lagging = other(lead, controller);
         let p = producer(&c, None).await;
+        for v in 0..50 {
+            send(&p, v).await;
+        }
+        compio::time::sleep(Duration::from_millis(300)).await;
+        // The reader knows all three replicas in sync; then one follower stops hearing from the
+        // leader (its high watermark stays at 50) while the next 100 writes commit without it.
         let mut reader = consumer(&c, ReadReplica::Leader, None, Some(Session::new().into_handle())).await;
         reader.assign("t", &[0], Position::Beginning).await.expect("assign");
-        let mut written = 0u32;
+        let cut = Cut::new("skein_session_test", &c.addrs[c.index(lead)], &c.addrs[c.index(lagging)]);
+        for v in 50..150 {
+            send(&p, v).await;
+        }
+        // Reading one batch per answer and switching replica at every poll, the reader sees the
+        // leader's high watermark (150) early; the lagging follower's (50) must never show.
         let mut next_offset = 0u64;
         let mut seen_hw = 0u64;
-        let mut killed = false;
-        let start = Instant::now();
         let mut polls = 0u32;
-        while start.elapsed() < Duration::from_secs(6) {
-            // Keep writing (without waiting for the acknowledgements).
-            for _ in 0..5 {
-                drop(p.send_to("t", Some(0), None, written.to_string().as_bytes()).await.expect("queued"));
-                written += 1;
+        let mut read = async |reader: &mut Consumer, until: u64| {
+            let start = Instant::now();
+            while next_offset < until && start.elapsed() < Duration::from_secs(40) {
+                polls += 1;
+                reader.set_prefer_replica(ReadReplica::Node(1 + polls % 3));
+                for r in reader.poll().await.expect("poll") {
+                    assert_eq!(r.offset, next_offset, "consecutive offsets");
+                    next_offset += 1;
+                }
+                if let Some(hw) = reader.high_watermark("t", 0) {
+                    assert!(hw >= seen_hw, "poll {polls}: high watermark {hw} after {seen_hw}");
+                    assert!(hw >= next_offset, "poll {polls}: high watermark {hw} below what was read");
+                    seen_hw = hw;
+                }
             }
-            if !killed && start.elapsed() > Duration::from_secs(2) {
-                let i = c.index(lead);
-                c.brokers[i].take().expect("running").kill9();
-                killed = true;
-            }
-            polls += 1;
-            reader.set_prefer_replica(ReadReplica::Node(1 + polls % 3));
-            for r in reader.poll().await.expect("poll") {
-                assert_eq!(r.offset, next_offset, "consecutive offsets");
-                next_offset += 1;
-            }
-            if let Some(hw) = reader.high_watermark("t", 0) {
-                assert!(hw >= seen_hw, "poll {polls}: high watermark {hw} after {seen_hw}");
-                assert!(hw >= next_offset, "poll {polls}: high watermark {hw} below what was read");
-                seen_hw = hw;
-            }
+            assert_eq!(next_offset, until, "read everything");
+        };
+        read(&mut reader, 150).await;
+        drop(cut);
+        // Failover: the leader is killed; a new leader's high watermark may lag for a moment.
+        let i = c.index(lead);
+        c.brokers[i].take().expect("running").kill9();
+        for v in 150..200 {
+            send(&p, v).await;
         }
+        read(&mut reader, 200).await;
         let stats = reader.read_stats();
-        assert!(next_offset > 100, "read {next_offset} records");
         assert!(stats.follower_reads > 10, "followers served reads: {stats:?}");
         println!("monotonic reads over {polls} polls: {stats:?}");
     });
@@ -240,7 +295,10 @@ fn readers_on_every_replica_see_one_consistent_prefix() {
                 drop(p.send_to("t", Some(0), None, (round * 10 + v).to_string().as_bytes()).await.expect("queued"));
             }
             for (r, log) in readers.iter_mut().zip(logs.iter_mut()) {
-                for rec in r.poll().await.expect("poll") {
+                let records = r.poll().await.expect("poll");
+                let hw = r.high_watermark("t", 0);
+                for rec in records {
+                    assert!(hw.is_some_and(|hw| rec.offset < hw), "offset {} at or above {hw:?}", rec.offset);
                     log.push((rec.offset, String::from_utf8(rec.value).expect("utf8")));
                 }
             }
@@ -248,7 +306,7 @@ fn readers_on_every_replica_see_one_consistent_prefix() {
         p.flush().await;
         for (r, log) in readers.iter_mut().zip(logs.iter_mut()) {
             let more = 300 - log.len();
-            log.extend(read_n(r, more).await);
+            log.extend(read_n(r, more, 0).await);
         }
         for (i, log) in logs.iter().enumerate() {
             let offsets: Vec<u64> = log.iter().map(|x| x.0).collect();
@@ -318,7 +376,7 @@ fn a_leader_replaced_while_paused_refuses_the_write_it_finds_and_no_read_shows_i
         for node in [lead, new_leader, other(lead, new_leader)] {
             let mut r = consumer(&c, ReadReplica::Node(node), None, Some(Session::new().into_handle())).await;
             r.assign("t", &[0], Position::Beginning).await.expect("assign");
-            let values: Vec<String> = read_n(&mut r, 11).await.into_iter().map(|x| x.1).collect();
+            let values: Vec<String> = read_n(&mut r, 11, 0).await.into_iter().map(|x| x.1).collect();
             assert_eq!(values, texts(0..11), "read through node {node}");
         }
         let _ = &mut c;

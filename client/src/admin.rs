@@ -76,6 +76,9 @@ struct Inner {
     conns: RefCell<HashMap<String, Rc<Connection>>>,
     /// Addresses whose connection or request failed, and when.
     suspects: RefCell<HashMap<String, Instant>>,
+    /// Metadata requests made: each starts at the next broker, so a broker cut off from the
+    /// controllers (answering with stale leaders) is not asked every time.
+    metadata_turn: std::cell::Cell<usize>,
     cache: RefCell<MetadataCache>,
     /// Some while a metadata refresh is in flight: the callers waiting for it.
     refresh: RefCell<Option<Vec<RefreshWaiter>>>,
@@ -95,6 +98,7 @@ impl Client {
                 any: RefCell::new(None),
                 conns: RefCell::default(),
                 suspects: RefCell::default(),
+                metadata_turn: std::cell::Cell::new(0),
                 cache: RefCell::default(),
                 refresh: RefCell::new(None),
             }),
@@ -368,6 +372,17 @@ impl Client {
             .ok_or_else(|| ClientError::Io(format!("no address known for broker {node}")))
     }
 
+    /// [`Client::candidates`], the ones that did not fail lately rotated left by `turn`.
+    fn candidates_from(&self, turn: usize) -> Vec<String> {
+        let mut out = self.candidates();
+        let suspects = self.inner.suspects.borrow();
+        let healthy = out.iter().filter(|a| !suspects.get(*a).is_some_and(|t| t.elapsed() < SUSPECT_FOR)).count();
+        if healthy > 0 {
+            out[..healthy].rotate_left(turn % healthy);
+        }
+        out
+    }
+
     /// Where to send a request for any broker: the known brokers, then the bootstrap list;
     /// addresses that failed in the last few seconds go last.
     fn candidates(&self) -> Vec<String> {
@@ -417,7 +432,16 @@ impl Client {
         timeout: Duration,
     ) -> Result<(String, Resp), ClientError> {
         let mut last = ClientError::Invalid("no brokers given".into());
-        for addr in self.candidates() {
+        // Metadata asks a different broker each time: one cut off from the controllers answers
+        // with leaders that moved on, and asking it again would not help.
+        let turn = if key == ApiKey::Metadata {
+            let turn = self.inner.metadata_turn.get();
+            self.inner.metadata_turn.set(turn.wrapping_add(1));
+            turn
+        } else {
+            0
+        };
+        for addr in self.candidates_from(turn) {
             let result = async { self.address_connection(&addr).await?.call_for(key, req, timeout).await }.await;
             match result {
                 Ok(resp) => return Ok((addr, resp)),

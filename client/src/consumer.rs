@@ -645,6 +645,15 @@ impl Consumer {
                     continue;
                 }
             }
+            // A pipelined fetch left before the session's latest write or read was noted: its
+            // answer met the token it carried but may be older than what the session knows
+            // now (a poll after an acknowledgement must not show less). Ask again, with the
+            // current token, from the same replica.
+            let current = self.config.session.as_ref().and_then(|s| s.borrow().token(&part.topic, part.partition));
+            if behind_token(&part, current) {
+                tracing::trace!(topic = %part.topic, partition = part.partition, "answer older than the session; fetching again");
+                continue;
+            }
             if asked.follower {
                 self.stats.follower_reads += 1;
             }

@@ -51,7 +51,7 @@ impl Broker {
             .args(["--listen", listen, "--data-dir"])
             .arg(&dir)
             .args(&extra)
-            .env("SKEIN_LOG", "warn")
+            .env("SKEIN_LOG", std::env::var("SKEIN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
