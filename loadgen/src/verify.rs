@@ -661,6 +661,9 @@ impl Reader<'_> {
         let config = ConsumerConfig {
             max_wait: Duration::from_millis(200),
             session: self.session.clone(),
+            // One batch per answer while the workload runs: readers then often know a high
+            // watermark beyond their position, which a replica further behind must not undo.
+            partition_max_bytes: if self.final_read { ConsumerConfig::default().partition_max_bytes } else { 1 },
             ..ConsumerConfig::default()
         };
         let mut consumer = Consumer::new(client, config);

@@ -136,7 +136,9 @@ fn reads_spread_over_all_replicas_keep_the_session_guarantees_under_faults() {
     }
     assert!(verdict.faults >= 5, "faults injected: {}", verdict.faults);
     let r = &verdict.reads;
-    assert!(r.follower_reads * 3 >= r.fetches, "followers served at least a third: {r:?}");
+    // A third of the polls prefer the leader, and answers older than the session's newest
+    // write (fetches sent before its acknowledgement) are asked again.
+    assert!(r.follower_reads * 5 >= r.fetches, "followers served at least a fifth: {r:?}");
     eprintln!("{}", verify::reads_line(r));
 }
 
