@@ -15,7 +15,7 @@ out=bench/results
 mkdir -p "$out"
 cargo build --release -q -p skein-broker -p skein-loadgen -p skein-client
 data=$(mktemp -d /var/tmp/skein-reads.XXXXXX)
-trap 'pkill -f "skein-broker.*$data" || true; rm -rf "$data"' EXIT
+trap 'pkill -f "skein-broker.*$data" || true; sleep 1; rm -rf "$data"' EXIT
 wait_ready() { for _ in $(seq 100); do grep -q ready "$1" 2>/dev/null && return; sleep 0.1; done; echo "no ready in $1" >&2; exit 1; }
 
 voters=1@127.0.0.11:19403/r1,2@127.0.0.12:19403/r2,3@127.0.0.13:19403/r3
