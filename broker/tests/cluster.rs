@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::block_on;
-use common::cluster::{conn, create, describe, leader, wait_for, Cluster};
+use common::cluster::{conn, create, describe, leader, settled, wait_for, Cluster};
 use skein_client::conn::Connection;
 use skein_client::wire::{
     ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, ProducePartition,
@@ -255,7 +255,7 @@ fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
 }
 
 /// Follower reads and session tokens at the wire level (the client's sessions are tested in
-/// `read_guarantees.rs`): a follower serves only with `replica_read`, only committed records
+/// `session_guarantees.rs`): a follower serves only with `replica_read`, only committed records
 /// (a prefix of the leader's), waits for a session token covering a write acknowledged a
 /// moment ago, and answers NOT_CAUGHT_UP to one it cannot reach within `--read-wait-ms`; after
 /// the leader is killed no replica answers a token with a lower high watermark.
@@ -263,18 +263,9 @@ fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
 fn followers_serve_committed_prefixes_and_wait_for_session_tokens() {
     let mut c = Cluster::start(51, 19551);
     block_on(async {
-        create(&c.addrs[0]).await;
-        let (lead, _) = wait_for("a leader", Duration::from_secs(10), async || {
-            let l = leader(&c.addrs[0]).await;
-            (l.0 != 0).then_some(l)
-        })
-        .await;
+        let (lead, _) = settled(&c).await;
         let lead_addr = c.addrs[c.index(lead)].clone();
         let followers: Vec<String> = (1..=3).filter(|&n| n != lead).map(|n| c.addrs[c.index(n)].clone()).collect();
-        wait_for("all three in the ISR", Duration::from_secs(10), async || {
-            describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
-        })
-        .await;
         assert_eq!(fetch(&followers[0], Read::default()).await.error, ErrorCode::NOT_LEADER, "no replica_read");
 
         // Read-after-write through a follower: each acknowledged write is read back at once

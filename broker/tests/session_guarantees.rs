@@ -17,7 +17,7 @@ mod common;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::cluster::{create, describe, leader, wait_for, Cluster};
+use common::cluster::{leader, settled, wait_for, Cluster};
 use common::{block_on, sibling};
 use skein_client::wire::{ApiKey, ErrorCode, ProducePartition, ProduceRequest, ProduceResponse};
 use skein_client::{
@@ -25,22 +25,6 @@ use skein_client::{
 };
 use skein_log::batch::BatchBuilder;
 use skein_log::types::Timestamp;
-
-/// The cluster's leader of `t`/0 once all three replicas are in sync, and its epoch.
-async fn settled(c: &Cluster) -> (u32, u32) {
-    create(&c.addrs[0]).await;
-    let (lead, epoch) = wait_for("a leader", Duration::from_secs(10), async || {
-        let l = leader(&c.addrs[0]).await;
-        (l.0 != 0).then_some(l)
-    })
-    .await;
-    let lead_addr = c.addrs[c.index(lead)].clone();
-    wait_for("all three in the ISR", Duration::from_secs(10), async || {
-        describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
-    })
-    .await;
-    (lead, epoch)
-}
 
 fn bootstrap(c: &Cluster) -> String {
     c.addrs.join(",")

@@ -376,7 +376,7 @@ impl Client {
     fn candidates_from(&self, turn: usize) -> Vec<String> {
         let mut out = self.candidates();
         let suspects = self.inner.suspects.borrow();
-        let healthy = out.iter().filter(|a| !suspects.get(*a).is_some_and(|t| t.elapsed() < SUSPECT_FOR)).count();
+        let healthy = out.iter().filter(|a| suspects.get(*a).is_none_or(|t| t.elapsed() >= SUSPECT_FOR)).count();
         if healthy > 0 {
             out[..healthy].rotate_left(turn % healthy);
         }

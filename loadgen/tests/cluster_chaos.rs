@@ -124,10 +124,7 @@ fn reads_spread_over_all_replicas_keep_the_session_guarantees_under_faults() {
     let _serial = serial();
     assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = cluster(dir.path());
-    let verdict = verify::run_cluster(read_workload("reads", false, dir.path()), &mut cluster);
-    drop(cluster);
-    let verdict = verdict.expect("verify ran");
+    let verdict = run_in(cluster(dir.path()), read_workload("reads", false, dir.path()));
     let logs = dir.path().display();
     assert!(verdict.report.ok(), "{} (history and broker logs in {logs})", verdict.report);
     for check in [Check::ReadAfterWrite, Check::MonotonicRead, Check::ConsistentPrefix] {
@@ -152,13 +149,18 @@ fn switching_the_read_guarantees_off_fails_the_read_checks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = ClusterConfig::new(common::broker_binary(), dir.path(), 3).expect("free ports");
     config.extra_args.push(verify::UNSAFE_READS_BROKER_ARG.to_owned());
-    let mut cluster = LocalCluster::start(config).expect("3 brokers ready");
-    let verdict = verify::run_cluster(read_workload("unsafe-reads", true, dir.path()), &mut cluster);
-    drop(cluster);
-    let verdict = verdict.expect("verify ran");
+    let cluster = LocalCluster::start(config).expect("3 brokers ready");
+    let verdict = run_in(cluster, read_workload("unsafe-reads", true, dir.path()));
     for check in [Check::ReadAfterWrite, Check::MonotonicRead, Check::ConsistentPrefix] {
         assert!(verdict.report.violated(check), "{check} did not fail without the guarantees: {}", verdict.report);
     }
+}
+
+/// Runs `cfg` against `cluster`, then stops the brokers.
+fn run_in(mut cluster: LocalCluster, cfg: VerifyConfig) -> verify::Verdict {
+    let verdict = verify::run_cluster(cfg, &mut cluster);
+    drop(cluster);
+    verdict.expect("verify ran")
 }
 
 fn read_workload(topic: &str, unsafe_reads: bool, dir: &std::path::Path) -> VerifyConfig {
