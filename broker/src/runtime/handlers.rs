@@ -274,34 +274,71 @@ async fn produce(shard: &Rc<Shard>, req: ProduceRequest) -> Response {
     }
     let timeout = req.timeout_ms.min(shard.config.max_request_timeout_ms);
     let deadline = Instant::now() + Duration::from_millis(u64::from(timeout));
-    let mut waits = Vec::with_capacity(req.partitions.len());
-    for part in req.partitions {
-        let owner = shard.owner(&part.topic, part.partition);
-        let (topic, partition) = (part.topic.clone(), part.partition);
-        let (tx, rx) = oneshot::channel();
-        let msg = ShardMsg::Produce { part, acks: req.acks, deadline, reply: tx };
+    let acks = req.acks;
+    let names: Vec<(String, u32)> = req.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+    let groups = by_owner(shard, req.partitions, |p| (p.topic.as_str(), p.partition));
+    // One message per other shard; this shard's own partitions are produced to in place.
+    let mut remote = Vec::new();
+    let mut local = None;
+    for (owner, (indices, parts)) in groups {
         if owner == shard.id {
-            compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
-        } else if shard.peers[owner].send_async(msg).await.is_err() {
-            return if req.acks == 0 { Response::Nothing } else { Response::Error(ErrorCode::SHUTTING_DOWN) };
+            local = Some((indices, parts));
+            continue;
         }
-        waits.push((topic, partition, rx));
+        let (tx, rx) = oneshot::channel();
+        if shard.peers[owner].send_async(ShardMsg::Produce { parts, acks, deadline, reply: tx }).await.is_err() {
+            return if acks == 0 { Response::Nothing } else { Response::Error(ErrorCode::SHUTTING_DOWN) };
+        }
+        remote.push((indices, rx));
     }
-    let mut partitions = Vec::with_capacity(waits.len());
-    for (topic, partition, rx) in waits {
-        partitions.push(rx.await.unwrap_or(skein_client::wire::ProducePartitionResponse {
-            topic,
-            partition,
-            error: ErrorCode::SHUTTING_DOWN,
-            base_offset: 0,
-            leader_epoch: 0,
-            log_start: 0,
-        }));
+    let mut answers: Vec<Option<skein_client::wire::ProducePartitionResponse>> = vec![None; names.len()];
+    if let Some((indices, parts)) = local {
+        for (i, r) in indices.into_iter().zip(shard.produce_all(parts, acks, deadline).await) {
+            answers[i] = Some(r);
+        }
     }
-    if req.acks == 0 {
+    for (indices, rx) in remote {
+        if let Ok(rs) = rx.await {
+            for (i, r) in indices.into_iter().zip(rs) {
+                answers[i] = Some(r);
+            }
+        }
+    }
+    if acks == 0 {
         return Response::Nothing;
     }
+    let partitions = answers
+        .into_iter()
+        .zip(names)
+        .map(|(answer, (topic, partition))| {
+            answer.unwrap_or(skein_client::wire::ProducePartitionResponse {
+                topic,
+                partition,
+                error: ErrorCode::SHUTTING_DOWN,
+                base_offset: 0,
+                leader_epoch: 0,
+                log_start: 0,
+            })
+        })
+        .collect();
     Response::Produce(ProduceResponse { partitions })
+}
+
+/// Splits a request's partition entries by owner shard, keeping each entry's index in the
+/// request (groups in shard order, entries in request order within a group).
+fn by_owner<T>(
+    shard: &Shard,
+    items: Vec<T>,
+    name: impl Fn(&T) -> (&str, u32),
+) -> std::collections::BTreeMap<usize, (Vec<usize>, Vec<T>)> {
+    let mut groups: std::collections::BTreeMap<usize, (Vec<usize>, Vec<T>)> = std::collections::BTreeMap::new();
+    for (i, item) in items.into_iter().enumerate() {
+        let (topic, partition) = name(&item);
+        let group = groups.entry(shard.owner(topic, partition)).or_default();
+        group.0.push(i);
+        group.1.push(item);
+    }
+    groups
 }
 
 /// Fetch with long polling: read every partition; if fewer than `min_bytes` came back and
@@ -340,29 +377,29 @@ async fn fetch(shard: &Rc<Shard>, req: FetchRequest) -> Response {
 }
 
 async fn fetch_once(shard: &Rc<Shard>, parts: &[FetchPartition]) -> Vec<FetchResult> {
-    let mut rxs = Vec::with_capacity(parts.len());
-    for p in parts {
-        let (tx, rx) = oneshot::channel();
-        let msg = ShardMsg::Fetch { part: p.clone(), reply: tx };
-        let owner = shard.owner(&p.topic, p.partition);
+    let groups = by_owner(shard, parts.to_vec(), |p| (p.topic.as_str(), p.partition));
+    let mut out: Vec<Option<FetchResult>> = (0..parts.len()).map(|_| None).collect();
+    let mut remote = Vec::new();
+    for (owner, (indices, parts)) in groups {
         if owner == shard.id {
-            compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
-        } else if shard.peers[owner].send_async(msg).await.is_err() {
-            drop(rx);
-            rxs.push(None);
+            for (i, r) in indices.into_iter().zip(shard.fetch_all(&parts)) {
+                out[i] = Some(r);
+            }
             continue;
         }
-        rxs.push(Some(rx));
+        let (tx, rx) = oneshot::channel();
+        if shard.peers[owner].send_async(ShardMsg::Fetch { parts, reply: tx }).await.is_ok() {
+            remote.push((indices, rx));
+        }
     }
-    let mut out = Vec::with_capacity(parts.len());
-    for rx in rxs {
-        let r = match rx {
-            Some(rx) => rx.await.ok(),
-            None => None,
-        };
-        out.push(r.unwrap_or(FetchResult::empty(ErrorCode::SHUTTING_DOWN)));
+    for (indices, rx) in remote {
+        if let Ok(rs) = rx.await {
+            for (i, r) in indices.into_iter().zip(rs) {
+                out[i] = Some(r);
+            }
+        }
     }
-    out
+    out.into_iter().map(|r| r.unwrap_or_else(|| FetchResult::empty(ErrorCode::SHUTTING_DOWN))).collect()
 }
 
 /// Pairs results with their partitions, leaving out whole partitions' data past `max_bytes`

@@ -40,10 +40,17 @@ use crate::BrokerConfig;
 pub(crate) enum ShardMsg {
     /// A new client connection to serve on this shard.
     Connection(std::net::TcpStream, Arc<AtomicUsize>),
-    /// Append batches to an owned partition.
-    Produce { part: ProducePartition, acks: i8, deadline: Instant, reply: oneshot::Sender<ProducePartitionResponse> },
-    /// Read from an owned partition.
-    Fetch { part: FetchPartition, reply: oneshot::Sender<FetchResult> },
+    /// Append batches to owned partitions: one message (and one reply) per request and owner
+    /// shard, however many of its partitions the request names, so that a request crossing
+    /// shards wakes the other shard once. Answers in the order of `parts`.
+    Produce {
+        parts: Vec<ProducePartition>,
+        acks: i8,
+        deadline: Instant,
+        reply: oneshot::Sender<Vec<ProducePartitionResponse>>,
+    },
+    /// Read from owned partitions (one message per request and owner shard, as `Produce`).
+    Fetch { parts: Vec<FetchPartition>, reply: oneshot::Sender<Vec<FetchResult>> },
     /// Answer when the partition's end passes `offset` (or drop the reply at the deadline).
     WaitForData { topic: String, partition: u32, offset: u64, reply: oneshot::Sender<()> },
     /// Look up an offset.
@@ -186,11 +193,11 @@ impl Shard {
     async fn on_msg(self: Rc<Self>, msg: ShardMsg) {
         match msg {
             ShardMsg::Connection(stream, count) => super::conn::serve(self, stream, count).await,
-            ShardMsg::Produce { part, acks, deadline, reply } => {
-                let _ = reply.send(self.produce(part, acks, deadline).await);
+            ShardMsg::Produce { parts, acks, deadline, reply } => {
+                let _ = reply.send(self.produce_all(parts, acks, deadline).await);
             }
-            ShardMsg::Fetch { part, reply } => {
-                let _ = reply.send(self.fetch(&part));
+            ShardMsg::Fetch { parts, reply } => {
+                let _ = reply.send(self.fetch_all(&parts));
             }
             ShardMsg::WaitForData { topic, partition, offset, reply } => {
                 self.wait_for_data(&topic, partition, offset, reply)
@@ -303,6 +310,26 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// Produces to owned partitions: every partition's append happens at once (the first poll
+    /// of each), then the answers wait together (for durability with `acks=all`).
+    pub(crate) async fn produce_all(
+        &self,
+        parts: Vec<ProducePartition>,
+        acks: i8,
+        deadline: Instant,
+    ) -> Vec<ProducePartitionResponse> {
+        if parts.len() == 1 {
+            let part = parts.into_iter().next().expect("one part");
+            return vec![self.produce(part, acks, deadline).await];
+        }
+        futures_util::future::join_all(parts.into_iter().map(|part| self.produce(part, acks, deadline))).await
+    }
+
+    /// Reads owned partitions.
+    pub(crate) fn fetch_all(&self, parts: &[FetchPartition]) -> Vec<FetchResult> {
+        parts.iter().map(|part| self.fetch(part)).collect()
     }
 
     async fn produce(&self, part: ProducePartition, acks: i8, deadline: Instant) -> ProducePartitionResponse {
