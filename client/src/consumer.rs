@@ -35,8 +35,9 @@
 //! the high watermark it sees never goes back, across replica switches and failovers
 //! (monotonic reads). An answer reporting a lower high watermark or leader epoch than the
 //! token asked for is not taken (as if NOT_CAUGHT_UP). A partition answered NOT_CAUGHT_UP by a
-//! follower has its next fetch sent to the leader (`replica_read` off), later ones to the
-//! preferred replica again; answered so by the leader, it is fetched again after
+//! follower has its fetches sent to the leader (`replica_read` off) for
+//! `lagging_replica_backoff` (at least the next one), then to the preferred replica again;
+//! answered so by the leader, it is fetched again after
 //! `retry_backoff`. Without a session no token is sent and neither guarantee holds when reads
 //! move between replicas. [`Consumer::read_stats`] counts follower reads, waits and redirects.
 
@@ -81,6 +82,11 @@ pub struct ConsumerConfig {
     /// The session whose tokens fetches carry and whose tokens answers raise (read-your-writes,
     /// monotonic reads); `None`: no tokens are sent.
     pub session: Option<SessionHandle>,
+    /// After a follower answers NOT_CAUGHT_UP (or fails), the partition is read from the
+    /// leader for this long before the preferred follower is tried again (the next fetch goes
+    /// to the leader in any case), so a follower that stays behind does not cost a read wait
+    /// on every return to it.
+    pub lagging_replica_backoff: Duration,
 }
 
 impl Default for ConsumerConfig {
@@ -95,6 +101,7 @@ impl Default for ConsumerConfig {
             prefer_replica: ReadReplica::Leader,
             rack: None,
             session: None,
+            lagging_replica_backoff: Duration::from_secs(1),
         }
     }
 }
@@ -245,6 +252,9 @@ struct Assigned {
     high_watermark: Option<u64>,
     /// The next fetch goes to the leader (a follower was not caught up, or failed).
     to_leader: bool,
+    /// Until then every fetch goes to the leader (`lagging_replica_backoff` after the follower
+    /// was not caught up, or failed).
+    leader_until: Option<Instant>,
 }
 
 /// Reads assigned partitions.
@@ -290,6 +300,7 @@ impl Consumer {
                     position: offset,
                     high_watermark: None,
                     to_leader: false,
+                    leader_until: None,
                 }),
             }
         }
@@ -469,7 +480,10 @@ impl Consumer {
                         // An unreachable follower: the leader serves the next fetch.
                         if let Some(a) = self.assigned.iter_mut().find(|a| a.topic == topic && a.partition == partition)
                         {
-                            a.to_leader |= follower;
+                            if follower {
+                                a.to_leader = true;
+                                a.leader_until = Some(Instant::now() + self.config.lagging_replica_backoff);
+                            }
                         }
                     }
                 }
@@ -481,7 +495,7 @@ impl Consumer {
     /// follower.
     fn route(&self, a: &Assigned, leader: u32) -> (u32, bool) {
         let prefer = self.config.prefer_replica;
-        if prefer == ReadReplica::Leader || a.to_leader {
+        if prefer == ReadReplica::Leader || a.to_leader || a.leader_until.is_some_and(|t| Instant::now() < t) {
             return (leader, false);
         }
         let isr = self.client.cached_isr(&a.topic, a.partition).unwrap_or_default();
@@ -580,6 +594,7 @@ impl Consumer {
         for x in f.parts.iter().filter(|x| x.follower) {
             if let Some(a) = self.assigned.iter_mut().find(|a| a.topic == x.topic && a.partition == x.partition) {
                 a.to_leader = true;
+                a.leader_until = Some(Instant::now() + self.config.lagging_replica_backoff);
             }
         }
         if f.conn.is_broken() {
@@ -623,6 +638,9 @@ impl Consumer {
             };
             let entry = &mut self.assigned[i];
             entry.to_leader = code == ErrorCode::NOT_CAUGHT_UP && asked.follower;
+            if entry.to_leader {
+                entry.leader_until = Some(Instant::now() + self.config.lagging_replica_backoff);
+            }
             match code {
                 ErrorCode::NONE => {}
                 ErrorCode::NOT_CAUGHT_UP => {

@@ -25,12 +25,25 @@ fn one_record_batch() -> Vec<u8> {
 
 /// A consumer of `t/0` from offset 0 with a short long poll.
 async fn consumer(fakes: &[Fake], prefer: ReadReplica, rack: Option<&str>, session: Option<SessionHandle>) -> Consumer {
+    consumer_with(fakes, prefer, rack, session, Duration::ZERO).await
+}
+
+/// [`consumer`] avoiding a follower that was not caught up for `backoff` (0: only the next
+/// fetch goes to the leader).
+async fn consumer_with(
+    fakes: &[Fake],
+    prefer: ReadReplica,
+    rack: Option<&str>,
+    session: Option<SessionHandle>,
+    backoff: Duration,
+) -> Consumer {
     let client = Client::connect(&fakes[0].addr()).await.expect("connect");
     let config = ConsumerConfig {
         max_wait: Duration::from_millis(50),
         prefer_replica: prefer,
         rack: rack.map(str::to_owned),
         session,
+        lagging_replica_backoff: backoff,
         ..ConsumerConfig::default()
     };
     let mut consumer = Consumer::new(client, config);
@@ -109,6 +122,31 @@ fn not_caught_up_sends_the_next_fetch_to_the_leader_then_back_to_the_follower() 
         let stats = consumer.read_stats();
         assert_eq!(stats.not_caught_up, 1, "{stats:?}");
         assert!(stats.follower_reads >= 1, "{stats:?}");
+    });
+}
+
+#[test]
+fn a_follower_that_was_not_caught_up_is_avoided_for_the_backoff() {
+    block_on(async {
+        let (fakes, _) =
+            fake_cluster(&[(1, Behaviour::Lead), (2, Behaviour::Follow)], 1, 1, Some(one_record_batch())).await;
+        fakes[1].script.not_caught_up.set(1);
+        let session = Session::new().into_handle();
+        let backoff = Duration::from_secs(1);
+        let mut consumer = consumer_with(&fakes, ReadReplica::Node(2), None, Some(session), backoff).await;
+        assert_eq!(poll_one(&mut consumer).await.len(), 1);
+        let redirected = Instant::now();
+        let mut polls = 0;
+        while redirected.elapsed() < Duration::from_millis(500) {
+            consumer.poll().await.expect("poll");
+            polls += 1;
+        }
+        assert_eq!(fetches(&fakes[1]).len(), 1, "the follower is not asked within the backoff ({polls} polls)");
+        compio::time::sleep(Duration::from_millis(600)).await;
+        for _ in 0..3 {
+            consumer.poll().await.expect("poll");
+        }
+        assert!(fetches(&fakes[1]).len() >= 2, "the follower is asked again after the backoff");
     });
 }
 
