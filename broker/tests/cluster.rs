@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use common::block_on;
-use common::cluster::{conn, create, describe, leader, settled, wait_for, Cluster};
+use common::cluster::{conn, created, describe, leader, settled, wait_for, Cluster};
 use skein_client::conn::Connection;
 use skein_client::wire::{
     ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, ProducePartition,
@@ -126,12 +126,7 @@ async fn fetch(addr: &str, read: Read) -> FetchPartitionResponse {
 fn a_killed_leader_is_replaced_with_a_new_epoch_and_rejoins_as_a_follower() {
     let mut c = Cluster::start(31, 19531);
     block_on(async {
-        create(&c.addrs[0]).await;
-        let (old, old_epoch) = wait_for("a leader", Duration::from_secs(10), async || {
-            let l = leader(&c.addrs[0]).await;
-            (l.0 != 0).then_some(l)
-        })
-        .await;
+        let (old, old_epoch) = created(&c).await;
         let old_addr = c.addrs[c.index(old)].clone();
         for i in 0..10 {
             let got = produce(&old_addr, i * 10..(i + 1) * 10).await;
@@ -178,12 +173,7 @@ fn a_killed_leader_is_replaced_with_a_new_epoch_and_rejoins_as_a_follower() {
 fn sigterm_moves_leadership_first_and_reassignment_moves_the_data() {
     let mut c = Cluster::start(41, 19541);
     block_on(async {
-        create(&c.addrs[0]).await;
-        let (first, _) = wait_for("a leader", Duration::from_secs(10), async || {
-            let l = leader(&c.addrs[0]).await;
-            (l.0 != 0).then_some(l)
-        })
-        .await;
+        let (first, _) = created(&c).await;
         assert_eq!(produce(&c.addrs[c.index(first)], 0..50).await.0, ErrorCode::NONE);
         let i = c.index(first);
         let status = c.brokers[i].as_mut().expect("running").terminate();

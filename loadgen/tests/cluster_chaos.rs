@@ -31,20 +31,7 @@ fn verify_passes_under_leader_kills_pauses_and_network_cuts() {
     assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
     let dir = tempfile::tempdir().expect("tempdir");
     let mut cluster = cluster(dir.path());
-    let cfg = VerifyConfig {
-        topic: "chaos".into(),
-        partitions: 3,
-        replicas: 3,
-        topic_configs: vec![("min.insync.replicas".into(), "2".into())],
-        producers: 2,
-        consumers: 2,
-        rate: 200.0,
-        duration: Duration::from_secs(45),
-        fault_interval: Duration::from_secs(3),
-        faults: vec![Fault::KillLeader, Fault::Pause, Fault::Isolate, Fault::CutLeader, Fault::OneWay],
-        history: Some(dir.path().join("history.jsonl")),
-        ..VerifyConfig::default()
-    };
+    let cfg = chaos_workload("chaos", Duration::from_secs(45), dir.path());
     let verdict = verify::run_cluster(cfg, &mut cluster);
     drop(cluster);
     let verdict = verdict.expect("verify ran");
@@ -163,7 +150,9 @@ fn run_in(mut cluster: LocalCluster, cfg: VerifyConfig) -> verify::Verdict {
     verdict.expect("verify ran")
 }
 
-fn read_workload(topic: &str, unsafe_reads: bool, dir: &std::path::Path) -> VerifyConfig {
+/// acks=all, 3 partitions with 3 replicas and min ISR 2, 2 producers and 2 consumers at 200
+/// records/s, every fault kind (one every 3 s); the history kept in `dir`.
+fn chaos_workload(topic: &str, duration: Duration, dir: &std::path::Path) -> VerifyConfig {
     VerifyConfig {
         topic: topic.into(),
         partitions: 3,
@@ -172,13 +161,21 @@ fn read_workload(topic: &str, unsafe_reads: bool, dir: &std::path::Path) -> Veri
         producers: 2,
         consumers: 2,
         rate: 200.0,
-        duration: Duration::from_secs(if unsafe_reads { 15 } else { 30 }),
+        duration,
         fault_interval: Duration::from_secs(3),
         faults: vec![Fault::KillLeader, Fault::Pause, Fault::Isolate, Fault::CutLeader, Fault::OneWay],
         history: Some(dir.join("history.jsonl")),
+        ..VerifyConfig::default()
+    }
+}
+
+/// [`chaos_workload`] with reads over every replica and producers reading their own writes.
+fn read_workload(topic: &str, unsafe_reads: bool, dir: &std::path::Path) -> VerifyConfig {
+    let duration = Duration::from_secs(if unsafe_reads { 15 } else { 30 });
+    VerifyConfig {
         read_from: ReadFrom::Any,
         read_your_writes: true,
         unsafe_reads,
-        ..VerifyConfig::default()
+        ..chaos_workload(topic, duration, dir)
     }
 }

@@ -104,14 +104,19 @@ pub async fn create(addr: &str) {
     client.create_topic("t", 1, 3, &configs).await.expect("create topic");
 }
 
-/// The cluster's leader of `t`/0 once all three replicas are in sync, and its epoch.
-pub async fn settled(c: &Cluster) -> (u32, u32) {
+/// Creates `t` and waits for its first leader; the leader and its epoch.
+pub async fn created(c: &Cluster) -> (u32, u32) {
     create(&c.addrs[0]).await;
-    let (lead, epoch) = wait_for("a leader", Duration::from_secs(10), async || {
+    wait_for("a leader", Duration::from_secs(10), async || {
         let l = leader(&c.addrs[0]).await;
         (l.0 != 0).then_some(l)
     })
-    .await;
+    .await
+}
+
+/// The cluster's leader of `t`/0 once all three replicas are in sync, and its epoch.
+pub async fn settled(c: &Cluster) -> (u32, u32) {
+    let (lead, epoch) = created(c).await;
     let lead_addr = c.addrs[c.index(lead)].clone();
     wait_for("all three in the ISR", Duration::from_secs(10), async || {
         describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
