@@ -121,6 +121,8 @@ struct Counters {
     received: AtomicU64,
     /// The consumers' fetch statistics, added when each finishes.
     reads: std::sync::Mutex<ReadStats>,
+    /// In e2e, the producers' acknowledgement latencies, added when each finishes.
+    publish: std::sync::Mutex<Option<Histogram<u64>>>,
 }
 
 /// A finished run: the report and the per-second histograms (for `--hdr`).
@@ -239,6 +241,13 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         messages_per_sec: messages as f64 / seconds,
         bytes_per_sec: bytes as f64 / seconds,
         latency_us: report::latency(&merged.total),
+        publish_latency_us: counters
+            .publish
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(report::latency),
         config: cfg.to_json(mode),
         commit: report::commit(),
         machine: report::machine(),
@@ -301,6 +310,7 @@ fn producer_thread(
             clock: IntervalClock::new(measure_start),
             tx: tx.clone(),
             counters: counters.clone(),
+            publish: histogram(),
         }));
         let mut k: u64 = 0;
         let mut measured: u64 = 0;
@@ -359,7 +369,12 @@ fn producer_thread(
             }
         }
         producer.flush().await;
-        tally.borrow_mut().clock.flush(&tx);
+        let mut t = tally.borrow_mut();
+        t.clock.flush(&tx);
+        if mode == Mode::E2e {
+            let mut total = counters.publish.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = total.get_or_insert_with(histogram).add(&t.publish);
+        }
         Ok(())
     })
 }
@@ -369,6 +384,8 @@ struct Tally {
     clock: IntervalClock,
     tx: flume::Sender<Interval>,
     counters: Arc<Counters>,
+    /// Acknowledgement latencies in e2e (where `clock` is not used by producers).
+    publish: Histogram<u64>,
 }
 
 impl Tally {
@@ -377,6 +394,9 @@ impl Tally {
             Ok(_) if measured && mode == Mode::Produce => {
                 let now = Instant::now();
                 self.clock.record(now, now.saturating_duration_since(intended), &self.tx);
+            }
+            Ok(_) if measured && mode == Mode::E2e => {
+                report::record(&mut self.publish, Instant::now().saturating_duration_since(intended));
             }
             Ok(_) => {}
             Err(e) => {

@@ -50,6 +50,10 @@ pub struct Report {
     /// Produce acknowledgement latency (produce), end-to-end latency (e2e), or fetch round
     /// trip (consume), in microseconds; open loop counts from the intended send time.
     pub latency_us: Latency,
+    /// In e2e: the produce acknowledgement latency of the same records (from the intended send
+    /// time), so the end-to-end figure can be split into publish and delivery.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub publish_latency_us: Option<Latency>,
     /// The settings of the run.
     pub config: serde_json::Value,
     /// The commit measured.
@@ -208,6 +212,12 @@ pub fn table(r: &Report) -> String {
         "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
         "", l.p50, l.p90, l.p99, l.p999, l.p9999, l.max
     ));
+    if let Some(p) = &r.publish_latency_us {
+        out.push_str(&format!(
+            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
+            "publish ack", p.p50, p.p90, p.p99, p.p999, p.p9999, p.max
+        ));
+    }
     if let Some(cpu) = r.broker_cpu_seconds {
         let gb = r.bytes as f64 / 1e9;
         out.push_str(&format!("broker cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));

@@ -29,6 +29,9 @@ pub struct LogConfig {
     pub retention_bytes: Option<u64>,
     /// Delete sealed segments whose newest record is older than this, in ms (default 7 days).
     pub retention_ms: Option<u64>,
+    /// Reserve disk space in the active segment this many bytes ahead of the appends
+    /// (`fallocate`), given back when the segment is sealed; 0 turns it off (the default).
+    pub preallocate_bytes: u32,
 }
 
 impl Default for LogConfig {
@@ -40,6 +43,7 @@ impl Default for LogConfig {
             durability: Durability::Always,
             retention_bytes: None,
             retention_ms: Some(WEEK_MS),
+            preallocate_bytes: 0,
         }
     }
 }

@@ -117,17 +117,26 @@ pub struct RetentionReport {
 }
 
 /// One fdatasync covering every append before [`Log::begin_sync`]. Holds only file handles,
-/// so it can run on another thread when the storage's handles allow.
+/// so it can run on another thread when the storage's handles allow. When the active segment
+/// has less than `LogConfig::preallocate_bytes` reserved ahead of its end, the job also
+/// reserves more, so the shard rarely calls `fallocate` itself.
 #[derive(Debug)]
 pub struct SyncJob<H> {
     handle: H,
     upto: Offset,
     generation: u64,
+    reserve: Option<(u64, u64)>,
 }
 
 impl<H: SyncHandle> SyncJob<H> {
-    /// Runs the fdatasync.
+    /// Reserves space ahead if asked (a failure is logged: appends then allocate as they go),
+    /// then runs the fdatasync.
     pub fn run(&self) -> Result<(), StorageError> {
+        if let Some((pos, len)) = self.reserve {
+            if let Err(e) = self.handle.preallocate(pos, len) {
+                tracing::warn!(error = %e, "could not reserve disk space ahead of the appends");
+            }
+        }
         self.handle.sync()
     }
 
@@ -290,10 +299,22 @@ impl<S: Storage> Log<S> {
             return None;
         }
         self.last_sync_at = now;
+        let step = u64::from(self.config.preallocate_bytes);
+        let segment_bytes = u64::from(self.config.segment_bytes);
+        let active = self.segments.last_mut().expect("a log has an active segment");
+        let ahead = u64::from(active.bytes).saturating_add(step);
+        let reserve = (step > 0 && active.reserved < ahead.min(segment_bytes)).then(|| {
+            // Counted as reserved now: an append that overtakes the job just allocates its
+            // blocks the usual way, which is slower but the same bytes.
+            let upto = ahead.saturating_add(step).min(segment_bytes);
+            let from = std::mem::replace(&mut active.reserved, upto);
+            (from, upto - from)
+        });
         Some(SyncJob {
-            handle: self.active().file.sync_handle(),
+            handle: active.file.sync_handle(),
             upto: self.log_end_offset(),
             generation: self.generation,
+            reserve,
         })
     }
 
@@ -542,6 +563,7 @@ impl<S: Storage> Log<S> {
                     max_timestamp: meta.max_timestamp,
                     index,
                     created_at: now,
+                    reserved: 0,
                 };
                 return Ok((segment, Vec::new()));
             }
@@ -575,6 +597,7 @@ impl<S: Storage> Log<S> {
             max_timestamp: scanned.max_timestamp,
             index: scanned.index,
             created_at: now,
+            reserved: 0,
         };
         if !is_tail {
             self.recovery.indexes_rebuilt += 1;
@@ -736,8 +759,14 @@ impl<S: Storage> Log<S> {
             self.write_epochs().map_err(|e| self.poison(e))?;
         }
         let interval = self.config.index_interval_bytes;
+        let step = u64::from(self.config.preallocate_bytes);
+        let segment_bytes = u64::from(self.config.segment_bytes);
         let active = self.segments.last_mut().expect("a log has an active segment");
         let position = active.bytes;
+        let end = u64::from(position) + bytes.len() as u64;
+        if step > 0 && end > active.reserved {
+            reserve(active, end, step, segment_bytes);
+        }
         if let Err(e) = active.file.write_at(bytes, u64::from(position)) {
             return Err(self.poison(e).into());
         }
@@ -768,6 +797,12 @@ impl<S: Storage> Log<S> {
             return Ok(());
         }
         self.segments[last].file.sync()?;
+        if self.config.preallocate_bytes > 0 {
+            // Gives back the space reserved past the sealed segment's end.
+            let sealed = &mut self.segments[last];
+            sealed.file.set_len(u64::from(sealed.bytes))?;
+            sealed.reserved = u64::from(sealed.bytes);
+        }
         self.durable = self.durable.max(self.segments[last].next_offset);
         self.write_index(last)?;
         let segment = self.create_segment(self.log_end_offset(), now)?;
@@ -789,6 +824,7 @@ impl<S: Storage> Log<S> {
             max_timestamp: Timestamp::NONE,
             index: SegmentIndex::new(),
             created_at: now,
+            reserved: 0,
         })
     }
 
@@ -810,6 +846,7 @@ impl<S: Storage> Log<S> {
     fn cut_active(&mut self, position: u32, base: Offset) -> Result<(), StorageError> {
         let seg = self.segments.last_mut().expect("a log has an active segment");
         seg.file.set_len(u64::from(position))?;
+        seg.reserved = seg.reserved.min(u64::from(position));
         seg.file.sync()?;
         seg.index.truncate_to_position(position);
         seg.bytes = position;
@@ -999,6 +1036,23 @@ impl<S: Storage> Log<S> {
 /// The epoch changes seen in a scan, clipped to `[log_start, log_end)`: an epoch whose
 /// batches all lie below the log start (still in the file, logically deleted) says nothing
 /// about the log, and one that spans the start begins, for the log, at the start.
+/// Reserves disk space in the active segment through `end` and up to `step` beyond it (never
+/// past the segment size), so appends write into allocated blocks: on ext4 an append into
+/// unallocated space takes the inode's block-map lock, which the kernel's writeback holds
+/// while it allocates blocks for the previous appends, and such appends waited 1-4 ms
+/// (bench/RESULTS.md). Failing to reserve costs only that, so it is logged, not fatal.
+fn reserve<F: StorageFile>(seg: &mut Segment<F>, end: u64, step: u64, segment_bytes: u64) {
+    let upto = end.max(end.saturating_add(step).min(segment_bytes));
+    match seg.file.preallocate(seg.reserved, upto - seg.reserved) {
+        Ok(true) => seg.reserved = upto,
+        Ok(false) => seg.reserved = u64::MAX,
+        Err(e) => {
+            tracing::warn!(file = %seg.path, error = %e, "could not reserve disk space; appending without");
+            seg.reserved = u64::MAX;
+        }
+    }
+}
+
 fn visible_epochs(
     scanned: &[(LeaderEpoch, Offset, u32)],
     log_start: Offset,

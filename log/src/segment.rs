@@ -24,6 +24,9 @@ pub(crate) struct Segment<F> {
     pub index: SegmentIndex,
     /// When the segment became active (for rolling by age).
     pub created_at: Timestamp,
+    /// Disk space reserved from the start of the file (see `LogConfig::preallocate_bytes`);
+    /// `u64::MAX` once reserving failed, so it is not tried again for this segment.
+    pub reserved: u64,
 }
 
 /// A problem found while reading a segment: where, and what.

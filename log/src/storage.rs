@@ -80,8 +80,12 @@ pub trait StorageFile {
     fn sync(&self) -> Result<(), StorageError>;
     /// Current length in bytes.
     fn len(&self) -> Result<u64, StorageError>;
-    /// Truncates or extends the file.
+    /// Truncates or extends the file. Disk space reserved past the new end is released.
     fn set_len(&mut self, len: u64) -> Result<(), StorageError>;
+    /// Reserves disk space for `len` bytes from `pos` without changing the file's length
+    /// (`fallocate` with `KEEP_SIZE`), so later writes there need no block allocation. A file
+    /// system that cannot reserve answers `Ok(false)`.
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError>;
     /// A handle to sync this file later or elsewhere.
     fn sync_handle(&self) -> Self::SyncHandle;
 }
@@ -90,6 +94,8 @@ pub trait StorageFile {
 pub trait SyncHandle {
     /// fdatasync the file.
     fn sync(&self) -> Result<(), StorageError>;
+    /// [`StorageFile::preallocate`] on the same file.
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError>;
 }
 
 /// Reads exactly `buf.len()` bytes at `pos` or fails with `UnexpectedEof`.
@@ -231,6 +237,14 @@ impl StorageFile for DiskFile {
         self.file.set_len(len).map_err(|e| StorageError::new("truncate", &*self.path, e))
     }
 
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
+        match rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::KEEP_SIZE, pos, len) {
+            Ok(()) => Ok(true),
+            Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(false),
+            Err(e) => Err(StorageError::new("preallocate", &*self.path, e.into())),
+        }
+    }
+
     fn sync_handle(&self) -> DiskFile {
         self.clone()
     }
@@ -239,6 +253,10 @@ impl StorageFile for DiskFile {
 impl SyncHandle for DiskFile {
     fn sync(&self) -> Result<(), StorageError> {
         StorageFile::sync(self)
+    }
+
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
+        StorageFile::preallocate(self, pos, len)
     }
 }
 
@@ -504,6 +522,14 @@ impl StorageFile for MemFile {
         Ok(())
     }
 
+    /// Memory needs no reservation; the call counts as an operation, so faults can hit it.
+    fn preallocate(&self, _pos: u64, _len: u64) -> Result<bool, StorageError> {
+        if let Some(kind) = self.tick() {
+            return Err(self.fault("preallocate", kind));
+        }
+        Ok(true)
+    }
+
     fn sync_handle(&self) -> MemFile {
         self.clone()
     }
@@ -512,6 +538,10 @@ impl StorageFile for MemFile {
 impl SyncHandle for MemFile {
     fn sync(&self) -> Result<(), StorageError> {
         StorageFile::sync(self)
+    }
+
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
+        StorageFile::preallocate(self, pos, len)
     }
 }
 

@@ -343,3 +343,74 @@ fn epochs_follow_the_batches_when_a_lost_fsync_undid_a_truncation() {
     assert_eq!(log_epoch(&log), LeaderEpoch(1), "so the epochs describe them, not the checkpoint");
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(1), Offset(5))));
 }
+
+/// Bytes of disk the file holds (`st_blocks`), which reserved space counts in.
+fn allocated(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).expect("stat").blocks() * 512
+}
+
+#[test]
+fn space_is_reserved_ahead_of_appends_and_given_back_when_the_segment_is_sealed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = LogConfig { segment_bytes: 256 << 10, preallocate_bytes: 64 << 10, ..config() };
+    let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg.clone(), T0).expect("open");
+    let first = dir.path().join("00000000000000000000.log");
+    fill(&mut log, 0, 3, T0);
+    let len = std::fs::metadata(&first).expect("stat").len();
+    assert!(len < 4096, "three small batches, {len} bytes: the length is what was written");
+    assert!(allocated(&first) >= 64 << 10, "an append reserves a step ahead: {} bytes", allocated(&first));
+    // A group commit keeps the reservation a step ahead, from its own thread.
+    fill(&mut log, 3, 300, T0);
+    let job = log.begin_sync(T0).expect("job");
+    let result = std::thread::spawn(move || {
+        let r = job.run();
+        (job, r)
+    })
+    .join()
+    .expect("sync thread");
+    log.finish_sync(result.0, result.1).expect("finish");
+    let len = std::fs::metadata(&first).expect("stat").len();
+    assert!(allocated(&first) >= len + (64 << 10), "{} allocated for {len} written", allocated(&first));
+    // Sealing gives the rest back; the next segment reserves its own.
+    log.roll(T0).expect("roll");
+    fill(&mut log, 303, 1000, T0);
+    assert!(log.segment_count() > 2);
+    let len = std::fs::metadata(&first).expect("stat").len();
+    assert!(allocated(&first) < len + 8192, "a sealed segment keeps {} bytes for {len}", allocated(&first));
+    let end = log.log_end_offset();
+    log.close(T0).expect("close");
+    let log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg, T0).expect("reopen");
+    assert_eq!(log.log_end_offset(), end, "reserved space past the end is not read as records");
+    assert_eq!(read_all(&log, Offset(0), 1 << 30).len() as u64, end.get());
+}
+
+#[test]
+fn a_failed_reservation_is_not_a_failed_append() {
+    // A one-byte step: every append reserves first, then writes.
+    let s = MemStorage::new();
+    let cfg = LogConfig { preallocate_bytes: 1, ..config() };
+    let mut log = Log::open(s.clone(), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 1, T0);
+    s.fail_op(1, FaultKind::DiskFull); // the next append's reservation
+    fill(&mut log, 1, 2, T0);
+    assert_eq!(log.sync(T0).expect("sync"), Offset(3), "appends and syncs go on without the reservation");
+    // A group commit's reservation: a step ahead of the end, which the second append passed.
+    let s = MemStorage::new();
+    let cfg = LogConfig { preallocate_bytes: 1024, ..config() };
+    let mut log = Log::open(s.clone(), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 2, T0);
+    s.fail_op(1, FaultKind::Io);
+    let job = log.begin_sync(T0).expect("job");
+    let result = job.run();
+    assert!(result.is_ok(), "{result:?}");
+    assert_eq!(log.finish_sync(job, result).expect("finish"), Offset(2));
+    fill(&mut log, 2, 40, T0);
+    log.sync(T0).expect("sync");
+    drop(log);
+    let log = Log::open(s.crash(3), cfg, T0).expect("reopen");
+    assert_eq!(
+        read_all(&log, Offset(0), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>(),
+        (0..42).collect::<Vec<_>>()
+    );
+}

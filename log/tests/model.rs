@@ -80,6 +80,9 @@ fn config(segment_bytes: u32, retention_bytes: u64) -> LogConfig {
         durability: Durability::Never,
         retention_bytes: Some(retention_bytes),
         retention_ms: None,
+        // Reserving space is an operation faults can hit; a failed reservation must not
+        // change what the log holds.
+        preallocate_bytes: 1000,
     }
 }
 

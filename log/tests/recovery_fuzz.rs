@@ -18,6 +18,7 @@ fn config() -> LogConfig {
         durability: Durability::Never,
         retention_bytes: None,
         retention_ms: None,
+        preallocate_bytes: 512,
     }
 }
 

@@ -73,5 +73,6 @@ pub fn small_config() -> LogConfig {
         durability: Durability::Always,
         retention_bytes: None,
         retention_ms: None,
+        preallocate_bytes: 0,
     }
 }
