@@ -59,6 +59,8 @@ pub struct LoadConfig {
     pub partitions: u32,
     /// Replicas when creating the topic.
     pub replicas: u16,
+    /// Configs when creating the topic.
+    pub topic_configs: Vec<(String, String)>,
     /// Producer threads.
     pub producers: usize,
     /// Consumer threads.
@@ -96,7 +98,7 @@ impl LoadConfig {
     pub fn to_json(&self, mode: Mode) -> serde_json::Value {
         serde_json::json!({
             "mode": mode.name(), "brokers": self.brokers, "topic": self.topic, "partitions": self.partitions,
-            "replicas": self.replicas, "producers": self.producers, "consumers": self.consumers,
+            "replicas": self.replicas, "topic_configs": self.topic_configs, "producers": self.producers, "consumers": self.consumers,
             "message_size": self.message_size, "key_distribution": format!("{:?}", self.keys),
             "batch_bytes": self.batch_bytes, "linger_ms": self.linger.as_millis() as u64,
             "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
@@ -265,7 +267,7 @@ fn ensure_topic(cfg: &LoadConfig) -> Result<u32> {
     let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async {
         let client = Client::connect(&cfg.brokers).await.with_context(|| format!("connecting to {}", cfg.brokers))?;
-        match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &[]).await {
+        match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &cfg.topic_configs).await {
             Ok(()) | Err(ClientError::Broker(ErrorCode::TOPIC_ALREADY_EXISTS, _)) => {}
             Err(e) => return Err(e).context("creating the topic"),
         }
