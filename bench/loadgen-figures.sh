@@ -21,6 +21,7 @@ start_broker() { # cores port
 run() { # name args... (args must start with --brokers B --topic T)
   local name=$1; shift
   echo "== $name: $*" >&2
+  recycle
   "$lg" "$@" --duration "${secs}s" --warmup 2s --report "$out/$name.json" --hdr "$out/$name.hlog" | tee "$out/$name.txt"
   # Delete the run's data so the next run writes into recycled (warm) pages, as every run does.
   target/release/skein --brokers "$3" topic delete "$5" >/dev/null
@@ -32,6 +33,15 @@ run() { # name args... (args must start with --brokers B --topic T)
 # touch the memory the run will use first (write and delete a file), for the ceilings and the
 # broker alike. Set PREWARM_GIB=0 to skip.
 prewarm=${PREWARM_GIB:-12}
+# The host takes freed guest memory back within seconds (not always), so pages a run freed can
+# be cold again by the next run: every run first writes and deletes RECYCLE_GIB (default 6) so
+# it starts on recycled pages, as a long-running server does. RECYCLE_GIB=0 skips this.
+recycle() {
+  if [ "${RECYCLE_GIB:-6}" -gt 0 ]; then
+    dd if=/dev/zero of="$data/recycle" bs=1M count=$((${RECYCLE_GIB:-6} * 1024)) status=none
+    rm -f "$data/recycle"
+  fi
+}
 if [ "$prewarm" -gt 0 ]; then
   echo "== pre-warming ${prewarm} GiB of page cache" >&2
   dd if=/dev/zero of="$data/prewarm" bs=1M count=$((prewarm * 1024)) status=none
