@@ -143,19 +143,30 @@ impl Default for ProducerConfig {
 /// The outcome of one record: its `(partition, offset)`, or why it failed.
 pub type DeliveryResult = Result<(u32, u64), ClientError>;
 
-/// Who learns a record's outcome: a [`Delivery`] future, or a callback.
+/// Who learns a record's outcome: a [`Delivery`] future, a callback, or the producer's
+/// delivery handler with the record's tag.
 enum Reply {
     Future(oneshot::Sender<DeliveryResult>),
     Callback(Box<dyn FnOnce(DeliveryResult)>),
+    Tagged(u64),
 }
 
+/// The function [`Producer::send_tagged`] records report to (see [`Producer::on_delivery`]).
+type DeliveryHandler = Rc<dyn Fn(u64, DeliveryResult)>;
+
 impl Reply {
-    fn complete(self, result: DeliveryResult) {
+    fn complete(self, result: DeliveryResult, handler: Option<&DeliveryHandler>) {
         match self {
             Reply::Future(tx) => {
                 let _ = tx.send(result);
             }
             Reply::Callback(f) => f(result),
+            Reply::Tagged(tag) => {
+                // `send_tagged` refuses records until a handler is set, and it is never unset.
+                if let Some(h) = handler {
+                    h(tag, result);
+                }
+            }
         }
     }
 }
@@ -183,6 +194,7 @@ struct Inner {
     config: ProducerConfig,
     state: RefCell<State>,
     wake: flume::Sender<()>,
+    handler: RefCell<Option<DeliveryHandler>>,
 }
 
 type Key = (String, u32);
@@ -229,7 +241,8 @@ impl Producer {
     /// A producer on `client`'s connection; starts its sender task.
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
         let (wake, woken) = flume::bounded(1);
-        let inner = Rc::new(Inner { client, config, state: RefCell::new(State::default()), wake });
+        let inner =
+            Rc::new(Inner { client, config, state: RefCell::new(State::default()), wake, handler: RefCell::new(None) });
         compio::runtime::spawn(sender_loop(Rc::downgrade(&inner), woken)).detach();
         Producer { inner }
     }
@@ -265,6 +278,30 @@ impl Producer {
         on_done: impl FnOnce(DeliveryResult) + 'static,
     ) -> Result<(), ClientError> {
         self.enqueue(topic, partition, key, value, Reply::Callback(Box::new(on_done))).await
+    }
+
+    /// Sets the function that learns the outcome of records sent with [`Producer::send_tagged`],
+    /// with their tags; replaces any earlier one. It runs on the producer's task and must not
+    /// block.
+    pub fn on_delivery(&self, handler: impl Fn(u64, DeliveryResult) + 'static) {
+        *self.inner.handler.borrow_mut() = Some(Rc::new(handler));
+    }
+
+    /// Like [`Producer::send_with`], but the outcome goes to the [`Producer::on_delivery`]
+    /// handler with `tag`: nothing is allocated per record. Fails with `Invalid` if no handler
+    /// is set.
+    pub async fn send_tagged(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        tag: u64,
+    ) -> Result<(), ClientError> {
+        if self.inner.handler.borrow().is_none() {
+            return Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into()));
+        }
+        self.enqueue(topic, partition, key, value, Reply::Tagged(tag)).await
     }
 
     async fn enqueue(
@@ -678,8 +715,9 @@ fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64, leader_epoch: 
         st.busy.remove(key);
     }
     // Outside the borrow: a callback may call back into the producer.
+    let handler = p.handler.borrow().clone();
     for (reply, result) in done {
-        reply.complete(result);
+        reply.complete(result, handler.as_ref());
     }
 }
 
@@ -702,8 +740,9 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
             st.sequences.clear();
         }
     }
+    let handler = p.handler.borrow().clone();
     for reply in done {
-        reply.complete(Err(e.clone()));
+        reply.complete(Err(e.clone()), handler.as_ref());
     }
 }
 

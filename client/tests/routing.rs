@@ -100,3 +100,33 @@ fn producer_and_consumer_ride_out_a_broker_restart() {
     });
     drop(broker);
 }
+
+#[test]
+fn tagged_sends_report_each_outcome_with_its_tag() {
+    let broker = common::Broker::start();
+    compio::runtime::Runtime::new().expect("runtime").block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_topic("t", 2, 1, &[]).await.expect("create");
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        assert!(
+            matches!(producer.send_tagged("t", None, None, b"x", 1).await, Err(ClientError::Invalid(_))),
+            "no handler, no send"
+        );
+        let outcomes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let seen = outcomes.clone();
+        producer.on_delivery(move |tag, r| seen.borrow_mut().push((tag, r)));
+        for i in 0..20u64 {
+            producer.send_tagged("t", Some((i % 2) as u32), None, &i.to_le_bytes(), 1000 + i).await.expect("send");
+        }
+        producer.send_tagged("t", Some(7), None, b"x", 99).await.expect_err("partition 7 does not exist");
+        producer.flush().await;
+        let mut got = outcomes.borrow().clone();
+        got.sort_by_key(|(tag, _)| *tag);
+        assert_eq!(got.iter().map(|(tag, _)| *tag).collect::<Vec<_>>(), (1000..1020).collect::<Vec<_>>());
+        for (tag, r) in &got {
+            let (partition, offset) = r.clone().expect("acknowledged");
+            assert_eq!(u64::from(partition), (tag - 1000) % 2, "tag {tag}");
+            assert_eq!(offset, (tag - 1000) / 2, "tag {tag}: in order within its partition");
+        }
+    });
+}

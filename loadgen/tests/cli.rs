@@ -59,10 +59,13 @@ fn produce_e2e_and_consume_write_reports_logs_and_plots() {
     assert!(r["messages"].as_u64().expect("messages") > 0);
     assert!(r["latency_us"]["p50"].as_u64() <= r["latency_us"]["p99"].as_u64());
     assert!(r["machine"]["cores"].as_u64().expect("cores") >= 1);
+    assert!(r.get("publish_latency_us").is_none(), "only e2e splits publish from delivery");
 
     loadgen(&[
         "e2e",
         "--embedded",
+        "--topic-config",
+        "preallocate=true",
         "--rate",
         "2000",
         "--message-size",
@@ -82,6 +85,10 @@ fn produce_e2e_and_consume_write_reports_logs_and_plots() {
     assert_eq!(r["mode"], "e2e");
     let received = r["messages"].as_u64().expect("messages");
     assert!((1500..=2500).contains(&received), "about 2000 records in the measured second: {received}");
+    for key in ["p50", "p90", "p99", "p999", "p9999", "max"] {
+        assert!(r["publish_latency_us"][key].as_u64().is_some(), "publish_latency_us has {key}");
+    }
+    assert_eq!(r["config"]["topic_configs"][0], serde_json::json!(["preallocate", "true"]));
     let log = std::fs::read_to_string(&hlog).expect("interval log");
     assert!(log.contains("#[StartTime:"), "{log}");
     assert!(log.lines().filter(|l| !l.starts_with('#') && !l.starts_with("\"")).count() >= 1, "{log}");
@@ -90,6 +97,21 @@ fn produce_e2e_and_consume_write_reports_logs_and_plots() {
     loadgen(&["plot", &s(&produce), &s(&e2e), "-o", &s(&cmp)]);
     let chart = std::fs::read_to_string(&cmp).expect("comparison chart");
     assert!(chart.contains("produce") && chart.contains("e2e"));
+}
+
+#[test]
+fn topic_configs_reach_the_broker() {
+    let out = Command::new(env!("CARGO_BIN_EXE_skein-loadgen"))
+        .args(["produce", "--embedded", "--topic-config", "colour=blue", "--duration", "200ms", "--warmup", "0s"])
+        .output()
+        .expect("run skein-loadgen");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("colour"), "the broker refuses an unknown config: {err}");
+    let out = Command::new(env!("CARGO_BIN_EXE_skein-loadgen"))
+        .args(["produce", "--embedded", "--topic-config", "preallocate"])
+        .output()
+        .expect("run skein-loadgen");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("KEY=VALUE"));
 }
 
 #[test]
