@@ -71,7 +71,14 @@ fn acks_leader_loses_only_records_inside_the_documented_window() {
     let _serial = serial();
     assert!(skein_loadgen::chaos::nft_available(), "needs the `nft` command (nftables) and root");
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut cluster = cluster(dir.path());
+    // Preferred-leader rebalancing (every 30 s by default) moves leadership without a fault,
+    // and that loses acks=leader records above the high watermark as any leader change does:
+    // this test judges losses against the faults it injects, so it turns rebalancing off. (With
+    // it on, the test failed 3 of 9 runs at the 30 s default and 2 of 2 at 10 s: losses with no
+    // fault in progress, whose offsets later sends got again.)
+    let mut config = ClusterConfig::new(common::broker_binary(), dir.path(), 3).expect("free ports");
+    config.extra_args = vec!["--leader-rebalance-interval-ms".into(), "0".into()];
+    let mut cluster = LocalCluster::start(config).expect("3 brokers ready");
     let cfg = VerifyConfig {
         topic: "chaos-leader".into(),
         partitions: 3,
