@@ -694,6 +694,15 @@ const ADMIN_RETRY_BACKOFF: Duration = Duration::from_millis(50);
 /// How long an address that failed is tried after the others.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
+/// Parses a topic config given as `KEY=VALUE` (the CLI's `--config`, the load generator's
+/// `--topic-config`).
+pub fn parse_topic_config(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
+        _ => Err(format!("config '{s}' is not KEY=VALUE")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

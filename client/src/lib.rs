@@ -31,7 +31,7 @@ mod producer;
 mod session;
 pub mod wire;
 
-pub use admin::{group_by_leader, Client, ClientConfig, GroupedByLeader};
+pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, GroupedByLeader};
 pub use consumer::{
     Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
 };

@@ -204,19 +204,15 @@ pub fn table(r: &Report) -> String {
         r.bytes_per_sec / 1e6,
         r.messages
     ));
-    out.push_str(&format!(
-        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-        "latency µs", "p50", "p90", "p99", "p99.9", "p99.99", "max"
-    ));
-    out.push_str(&format!(
-        "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-        "", l.p50, l.p90, l.p99, l.p999, l.p9999, l.max
-    ));
+    let row = |label: &str, cells: [String; 6]| {
+        let [a, b, c, d, e, f] = cells;
+        format!("{label:<12} {a:>8} {b:>8} {c:>8} {d:>8} {e:>8} {f:>8}\n")
+    };
+    let numbers = |l: &Latency| [l.p50, l.p90, l.p99, l.p999, l.p9999, l.max].map(|v| v.to_string());
+    out.push_str(&row("latency µs", ["p50", "p90", "p99", "p99.9", "p99.99", "max"].map(String::from)));
+    out.push_str(&row("", numbers(l)));
     if let Some(p) = &r.publish_latency_us {
-        out.push_str(&format!(
-            "{:<12} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8}\n",
-            "publish ack", p.p50, p.p90, p.p99, p.p999, p.p9999, p.max
-        ));
+        out.push_str(&row("publish ack", numbers(p)));
     }
     if let Some(cpu) = r.broker_cpu_seconds {
         let gb = r.bytes as f64 / 1e9;

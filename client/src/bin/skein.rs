@@ -102,8 +102,8 @@ enum TopicCommand {
         #[arg(long, default_value_t = 1)]
         replicas: u16,
         /// Config override KEY=VALUE (repeatable), e.g. flush.ms=always.
-        #[arg(long = "config")]
-        configs: Vec<String>,
+        #[arg(long = "config", value_parser = skein_client::parse_topic_config)]
+        configs: Vec<(String, String)>,
     },
     /// List topics.
     List,
@@ -194,14 +194,6 @@ async fn run(cli: Cli) -> Result<()> {
 async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
     match command {
         TopicCommand::Create { name, partitions, replicas, configs } => {
-            let configs = configs
-                .iter()
-                .map(|c| {
-                    c.split_once('=')
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .context(format!("config '{c}' is not KEY=VALUE"))
-                })
-                .collect::<Result<Vec<_>>>()?;
             client.create_topic(&name, partitions, replicas, &configs).await?;
             println!("created topic {name} with {partitions} partitions");
         }

@@ -74,7 +74,7 @@ struct LoadArgs {
     #[arg(long, default_value_t = 1)]
     replicas: u16,
     /// Topic config KEY=VALUE when creating the topic (repeatable), e.g. preallocate=true.
-    #[arg(long = "topic-config", value_parser = parse_topic_config)]
+    #[arg(long = "topic-config", value_parser = skein_client::parse_topic_config)]
     topic_configs: Vec<(String, String)>,
     /// Producer threads.
     #[arg(long, default_value_t = 1)]
@@ -614,11 +614,4 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
-}
-
-fn parse_topic_config(s: &str) -> Result<(String, String), String> {
-    match s.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_owned(), v.to_owned())),
-        _ => Err(format!("'{s}' is not KEY=VALUE")),
-    }
 }
