@@ -34,7 +34,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -152,23 +152,75 @@ enum Reply {
 }
 
 /// The function [`Producer::send_tagged`] records report to (see [`Producer::on_delivery`]).
-type DeliveryHandler = Rc<dyn Fn(u64, DeliveryResult)>;
+type DeliveryHandler = Rc<dyn Fn(&[u64], DeliveryResult)>;
 
-impl Reply {
-    fn complete(self, result: DeliveryResult, handler: Option<&DeliveryHandler>) {
-        match self {
-            Reply::Future(tx) => {
-                let _ = tx.send(result);
-            }
-            Reply::Callback(f) => f(result),
+/// Reports the outcome of `replies` (records `offset`, `offset + 1`, ... of `partition` on
+/// success, or all failed with `error`): futures and callbacks one by one, and each run of
+/// consecutive tagged records with one call of the delivery handler. `u64::MAX` offsets
+/// (acks=none: unknown) stay `u64::MAX`.
+fn complete_all(
+    p: &Inner,
+    replies: impl IntoIterator<Item = Reply>,
+    partition: u32,
+    mut offset: u64,
+    error: Option<&ClientError>,
+) {
+    let handler = p.handler.borrow().clone();
+    let mut tags = std::mem::take(&mut *p.tag_scratch.borrow_mut());
+    let mut run_start = offset;
+    let report = |tags: &mut Vec<u64>, first: u64| {
+        if let (Some(h), false) = (handler.as_ref(), tags.is_empty()) {
+            h(tags, error.map_or(Ok((partition, first)), |e| Err(e.clone())));
+        }
+        tags.clear();
+    };
+    for reply in replies {
+        match reply {
             Reply::Tagged(tag) => {
-                // `send_tagged` refuses records until a handler is set, and it is never unset.
-                if let Some(h) = handler {
-                    h(tag, result);
+                if tags.is_empty() {
+                    run_start = offset;
                 }
+                tags.push(tag);
+            }
+            Reply::Future(tx) => {
+                report(&mut tags, run_start);
+                let _ = tx.send(error.map_or(Ok((partition, offset)), |e| Err(e.clone())));
+            }
+            Reply::Callback(f) => {
+                report(&mut tags, run_start);
+                f(error.map_or(Ok((partition, offset)), |e| Err(e.clone())));
             }
         }
+        offset = offset.saturating_add(1);
     }
+    report(&mut tags, run_start);
+    *p.tag_scratch.borrow_mut() = tags;
+}
+
+/// What [`Producer::try_send_tagged`] did with a record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrySend {
+    /// Added to its partition's open batch.
+    Queued,
+    /// Added, and it filled its batch, which is now ready: yield to the runtime soon, so the
+    /// producer's sender task can send it.
+    Sealed,
+    /// Not queued: the producer must first wait (for its producer id, the topic's partition
+    /// count or buffer space). Send it with [`Producer::send_tagged`], which waits.
+    WouldBlock,
+}
+
+/// Why a record could not be queued without waiting.
+enum Need {
+    ProducerId,
+    PartitionCount,
+    BufferSpace,
+}
+
+/// The outcome of one attempt to queue a record.
+enum Step {
+    Queued { sealed: bool },
+    Wait(Reply, Need),
 }
 
 /// Resolves to the record's `(partition, offset)` once acknowledged.
@@ -195,17 +247,17 @@ struct Inner {
     state: RefCell<State>,
     wake: flume::Sender<()>,
     handler: RefCell<Option<DeliveryHandler>>,
+    /// Reused buffer for the tags of one delivery-handler call.
+    tag_scratch: RefCell<Vec<u64>>,
 }
 
 type Key = (String, u32);
 
 #[derive(Default)]
 struct State {
-    partition_counts: HashMap<String, u32>,
-    sticky: HashMap<String, u32>,
-    /// Open batches by topic, then partition (two levels so `send` looks up by `&str`
-    /// without allocating).
-    open: HashMap<String, HashMap<u32, Open>>,
+    /// Per topic: partition count, sticky partition, open batches and sequences, so a record
+    /// costs one map lookup.
+    topics: HashMap<String, TopicState>,
     ready: HashMap<Key, VecDeque<Sealed>>,
     busy: HashSet<Key>,
     /// Produce requests awaiting an answer, per broker node id.
@@ -213,11 +265,37 @@ struct State {
     /// A task is refreshing metadata for partitions with no known leader.
     routing: bool,
     buffered_bytes: usize,
+    /// Sends waiting for `buffered_bytes` to drop to `buffer_bytes_max` (woken by `settle`).
+    space_waiters: Vec<Waker>,
     unresolved: usize,
     /// The idempotent producer identity, once the broker gave one.
     producer: Option<(i64, i16)>,
-    /// Next sequence per partition (idempotence).
-    sequences: HashMap<Key, i32>,
+}
+
+#[derive(Default)]
+struct TopicState {
+    /// The partition count, once learned (forgotten after UNKNOWN_TOPIC_OR_PARTITION).
+    partitions: Option<u32>,
+    /// Where keyless records go (sticky partitioning): moves on when its batch is sealed.
+    sticky: u32,
+    /// The open batch of each partition, by partition index.
+    open: Vec<Option<Open>>,
+    /// Next sequence per partition, by partition index (idempotence; 0 when absent).
+    sequences: Vec<i32>,
+}
+
+impl State {
+    /// Forgets every sequence (a new producer id starts each partition at 0).
+    fn reset_sequences(&mut self) {
+        self.topics.values_mut().for_each(|t| t.sequences.clear());
+    }
+
+    /// The partitions with an open batch, and when each was opened.
+    fn open_batches(&self) -> impl Iterator<Item = (&str, u32, Instant)> {
+        self.topics.iter().flat_map(|(t, ts)| {
+            ts.open.iter().enumerate().filter_map(move |(p, o)| o.as_ref().map(|o| (t.as_str(), p as u32, o.since)))
+        })
+    }
 }
 
 struct Open {
@@ -241,8 +319,14 @@ impl Producer {
     /// A producer on `client`'s connection; starts its sender task.
     pub fn new(client: Client, config: ProducerConfig) -> Producer {
         let (wake, woken) = flume::bounded(1);
-        let inner =
-            Rc::new(Inner { client, config, state: RefCell::new(State::default()), wake, handler: RefCell::new(None) });
+        let inner = Rc::new(Inner {
+            client,
+            config,
+            state: RefCell::new(State::default()),
+            wake,
+            handler: RefCell::new(None),
+            tag_scratch: RefCell::new(Vec::new()),
+        });
         compio::runtime::spawn(sender_loop(Rc::downgrade(&inner), woken)).detach();
         Producer { inner }
     }
@@ -262,7 +346,7 @@ impl Producer {
         value: &[u8],
     ) -> Result<Delivery, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(topic, partition, key, value, Reply::Future(tx)).await?;
+        self.enqueue(topic, partition, key, value, None, Reply::Future(tx)).await?;
         Ok(Delivery { rx })
     }
 
@@ -277,136 +361,199 @@ impl Producer {
         value: &[u8],
         on_done: impl FnOnce(DeliveryResult) + 'static,
     ) -> Result<(), ClientError> {
-        self.enqueue(topic, partition, key, value, Reply::Callback(Box::new(on_done))).await
+        self.enqueue(topic, partition, key, value, None, Reply::Callback(Box::new(on_done))).await
     }
 
-    /// Sets the function that learns the outcome of records sent with [`Producer::send_tagged`],
-    /// with their tags; replaces any earlier one. It runs on the producer's task and must not
-    /// block.
-    pub fn on_delivery(&self, handler: impl Fn(u64, DeliveryResult) + 'static) {
+    /// Sets the function that learns the outcome of records sent with [`Producer::send_tagged`]
+    /// or [`Producer::try_send_tagged`]; replaces any earlier one. It is called once per run of
+    /// such records that share an outcome (usually a whole batch): with their tags, in send
+    /// order, and `(partition, offset of the first)`, the others following at consecutive
+    /// offsets (`u64::MAX`, unknown, with acks=none), or the error. It runs on the producer's
+    /// task and must not block.
+    pub fn on_delivery(&self, handler: impl Fn(&[u64], DeliveryResult) + 'static) {
         *self.inner.handler.borrow_mut() = Some(Rc::new(handler));
     }
 
     /// Like [`Producer::send_with`], but the outcome goes to the [`Producer::on_delivery`]
-    /// handler with `tag`: nothing is allocated per record. Fails with `Invalid` if no handler
-    /// is set.
+    /// handler with `tag`: nothing is allocated per record. `timestamp` is the record's
+    /// create time (now if `None`). Fails with `Invalid` if no handler is set.
+    #[allow(clippy::too_many_arguments)]
     pub async fn send_tagged(
         &self,
         topic: &str,
         partition: Option<u32>,
         key: Option<&[u8]>,
         value: &[u8],
+        timestamp: Option<Timestamp>,
         tag: u64,
     ) -> Result<(), ClientError> {
         if self.inner.handler.borrow().is_none() {
             return Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into()));
         }
-        self.enqueue(topic, partition, key, value, Reply::Tagged(tag)).await
+        self.enqueue(topic, partition, key, value, timestamp, Reply::Tagged(tag)).await
     }
 
+    /// [`Producer::send_tagged`] without waiting: queues the record if that needs no wait,
+    /// else answers [`TrySend::WouldBlock`] and the caller sends it with `send_tagged`. It is
+    /// the cheapest way to send (no future per record); a caller looping over it must yield
+    /// to the runtime after a [`TrySend::Sealed`], so the sender task can send the batch.
+    #[allow(clippy::too_many_arguments)]
+    pub fn try_send_tagged(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        timestamp: Option<Timestamp>,
+        tag: u64,
+    ) -> Result<TrySend, ClientError> {
+        if self.inner.handler.borrow().is_none() {
+            return Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into()));
+        }
+        Ok(match self.try_enqueue(topic, partition, key, value, timestamp, Reply::Tagged(tag))? {
+            Step::Queued { sealed: false } => TrySend::Queued,
+            Step::Queued { sealed: true } => TrySend::Sealed,
+            Step::Wait(..) => TrySend::WouldBlock,
+        })
+    }
+
+    /// Queues a record, first waiting for whatever it needs (producer id, partition count,
+    /// buffer space).
     async fn enqueue(
         &self,
         topic: &str,
         partition: Option<u32>,
         key: Option<&[u8]>,
         value: &[u8],
-        reply: Reply,
+        timestamp: Option<Timestamp>,
+        mut reply: Reply,
     ) -> Result<(), ClientError> {
-        if self.inner.config.idempotence && self.inner.state.borrow().producer.is_none() {
-            let id = self.inner.client.init_producer_id().await?;
-            let mut st = self.inner.state.borrow_mut();
-            if st.producer.is_none() {
-                st.producer = Some(id);
-                st.sequences.clear();
+        loop {
+            match self.try_enqueue(topic, partition, key, value, timestamp, reply)? {
+                Step::Queued { sealed } => {
+                    if sealed {
+                        // Let the sender task take the sealed batch before more records are queued.
+                        yield_now().await;
+                    }
+                    return Ok(());
+                }
+                Step::Wait(r, need) => {
+                    reply = r;
+                    match need {
+                        Need::ProducerId => {
+                            let id = self.inner.client.init_producer_id().await?;
+                            let mut st = self.inner.state.borrow_mut();
+                            if st.producer.is_none() {
+                                st.producer = Some(id);
+                                st.reset_sequences();
+                            }
+                        }
+                        Need::PartitionCount => {
+                            let n = self.inner.client.partition_count(topic).await?;
+                            if n == 0 {
+                                return Err(ClientError::Invalid(format!("topic {topic} has no partitions")));
+                            }
+                            let mut st = self.inner.state.borrow_mut();
+                            st.topics.entry(topic.to_owned()).or_default().partitions = Some(n);
+                        }
+                        Need::BufferSpace => {
+                            let _ = self.inner.wake.try_send(());
+                            let max = self.inner.config.buffer_bytes_max;
+                            std::future::poll_fn(|cx| {
+                                let mut st = self.inner.state.borrow_mut();
+                                if st.buffered_bytes <= max {
+                                    return Poll::Ready(());
+                                }
+                                if !st.space_waiters.iter().any(|w| w.will_wake(cx.waker())) {
+                                    st.space_waiters.push(cx.waker().clone());
+                                }
+                                Poll::Pending
+                            })
+                            .await;
+                        }
+                    }
+                }
             }
         }
-        let count = self.partition_count(topic).await?;
+    }
+
+    /// Queues a record into its partition's open batch if nothing must be waited for first:
+    /// one map lookup and one copy of the record's bytes.
+    fn try_enqueue(
+        &self,
+        topic: &str,
+        partition: Option<u32>,
+        key: Option<&[u8]>,
+        value: &[u8],
+        timestamp: Option<Timestamp>,
+        reply: Reply,
+    ) -> Result<Step, ClientError> {
+        let config = &self.inner.config;
+        let mut guard = self.inner.state.borrow_mut();
+        let st = &mut *guard;
+        if config.idempotence && st.producer.is_none() {
+            return Ok(Step::Wait(reply, Need::ProducerId));
+        }
+        let Some(ts) = st.topics.get_mut(topic) else {
+            return Ok(Step::Wait(reply, Need::PartitionCount));
+        };
+        let Some(count) = ts.partitions else {
+            return Ok(Step::Wait(reply, Need::PartitionCount));
+        };
         let partition = match (partition, key) {
             (Some(p), _) if p < count => p,
             (Some(p), _) => return Err(ClientError::Invalid(format!("{topic} has {count} partitions, not {p}"))),
             (None, Some(k)) => key_partition(k, count),
-            (None, None) => {
-                let known = self.inner.state.borrow().sticky.get(topic).copied();
-                known.unwrap_or_else(|| {
-                    self.inner.state.borrow_mut().sticky.insert(topic.to_owned(), 0);
-                    0
-                }) % count
-            }
+            (None, None) => ts.sticky % count,
         };
-        while self.inner.state.borrow().buffered_bytes > self.inner.config.buffer_bytes_max {
-            let _ = self.inner.wake.try_send(());
-            compio::time::sleep(Duration::from_micros(200)).await;
+        if st.buffered_bytes > config.buffer_bytes_max {
+            return Ok(Step::Wait(reply, Need::BufferSpace));
         }
         let size = value.len() + key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES;
-        let full = {
-            let mut st = self.inner.state.borrow_mut();
-            st.buffered_bytes += size;
-            st.unresolved += 1;
-            if !st.open.contains_key(topic) {
-                st.open.insert(topic.to_owned(), HashMap::new());
-            }
-            let batch_bytes_max = self.inner.config.batch_bytes_max;
-            let has_open = st.open.get(topic).is_some_and(|m| m.contains_key(&partition));
-            let identity = match (st.producer, has_open) {
-                (Some((id, epoch)), false) => {
-                    let seq = st.sequences.get(&(topic.to_owned(), partition)).copied().unwrap_or(0);
-                    Some((id, epoch, seq))
-                }
-                _ => None,
-            };
-            let by_partition = st.open.get_mut(topic).expect("inserted above");
-            let open = by_partition.entry(partition).or_insert_with(|| Open {
-                // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
-                builder: match identity {
-                    Some((id, epoch, seq)) => BatchBuilder::with_capacity(
-                        batch_bytes_max.saturating_add(size).min(1 << 20),
-                    )
-                    .producer(ProducerId(id), ProducerEpoch(epoch), Sequence(seq)),
-                    None => BatchBuilder::with_capacity(batch_bytes_max.saturating_add(size).min(1 << 20)),
-                },
-                bytes: 0,
-                replies: Vec::new(),
-                since: Instant::now(),
-            });
-            open.builder.push(key, value, &[], now());
-            open.bytes += size;
-            open.replies.push(reply);
-            open.bytes >= self.inner.config.batch_bytes_max
-        };
-        if full {
-            seal(&mut self.inner.state.borrow_mut(), &(topic.to_owned(), partition));
-            let _ = self.inner.wake.try_send(());
-            // Let the sender task take the sealed batch before more records are queued.
-            yield_now().await;
+        let index = partition as usize;
+        if ts.open.len() <= index {
+            ts.open.resize_with(index + 1, || None);
         }
-        Ok(())
+        let open = ts.open[index].get_or_insert_with(|| {
+            // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
+            let bytes = config.batch_bytes_max.saturating_add(size).min(1 << 20);
+            let records = (bytes / size).saturating_add(1);
+            let builder = BatchBuilder::with_capacities(bytes, records);
+            let builder = match st.producer {
+                Some((id, epoch)) => {
+                    let seq = ts.sequences.get(index).copied().unwrap_or(0);
+                    builder.producer(ProducerId(id), ProducerEpoch(epoch), Sequence(seq))
+                }
+                None => builder,
+            };
+            Open { builder, bytes: 0, replies: Vec::with_capacity(records), since: Instant::now() }
+        });
+        open.builder.push(key, value, &[], timestamp.unwrap_or_else(now));
+        open.bytes += size;
+        open.replies.push(reply);
+        let full = open.bytes >= config.batch_bytes_max;
+        st.buffered_bytes += size;
+        st.unresolved += 1;
+        if full {
+            seal(st, topic, partition);
+            let _ = self.inner.wake.try_send(());
+        }
+        Ok(Step::Queued { sealed: full })
     }
 
     /// Sends everything buffered and waits until every record so far is resolved.
     pub async fn flush(&self) {
         {
             let mut st = self.inner.state.borrow_mut();
-            let keys: Vec<Key> = st.open.iter().flat_map(|(t, m)| m.keys().map(move |p| (t.clone(), *p))).collect();
-            for k in keys {
-                seal(&mut st, &k);
+            let open: Vec<(String, u32)> = st.open_batches().map(|(t, p, _)| (t.to_owned(), p)).collect();
+            for (t, p) in open {
+                seal(&mut st, &t, p);
             }
         }
         while self.inner.state.borrow().unresolved > 0 {
             let _ = self.inner.wake.try_send(());
             compio::time::sleep(Duration::from_micros(500)).await;
         }
-    }
-
-    async fn partition_count(&self, topic: &str) -> Result<u32, ClientError> {
-        if let Some(&n) = self.inner.state.borrow().partition_counts.get(topic) {
-            return Ok(n);
-        }
-        let n = self.inner.client.partition_count(topic).await?;
-        if n == 0 {
-            return Err(ClientError::Invalid(format!("topic {topic} has no partitions")));
-        }
-        self.inner.state.borrow_mut().partition_counts.insert(topic.to_owned(), n);
-        Ok(n)
     }
 }
 
@@ -430,23 +577,27 @@ pub fn key_partition(key: &[u8], partitions: u32) -> u32 {
 
 /// Moves a partition's open batch to its ready queue; keyless records move to the next
 /// partition (sticky partitioning).
-fn seal(st: &mut State, key: &Key) {
-    let Some(open) = st.open.get_mut(&key.0).and_then(|m| m.remove(&key.1)) else {
+fn seal(st: &mut State, topic: &str, partition: u32) {
+    let Some(ts) = st.topics.get_mut(topic) else {
+        return;
+    };
+    let index = partition as usize;
+    let Some(open) = ts.open.get_mut(index).and_then(Option::take) else {
         return;
     };
     if st.producer.is_some() {
         // The next batch of this partition continues the sequence (one open batch per
         // partition, sealed in order).
         let records = i32::try_from(open.builder.len()).unwrap_or(i32::MAX);
-        let seq = st.sequences.entry(key.clone()).or_insert(0);
-        *seq = seq.wrapping_add(records);
+        if ts.sequences.len() <= index {
+            ts.sequences.resize(index + 1, 0);
+        }
+        ts.sequences[index] = ts.sequences[index].wrapping_add(records);
+    }
+    if let (true, Some(n)) = (ts.sticky == partition, ts.partitions) {
+        ts.sticky = (partition + 1) % n.max(1);
     }
     let batch = open.builder.build();
-    if let (Some(sticky), Some(&n)) = (st.sticky.get_mut(&key.0), st.partition_counts.get(&key.0)) {
-        if *sticky == key.1 {
-            *sticky = (key.1 + 1) % n.max(1);
-        }
-    }
     let sealed = Sealed {
         bytes: Bytes::from(batch.into_bytes()),
         replies: open.replies,
@@ -454,7 +605,7 @@ fn seal(st: &mut State, key: &Key) {
         created: open.since,
         accounted: open.bytes,
     };
-    st.ready.entry(key.clone()).or_default().push_back(sealed);
+    st.ready.entry((topic.to_owned(), partition)).or_default().push_back(sealed);
 }
 
 /// The background task: seals lingering batches and sends ready ones.
@@ -480,17 +631,15 @@ async fn sender_loop(inner: std::rc::Weak<Inner>, woken: flume::Receiver<()>) {
 fn seal_lingering(p: &Inner) -> Option<Instant> {
     let mut st = p.state.borrow_mut();
     let now = Instant::now();
-    let due: Vec<Key> = st
-        .open
-        .iter()
-        .flat_map(|(t, m)| m.iter().map(move |(p, o)| ((t.clone(), *p), o.since)))
-        .filter(|(_, since)| now >= *since + p.config.linger)
-        .map(|(k, _)| k)
+    let due: Vec<(String, u32)> = st
+        .open_batches()
+        .filter(|(_, _, since)| now >= *since + p.config.linger)
+        .map(|(t, p, _)| (t.to_owned(), p))
         .collect();
-    for k in due {
-        seal(&mut st, &k);
+    for (t, partition) in due {
+        seal(&mut st, &t, partition);
     }
-    st.open.values().flat_map(|m| m.values()).map(|o| o.since + p.config.linger).min()
+    st.open_batches().map(|(_, _, since)| since + p.config.linger).min()
 }
 
 /// Sends requests while there is room: the ready batches of partitions not busy, grouped by
@@ -675,7 +824,9 @@ async fn requeue(p: &Inner, retry: Vec<(Key, Vec<Sealed>, ClientError)>) {
     let mut st = p.state.borrow_mut();
     for (key, batches, e) in retry {
         if matches!(e, ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) {
-            st.partition_counts.remove(&key.0);
+            if let Some(ts) = st.topics.get_mut(&key.0) {
+                ts.partitions = None;
+            }
         }
         let q = st.ready.entry(key.clone()).or_default();
         for mut b in batches.into_iter().rev() {
@@ -699,51 +850,43 @@ fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64, leader_epoch: 
         let end = base.saturating_add(records as u64);
         session.borrow_mut().note_write(&key.0, key.1, end, leader_epoch);
     }
-    let mut done = Vec::new();
-    {
-        let mut st = p.state.borrow_mut();
-        let mut offset = base;
-        for b in batches {
-            st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
-            st.unresolved -= b.replies.len();
-            for reply in b.replies {
-                done.push((reply, Ok((key.1, offset))));
-                // acks=none answers u64::MAX ("unknown") for every record.
-                offset = offset.saturating_add(1);
-            }
-        }
-        st.busy.remove(key);
-    }
+    settle(p, key, &batches);
     // Outside the borrow: a callback may call back into the producer.
-    let handler = p.handler.borrow().clone();
-    for (reply, result) in done {
-        reply.complete(result, handler.as_ref());
-    }
+    complete_all(p, batches.into_iter().flat_map(|b| b.replies), key.1, base, None);
 }
 
 fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
-    let mut done = Vec::new();
+    settle(p, key, &batches);
     {
         let mut st = p.state.borrow_mut();
-        for b in batches {
-            st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
-            st.unresolved -= b.replies.len();
-            done.extend(b.replies);
-        }
-        st.busy.remove(key);
         if st.producer.is_some() {
             // A failed batch leaves a gap in this producer's sequence, so later batches would
             // be rejected as out of order: start over with a new producer id (as Kafka's
             // KIP-360 bumps the epoch). Batches already sealed keep the old id and its order.
             tracing::debug!(topic = %key.0, partition = key.1, error = %e, "batch failed; new producer id");
             st.producer = None;
-            st.sequences.clear();
+            st.reset_sequences();
         }
     }
-    let handler = p.handler.borrow().clone();
-    for reply in done {
-        reply.complete(Err(e.clone()), handler.as_ref());
-    }
+    complete_all(p, batches.into_iter().flat_map(|b| b.replies), key.1, u64::MAX, Some(e));
+}
+
+/// Takes finished batches off the producer's accounts and frees their partition.
+fn settle(p: &Inner, key: &Key, batches: &[Sealed]) {
+    let waiters = {
+        let mut st = p.state.borrow_mut();
+        for b in batches {
+            st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
+            st.unresolved -= b.replies.len();
+        }
+        st.busy.remove(key);
+        if st.buffered_bytes <= p.config.buffer_bytes_max {
+            std::mem::take(&mut st.space_waiters)
+        } else {
+            Vec::new()
+        }
+    };
+    waiters.into_iter().for_each(Waker::wake);
 }
 
 impl Inner {

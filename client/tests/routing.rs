@@ -3,10 +3,13 @@
 
 mod common;
 
+use std::cell::RefCell;
+use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use skein_client::wire::{ErrorCode, LATEST};
-use skein_client::{Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_client::{Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, TrySend};
+use skein_log::types::Timestamp;
 
 #[test]
 fn a_single_node_leads_every_partition_and_serves_them_all() {
@@ -109,24 +112,101 @@ fn tagged_sends_report_each_outcome_with_its_tag() {
         client.create_topic("t", 2, 1, &[]).await.expect("create");
         let producer = Producer::new(client.clone(), ProducerConfig::default());
         assert!(
-            matches!(producer.send_tagged("t", None, None, b"x", 1).await, Err(ClientError::Invalid(_))),
+            matches!(producer.send_tagged("t", None, None, b"x", None, 1).await, Err(ClientError::Invalid(_))),
             "no handler, no send"
         );
-        let outcomes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
-        let seen = outcomes.clone();
-        producer.on_delivery(move |tag, r| seen.borrow_mut().push((tag, r)));
-        for i in 0..20u64 {
-            producer.send_tagged("t", Some((i % 2) as u32), None, &i.to_le_bytes(), 1000 + i).await.expect("send");
+        assert!(matches!(producer.try_send_tagged("t", None, None, b"x", None, 1), Err(ClientError::Invalid(_))));
+        let calls = Rc::new(RefCell::new(Vec::new()));
+        let seen = calls.clone();
+        producer.on_delivery(move |tags: &[u64], r| seen.borrow_mut().push((tags.to_vec(), r)));
+        // Before the producer id and the topic's partition count are known, a send must wait.
+        assert_eq!(producer.try_send_tagged("t", Some(0), None, b"x", None, 1), Ok(TrySend::WouldBlock));
+        producer
+            .send_tagged("t", Some(0), None, &0u64.to_le_bytes(), Some(Timestamp(1_000)), 1000)
+            .await
+            .expect("send");
+        let mut futures = Vec::new();
+        for i in 1..20u64 {
+            let partition = Some((i % 2) as u32);
+            if i == 9 {
+                // A future in the middle of partition 1's tagged records splits their run.
+                futures.push(producer.send_to("t", partition, None, b"untagged").await.expect("send"));
+            }
+            let (value, ts) = (i.to_le_bytes(), Some(Timestamp(1_000 + i as i64)));
+            assert_eq!(producer.try_send_tagged("t", partition, None, &value, ts, 1000 + i), Ok(TrySend::Queued));
         }
-        producer.send_tagged("t", Some(7), None, b"x", 99).await.expect_err("partition 7 does not exist");
+        assert!(matches!(producer.try_send_tagged("t", Some(7), None, b"x", None, 99), Err(ClientError::Invalid(_))));
         producer.flush().await;
-        let mut got = outcomes.borrow().clone();
-        got.sort_by_key(|(tag, _)| *tag);
-        assert_eq!(got.iter().map(|(tag, _)| *tag).collect::<Vec<_>>(), (1000..1020).collect::<Vec<_>>());
-        for (tag, r) in &got {
-            let (partition, offset) = r.clone().expect("acknowledged");
-            assert_eq!(u64::from(partition), (tag - 1000) % 2, "tag {tag}");
-            assert_eq!(offset, (tag - 1000) / 2, "tag {tag}: in order within its partition");
+        assert_eq!(futures.pop().expect("one").await, Ok((1, 4)), "after tags 1, 3, 5, 7 at offsets 0-3");
+        // Each call is a run of records with consecutive offsets from the one given.
+        let mut offsets = Vec::new();
+        for (tags, r) in calls.borrow().iter() {
+            let (partition, first) = r.clone().expect("acknowledged");
+            assert!(!tags.is_empty());
+            offsets.extend(tags.iter().enumerate().map(|(i, tag)| (*tag, partition, first + i as u64)));
         }
+        assert!(calls.borrow().len() >= 3, "partition 1's run is split by the untagged record");
+        offsets.sort();
+        let want: Vec<(u64, u32, u64)> = (0..20u64)
+            .map(|i| {
+                let p = i % 2;
+                let offset = i / 2 + u64::from(p == 1 && i >= 9);
+                (1000 + i, p as u32, offset)
+            })
+            .collect();
+        assert_eq!(offsets, want);
+        // The timestamps given are the records' create times.
+        let mut consumer = Consumer::new(
+            client.clone(),
+            ConsumerConfig { max_wait: Duration::from_millis(100), ..ConsumerConfig::default() },
+        );
+        consumer.assign("t", &[0], Position::Beginning).await.expect("assign");
+        let mut times = Vec::new();
+        let start = Instant::now();
+        while times.len() < 10 && start.elapsed() < Duration::from_secs(10) {
+            times.extend(consumer.poll().await.expect("poll").into_iter().map(|r| r.timestamp));
+        }
+        assert_eq!(times, (0..10).map(|i| 1_000 + 2 * i).collect::<Vec<i64>>());
+    });
+}
+
+#[test]
+fn a_full_buffer_holds_sends_until_answers_free_it() {
+    let broker = common::Broker::start();
+    compio::runtime::Runtime::new().expect("runtime").block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_topic("b", 1, 1, &[]).await.expect("create");
+        // Room for about one 4 KiB batch: every batch after the first waits for an answer.
+        let config = ProducerConfig { batch_bytes_max: 4096, buffer_bytes_max: 4096, ..ProducerConfig::default() };
+        let producer = Producer::new(client.clone(), config);
+        let done = Rc::new(RefCell::new(0u64));
+        let counted = done.clone();
+        producer.on_delivery(move |tags: &[u64], r| {
+            r.expect("acknowledged");
+            *counted.borrow_mut() += tags.len() as u64;
+        });
+        let value = [7u8; 1000];
+        let sender = producer.clone();
+        // A task of its own (the runtime may poll the root future on any event, which would
+        // hide a lost wake-up).
+        let sends = compio::runtime::spawn(async move {
+            let (producer, mut would_block) = (sender, 0);
+            for i in 0..400u64 {
+                if producer.try_send_tagged("b", None, None, &value, None, i).expect("send") == TrySend::WouldBlock {
+                    would_block += 1;
+                    // Woken when an answer frees buffer space (nothing polls a timer).
+                    producer.send_tagged("b", None, None, &value, None, i).await.expect("send");
+                }
+            }
+            producer.flush().await;
+            would_block
+        });
+        let would_block = compio::time::timeout(Duration::from_secs(20), sends)
+            .await
+            .expect("waiting sends were woken")
+            .expect("task");
+        assert_eq!(*done.borrow(), 400);
+        assert!(would_block > 50, "the buffer filled: {would_block} sends had to wait");
+        assert_eq!(client.list_offset("b", 0, LATEST).await, Ok(400));
     });
 }

@@ -21,8 +21,9 @@ use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
 use skein_client::{
     yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
-    ReadReplica, ReadStats, SessionHandle,
+    ReadReplica, ReadStats, SessionHandle, TrySend,
 };
+use skein_log::types::Timestamp;
 
 use crate::keys::{KeyDistribution, KeyGen};
 use crate::report::{self, histogram, Report};
@@ -73,6 +74,8 @@ pub struct LoadConfig {
     pub batch_bytes: usize,
     /// Producer linger.
     pub linger: Duration,
+    /// Bytes a producer may buffer before sends wait.
+    pub buffer_bytes: usize,
     /// Durability to wait for.
     pub acks: Acks,
     /// Records to measure (across all producers, or consumers in consume mode).
@@ -101,6 +104,7 @@ impl LoadConfig {
             "replicas": self.replicas, "topic_configs": self.topic_configs, "producers": self.producers, "consumers": self.consumers,
             "message_size": self.message_size, "key_distribution": format!("{:?}", self.keys),
             "batch_bytes": self.batch_bytes, "linger_ms": self.linger.as_millis() as u64,
+            "buffer_bytes": self.buffer_bytes,
             "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
             "duration_s": self.duration.as_secs_f64(), "warmup_s": self.warmup.as_secs_f64(), "rate": self.rate,
             "prefer_replica": self.prefer_replica.to_string(), "rack": self.rack,
@@ -175,7 +179,10 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
     barrier.wait();
     let base = *base_slot.get_or_init(Instant::now);
     let measure_start = base + cfg.warmup;
-    let cpu_start = cfg.broker_pid.and_then(cpu_seconds);
+    // CPU seconds of (the broker, this process) over the measured part: from the end of the
+    // warm-up (to the 50 ms of this loop) until the producers finish (or the consumers do).
+    let cpu_now = || (cfg.broker_pid.and_then(cpu_seconds), cpu_seconds(std::process::id()));
+    let (mut cpu_start, mut cpu_end) = (None, None);
     let mut merged = Merge::default();
     let mut progress = Progress::new(cfg.progress, measure_start, &cfg);
     let mut producers_done_at = None;
@@ -184,12 +191,16 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
     loop {
         merged.drain(&rx);
         progress.tick(&counters, &merged);
+        if cpu_start.is_none() && Instant::now() >= measure_start {
+            cpu_start = Some(cpu_now());
+        }
         let producers_done = threads_left
             .iter()
             .filter(|t| t.thread().name().is_some_and(|n| n.starts_with("producer")))
             .all(|t| t.is_finished());
         if producers_done && producers_done_at.is_none() {
             producers_done_at = Some(Instant::now());
+            cpu_end = Some(cpu_now());
         }
         let all_done = threads_left.iter().all(|t| t.is_finished());
         if all_done {
@@ -209,10 +220,9 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         Mode::E2e | Mode::Produce => producers_done_at.unwrap_or_else(Instant::now),
         Mode::Consume => Instant::now(),
     };
-    let cpu = match (cpu_start, cfg.broker_pid.and_then(cpu_seconds)) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    let (start, end_cpu) = (cpu_start.unwrap_or_else(cpu_now), cpu_end.unwrap_or_else(cpu_now));
+    let used = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
+    let (cpu, own_cpu) = (used(start.0, end_cpu.0), used(start.1, end_cpu.1));
     let mut failures = Vec::new();
     for t in threads_left.drain(..) {
         match t.join() {
@@ -255,6 +265,7 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         machine: report::machine(),
         percentiles: report::percentile_points(&merged.total),
         broker_cpu_seconds: cpu,
+        loadgen_cpu_seconds: own_cpu,
         errors: counters.errors.load(Ordering::Relaxed),
         reads: (mode != Mode::Produce)
             .then(|| report::Reads::from(&*counters.reads.lock().unwrap_or_else(|e| e.into_inner()))),
@@ -293,7 +304,7 @@ fn producer_thread(
             acks: cfg.acks,
             batch_bytes_max: cfg.batch_bytes,
             linger: cfg.linger,
-            buffer_bytes_max: (cfg.batch_bytes * 256).max(16 << 20),
+            buffer_bytes_max: cfg.buffer_bytes,
             // A benchmark measures queueing, not retries: the broker may hold an acks=all
             // produce this long (the client's default is 1 s, for fast failover).
             request_timeout_ms: 30_000,
@@ -305,6 +316,9 @@ fn producer_thread(
         let rate = cfg.rate.map(|r| r / cfg.producers.max(1) as f64);
         barrier.wait();
         let base = *base.get_or_init(Instant::now);
+        // Records carry a create time in wall-clock milliseconds: `base` on the wall clock plus
+        // the record's intended send time, so sending reads no clock beyond the one below.
+        let base_wall_ms = wall_ms_at(base);
         let measure_start = base + cfg.warmup;
         let end = measure_start + cfg.duration;
         // Shared with the per-record callbacks (same thread): latency histogram and counters.
@@ -318,10 +332,7 @@ fn producer_thread(
         // if it is measured: the outcome needs no allocation per record.
         {
             let tally = tally.clone();
-            producer.on_delivery(move |tag, r| {
-                let intended = base + Duration::from_nanos(tag & !MEASURED);
-                tally.borrow_mut().done(mode, intended, tag & MEASURED != 0, r)
-            });
+            producer.on_delivery(move |tags, r| tally.borrow_mut().done(mode, base, tags, r));
         }
         let mut k: u64 = 0;
         let mut measured: u64 = 0;
@@ -361,7 +372,13 @@ fn producer_thread(
                 });
                 let is_measured = intended >= measure_start;
                 let tag = (nanos & !MEASURED) | if is_measured { MEASURED } else { 0 };
-                producer.send_tagged(&cfg.topic, None, key, &value, tag).await?;
+                let timestamp = Some(Timestamp(base_wall_ms + (nanos / 1_000_000) as i64));
+                match producer.try_send_tagged(&cfg.topic, None, key, &value, timestamp, tag)? {
+                    TrySend::Queued => {}
+                    // Let the sender task take the full batch before more records are queued.
+                    TrySend::Sealed => yield_now().await,
+                    TrySend::WouldBlock => producer.send_tagged(&cfg.topic, None, key, &value, timestamp, tag).await?,
+                }
                 measured += u64::from(is_measured);
                 k += 1;
             }
@@ -399,23 +416,31 @@ struct Tally {
 }
 
 impl Tally {
-    fn done(&mut self, mode: Mode, intended: Instant, measured: bool, result: DeliveryResult) {
-        match result {
-            Ok(_) if measured && mode == Mode::Produce => {
-                let now = Instant::now();
-                self.clock.record(now, now.saturating_duration_since(intended), &self.tx);
+    /// The outcome of records sent together (one clock read for all of them): each tag is a
+    /// record's intended send time in ns since `base`, with [`MEASURED`] set if it counts.
+    fn done(&mut self, mode: Mode, base: Instant, tags: &[u64], result: DeliveryResult) {
+        if let Err(e) = result {
+            if self.counters.errors.fetch_add(tags.len() as u64, Ordering::Relaxed) == 0 {
+                tracing::warn!(error = %e, "a record failed");
             }
-            Ok(_) if measured && mode == Mode::E2e => {
-                report::record(&mut self.publish, Instant::now().saturating_duration_since(intended));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                if self.counters.errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                    tracing::warn!(error = %e, "a record failed");
-                }
+            return;
+        }
+        let now = Instant::now();
+        for tag in tags.iter().filter(|t| *t & MEASURED != 0) {
+            let latency = now.saturating_duration_since(base + Duration::from_nanos(tag & !MEASURED));
+            match mode {
+                Mode::Produce => self.clock.record(now, latency, &self.tx),
+                Mode::E2e => report::record(&mut self.publish, latency),
+                Mode::Consume => {}
             }
         }
     }
+}
+
+/// `at` on the wall clock, in milliseconds since the Unix epoch.
+fn wall_ms_at(at: Instant) -> i64 {
+    let wall = std::time::SystemTime::now() - Instant::now().saturating_duration_since(at);
+    wall.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 #[allow(clippy::too_many_arguments)]

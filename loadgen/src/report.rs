@@ -64,6 +64,9 @@ pub struct Report {
     pub percentiles: Vec<[f64; 2]>,
     /// CPU seconds (user + system) of the broker process during the measured part, when known.
     pub broker_cpu_seconds: Option<f64>,
+    /// CPU seconds (user + system) of the load generator itself over the same span.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub loadgen_cpu_seconds: Option<f64>,
     /// Records sent but not acknowledged (errors), over the whole run.
     pub errors: u64,
     /// The consumers' fetches (consume and e2e), over the whole run.
@@ -214,9 +217,11 @@ pub fn table(r: &Report) -> String {
     if let Some(p) = &r.publish_latency_us {
         out.push_str(&row("publish ack", numbers(p)));
     }
-    if let Some(cpu) = r.broker_cpu_seconds {
-        let gb = r.bytes as f64 / 1e9;
-        out.push_str(&format!("broker cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));
+    let gb = r.bytes as f64 / 1e9;
+    for (who, cpu) in [("broker", r.broker_cpu_seconds), ("loadgen", r.loadgen_cpu_seconds)] {
+        if let Some(cpu) = cpu {
+            out.push_str(&format!("{who} cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));
+        }
     }
     if let Some(reads) = r.reads.as_ref().filter(|reads| reads.fetches > 0) {
         out.push_str(&format!(

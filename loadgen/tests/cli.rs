@@ -60,6 +60,11 @@ fn produce_e2e_and_consume_write_reports_logs_and_plots() {
     assert!(r["latency_us"]["p50"].as_u64() <= r["latency_us"]["p99"].as_u64());
     assert!(r["machine"]["cores"].as_u64().expect("cores") >= 1);
     assert!(r.get("publish_latency_us").is_none(), "only e2e splits publish from delivery");
+    // Its own CPU over the measured second (with --embedded the broker runs in it too).
+    let cpu = r["loadgen_cpu_seconds"].as_f64().expect("loadgen_cpu_seconds");
+    let cores = r["machine"]["cores"].as_f64().expect("cores");
+    assert!(cpu > 0.0 && cpu <= (r["seconds"].as_f64().expect("seconds") + 0.2) * cores, "{cpu} s of CPU");
+    assert!(table.contains("loadgen cpu"), "{table}");
 
     loadgen(&[
         "e2e",

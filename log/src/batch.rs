@@ -464,6 +464,17 @@ impl BatchBuilder {
         b
     }
 
+    /// An empty batch with room for `bytes` of records and for `records` records before either
+    /// grows (a producer sizes its batches once).
+    pub fn with_capacities(bytes: usize, records: usize) -> BatchBuilder {
+        // `build` appends the record array to the same buffer: room for it too, so the
+        // buffer is never copied into a bigger one.
+        let array = records.saturating_mul(std::mem::size_of::<ArchivedRecord>()).saturating_add(16);
+        let mut b = BatchBuilder::with_capacity(bytes.saturating_add(array));
+        b.records.reserve(records);
+        b
+    }
+
     /// Marks the batch as an idempotent producer's.
     pub fn producer(mut self, id: ProducerId, epoch: ProducerEpoch, base_sequence: Sequence) -> Self {
         self.producer_id = id;

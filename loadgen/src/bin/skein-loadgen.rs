@@ -94,6 +94,9 @@ struct LoadArgs {
     /// Producer linger in milliseconds.
     #[arg(long, default_value_t = 1)]
     linger_ms: u64,
+    /// Bytes each producer may buffer before sends wait (Kafka's buffer.memory).
+    #[arg(long, default_value_t = 16 << 20)]
+    buffer_bytes: usize,
     /// Durability to wait for.
     #[arg(long, default_value = "leader")]
     acks: Acks,
@@ -496,6 +499,7 @@ fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
         keys: a.key_distribution.clone(),
         batch_bytes: a.batch_bytes,
         linger: Duration::from_millis(a.linger_ms),
+        buffer_bytes: a.buffer_bytes,
         acks,
         messages: a.messages,
         duration: a.duration,
