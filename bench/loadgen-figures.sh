@@ -104,13 +104,14 @@ lim, f1 = j("limits"), j("f1-produce-1p-leader")
 lead, all_ = j("f3-produce-8p-leader-8prod"), j("f3-produce-8p-all-8prod")
 e2e, e2e1 = j("f4-e2e-half-rate"), j("f4-e2e-half-rate-cores1")
 cpu_gb = lambda r: r["broker_cpu_seconds"] / (r["bytes"] / 1e9)
-tp, cpu = [], []
+tp, cpu, lg = [], [], []
 for r in range(1, rounds + 1):
     # ABBA: the first cores-1 run pairs with the first cores-2 run, the second with the second.
     for n in (0, 1):
         c1, c2 = j(f"f2-r{r}-cores1-{n}"), j(f"f2-r{r}-cores2-{n}")
         tp.append(c2["bytes_per_sec"] / c1["bytes_per_sec"])
         cpu.append(cpu_gb(c2) / cpu_gb(c1))
+        lg.extend(r["loadgen_cpu_seconds"] / (r["bytes"] / 1e9) for r in (c1, c2))
 rows = [
   ("f1 1 producer, acks=leader / loopback TCP", f1["bytes_per_sec"] / lim["tcp_bytes_per_sec"], ">= 0.5"),
   ("f1 1 producer, acks=leader / disk write", f1["bytes_per_sec"] / lim["disk_write_bytes_per_sec"], "(context)"),
@@ -120,9 +121,12 @@ rows = [
   ("f4 --cores 2: e2e max rate (records/s)", j("f4-e2e-max")["messages_per_sec"], "(context)"),
   ("f4 --cores 2: e2e p99 at half max (ms)", e2e["latency_us"]["p99"] / 1000, "<= 1"),
   ("f4 --cores 2: e2e p99.9 at half max (ms)", e2e["latency_us"]["p999"] / 1000, "<= 5"),
+  ("f4 --cores 2: steal during it (ms, both CPUs)", 1000 * (e2e.get("steal_seconds") or 0), "(context)"),
   ("f4 --cores 1: e2e max rate (records/s)", j("f4-e2e-max-cores1")["messages_per_sec"], "(context)"),
   ("f4 --cores 1: e2e p99 at half max (ms)", e2e1["latency_us"]["p99"] / 1000, "<= 1"),
   ("f4 --cores 1: e2e p99.9 at half max (ms)", e2e1["latency_us"]["p999"] / 1000, "<= 5"),
+  ("f4 --cores 1: steal during it (ms, both CPUs)", 1000 * (e2e1.get("steal_seconds") or 0), "(context)"),
+  ("f2 loadgen CPU per GB, median of all runs", statistics.median(lg), "(context)"),
 ]
 for i, (a, b) in enumerate(zip(tp, cpu)):
     print(f"f2 pair {i + 1}: throughput {a:.3f}, CPU per GB {b:.3f}")

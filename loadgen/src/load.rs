@@ -181,7 +181,7 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
     let measure_start = base + cfg.warmup;
     // CPU seconds of (the broker, this process) over the measured part: from the end of the
     // warm-up (to the 50 ms of this loop) until the producers finish (or the consumers do).
-    let cpu_now = || (cfg.broker_pid.and_then(cpu_seconds), cpu_seconds(std::process::id()));
+    let cpu_now = || (cfg.broker_pid.and_then(cpu_seconds), cpu_seconds(std::process::id()), steal_seconds());
     let (mut cpu_start, mut cpu_end) = (None, None);
     let mut merged = Merge::default();
     let mut progress = Progress::new(cfg.progress, measure_start, &cfg);
@@ -222,7 +222,7 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
     };
     let (start, end_cpu) = (cpu_start.unwrap_or_else(cpu_now), cpu_end.unwrap_or_else(cpu_now));
     let used = |a: Option<f64>, b: Option<f64>| a.zip(b).map(|(a, b)| b - a);
-    let (cpu, own_cpu) = (used(start.0, end_cpu.0), used(start.1, end_cpu.1));
+    let (cpu, own_cpu, steal) = (used(start.0, end_cpu.0), used(start.1, end_cpu.1), used(start.2, end_cpu.2));
     let mut failures = Vec::new();
     for t in threads_left.drain(..) {
         match t.join() {
@@ -266,6 +266,7 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         percentiles: report::percentile_points(&merged.total),
         broker_cpu_seconds: cpu,
         loadgen_cpu_seconds: own_cpu,
+        steal_seconds: steal,
         errors: counters.errors.load(Ordering::Relaxed),
         reads: (mode != Mode::Produce)
             .then(|| report::Reads::from(&*counters.reads.lock().unwrap_or_else(|e| e.into_inner()))),
@@ -633,6 +634,15 @@ pub fn cpu_seconds(pid: u32) -> Option<f64> {
     let after_name = &stat[stat.rfind(')')? + 2..];
     let fields: Vec<&str> = after_name.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / clock_ticks_per_second())
+}
+
+/// Seconds of steal time over all CPUs (`/proc/stat`): time the hypervisor ran something
+/// else while this machine's CPUs had work. Latency stalls of tens of ms line up with it.
+pub fn steal_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().find(|l| l.starts_with("cpu "))?;
+    let ticks: f64 = cpu.split_whitespace().nth(8)?.parse().ok()?;
     Some(ticks / clock_ticks_per_second())
 }
 

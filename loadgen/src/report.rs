@@ -67,6 +67,10 @@ pub struct Report {
     /// CPU seconds (user + system) of the load generator itself over the same span.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub loadgen_cpu_seconds: Option<f64>,
+    /// Steal time over all CPUs during the same span (a virtual machine's host running
+    /// something else): stalls no code in the guest can avoid.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steal_seconds: Option<f64>,
     /// Records sent but not acknowledged (errors), over the whole run.
     pub errors: u64,
     /// The consumers' fetches (consume and e2e), over the whole run.
@@ -222,6 +226,9 @@ pub fn table(r: &Report) -> String {
         if let Some(cpu) = cpu {
             out.push_str(&format!("{who} cpu {cpu:.2} s, {:.2} s per GB\n", if gb > 0.0 { cpu / gb } else { 0.0 }));
         }
+    }
+    if let Some(steal) = r.steal_seconds.filter(|s| *s > 0.0) {
+        out.push_str(&format!("steal {:.0} ms (the host ran something else on this machine's CPUs)\n", steal * 1e3));
     }
     if let Some(reads) = r.reads.as_ref().filter(|reads| reads.fetches > 0) {
         out.push_str(&format!(

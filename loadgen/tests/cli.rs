@@ -65,6 +65,7 @@ fn produce_e2e_and_consume_write_reports_logs_and_plots() {
     let cores = r["machine"]["cores"].as_f64().expect("cores");
     assert!(cpu > 0.0 && cpu <= (r["seconds"].as_f64().expect("seconds") + 0.2) * cores, "{cpu} s of CPU");
     assert!(table.contains("loadgen cpu"), "{table}");
+    assert!(r["steal_seconds"].as_f64().is_some_and(|s| s >= 0.0), "steal_seconds is reported");
 
     loadgen(&[
         "e2e",
