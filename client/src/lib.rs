@@ -35,7 +35,9 @@ pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, Group
 pub use consumer::{
     Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
 };
-pub use producer::{key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, TrySend};
+pub use producer::{
+    key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, TrySend,
+};
 pub use session::{Session, SessionError, SessionHandle, Token};
 
 use crate::wire::ErrorCode;

@@ -197,6 +197,30 @@ fn complete_all(
     *p.tag_scratch.borrow_mut() = tags;
 }
 
+/// A record to send with [`Producer::send_tagged`] or [`Producer::try_send_tagged`]: where it
+/// goes and what it holds (Kafka's `ProducerRecord`).
+#[derive(Clone, Copy, Debug)]
+pub struct ProducerRecord<'a> {
+    /// The topic.
+    pub topic: &'a str,
+    /// This partition if `Some`; else `hash(key) % partitions` for a keyed record, and the
+    /// sticky partition for others.
+    pub partition: Option<u32>,
+    /// The key, if any.
+    pub key: Option<&'a [u8]>,
+    /// The value.
+    pub value: &'a [u8],
+    /// The create time; the time of the send if `None`.
+    pub timestamp: Option<Timestamp>,
+}
+
+impl<'a> ProducerRecord<'a> {
+    /// A keyless record with no partition or time given.
+    pub fn new(topic: &'a str, value: &'a [u8]) -> ProducerRecord<'a> {
+        ProducerRecord { topic, partition: None, key: None, value, timestamp: None }
+    }
+}
+
 /// What [`Producer::try_send_tagged`] did with a record.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum TrySend {
@@ -346,7 +370,8 @@ impl Producer {
         value: &[u8],
     ) -> Result<Delivery, ClientError> {
         let (tx, rx) = oneshot::channel();
-        self.enqueue(topic, partition, key, value, None, Reply::Future(tx)).await?;
+        let record = ProducerRecord { topic, partition, key, value, timestamp: None };
+        self.enqueue(record, Reply::Future(tx)).await?;
         Ok(Delivery { rx })
     }
 
@@ -361,7 +386,8 @@ impl Producer {
         value: &[u8],
         on_done: impl FnOnce(DeliveryResult) + 'static,
     ) -> Result<(), ClientError> {
-        self.enqueue(topic, partition, key, value, None, Reply::Callback(Box::new(on_done))).await
+        let record = ProducerRecord { topic, partition, key, value, timestamp: None };
+        self.enqueue(record, Reply::Callback(Box::new(on_done))).await
     }
 
     /// Sets the function that learns the outcome of records sent with [`Producer::send_tagged`]
@@ -375,61 +401,39 @@ impl Producer {
     }
 
     /// Like [`Producer::send_with`], but the outcome goes to the [`Producer::on_delivery`]
-    /// handler with `tag`: nothing is allocated per record. `timestamp` is the record's
-    /// create time (now if `None`). Fails with `Invalid` if no handler is set.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn send_tagged(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: Option<&[u8]>,
-        value: &[u8],
-        timestamp: Option<Timestamp>,
-        tag: u64,
-    ) -> Result<(), ClientError> {
-        if self.inner.handler.borrow().is_none() {
-            return Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into()));
-        }
-        self.enqueue(topic, partition, key, value, timestamp, Reply::Tagged(tag)).await
+    /// handler with `tag`: nothing is allocated per record. Fails with `Invalid` if no handler
+    /// is set.
+    pub async fn send_tagged(&self, record: ProducerRecord<'_>, tag: u64) -> Result<(), ClientError> {
+        self.check_handler()?;
+        self.enqueue(record, Reply::Tagged(tag)).await
     }
 
     /// [`Producer::send_tagged`] without waiting: queues the record if that needs no wait,
     /// else answers [`TrySend::WouldBlock`] and the caller sends it with `send_tagged`. It is
     /// the cheapest way to send (no future per record); a caller looping over it must yield
     /// to the runtime after a [`TrySend::Sealed`], so the sender task can send the batch.
-    #[allow(clippy::too_many_arguments)]
-    pub fn try_send_tagged(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: Option<&[u8]>,
-        value: &[u8],
-        timestamp: Option<Timestamp>,
-        tag: u64,
-    ) -> Result<TrySend, ClientError> {
-        if self.inner.handler.borrow().is_none() {
-            return Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into()));
-        }
-        Ok(match self.try_enqueue(topic, partition, key, value, timestamp, Reply::Tagged(tag))? {
+    pub fn try_send_tagged(&self, record: ProducerRecord<'_>, tag: u64) -> Result<TrySend, ClientError> {
+        self.check_handler()?;
+        Ok(match self.try_enqueue(record, Reply::Tagged(tag))? {
             Step::Queued { sealed: false } => TrySend::Queued,
             Step::Queued { sealed: true } => TrySend::Sealed,
             Step::Wait(..) => TrySend::WouldBlock,
         })
     }
 
+    fn check_handler(&self) -> Result<(), ClientError> {
+        match *self.inner.handler.borrow() {
+            Some(_) => Ok(()),
+            None => Err(ClientError::Invalid("send_tagged needs a delivery handler (on_delivery)".into())),
+        }
+    }
+
     /// Queues a record, first waiting for whatever it needs (producer id, partition count,
     /// buffer space).
-    async fn enqueue(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: Option<&[u8]>,
-        value: &[u8],
-        timestamp: Option<Timestamp>,
-        mut reply: Reply,
-    ) -> Result<(), ClientError> {
+    async fn enqueue(&self, record: ProducerRecord<'_>, mut reply: Reply) -> Result<(), ClientError> {
+        let topic = record.topic;
         loop {
-            match self.try_enqueue(topic, partition, key, value, timestamp, reply)? {
+            match self.try_enqueue(record, reply)? {
                 Step::Queued { sealed } => {
                     if sealed {
                         // Let the sender task take the sealed batch before more records are queued.
@@ -479,15 +483,8 @@ impl Producer {
 
     /// Queues a record into its partition's open batch if nothing must be waited for first:
     /// one map lookup and one copy of the record's bytes.
-    fn try_enqueue(
-        &self,
-        topic: &str,
-        partition: Option<u32>,
-        key: Option<&[u8]>,
-        value: &[u8],
-        timestamp: Option<Timestamp>,
-        reply: Reply,
-    ) -> Result<Step, ClientError> {
+    fn try_enqueue(&self, record: ProducerRecord<'_>, reply: Reply) -> Result<Step, ClientError> {
+        let ProducerRecord { topic, partition, key, value, timestamp } = record;
         let config = &self.inner.config;
         let mut guard = self.inner.state.borrow_mut();
         let st = &mut *guard;

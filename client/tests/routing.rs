@@ -8,7 +8,9 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use skein_client::wire::{ErrorCode, LATEST};
-use skein_client::{Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, TrySend};
+use skein_client::{
+    Client, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ProducerRecord, TrySend,
+};
 use skein_log::types::Timestamp;
 
 #[test]
@@ -112,19 +114,16 @@ fn tagged_sends_report_each_outcome_with_its_tag() {
         client.create_topic("t", 2, 1, &[]).await.expect("create");
         let producer = Producer::new(client.clone(), ProducerConfig::default());
         assert!(
-            matches!(producer.send_tagged("t", None, None, b"x", None, 1).await, Err(ClientError::Invalid(_))),
+            matches!(producer.send_tagged(ProducerRecord::new("t", b"x"), 1).await, Err(ClientError::Invalid(_))),
             "no handler, no send"
         );
-        assert!(matches!(producer.try_send_tagged("t", None, None, b"x", None, 1), Err(ClientError::Invalid(_))));
+        assert!(matches!(producer.try_send_tagged(ProducerRecord::new("t", b"x"), 1), Err(ClientError::Invalid(_))));
         let calls = Rc::new(RefCell::new(Vec::new()));
         let seen = calls.clone();
         producer.on_delivery(move |tags: &[u64], r| seen.borrow_mut().push((tags.to_vec(), r)));
         // Before the producer id and the topic's partition count are known, a send must wait.
-        assert_eq!(producer.try_send_tagged("t", Some(0), None, b"x", None, 1), Ok(TrySend::WouldBlock));
-        producer
-            .send_tagged("t", Some(0), None, &0u64.to_le_bytes(), Some(Timestamp(1_000)), 1000)
-            .await
-            .expect("send");
+        assert_eq!(producer.try_send_tagged(to("t", 0, b"x", None), 1), Ok(TrySend::WouldBlock));
+        producer.send_tagged(to("t", 0, &0u64.to_le_bytes(), Some(Timestamp(1_000))), 1000).await.expect("send");
         let mut futures = Vec::new();
         for i in 1..20u64 {
             let partition = Some((i % 2) as u32);
@@ -133,9 +132,15 @@ fn tagged_sends_report_each_outcome_with_its_tag() {
                 futures.push(producer.send_to("t", partition, None, b"untagged").await.expect("send"));
             }
             let (value, ts) = (i.to_le_bytes(), Some(Timestamp(1_000 + i as i64)));
-            assert_eq!(producer.try_send_tagged("t", partition, None, &value, ts, 1000 + i), Ok(TrySend::Queued));
+            assert_eq!(
+                producer.try_send_tagged(
+                    ProducerRecord { partition, timestamp: ts, ..ProducerRecord::new("t", &value) },
+                    1000 + i
+                ),
+                Ok(TrySend::Queued)
+            );
         }
-        assert!(matches!(producer.try_send_tagged("t", Some(7), None, b"x", None, 99), Err(ClientError::Invalid(_))));
+        assert!(matches!(producer.try_send_tagged(to("t", 7, b"x", None), 99), Err(ClientError::Invalid(_))));
         producer.flush().await;
         assert_eq!(futures.pop().expect("one").await, Ok((1, 4)), "after tags 1, 3, 5, 7 at offsets 0-3");
         // Each call is a run of records with consecutive offsets from the one given.
@@ -170,6 +175,11 @@ fn tagged_sends_report_each_outcome_with_its_tag() {
     });
 }
 
+/// A record for an explicit partition.
+fn to<'a>(topic: &'a str, partition: u32, value: &'a [u8], timestamp: Option<Timestamp>) -> ProducerRecord<'a> {
+    ProducerRecord { partition: Some(partition), timestamp, ..ProducerRecord::new(topic, value) }
+}
+
 #[test]
 fn a_full_buffer_holds_sends_until_answers_free_it() {
     let broker = common::Broker::start();
@@ -192,10 +202,10 @@ fn a_full_buffer_holds_sends_until_answers_free_it() {
         let sends = compio::runtime::spawn(async move {
             let (producer, mut would_block) = (sender, 0);
             for i in 0..400u64 {
-                if producer.try_send_tagged("b", None, None, &value, None, i).expect("send") == TrySend::WouldBlock {
+                if producer.try_send_tagged(ProducerRecord::new("b", &value), i).expect("send") == TrySend::WouldBlock {
                     would_block += 1;
                     // Woken when an answer frees buffer space (nothing polls a timer).
-                    producer.send_tagged("b", None, None, &value, None, i).await.expect("send");
+                    producer.send_tagged(ProducerRecord::new("b", &value), i).await.expect("send");
                 }
             }
             producer.flush().await;

@@ -21,7 +21,7 @@ use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
 use skein_client::{
     yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
-    ReadReplica, ReadStats, SessionHandle, TrySend,
+    ProducerRecord, ReadReplica, ReadStats, SessionHandle, TrySend,
 };
 use skein_log::types::Timestamp;
 
@@ -374,11 +374,12 @@ fn producer_thread(
                 let is_measured = intended >= measure_start;
                 let tag = (nanos & !MEASURED) | if is_measured { MEASURED } else { 0 };
                 let timestamp = Some(Timestamp(base_wall_ms + (nanos / 1_000_000) as i64));
-                match producer.try_send_tagged(&cfg.topic, None, key, &value, timestamp, tag)? {
+                let record = ProducerRecord { key, timestamp, ..ProducerRecord::new(&cfg.topic, &value) };
+                match producer.try_send_tagged(record, tag)? {
                     TrySend::Queued => {}
                     // Let the sender task take the full batch before more records are queued.
                     TrySend::Sealed => yield_now().await,
-                    TrySend::WouldBlock => producer.send_tagged(&cfg.topic, None, key, &value, timestamp, tag).await?,
+                    TrySend::WouldBlock => producer.send_tagged(record, tag).await?,
                 }
                 measured += u64::from(is_measured);
                 k += 1;
