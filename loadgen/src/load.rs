@@ -647,13 +647,18 @@ pub fn steal_seconds() -> Option<f64> {
     Some(ticks / clock_ticks_per_second())
 }
 
+/// `getconf CLK_TCK`, asked once: CPU snapshots are taken as the measured part starts, and a
+/// process spawned per reading would land in it.
 fn clock_ticks_per_second() -> f64 {
-    std::process::Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-        .unwrap_or(100.0)
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *TICKS.get_or_init(|| {
+        std::process::Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+            .unwrap_or(100.0)
+    })
 }
 
 /// Records sent per loop turn before yielding.
