@@ -95,3 +95,74 @@ fn the_producer_numbers_its_batches_and_stays_exactly_once_through_a_restart() {
         assert_eq!(got, want);
     });
 }
+
+/// Acknowledged records must not come back as failures: a Produce request whose answer is
+/// lost after the leader appended it (here: acks=all times out at the broker while a paused
+/// follower is still in the ISR) has its batches retried one by one, and the broker must
+/// recognise every one of them as a duplicate. It remembers a producer's last five batches
+/// per partition, so a request may carry no more than five of a partition (before, a request
+/// after a stall carried dozens and the retries of the oldest were refused as
+/// OUT_OF_ORDER_SEQUENCE although they were in the log).
+#[test]
+fn batches_of_a_request_lost_after_the_append_are_all_recognised_on_retry() {
+    use common::cluster::{leader, settled, Cluster};
+    use skein_client::ProducerRecord;
+    let c = Cluster::start(84, 19584);
+    block_on(async {
+        let (lead, _) = settled(&c).await;
+        let client = Client::connect(&c.addrs.join(",")).await.expect("connect");
+        let controller = client.metadata(None).await.expect("metadata").controller;
+        let paused =
+            (1..=3).find(|&n| n != lead && n != controller).unwrap_or((1..=3).find(|&n| n != lead).expect("3"));
+        let pid = c.brokers[c.index(paused)].as_ref().expect("running").child.id();
+        let signal = |sig: &str| {
+            let ok = std::process::Command::new("kill").args([sig, &pid.to_string()]).status().expect("kill");
+            assert!(ok.success(), "kill {sig} {pid}");
+        };
+        let config = ProducerConfig {
+            acks: Acks::All,
+            batch_bytes_max: 1_024,
+            request_timeout_ms: 200,
+            ..ProducerConfig::default()
+        };
+        let producer = Producer::new(client.clone(), config);
+        let outcomes = std::rc::Rc::new(std::cell::RefCell::new(Vec::new()));
+        let sink = outcomes.clone();
+        producer.on_delivery(move |tags, result| {
+            let mut out = sink.borrow_mut();
+            for (k, &tag) in tags.iter().enumerate() {
+                out.push((tag, result.clone().map(|(_, first)| first + k as u64)));
+            }
+        });
+        // The producer id first, so nothing below waits.
+        producer.send_tagged(ProducerRecord::new("t", b"first"), 0).await.expect("queued");
+        producer.flush().await;
+        signal("-STOP");
+        // Forty batches sealed before the sender task runs (no yield): they are all ready when
+        // it picks the partition's next request, and that request's answer is lost (acks=all
+        // times out while the paused follower is in the ISR) after the leader appended it.
+        let records = 40 * 10;
+        for i in 1..=records {
+            let value = format!("{i:08}-{}", "x".repeat(90));
+            let mut record = ProducerRecord::new("t", value.as_bytes());
+            record.partition = Some(0);
+            let queued = producer.try_send_tagged(record, i).expect("queued");
+            assert!(!matches!(queued, skein_client::TrySend::WouldBlock), "record {i} would wait");
+        }
+        producer.flush().await;
+        signal("-CONT");
+        let outcomes = outcomes.borrow().clone();
+        assert_eq!(outcomes.len() as u64, records + 1, "every record has an outcome");
+        let failed: Vec<_> = outcomes.iter().filter(|(_, r)| r.is_err()).collect();
+        assert!(failed.is_empty(), "{} of {records} records failed, first: {:?}", failed.len(), failed.first());
+        let offsets: Vec<(u64, u64)> = outcomes.iter().map(|(t, r)| (*t, *r.as_ref().expect("ok"))).collect();
+        let i = records as u32 + 1;
+        let end = client.list_offset("t", 0, skein_client::wire::LATEST).await.expect("end");
+        assert_eq!(end, u64::from(i), "each record once");
+        let log = values(&client).await;
+        for (n, o) in offsets.into_iter().filter(|(n, _)| *n > 0) {
+            assert!(log[o as usize].starts_with(&format!("{n:08}-")), "record {n} acknowledged at {o}");
+        }
+        assert_ne!(leader(&c.addrs[0]).await.0, 0);
+    });
+}

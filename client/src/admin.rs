@@ -278,8 +278,14 @@ impl Client {
     pub async fn init_producer_id(&self) -> Result<(i64, i16), ClientError> {
         let req = InitProducerIdRequest { transactional_id: None };
         // Asking again after a lost answer only wastes an id.
+        let timeout = self.inner.config.request_timeout;
         let (_, resp): (_, InitProducerIdResponse) =
-            self.call_any(ApiKey::InitProducerId, &req, self.inner.config.request_timeout).await?;
+            self.call_any(ApiKey::InitProducerId, &req, timeout).await.map_err(|e| match e {
+                ClientError::Timeout(_) => {
+                    ClientError::Timeout(format!("no broker gave this producer an id within {timeout:?}"))
+                }
+                e => e,
+            })?;
         broker_error(resp.error, "init producer id".to_string())?;
         Ok((resp.producer_id, resp.producer_epoch))
     }

@@ -206,6 +206,19 @@ pub struct ConsumerRecord {
     pub headers: Vec<(String, Vec<u8>)>,
 }
 
+/// A partition whose reads are behind the session's token ([`Consumer::behind_session`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SessionLag {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: u32,
+    /// The next offset this consumer reads.
+    pub position: u64,
+    /// The session's token for the partition: reads reach it at `min_high_watermark`.
+    pub token: Token,
+}
+
 /// One fetched batch of a partition, read in place from the response.
 #[derive(Debug)]
 pub struct FetchedBatch {
@@ -343,7 +356,33 @@ impl Consumer {
         self.config.prefer_replica = prefer;
     }
 
-    /// The next records (possibly none, after `max_wait` without new data).
+    /// The assigned partitions whose reads have not reached the session's token yet: their
+    /// position is below the end offset the session has written or seen there. Empty without
+    /// a session. An empty [`Consumer::poll`] while this is not empty means "not caught up
+    /// with the session yet" (a replica was still waiting for the token, or the read was being
+    /// redirected to the leader), not "no new records": a reader that stops after an idle
+    /// timeout must not stop then, or it would miss the session's own writes.
+    pub fn behind_session(&self) -> Vec<SessionLag> {
+        let Some(session) = &self.config.session else {
+            return Vec::new();
+        };
+        let session = session.borrow();
+        self.assigned
+            .iter()
+            .filter_map(|a| {
+                let token = session.token(&a.topic, a.partition)?;
+                (a.position < token.min_high_watermark).then(|| SessionLag {
+                    topic: a.topic.to_string(),
+                    partition: a.partition,
+                    position: a.position,
+                    token,
+                })
+            })
+            .collect()
+    }
+
+    /// The next records (possibly none, after `max_wait` without new data, or while a
+    /// partition is still behind the session's token: see [`Consumer::behind_session`]).
     pub async fn poll(&mut self) -> Result<Vec<ConsumerRecord>, ClientError> {
         let fetched = self.poll_batches().await?;
         let mut out = Vec::new();

@@ -34,9 +34,11 @@ pub mod wire;
 pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, GroupedByLeader};
 pub use consumer::{
     Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
+    SessionLag,
 };
 pub use producer::{
-    key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, TrySend,
+    key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,
+    BATCHES_UNANSWERED_MAX,
 };
 pub use session::{Session, SessionError, SessionHandle, Token};
 
@@ -66,6 +68,20 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// A stable upper-case name for the failure: the broker's error code name (PROTOCOL.md),
+    /// or `IO_ERROR`, `CONNECTION_LOST`, `TIMED_OUT`, `PROTOCOL_ERROR`, `INVALID` for failures
+    /// on the client's side. The CLI prints it in `error PARTITION CODE` lines.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            ClientError::Io(_) => "IO_ERROR",
+            ClientError::ConnectionLost => "CONNECTION_LOST",
+            ClientError::Timeout(_) => "TIMED_OUT",
+            ClientError::Broker(code, _) => code.name(),
+            ClientError::Protocol(_) => "PROTOCOL_ERROR",
+            ClientError::Invalid(_) => "INVALID",
+        }
+    }
+
     /// Whether retrying (after refreshing metadata or reconnecting) may succeed.
     pub fn is_retriable(&self) -> bool {
         match self {

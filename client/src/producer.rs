@@ -154,6 +154,22 @@ enum Reply {
 /// The function [`Producer::send_tagged`] records report to (see [`Producer::on_delivery`]).
 type DeliveryHandler = Rc<dyn Fn(&[u64], DeliveryResult)>;
 
+/// The function told of retries (see [`Producer::on_retry`]).
+type RetryHandler = Rc<dyn Fn(&Retry<'_>)>;
+
+/// A partition's batches failed an attempt and will be sent again (or wait for a leader).
+#[derive(Debug)]
+pub struct Retry<'a> {
+    /// Topic.
+    pub topic: &'a str,
+    /// Partition.
+    pub partition: u32,
+    /// The attempt that failed, counting the first as 1 (of the oldest batch retried).
+    pub attempt: u32,
+    /// Why it failed.
+    pub error: &'a ClientError,
+}
+
 /// Reports the outcome of `replies` (records `offset`, `offset + 1`, ... of `partition` on
 /// success, or all failed with `error`): futures and callbacks one by one, and each run of
 /// consecutive tagged records with one call of the delivery handler. `u64::MAX` offsets
@@ -243,13 +259,22 @@ enum Need {
 
 /// The outcome of one attempt to queue a record.
 enum Step {
-    Queued { sealed: bool },
+    Queued { sealed: bool, partition: u32 },
     Wait(Reply, Need),
 }
 
 /// Resolves to the record's `(partition, offset)` once acknowledged.
 pub struct Delivery {
     rx: oneshot::Receiver<DeliveryResult>,
+    partition: u32,
+}
+
+impl Delivery {
+    /// The partition the record was queued to (known before the outcome: also the one a
+    /// failure is about).
+    pub fn partition(&self) -> u32 {
+        self.partition
+    }
 }
 
 impl Future for Delivery {
@@ -271,6 +296,8 @@ struct Inner {
     state: RefCell<State>,
     wake: flume::Sender<()>,
     handler: RefCell<Option<DeliveryHandler>>,
+    /// Told of every retry (see [`Producer::on_retry`]).
+    retry_handler: RefCell<Option<RetryHandler>>,
     /// Reused buffer for the tags of one delivery-handler call.
     tag_scratch: RefCell<Vec<u64>>,
 }
@@ -349,6 +376,7 @@ impl Producer {
             state: RefCell::new(State::default()),
             wake,
             handler: RefCell::new(None),
+            retry_handler: RefCell::new(None),
             tag_scratch: RefCell::new(Vec::new()),
         });
         compio::runtime::spawn(sender_loop(Rc::downgrade(&inner), woken)).detach();
@@ -371,8 +399,8 @@ impl Producer {
     ) -> Result<Delivery, ClientError> {
         let (tx, rx) = oneshot::channel();
         let record = ProducerRecord { topic, partition, key, value, timestamp: None };
-        self.enqueue(record, Reply::Future(tx)).await?;
-        Ok(Delivery { rx })
+        let partition = self.enqueue(record, Reply::Future(tx)).await?;
+        Ok(Delivery { rx, partition })
     }
 
     /// Like [`Producer::send_to`], but calls `on_done` with the outcome instead of returning a
@@ -387,7 +415,7 @@ impl Producer {
         on_done: impl FnOnce(DeliveryResult) + 'static,
     ) -> Result<(), ClientError> {
         let record = ProducerRecord { topic, partition, key, value, timestamp: None };
-        self.enqueue(record, Reply::Callback(Box::new(on_done))).await
+        self.enqueue(record, Reply::Callback(Box::new(on_done))).await.map(drop)
     }
 
     /// Sets the function that learns the outcome of records sent with [`Producer::send_tagged`]
@@ -400,12 +428,20 @@ impl Producer {
         *self.inner.handler.borrow_mut() = Some(Rc::new(handler));
     }
 
+    /// Sets the function told of every retry: a partition's request failed with a retriable
+    /// error (or no leader was found for it) and its batches will be tried again after
+    /// `retry_backoff`. For progress reports (the CLI prints them, rate-limited); it runs on
+    /// the producer's task and must not block. Replaces any earlier one.
+    pub fn on_retry(&self, handler: impl Fn(&Retry<'_>) + 'static) {
+        *self.inner.retry_handler.borrow_mut() = Some(Rc::new(handler));
+    }
+
     /// Like [`Producer::send_with`], but the outcome goes to the [`Producer::on_delivery`]
     /// handler with `tag`: nothing is allocated per record. Fails with `Invalid` if no handler
     /// is set.
     pub async fn send_tagged(&self, record: ProducerRecord<'_>, tag: u64) -> Result<(), ClientError> {
         self.check_handler()?;
-        self.enqueue(record, Reply::Tagged(tag)).await
+        self.enqueue(record, Reply::Tagged(tag)).await.map(drop)
     }
 
     /// [`Producer::send_tagged`] without waiting: queues the record if that needs no wait,
@@ -415,8 +451,8 @@ impl Producer {
     pub fn try_send_tagged(&self, record: ProducerRecord<'_>, tag: u64) -> Result<TrySend, ClientError> {
         self.check_handler()?;
         Ok(match self.try_enqueue(record, Reply::Tagged(tag))? {
-            Step::Queued { sealed: false } => TrySend::Queued,
-            Step::Queued { sealed: true } => TrySend::Sealed,
+            Step::Queued { sealed: false, .. } => TrySend::Queued,
+            Step::Queued { sealed: true, .. } => TrySend::Sealed,
             Step::Wait(..) => TrySend::WouldBlock,
         })
     }
@@ -429,17 +465,17 @@ impl Producer {
     }
 
     /// Queues a record, first waiting for whatever it needs (producer id, partition count,
-    /// buffer space).
-    async fn enqueue(&self, record: ProducerRecord<'_>, mut reply: Reply) -> Result<(), ClientError> {
+    /// buffer space); returns the partition it was queued to.
+    async fn enqueue(&self, record: ProducerRecord<'_>, mut reply: Reply) -> Result<u32, ClientError> {
         let topic = record.topic;
         loop {
             match self.try_enqueue(record, reply)? {
-                Step::Queued { sealed } => {
+                Step::Queued { sealed, partition } => {
                     if sealed {
                         // Let the sender task take the sealed batch before more records are queued.
                         yield_now().await;
                     }
-                    return Ok(());
+                    return Ok(partition);
                 }
                 Step::Wait(r, need) => {
                     reply = r;
@@ -535,7 +571,7 @@ impl Producer {
             seal(st, topic, partition);
             let _ = self.inner.wake.try_send(());
         }
-        Ok(Step::Queued { sealed: full })
+        Ok(Step::Queued { sealed: full, partition })
     }
 
     /// Sends everything buffered and waits until every record so far is resolved.
@@ -681,8 +717,15 @@ fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Ke
         // lost), and the broker answers a duplicate with its original offset while appending
         // the batches after it at the log end; the response has one base offset per
         // partition, so only batches that are certainly appended back to back (first
-        // attempts) may share a request.
-        while q.front().is_some_and(|b| batches.is_empty() || (b.attempts == 0 && batches[0].attempts == 0)) {
+        // attempts) may share a request. And at most `BATCHES_UNANSWERED_MAX` of them: the
+        // broker recognises a retried batch as a duplicate only among a producer's last five
+        // batches of a partition, and a partition has one request in flight, so this bounds
+        // what a lost answer leaves to retry. (With more, the retries of the oldest were
+        // refused as out of order although they were in the log: acknowledged records
+        // reported as failed.)
+        while batches.len() < BATCHES_UNANSWERED_MAX
+            && q.front().is_some_and(|b| batches.is_empty() || (b.attempts == 0 && batches[0].attempts == 0))
+        {
             let b = q.pop_front().expect("front checked");
             request_bytes += b.bytes.len();
             batches.push(b);
@@ -711,6 +754,8 @@ async fn route(p: Rc<Inner>, keys: Vec<Key>) {
         };
         if let Err(e) = found {
             tracing::debug!(topic = %k.0, partition = k.1, error = %e, "no leader for partition");
+            let attempt = p.state.borrow().ready.get(k).and_then(|q| q.front()).map_or(0, |b| b.attempts + 1);
+            p.note_retry(k, attempt, &e);
             p.client.invalidate_metadata(&k.0);
             failed.push((k.clone(), e));
         }
@@ -803,8 +848,9 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
 /// refreshing the metadata first if a failure suggests it is stale.
 async fn requeue(p: &Inner, retry: Vec<(Key, Vec<Sealed>, ClientError)>) {
     let mut stale = false;
-    for (key, _, e) in &retry {
+    for (key, batches, e) in &retry {
         tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
+        p.note_retry(key, batches.first().map_or(0, |b| b.attempts + 1), e);
         if e.refreshes_metadata() {
             // At once, so other partitions of the topic stop going to the old leader.
             p.client.invalidate_metadata(&key.0);
@@ -887,6 +933,14 @@ fn settle(p: &Inner, key: &Key, batches: &[Sealed]) {
 }
 
 impl Inner {
+    /// Tells the retry handler, if any, outside every borrow of the state.
+    fn note_retry(&self, key: &Key, attempt: u32, error: &ClientError) {
+        let handler = self.retry_handler.borrow().clone();
+        if let Some(h) = handler {
+            h(&Retry { topic: &key.0, partition: key.1, attempt, error });
+        }
+    }
+
     /// The client-side bound on a Produce answer: never below what the broker may wait.
     fn response_timeout(&self) -> Duration {
         match self.config.acks {
@@ -922,6 +976,10 @@ fn now() -> Timestamp {
 /// Archive overhead per record, for batch size accounting.
 const RECORD_OVERHEAD_BYTES: usize = 40;
 const REQUEST_BYTES_MAX: usize = 4 << 20;
+/// Batches of one partition in one Produce request (and so unanswered at once, as a partition
+/// has one request in flight): the broker's duplicate window per producer and partition
+/// (`BATCHES_REMEMBERED` in the broker, five as in Kafka; PROTOCOL.md §7).
+pub const BATCHES_UNANSWERED_MAX: usize = 5;
 /// How much longer than the broker's own timeout (acks=all) an answer may take to arrive.
 const RESPONSE_MARGIN: Duration = Duration::from_millis(500);
 
@@ -935,5 +993,36 @@ mod tests {
         let used: HashSet<u32> = (0..100).map(|i| key_partition(format!("k{i}").as_bytes(), 8)).collect();
         assert_eq!(used.len(), 8);
         assert_eq!(key_partition(b"x", 1), 0);
+    }
+
+    fn sealed(attempts: u32) -> Sealed {
+        Sealed {
+            bytes: Bytes::from_static(b"batch"),
+            replies: Vec::new(),
+            attempts,
+            created: Instant::now(),
+            accounted: 5,
+        }
+    }
+
+    /// The cause of CLI lines lost in a failover: a request carried more batches of one
+    /// partition than the broker remembers per producer, so after a lost answer the retries of
+    /// the oldest were refused as out of order although they were in the log.
+    #[test]
+    fn a_request_carries_at_most_the_brokers_duplicate_window_of_a_partition_and_retries_alone() {
+        let key: Key = ("t".into(), 0);
+        let mut st = State::default();
+        st.ready.insert(key.clone(), (0..12).map(|_| sealed(0)).collect());
+        let mut sizes = Vec::new();
+        while !st.ready[&key].is_empty() {
+            let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
+            assert_eq!(parts.len(), 1);
+            sizes.push(parts[0].1.len());
+        }
+        assert_eq!(sizes, [5, 5, 2], "never more than BATCHES_UNANSWERED_MAX = {BATCHES_UNANSWERED_MAX}");
+        assert!(st.busy.contains(&key));
+        st.ready.insert(key.clone(), [sealed(1), sealed(1), sealed(0)].into_iter().collect());
+        let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
+        assert_eq!(parts[0].1.len(), 1, "a retried batch goes alone");
     }
 }

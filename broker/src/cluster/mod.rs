@@ -128,9 +128,10 @@ where
             config.session_timeout_ms
         );
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    // Bound first, so a broker that cannot listen leaves no data directory behind; the lock
+    // is held until this function returns.
     let listener = TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    let _data_dir = crate::datadir::DataDirLock::acquire(&config.data_dir)?;
     let addr = listener.local_addr()?;
     let runtime = compio::runtime::Runtime::new().context("starting a compio runtime")?;
     runtime.block_on(async move {
