@@ -1,9 +1,11 @@
-//! Skein's broker: a single node serving the wire protocol of `skein_client::wire` over
-//! thread-per-core shards, each owning a set of partition logs.
+//! Skein's broker: serves the wire protocol of `skein_client::wire`, either as a single node
+//! (thread-per-core shards, each owning a set of partition logs) or as a member of a
+//! replicated cluster (`--voters`).
 //!
 //! - [`check`]: the history checker (Jepsen-style checks of recorded client histories).
 //! - [`core`]: the sans-IO replication core (replica, broker node, controller, idempotent
 //!   producer state), driven today by the simulator only.
+//! - [`datadir`]: the data directory's lock (one broker process per directory).
 //! - [`meta`]: topic metadata, persisted atomically.
 //! - [`cluster`]: cluster mode (`--voters`): the core driven over the network, with the
 //!   controller quorum's Raft log on disk.
@@ -15,6 +17,7 @@
 pub mod check;
 pub mod cluster;
 pub mod core;
+pub mod datadir;
 pub mod meta;
 pub mod runtime;
 #[cfg(feature = "sim")]
@@ -25,23 +28,29 @@ use std::path::PathBuf;
 
 /// Broker settings: flags, each also settable from the environment.
 #[derive(Debug, Clone, clap::Parser)]
-#[command(name = "skein-broker", version, about = "Skein broker: a single node serving topics over TCP")]
+#[command(
+    name = "skein-broker",
+    version,
+    about = "Skein broker: serves topics over TCP, as a single node or, with --voters, as a member of a replicated cluster"
+)]
 pub struct BrokerConfig {
-    /// This node's id.
-    #[arg(long, env = "SKEIN_NODE_ID", default_value_t = 1)]
+    /// This node's id (1 or more; 0 means "no node" on the wire).
+    #[arg(long, env = "SKEIN_NODE_ID", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     pub node_id: u32,
-    /// Address to listen on (port 0 picks a free port, printed at startup).
+    /// Address to listen on (port 0 picks a free port, printed at startup). In cluster mode it
+    /// must be this node's own `--voters` address (or the unspecified address on its port).
     #[arg(long, env = "SKEIN_LISTEN", default_value = "127.0.0.1:9092")]
     pub listen: SocketAddr,
-    /// Directory holding topic metadata and partition logs.
+    /// Directory holding topic metadata and partition logs; one broker process at a time holds
+    /// it (the lock file `.lock` names its pid).
     #[arg(long, env = "SKEIN_DATA_DIR", default_value = "./data")]
     pub data_dir: PathBuf,
     /// TOML file with any of these settings (snake_case keys, e.g. `node_id = 2`); flags and
     /// environment variables override it.
     #[arg(long, env = "SKEIN_CONFIG")]
     pub config: Option<PathBuf>,
-    /// Cores to use, one shard (thread with its own runtime) each; default: all.
-    #[arg(long, env = "SKEIN_CORES")]
+    /// Cores to use, one shard (thread with its own runtime) each (1 or more); default: all.
+    #[arg(long, env = "SKEIN_CORES", value_parser = parse_cores)]
     pub cores: Option<usize>,
     /// Largest request frame accepted; larger ones close the connection.
     #[arg(long, env = "SKEIN_MAX_FRAME_BYTES", default_value_t = 64 << 20)]
@@ -117,6 +126,7 @@ impl BrokerConfig {
         let matches = BrokerConfig::command().try_get_matches_from(args)?;
         let mut config = BrokerConfig::from_arg_matches(&matches)?;
         let Some(path) = config.config.clone() else {
+            config.validate()?;
             return Ok(config);
         };
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading config {}", path.display()))?;
@@ -132,7 +142,37 @@ impl BrokerConfig {
                 config.set(&key, &value).with_context(|| format!("config {}: key '{key}'", path.display()))?;
             }
         }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Checks what single flags cannot: values a config file set, and that a cluster
+    /// broker listens on its own `--voters` address (other brokers and clients reach it
+    /// there; listening elsewhere would leave it unreachable while it counts as a voter).
+    fn validate(&self) -> anyhow::Result<()> {
+        use anyhow::{bail, Context};
+        if self.node_id == 0 {
+            bail!("node id must be 1 or more (0 means no node on the wire)");
+        }
+        if self.cores == Some(0) {
+            bail!("cores must be 1 or more");
+        }
+        let Some(voters) = self.voters.as_deref() else {
+            return Ok(());
+        };
+        let voters = cluster::parse_voters(voters).context("--voters")?;
+        let Some(&(_, mine)) = voters.iter().find(|(n, _)| n.0 == self.node_id) else {
+            bail!("--node-id {} is not one of the --voters", self.node_id);
+        };
+        let same_port = self.listen.port() == mine.port();
+        if self.listen != mine && !(same_port && self.listen.ip().is_unspecified()) {
+            bail!(
+                "--listen {} is not node {}'s --voters address {mine}: a cluster broker listens where the other brokers reach it",
+                self.listen,
+                self.node_id
+            );
+        }
+        Ok(())
     }
 
     fn set(&mut self, key: &str, value: &toml::Value) -> anyhow::Result<()> {
@@ -170,6 +210,15 @@ impl BrokerConfig {
     }
 }
 
+/// `--cores`: a count of 1 or more.
+fn parse_cores(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(0) => Err("must be 1 or more".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -191,5 +240,33 @@ mod tests {
         assert!(format!("{err:#}").contains("colour"), "{err:#}");
         let usage = BrokerConfig::parse_with_file(["skein-broker", "--bogus"]).expect_err("usage");
         assert!(usage.downcast_ref::<clap::Error>().is_some());
+        std::fs::write(&file, "node_id = 0\n").expect("write");
+        let err = BrokerConfig::parse_with_file(["skein-broker", "--config", f]).expect_err("node 0 from a file");
+        assert!(format!("{err:#}").contains("node id"), "{err:#}");
+    }
+
+    #[test]
+    fn zero_cores_and_node_zero_are_usage_errors() {
+        for args in [["skein-broker", "--cores", "0"], ["skein-broker", "--node-id", "0"]] {
+            let err = BrokerConfig::parse_with_file(args).expect_err("refused");
+            assert!(err.downcast_ref::<clap::Error>().is_some(), "{args:?}: {err:#}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_broker_listens_on_its_own_voters_address() {
+        let voters = "1@127.0.0.11:9092,2@127.0.0.12:9092";
+        let parse = |listen: &str| {
+            BrokerConfig::parse_with_file(["skein-broker", "--node-id", "2", "--voters", voters, "--listen", listen])
+        };
+        parse("127.0.0.12:9092").expect("its own entry");
+        parse("0.0.0.0:9092").expect("every address, on its port");
+        for wrong in ["127.0.0.11:9092", "127.0.0.12:9093", "0.0.0.0:9093"] {
+            let err = parse(wrong).expect_err(wrong);
+            assert!(format!("{err:#}").contains("is not node 2's --voters address 127.0.0.12:9092"), "{err:#}");
+        }
+        let err = BrokerConfig::parse_with_file(["skein-broker", "--node-id", "3", "--voters", voters])
+            .expect_err("not a voter");
+        assert!(format!("{err:#}").contains("not one of the --voters"), "{err:#}");
     }
 }

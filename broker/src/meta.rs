@@ -151,6 +151,14 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
                     _ => return Err(format!("{k}: '{v}' is not true or false")),
                 }
             }
+            // Replication settings, known to cluster mode only; which mode refused them is
+            // the part a user needs to hear.
+            "min.insync.replicas" | "unclean.leader.election.enable" => {
+                return Err(format!(
+                    "config '{k}' applies to replicated topics: this broker is a single node without replication \
+                     (start brokers with --voters for cluster mode)"
+                ))
+            }
             _ => return Err(format!("unknown config '{k}'")),
         }
     }

@@ -10,10 +10,21 @@ use skein_broker::BrokerConfig;
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 
-fn main() -> Result<()> {
+/// Exits 1 with one line naming what failed (no backtrace: a startup failure such as a held
+/// data directory or a taken port is an operating error, not a bug).
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("skein-broker: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("SKEIN_LOG").unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: a log file gets plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let config = match BrokerConfig::parse_with_file(std::env::args_os()) {
         Ok(c) => c,

@@ -23,9 +23,14 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
+use crate::datadir::DataDirLock;
 use crate::meta::Topics;
 use crate::BrokerConfig;
 pub(crate) use shard::{fail_stop, split_batches, FetchResult, Shard, ShardMsg};
+
+// A client keeps at most this many batches of a partition unanswered; the broker must
+// recognise a retry of any of them as a duplicate (PROTOCOL.md §7).
+const _: () = assert!(crate::core::producers::BATCHES_REMEMBERED >= skein_client::BATCHES_UNANSWERED_MAX);
 
 /// Exit status when storage fails under the broker (fsync EIO and the like): fail-stop.
 pub const EXIT_STORAGE_FAILURE: i32 = 74;
@@ -37,10 +42,10 @@ where
     F: std::future::Future<Output = ()> + 'static,
 {
     raise_fd_limit();
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let topics = Arc::new(Topics::load(&config.data_dir)?);
+    // Bound first, so a broker that cannot listen leaves no data directory behind.
     let listener = TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
+    let _data_dir = DataDirLock::acquire(&config.data_dir)?;
+    let topics = Arc::new(Topics::load(&config.data_dir)?);
     let addr = listener.local_addr()?;
     // Metadata advertises the bound address (port 0 becomes the port picked).
     let config = Arc::new(BrokerConfig { listen: addr, ..config });
