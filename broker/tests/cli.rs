@@ -113,6 +113,67 @@ fn cli_errors_are_one_line_with_exit_codes() {
 }
 
 #[test]
+fn cli_usage_mistakes_exit_2_and_from_minus_n_reads_the_last_records() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    let created = stdout(&skein(&broker, &["topic", "create", "one"], None));
+    assert_eq!(created, "created topic one with 1 partition\n");
+    stdout(&skein(&broker, &["produce", "one"], Some("a\nb\nc\nd\n")));
+    for (args, says) in [
+        (&["consume", "one", "--from", "yesterday"][..], "yesterday"),
+        (&["consume", "one", "--format", "%x"][..], "%x"),
+        (&["consume", "one", "--format", "100%"][..], "'%'"),
+        (&["consume", "one", "--format", "\\q"][..], "\\q"),
+        (&["--timeout", "soon", "topic", "list"][..], "soon"),
+    ] {
+        let out = skein(&broker, args, None);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    let last = stdout(&skein(&broker, &["consume", "one", "--from", "-2", "--count", "2"], None));
+    assert_eq!(last, "c\nd\n");
+    let all = stdout(&skein(&broker, &["consume", "one", "--from", "-10", "--count", "4", "--format", "%o%%"], None));
+    assert_eq!(all, "0%\n1%\n2%\n3%\n", "clamped at the log start; %% is a percent sign");
+}
+
+#[test]
+fn produce_print_offsets_names_each_failed_record_on_its_own_line_in_input_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    stdout(&skein(&broker, &["topic", "create", "two", "--partitions", "2"], None));
+    let out = skein(&broker, &["produce", "two", "--partition", "5", "--print-offsets"], Some("a\nb\n"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "error 5 INVALID\nerror 5 INVALID\n");
+    assert!(err.lines().any(|l| l.starts_with("skein: line 1: partition 5: INVALID")), "{err}");
+    assert!(err.lines().any(|l| l.starts_with("skein: line 2: partition 5: INVALID")), "{err}");
+    assert!(err.contains("2 of 2 records failed"), "{err}");
+    let ok = stdout(&skein(&broker, &["produce", "two", "--partition", "1", "--print-offsets"], Some("x\ny\n")));
+    assert_eq!(ok, "1 0\n1 1\n");
+}
+
+#[test]
+fn timeout_bounds_a_command_against_a_paused_broker() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    stdout(&skein(&broker, &["topic", "create", "p"], None));
+    let pid = broker.child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().expect("kill").success());
+    let start = std::time::Instant::now();
+    let produce = skein(&broker, &["--timeout", "2s", "produce", "p", "--print-offsets"], Some("a\n"));
+    let list = skein(&broker, &["--timeout", "1500ms", "topic", "list"], None);
+    let took = start.elapsed();
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().expect("kill").success());
+    assert_eq!(produce.status.code(), Some(1));
+    assert_eq!(list.status.code(), Some(1));
+    assert!(took < std::time::Duration::from_secs(10), "bounded by --timeout: took {took:?}");
+    let err = String::from_utf8_lossy(&produce.stderr);
+    assert!(!err.contains("InitProducerId"), "says it in user terms: {err}");
+    assert!(err.contains("no broker") && err.contains("producer an id"), "{err}");
+}
+
+#[test]
 fn client_examples_compile_and_run() {
     let dir = tempfile::tempdir().expect("tempdir");
     let broker = Broker::start(dir.path(), &[]);

@@ -366,3 +366,143 @@ fn a_leader_replaced_while_paused_refuses_the_write_it_finds_and_no_read_shows_i
         let _ = &mut c;
     });
 }
+
+/// Cuts the link between two addresses in `window` long slices, on and off, until dropped:
+/// the follower at one end keeps falling behind and catching up.
+struct FlappingCut {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<u32>>,
+}
+
+impl FlappingCut {
+    fn new(table: &'static str, a: String, b: String, window: Duration) -> FlappingCut {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut cuts = 0;
+            while !flag.load(std::sync::atomic::Ordering::SeqCst) {
+                let cut = Cut::new(table, &a, &b);
+                cuts += 1;
+                std::thread::sleep(window);
+                drop(cut);
+                std::thread::sleep(window);
+            }
+            cuts
+        });
+        FlappingCut { stop, thread: Some(thread) }
+    }
+
+    /// Stops flapping (the link ends up whole); how many cuts were made.
+    fn stop(mut self) -> u32 {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().expect("running").join().expect("flapping thread")
+    }
+}
+
+impl Drop for FlappingCut {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// A read with a session does not end (idle timeout) before it reached the session's own
+/// write, even when it goes to a follower that keeps falling behind: forty times, a CLI write
+/// (`acks=leader`) then at once a CLI read from that follower with a 50 ms idle timeout.
+#[test]
+fn a_cli_session_read_from_a_lagging_follower_does_not_end_without_its_own_write() {
+    let c = Cluster::start(74, 19574);
+    let cli = sibling("skein", &["--bin", "skein"]);
+    let bootstrap = bootstrap(&c);
+    let session_dir = tempfile::tempdir().expect("tempdir");
+    let session = session_dir.path().join("session");
+    let (lagging, flapping) = block_on(async {
+        let (lead, _) = settled(&c).await;
+        let client = Client::connect(&bootstrap).await.expect("connect");
+        let controller = client.metadata(None).await.expect("metadata").controller;
+        let lagging = other(lead, controller);
+        let (a, b) = (c.addrs[c.index(lead)].clone(), c.addrs[c.index(lagging)].clone());
+        (lagging, FlappingCut::new("skein_flap_test", a, b, Duration::from_millis(250)))
+    });
+    let run = |args: &[&str], stdin: &str| {
+        let mut child = Command::new(&cli)
+            .args(["--brokers", &bootstrap])
+            .args(args)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run skein");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), stdin.as_bytes()).expect("stdin");
+        child.wait_with_output().expect("skein output")
+    };
+    let s = session.to_str().expect("utf8 path");
+    let follower = lagging.to_string();
+    for i in 0..40 {
+        let value = format!("w{i}");
+        let wrote =
+            run(&["produce", "t", "--partition", "0", "--acks", "leader", "--session", s, "--print-offsets"], &value);
+        assert!(wrote.status.success(), "write {i}: {}", String::from_utf8_lossy(&wrote.stderr));
+        let read = run(
+            &["consume", "t", "--partition", "0", "--from", "beginning", "--timeout-ms", "50", "--session", s]
+                .into_iter()
+                .chain(["--prefer-replica", &follower])
+                .collect::<Vec<_>>(),
+            "",
+        );
+        let stderr = String::from_utf8_lossy(&read.stderr);
+        assert!(read.status.success(), "read {i}: {stderr}");
+        let values: Vec<String> = String::from_utf8_lossy(&read.stdout).lines().map(str::to_owned).collect();
+        let expected: Vec<String> = (0..=i).map(|v| format!("w{v}")).collect();
+        assert_eq!(values, expected, "read {i} (after write w{i} at {})", String::from_utf8_lossy(&wrote.stdout));
+    }
+    let cuts = flapping.stop();
+    assert!(cuts >= 2, "the follower's link was cut {cuts} times");
+}
+
+/// In the library, an empty poll below the session's token is told apart from "no new
+/// records" by `Consumer::behind_session`; a read past its deadline fails naming the token.
+#[test]
+fn behind_session_tells_an_empty_poll_below_the_token_from_no_new_records() {
+    let c = Cluster::start(77, 19577);
+    block_on(async {
+        settled(&c).await;
+        let session = Session::new().into_handle();
+        let p = producer(&c, Some(session.clone())).await;
+        for v in 0..5 {
+            send(&p, v).await;
+        }
+        let mut r = consumer(&c, ReadReplica::Leader, None, Some(session.clone())).await;
+        r.assign("t", &[0], Position::Beginning).await.expect("assign");
+        let lag = r.behind_session();
+        assert_eq!(lag.len(), 1, "below the session's write before reading");
+        assert_eq!((lag[0].partition, lag[0].position, lag[0].token.min_high_watermark), (0, 0, 5));
+        let read = read_n(&mut r, 5, 5).await;
+        assert_eq!(read.len(), 5);
+        assert!(r.behind_session().is_empty(), "caught up: an empty poll now means no new records");
+        // A token no replica can reach (another process claims a write at offset 1000).
+        session.borrow_mut().note_write("t", 0, 1_000, 1);
+        let lag = r.behind_session();
+        assert_eq!(lag.len(), 1);
+        assert_eq!(lag[0].token.min_high_watermark, 1_000);
+        assert!(r.poll().await.expect("poll").is_empty());
+        assert_eq!(r.behind_session().len(), 1, "still behind: not 'no new records'");
+    });
+    // The CLI fails past its session deadline instead of ending quietly.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("session");
+    let mut s = Session::new();
+    s.note_write("t", 0, 1_000, 1);
+    s.save(&file).expect("save session");
+    let out = Command::new(sibling("skein", &["--bin", "skein"]))
+        .args(["--brokers", &bootstrap(&c), "consume", "t", "--partition", "0", "--timeout-ms", "50"])
+        .args(["--session-deadline-ms", "1500", "--session"])
+        .arg(&file)
+        .output()
+        .expect("run skein");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("t/0") && stderr.contains("offset 1000"), "names partition and token: {stderr}");
+}

@@ -1,6 +1,7 @@
 //! `skein`: the command-line client. Errors are one line on stderr; exit 0 ok, 1 failure,
 //! 2 usage.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -9,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use skein_client::wire::TopicDescription;
 use skein_client::{
-    Acks, Client, ClientConfig, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ReadReplica, Session,
-    SessionHandle,
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, Position, Producer,
+    ProducerConfig, ReadReplica, Retry, Session, SessionHandle,
 };
 
 #[derive(Parser)]
@@ -19,6 +20,10 @@ struct Cli {
     /// Brokers to bootstrap from.
     #[arg(long, global = true, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
+    /// Bound on the whole command, e.g. `30s`, `500ms`, `2m` (a bare number is seconds).
+    /// `produce` then reports every record not yet acknowledged as failed (TIMED_OUT).
+    #[arg(long, global = true, value_parser = parse_duration, value_name = "DURATION")]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -43,7 +48,8 @@ enum Command {
         /// Durability to wait for.
         #[arg(long, default_value = "all")]
         acks: Acks,
-        /// Print `PARTITION OFFSET` per acknowledged record, in input order.
+        /// Print one line per input line, in input order: `PARTITION OFFSET` once acknowledged,
+        /// or `error PARTITION CODE` if it failed after every retry (exit status 1).
         #[arg(long)]
         print_offsets: bool,
         /// Session file (read-your-writes): loaded if it exists, every acknowledged write
@@ -58,18 +64,19 @@ enum Command {
         /// Read only this partition (default: all).
         #[arg(long)]
         partition: Option<u32>,
-        /// `beginning`, `end` or an offset.
-        #[arg(long, default_value = "beginning")]
-        from: String,
+        /// `beginning`, `end`, an offset, or `-N`: N records before the end (of each partition).
+        #[arg(long, default_value = "beginning", allow_hyphen_values = true, value_parser = parse_from)]
+        from: From,
         /// Stop after this many records.
         #[arg(long)]
         count: Option<u64>,
         /// Stop after this many milliseconds without a new record.
         #[arg(long)]
         timeout_ms: Option<u64>,
-        /// Output format: %p partition, %o offset, %k key, %v value, %t timestamp; \t \n \\.
-        #[arg(long, default_value = "%v")]
-        format: String,
+        /// Output format: %p partition, %o offset, %k key, %v value, %t timestamp, %% a
+        /// percent sign; escapes \t \n \r \0 \\.
+        #[arg(long, default_value = "%v", value_parser = Format::parse)]
+        format: Format,
         /// Session file (read-your-writes, monotonic reads): loaded if it exists, its tokens
         /// sent with every fetch and raised by every answer, saved on exit.
         #[arg(long, value_name = "FILE")]
@@ -81,6 +88,11 @@ enum Command {
         /// This client's rack, for `--prefer-replica closest`.
         #[arg(long)]
         rack: Option<String>,
+        /// With `--session`: the read must reach the session's tokens (its own writes and
+        /// reads) within this long from the start; until then `--timeout-ms` does not end it.
+        /// Past it the read fails, naming the partition and token (exit status 1).
+        #[arg(long, default_value_t = 10_000, value_name = "MS")]
+        session_deadline_ms: u64,
     },
     /// Cluster state.
     Cluster {
@@ -152,6 +164,16 @@ enum ClusterCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Produce { .. } = cli.command {
+    } else if let Some(t) = cli.timeout {
+        // Other commands are simply cut off; produce reports each pending record itself.
+        let deadline = Instant::now() + t;
+        std::thread::spawn(move || {
+            std::thread::sleep(deadline.saturating_duration_since(Instant::now()));
+            eprintln!("skein: gave up after {} (--timeout)", show_duration(t));
+            std::process::exit(1);
+        });
+    }
     let runtime = match compio::runtime::Runtime::new() {
         Ok(r) => r,
         Err(e) => {
@@ -166,23 +188,47 @@ fn main() {
 }
 
 async fn run(cli: Cli) -> Result<()> {
-    let config =
+    let mut config =
         ClientConfig { brokers: cli.brokers.clone(), client_id: "skein-cli".into(), ..ClientConfig::default() };
+    if let Some(t) = cli.timeout {
+        config.request_timeout = config.request_timeout.min(t);
+    }
     let client = Client::with_config(config).await.with_context(|| format!("connecting to {}", cli.brokers))?;
     match cli.command {
         Command::Topic { command } => topic(&client, command).await,
         Command::Produce { topic, partition, key_separator, acks, print_offsets, session } => {
             let loaded = load_session(session.as_deref())?;
-            let result =
-                produce(client, &topic, partition, key_separator.as_deref(), acks, print_offsets, loaded.clone()).await;
+            let args = ProduceArgs {
+                topic: &topic,
+                partition,
+                sep: key_separator.as_deref(),
+                acks,
+                print: print_offsets,
+                session: loaded.clone(),
+                deadline: cli.timeout.map(|t| (Instant::now() + t, t)),
+                brokers: &cli.brokers,
+            };
+            let result = produce(client, args).await;
             // A failed run still saves the writes it had acknowledged; its own error comes first.
             let saved = save_session(session.as_deref(), loaded.as_ref());
             result.and(saved)
         }
-        Command::Consume { topic, partition, from, count, timeout_ms, format, session, prefer_replica, rack } => {
+        Command::Consume {
+            topic,
+            partition,
+            from,
+            count,
+            timeout_ms,
+            format,
+            session,
+            prefer_replica,
+            rack,
+            session_deadline_ms,
+        } => {
             let loaded = load_session(session.as_deref())?;
-            let read = ReadOptions { prefer_replica, rack, session: loaded.clone() };
-            let result = consume(client, &topic, partition, &from, count, timeout_ms, &format, read).await;
+            let session_deadline = Instant::now() + Duration::from_millis(session_deadline_ms);
+            let read = ReadOptions { prefer_replica, rack, session: loaded.clone(), session_deadline };
+            let result = consume(client, &topic, partition, from, count, timeout_ms, &format, read).await;
             // A failed run still saves the writes it had acknowledged; its own error comes first.
             let saved = save_session(session.as_deref(), loaded.as_ref());
             result.and(saved)
@@ -195,7 +241,10 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
     match command {
         TopicCommand::Create { name, partitions, replicas, configs } => {
             client.create_topic(&name, partitions, replicas, &configs).await?;
-            println!("created topic {name} with {partitions} partitions");
+            println!(
+                "created topic {name} with {partitions} {}",
+                if partitions == 1 { "partition" } else { "partitions" }
+            );
         }
         TopicCommand::List => {
             for name in client.list_topics().await? {
@@ -320,24 +369,37 @@ fn save_session(path: Option<&Path>, session: Option<&SessionHandle>) -> Result<
     merged.save(path).with_context(|| format!("saving session {}", path.display()))
 }
 
-async fn produce(
-    client: Client,
-    topic: &str,
+/// What `produce` was asked to do.
+struct ProduceArgs<'a> {
+    topic: &'a str,
     partition: Option<u32>,
-    sep: Option<&str>,
+    sep: Option<&'a str>,
     acks: Acks,
     print: bool,
     session: Option<SessionHandle>,
-) -> Result<()> {
+    /// `--timeout`: when the command gives up, and the bound as given.
+    deadline: Option<(Instant, Duration)>,
+    brokers: &'a str,
+}
+
+/// Sends every stdin line as a record. With `--print-offsets` each input line gets exactly
+/// one output line, in input order: `PARTITION OFFSET`, or `error PARTITION CODE` for a
+/// record that failed after every retry (each also named on stderr). Any failure: exit 1.
+async fn produce(client: Client, args: ProduceArgs<'_>) -> Result<()> {
+    let ProduceArgs { topic, partition, sep, acks, print, session, deadline, brokers } = args;
     let config = ProducerConfig { acks, linger: Duration::from_millis(2), session, ..ProducerConfig::default() };
     let producer = Producer::new(client, config);
+    producer.on_retry(RetryReporter::default().into_handler());
     let stdin = std::io::stdin();
     let mut lines = stdin.lock();
-    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
-    let mut pending = std::collections::VecDeque::new();
-    let mut failed: Vec<(u64, String)> = Vec::new();
+    let mut out = Output { out: BufWriter::with_capacity(1 << 16, std::io::stdout().lock()), print, failed: 0 };
+    let mut pending: VecDeque<(u64, Delivery)> = VecDeque::new();
     let mut line = Vec::new();
     let mut n: u64 = 0;
+    let expired = |what: &str| {
+        let (_, bound) = deadline.expect("only with a deadline");
+        ClientError::Timeout(format!("{what}: --timeout {} passed", show_duration(bound)))
+    };
     loop {
         line.clear();
         if lines.read_until(b'\n', &mut line).context("reading stdin")? == 0 {
@@ -351,27 +413,217 @@ async fn produce(
             Some((k, v)) => (Some(k), v),
             None => (None, &line[..]),
         };
-        pending.push_back((n, producer.send_to(topic, partition, key, value).await?));
+        let send = producer.send_to(topic, partition, key, value);
+        let delivery = match within(deadline, send).await {
+            Some(Ok(d)) => d,
+            // This record alone is wrong (e.g. a partition the topic does not have).
+            Some(Err(e @ ClientError::Invalid(_))) => {
+                out.report(n, partition, Err(e))?;
+                continue;
+            }
+            // The producer cannot go on (no producer id, no partition count): every line
+            // read so far fails with it and stdin is not read further.
+            Some(Err(e)) => {
+                out.give_up(pending, Some((n, partition)), &e)?;
+                return Err(explain_send_error(e, topic, brokers));
+            }
+            None => {
+                let e = expired("sending");
+                out.give_up(pending, Some((n, partition)), &e)?;
+                bail!("{}; stopped after {n} lines of stdin", describe_failure(&e));
+            }
+        };
+        pending.push_back((n, delivery));
         while pending.len() > PENDING_MAX {
             let (i, d) = pending.pop_front().expect("non-empty");
-            report(d.await, i, print, &mut out, &mut failed)?;
+            let p = d.partition();
+            match within(deadline, d).await {
+                Some(r) => out.report(i, Some(p), r)?,
+                None => {
+                    let e = expired("waiting for acknowledgements");
+                    out.report(i, Some(p), Err(e.clone()))?;
+                    out.give_up(pending, None, &e)?;
+                    bail!("{}; stopped after {n} lines of stdin", describe_failure(&e));
+                }
+            }
         }
     }
-    producer.flush().await;
+    let flushed = within(deadline, producer.flush()).await.is_some();
     for (i, d) in pending {
-        report(d.await, i, print, &mut out, &mut failed)?;
+        let p = d.partition();
+        // After the flush every delivery is resolved; past the deadline, those that are not
+        // have timed out.
+        let r = if flushed {
+            d.await
+        } else {
+            futures_util::FutureExt::now_or_never(d).unwrap_or_else(|| Err(expired("waiting for acknowledgements")))
+        };
+        out.report(i, Some(p), r)?;
     }
-    out.flush()?;
-    if !failed.is_empty() {
-        let shown: Vec<String> = failed.iter().take(10).map(|(i, e)| format!("line {i}: {e}")).collect();
-        bail!(
-            "{} of {n} records failed ({}{})",
-            failed.len(),
-            shown.join("; "),
-            if failed.len() > 10 { "; ..." } else { "" }
-        );
+    out.finish(n)
+}
+
+/// `produce`'s output: one line per input line (with `--print-offsets`) and one stderr line
+/// per failed record.
+struct Output<W: Write> {
+    out: W,
+    print: bool,
+    failed: u64,
+}
+
+impl<W: Write> Output<W> {
+    /// Reports input line `line` (`partition`: `None` if the record never got one, printed
+    /// as -1).
+    fn report(&mut self, line: u64, partition: Option<u32>, r: DeliveryResult) -> Result<()> {
+        let partition = partition.map_or_else(|| "-1".to_owned(), |p| p.to_string());
+        match r {
+            Ok((p, o)) if self.print => {
+                writeln!(self.out, "{p} {}", if o == u64::MAX { "-1".to_owned() } else { o.to_string() })?
+            }
+            Ok(_) => {}
+            Err(e) => {
+                self.failed += 1;
+                if self.print {
+                    writeln!(self.out, "error {partition} {}", e.code_name())?;
+                }
+                // stdout first, so a reader of both sees the error line before its explanation.
+                self.out.flush()?;
+                eprintln!("skein: line {line}: partition {partition}: {}", describe_failure(&e));
+            }
+        }
+        Ok(())
     }
-    Ok(())
+
+    /// Reports every pending record, then `current` (the line being sent), as failed with
+    /// `e`, in input order.
+    fn give_up(
+        &mut self,
+        pending: VecDeque<(u64, Delivery)>,
+        current: Option<(u64, Option<u32>)>,
+        e: &ClientError,
+    ) -> Result<()> {
+        for (i, d) in pending {
+            // One that was answered already keeps its answer.
+            let p = d.partition();
+            let r = futures_util::FutureExt::now_or_never(d).unwrap_or_else(|| Err(e.clone()));
+            self.report(i, Some(p), r)?;
+        }
+        if let Some((i, p)) = current {
+            self.report(i, p, Err(e.clone()))?;
+        }
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn finish(&mut self, n: u64) -> Result<()> {
+        self.out.flush()?;
+        if self.failed > 0 {
+            bail!("{} of {n} records failed (each named above)", self.failed);
+        }
+        Ok(())
+    }
+}
+
+/// `fut`'s output, or `None` if `deadline` passes first (no deadline: waits).
+async fn within<F: std::future::Future>(deadline: Option<(Instant, Duration)>, fut: F) -> Option<F::Output> {
+    use futures_util::future::{select, Either};
+    let Some((at, _)) = deadline else {
+        return Some(fut.await);
+    };
+    let left = at.saturating_duration_since(Instant::now());
+    match select(std::pin::pin!(fut), std::pin::pin!(compio::time::sleep(left))).await {
+        Either::Left((out, _)) => Some(out),
+        Either::Right(_) => None,
+    }
+}
+
+/// A failure in a user's terms: what went wrong, then the client's own words.
+fn describe_failure(e: &ClientError) -> String {
+    use skein_client::wire::ErrorCode;
+    let plain = match e {
+        ClientError::Broker(ErrorCode::NOT_ENOUGH_REPLICAS, _) => {
+            "fewer in-sync replicas than the topic's min.insync.replicas (acks=all cannot be met)"
+        }
+        ClientError::Broker(ErrorCode::NOT_LEADER | ErrorCode::FENCED_LEADER_EPOCH, _) => {
+            "the broker asked is not (or no longer) the partition's leader"
+        }
+        ClientError::Broker(ErrorCode::REQUEST_TIMED_OUT, _) => {
+            "the leader did not get the record to its in-sync replicas in time"
+        }
+        ClientError::Broker(ErrorCode::OUT_OF_ORDER_SEQUENCE, _) => {
+            "the broker did not recognise a retried batch (sequence out of order)"
+        }
+        ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _) => "no such topic or partition",
+        ClientError::Timeout(_) => "no answer in time",
+        ClientError::ConnectionLost | ClientError::Io(_) => "the connection to the broker failed",
+        _ => "",
+    };
+    if plain.is_empty() {
+        format!("{} ({e})", e.code_name())
+    } else {
+        format!("{} ({plain}; {e})", e.code_name())
+    }
+}
+
+/// The first send waits for a producer id and the topic's partition count: a failure there
+/// means the brokers could not be used at all, which is what the user needs to hear.
+fn explain_send_error(e: ClientError, topic: &str, brokers: &str) -> anyhow::Error {
+    let what = match &e {
+        ClientError::Timeout(_) | ClientError::ConnectionLost | ClientError::Io(_) => {
+            format!("cannot produce to {topic}: no broker of {brokers} answered (paused, overloaded or unreachable?)")
+        }
+        _ => format!("cannot produce to {topic}"),
+    };
+    anyhow::Error::new(e).context(what)
+}
+
+/// Prints produce retries on stderr: the first retry of a partition at once, then at most one
+/// line per second per partition (a leader election retries every 20 ms).
+#[derive(Default)]
+struct RetryReporter {
+    last: std::cell::RefCell<std::collections::HashMap<(String, u32), Instant>>,
+}
+
+impl RetryReporter {
+    fn into_handler(self) -> impl Fn(&Retry<'_>) + 'static {
+        move |r: &Retry<'_>| {
+            let now = Instant::now();
+            let mut last = self.last.borrow_mut();
+            let key = (r.topic.to_owned(), r.partition);
+            if last.get(&key).is_some_and(|t| now.duration_since(*t) < RETRY_REPORT_INTERVAL) {
+                return;
+            }
+            last.insert(key, now);
+            eprintln!(
+                "skein: retrying {}/{} (attempt {} failed): {}",
+                r.topic,
+                r.partition,
+                r.attempt,
+                describe_failure(r.error)
+            );
+        }
+    }
+}
+
+/// `30s`, `500ms`, `2m`, or a bare number of seconds.
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits.parse().map_err(|_| format!("'{s}' is not a duration such as 30s, 500ms or 2m"))?;
+    match unit {
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "ms" => Ok(Duration::from_millis(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        _ => Err(format!("'{s}': unit '{unit}' is not ms, s or m")),
+    }
+}
+
+fn show_duration(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else {
+        format!("{}ms", d.as_millis())
+    }
 }
 
 fn split_key<'a>(line: &'a [u8], sep: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
@@ -382,26 +634,35 @@ fn split_key<'a>(line: &'a [u8], sep: &[u8]) -> Option<(&'a [u8], &'a [u8])> {
     Some((&line[..at], &line[at + sep.len()..]))
 }
 
-fn report(
-    r: Result<(u32, u64), skein_client::ClientError>,
-    line: u64,
-    print: bool,
-    out: &mut impl Write,
-    failed: &mut Vec<(u64, String)>,
-) -> Result<()> {
-    match r {
-        Ok((p, o)) if print => writeln!(out, "{p} {}", if o == u64::MAX { "-1".to_owned() } else { o.to_string() })?,
-        Ok(_) => {}
-        Err(e) => failed.push((line, e.to_string())),
-    }
-    Ok(())
-}
-
 /// `consume`'s replica choice and session.
 struct ReadOptions {
     prefer_replica: ReadReplica,
     rack: Option<String>,
     session: Option<SessionHandle>,
+    /// When a read still behind the session's tokens fails.
+    session_deadline: Instant,
+}
+
+/// `consume --from`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum From {
+    Beginning,
+    End,
+    Offset(u64),
+    /// This many records before the end.
+    BeforeEnd(u64),
+}
+
+fn parse_from(s: &str) -> Result<From, String> {
+    let bad = || format!("'{s}' is not beginning, end, an offset or -N (N records before the end)");
+    match s {
+        "beginning" => Ok(From::Beginning),
+        "end" => Ok(From::End),
+        _ => match s.strip_prefix('-') {
+            Some(n) => n.parse().map(From::BeforeEnd).map_err(|_| bad()),
+            None => s.parse().map(From::Offset).map_err(|_| bad()),
+        },
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -409,21 +670,17 @@ async fn consume(
     client: Client,
     topic: &str,
     partition: Option<u32>,
-    from: &str,
+    from: From,
     count: Option<u64>,
     timeout_ms: Option<u64>,
-    format: &str,
+    format: &Format,
     read: ReadOptions,
 ) -> Result<()> {
-    let position = match from {
-        "beginning" => Position::Beginning,
-        "end" => Position::End,
-        o => Position::Offset(o.parse().with_context(|| format!("--from '{o}' is not beginning, end or an offset"))?),
-    };
     let partitions: Vec<u32> = match partition {
         Some(p) => vec![p],
         None => (0..client.partition_count(topic).await?).collect(),
     };
+    let session_deadline = read.session_deadline;
     let max_wait = Duration::from_millis(timeout_ms.unwrap_or(500).clamp(1, 500));
     let config = ConsumerConfig {
         max_wait,
@@ -432,15 +689,43 @@ async fn consume(
         session: read.session,
         ..ConsumerConfig::default()
     };
-    let mut consumer = Consumer::new(client, config);
-    consumer.assign(topic, &partitions, position).await?;
-    let format = Format::parse(format);
+    let mut consumer = Consumer::new(client.clone(), config);
+    match from {
+        From::Beginning => consumer.assign(topic, &partitions, Position::Beginning).await?,
+        From::End => consumer.assign(topic, &partitions, Position::End).await?,
+        From::Offset(o) => consumer.assign(topic, &partitions, Position::Offset(o)).await?,
+        From::BeforeEnd(n) => {
+            for &p in &partitions {
+                let start = client.list_offset(topic, p, skein_client::wire::EARLIEST).await?;
+                let end = client.list_offset(topic, p, skein_client::wire::LATEST).await?;
+                consumer.assign(topic, &[p], Position::Offset(end.saturating_sub(n).max(start))).await?;
+            }
+        }
+    }
     let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
     let mut seen = 0u64;
     let mut last = Instant::now();
     while count.is_none_or(|c| seen < c) {
         let records = consumer.poll().await?;
         if records.is_empty() {
+            // Below the session's tokens an empty poll means "not caught up yet" (a replica
+            // waiting, a redirect to the leader): the idle timeout does not run, the session
+            // deadline does.
+            let behind = consumer.behind_session();
+            if let Some(lag) = behind.first() {
+                if Instant::now() >= session_deadline {
+                    bail!(
+                        "{}/{} did not reach the session's token (offset {}, leader epoch {}) within the session deadline; read up to offset {}",
+                        lag.topic,
+                        lag.partition,
+                        lag.token.min_high_watermark,
+                        lag.token.min_leader_epoch,
+                        lag.position
+                    );
+                }
+                last = Instant::now();
+                continue;
+            }
             if timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)) {
                 break;
             }
@@ -461,8 +746,10 @@ async fn consume(
 }
 
 /// A parsed `--format`.
+#[derive(Clone)]
 struct Format(Vec<Piece>);
 
+#[derive(Clone)]
 enum Piece {
     Text(Vec<u8>),
     Partition,
@@ -473,7 +760,8 @@ enum Piece {
 }
 
 impl Format {
-    fn parse(s: &str) -> Format {
+    /// Parses a `--format`; an unknown `%` directive or `\\` escape is a usage error.
+    fn parse(s: &str) -> Result<Format, String> {
         let mut pieces = Vec::new();
         let mut text = Vec::new();
         let mut chars = s.chars();
@@ -486,15 +774,14 @@ impl Format {
                     Some('k') => Some(Piece::Key),
                     Some('v') => Some(Piece::Value),
                     Some('t') => Some(Piece::Timestamp),
+                    Some('%') => {
+                        text.push(b'%');
+                        continue;
+                    }
                     Some(other) => {
-                        text.push(b'%');
-                        text.extend(other.to_string().bytes());
-                        continue;
+                        return Err(format!("unknown directive '%{other}' (known: %p %o %k %v %t %%)"));
                     }
-                    None => {
-                        text.push(b'%');
-                        continue;
-                    }
+                    None => return Err("a lone '%' at the end (write %% for a percent sign)".into()),
                 },
                 _ => {
                     match chars.next() {
@@ -504,10 +791,9 @@ impl Format {
                         Some('0') => text.push(0),
                         Some('\\') => text.push(b'\\'),
                         Some(other) => {
-                            text.push(b'\\');
-                            text.extend(other.to_string().bytes());
+                            return Err(format!("unknown escape '\\{other}' (known: \\t \\n \\r \\0 \\\\)"));
                         }
-                        None => text.push(b'\\'),
+                        None => return Err("a lone '\\' at the end (write \\\\ for a backslash)".into()),
                     }
                     continue;
                 }
@@ -525,7 +811,7 @@ impl Format {
         if !text.is_empty() {
             pieces.push(Piece::Text(text));
         }
-        Format(pieces)
+        Ok(Format(pieces))
     }
 
     fn write(&self, out: &mut impl Write, r: &skein_client::ConsumerRecord) -> std::io::Result<()> {
@@ -624,3 +910,5 @@ async fn cluster_status(client: &Client, json: bool) -> Result<()> {
 
 /// Records awaiting acknowledgement before the CLI waits for the oldest.
 const PENDING_MAX: usize = 100_000;
+/// Least time between two retry lines of one partition.
+const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(1);
