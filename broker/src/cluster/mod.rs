@@ -12,6 +12,12 @@
 //! Time is `CLOCK_MONOTONIC` in microseconds: leases are compared only with the same
 //! broker's clock, and a new active controller restarts every session on its own clock.
 //!
+//! At startup the voter replays the Raft log from its first entry, then applies what was
+//! committed while this broker was down. Those are old decisions: the controller logs them at
+//! debug level only ([`crate::core::controller::Narration`]), until this process's own first
+//! heartbeat is applied, and this module logs two summary lines instead (entries replayed from
+//! disk; caught up).
+//!
 //! Limits of this first version (ARCHITECTURE.md): every replicated partition of a broker is
 //! served by this one thread (no thread-per-core yet), topics cannot be deleted, and the Raft
 //! log has no snapshots.
@@ -190,6 +196,8 @@ struct State {
     links: BTreeMap<NodeId, PeerLink>,
     pending: HashMap<RequestId, oneshot::Sender<Result<Offset, ProduceError>>>,
     next_request: u64,
+    /// The voter's controller applies history and "caught up" is not logged yet.
+    replaying: bool,
 }
 
 /// Work for [`Node::pump`].
@@ -212,7 +220,8 @@ impl Node {
             rebalance_interval_ms: (config.leader_rebalance_interval_ms > 0)
                 .then_some(config.leader_rebalance_interval_ms),
         };
-        let controller = Controller::new(controller_config, &ids, &[]);
+        let mut controller = Controller::new(controller_config, &ids, &[]);
+        controller.replay_until(me, incarnation);
         let ticks = (config.election_timeout_ms / TICK_MS).max(3) as usize;
         let quorum = QuorumConfig {
             election_ticks: ticks,
@@ -225,6 +234,7 @@ impl Node {
         voter.set_persist(Box::new(raft_file));
         let replicas = open_replicas(&config, me)?;
         tracing::info!(node = %me, incarnation, replicas = replicas.len(), "cluster broker starting");
+        replay_raft_log(&mut voter);
         let node_config = NodeConfig { heartbeat_ms: config.heartbeat_ms, lease_ms: config.lease_ms };
         let core = BrokerNode::new(me, incarnation, Vec::new(), node_config, replicas, false);
         let links = voters.iter().filter(|(n, _)| *n != me).map(|&(n, a)| (n, PeerLink::start(me, ip, n, a))).collect();
@@ -235,7 +245,7 @@ impl Node {
             config,
             voters,
             racks,
-            st: RefCell::new(State { core, voter, links, pending: HashMap::new(), next_request: 0 }),
+            st: RefCell::new(State { core, voter, links, pending: HashMap::new(), next_request: 0, replaying: true }),
             producer_ids: RefCell::new(producer_ids),
             fetch_waiters: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
@@ -327,6 +337,28 @@ impl Node {
         for w in self.fetch_waiters.borrow_mut().drain(..) {
             let _ = w.send(());
         }
+        if st.replaying && !st.voter.controller().replaying() {
+            st.replaying = false;
+            Self::log_caught_up(&st.voter);
+        }
+    }
+
+    /// The voter applied this process's first heartbeat: the controller's decisions from here
+    /// on are logged as they are applied.
+    fn log_caught_up(voter: &ControllerVoter) {
+        // The heartbeat was applied in the batch that ended at this index, not necessarily last.
+        let index = voter.applied();
+        let decisions = voter.controller().decisions_replayed();
+        if decisions == 0 {
+            // Nothing was held back (a new broker, usually).
+            tracing::debug!(index, "controller log caught up");
+            return;
+        }
+        tracing::info!(
+            index,
+            decisions_replayed = decisions,
+            "controller log caught up by index {index}; {decisions} earlier decisions were logged at debug level only"
+        );
     }
 
     fn send_peer(&self, st: &State, to: NodeId, from_controller: bool, msg: Message) {
@@ -1089,6 +1121,28 @@ fn open_replicas(config: &BrokerConfig, me: NodeId) -> Result<Vec<Replica<FileSt
     Ok(out)
 }
 
+/// Applies the entries the Raft log on disk holds as committed (raft-rs hands them to the
+/// voter at its first step), so that one line can sum them up: the controller logs the
+/// decisions they make at debug level only (`Controller::replay_until`).
+fn replay_raft_log(voter: &mut ControllerVoter) {
+    // The tick loop's first tick, a few milliseconds early. A restarted voter is a follower
+    // that one tick does not make campaign (elections wait 3 ticks or more: `Node::open`), so
+    // it sends nothing; were a message dropped here, Raft would send it again.
+    let mut out = Vec::new();
+    voter.handle_tick(now(), &mut out);
+    // No snapshots: the log starts at index 1, so the applied index counts the entries.
+    let index = voter.applied();
+    if index == 0 {
+        return; // a new broker: nothing to sum up
+    }
+    let decisions = voter.controller().decisions_replayed();
+    tracing::info!(
+        index,
+        decisions_replayed = decisions,
+        "replayed {index} controller log entries up to index {index} ({decisions} decisions, logged at debug level only)"
+    );
+}
+
 /// Reads, bumps and durably stores the process incarnation (it grows at every start).
 fn next_incarnation(dir: &Path) -> Result<u64> {
     let path = dir.join("incarnation");
@@ -1130,6 +1184,91 @@ mod tests {
         let a = next_incarnation(dir.path()).expect("first");
         let b = next_incarnation(dir.path()).expect("second");
         assert!(b > a);
+    }
+
+    /// Voter `id` of a three-voter cluster for process `incarnation` of its broker, over the
+    /// Raft log in `dir`, after the startup replay.
+    fn voter_at(dir: &Path, id: u32, incarnation: u64) -> ControllerVoter {
+        let ids = [NodeId(1), NodeId(2), NodeId(3)];
+        let (storage, file) = raftlog::open(&dir.join(id.to_string())).expect("opens the Raft log");
+        let mut c = Controller::new(ControllerConfig::default(), &ids, &[(PartitionId(0), ids.to_vec())]);
+        c.replay_until(NodeId(id), incarnation);
+        // Distinct fixed election waits: a deterministic test.
+        let ticks = 3 + 2 * id as usize;
+        let quorum = QuorumConfig { election_ticks: ticks, election_ticks_max: ticks + 1, ..QuorumConfig::default() };
+        let mut v = ControllerVoter::new(NodeId(id), &ids, quorum, c, storage).expect("voter");
+        v.set_persist(Box::new(file));
+        replay_raft_log(&mut v);
+        v
+    }
+
+    /// Runs the voters that are up (`Some`) for `ms` from `from`, a tick every 5 ms with
+    /// instant delivery, the brokers of `heartbeats` (id, incarnation) heartbeating at every
+    /// tick; returns the time reached. Messages to brokers are dropped.
+    fn run_voters(vs: &mut [Option<ControllerVoter>], from: Time, ms: u64, heartbeats: &[(u32, u64)]) -> Time {
+        let mut t = from;
+        while t < from.plus_ms(ms) {
+            let mut queue = VecDeque::new();
+            for &(b, incarnation) in heartbeats {
+                for v in 1..=3 {
+                    let hb = Message::Heartbeat { broker: NodeId(b), incarnation, lost: vec![], sent: t };
+                    queue.push_back((NodeId(b), NodeId(v), hb));
+                }
+            }
+            for (me, v) in (1..).map(NodeId).zip(vs.iter_mut()) {
+                let Some(v) = v else { continue };
+                let mut out = Vec::new();
+                v.handle_tick(t, &mut out);
+                queue.extend(out.into_iter().map(|(to, m)| (me, to, m)));
+            }
+            while let Some((from, to, m)) = queue.pop_front() {
+                let for_voter = matches!(m, Message::Raft(_) | Message::Heartbeat { .. });
+                let Some(Some(v)) = vs.get_mut(to.0 as usize - 1).filter(|_| for_voter) else { continue };
+                let mut out = Vec::new();
+                v.handle_message(t, from, m, &mut out);
+                queue.extend(out.into_iter().map(|(next, m)| (to, next, m)));
+            }
+            t = t.plus_ms(5);
+        }
+        t
+    }
+
+    #[test]
+    fn a_restarted_voter_applies_history_quietly_until_its_own_heartbeat() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut vs: Vec<Option<ControllerVoter>> = (1..=3).map(|i| Some(voter_at(dir.path(), i, 1))).collect();
+        let all = [(1, 1), (2, 1), (3, 1)];
+        let t = run_voters(&mut vs, Time(0), 300, &all);
+        let c = vs[2].as_ref().expect("up").controller();
+        assert_eq!(c.partition(PartitionId(0)).and_then(|s| s.leader), Some(NodeId(1)), "elected");
+        assert!(!c.replaying(), "its own heartbeat was applied");
+        // Broker 1's heartbeat came first in the log and elected it: to broker 3, that was
+        // decided before it joined (history, even on a new cluster).
+        assert_eq!(c.decisions_replayed(), 1);
+
+        // Broker 3 dies and is fenced.
+        vs[2] = None;
+        let t = run_voters(&mut vs, t, 1_000, &[(1, 1), (2, 1)]);
+        assert!(!vs[0].as_ref().expect("up").controller().alive(NodeId(3)));
+
+        // Its next process applies its own Raft log at startup, as history...
+        vs[2] = Some(voter_at(dir.path(), 3, 2));
+        let c = vs[2].as_ref().expect("up").controller();
+        assert!(vs[2].as_ref().expect("up").applied() > 0);
+        assert!(c.replaying());
+        assert_eq!(c.decisions_replayed(), 1, "the election");
+        // ...then what was committed while it was down...
+        let t = run_voters(&mut vs, t, 200, &[(1, 1), (2, 1)]);
+        let c = vs[2].as_ref().expect("up").controller();
+        assert!(!c.alive(NodeId(3)), "caught up");
+        assert!(c.replaying());
+        assert_eq!(c.decisions_replayed(), 2, "the election, its fencing");
+        // ...and from its own first heartbeat on, decisions are news.
+        run_voters(&mut vs, t, 200, &[(1, 1), (2, 1), (3, 2)]);
+        let c = vs[2].as_ref().expect("up").controller();
+        assert!(c.alive(NodeId(3)));
+        assert!(!c.replaying());
+        assert_eq!(c.decisions_replayed(), 2, "'broker restarted' is news");
     }
 
     #[test]

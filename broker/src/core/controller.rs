@@ -13,10 +13,32 @@
 //!   added member is alive; accepted or not, the leader gets the current state back.
 //! - Every change is sent to the partition's replicas; heartbeat responses repeat the state,
 //!   so a lost message only delays a replica.
+//!
+//! Decisions are logged as they are applied, except history: a restarted broker's voter first
+//! applies inputs decided before it was back (its own Raft log, then what was committed while
+//! it was down). Those decisions were news when they were made and were logged then by the
+//! voters that were up; logged again with the current time they would read as new events (the
+//! broker would log itself fenced right after starting). [`Narration::Replay`] logs them at
+//! debug level and counts them instead. The controller has no notion of log indexes and does
+//! not log a summary: its driver does.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, PartitionState, Time};
+
+/// Logs a controller decision at `$level`, or, while the controller applies history
+/// ([`Narration::Replay`]), at debug level with `replayed = true`, and counts it. A macro, not
+/// a method: callers hold borrows of other fields of the controller.
+macro_rules! decision {
+    ($controller:expr, $level:ident, $($field:tt)+) => {
+        if $controller.narration == Narration::Live {
+            tracing::$level!($($field)+);
+        } else {
+            $controller.decisions_replayed += 1;
+            tracing::debug!(replayed = true, $($field)+);
+        }
+    };
+}
 
 /// Controller settings.
 #[derive(Clone, Debug)]
@@ -77,6 +99,23 @@ impl Topic {
     }
 }
 
+/// Whether the controller's decisions are news (see the module header).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Narration {
+    /// Decisions are logged at their own level as they are applied.
+    Live,
+    /// History: decisions are logged at debug level and counted until the heartbeat of
+    /// `broker`'s process `incarnation` (or a later one) is applied. That input was proposed
+    /// after the process started, and so was every input after it in the log; every input
+    /// before it is either history or was decided while the process was still joining.
+    Replay {
+        /// The broker whose voter this controller is.
+        broker: NodeId,
+        /// That broker's process incarnation.
+        incarnation: u64,
+    },
+}
+
 /// Why a topic could not be created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateTopicError {
@@ -106,6 +145,10 @@ pub struct Controller {
     held: BTreeMap<PartitionId, Time>,
     /// The latest time an input carried.
     last_now: Time,
+    /// Whether decisions are logged as news.
+    narration: Narration,
+    /// Decisions logged at debug level as history (kept after the replay ends).
+    decisions_replayed: u64,
 }
 
 impl Controller {
@@ -145,7 +188,26 @@ impl Controller {
             deleted: BTreeSet::new(),
             held: BTreeMap::new(),
             last_now: Time(0),
+            narration: Narration::Live,
+            decisions_replayed: 0,
         }
+    }
+
+    /// Treats every input as history until the heartbeat of `broker`'s process `incarnation`
+    /// is applied ([`Narration::Replay`]). Called once, on a new controller, by a voter's
+    /// driver that is about to replay the Raft log.
+    pub fn replay_until(&mut self, broker: NodeId, incarnation: u64) {
+        self.narrate(Narration::Replay { broker, incarnation });
+    }
+
+    /// Whether the controller is applying history ([`Narration::Replay`]).
+    pub fn replaying(&self) -> bool {
+        self.narration != Narration::Live
+    }
+
+    /// How many decisions were logged at debug level as history.
+    pub fn decisions_replayed(&self) -> u64 {
+        self.decisions_replayed
     }
 
     /// Every topic, by name.
@@ -239,7 +301,7 @@ impl Controller {
             return; // ignore_*: another process of this broker, or already done
         }
         b.shutting_down = true;
-        tracing::info!(%broker, "controlled shutdown");
+        decision!(self, info, %broker, "controlled shutdown");
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
         for p in ids {
             let led = self.partitions.get(&p).is_some_and(|s| s.leader == Some(broker));
@@ -281,7 +343,7 @@ impl Controller {
         replicas.extend(state.replicas.iter().filter(|r| !target.contains(r)));
         state.replicas = replicas;
         state.isr_version = IsrVersion(state.isr_version.0 + 1);
-        tracing::info!(partition = %p, ?target, "reassignment started");
+        decision!(self, info, partition = %p, ?target, "reassignment started");
         self.reassigning.insert(p, target);
         let state = state.clone();
         self.broadcast(&state, out);
@@ -301,7 +363,7 @@ impl Controller {
             self.held.remove(&p);
             self.deleted.insert(p);
         }
-        tracing::info!(topic = %name, "topic deleted");
+        decision!(self, info, topic = %name, "topic deleted");
         true
     }
 
@@ -330,7 +392,7 @@ impl Controller {
             state.leader = None;
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
         }
-        tracing::info!(partition = %p, replicas = ?state.replicas, "reassignment done");
+        decision!(self, info, partition = %p, replicas = ?state.replicas, "reassignment done");
         self.reassigning.remove(&p);
         let state = state.clone();
         if handed_over {
@@ -366,7 +428,7 @@ impl Controller {
             }
             // The current leader steps down first; the preferred replica (first in the
             // election order) takes over after the handover hold.
-            tracing::info!(partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
+            decision!(self, info, partition = %p, from = ?state.leader, to = %preferred, "preferred leader");
             state.leader = None;
             state.epoch = LeaderEpoch(state.epoch.0 + 1);
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
@@ -401,13 +463,15 @@ impl Controller {
                 let first = b.incarnation.is_none();
                 b.incarnation = Some(incarnation);
                 let was_alive = std::mem::replace(&mut b.alive, true);
+                // Before the decisions below: they are news.
+                self.end_replay(broker, incarnation);
                 if (restarted || first) && !lost.is_empty() {
                     self.lost_logs(broker, &lost, out);
                 }
                 if restarted {
                     // It may have lost records it had shown followers: what it led gets a
                     // new epoch (possibly with itself as leader again).
-                    tracing::info!(%broker, incarnation, "broker restarted");
+                    decision!(self, info, %broker, incarnation, "broker restarted");
                     self.restarted(broker, out);
                 } else if !was_alive {
                     tracing::debug!(%broker, "broker alive");
@@ -469,7 +533,7 @@ impl Controller {
             return;
         }
         for id in &silent {
-            tracing::warn!(broker = %id, "broker fenced (session timeout)");
+            decision!(self, warn, broker = %id, "broker fenced (session timeout)");
             self.brokers.get_mut(id).expect("listed above").alive = false;
         }
         let ids: Vec<PartitionId> = self.partitions.keys().copied().collect();
@@ -484,7 +548,7 @@ impl Controller {
     fn lost_logs(&mut self, broker: NodeId, lost: &[PartitionId], out: &mut Vec<(NodeId, Message)>) {
         for &p in lost {
             if self.partitions.get(&p).is_some_and(|s| s.isr.contains(&broker)) {
-                tracing::warn!(%broker, partition = %p, "replica lost its log; removed from the ISR");
+                decision!(self, warn, %broker, partition = %p, "replica lost its log; removed from the ISR");
                 self.remove_members(p, &[broker], false, out);
             }
         }
@@ -561,7 +625,7 @@ impl Controller {
                     // Unclean election (the topic allows it): a live replica outside the ISR
                     // leads; records only the ISR held are lost.
                     let Some(&l) = state.replicas.iter().find(|r| alive.contains(r)) else { continue };
-                    tracing::warn!(partition = %p, leader = %l, isr = ?state.isr,
+                    decision!(self, warn, partition = %p, leader = %l, isr = ?state.isr,
                         "UNCLEAN leader election: a replica outside the ISR leads; acknowledged records may be lost");
                     state.isr = vec![l];
                     l
@@ -574,10 +638,30 @@ impl Controller {
             // hold nothing yet, and the leader shrinks the ISR if they never catch up).
             assert!(state.isr.contains(&leader), "the new leader {leader} is in the ISR");
             state.isr_version = IsrVersion(state.isr_version.0 + 1);
-            tracing::info!(partition = %p, %leader, epoch = %state.epoch, "leader elected");
+            decision!(self, info, partition = %p, %leader, epoch = %state.epoch, "leader elected");
             let state = state.clone();
             self.broadcast(&state, out);
         }
+    }
+
+    /// Ends the replay if this heartbeat is the one it waits for.
+    fn end_replay(&mut self, broker: NodeId, incarnation: u64) {
+        let Narration::Replay { broker: me, incarnation: mine } = self.narration else { return };
+        if broker == me && incarnation >= mine {
+            self.narrate(Narration::Live);
+        }
+    }
+
+    /// The one place the narration changes: live → replay before any input, replay → live once.
+    fn narrate(&mut self, to: Narration) {
+        match (self.narration, to) {
+            (Narration::Live, Narration::Replay { .. }) => {
+                assert_eq!(self.last_now, Time(0), "a replay starts before the first input");
+            }
+            (Narration::Replay { .. }, Narration::Live) => {}
+            (from, to) => panic!("narration {from:?} cannot become {to:?}"),
+        }
+        self.narration = to;
     }
 
     fn broadcast(&self, state: &PartitionState, out: &mut Vec<(NodeId, Message)>) {
@@ -713,6 +797,54 @@ mod tests {
         assert_eq!(survivors, vec![n(3)]);
         assert_eq!(dirty.leader, Some(n(3)), "unclean election picked the live replica outside the ISR");
         assert_eq!(dirty.isr, vec![n(3)]);
+    }
+
+    #[test]
+    fn history_is_decided_alike_and_logged_as_history_until_the_brokers_own_heartbeat() {
+        let new = || {
+            let p0 = (PartitionId(0), vec![n(1), n(2), n(3)]);
+            Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[p0])
+        };
+        // What a restarted broker 3 (incarnation 2) replays: its first process ran, then died
+        // and was fenced.
+        let history = |c: &mut Controller| {
+            let mut out = Vec::new();
+            heartbeat_all(c, Time(0), 1, &mut out); // leader elected
+            for t in [200, 400, 600] {
+                for i in 1..=2 {
+                    let hb = Message::Heartbeat { broker: n(i), incarnation: 1, lost: vec![], sent: Time(0) };
+                    c.handle_message(Time(0).plus_ms(t), n(i), hb, &mut out);
+                }
+                c.handle_tick(Time(0).plus_ms(t), &mut out); // broker 3 fenced
+            }
+            out
+        };
+        let mut live = new();
+        let mut replay = new();
+        replay.replay_until(n(3), 2);
+        assert_eq!(history(&mut live), history(&mut replay), "the narration changes no decision");
+        assert_eq!(live.partitions().collect::<Vec<_>>(), replay.partitions().collect::<Vec<_>>());
+        assert!(!replay.alive(n(3)));
+        assert!(!live.replaying());
+        assert_eq!(live.decisions_replayed(), 0);
+        assert!(replay.replaying(), "other brokers' and the old process's heartbeats are history");
+        assert_eq!(replay.decisions_replayed(), 2, "leader elected, broker fenced");
+
+        // Another broker's restart is history too.
+        let mut out = Vec::new();
+        let t = Time(0).plus_ms(700);
+        let hb = Message::Heartbeat { broker: n(2), incarnation: 2, lost: vec![], sent: t };
+        replay.handle_message(t, n(2), hb, &mut out);
+        assert!(replay.replaying());
+        assert_eq!(replay.decisions_replayed(), 3, "broker 2 restarted");
+
+        // The new process's first heartbeat ends the replay; it and what follows are news.
+        let hb = Message::Heartbeat { broker: n(3), incarnation: 2, lost: vec![], sent: t };
+        replay.handle_message(t, n(3), hb, &mut out);
+        assert!(!replay.replaying());
+        replay.handle_tick(Time(0).plus_ms(2_000), &mut out); // everyone fenced
+        assert!(replay.brokers().all(|(_, alive)| !alive));
+        assert_eq!(replay.decisions_replayed(), 3, "'broker restarted' and the fencing are news");
     }
 
     #[test]
