@@ -78,6 +78,48 @@ pub struct Report {
     pub reads: Option<Reads>,
 }
 
+impl Report {
+    /// The run in one line, for a plot legend: the mode, then the settings from `config` that
+    /// shape latency (partitions, replicas, producers and consumers as the mode uses them,
+    /// value size, keys, acks, rate, read replica) and the commit, e.g. `produce: 8
+    /// partitions, 3 replicas, 8 producers, 1024 B values, acks=all, closed loop, commit
+    /// 06f506a`. `None` when `config` holds none of those settings (a report written by
+    /// another tool): the caller has to name the run some other way.
+    pub fn description(&self) -> Option<String> {
+        let c = &self.config;
+        let number = |key: &str| c.get(key).and_then(serde_json::Value::as_u64);
+        let text = |key: &str| c.get(key).and_then(serde_json::Value::as_str);
+        let (sends, reads) = (self.mode != "consume", self.mode != "produce");
+        let mut parts = Vec::new();
+        parts.extend(number("partitions").map(|n| count(n, "partition")));
+        parts.extend(number("replicas").map(|n| count(n, "replica")));
+        parts.extend(number("producers").filter(|_| sends).map(|n| count(n, "producer")));
+        parts.extend(number("consumers").filter(|_| reads).map(|n| count(n, "consumer")));
+        parts.extend(number("message_size").map(|n| format!("{n} B values")));
+        parts.extend(text("key_distribution").filter(|k| *k != "None").map(|k| format!("keys {}", k.to_lowercase())));
+        parts.extend(text("acks").filter(|_| sends).map(|a| format!("acks={a}")));
+        if sends {
+            match c.get("rate") {
+                Some(serde_json::Value::Null) => parts.push("closed loop".into()),
+                Some(rate) => parts.extend(rate.as_f64().map(|r| format!("{r:.0} records/s"))),
+                None => {}
+            }
+        }
+        if let Some(replica) = text("prefer_replica").filter(|r| reads && *r != "leader") {
+            let rack = text("rack").map(|r| format!(" (rack {r})")).unwrap_or_default();
+            let node = if replica.parse::<u32>().is_ok() { "node " } else { "" };
+            parts.push(format!("reads from {node}{replica}{rack}"));
+        }
+        if parts.is_empty() {
+            return None;
+        }
+        if !self.commit.is_empty() && self.commit != "unknown" {
+            parts.push(format!("commit {}", self.commit));
+        }
+        Some(format!("{}: {}", self.mode, parts.join(", ")))
+    }
+}
+
 /// What the consumers' fetches needed: partition answers, how many followers served, how many
 /// waited for the replica to catch up with the session token, how many were sent to the
 /// leader after NOT_CAUGHT_UP.
@@ -245,6 +287,15 @@ pub fn table(r: &Report) -> String {
     out
 }
 
+/// `1 partition`, `8 partitions`.
+fn count(n: u64, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -263,5 +314,65 @@ mod tests {
         assert_eq!(pts.len(), 21);
         assert!(pts.windows(2).all(|w| w[0][0] < w[1][0] && w[0][1] <= w[1][1]));
         assert_eq!(latency(&histogram()), Latency::default());
+    }
+
+    #[test]
+    fn description_names_the_settings_the_mode_uses() {
+        let check = |mode: &str, config: serde_json::Value, commit: &str, expect: Option<&str>| {
+            let r = Report { mode: mode.into(), config, commit: commit.into(), ..report() };
+            assert_eq!(r.description().as_deref(), expect, "{mode}");
+        };
+        let config = serde_json::json!({
+            "mode": "x", "brokers": "127.0.0.1:9092", "topic": "t", "partitions": 8, "replicas": 3,
+            "producers": 8, "consumers": 1, "message_size": 1024, "key_distribution": "Zipf(50, 1.1)",
+            "acks": "all", "rate": null, "prefer_replica": "closest", "rack": "r2",
+        });
+        check(
+            "produce",
+            config.clone(),
+            "06f506a",
+            Some("produce: 8 partitions, 3 replicas, 8 producers, 1024 B values, keys zipf(50, 1.1), acks=all, closed loop, commit 06f506a"),
+        );
+        check(
+            "consume",
+            config.clone(),
+            "unknown",
+            Some("consume: 8 partitions, 3 replicas, 1 consumer, 1024 B values, keys zipf(50, 1.1), reads from closest (rack r2)"),
+        );
+        let mut e2e = config;
+        e2e["rate"] = 50_000.0.into();
+        e2e["key_distribution"] = "None".into();
+        e2e["prefer_replica"] = "2".into();
+        e2e["rack"] = serde_json::Value::Null;
+        check(
+            "e2e",
+            e2e,
+            "06f506a",
+            Some("e2e: 8 partitions, 3 replicas, 8 producers, 1 consumer, 1024 B values, acks=all, 50000 records/s, reads from node 2, commit 06f506a"),
+        );
+        check("produce", serde_json::json!({"mode": "produce"}), "06f506a", None);
+        check("produce", serde_json::Value::Null, "06f506a", None);
+    }
+
+    fn report() -> Report {
+        Report {
+            mode: "produce".into(),
+            messages: 0,
+            bytes: 0,
+            seconds: 1.0,
+            messages_per_sec: 0.0,
+            bytes_per_sec: 0.0,
+            latency_us: Latency::default(),
+            publish_latency_us: None,
+            config: serde_json::Value::Null,
+            commit: "unknown".into(),
+            machine: Machine { cores: 1, kernel: "test".into() },
+            percentiles: Vec::new(),
+            broker_cpu_seconds: None,
+            loadgen_cpu_seconds: None,
+            steal_seconds: None,
+            errors: 0,
+            reads: None,
+        }
     }
 }

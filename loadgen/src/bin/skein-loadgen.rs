@@ -23,11 +23,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Producers only; latency = acknowledgement latency.
-    Produce(LoadArgs),
+    Produce(ProduceArgs),
     /// Consumers only (reading from the beginning); latency = fetch round trip.
-    Consume(LoadArgs),
+    Consume(ConsumeArgs),
     /// Producers and consumers at once; latency = intended send time to receipt.
-    E2e(LoadArgs),
+    E2e(E2eArgs),
     /// The machine's ceilings: loopback TCP and the disk under --data-dir.
     Limits(LimitsArgs),
     /// A checked workload: records a history, checks it (lost, duplicated, reordered or
@@ -39,7 +39,8 @@ enum Command {
     /// producer and measures kill to the first acknowledgement of a record sent after it;
     /// with --steady, a run without faults counting leader changes.
     Failover(FailoverArgs),
-    /// Draws several JSON reports' latency curves on one chart.
+    /// Draws several JSON reports' latency curves on one chart; the legend names each run by
+    /// its settings (mode, partitions, threads, value size, acks, rate, commit).
     Plot {
         /// Reports written with --report.
         #[arg(required = true)]
@@ -50,6 +51,9 @@ enum Command {
     },
 }
 
+/// What every load mode takes: where to connect, the topic, how long to measure, where to
+/// write results. Each mode adds its own part ([`ProducerArgs`], [`ConsumerArgs`]), so its
+/// --help lists only options it uses.
 #[derive(Args, Clone)]
 struct LoadArgs {
     /// Bootstrap brokers.
@@ -76,12 +80,66 @@ struct LoadArgs {
     /// Topic config KEY=VALUE when creating the topic (repeatable), e.g. preallocate=true.
     #[arg(long = "topic-config", value_parser = skein_client::parse_topic_config)]
     topic_configs: Vec<(String, String)>,
+    /// Records to measure (instead of --duration).
+    #[arg(long)]
+    messages: Option<u64>,
+    /// How long to measure (e.g. 10s, 500ms, 2m).
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    duration: Duration,
+    /// Not measured, first.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    warmup: Duration,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+    /// Write an HdrHistogram interval log here (one histogram per second).
+    #[arg(long)]
+    hdr: Option<PathBuf>,
+    /// Write a latency-by-percentile SVG here.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+/// `produce`: the common options and the producers'.
+#[derive(Args)]
+struct ProduceArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    producer: ProducerArgs,
+}
+
+/// `consume`: the common options, the consumers' and the size of the records read.
+#[derive(Args)]
+struct ConsumeArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    /// Value bytes per record read (the report's byte counts are records × this).
+    #[arg(long, default_value_t = 1024)]
+    message_size: usize,
+    #[command(flatten)]
+    consumer: ConsumerArgs,
+}
+
+/// `e2e`: the common options, the producers' and the consumers'.
+#[derive(Args)]
+struct E2eArgs {
+    #[command(flatten)]
+    load: LoadArgs,
+    #[command(flatten)]
+    producer: ProducerArgs,
+    #[command(flatten)]
+    consumer: ConsumerArgs,
+}
+
+/// What only producers use (produce and e2e). A `Parser` too, so that a mode without
+/// producers can fill the report's config with the very defaults declared here.
+#[derive(Parser, Clone)]
+#[command(next_help_heading = "Producers")]
+struct ProducerArgs {
     /// Producer threads.
     #[arg(long, default_value_t = 1)]
     producers: usize,
-    /// Consumer threads.
-    #[arg(long, default_value_t = 1)]
-    consumers: usize,
     /// Value bytes per record.
     #[arg(long, default_value_t = 1024)]
     message_size: usize,
@@ -100,18 +158,19 @@ struct LoadArgs {
     /// Durability to wait for.
     #[arg(long, default_value = "leader")]
     acks: Acks,
-    /// Records to measure (instead of --duration).
-    #[arg(long)]
-    messages: Option<u64>,
-    /// How long to measure (e.g. 10s, 500ms, 2m).
-    #[arg(long, default_value = "10s", value_parser = parse_duration)]
-    duration: Duration,
-    /// Not measured, first.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
-    warmup: Duration,
     /// Records per second over all producers (open loop); default: as fast as possible.
     #[arg(long)]
     rate: Option<f64>,
+}
+
+/// What only consumers use (consume and e2e). A `Parser` too, for the same reason as
+/// [`ProducerArgs`].
+#[derive(Parser, Clone)]
+#[command(next_help_heading = "Consumers")]
+struct ConsumerArgs {
+    /// Consumer threads.
+    #[arg(long, default_value_t = 1)]
+    consumers: usize,
     /// Which replica consumers read from: leader, closest (an in-sync replica in --rack) or a
     /// node id (if in sync; else the leader).
     #[arg(long, default_value = "leader")]
@@ -119,15 +178,47 @@ struct LoadArgs {
     /// The consumers' rack, for --prefer-replica closest.
     #[arg(long)]
     rack: Option<String>,
-    /// Write the JSON report here.
-    #[arg(long)]
-    report: Option<PathBuf>,
-    /// Write an HdrHistogram interval log here (one histogram per second).
-    #[arg(long)]
-    hdr: Option<PathBuf>,
-    /// Write a latency-by-percentile SVG here.
-    #[arg(long)]
-    plot: Option<PathBuf>,
+}
+
+/// A load mode's options, whole: a mode without producers or without consumers gets their
+/// declared defaults, so the report's config keeps every key, with the values it always had.
+struct LoadRun {
+    load: LoadArgs,
+    producer: ProducerArgs,
+    consumer: ConsumerArgs,
+}
+
+impl From<ProduceArgs> for LoadRun {
+    fn from(a: ProduceArgs) -> LoadRun {
+        LoadRun { load: a.load, producer: a.producer, consumer: ConsumerArgs::defaults() }
+    }
+}
+
+impl From<ConsumeArgs> for LoadRun {
+    fn from(a: ConsumeArgs) -> LoadRun {
+        let producer = ProducerArgs { message_size: a.message_size, ..ProducerArgs::defaults() };
+        LoadRun { load: a.load, producer, consumer: a.consumer }
+    }
+}
+
+impl From<E2eArgs> for LoadRun {
+    fn from(a: E2eArgs) -> LoadRun {
+        LoadRun { load: a.load, producer: a.producer, consumer: a.consumer }
+    }
+}
+
+impl ProducerArgs {
+    /// The declared defaults, for modes without producers.
+    fn defaults() -> ProducerArgs {
+        ProducerArgs::parse_from(["producer"])
+    }
+}
+
+impl ConsumerArgs {
+    /// The declared defaults, for modes without consumers.
+    fn defaults() -> ConsumerArgs {
+        ConsumerArgs::parse_from(["consumer"])
+    }
 }
 
 #[derive(Args)]
@@ -181,7 +272,8 @@ struct VerifyArgs {
     /// Broker addresses the partition fault cuts off, comma-separated (default: --brokers).
     #[arg(long, value_delimiter = ',')]
     partition_addrs: Vec<std::net::SocketAddr>,
-    /// Write the history here (JSON lines; `check` re-reads it).
+    /// Write the history here (JSON lines, one operation per line). No skein command reads it
+    /// back; `skein_broker::check::History::from_json_lines` does, for `skein_broker::check::check`.
     #[arg(long)]
     history: Option<PathBuf>,
     /// Write the checker's report here (JSON).
@@ -282,9 +374,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Produce(a) => load_command(Mode::Produce, a),
-        Command::Consume(a) => load_command(Mode::Consume, a),
-        Command::E2e(a) => load_command(Mode::E2e, a),
+        Command::Produce(a) => load_command(Mode::Produce, a.into()),
+        Command::Consume(a) => load_command(Mode::Consume, a.into()),
+        Command::E2e(a) => load_command(Mode::E2e, a.into()),
         Command::Limits(a) => {
             let r = limits::measure(&a.data_dir, a.batch_bytes, a.duration, std::io::stderr().is_terminal())?;
             println!("{:<40} {:>12.1} MB/s", "loopback TCP, 1 connection", r.tcp_bytes_per_sec / 1e6);
@@ -303,15 +395,17 @@ fn run(cli: Cli) -> Result<()> {
         Command::Verify(a) => verify_command(a),
         Command::Failover(a) => failover_command(a),
         Command::Plot { reports, output } => {
-            let mut series = Vec::new();
+            let mut runs = Vec::new();
             for path in &reports {
                 let r: Report = serde_json::from_slice(
                     &std::fs::read(path).with_context(|| format!("reading {}", path.display()))?,
                 )
                 .with_context(|| format!("parsing {}", path.display()))?;
-                let label = path.file_stem().map_or_else(|| r.mode.clone(), |s| s.to_string_lossy().into_owned());
-                series.push((label, r.percentiles));
+                let stem = path.file_stem().map_or_else(|| r.mode.clone(), |s| s.to_string_lossy().into_owned());
+                runs.push((stem, r));
             }
+            let labels = plot::legend_labels(&runs.iter().map(|(stem, r)| (stem.clone(), r)).collect::<Vec<_>>());
+            let series: Vec<_> = labels.into_iter().zip(runs).map(|(label, (_, r))| (label, r.percentiles)).collect();
             plot::latency_by_percentile(&output, "latency by percentile", &series)?;
             println!("wrote {}", output.display());
             Ok(())
@@ -483,33 +577,12 @@ impl OwnedCluster {
     }
 }
 
-fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
+/// Runs a load mode.
+fn load_command(mode: Mode, run: LoadRun) -> Result<()> {
+    let a = &run.load;
     let embedded = if a.embedded { Some(EmbeddedBroker::start(a.broker_cores)?) } else { None };
     let brokers = embedded.as_ref().map_or_else(|| a.brokers.clone(), |b| b.addr.clone());
-    let acks = a.acks;
-    let cfg = LoadConfig {
-        brokers,
-        topic: a.topic.clone(),
-        partitions: a.partitions,
-        replicas: a.replicas,
-        topic_configs: a.topic_configs.clone(),
-        producers: a.producers,
-        consumers: a.consumers,
-        message_size: a.message_size,
-        keys: a.key_distribution.clone(),
-        batch_bytes: a.batch_bytes,
-        linger: Duration::from_millis(a.linger_ms),
-        buffer_bytes: a.buffer_bytes,
-        acks,
-        messages: a.messages,
-        duration: a.duration,
-        warmup: a.warmup,
-        rate: a.rate,
-        progress: std::io::stderr().is_terminal(),
-        broker_pid: a.broker_pid,
-        prefer_replica: a.prefer_replica,
-        rack: a.rack.clone(),
-    };
+    let cfg = load_config(brokers, &run);
     let started = SystemTime::now();
     let outcome = load::run(mode, cfg)?;
     drop(embedded);
@@ -521,17 +594,43 @@ fn load_command(mode: Mode, a: LoadArgs) -> Result<()> {
         write_hdr(path, started, &outcome.intervals)?;
     }
     if let Some(path) = &a.plot {
-        let title = format!("{} latency by percentile", outcome.report.mode);
-        plot::latency_by_percentile(
-            path,
-            &title,
-            &[(outcome.report.mode.clone(), outcome.report.percentiles.clone())],
-        )?;
+        let r = &outcome.report;
+        let title = format!("{} latency by percentile", r.mode);
+        let label = r.description().unwrap_or_else(|| r.mode.clone());
+        plot::latency_by_percentile(path, &title, &[(label, r.percentiles.clone())])?;
     }
     if outcome.report.errors > 0 {
         bail!("{} records failed", outcome.report.errors);
     }
     Ok(())
+}
+
+/// The run's settings from the command line.
+fn load_config(brokers: String, run: &LoadRun) -> LoadConfig {
+    let (a, producer, consumer) = (&run.load, &run.producer, &run.consumer);
+    LoadConfig {
+        brokers,
+        topic: a.topic.clone(),
+        partitions: a.partitions,
+        replicas: a.replicas,
+        topic_configs: a.topic_configs.clone(),
+        producers: producer.producers,
+        consumers: consumer.consumers,
+        message_size: producer.message_size,
+        keys: producer.key_distribution.clone(),
+        batch_bytes: producer.batch_bytes,
+        linger: Duration::from_millis(producer.linger_ms),
+        buffer_bytes: producer.buffer_bytes,
+        acks: producer.acks,
+        messages: a.messages,
+        duration: a.duration,
+        warmup: a.warmup,
+        rate: producer.rate,
+        progress: std::io::stderr().is_terminal(),
+        broker_pid: a.broker_pid,
+        prefer_replica: consumer.prefer_replica,
+        rack: consumer.rack.clone(),
+    }
 }
 
 fn write_json<T: serde::Serialize>(path: &Path, value: &T) -> Result<()> {
@@ -618,4 +717,244 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("'{s}' is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn each_load_mode_lists_only_the_options_it_uses() {
+        let common = [
+            "brokers",
+            "embedded",
+            "broker-cores",
+            "broker-pid",
+            "topic",
+            "partitions",
+            "replicas",
+            "topic-config",
+            "messages",
+            "duration",
+            "warmup",
+            "report",
+            "hdr",
+            "plot",
+        ];
+        let producer = [
+            "producers",
+            "message-size",
+            "key-distribution",
+            "batch-bytes",
+            "linger-ms",
+            "buffer-bytes",
+            "acks",
+            "rate",
+        ];
+        let consumer = ["consumers", "prefer-replica", "rack"];
+        let check = |mode: &str, own: &[&str]| {
+            let mut expect: Vec<&str> = common.iter().chain(own).copied().collect();
+            expect.sort_unstable();
+            expect.dedup();
+            assert_eq!(long_flags(mode), expect, "{mode}");
+            let help = help(mode);
+            for flag in &expect {
+                assert!(
+                    help.contains(&format!("--{flag} ")) || help.contains(&format!("--{flag}\n")),
+                    "{mode}: {flag}"
+                );
+            }
+        };
+        check("produce", &producer);
+        check("consume", &[&consumer[..], &["message-size"]].concat());
+        check("e2e", &[&producer[..], &consumer[..]].concat());
+        for flag in consumer {
+            assert!(!help("produce").contains(&format!("--{flag}")), "produce --help lists --{flag}");
+        }
+        for flag in ["producers", "key-distribution", "batch-bytes", "linger-ms", "buffer-bytes", "acks", "rate"] {
+            assert!(!help("consume").contains(&format!("--{flag}")), "consume --help lists --{flag}");
+        }
+    }
+
+    #[test]
+    fn verify_help_names_no_command_that_does_not_exist() {
+        let help = help("verify");
+        assert!(!help.contains("`check`"), "there is no check command: {help}");
+        assert!(help.contains("History::from_json_lines"), "{help}");
+    }
+
+    #[test]
+    fn load_defaults_are_unchanged() {
+        // The config each mode reported before the options were split per mode.
+        let before = serde_json::json!({
+            "brokers": "127.0.0.1:9092", "topic": "loadgen", "partitions": 1, "replicas": 1,
+            "topic_configs": [], "producers": 1, "consumers": 1, "message_size": 1024,
+            "key_distribution": "None", "batch_bytes": 65536, "linger_ms": 1, "buffer_bytes": 16777216,
+            "acks": "leader", "messages": null, "duration_s": 10.0, "warmup_s": 2.0, "rate": null,
+            "prefer_replica": "leader", "rack": null,
+        });
+        for (mode, name) in [(Mode::Produce, "produce"), (Mode::Consume, "consume"), (Mode::E2e, "e2e")] {
+            let mut expect = before.clone();
+            expect["mode"] = name.into();
+            assert_eq!(config(&[name, "--brokers", "127.0.0.1:9092"]).to_json(mode), expect, "{name}");
+        }
+    }
+
+    #[test]
+    fn flags_the_scripts_and_tests_pass_still_parse_into_the_same_settings() {
+        // bench/loadgen-figures.sh, bench/replication-cost.sh, bench/read-latency.sh.
+        let c = config(&[
+            "produce",
+            "--brokers",
+            "127.0.0.1:19301",
+            "--topic",
+            "f3a",
+            "--partitions",
+            "8",
+            "--message-size",
+            "1024",
+            "--batch-bytes",
+            "65536",
+            "--acks",
+            "all",
+            "--producers",
+            "8",
+            "--broker-pid",
+            "42",
+            "--duration",
+            "8s",
+            "--warmup",
+            "2s",
+            "--report",
+            "r.json",
+            "--hdr",
+            "r.hlog",
+            "--replicas",
+            "3",
+        ]);
+        assert_eq!((c.partitions, c.replicas, c.producers, c.acks, c.broker_pid), (8, 3, 8, Acks::All, Some(42)));
+        assert_eq!(
+            (c.brokers.as_str(), c.topic.as_str(), c.duration),
+            ("127.0.0.1:19301", "f3a", Duration::from_secs(8))
+        );
+        let c = config(&[
+            "e2e",
+            "--brokers",
+            "127.0.0.1:19301",
+            "--topic",
+            "f4",
+            "--partitions",
+            "1",
+            "--replicas",
+            "3",
+            "--message-size",
+            "64",
+            "--batch-bytes",
+            "65536",
+            "--linger-ms",
+            "1",
+            "--acks",
+            "leader",
+            "--rate",
+            "2000",
+            "--plot",
+            "f4.svg",
+            "--prefer-replica",
+            "closest",
+            "--rack",
+            "r2",
+            "--topic-config",
+            "preallocate=true",
+        ]);
+        assert_eq!(
+            (c.rate, c.message_size, c.linger, c.rack.as_deref()),
+            (Some(2000.0), 64, Duration::from_millis(1), Some("r2"))
+        );
+        assert_eq!(c.prefer_replica, skein_client::ReadReplica::Closest);
+        assert_eq!(c.topic_configs, vec![("preallocate".to_owned(), "true".to_owned())]);
+        // loadgen/tests/cli.rs.
+        let c = config(&[
+            "produce",
+            "--embedded",
+            "--partitions",
+            "4",
+            "--key-distribution",
+            "zipf:50:1.1",
+            "--warmup",
+            "200ms",
+        ]);
+        assert_eq!((c.keys, c.warmup), (KeyDistribution::Zipf(50, 1.1), Duration::from_millis(200)));
+        let c = config(&[
+            "consume",
+            "--brokers",
+            "b:1",
+            "--topic",
+            "c",
+            "--consumers",
+            "2",
+            "--messages",
+            "5000",
+            "--warmup",
+            "0s",
+        ]);
+        assert_eq!((c.consumers, c.messages, c.warmup), (2, Some(5000), Duration::ZERO));
+        assert_eq!(config(&["consume", "--message-size", "100"]).message_size, 100);
+        for args in [
+            &["limits", "--data-dir", ".", "--batch-bytes", "65536", "--duration", "3s", "--report", "l.json"][..],
+            &["plot", "a.json", "b.json", "-o", "cmp.svg"],
+            &[
+                "verify",
+                "--topic",
+                "v",
+                "--history",
+                "h.jsonl",
+                "--report",
+                "r.json",
+                "--faults",
+                "kill,pause",
+                "--pids",
+                "1",
+            ],
+            &["failover", "--cluster-bin", "b", "--kills", "20", "--steady", "60s", "--report", "f.json"],
+        ] {
+            parse(args);
+        }
+    }
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("skein-loadgen").chain(args.iter().copied()))
+            .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+    }
+
+    /// The settings a load mode's command line gives (brokers as given, not embedded).
+    fn config(args: &[&str]) -> LoadConfig {
+        let run: LoadRun = match parse(args).command {
+            Command::Produce(a) => a.into(),
+            Command::Consume(a) => a.into(),
+            Command::E2e(a) => a.into(),
+            _ => panic!("{args:?} is not a load mode"),
+        };
+        load_config(run.load.brokers.clone(), &run)
+    }
+
+    /// A subcommand's long flags, sorted (without --help).
+    fn long_flags(subcommand: &str) -> Vec<String> {
+        let cli = Cli::command();
+        let sub = cli.find_subcommand(subcommand).expect("subcommand exists");
+        let mut flags: Vec<String> = sub.get_arguments().filter_map(|a| a.get_long()).map(str::to_owned).collect();
+        flags.sort_unstable();
+        flags
+    }
+
+    fn help(subcommand: &str) -> String {
+        let mut cli = Cli::command();
+        cli.find_subcommand_mut(subcommand).expect("subcommand exists").render_long_help().to_string()
+    }
 }
