@@ -124,3 +124,26 @@ fn a_broker_that_cannot_listen_leaves_no_data_directory() {
     assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!dir.exists(), "no data directory was created in cluster mode either");
 }
+
+#[test]
+fn broker_logs_written_to_a_file_are_plain_text() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_skein-broker"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .env("SKEIN_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start skein-broker");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line)
+        .expect("ready line");
+    assert!(line.starts_with("ready "), "{line}");
+    let ok = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(ok.success());
+    let out = child.wait_with_output().expect("output");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("broker ready"), "{log}");
+    assert!(!log.contains('\u{1b}'), "no terminal colour codes in a log file: {log:?}");
+}

@@ -99,10 +99,10 @@ fn the_producer_numbers_its_batches_and_stays_exactly_once_through_a_restart() {
 /// Acknowledged records must not come back as failures: a Produce request whose answer is
 /// lost after the leader appended it (here: acks=all times out at the broker while a paused
 /// follower is still in the ISR) has its batches retried one by one, and the broker must
-/// recognise every one of them as a duplicate. It remembers a producer's last five batches
-/// per partition, so a request may carry no more than five of a partition (before, a request
-/// after a stall carried dozens and the retries of the oldest were refused as
-/// OUT_OF_ORDER_SEQUENCE although they were in the log).
+/// recognise every one of them as a duplicate. It remembers a producer's last five runs of
+/// batches appended back to back (before: its last five batches, and the retries of the
+/// oldest of a forty-batch request were refused as OUT_OF_ORDER_SEQUENCE although they were
+/// in the log).
 #[test]
 fn batches_of_a_request_lost_after_the_append_are_all_recognised_on_retry() {
     use common::cluster::{leader, settled, Cluster};

@@ -38,7 +38,6 @@ pub use consumer::{
 };
 pub use producer::{
     key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,
-    BATCHES_UNANSWERED_MAX,
 };
 pub use session::{Session, SessionError, SessionHandle, Token};
 

@@ -717,15 +717,11 @@ fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Ke
         // lost), and the broker answers a duplicate with its original offset while appending
         // the batches after it at the log end; the response has one base offset per
         // partition, so only batches that are certainly appended back to back (first
-        // attempts) may share a request. And at most `BATCHES_UNANSWERED_MAX` of them: the
-        // broker recognises a retried batch as a duplicate only among a producer's last five
-        // batches of a partition, and a partition has one request in flight, so this bounds
-        // what a lost answer leaves to retry. (With more, the retries of the oldest were
-        // refused as out of order although they were in the log: acknowledged records
-        // reported as failed.)
-        while batches.len() < BATCHES_UNANSWERED_MAX
-            && q.front().is_some_and(|b| batches.is_empty() || (b.attempts == 0 && batches[0].attempts == 0))
-        {
+        // attempts) may share a request. However many they are, they are appended back to
+        // back, one run of this producer's sequences, which the broker remembers whole: after
+        // a lost answer each of them, retried alone, is recognised as a duplicate
+        // (PROTOCOL.md §3.6).
+        while q.front().is_some_and(|b| batches.is_empty() || (b.attempts == 0 && batches[0].attempts == 0)) {
             let b = q.pop_front().expect("front checked");
             request_bytes += b.bytes.len();
             batches.push(b);
@@ -976,10 +972,6 @@ fn now() -> Timestamp {
 /// Archive overhead per record, for batch size accounting.
 const RECORD_OVERHEAD_BYTES: usize = 40;
 const REQUEST_BYTES_MAX: usize = 4 << 20;
-/// Batches of one partition in one Produce request (and so unanswered at once, as a partition
-/// has one request in flight): the broker's duplicate window per producer and partition
-/// (`BATCHES_REMEMBERED` in the broker, five as in Kafka; PROTOCOL.md §7).
-pub const BATCHES_UNANSWERED_MAX: usize = 5;
 /// How much longer than the broker's own timeout (acks=all) an answer may take to arrive.
 const RESPONSE_MARGIN: Duration = Duration::from_millis(500);
 
@@ -1005,21 +997,16 @@ mod tests {
         }
     }
 
-    /// The cause of CLI lines lost in a failover: a request carried more batches of one
-    /// partition than the broker remembers per producer, so after a lost answer the retries of
-    /// the oldest were refused as out of order although they were in the log.
+    /// First attempts of a partition share a request (one run of sequences); a retried batch
+    /// goes alone.
     #[test]
-    fn a_request_carries_at_most_the_brokers_duplicate_window_of_a_partition_and_retries_alone() {
+    fn first_attempts_share_a_request_and_a_retried_batch_goes_alone() {
         let key: Key = ("t".into(), 0);
         let mut st = State::default();
         st.ready.insert(key.clone(), (0..12).map(|_| sealed(0)).collect());
-        let mut sizes = Vec::new();
-        while !st.ready[&key].is_empty() {
-            let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
-            assert_eq!(parts.len(), 1);
-            sizes.push(parts[0].1.len());
-        }
-        assert_eq!(sizes, [5, 5, 2], "never more than BATCHES_UNANSWERED_MAX = {BATCHES_UNANSWERED_MAX}");
+        let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
+        assert_eq!(parts.len(), 1);
+        assert_eq!(parts[0].1.len(), 12, "every ready first attempt");
         assert!(st.busy.contains(&key));
         st.ready.insert(key.clone(), [sealed(1), sealed(1), sealed(0)].into_iter().collect());
         let parts = take_request(&mut st, &mut std::iter::once(key.clone()));

@@ -28,10 +28,6 @@ use crate::meta::Topics;
 use crate::BrokerConfig;
 pub(crate) use shard::{fail_stop, split_batches, FetchResult, Shard, ShardMsg};
 
-// A client keeps at most this many batches of a partition unanswered; the broker must
-// recognise a retry of any of them as a duplicate (PROTOCOL.md §7).
-const _: () = assert!(crate::core::producers::BATCHES_REMEMBERED >= skein_client::BATCHES_UNANSWERED_MAX);
-
 /// Exit status when storage fails under the broker (fsync EIO and the like): fail-stop.
 pub const EXIT_STORAGE_FAILURE: i32 = 74;
 
