@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
-use skein_client::wire::ErrorCode;
+use skein_client::wire::{shown, ErrorCode};
 use skein_log::{Durability, LogConfig};
 
 /// One topic.
@@ -107,8 +107,7 @@ fn file(dir: &Path) -> PathBuf {
 
 /// Checks a topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
-    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
-    if name.is_empty() || name.len() > 249 || !ok_chars || name == "." || name == ".." {
+    if !crate::core::controller::valid_topic_name(name) {
         return Err(ErrorCode::INVALID_TOPIC);
     }
     Ok(())
@@ -131,7 +130,7 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
     // closed-loop throughput and 10-28 % more CPU per GB on the dev VM (bench/RESULTS.md).
     let mut c = LogConfig { durability: Durability::IntervalMs(25), ..LogConfig::default() };
     for (k, v) in configs {
-        let num = || v.parse::<i64>().map_err(|_| format!("{k}: '{v}' is not a number"));
+        let num = || v.parse::<i64>().map_err(|_| format!("{}: '{}' is not a number", shown(k), shown(v)));
         match k.as_str() {
             "flush.ms" => {
                 c.durability = match v.as_str() {
@@ -148,7 +147,7 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
                 c.preallocate_bytes = match v.as_str() {
                     "true" => PREALLOCATE_BYTES,
                     "false" => 0,
-                    _ => return Err(format!("{k}: '{v}' is not true or false")),
+                    _ => return Err(format!("{k}: '{}' is not true or false", shown(v))),
                 }
             }
             // Replication settings, known to cluster mode only; which mode refused them is
@@ -159,7 +158,7 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
                      (start brokers with --voters for cluster mode)"
                 ))
             }
-            _ => return Err(format!("unknown config '{k}'")),
+            _ => return Err(format!("unknown config '{}'", shown(k))),
         }
     }
     c.validate().map_err(str::to_owned)?;
@@ -195,7 +194,7 @@ mod tests {
         assert_eq!(cfg("preallocate", "true").map(|c| c.preallocate_bytes), Ok(PREALLOCATE_BYTES));
         assert_eq!(cfg("preallocate", "false").map(|c| c.preallocate_bytes), Ok(0));
         assert!(cfg("preallocate", "yes").is_err());
-        for cluster_only in ["min.insync.replicas", "unclean.leader.election.enable"] {
+            for cluster_only in ["min.insync.replicas", "unclean.leader.election.enable"] {
             let err = cfg(cluster_only, "2").expect_err("a single node has no replication");
             assert!(err.contains("single node") && err.contains("--voters"), "says why: {err}");
         }

@@ -256,7 +256,7 @@ impl Client {
         let resp: CreateTopicsResponse = self.connection().await?.call(ApiKey::CreateTopics, &req).await?;
         self.invalidate_metadata(name);
         let r = resp.results.first().ok_or_else(|| ClientError::Protocol("empty CreateTopics response".into()))?;
-        broker_error(r.error, format!("creating topic '{name}'{}", detail(&r.message)))
+        broker_error(r.error, format!("creating topic '{}'{}", crate::wire::shown(name), detail(&r.message)))
     }
 
     /// Deletes a topic and its data.
@@ -265,7 +265,7 @@ impl Client {
         let resp: DeleteTopicsResponse = self.connection().await?.call(ApiKey::DeleteTopics, &req).await?;
         self.invalidate_metadata(name);
         let r = resp.results.first().ok_or_else(|| ClientError::Protocol("empty DeleteTopics response".into()))?;
-        broker_error(r.error, format!("deleting topic '{name}'{}", detail(&r.message)))
+        broker_error(r.error, format!("deleting topic '{}'{}", crate::wire::shown(name), detail(&r.message)))
     }
 
     /// Brokers, controller and topics (`None`: all topics), from any reachable broker; the
@@ -332,7 +332,7 @@ impl Client {
             }
         }
         let t = merge_descriptions(answers).ok_or(last)?;
-        broker_error(t.error, format!("topic '{name}'"))?;
+        broker_error(t.error, format!("topic '{}'", crate::wire::shown(name)))?;
         Ok(t)
     }
 

@@ -116,6 +116,43 @@ pub enum Narration {
     },
 }
 
+/// Most partitions of one topic.
+pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
+/// Most configs of one topic, and the longest key and value.
+pub const CONFIGS_PER_TOPIC_MAX: usize = 64;
+/// The longest topic config key, in bytes.
+pub const CONFIG_KEY_BYTES_MAX: usize = 255;
+/// The longest topic config value, in bytes.
+pub const CONFIG_VALUE_BYTES_MAX: usize = 4_096;
+
+/// Whether `name` is a valid topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.` or
+/// `..` (it names directories on every broker).
+pub fn valid_topic_name(name: &str) -> bool {
+    let ok_chars = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-');
+    !name.is_empty() && name.len() <= 249 && ok_chars && name != "." && name != ".."
+}
+
+/// The checks of a new topic that need no state: its name, partition count and configs'
+/// count and sizes. The voter runs them before proposing a CreateTopic, and the controller
+/// again when applying one, whatever sent it.
+pub fn check_new_topic(name: &str, partitions: u32, configs: &[(String, String)]) -> Result<(), CreateTopicError> {
+    if !valid_topic_name(name) {
+        return Err(CreateTopicError::Invalid(format!("invalid topic name ({} bytes)", name.len())));
+    }
+    if partitions > PARTITIONS_PER_TOPIC_MAX {
+        return Err(CreateTopicError::Invalid(format!("{partitions} partitions (at most {PARTITIONS_PER_TOPIC_MAX})")));
+    }
+    let too_large = |(k, v): &(String, String)| k.len() > CONFIG_KEY_BYTES_MAX || v.len() > CONFIG_VALUE_BYTES_MAX;
+    if configs.len() > CONFIGS_PER_TOPIC_MAX || configs.iter().any(too_large) {
+        return Err(CreateTopicError::Invalid(format!(
+            "{} configs (at most {CONFIGS_PER_TOPIC_MAX}; keys up to {CONFIG_KEY_BYTES_MAX} bytes, values up to \
+             {CONFIG_VALUE_BYTES_MAX})",
+            configs.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Why a topic could not be created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateTopicError {
@@ -232,6 +269,9 @@ impl Controller {
         configs: Vec<(String, String)>,
         out: &mut Vec<(NodeId, Message)>,
     ) -> Result<(), CreateTopicError> {
+        // Checked here whatever the request's path (the voter also checks before proposing):
+        // a command in the Raft log is applied at every start.
+        check_new_topic(name, partitions, &configs)?;
         if self.topics.contains_key(name) {
             return Err(CreateTopicError::Exists);
         }
@@ -718,6 +758,16 @@ mod tests {
         assert_eq!(leaders(&c), vec![Some(n(1)), Some(n(2)), Some(n(3))], "preferred leaders, round-robin");
         assert_eq!(c.create_topic("t", 1, 1, vec![], &mut out), Err(CreateTopicError::Exists));
         assert!(matches!(c.create_topic("u", 1, 4, vec![], &mut out), Err(CreateTopicError::Invalid(_))));
+        // Whatever sent them (a forged peer frame reached the controller once), commands the
+        // clients' API would refuse are refused here too, before they change anything.
+        let huge = c.create_topic("big", PARTITIONS_PER_TOPIC_MAX + 1, 1, vec![], &mut out);
+        assert!(matches!(huge, Err(CreateTopicError::Invalid(_))), "{huge:?}");
+        for bad in ["", "..", "a/b", &"x".repeat(250)] {
+            assert!(matches!(c.create_topic(bad, 1, 1, vec![], &mut out), Err(CreateTopicError::Invalid(_))), "{bad:?}");
+        }
+        let long_value = vec![("k".to_owned(), "v".repeat(CONFIG_VALUE_BYTES_MAX + 1))];
+        assert!(matches!(c.create_topic("v", 1, 1, long_value, &mut out), Err(CreateTopicError::Invalid(_))));
+        assert!(!c.topics().contains_key("big") && !c.topics().contains_key("v"));
 
         // Broker 1 shuts down: it leads nothing and leaves the ISRs; a stale incarnation is ignored.
         c.controlled_shutdown(n(1), 7, &mut out);

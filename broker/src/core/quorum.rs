@@ -199,7 +199,11 @@ impl ControllerVoter {
                 self.propose(Input::Reassign { partition: partition.0, replicas });
             }
             Message::CreateTopic { name, partitions, replication, configs } if self.is_active() => {
-                self.propose(Input::CreateTopic { name, partitions, replication, configs });
+                // Nothing the controller would refuse anyway enters the Raft log.
+                match crate::core::controller::check_new_topic(&name, partitions, &configs) {
+                    Ok(()) => self.propose(Input::CreateTopic { name, partitions, replication, configs }),
+                    Err(e) => tracing::warn!(error = ?e, "CreateTopic refused"),
+                }
             }
             Message::AlterIsr { leader, epoch, isr_version, partition, isr } if self.is_active() => {
                 let isr = isr.iter().map(|r| r.0).collect();

@@ -120,11 +120,15 @@ impl Wire for bool {
     }
 }
 
+/// Wire strings carry a u16 length: a longer one (only a message text can be: names are
+/// validated far below it) is cut at the last character boundary within [`STRING_BYTES_MAX`],
+/// so no input echoed into an answer can make an encoder fail.
 impl Wire for String {
     fn encode(&self, w: &mut Writer) {
-        let len = u16::try_from(self.len()).expect("wire strings are under 64 KiB (checked by callers)");
+        let text = truncate_to_char_boundary(self, STRING_BYTES_MAX);
+        let len = u16::try_from(text.len()).expect("cut to STRING_BYTES_MAX, which fits a u16");
         len.encode(w);
-        w.buf.extend_from_slice(self.as_bytes());
+        w.buf.extend_from_slice(text.as_bytes());
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let len = u16::decode(r)? as usize;
@@ -155,7 +159,9 @@ impl<T: Wire> Wire for Vec<T> {
     }
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
         let n = r.array_len("array")?;
-        let mut out = Vec::with_capacity(n);
+        // `n` is bounded by the bytes left, but an element may take far more memory than its
+        // smallest encoding: reserve no more than the frame's own size up front.
+        let mut out = Vec::with_capacity(n.min(r.remaining() / std::mem::size_of::<T>().max(1)));
         for _ in 0..n {
             out.push(T::decode(r)?);
         }
@@ -179,6 +185,32 @@ impl<T: Wire> Wire for Option<T> {
             1 => Ok(Some(T::decode(r)?)),
             _ => Err(DecodeError::Invalid("option tag")),
         }
+    }
+}
+
+/// The longest string the wire carries, in bytes.
+pub const STRING_BYTES_MAX: usize = u16::MAX as usize;
+
+/// `s` cut to at most `max` bytes, at a character boundary.
+pub fn truncate_to_char_boundary(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Client-given text (a name, a config) as an error message shows it: at most 64
+/// characters, the rest elided with its length, so no answer or error line repeats unbounded
+/// input.
+pub fn shown(text: &str) -> String {
+    const SHOWN_CHARS_MAX: usize = 64;
+    match text.char_indices().nth(SHOWN_CHARS_MAX) {
+        None => text.to_owned(),
+        Some((cut, _)) => format!("{}... ({} bytes)", &text[..cut], text.len()),
     }
 }
 

@@ -15,7 +15,7 @@ pub mod io;
 #[allow(missing_docs)]
 mod messages;
 
-pub use codec::{DecodeError, Reader, Wire, Writer};
+pub use codec::{shown, DecodeError, Reader, Wire, Writer};
 pub use messages::*;
 
 /// The largest frame a peer accepts by default (64 MiB).
@@ -354,6 +354,18 @@ mod tests {
         value.encode(&mut w);
         let decoded = decode_exact::<T>(Reader::new(BytesMut::from(&w.buf[..]))).expect("decodes");
         assert_eq!(decoded, value);
+    }
+
+    #[test]
+    fn an_over_long_string_is_cut_at_a_character_boundary_not_a_panic() {
+        let long = format!("{}é{}", "a".repeat(65_534), "b".repeat(10)); // é straddles the limit
+        let mut w = Writer::default();
+        long.encode(&mut w);
+        let decoded = decode_exact::<String>(Reader::new(BytesMut::from(&w.buf[..]))).expect("decodes");
+        assert_eq!(decoded, "a".repeat(65_534));
+        round_trip("é".repeat(1000));
+        assert_eq!(shown("orders"), "orders");
+        assert_eq!(shown(&"a".repeat(65_535)), format!("{}... (65535 bytes)", "a".repeat(64)));
     }
 
     #[test]
