@@ -194,7 +194,7 @@ mod tests {
         assert_eq!(cfg("preallocate", "true").map(|c| c.preallocate_bytes), Ok(PREALLOCATE_BYTES));
         assert_eq!(cfg("preallocate", "false").map(|c| c.preallocate_bytes), Ok(0));
         assert!(cfg("preallocate", "yes").is_err());
-            for cluster_only in ["min.insync.replicas", "unclean.leader.election.enable"] {
+        for cluster_only in ["min.insync.replicas", "unclean.leader.election.enable"] {
             let err = cfg(cluster_only, "2").expect_err("a single node has no replication");
             assert!(err.contains("single node") && err.contains("--voters"), "says why: {err}");
         }

@@ -30,10 +30,7 @@ fn a_65535_byte_topic_name_is_refused_and_the_cluster_broker_keeps_serving() {
         let created = client.create_topic(&long, 1, 1, &[]).await;
         assert!(matches!(created, Err(ClientError::Broker(ErrorCode::INVALID_TOPIC, _))), "{created:?}");
         let deleted = client.delete_topic(&long).await;
-        assert!(
-            matches!(deleted, Err(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))),
-            "{deleted:?}"
-        );
+        assert!(matches!(deleted, Err(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))), "{deleted:?}");
         let configs = [("k".repeat(40_000), "v".repeat(40_000))];
         let bad_config = client.create_topic("fine", 1, 1, &configs).await;
         assert!(matches!(bad_config, Err(ClientError::Broker(ErrorCode::INVALID_CONFIG, _))), "{bad_config:?}");

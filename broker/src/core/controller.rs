@@ -763,7 +763,10 @@ mod tests {
         let huge = c.create_topic("big", PARTITIONS_PER_TOPIC_MAX + 1, 1, vec![], &mut out);
         assert!(matches!(huge, Err(CreateTopicError::Invalid(_))), "{huge:?}");
         for bad in ["", "..", "a/b", &"x".repeat(250)] {
-            assert!(matches!(c.create_topic(bad, 1, 1, vec![], &mut out), Err(CreateTopicError::Invalid(_))), "{bad:?}");
+            assert!(
+                matches!(c.create_topic(bad, 1, 1, vec![], &mut out), Err(CreateTopicError::Invalid(_))),
+                "{bad:?}"
+            );
         }
         let long_value = vec![("k".to_owned(), "v".repeat(CONFIG_VALUE_BYTES_MAX + 1))];
         assert!(matches!(c.create_topic("v", 1, 1, long_value, &mut out), Err(CreateTopicError::Invalid(_))));
