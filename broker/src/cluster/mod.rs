@@ -50,16 +50,16 @@ use skein_log::storage::{FileStorage, StorageError};
 use skein_log::types::Timestamp;
 use skein_log::Log;
 
-use crate::core::controller::{Controller, ControllerConfig, Topic};
+use crate::core::controller::{Controller, ControllerConfig, Topic, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::node::{BrokerNode, NodeConfig};
 use crate::core::quorum::{ControllerVoter, QuorumConfig};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
 use crate::core::{
-    Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time,
+    Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
 };
 use crate::meta::{self, ProducerIds};
 use crate::runtime::conn::{self, Service};
-use crate::runtime::handlers::{api_versions, fetch_response, Request, Response};
+use crate::runtime::handlers::{api_versions, fetch_response, Budgets, FetchBudget, Request, Response};
 use crate::runtime::{fail_stop, split_batches, FetchResult};
 use crate::BrokerConfig;
 use peer::{PeerFrame, PeerLink};
@@ -145,9 +145,19 @@ where
         SELF.with(|s| *s.borrow_mut() = Some(Rc::downgrade(&node)));
         let (tx, rx) = flume::bounded::<std::net::TcpStream>(1024);
         std::thread::Builder::new().name("acceptor".into()).spawn(move || {
-            for stream in listener.incoming().flatten() {
-                if tx.send(stream).is_err() {
-                    return;
+            for stream in listener.incoming() {
+                match stream {
+                    Ok(stream) => {
+                        if tx.send(stream).is_err() {
+                            return;
+                        }
+                    }
+                    // Out of descriptors and the like: back off (this is the acceptor's own
+                    // thread, not the runtime's) instead of spinning on the same error.
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed; retrying in 50 ms");
+                        std::thread::sleep(Duration::from_millis(50));
+                    }
                 }
             }
         })?;
@@ -187,6 +197,9 @@ pub(crate) struct Node {
     producer_ids: RefCell<ProducerIds>,
     /// Fetches waiting for new data: woken after every event that may move a high watermark.
     fetch_waiters: RefCell<Vec<oneshot::Sender<()>>>,
+    /// Produce and fetch bytes held by client requests (`--max-produce-bytes`,
+    /// `--max-fetch-bytes`: this one thread is the broker's only shard).
+    budgets: Budgets,
     stopping: Cell<bool>,
 }
 
@@ -242,6 +255,7 @@ impl Node {
         let racks = parse_racks(config.voters.as_deref().unwrap_or_default());
         Ok(Rc::new(Node {
             id: me,
+            budgets: Budgets::new(&config),
             config,
             voters,
             racks,
@@ -363,7 +377,12 @@ impl Node {
 
     fn send_peer(&self, st: &State, to: NodeId, from_controller: bool, msg: Message) {
         if let Some(link) = st.links.get(&to) {
-            link.send(peer::encode_frame(&PeerFrame { from: self.id, from_controller, msg }));
+            match peer::try_encode_frame(&PeerFrame { from: self.id, from_controller, msg }) {
+                Ok(frame) => link.send(frame),
+                // Dropped like a lost message, which Raft and replication retry; never sent
+                // as an empty stand-in, which would decode as another message.
+                Err(e) => tracing::error!(%to, error = %e, "an inter-broker message does not encode; not sent"),
+            }
         }
     }
 
@@ -649,9 +668,11 @@ impl Node {
     }
 
     async fn create_one(&self, t: &skein_client::wire::NewTopic) -> Result<(), (ErrorCode, String)> {
-        meta::validate_name(&t.name).map_err(|c| (c, format!("invalid topic name '{}'", t.name)))?;
-        if t.partitions == 0 || t.partitions > 10_000 {
-            return Err((ErrorCode::INVALID_PARTITIONS, format!("{} partitions (1..=10000)", t.partitions)));
+        meta::validate_name(&t.name)
+            .map_err(|c| (c, format!("invalid topic name '{}'", skein_client::wire::shown(&t.name))))?;
+        if t.partitions == 0 || t.partitions > PARTITIONS_PER_TOPIC_MAX {
+            let e = format!("{} partitions (1..={PARTITIONS_PER_TOPIC_MAX})", t.partitions);
+            return Err((ErrorCode::INVALID_PARTITIONS, e));
         }
         if t.replicas == 0 || usize::from(t.replicas) > self.voters.len() {
             return Err((
@@ -706,7 +727,10 @@ impl Node {
 
     async fn delete_topic(&self, name: &str) -> Result<(), (ErrorCode, String)> {
         if !self.st.borrow().voter.controller().topics().contains_key(name) {
-            return Err((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, format!("no topic '{name}'")));
+            return Err((
+                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("no topic '{}'", skein_client::wire::shown(name)),
+            ));
         }
         let msg = Message::DeleteTopic { name: name.to_owned() };
         self.until_applied(msg, |c| !c.topics().contains_key(name)).await
@@ -779,10 +803,15 @@ impl Node {
             let mut work = VecDeque::new();
             for part in req.partitions {
                 let mut rxs = Vec::new();
-                let error = match (self.partition_id(&st, &part.topic, part.partition), split_batches(part.records)) {
-                    (None, _) => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
-                    (_, Err(code)) => Some(code),
-                    (Some(p), Ok(batches)) => {
+                let pid = self.partition_id(&st, &part.topic, part.partition);
+                // Back-pressure, as on a single node: the entry's bytes are held until its
+                // answers are in, or until this future is dropped (its connection failed).
+                let held = pid.and_then(|_| self.budgets.produce.try_hold(part.records.len() as u64));
+                let error = match (pid, &held, split_batches(part.records)) {
+                    (None, _, _) => Some(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION),
+                    (_, None, _) => Some(ErrorCode::THROTTLED),
+                    (_, _, Err(code)) => Some(code),
+                    (Some(p), Some(_), Ok(batches)) => {
                         for batch in batches {
                             let id = Self::request_id(&mut st);
                             let (tx, rx) = oneshot::channel();
@@ -796,12 +825,12 @@ impl Node {
                         None
                     }
                 };
-                waits.push((part.topic, part.partition, error, rxs));
+                waits.push((part.topic, part.partition, error, rxs, held));
             }
             self.pump(&mut st, t, work);
         }
         let mut partitions = Vec::with_capacity(waits.len());
-        for (topic, partition, error, rxs) in waits {
+        for (topic, partition, error, rxs, _held) in waits {
             let mut resp = ProducePartitionResponse {
                 topic,
                 partition,
@@ -835,8 +864,9 @@ impl Node {
 
     /// One pass over a fetch's partitions. A partition whose replica is behind the read's
     /// session token (or, on a follower, behind the fetch offset) comes back with no records
-    /// and `behind` set; the caller waits for it or answers NOT_CAUGHT_UP.
-    fn fetch_once(&self, req: &WireFetch) -> Vec<(FetchResult, bool)> {
+    /// and `behind` set; the caller waits for it or answers NOT_CAUGHT_UP. Partitions are read
+    /// in request order against `budget` (see [`FetchBudget`]), which holds what was read.
+    fn fetch_once(&self, req: &WireFetch, budget: &mut FetchBudget) -> Vec<(FetchResult, bool)> {
         let t = now();
         let st = self.st.borrow();
         req.partitions
@@ -865,17 +895,34 @@ impl Node {
                 if p.leader_epoch > known && leads {
                     return fail(ErrorCode::NOT_LEADER);
                 }
+                let past = !leads && self.config.unsafe_follower_reads_past_high_watermark;
+                // The budget: the range is sized first (no bytes read) and read only if it fits;
+                // if not, an offset past every log reads nothing but still checks lease and role.
+                let end = if past { r.log().log_end_offset() } else { r.high_watermark() };
+                let sized = |max_bytes| {
+                    r.log().read(Offset(p.fetch_offset), skein_log::ReadLimit { max_bytes, end: Some(end) })
+                };
+                let max_bytes = budget
+                    .limit(p.partition_max_bytes)
+                    .filter(|&max_bytes| sized(max_bytes).map_or(true, |range| budget.fits(range.bytes)));
+                let (from, max_bytes) = max_bytes.map_or((Offset(u64::MAX), 1), |m| (Offset(p.fetch_offset), m));
                 let read = if leads {
-                    st.core.read_committed(t, pid, Offset(p.fetch_offset), p.partition_max_bytes)
+                    st.core.read_committed(t, pid, from, max_bytes)
                 } else {
-                    let past = self.config.unsafe_follower_reads_past_high_watermark;
-                    r.read_follower(Offset(p.fetch_offset), p.partition_max_bytes, past)
+                    r.read_follower(from, max_bytes, past)
                 };
                 let (records, hw) = match read {
                     Ok((records, hw)) => (records, hw.0),
-                    Err(e) => return fail(produce_error(e)),
+                    Err(ReadFailure::Refused(e)) => return fail(produce_error(e)),
+                    Err(ReadFailure::OffsetOutOfRange) => return fail(ErrorCode::OFFSET_OUT_OF_RANGE),
+                    Err(ReadFailure::Corrupt(c)) => {
+                        tracing::error!(partition = %pid, error = %c, "corrupt batch not served");
+                        return fail(ErrorCode::STORAGE_ERROR);
+                    }
+                    // The log's state is unknown: stop, as for an append or sync failure.
+                    Err(ReadFailure::Storage(e)) => fail_stop("a replicated partition's read", &e),
                 };
-                let result = FetchResult {
+                let mut result = FetchResult {
                     high_watermark: hw,
                     leader_epoch: known,
                     log_start,
@@ -896,6 +943,7 @@ impl Node {
                         false,
                     );
                 }
+                budget.take(&mut result.records);
                 (result, false)
             })
             .collect()
@@ -915,7 +963,9 @@ impl Node {
             let elapsed_us = u32::try_from(t.0.saturating_sub(start.0)).unwrap_or(u32::MAX);
             let mut results = Vec::with_capacity(req.partitions.len());
             let mut behind_any = false;
-            for (i, (mut r, behind)) in self.fetch_once(&req).into_iter().enumerate() {
+            // Holds the bytes read until the response is handed to the connection.
+            let mut budget = FetchBudget::new(req.max_bytes, &self.budgets.fetch);
+            for (i, (mut r, behind)) in self.fetch_once(&req, &mut budget).into_iter().enumerate() {
                 if behind {
                     waited[i] = true;
                     behind_any = true;
@@ -934,6 +984,9 @@ impl Node {
             if !waiting_for_token && (total >= req.min_bytes.max(1) as usize || failed || t >= deadline) {
                 return fetch_response(req, results);
             }
+            // Nothing read is kept while waiting (a fetch whose budget was full waits for room
+            // like for data: the next round reads again).
+            drop((results, budget));
             let (tx, rx) = oneshot::channel();
             self.fetch_waiters.borrow_mut().push(tx);
             let until = if waiting_for_token { token_deadline } else { deadline };
@@ -1002,9 +1055,18 @@ impl Service for Node {
     fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
         Box::pin(self.dispatch(req))
     }
-    fn peer_message(self: &Rc<Self>, body: Reader) -> bool {
+    fn peer_message(self: &Rc<Self>, from_addr: Option<SocketAddr>, body: Reader) -> bool {
         match skein_client::wire::decode_exact::<PeerFrame>(body) {
             Ok(frame) => {
+                // Inter-broker traffic is taken only from the brokers of --voters: the frame's
+                // sender must be a voter, and the connection must come from that voter's own
+                // address (peer links bind their source address to it).
+                let expected = self.voters.iter().find(|(n, _)| *n == frame.from).map(|(_, a)| a.ip());
+                if expected.is_none() || from_addr.map(|a| a.ip()) != expected {
+                    tracing::warn!(claimed = %frame.from, ?from_addr, ?expected,
+                        "closing connection: inter-broker message not from the claimed voter's address");
+                    return false;
+                }
                 self.peer_frame(frame);
                 true
             }
@@ -1048,9 +1110,11 @@ fn replica_settings(
 ) -> Result<(ReplicaConfig, skein_log::LogConfig), String> {
     let mut log_configs = configs.clone();
     let min_isr = match log_configs.remove(MIN_ISR) {
-        Some(v) => {
-            v.parse::<usize>().ok().filter(|n| *n >= 1).ok_or(format!("{MIN_ISR}: '{v}' is not a count >= 1"))?
-        }
+        Some(v) => v
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1)
+            .ok_or(format!("{MIN_ISR}: '{}' is not a count >= 1", skein_client::wire::shown(&v)))?,
         None => config.min_insync_replicas.max(1),
     };
     if min_isr > usize::from(replication) && configs.contains_key(MIN_ISR) {
@@ -1058,7 +1122,7 @@ fn replica_settings(
     }
     if let Some(v) = log_configs.remove(UNCLEAN) {
         if v != "true" && v != "false" {
-            return Err(format!("{UNCLEAN}: '{v}' is not true or false"));
+            return Err(format!("{UNCLEAN}: '{}' is not true or false", skein_client::wire::shown(&v)));
         }
     }
     let log = meta::log_config(&log_configs)?;

@@ -3,7 +3,9 @@
 //! that carry them.
 //!
 //! Decoding never panics: a frame that does not decode closes the connection it came on.
-//! Raft's own messages travel in raft-rs's protobuf encoding.
+//! Raft's own messages travel in raft-rs's protobuf encoding; a Raft message that does not
+//! encode is an error of [`try_encode_frame`] and is not sent (never an empty stand-in, which
+//! would decode as another message).
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
@@ -70,16 +72,18 @@ fn decode_state(r: &mut Reader) -> Result<PartitionState, DecodeError> {
     })
 }
 
-impl Wire for PeerFrame {
-    fn encode(&self, w: &mut Writer) {
+impl PeerFrame {
+    /// Appends the frame's encoding, or fails if its Raft message does not encode (raft-rs's
+    /// protobuf encoder returns an error rather than a message it cannot write); on an error
+    /// `w` may hold part of the frame.
+    fn try_encode(&self, w: &mut Writer) -> Result<(), protobuf::ProtobufError> {
         put(w, self.from.0);
         put(w, self.from_controller);
         match &self.msg {
             Message::Raft(m) => {
                 put(w, 0u8);
-                // Encoding an in-memory protobuf message only fails on missing required
-                // fields, which raft's proto3 messages do not have.
-                bytes(w, &m.write_to_bytes().unwrap_or_default());
+                // Never an empty stand-in: it would decode as a different (default) message.
+                bytes(w, &m.write_to_bytes()?);
             }
             Message::Fetch(f) => {
                 put(w, 1u8);
@@ -180,6 +184,20 @@ impl Wire for PeerFrame {
                 }
             }
         }
+        Ok(())
+    }
+}
+
+impl Wire for PeerFrame {
+    /// The send path uses [`try_encode_frame`], which returns the error. Here a frame whose
+    /// Raft message does not encode is logged and encoded as nothing, which no receiver
+    /// decodes: never as another message.
+    fn encode(&self, w: &mut Writer) {
+        let start = w.buf.len();
+        if let Err(e) = self.try_encode(w) {
+            tracing::error!(from = %self.from, error = %e, "an inter-broker message does not encode; not sent");
+            w.buf.truncate(start);
+        }
     }
 
     fn decode(r: &mut Reader) -> Result<Self, DecodeError> {
@@ -265,15 +283,32 @@ impl Wire for PeerFrame {
     }
 }
 
-/// The frame (length prefix, request header, body) carrying `frame`.
-pub(crate) fn encode_frame(frame: &PeerFrame) -> Vec<u8> {
+/// The frame (length prefix, request header, body) carrying `frame`, or the error if its Raft
+/// message does not encode. The caller drops such a message (Raft resends as after a loss).
+pub(crate) fn try_encode_frame(frame: &PeerFrame) -> Result<Vec<u8>, protobuf::ProtobufError> {
     let header = RequestHeader {
         api_key: ApiKey::Cluster,
         api_version: 0,
         correlation_id: 0,
         client_id: format!("skein-broker-{}", frame.from.0),
     };
-    request_frame(&header, frame)
+    let mut body = Writer::default();
+    frame.try_encode(&mut body)?;
+    Ok(request_frame(&header, &Encoded(body.buf)))
+}
+
+/// A frame body already encoded (by the fallible [`PeerFrame::try_encode`]), for the client
+/// library's framing; send-only.
+struct Encoded(Vec<u8>);
+
+impl Wire for Encoded {
+    fn encode(&self, w: &mut Writer) {
+        w.buf.extend_from_slice(&self.0);
+    }
+
+    fn decode(_: &mut Reader) -> Result<Self, DecodeError> {
+        Err(DecodeError::Invalid("a send-only frame body"))
+    }
 }
 
 /// How many frames wait for a slow or unreachable peer before new ones are dropped (the core
@@ -354,6 +389,14 @@ mod tests {
         f.encode(&mut w);
         let back: PeerFrame = decode_exact(Reader::new(BytesMut::from(&w.buf[..]))).expect("decodes");
         assert_eq!(back, f);
+        // The send path builds the same frame as the client library's request framing.
+        let header = RequestHeader {
+            api_key: ApiKey::Cluster,
+            api_version: 0,
+            correlation_id: 0,
+            client_id: "skein-broker-2".into(),
+        };
+        assert_eq!(try_encode_frame(&f).expect("encodes"), request_frame(&header, &f));
         // Every strict prefix fails to decode (and does not panic).
         for cut in 0..w.buf.len() {
             assert!(decode_exact::<PeerFrame>(Reader::new(BytesMut::from(&w.buf[..cut]))).is_err(), "prefix {cut}");

@@ -1,172 +1,944 @@
-//! The controller voter's Raft log on disk: one append-only file of records, each
-//! `[len u32][crc32c u32][kind u8][protobuf]`, kind 1 an entry and kind 2 a hard state. Every
-//! Raft `Ready` is appended and fdatasync'd before the messages that depend on it are sent.
-//! Opening replays the file into raft-rs's `MemStorage` (later entries replace a conflicting
-//! suffix, the last hard state wins) and cuts a torn tail (a record whose length or checksum
-//! does not match: a crash in the middle of an append, never acknowledged to anyone).
+//! The controller voter's Raft log on disk: one append-only file, `raft.log`, of records that
+//! hold raft-rs entries and hard states. The records of one Raft `Ready` are encoded whole,
+//! appended with one write and fdatasync'd before the messages that depend on them are sent; an
+//! encoding or IO error stops the process (`fail_stop`): the voter cannot keep a promise it
+//! could not record. Opening replays the file into raft-rs's `MemStorage` (later entries replace
+//! a conflicting suffix, the last hard state wins).
 //!
-//! No snapshots yet: the file grows with every controller input and is replayed whole.
+//! Format 2 (little-endian; offsets are file offsets):
+//!
+//! ```text
+//! file   = magic record*
+//! magic  = "SKRAFT2\n"                                                8 bytes
+//! record = len u32 | kind u8 | crc u32 | header_crc u32 | payload     13 + len bytes
+//!   len         payload bytes, at most 64 MiB
+//!   kind        1: a raft-rs `Entry`, 2: a raft-rs `HardState` (payload: its protobuf encoding)
+//!   crc         crc32c over len | kind | payload
+//!   header_crc  crc32c over len | kind | crc (the 9 bytes before it)
+//! ```
+//!
+//! The header checksum makes a header trustworthy before its length is used, so a flipped
+//! length byte is seen as damage, never as a short file. Opening tells two cases apart:
+//! - A torn tail, left by a crash during an append (never acknowledged, since the fdatasync did
+//!   not return). It can only end the file: an incomplete header; an intact header whose payload
+//!   runs past the end of the file; or a damaged record running into trailing zero bytes that
+//!   begin at the record's start or at a 512-byte boundary (sectors of a write that never
+//!   reached the disk read back as zeros). It is cut, with a warning.
+//! - Anything else: a checksum mismatch with more than zeros after it, an unknown kind or
+//!   version, a payload that does not decode, an entry that does not follow the log. Opening
+//!   fails, naming the file and byte offset: a voter that forgot a vote or an entry it
+//!   acknowledged could break Raft's safety, so the broker refuses to start rather than lose
+//!   them silently.
+//!
+//! Format 1, written before the magic existed, is records of `[len u32][crc32c u32][kind u8]
+//! [protobuf]` (len counts the kind byte, the crc covers kind and protobuf) with no file header.
+//! A file that does not start with a magic is read as format 1 and converted once: its records
+//! are written in format 2 to `raft.log.tmp`, which is synced and renamed over `raft.log`, then
+//! the directory is synced, so a crash leaves either the old file or the new one (a new file is
+//! created the same way). Format 1 cannot tell a flipped length from a torn tail by itself, so a
+//! format-1 tail is cut only when no checksum-valid record of either format starts anywhere
+//! after the damage.
+//!
+//! Not done: snapshots (the file grows with every controller input and is replayed whole),
+//! repairing damage (an operator restores the file from a replica or a backup), writing format 1.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{ErrorKind, Write};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use protobuf::Message as _;
 use raft::prelude::{Entry, HardState};
 use raft::storage::MemStorage;
+use raft::Storage as _;
 
 use crate::core::quorum::RaftPersist;
 
-const ENTRY: u8 = 1;
-const HARD_STATE: u8 = 2;
-
-/// The open Raft log file.
+/// The open Raft log file (format 2), positioned for appends.
 pub(crate) struct RaftFile {
     file: File,
     path: PathBuf,
     buf: Vec<u8>,
 }
 
-/// Opens (or creates) `dir/raft.log` and loads it into a `MemStorage`.
+/// Opens (or creates) `dir/raft.log` and loads it into a `MemStorage`. A torn tail is cut and a
+/// format-1 file converted; any other damage is an error naming the file and byte offset, and
+/// leaves the file as it was.
 pub(crate) fn open(dir: &Path) -> Result<(MemStorage, RaftFile)> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("raft.log");
-    let mut file = OpenOptions::new()
-        .read(true)
-        .append(true)
-        .create(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let mut bytes = Vec::new();
-    file.read_to_end(&mut bytes).with_context(|| format!("reading {}", path.display()))?;
+    let path = dir.join(FILE_NAME);
+    let bytes = match std::fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let log = parse(&bytes).map_err(|d| d.error(&path))?;
     let storage = MemStorage::new();
-    let (good, entries, hard_states) =
-        replay(&bytes, &storage).with_context(|| format!("replaying {}", path.display()))?;
-    if good < bytes.len() {
-        tracing::warn!(path = %path.display(), at = good, dropped = bytes.len() - good, "torn Raft log tail cut");
-        file.set_len(good as u64).with_context(|| format!("truncating {}", path.display()))?;
+    let loaded = load(&log.records, &storage).map_err(|d| d.error(&path))?;
+    if let Some(why) = log.torn {
+        let (at, dropped) = (log.valid_bytes, bytes.len() - log.valid_bytes);
+        tracing::warn!(path = %path.display(), at, dropped, "torn Raft log tail cut ({why})");
+    }
+    if log.format == Format::Legacy {
+        rewrite(dir, &path, &log.records)?;
+        if !bytes.is_empty() {
+            tracing::info!(path = %path.display(), records = log.records.len(), "Raft log converted to format 2");
+        }
+    }
+    let file = OpenOptions::new().append(true).open(&path).with_context(|| format!("opening {}", path.display()))?;
+    if log.format == Format::Current && log.valid_bytes < bytes.len() {
+        file.set_len(log.valid_bytes as u64).with_context(|| format!("truncating {}", path.display()))?;
         file.sync_data().with_context(|| format!("syncing {}", path.display()))?;
     }
-    tracing::info!(path = %path.display(), entries, hard_states, "Raft log loaded");
+    tracing::info!(path = %path.display(), entries = loaded.entries, hard_states = loaded.hard_states, "Raft log loaded");
     Ok((storage, RaftFile { file, path, buf: Vec::new() }))
-}
-
-/// Applies the records of `bytes` to `storage`; returns the length of the valid prefix and
-/// the numbers of entry and hard-state records.
-fn replay(bytes: &[u8], storage: &MemStorage) -> Result<(usize, usize, usize)> {
-    let (mut pos, mut entries, mut hard_states) = (0usize, 0usize, 0usize);
-    while let Some(header) = bytes.get(pos..pos + 9) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        let Some(body) = bytes.get(pos + 8..pos + 8 + len) else { break };
-        if len == 0 || crc32c::crc32c(body) != crc {
-            // The last record torn by a crash is cut; a bad record with more after it is
-            // damage, and a voter must not forget entries it acknowledged: refuse to start.
-            anyhow::ensure!(pos + 8 + len >= bytes.len(), "corrupt record at byte {pos} (checksum mismatch)");
-            break;
-        }
-        let (kind, payload) = (body[0], &body[1..]);
-        match kind {
-            ENTRY => {
-                let e = Entry::parse_from_bytes(payload).context("an entry record does not decode")?;
-                storage.wl().append(&[e]).context("an entry does not follow the log")?;
-                entries += 1;
-            }
-            HARD_STATE => {
-                let hs = HardState::parse_from_bytes(payload).context("a hard-state record does not decode")?;
-                storage.wl().set_hardstate(hs);
-                hard_states += 1;
-            }
-            other => anyhow::bail!("unknown record kind {other} at byte {pos}"),
-        }
-        pos += 8 + len;
-    }
-    Ok((pos, entries, hard_states))
-}
-
-fn record(buf: &mut Vec<u8>, kind: u8, payload: &[u8]) {
-    let len = (payload.len() + 1) as u32;
-    let mut body = Vec::with_capacity(payload.len() + 1);
-    body.push(kind);
-    body.extend_from_slice(payload);
-    buf.extend_from_slice(&len.to_le_bytes());
-    buf.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
-    buf.extend_from_slice(&body);
 }
 
 impl RaftPersist for RaftFile {
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
-        self.buf.clear();
-        for e in entries {
-            record(&mut self.buf, ENTRY, &e.write_to_bytes().unwrap_or_default());
-        }
-        if let Some(hs) = hard_state {
-            record(&mut self.buf, HARD_STATE, &hs.write_to_bytes().unwrap_or_default());
-        }
-        let result = self.file.write_all(&self.buf).and_then(|()| self.file.sync_data());
-        if let Err(e) = result {
+        if let Err(e) = self.append(entries, hard_state) {
             // The vote or entries this voter promised would not survive a restart: stop.
-            crate::runtime::fail_stop(&format!("writing the Raft log {}", self.path.display()), &e);
+            crate::runtime::fail_stop(&format!("writing the Raft log {}", self.path.display()), &format!("{e:#}"));
         }
     }
 }
 
+impl RaftFile {
+    /// Appends the records of one `Ready` with one write and fdatasyncs them. Everything is
+    /// encoded before a byte is written, so an encoding error leaves the file as it was; after
+    /// an IO error the tail is unknown (the next open cuts it or refuses it). Either way the
+    /// caller must not go on as if the records were durable.
+    fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
+        self.buf.clear();
+        for e in entries {
+            push_record(&mut self.buf, Kind::Entry, |buf| e.write_to_vec(buf))
+                .with_context(|| format!("encoding Raft entry {} (term {})", e.index, e.term))?;
+        }
+        if let Some(hs) = hard_state {
+            push_record(&mut self.buf, Kind::HardState, |buf| hs.write_to_vec(buf))
+                .with_context(|| format!("encoding Raft hard state (term {}, vote {})", hs.term, hs.vote))?;
+        }
+        self.file.write_all(&self.buf).and_then(|()| self.file.sync_data())?;
+        Ok(())
+    }
+}
+
+/// What a record holds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Entry,
+    HardState,
+}
+
+impl Kind {
+    fn from_byte(b: u8) -> Option<Kind> {
+        match b {
+            1 => Some(Kind::Entry),
+            2 => Some(Kind::HardState),
+            _ => None,
+        }
+    }
+
+    fn byte(self) -> u8 {
+        match self {
+            Kind::Entry => 1,
+            Kind::HardState => 2,
+        }
+    }
+}
+
+/// Why a record could not be encoded.
+#[derive(Debug, thiserror::Error)]
+enum EncodeError {
+    #[error("protobuf encoding failed: {0}")]
+    Protobuf(#[from] protobuf::ProtobufError),
+    #[error("a payload of {0} bytes is over the limit of {PAYLOAD_BYTES_MAX} bytes")]
+    TooLarge(usize),
+}
+
+/// Appends one format-2 record whose payload `encode` appends to the buffer it is given. On an
+/// error `buf` is left as it was.
+fn push_record(
+    buf: &mut Vec<u8>,
+    kind: Kind,
+    encode: impl FnOnce(&mut Vec<u8>) -> protobuf::ProtobufResult<()>,
+) -> Result<(), EncodeError> {
+    let at = buf.len();
+    buf.extend_from_slice(&[0; HEADER_BYTES]);
+    if let Err(e) = encode(buf) {
+        buf.truncate(at);
+        return Err(e.into());
+    }
+    let payload_bytes = buf.len() - at - HEADER_BYTES;
+    let Some(len) = u32::try_from(payload_bytes).ok().filter(|&len| len <= PAYLOAD_BYTES_MAX) else {
+        buf.truncate(at);
+        return Err(EncodeError::TooLarge(payload_bytes));
+    };
+    let (header, payload) = buf[at..].split_at_mut(HEADER_BYTES);
+    header[0..4].copy_from_slice(&len.to_le_bytes());
+    header[4] = kind.byte();
+    let crc = record_crc(header, payload);
+    header[5..9].copy_from_slice(&crc.to_le_bytes());
+    let header_crc = crc32c::crc32c(&header[..9]);
+    header[9..13].copy_from_slice(&header_crc.to_le_bytes());
+    debug_assert!(valid_current(buf, at), "a record just encoded reads back");
+    Ok(())
+}
+
+/// The file's format.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Format {
+    /// Format 2: starts with `MAGIC`.
+    Current,
+    /// Format 1 (or no file yet): converted at open.
+    Legacy,
+}
+
+/// One record as read.
+#[derive(Debug)]
+struct Record<'a> {
+    /// Where it starts in the file.
+    at: usize,
+    kind: Kind,
+    payload: &'a [u8],
+}
+
+/// A file's readable content.
+struct Parsed<'a> {
+    format: Format,
+    /// The records of the valid prefix.
+    records: Vec<Record<'a>>,
+    /// Length of the valid prefix: where a torn tail is cut.
+    valid_bytes: usize,
+    /// Why the bytes after `valid_bytes` are a torn tail, if there are any.
+    torn: Option<&'static str>,
+}
+
+/// Damage that is not a torn tail: opening refuses the file.
+#[derive(Debug)]
+struct Damage {
+    /// The offset of the damaged record.
+    at: usize,
+    what: String,
+}
+
+impl Damage {
+    fn new(at: usize, what: impl Into<String>) -> Damage {
+        Damage { at, what: what.into() }
+    }
+
+    fn error(self, path: &Path) -> anyhow::Error {
+        anyhow::anyhow!(
+            "damaged Raft log {} at byte {}: {}; refusing to start rather than forget votes or entries this \
+             voter acknowledged (restore the file)",
+            path.display(),
+            self.at,
+            self.what
+        )
+    }
+}
+
+/// How the bytes at one offset read.
+enum Step<'a> {
+    /// A whole, intact record, and where the next one starts.
+    Record(Record<'a>, usize),
+    /// The end of the file.
+    End,
+    /// A torn tail, and why it is one.
+    Torn(&'static str),
+}
+
+/// Reads a file's records (format 2, or format 1 if it has no magic).
+fn parse(bytes: &[u8]) -> Result<Parsed<'_>, Damage> {
+    let (format, mut at) = if bytes.starts_with(MAGIC) {
+        (Format::Current, MAGIC.len())
+    } else if bytes.len() >= MAGIC.len() && bytes.starts_with(&MAGIC[..6]) && bytes[7] == b'\n' {
+        let version = String::from_utf8_lossy(&bytes[..7]).into_owned();
+        return Err(Damage::new(0, format!("unknown format {version:?} (this broker reads SKRAFT2 and format 1)")));
+    } else {
+        (Format::Legacy, 0)
+    };
+    let mut records = Vec::new();
+    // Bounded: every record advances `at` by at least a header.
+    loop {
+        let step = match format {
+            Format::Current => step_current(bytes, at)?,
+            Format::Legacy => step_legacy(bytes, at)?,
+        };
+        match step {
+            Step::Record(record, next) => {
+                records.push(record);
+                at = next;
+            }
+            Step::End => return Ok(Parsed { format, records, valid_bytes: at, torn: None }),
+            Step::Torn(why) => return Ok(Parsed { format, records, valid_bytes: at, torn: Some(why) }),
+        }
+    }
+}
+
+/// Reads the format-2 record at `at`.
+fn step_current(bytes: &[u8], at: usize) -> Result<Step<'_>, Damage> {
+    if at == bytes.len() {
+        return Ok(Step::End);
+    }
+    let Some(header) = bytes.get(at..at + HEADER_BYTES) else { return Ok(Step::Torn("an incomplete record header")) };
+    if crc32c::crc32c(&header[..9]) != u32_at(header, 9) {
+        if zero_tail(bytes, at, at + HEADER_BYTES) {
+            return Ok(Step::Torn("trailing zero bytes"));
+        }
+        return Err(Damage::new(at, "record header checksum mismatch"));
+    }
+    let len = u32_at(header, 0);
+    if len > PAYLOAD_BYTES_MAX {
+        return Err(Damage::new(at, format!("record length {len} over the limit of {PAYLOAD_BYTES_MAX}")));
+    }
+    let Some(kind) = Kind::from_byte(header[4]) else {
+        return Err(Damage::new(at, format!("unknown record kind {}", header[4])));
+    };
+    let end = at + HEADER_BYTES + len as usize;
+    let Some(payload) = bytes.get(at + HEADER_BYTES..end) else {
+        return Ok(Step::Torn("a record runs past the end of the file"));
+    };
+    if record_crc(header, payload) != u32_at(header, 5) {
+        if zero_tail(bytes, at, end) {
+            return Ok(Step::Torn("trailing zero bytes"));
+        }
+        return Err(Damage::new(at, "record checksum mismatch"));
+    }
+    Ok(Step::Record(Record { at, kind, payload }, end))
+}
+
+/// Reads the format-1 record at `at`. Its length is not checksummed, so a record that looks
+/// torn is damage if a valid record starts anywhere after it.
+fn step_legacy(bytes: &[u8], at: usize) -> Result<Step<'_>, Damage> {
+    if at == bytes.len() {
+        return Ok(Step::End);
+    }
+    let Some(header) = bytes.get(at..at + LEGACY_HEADER_BYTES) else {
+        return Ok(Step::Torn("an incomplete record header"));
+    };
+    let end = (at + LEGACY_HEADER_BYTES).saturating_add(u32_at(header, 0) as usize);
+    let torn = match bytes.get(at + LEGACY_HEADER_BYTES..end) {
+        None => "a record runs past the end of the file",
+        Some(body) if body.is_empty() || crc32c::crc32c(body) != u32_at(header, 4) => {
+            if !zero_tail(bytes, at, end) {
+                return Err(Damage::new(at, "record checksum mismatch (format 1)"));
+            }
+            "trailing zero bytes"
+        }
+        Some(body) => {
+            let Some(kind) = Kind::from_byte(body[0]) else {
+                return Err(Damage::new(at, format!("unknown record kind {} (format 1)", body[0])));
+            };
+            return Ok(Step::Record(Record { at, kind, payload: &body[1..] }, end));
+        }
+    };
+    match later_record(bytes, at + 1) {
+        Later::None => Ok(Step::Torn(torn)),
+        Later::At(later) => Err(Damage::new(
+            at,
+            format!("{torn}, yet a valid record starts at byte {later}: a damaged length (format 1)"),
+        )),
+        Later::Unknown(from) => Err(Damage::new(
+            at,
+            format!("{torn}, and the search for a valid record after it gave up at byte {from} (format 1)"),
+        )),
+    }
+}
+
+/// Whether the damaged record at `at` (ending at `end`, which may lie past the end of the file)
+/// reads as a torn write: the file ends in zero bytes that begin at the record's start, or
+/// inside it at a sector boundary. Zeros that begin elsewhere inside the record are its own
+/// bytes, not sectors the disk never got.
+fn zero_tail(bytes: &[u8], at: usize, end: usize) -> bool {
+    let zeros_from = bytes.len() - bytes.iter().rev().take_while(|&&b| b == 0).count();
+    if zeros_from <= at {
+        return at < bytes.len();
+    }
+    zeros_from.next_multiple_of(SECTOR_BYTES) < end.min(bytes.len())
+}
+
+/// Where a checksum-valid record of either format starts at or after `from`.
+enum Later {
+    None,
+    At(usize),
+    /// The search ran out of its checksum budget at this offset: nothing is proven either way.
+    Unknown(usize),
+}
+
+fn later_record(bytes: &[u8], from: usize) -> Later {
+    let mut budget = SCAN_CHECKSUM_BYTES_MAX;
+    for at in from..bytes.len() {
+        if valid_current(bytes, at) {
+            return Later::At(at);
+        }
+        let Some(header) = bytes.get(at..at + LEGACY_HEADER_BYTES) else { break };
+        let end = (at + LEGACY_HEADER_BYTES).saturating_add(u32_at(header, 0) as usize);
+        let Some(body) = bytes.get(at + LEGACY_HEADER_BYTES..end) else { continue };
+        if body.first().and_then(|&b| Kind::from_byte(b)).is_none() {
+            continue;
+        }
+        let Some(left) = budget.checked_sub(body.len()) else { return Later::Unknown(at) };
+        budget = left;
+        if crc32c::crc32c(body) == u32_at(header, 4) {
+            return Later::At(at);
+        }
+    }
+    Later::None
+}
+
+/// Whether a whole, intact format-2 record starts at `at`.
+fn valid_current(bytes: &[u8], at: usize) -> bool {
+    let Some(header) = bytes.get(at..at + HEADER_BYTES) else { return false };
+    if crc32c::crc32c(&header[..9]) != u32_at(header, 9) || Kind::from_byte(header[4]).is_none() {
+        return false;
+    }
+    let len = u32_at(header, 0);
+    let end = at + HEADER_BYTES + len as usize;
+    len <= PAYLOAD_BYTES_MAX
+        && bytes.get(at + HEADER_BYTES..end).is_some_and(|payload| record_crc(header, payload) == u32_at(header, 5))
+}
+
+/// The record checksum: over the length and kind (the header's first 5 bytes), then the payload.
+fn record_crc(header: &[u8], payload: &[u8]) -> u32 {
+    crc32c::crc32c_append(crc32c::crc32c(&header[..5]), payload)
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// How many records of each kind were loaded.
+#[derive(Default)]
+struct Loaded {
+    entries: usize,
+    hard_states: usize,
+}
+
+/// Applies `records` to `storage`. A record that does not decode or an entry that does not
+/// follow the log is damage (checked here: `MemStorage::append` panics on a gap).
+fn load(records: &[Record<'_>], storage: &MemStorage) -> Result<Loaded, Damage> {
+    let mut loaded = Loaded::default();
+    for r in records {
+        match r.kind {
+            Kind::Entry => {
+                let e = Entry::parse_from_bytes(r.payload)
+                    .map_err(|e| Damage::new(r.at, format!("an entry record does not decode: {e}")))?;
+                let first = storage.first_index().map_err(|e| Damage::new(r.at, e.to_string()))?;
+                let last = storage.last_index().map_err(|e| Damage::new(r.at, e.to_string()))?;
+                if e.index < first || e.index > last + 1 {
+                    let what = format!("entry {} does not follow the log (entries {first}..={last})", e.index);
+                    return Err(Damage::new(r.at, what));
+                }
+                storage.wl().append(&[e]).map_err(|e| Damage::new(r.at, e.to_string()))?;
+                loaded.entries += 1;
+            }
+            Kind::HardState => {
+                let hs = HardState::parse_from_bytes(r.payload)
+                    .map_err(|e| Damage::new(r.at, format!("a hard-state record does not decode: {e}")))?;
+                storage.wl().set_hardstate(hs);
+                loaded.hard_states += 1;
+            }
+        }
+    }
+    Ok(loaded)
+}
+
+/// Writes `records` as a new format-2 file and puts it in `path`'s place atomically.
+fn rewrite(dir: &Path, path: &Path, records: &[Record<'_>]) -> Result<()> {
+    let mut bytes = MAGIC.to_vec();
+    for r in records {
+        push_record(&mut bytes, r.kind, |buf| {
+            buf.extend_from_slice(r.payload);
+            Ok(())
+        })
+        .with_context(|| format!("converting the record at byte {} of {}", r.at, path.display()))?;
+    }
+    let check = parse(&bytes).expect("a file just encoded parses");
+    assert_eq!(check.records.len(), records.len(), "a file just encoded holds its records");
+    assert_eq!(check.torn, None, "a file just encoded has no torn tail");
+    let tmp = dir.join(TMP_FILE_NAME);
+    let mut file = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    file.write_all(&bytes).and_then(|()| file.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))
+}
+
+const FILE_NAME: &str = "raft.log";
+const TMP_FILE_NAME: &str = "raft.log.tmp";
+/// The first bytes of a format-2 file.
+const MAGIC: &[u8; 8] = b"SKRAFT2\n";
+/// len u32, kind u8, crc u32, header_crc u32.
+const HEADER_BYTES: usize = 13;
+/// Format 1: len u32, crc u32 (the kind byte counts as payload).
+const LEGACY_HEADER_BYTES: usize = 8;
+/// Controller inputs are small; the limit keeps a damaged writer from writing what no reader
+/// would accept.
+const PAYLOAD_BYTES_MAX: u32 = 64 << 20;
+/// The unit in which a torn write leaves zeros: a disk sector (pages are whole sectors).
+const SECTOR_BYTES: usize = 512;
+/// How many bytes the format-1 search for a valid record after damage checksums at most.
+const SCAN_CHECKSUM_BYTES_MAX: usize = 1 << 30;
+
+const _: () = assert!(PAYLOAD_BYTES_MAX as u64 + HEADER_BYTES as u64 <= u32::MAX as u64);
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use raft::Storage as _;
+    use proptest::prelude::*;
+    use raft::GetEntriesContext;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
         Entry { index, term, data: data.to_vec().into(), ..Default::default() }
     }
 
-    #[test]
-    fn reopening_gives_the_same_log_and_cuts_a_torn_tail() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let (_, mut f) = open(dir.path()).expect("opens");
-            let hs = HardState { term: 2, vote: 3, commit: 2, ..Default::default() };
-            f.persist(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], Some(&hs));
-            // A new leader overwrote index 3 (conflicting suffix).
-            f.persist(&[entry(3, 2, b"C")], None);
+    fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
+        HardState { term, vote, commit, ..Default::default() }
+    }
+
+    /// One record of a test log.
+    #[derive(Clone, Debug)]
+    enum Rec {
+        Entry(Entry),
+        HardState(HardState),
+    }
+
+    impl Rec {
+        fn kind_and_payload(&self) -> (Kind, Vec<u8>) {
+            match self {
+                Rec::Entry(e) => (Kind::Entry, e.write_to_bytes().expect("encodes")),
+                Rec::HardState(hs) => (Kind::HardState, hs.write_to_bytes().expect("encodes")),
+            }
         }
-        let path = dir.path().join("raft.log");
-        let good_len = std::fs::metadata(&path).expect("meta").len();
-        // A torn record at the end: half of an append.
-        let mut torn = Vec::new();
-        record(&mut torn, ENTRY, &entry(4, 2, b"d").write_to_bytes().expect("encodes"));
-        let mut f = OpenOptions::new().append(true).open(&path).expect("open");
-        f.write_all(&torn[..torn.len() / 2]).expect("write");
-        drop(f);
-        let (storage, _) = open(dir.path()).expect("reopens");
-        assert_eq!(storage.last_index().expect("last"), 3);
-        assert_eq!(storage.term(3).expect("term"), 2, "the later entry replaced the conflicting one");
-        let st = storage.initial_state().expect("state");
-        assert_eq!((st.hard_state.term, st.hard_state.vote, st.hard_state.commit), (2, 3, 2));
-        assert_eq!(std::fs::metadata(&path).expect("meta").len(), good_len, "torn tail cut");
+    }
+
+    /// A log's content as loaded: entries (index, term, data), hard state (term, vote,
+    /// commit). Built from records by a model independent of the code under test.
+    #[derive(Debug, PartialEq)]
+    struct State {
+        entries: Vec<(u64, u64, Vec<u8>)>,
+        hard_state: (u64, u64, u64),
+    }
+
+    fn model(records: &[Rec]) -> State {
+        let mut state = State { entries: Vec::new(), hard_state: (0, 0, 0) };
+        for r in records {
+            match r {
+                Rec::Entry(e) => {
+                    state.entries.truncate(e.index as usize - 1);
+                    state.entries.push((e.index, e.term, e.data.to_vec()));
+                }
+                Rec::HardState(hs) => state.hard_state = (hs.term, hs.vote, hs.commit),
+            }
+        }
+        state
+    }
+
+    fn state(storage: &MemStorage) -> State {
+        let last = storage.last_index().expect("last");
+        // `MemStorage::entries` indexes its first entry even for an empty range.
+        let entries = match last {
+            0 => Vec::new(),
+            _ => storage.entries(1, last + 1, None, GetEntriesContext::empty(false)).expect("entries"),
+        };
+        let hs = storage.initial_state().expect("state").hard_state;
+        State {
+            entries: entries.into_iter().map(|e| (e.index, e.term, e.data.to_vec())).collect(),
+            hard_state: (hs.term, hs.vote, hs.commit),
+        }
+    }
+
+    /// What opening a file gave: the loaded state and the file's length afterwards, or the
+    /// error.
+    #[derive(Debug, PartialEq)]
+    enum Opened {
+        Log(State, usize),
+        Refused(String),
+    }
+
+    /// Opens a `raft.log` holding `bytes`.
+    fn open_bytes(bytes: &[u8]) -> Opened {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, bytes).expect("write");
+        match open(dir.path()) {
+            Ok((storage, _)) => Opened::Log(state(&storage), std::fs::read(&path).expect("read").len()),
+            Err(e) => {
+                assert_eq!(std::fs::read(&path).expect("read"), bytes, "a refused file is left as it was");
+                Opened::Refused(format!("{e:#}"))
+            }
+        }
+    }
+
+    fn check(bytes: &[u8], expect: Opened) {
+        assert_eq!(open_bytes(bytes), expect);
+    }
+
+    fn check_refused(bytes: &[u8], at: usize) {
+        match open_bytes(bytes) {
+            Opened::Refused(e) => {
+                assert!(e.contains("raft.log") && e.contains(&format!("at byte {at}:")), "{e}");
+            }
+            opened => panic!("opened a file damaged at byte {at}: {opened:?}"),
+        }
+    }
+
+    /// The test log: two writes, a conflicting suffix, hard states; the middle record is an
+    /// entry, the last an entry longer than a sector.
+    fn records() -> Vec<Rec> {
+        vec![
+            Rec::Entry(entry(1, 1, b"a")),
+            Rec::Entry(entry(2, 1, b"b")),
+            Rec::HardState(hard_state(1, 2, 1)),
+            Rec::Entry(entry(3, 1, b"c")),
+            Rec::Entry(entry(3, 2, b"C")),
+            Rec::HardState(hard_state(2, 3, 2)),
+            Rec::Entry(entry(4, 2, &[7; 1500])),
+        ]
+    }
+
+    /// `records` in format 2, and where each record starts and (last) where the file ends.
+    fn encode(records: &[Rec]) -> (Vec<u8>, Vec<usize>) {
+        let mut bytes = MAGIC.to_vec();
+        let mut bounds = vec![bytes.len()];
+        for r in records {
+            let (kind, payload) = r.kind_and_payload();
+            push_record(&mut bytes, kind, |buf| {
+                buf.extend_from_slice(&payload);
+                Ok(())
+            })
+            .expect("encodes");
+            bounds.push(bytes.len());
+        }
+        (bytes, bounds)
+    }
+
+    /// `records` in format 1, as the previous version wrote them, and the record boundaries.
+    fn encode_legacy(records: &[Rec]) -> (Vec<u8>, Vec<usize>) {
+        let (mut bytes, mut bounds) = (Vec::new(), vec![0]);
+        for r in records {
+            let (kind, payload) = r.kind_and_payload();
+            let mut body = vec![kind.byte()];
+            body.extend_from_slice(&payload);
+            bytes.extend_from_slice(&(body.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+            bytes.extend_from_slice(&body);
+            bounds.push(bytes.len());
+        }
+        (bytes, bounds)
+    }
+
+    /// The outcome expected of a torn tail that leaves the first `kept` records.
+    fn kept(records: &[Rec], kept: usize) -> Opened {
+        let (_, bounds) = encode(records);
+        Opened::Log(model(&records[..kept]), bounds[kept])
     }
 
     #[test]
-    fn a_flipped_byte_ends_the_log_there() {
+    fn reopening_gives_the_same_log() {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let (_, mut f) = open(dir.path()).expect("opens");
-            f.persist(&[entry(1, 1, b"a")], None);
-            f.persist(&[entry(2, 1, b"b")], None);
+            f.persist(&[entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c")], Some(&hard_state(2, 3, 2)));
+            // A new leader overwrote index 3 (conflicting suffix).
+            f.persist(&[entry(3, 2, b"C")], None);
+        }
+        let (storage, mut f) = open(dir.path()).expect("reopens");
+        let expect = State {
+            entries: vec![(1, 1, b"a".to_vec()), (2, 1, b"b".to_vec()), (3, 2, b"C".to_vec())],
+            hard_state: (2, 3, 2),
+        };
+        assert_eq!(state(&storage), expect);
+        f.persist(&[], Some(&hard_state(2, 3, 3)));
+        drop(f);
+        let bytes = std::fs::read(dir.path().join(FILE_NAME)).expect("read");
+        assert!(bytes.starts_with(MAGIC));
+        let (storage, _) = open(dir.path()).expect("reopens");
+        assert_eq!(state(&storage).hard_state, (2, 3, 3), "appends after a reopen are read");
+    }
+
+    #[test]
+    fn a_flipped_length_byte_of_the_first_record_is_an_error_not_an_empty_log() {
+        let (bytes, bounds) = encode(&records());
+        // Every bit of every length byte: the old format read most of these as a torn tail
+        // and cut the file to 0 bytes, votes included.
+        for at in bounds[0]..bounds[0] + 4 {
+            for bit in 0..8 {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 1 << bit;
+                check_refused(&damaged, bounds[0]);
+            }
+        }
+        check(&bytes, kept(&records(), records().len()));
+    }
+
+    /// The same through `persist`, with only the API and `std`, so that it also runs against
+    /// the format-1 code (whose first record starts at byte 0), where it fails: that code
+    /// truncated the file to 0 bytes and opened an empty log with no vote.
+    #[test]
+    fn a_voter_whose_first_length_byte_flips_refuses_to_start_and_keeps_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let (_, mut f) = open(dir.path()).expect("opens");
+            let hs = HardState { term: 2, vote: 3, commit: 1, ..Default::default() };
+            f.persist(&[entry(1, 1, b"a"), entry(2, 2, b"b")], Some(&hs));
         }
         let path = dir.path().join("raft.log");
         let mut bytes = std::fs::read(&path).expect("read");
-        let last = bytes.len() - 1;
-        bytes[last] ^= 0xff;
+        let first = if bytes.starts_with(b"SKRAFT2\n") { 8 } else { 0 };
+        bytes[first + 3] ^= 0x01;
         std::fs::write(&path, &bytes).expect("write");
+        let opened = open(dir.path());
+        let len = std::fs::metadata(&path).expect("meta").len();
+        assert_eq!(len, bytes.len() as u64, "the file was not cut");
+        let err = opened.err().expect("refuses a damaged log");
+        assert!(format!("{err:#}").contains(&format!("{} at byte {first}:", path.display())), "{err:#}");
+    }
+
+    #[test]
+    fn a_flipped_payload_byte_in_the_middle_record_is_an_error() {
+        let records = records();
+        let (bytes, bounds) = encode(&records);
+        let middle = records.len() / 2;
+        assert!(matches!(records[middle], Rec::Entry(_)));
+        for at in bounds[middle] + HEADER_BYTES..bounds[middle + 1] {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x10;
+            check_refused(&damaged, bounds[middle]);
+        }
+        // Its header, too.
+        for at in bounds[middle]..bounds[middle] + HEADER_BYTES {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x01;
+            check_refused(&damaged, bounds[middle]);
+        }
+    }
+
+    #[test]
+    fn a_torn_tail_is_cut_at_every_byte_and_only_the_partial_record_goes() {
+        let records = records();
+        let (bytes, bounds) = encode(&records);
+        // Every cut, the last record's included: the whole records before it (every earlier
+        // entry and hard state) stay, and the file is cut right after them.
+        for cut in MAGIC.len()..=bytes.len() {
+            let whole = bounds.iter().filter(|&&b| b <= cut).count() - 1;
+            check(&bytes[..cut], kept(&records, whole));
+        }
+        // A cut file takes appends again.
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join(FILE_NAME), &bytes[..bytes.len() - 5]).expect("write");
+        open(dir.path()).expect("opens").1.persist(&[entry(4, 3, b"d")], None);
         let (storage, _) = open(dir.path()).expect("reopens");
-        assert_eq!(storage.last_index().expect("last"), 1, "the damaged last record is not served");
-        // Damage before the end is an error, not a silently shorter log.
-        bytes[last] ^= 0xff;
-        bytes[12] ^= 0xff;
-        std::fs::write(&path, &bytes).expect("write");
-        let err = open(dir.path()).err().expect("refuses a damaged log");
-        assert!(format!("{err:#}").contains("corrupt record at byte 0"), "{err:#}");
+        assert_eq!(state(&storage).entries.last(), Some(&(4, 3, b"d".to_vec())));
+    }
+
+    #[test]
+    fn trailing_zeros_are_a_torn_tail() {
+        let records = records();
+        let (bytes, bounds) = encode(&records);
+        let all = records.len();
+        for zeros in [1, 12, 13, 14, 512, 4096] {
+            let mut torn = bytes.clone();
+            torn.resize(bytes.len() + zeros, 0);
+            check(&torn, kept(&records, all));
+        }
+        // The last record's sectors from a sector boundary never reached the disk.
+        let last = all - 1;
+        let sector = bounds[last].next_multiple_of(SECTOR_BYTES);
+        assert!(sector < bounds[last + 1]);
+        let mut torn = bytes.clone();
+        torn[sector..].fill(0);
+        check(&torn, kept(&records, last));
+        // ... or none of it did (it starts after earlier records, not at a boundary).
+        torn[bounds[last]..].fill(0);
+        check(&torn, kept(&records, last));
+        // Zeros starting between sector boundaries are the record's bytes, damaged.
+        let mut damaged = bytes.clone();
+        damaged[bytes.len() - 3..].fill(0);
+        check_refused(&damaged, bounds[last]);
+        // Zeros before more records are damage.
+        let mut damaged = bytes.clone();
+        damaged[bounds[1]..bounds[2]].fill(0);
+        check_refused(&damaged, bounds[1]);
+    }
+
+    #[test]
+    fn format_1_files_open_and_are_converted() {
+        let records = records();
+        let (legacy, legacy_bounds) = encode_legacy(&records);
+        let (current, _) = encode(&records);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join(FILE_NAME);
+        std::fs::write(&path, &legacy).expect("write");
+        let (storage, mut f) = open(dir.path()).expect("opens");
+        assert_eq!(state(&storage), model(&records));
+        assert_eq!(std::fs::read(&path).expect("read"), current, "converted to format 2");
+        assert!(!dir.path().join(TMP_FILE_NAME).exists());
+        f.persist(&[entry(5, 2, b"e")], None);
+        let (storage, _) = open(dir.path()).expect("reopens");
+        assert_eq!(state(&storage).entries.len(), 5);
+
+        // A torn format-1 tail is cut; a flipped format-1 length before more records is not.
+        let last = records.len() - 1;
+        for cut in [legacy_bounds[last] + 3, legacy_bounds[last] + 8, legacy.len() - 1] {
+            check(&legacy[..cut], kept(&records, last));
+        }
+        let mut zeroed = legacy.clone();
+        zeroed[legacy_bounds[last]..].fill(0);
+        check(&zeroed, kept(&records, last));
+        for byte in 0..4 {
+            let mut damaged = legacy.clone();
+            damaged[byte] ^= 0x80;
+            check_refused(&damaged, 0);
+        }
+        check(&[], Opened::Log(model(&[]), MAGIC.len()));
+        check(&legacy[..5], Opened::Log(model(&[]), MAGIC.len()));
+    }
+
+    #[test]
+    fn a_damaged_magic_or_an_unknown_version_is_an_error() {
+        let (bytes, _) = encode(&records());
+        let mut future = bytes.clone();
+        future[6] = b'3';
+        check_refused(&future, 0);
+        // A damaged magic reads as format 1, whose search finds the format-2 records after it.
+        for at in 0..MAGIC.len() {
+            let mut damaged = bytes.clone();
+            damaged[at] ^= 0x04;
+            check_refused(&damaged, 0);
+        }
+    }
+
+    #[test]
+    fn records_that_decode_badly_or_leave_a_gap_are_errors() {
+        let (mut bytes, _) = encode(&[Rec::Entry(entry(1, 1, b"a"))]);
+        let at = bytes.len();
+        push_record(&mut bytes, Kind::Entry, |buf| {
+            buf.extend_from_slice(&[0xff; 3]);
+            Ok(())
+        })
+        .expect("encodes");
+        check_refused(&bytes, at);
+        let (bytes, bounds) = encode(&[Rec::Entry(entry(1, 1, b"a")), Rec::Entry(entry(3, 1, b"c"))]);
+        check_refused(&bytes, bounds[1]);
+        let (bytes, _) = encode(&[Rec::Entry(entry(0, 1, b"a"))]);
+        check_refused(&bytes, MAGIC.len());
+    }
+
+    #[test]
+    fn encoding_errors_fail_the_append_and_write_nothing() {
+        let (mut buf, _) = encode(&records());
+        let before = buf.clone();
+        let err = push_record(&mut buf, Kind::Entry, |buf| {
+            buf.extend_from_slice(b"partial");
+            Err(protobuf::ProtobufError::MessageNotInitialized { message: "Entry" })
+        })
+        .expect_err("fails");
+        assert!(matches!(err, EncodeError::Protobuf(_)), "{err}");
+        assert_eq!(buf, before);
+        let err = push_record(&mut buf, Kind::Entry, |buf| {
+            buf.resize(buf.len() + PAYLOAD_BYTES_MAX as usize + 1, 0);
+            Ok(())
+        })
+        .expect_err("fails");
+        assert!(matches!(err, EncodeError::TooLarge(_)), "{err}");
+        assert_eq!(buf, before);
+    }
+
+    /// How a test harmed a file: its first damaged byte, its last flipped byte, and its length
+    /// after a cut (before any zeros were appended).
+    struct Harm {
+        first: usize,
+        last_flip: Option<usize>,
+        cut: usize,
+    }
+
+    /// Opening `damaged` (a file of `records` with record boundaries `bounds`, harmed as `harm`
+    /// says) never panics, and either refuses or keeps every record that ends before the first
+    /// damaged byte, cuts the file right after the records it keeps, and drops no intact record
+    /// that follows a flipped byte (damage followed by more data is refused, not cut).
+    fn check_no_silent_loss(records: &[Rec], damaged: &[u8], bounds: &[usize], harm: Harm) {
+        let before = bounds.iter().filter(|&&b| b <= harm.first).count().saturating_sub(1);
+        let (_, current_bounds) = encode(records);
+        let Opened::Log(state, len) = open_bytes(damaged) else { return };
+        let kept = (before..=records.len())
+            .find(|&k| model(&records[..k]) == state && current_bounds[k] == len)
+            .unwrap_or_else(|| panic!("lost records before byte {}: {state:?}, {len} bytes", harm.first));
+        if let Some(flip) = harm.last_flip {
+            let dropped = (kept..records.len()).find(|&j| bounds[j] > flip && bounds[j + 1] <= harm.cut);
+            assert_eq!(dropped, None, "an intact record after the damage at byte {flip} was dropped");
+        }
+    }
+
+    #[test]
+    fn no_single_byte_flip_loses_an_earlier_record() {
+        let records = records()[..6].to_vec();
+        for (bytes, bounds) in [encode(&records), encode_legacy(&records)] {
+            for at in 0..bytes.len() {
+                for mask in [0x01, 0x80, 0xff] {
+                    let mut damaged = bytes.clone();
+                    damaged[at] ^= mask;
+                    let harm = Harm { first: at, last_flip: Some(at), cut: bytes.len() };
+                    check_no_silent_loss(&records, &damaged, &bounds, harm);
+                }
+            }
+        }
+    }
+
+    /// A log of writes: each (how many entries back it overwrites, entry data, a hard state).
+    fn log_records(writes: &[(u8, Vec<Vec<u8>>, bool)]) -> Vec<Rec> {
+        let (mut records, mut last, mut term) = (Vec::new(), 0u64, 1u64);
+        for (back, datas, with_hard_state) in writes {
+            let back = u64::from(*back).min(last);
+            if back > 0 {
+                term += 1;
+            }
+            let first = last + 1 - back;
+            for (i, data) in datas.iter().enumerate() {
+                records.push(Rec::Entry(entry(first + i as u64, term, data)));
+                last = first + i as u64;
+            }
+            if *with_hard_state {
+                records.push(Rec::HardState(hard_state(term, term % 3 + 1, last)));
+            }
+        }
+        records
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Arbitrary byte flips and a truncation of a valid file (either format) never panic
+        /// and never lose a record before the first damaged byte without an error.
+        #[test]
+        fn damage_never_silently_loses_an_earlier_record(
+            writes in proptest::collection::vec(
+                (0u8..3, proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..700), 0..3), any::<bool>()),
+                1..6,
+            ),
+            legacy in any::<bool>(),
+            flips in proptest::collection::vec((any::<proptest::sample::Index>(), 1u8..=255), 0..4),
+            cut in proptest::option::of(any::<proptest::sample::Index>()),
+            zeros in 0usize..600,
+        ) {
+            let records = log_records(&writes);
+            let (mut bytes, bounds) = if legacy { encode_legacy(&records) } else { encode(&records) };
+            prop_assume!(!bytes.is_empty());
+            let mut harm = Harm { first: bytes.len(), last_flip: None, cut: bytes.len() };
+            for (at, mask) in &flips {
+                let at = at.index(bytes.len());
+                bytes[at] ^= mask;
+                harm.first = harm.first.min(at);
+                harm.last_flip = harm.last_flip.max(Some(at));
+            }
+            if let Some(cut) = cut {
+                harm.cut = cut.index(bytes.len() + 1);
+                bytes.truncate(harm.cut);
+                harm.first = harm.first.min(harm.cut);
+            }
+            // A page-sized torn write: zeros at the end.
+            bytes.resize(bytes.len() + zeros, 0);
+            check_no_silent_loss(&records, &bytes, &bounds, harm);
+        }
     }
 }

@@ -101,6 +101,37 @@ pub struct PartitionState {
     pub replicas: Vec<NodeId>,
 }
 
+/// Why a client read (`read_committed`, `read_follower`) returned no records.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReadFailure {
+    /// Refused as a produce would be (not the leader, not ready, a failed replica).
+    Refused(ProduceError),
+    /// The offset is outside the log (below its start).
+    OffsetOutOfRange,
+    /// A damaged batch, not served (the client gets STORAGE_ERROR; the bytes stay for an
+    /// operator, as on a single node).
+    Corrupt(String),
+    /// The storage under the log failed: its state is unknown. The driver stops the process
+    /// (exit status 74), as for `Command::Fail` (a read takes `&self` and cannot emit one).
+    Storage(String),
+}
+
+impl From<ProduceError> for ReadFailure {
+    fn from(e: ProduceError) -> ReadFailure {
+        ReadFailure::Refused(e)
+    }
+}
+
+impl ReadFailure {
+    pub(crate) fn from_log(e: skein_log::ReadError) -> ReadFailure {
+        match e {
+            skein_log::ReadError::OffsetOutOfRange(_) => ReadFailure::OffsetOutOfRange,
+            skein_log::ReadError::Corrupt(c) => ReadFailure::Corrupt(c.to_string()),
+            skein_log::ReadError::Storage(e) => ReadFailure::Storage(e.to_string()),
+        }
+    }
+}
+
 /// Errors a produce or read can end with. Codes match `skein_client::wire::ErrorCode` names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProduceError {

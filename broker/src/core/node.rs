@@ -17,7 +17,9 @@ use skein_log::batch::RecordBatch;
 use skein_log::storage::{Storage, StorageError};
 
 use super::replica::{Job, Replica};
-use super::{Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+use super::{
+    Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
+};
 
 /// Broker settings for the core.
 #[derive(Clone, Debug)]
@@ -194,11 +196,11 @@ impl<S: Storage> BrokerNode<S> {
         partition: PartitionId,
         from: Offset,
         max_bytes: u32,
-    ) -> Result<(Vec<u8>, Offset), ProduceError> {
+    ) -> Result<(Vec<u8>, Offset), ReadFailure> {
         // Like writes, reads need the lease: a leader without one may have been replaced, and
         // its high watermark would then be behind what readers saw from its successor.
         if !self.lease_valid(now) {
-            return Err(ProduceError::NotLeader);
+            return Err(ProduceError::NotLeader.into());
         }
         let r: &Replica<S> = self.replicas.get(&partition).ok_or(ProduceError::NotLeader)?;
         r.read_committed(from, max_bytes)

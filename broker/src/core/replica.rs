@@ -26,7 +26,7 @@ use skein_log::{Log, ReadLimit, SyncJob};
 use super::producers::{ProducerStates, SequenceCheck};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
-    PartitionState, Peer, ProduceError, RequestId, Time,
+    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
 };
 
 /// The sync job type of a storage.
@@ -618,18 +618,18 @@ impl<S: Storage> Replica<S> {
 
     /// Committed batches from `from` (for consumers), with the high watermark. Only the
     /// leader serves them.
-    pub fn read_committed(&self, from: Offset, max_bytes: u32) -> Result<(Vec<u8>, Offset), ProduceError> {
+    pub fn read_committed(&self, from: Offset, max_bytes: u32) -> Result<(Vec<u8>, Offset), ReadFailure> {
         if self.failed {
-            return Err(ProduceError::Storage);
+            return Err(ProduceError::Storage.into());
         }
-        let Role::Leader(l) = &self.role else { return Err(ProduceError::NotLeader) };
+        let Role::Leader(l) = &self.role else { return Err(ProduceError::NotLeader.into()) };
         if self.high_watermark < l.epoch_start {
-            return Err(ProduceError::LeaderNotReady);
+            return Err(ProduceError::LeaderNotReady.into());
         }
         let mut buf = Vec::new();
         if from < self.high_watermark {
             let limit = ReadLimit { max_bytes, end: Some(self.high_watermark) };
-            self.log.read_verified(from, limit, &mut buf).map_err(|_| ProduceError::Storage)?;
+            self.log.read_verified(from, limit, &mut buf).map_err(ReadFailure::from_log)?;
         }
         Ok((buf, self.high_watermark))
     }
@@ -645,17 +645,17 @@ impl<S: Storage> Replica<S> {
         from: Offset,
         max_bytes: u32,
         past_high_watermark: bool,
-    ) -> Result<(Vec<u8>, Offset), ProduceError> {
+    ) -> Result<(Vec<u8>, Offset), ReadFailure> {
         if self.failed {
-            return Err(ProduceError::Storage);
+            return Err(ProduceError::Storage.into());
         }
-        let Role::Follower(_) = &self.role else { return Err(ProduceError::NotLeader) };
+        let Role::Follower(_) = &self.role else { return Err(ProduceError::NotLeader.into()) };
         assert!(self.high_watermark <= self.log.log_end_offset(), "follower high watermark past its log end");
         let end = if past_high_watermark { self.log.log_end_offset() } else { self.high_watermark };
         let mut buf = Vec::new();
         if from < end {
             let limit = ReadLimit { max_bytes, end: Some(end) };
-            self.log.read_verified(from, limit, &mut buf).map_err(|_| ProduceError::Storage)?;
+            self.log.read_verified(from, limit, &mut buf).map_err(ReadFailure::from_log)?;
         }
         Ok((buf, self.high_watermark))
     }

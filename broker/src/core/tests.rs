@@ -19,7 +19,7 @@ use super::node::{BrokerNode, NodeConfig};
 use super::replica::{Job, Plant, Replica, ReplicaConfig};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
-    PartitionState, Peer, ProduceError, RequestId, Time,
+    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -449,10 +449,10 @@ fn a_new_leader_serves_reads_only_once_its_high_watermark_reaches_its_epoch_star
     // Epoch 2: n2 leads from log end 2 and writes a record of its own.
     let epoch2 = state(2, Some(N2), &[N2, N3], 2);
     h.set_state(N2, epoch2.clone());
-    assert_eq!(h.r(N2).read_committed(Offset(0), 1 << 20), Err(ProduceError::LeaderNotReady));
+    assert_eq!(h.r(N2).read_committed(Offset(0), 1 << 20), Err(ProduceError::LeaderNotReady.into()));
     h.produce(N2, 3, 20, Acks::Leader);
     h.sync(N2);
-    assert_eq!(h.r(N2).read_committed(Offset(0), 1 << 20), Err(ProduceError::LeaderNotReady));
+    assert_eq!(h.r(N2).read_committed(Offset(0), 1 << 20), Err(ProduceError::LeaderNotReady.into()));
 
     // n3 follows and reports offsets 0 and 1 durable: the high watermark reaches 2, where
     // epoch 2 started, though not the log end.
@@ -463,7 +463,7 @@ fn a_new_leader_serves_reads_only_once_its_high_watermark_reaches_its_epoch_star
     let (bytes, hw) = h.r(N2).read_committed(Offset(0), 1 << 20).expect("ready");
     assert_eq!(hw, Offset(2));
     assert_eq!(decode(&bytes), vec![(0, 1, 10), (1, 1, 11)]);
-    assert_eq!(h.r(N3).read_committed(Offset(0), 1 << 20), Err(ProduceError::NotLeader));
+    assert_eq!(h.r(N3).read_committed(Offset(0), 1 << 20), Err(ProduceError::NotLeader.into()));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -861,4 +861,19 @@ fn decode(bytes: &[u8]) -> Vec<Rec> {
         }
     }
     recs
+}
+
+/// A client read's failure keeps its kind: an IO error is `Storage` (the driver fail-stops,
+/// issue 16), never a plain refusal the client retries against a broken disk.
+#[test]
+fn a_client_read_io_error_is_a_storage_failure_not_a_refusal() {
+    let io = skein_log::storage::StorageError {
+        op: "read",
+        path: "partitions/0/00000000000000000000.log".into(),
+        source: std::io::Error::other("EIO"),
+    };
+    let failure = ReadFailure::from_log(skein_log::ReadError::Storage(io));
+    assert!(matches!(&failure, ReadFailure::Storage(e) if e.contains("00000000000000000000.log")), "{failure:?}");
+    let range = skein_log::OutOfRange { requested: Offset(0), log_start: Offset(5), log_end: Offset(9) };
+    assert_eq!(ReadFailure::from_log(range.into()), ReadFailure::OffsetOutOfRange);
 }

@@ -34,8 +34,9 @@ pub(crate) trait Service: 'static {
     fn max_frame_bytes(&self) -> u32;
     /// Handles one request.
     fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>>;
-    /// A one-way inter-broker message (`ApiKey::Cluster`); `false` closes the connection.
-    fn peer_message(self: &Rc<Self>, body: Reader) -> bool;
+    /// A one-way inter-broker message (`ApiKey::Cluster`) from the connection's remote
+    /// address; `false` closes the connection.
+    fn peer_message(self: &Rc<Self>, from: Option<std::net::SocketAddr>, body: Reader) -> bool;
 }
 
 impl Service for Shard {
@@ -48,7 +49,7 @@ impl Service for Shard {
     fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
         Box::pin(handlers::handle(self, req))
     }
-    fn peer_message(self: &Rc<Self>, _body: Reader) -> bool {
+    fn peer_message(self: &Rc<Self>, _from: Option<std::net::SocketAddr>, _body: Reader) -> bool {
         tracing::warn!("closing connection: inter-broker message to a broker without --voters");
         false
     }
@@ -101,7 +102,7 @@ pub(crate) async fn serve<S: Service>(shard: Rc<S>, stream: std::net::TcpStream,
         let mut r = Reader::new(body);
         let pending = match RequestHeader::decode(&mut r) {
             Ok(header) if header.api_key == ApiKey::Cluster => {
-                if shard.peer_message(r) {
+                if shard.peer_message(peer, r) {
                     continue;
                 }
                 break;

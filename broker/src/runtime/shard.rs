@@ -9,6 +9,11 @@
 //! runs its fdatasync on compio's blocking pool so the shard keeps serving, reports it, and
 //! wakes every waiter it covers; appends that arrived meanwhile are covered by the next round.
 //! A storage failure fail-stops the process (exit status 74): the log's state is unknown.
+//!
+//! Back-pressure: a produce entry holds its bytes of the shard's produce budget, and a fetch
+//! the record bytes it read of the shard's fetch budget (`handlers::Budgets`), through holds
+//! that give them back when dropped, so no path (a request future dropped when its connection
+//! fails included) can leak them. A fetch's reads are sized before they are made.
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -31,6 +36,7 @@ use skein_log::storage::FileStorage;
 use skein_log::types::{LeaderEpoch, Offset, Timestamp};
 use skein_log::{AppendError, Log, ReadError, ReadLimit};
 
+use super::handlers::{Budgets, FetchBudget};
 use super::EXIT_STORAGE_FAILURE;
 use crate::core::producers::{ProducerStates, SequenceCheck};
 use crate::meta::{self, Topics};
@@ -49,8 +55,10 @@ pub(crate) enum ShardMsg {
         deadline: Instant,
         reply: oneshot::Sender<Vec<ProducePartitionResponse>>,
     },
-    /// Read from owned partitions (one message per request and owner shard, as `Produce`).
-    Fetch { parts: Vec<FetchPartition>, reply: oneshot::Sender<Vec<FetchResult>> },
+    /// Read from owned partitions (one message per request and owner shard, as `Produce`),
+    /// in order, against the request's `max_bytes` and this shard's fetch budget; the budget
+    /// comes back with the results and holds their bytes until dropped.
+    Fetch { parts: Vec<FetchPartition>, max_bytes: u32, reply: oneshot::Sender<(Vec<FetchResult>, FetchBudget)> },
     /// Answer when the partition's end passes `offset` (or drop the reply at the deadline).
     WaitForData { topic: String, partition: u32, offset: u64, reply: oneshot::Sender<()> },
     /// Look up an offset.
@@ -117,7 +125,8 @@ pub(crate) struct Shard {
     pub peers: Vec<flume::Sender<ShardMsg>>,
     partitions: RefCell<HashMap<(String, u32), PartitionCell>>,
     pub topics: RefCell<Arc<Topics>>,
-    produce_bytes: Cell<u64>,
+    /// Produce and fetch bytes held by requests on this shard.
+    budgets: Budgets,
     pub in_flight: Cell<usize>,
     pub stopping: Cell<bool>,
     /// Serialises topic creation and deletion (shard 0 only; not on the data path).
@@ -136,11 +145,11 @@ impl Shard {
     ) -> Result<Rc<Shard>> {
         let shard = Shard {
             id,
+            budgets: Budgets::new(&config),
             config,
             peers,
             partitions: RefCell::new(HashMap::new()),
             topics: RefCell::new(topics.clone()),
-            produce_bytes: Cell::new(0),
             in_flight: Cell::new(0),
             stopping: Cell::new(false),
             admin: futures_util::lock::Mutex::new(()),
@@ -196,8 +205,8 @@ impl Shard {
             ShardMsg::Produce { parts, acks, deadline, reply } => {
                 let _ = reply.send(self.produce_all(parts, acks, deadline).await);
             }
-            ShardMsg::Fetch { parts, reply } => {
-                let _ = reply.send(self.fetch_all(&parts));
+            ShardMsg::Fetch { parts, max_bytes, reply } => {
+                let _ = reply.send(self.fetch_all(&parts, max_bytes));
             }
             ShardMsg::WaitForData { topic, partition, offset, reply } => {
                 self.wait_for_data(&topic, partition, offset, reply)
@@ -327,9 +336,11 @@ impl Shard {
         futures_util::future::join_all(parts.into_iter().map(|part| self.produce(part, acks, deadline))).await
     }
 
-    /// Reads owned partitions.
-    pub(crate) fn fetch_all(&self, parts: &[FetchPartition]) -> Vec<FetchResult> {
-        parts.iter().map(|part| self.fetch(part)).collect()
+    /// Reads owned partitions, in order, against `max_bytes` and this shard's fetch budget.
+    pub(crate) fn fetch_all(&self, parts: &[FetchPartition], max_bytes: u32) -> (Vec<FetchResult>, FetchBudget) {
+        let mut budget = FetchBudget::new(max_bytes, &self.budgets.fetch);
+        let results = parts.iter().map(|part| self.fetch(part, &mut budget)).collect();
+        (results, budget)
     }
 
     async fn produce(&self, part: ProducePartition, acks: i8, deadline: Instant) -> ProducePartitionResponse {
@@ -350,11 +361,11 @@ impl Shard {
             resp.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
             return resp;
         };
-        let bytes = part.records.len() as u64;
-        if self.produce_bytes.get() + bytes > self.config.max_produce_bytes {
+        // Held until this future ends, however it ends (a dropped request gives it back).
+        let Some(_held) = self.budgets.produce.try_hold(part.records.len() as u64) else {
             resp.error = ErrorCode::THROTTLED;
             return resp;
-        }
+        };
         let batches = match split_batches(part.records) {
             Ok(b) => b,
             Err(code) => {
@@ -362,7 +373,6 @@ impl Shard {
                 return resp;
             }
         };
-        self.produce_bytes.set(self.produce_bytes.get() + bytes);
         let appended = append_all(&p, batches);
         resp.leader_epoch = p.borrow().epoch.0;
         resp.log_start = p.borrow().log.log_start_offset().get();
@@ -376,11 +386,10 @@ impl Shard {
             }
             Err(code) => resp.error = code,
         }
-        self.produce_bytes.set(self.produce_bytes.get() - bytes);
         resp
     }
 
-    fn fetch(&self, part: &FetchPartition) -> FetchResult {
+    fn fetch(&self, part: &FetchPartition, budget: &mut FetchBudget) -> FetchResult {
         let mut out = FetchResult::empty(ErrorCode::NONE);
         let Some(p) = self.partition(&part.topic, part.partition) else {
             out.error = ErrorCode::UNKNOWN_TOPIC_OR_PARTITION;
@@ -399,9 +408,17 @@ impl Shard {
             out.error = ErrorCode::NOT_CAUGHT_UP;
             return out;
         }
-        let limit = ReadLimit { max_bytes: part.partition_max_bytes.max(1), end: Some(hw) };
-        match p.log.read_verified(Offset(part.fetch_offset), limit, &mut out.records) {
-            Ok(_) => {}
+        // The range is sized before a byte is read, and read only if the budget has room for
+        // it; without room the offset is still checked (the entry reports its error).
+        let limit = budget.limit(part.partition_max_bytes);
+        let range = p.log.read(Offset(part.fetch_offset), ReadLimit { max_bytes: limit.unwrap_or(1), end: Some(hw) });
+        let read = match range {
+            Ok(range) if limit.is_some() && budget.fits(range.bytes) => p.log.read_range_into(&range, &mut out.records),
+            Ok(_) => Ok(()),
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(()) => budget.take(&mut out.records),
             Err(ReadError::OffsetOutOfRange(_)) => out.error = ErrorCode::OFFSET_OUT_OF_RANGE,
             Err(ReadError::Corrupt(c)) => {
                 tracing::error!(error = %c, "corrupt batch not served");

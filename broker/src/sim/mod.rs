@@ -34,7 +34,9 @@ use crate::core::controller::{Controller, ControllerConfig};
 use crate::core::node::{BrokerNode, NodeConfig};
 use crate::core::quorum::{ControllerVoter, QuorumConfig};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
-use crate::core::{Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+use crate::core::{
+    Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
+};
 
 /// What a simulation run does.
 #[derive(Clone, Debug)]
@@ -157,7 +159,7 @@ enum ClientReq {
 #[derive(Debug)]
 enum ClientResp {
     Produce(Result<Offset, ProduceError>),
-    Read(Result<(Vec<u8>, Offset), ProduceError>),
+    Read(Result<(Vec<u8>, Offset), ReadFailure>),
 }
 
 enum Event {
@@ -889,7 +891,7 @@ impl Sim {
             // process, whose connections hang until the client's timeout).
             let resp = match req {
                 ClientReq::Produce { .. } => ClientResp::Produce(Err(ProduceError::NotLeader)),
-                ClientReq::Read { .. } => ClientResp::Read(Err(ProduceError::NotLeader)),
+                ClientReq::Read { .. } => ClientResp::Read(Err(ProduceError::NotLeader.into())),
             };
             self.reply_client(to, client, request, resp);
             return;
@@ -910,6 +912,17 @@ impl Sim {
             ClientReq::Read { partition, from } => {
                 let core = self.nodes[i].core.as_ref().expect("checked above");
                 let result = core.read_committed(now, partition, from, 64 * 1024);
+                if let Err(ReadFailure::Storage(reason)) = &result {
+                    // As the runtime does: the log's state is unknown, the node stops.
+                    tracing::debug!(node = %to, %reason, "fail-stop on a read");
+                    self.crash(i);
+                    let back = self.rng.range(100_000, 1_000_000);
+                    self.schedule(back, Event::Restart(to));
+                    // Its connection closes: the client sees a refusal, as from a dead node.
+                    let refused = ClientResp::Read(Err(ProduceError::NotLeader.into()));
+                    self.reply_client(to, client, request, refused);
+                    return;
+                }
                 self.reply_client(to, client, request, ClientResp::Read(result));
             }
         }
