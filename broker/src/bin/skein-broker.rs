@@ -13,6 +13,14 @@ const SIGTERM: i32 = 15;
 /// Exits 1 with one line naming what failed (no backtrace: a startup failure such as a held
 /// data directory or a taken port is an operating error, not a bug).
 fn main() {
+    // A panic stops the process in every build, as `panic = "abort"` does in release: a test
+    // against a debug or test-profile broker (where panics unwind, and a panicking task or
+    // thread could leave the rest serving) sees the same outcome a user would.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        default_hook(info);
+        std::process::abort();
+    }));
     if let Err(e) = run() {
         eprintln!("skein-broker: {e:#}");
         std::process::exit(1);
