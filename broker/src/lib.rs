@@ -100,6 +100,13 @@ pub struct BrokerConfig {
     /// Cluster mode: a follower not caught up for this long leaves the ISR (ms).
     #[arg(long, env = "SKEIN_REPLICA_LAG_MAX_MS", default_value_t = 1_000)]
     pub replica_lag_max_ms: u64,
+    /// Cluster mode: longest a leader holds a caught-up follower's fetch before answering it
+    /// empty (a long poll, answered early by an append or a high-watermark move), in ms; 0
+    /// answers at once and the follower polls every 5 ms. At most 400 (a follower resends a
+    /// fetch unanswered for 500 ms).
+    #[arg(long, env = "SKEIN_REPLICA_FETCH_WAIT_MAX_MS", default_value_t = 50,
+          value_parser = clap::value_parser!(u64).range(0..=400))]
+    pub replica_fetch_wait_max_ms: u64,
     /// Cluster mode: how often leadership moves back to preferred replicas (each partition's
     /// first replica) that are alive and in sync (ms); 0 turns it off.
     #[arg(long, env = "SKEIN_LEADER_REBALANCE_INTERVAL_MS", default_value_t = 30_000)]
@@ -203,6 +210,11 @@ impl BrokerConfig {
             "session_timeout_ms" => self.session_timeout_ms = u64::try_from(int()?)?,
             "election_timeout_ms" => self.election_timeout_ms = u64::try_from(int()?)?,
             "replica_lag_max_ms" => self.replica_lag_max_ms = u64::try_from(int()?)?,
+            "replica_fetch_wait_max_ms" => {
+                let ms = u64::try_from(int()?)?;
+                anyhow::ensure!(ms <= 400, "at most 400 (a follower resends a fetch unanswered for 500 ms)");
+                self.replica_fetch_wait_max_ms = ms;
+            }
             "leader_rebalance_interval_ms" => self.leader_rebalance_interval_ms = u64::try_from(int()?)?,
             "min_insync_replicas" => self.min_insync_replicas = usize::try_from(int()?)?,
             "read_wait_ms" => self.read_wait_ms = u64::try_from(int()?)?,

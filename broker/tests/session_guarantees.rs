@@ -48,6 +48,9 @@ async fn consumer(c: &Cluster, prefer: ReadReplica, rack: Option<&str>, session:
         // One batch per answer: readers lag the high watermark, so a replica behind what they
         // have seen would show it.
         partition_max_bytes: 1,
+        // A follower found behind sends reads to the leader for this long: short, so a run
+        // (which long polls make brief) goes back to the followers many times.
+        lagging_replica_backoff: Duration::from_millis(100),
         ..ConsumerConfig::default()
     };
     Consumer::new(client, config)

@@ -1130,6 +1130,7 @@ fn replica_settings(
         min_insync_replicas: min_isr.min(usize::from(replication)),
         replica_lag_max_ms: config.replica_lag_max_ms,
         fetch_timeout_ms: 500,
+        fetch_wait_max_ms: config.replica_fetch_wait_max_ms,
         ..ReplicaConfig::default()
     };
     Ok((replica, log))

@@ -122,8 +122,9 @@ impl<S: Storage> BrokerNode<S> {
         match msg {
             Message::Fetch(req) => {
                 let Some(r) = self.replicas.get_mut(&req.partition) else { return };
-                let resp = r.handle_fetch(now, &req, out);
-                out.push(Command::Send { to: Peer::Node(req.replica), msg: Message::FetchResponse(resp) });
+                if let Some(resp) = r.handle_fetch(now, &req, out) {
+                    out.push(Command::Send { to: Peer::Node(req.replica), msg: Message::FetchResponse(resp) });
+                }
             }
             Message::FetchResponse(resp) => {
                 let p = match &resp {

@@ -4,8 +4,13 @@
 //! - `handle_state` with every [`PartitionState`] from the controller (stale ones are
 //!   ignored: their epoch or ISR version is older than the replica's);
 //! - `handle_produce` for a client's batch (the node checks its lease first);
-//! - `handle_fetch` on the leader for a follower's [`FetchRequest`]; the returned
-//!   [`FetchResponse`] goes back to that follower;
+//! - `handle_fetch` on the leader for a follower's [`FetchRequest`]; a returned
+//!   [`FetchResponse`] goes back to that follower. A follower that has everything (its fetch
+//!   is at the log end and it knows the high watermark) gets `None`: the fetch is parked
+//!   (a long poll) and answered by a [`Command::Send`] when a batch is appended, the high
+//!   watermark moves or `fetch_wait_max_ms` passes, whichever is first; a newer fetch from the
+//!   same follower replaces it. So records reach followers as soon as they are written, with
+//!   no polling interval, and an idle follower costs one round trip per `fetch_wait_max_ms`;
 //! - `handle_fetch_response` on the follower;
 //! - `handle_sync_done` when a [`Command::Sync`] job finished;
 //! - `handle_tick` every few milliseconds (fetch scheduling, ISR shrink, produce deadlines).
@@ -43,8 +48,12 @@ pub struct ReplicaConfig {
     pub fetch_max_bytes: u32,
     /// A follower whose fetch got no records waits this long before the next.
     pub fetch_backoff_ms: u64,
-    /// A fetch unanswered for this long is sent again (lost message, dead leader).
+    /// A fetch unanswered for this long is sent again (lost message, dead leader). Must be
+    /// above `fetch_wait_max_ms`.
     pub fetch_timeout_ms: u64,
+    /// Longest a leader holds a caught-up follower's fetch before answering it empty (a long
+    /// poll); 0 answers at once (the follower then backs off `fetch_backoff_ms`).
+    pub fetch_wait_max_ms: u64,
     /// An ISR proposal unanswered for this long is sent again.
     pub alter_isr_retry_ms: u64,
 }
@@ -57,6 +66,7 @@ impl Default for ReplicaConfig {
             fetch_max_bytes: 1 << 20,
             fetch_backoff_ms: 5,
             fetch_timeout_ms: 100,
+            fetch_wait_max_ms: 50,
             alter_isr_retry_ms: 100,
         }
     }
@@ -130,6 +140,18 @@ struct FollowerProgress {
     last_caught_up: Time,
     last_fetch_leader_end: Offset,
     last_fetch_at: Time,
+    /// The high watermark in the last answer sent to this follower.
+    hw_told: Offset,
+    /// Its fetch, held until there is something to send (a long poll).
+    parked: Option<Parked>,
+}
+
+/// A follower's fetch the leader holds.
+#[derive(Debug, Clone, Copy)]
+struct Parked {
+    correlation: u64,
+    fetch_offset: Offset,
+    since: Time,
 }
 
 #[derive(Debug)]
@@ -143,6 +165,10 @@ struct FollowerState {
     pretend_epoch: Option<LeaderEpoch>,
     /// Correlation of the latest fetch.
     correlation: u64,
+    /// The durable offset the outstanding fetch reported: a sync that moves it past this
+    /// sends a new fetch at once (the leader's high watermark waits for it), replacing the
+    /// outstanding one, which the leader may be holding.
+    durable_reported: Offset,
 }
 
 /// One partition replica. See the module docs for the call protocol.
@@ -267,6 +293,8 @@ impl<S: Storage> Replica<S> {
                             last_caught_up: now,
                             last_fetch_leader_end: log_end,
                             last_fetch_at: now,
+                            hw_told: Offset(0),
+                            parked: None,
                         });
                     }
                 }
@@ -284,6 +312,8 @@ impl<S: Storage> Replica<S> {
                             last_caught_up: now,
                             last_fetch_leader_end: log_end,
                             last_fetch_at: now,
+                            hw_told: Offset(0),
+                            parked: None,
                         };
                         (r, p)
                     })
@@ -296,7 +326,7 @@ impl<S: Storage> Replica<S> {
                     waiting: VecDeque::new(),
                 });
             }
-            self.advance_high_watermark(out);
+            self.advance_high_watermark(now, out);
         } else if let Some(leader) = new.leader.filter(|_| new.replicas.contains(&me)) {
             self.abandon_waiting(out);
             let keep_pretend = match &self.role {
@@ -310,6 +340,7 @@ impl<S: Storage> Replica<S> {
                 next_fetch: now,
                 pretend_epoch: keep_pretend,
                 correlation: self.fetch_correlation,
+                durable_reported: Offset(0),
             });
             self.maybe_fetch(now, out);
         } else {
@@ -387,17 +418,25 @@ impl<S: Storage> Replica<S> {
             _ => out.push(Command::ProduceReply { request, result: Ok(info.base_offset) }),
         }
         self.maybe_sync(now, out);
-        self.advance_high_watermark(out);
+        self.advance_high_watermark(now, out);
+        // The new batch goes to the followers whose fetches are held.
+        self.answer_parked(now, true, out);
     }
 
-    /// A follower's fetch (leader side). Returns the response for the follower.
-    pub fn handle_fetch(&mut self, now: Time, req: &FetchRequest, out: &mut Vec<Command<Job<S>>>) -> FetchResponse {
+    /// A follower's fetch (leader side). Returns the response for the follower, or `None` if
+    /// the fetch is parked (see the module docs): it is answered later by a `Command::Send`.
+    pub fn handle_fetch(
+        &mut self,
+        now: Time,
+        req: &FetchRequest,
+        out: &mut Vec<Command<Job<S>>>,
+    ) -> Option<FetchResponse> {
         let partition = self.partition;
         let epoch = self.epoch();
         let correlation = req.correlation;
         let fenced = FetchResponse::Fenced { partition, correlation, epoch };
         if self.failed || !matches!(self.role, Role::Leader(_)) {
-            return fenced;
+            return Some(fenced);
         }
         if req.epoch != epoch && !self.plant.no_fencing {
             if req.epoch > epoch {
@@ -406,7 +445,7 @@ impl<S: Storage> Replica<S> {
                 self.abandon_waiting(out);
                 self.role = Role::Offline;
             }
-            return fenced;
+            return Some(fenced);
         }
         let log_end = self.log.log_end_offset();
         // Divergence check (KIP-320): the follower's last epoch must end at or after its
@@ -416,26 +455,28 @@ impl<S: Storage> Replica<S> {
         let log_start = self.log.log_start_offset();
         match req.last_fetched_epoch.map(|last| (last, self.log.end_offset_for_epoch(last))) {
             Some((last, Some((e, end)))) if e == last && end >= req.fetch_offset => {}
-            Some((_, Some((e, end)))) => return diverging(e, end),
+            Some((_, Some((e, end)))) => return Some(diverging(e, end)),
             // The follower's epochs are all older than this log's, or it is empty but claims
             // records: it starts over from the log start.
-            Some((_, None)) => return diverging(LeaderEpoch(0), log_start),
-            None if req.fetch_offset > log_start => return diverging(LeaderEpoch(0), log_start),
+            Some((_, None)) => return Some(diverging(LeaderEpoch(0), log_start)),
+            None if req.fetch_offset > log_start => return Some(diverging(LeaderEpoch(0), log_start)),
             None => {}
         }
         if req.fetch_offset > log_end {
-            return FetchResponse::Diverging {
+            return Some(FetchResponse::Diverging {
                 partition,
                 correlation,
                 epoch,
                 end_epoch: self.log.epochs().latest().map_or(LeaderEpoch(0), |e| e.epoch),
                 end_offset: log_end,
-            };
+            });
         }
         // Track the follower.
         let mut expand = None;
         if let Role::Leader(l) = &mut self.role {
             if let Some(p) = l.followers.get_mut(&req.replica) {
+                // A newer fetch replaces a held one (the follower ignores answers to it).
+                p.parked = None;
                 if req.fetch_offset >= log_end {
                     p.last_caught_up = now;
                 } else if req.fetch_offset >= p.last_fetch_leader_end {
@@ -458,16 +499,66 @@ impl<S: Storage> Replica<S> {
             isr.sort();
             self.propose_isr(now, isr, out);
         }
-        self.advance_high_watermark(out);
+        self.advance_high_watermark(now, out);
+        // Nothing to send (no records, no news of the high watermark): hold the fetch.
+        let hw = self.high_watermark;
+        let wait = self.config.fetch_wait_max_ms;
+        if let Role::Leader(l) = &mut self.role {
+            if let Some(p) = l.followers.get_mut(&req.replica) {
+                if wait > 0 && req.fetch_offset >= log_end && p.hw_told == hw {
+                    p.parked = Some(Parked { correlation, fetch_offset: req.fetch_offset, since: now });
+                    return None;
+                }
+            }
+        }
+        Some(self.fetch_answer(req.replica, correlation, req.fetch_offset, out))
+    }
+
+    /// The records from `fetch_offset` and the high watermark, for a follower's fetch that
+    /// passed the checks; notes the high watermark told.
+    fn fetch_answer(
+        &mut self,
+        replica: NodeId,
+        correlation: u64,
+        fetch_offset: Offset,
+        out: &mut Vec<Command<Job<S>>>,
+    ) -> FetchResponse {
+        let (partition, epoch) = (self.partition, self.epoch());
         let mut batches = Vec::new();
-        if req.fetch_offset < log_end {
+        if fetch_offset < self.log.log_end_offset() {
             let limit = ReadLimit { max_bytes: self.config.fetch_max_bytes, end: None };
-            if let Err(e) = self.log.read_verified(req.fetch_offset, limit, &mut batches) {
+            if let Err(e) = self.log.read_verified(fetch_offset, limit, &mut batches) {
                 self.fail(format!("read for replication failed: {e}"), out);
                 return FetchResponse::Fenced { partition, correlation, epoch };
             }
         }
-        FetchResponse::Records { partition, correlation, epoch, batches, high_watermark: self.high_watermark }
+        let high_watermark = self.high_watermark;
+        if let Role::Leader(l) = &mut self.role {
+            if let Some(p) = l.followers.get_mut(&replica) {
+                p.hw_told = high_watermark;
+            }
+        }
+        FetchResponse::Records { partition, correlation, epoch, batches, high_watermark }
+    }
+
+    /// Answers held fetches: all of them (`all`: a batch was appended or the high watermark
+    /// moved), or those held for `fetch_wait_max_ms`.
+    fn answer_parked(&mut self, now: Time, all: bool, out: &mut Vec<Command<Job<S>>>) {
+        let wait = self.config.fetch_wait_max_ms;
+        let Role::Leader(l) = &mut self.role else { return };
+        let due: Vec<(NodeId, Parked)> = l
+            .followers
+            .iter_mut()
+            .filter(|(_, p)| p.parked.is_some_and(|k| all || now.ms_since(k.since) >= wait))
+            .filter_map(|(&r, p)| p.parked.take().map(|k| (r, k)))
+            .collect();
+        for (replica, k) in due {
+            let resp = self.fetch_answer(replica, k.correlation, k.fetch_offset, out);
+            if self.failed {
+                return;
+            }
+            out.push(Command::Send { to: Peer::Node(replica), msg: Message::FetchResponse(resp) });
+        }
     }
 
     /// The leader's answer to this follower's fetch.
@@ -535,12 +626,24 @@ impl<S: Storage> Replica<S> {
                 if hw > self.high_watermark {
                     self.high_watermark = hw;
                 }
+                self.maybe_sync(now, out);
+                let long_poll = self.config.fetch_wait_max_ms > 0;
+                let syncing = self.sync_in_flight;
                 let Role::Follower(f) = &mut self.role else { unreachable!("still a follower") };
                 if got > 0 {
                     f.pretend_epoch = None;
                 }
-                f.next_fetch = if got > 0 { now } else { now.plus_ms(self.config.fetch_backoff_ms) };
-                self.maybe_sync(now, out);
+                // Long poll: after records, fetch again once they are durable (that fetch
+                // reports it, and the leader's high watermark waits for it; one sent earlier
+                // would be held by the leader), or at once if nothing is to sync; after an
+                // empty answer (the leader held the fetch), at once. Without: at once after
+                // records, after the back-off after an empty answer.
+                f.next_fetch = match (got > 0, syncing) {
+                    (true, true) if long_poll => Time(u64::MAX),
+                    (true, _) => now,
+                    (false, _) if long_poll => now,
+                    (false, _) => now.plus_ms(self.config.fetch_backoff_ms),
+                };
             }
         }
         self.maybe_fetch(now, out);
@@ -561,12 +664,18 @@ impl<S: Storage> Replica<S> {
         if let Err(e) = self.log.finish_sync(job, result) {
             return self.fail(format!("sync failed: {e}"), out);
         }
-        self.advance_high_watermark(out);
+        self.advance_high_watermark(now, out);
         self.maybe_sync(now, out);
         // A follower reports its new durable offset with its next fetch, at once: the
-        // leader's high watermark (and acks=all) waits for it.
+        // leader's high watermark (and acks=all) waits for it. With long polls, an
+        // outstanding fetch that reported less (the leader may be holding it) is replaced.
+        let durable = self.log.durable_offset();
+        let long_poll = self.config.fetch_wait_max_ms > 0;
         if let Role::Follower(f) = &mut self.role {
             f.next_fetch = f.next_fetch.min(now);
+            if long_poll && f.in_flight.is_some() && durable > f.durable_reported {
+                f.in_flight = None;
+            }
         }
         self.maybe_fetch(now, out);
     }
@@ -611,6 +720,7 @@ impl<S: Storage> Replica<S> {
                     self.propose_isr(now, isr, out);
                 }
                 self.maybe_sync(now, out);
+                self.answer_parked(now, false, out);
             }
             Role::Offline => {}
         }
@@ -696,7 +806,7 @@ impl<S: Storage> Replica<S> {
     }
 
     /// Leader: recomputes the high watermark and completes `acks=all` produces below it.
-    fn advance_high_watermark(&mut self, out: &mut Vec<Command<Job<S>>>) {
+    fn advance_high_watermark(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
         let Role::Leader(l) = &mut self.role else { return };
         let Some(state) = &self.state else { return };
         // The ISR in effect is the committed one plus any proposed addition, so a shrink
@@ -713,7 +823,8 @@ impl<S: Storage> Replica<S> {
         // KIP-966: nothing is committed while the ISR is below min_insync_replicas, so an
         // `acks=all` record is never acknowledged with fewer copies than asked (and replicas
         // leaving a too-small ISR still hold everything committed).
-        if hw > self.high_watermark && state.isr.len() >= self.config.min_insync_replicas {
+        let moved = hw > self.high_watermark && state.isr.len() >= self.config.min_insync_replicas;
+        if moved {
             self.high_watermark = hw;
         }
         assert!(self.high_watermark <= self.log.log_end_offset(), "high watermark past the log end");
@@ -723,6 +834,10 @@ impl<S: Storage> Replica<S> {
             }
             l.waiting.pop_front();
             out.push(Command::ProduceReply { request, result: Ok(base) });
+        }
+        // Followers learn the new high watermark now (their reads are bounded by it).
+        if moved {
+            self.answer_parked(now, true, out);
         }
     }
 
@@ -758,6 +873,7 @@ impl<S: Storage> Replica<S> {
             return;
         }
         f.in_flight = Some(now);
+        f.durable_reported = self.log.durable_offset();
         self.fetch_correlation += 1;
         f.correlation = self.fetch_correlation;
         let last = self.log.epochs().latest().map(|e| e.epoch);

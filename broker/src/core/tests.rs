@@ -467,6 +467,106 @@ fn a_new_leader_serves_reads_only_once_its_high_watermark_reaches_its_epoch_star
 }
 
 // ---------------------------------------------------------------------------------------------
+// Long polls: a leader holds a caught-up follower's fetch (fetch_wait_max_ms).
+
+/// Epoch 1 led by n1 with long polls on; each follower's first fetch is held.
+fn long_polling() -> Harness {
+    let mut h = Harness::with(ReplicaConfig::default());
+    assert!(ReplicaConfig::default().fetch_wait_max_ms > 0, "long polls are the default");
+    let s = state(1, Some(N1), &[N1, N2, N3], 1);
+    for id in [N1, N2, N3] {
+        h.set_state(id, s.clone());
+    }
+    for f in [N2, N3] {
+        let req = h.take_fetch(f).expect("a new follower fetches at once");
+        assert_eq!(h.fetch_or_park(N1, &req), None, "{f} has everything: its fetch is held");
+    }
+    h
+}
+
+/// Takes the leader's queued answers to held fetches, by follower.
+fn held_answers(h: &mut Harness) -> BTreeMap<NodeId, FetchResponse> {
+    let mut answers = BTreeMap::new();
+    for (to, msg) in h.sends(N1) {
+        if let (Peer::Node(f), Message::FetchResponse(resp)) = (to, msg) {
+            assert!(answers.insert(f, resp).is_none(), "one answer per held fetch");
+        }
+    }
+    answers
+}
+
+#[test]
+fn a_held_fetch_is_answered_by_the_next_append_and_acks_all_waits_for_no_interval() {
+    let mut h = long_polling();
+    // No time passes anywhere in this test: nothing waits for a back-off or a tick.
+    h.produce(N1, 1, 10, Acks::All);
+    h.sync(N1);
+    let answers = held_answers(&mut h);
+    assert_eq!(answers.keys().copied().collect::<Vec<_>>(), vec![N2, N3], "the append answers both held fetches");
+    for (f, resp) in answers {
+        let FetchResponse::Records { batches, .. } = &resp else { panic!("records for {f}: {resp:?}") };
+        assert_eq!(decode(batches), vec![(0, 1, 10)]);
+        h.respond(f, resp);
+        assert_eq!(h.take_fetch(f), None, "{f} fetches again only once the record is on disk");
+        h.sync(f);
+        let req = h.take_fetch(f).expect("the sync sends the next fetch at once");
+        assert_eq!((req.fetch_offset, req.durable_offset), (Offset(1), Offset(1)));
+        // It tells the leader something new: answered at once only if the high watermark
+        // moved (the last follower's report moves it), else held.
+        let resp = h.fetch_or_park(N1, &req);
+        if f == N2 {
+            assert_eq!(resp, None, "n3 has not reported yet: nothing new for n2");
+        } else {
+            assert!(matches!(resp, Some(FetchResponse::Records { high_watermark: Offset(1), .. })), "{resp:?}");
+        }
+    }
+    assert_eq!(h.r(N1).high_watermark(), Offset(1));
+    assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0)))], "acknowledged with no time passing");
+    // n2's held fetch is answered with the new high watermark, which its reads are bounded by.
+    let answers = held_answers(&mut h);
+    let resp = answers.get(&N2).cloned().expect("n2 learns the high watermark");
+    assert!(matches!(&resp, FetchResponse::Records { batches, high_watermark: Offset(1), .. } if batches.is_empty()));
+    h.respond(N2, resp);
+    assert_eq!(h.r(N2).high_watermark(), Offset(1));
+}
+
+#[test]
+fn a_held_fetch_is_answered_empty_after_the_wait_and_a_newer_one_replaces_it() {
+    let mut h = long_polling();
+    let wait = ReplicaConfig::default().fetch_wait_max_ms;
+    h.advance_ms(wait - 1);
+    h.tick(N1);
+    assert!(held_answers(&mut h).is_empty(), "held until fetch_wait_max_ms");
+    h.advance_ms(1);
+    h.tick(N1);
+    let answers = held_answers(&mut h);
+    assert_eq!(answers.len(), 2, "both answered at the wait: {answers:?}");
+    let mut held = BTreeMap::new();
+    for (f, resp) in answers {
+        assert!(matches!(&resp, FetchResponse::Records { batches, .. } if batches.is_empty()), "{resp:?}");
+        h.respond(f, resp);
+        let req = h.take_fetch(f).expect("after an empty answer to a held fetch, the next goes at once");
+        assert_eq!(h.fetch_or_park(N1, &req), None);
+        held.insert(f, req);
+    }
+    // A newer fetch from n2 (a retransmission after its timeout) replaces its held one: the
+    // next append answers the newer one only, and once.
+    let newer = FetchRequest { correlation: held[&N2].correlation + 100, ..held[&N2].clone() };
+    assert_eq!(h.fetch_or_park(N1, &newer), None);
+    h.produce(N1, 1, 10, Acks::Leader);
+    let answers = held_answers(&mut h);
+    let correlation = |r: &FetchResponse| match r {
+        FetchResponse::Records { correlation, .. } => *correlation,
+        other => panic!("records: {other:?}"),
+    };
+    assert_eq!(correlation(&answers[&N2]), newer.correlation, "the newer fetch is answered");
+    assert_eq!(correlation(&answers[&N3]), held[&N3].correlation);
+    h.advance_ms(wait);
+    h.tick(N1);
+    assert!(held_answers(&mut h).is_empty(), "nothing is held any more: no second answer");
+}
+
+// ---------------------------------------------------------------------------------------------
 // The broker node: registration and lease.
 
 #[test]
@@ -622,8 +722,12 @@ struct Harness {
 }
 
 impl Harness {
+    /// Replicas that answer every fetch at once (no long poll), so a test steps each round.
     fn new() -> Harness {
-        let config = ReplicaConfig::default();
+        Harness::with(ReplicaConfig { fetch_wait_max_ms: 0, ..ReplicaConfig::default() })
+    }
+
+    fn with(config: ReplicaConfig) -> Harness {
         assert_eq!((config.fetch_backoff_ms, config.replica_lag_max_ms), (BACKOFF_MS, LAG_MAX_MS));
         let ids = [N1, N2, N3];
         let replicas =
@@ -733,6 +837,11 @@ impl Harness {
 
     /// The leader handles a fetch; the answer is returned, not delivered.
     fn fetch(&mut self, leader: NodeId, req: &FetchRequest) -> FetchResponse {
+        self.fetch_or_park(leader, req).expect("answered at once")
+    }
+
+    /// The leader handles a fetch: its answer, or `None` if it holds the fetch.
+    fn fetch_or_park(&mut self, leader: NodeId, req: &FetchRequest) -> Option<FetchResponse> {
         let mut resp = None;
         self.step(leader, |now, r, out| resp = Some(r.handle_fetch(now, req, out)));
         resp.expect("set by the step")
