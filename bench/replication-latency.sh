@@ -5,7 +5,9 @@
 # --replica-fetch-wait-max-ms 0 (the leader answers every fetch at once; an idle follower polls
 # every 5 ms) or 50 (the leader holds a caught-up follower's fetch until an append, a
 # high-watermark move or 50 ms), and measures the acknowledgement latency (`produce`) and the
-# end-to-end latency (`e2e`, send to receipt by a consumer of the leader). Modes alternate,
+# end-to-end latency (`e2e`, send to receipt by a consumer of the leader), then the throughput
+# with at most 1 MiB outstanding and no rate (`window`, NATS's 1,000-message window in the
+# peers' table). Modes alternate,
 # ROUNDS rounds each, so both see the same machine.
 # Writes bench/results/repl-latency-*.json and repl-latency-summary.json; prints a table.
 # Usage: [LINGER_MS=1] bench/replication-latency.sh [SECONDS] [RATE] [ROUNDS] (LINGER_MS: the producers' linger)
@@ -42,9 +44,18 @@ run() { # wait_ms round
   echo "== wait ${wait} ms, round $round: e2e (send to receipt)" >&2
   target/release/skein-loadgen e2e "${common[@]}" --report "$out/repl-latency-w$wait-$round-e2e.json" \
     > "$out/repl-latency-w$wait-$round-e2e.txt"
+  echo "== wait ${wait} ms, round $round: window (at most 1 MiB outstanding, no rate)" >&2
+  target/release/skein-loadgen produce --brokers $brokers --topic repl --partitions 1 --replicas 3 \
+    --message-size 1024 --acks all --duration "${secs}s" --warmup 2s --linger-ms "${LINGER_MS:-1}" \
+    --buffer-bytes 1048576 --report "$out/repl-latency-w$wait-$round-window.json" \
+    > "$out/repl-latency-w$wait-$round-window.txt"
   pkill -f "skein-broker.*$dir" || true
   # The next cluster binds the same addresses: wait for these brokers to be gone.
   for _ in $(seq 150); do pgrep -f "skein-broker.*$dir" > /dev/null || break; sleep 0.2; done
+  # Write back what the window phase left dirty and drop this cluster's files, so the next
+  # round's latency phases do not share the disk with that writeback.
+  rm -rf "$dir"
+  sync
 }
 
 for round in $(seq "$rounds"); do
@@ -60,21 +71,27 @@ for r in range(1, rounds + 1):
     for wait in (0, 50):
         p = json.load(open(f"{d}/repl-latency-w{wait}-{r}-produce.json"))
         e = json.load(open(f"{d}/repl-latency-w{wait}-{r}-e2e.json"))
+        w = json.load(open(f"{d}/repl-latency-w{wait}-{r}-window.json"))
         row = {"round": r, "wait_ms": wait,
                "ack_p50_us": p["latency_us"]["p50"], "ack_p99_us": p["latency_us"]["p99"],
                "e2e_p50_us": e["latency_us"]["p50"], "e2e_p99_us": e["latency_us"]["p99"],
-               "produce_msgs_per_sec": p["messages_per_sec"], "errors": p.get("errors"), "e2e_errors": e.get("errors")}
+               "produce_msgs_per_sec": p["messages_per_sec"], "errors": p.get("errors"), "e2e_errors": e.get("errors"),
+               "window_msgs_per_sec": w["messages_per_sec"], "window_p50_us": w["latency_us"]["p50"],
+               "window_p99_us": w["latency_us"]["p99"], "window_errors": w.get("errors")}
         rows.append(row)
 print(f"acks=all, 3 replicas, min ISR 2, 1 KiB records at {rate}/s (latencies in microseconds)")
-print(f"{'round':>5} {'wait ms':>7} {'ack p50':>8} {'ack p99':>8} {'e2e p50':>8} {'e2e p99':>8} {'msg/s':>8}")
+print(f"{'round':>5} {'wait ms':>7} {'ack p50':>8} {'ack p99':>8} {'e2e p50':>8} {'e2e p99':>8} {'msg/s':>8}"
+      f" | {'window msg/s':>12} {'p50':>7} {'p99':>7}")
 for x in rows:
     print(f"{x['round']:>5} {x['wait_ms']:>7} {x['ack_p50_us']:>8} {x['ack_p99_us']:>8} {x['e2e_p50_us']:>8} "
-          f"{x['e2e_p99_us']:>8} {x['produce_msgs_per_sec']:>8.0f}")
+          f"{x['e2e_p99_us']:>8} {x['produce_msgs_per_sec']:>8.0f} | {x['window_msgs_per_sec']:>12.0f} "
+          f"{x['window_p50_us']:>7} {x['window_p99_us']:>7}")
 for r in range(1, rounds + 1):
     a = next(x for x in rows if x["round"] == r and x["wait_ms"] == 0)
     b = next(x for x in rows if x["round"] == r and x["wait_ms"] == 50)
-    ratio = {k: b[k] / max(a[k], 1) for k in ("ack_p50_us", "ack_p99_us", "e2e_p50_us", "e2e_p99_us")}
-    print(f"round {r}: long poll / poll: " + ", ".join(f"{k[:-3]} {v:.3f}" for k, v in ratio.items()))
+    ratio = {k: b[k] / max(a[k], 1) for k in ("ack_p50_us", "ack_p99_us", "e2e_p50_us", "e2e_p99_us",
+                                               "window_msgs_per_sec", "window_p99_us")}
+    print(f"round {r}: long poll / poll: " + ", ".join(f"{k.removesuffix('_us')} {v:.3f}" for k, v in ratio.items()))
     summary["rounds"].append({"poll": a, "long_poll": b, "ratios": ratio})
 json.dump(summary, open(f"{d}/repl-latency-summary.json", "w"), indent=1)
 PY
