@@ -30,6 +30,7 @@ use skein_client::wire::{
 
 use super::shard::FetchResult;
 use super::{Shard, ShardMsg};
+use crate::core::controller::PARTITIONS_PER_TOPIC_MAX;
 use crate::meta::{self, TopicMeta, Topics};
 use crate::BrokerConfig;
 
@@ -183,8 +184,8 @@ pub(crate) async fn create_topics(shard: &Rc<Shard>, req: CreateTopicsRequest) -
 
 async fn create_one(shard: &Rc<Shard>, t: &skein_client::wire::NewTopic) -> Result<(), (ErrorCode, String)> {
     meta::validate_name(&t.name).map_err(|c| (c, "names are 1-249 characters of [A-Za-z0-9._-]".to_owned()))?;
-    if t.partitions == 0 || t.partitions > PARTITIONS_MAX {
-        return Err((ErrorCode::INVALID_PARTITIONS, format!("partitions must be 1..={PARTITIONS_MAX}")));
+    if t.partitions == 0 || t.partitions > PARTITIONS_PER_TOPIC_MAX {
+        return Err((ErrorCode::INVALID_PARTITIONS, format!("partitions must be 1..={PARTITIONS_PER_TOPIC_MAX}")));
     }
     if t.replicas != 1 {
         return Err((ErrorCode::INVALID_PARTITIONS, "this is a single-node cluster: replicas must be 1".to_owned()));
@@ -630,7 +631,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-const PARTITIONS_MAX: u32 = 10_000;
 /// How often a fetch that found the fetch budget full reads again while it waits.
 const FETCH_STARVED_RETRY_MS: u64 = 10;
 
