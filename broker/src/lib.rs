@@ -69,7 +69,8 @@ pub struct BrokerConfig {
     /// mode: per broker); also the cap on one fetch's max_bytes and partition_max_bytes. Past
     /// it a fetch reads no more records: it waits (up to its max_wait_ms) and is then answered
     /// with what fits, possibly nothing.
-    #[arg(long, env = "SKEIN_MAX_FETCH_BYTES", default_value_t = 256 << 20)]
+    #[arg(long, env = "SKEIN_MAX_FETCH_BYTES", default_value_t = 256 << 20,
+          value_parser = clap::value_parser!(u64).range(1..))]
     pub max_fetch_bytes: u64,
     /// Cap on a produce request's own timeout (for acks=all), in milliseconds.
     #[arg(long, env = "SKEIN_MAX_REQUEST_TIMEOUT_MS", default_value_t = 30_000)]
@@ -201,7 +202,11 @@ impl BrokerConfig {
             "max_connections" => self.max_connections = usize::try_from(int()?)?,
             "max_in_flight" => self.max_in_flight = usize::try_from(int()?)?,
             "max_produce_bytes" => self.max_produce_bytes = u64::try_from(int()?)?,
-            "max_fetch_bytes" => self.max_fetch_bytes = u64::try_from(int()?)?,
+            "max_fetch_bytes" => {
+                let bytes = u64::try_from(int()?)?;
+                anyhow::ensure!(bytes >= 1, "at least 1 (0 would let no fetch return records)");
+                self.max_fetch_bytes = bytes;
+            }
             "max_request_timeout_ms" => self.max_request_timeout_ms = u32::try_from(int()?)?,
             "shutdown_grace_ms" => self.shutdown_grace_ms = u64::try_from(int()?)?,
             "voters" => self.voters = Some(text()?.to_owned()),

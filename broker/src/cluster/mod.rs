@@ -134,6 +134,14 @@ where
             config.session_timeout_ms
         );
     }
+    if config.replica_lag_max_ms < 2 * config.replica_fetch_wait_max_ms + 100 {
+        bail!(
+            "--replica-lag-max-ms {} must be at least twice --replica-fetch-wait-max-ms {} plus 100: a follower whose \
+             fetch the leader holds would otherwise leave the ISR while idle",
+            config.replica_lag_max_ms,
+            config.replica_fetch_wait_max_ms
+        );
+    }
     // Bound first, so a broker that cannot listen leaves no data directory behind; the lock
     // is held until this function returns.
     let listener = TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;

@@ -93,6 +93,7 @@ impl PeerFrame {
                 put(w, f.fetch_offset.0);
                 put(w, f.last_fetched_epoch.map(|e| e.0));
                 put(w, f.durable_offset.0);
+                put(w, f.high_watermark.0);
                 put(w, f.correlation);
             }
             Message::FetchResponse(FetchResponse::Records {
@@ -217,6 +218,7 @@ impl Wire for PeerFrame {
                 fetch_offset: Offset(get(r)?),
                 last_fetched_epoch: get::<Option<u32>>(r)?.map(LeaderEpoch),
                 durable_offset: Offset(get(r)?),
+                high_watermark: Offset(get(r)?),
                 correlation: get(r)?,
             }),
             2 => Message::FetchResponse(FetchResponse::Records {
@@ -422,6 +424,7 @@ mod tests {
             fetch_offset: Offset(100),
             last_fetched_epoch: Some(LeaderEpoch(3)),
             durable_offset: Offset(90),
+            high_watermark: Offset(80),
             correlation: 77,
         }));
         roundtrip(Message::FetchResponse(FetchResponse::Records {

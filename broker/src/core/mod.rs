@@ -186,6 +186,9 @@ pub struct FetchRequest {
     pub last_fetched_epoch: Option<LeaderEpoch>,
     /// The follower's durable offset: every record below is on its disk.
     pub durable_offset: Offset,
+    /// The high watermark the follower knows: a leader holds a fetch at its log end only
+    /// if this is its own (else the answer brings news).
+    pub high_watermark: Offset,
     /// Echoed in the response; the follower applies only the answer to its latest fetch (a
     /// duplicated or late answer could otherwise truncate records fetched since).
     pub correlation: u64,

@@ -6,7 +6,7 @@
 //! - `handle_produce` for a client's batch (the node checks its lease first);
 //! - `handle_fetch` on the leader for a follower's [`FetchRequest`]; a returned
 //!   [`FetchResponse`] goes back to that follower. A follower that has everything (its fetch
-//!   is at the log end and it knows the high watermark) gets `None`: the fetch is parked
+//!   is at the log end and names the leader's high watermark) gets `None`: the fetch is parked
 //!   (a long poll) and answered by a [`Command::Send`] when a batch is appended, the high
 //!   watermark moves or `fetch_wait_max_ms` passes, whichever is first; a newer fetch from the
 //!   same follower replaces it. So records reach followers as soon as they are written, with
@@ -140,8 +140,6 @@ struct FollowerProgress {
     last_caught_up: Time,
     last_fetch_leader_end: Offset,
     last_fetch_at: Time,
-    /// The high watermark in the last answer sent to this follower.
-    hw_told: Offset,
     /// Its fetch, held until there is something to send (a long poll).
     parked: Option<Parked>,
 }
@@ -293,7 +291,6 @@ impl<S: Storage> Replica<S> {
                             last_caught_up: now,
                             last_fetch_leader_end: log_end,
                             last_fetch_at: now,
-                            hw_told: Offset(0),
                             parked: None,
                         });
                     }
@@ -312,7 +309,6 @@ impl<S: Storage> Replica<S> {
                             last_caught_up: now,
                             last_fetch_leader_end: log_end,
                             last_fetch_at: now,
-                            hw_told: Offset(0),
                             parked: None,
                         };
                         (r, p)
@@ -505,20 +501,19 @@ impl<S: Storage> Replica<S> {
         let wait = self.config.fetch_wait_max_ms;
         if let Role::Leader(l) = &mut self.role {
             if let Some(p) = l.followers.get_mut(&req.replica) {
-                if wait > 0 && req.fetch_offset >= log_end && p.hw_told == hw {
+                if wait > 0 && req.fetch_offset >= log_end && req.high_watermark == hw {
                     p.parked = Some(Parked { correlation, fetch_offset: req.fetch_offset, since: now });
                     return None;
                 }
             }
         }
-        Some(self.fetch_answer(req.replica, correlation, req.fetch_offset, out))
+        Some(self.fetch_answer(correlation, req.fetch_offset, out))
     }
 
     /// The records from `fetch_offset` and the high watermark, for a follower's fetch that
-    /// passed the checks; notes the high watermark told.
+    /// passed the checks.
     fn fetch_answer(
         &mut self,
-        replica: NodeId,
         correlation: u64,
         fetch_offset: Offset,
         out: &mut Vec<Command<Job<S>>>,
@@ -532,13 +527,7 @@ impl<S: Storage> Replica<S> {
                 return FetchResponse::Fenced { partition, correlation, epoch };
             }
         }
-        let high_watermark = self.high_watermark;
-        if let Role::Leader(l) = &mut self.role {
-            if let Some(p) = l.followers.get_mut(&replica) {
-                p.hw_told = high_watermark;
-            }
-        }
-        FetchResponse::Records { partition, correlation, epoch, batches, high_watermark }
+        FetchResponse::Records { partition, correlation, epoch, batches, high_watermark: self.high_watermark }
     }
 
     /// Answers held fetches: all of them (`all`: a batch was appended or the high watermark
@@ -553,7 +542,7 @@ impl<S: Storage> Replica<S> {
             .filter_map(|(&r, p)| p.parked.take().map(|k| (r, k)))
             .collect();
         for (replica, k) in due {
-            let resp = self.fetch_answer(replica, k.correlation, k.fetch_offset, out);
+            let resp = self.fetch_answer(k.correlation, k.fetch_offset, out);
             if self.failed {
                 return;
             }
@@ -576,7 +565,7 @@ impl<S: Storage> Replica<S> {
         if f.in_flight.is_none() || correlation != f.correlation {
             return; // a duplicate, or the answer to a fetch given up on
         }
-        f.in_flight = None;
+        let sent = f.in_flight.take().expect("checked above");
         if resp_epoch != my_epoch && !self.plant.no_fencing {
             // A late answer from an older leader, or the leader moved on: wait for state.
             f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
@@ -623,7 +612,8 @@ impl<S: Storage> Replica<S> {
                 }
                 tracing::trace!(node = %self.id, partition = %self.partition, got, log_end = %self.log.log_end_offset(), %high_watermark, "fetched");
                 let hw = high_watermark.min(self.log.log_end_offset());
-                if hw > self.high_watermark {
+                let news = hw > self.high_watermark;
+                if news {
                     self.high_watermark = hw;
                 }
                 self.maybe_sync(now, out);
@@ -636,13 +626,18 @@ impl<S: Storage> Replica<S> {
                 // Long poll: after records, fetch again once they are durable (that fetch
                 // reports it, and the leader's high watermark waits for it; one sent earlier
                 // would be held by the leader), or at once if nothing is to sync; after an
-                // empty answer (the leader held the fetch), at once. Without: at once after
-                // records, after the back-off after an empty answer.
+                // empty answer, at once if it brought a new high watermark or was held (it took
+                // at least the back-off), else after the back-off: a leader that holds nothing
+                // (its wait is 0, or it no longer counts this replica as a follower) must not
+                // be polled in a tight loop. Without: at once after records, after the
+                // back-off after an empty answer.
+                let backoff = self.config.fetch_backoff_ms;
+                let held = now.ms_since(sent) >= backoff;
                 f.next_fetch = match (got > 0, syncing) {
                     (true, true) if long_poll => Time(u64::MAX),
                     (true, _) => now,
-                    (false, _) if long_poll => now,
-                    (false, _) => now.plus_ms(self.config.fetch_backoff_ms),
+                    (false, _) if long_poll && (news || held) => now,
+                    (false, _) => now.plus_ms(backoff),
                 };
             }
         }
@@ -887,6 +882,7 @@ impl<S: Storage> Replica<S> {
                 fetch_offset: self.log.log_end_offset(),
                 last_fetched_epoch,
                 durable_offset: self.log.durable_offset(),
+                high_watermark: self.high_watermark,
                 correlation: self.fetch_correlation,
             }),
         });

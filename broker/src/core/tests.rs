@@ -170,6 +170,7 @@ fn a_leader_fetched_at_a_newer_epoch_steps_down_and_answers_fenced() {
         fetch_offset: Offset(0),
         last_fetched_epoch: None,
         durable_offset: Offset(0),
+        high_watermark: Offset(0),
         correlation: 77,
     };
     assert_eq!(h.fetch(N1, &old), FetchResponse::Fenced { partition: P, correlation: 77, epoch: LeaderEpoch(1) });
@@ -528,6 +529,9 @@ fn a_held_fetch_is_answered_by_the_next_append_and_acks_all_waits_for_no_interva
     assert!(matches!(&resp, FetchResponse::Records { batches, high_watermark: Offset(1), .. } if batches.is_empty()));
     h.respond(N2, resp);
     assert_eq!(h.r(N2).high_watermark(), Offset(1));
+    let req = h.take_fetch(N2).expect("an empty answer with a new high watermark: the next fetch at once");
+    assert_eq!(req.high_watermark, Offset(1), "and it names the high watermark it now knows");
+    assert_eq!(h.fetch_or_park(N1, &req), None, "nothing new for n2: held");
 }
 
 #[test]
@@ -564,6 +568,31 @@ fn a_held_fetch_is_answered_empty_after_the_wait_and_a_newer_one_replaces_it() {
     h.advance_ms(wait);
     h.tick(N1);
     assert!(held_answers(&mut h).is_empty(), "nothing is held any more: no second answer");
+}
+
+#[test]
+fn an_empty_answer_that_was_not_held_makes_the_follower_back_off_not_spin() {
+    // A leader that holds nothing (its wait is 0, or it no longer counts this replica as a
+    // follower) answers a caught-up fetch at once, empty, with no news.
+    let mut h = long_polling();
+    h.advance_ms(ReplicaConfig::default().fetch_wait_max_ms);
+    h.tick(N1);
+    for (f, resp) in held_answers(&mut h) {
+        h.respond(f, resp);
+    }
+    let req = h.take_fetch(N2).expect("after an answer that was held, at once");
+    let quick = FetchResponse::Records {
+        partition: P,
+        correlation: req.correlation,
+        epoch: LeaderEpoch(1),
+        batches: Vec::new(),
+        high_watermark: req.high_watermark,
+    };
+    h.respond(N2, quick);
+    assert_eq!(h.take_fetch(N2), None, "an empty, immediate answer with no news: back off");
+    h.advance_ms(BACKOFF_MS);
+    h.tick(N2);
+    assert!(h.take_fetch(N2).is_some(), "after the back-off");
 }
 
 // ---------------------------------------------------------------------------------------------
