@@ -8,7 +8,7 @@ mod common;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{block_on, Broker};
+use common::{block_on, free_port, Broker};
 use skein_client::{Acks, Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
 
 /// Runs a broker that is expected to exit on its own; kills it (and fails) after 10 s.
@@ -30,11 +30,6 @@ fn run_to_exit(args: &[&str]) -> Output {
         std::thread::sleep(Duration::from_millis(20));
     }
     child.wait_with_output().expect("output")
-}
-
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
 }
 
 fn assert_refused(out: &Output, dir: &std::path::Path, holder: u32) {

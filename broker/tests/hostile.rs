@@ -16,7 +16,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{block_on, Broker};
+use common::{block_on, vm_hwm_kb, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
     request_frame, ApiKey, ApiVersionsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
@@ -42,7 +42,7 @@ fn a_fetch_naming_a_large_partition_400_times_is_bounded_single_node() {
 #[test]
 fn a_fetch_naming_a_large_partition_400_times_is_bounded_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = one_voter_cluster(dir.path(), &[]);
+    let broker = Broker::start_one_voter_cluster(dir.path(), &[]);
     fetch_400_times(&broker, "cluster");
 }
 
@@ -66,7 +66,7 @@ fn abandoned_produce_requests_give_their_budget_back_single_node() {
 #[test]
 fn abandoned_produce_requests_give_their_budget_back_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = one_voter_cluster(dir.path(), &["--max-produce-bytes", "1048576"]);
+    let broker = Broker::start_one_voter_cluster(dir.path(), &["--max-produce-bytes", "1048576"]);
     abandon_and_check(&broker, 1 << 20, "cluster");
 }
 
@@ -168,15 +168,6 @@ fn abandon_and_check(broker: &Broker, max_produce_bytes: usize, mode: &str) {
     });
 }
 
-/// Starts a cluster broker that is its own only voter.
-fn one_voter_cluster(dir: &std::path::Path, extra: &[&str]) -> Broker {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let listen = format!("127.0.0.1:{port}");
-    let voters = format!("1@{listen}");
-    let args: Vec<&str> = ["--voters", voters.as_str()].into_iter().chain(extra.iter().copied()).collect();
-    Broker::start_at(dir, &listen, &args)
-}
-
 /// Creates `t` (one partition, one replica) and waits until it takes writes (a cluster elects
 /// its leader first); a connection to the broker.
 async fn setup(addr: &str) -> Connection {
@@ -225,11 +216,4 @@ fn batch_of(records: usize, value_bytes: usize) -> Vec<u8> {
         b.push(None, &value, &[], skein_log::types::Timestamp(0));
     }
     b.build().into_bytes()
-}
-
-/// The process's peak resident set size (`VmHWM`), in kB.
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
-    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM in kB")
 }

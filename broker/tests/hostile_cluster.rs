@@ -14,16 +14,10 @@ use common::Broker;
 use skein_client::wire::{request_frame, ApiKey, DecodeError, ErrorCode, Reader, RequestHeader, Wire, Writer};
 use skein_client::{Client, ClientError};
 
-/// A free loopback port (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
-}
-
 #[test]
 fn a_65535_byte_topic_name_is_refused_and_the_cluster_broker_keeps_serving() {
     let tmp = tempfile::tempdir().expect("tempdir");
-    let listen = format!("127.0.0.1:{}", free_port());
-    let broker = Broker::start_at(tmp.path(), &listen, &["--voters", &format!("1@{listen}")]);
+    let broker = Broker::start_one_voter_cluster(tmp.path(), &[]);
     let long = "a".repeat(65_535);
     block_on(async {
         let client = Client::connect(&broker.addr).await.expect("connect");

@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use common::{block_on, Broker};
+use common::{block_on, vm_hwm_kb, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
     request_frame, ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest,
@@ -41,11 +41,7 @@ const FLAGS: [&str; 2] = ["--max-request-timeout-ms", "1000"];
 #[test]
 fn arbitrary_requests_to_every_api_leave_a_cluster_broker_serving() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let listen = format!("127.0.0.1:{port}");
-    let voters = format!("1@{listen}");
-    let args: Vec<&str> = ["--voters", voters.as_str()].into_iter().chain(FLAGS).collect();
-    let mut broker = Broker::start_at(dir.path(), &listen, &args);
+    let mut broker = Broker::start_one_voter_cluster(dir.path(), &FLAGS);
     fuzz(&mut broker, "cluster");
 }
 
@@ -474,11 +470,4 @@ impl Rng {
             _ => self.bytes_below(300),
         }
     }
-}
-
-/// The process's peak resident set size (`VmHWM`), in kB.
-fn vm_hwm_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
-    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM in kB")
 }

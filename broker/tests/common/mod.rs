@@ -28,6 +28,14 @@ impl Broker {
         Broker::spawn(dir.to_path_buf(), extra, listen)
     }
 
+    /// Starts a cluster broker that is its own only voter (a cluster of one), on a free port.
+    pub fn start_one_voter_cluster(dir: &Path, extra: &[&str]) -> Broker {
+        let listen = format!("127.0.0.1:{}", free_port());
+        let voters = format!("1@{listen}");
+        let args: Vec<&str> = ["--voters", voters.as_str()].into_iter().chain(extra.iter().copied()).collect();
+        Broker::start_at(dir, &listen, &args)
+    }
+
     fn spawn(dir: PathBuf, extra: Vec<String>, listen: &str) -> Broker {
         Broker::spawn_checked(dir, extra, listen).unwrap_or_else(|| panic!("skein-broker did not start on {listen}"))
     }
@@ -115,6 +123,18 @@ pub fn sibling(name: &str, build_args: &[&str]) -> PathBuf {
 }
 
 /// Runs a compio future to completion on this thread.
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+}
+
+/// A process's peak resident set size (`VmHWM` in `/proc/PID/status`), in kB.
+pub fn vm_hwm_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc status");
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).expect("a VmHWM line");
+    line.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("VmHWM in kB")
+}
+
 pub fn block_on<F: std::future::Future>(f: F) -> F::Output {
     compio::runtime::Runtime::new().expect("runtime").block_on(f)
 }
