@@ -21,6 +21,11 @@
 //! broker would log itself fenced right after starting). [`Narration::Replay`] logs them at
 //! debug level and counts them instead. The controller has no notion of log indexes and does
 //! not log a summary: its driver does.
+//!
+//! Snapshots: [`Controller::snapshot`] encodes the state (versioned, checksummed bytes; the
+//! format is on [`ControllerSnapshot`]) and [`Controller::restore`] replaces the state with a
+//! decoded one, so a Raft voter can compact its log. Settings and narration are not part of a
+//! snapshot: they belong to the process that restores it.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -245,6 +250,64 @@ impl Controller {
     /// How many decisions were logged at debug level as history.
     pub fn decisions_replayed(&self) -> u64 {
         self.decisions_replayed
+    }
+
+    /// The controller's state as snapshot bytes (see [`ControllerSnapshot`] for the format):
+    /// everything its decisions depend on, not its settings (`ControllerConfig`, planted bugs)
+    /// nor its narration, which belong to the process. Deterministic: two controllers that
+    /// applied the same inputs give the same bytes.
+    pub fn snapshot(&self) -> Vec<u8> {
+        let mut body = Vec::new();
+        encode_state(self, &mut body);
+        let body_bytes = u32::try_from(body.len()).expect("a controller state is far below 4 GiB");
+        let mut bytes = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
+        bytes.extend_from_slice(SNAPSHOT_MAGIC);
+        bytes.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        bytes.extend_from_slice(&body_bytes.to_le_bytes());
+        bytes.extend_from_slice(&crc32c::crc32c(&body).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        debug_assert!(ControllerSnapshot::decode(&bytes).is_ok(), "a snapshot just encoded decodes");
+        bytes
+    }
+
+    /// Replaces the state with a snapshot's (taken by this or another voter's controller at a
+    /// Raft index this controller has not applied past). Settings and narration stay; if the
+    /// snapshot already holds the heartbeat a replay waits for, the replay ends. Fails, changing
+    /// nothing, if the snapshot names other brokers (the voters differ: a configuration error).
+    pub fn restore(&mut self, snapshot: ControllerSnapshot) -> Result<(), SnapshotError> {
+        let mine: Vec<NodeId> = self.brokers.keys().copied().collect();
+        let theirs: Vec<NodeId> = snapshot.brokers.keys().copied().collect();
+        if mine != theirs {
+            return Err(SnapshotError::Brokers { snapshot: theirs, controller: mine });
+        }
+        let ControllerSnapshot {
+            brokers,
+            partitions,
+            topics,
+            next_partition,
+            unclean,
+            last_rebalance,
+            reassigning,
+            deleted,
+            held,
+            last_now,
+        } = snapshot;
+        self.brokers = brokers;
+        self.partitions = partitions;
+        self.topics = topics;
+        self.next_partition = next_partition;
+        self.unclean = unclean;
+        self.last_rebalance = last_rebalance;
+        self.reassigning = reassigning;
+        self.deleted = deleted;
+        self.held = held;
+        self.last_now = last_now;
+        if let Narration::Replay { broker, .. } = self.narration {
+            if let Some(i) = self.brokers.get(&broker).and_then(|b| b.incarnation) {
+                self.end_replay(broker, i);
+            }
+        }
+        Ok(())
     }
 
     /// Every topic, by name.
@@ -711,6 +774,360 @@ impl Controller {
     }
 }
 
+/// A controller state decoded from snapshot bytes ([`Controller::snapshot`]), not yet
+/// restored ([`Controller::restore`]). Decoding checks everything a controller relies on, so a
+/// value of this type is safe to restore: bad bytes give a [`SnapshotError`], never a panic.
+///
+/// Format (version 1, little-endian):
+///
+/// ```text
+/// snapshot = magic "SKCS" | version u32 | body_len u32 | body_crc u32 | body     16 + body_len bytes
+///   body_crc   crc32c over body
+/// body     = last_now u64 | next_partition u32 | last_rebalance opt_u64
+///            brokers:     n u32, n × (id u32 | last_heartbeat opt_u64 | alive u8 | incarnation opt_u64 | shutting_down u8)
+///            partitions:  n u32, n × (id u32 | epoch u32 | leader opt_u32 | isr ids | isr_version u32 | replicas ids)
+///            topics:      n u32, n × (name str | first u32 | partitions u32 | replication u16 | n u32, n × (key str | value str))
+///            unclean:     ids
+///            reassigning: n u32, n × (partition u32 | target ids)
+///            deleted:     ids
+///            held:        n u32, n × (partition u32 | until u64)
+/// opt_T    = 0 u8 | 1 u8 T          ids = n u32, n × u32          str = len u32 | UTF-8 bytes
+/// ```
+///
+/// Maps and sets are written in key order, so equal states give equal bytes.
+#[derive(Debug)]
+pub struct ControllerSnapshot {
+    brokers: BTreeMap<NodeId, Broker>,
+    partitions: BTreeMap<PartitionId, PartitionState>,
+    topics: BTreeMap<String, Topic>,
+    next_partition: u32,
+    unclean: BTreeSet<PartitionId>,
+    last_rebalance: Option<Time>,
+    reassigning: BTreeMap<PartitionId, Vec<NodeId>>,
+    deleted: BTreeSet<PartitionId>,
+    held: BTreeMap<PartitionId, Time>,
+    last_now: Time,
+}
+
+impl ControllerSnapshot {
+    /// Decodes snapshot bytes: header, checksum, then the state, checked.
+    pub fn decode(bytes: &[u8]) -> Result<ControllerSnapshot, SnapshotError> {
+        let Some(header) = bytes.get(..SNAPSHOT_HEADER_BYTES) else {
+            return Err(SnapshotError::Header(format!("{} bytes, shorter than the header", bytes.len())));
+        };
+        if &header[..4] != SNAPSHOT_MAGIC {
+            return Err(SnapshotError::Header(format!("magic {:02x?} is not {SNAPSHOT_MAGIC:?}", &header[..4])));
+        }
+        let version = le_u32(&header[4..8]);
+        if version != SNAPSHOT_VERSION {
+            return Err(SnapshotError::Version(version));
+        }
+        let body = &bytes[SNAPSHOT_HEADER_BYTES..];
+        let body_bytes = le_u32(&header[8..12]);
+        if u64::from(body_bytes) != body.len() as u64 {
+            let what = format!("the header gives {body_bytes} body bytes, {} follow it", body.len());
+            return Err(SnapshotError::Header(what));
+        }
+        let (expected, actual) = (le_u32(&header[12..16]), crc32c::crc32c(body));
+        if expected != actual {
+            return Err(SnapshotError::Checksum { expected, actual });
+        }
+        let mut r = Reader { bytes: body, at: 0 };
+        let snapshot = decode_state(&mut r).map_err(|what| SnapshotError::Body { at: r.at, what })?;
+        if r.at != body.len() {
+            return Err(SnapshotError::Body { at: r.at, what: "bytes after the state".into() });
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Why snapshot bytes could not be decoded or restored.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SnapshotError {
+    /// The header is short, has another magic, or a length that does not match the bytes.
+    #[error("bad controller snapshot header: {0}")]
+    Header(String),
+    /// A version this controller does not read.
+    #[error("controller snapshot version {0} (this broker reads version {SNAPSHOT_VERSION})")]
+    Version(u32),
+    /// The body's checksum does not match.
+    #[error("controller snapshot checksum mismatch (header {expected:#010x}, body {actual:#010x})")]
+    Checksum {
+        /// The checksum in the header.
+        expected: u32,
+        /// The body's.
+        actual: u32,
+    },
+    /// The checksum matches but the state does not decode or breaks an invariant.
+    #[error("controller snapshot body byte {at}: {what}")]
+    Body {
+        /// Where in the body.
+        at: usize,
+        /// What is wrong.
+        what: String,
+    },
+    /// The snapshot's brokers are not this controller's (the voter lists differ).
+    #[error("the controller snapshot names brokers {snapshot:?}, this controller {controller:?}")]
+    Brokers {
+        /// The snapshot's.
+        snapshot: Vec<NodeId>,
+        /// This controller's.
+        controller: Vec<NodeId>,
+    },
+}
+
+fn encode_state(c: &Controller, w: &mut Vec<u8>) {
+    put_u64(w, c.last_now.0);
+    put_u32(w, c.next_partition);
+    put_opt_u64(w, c.last_rebalance.map(|t| t.0));
+    put_len(w, c.brokers.len());
+    for (id, b) in &c.brokers {
+        put_u32(w, id.0);
+        put_opt_u64(w, b.last_heartbeat.map(|t| t.0));
+        w.push(u8::from(b.alive));
+        put_opt_u64(w, b.incarnation);
+        w.push(u8::from(b.shutting_down));
+    }
+    put_len(w, c.partitions.len());
+    for (id, s) in &c.partitions {
+        put_u32(w, id.0);
+        put_u32(w, s.epoch.0);
+        match s.leader {
+            None => w.push(0),
+            Some(l) => {
+                w.push(1);
+                put_u32(w, l.0);
+            }
+        }
+        put_ids(w, s.isr.iter().map(|n| n.0), s.isr.len());
+        put_u32(w, s.isr_version.0);
+        put_ids(w, s.replicas.iter().map(|n| n.0), s.replicas.len());
+    }
+    put_len(w, c.topics.len());
+    for (name, t) in &c.topics {
+        put_str(w, name);
+        put_u32(w, t.first.0);
+        put_u32(w, t.partitions);
+        w.extend_from_slice(&t.replication.to_le_bytes());
+        put_len(w, t.configs.len());
+        for (k, v) in &t.configs {
+            put_str(w, k);
+            put_str(w, v);
+        }
+    }
+    put_ids(w, c.unclean.iter().map(|p| p.0), c.unclean.len());
+    put_len(w, c.reassigning.len());
+    for (p, target) in &c.reassigning {
+        put_u32(w, p.0);
+        put_ids(w, target.iter().map(|n| n.0), target.len());
+    }
+    put_ids(w, c.deleted.iter().map(|p| p.0), c.deleted.len());
+    put_len(w, c.held.len());
+    for (p, until) in &c.held {
+        put_u32(w, p.0);
+        put_u64(w, until.0);
+    }
+}
+
+/// Decodes a body; the error says what is wrong, the reader's offset where.
+fn decode_state(r: &mut Reader<'_>) -> Result<ControllerSnapshot, String> {
+    let last_now = Time(r.u64()?);
+    let next_partition = r.u32()?;
+    let last_rebalance = r.opt_u64()?.map(Time);
+    let mut brokers = BTreeMap::new();
+    for _ in 0..r.count(BROKER_BYTES_MIN)? {
+        let id = NodeId(r.u32()?);
+        let last_heartbeat = r.opt_u64()?.map(Time);
+        let alive = r.bool()?;
+        let incarnation = r.opt_u64()?;
+        let shutting_down = r.bool()?;
+        let b = Broker { last_heartbeat, alive, incarnation, shutting_down };
+        if brokers.insert(id, b).is_some() {
+            return Err(format!("broker {id} twice"));
+        }
+    }
+    let mut partitions = BTreeMap::new();
+    for _ in 0..r.count(PARTITION_BYTES_MIN)? {
+        let partition = PartitionId(r.u32()?);
+        let epoch = LeaderEpoch(r.u32()?);
+        let leader = match r.u8()? {
+            0 => None,
+            1 => Some(NodeId(r.u32()?)),
+            b => return Err(format!("leader tag {b}")),
+        };
+        let isr = r.ids()?.into_iter().map(NodeId).collect();
+        let isr_version = IsrVersion(r.u32()?);
+        let replicas: Vec<NodeId> = r.ids()?.into_iter().map(NodeId).collect();
+        // The controller indexes a partition's first replica (its preferred leader).
+        if replicas.is_empty() {
+            return Err(format!("partition {partition} has no replicas"));
+        }
+        let state = PartitionState { partition, epoch, leader, isr, isr_version, replicas };
+        if partitions.insert(partition, state).is_some() {
+            return Err(format!("partition {partition} twice"));
+        }
+    }
+    let mut topics = BTreeMap::new();
+    for _ in 0..r.count(TOPIC_BYTES_MIN)? {
+        let name = r.str()?;
+        let first = PartitionId(r.u32()?);
+        let count = r.u32()?;
+        let replication = u16::from_le_bytes([r.u8()?, r.u8()?]);
+        if first.0.checked_add(count).is_none_or(|end| end > next_partition) {
+            return Err(format!("topic {name:?}: partitions {first}+{count} past the next id {next_partition}"));
+        }
+        let mut configs = Vec::new();
+        for _ in 0..r.count(8)? {
+            configs.push((r.str()?, r.str()?));
+        }
+        let topic = Topic { first, partitions: count, replication, configs };
+        if topics.insert(name.clone(), topic).is_some() {
+            return Err(format!("topic {name:?} twice"));
+        }
+    }
+    let unclean = r.ids()?.into_iter().map(PartitionId).collect();
+    let mut reassigning = BTreeMap::new();
+    for _ in 0..r.count(8)? {
+        let p = PartitionId(r.u32()?);
+        let target = r.ids()?.into_iter().map(NodeId).collect();
+        reassigning.insert(p, target);
+    }
+    let deleted = r.ids()?.into_iter().map(PartitionId).collect();
+    let mut held = BTreeMap::new();
+    for _ in 0..r.count(12)? {
+        let p = PartitionId(r.u32()?);
+        held.insert(p, Time(r.u64()?));
+    }
+    Ok(ControllerSnapshot {
+        brokers,
+        partitions,
+        topics,
+        next_partition,
+        unclean,
+        last_rebalance,
+        reassigning,
+        deleted,
+        held,
+        last_now,
+    })
+}
+
+/// Reads a snapshot body; every read is bounded by the bytes left.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], String> {
+        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len());
+        let Some(end) = end else { return Err(format!("{n} bytes wanted, {} left", self.bytes.len() - self.at)) };
+        let taken = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(taken)
+    }
+
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(le_u32(self.take(4)?))
+    }
+
+    fn u64(&mut self) -> Result<u64, String> {
+        let b = self.take(8)?;
+        Ok(u64::from_le_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]))
+    }
+
+    fn bool(&mut self) -> Result<bool, String> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            b => Err(format!("boolean byte {b}")),
+        }
+    }
+
+    fn opt_u64(&mut self) -> Result<Option<u64>, String> {
+        match self.u8()? {
+            0 => Ok(None),
+            1 => Ok(Some(self.u64()?)),
+            b => Err(format!("option tag {b}")),
+        }
+    }
+
+    /// A count of items of at least `item_bytes_min` bytes each, checked against the bytes
+    /// left, so no count allocates or loops more than the snapshot holds.
+    fn count(&mut self, item_bytes_min: usize) -> Result<usize, String> {
+        let n = self.u32()? as usize;
+        let left = self.bytes.len() - self.at;
+        if n.saturating_mul(item_bytes_min) > left {
+            return Err(format!("{n} items of {item_bytes_min}+ bytes in {left} bytes"));
+        }
+        Ok(n)
+    }
+
+    fn ids(&mut self) -> Result<Vec<u32>, String> {
+        let n = self.count(4)?;
+        (0..n).map(|_| self.u32()).collect()
+    }
+
+    fn str(&mut self) -> Result<String, String> {
+        let n = self.count(1)?;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|_| "a string that is not UTF-8".to_owned())
+    }
+}
+
+fn put_u32(w: &mut Vec<u8>, v: u32) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_u64(w: &mut Vec<u8>, v: u64) {
+    w.extend_from_slice(&v.to_le_bytes());
+}
+
+fn put_opt_u64(w: &mut Vec<u8>, v: Option<u64>) {
+    match v {
+        None => w.push(0),
+        Some(v) => {
+            w.push(1);
+            put_u64(w, v);
+        }
+    }
+}
+
+fn put_len(w: &mut Vec<u8>, n: usize) {
+    put_u32(w, u32::try_from(n).expect("controller collections hold far fewer than 2^32 items"));
+}
+
+fn put_ids(w: &mut Vec<u8>, ids: impl Iterator<Item = u32>, n: usize) {
+    put_len(w, n);
+    for id in ids {
+        put_u32(w, id);
+    }
+}
+
+fn put_str(w: &mut Vec<u8>, s: &str) {
+    put_len(w, s.len());
+    w.extend_from_slice(s.as_bytes());
+}
+
+fn le_u32(b: &[u8]) -> u32 {
+    u32::from_le_bytes([b[0], b[1], b[2], b[3]])
+}
+
+const SNAPSHOT_MAGIC: &[u8; 4] = b"SKCS";
+const SNAPSHOT_VERSION: u32 = 1;
+/// magic, version, body length, body checksum.
+const SNAPSHOT_HEADER_BYTES: usize = 16;
+/// id, two empty options, two flags.
+const BROKER_BYTES_MIN: usize = 8;
+/// id, epoch, no leader, empty ISR, ISR version, one replica.
+const PARTITION_BYTES_MIN: usize = 25;
+/// empty name, first, count, replication, no configs.
+const TOPIC_BYTES_MIN: usize = 18;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1022,5 +1439,170 @@ mod tests {
         assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, None, "only an ISR member may lead");
         c.handle_message(t, last, Message::Heartbeat { broker: last, incarnation: 1, lost: vec![], sent: t }, &mut out);
         assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, Some(last));
+    }
+
+    /// A controller input, for the snapshot property test.
+    #[derive(Clone, Debug)]
+    enum Input {
+        Heartbeat { broker: u32, incarnation: u64, lost: Vec<u32> },
+        Tick,
+        AlterIsr { partition: u32, isr: Vec<u32>, stale: bool },
+        CreateTopic { name: u8, partitions: u32, replication: u16, unclean: bool },
+        DeleteTopic { name: u8 },
+        Reassign { partition: u32, replicas: Vec<u32> },
+        ControlledShutdown { broker: u32, incarnation: u64 },
+    }
+
+    fn input() -> impl proptest::strategy::Strategy<Value = Input> {
+        use proptest::prelude::*;
+        let ids = || proptest::collection::vec(1u32..=4, 0..4);
+        prop_oneof![
+            4 => (1u32..=4, 1u64..=3, proptest::collection::vec(0u32..6, 0..2))
+                .prop_map(|(broker, incarnation, lost)| Input::Heartbeat { broker, incarnation, lost }),
+            3 => Just(Input::Tick),
+            2 => (0u32..6, ids(), any::<bool>())
+                .prop_map(|(partition, isr, stale)| Input::AlterIsr { partition, isr, stale }),
+            1 => (0u8..3, 0u32..3, 0u16..4, any::<bool>()).prop_map(|(name, partitions, replication, unclean)| {
+                Input::CreateTopic { name, partitions, replication, unclean }
+            }),
+            1 => (0u8..3).prop_map(|name| Input::DeleteTopic { name }),
+            1 => (0u32..6, ids()).prop_map(|(partition, replicas)| Input::Reassign { partition, replicas }),
+            1 => (1u32..=4, 1u64..=3)
+                .prop_map(|(broker, incarnation)| Input::ControlledShutdown { broker, incarnation }),
+        ]
+    }
+
+    /// Applies `input` at `now` (advanced by each input), returning the decisions as text.
+    fn apply(c: &mut Controller, now: &mut Time, input: &Input) -> String {
+        *now = now.plus_ms(90);
+        let mut out = Vec::new();
+        let result = match input.clone() {
+            Input::Heartbeat { broker, incarnation, lost } => {
+                let lost = lost.into_iter().map(PartitionId).collect();
+                let hb = Message::Heartbeat { broker: n(broker), incarnation, lost, sent: *now };
+                c.handle_message(*now, n(broker), hb, &mut out);
+                String::new()
+            }
+            Input::Tick => {
+                c.handle_tick(*now, &mut out);
+                String::new()
+            }
+            Input::AlterIsr { partition, isr, stale } => {
+                let Some(s) = c.partition(PartitionId(partition)).cloned() else { return "no partition".into() };
+                let leader = s.leader.unwrap_or(n(1));
+                let isr_version = IsrVersion(s.isr_version.0.saturating_sub(u32::from(stale)));
+                let msg = Message::AlterIsr {
+                    leader,
+                    epoch: s.epoch,
+                    isr_version,
+                    partition: s.partition,
+                    isr: isr.into_iter().map(n).collect(),
+                };
+                c.handle_message(*now, leader, msg, &mut out);
+                String::new()
+            }
+            Input::CreateTopic { name, partitions, replication, unclean } => {
+                let configs = if unclean {
+                    vec![("unclean.leader.election.enable".to_owned(), "true".to_owned())]
+                } else {
+                    vec![]
+                };
+                format!("{:?}", c.create_topic(&format!("t{name}"), partitions, replication, configs, &mut out))
+            }
+            Input::DeleteTopic { name } => format!("{}", c.delete_topic(&format!("t{name}"))),
+            Input::Reassign { partition, replicas } => {
+                format!("{:?}", c.reassign(PartitionId(partition), replicas.into_iter().map(n).collect(), &mut out))
+            }
+            Input::ControlledShutdown { broker, incarnation } => {
+                c.controlled_shutdown(n(broker), incarnation, &mut out);
+                String::new()
+            }
+        };
+        format!("{result} {out:?}")
+    }
+
+    fn four_brokers() -> Controller {
+        let config = ControllerConfig { rebalance_interval_ms: Some(500), ..ControllerConfig::default() };
+        Controller::new(config, &[n(1), n(2), n(3), n(4)], &[(PartitionId(0), vec![n(1), n(2), n(3)])])
+    }
+
+    use proptest::prelude::any;
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(256))]
+
+        /// Snapshot, restore into a new controller, apply the same further inputs: the same
+        /// decisions and the same state as the controller that never snapshotted.
+        #[test]
+        fn a_restored_snapshot_decides_as_the_original(
+            inputs in proptest::collection::vec(input(), 0..80),
+            at in any::<proptest::sample::Index>(),
+        ) {
+            let at = at.index(inputs.len() + 1);
+            let (mut original, mut now) = (four_brokers(), Time(0));
+            for i in &inputs[..at] {
+                apply(&mut original, &mut now, i);
+            }
+            let bytes = original.snapshot();
+            let mut restored = four_brokers();
+            restored.restore(ControllerSnapshot::decode(&bytes).expect("decodes")).expect("restores");
+            proptest::prop_assert_eq!(restored.snapshot(), bytes.clone(), "the same state");
+            let mut restored_now = now;
+            for i in &inputs[at..] {
+                let a = apply(&mut original, &mut now, i);
+                let b = apply(&mut restored, &mut restored_now, i);
+                proptest::prop_assert_eq!(a, b, "the same decisions for {:?}", i);
+            }
+            proptest::prop_assert_eq!(original.snapshot(), restored.snapshot());
+        }
+
+        /// Damaged or arbitrary snapshot bytes decode to an error, never a panic; a single
+        /// flipped bit is always caught.
+        #[test]
+        fn damaged_snapshots_are_errors(
+            inputs in proptest::collection::vec(input(), 0..40),
+            flip in any::<proptest::sample::Index>(),
+            bit in 0u8..8,
+            junk in proptest::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let (mut c, mut now) = (four_brokers(), Time(0));
+            for i in &inputs {
+                apply(&mut c, &mut now, i);
+            }
+            let mut bytes = c.snapshot();
+            let at = flip.index(bytes.len());
+            bytes[at] ^= 1 << bit;
+            proptest::prop_assert!(ControllerSnapshot::decode(&bytes).is_err(), "flip at byte {}", at);
+            let _ = ControllerSnapshot::decode(&junk);
+            let mut valid_header = c.snapshot()[..SNAPSHOT_HEADER_BYTES].to_vec();
+            valid_header[8..12].copy_from_slice(&(junk.len() as u32).to_le_bytes());
+            valid_header[12..16].copy_from_slice(&crc32c::crc32c(&junk).to_le_bytes());
+            valid_header.extend_from_slice(&junk);
+            let _ = ControllerSnapshot::decode(&valid_header);
+        }
+    }
+
+    #[test]
+    fn a_snapshot_restores_only_onto_the_same_brokers_and_ends_a_replay_it_holds() {
+        let (mut c, mut out) = setup();
+        heartbeat_all(&mut c, Time(1_000), 2, &mut out);
+        let bytes = c.snapshot();
+        let mut other = Controller::new(ControllerConfig::default(), &[n(1), n(2)], &[]);
+        let err = other.restore(ControllerSnapshot::decode(&bytes).expect("decodes")).expect_err("other brokers");
+        assert!(matches!(err, SnapshotError::Brokers { .. }), "{err}");
+        // Broker 3's process 2 restarted and its heartbeat is in the snapshot: no replay left.
+        let mut restarted = Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[]);
+        restarted.replay_until(n(3), 2);
+        restarted.restore(ControllerSnapshot::decode(&bytes).expect("decodes")).expect("restores");
+        assert!(!restarted.replaying());
+        assert_eq!(restarted.partitions().collect::<Vec<_>>(), c.partitions().collect::<Vec<_>>());
+        // Process 3's replay goes on.
+        let mut later = Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[]);
+        later.replay_until(n(3), 3);
+        later.restore(ControllerSnapshot::decode(&bytes).expect("decodes")).expect("restores");
+        assert!(later.replaying());
+        for cut in 0..bytes.len() {
+            assert!(ControllerSnapshot::decode(&bytes[..cut]).is_err(), "cut at {cut}");
+        }
     }
 }
