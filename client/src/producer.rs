@@ -5,10 +5,19 @@
 //! is sealed when it reaches `batch_bytes_max` or has waited `linger`. A background task sends
 //! sealed batches to their partition's **leader** (from the client's metadata cache): the
 //! ready partitions are grouped by leader and each leader gets its own Produce requests,
-//! several partitions per request, at most `max_in_flight` requests per leader and at most one
-//! per partition. A partition's batches are retried before any later batch of it is sent, so
-//! order per partition holds. Each batch's response resolves its records' futures with
-//! `(partition, offset)`.
+//! several partitions per request, at most `max_in_flight` requests per leader and at most
+//! `max_in_flight_per_partition` per partition (one without idempotence). Each batch's response
+//! resolves its records' futures with `(partition, offset)`.
+//!
+//! Order per partition with several requests in flight (Kafka's idempotent pipelining): a
+//! partition's requests all go to one broker, in sequence order, so they are appended in that
+//! order. If one fails, the partition stops sending (a barrier) until every request of it has
+//! come back; the failed batches (including later ones the broker refused as out of order,
+//! because an earlier one was missing) are then put back at the front of its queue in sequence
+//! order and sent again, a retried batch alone and with nothing else of its partition in
+//! flight. The broker's sequence check appends a batch only after its predecessor, and answers
+//! a retried batch that is already in the log with its first offset, so order holds and
+//! nothing is written twice.
 //!
 //! Failover: NOT_LEADER, FENCED_LEADER_EPOCH, UNKNOWN_TOPIC_OR_PARTITION, REQUEST_TIMED_OUT,
 //! NOT_ENOUGH_REPLICAS, SHUTTING_DOWN, a lost connection, an IO error, or **no answer within
@@ -91,6 +100,11 @@ pub struct ProducerConfig {
     pub linger: Duration,
     /// Produce requests in flight at once to one broker.
     pub max_in_flight: usize,
+    /// Produce requests in flight at once with batches of one partition (Kafka's
+    /// `max.in.flight.requests.per.connection`, 5): a batch need not wait for the answer to the
+    /// one before it. Used only with `idempotence` (the broker's sequence check keeps the
+    /// order); without it one request per partition is in flight.
+    pub max_in_flight_per_partition: usize,
     /// Attempts after the first for a retriable failure (see also `delivery_timeout`).
     pub retries: u32,
     /// Pause before a retry (the metadata refresh follows it).
@@ -128,6 +142,7 @@ impl Default for ProducerConfig {
             batch_bytes_max: 64 * 1024,
             linger: Duration::from_millis(5),
             max_in_flight: 5,
+            max_in_flight_per_partition: 5,
             retries: 1_000,
             retry_backoff: Duration::from_millis(20),
             delivery_timeout: Duration::from_secs(30),
@@ -310,7 +325,17 @@ struct State {
     /// costs one map lookup.
     topics: HashMap<String, TopicState>,
     ready: HashMap<Key, VecDeque<Sealed>>,
+    /// Partitions whose leader is being looked up (`route`): nothing of theirs is sent.
     busy: HashSet<Key>,
+    /// Partitions with requests in flight, or failed batches waiting to be put back.
+    flights: HashMap<Key, Flight>,
+    /// Numbers batches in the order they are sealed (sequence order within a partition).
+    sealed_count: u64,
+    /// Per partition, the broker that last acknowledged a batch of it and the producer id of
+    /// that batch. Requests are pipelined only to that broker under that id: a broker that
+    /// does not know the producer yet takes its first batch at any sequence, so a refused
+    /// first request followed by an accepted second one would land out of order.
+    confirmed: HashMap<Key, (u32, i64)>,
     /// Produce requests awaiting an answer, per broker node id.
     in_flight: HashMap<u32, usize>,
     /// A task is refreshing metadata for partitions with no known leader.
@@ -356,7 +381,24 @@ struct Open {
     since: Instant,
 }
 
+/// A partition's requests in flight.
+struct Flight {
+    /// Requests with batches of this partition awaiting an answer.
+    requests: usize,
+    /// The broker they went to: later ones go only there, so they arrive in order.
+    node: u32,
+    /// Batches whose attempt failed retriably, waiting for the partition's other requests to
+    /// come back before they are put back in order (the barrier).
+    failed: Vec<Sealed>,
+    /// The first of those failures, for the retry report and the metadata refresh.
+    error: Option<ClientError>,
+}
+
 struct Sealed {
+    /// Sealing order (see `State::sealed_count`).
+    order: u64,
+    /// The producer id it was sealed under (idempotence).
+    producer: Option<i64>,
     bytes: Bytes,
     replies: Vec<Reply>,
     attempts: u32,
@@ -631,7 +673,10 @@ fn seal(st: &mut State, topic: &str, partition: u32) {
         ts.sticky = (partition + 1) % n.max(1);
     }
     let batch = open.builder.build();
+    st.sealed_count += 1;
     let sealed = Sealed {
+        order: st.sealed_count,
+        producer: st.producer.map(|(id, _)| id),
         bytes: Bytes::from(batch.into_bytes()),
         replies: open.replies,
         attempts: 0,
@@ -675,36 +720,65 @@ fn seal_lingering(p: &Inner) -> Option<Instant> {
     st.open_batches().map(|(_, _, since)| since + p.config.linger).min()
 }
 
-/// Sends requests while there is room: the ready batches of partitions not busy, grouped by
-/// their leader, one request (of up to `REQUEST_BYTES_MAX`) per leader at a time while that
-/// leader has fewer than `max_in_flight` requests outstanding. Partitions with no known
-/// leader are handed to a routing task (one at a time).
+/// Sends requests while there is room: the ready batches of partitions that may send
+/// (not being routed; with requests in flight, only first attempts behind requests that have
+/// not failed, up to the partition's limit), grouped by their leader, one request (of up to
+/// `REQUEST_BYTES_MAX`) per leader at a time while that leader has fewer than `max_in_flight`
+/// requests outstanding. Partitions with no known leader are handed to a routing task (one at a
+/// time).
 fn dispatch(p: &Rc<Inner>) {
     let mut st = p.state.borrow_mut();
-    let ready: Vec<Key> =
-        st.ready.iter().filter(|(k, q)| !q.is_empty() && !st.busy.contains(*k)).map(|(k, _)| k.clone()).collect();
+    let limit = if p.config.idempotence { p.config.max_in_flight_per_partition.max(1) } else { 1 };
+    let ready: Vec<Key> = st
+        .ready
+        .iter()
+        .filter(|(k, q)| {
+            let Some(front) = q.front() else {
+                return false;
+            };
+            !st.busy.contains(*k)
+                && st.flights.get(*k).is_none_or(|f| {
+                    let known = st.producer.is_some_and(|(id, _)| st.confirmed.get(*k) == Some(&(f.node, id)));
+                    known && f.failed.is_empty() && f.error.is_none() && f.requests < limit && front.attempts == 0
+                })
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
     if ready.is_empty() {
         return;
     }
     let grouped = group_by_leader(ready, |k| p.client.cached_leader(&k.0, k.1));
-    if !grouped.unrouted.is_empty() && !st.routing {
+    // A partition with requests out learns its new leader from their answers.
+    let unrouted: Vec<Key> = grouped.unrouted.into_iter().filter(|k| !st.flights.contains_key(k)).collect();
+    if !unrouted.is_empty() && !st.routing {
         st.routing = true;
-        st.busy.extend(grouped.unrouted.iter().cloned());
-        compio::runtime::spawn(route(p.clone(), grouped.unrouted)).detach();
+        st.busy.extend(unrouted.iter().cloned());
+        compio::runtime::spawn(route(p.clone(), unrouted)).detach();
     }
     for (node, keys) in grouped.by_leader {
+        // A partition's requests all go to one broker, so they arrive in sequence order.
+        let keys: Vec<Key> = keys.into_iter().filter(|k| st.flights.get(k).is_none_or(|f| f.node == node)).collect();
         let mut keys = keys.into_iter().peekable();
         while keys.peek().is_some() && st.in_flight.get(&node).copied().unwrap_or(0) < p.config.max_in_flight {
-            let parts = take_request(&mut st, &mut keys);
+            let parts = take_request(&mut st, node, &mut keys);
             *st.in_flight.entry(node).or_default() += 1;
             compio::runtime::spawn(send_request(p.clone(), node, parts)).detach();
         }
     }
 }
 
+/// One partition's share of a Produce request.
+struct Part {
+    key: Key,
+    batches: Vec<Sealed>,
+    /// Sent while an earlier request of the partition was unanswered: the broker may refuse it
+    /// as out of order if that one never arrives, which is then retriable.
+    behind: bool,
+}
+
 /// Takes the ready batches of `keys`, in order, until the request holds `REQUEST_BYTES_MAX`,
-/// and marks their partitions busy.
-fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Key, Vec<Sealed>)> {
+/// and counts the request in their partitions' flights (to `node`).
+fn take_request(st: &mut State, node: u32, keys: &mut impl Iterator<Item = Key>) -> Vec<Part> {
     let mut parts = Vec::new();
     let mut request_bytes = 0usize;
     while request_bytes < REQUEST_BYTES_MAX {
@@ -729,8 +803,15 @@ fn take_request(st: &mut State, keys: &mut impl Iterator<Item = Key>) -> Vec<(Ke
                 break;
             }
         }
-        st.busy.insert(k.clone());
-        parts.push((k, batches));
+        let flight = st.flights.entry(k.clone()).or_insert_with(|| Flight {
+            requests: 0,
+            node,
+            failed: Vec::new(),
+            error: None,
+        });
+        let behind = flight.requests > 0;
+        flight.requests += 1;
+        parts.push(Part { key: k, batches, behind });
     }
     parts
 }
@@ -768,7 +849,7 @@ async fn route(p: Rc<Inner>, keys: Vec<Key>) {
             };
             q.iter_mut().for_each(|b| b.attempts += 1);
             let mut gone = Vec::new();
-            while q.front().is_some_and(|b| !may_retry(&p.config, b, &e)) {
+            while q.front().is_some_and(|b| !may_retry(&p.config, b, &e, false)) {
                 gone.extend(q.pop_front());
             }
             if !gone.is_empty() {
@@ -786,16 +867,17 @@ async fn route(p: Rc<Inner>, keys: Vec<Key>) {
     let _ = p.wake.try_send(());
 }
 
-async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
+async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<Part>) {
     // Batches go out from their own buffers (`Bytes` clones), so a retry resends them
     // without any copy having been made.
     let batch_bytes: Vec<Vec<Bytes>> =
-        parts.iter().map(|(_, bs)| bs.iter().map(|b| b.bytes.clone()).collect()).collect();
+        parts.iter().map(|part| part.batches.iter().map(|b| b.bytes.clone()).collect()).collect();
     let entries: Vec<(&str, u32, u32, &[Bytes])> = parts
         .iter()
         .zip(&batch_bytes)
-        .map(|(((topic, partition), _), bs)| {
-            (topic.as_str(), *partition, p.client.cached_leader_epoch(topic, *partition), &bs[..])
+        .map(|(part, bs)| {
+            let (topic, partition) = (&part.key.0, part.key.1);
+            (topic.as_str(), partition, p.client.cached_leader_epoch(topic, partition), &bs[..])
         })
         .collect();
     let (acks, timeout) = (p.config.acks.wire(), p.config.request_timeout_ms);
@@ -815,8 +897,8 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
     if let Some(n) = p.state.borrow_mut().in_flight.get_mut(&node) {
         *n -= 1;
     }
-    let mut retry = Vec::new();
-    for (i, (key, batches)) in parts.into_iter().enumerate() {
+    let mut drained = Vec::new();
+    for (i, Part { key, batches, behind }) in parts.into_iter().enumerate() {
         let result = match &outcome {
             Ok(None) => Ok((u64::MAX, 0)),
             Ok(Some(resp)) => match resp.partitions.get(i) {
@@ -829,24 +911,67 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<(Key, Vec<Sealed>)>) {
             Err(e) => Err(e.clone()),
         };
         match result {
-            Ok((base, leader_epoch)) => resolve(&p, &key, batches, base, leader_epoch),
-            Err(e) if batches.iter().all(|b| may_retry(&p.config, b, &e)) => retry.push((key, batches, e)),
-            Err(e) => fail(&p, &key, batches, &e),
+            Ok((base, leader_epoch)) => {
+                let id = p.state.borrow().producer.map(|(id, _)| id);
+                let sealed_under = batches.first().map(|b| b.producer);
+                if let (Some(id), Some(Some(under))) = (id, sealed_under) {
+                    if id == under {
+                        p.state.borrow_mut().confirmed.insert(key.clone(), (node, id));
+                    }
+                }
+                resolve(&p, &key, batches, base, leader_epoch)
+            }
+            Err(e) => {
+                // Refused as out of order while an earlier batch of the partition was missing
+                // (unanswered when this was sent, or failed since): it comes back after that
+                // one, in order.
+                let gap = behind || p.state.borrow().flights.get(&key).is_some_and(|f| !f.failed.is_empty());
+                let out_of_order = matches!(e, ClientError::Broker(ErrorCode::OUT_OF_ORDER_SEQUENCE, _));
+                if batches.iter().all(|b| may_retry(&p.config, b, &e, gap && out_of_order)) {
+                    let mut st = p.state.borrow_mut();
+                    let flight = st.flights.get_mut(&key).expect("a request's partitions have a flight");
+                    flight.failed.extend(batches);
+                    flight.error.get_or_insert(e);
+                } else {
+                    fail(&p, &key, batches, &e);
+                }
+            }
+        }
+        let mut st = p.state.borrow_mut();
+        let flight = st.flights.get_mut(&key).expect("a request's partitions have a flight");
+        flight.requests -= 1;
+        if flight.requests == 0 {
+            if flight.failed.is_empty() {
+                st.flights.remove(&key);
+            } else {
+                drained.push(key);
+            }
         }
     }
-    if !retry.is_empty() {
-        requeue(&p, retry).await;
+    if !drained.is_empty() {
+        requeue(&p, drained).await;
     }
     let _ = p.wake.try_send(());
 }
 
-/// Puts failed batches back at the front of their partitions' queues after `retry_backoff`,
-/// refreshing the metadata first if a failure suggests it is stale.
-async fn requeue(p: &Inner, retry: Vec<(Key, Vec<Sealed>, ClientError)>) {
+/// Puts the failed batches of partitions whose requests have all come back at the front of
+/// their queues, in sequence order, after `retry_backoff`, refreshing the metadata first if a
+/// failure suggests it is stale. Until then the partitions send nothing.
+async fn requeue(p: &Inner, keys: Vec<Key>) {
     let mut stale = false;
-    for (key, batches, e) in &retry {
+    for key in &keys {
+        let (attempt, error) = {
+            let st = p.state.borrow();
+            let Some(f) = st.flights.get(key) else {
+                continue;
+            };
+            (f.failed.iter().map(|b| b.attempts + 1).min().unwrap_or(0), f.error.clone())
+        };
+        let Some(e) = error else {
+            continue;
+        };
         tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
-        p.note_retry(key, batches.first().map_or(0, |b| b.attempts + 1), e);
+        p.note_retry(key, attempt, &e);
         if e.refreshes_metadata() {
             // At once, so other partitions of the topic stop going to the old leader.
             p.client.invalidate_metadata(&key.0);
@@ -861,24 +986,28 @@ async fn requeue(p: &Inner, retry: Vec<(Key, Vec<Sealed>, ClientError)>) {
         }
     }
     let mut st = p.state.borrow_mut();
-    for (key, batches, e) in retry {
-        if matches!(e, ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) {
+    for key in keys {
+        let Some(mut flight) = st.flights.remove(&key) else {
+            continue;
+        };
+        if matches!(flight.error, Some(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))) {
             if let Some(ts) = st.topics.get_mut(&key.0) {
                 ts.partitions = None;
             }
         }
-        let q = st.ready.entry(key.clone()).or_default();
-        for mut b in batches.into_iter().rev() {
+        flight.failed.sort_by_key(|b| b.order);
+        let q = st.ready.entry(key).or_default();
+        for mut b in flight.failed.into_iter().rev() {
             b.attempts += 1;
             q.push_front(b);
         }
-        st.busy.remove(&key);
     }
 }
 
-/// Whether a batch that failed with `e` may be sent again.
-fn may_retry(config: &ProducerConfig, batch: &Sealed, e: &ClientError) -> bool {
-    e.is_retriable() && batch.attempts < config.retries && batch.created.elapsed() < config.delivery_timeout
+/// Whether a batch that failed with `e` may be sent again (`also`: the caller knows the error
+/// is retriable here although it is not in general).
+fn may_retry(config: &ProducerConfig, batch: &Sealed, e: &ClientError, also: bool) -> bool {
+    (e.is_retriable() || also) && batch.attempts < config.retries && batch.created.elapsed() < config.delivery_timeout
 }
 
 /// Completes an acknowledged entry's records (`base`: the first one's offset, `u64::MAX` if
@@ -889,13 +1018,13 @@ fn resolve(p: &Inner, key: &Key, batches: Vec<Sealed>, base: u64, leader_epoch: 
         let end = base.saturating_add(records as u64);
         session.borrow_mut().note_write(&key.0, key.1, end, leader_epoch);
     }
-    settle(p, key, &batches);
+    settle(p, &batches);
     // Outside the borrow: a callback may call back into the producer.
     complete_all(p, batches.into_iter().flat_map(|b| b.replies), key.1, base, None);
 }
 
 fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
-    settle(p, key, &batches);
+    settle(p, &batches);
     {
         let mut st = p.state.borrow_mut();
         if st.producer.is_some() {
@@ -910,15 +1039,14 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
     complete_all(p, batches.into_iter().flat_map(|b| b.replies), key.1, u64::MAX, Some(e));
 }
 
-/// Takes finished batches off the producer's accounts and frees their partition.
-fn settle(p: &Inner, key: &Key, batches: &[Sealed]) {
+/// Takes finished batches off the producer's accounts.
+fn settle(p: &Inner, batches: &[Sealed]) {
     let waiters = {
         let mut st = p.state.borrow_mut();
         for b in batches {
             st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
             st.unresolved -= b.replies.len();
         }
-        st.busy.remove(key);
         if st.buffered_bytes <= p.config.buffer_bytes_max {
             std::mem::take(&mut st.space_waiters)
         } else {
@@ -989,6 +1117,8 @@ mod tests {
 
     fn sealed(attempts: u32) -> Sealed {
         Sealed {
+            order: 0,
+            producer: None,
             bytes: Bytes::from_static(b"batch"),
             replies: Vec::new(),
             attempts,
@@ -1004,12 +1134,28 @@ mod tests {
         let key: Key = ("t".into(), 0);
         let mut st = State::default();
         st.ready.insert(key.clone(), (0..12).map(|_| sealed(0)).collect());
-        let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
+        let parts = take_request(&mut st, 1, &mut std::iter::once(key.clone()));
         assert_eq!(parts.len(), 1);
-        assert_eq!(parts[0].1.len(), 12, "every ready first attempt");
-        assert!(st.busy.contains(&key));
+        assert_eq!(parts[0].batches.len(), 12, "every ready first attempt");
+        assert_eq!(st.flights[&key].requests, 1);
+        st.flights.clear();
         st.ready.insert(key.clone(), [sealed(1), sealed(1), sealed(0)].into_iter().collect());
-        let parts = take_request(&mut st, &mut std::iter::once(key.clone()));
-        assert_eq!(parts[0].1.len(), 1, "a retried batch goes alone");
+        let parts = take_request(&mut st, 1, &mut std::iter::once(key.clone()));
+        assert_eq!(parts[0].batches.len(), 1, "a retried batch goes alone");
+    }
+
+    /// A second request of a partition counts in its flight and is marked as sent behind the
+    /// first (so an out-of-order refusal of it is retriable).
+    #[test]
+    fn a_request_sent_behind_another_of_its_partition_is_marked() {
+        let key: Key = ("t".into(), 0);
+        let mut st = State::default();
+        st.ready.insert(key.clone(), [sealed(0)].into_iter().collect());
+        let first = take_request(&mut st, 7, &mut std::iter::once(key.clone()));
+        st.ready.get_mut(&key).unwrap().push_back(sealed(0));
+        let second = take_request(&mut st, 7, &mut std::iter::once(key.clone()));
+        assert!(!first[0].behind);
+        assert!(second[0].behind);
+        assert_eq!((st.flights[&key].requests, st.flights[&key].node), (2, 7));
     }
 }

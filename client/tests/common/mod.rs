@@ -190,6 +190,12 @@ pub struct Seen {
     pub fetch_requests: RefCell<Vec<FetchRequest>>,
     /// Connections the client closed.
     pub closed: Cell<usize>,
+    /// Most Produce requests read and not yet answered at once (on one connection).
+    pub max_outstanding: Cell<usize>,
+    /// Records in each Produce request, in arrival order.
+    pub produce_records: RefCell<Vec<usize>>,
+    /// Record values appended (Lead only), per partition, in log order.
+    pub values: RefCell<HashMap<u32, Vec<Vec<u8>>>>,
 }
 
 /// One fake broker.
@@ -213,6 +219,12 @@ pub struct Script {
     pub high_watermark: Cell<Option<u64>>,
     /// `token_wait_us` to report.
     pub token_wait_us: Cell<u32>,
+    /// Hold every Produce answer this long (answers stay in request order; later requests
+    /// are read meanwhile).
+    pub hold_produce_ms: Cell<u64>,
+    /// Answer these Produce requests (counting from 1 on this fake) NOT_LEADER, appending
+    /// nothing and moving no leadership.
+    pub refuse_produce: RefCell<Vec<usize>>,
 }
 
 impl Fake {
@@ -247,6 +259,7 @@ pub async fn fake_cluster(
             script: script.clone(),
             ends: RefCell::default(),
             fetch_batch: fetch_batch.clone(),
+            sequences: RefCell::default(),
         });
         compio::runtime::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -269,7 +282,13 @@ struct FakeState {
     ends: RefCell<HashMap<u32, u64>>,
     /// One batch (base offset 0) served to fetches at offset 0 (Lead).
     fetch_batch: Option<Vec<u8>>,
+    /// Idempotence, as a broker checks it (Lead): per (producer id, partition) the next
+    /// sequence and the offset each appended sequence went to.
+    sequences: RefCell<HashMap<(i64, u32), Sequences>>,
 }
+
+/// A producer's next sequence on a partition, and the offset each appended sequence went to.
+type Sequences = (i32, HashMap<i32, u64>);
 
 impl FakeState {
     fn move_leadership(&self, to: u32) {
@@ -283,6 +302,27 @@ impl FakeState {
 
 async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
     let (mut reader, mut writer) = stream.into_split();
+    // Answers go out in request order from a writer task, each no earlier than its time, so
+    // a held answer lets the reader take later requests meanwhile (pipelining).
+    let (tx, rx) = flume::unbounded::<(std::time::Instant, bool, Vec<u8>)>();
+    let outstanding = Rc::new(Cell::new(0usize));
+    let writer_task = {
+        let outstanding = outstanding.clone();
+        compio::runtime::spawn(async move {
+            while let Ok((at, produce, frame)) = rx.recv_async().await {
+                let wait = at.saturating_duration_since(std::time::Instant::now());
+                if !wait.is_zero() {
+                    compio::time::sleep(wait).await;
+                }
+                if produce {
+                    outstanding.set(outstanding.get() - 1);
+                }
+                if write_frames(&mut writer, vec![frame]).await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
     let mut silent = false;
     while let Ok(body) = read_frame(&mut reader, FRAME_BYTES_MAX_DEFAULT).await {
         if silent {
@@ -293,6 +333,8 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
             break;
         };
         let id = header.correlation_id;
+        let mut at = std::time::Instant::now();
+        let mut is_produce = false;
         let frame = match header.api_key {
             ApiKey::Metadata => {
                 st.seen.metadata.set(st.seen.metadata.get() + 1);
@@ -306,6 +348,13 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
             ApiKey::Produce => {
                 st.seen.produces.set(st.seen.produces.get() + 1);
                 let req: ProduceRequest = decode_exact(r).expect("produce request");
+                let records = req
+                    .partitions
+                    .iter()
+                    .flat_map(|p| skein_log::batch::batches(&p.records))
+                    .map(|b| b.map_or(0, |b| b.header().offset_count() as usize))
+                    .sum();
+                st.seen.produce_records.borrow_mut().push(records);
                 match st.behaviour {
                     Behaviour::Silent { to } => {
                         st.move_leadership(to);
@@ -315,7 +364,12 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
                     Behaviour::NotLeader { to } => st.move_leadership(to),
                     Behaviour::Lead | Behaviour::Follow => {}
                 }
-                response_frame(id, Ok(&produce(&st, req)))
+                is_produce = true;
+                outstanding.set(outstanding.get() + 1);
+                st.seen.max_outstanding.set(st.seen.max_outstanding.get().max(outstanding.get()));
+                at += std::time::Duration::from_millis(st.script.hold_produce_ms.get());
+                let refused = st.script.refuse_produce.borrow().contains(&st.seen.produces.get());
+                response_frame(id, Ok(&produce(&st, req, refused)))
             }
             ApiKey::Fetch => {
                 st.seen.fetches.set(st.seen.fetches.get() + 1);
@@ -339,32 +393,23 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
             }
             _ => response_frame::<MetadataResponse>(id, Err(ErrorCode::UNSUPPORTED_VERSION)),
         };
-        if write_frames(&mut writer, vec![frame]).await.is_err() {
+        if tx.send((at, is_produce, frame)).is_err() {
             break;
         }
     }
+    drop(tx);
+    let _ = writer_task.await;
     st.seen.closed.set(st.seen.closed.get() + 1);
 }
 
-fn produce(st: &FakeState, req: ProduceRequest) -> ProduceResponse {
-    let leads = st.behaviour == Behaviour::Lead;
+fn produce(st: &FakeState, req: ProduceRequest, refused: bool) -> ProduceResponse {
+    let leads = st.behaviour == Behaviour::Lead && !refused;
     let partitions = req
         .partitions
         .into_iter()
         .map(|p| {
-            let (error, base_offset) = if leads {
-                let count: u64 = skein_log::batch::batches(&p.records)
-                    .map(|b| b.expect("valid batch").header().offset_count())
-                    .sum();
-                st.seen.records.set(st.seen.records.get() + count as usize);
-                let mut ends = st.ends.borrow_mut();
-                let end = ends.entry(p.partition).or_default();
-                let base = *end;
-                *end += count;
-                (ErrorCode::NONE, base)
-            } else {
-                (ErrorCode::NOT_LEADER, 0)
-            };
+            let (error, base_offset) =
+                if leads { append(st, p.partition, &p.records) } else { (ErrorCode::NOT_LEADER, 0) };
             ProducePartitionResponse {
                 topic: p.topic,
                 partition: p.partition,
@@ -376,6 +421,48 @@ fn produce(st: &FakeState, req: ProduceRequest) -> ProduceResponse {
         })
         .collect();
     ProduceResponse { partitions }
+}
+
+/// Appends a partition's batches as a broker would: a producer's batch only at its next
+/// sequence (a gap is OUT_OF_ORDER_SEQUENCE, a sequence already written is answered with its
+/// offset and appended again never). Returns the error and the first batch's offset.
+fn append(st: &FakeState, partition: u32, records: &[u8]) -> (ErrorCode, u64) {
+    let mut first = None;
+    for batch in skein_log::batch::batches(records) {
+        let batch = batch.expect("valid batch");
+        let h = *batch.header();
+        let count = h.offset_count();
+        if h.producer_id.0 >= 0 {
+            let mut seqs = st.sequences.borrow_mut();
+            let known = seqs.contains_key(&(h.producer_id.0, partition));
+            let (next, offsets) =
+                seqs.entry((h.producer_id.0, partition)).or_insert((h.base_sequence.0, HashMap::new()));
+            if known && h.base_sequence.0 < *next {
+                match offsets.get(&h.base_sequence.0) {
+                    Some(&o) => {
+                        first.get_or_insert(o);
+                        continue;
+                    }
+                    None => return (ErrorCode::OUT_OF_ORDER_SEQUENCE, 0),
+                }
+            }
+            if h.base_sequence.0 != *next {
+                return (ErrorCode::OUT_OF_ORDER_SEQUENCE, 0);
+            }
+            let base = st.ends.borrow().get(&partition).copied().unwrap_or(0);
+            offsets.insert(h.base_sequence.0, base);
+            *next = h.base_sequence.0.wrapping_add(count as i32);
+        }
+        st.seen.records.set(st.seen.records.get() + count as usize);
+        let mut ends = st.ends.borrow_mut();
+        let end = ends.entry(partition).or_default();
+        first.get_or_insert(*end);
+        *end += count;
+        let mut values = st.seen.values.borrow_mut();
+        let log = values.entry(partition).or_default();
+        log.extend(batch.records().iter().map(|r| r.value.to_vec()));
+    }
+    (ErrorCode::NONE, first.unwrap_or(0))
 }
 
 fn fetch(st: &FakeState, req: &FetchRequest) -> FetchResponse {
