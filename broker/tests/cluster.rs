@@ -336,3 +336,71 @@ fn followers_serve_committed_prefixes_and_wait_for_session_tokens() {
         assert!(served > 0, "no replica served the token after the failover");
     });
 }
+
+/// Retention in cluster mode (`retention.bytes` with small segments): every replica deletes
+/// whole segments below its high watermark; a follower that was down while the leader deleted
+/// the records it needed next is told the leader's log start, starts its log over there and
+/// catches up, and the partition serves the same records from the log start on every replica.
+#[test]
+fn retention_runs_on_every_replica_and_a_follower_behind_the_log_start_starts_over() {
+    let mut c = Cluster::start(101, 19601);
+    block_on(async {
+        let client = Client::connect(&c.addrs[0]).await.expect("connect");
+        let configs = [("min.insync.replicas", "2"), ("segment.bytes", "16384"), ("retention.bytes", "65536")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()));
+        client.create_topic("t", 1, 3, &configs).await.expect("create topic");
+        let lead = wait_for("a leader", Duration::from_secs(10), async || {
+            let l = leader(&c.addrs[0]).await.0;
+            (l != 0).then_some(l)
+        })
+        .await;
+        let lead_addr = c.addrs[c.index(lead)].clone();
+        wait_for("all three in the ISR", Duration::from_secs(10), async || {
+            describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
+        })
+        .await;
+        let down = (c.index(lead) + 1) % 3;
+        c.brokers[down].take().expect("running").kill9();
+
+        // About 400 KB of records: far past retention.bytes.
+        for i in 0..200 {
+            let got = produce(&lead_addr, i * 100..(i + 1) * 100).await;
+            assert_eq!(got.0, ErrorCode::NONE, "acks=all with two of three replicas");
+        }
+        let start = wait_for("the leader's log start to advance", Duration::from_secs(10), async || {
+            describe(&lead_addr).await.filter(|p| p.log_start > 0).map(|p| p.log_start)
+        })
+        .await;
+        let live = 3 - c.index(lead) - down;
+        wait_for("the live follower's log start to advance", Duration::from_secs(10), async || {
+            describe(&c.addrs[live]).await.filter(|p| p.log_start > 0).map(|_| ())
+        })
+        .await;
+
+        // The follower comes back wanting offsets the leader no longer has.
+        c.brokers[down] = Some(c.spawn(down));
+        wait_for("the restarted follower back in the ISR", Duration::from_secs(20), async || {
+            describe(&lead_addr).await.filter(|p| p.isr.len() == 3).map(|_| ())
+        })
+        .await;
+        let on_lead = describe(&lead_addr).await.expect("describe the leader");
+        let on_down = describe(&c.addrs[down]).await.expect("describe the restarted follower");
+        assert!(on_down.log_start >= start, "the follower starts at or past the leader's log start then");
+        assert_eq!(on_down.log_end, on_lead.log_end, "and caught up");
+        // Reads from the log start give the same records on the leader and the follower.
+        let from = on_down.log_start.max(on_lead.log_start);
+        let mut on_leader = Vec::new();
+        let mut on_follower = Vec::new();
+        let a = fetch(&lead_addr, Read { offset: from, ..Read::default() }).await;
+        let b = fetch(&c.addrs[down], Read { offset: from, replica_read: true, ..Read::default() }).await;
+        assert_eq!((a.error, b.error), (ErrorCode::NONE, ErrorCode::NONE));
+        values(&a.records, &mut on_leader);
+        values(&b.records, &mut on_follower);
+        assert!(!on_leader.is_empty());
+        let n = on_leader.len().min(on_follower.len());
+        assert_eq!(on_leader[..n], on_follower[..n]);
+        assert_eq!(on_leader.first().copied(), Some(from as u32), "offset i holds value i");
+        let below = fetch(&c.addrs[down], Read { offset: 0, replica_read: true, ..Read::default() }).await;
+        assert_eq!(below.error, ErrorCode::OFFSET_OUT_OF_RANGE, "deleted on the follower too");
+    });
+}

@@ -76,6 +76,8 @@ pub struct LoadConfig {
     pub linger: Duration,
     /// Bytes a producer may buffer before sends wait.
     pub buffer_bytes: usize,
+    /// Produce requests a producer keeps in flight per partition.
+    pub in_flight_per_partition: usize,
     /// Durability to wait for.
     pub acks: Acks,
     /// Records to measure (across all producers, or consumers in consume mode).
@@ -104,7 +106,7 @@ impl LoadConfig {
             "replicas": self.replicas, "topic_configs": self.topic_configs, "producers": self.producers, "consumers": self.consumers,
             "message_size": self.message_size, "key_distribution": format!("{:?}", self.keys),
             "batch_bytes": self.batch_bytes, "linger_ms": self.linger.as_millis() as u64,
-            "buffer_bytes": self.buffer_bytes,
+            "buffer_bytes": self.buffer_bytes, "in_flight_per_partition": self.in_flight_per_partition,
             "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
             "duration_s": self.duration.as_secs_f64(), "warmup_s": self.warmup.as_secs_f64(), "rate": self.rate,
             "prefer_replica": self.prefer_replica.to_string(), "rack": self.rack,
@@ -306,6 +308,7 @@ fn producer_thread(
             batch_bytes_max: cfg.batch_bytes,
             linger: cfg.linger,
             buffer_bytes_max: cfg.buffer_bytes,
+            max_in_flight_per_partition: cfg.in_flight_per_partition,
             // A benchmark measures queueing, not retries: the broker may hold an acks=all
             // produce this long (the client's default is 1 s, for fast failover).
             request_timeout_ms: 30_000,

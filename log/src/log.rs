@@ -491,11 +491,18 @@ impl<S: Storage> Log<S> {
     /// Deletes whole sealed segments past the retention limits (age of their newest record,
     /// total size). The active segment is never deleted.
     pub fn apply_retention(&mut self, now: Timestamp) -> Result<RetentionReport, LogError> {
+        let end = self.log_end_offset();
+        self.apply_retention_below(now, end)
+    }
+
+    /// [`Log::apply_retention`], deleting only segments wholly below `limit` (a replica passes
+    /// its high watermark: records not yet committed are never deleted).
+    pub fn apply_retention_below(&mut self, now: Timestamp, limit: Offset) -> Result<RetentionReport, LogError> {
         self.check_writable().map_err(to_log_error)?;
         let mut report = RetentionReport::default();
         let mut total = self.size_bytes();
         let mut keep_from = 0;
-        while keep_from + 1 < self.segments.len() {
+        while keep_from + 1 < self.segments.len() && self.segments[keep_from + 1].base <= limit {
             let seg = &self.segments[keep_from];
             let expired = self.config.retention_ms.is_some_and(|ms| now.millis_since(seg.max_timestamp) > ms);
             let oversize = self.config.retention_bytes.is_some_and(|limit| total - u64::from(seg.bytes) >= limit);

@@ -100,6 +100,12 @@ pub fn parse_racks(s: &str) -> BTreeMap<NodeId, String> {
 }
 
 /// The monotonic clock in microseconds (the same origin for every process on the machine).
+/// The wall clock in milliseconds, for `retention.ms` (record timestamps are wall-clock).
+fn wall_clock() -> skein_log::types::Timestamp {
+    let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis());
+    skein_log::types::Timestamp(i64::try_from(ms).unwrap_or(i64::MAX))
+}
+
 fn now() -> Time {
     let t = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
     Time(u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000)
@@ -328,6 +334,7 @@ impl Node {
             let mut work = VecDeque::new();
             let mut out = Vec::new();
             st.core.handle_tick(t, &mut out);
+            st.core.handle_retention(t, wall_clock(), &mut out);
             self.commands(&mut st, out, &mut work);
             let mut vout = Vec::new();
             st.voter.handle_tick(t, &mut vout);

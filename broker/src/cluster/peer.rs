@@ -130,6 +130,13 @@ impl PeerFrame {
                 put(w, *correlation);
                 put(w, epoch.0);
             }
+            Message::FetchResponse(FetchResponse::OutOfRange { partition, correlation, epoch, log_start }) => {
+                put(w, 13u8);
+                put(w, partition.0);
+                put(w, *correlation);
+                put(w, epoch.0);
+                put(w, log_start.0);
+            }
             Message::Heartbeat { broker, incarnation, lost, sent } => {
                 put(w, 5u8);
                 put(w, broker.0);
@@ -279,6 +286,12 @@ impl Wire for PeerFrame {
             10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
             11 => Message::Reassign { partition: PartitionId(get(r)?), replicas: get_nodes(r)? },
             12 => Message::DeleteTopic { name: get(r)? },
+            13 => Message::FetchResponse(FetchResponse::OutOfRange {
+                partition: PartitionId(get(r)?),
+                correlation: get(r)?,
+                epoch: LeaderEpoch(get(r)?),
+                log_start: Offset(get(r)?),
+            }),
             _ => return Err(DecodeError::Invalid("inter-broker message type")),
         };
         Ok(PeerFrame { from, from_controller, msg })
@@ -440,6 +453,12 @@ mod tests {
             epoch: LeaderEpoch(4),
             end_epoch: LeaderEpoch(2),
             end_offset: Offset(50),
+        }));
+        roundtrip(Message::FetchResponse(FetchResponse::OutOfRange {
+            partition: PartitionId(3),
+            correlation: 8,
+            epoch: LeaderEpoch(4),
+            log_start: Offset(1_000),
         }));
         roundtrip(Message::FetchResponse(FetchResponse::Fenced {
             partition: PartitionId(1),

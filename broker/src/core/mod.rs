@@ -223,6 +223,19 @@ pub enum FetchResponse {
         /// Where that epoch ends on the leader.
         end_offset: Offset,
     },
+    /// The fetch offset is below the leader's log start (retention deleted those records):
+    /// the follower empties its log and starts it at `log_start` (Kafka's
+    /// OFFSET_OUT_OF_RANGE to a follower).
+    OutOfRange {
+        /// Partition.
+        partition: PartitionId,
+        /// The request's correlation.
+        correlation: u64,
+        /// The leader's epoch.
+        epoch: LeaderEpoch,
+        /// The leader's log start.
+        log_start: Offset,
+    },
     /// The request's epoch is not the replica's: `epoch` is the replica's (or it is not the
     /// leader). The follower waits for new partition state from the controller.
     Fenced {

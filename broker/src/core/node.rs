@@ -130,6 +130,7 @@ impl<S: Storage> BrokerNode<S> {
                 let p = match &resp {
                     super::FetchResponse::Records { partition, .. }
                     | super::FetchResponse::Diverging { partition, .. }
+                    | super::FetchResponse::OutOfRange { partition, .. }
                     | super::FetchResponse::Fenced { partition, .. } => *partition,
                 };
                 if let Some(r) = self.replicas.get_mut(&p) {
@@ -237,6 +238,14 @@ impl<S: Storage> BrokerNode<S> {
         }
         for r in self.replicas.values_mut() {
             r.handle_tick(now, out);
+        }
+    }
+
+    /// Applies retention to every replica (see [`Replica::handle_retention`]); `wall` is the
+    /// wall clock, for `retention.ms`.
+    pub fn handle_retention(&mut self, now: Time, wall: skein_log::types::Timestamp, out: &mut Vec<Command<Job<S>>>) {
+        for r in self.replicas.values_mut() {
+            r.handle_retention(now, wall, out);
         }
     }
 }

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use skein_log::batch::{batches, RecordBatch};
 use skein_log::storage::{Storage, StorageError, StorageFile};
+use skein_log::types::Timestamp;
 use skein_log::{Log, ReadLimit, SyncJob};
 
 use super::producers::{ProducerStates, SequenceCheck};
@@ -56,6 +57,10 @@ pub struct ReplicaConfig {
     pub fetch_wait_max_ms: u64,
     /// An ISR proposal unanswered for this long is sent again.
     pub alter_isr_retry_ms: u64,
+    /// How often the log's retention limits (`retention.ms`, `retention.bytes`) are applied,
+    /// on leader and followers alike, each deleting only whole segments below its high
+    /// watermark.
+    pub retention_check_ms: u64,
 }
 
 impl Default for ReplicaConfig {
@@ -68,6 +73,7 @@ impl Default for ReplicaConfig {
             fetch_timeout_ms: 100,
             fetch_wait_max_ms: 50,
             alter_isr_retry_ms: 100,
+            retention_check_ms: 100,
         }
     }
 }
@@ -185,6 +191,8 @@ pub struct Replica<S: Storage> {
     fetch_correlation: u64,
     /// Idempotent producers' recent batches, from this replica's log.
     producers: ProducerStates,
+    /// When retention is applied next.
+    next_retention: Time,
 }
 
 impl<S: Storage> Replica<S> {
@@ -206,6 +214,7 @@ impl<S: Storage> Replica<S> {
             failed: false,
             fetch_correlation: 0,
             producers: ProducerStates::default(),
+            next_retention: Time(0),
         };
         if let Err(e) = replica.rebuild_producers() {
             tracing::error!(node = %id, %partition, error = %e, "reading producer state from the log failed");
@@ -449,6 +458,10 @@ impl<S: Storage> Replica<S> {
         let diverging =
             |end_epoch, end_offset| FetchResponse::Diverging { partition, correlation, epoch, end_epoch, end_offset };
         let log_start = self.log.log_start_offset();
+        if req.fetch_offset < log_start {
+            // Retention deleted what the follower asks for: it starts over at the log start.
+            return Some(FetchResponse::OutOfRange { partition, correlation, epoch, log_start });
+        }
         match req.last_fetched_epoch.map(|last| (last, self.log.end_offset_for_epoch(last))) {
             Some((last, Some((e, end)))) if e == last && end >= req.fetch_offset => {}
             Some((_, Some((e, end)))) => return Some(diverging(e, end)),
@@ -560,6 +573,7 @@ impl<S: Storage> Replica<S> {
         let (resp_epoch, correlation) = match &resp {
             FetchResponse::Records { epoch, correlation, .. }
             | FetchResponse::Diverging { epoch, correlation, .. }
+            | FetchResponse::OutOfRange { epoch, correlation, .. }
             | FetchResponse::Fenced { epoch, correlation, .. } => (*epoch, *correlation),
         };
         if f.in_flight.is_none() || correlation != f.correlation {
@@ -574,6 +588,22 @@ impl<S: Storage> Replica<S> {
         match resp {
             FetchResponse::Fenced { .. } => {
                 f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
+            }
+            FetchResponse::OutOfRange { log_start, .. } => {
+                f.next_fetch = now;
+                f.pretend_epoch = None;
+                if self.log.log_end_offset() < log_start {
+                    // Nothing this log holds is on the leader any more: empty it and start at
+                    // the leader's log start (the records before it are deleted everywhere).
+                    tracing::info!(node = %self.id, partition = %self.partition, %log_start, log_end = %self.log.log_end_offset(), "behind the leader's log start: starting over there");
+                    if let Err(e) = self.log.truncate_fully_and_start_at(log_start, now.timestamp()) {
+                        return self.fail(format!("restarting the log at {log_start} failed: {e}"), out);
+                    }
+                    self.high_watermark = log_start;
+                    if let Err(e) = self.rebuild_producers() {
+                        return self.fail(format!("reading producer state after restarting the log failed: {e}"), out);
+                    }
+                }
             }
             FetchResponse::Diverging { end_epoch, end_offset, .. } => {
                 if self.plant.no_truncation {
@@ -718,6 +748,29 @@ impl<S: Storage> Replica<S> {
                 self.answer_parked(now, false, out);
             }
             Role::Offline => {}
+        }
+    }
+
+    /// Applies the log's retention limits at most every `retention_check_ms`: deletes whole
+    /// segments past them, below the high watermark only (an uncommitted record is never
+    /// deleted; a follower uses the high watermark it learned). `wall` is the wall clock,
+    /// against which `retention.ms` compares record timestamps (`now` is the driver's clock,
+    /// which need not be the wall clock).
+    pub fn handle_retention(&mut self, now: Time, wall: Timestamp, out: &mut Vec<Command<Job<S>>>) {
+        if self.failed || now < self.next_retention {
+            return;
+        }
+        self.next_retention = now.plus_ms(self.config.retention_check_ms);
+        let cfg = self.log.config();
+        if cfg.retention_ms.is_none() && cfg.retention_bytes.is_none() {
+            return;
+        }
+        match self.log.apply_retention_below(wall, self.high_watermark) {
+            Ok(r) if r.segments_deleted > 0 => {
+                tracing::debug!(node = %self.id, partition = %self.partition, segments = r.segments_deleted, bytes = r.bytes_deleted, log_start = %r.log_start_offset, "retention");
+            }
+            Ok(_) => {}
+            Err(e) => self.fail(format!("retention failed: {e}"), out),
         }
     }
 

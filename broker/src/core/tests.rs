@@ -725,6 +725,98 @@ fn acks_all_is_not_acknowledged_after_the_isr_shrank_below_min_insync() {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Retention.
+
+/// Retention runs on every replica, deleting whole segments below its high watermark only; a
+/// follower whose fetch offset the leader deleted is told the leader's log start, empties its
+/// log, starts it there and catches up.
+#[test]
+fn retention_deletes_only_committed_segments_and_a_follower_behind_it_starts_over() {
+    let log = LogConfig {
+        durability: Durability::Never,
+        segment_bytes: 1024,
+        retention_bytes: Some(2048),
+        retention_ms: None,
+        ..LogConfig::default()
+    };
+    let mut h = Harness::with_logs(ReplicaConfig { fetch_wait_max_ms: 0, ..ReplicaConfig::default() }, log);
+    let s = state(1, Some(N1), &[N1, N2, N3], 1);
+    for id in [N1, N2, N3] {
+        h.set_state(id, s.clone());
+    }
+    h.round(N1, N2);
+    h.round(N1, N3);
+    for i in 0..60 {
+        h.produce(N1, i, i, Acks::Leader);
+    }
+    h.replies(N1);
+    h.sync(N1);
+    assert!(h.r(N1).log().segment_count() > 3, "small segments: {}", h.r(N1).log().segment_count());
+    // Nothing is committed (no follower has fetched): retention deletes nothing.
+    h.advance_ms(200);
+    h.retention(N1);
+    assert_eq!(h.r(N1).log().log_start_offset(), Offset(0), "uncommitted segments are kept");
+
+    // n3 stops fetching and leaves the ISR; n2 catches up, so everything is committed.
+    h.advance_ms(LAG_MAX_MS + 1);
+    h.tick(N1);
+    h.take(N1);
+    h.set_state(N1, state(1, Some(N1), &[N1, N2], 2));
+    h.set_state(N2, state(1, Some(N1), &[N1, N2], 2));
+    h.catch_up(N1, N2);
+    assert_eq!(h.r(N1).high_watermark(), Offset(60));
+    h.advance_ms(200);
+    h.retention(N1);
+    let start = h.r(N1).log().log_start_offset();
+    assert!(start > Offset(0), "retention deleted the oldest committed segments");
+    assert!(h.r(N1).log().size_bytes() < 2048 + 1024, "{} bytes left", h.r(N1).log().size_bytes());
+    // The follower learns the high watermark with its next fetch and applies its own retention.
+    h.catch_up(N1, N2);
+    h.advance_ms(200);
+    h.retention(N2);
+    assert_eq!(h.r(N2).log().log_start_offset(), start, "the follower deletes the same segments");
+
+    // n3 comes back asking for offset 0, below the leader's log start.
+    h.take(N3);
+    h.advance_ms(BACKOFF_MS);
+    let req = h.round(N1, N3);
+    assert_eq!(req.fetch_offset, Offset(0));
+    assert_eq!((h.r(N3).log().log_start_offset(), h.r(N3).log().log_end_offset()), (start, start));
+    h.catch_up(N1, N3);
+    assert_eq!(records(h.r(N3).log()), records(h.r(N1).log()), "the same records from the log start");
+    assert_eq!(records(h.r(N3).log()).first().map(|r| r.0), Some(start.0));
+}
+
+/// `retention.ms` compares record timestamps with the wall clock the driver passes, not with
+/// the driver's own clock (cluster mode's is monotonic).
+#[test]
+fn retention_by_age_uses_the_wall_clock_given() {
+    let log = LogConfig {
+        durability: Durability::Never,
+        segment_bytes: 1024,
+        retention_ms: Some(1_000),
+        ..LogConfig::default()
+    };
+    let config = ReplicaConfig { fetch_wait_max_ms: 0, min_insync_replicas: 1, ..ReplicaConfig::default() };
+    let mut h = Harness::with_logs(config, log);
+    h.set_state(N1, state(1, Some(N1), &[N1], 1));
+    for i in 0..40 {
+        h.produce(N1, i, i, Acks::Leader); // records stamped at 0 ms
+    }
+    h.sync(N1);
+    assert_eq!(h.r(N1).high_watermark(), Offset(40));
+    let at = |h: &mut Harness, wall: i64| {
+        h.advance_ms(200);
+        h.step(N1, |now, r, out| r.handle_retention(now, Timestamp(wall), out));
+        h.r(N1).log().log_start_offset()
+    };
+    assert_eq!(at(&mut h, 900), Offset(0), "younger than retention.ms");
+    let start = at(&mut h, 1_001);
+    assert!(start > Offset(0), "older than retention.ms: sealed segments deleted");
+    assert!(start < Offset(40), "the active segment stays");
+}
+
+// ---------------------------------------------------------------------------------------------
 // The harness.
 
 type Out = Vec<Command<Job<MemStorage>>>;
@@ -757,10 +849,15 @@ impl Harness {
     }
 
     fn with(config: ReplicaConfig) -> Harness {
+        Harness::with_logs(config, LogConfig { durability: Durability::Never, ..LogConfig::default() })
+    }
+
+    fn with_logs(config: ReplicaConfig, log: LogConfig) -> Harness {
         assert_eq!((config.fetch_backoff_ms, config.replica_lag_max_ms), (BACKOFF_MS, LAG_MAX_MS));
         let ids = [N1, N2, N3];
+        let open = || Log::open(MemStorage::new(), log.clone(), Timestamp(0)).expect("an empty in-memory log opens");
         let replicas =
-            ids.iter().map(|&id| (id, Replica::new(id, P, config.clone(), Plant::default(), open_log()))).collect();
+            ids.iter().map(|&id| (id, Replica::new(id, P, config.clone(), Plant::default(), open()))).collect();
         Harness { now: Time(1_000_000), replicas, outboxes: ids.iter().map(|&id| (id, Out::new())).collect() }
     }
 
@@ -808,6 +905,11 @@ impl Harness {
 
     fn tick(&mut self, id: NodeId) {
         self.step(id, |now, r, out| r.handle_tick(now, out));
+    }
+
+    /// Retention, with the harness's clock as the wall clock.
+    fn retention(&mut self, id: NodeId) {
+        self.step(id, |now, r, out| r.handle_retention(now, now.timestamp(), out));
     }
 
     /// Runs the replica's sync jobs, and any they lead to.

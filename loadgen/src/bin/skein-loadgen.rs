@@ -155,6 +155,9 @@ struct ProducerArgs {
     /// Bytes each producer may buffer before sends wait (Kafka's buffer.memory).
     #[arg(long, default_value_t = 16 << 20)]
     buffer_bytes: usize,
+    /// Produce requests in flight per partition (Kafka's max.in.flight.requests.per.connection).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u16).range(1..=5))]
+    max_in_flight_per_partition: u16,
     /// Durability to wait for.
     #[arg(long, default_value = "leader")]
     acks: Acks,
@@ -621,6 +624,7 @@ fn load_config(brokers: String, run: &LoadRun) -> LoadConfig {
         batch_bytes: producer.batch_bytes,
         linger: Duration::from_millis(producer.linger_ms),
         buffer_bytes: producer.buffer_bytes,
+        in_flight_per_partition: usize::from(producer.max_in_flight_per_partition),
         acks: producer.acks,
         messages: a.messages,
         duration: a.duration,
@@ -755,6 +759,7 @@ mod tests {
             "batch-bytes",
             "linger-ms",
             "buffer-bytes",
+            "max-in-flight-per-partition",
             "acks",
             "rate",
         ];
@@ -797,6 +802,7 @@ mod tests {
             "brokers": "127.0.0.1:9092", "topic": "loadgen", "partitions": 1, "replicas": 1,
             "topic_configs": [], "producers": 1, "consumers": 1, "message_size": 1024,
             "key_distribution": "None", "batch_bytes": 65536, "linger_ms": 1, "buffer_bytes": 16777216,
+            "in_flight_per_partition": 5,
             "acks": "leader", "messages": null, "duration_s": 10.0, "warmup_s": 2.0, "rate": null,
             "prefer_replica": "leader", "rack": null,
         });
