@@ -239,7 +239,6 @@ impl Node {
     fn open(config: BrokerConfig, me: NodeId, ip: IpAddr, voters: Vec<(NodeId, SocketAddr)>) -> Result<Rc<Node>> {
         let data = config.data_dir.clone();
         let incarnation = next_incarnation(&data)?;
-        let (raft_storage, raft_file) = raftlog::open(&data.join("controller"))?;
         let ids: Vec<NodeId> = voters.iter().map(|(n, _)| *n).collect();
         let controller_config = ControllerConfig {
             session_timeout_ms: config.session_timeout_ms,
@@ -256,12 +255,9 @@ impl Node {
             heartbeat_ticks: (ticks / 5).max(1),
             ..QuorumConfig::default()
         };
-        let mut voter = ControllerVoter::new(me, &ids, quorum, controller, raft_storage)
-            .map_err(|e| anyhow::anyhow!("starting the controller voter: {e}"))?;
-        voter.set_persist(Box::new(raft_file));
+        let (voter, _) = raftlog::start_voter(&data.join("controller"), me, &ids, quorum, controller, now())?;
         let replicas = open_replicas(&config, me)?;
         tracing::info!(node = %me, incarnation, replicas = replicas.len(), "cluster broker starting");
-        replay_raft_log(&mut voter);
         let node_config = NodeConfig { heartbeat_ms: config.heartbeat_ms, lease_ms: config.lease_ms };
         let core = BrokerNode::new(me, incarnation, Vec::new(), node_config, replicas, false);
         let links = voters.iter().filter(|(n, _)| *n != me).map(|&(n, a)| (n, PeerLink::start(me, ip, n, a))).collect();
@@ -1201,28 +1197,6 @@ fn open_replicas(config: &BrokerConfig, me: NodeId) -> Result<Vec<Replica<FileSt
     Ok(out)
 }
 
-/// Applies the entries the Raft log on disk holds as committed (raft-rs hands them to the
-/// voter at its first step), so that one line can sum them up: the controller logs the
-/// decisions they make at debug level only (`Controller::replay_until`).
-fn replay_raft_log(voter: &mut ControllerVoter) {
-    // The tick loop's first tick, a few milliseconds early. A restarted voter is a follower
-    // that one tick does not make campaign (elections wait 3 ticks or more: `Node::open`), so
-    // it sends nothing; were a message dropped here, Raft would send it again.
-    let mut out = Vec::new();
-    voter.handle_tick(now(), &mut out);
-    // No snapshots: the log starts at index 1, so the applied index counts the entries.
-    let index = voter.applied();
-    if index == 0 {
-        return; // a new broker: nothing to sum up
-    }
-    let decisions = voter.controller().decisions_replayed();
-    tracing::info!(
-        index,
-        decisions_replayed = decisions,
-        "replayed {index} controller log entries up to index {index} ({decisions} decisions, logged at debug level only)"
-    );
-}
-
 /// Reads, bumps and durably stores the process incarnation (it grows at every start).
 fn next_incarnation(dir: &Path) -> Result<u64> {
     let path = dir.join("incarnation");
@@ -1270,16 +1244,13 @@ mod tests {
     /// Raft log in `dir`, after the startup replay.
     fn voter_at(dir: &Path, id: u32, incarnation: u64) -> ControllerVoter {
         let ids = [NodeId(1), NodeId(2), NodeId(3)];
-        let (storage, file) = raftlog::open(&dir.join(id.to_string())).expect("opens the Raft log");
         let mut c = Controller::new(ControllerConfig::default(), &ids, &[(PartitionId(0), ids.to_vec())]);
         c.replay_until(NodeId(id), incarnation);
         // Distinct fixed election waits: a deterministic test.
         let ticks = 3 + 2 * id as usize;
         let quorum = QuorumConfig { election_ticks: ticks, election_ticks_max: ticks + 1, ..QuorumConfig::default() };
-        let mut v = ControllerVoter::new(NodeId(id), &ids, quorum, c, storage).expect("voter");
-        v.set_persist(Box::new(file));
-        replay_raft_log(&mut v);
-        v
+        let dir = dir.join(id.to_string());
+        raftlog::start_voter(&dir, NodeId(id), &ids, quorum, c, now()).expect("starts the voter").0
     }
 
     /// Runs the voters that are up (`Some`) for `ms` from `from`, a tick every 5 ms with

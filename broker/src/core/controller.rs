@@ -275,11 +275,7 @@ impl Controller {
     /// snapshot already holds the heartbeat a replay waits for, the replay ends. Fails, changing
     /// nothing, if the snapshot names other brokers (the voters differ: a configuration error).
     pub fn restore(&mut self, snapshot: ControllerSnapshot) -> Result<(), SnapshotError> {
-        let mine: Vec<NodeId> = self.brokers.keys().copied().collect();
-        let theirs: Vec<NodeId> = snapshot.brokers.keys().copied().collect();
-        if mine != theirs {
-            return Err(SnapshotError::Brokers { snapshot: theirs, controller: mine });
-        }
+        self.fits(&snapshot)?;
         let ControllerSnapshot {
             brokers,
             partitions,
@@ -306,6 +302,16 @@ impl Controller {
             if let Some(i) = self.brokers.get(&broker).and_then(|b| b.incarnation) {
                 self.end_replay(broker, i);
             }
+        }
+        Ok(())
+    }
+
+    /// Whether `snapshot` would restore into this controller: it names the same brokers.
+    pub fn fits(&self, snapshot: &ControllerSnapshot) -> Result<(), SnapshotError> {
+        let mine: Vec<NodeId> = self.brokers.keys().copied().collect();
+        let theirs: Vec<NodeId> = snapshot.brokers.keys().copied().collect();
+        if mine != theirs {
+            return Err(SnapshotError::Brokers { snapshot: theirs, controller: mine });
         }
         Ok(())
     }

@@ -32,7 +32,7 @@ use skein_log::{Durability, Log, LogConfig};
 use crate::check::{self, History, PollOp, SendOp, SendOutcome};
 use crate::core::controller::{Controller, ControllerConfig};
 use crate::core::node::{BrokerNode, NodeConfig};
-use crate::core::quorum::{ControllerVoter, QuorumConfig};
+use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
 use crate::core::{
     Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
@@ -147,6 +147,10 @@ const CLIENT_TICK_US: u64 = 2_000;
 const CLIENT_TIMEOUT_MS: u64 = 600;
 const PRODUCE_DEADLINE_MS: u64 = 500;
 const MAX_VIOLATIONS: usize = 10;
+/// Voters snapshot their controller every this many applied Raft entries (a seed applies a
+/// few hundred to a few thousand), keeping this many before it for slow followers.
+const SIM_SNAPSHOT_INTERVAL_ENTRIES: u64 = 100;
+const SIM_SNAPSHOT_TAIL_ENTRIES: u64 = 10;
 /// Virtual time after the healed phase for pending sends to resolve and replicas to catch up.
 const DRAIN_US: u64 = 2_000_000;
 
@@ -200,7 +204,7 @@ struct SimNode {
     /// This broker's controller voter (combined mode), down with the process.
     voter: Option<ControllerVoter>,
     /// The voter's Raft log, durable across crashes (appended and synced per ready).
-    raft_log: raft::storage::MemStorage,
+    raft_log: RaftStorage,
     storages: BTreeMap<PartitionId, MemStorage>,
     incarnation: u64,
     paused_until: Option<u64>,
@@ -333,7 +337,7 @@ impl Sim {
                 id,
                 core: None,
                 voter: None,
-                raft_log: raft::storage::MemStorage::new(),
+                raft_log: RaftStorage::new(),
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
                 paused_until: None,
@@ -472,7 +476,14 @@ impl Sim {
         // raft-rs randomizes election waits with a thread-local RNG: give it a one-value range
         // drawn from the seed instead (different per voter and per start), for replay.
         let ticks = 10 + self.rng.below(10) as usize;
-        let quorum = QuorumConfig { election_ticks: ticks, election_ticks_max: ticks + 1, ..QuorumConfig::default() };
+        // Small snapshot intervals, so seeds take, send and install controller snapshots.
+        let quorum = QuorumConfig {
+            election_ticks: ticks,
+            election_ticks_max: ticks + 1,
+            snapshot_interval_entries: SIM_SNAPSHOT_INTERVAL_ENTRIES,
+            snapshot_tail_entries: SIM_SNAPSHOT_TAIL_ENTRIES,
+            ..QuorumConfig::default()
+        };
         let n = &mut self.nodes[i];
         match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.clone()) {
             Ok(v) => n.voter = Some(v),
