@@ -162,8 +162,8 @@ fn main() -> Result<()> {
 fn run_size(args: &Args, dir: &Path, write_bytes: usize) -> Result<Vec<Sample>> {
     let writes = ((args.gib * GIB as f64) as u64).div_ceil(write_bytes as u64).max(1);
     println!(
-        "\n== {} writes of {} bytes ({:.2} GiB) per method, {} in flight, warm {} GiB per round, \
-         O_DIRECT files fallocated {} MiB ahead",
+        "\n== {} writes of {} bytes ({:.2} GiB) per method, {} in flight, {} GiB written and deleted \
+         before each method, O_DIRECT files fallocated {} MiB ahead",
         writes,
         write_bytes,
         (writes * write_bytes as u64) as f64 / GIB as f64,
