@@ -77,6 +77,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use protobuf::Message as _;
 use raft::prelude::{Entry, HardState, Snapshot};
+use raft::Storage as _;
 
 use crate::core::controller::{Controller, ControllerSnapshot};
 use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftPersist, RaftStorage};
@@ -127,13 +128,17 @@ pub(crate) fn start_voter(
     if index > 0 {
         let Started { snapshot_index, replayed } = started;
         let decisions = voter.controller().decisions_replayed();
+        let from = match snapshot_index {
+            0 => "no controller snapshot".to_owned(),
+            i => format!("loaded controller snapshot at index {i}"),
+        };
         tracing::info!(
             snapshot_index,
             replayed,
             index,
             decisions_replayed = decisions,
-            "loaded controller snapshot at index {snapshot_index}, replayed {replayed} entries up to index {index} \
-             ({decisions} decisions, logged at debug level only)"
+            "{from}, replayed {replayed} entries up to index {index} ({decisions} decisions, logged at debug level \
+             only)"
         );
     }
     Ok((voter, started))
@@ -163,12 +168,21 @@ pub(crate) fn open(dir: &Path) -> Result<(RaftStorage, RaftFile)> {
     // Before the entries are loaded: they follow the base, which the snapshot must reach.
     let base = log.records.first().filter(|r| r.kind == Kind::Base).map(decode_base).transpose();
     check_base(base.map_err(|d| d.error(&path))?, (snapshot_index, snapshot_term), &path, &snapshot_path)?;
-    let loaded = load(&log.records, &storage, snapshot_index).map_err(|d| d.error(&path))?;
+    let loaded = load(&log.records, &storage, (snapshot_index, snapshot_term)).map_err(|d| d.error(&path))?;
     // Hard states written before the snapshot may name an older commit or term.
     let mut hard_state = storage.hard_state();
     hard_state.commit = hard_state.commit.max(snapshot_index);
     hard_state.term = hard_state.term.max(snapshot_term);
     storage.set_hard_state(hard_state.clone());
+    let last = storage.last_index().expect("infallible");
+    if hard_state.commit > last {
+        anyhow::bail!(
+            "damaged Raft log {}: its commit index {} is past the last entry {last}; refusing to start (restore the \
+             file)",
+            path.display(),
+            hard_state.commit
+        );
+    }
     if let Some(why) = log.torn {
         let (at, dropped) = (log.valid_bytes, bytes.len() - log.valid_bytes);
         tracing::warn!(path = %path.display(), at, dropped, "torn Raft log tail cut ({why})");
@@ -661,15 +675,21 @@ struct Loaded {
     base: Option<(u64, u64)>,
 }
 
-/// Applies `records` to `storage`, which holds the snapshot at `snapshot_index` (0: none).
-/// Entries up to that index are in the snapshot and skipped (a file written before the
-/// snapshot holds them). A record that does not decode, a base record that is not first, or
-/// an entry that does not follow the log is damage (checked here: `RaftStorage::append`
-/// asserts on a gap).
-fn load(records: &[Record<'_>], storage: &RaftStorage, snapshot_index: u64) -> Result<Loaded, Damage> {
+/// Applies `records` to `storage`, which holds the snapshot at `snapshot` (index, term; 0:
+/// none). Entries up to its index are in the snapshot and skipped (a file written before the
+/// snapshot holds them); entries after it are loaded only if they follow the snapshot's own
+/// entry (a file written before it may hold, after a stale entry at its index, entries of a
+/// deposed leader that the snapshot replaced). A record that does not decode, a base record
+/// that is not first, or an entry that does not follow the log is damage (checked here:
+/// `RaftStorage::append` asserts on a gap).
+fn load(records: &[Record<'_>], storage: &RaftStorage, snapshot: (u64, u64)) -> Result<Loaded, Damage> {
+    let (snapshot_index, snapshot_term) = snapshot;
     let mut loaded = Loaded::default();
     // The file's last entry so far: entries follow it or replace a suffix after the base.
     let mut last = 0;
+    // Whether the file's entries so far run through the snapshot's own entry. A file that
+    // starts at the snapshot (or has none to follow) does.
+    let mut follows_snapshot = snapshot_index == 0;
     for (i, r) in records.iter().enumerate() {
         match r.kind {
             Kind::Base => {
@@ -682,6 +702,8 @@ fn load(records: &[Record<'_>], storage: &RaftStorage, snapshot_index: u64) -> R
                 }
                 loaded.base = Some((index, term));
                 last = index;
+                // `check_base`: then the terms match too.
+                follows_snapshot = index == snapshot_index;
             }
             Kind::Entry => {
                 let e = Entry::parse_from_bytes(r.payload)
@@ -692,7 +714,12 @@ fn load(records: &[Record<'_>], storage: &RaftStorage, snapshot_index: u64) -> R
                     return Err(Damage::new(r.at, what));
                 }
                 last = e.index;
-                if e.index > snapshot_index {
+                if e.index <= snapshot_index {
+                    // It replaces the file's suffix from its index, entries after the snapshot
+                    // included; only the snapshot's own entry lets later ones follow.
+                    storage.truncate_after(snapshot_index);
+                    follows_snapshot = e.index == snapshot_index && e.term == snapshot_term;
+                } else if follows_snapshot {
                     storage.append(&[e]);
                 }
                 loaded.entries += 1;
@@ -767,7 +794,7 @@ const _: () = assert!(PAYLOAD_BYTES_MAX as u64 + HEADER_BYTES as u64 <= u32::MAX
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use raft::{GetEntriesContext, Storage as _};
+    use raft::GetEntriesContext;
 
     use crate::core::Message;
 
@@ -1020,6 +1047,29 @@ mod tests {
         drop(f);
         let (storage, _) = open(dir.path()).expect("opens");
         assert_eq!(storage.hard_state().commit, 11);
+    }
+
+    #[test]
+    fn entries_after_a_stale_entry_at_the_snapshot_index_are_not_loaded() {
+        // A follower's log holds a deposed leader's entries 8 to 10 (term 1); the leader's
+        // snapshot at 8 (term 2) replaced them, and the process crashed after step 1.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, mut f) = open(dir.path()).expect("opens");
+        let entries: Vec<Entry> = (1..=10).map(|i| entry(i, 1, b"x")).collect();
+        f.persist(&entries, Some(&hard_state(1, 1, 7)));
+        drop(f);
+        write_snapshot(dir.path(), &snapshot_at(8, 2)).expect("step 1");
+        let (storage, _) = open(dir.path()).expect("opens");
+        let (snapshot, state) = snapshotted_state(&storage);
+        assert_eq!(snapshot, (8, 2));
+        assert_eq!(state.entries, vec![], "entries 9 and 10 followed another entry 8");
+        assert_eq!(state.hard_state, (2, 1, 8), "commit and term raised to the snapshot's");
+        // A commit past the entries the log holds is damage, not a panic in raft-rs.
+        let (_, mut f) = open(dir.path()).expect("opens");
+        f.persist(&[entry(9, 2, b"i")], Some(&hard_state(2, 1, 10)));
+        drop(f);
+        let err = open(dir.path()).err().expect("refused");
+        assert!(format!("{err:#}").contains("commit index 10 is past the last entry 9"), "{err:#}");
     }
 
     #[test]

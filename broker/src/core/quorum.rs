@@ -564,6 +564,14 @@ impl RaftStorage {
         s.entries.extend_from_slice(entries);
     }
 
+    /// Drops the entries after `index` (a new leader's entries replace them).
+    pub fn truncate_after(&self, index: u64) {
+        let mut s = self.wl();
+        assert!(index >= s.offset, "truncating to {index}, before the log's start {}", s.offset);
+        let keep = (index - s.offset) as usize;
+        s.entries.truncate(keep);
+    }
+
     /// Records the hard state.
     pub fn set_hard_state(&self, hard_state: HardState) {
         self.wl().hard_state = hard_state;
