@@ -20,6 +20,7 @@ pub mod core;
 pub mod datadir;
 pub mod meta;
 pub mod runtime;
+mod service;
 #[cfg(feature = "sim")]
 pub mod sim;
 

@@ -58,9 +58,9 @@ use crate::core::{
     Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
 };
 use crate::meta::{self, ProducerIds};
-use crate::runtime::conn::{self, Service};
-use crate::runtime::handlers::{api_versions, fetch_response, Budgets, FetchBudget, Request, Response};
-use crate::runtime::{fail_stop, split_batches, FetchResult};
+use crate::service::budget::{Budgets, FetchBudget};
+use crate::service::conn::{self, Service};
+use crate::service::{api_versions, fail_stop, fetch_response, split_batches, FetchResult, Request, Response};
 use crate::BrokerConfig;
 use peer::{PeerFrame, PeerLink};
 

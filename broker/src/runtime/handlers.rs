@@ -1,70 +1,45 @@
-//! Request handling on typed messages ([`Request`] in, [`Response`] out); the Skein frame
-//! codec lives in `codec`, so another wire protocol (Kafka's) can reuse these handlers. Each
-//! handler splits work per partition, sends it to the owning shard, and assembles the
-//! response in request order.
-//!
-//! Memory a request makes the broker hold is bounded by configuration, not by the request:
-//! produce bytes count against `--max-produce-bytes` and fetch record bytes against
-//! `--max-fetch-bytes` ([`Budgets`], one per shard; cluster mode: one per broker) through
-//! holds ([`PoolHold`]) that give the bytes back when dropped, so a request task dropped
-//! mid-await (its connection failed) releases them too. A fetch reads partitions in request
-//! order against what is left of its own budget ([`FetchBudget`]), sizing each range before
-//! reading it. What is not bounded here: a response handed to its connection is no longer
-//! counted while it waits to be written (`--max-in-flight` per connection bounds that).
+//! The single-node runtime's request handlers, on typed messages ([`Request`] in, [`Response`]
+//! out; the Skein frame codec is `crate::service::codec`, so another wire protocol, Kafka's,
+//! can reuse them). Each handler splits work per partition, sends it to the owning shard, and
+//! assembles the response in request order; topic creation and deletion are the shard's
+//! (`topics`). Memory a request holds is bounded by `crate::service::budget`. What is not
+//! bounded here: a response handed to its connection is no longer counted while it waits to be
+//! written (`--max-in-flight` per connection bounds that).
 
 use std::cell::Cell;
-use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_channel::oneshot;
 use skein_client::wire::{
-    ApiKey, ApiVersion, ApiVersionsResponse, BrokerInfo, CreateTopicsRequest, CreateTopicsResponse,
-    DeleteTopicsRequest, DeleteTopicsResponse, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode,
-    FetchPartition, FetchRequest, InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest,
-    ListOffsetsResponse, MetadataRequest, MetadataResponse, PartitionMetadata, ProduceRequest, ProduceResponse,
-    TopicConfig, TopicDescription, TopicMetadata, TopicResult,
+    BrokerInfo, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest,
+    InitProducerIdRequest, InitProducerIdResponse, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest,
+    MetadataResponse, PartitionMetadata, ProduceRequest, ProduceResponse, Reader, TopicConfig, TopicDescription,
+    TopicMetadata,
 };
 
-use super::shard::FetchResult;
+use super::shard::ask;
 use super::{Shard, ShardMsg};
-use crate::core::controller::PARTITIONS_PER_TOPIC_MAX;
-use crate::meta::{self, TopicMeta, Topics};
-use crate::BrokerConfig;
+use crate::service::budget::FetchBudget;
+use crate::service::conn::Service;
+use crate::service::{api_versions, fetch_response, FetchResult, Request, Response};
 
-/// A decoded request, independent of the wire protocol that carried it.
-pub(crate) enum Request {
-    ApiVersions,
-    Metadata(MetadataRequest),
-    CreateTopics(CreateTopicsRequest),
-    DeleteTopics(DeleteTopicsRequest),
-    DescribeTopics(DescribeTopicsRequest),
-    Produce(ProduceRequest),
-    Fetch(FetchRequest),
-    ListOffsets(ListOffsetsRequest),
-    InitProducerId(InitProducerIdRequest),
-    ReassignPartition(skein_client::wire::ReassignPartitionRequest),
-}
-
-/// A response, for the codec of the protocol the request came in on to encode.
-pub(crate) enum Response {
-    ApiVersions(ApiVersionsResponse),
-    Metadata(MetadataResponse),
-    CreateTopics(CreateTopicsResponse),
-    DeleteTopics(DeleteTopicsResponse),
-    DescribeTopics(DescribeTopicsResponse),
-    Produce(ProduceResponse),
-    /// Per partition, in request order; record bytes stay in their own buffers.
-    Fetch(Vec<(FetchPartition, FetchResult)>),
-    ListOffsets(ListOffsetsResponse),
-    InitProducerId(InitProducerIdResponse),
-    ReassignPartition(skein_client::wire::ReassignPartitionResponse),
-    /// The whole request failed with this code.
-    Error(ErrorCode),
-    /// No response is due (produce with acks=0).
-    Nothing,
+impl Service for Shard {
+    fn max_in_flight(&self) -> usize {
+        self.config.max_in_flight
+    }
+    fn max_frame_bytes(&self) -> u32 {
+        self.config.max_frame_bytes
+    }
+    fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
+        Box::pin(handle(self, req))
+    }
+    fn peer_message(self: &Rc<Self>, _from: Option<std::net::SocketAddr>, _body: Reader) -> bool {
+        tracing::warn!("closing connection: inter-broker message to a broker without --voters");
+        false
+    }
 }
 
 /// Handles one request.
@@ -85,8 +60,8 @@ async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
     match req {
         Request::ApiVersions => Response::ApiVersions(api_versions()),
         Request::Metadata(r) => Response::Metadata(metadata(shard, r)),
-        Request::CreateTopics(r) => Response::CreateTopics(create_topics(shard, r).await),
-        Request::DeleteTopics(r) => Response::DeleteTopics(delete_topics(shard, r).await),
+        Request::CreateTopics(r) => Response::CreateTopics(shard.create_topics(r).await),
+        Request::DeleteTopics(r) => Response::DeleteTopics(shard.delete_topics(r).await),
         Request::DescribeTopics(r) => Response::DescribeTopics(describe_topics(shard, r).await),
         Request::Produce(r) => produce(shard, r).await,
         Request::Fetch(r) => fetch(shard, r).await,
@@ -99,18 +74,6 @@ async fn dispatch(shard: &Rc<Shard>, req: Request) -> Response {
     }
 }
 
-/// Sends `msg` to the shard owning the work (or runs it here) and waits for the reply.
-async fn ask<T>(shard: &Rc<Shard>, owner: usize, make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg) -> Option<T> {
-    let (tx, rx) = oneshot::channel();
-    let msg = make(tx);
-    if owner == shard.id {
-        compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
-    } else if shard.peers[owner].send_async(msg).await.is_err() {
-        return None;
-    }
-    rx.await.ok()
-}
-
 async fn init_producer_id(shard: &Rc<Shard>, req: InitProducerIdRequest) -> InitProducerIdResponse {
     let fail = |error| InitProducerIdResponse { error, producer_id: -1, producer_epoch: -1 };
     if req.transactional_id.is_some() {
@@ -121,14 +84,6 @@ async fn init_producer_id(shard: &Rc<Shard>, req: InitProducerIdRequest) -> Init
         Some(Err(code)) => fail(code),
         None => fail(ErrorCode::SHUTTING_DOWN),
     }
-}
-
-pub(crate) fn api_versions() -> ApiVersionsResponse {
-    let apis = ApiKey::ALL
-        .iter()
-        .map(|k| ApiVersion { api_key: *k as u16, min_version: 0, max_version: k.max_version() })
-        .collect();
-    ApiVersionsResponse { apis }
 }
 
 fn metadata(shard: &Rc<Shard>, req: MetadataRequest) -> MetadataResponse {
@@ -162,97 +117,6 @@ fn metadata(shard: &Rc<Shard>, req: MetadataRequest) -> MetadataResponse {
         controller: node,
         topics,
     }
-}
-
-pub(crate) async fn create_topics(shard: &Rc<Shard>, req: CreateTopicsRequest) -> CreateTopicsResponse {
-    if shard.id != 0 {
-        return ask(shard, 0, |reply| ShardMsg::Create { req, reply })
-            .await
-            .unwrap_or(CreateTopicsResponse { results: vec![] });
-    }
-    let _serial = shard.admin.lock().await;
-    let mut results = Vec::new();
-    for t in req.topics {
-        let (error, message) = match create_one(shard, &t).await {
-            Ok(()) => (ErrorCode::NONE, String::new()),
-            Err((code, msg)) => (code, msg),
-        };
-        results.push(TopicResult { name: t.name, error, message });
-    }
-    CreateTopicsResponse { results }
-}
-
-async fn create_one(shard: &Rc<Shard>, t: &skein_client::wire::NewTopic) -> Result<(), (ErrorCode, String)> {
-    meta::validate_name(&t.name).map_err(|c| (c, "names are 1-249 characters of [A-Za-z0-9._-]".to_owned()))?;
-    if t.partitions == 0 || t.partitions > PARTITIONS_PER_TOPIC_MAX {
-        return Err((ErrorCode::INVALID_PARTITIONS, format!("partitions must be 1..={PARTITIONS_PER_TOPIC_MAX}")));
-    }
-    if t.replicas != 1 {
-        return Err((ErrorCode::INVALID_PARTITIONS, "this is a single-node cluster: replicas must be 1".to_owned()));
-    }
-    let configs: BTreeMap<String, String> = t.configs.iter().map(|c| (c.key.clone(), c.value.clone())).collect();
-    meta::log_config(&configs).map_err(|m| (ErrorCode::INVALID_CONFIG, m))?;
-    let mut topics = (**shard.topics.borrow()).clone();
-    if topics.topics.contains_key(&t.name) {
-        return Err((ErrorCode::TOPIC_ALREADY_EXISTS, format!("topic '{}' already exists", t.name)));
-    }
-    let meta = TopicMeta { name: t.name.clone(), partitions: t.partitions, replicas: t.replicas, configs };
-    topics.topics.insert(t.name.clone(), meta);
-    publish(shard, topics).await.map_err(|e| (ErrorCode::STORAGE_ERROR, e))?;
-    for p in 0..t.partitions {
-        let (topic, owner) = (t.name.clone(), shard.owner(&t.name, p));
-        let opened = ask(shard, owner, |reply| ShardMsg::OpenPartition { topic, partition: p, reply }).await;
-        match opened {
-            Some(Ok(())) => {}
-            Some(Err(e)) => return Err((ErrorCode::STORAGE_ERROR, e)),
-            None => return Err((ErrorCode::SHUTTING_DOWN, "broker stopping".to_owned())),
-        }
-    }
-    Ok(())
-}
-
-pub(crate) async fn delete_topics(shard: &Rc<Shard>, req: DeleteTopicsRequest) -> DeleteTopicsResponse {
-    if shard.id != 0 {
-        return ask(shard, 0, |reply| ShardMsg::Delete { req, reply })
-            .await
-            .unwrap_or(DeleteTopicsResponse { results: vec![] });
-    }
-    let _serial = shard.admin.lock().await;
-    let mut results = Vec::new();
-    for name in req.names {
-        let mut topics = (**shard.topics.borrow()).clone();
-        let Some(t) = topics.topics.remove(&name) else {
-            results.push(TopicResult {
-                name,
-                error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
-                message: "no such topic".into(),
-            });
-            continue;
-        };
-        if let Err(e) = publish(shard, topics).await {
-            results.push(TopicResult { name, error: ErrorCode::STORAGE_ERROR, message: e });
-            continue;
-        }
-        for p in 0..t.partitions {
-            let (topic, owner) = (name.clone(), shard.owner(&name, p));
-            ask(shard, owner, |reply| ShardMsg::DeletePartition { topic, partition: p, reply }).await;
-        }
-        results.push(TopicResult { name, error: ErrorCode::NONE, message: String::new() });
-    }
-    DeleteTopicsResponse { results }
-}
-
-/// Persists a new metadata snapshot, then hands it to every shard.
-async fn publish(shard: &Rc<Shard>, topics: Topics) -> Result<(), String> {
-    topics.save(&shard.config.data_dir).map_err(|e| format!("{e:#}"))?;
-    let topics = Arc::new(topics);
-    *shard.topics.borrow_mut() = topics.clone();
-    for (i, peer) in shard.peers.iter().enumerate() {
-        if i != shard.id {
-            let _ = peer.send_async(ShardMsg::Topics(topics.clone())).await;
-        }
-    }
-    Ok(())
 }
 
 async fn describe_topics(shard: &Rc<Shard>, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
@@ -436,23 +300,6 @@ async fn fetch_once(
     (results, budgets)
 }
 
-/// Pairs results with their partitions, leaving out whole partitions' data past `max_bytes`
-/// (the first partition with data is always sent, so a consumer progresses). Partitions read
-/// on different shards were each read against the whole `max_bytes`; this is where the
-/// response comes down to it.
-pub(crate) fn fetch_response(req: FetchRequest, results: Vec<FetchResult>) -> Response {
-    let mut total = 0usize;
-    let mut out = Vec::with_capacity(results.len());
-    for (p, mut r) in req.partitions.into_iter().zip(results) {
-        if total > 0 && total + r.records.len() > req.max_bytes as usize {
-            r.records = Vec::new(); // freed now, not when the response is written
-        }
-        total += r.records.len();
-        out.push((p, r));
-    }
-    Response::Fetch(out)
-}
-
 async fn list_offsets(shard: &Rc<Shard>, req: ListOffsetsRequest) -> ListOffsetsResponse {
     let mut partitions = Vec::with_capacity(req.partitions.len());
     for part in req.partitions {
@@ -467,152 +314,6 @@ async fn list_offsets(shard: &Rc<Shard>, req: ListOffsetsRequest) -> ListOffsets
         partitions.push(r.unwrap_or(fallback));
     }
     ListOffsetsResponse { partitions }
-}
-
-/// The byte pools that bound what requests hold in memory on one shard (cluster mode: on the
-/// broker): produce bytes being appended or awaiting their answers, and fetch record bytes
-/// being read or assembled.
-pub(crate) struct Budgets {
-    /// `--max-produce-bytes`: past it, produce entries get THROTTLED.
-    pub produce: BytePool,
-    /// `--max-fetch-bytes`: past it, fetches read no more records (and wait, or get less).
-    pub fetch: BytePool,
-}
-
-impl Budgets {
-    pub(crate) fn new(config: &BrokerConfig) -> Budgets {
-        Budgets { produce: BytePool::new(config.max_produce_bytes), fetch: BytePool::new(config.max_fetch_bytes) }
-    }
-}
-
-/// Bytes in use against a limit. The count is shared with the holds taken from the pool,
-/// which may be dropped on another shard's thread (a fetch's records travel to the shard
-/// that asked for them), hence an atomic.
-#[derive(Clone)]
-pub(crate) struct BytePool {
-    used: Arc<AtomicU64>,
-    limit: u64,
-}
-
-impl BytePool {
-    pub(crate) fn new(limit: u64) -> BytePool {
-        BytePool { used: Arc::new(AtomicU64::new(0)), limit }
-    }
-
-    /// Bytes that may still be taken before the pool is full.
-    pub(crate) fn available(&self) -> u64 {
-        self.limit.saturating_sub(self.used.load(Ordering::Relaxed))
-    }
-
-    /// Takes `bytes` if they fit under the limit; `None` if not (nothing taken).
-    pub(crate) fn try_hold(&self, bytes: u64) -> Option<PoolHold> {
-        let fits = |used: u64| used.checked_add(bytes).filter(|u| *u <= self.limit);
-        self.used.fetch_update(Ordering::Relaxed, Ordering::Relaxed, fits).ok()?;
-        Some(PoolHold { used: self.used.clone(), bytes })
-    }
-
-    /// A hold of nothing yet, grown with [`PoolHold::add`].
-    fn empty_hold(&self) -> PoolHold {
-        PoolHold { used: self.used.clone(), bytes: 0 }
-    }
-
-    #[cfg(test)]
-    fn used(&self) -> u64 {
-        self.used.load(Ordering::Relaxed)
-    }
-}
-
-/// Bytes taken from a [`BytePool`], given back when the hold is dropped: on every path,
-/// including a request future dropped unfinished.
-pub(crate) struct PoolHold {
-    used: Arc<AtomicU64>,
-    bytes: u64,
-}
-
-impl PoolHold {
-    /// Takes `bytes` more, past the pool's limit if need be (the caller bounds by how much).
-    fn add(&mut self, bytes: u64) {
-        self.used.fetch_add(bytes, Ordering::Relaxed);
-        self.bytes += bytes;
-    }
-}
-
-impl Drop for PoolHold {
-    fn drop(&mut self) {
-        self.used.fetch_sub(self.bytes, Ordering::Relaxed);
-    }
-}
-
-/// One fetch's read budget on one shard, spent as its partitions are read in request order:
-/// the request's `max_bytes` (0 counts as 1) capped at `--max-fetch-bytes`, drawn from the
-/// shard's fetch pool, which every response being built shares.
-///
-/// Per partition: [`FetchBudget::limit`] gives the byte limit to read with (the partition's
-/// `partition_max_bytes` clamped to what is left), or `None` (read no records: the budget is
-/// spent or the pool is full); the caller sizes the range that limit gives without reading it
-/// and asks [`FetchBudget::fits`]; then hands what it read to [`FetchBudget::take`]. The first
-/// partition with records gets at least one whole batch even past both limits (so a consumer
-/// always progresses; the pool overshoots by at most that batch, since a full pool stops
-/// every later read); later partitions get only what fits. Duplicate entries share the
-/// budget like any others. The bytes taken stay counted in the pool until the budget drops.
-pub(crate) struct FetchBudget {
-    pool: BytePool,
-    /// Bytes the response may still take.
-    left: u64,
-    /// Some partition's records were taken: later ones must fit.
-    taken: bool,
-    /// A read was skipped or cut short because the pool was full: records may be there.
-    pub(crate) starved: bool,
-    hold: PoolHold,
-}
-
-impl FetchBudget {
-    pub(crate) fn new(max_bytes: u32, pool: &BytePool) -> FetchBudget {
-        let left = u64::from(max_bytes.max(1)).min(pool.limit.max(1));
-        FetchBudget { pool: pool.clone(), left, taken: false, starved: false, hold: pool.empty_hold() }
-    }
-
-    /// The byte limit for the next partition's read, or `None`: read no records for it.
-    pub(crate) fn limit(&mut self, partition_max_bytes: u32) -> Option<u32> {
-        if self.left == 0 {
-            return None;
-        }
-        let wanted = u64::from(partition_max_bytes.max(1)).min(self.left);
-        let available = self.pool.available();
-        if available < wanted {
-            self.starved = true;
-        }
-        let limit = wanted.min(available);
-        (limit > 0).then(|| u32::try_from(limit).expect("at most partition_max_bytes"))
-    }
-
-    /// Whether a range of `bytes`, found with the limit [`FetchBudget::limit`] gave, may be
-    /// read (it is larger than that limit only when its first batch is).
-    pub(crate) fn fits(&mut self, bytes: u64) -> bool {
-        if !self.taken || bytes <= self.left.min(self.pool.available()) {
-            return true;
-        }
-        if bytes <= self.left {
-            self.starved = true;
-        }
-        false
-    }
-
-    /// Counts the records read for a partition against the budget and the pool. Records the
-    /// budget has no room for (a read not sized first) are dropped here.
-    pub(crate) fn take(&mut self, records: &mut Vec<u8>) {
-        let bytes = records.len() as u64;
-        if bytes == 0 {
-            return;
-        }
-        if !self.fits(bytes) {
-            *records = Vec::new();
-            return;
-        }
-        self.taken = true;
-        self.left = self.left.saturating_sub(bytes);
-        self.hold.add(bytes);
-    }
 }
 
 /// A request counted in its shard's in-flight requests while its future lives.
@@ -637,81 +338,6 @@ const FETCH_STARVED_RETRY_MS: u64 = 10;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// Reads partitions `(partition_max_bytes, bytes there, batch bytes)` in order with a
-    /// fresh budget, as the shards do (a read returns all the bytes there if under its limit,
-    /// else whole batches up to it, at least one); the bytes each read returned, and the
-    /// budget (holding them).
-    fn check(max_bytes: u32, pool: &BytePool, parts: &[(u32, u64, u64)]) -> (Vec<u64>, FetchBudget) {
-        let mut budget = FetchBudget::new(max_bytes, pool);
-        let mut got = Vec::new();
-        for &(partition_max_bytes, size, batch) in parts {
-            let Some(limit) = budget.limit(partition_max_bytes) else {
-                got.push(0);
-                continue;
-            };
-            let range = if size <= u64::from(limit) { size } else { (u64::from(limit) / batch).max(1) * batch };
-            if !budget.fits(range) {
-                got.push(0);
-                continue;
-            }
-            let mut records = vec![0u8; range as usize];
-            budget.take(&mut records);
-            got.push(records.len() as u64);
-        }
-        (got, budget)
-    }
-
-    #[test]
-    fn a_fetch_reads_no_more_than_its_budget_plus_the_first_batch() {
-        let pool = BytePool::new(1 << 20);
-        // The same partition four times, max_bytes 100, partition_max_bytes huge: the first
-        // entry takes 100, the others share what is left (nothing).
-        let (got, budget) = check(100, &pool, &[(u32::MAX, 1000, 10); 4]);
-        assert_eq!(got, vec![100, 0, 0, 0]);
-        assert_eq!(pool.used(), 100);
-        drop(budget);
-        assert_eq!(pool.used(), 0, "given back on drop");
-        // A first batch larger than the budget is still read, and spends it all.
-        let (got, _b) = check(100, &pool, &[(u32::MAX, 500, 500), (u32::MAX, 80, 80), (u32::MAX, 50, 50)]);
-        assert_eq!(got, vec![500, 0, 0]);
-        // A later partition whose first batch does not fit what is left is not read; a later,
-        // smaller one still is.
-        let (got, _b) = check(100, &pool, &[(u32::MAX, 60, 60), (u32::MAX, 80, 80), (u32::MAX, 30, 30)]);
-        assert_eq!(got, vec![60, 0, 30]);
-        // partition_max_bytes clamps each read; 0 counts as 1 (a whole first batch).
-        let (got, _b) = check(100, &pool, &[(20, 1000, 10), (0, 1000, 10)]);
-        assert_eq!(got, vec![20, 10]);
-        // max_bytes 0 counts as 1: one batch.
-        let (got, _b) = check(0, &pool, &[(u32::MAX, 1000, 10), (u32::MAX, 1000, 10)]);
-        assert_eq!(got, vec![10, 0]);
-    }
-
-    #[test]
-    fn a_full_pool_starves_later_fetches_and_a_request_is_capped_at_the_pool() {
-        let pool = BytePool::new(100);
-        let (got, first) = check(u32::MAX, &pool, &[(u32::MAX, 1000, 10)]);
-        assert_eq!(got, vec![100], "max_bytes capped at the pool");
-        assert!(!first.starved);
-        let (got, second) = check(1000, &pool, &[(u32::MAX, 1000, 10), (u32::MAX, 1000, 10)]);
-        assert_eq!(got, vec![0, 0]);
-        assert!(second.starved, "records were there but the pool was full");
-        drop((first, second));
-        let (got, _b) = check(1000, &pool, &[(u32::MAX, 1000, 10)]);
-        assert_eq!(got, vec![100], "the pool came back");
-    }
-
-    #[test]
-    fn produce_holds_fit_under_the_limit_and_come_back_on_drop() {
-        let pool = BytePool::new(100);
-        let a = pool.try_hold(60).expect("fits");
-        assert!(pool.try_hold(41).is_none(), "past the limit");
-        let b = pool.try_hold(40).expect("exactly fills it");
-        assert_eq!(pool.available(), 0);
-        drop((a, b));
-        assert_eq!(pool.used(), 0);
-        assert!(pool.try_hold(101).is_none(), "larger than the pool: never");
-    }
 
     #[test]
     fn in_flight_counts_down_when_the_request_is_dropped() {

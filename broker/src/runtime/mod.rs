@@ -6,15 +6,16 @@
 //! path takes a lock. Topic metadata is owned by shard 0 and broadcast to the other shards as
 //! immutable snapshots.
 //!
-//! Life of a request: `conn` reads a frame and `codec` decodes it into a typed `Request`;
-//! `handlers` splits it per partition and sends each part to its owner; `shard` appends or
-//! reads the log there and answers through a oneshot; `handlers` assembles a typed `Response`;
-//! `codec` encodes it and `conn` writes responses in request order.
+//! Life of a request: `service::conn` reads a frame and `service::codec` decodes it into a typed
+//! `Request`; `handlers` splits it per partition and sends each part to its owner; `shard`
+//! appends or reads the log there and answers through a oneshot; `handlers` assembles a typed
+//! `Response`; the codec encodes it and the connection writes responses in request order.
+//! Topic creation and deletion (`topics`) run on shard 0. Imports point one way: `handlers`
+//! and `topics` use `shard`, and all of them use `crate::service`, which uses none of them.
 
-pub(crate) mod codec;
-pub(crate) mod conn;
 pub(crate) mod handlers;
 mod shard;
+mod topics;
 
 use std::net::{SocketAddr, TcpListener};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -25,11 +26,10 @@ use anyhow::{Context, Result};
 
 use crate::datadir::DataDirLock;
 use crate::meta::Topics;
+pub(crate) use crate::service::fail_stop;
+pub use crate::service::EXIT_STORAGE_FAILURE;
 use crate::BrokerConfig;
-pub(crate) use shard::{fail_stop, split_batches, FetchResult, Shard, ShardMsg};
-
-/// Exit status when storage fails under the broker (fsync EIO and the like): fail-stop.
-pub const EXIT_STORAGE_FAILURE: i32 = 74;
+pub(crate) use shard::{Shard, ShardMsg};
 
 /// Runs the broker until `shutdown` resolves, then drains in-flight requests, closes every log
 /// cleanly and returns. `on_ready` gets the bound address once every partition is open.

@@ -11,7 +11,7 @@
 //! A storage failure fail-stops the process (exit status 74): the log's state is unknown.
 //!
 //! Back-pressure: a produce entry holds its bytes of the shard's produce budget, and a fetch
-//! the record bytes it read of the shard's fetch budget (`handlers::Budgets`), through holds
+//! the record bytes it read of the shard's fetch budget (`service::budget::Budgets`), through holds
 //! that give them back when dropped, so no path (a request future dropped when its connection
 //! fails included) can leak them. A fetch's reads are sized before they are made.
 
@@ -31,15 +31,15 @@ use skein_client::wire::{
     ListOffsetsPartition, ListOffsetsPartitionResponse, PartitionDescription, ProducePartition,
     ProducePartitionResponse, EARLIEST, LATEST,
 };
-use skein_log::batch::{BatchHeader, RecordBatch, HEADER_BYTES};
+use skein_log::batch::RecordBatch;
 use skein_log::storage::FileStorage;
 use skein_log::types::{LeaderEpoch, Offset, Timestamp};
 use skein_log::{AppendError, Log, ReadError, ReadLimit};
 
-use super::handlers::{Budgets, FetchBudget};
-use super::EXIT_STORAGE_FAILURE;
 use crate::core::producers::{ProducerStates, SequenceCheck};
 use crate::meta::{self, Topics};
+use crate::service::budget::{Budgets, FetchBudget};
+use crate::service::{fail_stop, split_batches, FetchResult};
 use crate::BrokerConfig;
 
 /// Work sent to the shard that owns it.
@@ -79,30 +79,6 @@ pub(crate) enum ShardMsg {
     Topics(Arc<Topics>),
     /// Drain, close every log, and stop.
     Shutdown,
-}
-
-/// A fetch's result: the partition's answer and the record bytes read for it.
-pub(crate) struct FetchResult {
-    pub error: ErrorCode,
-    pub high_watermark: u64,
-    /// The newest leader epoch the serving replica knows.
-    pub leader_epoch: u32,
-    pub log_start: u64,
-    /// How long the read waited for the replica to catch up with its session token.
-    pub token_wait_us: u32,
-    pub records: Vec<u8>,
-}
-
-impl FetchResult {
-    /// A result with no records.
-    pub(crate) fn empty(error: ErrorCode) -> FetchResult {
-        FetchResult { error, high_watermark: 0, leader_epoch: 0, log_start: 0, token_wait_us: 0, records: Vec::new() }
-    }
-
-    /// The same result with another error code.
-    pub(crate) fn with_error(self, error: ErrorCode) -> FetchResult {
-        FetchResult { error, ..self }
-    }
 }
 
 pub(crate) struct Partition {
@@ -201,7 +177,7 @@ impl Shard {
 
     async fn on_msg(self: Rc<Self>, msg: ShardMsg) {
         match msg {
-            ShardMsg::Connection(stream, count) => super::conn::serve(self, stream, count).await,
+            ShardMsg::Connection(stream, count) => crate::service::conn::serve(self, stream, count).await,
             ShardMsg::Produce { parts, acks, deadline, reply } => {
                 let _ = reply.send(self.produce_all(parts, acks, deadline).await);
             }
@@ -235,10 +211,10 @@ impl Shard {
                 let _ = reply.send(id);
             }
             ShardMsg::Create { req, reply } => {
-                let _ = reply.send(super::handlers::create_topics(&self, req).await);
+                let _ = reply.send(self.create_topics(req).await);
             }
             ShardMsg::Delete { req, reply } => {
-                let _ = reply.send(super::handlers::delete_topics(&self, req).await);
+                let _ = reply.send(self.delete_topics(req).await);
             }
             ShardMsg::Topics(t) => *self.topics.borrow_mut() = t,
             ShardMsg::Shutdown => {}
@@ -506,24 +482,6 @@ pub(crate) fn owner(topic: &str, partition: u32, shards: usize) -> usize {
     (h % shards as u64) as usize
 }
 
-/// Splits a partition's records into fully validated batches, sharing the frame's memory.
-pub(crate) fn split_batches(mut records: BytesMut) -> Result<Vec<RecordBatch<BytesMut>>, ErrorCode> {
-    let mut out = Vec::new();
-    if records.is_empty() {
-        return Err(ErrorCode::CORRUPT_BATCH);
-    }
-    while !records.is_empty() {
-        let header =
-            BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)]).map_err(|_| ErrorCode::CORRUPT_BATCH)?;
-        let len = header.batch_length as usize;
-        if len > records.len() {
-            return Err(ErrorCode::CORRUPT_BATCH);
-        }
-        out.push(RecordBatch::parse(records.split_to(len)).map_err(|_| ErrorCode::CORRUPT_BATCH)?);
-    }
-    Ok(out)
-}
-
 /// Appends every batch (stamping the leader epoch); returns the first offset and the end
 /// the request must wait for (for acks=all). An idempotent producer's retried batch is not
 /// appended again: its original offsets answer.
@@ -655,11 +613,20 @@ fn open_log(dir: &Path, config: skein_log::LogConfig) -> Result<Log<FileStorage>
     Log::open(storage, config, now()).with_context(|| format!("recovering {}", dir.display()))
 }
 
-/// Storage failed under a log: its state is unknown, so the process stops (STYLE: fail-stop).
-pub(crate) fn fail_stop(what: &str, e: &dyn std::fmt::Display) -> ! {
-    tracing::error!(operation = what, error = %e, "storage failure; stopping the broker");
-    eprintln!("skein-broker: fatal storage failure during {what}: {e}");
-    std::process::exit(EXIT_STORAGE_FAILURE);
+/// Sends `msg` to the shard owning the work (or runs it here) and waits for the reply.
+pub(crate) async fn ask<T>(
+    shard: &Rc<Shard>,
+    owner: usize,
+    make: impl FnOnce(oneshot::Sender<T>) -> ShardMsg,
+) -> Option<T> {
+    let (tx, rx) = oneshot::channel();
+    let msg = make(tx);
+    if owner == shard.id {
+        compio::runtime::spawn(shard.clone().on_msg_pub(msg)).detach();
+    } else if shard.peers[owner].send_async(msg).await.is_err() {
+        return None;
+    }
+    rx.await.ok()
 }
 
 pub(crate) fn now() -> Timestamp {

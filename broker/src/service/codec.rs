@@ -7,8 +7,7 @@ use skein_client::wire::{
     Wire, Writer,
 };
 
-use super::handlers::{Request, Response};
-use super::shard::FetchResult;
+use super::{FetchResult, Request, Response};
 
 /// Decodes a request body (after its header) for `key`.
 pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, DecodeError> {

@@ -20,8 +20,7 @@ use skein_client::wire::io::{read_frame, write_frames, FrameError};
 use skein_client::wire::{ApiKey, ErrorCode, HeaderError, Reader, RequestHeader};
 
 use super::codec::{decode_request, encode_response, error_frame};
-use super::handlers::{self, Request, Response};
-use super::Shard;
+use super::{Request, Response};
 
 type Pending = JoinHandle<Option<Vec<Vec<u8>>>>;
 
@@ -37,22 +36,6 @@ pub(crate) trait Service: 'static {
     /// A one-way inter-broker message (`ApiKey::Cluster`) from the connection's remote
     /// address; `false` closes the connection.
     fn peer_message(self: &Rc<Self>, from: Option<std::net::SocketAddr>, body: Reader) -> bool;
-}
-
-impl Service for Shard {
-    fn max_in_flight(&self) -> usize {
-        self.config.max_in_flight
-    }
-    fn max_frame_bytes(&self) -> u32 {
-        self.config.max_frame_bytes
-    }
-    fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
-        Box::pin(handlers::handle(self, req))
-    }
-    fn peer_message(self: &Rc<Self>, _from: Option<std::net::SocketAddr>, _body: Reader) -> bool {
-        tracing::warn!("closing connection: inter-broker message to a broker without --voters");
-        false
-    }
 }
 
 /// Serves a connection handed to this shard until the peer closes it or breaks the protocol.
