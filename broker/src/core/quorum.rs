@@ -906,4 +906,41 @@ mod tests {
         restarted[0].handle_tick(Time(300 * 5_000), &mut Vec::new());
         assert!(restarted[0].applied() >= vs[2].snapshot_index());
     }
+    #[test]
+    fn raft_storage_keeps_a_tail_before_its_snapshot_and_answers_as_raft_rs_expects() {
+        let compacted = raft::Error::Store(StorageError::Compacted);
+        let unavailable = raft::Error::Store(StorageError::Unavailable);
+        let entry = |index: u64, term: u64| Entry { index, term, ..Default::default() };
+        let snapshot = |index: u64, term: u64| {
+            let mut s = Snapshot { data: vec![index as u8].into(), ..Default::default() };
+            s.mut_metadata().index = index;
+            s.mut_metadata().term = term;
+            s
+        };
+        let s = RaftStorage::new();
+        assert!(s.latest_snapshot().is_none());
+        assert_eq!(s.snapshot(0, 2), Err(raft::Error::Store(StorageError::SnapshotTemporarilyUnavailable)));
+        s.append(&(1..=10).map(|i| entry(i, 1 + i / 6)).collect::<Vec<_>>());
+        s.append(&[entry(9, 3), entry(10, 3)]); // a new leader's suffix
+        assert_eq!((s.first_index(), s.last_index(), s.term(10)), (Ok(1), Ok(10), Ok(3)));
+        // A snapshot at 8 keeping 3 entries before it (6, 7, 8).
+        s.compact(snapshot(8, 2), 6);
+        assert_eq!((s.first_index(), s.term(5), s.term(4)), (Ok(6), Ok(1), Err(compacted)));
+        let compacted = raft::Error::Store(StorageError::Compacted);
+        assert_eq!(s.entries(5, 7, None, GetEntriesContext::empty(false)), Err(compacted));
+        let kept = s.entries(6, 11, None, GetEntriesContext::empty(false)).expect("kept");
+        assert_eq!(kept.iter().map(|e| e.index).collect::<Vec<_>>(), vec![6, 7, 8, 9, 10]);
+        assert_eq!(s.entries(6, 12, None, GetEntriesContext::empty(false)), Err(unavailable));
+        assert_eq!(s.term(11), Err(raft::Error::Store(StorageError::Unavailable)));
+        assert_eq!(s.snapshot(0, 2).map(|x| x.get_metadata().index), Ok(8));
+        assert_eq!(s.entries_after(8).iter().map(|e| e.index).collect::<Vec<_>>(), vec![9, 10]);
+        // A snapshot from the leader replaces everything.
+        s.set_hard_state(HardState { term: 3, vote: 2, commit: 9, ..Default::default() });
+        s.install_snapshot(snapshot(20, 4));
+        assert_eq!((s.first_index(), s.last_index(), s.term(20)), (Ok(21), Ok(20), Ok(4)));
+        assert_eq!((s.hard_state().term, s.hard_state().vote, s.hard_state().commit), (4, 2, 20));
+        s.append(&[entry(21, 4)]);
+        s.truncate_after(20);
+        assert_eq!(s.last_index(), Ok(20));
+    }
 }
