@@ -12,15 +12,18 @@
 //! Time is `CLOCK_MONOTONIC` in microseconds: leases are compared only with the same
 //! broker's clock, and a new active controller restarts every session on its own clock.
 //!
-//! At startup the voter replays the Raft log from its first entry, then applies what was
-//! committed while this broker was down. Those are old decisions: the controller logs them at
-//! debug level only ([`crate::core::controller::Narration`]), until this process's own first
-//! heartbeat is applied, and this module logs two summary lines instead (entries replayed from
-//! disk; caught up).
+//! At startup the voter loads its controller snapshot, if any (`raftlog::start_voter`), and
+//! replays the Raft log's entries after it, then applies what was committed while this broker
+//! was down. Those are old decisions: the controller logs them at debug level only
+//! ([`crate::core::controller::Narration`]), until this process's own first heartbeat is
+//! applied, and this module logs summary lines instead (snapshot index and entries replayed
+//! from disk; caught up).
+//!
+//! Retention runs in the core (`BrokerNode::handle_retention`, from the tick loop, with the wall
+//! clock for `retention.ms`).
 //!
 //! Limits of this first version (ARCHITECTURE.md): every replicated partition of a broker is
-//! served by this one thread (no thread-per-core yet), topics cannot be deleted, and the Raft
-//! log has no snapshots.
+//! served by this one thread (no thread-per-core yet).
 
 mod peer;
 mod raftlog;

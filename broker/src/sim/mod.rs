@@ -575,6 +575,10 @@ impl Sim {
                 let mut out = Vec::new();
                 if let Some(core) = &mut self.nodes[i].core {
                     core.handle_tick(now, &mut out);
+                    // The simulated clock stands in for the wall clock. The simulator's topics
+                    // keep everything (no retention.bytes; retention.ms of a week is never
+                    // reached), so this runs the check and deletes nothing.
+                    core.handle_retention(now, now.timestamp(), &mut out);
                 }
                 self.execute(i, out);
                 let mut out = Vec::new();
