@@ -912,11 +912,15 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<Part>) {
         };
         match result {
             Ok((base, leader_epoch)) => {
-                let id = p.state.borrow().producer.map(|(id, _)| id);
-                let sealed_under = batches.first().map(|b| b.producer);
-                if let (Some(id), Some(Some(under))) = (id, sealed_under) {
-                    if id == under {
-                        p.state.borrow_mut().confirmed.insert(key.clone(), (node, id));
+                {
+                    // The broker knows the partition under this id now (the key is cloned only
+                    // when that changes, not for every answer).
+                    let mut st = p.state.borrow_mut();
+                    let current = st.producer.map(|(id, _)| id);
+                    if let Some(id) = current.filter(|id| batches.first().and_then(|b| b.producer) == Some(*id)) {
+                        if st.confirmed.get(&key) != Some(&(node, id)) {
+                            st.confirmed.insert(key.clone(), (node, id));
+                        }
                     }
                 }
                 resolve(&p, &key, batches, base, leader_epoch)
