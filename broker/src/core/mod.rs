@@ -248,6 +248,18 @@ pub enum FetchResponse {
     },
 }
 
+impl FetchResponse {
+    /// The partition it answers for.
+    pub fn partition(&self) -> PartitionId {
+        match self {
+            FetchResponse::Records { partition, .. }
+            | FetchResponse::Diverging { partition, .. }
+            | FetchResponse::OutOfRange { partition, .. }
+            | FetchResponse::Fenced { partition, .. } => *partition,
+        }
+    }
+}
+
 /// Every message between nodes (brokers, the controller). Clients talk to brokers through
 /// the node's produce/read methods, not messages.
 #[derive(Clone, Debug, PartialEq)]

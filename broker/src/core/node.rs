@@ -28,6 +28,11 @@ pub struct NodeConfig {
     pub heartbeat_ms: u64,
     /// Lease length from a heartbeat's send time (shorter than the session timeout).
     pub lease_ms: u64,
+    /// Whether this `BrokerNode` sends the broker's heartbeats. A thread-per-core broker runs
+    /// one `BrokerNode` per shard, each with the replicas that shard owns; only shard 0's
+    /// heartbeats, and the others get their share of every controller answer from it (the
+    /// lease and registration arrive with it, so every shard fences itself at the same time).
+    pub heartbeats: bool,
 }
 
 /// Default lease length (ms): shorter than the controller's default session timeout (400 ms).
@@ -35,7 +40,7 @@ pub const DEFAULT_LEASE_MS: u64 = 250;
 
 impl Default for NodeConfig {
     fn default() -> Self {
-        NodeConfig { heartbeat_ms: 50, lease_ms: DEFAULT_LEASE_MS }
+        NodeConfig { heartbeat_ms: 50, lease_ms: DEFAULT_LEASE_MS, heartbeats: true }
     }
 }
 
@@ -127,12 +132,7 @@ impl<S: Storage> BrokerNode<S> {
                 }
             }
             Message::FetchResponse(resp) => {
-                let p = match &resp {
-                    super::FetchResponse::Records { partition, .. }
-                    | super::FetchResponse::Diverging { partition, .. }
-                    | super::FetchResponse::OutOfRange { partition, .. }
-                    | super::FetchResponse::Fenced { partition, .. } => *partition,
-                };
+                let p = resp.partition();
                 if let Some(r) = self.replicas.get_mut(&p) {
                     r.handle_fetch_response(now, resp, out);
                 }
@@ -224,7 +224,7 @@ impl<S: Storage> BrokerNode<S> {
 
     /// Periodic work: heartbeats, then every replica's tick.
     pub fn handle_tick(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
-        if now >= self.next_heartbeat {
+        if self.config.heartbeats && now >= self.next_heartbeat {
             self.next_heartbeat = now.plus_ms(self.config.heartbeat_ms);
             out.push(Command::Send {
                 to: Peer::Controller,

@@ -1,0 +1,521 @@
+//! Shard 0's part of a cluster broker: the controller voter ([`ControllerVoter`], its Raft log
+//! in `raftlog`), the replicas this broker hosts on any shard (created and deleted as the
+//! controller's decisions say, on the shard that owns each), the topic map every shard routes
+//! by, producer ids, and the control requests (metadata, describe, topic creation, deletion
+//! and reassignment, producer ids, controlled shutdown).
+//!
+//! Topic changes go to the active controller and are resent every 500 ms until this broker's
+//! voter has applied them (for up to 10 s).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_channel::oneshot;
+use skein_client::wire::{
+    BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsResponse, DescribeTopicsRequest,
+    DescribeTopicsResponse, ErrorCode, InitProducerIdResponse, MetadataRequest, MetadataResponse, PartitionDescription,
+    PartitionMetadata, TopicConfig, TopicDescription, TopicMetadata, TopicResult,
+};
+
+use super::replicas::{replica_settings, topic_of, ReplicaMeta};
+use super::shard::{owner, Node, ShardMsg, State, Work};
+use super::now;
+use crate::core::controller::{Controller, PARTITIONS_PER_TOPIC_MAX};
+use crate::core::quorum::ControllerVoter;
+use crate::core::{Command, Message, NodeId, PartitionId, Peer, Time};
+use crate::meta::{self, ProducerIds};
+use crate::service::{api_versions, Request, Response};
+
+/// Shard 0's controller state.
+pub(crate) struct Control {
+    pub voter: ControllerVoter,
+    /// Partitions with a replica on some shard of this broker.
+    hosted: BTreeSet<PartitionId>,
+    /// The voter's controller applies history and "caught up" is not logged yet.
+    replaying: bool,
+    producer_ids: ProducerIds,
+    /// The topic and deleted-partition counts of the last published topic map.
+    published: (usize, usize),
+}
+
+impl Control {
+    /// Shard 0's state over a started voter; `hosted` are the replicas found on disk.
+    pub(super) fn new(voter: ControllerVoter, hosted: BTreeSet<PartitionId>, producer_ids: ProducerIds) -> Control {
+        Control { voter, hosted, replaying: true, producer_ids, published: (usize::MAX, usize::MAX) }
+    }
+
+    /// The topic map if topics changed since the last one published (topics are created and
+    /// deleted, never changed, and deleted partition ids are never reused: the two counts
+    /// change whenever the map does).
+    pub(super) fn changed_topics(&mut self) -> Option<TopicMap> {
+        let c = self.voter.controller();
+        let now = (c.topics().len(), c.deleted().len());
+        (now != self.published).then(|| {
+            self.published = now;
+            TopicMap::of(c)
+        })
+    }
+}
+
+/// Topic names to their partition ids (the first id and the count), as shard 0's voter last
+/// applied them; every shard routes produce, fetch and list-offsets requests by it.
+#[derive(Default)]
+pub(crate) struct TopicMap {
+    topics: HashMap<String, (PartitionId, u32)>,
+}
+
+impl TopicMap {
+    fn of(c: &Controller) -> TopicMap {
+        TopicMap { topics: c.topics().iter().map(|(n, t)| (n.clone(), (t.first, t.partitions))).collect() }
+    }
+
+    /// Partition `index` of `topic`.
+    pub(crate) fn partition(&self, topic: &str, index: u32) -> Option<PartitionId> {
+        let &(first, count) = self.topics.get(topic)?;
+        (index < count).then(|| PartitionId(first.0 + index))
+    }
+}
+
+impl Node {
+    fn control<'a>(&self, st: &'a mut State) -> &'a mut Control {
+        st.control.as_mut().expect("controller work runs on shard 0")
+    }
+
+    /// A controller decision for this broker: creates the replicas it names that this broker
+    /// does not host yet (on their owning shards), then gives each shard its share.
+    pub(super) fn decision(&self, st: &mut State, msg: Message, work: &mut VecDeque<Work>) {
+        self.ensure_replicas(st, &msg);
+        let n = self.shard_count();
+        match msg {
+            Message::HeartbeatResponse { incarnation, sent, alive, partitions } => {
+                // Every shard gets the lease, with the states of its own partitions.
+                let mut shares: Vec<Vec<_>> = (0..n).map(|_| Vec::new()).collect();
+                for s in partitions {
+                    shares[owner(s.partition, n)].push(s);
+                }
+                for (shard, partitions) in shares.into_iter().enumerate() {
+                    let msg = Message::HeartbeatResponse { incarnation, sent, alive, partitions };
+                    if shard == self.shard {
+                        work.push_back(Work::Node(Peer::Controller, msg));
+                    } else {
+                        self.to_shard(shard, ShardMsg::Core(Peer::Controller, msg));
+                    }
+                }
+            }
+            Message::PartitionState(s) => {
+                let shard = owner(s.partition, n);
+                let msg = Message::PartitionState(s);
+                if shard == self.shard {
+                    work.push_back(Work::Node(Peer::Controller, msg));
+                } else {
+                    self.to_shard(shard, ShardMsg::Core(Peer::Controller, msg));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Creates the replicas of partitions newly assigned to this broker (named in controller
+    /// messages) before their shards' cores see their state: the shard's channel keeps order.
+    fn ensure_replicas(&self, st: &mut State, msg: &Message) {
+        let states = match msg {
+            Message::HeartbeatResponse { partitions, .. } => partitions.iter().collect::<Vec<_>>(),
+            Message::PartitionState(s) => vec![s],
+            _ => return,
+        };
+        for s in states {
+            let control = self.control(st);
+            if !s.replicas.contains(&self.id) || control.hosted.contains(&s.partition) {
+                continue;
+            }
+            // The active controller committed the topic; this voter may not have applied it
+            // yet: then the next heartbeat response brings the partition again.
+            let Some((name, topic)) = topic_of(control.voter.controller(), s.partition) else { continue };
+            let meta = ReplicaMeta::of(name, topic, s.partition);
+            control.hosted.insert(s.partition);
+            let shard = owner(s.partition, self.shard_count());
+            if shard == self.shard {
+                self.create_replica(st, &meta);
+            } else {
+                self.to_shard(shard, ShardMsg::CreateReplica(meta));
+            }
+        }
+    }
+
+    /// Shard 0's periodic work: the voter's tick, and deleting replicas of deleted topics'
+    /// partitions and of partitions reassigned away from this broker. (A voter that lags shows
+    /// an older state, which still names this broker; if a newer one names it again, the
+    /// replica is created anew and catches up before it can rejoin the ISR.)
+    pub(super) fn control_tick(&self, st: &mut State, t: Time, work: &mut VecDeque<Work>) {
+        let control = self.control(st);
+        let mut vout = Vec::new();
+        control.voter.handle_tick(t, &mut vout);
+        let c = control.voter.controller();
+        let gone: Vec<PartitionId> = control
+            .hosted
+            .iter()
+            .copied()
+            .filter(|p| c.deleted().contains(p) || c.partition(*p).is_some_and(|s| !s.replicas.contains(&self.id)))
+            .collect();
+        for p in &gone {
+            control.hosted.remove(p);
+        }
+        self.voter_out(st, vout, work);
+        for p in gone {
+            let shard = owner(p, self.shard_count());
+            if shard == self.shard {
+                self.drop_replica(st, p, work);
+            } else {
+                self.to_shard(shard, ShardMsg::DropReplica(p));
+            }
+        }
+    }
+
+    /// After shard 0's pump: publishes a changed topic map, and logs when the voter has caught
+    /// up with history.
+    pub(super) fn after_pump(&self, st: &mut State) {
+        let control = self.control(st);
+        if let Some(map) = control.changed_topics() {
+            self.topics.store(Arc::new(map));
+        }
+        if control.replaying && !control.voter.controller().replaying() {
+            control.replaying = false;
+            log_caught_up(&control.voter);
+        }
+    }
+
+    /// A control request, on shard 0.
+    pub(super) async fn control_request(self: Rc<Self>, req: Request) -> Response {
+        match req {
+            Request::ApiVersions => Response::ApiVersions(api_versions()),
+            Request::Metadata(r) => Response::Metadata(self.metadata(r)),
+            Request::CreateTopics(r) => Response::CreateTopics(self.create_topics(r).await),
+            Request::DeleteTopics(r) => {
+                let mut results = Vec::with_capacity(r.names.len());
+                for name in r.names {
+                    let (error, message) = match self.delete_topic(&name).await {
+                        Ok(()) => (ErrorCode::NONE, String::new()),
+                        Err((code, msg)) => (code, msg),
+                    };
+                    results.push(TopicResult { name, error, message });
+                }
+                Response::DeleteTopics(DeleteTopicsResponse { results })
+            }
+            Request::DescribeTopics(r) => Response::DescribeTopics(self.describe(r).await),
+            Request::ReassignPartition(r) => {
+                let (error, message) = match self.reassign(r).await {
+                    Ok(()) => (ErrorCode::NONE, String::new()),
+                    Err((code, msg)) => (code, msg),
+                };
+                Response::ReassignPartition(skein_client::wire::ReassignPartitionResponse { error, message })
+            }
+            Request::InitProducerId(r) => {
+                let fail = |error| InitProducerIdResponse { error, producer_id: -1, producer_epoch: -1 };
+                if r.transactional_id.is_some() {
+                    return Response::InitProducerId(fail(ErrorCode::INVALID_REQUEST));
+                }
+                // Ids are unique per broker (persisted blocks) and carry the broker id in
+                // their high bits, so they are unique in the cluster.
+                let id = self.control(&mut self.st.borrow_mut()).producer_ids.allocate();
+                Response::InitProducerId(match id {
+                    Ok(id) => InitProducerIdResponse {
+                        error: ErrorCode::NONE,
+                        producer_id: (i64::from(self.id.0) << 40) | id,
+                        producer_epoch: 0,
+                    },
+                    Err(e) => {
+                        tracing::error!(error = %e, "allocating a producer id failed");
+                        fail(ErrorCode::STORAGE_ERROR)
+                    }
+                })
+            }
+            Request::Produce(_) | Request::Fetch(_) | Request::ListOffsets(_) => {
+                Response::Error(ErrorCode::INVALID_REQUEST)
+            }
+        }
+    }
+
+    fn brokers(&self) -> Vec<BrokerInfo> {
+        let rack = |n: &NodeId| self.racks.get(n).cloned().unwrap_or_default();
+        self.voters
+            .iter()
+            .map(|(n, a)| BrokerInfo { node_id: n.0, host: a.ip().to_string(), port: a.port(), rack: rack(n) })
+            .collect()
+    }
+
+    fn metadata(&self, req: MetadataRequest) -> MetadataResponse {
+        let mut st = self.st.borrow_mut();
+        let voter = &self.control(&mut st).voter;
+        let c = voter.controller();
+        let names: Vec<String> = req.topics.unwrap_or_else(|| c.topics().keys().cloned().collect());
+        let topics = names
+            .into_iter()
+            .map(|name| match c.topics().get(&name) {
+                None => TopicMetadata { name, error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, partitions: vec![] },
+                Some(t) => {
+                    let partitions = (0..t.partitions)
+                        .filter_map(|i| {
+                            let (error, leader, leader_epoch, replicas, isr) =
+                                wire_state(c.partition(t.partition(i)?)?);
+                            Some(PartitionMetadata { partition: i, error, leader, leader_epoch, replicas, isr })
+                        })
+                        .collect();
+                    TopicMetadata { name, error: ErrorCode::NONE, partitions }
+                }
+            })
+            .collect();
+        MetadataResponse { brokers: self.brokers(), controller: voter.leader().map_or(0, |l| l.0), topics }
+    }
+
+    /// Log start, high watermark and log end of this broker's replicas of `ids`, from the
+    /// shards that own them (zeros where it hosts none).
+    async fn offsets(&self, ids: &[PartitionId]) -> HashMap<PartitionId, (u64, u64, u64)> {
+        let n = self.shard_count();
+        let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();
+        for p in ids {
+            by_shard.entry(owner(*p, n)).or_default().push(*p);
+        }
+        let mut out = HashMap::new();
+        for (shard, ids) in by_shard {
+            let found: Vec<Option<(u64, u64, u64)>> = if shard == self.shard {
+                let st = self.st.borrow();
+                ids.iter()
+                    .map(|p| {
+                        st.core.replica(*p).map(|r| {
+                            (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0)
+                        })
+                    })
+                    .collect()
+            } else {
+                let (tx, rx) = oneshot::channel();
+                self.to_shard(shard, ShardMsg::Offsets(ids.clone(), tx));
+                rx.await.unwrap_or_default()
+            };
+            out.extend(ids.into_iter().zip(found).filter_map(|(p, o)| Some((p, o?))));
+        }
+        out
+    }
+
+    async fn describe(&self, req: DescribeTopicsRequest) -> DescribeTopicsResponse {
+        let ids: Vec<PartitionId> = {
+            let mut st = self.st.borrow_mut();
+            let c = self.control(&mut st).voter.controller();
+            let names: Vec<&String> =
+                if req.names.is_empty() { c.topics().keys().collect() } else { req.names.iter().collect() };
+            names
+                .into_iter()
+                .filter_map(|n| c.topics().get(n))
+                .flat_map(|t| (0..t.partitions).filter_map(|i| t.partition(i)))
+                .collect()
+        };
+        // Offsets are this broker's replica's (the leader's when asked there).
+        let offsets = self.offsets(&ids).await;
+        let mut st = self.st.borrow_mut();
+        let c = self.control(&mut st).voter.controller();
+        let names: Vec<String> =
+            if req.names.is_empty() { c.topics().keys().cloned().collect() } else { req.names.clone() };
+        let topics = names
+            .into_iter()
+            .map(|name| {
+                let Some(t) = c.topics().get(&name) else {
+                    return TopicDescription {
+                        name,
+                        error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                        configs: vec![],
+                        partitions: vec![],
+                    };
+                };
+                let partitions = (0..t.partitions)
+                    .filter_map(|i| {
+                        let p = t.partition(i)?;
+                        let s = c.partition(p)?;
+                        let (log_start, high_watermark, log_end) = offsets.get(&p).copied().unwrap_or_default();
+                        let (error, leader, leader_epoch, replicas, isr) = wire_state(s);
+                        Some(PartitionDescription {
+                            partition: i,
+                            error,
+                            leader,
+                            leader_epoch,
+                            replicas,
+                            isr,
+                            log_start,
+                            high_watermark,
+                            log_end,
+                        })
+                    })
+                    .collect();
+                let configs = t.configs.iter().map(|(k, v)| TopicConfig { key: k.clone(), value: v.clone() }).collect();
+                TopicDescription { name, error: ErrorCode::NONE, configs, partitions }
+            })
+            .collect();
+        DescribeTopicsResponse { topics }
+    }
+
+    async fn create_topics(&self, req: CreateTopicsRequest) -> CreateTopicsResponse {
+        let mut results = Vec::with_capacity(req.topics.len());
+        for t in req.topics {
+            let (error, message) = match self.create_one(&t).await {
+                Ok(()) => (ErrorCode::NONE, String::new()),
+                Err((code, msg)) => (code, msg),
+            };
+            results.push(TopicResult { name: t.name, error, message });
+        }
+        CreateTopicsResponse { results }
+    }
+
+    async fn create_one(&self, t: &skein_client::wire::NewTopic) -> Result<(), (ErrorCode, String)> {
+        meta::validate_name(&t.name)
+            .map_err(|c| (c, format!("invalid topic name '{}'", skein_client::wire::shown(&t.name))))?;
+        if t.partitions == 0 || t.partitions > PARTITIONS_PER_TOPIC_MAX {
+            let e = format!("{} partitions (1..={PARTITIONS_PER_TOPIC_MAX})", t.partitions);
+            return Err((ErrorCode::INVALID_PARTITIONS, e));
+        }
+        if t.replicas == 0 || usize::from(t.replicas) > self.voters.len() {
+            return Err((
+                ErrorCode::INVALID_PARTITIONS,
+                format!("replication {} on a cluster of {} brokers", t.replicas, self.voters.len()),
+            ));
+        }
+        let configs: BTreeMap<String, String> = t.configs.iter().map(|c| (c.key.clone(), c.value.clone())).collect();
+        replica_settings(&self.config, &configs, t.replicas).map_err(|m| (ErrorCode::INVALID_CONFIG, m))?;
+        if self.control(&mut self.st.borrow_mut()).voter.controller().topics().contains_key(&t.name) {
+            return Err((ErrorCode::TOPIC_ALREADY_EXISTS, format!("topic '{}' exists", t.name)));
+        }
+        let msg = Message::CreateTopic {
+            name: t.name.clone(),
+            partitions: t.partitions,
+            replication: t.replicas,
+            configs: configs.into_iter().collect(),
+        };
+        self.until_applied(msg, |c| c.topics().contains_key(&t.name)).await?;
+        let mut st = self.st.borrow_mut();
+        match self.control(&mut st).voter.controller().topics().get(&t.name) {
+            Some(got) if got.partitions == t.partitions && got.replication == t.replicas => Ok(()),
+            _ => Err((ErrorCode::TOPIC_ALREADY_EXISTS, "created concurrently with other settings".into())),
+        }
+    }
+
+    /// Sends `msg` to the active controller every 500 ms until `done` holds on this broker's
+    /// voter (it applied the change) or 10 s pass.
+    async fn until_applied(&self, msg: Message, done: impl Fn(&Controller) -> bool) -> Result<(), (ErrorCode, String)> {
+        let deadline = now().plus_ms(10_000);
+        let mut next_send = now();
+        loop {
+            let t = now();
+            {
+                let mut st = self.st.borrow_mut();
+                if done(self.control(&mut st).voter.controller()) {
+                    return Ok(());
+                }
+                if t >= deadline {
+                    return Err((ErrorCode::REQUEST_TIMED_OUT, "no active controller applied the change".into()));
+                }
+                if t >= next_send {
+                    next_send = t.plus_ms(500);
+                    let mut work = VecDeque::new();
+                    self.commands(&mut st, vec![Command::Send { to: Peer::Controller, msg: msg.clone() }], &mut work);
+                    self.pump(&mut st, t, work);
+                }
+            }
+            compio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn delete_topic(&self, name: &str) -> Result<(), (ErrorCode, String)> {
+        if !self.control(&mut self.st.borrow_mut()).voter.controller().topics().contains_key(name) {
+            return Err((
+                ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                format!("no topic '{}'", skein_client::wire::shown(name)),
+            ));
+        }
+        let msg = Message::DeleteTopic { name: name.to_owned() };
+        self.until_applied(msg, |c| !c.topics().contains_key(name)).await
+    }
+
+    async fn reassign(&self, r: skein_client::wire::ReassignPartitionRequest) -> Result<(), (ErrorCode, String)> {
+        let p = self
+            .topics
+            .load()
+            .partition(&r.topic, r.partition)
+            .ok_or((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, format!("{}/{}", r.topic, r.partition)))?;
+        let target: Vec<NodeId> = r.replicas.iter().map(|&n| NodeId(n)).collect();
+        let mut sorted = target.clone();
+        sorted.sort();
+        sorted.dedup();
+        if target.is_empty() || sorted.len() != target.len() {
+            return Err((ErrorCode::INVALID_REQUEST, "the replica list is empty or repeats a broker".into()));
+        }
+        if let Some(b) = target.iter().find(|b| !self.voters.iter().any(|(n, _)| n == *b)) {
+            return Err((ErrorCode::INVALID_REQUEST, format!("broker {} is not in the cluster", b.0)));
+        }
+        let msg = Message::Reassign { partition: p, replicas: target.clone() };
+        // Started (the target is pending) or already done (the replica set is the target).
+        self.until_applied(msg, |c| {
+            c.reassignment(p) == Some(&target) || c.partition(p).is_some_and(|s| s.replicas == target)
+        })
+        .await
+    }
+
+    /// Partitions this broker leads, over every shard.
+    async fn leading_everywhere(&self) -> usize {
+        let mut leads = self.leading();
+        for shard in (0..self.shard_count()).filter(|s| *s != self.shard) {
+            let (tx, rx) = oneshot::channel();
+            self.to_shard(shard, ShardMsg::Leading(tx));
+            leads += rx.await.unwrap_or(0);
+        }
+        leads
+    }
+
+    /// Asks the controller to move leadership away (again every 200 ms) until this broker
+    /// leads no partition or the shutdown grace period ends; clients meanwhile get NOT_LEADER
+    /// and move to the new leaders.
+    pub(super) async fn controlled_shutdown(&self) {
+        let grace = now().plus_ms(self.config.shutdown_grace_ms);
+        tracing::info!("controlled shutdown: moving leadership away");
+        loop {
+            let leads = self.leading_everywhere().await;
+            let t = now();
+            if leads == 0 || t >= grace {
+                tracing::info!(still_leading = leads, "controlled shutdown done; stopping");
+                return;
+            }
+            {
+                let mut st = self.st.borrow_mut();
+                let msg = Message::ControlledShutdown { broker: self.id, incarnation: st.core.incarnation() };
+                let mut work = VecDeque::new();
+                self.commands(&mut st, vec![Command::Send { to: Peer::Controller, msg }], &mut work);
+                self.pump(&mut st, t, work);
+            }
+            compio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+}
+
+/// The voter applied this process's first heartbeat: the controller's decisions from here
+/// on are logged as they are applied.
+fn log_caught_up(voter: &ControllerVoter) {
+    // The heartbeat was applied in the batch that ended at this index, not necessarily last.
+    let index = voter.applied();
+    let decisions = voter.controller().decisions_replayed();
+    if decisions == 0 {
+        // Nothing was held back (a new broker, usually).
+        tracing::debug!(index, "controller log caught up");
+        return;
+    }
+    tracing::info!(
+        index,
+        decisions_replayed = decisions,
+        "controller log caught up by index {index}; {decisions} earlier decisions were logged at debug level only"
+    );
+}
+
+/// A partition state's wire fields: error (NOT_LEADER when leaderless), leader (0: none),
+/// epoch, replicas, ISR.
+fn wire_state(s: &crate::core::PartitionState) -> (ErrorCode, u32, u32, Vec<u32>, Vec<u32>) {
+    let error = if s.leader.is_some() { ErrorCode::NONE } else { ErrorCode::NOT_LEADER };
+    let ids = |v: &[NodeId]| v.iter().map(|r| r.0).collect();
+    (error, s.leader.map_or(0, |l| l.0), s.epoch.0, ids(&s.replicas), ids(&s.isr))
+}
