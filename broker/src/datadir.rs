@@ -89,6 +89,25 @@ fn read_pid(file: &mut File) -> Option<u32> {
     text.trim().parse().ok()
 }
 
+/// Refuses a data directory in the layout of the single-node runtime of earlier versions
+/// (`topics.json` beside one `TOPIC-PARTITION` directory per partition): every broker now
+/// keeps its replicas under `partitions/` with the controller's Raft log, even alone, and
+/// starting over that directory would show none of its topics.
+pub fn refuse_single_node_layout(dir: &Path) -> anyhow::Result<()> {
+    let topics = dir.join("topics.json");
+    if topics.exists() {
+        anyhow::bail!(
+            "{} is a data directory of the earlier single-node layout ({} and one directory per partition), \
+             which this version does not read: every broker, a single one included, now keeps its partitions \
+             under partitions/ beside the controller's log. Read its records out with the earlier version \
+             (skein consume) and write them to a broker on a new --data-dir, or move the directory away",
+            dir.display(),
+            topics.display()
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,8 +85,10 @@ fn sigterm_restart_keeps_every_acknowledged_record() {
     });
     let status = broker.terminate();
     assert!(status.success(), "clean exit on SIGTERM: {status}");
+    // The topic's four partitions are the first (ids 0..4); each log was closed cleanly.
     for p in 0..4 {
-        assert!(dir.path().join(format!("t-{p}/clean-shutdown")).exists(), "t-{p} closed cleanly");
+        let marker = dir.path().join(format!("partitions/{p}/clean-shutdown"));
+        assert!(marker.exists(), "partition {p} closed cleanly: {}", marker.display());
     }
     broker.restart();
     block_on(async {

@@ -1,5 +1,5 @@
 //! `skein-broker`: configuration, logging and startup; the broker itself is
-//! `skein_broker::runtime`.
+//! `skein_broker::cluster` (alone, a cluster of one voter).
 
 use std::pin::pin;
 
@@ -52,18 +52,15 @@ fn run() -> Result<()> {
     let cluster = config.voters.is_some();
     let ready = move |addr| {
         if cluster {
-            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), "broker ready (cluster mode)");
+            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), shards, "broker ready (cluster mode)");
         } else {
-            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), shards, "broker ready");
+            tracing::info!(node_id, %addr, data_dir = %data_dir.display(), shards, "broker ready (a cluster of one)");
         }
         // Tests and scripts wait for this line; it carries the bound address (port 0 picks one).
         println!("ready {addr}");
     };
-    if cluster {
-        skein_broker::cluster::run(config, shutdown, ready)?;
-    } else {
-        skein_broker::runtime::run(config, shutdown, ready)?;
-    }
+    // One code path: without --voters the broker is a cluster of one voter.
+    skein_broker::cluster::run(config, shutdown, ready)?;
     tracing::info!("stopped cleanly");
     Ok(())
 }

@@ -390,6 +390,8 @@ impl Node {
             configs: configs.into_iter().collect(),
         };
         self.until_applied(msg, |c| c.topics().contains_key(&t.name)).await?;
+        // Bounded: a slow shard only makes the first produce see NOT_LEADER (and retry).
+        self.until_serving(Some(&t.name), now().plus_ms(2_000)).await;
         let mut st = self.st.borrow_mut();
         match self.control(&mut st).voter.controller().topics().get(&t.name) {
             Some(got) if got.partitions == t.partitions && got.replication == t.replicas => Ok(()),
@@ -402,18 +404,24 @@ impl Node {
     async fn until_applied(&self, msg: Message, done: impl Fn(&Controller) -> bool) -> Result<(), (ErrorCode, String)> {
         let deadline = now().plus_ms(10_000);
         let mut next_send = now();
+        let mut sent_to = None;
         loop {
             let t = now();
             {
                 let mut st = self.st.borrow_mut();
-                if done(self.control(&mut st).voter.controller()) {
+                let voter = &self.control(&mut st).voter;
+                if done(voter.controller()) {
                     return Ok(());
                 }
                 if t >= deadline {
                     return Err((ErrorCode::REQUEST_TIMED_OUT, "no active controller applied the change".into()));
                 }
-                if t >= next_send {
+                // Sent again every 500 ms, and as soon as an active controller is known if
+                // there was none at the last send (a broker that just started).
+                let leader = voter.leader();
+                if t >= next_send || (sent_to.is_none() && leader.is_some()) {
                     next_send = t.plus_ms(500);
+                    sent_to = leader;
                     let mut work = VecDeque::new();
                     self.commands(&mut st, vec![Command::Send { to: Peer::Controller, msg: msg.clone() }], &mut work);
                     self.pump(&mut st, t, work);
@@ -456,6 +464,51 @@ impl Node {
             c.reassignment(p) == Some(&target) || c.partition(p).is_some_and(|s| s.replicas == target)
         })
         .await
+    }
+
+    /// Waits (up to `deadline`) until this broker serves, as leader, every partition the
+    /// controller has it lead (of `topic`, or of every topic), so a client that acts right
+    /// after a topic creation, or after a single broker's start, is not told NOT_LEADER while
+    /// the decisions travel to the shards. Whether it got there.
+    pub(super) async fn until_serving(&self, topic: Option<&str>, deadline: Time) -> bool {
+        loop {
+            let led: Vec<PartitionId> = {
+                let mut st = self.st.borrow_mut();
+                let c = self.control(&mut st).voter.controller();
+                let registered = !c.replaying();
+                let led = c
+                    .topics()
+                    .iter()
+                    .filter(|(name, _)| topic.is_none_or(|t| t == name.as_str()))
+                    .flat_map(|(_, t)| (0..t.partitions).filter_map(|i| t.partition(i)))
+                    .filter(|p| c.partition(*p).is_some_and(|s| s.leader == Some(self.id)))
+                    .collect();
+                if registered { Some(led) } else { None }
+            }
+            .unwrap_or_default();
+            let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();
+            for p in led {
+                by_shard.entry(owner(p, self.shard_count())).or_default().push(p);
+            }
+            let mut all = !self.control(&mut self.st.borrow_mut()).voter.controller().replaying();
+            for (shard, ids) in by_shard {
+                let serving = if shard == self.shard {
+                    self.serving(&ids)
+                } else {
+                    let (tx, rx) = oneshot::channel();
+                    self.to_shard(shard, ShardMsg::Serving(ids, tx));
+                    rx.await.unwrap_or_default()
+                };
+                all &= !serving.is_empty() && serving.iter().all(|s| *s);
+            }
+            if all {
+                return true;
+            }
+            if now() >= deadline {
+                return false;
+            }
+            compio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     /// Partitions this broker leads, over every shard.

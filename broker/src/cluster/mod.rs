@@ -118,11 +118,7 @@ pub fn run<F>(config: BrokerConfig, shutdown: F, on_ready: impl FnOnce(SocketAdd
 where
     F: std::future::Future<Output = ()> + 'static,
 {
-    let voters = parse_voters(config.voters.as_deref().unwrap_or_default())?;
     let me = NodeId(config.node_id);
-    let Some(&(_, my_addr)) = voters.iter().find(|(n, _)| *n == me) else {
-        bail!("--node-id {} is not one of the --voters", config.node_id);
-    };
     if config.lease_ms >= config.session_timeout_ms {
         bail!(
             "--lease-ms {} must be below --session-timeout-ms {}: a fenced leader must stop before another is elected",
@@ -144,6 +140,17 @@ where
     let listener = TcpListener::bind(config.listen).with_context(|| format!("binding {}", config.listen))?;
     let _data_dir = crate::datadir::DataDirLock::acquire(&config.data_dir)?;
     let addr = listener.local_addr()?;
+    // Without --voters this broker is a cluster of one voter, at the address it listens on.
+    let voters = match config.voters.as_deref() {
+        Some(v) => parse_voters(v)?,
+        None => vec![(me, addr)],
+    };
+    let Some(&(_, my_addr)) = voters.iter().find(|(n, _)| *n == me) else {
+        bail!("--node-id {} is not one of the --voters", config.node_id);
+    };
+    crate::datadir::refuse_single_node_layout(&config.data_dir)?;
+    // Metadata advertises the bound address (port 0 becomes the port picked).
+    let config = BrokerConfig { listen: addr, ..config };
     let incarnation = next_incarnation(&config.data_dir)?;
     let found = scan_replicas(&config)?;
     let n = config.shard_count();
@@ -216,6 +223,14 @@ where
         }
         let loop_task = compio::runtime::spawn(node.clone().message_loop(rx0));
         compio::runtime::spawn(node.clone().tick_loop()).detach();
+        if start.voters.len() == 1 {
+            // A cluster of one is ready when it serves its partitions again: its voter elected
+            // itself, applied this process's first heartbeat, and every partition it leads has
+            // its new epoch on its shard.
+            if !node.until_serving(None, now().plus_ms(10_000)).await {
+                tracing::warn!("not every partition is served 10 s after the start; ready anyway");
+            }
+        }
         on_ready(addr);
         shutdown.await;
         node.controlled_shutdown().await;

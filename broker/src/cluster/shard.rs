@@ -77,6 +77,8 @@ pub(super) enum ShardMsg {
     Offsets(Vec<PartitionId>, oneshot::Sender<Vec<Option<(u64, u64, u64)>>>),
     /// How many partitions this shard's replicas lead.
     Leading(oneshot::Sender<usize>),
+    /// Which of these partitions this shard serves as leader now (replica leading, lease valid).
+    Serving(Vec<PartitionId>, oneshot::Sender<Vec<bool>>),
     /// Refuse new requests, close every log cleanly and end the message loop.
     Shutdown(oneshot::Sender<()>),
 }
@@ -223,6 +225,9 @@ impl Node {
                 ShardMsg::Leading(reply) => {
                     let _ = reply.send(self.leading());
                 }
+                ShardMsg::Serving(ids, reply) => {
+                    let _ = reply.send(self.serving(&ids));
+                }
                 ShardMsg::Shutdown(reply) => {
                     self.stopping.set(true);
                     self.close_logs();
@@ -237,6 +242,13 @@ impl Node {
     pub(super) fn leading(&self) -> usize {
         let st = self.st.borrow();
         st.core.replicas().filter(|(_, r)| r.state().is_some_and(|s| s.leader == Some(self.id))).count()
+    }
+
+    /// Which of `ids` this shard serves as leader now: the replica leads and the lease is valid.
+    pub(super) fn serving(&self, ids: &[PartitionId]) -> Vec<bool> {
+        let st = self.st.borrow();
+        let lease = st.core.lease_valid(now());
+        ids.iter().map(|p| lease && st.core.replica(*p).is_some_and(|r| r.leader_epoch().is_some())).collect()
     }
 
     fn run(&self, w: Work) {
