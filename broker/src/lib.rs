@@ -1,16 +1,16 @@
-//! Skein's broker: serves the wire protocol of `skein_client::wire`, either as a single node
-//! (thread-per-core shards, each owning a set of partition logs) or as a member of a
-//! replicated cluster (`--voters`).
+//! Skein's broker: serves the wire protocol of `skein_client::wire` as a member of a
+//! replicated cluster (`--voters`), or alone as a cluster of one voter: one code path.
 //!
 //! - [`check`]: the history checker (Jepsen-style checks of recorded client histories).
-//! - [`core`]: the sans-IO replication core (replica, broker node, controller, idempotent
-//!   producer state), driven today by the simulator only.
+//! - [`core`]: the sans-IO replication core (replica, broker node, controller and its Raft
+//!   quorum, idempotent producer state), driven by the simulator and by [`cluster`].
 //! - [`datadir`]: the data directory's lock (one broker process per directory).
-//! - [`meta`]: topic metadata, persisted atomically.
-//! - [`cluster`]: cluster mode (`--voters`): the core driven over the network, with the
-//!   controller quorum's Raft log on disk.
-//! - [`runtime`]: shards (one compio runtime per core), connections, request handling,
-//!   group commit and long-polling fetches (single node; it does not run the core yet).
+//! - [`meta`]: topic settings and names, producer-id blocks.
+//! - [`cluster`]: the broker runtime: thread-per-core shards (one compio runtime per core)
+//!   driving the core for the partitions each owns, the controller voter on shard 0, peer
+//!   links, the Raft log and replica directories on disk.
+//! - `service`: the request path below the runtime (typed requests and responses, the wire
+//!   codec, connections, byte budgets).
 //! - `sim` (feature `sim`): the deterministic cluster simulator and its planted bugs.
 #![warn(missing_docs)]
 
@@ -19,8 +19,8 @@ pub mod cluster;
 pub mod core;
 pub mod datadir;
 pub mod meta;
-pub mod runtime;
 mod service;
+pub use service::EXIT_STORAGE_FAILURE;
 #[cfg(feature = "sim")]
 pub mod sim;
 
@@ -32,7 +32,7 @@ use std::path::PathBuf;
 #[command(
     name = "skein-broker",
     version,
-    about = "Skein broker: serves topics over TCP, as a single node or, with --voters, as a member of a replicated cluster"
+    about = "Skein broker: serves topics over TCP, alone (a cluster of one) or, with --voters, as a member of a replicated cluster"
 )]
 pub struct BrokerConfig {
     /// This node's id (1 or more; 0 means "no node" on the wire).
@@ -81,8 +81,8 @@ pub struct BrokerConfig {
     pub shutdown_grace_ms: u64,
     /// Cluster mode: the controller voters, `ID@HOST:PORT[/RACK],...`, the same on every broker
     /// (this broker's `--node-id` must be one of them). A rack lets consumers that prefer the
-    /// closest replica read from one in their own rack. Without it the broker is a single-node
-    /// cluster.
+    /// closest replica read from one in their own rack. Without it the broker is a cluster of
+    /// one voter (node `--node-id` at the address it listens on).
     #[arg(long, env = "SKEIN_VOTERS")]
     pub voters: Option<String>,
     /// Cluster mode: how often a broker heartbeats the active controller (ms).

@@ -1,6 +1,6 @@
-//! Topic metadata: which topics exist, their partition counts and configs. Persisted as
-//! `topics.json` in the data directory, replaced atomically (temp file, fsync, rename, fsync
-//! of the directory) on every change, so a restart finds exactly the acknowledged topics.
+//! Topic settings and names (`validate_name`, `log_config`: what a topic's configs mean for
+//! its log) and the broker's persisted producer-id blocks (`ProducerIds`). Which topics exist
+//! is the controller's state (`core::controller`), replicated in its Raft log.
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -8,46 +8,8 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 use skein_client::wire::{shown, ErrorCode};
 use skein_log::{Durability, LogConfig};
-
-/// One topic.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TopicMeta {
-    /// The topic name.
-    pub name: String,
-    /// Number of partitions.
-    pub partitions: u32,
-    /// Replication factor (1 until replication exists).
-    pub replicas: u16,
-    /// Config overrides.
-    pub configs: BTreeMap<String, String>,
-}
-
-/// Every topic, by name.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Topics {
-    /// Topics by name.
-    pub topics: BTreeMap<String, TopicMeta>,
-}
-
-impl Topics {
-    /// Loads `DIR/topics.json`, or an empty set if it does not exist.
-    pub fn load(dir: &Path) -> Result<Topics> {
-        let path = file(dir);
-        match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Topics::default()),
-            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-    }
-
-    /// Persists atomically and durably.
-    pub fn save(&self, dir: &Path) -> Result<()> {
-        write_atomically(dir, "topics.json", &serde_json::to_vec_pretty(self)?)
-    }
-}
 
 /// Replaces `dir/name` with `bytes` atomically and durably (temp file, fsync, rename, fsync
 /// of the directory).
@@ -101,10 +63,6 @@ impl ProducerIds {
     }
 }
 
-fn file(dir: &Path) -> PathBuf {
-    dir.join("topics.json")
-}
-
 /// Checks a topic name: 1 to 249 characters of `[A-Za-z0-9._-]`, not `.` or `..`.
 pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
     if !crate::core::controller::valid_topic_name(name) {
@@ -150,13 +108,10 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
                     _ => return Err(format!("{k}: '{}' is not true or false", shown(v))),
                 }
             }
-            // Replication settings, known to cluster mode only; which mode refused them is
-            // the part a user needs to hear.
+            // Replication settings: the replica's, not the log's (`cluster::replicas` takes
+            // them out before the rest comes here).
             "min.insync.replicas" | "unclean.leader.election.enable" => {
-                return Err(format!(
-                    "config '{k}' applies to replicated topics: this broker is a single node without replication \
-                     (start brokers with --voters for cluster mode)"
-                ))
+                return Err(format!("config '{k}' is a replica setting, not a log setting"))
             }
             _ => return Err(format!("unknown config '{}'", shown(k))),
         }
@@ -167,11 +122,6 @@ pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, Strin
 
 /// How far ahead of the appends a partition reserves disk space (topic config `preallocate`).
 pub const PREALLOCATE_BYTES: u32 = 32 << 20;
-
-/// The directory of one partition's log.
-pub fn partition_dir(data_dir: &Path, topic: &str, partition: u32) -> PathBuf {
-    data_dir.join(format!("{topic}-{partition}"))
-}
 
 #[cfg(test)]
 mod tests {
@@ -195,8 +145,8 @@ mod tests {
         assert_eq!(cfg("preallocate", "false").map(|c| c.preallocate_bytes), Ok(0));
         assert!(cfg("preallocate", "yes").is_err());
         for cluster_only in ["min.insync.replicas", "unclean.leader.election.enable"] {
-            let err = cfg(cluster_only, "2").expect_err("a single node has no replication");
-            assert!(err.contains("single node") && err.contains("--voters"), "says why: {err}");
+            let err = cfg(cluster_only, "2").expect_err("the replica's, not the log's");
+            assert!(err.contains("replica setting"), "says why: {err}");
         }
     }
 
@@ -211,15 +161,5 @@ mod tests {
         assert_eq!(again.allocate().expect("id"), PRODUCER_ID_BLOCK, "the used block is skipped");
         std::fs::write(dir.path().join("producer_ids"), "garbage").expect("write");
         assert!(ProducerIds::load(dir.path()).is_err(), "a damaged file is an error, not a reset");
-    }
-
-    #[test]
-    fn topics_persist() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let mut t = Topics::default();
-        let meta = TopicMeta { name: "a".into(), partitions: 3, replicas: 1, configs: BTreeMap::new() };
-        t.topics.insert("a".into(), meta);
-        t.save(dir.path()).expect("save");
-        assert_eq!(Topics::load(dir.path()).expect("load"), t);
     }
 }

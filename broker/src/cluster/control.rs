@@ -19,9 +19,9 @@ use skein_client::wire::{
     PartitionMetadata, TopicConfig, TopicDescription, TopicMetadata, TopicResult,
 };
 
+use super::now;
 use super::replicas::{replica_settings, topic_of, ReplicaMeta};
 use super::shard::{owner, Node, ShardMsg, State, Work};
-use super::now;
 use crate::core::controller::{Controller, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::quorum::ControllerVoter;
 use crate::core::{Command, Message, NodeId, PartitionId, Peer, Time};
@@ -283,9 +283,9 @@ impl Node {
                 let st = self.st.borrow();
                 ids.iter()
                     .map(|p| {
-                        st.core.replica(*p).map(|r| {
-                            (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0)
-                        })
+                        st.core
+                            .replica(*p)
+                            .map(|r| (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0))
                     })
                     .collect()
             } else {
@@ -483,7 +483,11 @@ impl Node {
                     .flat_map(|(_, t)| (0..t.partitions).filter_map(|i| t.partition(i)))
                     .filter(|p| c.partition(*p).is_some_and(|s| s.leader == Some(self.id)))
                     .collect();
-                if registered { Some(led) } else { None }
+                if registered {
+                    Some(led)
+                } else {
+                    None
+                }
             }
             .unwrap_or_default();
             let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();

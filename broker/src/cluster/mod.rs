@@ -491,4 +491,3 @@ mod tests {
         assert_eq!(r.min_insync_replicas, 1);
     }
 }
-

@@ -219,14 +219,14 @@ impl RaftPersist for RaftFile {
     fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
         if let Err(e) = self.append(entries, hard_state) {
             // The vote or entries this voter promised would not survive a restart: stop.
-            crate::runtime::fail_stop(&format!("writing the Raft log {}", self.path.display()), &format!("{e:#}"));
+            crate::service::fail_stop(&format!("writing the Raft log {}", self.path.display()), &format!("{e:#}"));
         }
     }
 
     fn persist_snapshot(&mut self, snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState) {
         if let Err(e) = self.replace(snapshot, entries, hard_state) {
             // The old files may be in place or not: the process cannot go on appending to either.
-            crate::runtime::fail_stop(
+            crate::service::fail_stop(
                 &format!("writing a controller snapshot in {}", self.dir.display()),
                 &format!("{e:#}"),
             );

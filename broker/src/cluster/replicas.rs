@@ -98,7 +98,12 @@ pub(super) fn create_replica(config: &BrokerConfig, me: NodeId, meta: &ReplicaMe
     open_replica(config, me, &dir, meta)
 }
 
-pub(super) fn open_replica(config: &BrokerConfig, me: NodeId, dir: &Path, meta: &ReplicaMeta) -> Result<Replica<FileStorage>> {
+pub(super) fn open_replica(
+    config: &BrokerConfig,
+    me: NodeId,
+    dir: &Path,
+    meta: &ReplicaMeta,
+) -> Result<Replica<FileStorage>> {
     let (replica_config, log_config) =
         replica_settings(config, &meta.configs, meta.replication).map_err(|m| anyhow::anyhow!(m))?;
     let storage = FileStorage::new(dir).with_context(|| format!("opening {}", dir.display()))?;

@@ -89,7 +89,11 @@ async fn produce(node: Rc<Node>, mut req: ProduceRequest) -> Response {
     if groups.len() <= 1 {
         let (shard, parts) = groups.pop_first().map_or((node.shard, Vec::new()), |(s, (_, parts))| (s, parts));
         req.partitions = parts;
-        return if shard == node.shard { node.produce_here(req).await } else { ask(&node, shard, Request::Produce(req)).await };
+        return if shard == node.shard {
+            node.produce_here(req).await
+        } else {
+            ask(&node, shard, Request::Produce(req)).await
+        };
     }
     let mut waits = Vec::new();
     for (shard, (indices, parts)) in groups {
@@ -192,7 +196,8 @@ async fn fetch_rounds(node: Rc<Node>, req: FetchRequest) -> Response {
 
 /// Wakers that fire after the next pump of every shard serving one of `parts`.
 fn wake_on(node: &Node, parts: &[FetchPartition]) -> Vec<oneshot::Receiver<()>> {
-    let shards: std::collections::BTreeSet<usize> = parts.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect();
+    let shards: std::collections::BTreeSet<usize> =
+        parts.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect();
     let mut wakes = Vec::with_capacity(shards.len().max(1));
     for shard in shards {
         let (tx, rx) = oneshot::channel();

@@ -24,8 +24,8 @@ use super::{Request, Response};
 
 type Pending = JoinHandle<Option<Vec<Vec<u8>>>>;
 
-/// What serves the requests of a connection: a shard of the single-node broker, or the
-/// cluster node.
+/// What serves the requests of a connection: a shard of a cluster broker (tests can plug in
+/// another).
 pub(crate) trait Service: 'static {
     /// Most requests in flight per connection.
     fn max_in_flight(&self) -> usize;

@@ -1,11 +1,11 @@
-//! The request path both drivers share, below them and importing neither: typed requests and
-//! responses ([`Request`], [`Response`], [`FetchResult`]), the Skein wire codec (`codec`), the
-//! connection loop (`conn`, generic over the [`conn::Service`] that answers requests: a shard
-//! of the single-node runtime or a cluster node), the byte budgets that bound what requests
-//! hold (`budget`), and the helpers both drivers use on the produce path ([`split_batches`])
-//! and on storage failure ([`fail_stop`]).
+//! The request path below the runtime, importing nothing of it: typed requests and responses
+//! ([`Request`], [`Response`], [`FetchResult`]), the Skein wire codec (`codec`), the
+//! connection loop (`conn`, generic over the [`conn::Service`] that answers requests: a
+//! cluster shard), the byte budgets that bound what requests hold (`budget`), and helpers for
+//! the produce path ([`split_batches`]) and storage failure ([`fail_stop`]). A second wire
+//! protocol (a Kafka front end) would be another codec over the same typed requests.
 //!
-//! Dependencies point one way: `runtime` and `cluster` use `service`; `service` uses neither.
+//! Dependencies point one way: `cluster` uses `service`; `service` does not use `cluster`.
 //! Inside it, `conn` uses `codec`, and both use the types here.
 
 pub(crate) mod budget;

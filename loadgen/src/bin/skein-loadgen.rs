@@ -59,7 +59,7 @@ struct LoadArgs {
     /// Bootstrap brokers.
     #[arg(long, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
     brokers: String,
-    /// Start a single-node broker inside this process on a temporary directory.
+    /// Start a broker (a cluster of one) inside this process on a temporary directory.
     #[arg(long)]
     embedded: bool,
     /// Cores of the embedded broker (default: all).
@@ -664,7 +664,7 @@ fn write_hdr(path: &Path, started: SystemTime, intervals: &[hdrhistogram::Histog
     Ok(())
 }
 
-/// A single-node broker inside this process, on a temporary directory.
+/// A broker (a cluster of one) inside this process, on a temporary directory.
 struct EmbeddedBroker {
     addr: String,
     stop: Option<flume::Sender<()>>,
@@ -688,7 +688,7 @@ impl EmbeddedBroker {
             let shutdown = async move {
                 let _ = stop_rx.recv_async().await;
             };
-            skein_broker::runtime::run(config, shutdown, move |addr| {
+            skein_broker::cluster::run(config, shutdown, move |addr| {
                 let _ = addr_tx.send(addr);
             })
         })?;
