@@ -8,8 +8,9 @@
 #   bench/ab-single-node.sh A_RELEASE_DIR B_RELEASE_DIR [ROUNDS]
 #
 # Each directory holds skein-broker and skein-loadgen (e.g. a worktree of the previous commit
-# built with `cargo build --release`, and target/release). CORES sets --cores on both brokers
-# (default: all). Prints one table row per run and the B/A ratios of the means, and writes
+# built with `cargo build --release`, and target/release). CORES_A and CORES_B set --cores on
+# each side's broker (default: all cores); with the same directory twice they compare core
+# counts of one build. Prints one table row per run and the B/A ratios of the means, and writes
 # bench/results/ab-single-node.json.
 set -euo pipefail
 a_dir=$(realpath "${1:?A_RELEASE_DIR}")
@@ -41,12 +42,11 @@ warm_page_cache() {
   rm -f "$data/warm"
   sync
 }
-cores=()
-[ -n "${CORES:-}" ] && cores=(--cores "$CORES")
 
 rows=()
-run() { # label dir round
-  local label=$1 dir=$2 r=$3 d="$data/$1-$3" before mid after
+run() { # label dir round cores
+  local label=$1 dir=$2 r=$3 d="$data/$1-$3" before mid after cores=()
+  [ -n "$4" ] && cores=(--cores "$4")
   warm_page_cache
   "$dir/skein-broker" --data-dir "$d" --listen "$addr" "${cores[@]}" > "$data/$label-$r.out" 2> "$data/$label-$r.err" &
   server_pid=$!
@@ -70,8 +70,8 @@ run() { # label dir round
   rows+=("{\"side\":\"$label\",\"round\":$r,\"produce_mb_s\":$pm,\"consume_mb_s\":$cm,\"produce_cpu_s_per_gb\":$(python3 -c "print(round(($mid-$before)/$gb,3))"),\"consume_cpu_s_per_gb\":$(python3 -c "print(round(($after-$mid)/$gb,3))")}")
 }
 for r in $(seq "$rounds"); do
-  run A "$a_dir" "$r"
-  run B "$b_dir" "$r"
+  run A "$a_dir" "$r" "${CORES_A:-}"
+  run B "$b_dir" "$r" "${CORES_B:-}"
 done
 printf '[%s]\n' "$(IFS=,; echo "${rows[*]}")" > "$out/ab-single-node.json"
 python3 - "$out/ab-single-node.json" "$a_dir" "$b_dir" << 'EOF'

@@ -191,7 +191,10 @@ async fn run(cli: Cli) -> Result<()> {
     let mut config =
         ClientConfig { brokers: cli.brokers.clone(), client_id: "skein-cli".into(), ..ClientConfig::default() };
     if let Some(t) = cli.timeout {
-        config.request_timeout = config.request_timeout.min(t);
+        // A single request gives up a little before the whole command does, so the error that
+        // ends the command names the step that got no answer (e.g. no producer id), not just
+        // the command's deadline.
+        config.request_timeout = config.request_timeout.min(t.mul_f64(0.9));
     }
     let client = Client::with_config(config).await.with_context(|| format!("connecting to {}", cli.brokers))?;
     match cli.command {
