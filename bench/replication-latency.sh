@@ -13,8 +13,8 @@
 # COMPARE=inflight compares instead, both with long polls (wait 50 ms), a producer keeping one
 # produce request in flight per partition (`--max-in-flight-per-partition 1`, as before
 # pipelining) against five (the default); files are then repl-latency-i1-* and -i5-*.
-# Usage: [LINGER_MS=1] [COMPARE=wait|inflight] bench/replication-latency.sh [SECONDS] [RATE] [ROUNDS]
-# (LINGER_MS: the producers' linger)
+# Usage: [LINGER_MS=1] [CORES=N] [COMPARE=wait|inflight] bench/replication-latency.sh [SECONDS] [RATE] [ROUNDS]
+# (LINGER_MS: the producers' linger; CORES: each broker's --cores, default all)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-10}
@@ -36,7 +36,7 @@ run() { # mode round; mode: w0, w50 (fetch wait ms) or i1, i5 (in flight per par
   case $mode in w*) wait=${mode#w} ;; i*) inflight=${mode#i} ;; esac
   for i in 1 2 3; do
     target/release/skein-broker --node-id $i --listen 127.0.0.2$i:19503 --data-dir "$dir/n$i" --voters $voters \
-      --replica-fetch-wait-max-ms "$wait" > "$dir-n$i.out" 2> "$dir-n$i.err" &
+      --replica-fetch-wait-max-ms "$wait" ${CORES:+--cores "$CORES"} > "$dir-n$i.out" 2> "$dir-n$i.err" &
   done
   for i in 1 2 3; do wait_ready "$dir-n$i.out"; done
   target/release/skein --brokers $brokers topic create repl --partitions 1 --replicas 3 \

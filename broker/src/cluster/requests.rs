@@ -84,6 +84,10 @@ fn by_shard<T>(node: &Node, items: Vec<T>, name: impl Fn(&T) -> (&str, u32)) -> 
 }
 
 async fn produce(node: Rc<Node>, mut req: ProduceRequest) -> Response {
+    // Checked before the request is split: a bad `acks` fails the whole request, once.
+    if !(-1..=1).contains(&req.acks) {
+        return Response::Error(ErrorCode::INVALID_REQUEST);
+    }
     let names: Vec<(String, u32)> = req.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
     let mut groups = by_shard(&node, std::mem::take(&mut req.partitions), |p| (p.topic.as_str(), p.partition));
     if groups.len() <= 1 {
@@ -182,7 +186,8 @@ async fn fetch_rounds(node: Rc<Node>, req: FetchRequest) -> Response {
         let total: usize = results.iter().map(|r| r.records.len()).sum();
         let failed = results.iter().any(|r| r.error != ErrorCode::NONE);
         let waiting_for_token = behind_any && t < token_deadline;
-        if !waiting_for_token && (total >= req.min_bytes.max(1) as usize || failed || t >= deadline) {
+        // `min_bytes` 0 answers at once, as in Kafka.
+        if !waiting_for_token && (total >= req.min_bytes as usize || failed || t >= deadline) {
             return fetch_response(req, results);
         }
         // Nothing read is kept while waiting (a fetch whose budget was full waits for room
