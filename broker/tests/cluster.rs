@@ -363,8 +363,17 @@ fn retention_runs_on_every_replica_and_a_follower_behind_the_log_start_starts_ov
         c.brokers[down].take().expect("running").kill9();
 
         // About 400 KB of records: far past retention.bytes.
+        // A kill of the active controller's broker costs the leader its lease for an election
+        // (NOT_LEADER, retriable): retried for up to 5 s per batch, as a client would.
         for i in 0..200 {
-            let got = produce(&lead_addr, i * 100..(i + 1) * 100).await;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            let got = loop {
+                let got = produce(&lead_addr, i * 100..(i + 1) * 100).await;
+                if got.0 != ErrorCode::NOT_LEADER || Instant::now() >= deadline {
+                    break got;
+                }
+                compio::time::sleep(Duration::from_millis(20)).await;
+            };
             assert_eq!(got.0, ErrorCode::NONE, "acks=all with two of three replicas");
         }
         let start = wait_for("the leader's log start to advance", Duration::from_secs(10), async || {
