@@ -53,6 +53,11 @@ pub struct BrokerConfig {
     /// Cores to use, one shard (thread with its own runtime) each (1 or more); default: all.
     #[arg(long, env = "SKEIN_CORES", value_parser = parse_cores)]
     pub cores: Option<usize>,
+    /// I/O driver of every shard's runtime: `auto` (io_uring where the kernel and any container
+    /// seccomp policy allow it, otherwise epoll) or `poll` (epoll always: the fallback, forced).
+    /// The broker logs which one it runs at start.
+    #[arg(long, env = "SKEIN_IO_DRIVER", value_enum, default_value_t = IoDriver::Auto)]
+    pub io_driver: IoDriver,
     /// Largest request frame accepted; larger ones close the connection.
     #[arg(long, env = "SKEIN_MAX_FRAME_BYTES", default_value_t = 64 << 20)]
     pub max_frame_bytes: u32,
@@ -199,6 +204,13 @@ impl BrokerConfig {
             "listen" => self.listen = text()?.parse()?,
             "data_dir" => self.data_dir = PathBuf::from(text()?),
             "cores" => self.cores = Some(usize::try_from(int()?)?),
+            "io_driver" => {
+                self.io_driver = match text()? {
+                    "auto" => IoDriver::Auto,
+                    "poll" => IoDriver::Poll,
+                    other => bail!("io_driver: '{other}' is not auto or poll"),
+                }
+            }
             "max_frame_bytes" => self.max_frame_bytes = u32::try_from(int()?)?,
             "max_connections" => self.max_connections = usize::try_from(int()?)?,
             "max_in_flight" => self.max_in_flight = usize::try_from(int()?)?,
@@ -233,6 +245,16 @@ impl BrokerConfig {
     pub fn shard_count(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }
+}
+
+/// `--io-driver`: which compio driver the shards run.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring where available, otherwise epoll (compio's choice at start).
+    Auto,
+    /// epoll (`polling`), the fallback where io_uring is blocked; file IO then runs on compio's
+    /// blocking threads.
+    Poll,
 }
 
 /// `--cores`: a count of 1 or more.

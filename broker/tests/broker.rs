@@ -301,3 +301,36 @@ fn connections_past_the_limit_are_closed_and_the_others_served() {
         assert_eq!(read_response(c), (10 + i as u32, ErrorCode::NONE), "connection {i} still served");
     }
 }
+
+/// The epoll fallback (what a container that blocks io_uring gets) serves the same broker, and
+/// the broker says at start which driver it runs.
+#[test]
+fn the_polling_driver_serves_and_is_named_at_start() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skein-broker"))
+        .args(["--listen", "127.0.0.1:0", "--io-driver", "poll", "--cores", "2", "--data-dir"])
+        .arg(dir.path())
+        .env("SKEIN_LOG", "info")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start skein-broker");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("ready line");
+    let addr = line.trim().strip_prefix("ready ").expect("ready ADDR").to_owned();
+    let acked = block_on(async {
+        let client = Client::connect(&addr).await.expect("connect");
+        client.create_topic("t", 2, 1, &[]).await.expect("create");
+        let acked = produce_acked(&client, "t", 0..500).await;
+        check_present(&client, "t", 2, &acked).await;
+        acked
+    });
+    assert_eq!(acked.len(), 500);
+    let status = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill");
+    assert!(status.success());
+    let out = child.wait_with_output().expect("exit");
+    assert!(out.status.success(), "clean exit");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("I/O driver: epoll (polling)"), "names its driver: {err}");
+}

@@ -101,6 +101,31 @@ fn now() -> Time {
     Time(u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0) / 1_000)
 }
 
+/// A shard's compio runtime, on the driver `--io-driver` asks for.
+fn new_runtime(config: &BrokerConfig) -> Result<compio::runtime::Runtime> {
+    let mut proactor = compio::driver::ProactorBuilder::new();
+    if config.io_driver == crate::IoDriver::Poll {
+        proactor.driver_type(compio::driver::DriverType::Poll);
+    }
+    compio::runtime::Runtime::builder().with_proactor(proactor).build().context("starting a compio runtime")
+}
+
+/// Logs the I/O driver shard 0 runs (every shard runs the same).
+fn log_driver(config: &BrokerConfig, runtime: &compio::runtime::Runtime) {
+    let driver = runtime.driver_type();
+    match (driver.is_iouring(), config.io_driver) {
+        (true, _) => tracing::info!("I/O driver: io_uring"),
+        (false, crate::IoDriver::Poll) => {
+            tracing::info!(?driver, "I/O driver: epoll (polling), as --io-driver poll asks")
+        }
+        (false, crate::IoDriver::Auto) => tracing::warn!(
+            ?driver,
+            "io_uring is not available here (an old kernel, or blocked by a container's seccomp policy): \
+             the shards run the epoll (polling) driver, file IO on blocking threads"
+        ),
+    }
+}
+
 /// What every shard starts from.
 struct Start {
     config: Arc<BrokerConfig>,
@@ -183,7 +208,7 @@ where
         let ready = ready_tx.clone();
         let ip = my_addr.ip();
         threads.push(std::thread::Builder::new().name(format!("shard-{shard}")).spawn(move || {
-            let runtime = match compio::runtime::Runtime::new().context("starting a compio runtime") {
+            let runtime = match new_runtime(&start.config) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = ready.send(Err(e));
@@ -206,7 +231,8 @@ where
         })?);
     }
     drop(ready_tx);
-    let runtime = compio::runtime::Runtime::new().context("starting a compio runtime")?;
+    let runtime = new_runtime(&start.config)?;
+    log_driver(&start.config, &runtime);
     let result = runtime.block_on(async {
         let control = start_control(&start, hosted)?;
         let node = open_shard(&start, 0, mine0, Some(control), my_addr.ip())?;
