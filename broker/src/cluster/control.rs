@@ -97,21 +97,11 @@ impl Node {
                 }
                 for (shard, partitions) in shares.into_iter().enumerate() {
                     let msg = Message::HeartbeatResponse { incarnation, sent, alive, partitions };
-                    if shard == self.shard {
-                        work.push_back(Work::Node(Peer::Controller, msg));
-                    } else {
-                        self.to_shard(shard, ShardMsg::Core(Peer::Controller, msg));
-                    }
+                    self.to_core(shard, Peer::Controller, msg, work);
                 }
             }
             Message::PartitionState(s) => {
-                let shard = owner(s.partition, n);
-                let msg = Message::PartitionState(s);
-                if shard == self.shard {
-                    work.push_back(Work::Node(Peer::Controller, msg));
-                } else {
-                    self.to_shard(shard, ShardMsg::Core(Peer::Controller, msg));
-                }
+                self.to_core(owner(s.partition, n), Peer::Controller, Message::PartitionState(s), work)
             }
             _ => {}
         }
@@ -279,15 +269,8 @@ impl Node {
         }
         let mut out = HashMap::new();
         for (shard, ids) in by_shard {
-            let found: Vec<Option<(u64, u64, u64)>> = if shard == self.shard {
-                let st = self.st.borrow();
-                ids.iter()
-                    .map(|p| {
-                        st.core
-                            .replica(*p)
-                            .map(|r| (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0))
-                    })
-                    .collect()
+            let found = if shard == self.shard {
+                self.replica_offsets(&ids)
             } else {
                 let (tx, rx) = oneshot::channel();
                 self.to_shard(shard, ShardMsg::Offsets(ids.clone(), tx));

@@ -88,7 +88,6 @@ async fn produce(node: Rc<Node>, mut req: ProduceRequest) -> Response {
     if !(-1..=1).contains(&req.acks) {
         return Response::Error(ErrorCode::INVALID_REQUEST);
     }
-    let names: Vec<(String, u32)> = req.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
     let mut groups = by_shard(&node, std::mem::take(&mut req.partitions), |p| (p.topic.as_str(), p.partition));
     if groups.len() <= 1 {
         let (shard, parts) = groups.pop_first().map_or((node.shard, Vec::new()), |(s, (_, parts))| (s, parts));
@@ -98,6 +97,13 @@ async fn produce(node: Rc<Node>, mut req: ProduceRequest) -> Response {
         } else {
             ask(&node, shard, Request::Produce(req)).await
         };
+    }
+    // Split across shards: each entry's name, for an answer a stopping shard never gave.
+    let mut names: Vec<(String, u32)> = vec![(String::new(), 0); groups.values().map(|(i, _)| i.len()).sum()];
+    for (indices, parts) in groups.values() {
+        for (&i, p) in indices.iter().zip(parts) {
+            names[i] = (p.topic.clone(), p.partition);
+        }
     }
     let mut waits = Vec::new();
     for (shard, (indices, parts)) in groups {
@@ -225,6 +231,12 @@ fn wake_on(node: &Node, parts: &[FetchPartition]) -> Vec<oneshot::Receiver<()>> 
 /// `max_bytes` and that shard's fetch budget. Results in request order, each with whether its
 /// replica was behind the read's session token.
 async fn fetch_round(node: &Node, req: &FetchRequest) -> (Vec<(FetchResult, bool)>, Vec<FetchBudget>) {
+    if req.partitions.iter().all(|p| shard_of(node, &p.topic, p.partition) == node.shard) {
+        // The common case: read in place, nothing copied.
+        let mut budget = FetchBudget::new(req.max_bytes, &node.budgets.fetch);
+        let results = node.fetch_once(req.replica_read, &req.partitions, &mut budget);
+        return (results, vec![budget]);
+    }
     let groups = by_shard(node, req.partitions.clone(), |p| (p.topic.as_str(), p.partition));
     let mut out: Vec<Option<(FetchResult, bool)>> = (0..req.partitions.len()).map(|_| None).collect();
     let mut budgets = Vec::with_capacity(groups.len());

@@ -211,16 +211,7 @@ impl Node {
                 }
                 ShardMsg::Wake(tx) => self.fetch_waiters.borrow_mut().push(tx),
                 ShardMsg::Offsets(ids, reply) => {
-                    let st = self.st.borrow();
-                    let offsets = ids
-                        .iter()
-                        .map(|p| {
-                            st.core.replica(*p).map(|r| {
-                                (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0)
-                            })
-                        })
-                        .collect();
-                    let _ = reply.send(offsets);
+                    let _ = reply.send(self.replica_offsets(&ids));
                 }
                 ShardMsg::Leading(reply) => {
                     let _ = reply.send(self.leading());
@@ -242,6 +233,27 @@ impl Node {
     pub(super) fn leading(&self) -> usize {
         let st = self.st.borrow();
         st.core.replicas().filter(|(_, r)| r.state().is_some_and(|s| s.leader == Some(self.id))).count()
+    }
+
+    /// Log start, high watermark and log end of this shard's replicas of `ids` (`None`: none).
+    pub(super) fn replica_offsets(&self, ids: &[PartitionId]) -> Vec<Option<(u64, u64, u64)>> {
+        let st = self.st.borrow();
+        ids.iter()
+            .map(|p| {
+                st.core
+                    .replica(*p)
+                    .map(|r| (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0))
+            })
+            .collect()
+    }
+
+    /// A message for the core of shard `shard`: onto `work` if that is this one.
+    pub(super) fn to_core(&self, shard: usize, from: Peer, msg: Message, work: &mut VecDeque<Work>) {
+        if shard == self.shard {
+            work.push_back(Work::Node(from, msg));
+        } else {
+            self.to_shard(shard, ShardMsg::Core(from, msg));
+        }
     }
 
     /// Which of `ids` this shard serves as leader now: the replica leads and the lease is valid.
@@ -387,22 +399,8 @@ impl Node {
                     self.to_shard(0, ShardMsg::Voter(sender, msg));
                 }
             }
-            Message::Fetch(ref f) => {
-                let s = to_shard(f.partition);
-                if s == self.shard {
-                    work.push_back(Work::Node(from, msg));
-                } else {
-                    self.to_shard(s, ShardMsg::Core(from, msg));
-                }
-            }
-            Message::FetchResponse(ref r) => {
-                let s = to_shard(r.partition());
-                if s == self.shard {
-                    work.push_back(Work::Node(from, msg));
-                } else {
-                    self.to_shard(s, ShardMsg::Core(from, msg));
-                }
-            }
+            Message::Fetch(ref f) => self.to_core(to_shard(f.partition), from, msg, work),
+            Message::FetchResponse(ref r) => self.to_core(to_shard(r.partition()), from, msg, work),
             Message::HeartbeatResponse { .. } | Message::PartitionState(_) => {
                 if self.shard == 0 {
                     work.push_back(Work::Decision(msg));
