@@ -23,26 +23,8 @@ messages=${MESSAGES:-4000000}
 addr=127.0.0.1:19612
 data=$(mktemp -d /var/tmp/skein-ab.XXXXXX)
 server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  kill "$server_pid" 2> /dev/null || true
-  for _ in $(seq 150); do kill -0 "$server_pid" 2> /dev/null || break; sleep 0.2; done
-  kill -9 "$server_pid" 2> /dev/null || true
-  wait "$server_pid" 2> /dev/null || true
-  server_pid=
-}
+. bench/lib.sh
 trap 'stop_server; rm -rf "$data"' EXIT
-cpu_seconds() {
-  awk -v tck="$(getconf CLK_TCK)" '{ s = substr($0, index($0, ") ") + 2); split(s, f, " ");
-    printf "%.2f\n", (f[12] + f[13]) / tck }' "/proc/$1/stat"
-}
-warm_page_cache() {
-  sync
-  dd if=/dev/zero of="$data/warm" bs=1M count="${WARM_MIB:-6144}" status=none
-  rm -f "$data/warm"
-  sync
-}
-
 rows=()
 run() { # label dir round cores
   local label=$1 dir=$2 r=$3 d="$data/$1-$3" before mid after cores=()

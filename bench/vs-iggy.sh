@@ -52,24 +52,9 @@ skein_addr=127.0.0.1:19611
 iggy_addr=127.0.0.1:8090
 data=$(mktemp -d /var/tmp/skein-vs-iggy.XXXXXX)
 server_pid=
-stop_server() {
-  [ -n "$server_pid" ] || return 0
-  kill "$server_pid" 2> /dev/null || true
-  for _ in $(seq 150); do kill -0 "$server_pid" 2> /dev/null || break; sleep 0.2; done
-  kill -9 "$server_pid" 2> /dev/null || true
-  wait "$server_pid" 2> /dev/null || true
-  server_pid=
-}
+. bench/lib.sh
 trap 'stop_server; rm -rf "$data"' EXIT
 
-# CPU seconds (user + system) a process has used so far.
-cpu_seconds() {
-  local stat
-  stat=$(cat "/proc/$1/stat")
-  # Fields after the ")" closing the command name: state is 1st, utime 12th, stime 13th.
-  awk -v tck="$(getconf CLK_TCK)" '{ s = substr($0, index($0, ") ") + 2); split(s, f, " ");
-    printf "%.2f\n", (f[12] + f[13]) / tck }' <<< "$stat"
-}
 wait_port() { # host:port
   for _ in $(seq 150); do
     ss -ltn | awk '{print $4}' | grep -qx "$1" && return
@@ -80,13 +65,6 @@ wait_port() { # host:port
 }
 port_free() {
   if ss -ltn | awk '{print $4}' | grep -qx "$1"; then echo "$1 is already in use" >&2; exit 1; fi
-}
-# Fills and frees WARM_MIB (default 6 GiB) of page cache on the data directory's filesystem (see the header).
-warm_page_cache() {
-  sync
-  dd if=/dev/zero of="$data/warm" bs=1M count="${WARM_MIB:-6144}" status=none
-  rm -f "$data/warm"
-  sync
 }
 # Runs a client between two CPU readings of the server; prints "cpu_seconds".
 measured() { # log command...
