@@ -455,10 +455,10 @@ impl Node {
     /// the decisions travel to the shards. Whether it got there.
     pub(super) async fn until_serving(&self, topic: Option<&str>, deadline: Time) -> bool {
         loop {
-            let led: Vec<PartitionId> = {
+            // Registered: the voter applied this process's first heartbeat.
+            let (registered, led): (bool, Vec<PartitionId>) = {
                 let mut st = self.st.borrow_mut();
                 let c = self.control(&mut st).voter.controller();
-                let registered = !c.replaying();
                 let led = c
                     .topics()
                     .iter()
@@ -466,18 +466,13 @@ impl Node {
                     .flat_map(|(_, t)| (0..t.partitions).filter_map(|i| t.partition(i)))
                     .filter(|p| c.partition(*p).is_some_and(|s| s.leader == Some(self.id)))
                     .collect();
-                if registered {
-                    Some(led)
-                } else {
-                    None
-                }
-            }
-            .unwrap_or_default();
+                (!c.replaying(), led)
+            };
             let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();
             for p in led {
                 by_shard.entry(owner(p, self.shard_count())).or_default().push(p);
             }
-            let mut all = !self.control(&mut self.st.borrow_mut()).voter.controller().replaying();
+            let mut all = registered;
             for (shard, ids) in by_shard {
                 let serving = if shard == self.shard {
                     self.serving(&ids)
