@@ -67,7 +67,7 @@ fn read(c: &mut Criterion) {
     let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), config(), now).expect("open");
     let mut batch = batch_of(16, KIB);
     for _ in 0..4096 {
-        log.append(&mut batch, now).expect("append");
+        log.append(batch, now).expect("append");
     }
     let end = log.log_end_offset().get();
     let mut group = c.benchmark_group("read");

@@ -603,6 +603,20 @@ pub fn batches(bytes: &[u8]) -> impl Iterator<Item = Result<RecordBatch<&[u8]>, 
     })
 }
 
+/// [`batches`] over a shared buffer: each batch is a slice of it, not a copy (what a log
+/// keeps to write behind).
+pub fn batches_shared(bytes: &bytes::Bytes) -> impl Iterator<Item = Result<RecordBatch<bytes::Bytes>, BatchError>> + '_ {
+    let mut at = 0;
+    batches(bytes).map(move |b| {
+        b.map(|b| {
+            let len = b.as_bytes().len();
+            let shared = RecordBatch { bytes: bytes.slice(at..at + len), header: b.header };
+            at += len;
+            shared
+        })
+    })
+}
+
 fn u16_at(b: &[u8], pos: usize) -> u16 {
     u16::from_le_bytes([b[pos], b[pos + 1]])
 }

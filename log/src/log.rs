@@ -4,24 +4,39 @@
 //! - [`Log::open`] recovers the directory and returns the log with `durable_offset ==
 //!   log_end_offset` (open syncs the tail).
 //! - [`Log::append`] (leader: assigns offsets) or [`Log::append_replicated`] (follower: keeps
-//!   the leader's offsets) writes a validated batch at the end of the active segment. The bytes
-//!   are in the OS's hands, not yet durable.
+//!   the leader's offsets) places a validated batch at the end of the active segment. It takes
+//!   the batch's buffer, not a copy, and writes nothing: the batch is readable at once (reads
+//!   take it from memory) and is *written behind*.
+//! - Writing: the owner calls [`Log::begin_write`], runs the returned [`WriteJob`] (inline, on
+//!   another thread, or through io_uring: it holds a file handle and the batches' buffers),
+//!   and reports the result with [`Log::finish_write`]; at most one write job is out at a time,
+//!   and it carries every batch appended since the last one. [`Log::written_offset`] is the
+//!   offset below which everything is in the OS's hands (it survives a process kill, not a
+//!   machine crash).
 //! - Durability: when [`Log::sync_due`] says so (per the [`Durability`] policy), the owner calls
 //!   [`Log::begin_sync`], runs the returned [`SyncJob`] (inline, or on another thread: it only
-//!   holds file handles), and reports the result with [`Log::finish_sync`]. Every append made
-//!   before `begin_sync` becomes durable with that one fdatasync: this is group commit.
-//!   [`Log::sync`] does all three inline.
+//!   holds file handles), and reports the result with [`Log::finish_sync`]. Every append
+//!   written before `begin_sync` becomes durable with that one fdatasync: this is group commit.
+//!   A sync job may run while a write job is out. [`Log::sync`] writes and syncs inline.
+//! - Truncation ([`Log::truncate_to`], [`Log::truncate_fully_and_start_at`]) needs no write
+//!   job out: a write landing after the cut would bring cut batches back into the file.
 //! - [`Log::read`] returns the file range of whole batches for a zero-copy send;
 //!   [`Log::read_range_into`] copies a range and checks every CRC.
 //! - [`Log::close`] syncs, persists the active segment's index and writes the clean-shutdown
 //!   marker, so the next open scans nothing.
 //!
-//! Invariants: offsets are dense across batches and segments; `log_start <= durable <=
-//! log_end`; sealed segments are synced and their index is on disk; only the active segment
-//! can hold unsynced bytes. A storage error in a mutating operation poisons the log: every
+//! Invariants: offsets are dense across batches and segments; `log_start <= durable <= written
+//! <= log_end`; sealed segments are written, synced and their index is on disk (a roll writes
+//! and syncs the sealed segment's rest inline); only the active segment can hold unwritten or
+//! unsynced bytes. A storage error in a mutating operation poisons the log: every
 //! later mutation fails until it is reopened, since the state of the files is unknown.
 //!
 //! Not done here: replication, high watermark (callers pass a read bound), compaction.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
 
 use crate::batch::{check_crc, BatchHeader, RecordBatch, HEADER_BYTES};
 use crate::checkpoint::{self, CheckpointError};
@@ -44,6 +59,12 @@ pub struct Log<S: Storage> {
     segments: Vec<Segment<S::File>>,
     log_start: Offset,
     durable: Offset,
+    /// Everything below is in the files (see the module docs).
+    written: Offset,
+    /// A [`WriteJob`] is out.
+    writing: bool,
+    /// Tells this log's jobs from another log's (a partition deleted and created again).
+    id: u64,
     epochs: EpochCache,
     /// Set by the first failed mutation; see the module docs.
     poisoned: Option<String>,
@@ -116,7 +137,60 @@ pub struct RetentionReport {
     pub log_start_offset: Offset,
 }
 
-/// One fdatasync covering every append before [`Log::begin_sync`]. Holds only file handles,
+/// Gives each opened log its own id, for [`WriteJob`]s and [`SyncJob`]s.
+static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Writes of the batches appended since the last write job, back to back in the active
+/// segment's file: every buffer is a batch as it arrived, shared with the log (no copy).
+/// Holds only a file handle and the buffers, so it can run inline, on another thread, or as
+/// io_uring writes; report the outcome with [`Log::finish_write`].
+#[derive(Debug)]
+pub struct WriteJob<H> {
+    handle: H,
+    /// (position in the file, batch), consecutive.
+    writes: Vec<(u64, Bytes)>,
+    segment_base: Offset,
+    upto_position: u32,
+    upto: Offset,
+    log: u64,
+}
+
+impl<H: SyncHandle> WriteJob<H> {
+    /// Writes every batch with blocking `pwrite`s.
+    pub fn run(&self) -> Result<(), StorageError> {
+        for (pos, bytes) in &self.writes {
+            self.handle.write_at(bytes, *pos)?;
+        }
+        Ok(())
+    }
+
+    /// The file to write.
+    pub fn handle(&self) -> &H {
+        &self.handle
+    }
+
+    /// The writes: (position, batch bytes), consecutive in the file.
+    pub fn writes(&self) -> &[(u64, Bytes)] {
+        &self.writes
+    }
+
+    /// The log end offset once these writes land.
+    pub fn upto(&self) -> Offset {
+        self.upto
+    }
+
+    /// Bytes to write.
+    pub fn bytes(&self) -> u64 {
+        self.writes.iter().map(|(_, b)| b.len() as u64).sum()
+    }
+
+    /// The id of the log that made the job ([`Log::id`]).
+    pub fn log_id(&self) -> u64 {
+        self.log
+    }
+}
+
+/// One fdatasync covering every append written before [`Log::begin_sync`]. Holds only file handles,
 /// so it can run on another thread when the storage's handles allow. When the active segment
 /// has less than `LogConfig::preallocate_bytes` reserved ahead of its end, the job also
 /// reserves more, so the shard rarely calls `fallocate` itself.
@@ -125,6 +199,7 @@ pub struct SyncJob<H> {
     handle: H,
     upto: Offset,
     generation: u64,
+    log: u64,
     reserve: Option<(u64, u64)>,
 }
 
@@ -143,6 +218,11 @@ impl<H: SyncHandle> SyncJob<H> {
     /// The log end offset this sync makes durable.
     pub fn upto(&self) -> Offset {
         self.upto
+    }
+
+    /// The id of the log that made the job ([`Log::id`]).
+    pub fn log_id(&self) -> u64 {
+        self.log
     }
 }
 
@@ -165,6 +245,9 @@ impl<S: Storage> Log<S> {
             segments: Vec::with_capacity(bases.len() + 1),
             log_start: Offset::ZERO,
             durable: Offset::ZERO,
+            written: Offset::ZERO,
+            writing: false,
+            id: NEXT_LOG_ID.fetch_add(1, Ordering::Relaxed),
             epochs: EpochCache::default(),
             poisoned: None,
             last_sync_at: now,
@@ -193,6 +276,7 @@ impl<S: Storage> Log<S> {
         }
         log.active().file.sync()?;
         log.durable = log.log_end_offset();
+        log.written = log.durable;
         Ok(log)
     }
 
@@ -209,6 +293,22 @@ impl<S: Storage> Log<S> {
     /// One past the last record known to be on stable storage. Never ahead of the truth.
     pub fn durable_offset(&self) -> Offset {
         self.durable
+    }
+
+    /// Offset up to which appends are written to the files (durable or not).
+    pub fn written_offset(&self) -> Offset {
+        self.written
+    }
+
+    /// Whether a [`WriteJob`] is out.
+    pub fn writing(&self) -> bool {
+        self.writing
+    }
+
+    /// This opened log's id, unique in the process: a job finishing after its log was
+    /// deleted and the partition created again can be told apart ([`WriteJob::log_id`]).
+    pub fn id(&self) -> u64 {
+        self.id
     }
 
     /// The settings.
@@ -251,23 +351,25 @@ impl<S: Storage> Log<S> {
         self.segment_at(base).map(|i| &self.segments[i].file)
     }
 
-    /// Appends a validated batch as leader: stamps the next offsets into it and writes it.
-    pub fn append<B>(&mut self, batch: &mut RecordBatch<B>, now: Timestamp) -> Result<AppendInfo, AppendError>
+    /// Appends a validated batch as leader: stamps the next offsets into it and takes its
+    /// buffer, to be written behind (see the module docs).
+    pub fn append<B>(&mut self, mut batch: RecordBatch<B>, now: Timestamp) -> Result<AppendInfo, AppendError>
     where
-        B: AsRef<[u8]> + AsMut<[u8]>,
+        B: AsRef<[u8]> + AsMut<[u8]> + Into<Bytes>,
     {
         self.check_writable()?;
         if self.log_end_offset().get() + batch.header().offset_count() > OFFSET_MAX {
             return Err(AppendError::OffsetLimit(self.log_end_offset()));
         }
         batch.set_base_offset(self.log_end_offset());
-        self.append_bytes(batch.header(), batch.as_bytes(), now)
+        let header = *batch.header();
+        self.append_bytes(&header, batch.into_bytes().into(), now)
     }
 
     /// Appends a batch as follower, unchanged: it must start at the log end.
-    pub fn append_replicated<B: AsRef<[u8]>>(
+    pub fn append_replicated<B: AsRef<[u8]> + Into<Bytes>>(
         &mut self,
-        batch: &RecordBatch<B>,
+        batch: RecordBatch<B>,
         now: Timestamp,
     ) -> Result<AppendInfo, AppendError> {
         self.check_writable()?;
@@ -280,7 +382,56 @@ impl<S: Storage> Log<S> {
         if batch.header().next_offset().get() > OFFSET_MAX {
             return Err(AppendError::OffsetLimit(self.log_end_offset()));
         }
-        self.append_bytes(batch.header(), batch.as_bytes(), now)
+        let header = *batch.header();
+        self.append_bytes(&header, batch.into_bytes().into(), now)
+    }
+
+    /// Starts writing every batch appended since the last write job; `None` if none is
+    /// unwritten, a job is already out, or the log is poisoned.
+    pub fn begin_write(&mut self) -> Option<WriteJob<<S::File as StorageFile>::SyncHandle>> {
+        if self.writing || self.poisoned.is_some() {
+            return None;
+        }
+        let active = self.segments.last().expect("a log has an active segment");
+        if active.pending.is_empty() {
+            return None;
+        }
+        self.writing = true;
+        Some(WriteJob {
+            handle: active.file.sync_handle(),
+            writes: active.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
+            segment_base: active.base,
+            upto_position: active.bytes,
+            upto: active.next_offset,
+            log: self.id,
+        })
+    }
+
+    /// Completes a write job with its result; returns the written offset.
+    pub fn finish_write(
+        &mut self,
+        job: WriteJob<<S::File as StorageFile>::SyncHandle>,
+        result: Result<(), StorageError>,
+    ) -> Result<Offset, LogError> {
+        assert_eq!(job.log, self.id, "a write job of another log");
+        assert!(self.writing, "a write job finished with none out");
+        self.writing = false;
+        if let Err(e) = result {
+            return Err(self.poison(e).into());
+        }
+        if let Some(reason) = &self.poisoned {
+            return Err(LogError::Poisoned(reason.clone()));
+        }
+        // The segment may have rolled meanwhile (its rest was then written inline).
+        if let Some(i) = self.segment_at(job.segment_base) {
+            let seg = &mut self.segments[i];
+            seg.written = seg.written.max(job.upto_position);
+            while seg.pending.front().is_some_and(|(p, b)| *p as usize + b.len() <= seg.written as usize) {
+                seg.pending.pop_front();
+            }
+        }
+        self.written = self.written.max(job.upto).min(self.log_end_offset());
+        Ok(self.written)
     }
 
     /// Whether the durability policy wants a sync now.
@@ -293,9 +444,10 @@ impl<S: Storage> Log<S> {
         }
     }
 
-    /// Starts a group commit covering every append so far; `None` if all is durable.
+    /// Starts a group commit covering every append written so far; `None` if all that is
+    /// written is durable.
     pub fn begin_sync(&mut self, now: Timestamp) -> Option<SyncJob<<S::File as StorageFile>::SyncHandle>> {
-        if self.durable >= self.log_end_offset() || self.poisoned.is_some() {
+        if self.durable >= self.written || self.poisoned.is_some() {
             return None;
         }
         self.last_sync_at = now;
@@ -312,8 +464,9 @@ impl<S: Storage> Log<S> {
         });
         Some(SyncJob {
             handle: active.file.sync_handle(),
-            upto: self.log_end_offset(),
+            upto: self.written,
             generation: self.generation,
+            log: self.id,
             reserve,
         })
     }
@@ -324,6 +477,7 @@ impl<S: Storage> Log<S> {
         job: SyncJob<<S::File as StorageFile>::SyncHandle>,
         result: Result<(), StorageError>,
     ) -> Result<Offset, LogError> {
+        assert_eq!(job.log, self.id, "a sync job of another log");
         if let Err(e) = result {
             return Err(self.poison(e).into());
         }
@@ -340,9 +494,11 @@ impl<S: Storage> Log<S> {
         Ok(self.durable)
     }
 
-    /// Syncs every append so far, inline; returns the durable offset.
+    /// Writes and syncs every append so far, inline; returns the durable offset. A write job
+    /// still out is written again (the same bytes at the same places).
     pub fn sync(&mut self, now: Timestamp) -> Result<Offset, LogError> {
         self.check_writable().map_err(to_log_error)?;
+        self.write_inline().map_err(|e| self.poison(e))?;
         match self.begin_sync(now) {
             Some(job) => {
                 let result = job.run();
@@ -392,7 +548,7 @@ impl<S: Storage> Log<S> {
             return Err(self.out_of_range(range.first_offset).into());
         }
         buf.resize(range.bytes as usize, 0);
-        read_exact_at(&seg.file, buf, range.position, &seg.path)?;
+        seg.read_exact(buf, range.position as u32)?;
         if let Err(c) = check_range(buf, range, &seg.path) {
             buf.clear();
             return Err(c.into());
@@ -431,6 +587,7 @@ impl<S: Storage> Log<S> {
     /// batch goes. Returns the new log end. The cut is synced before returning.
     pub fn truncate_to(&mut self, offset: Offset) -> Result<Offset, LogError> {
         self.check_writable().map_err(to_log_error)?;
+        assert!(!self.writing, "truncation with a write job out");
         if offset >= self.log_end_offset() {
             return Ok(self.log_end_offset());
         }
@@ -446,6 +603,8 @@ impl<S: Storage> Log<S> {
         // cut fails half-way.
         self.generation += 1;
         self.durable = self.durable.min(batch.base_offset);
+        // What stays must be in the file before the cut is synced as the new end.
+        self.write_inline().map_err(|e| self.poison(e))?;
         self.truncate_segments_after(i).map_err(|e| self.poison(e))?;
         self.cut_active(cut, batch.base_offset).map_err(|e| self.poison(e))?;
         if batch.base_offset < self.log_start {
@@ -457,6 +616,7 @@ impl<S: Storage> Log<S> {
         }
         // `cut_active` synced the tail; sealed segments were synced when they rolled.
         self.durable = self.log_end_offset();
+        self.written = self.durable;
         Ok(self.log_end_offset())
     }
 
@@ -464,6 +624,7 @@ impl<S: Storage> Log<S> {
     /// nothing in common with its leader's).
     pub fn truncate_fully_and_start_at(&mut self, offset: Offset, now: Timestamp) -> Result<(), LogError> {
         self.check_writable().map_err(to_log_error)?;
+        assert!(!self.writing, "truncation with a write job out");
         if offset.get() > OFFSET_MAX {
             return Err(self.out_of_range(offset).into());
         }
@@ -566,6 +727,8 @@ impl<S: Storage> Log<S> {
                     file,
                     path,
                     bytes: meta.segment_bytes,
+                    written: meta.segment_bytes,
+                    pending: VecDeque::new(),
                     next_offset: base.plus(u64::from(meta.offset_count)),
                     max_timestamp: meta.max_timestamp,
                     index,
@@ -600,6 +763,8 @@ impl<S: Storage> Log<S> {
             file,
             path,
             bytes: scanned.bytes,
+            written: scanned.bytes,
+            pending: VecDeque::new(),
             next_offset: scanned.next_offset,
             max_timestamp: scanned.max_timestamp,
             index: scanned.index,
@@ -749,7 +914,7 @@ impl<S: Storage> Log<S> {
 
 // Private helpers: writing.
 impl<S: Storage> Log<S> {
-    fn append_bytes(&mut self, header: &BatchHeader, bytes: &[u8], now: Timestamp) -> Result<AppendInfo, AppendError> {
+    fn append_bytes(&mut self, header: &BatchHeader, bytes: Bytes, now: Timestamp) -> Result<AppendInfo, AppendError> {
         assert_eq!(header.base_offset, self.log_end_offset(), "append at the log end");
         assert_eq!(bytes.len(), header.batch_length as usize, "batch length matches its bytes");
         if let Some(latest) = self.epochs.latest() {
@@ -774,10 +939,8 @@ impl<S: Storage> Log<S> {
         if step > 0 && end > active.reserved {
             reserve(active, end, step, segment_bytes);
         }
-        if let Err(e) = active.file.write_at(bytes, u64::from(position)) {
-            return Err(self.poison(e).into());
-        }
         active.note_appended(header, position, interval);
+        active.pending.push_back((position, bytes));
         Ok(AppendInfo {
             base_offset: header.base_offset,
             last_offset: header.last_offset(),
@@ -803,6 +966,9 @@ impl<S: Storage> Log<S> {
         if self.segments[last].bytes == 0 {
             return Ok(());
         }
+        // Sealed segments are whole on disk: write what is still pending, inline (once per
+        // segment), then sync.
+        self.write_inline()?;
         self.segments[last].file.sync()?;
         if self.config.preallocate_bytes > 0 {
             // Gives back the space reserved past the sealed segment's end.
@@ -811,9 +977,24 @@ impl<S: Storage> Log<S> {
             sealed.reserved = u64::from(sealed.bytes);
         }
         self.durable = self.durable.max(self.segments[last].next_offset);
+        self.written = self.written.max(self.durable);
         self.write_index(last)?;
         let segment = self.create_segment(self.log_end_offset(), now)?;
         self.segments.push(segment);
+        Ok(())
+    }
+
+    /// Writes every pending batch with blocking writes on this thread (a roll, a truncation,
+    /// [`Log::sync`]); a write job still out writes some of them again, harmlessly.
+    fn write_inline(&mut self) -> Result<(), StorageError> {
+        for seg in &mut self.segments {
+            while let Some((position, bytes)) = seg.pending.front() {
+                seg.file.write_at(bytes, u64::from(*position))?;
+                seg.written = *position + bytes.len() as u32;
+                seg.pending.pop_front();
+            }
+        }
+        self.written = self.log_end_offset();
         Ok(())
     }
 
@@ -827,6 +1008,8 @@ impl<S: Storage> Log<S> {
             file,
             path: self.storage.path_of(&name),
             bytes: 0,
+            written: 0,
+            pending: VecDeque::new(),
             next_offset: base,
             max_timestamp: Timestamp::NONE,
             index: SegmentIndex::new(),
@@ -857,6 +1040,8 @@ impl<S: Storage> Log<S> {
         seg.file.sync()?;
         seg.index.truncate_to_position(position);
         seg.bytes = position;
+        seg.written = seg.written.min(position);
+        seg.pending.retain(|(p, _)| *p < position);
         seg.next_offset = base;
         // The index gives the newest timestamp before its last entry; scan the rest.
         let last_entry = seg.index.entries().last();
@@ -895,6 +1080,7 @@ impl<S: Storage> Log<S> {
         let segment = self.create_segment(offset, now)?;
         self.segments = vec![segment];
         self.durable = offset;
+        self.written = offset;
         Ok(())
     }
 
@@ -1006,7 +1192,7 @@ impl<S: Storage> Log<S> {
             seg.check_continuity(position, &h, expected).map_err(|e| self.read_error(seg, e))?;
             if h.max_timestamp >= ts && h.next_offset() > self.log_start {
                 buf.resize(h.batch_length as usize, 0);
-                read_exact_at(&seg.file, &mut buf, u64::from(position), &seg.path)?;
+                seg.read_exact(&mut buf, position)?;
                 let batch = RecordBatch::parse(&buf[..]).map_err(|e| Corruption {
                     file: seg.path.clone(),
                     position: u64::from(position),

@@ -1,9 +1,15 @@
 //! One segment: a file of batches back to back, named by its base offset, plus its sparse
 //! index. Only the log's last segment (the active one) is appended to; the others are sealed:
-//! synced, indexed on disk, read-only.
+//! written, synced, indexed on disk, read-only. The active segment's newest batches may not be
+//! in the file yet (the log writes behind, see `log.rs`): they are held in memory, in
+//! `pending`, and every read here ([`Segment::read_exact`]) takes them from there.
 //!
 //! This module reads headers and scans files; it decides nothing about recovery policy (the
 //! log does). Positions are `u32`: a segment never exceeds 4 GiB (checked by `LogConfig`).
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
 
 use crate::batch::{check_crc, BatchHeader, HEADER_BYTES};
 use crate::index::{IndexEntry, SegmentIndex, SegmentMeta};
@@ -16,8 +22,12 @@ pub(crate) struct Segment<F> {
     pub base: Offset,
     pub file: F,
     pub path: String,
-    /// Bytes of whole batches in the file (appends go here).
+    /// Bytes of whole batches in the segment (appends go here), written to the file or not.
     pub bytes: u32,
+    /// Bytes at the start of the segment known to be in the file (`<= bytes`).
+    pub written: u32,
+    /// Batches at `written..bytes` not known to be in the file, by position, back to back.
+    pub pending: VecDeque<(u32, Bytes)>,
     /// Offset after the segment's last batch (`base` when empty).
     pub next_offset: Offset,
     pub max_timestamp: Timestamp,
@@ -108,7 +118,7 @@ impl<F: StorageFile> Segment<F> {
             }));
         }
         let mut buf = [0u8; HEADER_BYTES];
-        read_exact_at(&self.file, &mut buf, u64::from(position), &self.path)?;
+        self.read_exact(&mut buf, position)?;
         let header = BatchHeader::decode(&buf).map_err(|e| {
             SegmentReadError::Problem(Problem { position, reason: e.to_string(), maybe_torn: false, header: None })
         })?;
@@ -121,6 +131,32 @@ impl<F: StorageFile> Segment<F> {
             }));
         }
         Ok(header)
+    }
+
+    /// Reads `buf.len()` bytes at `position` (within `bytes`): what is written from the file,
+    /// the rest from the pending batches.
+    pub fn read_exact(&self, buf: &mut [u8], position: u32) -> Result<(), StorageError> {
+        let end = u64::from(position) + buf.len() as u64;
+        assert!(end <= u64::from(self.bytes), "read past the end of segment {}", self.path);
+        let from_file = u64::from(self.written).saturating_sub(u64::from(position)).min(buf.len() as u64) as usize;
+        if from_file > 0 {
+            read_exact_at(&self.file, &mut buf[..from_file], u64::from(position), &self.path)?;
+        }
+        let mut at = position as usize + from_file;
+        let mut out = from_file;
+        let first = self.pending.partition_point(|(p, b)| *p as usize + b.len() <= at);
+        for (p, b) in self.pending.range(first..) {
+            if out == buf.len() {
+                break;
+            }
+            let skip = at - *p as usize;
+            let n = (b.len() - skip).min(buf.len() - out);
+            buf[out..out + n].copy_from_slice(&b[skip..skip + n]);
+            out += n;
+            at += n;
+        }
+        assert_eq!(out, buf.len(), "pending batches cover {}..{} of {}", self.written, self.bytes, self.path);
+        Ok(())
     }
 
     /// The batch holding `target`: its position and header. `target` must be in the segment.

@@ -9,8 +9,9 @@
 //!   durable image plus a random prefix of what was written after the last sync (a torn write).
 //!   It also fails chosen operations ([`MemStorage::fail_op`]) and flips bytes.
 //!
-//! Syncs can run away from the owning thread: [`StorageFile::sync_handle`] gives a handle that
-//! syncs the same file, which is what group commit uses to keep `fdatasync` off the shard.
+//! Writes and syncs can run away from the owning thread: [`StorageFile::sync_handle`] gives a
+//! handle that writes and syncs the same file, which is what the log's write-behind appends and
+//! group commit use to keep `pwrite` and `fdatasync` off the shard.
 //!
 //! Not modelled by `MemStorage`: directory-entry durability (creating, renaming and removing a
 //! file are durable at once), which the log compensates for by syncing the directory anyway.
@@ -90,8 +91,11 @@ pub trait StorageFile {
     fn sync_handle(&self) -> Self::SyncHandle;
 }
 
-/// Syncs one file; see [`StorageFile::sync_handle`].
+/// Writes and syncs one file from a job (see [`StorageFile::sync_handle`]): the log's
+/// write-behind appends and group commits run through it, inline or on another thread.
 pub trait SyncHandle {
+    /// Writes all of `buf` at `pos`.
+    fn write_at(&self, buf: &[u8], pos: u64) -> Result<(), StorageError>;
     /// fdatasync the file.
     fn sync(&self) -> Result<(), StorageError>;
     /// [`StorageFile::preallocate`] on the same file.
@@ -142,6 +146,11 @@ impl DiskFile {
     /// The open file, for zero-copy sends (`sendfile`/`splice`) by the runtime.
     pub fn file(&self) -> &Arc<File> {
         &self.file
+    }
+
+    /// The file's path, for error messages.
+    pub fn path(&self) -> &str {
+        &self.path
     }
 }
 
@@ -251,6 +260,10 @@ impl StorageFile for DiskFile {
 }
 
 impl SyncHandle for DiskFile {
+    fn write_at(&self, buf: &[u8], pos: u64) -> Result<(), StorageError> {
+        self.file.write_all_at(buf, pos).map_err(|e| StorageError::new("write", &*self.path, e))
+    }
+
     fn sync(&self) -> Result<(), StorageError> {
         StorageFile::sync(self)
     }
@@ -536,6 +549,12 @@ impl StorageFile for MemFile {
 }
 
 impl SyncHandle for MemFile {
+    fn write_at(&self, buf: &[u8], pos: u64) -> Result<(), StorageError> {
+        // A clone shares the file's data; `StorageFile::write_at` wants `&mut` only for the
+        // real file's sake.
+        StorageFile::write_at(&mut self.clone(), buf, pos)
+    }
+
     fn sync(&self) -> Result<(), StorageError> {
         StorageFile::sync(self)
     }
@@ -561,7 +580,7 @@ mod tests {
     #[test]
     fn a_lying_disk_loses_synced_bytes_in_a_crash() {
         let s = MemStorage::new();
-        let mut f = s.create("a").expect("create");
+        let f = s.create("a").expect("create");
         f.write_at(b"kept", 0).expect("write");
         StorageFile::sync(&f).expect("sync");
         s.set_lying(true);
@@ -579,7 +598,7 @@ mod tests {
     #[test]
     fn mem_crash_keeps_durable_image_and_a_prefix_of_the_rest() {
         let s = MemStorage::new();
-        let mut f = s.create("a").expect("create");
+        let f = s.create("a").expect("create");
         f.write_at(b"hello", 0).expect("write");
         StorageFile::sync(&f).expect("sync");
         f.write_at(b" world", 5).expect("write");
@@ -594,7 +613,7 @@ mod tests {
     #[test]
     fn mem_fault_fails_exactly_the_chosen_op() {
         let s = MemStorage::new();
-        let mut f = s.create("a").expect("create");
+        let f = s.create("a").expect("create");
         s.fail_op(2, FaultKind::Io);
         f.write_at(b"x", 0).expect("first op succeeds");
         assert!(f.write_at(b"y", 1).is_err());
@@ -606,7 +625,7 @@ mod tests {
     fn disk_file_reads_short_at_eof() {
         let dir = tempfile::tempdir().expect("tempdir");
         let s = FileStorage::new(dir.path()).expect("storage");
-        let mut f = s.create("a").expect("create");
+        let f = s.create("a").expect("create");
         f.write_at(b"abc", 0).expect("write");
         let mut buf = [0u8; 8];
         assert_eq!(f.read_at(&mut buf, 1).expect("read"), 2);

@@ -18,8 +18,16 @@ fn config() -> LogConfig {
 /// Appends `count` one-record batches with ids from `first`, value of 200 bytes.
 fn fill<S: Storage>(log: &mut Log<S>, first: u64, count: u64, ts: Timestamp) {
     for id in first..first + count {
-        log.append(&mut batch(&[(id, ts)], 200, log_epoch(log)), ts).expect("append");
+        log.append(batch(&[(id, ts)], 200, log_epoch(log)), ts).expect("append");
     }
+}
+
+/// Runs one write job inline (the appends so far reach the files), as an owner would.
+fn write_behind<S: Storage>(log: &mut Log<S>) {
+    let job = log.begin_write().expect("something to write");
+    let result = job.run();
+    log.finish_write(job, result).expect("write");
+    assert_eq!(log.written_offset(), log.log_end_offset());
 }
 
 fn log_epoch<S: Storage>(log: &Log<S>) -> LeaderEpoch {
@@ -45,6 +53,7 @@ fn group_commit_runs_off_thread_while_appends_go_on() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), config(), T0).expect("open");
     fill(&mut log, 0, 2, T0);
+    write_behind(&mut log);
     let job = log.begin_sync(T0).expect("job");
     assert_eq!(job.upto(), Offset(2));
     let syncing = std::thread::spawn(move || {
@@ -62,6 +71,7 @@ fn group_commit_runs_off_thread_while_appends_go_on() {
 fn a_sync_begun_before_a_truncation_does_not_vouch_for_what_follows() {
     let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
     fill(&mut log, 0, 4, T0);
+    write_behind(&mut log);
     let job = log.begin_sync(T0).expect("job");
     assert_eq!(log.truncate_to(Offset(2)).expect("truncate"), Offset(2));
     assert_eq!(log.durable_offset(), Offset(2), "truncation syncs the cut");
@@ -86,17 +96,62 @@ fn interval_and_never_policies() {
 }
 
 #[test]
+fn appends_are_read_from_memory_until_written_and_a_process_kill_keeps_what_was_written() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    assert_eq!(log.written_offset(), Offset(0), "an append writes nothing");
+    assert_eq!(s.file_bytes("00000000000000000000.log").map(|b| b.len()), Some(0));
+    let ids = |log: &Log<MemStorage>| read_all(log, Offset(0), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(&log), vec![0, 1, 2], "unwritten batches are read from memory");
+    let job = log.begin_write().expect("a write job");
+    assert_eq!(job.upto(), Offset(3));
+    assert!(log.begin_write().is_none(), "one write job at a time");
+    fill(&mut log, 3, 2, T0);
+    assert!(log.begin_sync(T0).is_none(), "nothing written yet, nothing to sync");
+    let result = job.run();
+    assert_eq!(log.finish_write(job, result).expect("write"), Offset(3));
+    assert_eq!(ids(&log), vec![0, 1, 2, 3, 4], "partly from the file, partly from memory");
+    let job = log.begin_sync(T0).expect("a sync job");
+    assert_eq!(job.upto(), Offset(3), "a sync covers what is written");
+    let result = job.run();
+    assert_eq!(log.finish_sync(job, result).expect("sync"), Offset(3));
+    // A write job out while the segment rolls: the roll writes the rest inline, and the
+    // job's late completion changes nothing.
+    let job = log.begin_write().expect("a write job");
+    log.roll(T0).expect("roll");
+    assert_eq!(log.durable_offset(), Offset(5), "a roll writes and syncs the sealed segment");
+    fill(&mut log, 5, 1, T0);
+    let result = job.run();
+    assert_eq!(log.finish_write(job, result).expect("write"), Offset(5));
+    assert_eq!(ids(&log), vec![0, 1, 2, 3, 4, 5]);
+    drop(log);
+    let log = Log::open(s.restart(), config(), T0).expect("reopen after a process kill");
+    assert_eq!(ids(&log), vec![0, 1, 2, 3, 4], "the unwritten batch is gone, the written ones stay");
+}
+
+#[test]
+#[should_panic(expected = "truncation with a write job out")]
+fn truncation_with_a_write_job_out_is_refused() {
+    let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    let _job = log.begin_write().expect("a write job");
+    let _ = log.truncate_to(Offset(1));
+}
+
+#[test]
 fn epochs_are_recorded_and_stale_epochs_rejected() {
     let s = MemStorage::new();
     let mut log = Log::open(s.clone(), config(), T0).expect("open");
-    log.append(&mut batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(1)), T0).expect("append");
-    log.append(&mut batch(&[(2, T0)], 10, LeaderEpoch(3)), T0).expect("append");
-    let stale = log.append(&mut batch(&[(3, T0)], 10, LeaderEpoch(2)), T0);
+    log.append(batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(1)), T0).expect("append");
+    log.append(batch(&[(2, T0)], 10, LeaderEpoch(3)), T0).expect("append");
+    let stale = log.append(batch(&[(3, T0)], 10, LeaderEpoch(2)), T0);
     assert!(matches!(stale, Err(AppendError::StaleEpoch { batch: LeaderEpoch(2), latest: LeaderEpoch(3) })));
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(1)), Some((LeaderEpoch(1), Offset(2))));
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(2)), Some((LeaderEpoch(1), Offset(2))));
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(3))));
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(0)), None);
+    write_behind(&mut log);
     drop(log);
     let log = Log::open(s.restart(), config(), T0).expect("reopen");
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(3))), "persisted");
@@ -106,11 +161,11 @@ fn epochs_are_recorded_and_stale_epochs_rejected() {
 fn replicated_appends_keep_offsets_and_must_start_at_the_end() {
     let mut leader = Log::open(MemStorage::new(), config(), T0).expect("open");
     let mut follower = Log::open(MemStorage::new(), config(), T0).expect("open");
-    let mut b = batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(2));
-    leader.append(&mut b, T0).expect("append");
-    follower.append_replicated(&b, T0).expect("replicate");
+    let b = batch(&[(0, T0), (1, T0)], 10, LeaderEpoch(2));
+    leader.append(b.clone(), T0).expect("append");
+    follower.append_replicated(b.clone(), T0).expect("replicate");
     assert_eq!(follower.log_end_offset(), Offset(2));
-    let err = follower.append_replicated(&b, T0);
+    let err = follower.append_replicated(b, T0);
     assert!(matches!(err, Err(AppendError::OffsetMismatch { batch: Offset(0), log_end: Offset(2) })));
 }
 
@@ -121,9 +176,12 @@ fn a_failed_write_poisons_the_log_and_reopen_recovers() {
     fill(&mut log, 0, 3, T0);
     log.sync(T0).expect("sync");
     s.fail_op(1, FaultKind::DiskFull);
-    let err = log.append(&mut batch(&[(3, T0)], 200, E0), T0);
-    assert!(matches!(err, Err(AppendError::Storage(_))), "{err:?}");
-    assert!(matches!(log.append(&mut batch(&[(4, T0)], 200, E0), T0), Err(AppendError::Poisoned(_))));
+    log.append(batch(&[(3, T0)], 200, E0), T0).expect("an append writes nothing itself");
+    let job = log.begin_write().expect("a write job");
+    let result = job.run();
+    assert!(result.is_err(), "{result:?}");
+    assert!(matches!(log.finish_write(job, result), Err(LogError::Storage(_))));
+    assert!(matches!(log.append(batch(&[(4, T0)], 200, E0), T0), Err(AppendError::Poisoned(_))));
     assert!(matches!(log.sync(T0), Err(LogError::Poisoned(_))));
     drop(log);
     let log = Log::open(s.crash(7), config(), T0).expect("reopen");
@@ -149,7 +207,8 @@ fn machine_crash_cuts_the_torn_tail_and_keeps_durable_records() {
         let mut log = Log::open(s.clone(), config(), T0).expect("open");
         fill(&mut log, 0, 5, T0);
         log.sync(T0).expect("sync");
-        log.append(&mut batch(&[(5, T0), (6, T0), (7, T0)], 300, E0), T0).expect("append");
+        log.append(batch(&[(5, T0), (6, T0), (7, T0)], 300, E0), T0).expect("append");
+        write_behind(&mut log);
         drop(log);
         let log = Log::open(s.crash(seed), config(), T0).expect("reopen");
         let end = log.log_end_offset();
@@ -236,7 +295,7 @@ fn offset_for_timestamp_finds_the_first_record_at_or_after() {
     let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
     for i in 0..30u64 {
         let ts = T0.add_millis(i * 10);
-        log.append(&mut batch(&[(i, ts)], 200, E0), ts).expect("append");
+        log.append(batch(&[(i, ts)], 200, E0), ts).expect("append");
     }
     assert_eq!(log.offset_for_timestamp(Timestamp(0)).expect("lookup"), Some(Offset(0)));
     assert_eq!(log.offset_for_timestamp(T0.add_millis(155)).expect("lookup"), Some(Offset(16)));
@@ -263,6 +322,7 @@ fn a_sync_finishing_after_the_log_was_poisoned_vouches_for_nothing() {
     let s = MemStorage::new();
     let mut log = Log::open(s.clone(), config(), T0).expect("open");
     fill(&mut log, 0, 3, T0);
+    write_behind(&mut log);
     let job = log.begin_sync(T0).expect("job");
     s.fail_op(1, FaultKind::Io);
     assert!(log.sync(T0).is_err(), "the inline sync fails and poisons the log");
@@ -279,6 +339,7 @@ fn a_failed_truncation_leaves_no_durability_claim_past_the_end() {
     fill(&mut log, 0, 26, T0);
     log.sync(T0).expect("sync");
     fill(&mut log, 26, 2, T0);
+    write_behind(&mut log);
     let job = log.begin_sync(T0).expect("job");
     s.fail_op(1, FaultKind::Io);
     assert!(log.truncate_to(Offset(5)).is_err());
@@ -292,7 +353,7 @@ fn a_failed_truncation_leaves_no_durability_claim_past_the_end() {
 fn offsets_stop_at_the_limit_with_an_error() {
     let mut log = Log::open(MemStorage::new(), config(), T0).expect("open");
     log.truncate_fully_and_start_at(Offset(skein_log::OFFSET_MAX), T0).expect("reset");
-    let err = log.append(&mut batch(&[(0, T0)], 10, E0), T0);
+    let err = log.append(batch(&[(0, T0)], 10, E0), T0);
     assert!(matches!(err, Err(AppendError::OffsetLimit(_))), "{err:?}");
     assert!(log.truncate_fully_and_start_at(Offset(skein_log::OFFSET_MAX + 1), T0).is_err());
 }
@@ -309,7 +370,7 @@ fn a_failure_during_a_full_reset_poisons_without_panicking() {
             continue; // the fault landed after the reset's last mutation
         }
         assert!(log.durable_offset() <= log.log_end_offset(), "fault at op {fail_at}");
-        assert!(matches!(log.append(&mut batch(&[(0, T0)], 10, E0), T0), Err(AppendError::Poisoned(_))));
+        assert!(matches!(log.append(batch(&[(0, T0)], 10, E0), T0), Err(AppendError::Poisoned(_))));
         drop(log);
         let log = Log::open(s.restart(), config(), T0).expect("reopen after a failed reset");
         let end = log.log_end_offset();
@@ -326,14 +387,14 @@ fn epochs_follow_the_batches_when_a_lost_fsync_undid_a_truncation() {
     let ts = Timestamp(1_000);
     let mut log = Log::open(s.clone(), config(), ts).expect("open");
     for i in 0..5 {
-        log.append(&mut batch(&[(i, ts)], 16, LeaderEpoch(1)), ts).expect("append");
+        log.append(batch(&[(i, ts)], 16, LeaderEpoch(1)), ts).expect("append");
     }
     log.sync(ts).expect("sync");
     // The truncation's fsync is lost; the epoch checkpoint written after it is not.
     s.set_lying(true);
     log.truncate_to(Offset(3)).expect("truncate");
     s.set_lying(false);
-    log.append(&mut batch(&[(100, ts)], 16, LeaderEpoch(3)), ts).expect("append");
+    log.append(batch(&[(100, ts)], 16, LeaderEpoch(3)), ts).expect("append");
     assert_eq!(log.end_offset_for_epoch(LeaderEpoch(3)), Some((LeaderEpoch(3), Offset(4))));
     drop(log);
     let after = s.crash(7);
@@ -362,6 +423,7 @@ fn space_is_reserved_ahead_of_appends_and_given_back_when_the_segment_is_sealed(
     assert!(allocated(&first) >= 64 << 10, "an append reserves a step ahead: {} bytes", allocated(&first));
     // A group commit keeps the reservation a step ahead, from its own thread.
     fill(&mut log, 3, 300, T0);
+    write_behind(&mut log);
     let job = log.begin_sync(T0).expect("job");
     let result = std::thread::spawn(move || {
         let r = job.run();
@@ -400,6 +462,7 @@ fn a_failed_reservation_is_not_a_failed_append() {
     let cfg = LogConfig { preallocate_bytes: 1024, ..config() };
     let mut log = Log::open(s.clone(), cfg.clone(), T0).expect("open");
     fill(&mut log, 0, 2, T0);
+    write_behind(&mut log);
     s.fail_op(1, FaultKind::Io);
     let job = log.begin_sync(T0).expect("job");
     let result = job.run();

@@ -29,7 +29,7 @@ fn config() -> LogConfig {
 fn build(dir: &Path) {
     let mut log = Log::open(FileStorage::new(dir).expect("dir"), config(), T0).expect("open");
     for id in 0..36 {
-        log.append(&mut batch(&[(id, T0)], 200, LeaderEpoch(0)), T0).expect("append");
+        log.append(batch(&[(id, T0)], 200, LeaderEpoch(0)), T0).expect("append");
     }
     assert_eq!(log.segment_count(), 3);
     log.close(T0).expect("close");

@@ -77,7 +77,7 @@ fn check_after_kill(dir: &Path, durable: Offset, round: u64) {
     for r in &records {
         assert_eq!(r.id, r.offset.get(), "round {round}: record at {} holds {}", r.offset, r.id);
     }
-    let info = log.append(&mut batch(&[(end.get(), now)], 50, LeaderEpoch(0)), now).expect("append after reopen");
+    let info = log.append(batch(&[(end.get(), now)], 50, LeaderEpoch(0)), now).expect("append after reopen");
     assert_eq!(info.base_offset, end, "round {round}: appends go on at the log end");
     if round.is_multiple_of(2) {
         log.close(now).expect("clean close");

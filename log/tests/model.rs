@@ -17,6 +17,8 @@ enum Op {
     TimeLookup { ts: i64 },
     Truncate { at: u16 },
     Roll,
+    BeginWrite,
+    FinishWrite,
     Sync,
     NewEpoch,
     Retention,
@@ -34,6 +36,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0i64..1100).prop_map(|ts| Op::TimeLookup { ts }),
         2 => any::<u16>().prop_map(|at| Op::Truncate { at }),
         1 => Just(Op::Roll),
+        3 => Just(Op::BeginWrite),
+        3 => Just(Op::FinishWrite),
         3 => Just(Op::Sync),
         1 => Just(Op::NewEpoch),
         1 => Just(Op::Retention),
@@ -91,6 +95,8 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
     let cfg = config(segment_bytes, retention_bytes);
     let mut storage = MemStorage::new();
     let mut log = Log::open(storage.clone(), cfg.clone(), now).expect("open empty");
+    // A write job out (the owner runs at most one; it ends before a truncation).
+    let mut job = None;
     let mut m = Model {
         records: Vec::new(),
         log_start: Offset(0),
@@ -105,8 +111,8 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 let ids: Vec<(u64, Timestamp)> =
                     timestamps.iter().enumerate().map(|(i, &t)| (m.next_id + i as u64, Timestamp(t))).collect();
                 m.next_id += ids.len() as u64;
-                let mut b = batch(&ids, value_bytes, m.epoch);
-                let info = log.append(&mut b, now).expect("append");
+                let b = batch(&ids, value_bytes, m.epoch);
+                let info = log.append(b, now).expect("append");
                 prop_assert_eq!(info.base_offset, m.log_end);
                 for (i, &(id, ts)) in ids.iter().enumerate() {
                     let offset = m.log_end.plus(i as u64);
@@ -119,7 +125,24 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 let expect = m.records.iter().find(|(r, _, _)| r.ts.0 >= ts).map(|(r, _, _)| r.offset);
                 prop_assert_eq!(log.offset_for_timestamp(Timestamp(ts)).expect("lookup"), expect, "ts {}", ts);
             }
+            Op::BeginWrite => {
+                if job.is_none() {
+                    job = log.begin_write();
+                    prop_assert_eq!(job.is_some(), log.written_offset() < log.log_end_offset());
+                }
+            }
+            Op::FinishWrite => {
+                if let Some(j) = job.take() {
+                    let upto = j.upto();
+                    let result = j.run();
+                    prop_assert!(log.finish_write(j, result).expect("write") >= upto);
+                }
+            }
             Op::Truncate { at } => {
+                if let Some(j) = job.take() {
+                    let result = j.run();
+                    log.finish_write(j, result).expect("write before a truncation");
+                }
                 let target = m.pick(at);
                 let new_end = log.truncate_to(target).expect("truncate");
                 let expect = m.records.iter().find(|(r, _, _)| r.offset == target).map_or(m.log_end, |(_, b, _)| *b);
@@ -157,6 +180,7 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 m.records.retain(|(r, _, _)| r.offset >= m.log_start);
             }
             Op::CloseReopen => {
+                job = None;
                 log.close(now).expect("close");
                 log = Log::open(storage.clone(), cfg.clone(), now).expect("reopen");
                 prop_assert!(log.recovery().clean_shutdown);
@@ -164,13 +188,20 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 m.durable = m.log_end;
             }
             Op::ProcessKill => {
+                // A write job out never ran: what was written survives, nothing else.
+                job = None;
+                let written = log.written_offset();
+                prop_assert!(written >= log.durable_offset());
                 drop(log);
                 storage = storage.restart();
                 log = Log::open(storage.clone(), cfg.clone(), now).expect("reopen after kill");
                 prop_assert_eq!(log.recovery().truncated.clone(), None);
+                prop_assert_eq!(log.log_end_offset(), written.max(m.log_start));
+                m.keep_below(written.max(m.log_start));
                 m.durable = m.log_end;
             }
             Op::MachineCrash { seed } => {
+                job = None;
                 let reported_durable = log.durable_offset();
                 drop(log);
                 storage = storage.crash(seed);

@@ -55,7 +55,7 @@ fn exercise(storage: MemStorage) {
     let _ = log.offset_for_timestamp(Timestamp(5));
     let _ = log.end_offset_for_epoch(LeaderEpoch(1));
     let end = log.log_end_offset();
-    let _ = log.append(&mut batch(&[(1, now)], 10, LeaderEpoch(u32::MAX)), now);
+    let _ = log.append(batch(&[(1, now)], 10, LeaderEpoch(u32::MAX)), now);
     let _ = log.truncate_to(Offset(end.get() / 2));
     let _ = log.close(now);
 }
@@ -65,7 +65,7 @@ fn valid_log() -> MemStorage {
     let now = Timestamp(0);
     let mut log = Log::open(s.clone(), config(), now).expect("open");
     for id in 0..20 {
-        log.append(&mut batch(&[(id, Timestamp(id as i64)), (id + 100, now)], 60, LeaderEpoch(id as u32 / 7)), now)
+        log.append(batch(&[(id, Timestamp(id as i64)), (id + 100, now)], 60, LeaderEpoch(id as u32 / 7)), now)
             .expect("append");
     }
     log.close(now).expect("close");

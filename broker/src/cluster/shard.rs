@@ -357,7 +357,7 @@ impl Node {
                         }
                     }
                 }
-                Command::Sync { partition, job } => self.spawn_sync(partition, job),
+                Command::Io { partition, job } => self.spawn_sync(partition, job),
                 Command::ProduceReply { request, result } => {
                     if let Some(tx) = st.pending.remove(&request) {
                         let _ = tx.send(result);
@@ -459,7 +459,7 @@ impl Node {
         let t = now();
         let mut st = self.st.borrow_mut();
         let mut out = Vec::new();
-        st.core.handle_sync_done(t, partition, job, result, &mut out);
+        st.core.handle_io_done(t, partition, job, result, &mut out);
         let mut work = VecDeque::new();
         self.commands(&mut st, out, &mut work);
         self.pump(&mut st, t, work);

@@ -5,7 +5,7 @@
 //! driver (the simulator in `sim`, later the thread-per-core runtime). Logs are
 //! `skein_log::Log<S>` for any storage, so the simulator runs the same code on
 //! `MemStorage`, whose crashes lose unsynced bytes. Durability is reported back
-//! ([`replica::Replica::handle_sync_done`]), never assumed.
+//! ([`replica::Replica::handle_io_done`]), never assumed.
 //!
 //! - [`replica`]: one partition replica: leader (appends, follower tracking, high watermark,
 //!   ISR proposals, `acks=all` completion) or follower (fetch, divergence truncation).
@@ -363,8 +363,9 @@ pub enum Command<J> {
         /// Message.
         msg: Message,
     },
-    /// Run this sync job (fdatasync) and report it with `handle_sync_done`.
-    Sync {
+    /// Run this storage job (a write of appended batches, or an fdatasync) and report it with
+    /// `handle_io_done`.
+    Io {
         /// Partition.
         partition: PartitionId,
         /// The job.

@@ -2,7 +2,7 @@
 //! lease, and message routing.
 //!
 //! Call protocol: `handle_message` for every message from a peer, `handle_produce` /
-//! `read_committed` for clients, `handle_sync_done` for finished sync jobs, `handle_tick`
+//! `read_committed` for clients, `handle_io_done` for finished sync jobs, `handle_tick`
 //! every few milliseconds; then execute the commands pushed onto `out`, in order.
 //!
 //! The lease: a heartbeat sent at `t` and answered by the controller makes the broker's lease
@@ -172,7 +172,7 @@ impl<S: Storage> BrokerNode<S> {
 
     /// A client's produce of one batch.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]>>(
+    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]> + Into<bytes::Bytes>>(
         &mut self,
         now: Time,
         request: RequestId,
@@ -209,7 +209,7 @@ impl<S: Storage> BrokerNode<S> {
     }
 
     /// A sync job finished.
-    pub fn handle_sync_done(
+    pub fn handle_io_done(
         &mut self,
         now: Time,
         partition: PartitionId,
@@ -218,7 +218,7 @@ impl<S: Storage> BrokerNode<S> {
         out: &mut Vec<Command<Job<S>>>,
     ) {
         if let Some(r) = self.replicas.get_mut(&partition) {
-            r.handle_sync_done(now, job, result, out);
+            r.handle_io_done(now, job, result, out);
         }
     }
 

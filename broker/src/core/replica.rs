@@ -12,22 +12,26 @@
 //!   same follower replaces it. So records reach followers as soon as they are written, with
 //!   no polling interval, and an idle follower costs one round trip per `fetch_wait_max_ms`;
 //! - `handle_fetch_response` on the follower;
-//! - `handle_sync_done` when a [`Command::Sync`] job finished;
+//! - `handle_io_done` when a [`Command::Io`] job finished: a write job (the batches appended
+//!   since the last one reach the file; the log writes behind, `skein_log::Log`) or a sync
+//!   job (group commit). At most one of each is out per replica; a sync covers what is written.
 //! - `handle_tick` every few milliseconds (fetch scheduling, ISR shrink, produce deadlines).
 //!
 //! After each call, the commands pushed onto `out` are executed in order.
 //!
 //! Invariants: the high watermark never passes the log end (asserted) and never moves
 //! backwards while the replica runs (checked by the simulator after every event); a leader only completes `acks=all` below its high watermark,
-//! which is the smallest *durable* offset over the ISR (including proposed additions);
-//! followers append only batches starting at their log end.
+//! which is the smallest *durable* offset over the ISR (including proposed additions), and
+//! `acks=leader` once its batch is written (in the OS's hands: it survives a process kill);
+//! followers append only batches starting at their log end, and neither fetch nor truncate
+//! while a write job is out (a write landing after a cut would bring cut batches back).
 
 use std::collections::{BTreeMap, VecDeque};
 
-use skein_log::batch::{batches, RecordBatch};
+use skein_log::batch::{batches_shared, RecordBatch};
 use skein_log::storage::{Storage, StorageError, StorageFile};
 use skein_log::types::Timestamp;
-use skein_log::{Log, ReadLimit, SyncJob};
+use skein_log::{Log, ReadLimit, SyncJob, WriteJob};
 
 use super::producers::{ProducerStates, SequenceCheck};
 use super::{
@@ -35,8 +39,34 @@ use super::{
     PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
 };
 
-/// The sync job type of a storage.
-pub type Job<S> = SyncJob<<<S as Storage>::File as StorageFile>::SyncHandle>;
+type Handle<S> = <<S as Storage>::File as StorageFile>::SyncHandle;
+
+/// A storage job of a replica's log, for the driver to run and report with `handle_io_done`.
+pub enum Job<S: Storage> {
+    /// Write the batches appended since the last write job.
+    Write(WriteJob<Handle<S>>),
+    /// fdatasync what is written (group commit).
+    Sync(SyncJob<Handle<S>>),
+}
+
+impl<S: Storage> std::fmt::Debug for Job<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Job::Write(j) => write!(f, "Write {{ upto: {}, bytes: {} }}", j.upto(), j.bytes()),
+            Job::Sync(j) => write!(f, "Sync {{ upto: {} }}", j.upto()),
+        }
+    }
+}
+
+impl<S: Storage> Job<S> {
+    /// Runs the job with blocking IO on the calling thread.
+    pub fn run(&self) -> Result<(), StorageError> {
+        match self {
+            Job::Write(j) => j.run(),
+            Job::Sync(j) => j.run(),
+        }
+    }
+}
 
 /// Settings of a replica.
 #[derive(Clone, Debug)]
@@ -186,6 +216,8 @@ pub struct Replica<S: Storage> {
     role: Role,
     high_watermark: Offset,
     sync_in_flight: bool,
+    /// `acks=leader` produces waiting for their batch to be written: (batch end, request, base).
+    written_waiting: VecDeque<(Offset, RequestId, Offset)>,
     failed: bool,
     /// Fetch correlations, increasing over the replica's life (across leader changes).
     fetch_correlation: u64,
@@ -211,6 +243,7 @@ impl<S: Storage> Replica<S> {
             role: Role::Offline,
             high_watermark,
             sync_in_flight: false,
+            written_waiting: VecDeque::new(),
             failed: false,
             fetch_correlation: 0,
             producers: ProducerStates::default(),
@@ -358,7 +391,7 @@ impl<S: Storage> Replica<S> {
     /// A client's batch. `client_epoch` is the leader epoch the client's metadata names, if any;
     /// `lease_ok` says whether the node's controller lease is valid.
     #[allow(clippy::too_many_arguments)]
-    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]>>(
+    pub fn handle_produce<B: AsRef<[u8]> + AsMut<[u8]> + Into<bytes::Bytes>>(
         &mut self,
         now: Time,
         request: RequestId,
@@ -406,22 +439,27 @@ impl<S: Storage> Replica<S> {
             }
         }
         batch.set_leader_epoch(epoch);
-        let info = match self.log.append(&mut batch, now.timestamp()) {
+        let mut header = *batch.header();
+        let info = match self.log.append(batch, now.timestamp()) {
             Ok(info) => info,
             Err(e) => {
                 self.fail(format!("append failed: {e}"), out);
                 return reject(out, ProduceError::Storage);
             }
         };
-        self.producers.note(batch.header());
+        header.base_offset = info.base_offset; // as the log stamped it
+        self.producers.note(&header);
         match acks {
             Acks::All if !self.plant.early_ack => {
                 if let Role::Leader(l) = &mut self.role {
                     l.waiting.push_back((info.log_end_offset, request, info.base_offset, deadline));
                 }
             }
-            _ => out.push(Command::ProduceReply { request, result: Ok(info.base_offset) }),
+            Acks::Leader => self.written_waiting.push_back((info.log_end_offset, request, info.base_offset)),
+            Acks::All => out.push(Command::ProduceReply { request, result: Ok(info.base_offset) }),
         }
+        // A roll writes the sealed segment's rest inline, so the batch may be written already.
+        self.answer_written(out);
         self.maybe_sync(now, out);
         self.advance_high_watermark(now, out);
         // The new batch goes to the followers whose fetches are held.
@@ -585,6 +623,11 @@ impl<S: Storage> Replica<S> {
             f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
             return;
         }
+        if self.log.writing() && matches!(resp, FetchResponse::Diverging { .. } | FetchResponse::OutOfRange { .. }) {
+            // A truncation waits for the write job out; the fetch goes again once it lands.
+            f.next_fetch = now;
+            return;
+        }
         match resp {
             FetchResponse::Fenced { .. } => {
                 f.next_fetch = now.plus_ms(self.config.fetch_backoff_ms);
@@ -599,6 +642,7 @@ impl<S: Storage> Replica<S> {
                     if let Err(e) = self.log.truncate_fully_and_start_at(log_start, now.timestamp()) {
                         return self.fail(format!("restarting the log at {log_start} failed: {e}"), out);
                     }
+                    self.abandon_unwritten(out);
                     self.high_watermark = log_start;
                     if let Err(e) = self.rebuild_producers() {
                         return self.fail(format!("reading producer state after restarting the log failed: {e}"), out);
@@ -620,6 +664,7 @@ impl<S: Storage> Replica<S> {
                     if let Err(e) = self.log.truncate_to(to) {
                         return self.fail(format!("truncation to {to} failed: {e}"), out);
                     }
+                    self.answer_cut_written(out);
                     self.high_watermark = self.high_watermark.min(self.log.log_end_offset());
                     if let Err(e) = self.rebuild_producers() {
                         return self.fail(format!("reading producer state after truncation failed: {e}"), out);
@@ -628,16 +673,19 @@ impl<S: Storage> Replica<S> {
             }
             FetchResponse::Records { batches: bytes, high_watermark, .. } => {
                 let mut got = 0;
-                for b in batches(&bytes) {
+                // The log keeps each batch as a slice of the response's buffer.
+                let bytes = bytes::Bytes::from(bytes);
+                for b in batches_shared(&bytes) {
                     let Ok(b) = b else { break };
                     // A stale answer (the log moved since it was asked): drop the rest.
-                    if b.header().base_offset != self.log.log_end_offset() {
+                    let header = *b.header();
+                    if header.base_offset != self.log.log_end_offset() {
                         break;
                     }
-                    if let Err(e) = self.log.append_replicated(&b, now.timestamp()) {
+                    if let Err(e) = self.log.append_replicated(b, now.timestamp()) {
                         return self.fail(format!("replicated append failed: {e}"), out);
                     }
-                    self.producers.note(b.header());
+                    self.producers.note(&header);
                     got += 1;
                 }
                 tracing::trace!(node = %self.id, partition = %self.partition, got, log_end = %self.log.log_end_offset(), %high_watermark, "fetched");
@@ -648,7 +696,7 @@ impl<S: Storage> Replica<S> {
                 }
                 self.maybe_sync(now, out);
                 let long_poll = self.config.fetch_wait_max_ms > 0;
-                let syncing = self.sync_in_flight;
+                let syncing = self.sync_in_flight || self.log.writing();
                 let Role::Follower(f) = &mut self.role else { unreachable!("still a follower") };
                 if got > 0 {
                     f.pretend_epoch = None;
@@ -674,14 +722,26 @@ impl<S: Storage> Replica<S> {
         self.maybe_fetch(now, out);
     }
 
-    /// A sync job finished.
-    pub fn handle_sync_done(
-        &mut self,
-        now: Time,
-        job: Job<S>,
-        result: Result<(), StorageError>,
-        out: &mut Vec<Command<Job<S>>>,
-    ) {
+    /// A write or sync job finished. A job of an earlier log of the partition (deleted and
+    /// created again meanwhile) is ignored.
+    pub fn handle_io_done(&mut self, now: Time, job: Job<S>, result: Result<(), StorageError>, out: &mut Vec<Command<Job<S>>>) {
+        let job = match job {
+            Job::Write(j) if j.log_id() == self.log.id() => {
+                if self.failed {
+                    return;
+                }
+                if let Err(e) = self.log.finish_write(j, result) {
+                    return self.fail(format!("write failed: {e}"), out);
+                }
+                self.answer_written(out);
+                // What is written can be synced now; the next write goes out.
+                self.maybe_sync(now, out);
+                self.maybe_fetch(now, out);
+                return;
+            }
+            Job::Sync(j) if j.log_id() == self.log.id() => j,
+            _ => return,
+        };
         self.sync_in_flight = false;
         if self.failed {
             return;
@@ -893,7 +953,38 @@ impl<S: Storage> Replica<S> {
     /// `Abandoned`; the log is returned for the driver to delete.
     pub fn into_log(mut self, out: &mut Vec<Command<Job<S>>>) -> Log<S> {
         self.abandon_waiting(out);
+        self.abandon_unwritten(out);
         self.log
+    }
+
+    /// Answers the `acks=leader` produces whose batches are written.
+    fn answer_written(&mut self, out: &mut Vec<Command<Job<S>>>) {
+        let written = self.log.written_offset();
+        while let Some(&(end, request, base)) = self.written_waiting.front() {
+            if end > written {
+                break;
+            }
+            self.written_waiting.pop_front();
+            out.push(Command::ProduceReply { request, result: Ok(base) });
+        }
+    }
+
+    /// After a truncation, which wrote every batch before cutting: an `acks=leader` produce
+    /// still waiting whose batch the cut kept is answered with its offset; one whose batch
+    /// was cut gets `Abandoned` (its offset now holds another record).
+    fn answer_cut_written(&mut self, out: &mut Vec<Command<Job<S>>>) {
+        let end = self.log.log_end_offset();
+        for (batch_end, request, base) in self.written_waiting.drain(..) {
+            let result = if batch_end <= end { Ok(base) } else { Err(ProduceError::Abandoned) };
+            out.push(Command::ProduceReply { request, result });
+        }
+    }
+
+    /// `acks=leader` produces whose batch will never be written (the log failed or goes away).
+    fn abandon_unwritten(&mut self, out: &mut Vec<Command<Job<S>>>) {
+        for (_, request, _) in self.written_waiting.drain(..) {
+            out.push(Command::ProduceReply { request, result: Err(ProduceError::Abandoned) });
+        }
     }
 
     fn abandon_waiting(&mut self, out: &mut Vec<Command<Job<S>>>) {
@@ -904,20 +995,29 @@ impl<S: Storage> Replica<S> {
         }
     }
 
+    /// Starts the next write job and the next sync job, if there is something for them and
+    /// none of the kind is out.
     fn maybe_sync(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
-        if self.sync_in_flight || self.failed {
+        if self.failed {
+            return;
+        }
+        if let Some(job) = self.log.begin_write() {
+            out.push(Command::Io { partition: self.partition, job: Job::Write(job) });
+        }
+        if self.sync_in_flight {
             return;
         }
         if let Some(job) = self.log.begin_sync(now.timestamp()) {
             self.sync_in_flight = true;
-            out.push(Command::Sync { partition: self.partition, job });
+            out.push(Command::Io { partition: self.partition, job: Job::Sync(job) });
         }
     }
 
     fn maybe_fetch(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
         let epoch = self.epoch();
         let Role::Follower(f) = &mut self.role else { return };
-        if f.in_flight.is_some() || now < f.next_fetch {
+        // No fetch while a write job is out: its answer may ask for a truncation.
+        if f.in_flight.is_some() || now < f.next_fetch || self.log.writing() {
             return;
         }
         f.in_flight = Some(now);
@@ -943,6 +1043,7 @@ impl<S: Storage> Replica<S> {
 
     fn fail(&mut self, reason: String, out: &mut Vec<Command<Job<S>>>) {
         self.abandon_waiting(out);
+        self.abandon_unwritten(out);
         self.failed = true;
         self.role = Role::Offline;
         out.push(Command::Fail { reason });

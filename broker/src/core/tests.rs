@@ -78,6 +78,40 @@ fn acks_leader_replies_right_after_the_append() {
 }
 
 #[test]
+fn acks_leader_waits_for_the_write_and_a_follower_neither_fetches_nor_truncates_while_one_is_out() {
+    let mut h = Harness::started();
+    h.hold_writes = true;
+    h.produce(N1, 1, 10, Acks::Leader);
+    h.produce(N1, 2, 11, Acks::Leader);
+    assert_eq!(h.replies(N1), vec![], "nothing written yet");
+    assert_eq!(h.r(N1).log().written_offset(), Offset(0));
+    assert_eq!(records(h.r(N1).log()).len(), 2, "appended batches are readable before they are written");
+    h.write(N1);
+    assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0)))], "one write job was out, with the first batch");
+    h.write(N1);
+    assert_eq!(h.replies(N1), vec![(RequestId(2), Ok(Offset(1)))]);
+    // A follower with a write out sends no fetch, and drops a diverging answer until it lands.
+    h.advance_ms(BACKOFF_MS);
+    let req = h.round(N1, N2);
+    assert_eq!(req.fetch_offset, Offset(0));
+    assert!(h.r(N2).log().writing(), "the fetched batches are being written");
+    h.advance_ms(BACKOFF_MS);
+    h.tick(N2);
+    assert!(h.queued_fetch(N2).is_none(), "no fetch while a write is out");
+    let diverging = FetchResponse::Diverging {
+        partition: P,
+        correlation: req.correlation,
+        epoch: LeaderEpoch(1),
+        end_epoch: LeaderEpoch(1),
+        end_offset: Offset(0),
+    };
+    h.respond(N2, diverging);
+    assert_eq!(h.r(N2).log().log_end_offset(), Offset(2), "no truncation with a write out");
+    h.write(N2);
+    assert!(h.queued_fetch(N2).is_some(), "the fetch goes once the write landed");
+}
+
+#[test]
 fn acks_all_is_rejected_when_the_isr_is_smaller_than_min_insync() {
     let mut h = Harness::new();
     h.set_state(N1, state(1, Some(N1), &[N1], 1));
@@ -611,6 +645,11 @@ fn a_node_accepts_produces_only_while_its_lease_is_valid() {
         let mut out = Out::new();
         let deadline = now.plus_ms(DEADLINE_MS);
         node.handle_produce(now, RequestId(request), P, None, batch(value), Acks::Leader, deadline, &mut out);
+        // acks=leader is answered once the batch is written: run the write job.
+        for job in writes(&mut out) {
+            let result = job.run();
+            node.handle_io_done(now, P, job, result, &mut out);
+        }
         replies(&mut out)
     }
 
@@ -840,6 +879,9 @@ struct Harness {
     now: Time,
     replicas: BTreeMap<NodeId, Replica<MemStorage>>,
     outboxes: BTreeMap<NodeId, Out>,
+    /// Write jobs stay in the outboxes for the test to run (`write`); otherwise every step
+    /// runs them at once, as a fast disk would (what most tests assume).
+    hold_writes: bool,
 }
 
 impl Harness {
@@ -858,7 +900,12 @@ impl Harness {
         let open = || Log::open(MemStorage::new(), log.clone(), Timestamp(0)).expect("an empty in-memory log opens");
         let replicas =
             ids.iter().map(|&id| (id, Replica::new(id, P, config.clone(), Plant::default(), open()))).collect();
-        Harness { now: Time(1_000_000), replicas, outboxes: ids.iter().map(|&id| (id, Out::new())).collect() }
+        Harness {
+            now: Time(1_000_000),
+            replicas,
+            outboxes: ids.iter().map(|&id| (id, Out::new())).collect(),
+            hold_writes: false,
+        }
     }
 
     /// Epoch 1 led by n1, every replica in the ISR; both followers did their first (empty)
@@ -883,7 +930,27 @@ impl Harness {
         let replica = self.replicas.get_mut(&id).expect("a replica of the harness");
         let out = self.outboxes.get_mut(&id).expect("every replica has an outbox");
         f(self.now, replica, out);
+        while !self.hold_writes {
+            let jobs = writes(out);
+            if jobs.is_empty() {
+                break;
+            }
+            for job in jobs {
+                let result = job.run();
+                replica.handle_io_done(self.now, job, result, out);
+            }
+        }
         assert!(!out.iter().any(|c| matches!(c, Command::Fail { .. })), "{id} failed: {out:?}");
+    }
+
+    /// Runs the replica's write jobs (with `hold_writes`).
+    fn write(&mut self, id: NodeId) {
+        let jobs = writes(self.outboxes.get_mut(&id).expect("every replica has an outbox"));
+        assert!(!jobs.is_empty(), "{id} has no write job out");
+        for job in jobs {
+            let result = job.run();
+            self.step(id, |now, r, out| r.handle_io_done(now, job, result, out));
+        }
     }
 
     fn advance_ms(&mut self, ms: u64) {
@@ -921,7 +988,7 @@ impl Harness {
             }
             for job in jobs {
                 let result = job.run();
-                self.step(id, |now, r, out| r.handle_sync_done(now, job, result, out));
+                self.step(id, |now, r, out| r.handle_io_done(now, job, result, out));
             }
         }
     }
@@ -1071,9 +1138,21 @@ fn replies(out: &mut Out) -> Vec<Reply> {
     })
 }
 
+/// The storage jobs queued, write and sync.
 fn syncs(out: &mut Out) -> Vec<Job<MemStorage>> {
     drain(out, |c| match c {
-        Command::Sync { partition, job } => {
+        Command::Io { partition, job } => {
+            assert_eq!(partition, P);
+            Ok(job)
+        }
+        c => Err(c),
+    })
+}
+
+/// The write jobs queued.
+fn writes(out: &mut Out) -> Vec<Job<MemStorage>> {
+    drain(out, |c| match c {
+        Command::Io { partition, job: job @ Job::Write(_) } => {
             assert_eq!(partition, P);
             Ok(job)
         }

@@ -174,7 +174,7 @@ enum Event {
         to: Peer,
         msg: Message,
     },
-    SyncDone {
+    IoDone {
         node: NodeId,
         incarnation: u64,
         partition: PartitionId,
@@ -554,7 +554,7 @@ impl Sim {
     fn step(&mut self, ev: Event) {
         // A paused node's events wait until it resumes (a stopped process keeps its sockets).
         let target = match &ev {
-            Event::Tick(id) | Event::ClientRequest { to: id, .. } | Event::SyncDone { node: id, .. } => Some(*id),
+            Event::Tick(id) | Event::ClientRequest { to: id, .. } | Event::IoDone { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
         };
@@ -614,16 +614,16 @@ impl Sim {
                     self.execute(i, out);
                 }
             }
-            Event::SyncDone { node, incarnation, partition, job } => {
+            Event::IoDone { node, incarnation, partition, job } => {
                 let i = self.idx(node);
                 if self.nodes[i].incarnation != incarnation || self.nodes[i].core.is_none() {
-                    return; // the process died before its fdatasync returned
+                    return; // the process died before its write or fdatasync returned
                 }
                 let result = job.run();
                 let now = self.local(i);
                 let mut out = Vec::new();
                 if let Some(core) = &mut self.nodes[i].core {
-                    core.handle_sync_done(now, partition, job, result, &mut out);
+                    core.handle_io_done(now, partition, job, result, &mut out);
                 }
                 self.execute(i, out);
             }
@@ -869,10 +869,10 @@ impl Sim {
         for cmd in out {
             match cmd {
                 Command::Send { to, msg } => self.send(Peer::Node(id), to, msg),
-                Command::Sync { partition, job } => {
+                Command::Io { partition, job } => {
                     let delay = self.rng.range(200, 3_000);
                     let incarnation = self.nodes[i].incarnation;
-                    self.schedule(delay, Event::SyncDone { node: id, incarnation, partition, job });
+                    self.schedule(delay, Event::IoDone { node: id, incarnation, partition, job });
                 }
                 Command::ProduceReply { request, result } => {
                     if let Some((client, creq)) = self.nodes[i].requests.remove(&request.0) {

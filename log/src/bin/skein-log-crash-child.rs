@@ -38,7 +38,7 @@ fn main() {
             }
             let mut batch = b.build();
             batch.set_leader_epoch(epoch);
-            log.append(&mut batch, now()).unwrap_or_else(|e| fail(&e));
+            log.append(batch, now()).unwrap_or_else(|e| fail(&e));
         }
         if log.sync_due(now()) {
             log.sync(now()).unwrap_or_else(|e| fail(&e));
