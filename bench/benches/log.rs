@@ -29,46 +29,59 @@ fn append(c: &mut Criterion) {
         group.throughput(Throughput::Bytes(batch.as_bytes().len() as u64));
         group.bench_with_input(BenchmarkId::from_parameter(records), &batch, |b, batch| {
             let dir = tempfile::tempdir().expect("tempdir");
-            let mut batch = batch.clone();
-            b.iter_custom(|iters| append_iters(dir.path(), &mut batch, iters));
+            b.iter_custom(|iters| append_iters(dir.path(), batch, iters));
         });
     }
     group.finish();
 }
 
-/// Appends `iters` times, timing only the appends; the log is recreated every
-/// `APPEND_RESET_BYTES` so the benchmark does not fill the disk.
-fn append_iters(dir: &std::path::Path, batch: &mut RecordBatch<Vec<u8>>, iters: u64) -> Duration {
+/// Appends `iters` times and writes them (a write job, run inline, after every 64 appends:
+/// what the broker's write-behind does off the shard), timing only the appends and writes; the
+/// log is recreated every `APPEND_RESET_BYTES` so the benchmark does not fill the disk. The log
+/// keeps each appended buffer until it is written, so every append gets its own copy of the
+/// batch, made before the clock starts.
+fn append_iters(dir: &std::path::Path, batch: &RecordBatch<Vec<u8>>, iters: u64) -> Duration {
     let now = Timestamp(0);
     let open = || Log::open(FileStorage::new(dir.join("log")).expect("dir"), config(), now).expect("open");
-    let mut log = open();
+    let per_reset = (APPEND_RESET_BYTES / batch.as_bytes().len() as u64).max(1);
     let mut elapsed = Duration::ZERO;
-    let mut written = 0u64;
-    let mut started = Instant::now();
-    for _ in 0..iters {
-        log.append(batch, now).expect("append");
-        written += batch.as_bytes().len() as u64;
-        if written >= APPEND_RESET_BYTES {
-            elapsed += started.elapsed();
-            log.delete().expect("delete");
-            log = open();
-            written = 0;
-            started = Instant::now();
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(per_reset);
+        left -= n;
+        let copies: Vec<RecordBatch<Vec<u8>>> = (0..n).map(|_| batch.clone()).collect();
+        let mut log = open();
+        let started = Instant::now();
+        for (i, b) in copies.into_iter().enumerate() {
+            log.append(b, now).expect("append");
+            if i % 64 == 63 {
+                write_behind(&mut log);
+            }
         }
+        write_behind(&mut log);
+        elapsed += started.elapsed();
+        log.delete().expect("delete");
     }
-    elapsed += started.elapsed();
-    log.delete().expect("delete");
     elapsed
+}
+
+/// Runs one write job inline, if anything is unwritten.
+fn write_behind(log: &mut Log<FileStorage>) {
+    if let Some(job) = log.begin_write() {
+        let result = job.run();
+        log.finish_write(job, result).expect("write");
+    }
 }
 
 fn read(c: &mut Criterion) {
     let dir = tempfile::tempdir().expect("tempdir");
     let now = Timestamp(0);
     let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), config(), now).expect("open");
-    let mut batch = batch_of(16, KIB);
+    let batch = batch_of(16, KIB);
     for _ in 0..4096 {
-        log.append(batch, now).expect("append");
+        log.append(batch.clone(), now).expect("append");
     }
+    write_behind(&mut log);
     let end = log.log_end_offset().get();
     let mut group = c.benchmark_group("read");
     for max_bytes in [64 * KIB, 1024 * KIB] {

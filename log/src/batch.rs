@@ -605,7 +605,9 @@ pub fn batches(bytes: &[u8]) -> impl Iterator<Item = Result<RecordBatch<&[u8]>, 
 
 /// [`batches`] over a shared buffer: each batch is a slice of it, not a copy (what a log
 /// keeps to write behind).
-pub fn batches_shared(bytes: &bytes::Bytes) -> impl Iterator<Item = Result<RecordBatch<bytes::Bytes>, BatchError>> + '_ {
+pub fn batches_shared(
+    bytes: &bytes::Bytes,
+) -> impl Iterator<Item = Result<RecordBatch<bytes::Bytes>, BatchError>> + '_ {
     let mut at = 0;
     batches(bytes).map(move |b| {
         b.map(|b| {

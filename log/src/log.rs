@@ -215,6 +215,16 @@ impl<H: SyncHandle> SyncJob<H> {
         self.handle.sync()
     }
 
+    /// Whether the job reserves disk space before its sync (a blocking `fallocate`).
+    pub fn reserves(&self) -> bool {
+        self.reserve.is_some()
+    }
+
+    /// The file to sync.
+    pub fn handle(&self) -> &H {
+        &self.handle
+    }
+
     /// The log end offset this sync makes durable.
     pub fn upto(&self) -> Offset {
         self.upto

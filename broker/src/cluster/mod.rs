@@ -35,6 +35,7 @@ mod raftlog;
 mod replicas;
 mod requests;
 mod shard;
+mod storage_io;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};

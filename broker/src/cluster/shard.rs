@@ -357,7 +357,7 @@ impl Node {
                         }
                     }
                 }
-                Command::Io { partition, job } => self.spawn_sync(partition, job),
+                Command::Io { partition, job } => self.spawn_io(partition, job),
                 Command::ProduceReply { request, result } => {
                     if let Some(tx) = st.pending.remove(&request) {
                         let _ = tx.send(result);
@@ -438,24 +438,18 @@ impl Node {
         self.commands(st, out, work);
     }
 
-    fn spawn_sync(&self, partition: PartitionId, job: Job<FileStorage>) {
+    /// Runs a replica's write or sync job off the shard (`storage_io`), then reports it.
+    fn spawn_io(&self, partition: PartitionId, job: Job<FileStorage>) {
         let Some(me) = SELF.with(|s| s.borrow().clone()) else { return };
         compio::runtime::spawn(async move {
-            let done = compio::runtime::spawn_blocking(move || {
-                let result = job.run();
-                (job, result)
-            })
-            .await;
+            let (job, result) = super::storage_io::run(job).await;
             let Some(node) = me.upgrade() else { return };
-            match done {
-                Ok((job, result)) => node.sync_done(partition, job, result),
-                Err(_) => fail_stop("a sync job", &"the sync thread panicked"),
-            }
+            node.io_done(partition, job, result);
         })
         .detach();
     }
 
-    fn sync_done(&self, partition: PartitionId, job: Job<FileStorage>, result: Result<(), StorageError>) {
+    fn io_done(&self, partition: PartitionId, job: Job<FileStorage>, result: Result<(), StorageError>) {
         let t = now();
         let mut st = self.st.borrow_mut();
         let mut out = Vec::new();

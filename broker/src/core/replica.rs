@@ -724,7 +724,13 @@ impl<S: Storage> Replica<S> {
 
     /// A write or sync job finished. A job of an earlier log of the partition (deleted and
     /// created again meanwhile) is ignored.
-    pub fn handle_io_done(&mut self, now: Time, job: Job<S>, result: Result<(), StorageError>, out: &mut Vec<Command<Job<S>>>) {
+    pub fn handle_io_done(
+        &mut self,
+        now: Time,
+        job: Job<S>,
+        result: Result<(), StorageError>,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
         let job = match job {
             Job::Write(j) if j.log_id() == self.log.id() => {
                 if self.failed {

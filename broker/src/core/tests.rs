@@ -930,14 +930,16 @@ impl Harness {
         let replica = self.replicas.get_mut(&id).expect("a replica of the harness");
         let out = self.outboxes.get_mut(&id).expect("every replica has an outbox");
         f(self.now, replica, out);
-        while !self.hold_writes {
-            let jobs = writes(out);
-            if jobs.is_empty() {
-                break;
-            }
-            for job in jobs {
-                let result = job.run();
-                replica.handle_io_done(self.now, job, result, out);
+        if !self.hold_writes {
+            loop {
+                let jobs = writes(out);
+                if jobs.is_empty() {
+                    break;
+                }
+                for job in jobs {
+                    let result = job.run();
+                    replica.handle_io_done(self.now, job, result, out);
+                }
             }
         }
         assert!(!out.iter().any(|c| matches!(c, Command::Fail { .. })), "{id} failed: {out:?}");
