@@ -10,7 +10,8 @@
 # Each directory holds skein-broker and skein-loadgen (e.g. a worktree of the previous commit
 # built with `cargo build --release`, and target/release). CORES_A and CORES_B set --cores on
 # each side's broker (default: all cores); with the same directory twice they compare core
-# counts of one build. Prints one table row per run and the B/A ratios of the means, and writes
+# counts of one build. FLUSH_MS=VALUE creates the topic with flush.ms=VALUE (default: the
+# broker's default). Prints one table row per run and the B/A ratios of the means, and writes
 # bench/results/ab-single-node.json.
 set -euo pipefail
 a_dir=$(realpath "${1:?A_RELEASE_DIR}")
@@ -37,7 +38,9 @@ run() { # label dir round cores
   local common=(--brokers "$addr" --topic t --partitions 1 --message-size 1000 --messages "$messages" --warmup 0s)
   echo "== $label, round $r" >&2
   before=$(cpu_seconds "$server_pid")
-  "$dir/skein-loadgen" produce "${common[@]}" --batch-bytes 1000000 --acks leader \
+  local flush=()
+  [ -n "${FLUSH_MS:-}" ] && flush=(--topic-config "flush.ms=$FLUSH_MS")
+  "$dir/skein-loadgen" produce "${common[@]}" --batch-bytes 1000000 --acks leader "${flush[@]}" \
     --report "$out/ab-$label-$r-produce.json" > "$data/$label-$r-produce.txt" 2>&1
   mid=$(cpu_seconds "$server_pid")
   "$dir/skein-loadgen" consume "${common[@]}" --report "$out/ab-$label-$r-consume.json" > "$data/$label-$r-consume.txt" 2>&1

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Skein against Apache Iggy, single node, the same workload on both, one run on this machine:
 # 1 producer, 1 partition, 1000-byte messages, 1000 messages (~1 MB) per batch, 4,000,000
-# messages (4 GB), no fsync per write (Iggy: its topic default; Skein: acks=leader and its
-# default flush); then 1 consumer reading the same 4 GB back from the start.
+# messages (4 GB), no fsync per write (Iggy: its topic default; Skein: acks=leader and the
+# topic created with flush.ms=never, FLUSH_MS to change it: with the broker's default
+# flush.ms=always every record is fsynced before consumers see it, and the run is bounded by
+# the disk's write bandwidth); then 1 consumer reading the same 4 GB back from the start.
 #   Iggy:  iggy-server --fresh (2 shards here), then
 #          iggy-bench -m 1000 -P 1000 -b 4000 pinned-producer -p 1 tcp --nodelay and
 #          iggy-bench ... --reuse-streams pinned-consumer -c 1 tcp --nodelay
@@ -31,7 +33,7 @@
 # of the rounds' mean MB/s too. Issue 17's target: ratio >= 1.5 and Skein cpu s/GB <= Iggy's
 # (the last line checks it in every round).
 # Writes bench/results/vs-iggy-summary.json and raw client outputs bench/results/vs-iggy-*.
-# Usage: [SKIP_BUILD=1] [MESSAGES=4000000] [WARM_MIB=6144] bench/vs-iggy.sh IGGY_RELEASE_DIR [ROUNDS]
+# Usage: [SKIP_BUILD=1] [MESSAGES=4000000] [WARM_MIB=6144] [FLUSH_MS=never] bench/vs-iggy.sh IGGY_RELEASE_DIR [ROUNDS]
 # (IGGY_RELEASE_DIR holds iggy-server and iggy-bench; ../shared/peers/README.md says how to
 # build them.) Iggy listens on its default ports (8090, 3000, 8080, 8092): they must be free.
 set -euo pipefail
@@ -48,6 +50,7 @@ if [ "${SKIP_BUILD:-0}" != 1 ]; then
 fi
 
 messages=${MESSAGES:-4000000}
+flush_ms=${FLUSH_MS:-never}
 skein_addr=127.0.0.1:19611
 iggy_addr=127.0.0.1:8090
 data=$(mktemp -d /var/tmp/skein-vs-iggy.XXXXXX)
@@ -109,7 +112,7 @@ run_skein() { # side round; side: skein (loadgen default, 5 requests in flight) 
   echo "== $side ($inflight in flight), round $r: produce" >&2
   pc=$(measured "$out/vs-iggy-$side-$r-produce.txt" target/release/skein-loadgen produce "${common[@]}" \
     --batch-bytes 1000000 --acks leader --max-in-flight-per-partition "$inflight" \
-    --report "$out/vs-iggy-$side-$r-produce.json")
+    --topic-config "flush.ms=$flush_ms" --report "$out/vs-iggy-$side-$r-produce.json")
   # The read side does not depend on the producer's pipelining: only the default run reads.
   if [ "$side" = skein ]; then
     echo "== $side, round $r: consume" >&2

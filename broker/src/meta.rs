@@ -73,20 +73,23 @@ pub fn validate_name(name: &str) -> Result<(), ErrorCode> {
 
 /// The log settings for a topic's configs; unknown keys or bad values are an error message.
 ///
-/// Keys: `flush.ms` (`always`, `never` or milliseconds; default 25; acks=all produces are
-/// synced regardless), `segment.bytes`,
+/// Keys: `flush.ms` (`always`, the default: commits count synced records; `never` or
+/// milliseconds: commits count written records and the log syncs on that schedule, Kafka's
+/// model), `segment.bytes`,
 /// `segment.ms`, `retention.ms` (-1: forever), `retention.bytes` (-1: unbounded).
 pub fn log_config(configs: &BTreeMap<String, String>) -> Result<LogConfig, String> {
-    // Small, frequent background syncs keep little data dirty. Measured on the 2-core dev VM
-    // (bench/RESULTS.md): with `never`, rolling a 1 GiB segment syncs it all at once and
-    // stalls appends for ~0.5 s; with 1 s or 100 ms intervals the large syncs stall appends
-    // for 10-30 ms; with 25 ms, e2e p99 at 150k records/s is 1.7 ms and produce throughput is
-    // higher (1040 MB/s against 730 MB/s with `never`). acks=all always syncs (group commit).
+    // `flush.ms=always` (the default): every replica syncs whenever something written is not
+    // durable (group commit), and the high watermark, acks=all and consumers see only synced
+    // records; sustained produce throughput is then the disk's write bandwidth (the page cache
+    // cannot absorb a burst; bench/RESULTS.md "Storage IO off the shards"). An interval or
+    // `never` trades that for the page cache: commits count records written on every ISR
+    // member (they survive a broker process kill, not a machine crash of every replica), as
+    // Kafka's default does.
     // `preallocate` is off by default, as in Kafka. On: appends no longer wait (1-4 ms, a few
     // times a second) for writeback allocating ext4 blocks, and e2e p99 at 150k records/s fell
     // from 1.2-1.5 to 0.9-1.1 ms; but writing into reserved (unwritten) extents cost 3-15 % of
     // closed-loop throughput and 10-28 % more CPU per GB on the dev VM (bench/RESULTS.md).
-    let mut c = LogConfig { durability: Durability::IntervalMs(25), ..LogConfig::default() };
+    let mut c = LogConfig { durability: Durability::Always, ..LogConfig::default() };
     for (k, v) in configs {
         let num = || v.parse::<i64>().map_err(|_| format!("{}: '{}' is not a number", shown(k), shown(v)));
         match k.as_str() {

@@ -31,7 +31,7 @@ use std::collections::{BTreeMap, VecDeque};
 use skein_log::batch::{batches_shared, RecordBatch};
 use skein_log::storage::{Storage, StorageError, StorageFile};
 use skein_log::types::Timestamp;
-use skein_log::{Log, ReadLimit, SyncJob, WriteJob};
+use skein_log::{Durability, Log, ReadLimit, SyncJob, WriteJob};
 
 use super::producers::{ProducerStates, SequenceCheck};
 use super::{
@@ -742,6 +742,10 @@ impl<S: Storage> Replica<S> {
                 self.answer_written(out);
                 // What is written can be synced now; the next write goes out.
                 self.maybe_sync(now, out);
+                if !self.commits_synced() {
+                    // Commits count written records: this write moved them.
+                    return self.commit_basis_moved(now, out);
+                }
                 self.maybe_fetch(now, out);
                 return;
             }
@@ -755,16 +759,42 @@ impl<S: Storage> Replica<S> {
         if let Err(e) = self.log.finish_sync(job, result) {
             return self.fail(format!("sync failed: {e}"), out);
         }
-        self.advance_high_watermark(now, out);
         self.maybe_sync(now, out);
-        // A follower reports its new durable offset with its next fetch, at once: the
-        // leader's high watermark (and acks=all) waits for it. With long polls, an
-        // outstanding fetch that reported less (the leader may be holding it) is replaced.
-        let durable = self.log.durable_offset();
+        if self.commits_synced() {
+            self.commit_basis_moved(now, out);
+        } else {
+            self.maybe_fetch(now, out);
+        }
+    }
+
+    /// Whether commits (the high watermark, `acks=all`) count only synced records: the log's
+    /// durability policy is `Always` (`flush.ms=always`, the default). Otherwise (`flush.ms`
+    /// an interval or `never`, Kafka's model) they count written records, in the page cache
+    /// of every ISR member, and the log syncs only when its policy says so.
+    fn commits_synced(&self) -> bool {
+        self.log.config().durability == Durability::Always
+    }
+
+    /// The offset this replica counts toward commits: durable or written (`commits_synced`).
+    fn commit_basis(&self) -> Offset {
+        if self.commits_synced() {
+            self.log.durable_offset()
+        } else {
+            self.log.written_offset()
+        }
+    }
+
+    /// The commit basis moved: the leader's high watermark may move; a follower reports the
+    /// new basis with its next fetch, at once (the leader's high watermark and `acks=all` wait
+    /// for it). With long polls, an outstanding fetch that reported less (the leader may be
+    /// holding it) is replaced.
+    fn commit_basis_moved(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        self.advance_high_watermark(now, out);
+        let basis = self.commit_basis();
         let long_poll = self.config.fetch_wait_max_ms > 0;
         if let Role::Follower(f) = &mut self.role {
             f.next_fetch = f.next_fetch.min(now);
-            if long_poll && f.in_flight.is_some() && durable > f.durable_reported {
+            if long_poll && f.in_flight.is_some() && basis > f.durable_reported {
                 f.in_flight = None;
             }
         }
@@ -781,6 +811,8 @@ impl<S: Storage> Replica<S> {
                 if f.in_flight.is_some_and(|sent| now.ms_since(sent) >= self.config.fetch_timeout_ms) {
                     f.in_flight = None;
                 }
+                // Interval syncs (`flush.ms`) come due with time alone.
+                self.maybe_sync(now, out);
                 self.maybe_fetch(now, out);
             }
             Role::Leader(l) => {
@@ -921,6 +953,7 @@ impl<S: Storage> Replica<S> {
 
     /// Leader: recomputes the high watermark and completes `acks=all` produces below it.
     fn advance_high_watermark(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        let basis = self.commit_basis();
         let Role::Leader(l) = &mut self.role else { return };
         let Some(state) = &self.state else { return };
         // The ISR in effect is the committed one plus any proposed addition, so a shrink
@@ -929,7 +962,7 @@ impl<S: Storage> Replica<S> {
         if let Some((p, _)) = &l.pending_isr {
             members.extend(p.iter().filter(|r| !state.isr.contains(r)));
         }
-        let mut hw = self.log.durable_offset();
+        let mut hw = basis;
         for r in members.iter().filter(|&&r| r != self.id) {
             hw = hw.min(l.followers.get(r).map_or(Offset(0), |p| p.durable));
         }
@@ -1010,7 +1043,7 @@ impl<S: Storage> Replica<S> {
         if let Some(job) = self.log.begin_write() {
             out.push(Command::Io { partition: self.partition, job: Job::Write(job) });
         }
-        if self.sync_in_flight {
+        if self.sync_in_flight || (!self.commits_synced() && !self.log.sync_due(now.timestamp())) {
             return;
         }
         if let Some(job) = self.log.begin_sync(now.timestamp()) {
@@ -1021,13 +1054,14 @@ impl<S: Storage> Replica<S> {
 
     fn maybe_fetch(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
         let epoch = self.epoch();
+        let basis = self.commit_basis();
         let Role::Follower(f) = &mut self.role else { return };
         // No fetch while a write job is out: its answer may ask for a truncation.
         if f.in_flight.is_some() || now < f.next_fetch || self.log.writing() {
             return;
         }
         f.in_flight = Some(now);
-        f.durable_reported = self.log.durable_offset();
+        f.durable_reported = basis;
         self.fetch_correlation += 1;
         f.correlation = self.fetch_correlation;
         let last = self.log.epochs().latest().map(|e| e.epoch);
@@ -1040,7 +1074,7 @@ impl<S: Storage> Replica<S> {
                 epoch,
                 fetch_offset: self.log.log_end_offset(),
                 last_fetched_epoch,
-                durable_offset: self.log.durable_offset(),
+                durable_offset: basis,
                 high_watermark: self.high_watermark,
                 correlation: self.fetch_correlation,
             }),

@@ -63,6 +63,43 @@ fn acks_all_completes_only_when_every_isr_member_has_the_record_on_disk() {
     assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0)))]);
 }
 
+/// `flush.ms` an interval: commits count written records (Kafka's model), and the logs sync
+/// only when the interval is due.
+#[test]
+fn with_an_interval_flush_commits_count_written_records_and_syncs_wait_for_the_interval() {
+    let config = ReplicaConfig { fetch_wait_max_ms: 0, ..ReplicaConfig::default() };
+    let mut h =
+        Harness::with_logs(config, LogConfig { durability: Durability::IntervalMs(100), ..LogConfig::default() });
+    let s = state(1, Some(N1), &[N1, N2, N3], 1);
+    for id in [N1, N2, N3] {
+        h.set_state(id, s.clone());
+    }
+    h.round(N1, N2);
+    h.round(N1, N3);
+    // The first append finds the interval long past: it is synced.
+    h.produce(N1, 1, 10, Acks::All);
+    h.sync(N1);
+    assert_eq!(h.r(N1).log().durable_offset(), Offset(1));
+    h.produce(N1, 2, 11, Acks::All);
+    assert_eq!(h.r(N1).log().written_offset(), Offset(2), "written at once (the harness runs writes)");
+    let mut out = h.take(N1);
+    assert!(syncs(&mut out).is_empty(), "no second sync within the interval");
+    h.advance_ms(BACKOFF_MS);
+    for f in [N2, N3] {
+        h.round(N1, f);
+        assert_eq!(h.r(f).log().written_offset(), Offset(2));
+        let req = h.round(N1, f);
+        assert_eq!(req.durable_offset, Offset(2), "a follower reports what it has written");
+    }
+    assert_eq!(h.r(N1).high_watermark(), Offset(2), "committed in every ISR member's page cache");
+    assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0))), (RequestId(2), Ok(Offset(1)))]);
+    assert_eq!(h.r(N1).log().durable_offset(), Offset(1), "the second record is not synced yet");
+    h.advance_ms(100);
+    h.tick(N1);
+    h.sync(N1);
+    assert_eq!(h.r(N1).log().durable_offset(), Offset(2), "the interval came due with a tick");
+}
+
 #[test]
 fn acks_leader_replies_right_after_the_append() {
     let mut h = Harness::started();
@@ -772,7 +809,7 @@ fn acks_all_is_not_acknowledged_after_the_isr_shrank_below_min_insync() {
 #[test]
 fn retention_deletes_only_committed_segments_and_a_follower_behind_it_starts_over() {
     let log = LogConfig {
-        durability: Durability::Never,
+        durability: Durability::Always,
         segment_bytes: 1024,
         retention_bytes: Some(2048),
         retention_ms: None,
@@ -831,7 +868,7 @@ fn retention_deletes_only_committed_segments_and_a_follower_behind_it_starts_ove
 #[test]
 fn retention_by_age_uses_the_wall_clock_given() {
     let log = LogConfig {
-        durability: Durability::Never,
+        durability: Durability::Always,
         segment_bytes: 1024,
         retention_ms: Some(1_000),
         ..LogConfig::default()
@@ -891,7 +928,7 @@ impl Harness {
     }
 
     fn with(config: ReplicaConfig) -> Harness {
-        Harness::with_logs(config, LogConfig { durability: Durability::Never, ..LogConfig::default() })
+        Harness::with_logs(config, LogConfig { durability: Durability::Always, ..LogConfig::default() })
     }
 
     fn with_logs(config: ReplicaConfig, log: LogConfig) -> Harness {
@@ -1086,7 +1123,7 @@ impl Harness {
 }
 
 fn open_log() -> Log<MemStorage> {
-    let config = LogConfig { durability: Durability::Never, ..LogConfig::default() };
+    let config = LogConfig { durability: Durability::Always, ..LogConfig::default() };
     Log::open(MemStorage::new(), config, Timestamp(0)).expect("an empty in-memory log opens")
 }
 

@@ -330,7 +330,7 @@ impl Sim {
                 (p, r)
             })
             .collect();
-        let log_config = LogConfig { durability: Durability::Never, segment_bytes: 64 * 1024, ..LogConfig::default() };
+        let log_config = LogConfig { durability: Durability::Always, segment_bytes: 64 * 1024, ..LogConfig::default() };
         let nodes = ids
             .iter()
             .map(|&id| SimNode {
