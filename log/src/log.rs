@@ -190,10 +190,12 @@ impl<H: SyncHandle> WriteJob<H> {
     }
 }
 
-/// One fdatasync covering every append written before [`Log::begin_sync`]. Holds only file handles,
-/// so it can run on another thread when the storage's handles allow. When the active segment
-/// has less than `LogConfig::preallocate_bytes` reserved ahead of its end, the job also
-/// reserves more, so the shard rarely calls `fallocate` itself.
+/// One fdatasync covering every append written before [`Log::begin_sync`], or, while a rolled
+/// segment is still unsealed, that segment's written bytes (its completion then writes the
+/// segment's index file). Holds only file handles, so it can run on another thread when the
+/// storage's handles allow. When the active segment has less than
+/// `LogConfig::preallocate_bytes` reserved ahead of its end, the job also reserves more, so the
+/// shard rarely calls `fallocate` itself.
 #[derive(Debug)]
 pub struct SyncJob<H> {
     handle: H,
@@ -201,6 +203,8 @@ pub struct SyncJob<H> {
     generation: u64,
     log: u64,
     reserve: Option<(u64, u64)>,
+    /// The base of the rolled segment this sync makes whole on disk.
+    seals: Option<Offset>,
 }
 
 impl<H: SyncHandle> SyncJob<H> {
@@ -234,6 +238,11 @@ impl<H: SyncHandle> SyncJob<H> {
     pub fn log_id(&self) -> u64 {
         self.log
     }
+
+    /// The base offset of the rolled segment this sync seals, if it seals one.
+    pub fn seals(&self) -> Option<Offset> {
+        self.seals
+    }
 }
 
 impl<S: Storage> Log<S> {
@@ -265,24 +274,43 @@ impl<S: Storage> Log<S> {
             recovery: RecoveryReport { clean_shutdown, ..RecoveryReport::default() },
         };
         let mut tail_epochs: Vec<(LeaderEpoch, Offset, u32)> = Vec::new();
+        // Whether the last loaded segment is a rolled one that was never sealed (no index
+        // file): a crash can have cut it short, and then what follows it was never durable.
+        let mut prev_unsealed = false;
         for (i, &base) in bases.iter().enumerate() {
             let is_tail = i + 1 == bases.len();
-            let (segment, epochs) = log.load_segment(base, is_tail, now)?;
+            let sealed = names.contains(&index_name(base));
             if let Some(prev) = log.segments.last() {
-                if prev.next_offset != segment.base {
+                if prev.next_offset != base {
+                    if prev_unsealed {
+                        log.drop_unsealed_successors(&bases[i..])?;
+                        break;
+                    }
                     let reason =
                         format!("segment starts at {} but the previous one ends at {}", base, prev.next_offset);
-                    return Err(Corruption { file: segment.path.clone(), position: 0, reason }.into());
+                    let file = log.storage.path_of(&segment_name(base));
+                    return Err(Corruption { file, position: 0, reason }.into());
                 }
             }
+            let (segment, epochs, cut) = log.load_segment(base, is_tail, sealed, now)?;
             tail_epochs = epochs;
+            prev_unsealed = !is_tail && !sealed;
             log.segments.push(segment);
+            if cut && !is_tail {
+                log.drop_unsealed_successors(&bases[i + 1..])?;
+                break;
+            }
         }
         log.load_log_start()?;
         log.load_epochs(&tail_epochs)?;
         if log.segments.is_empty() {
             let segment = log.create_segment(log.log_start, now)?;
             log.segments.push(segment);
+        } else {
+            // An index file marks a sealed segment; the active one's (written at a clean
+            // close) goes stale with the next append, and a roll must not find it.
+            log.storage.remove(&index_name(log.active().base))?;
+            log.storage.sync_dir()?;
         }
         log.active().file.sync()?;
         log.durable = log.log_end_offset();
@@ -396,23 +424,22 @@ impl<S: Storage> Log<S> {
         self.append_bytes(&header, batch.into_bytes().into(), now)
     }
 
-    /// Starts writing every batch appended since the last write job; `None` if none is
-    /// unwritten, a job is already out, or the log is poisoned.
+    /// Starts writing the unwritten batches of the oldest segment that has any (a rolled
+    /// segment's rest goes before the active segment's batches, so what is written is always
+    /// a prefix of the log); `None` if none is unwritten, a job is already out, or the log is
+    /// poisoned.
     pub fn begin_write(&mut self) -> Option<WriteJob<<S::File as StorageFile>::SyncHandle>> {
         if self.writing || self.poisoned.is_some() {
             return None;
         }
-        let active = self.segments.last().expect("a log has an active segment");
-        if active.pending.is_empty() {
-            return None;
-        }
+        let seg = self.segments.iter().find(|s| !s.pending.is_empty())?;
         self.writing = true;
         Some(WriteJob {
-            handle: active.file.sync_handle(),
-            writes: active.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
-            segment_base: active.base,
-            upto_position: active.bytes,
-            upto: active.next_offset,
+            handle: seg.file.sync_handle(),
+            writes: seg.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
+            segment_base: seg.base,
+            upto_position: seg.bytes,
+            upto: seg.next_offset,
             log: self.id,
         })
     }
@@ -444,20 +471,46 @@ impl<S: Storage> Log<S> {
         Ok(self.written)
     }
 
-    /// Whether the durability policy wants a sync now.
+    /// Whether the durability policy wants a sync now. A rolled segment whose bytes are all
+    /// written wants its sealing sync under every policy (Kafka flushes a rolled segment in the
+    /// background whatever `flush.ms` says).
     pub fn sync_due(&self, now: Timestamp) -> bool {
         let behind = self.durable < self.log_end_offset();
-        match self.config.durability {
-            Durability::Always => behind,
-            Durability::IntervalMs(ms) => behind && now.millis_since(self.last_sync_at) >= ms,
-            Durability::Never => false,
-        }
+        let seal_due = self.unsealed().is_some_and(|i| self.written >= self.segments[i].next_offset);
+        seal_due
+            || match self.config.durability {
+                Durability::Always => behind,
+                Durability::IntervalMs(ms) => behind && now.millis_since(self.last_sync_at) >= ms,
+                Durability::Never => false,
+            }
     }
 
     /// Starts a group commit covering every append written so far; `None` if all that is
-    /// written is durable.
+    /// written is durable. While a rolled segment is unsealed, the job syncs that segment
+    /// instead (up to what is written of it), and seals it once it covers the whole segment:
+    /// the durable offset never passes a segment that is not whole on disk.
     pub fn begin_sync(&mut self, now: Timestamp) -> Option<SyncJob<<S::File as StorageFile>::SyncHandle>> {
-        if self.durable >= self.written || self.poisoned.is_some() {
+        if self.poisoned.is_some() {
+            return None;
+        }
+        if let Some(i) = self.unsealed() {
+            let seg = &self.segments[i];
+            let upto = self.written.min(seg.next_offset);
+            let whole = upto == seg.next_offset;
+            if !whole && self.durable >= upto {
+                return None;
+            }
+            self.last_sync_at = now;
+            return Some(SyncJob {
+                handle: seg.file.sync_handle(),
+                upto,
+                generation: self.generation,
+                log: self.id,
+                reserve: None,
+                seals: whole.then_some(seg.base),
+            });
+        }
+        if self.durable >= self.written {
             return None;
         }
         self.last_sync_at = now;
@@ -478,6 +531,7 @@ impl<S: Storage> Log<S> {
             generation: self.generation,
             log: self.id,
             reserve,
+            seals: None,
         })
     }
 
@@ -499,23 +553,33 @@ impl<S: Storage> Log<S> {
         // A truncation since `begin_sync` may have replaced the bytes the job covered.
         if job.generation == self.generation {
             self.durable = self.durable.max(job.upto.min(self.log_end_offset()));
+            let sealed = job.seals.and_then(|base| self.segment_at(base));
+            if let Some(i) = sealed.filter(|&i| self.segments[i].unsealed) {
+                self.seal(i).map_err(|e| self.poison(e))?;
+            }
+        }
+        if let Some(i) = self.unsealed() {
+            assert!(
+                self.durable <= self.segments[i].next_offset,
+                "durable offset {} past an unsealed segment",
+                self.durable
+            );
         }
         assert!(self.durable <= self.log_end_offset(), "durable offset {} past log end", self.durable);
         Ok(self.durable)
     }
 
-    /// Writes and syncs every append so far, inline; returns the durable offset. A write job
-    /// still out is written again (the same bytes at the same places).
+    /// Writes and syncs every append so far, inline (rolled segments are sealed first);
+    /// returns the durable offset. A write job still out is written again (the same bytes at
+    /// the same places).
     pub fn sync(&mut self, now: Timestamp) -> Result<Offset, LogError> {
         self.check_writable().map_err(to_log_error)?;
         self.write_inline().map_err(|e| self.poison(e))?;
-        match self.begin_sync(now) {
-            Some(job) => {
-                let result = job.run();
-                self.finish_sync(job, result)
-            }
-            None => Ok(self.durable),
+        while let Some(job) = self.begin_sync(now) {
+            let result = job.run();
+            self.finish_sync(job, result)?;
         }
+        Ok(self.durable)
     }
 
     /// Whole batches from the one holding `from`, within `limit`, as a file range.
@@ -613,8 +677,11 @@ impl<S: Storage> Log<S> {
         // cut fails half-way.
         self.generation += 1;
         self.durable = self.durable.min(batch.base_offset);
-        // What stays must be in the file before the cut is synced as the new end.
+        // What stays must be in the file before the cut is synced as the new end, and rolled
+        // segments before the cut whole on disk.
         self.write_inline().map_err(|e| self.poison(e))?;
+        self.seal_inline(i).map_err(|e| self.poison(e))?;
+        self.segments[i].unsealed = false;
         self.truncate_segments_after(i).map_err(|e| self.poison(e))?;
         self.cut_active(cut, batch.base_offset).map_err(|e| self.poison(e))?;
         if batch.base_offset < self.log_start {
@@ -624,7 +691,7 @@ impl<S: Storage> Log<S> {
         if self.epochs.truncate_end(batch.base_offset) {
             self.write_epochs().map_err(|e| self.poison(e))?;
         }
-        // `cut_active` synced the tail; sealed segments were synced when they rolled.
+        // `cut_active` synced the tail; the segments before it are sealed.
         self.durable = self.log_end_offset();
         self.written = self.durable;
         Ok(self.log_end_offset())
@@ -712,11 +779,14 @@ impl<S: Storage> Log<S> {
 // Private helpers: opening.
 impl<S: Storage> Log<S> {
     /// Loads one segment: from its index file if valid, else by scanning it. Returns the epoch
-    /// changes seen if it was scanned.
+    /// changes seen if it was scanned, and whether a torn tail was cut off. A torn tail is
+    /// accepted in the last segment and in a rolled segment that was never sealed (`sealed`:
+    /// it has an index file); anywhere else it is corruption.
     fn load_segment(
         &mut self,
         base: Offset,
         is_tail: bool,
+        sealed: bool,
         now: Timestamp,
     ) -> Result<LoadedSegment<S::File>, OpenError> {
         let name = segment_name(base);
@@ -744,15 +814,17 @@ impl<S: Storage> Log<S> {
                     index,
                     created_at: now,
                     reserved: 0,
+                    unsealed: false,
                 };
-                return Ok((segment, Vec::new()));
+                return Ok((segment, Vec::new(), false));
             }
         }
         self.recovery.segments_scanned += 1;
         let interval = self.config.index_interval_bytes;
         let scanned = scan(&file, &path, base, file_bytes, interval)?;
+        let mut cut = false;
         if let Some(problem) = &scanned.problem {
-            let torn = is_tail
+            let torn = (is_tail || !sealed)
                 && problem.maybe_torn
                 && !intact_batch_follows(&file, &path, problem, scanned.next_offset, file_bytes)?;
             if !torn {
@@ -764,6 +836,7 @@ impl<S: Storage> Log<S> {
                 Some((path.clone(), u64::from(problem.position), file_bytes - u64::from(scanned.bytes)));
             file.set_len(u64::from(scanned.bytes))?;
             file.sync()?;
+            cut = true;
         } else if u64::from(scanned.bytes) != file_bytes {
             let reason = "segment longer than 4 GiB".to_owned();
             return Err(Corruption { file: path, position: u64::from(u32::MAX), reason }.into());
@@ -780,12 +853,32 @@ impl<S: Storage> Log<S> {
             index: scanned.index,
             created_at: now,
             reserved: 0,
+            unsealed: false,
         };
-        if !is_tail {
+        if !is_tail && !cut {
             self.recovery.indexes_rebuilt += 1;
+            // The index vouches for the bytes: they go to disk first (an unsealed segment's
+            // may be only in the page cache).
+            segment.file.sync()?;
             write_index_file(&self.storage, &segment)?;
         }
-        Ok((segment, scanned.epochs))
+        Ok((segment, scanned.epochs, cut))
+    }
+
+    /// After a crash cut an unsealed rolled segment short: the segments from `bases` on start
+    /// past its end and were never durable (the durable offset never passes an unsealed
+    /// segment), so they go and the cut segment becomes the tail.
+    fn drop_unsealed_successors(&mut self, bases: &[Offset]) -> Result<(), OpenError> {
+        let tail = self.segments.last().expect("a segment before the dropped ones");
+        tracing::warn!(file = %tail.path, end = %tail.next_offset, dropped = bases.len(),
+            "rolled segment was not sealed before the crash; dropping the segments after it");
+        let tail_base = tail.base;
+        for &base in bases {
+            self.remove_segment_files(base)?;
+        }
+        self.storage.remove(&index_name(tail_base))?;
+        self.storage.sync_dir()?;
+        Ok(())
     }
 
     /// The segment's index and metadata, if the file is present, intact and current.
@@ -969,28 +1062,52 @@ impl<S: Storage> Log<S> {
         too_big || too_old || too_many_offsets
     }
 
-    /// Seals the active segment (sync, index file) and creates the next one. An empty
-    /// active segment stays: two segments never share a base offset.
+    /// Closes the active segment to appends and creates the next one. An empty active
+    /// segment stays: two segments never share a base offset. The rolled segment is sealed
+    /// later, without blocking the caller: its unwritten batches go out in the next write
+    /// jobs, and a sync job makes it whole on disk and then writes its index file
+    /// ([`Log::begin_sync`]). Until then the durable offset stays within it, and an open after
+    /// a crash treats it like a tail (see `Log::open`).
     fn roll_inner(&mut self, now: Timestamp) -> Result<(), StorageError> {
         let last = self.segments.len() - 1;
         if self.segments[last].bytes == 0 {
             return Ok(());
         }
-        // Sealed segments are whole on disk: write what is still pending, inline (once per
-        // segment), then sync.
-        self.write_inline()?;
-        self.segments[last].file.sync()?;
-        if self.config.preallocate_bytes > 0 {
-            // Gives back the space reserved past the sealed segment's end.
-            let sealed = &mut self.segments[last];
-            sealed.file.set_len(u64::from(sealed.bytes))?;
-            sealed.reserved = u64::from(sealed.bytes);
-        }
-        self.durable = self.durable.max(self.segments[last].next_offset);
-        self.written = self.written.max(self.durable);
-        self.write_index(last)?;
+        self.segments[last].unsealed = true;
         let segment = self.create_segment(self.log_end_offset(), now)?;
         self.segments.push(segment);
+        Ok(())
+    }
+
+    /// The oldest rolled segment not yet sealed.
+    fn unsealed(&self) -> Option<usize> {
+        self.segments.iter().position(|s| s.unsealed)
+    }
+
+    /// Seals every rolled segment before `before`, inline (a truncation); its bytes must be
+    /// written.
+    fn seal_inline(&mut self, before: usize) -> Result<(), StorageError> {
+        for i in 0..before.min(self.segments.len()) {
+            if self.segments[i].unsealed {
+                self.segments[i].file.sync()?;
+                self.seal(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the seal of rolled segment `i` once its bytes are synced: gives back the space
+    /// reserved past its end (the length stays, so nothing needs syncing: a crash at worst
+    /// keeps the blocks) and writes its index file, which promises a whole segment. Runs on
+    /// the owner's thread, never in a job: a truncation may cut the file while a job is out.
+    fn seal(&mut self, i: usize) -> Result<(), StorageError> {
+        let seg = &mut self.segments[i];
+        if self.config.preallocate_bytes > 0 && seg.reserved != u64::from(seg.bytes) {
+            seg.file.set_len(u64::from(seg.bytes))?;
+            seg.reserved = u64::from(seg.bytes);
+        }
+        self.write_index(i)?;
+        self.segments[i].unsealed = false;
         Ok(())
     }
 
@@ -1025,6 +1142,7 @@ impl<S: Storage> Log<S> {
             index: SegmentIndex::new(),
             created_at: now,
             reserved: 0,
+            unsealed: false,
         })
     }
 
@@ -1324,8 +1442,9 @@ fn to_log_error_read(e: ReadError) -> LogError {
     }
 }
 
-/// A segment loaded at open, with the epoch changes seen if it was scanned.
-type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset, u32)>);
+/// A segment loaded at open, with the epoch changes seen if it was scanned and whether a torn
+/// tail was cut off.
+type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset, u32)>, bool);
 
 /// Offsets stop at 2^62: far beyond any real log, and far enough from `u64::MAX` that offset
 /// arithmetic on values read from disk cannot overflow.

@@ -37,6 +37,9 @@ pub(crate) struct Segment<F> {
     /// Disk space reserved from the start of the file (see `LogConfig::preallocate_bytes`);
     /// `u64::MAX` once reserving failed, so it is not tried again for this segment.
     pub reserved: u64,
+    /// Rolled but not yet sealed: its bytes are not all synced and it has no index file. A
+    /// sync job seals it (the log's next sync covers it before the active segment).
+    pub unsealed: bool,
 }
 
 /// A problem found while reading a segment: where, and what.

@@ -116,18 +116,74 @@ fn appends_are_read_from_memory_until_written_and_a_process_kill_keeps_what_was_
     assert_eq!(job.upto(), Offset(3), "a sync covers what is written");
     let result = job.run();
     assert_eq!(log.finish_sync(job, result).expect("sync"), Offset(3));
-    // A write job out while the segment rolls: the roll writes the rest inline, and the
-    // job's late completion changes nothing.
+    // A write job out while the segment rolls: the roll leaves it be, and the next segment's
+    // batches wait for it.
     let job = log.begin_write().expect("a write job");
     log.roll(T0).expect("roll");
-    assert_eq!(log.durable_offset(), Offset(5), "a roll writes and syncs the sealed segment");
+    assert_eq!(log.durable_offset(), Offset(3), "a roll syncs nothing itself");
     fill(&mut log, 5, 1, T0);
+    assert!(log.begin_write().is_none(), "one write job at a time");
     let result = job.run();
     assert_eq!(log.finish_write(job, result).expect("write"), Offset(5));
     assert_eq!(ids(&log), vec![0, 1, 2, 3, 4, 5]);
     drop(log);
     let log = Log::open(s.restart(), config(), T0).expect("reopen after a process kill");
     assert_eq!(ids(&log), vec![0, 1, 2, 3, 4], "the unwritten batch is gone, the written ones stay");
+}
+
+#[test]
+fn a_rolled_segment_is_written_then_sealed_by_jobs_in_log_order_and_a_crash_before_the_seal_drops_what_follows() {
+    let s = MemStorage::new();
+    let mut cfg = config();
+    cfg.durability = Durability::Never;
+    let mut log = Log::open(s.clone(), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 30, T0); // ~ 300 bytes each: 4 KiB segments hold 13
+    assert_eq!(log.segment_bases(), vec![Offset(0), Offset(13), Offset(26)]);
+    assert_eq!((log.written_offset(), log.durable_offset()), (Offset(0), Offset(0)), "rolls block on nothing");
+    assert!(!log.sync_due(T0), "nothing written: no seal is due, and flush.ms=never syncs nothing else");
+    assert!(log.begin_sync(T0).is_none());
+    // Write jobs go segment by segment, oldest first: the written offset is a prefix.
+    let job = log.begin_write().expect("a write job");
+    assert_eq!(job.upto(), Offset(13), "the first rolled segment's batches only");
+    let result = job.run();
+    assert_eq!(log.finish_write(job, result).expect("write"), Offset(13));
+    assert!(log.sync_due(T0), "a written rolled segment wants its seal under any flush policy");
+    let seal = log.begin_sync(T0).expect("a sealing sync");
+    assert_eq!((seal.seals(), seal.upto()), (Some(Offset(0)), Offset(13)));
+    assert_eq!(s.file_bytes("00000000000000000000.index"), None, "no index before the bytes are synced");
+    // The next segment is written while the seal runs.
+    let job = log.begin_write().expect("a write job");
+    assert_eq!(job.upto(), Offset(26));
+    let result = job.run();
+    assert_eq!(log.finish_write(job, result).expect("write"), Offset(26));
+    let result = seal.run();
+    assert_eq!(log.finish_sync(seal, result).expect("seal"), Offset(13), "durable up to the sealed segment");
+    assert!(s.file_bytes("00000000000000000000.index").is_some(), "sealed: index written");
+    // A machine crash now: segment 13 is written but never synced. Whatever prefix of it
+    // survives, the open keeps the sealed segment, cuts segment 13 at a batch boundary and
+    // drops the active segment after it.
+    for seed in 0..20 {
+        let crashed = Log::open(s.crash(seed), cfg.clone(), T0).expect("open after a crash");
+        let end = crashed.log_end_offset();
+        assert!(end >= Offset(13) && end <= Offset(26), "seed {seed}: end {end}");
+        assert!(crashed.segment_bases().len() <= 2, "seed {seed}: {:?}", crashed.segment_bases());
+        let ids: Vec<u64> = read_all(&crashed, Offset(0), 1 << 20).iter().map(|r| r.id).collect();
+        assert_eq!(ids, (0..end.get()).collect::<Vec<_>>(), "seed {seed}");
+    }
+    // A process kill instead: segment 13's bytes are all in the file; the open rebuilds its
+    // index and keeps it, and drops the active segment, whose batches were never written.
+    let mut killed = Log::open(s.restart(), cfg.clone(), T0).expect("open after a kill");
+    assert_eq!(killed.log_end_offset(), Offset(26));
+    assert_eq!(killed.recovery().truncated, None);
+    fill(&mut killed, 26, 1, T0);
+    assert_eq!(killed.sync(T0).expect("sync"), Offset(27));
+    // Without a crash: the second seal, then the active segment as the policy says.
+    let seal = log.begin_sync(T0).expect("a sealing sync");
+    assert_eq!(seal.seals(), Some(Offset(13)));
+    let result = seal.run();
+    assert_eq!(log.finish_sync(seal, result).expect("seal"), Offset(26));
+    assert!(!log.sync_due(T0) && log.begin_sync(T0).is_none(), "flush.ms=never: the active segment is not synced");
+    assert_eq!(log.sync(T0).expect("sync"), Offset(30), "an explicit sync covers everything");
 }
 
 #[test]
@@ -231,7 +287,8 @@ fn segments_roll_by_size_and_by_age() {
     assert_eq!(log.segment_count(), 3);
     fill(&mut log, 31, 1, T0.add_millis(2500));
     assert_eq!(log.segment_count(), 4, "rolled by age");
-    assert_eq!(log.durable_offset(), Offset(31), "sealed segments are synced");
+    assert_eq!(log.durable_offset(), Offset(0), "rolled segments are sealed later, by sync jobs");
+    assert_eq!(log.sync(T0.add_millis(2500)).expect("sync"), Offset(32));
     let ids: Vec<u64> = read_all(&log, Offset(0), 1000).iter().map(|r| r.id).collect();
     assert_eq!(ids, (0..32).collect::<Vec<_>>());
 }
@@ -434,10 +491,11 @@ fn space_is_reserved_ahead_of_appends_and_given_back_when_the_segment_is_sealed(
     log.finish_sync(result.0, result.1).expect("finish");
     let len = std::fs::metadata(&first).expect("stat").len();
     assert!(allocated(&first) >= len + (64 << 10), "{} allocated for {len} written", allocated(&first));
-    // Sealing gives the rest back; the next segment reserves its own.
+    // Sealing (a sync job after the roll) gives the rest back; the next segment reserves its own.
     log.roll(T0).expect("roll");
     fill(&mut log, 303, 1000, T0);
     assert!(log.segment_count() > 2);
+    log.sync(T0).expect("sync: writes and seals the rolled segments");
     let len = std::fs::metadata(&first).expect("stat").len();
     assert!(allocated(&first) < len + 8192, "a sealed segment keeps {} bytes for {len}", allocated(&first));
     let end = log.log_end_offset();

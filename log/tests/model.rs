@@ -19,6 +19,8 @@ enum Op {
     Roll,
     BeginWrite,
     FinishWrite,
+    BeginSync,
+    FinishSync,
     Sync,
     NewEpoch,
     Retention,
@@ -38,6 +40,8 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Roll),
         3 => Just(Op::BeginWrite),
         3 => Just(Op::FinishWrite),
+        2 => Just(Op::BeginSync),
+        2 => Just(Op::FinishSync),
         3 => Just(Op::Sync),
         1 => Just(Op::NewEpoch),
         1 => Just(Op::Retention),
@@ -97,6 +101,8 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
     let mut log = Log::open(storage.clone(), cfg.clone(), now).expect("open empty");
     // A write job out (the owner runs at most one; it ends before a truncation).
     let mut job = None;
+    // A sync job out (at most one), which may seal a rolled segment; a truncation may overtake it.
+    let mut sync_job = None;
     let mut m = Model {
         records: Vec::new(),
         log_start: Offset(0),
@@ -138,6 +144,19 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                     prop_assert!(log.finish_write(j, result).expect("write") >= upto);
                 }
             }
+            Op::BeginSync => {
+                if sync_job.is_none() {
+                    sync_job = log.begin_sync(now);
+                }
+            }
+            Op::FinishSync => {
+                if let Some(j) = sync_job.take() {
+                    let before = log.durable_offset();
+                    let result = j.run();
+                    let durable = log.finish_sync(j, result).expect("sync");
+                    prop_assert!(durable >= before && durable <= log.written_offset());
+                }
+            }
             Op::Truncate { at } => {
                 if let Some(j) = job.take() {
                     let result = j.run();
@@ -155,8 +174,9 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 }
             }
             Op::Roll => {
+                // The rolled segment is sealed later by write and sync jobs; a roll promises
+                // no durability.
                 log.roll(now).expect("roll");
-                m.durable = m.log_end;
             }
             Op::Sync => {
                 prop_assert_eq!(log.sync(now).expect("sync"), m.log_end);
@@ -181,6 +201,7 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
             }
             Op::CloseReopen => {
                 job = None;
+                sync_job = None;
                 log.close(now).expect("close");
                 log = Log::open(storage.clone(), cfg.clone(), now).expect("reopen");
                 prop_assert!(log.recovery().clean_shutdown);
@@ -190,6 +211,7 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
             Op::ProcessKill => {
                 // A write job out never ran: what was written survives, nothing else.
                 job = None;
+                sync_job = None;
                 let written = log.written_offset();
                 prop_assert!(written >= log.durable_offset());
                 drop(log);
@@ -202,6 +224,7 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
             }
             Op::MachineCrash { seed } => {
                 job = None;
+                sync_job = None;
                 let reported_durable = log.durable_offset();
                 drop(log);
                 storage = storage.crash(seed);
