@@ -24,4 +24,5 @@ pub use crate::config::{Durability, LogConfig, SEGMENT_BYTES_MAX};
 pub use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 pub use crate::log::{
     AppendInfo, Log, ReadLimit, ReadRange, RecoveryReport, RetentionReport, SyncJob, WriteJob, OFFSET_MAX,
+    WRITEBACK_BYTES,
 };

@@ -153,15 +153,31 @@ pub struct WriteJob<H> {
     upto_position: u32,
     upto: Offset,
     log: u64,
+    writeback: Option<(u64, u64)>,
 }
 
 impl<H: SyncHandle> WriteJob<H> {
-    /// Writes every batch with blocking `pwrite`s.
+    /// Writes every batch with blocking `pwrite`s, then starts the writeback it asks for
+    /// (a failure there is logged: it is only a hint).
     pub fn run(&self) -> Result<(), StorageError> {
         for (pos, bytes) in &self.writes {
             self.handle.write_at(bytes, *pos)?;
         }
+        if let Some((pos, len)) = self.writeback {
+            if let Err(e) = self.handle.start_writeback(pos, len) {
+                tracing::warn!(error = %e, "could not start writeback");
+            }
+        }
         Ok(())
+    }
+
+    /// The range (position, length) whose writeback to start once the writes landed, every
+    /// [`WRITEBACK_BYTES`] of a segment: the kernel then writes a segment out as it fills
+    /// instead of all at once when the segment is sealed, which made every other fdatasync
+    /// on the disk (the Raft log's among them) wait a quarter of a second (bench/RESULTS.md,
+    /// "Storage IO off the shards"). RocksDB's `bytes_per_sync` does the same.
+    pub fn writeback(&self) -> Option<(u64, u64)> {
+        self.writeback
     }
 
     /// The file to write.
@@ -432,8 +448,13 @@ impl<S: Storage> Log<S> {
         if self.writing || self.poisoned.is_some() {
             return None;
         }
-        let seg = self.segments.iter().find(|s| !s.pending.is_empty())?;
+        let seg = self.segments.iter_mut().find(|s| !s.pending.is_empty())?;
         self.writing = true;
+        let unhinted = seg.bytes.saturating_sub(seg.writeback_from);
+        let writeback = (unhinted >= WRITEBACK_BYTES || seg.unsealed).then(|| {
+            let from = std::mem::replace(&mut seg.writeback_from, seg.bytes);
+            (u64::from(from), u64::from(seg.bytes - from))
+        });
         Some(WriteJob {
             handle: seg.file.sync_handle(),
             writes: seg.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
@@ -441,6 +462,7 @@ impl<S: Storage> Log<S> {
             upto_position: seg.bytes,
             upto: seg.next_offset,
             log: self.id,
+            writeback: writeback.filter(|&(_, len)| len > 0),
         })
     }
 
@@ -815,6 +837,7 @@ impl<S: Storage> Log<S> {
                     created_at: now,
                     reserved: 0,
                     unsealed: false,
+                    writeback_from: meta.segment_bytes,
                 };
                 return Ok((segment, Vec::new(), false));
             }
@@ -854,6 +877,7 @@ impl<S: Storage> Log<S> {
             created_at: now,
             reserved: 0,
             unsealed: false,
+            writeback_from: 0,
         };
         if !is_tail && !cut {
             self.recovery.indexes_rebuilt += 1;
@@ -1143,6 +1167,7 @@ impl<S: Storage> Log<S> {
             created_at: now,
             reserved: 0,
             unsealed: false,
+            writeback_from: 0,
         })
     }
 
@@ -1169,6 +1194,7 @@ impl<S: Storage> Log<S> {
         seg.index.truncate_to_position(position);
         seg.bytes = position;
         seg.written = seg.written.min(position);
+        seg.writeback_from = seg.writeback_from.min(position);
         seg.pending.retain(|(p, _)| *p < position);
         seg.next_offset = base;
         // The index gives the newest timestamp before its last entry; scan the rest.
@@ -1445,6 +1471,10 @@ fn to_log_error_read(e: ReadError) -> LogError {
 /// A segment loaded at open, with the epoch changes seen if it was scanned and whether a torn
 /// tail was cut off.
 type LoadedSegment<F> = (Segment<F>, Vec<(LeaderEpoch, Offset, u32)>, bool);
+
+/// How many written bytes of a segment a write job lets accumulate before it starts their
+/// writeback ([`WriteJob::writeback`]).
+pub const WRITEBACK_BYTES: u32 = 8 << 20;
 
 /// Offsets stop at 2^62: far beyond any real log, and far enough from `u64::MAX` that offset
 /// arithmetic on values read from disk cannot overflow.

@@ -40,6 +40,9 @@ pub(crate) struct Segment<F> {
     /// Rolled but not yet sealed: its bytes are not all synced and it has no index file. A
     /// sync job seals it (the log's next sync covers it before the active segment).
     pub unsealed: bool,
+    /// Bytes from the start whose writeback a write job has already asked for
+    /// ([`crate::WriteJob::writeback`]).
+    pub writeback_from: u32,
 }
 
 /// A problem found while reading a segment: where, and what.

@@ -100,6 +100,9 @@ pub trait SyncHandle {
     fn sync(&self) -> Result<(), StorageError>;
     /// [`StorageFile::preallocate`] on the same file.
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError>;
+    /// Starts the kernel's writeback of `len` bytes from `pos` without waiting for it: a hint that promises no durability, so the
+    /// page cache never holds a segment's worth of dirty pages for one fdatasync to push.
+    fn start_writeback(&self, pos: u64, len: u64) -> Result<(), StorageError>;
 }
 
 /// Reads exactly `buf.len()` bytes at `pos` or fails with `UnexpectedEof`.
@@ -270,6 +273,16 @@ impl SyncHandle for DiskFile {
 
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
         StorageFile::preallocate(self, pos, len)
+    }
+
+    fn start_writeback(&self, pos: u64, len: u64) -> Result<(), StorageError> {
+        // `sync_file_range(SYNC_FILE_RANGE_WRITE)` has no safe binding (the workspace forbids
+        // `unsafe`); Linux's `POSIX_FADV_DONTNEED` starts the same asynchronous writeback of
+        // the range's dirty pages, then drops only pages already clean, which pages written
+        // just now are not (they are dirty or under writeback), so tailing reads keep them.
+        let Some(len) = std::num::NonZeroU64::new(len) else { return Ok(()) };
+        rustix::fs::fadvise(&*self.file, pos, Some(len), rustix::fs::Advice::DontNeed)
+            .map_err(|e| StorageError::new("fadvise", &*self.path, e.into()))
     }
 }
 
@@ -561,6 +574,11 @@ impl SyncHandle for MemFile {
 
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
         StorageFile::preallocate(self, pos, len)
+    }
+
+    fn start_writeback(&self, _pos: u64, _len: u64) -> Result<(), StorageError> {
+        // A hint only: memory has no writeback to start, and crashes model only syncs.
+        Ok(())
     }
 }
 

@@ -535,3 +535,39 @@ fn a_failed_reservation_is_not_a_failed_append() {
         (0..42).collect::<Vec<_>>()
     );
 }
+
+#[test]
+fn write_jobs_start_writeback_every_few_mebibytes_and_at_a_segments_end() {
+    let mut cfg = config();
+    cfg.segment_bytes = 64 << 20;
+    let mut log = Log::open(MemStorage::new(), cfg, T0).expect("open");
+    let big = |log: &mut Log<MemStorage>, id: u64| {
+        log.append(batch(&[(id, T0)], 3 << 20, log_epoch(log)), T0).expect("append");
+    };
+    big(&mut log, 0);
+    let job = log.begin_write().expect("a write job");
+    assert_eq!(job.writeback(), None, "3 MiB is below the writeback step");
+    let result = job.run();
+    log.finish_write(job, result).expect("write");
+    big(&mut log, 1);
+    big(&mut log, 2);
+    let job = log.begin_write().expect("a write job");
+    let (pos, len) = job.writeback().expect("9 MiB written: writeback starts");
+    assert_eq!(pos, 0, "from where the last writeback ended (none yet)");
+    assert_eq!(len, job.writes().last().map(|(p, b)| p + b.len() as u64).expect("writes"));
+    assert!(len >= u64::from(skein_log::WRITEBACK_BYTES));
+    let result = job.run();
+    log.finish_write(job, result).expect("write");
+    fill(&mut log, 3, 1, T0);
+    let job = log.begin_write().expect("a write job");
+    assert_eq!(job.writeback(), None, "a small write after a writeback");
+    let result = job.run();
+    log.finish_write(job, result).expect("write");
+    // The rest of a rolled segment goes out with its last write job.
+    fill(&mut log, 4, 1, T0);
+    log.roll(T0).expect("roll");
+    let job = log.begin_write().expect("a write job");
+    let (from, _) = job.writeback().expect("a rolled segment's rest is written back");
+    assert_eq!(from, pos + len);
+    assert_eq!(log.sync(T0).expect("sync"), Offset(5));
+}

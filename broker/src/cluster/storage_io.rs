@@ -5,7 +5,9 @@
 //! the page-cache copy runs in the kernel's io-wq workers, not on the shard
 //! (bench/RESULTS.md, "Write paths for the partition log"). Syncs are io_uring `fdatasync`s;
 //! a sync job that also reserves disk space ahead (`fallocate`, which compio has no op for)
-//! runs whole on compio's blocking pool. Under the polling driver (no io_uring) compio runs
+//! runs whole on compio's blocking pool. A write job that asks for writeback
+//! (`WriteJob::writeback`, every 8 MiB of a segment) starts it with `sync_file_range` on the
+//! blocking pool, not waited for. Under the polling driver (no io_uring) compio runs
 //! the same write and sync ops on its blocking pool: the same code, other threads.
 
 use std::io;
@@ -14,7 +16,7 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use compio::buf::BufResult;
 use compio::driver::op::{Sync, WriteAt, WriteVectoredAt};
-use skein_log::storage::{DiskFile, StorageError};
+use skein_log::storage::{DiskFile, StorageError, SyncHandle};
 use skein_log::WriteJob;
 
 use crate::core::replica::Job;
@@ -28,6 +30,16 @@ pub(super) async fn run(job: Job<FileStorage>) -> (Job<FileStorage>, Result<(), 
     match job {
         Job::Write(w) => {
             let result = write(&w).await;
+            if let (Ok(()), Some((pos, len))) = (&result, w.writeback()) {
+                // A hint, not waited for: the shard answers the write now.
+                let handle = w.handle().clone();
+                compio::runtime::spawn_blocking(move || {
+                    if let Err(e) = handle.start_writeback(pos, len) {
+                        tracing::warn!(error = %e, "could not start writeback");
+                    }
+                })
+                .detach();
+            }
             (Job::Write(w), result)
         }
         Job::Sync(s) if !s.reserves() => {
