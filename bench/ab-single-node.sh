@@ -11,7 +11,7 @@
 # built with `cargo build --release`, and target/release). CORES_A and CORES_B set --cores on
 # each side's broker (default: all cores); with the same directory twice they compare core
 # counts of one build. FLUSH_MS=VALUE creates the topic with flush.ms=VALUE (default: the
-# broker's default). Prints one table row per run and the B/A ratios of the means, and writes
+# broker's default). Prints one table row per run (with the producer's latency p99 and max) and the B/A ratios of the means, and writes
 # bench/results/ab-single-node.json.
 set -euo pipefail
 a_dir=$(realpath "${1:?A_RELEASE_DIR}")
@@ -50,9 +50,11 @@ run() { # label dir round cores
   local pm cm
   pm=$(python3 -c "import json;print(round(json.load(open('$out/ab-$label-$r-produce.json'))['bytes_per_sec']/1e6,1))")
   cm=$(python3 -c "import json;print(round(json.load(open('$out/ab-$label-$r-consume.json'))['bytes_per_sec']/1e6,1))")
-  local gb
+  local gb p99 pmax
   gb=$(python3 -c "print($messages*1000/1e9)")
-  rows+=("{\"side\":\"$label\",\"round\":$r,\"produce_mb_s\":$pm,\"consume_mb_s\":$cm,\"produce_cpu_s_per_gb\":$(python3 -c "print(round(($mid-$before)/$gb,3))"),\"consume_cpu_s_per_gb\":$(python3 -c "print(round(($after-$mid)/$gb,3))")}")
+  p99=$(python3 -c "import json;print(json.load(open('$out/ab-$label-$r-produce.json'))['latency_us']['p99'])")
+  pmax=$(python3 -c "import json;print(json.load(open('$out/ab-$label-$r-produce.json'))['latency_us']['max'])")
+  rows+=("{\"side\":\"$label\",\"round\":$r,\"produce_mb_s\":$pm,\"consume_mb_s\":$cm,\"produce_p99_us\":$p99,\"produce_max_us\":$pmax,\"produce_cpu_s_per_gb\":$(python3 -c "print(round(($mid-$before)/$gb,3))"),\"consume_cpu_s_per_gb\":$(python3 -c "print(round(($after-$mid)/$gb,3))")}")
 }
 for r in $(seq "$rounds"); do
   run A "$a_dir" "$r" "${CORES_A:-}"
@@ -63,10 +65,10 @@ python3 - "$out/ab-single-node.json" "$a_dir" "$b_dir" << 'EOF'
 import json, sys
 rows = json.load(open(sys.argv[1]))
 print(f"A = {sys.argv[2]}\nB = {sys.argv[3]}")
-print(f"{'side':4} {'round':>5} {'produce MB/s':>13} {'cpu s/GB':>9} {'consume MB/s':>13} {'cpu s/GB':>9}")
+print(f"{'side':4} {'round':>5} {'produce MB/s':>13} {'cpu s/GB':>9} {'p99 µs':>9} {'max µs':>9} {'consume MB/s':>13} {'cpu s/GB':>9}")
 for r in rows:
-    print(f"{r['side']:4} {r['round']:>5} {r['produce_mb_s']:>13} {r['produce_cpu_s_per_gb']:>9} {r['consume_mb_s']:>13} {r['consume_cpu_s_per_gb']:>9}")
+    print(f"{r['side']:4} {r['round']:>5} {r['produce_mb_s']:>13} {r['produce_cpu_s_per_gb']:>9} {r['produce_p99_us']:>9} {r['produce_max_us']:>9} {r['consume_mb_s']:>13} {r['consume_cpu_s_per_gb']:>9}")
 mean = lambda side, k: sum(r[k] for r in rows if r['side'] == side) / sum(1 for r in rows if r['side'] == side)
-for k in ['produce_mb_s', 'produce_cpu_s_per_gb', 'consume_mb_s', 'consume_cpu_s_per_gb']:
+for k in ['produce_mb_s', 'produce_cpu_s_per_gb', 'produce_p99_us', 'produce_max_us', 'consume_mb_s', 'consume_cpu_s_per_gb']:
     print(f"B/A {k}: {mean('B', k) / mean('A', k):.2f}")
 EOF
