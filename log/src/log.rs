@@ -322,7 +322,7 @@ impl<S: Storage> Log<S> {
         if log.segments.is_empty() {
             let segment = log.create_segment(log.log_start, now)?;
             log.segments.push(segment);
-        } else {
+        } else if names.contains(&index_name(log.active().base)) {
             // An index file marks a sealed segment; the active one's (written at a clean
             // close) goes stale with the next append, and a roll must not find it.
             log.storage.remove(&index_name(log.active().base))?;
@@ -1103,9 +1103,13 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
-    /// The oldest rolled segment not yet sealed.
+    /// The oldest rolled segment not yet sealed. Seals go oldest first, so the unsealed
+    /// segments are the ones right before the active segment: only those are looked at (this
+    /// runs for every write and sync job).
     fn unsealed(&self) -> Option<usize> {
-        self.segments.iter().position(|s| s.unsealed)
+        let active = self.segments.len() - 1;
+        let count = self.segments[..active].iter().rev().take_while(|s| s.unsealed).count();
+        (count > 0).then(|| active - count)
     }
 
     /// Seals every rolled segment before `before`, inline (a truncation); its bytes must be

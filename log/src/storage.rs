@@ -100,8 +100,9 @@ pub trait SyncHandle {
     fn sync(&self) -> Result<(), StorageError>;
     /// [`StorageFile::preallocate`] on the same file.
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError>;
-    /// Starts the kernel's writeback of `len` bytes from `pos` without waiting for it: a hint that promises no durability, so the
-    /// page cache never holds a segment's worth of dirty pages for one fdatasync to push.
+    /// Starts the kernel's writeback of `len` bytes from `pos` without waiting for it: a hint
+    /// that promises no durability, so the page cache never holds a segment's worth of dirty
+    /// pages for one fdatasync to push.
     fn start_writeback(&self, pos: u64, len: u64) -> Result<(), StorageError>;
 }
 

@@ -6,8 +6,8 @@
 //! (bench/RESULTS.md, "Write paths for the partition log"). Syncs are io_uring `fdatasync`s;
 //! a sync job that also reserves disk space ahead (`fallocate`, which compio has no op for)
 //! runs whole on compio's blocking pool. A write job that asks for writeback
-//! (`WriteJob::writeback`, every 8 MiB of a segment) starts it with `sync_file_range` on the
-//! blocking pool, not waited for. Under the polling driver (no io_uring) compio runs
+//! (`WriteJob::writeback`, every 8 MiB of a segment) starts it on the blocking pool
+//! (`SyncHandle::start_writeback`), not waited for. Under the polling driver (no io_uring) compio runs
 //! the same write and sync ops on its blocking pool: the same code, other threads.
 
 use std::io;
