@@ -2,7 +2,9 @@
 //! partitions 0 and 1 are owned by shards 0 and 1 (partition id modulo the shard count, and a
 //! fresh broker's first topic gets ids 0 and 1). Entries come back in request order whatever
 //! shard served them, a bad `acks` fails the whole request once, and a fetch long-polling on
-//! both shards is woken by an append on either.
+//! both shards is woken by an append on either. A connection whose first produce names only
+//! the other shard's partition moves there, and requests pipelined across the move are all
+//! answered, in order.
 
 mod common;
 
@@ -122,4 +124,73 @@ fn requests_spanning_two_shards_answer_in_request_order_and_wake_on_either() {
     assert!(took < Duration::from_secs(10), "woken by the append, not by max_wait: {took:?}");
     let got: Vec<(u32, bool)> = resp.partitions.iter().map(|p| (p.partition, !p.records.is_empty())).collect();
     assert_eq!(got, vec![(0, false), (1, true)]);
+}
+
+/// Writes `frames` at once (pipelined) and reads one response per frame: the correlation ids,
+/// in the order they came back, and the response bodies.
+fn pipeline(c: &mut TcpStream, frames: &[Vec<u8>]) -> Vec<(u32, bytes::BytesMut)> {
+    c.write_all(&frames.concat()).expect("send");
+    (0..frames.len())
+        .map(|_| {
+            let mut len = [0u8; 4];
+            c.read_exact(&mut len).expect("response length");
+            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
+            c.read_exact(&mut body).expect("response body");
+            let id = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
+            (id, bytes::BytesMut::from(&body[..]))
+        })
+        .collect()
+}
+
+fn frame<Req: Wire>(key: ApiKey, id: u32, req: &Req) -> Vec<u8> {
+    let header = RequestHeader { api_key: key, api_version: 0, correlation_id: id, client_id: "moves".into() };
+    request_frame(&header, req)
+}
+
+#[test]
+fn a_connection_moves_to_the_shard_of_its_first_produce_and_pipelined_requests_stay_in_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("broker.log");
+    let broker = Broker::start_logging(&dir.path().join("data"), &["--cores", "2"], "skein_broker=debug", &log);
+    block_on(async {
+        Client::connect(&broker.addr).await.expect("connect").create_topic("s", 2, 1, &[]).await.expect("create");
+    });
+    // Connections are dealt to the shards in turn: of two new ones, one lands on each shard,
+    // so one of them starts on shard 0 and its first produce (partition 1: shard 1's) moves it.
+    let mut conns: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(&broker.addr).expect("connect")).collect();
+    for c in &mut conns {
+        c.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+    }
+    let versions = skein_client::wire::ApiVersionsRequest {};
+    let frames = vec![
+        frame(ApiKey::ApiVersions, 1, &versions),
+        frame(ApiKey::Produce, 2, &produce(&[1], -1, "p1-a")),
+        frame(ApiKey::Produce, 3, &produce(&[0], -1, "p0")),
+        frame(ApiKey::Fetch, 4, &fetch(&[(1, 0)], 1, 1_000)),
+        frame(ApiKey::Produce, 5, &produce(&[1], -1, "p1-b")),
+    ];
+    let mut p1_offsets = Vec::new();
+    for c in &mut conns {
+        let answers = pipeline(c, &frames);
+        assert_eq!(answers.iter().map(|(id, _)| *id).collect::<Vec<_>>(), vec![1, 2, 3, 4, 5], "answer order");
+        let mut offsets = Vec::new();
+        for (id, body) in answers.into_iter().filter(|(id, _)| [2, 3, 5].contains(id)) {
+            let (_, resp) = decode_response::<ProduceResponse>(body).expect("decodes");
+            let p = &resp.expect("produce answered").partitions[0];
+            assert_eq!(p.error, ErrorCode::NONE, "request {id}");
+            offsets.push((p.partition, p.base_offset));
+        }
+        assert!(offsets[0].1 < offsets[2].1, "one connection's writes to partition 1 keep their order: {offsets:?}");
+        p1_offsets.extend([offsets[0].1, offsets[2].1]);
+    }
+    p1_offsets.sort_unstable();
+    assert_eq!(p1_offsets, vec![0, 1, 2, 3], "every write to partition 1 took its own offset");
+    // Still serving on the shard it moved to, and a new fetch sees all four records.
+    let resp: FetchResponse = call(&mut conns[0], ApiKey::Fetch, 6, &fetch(&[(1, 0)], 1, 1_000)).expect("fetch");
+    assert_eq!(resp.partitions[0].high_watermark, 4);
+    drop(conns);
+    drop(broker);
+    let text = std::fs::read_to_string(&log).expect("log");
+    let moves = text.lines().filter(|l| l.contains("connection moves to the shard that owns its partitions")).count();
+    assert!(moves >= 1, "no connection moved; log:\n{text}");
 }

@@ -53,6 +53,7 @@ use crate::core::node::{BrokerNode, NodeConfig};
 use crate::core::quorum::QuorumConfig;
 use crate::core::{NodeId, PartitionId, Time};
 use crate::meta::ProducerIds;
+use crate::service::conn::Connection;
 use crate::BrokerConfig;
 use control::{Control, TopicMap};
 use replicas::{next_incarnation, open_replica, scan_replicas, ReplicaMeta};
@@ -375,8 +376,8 @@ fn accept_thread(listener: TcpListener, shards: Vec<flume::Sender<ShardMsg>>, ma
         count.fetch_add(1, Ordering::Relaxed);
         let target = next % shards.len();
         next = next.wrapping_add(1);
-        if shards[target].send(ShardMsg::Connection(stream, count.clone())).is_err() {
-            count.fetch_sub(1, Ordering::Relaxed);
+        // A shard that is gone drops the connection, and with it its place in the count.
+        if shards[target].send(ShardMsg::Connection(Connection::new(stream, count.clone()))).is_err() {
             return;
         }
     }

@@ -70,6 +70,19 @@ fn shard_of(node: &Node, topic: &str, index: u32) -> usize {
     node.topics.load().partition(topic, index).map_or(node.shard, |p| owner(p, node.shard_count()))
 }
 
+/// The shard a connection should live on, judged by its first produce or fetch: the one that
+/// owns every partition `req` names, when that is not this shard (`None`: stay).
+pub(super) fn home(node: &Node, req: &Request) -> Option<usize> {
+    let mut shards = match req {
+        Request::Produce(r) => r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect::<Vec<_>>(),
+        Request::Fetch(r) => r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect(),
+        _ => return None,
+    }
+    .into_iter();
+    let first = shards.next()?;
+    (first != node.shard && shards.all(|s| s == first)).then_some(first)
+}
+
 /// Splits a request's partition entries by serving shard, keeping each entry's index in the
 /// request.
 fn by_shard<T>(node: &Node, items: Vec<T>, name: impl Fn(&T) -> (&str, u32)) -> BTreeMap<usize, (Vec<usize>, Vec<T>)> {

@@ -20,7 +20,6 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -49,8 +48,9 @@ pub(crate) fn owner(p: PartitionId, shards: usize) -> usize {
 
 /// Work sent to a shard.
 pub(super) enum ShardMsg {
-    /// A new connection to serve on this shard.
-    Connection(std::net::TcpStream, Arc<AtomicUsize>),
+    /// A connection to serve on this shard: a new one, or one that moved here with its first
+    /// request (this shard owns what it asks for).
+    Connection(conn::Connection),
     /// A message for this shard's core (already routed: its partition is owned here, or it is
     /// this shard's share of a controller decision).
     Core(Peer, Message),
@@ -175,8 +175,8 @@ impl Node {
     pub(super) async fn message_loop(self: Rc<Self>, rx: flume::Receiver<ShardMsg>) {
         while let Ok(msg) = rx.recv_async().await {
             match msg {
-                ShardMsg::Connection(stream, count) => {
-                    compio::runtime::spawn(conn::serve(self.clone(), stream, count)).detach();
+                ShardMsg::Connection(c) => {
+                    compio::runtime::spawn(conn::serve(self.clone(), c)).detach();
                 }
                 ShardMsg::Core(from, msg) => self.run(Work::Node(from, msg)),
                 ShardMsg::Voter(from, msg) => self.run(Work::Voter(from, msg)),
@@ -516,6 +516,15 @@ impl Service for Node {
     }
     fn handle(self: Rc<Self>, req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
         Box::pin(super::requests::dispatch(self, req))
+    }
+    fn may_move(&self) -> bool {
+        self.shard_count() > 1
+    }
+    fn home(&self, req: &Request) -> Option<usize> {
+        super::requests::home(self, req)
+    }
+    fn move_to(&self, to: usize, c: conn::Connection) {
+        self.to_shard(to, ShardMsg::Connection(c));
     }
     fn peer_message(self: &Rc<Self>, from_addr: Option<SocketAddr>, body: Reader) -> bool {
         match skein_client::wire::decode_exact::<PeerFrame>(body) {

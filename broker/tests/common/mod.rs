@@ -36,6 +36,15 @@ impl Broker {
         Broker::start_at(dir, &listen, &args)
     }
 
+    /// Starts a broker on a fresh directory with its log filter set to `filter` and its
+    /// stderr (the log) written to `log`.
+    pub fn start_logging(dir: &Path, extra: &[&str], filter: &str, log: &Path) -> Broker {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let file = std::fs::File::create(log).expect("log file");
+        Broker::spawn_with(dir.to_path_buf(), extra, "127.0.0.1:0", filter.to_owned(), Stdio::from(file))
+            .expect("skein-broker did not start")
+    }
+
     fn spawn(dir: PathBuf, extra: Vec<String>, listen: &str) -> Broker {
         Broker::spawn_checked(dir, extra, listen).unwrap_or_else(|| panic!("skein-broker did not start on {listen}"))
     }
@@ -55,13 +64,18 @@ impl Broker {
     }
 
     fn spawn_checked(dir: PathBuf, extra: Vec<String>, listen: &str) -> Option<Broker> {
+        let filter = std::env::var("SKEIN_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        Broker::spawn_with(dir, extra, listen, filter, Stdio::inherit())
+    }
+
+    fn spawn_with(dir: PathBuf, extra: Vec<String>, listen: &str, filter: String, stderr: Stdio) -> Option<Broker> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_skein-broker"))
             .args(["--listen", listen, "--data-dir"])
             .arg(&dir)
             .args(&extra)
-            .env("SKEIN_LOG", std::env::var("SKEIN_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("SKEIN_LOG", filter)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("start skein-broker");
         let mut line = String::new();
