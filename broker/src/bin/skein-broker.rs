@@ -7,6 +7,12 @@ use anyhow::Result;
 use futures_util::future::select;
 use skein_broker::BrokerConfig;
 
+/// mimalloc keeps freed memory for reuse: a produce request's frame buffer (about a megabyte)
+/// lives until its records are written, and with the system allocator each new one was fresh
+/// pages to fault in and zero (see ARCHITECTURE.md, "Allocator").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const SIGINT: i32 = 2;
 const SIGTERM: i32 = 15;
 
