@@ -23,15 +23,24 @@ use skein_log::types::Timestamp;
 
 /// One request on a blocking connection; the body's own result (a top-level error is `Err`).
 fn call<Req: Wire, Resp: Wire>(c: &mut TcpStream, key: ApiKey, id: u32, req: &Req) -> Result<Resp, ErrorCode> {
+    c.write_all(&frame(key, id, req)).expect("send");
+    let (got, resp) = decode_response::<Resp>(answer(c)).expect("decodes");
+    assert_eq!(got, id, "correlation id");
+    resp
+}
+
+fn frame<Req: Wire>(key: ApiKey, id: u32, req: &Req) -> Vec<u8> {
     let header = RequestHeader { api_key: key, api_version: 0, correlation_id: id, client_id: "shards".into() };
-    c.write_all(&request_frame(&header, req)).expect("send");
+    request_frame(&header, req)
+}
+
+/// One response frame's body (after its length).
+fn answer(c: &mut TcpStream) -> bytes::BytesMut {
     let mut len = [0u8; 4];
     c.read_exact(&mut len).expect("response length");
     let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
     c.read_exact(&mut body).expect("response body");
-    let (got, resp) = decode_response::<Resp>(bytes::BytesMut::from(&body[..])).expect("decodes");
-    assert_eq!(got, id, "correlation id");
-    resp
+    bytes::BytesMut::from(&body[..])
 }
 
 fn records(value: &str) -> bytes::BytesMut {
@@ -132,19 +141,10 @@ fn pipeline(c: &mut TcpStream, frames: &[Vec<u8>]) -> Vec<(u32, bytes::BytesMut)
     c.write_all(&frames.concat()).expect("send");
     (0..frames.len())
         .map(|_| {
-            let mut len = [0u8; 4];
-            c.read_exact(&mut len).expect("response length");
-            let mut body = vec![0u8; u32::from_le_bytes(len) as usize];
-            c.read_exact(&mut body).expect("response body");
-            let id = u32::from_le_bytes(body[..4].try_into().expect("4 bytes"));
-            (id, bytes::BytesMut::from(&body[..]))
+            let body = answer(c);
+            (u32::from_le_bytes(body[..4].try_into().expect("4 bytes")), body)
         })
         .collect()
-}
-
-fn frame<Req: Wire>(key: ApiKey, id: u32, req: &Req) -> Vec<u8> {
-    let header = RequestHeader { api_key: key, api_version: 0, correlation_id: id, client_id: "moves".into() };
-    request_frame(&header, req)
 }
 
 #[test]

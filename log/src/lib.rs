@@ -23,6 +23,6 @@ pub mod types;
 pub use crate::config::{Durability, LogConfig, SEGMENT_BYTES_MAX};
 pub use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 pub use crate::log::{
-    AppendInfo, Log, ReadLimit, ReadRange, RecoveryReport, RetentionReport, SyncJob, WriteJob, OFFSET_MAX,
-    WRITEBACK_BYTES,
+    hint_writeback, AppendInfo, Log, ReadLimit, ReadRange, RecoveryReport, RetentionReport, SyncJob, WriteJob,
+    OFFSET_MAX, WRITEBACK_BYTES,
 };

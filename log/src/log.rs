@@ -140,6 +140,14 @@ pub struct RetentionReport {
 /// Gives each opened log its own id, for [`WriteJob`]s and [`SyncJob`]s.
 static NEXT_LOG_ID: AtomicU64 = AtomicU64::new(1);
 
+/// Starts the writeback of `(position, length)` of `handle`'s file ([`WriteJob::writeback`]);
+/// a failure is logged, not returned: it is only a hint.
+pub fn hint_writeback<H: SyncHandle>(handle: &H, (pos, len): (u64, u64)) {
+    if let Err(e) = handle.start_writeback(pos, len) {
+        tracing::warn!(error = %e, "could not start writeback");
+    }
+}
+
 /// Writes of the batches appended since the last write job, back to back in the active
 /// segment's file: every buffer is a batch as it arrived, shared with the log (no copy).
 /// Holds only a file handle and the buffers, so it can run inline, on another thread, or as
@@ -163,10 +171,8 @@ impl<H: SyncHandle> WriteJob<H> {
         for (pos, bytes) in &self.writes {
             self.handle.write_at(bytes, *pos)?;
         }
-        if let Some((pos, len)) = self.writeback {
-            if let Err(e) = self.handle.start_writeback(pos, len) {
-                tracing::warn!(error = %e, "could not start writeback");
-            }
+        if let Some(range) = self.writeback {
+            hint_writeback(&self.handle, range);
         }
         Ok(())
     }

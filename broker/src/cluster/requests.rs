@@ -73,12 +73,11 @@ fn shard_of(node: &Node, topic: &str, index: u32) -> usize {
 /// The shard a connection should live on, judged by its first produce or fetch: the one that
 /// owns every partition `req` names, when that is not this shard (`None`: stay).
 pub(super) fn home(node: &Node, req: &Request) -> Option<usize> {
-    let mut shards = match req {
-        Request::Produce(r) => r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect::<Vec<_>>(),
-        Request::Fetch(r) => r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition)).collect(),
+    let mut shards: Box<dyn Iterator<Item = usize>> = match req {
+        Request::Produce(r) => Box::new(r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition))),
+        Request::Fetch(r) => Box::new(r.partitions.iter().map(|p| shard_of(node, &p.topic, p.partition))),
         _ => return None,
-    }
-    .into_iter();
+    };
     let first = shards.next()?;
     (first != node.shard && shards.all(|s| s == first)).then_some(first)
 }

@@ -16,8 +16,8 @@ use std::sync::Arc;
 use bytes::{Buf, Bytes};
 use compio::buf::BufResult;
 use compio::driver::op::{Sync, WriteAt, WriteVectoredAt};
-use skein_log::storage::{DiskFile, StorageError, SyncHandle};
-use skein_log::WriteJob;
+use skein_log::storage::{DiskFile, StorageError};
+use skein_log::{hint_writeback, WriteJob};
 
 use crate::core::replica::Job;
 use skein_log::storage::FileStorage;
@@ -30,15 +30,10 @@ pub(super) async fn run(job: Job<FileStorage>) -> (Job<FileStorage>, Result<(), 
     match job {
         Job::Write(w) => {
             let result = write(&w).await;
-            if let (Ok(()), Some((pos, len))) = (&result, w.writeback()) {
+            if let (Ok(()), Some(range)) = (&result, w.writeback()) {
                 // A hint, not waited for: the shard answers the write now.
                 let handle = w.handle().clone();
-                compio::runtime::spawn_blocking(move || {
-                    if let Err(e) = handle.start_writeback(pos, len) {
-                        tracing::warn!(error = %e, "could not start writeback");
-                    }
-                })
-                .detach();
+                compio::runtime::spawn_blocking(move || hint_writeback(&handle, range)).detach();
             }
             (Job::Write(w), result)
         }

@@ -24,9 +24,7 @@ use std::sync::Arc;
 use compio::net::TcpStream;
 use compio::runtime::JoinHandle;
 use skein_client::wire::io::{read_frame, write_frames, FrameError};
-use skein_client::wire::{ApiKey, ErrorCode, HeaderError, Reader, RequestHeader};
-
-use skein_client::wire::DecodeError;
+use skein_client::wire::{ApiKey, DecodeError, ErrorCode, HeaderError, Reader, RequestHeader};
 
 use super::codec::{decode_request, encode_response, error_frame};
 use super::{Request, Response};
@@ -46,14 +44,10 @@ pub(crate) trait Service: 'static {
     /// address; `false` closes the connection.
     fn peer_message(self: &Rc<Self>, from: Option<std::net::SocketAddr>, body: Reader) -> bool;
     /// Whether connections may move to another shard (there is more than one).
-    fn may_move(&self) -> bool {
-        false
-    }
+    fn may_move(&self) -> bool;
     /// The shard a connection whose first data request is `req` should move to: `Some` when
     /// `req` is a produce or fetch whose partitions another shard owns, all of them.
-    fn home(&self, _req: &Request) -> Option<usize> {
-        None
-    }
+    fn home(&self, req: &Request) -> Option<usize>;
     /// Hands `conn` to shard `to`, which serves it from its first request on.
     fn move_to(&self, to: usize, conn: Connection);
 }
