@@ -127,6 +127,16 @@ pub struct BrokerConfig {
     /// the client to the leader (ms; capped by the fetch's own wait).
     #[arg(long, env = "SKEIN_READ_WAIT_MS", default_value_t = 100)]
     pub read_wait_ms: u64,
+    /// Partitions of the internal `__consumer_offsets` topic (groups are hashed to them; each
+    /// partition's leader coordinates its groups), used when the topic is first created.
+    #[arg(long, env = "SKEIN_OFFSETS_PARTITIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub offsets_partitions: u32,
+    /// How often group members heartbeat (ms): the delay before a member learns of a
+    /// rebalance.
+    #[arg(long, env = "SKEIN_GROUP_HEARTBEAT_MS", default_value_t = 250,
+          value_parser = clap::value_parser!(u32).range(10..=10_000))]
+    pub group_heartbeat_ms: u32,
     /// TEST ONLY: followers serve reads up to their log end instead of the high watermark they
     /// learned, breaking consistent prefix on purpose (proves the history checker catches it).
     #[arg(long, hide = true)]

@@ -71,6 +71,11 @@ impl TopicMap {
         TopicMap { topics: c.topics().iter().map(|(n, t)| (n.clone(), (t.first, t.partitions))).collect() }
     }
 
+    /// The partition count of `topic`.
+    pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
+        self.topics.get(topic).map(|t| t.1)
+    }
+
     /// Partition `index` of `topic`.
     pub(crate) fn partition(&self, topic: &str, index: u32) -> Option<PartitionId> {
         let &(first, count) = self.topics.get(topic)?;
@@ -221,9 +226,16 @@ impl Node {
                     }
                 })
             }
-            Request::Produce(_) | Request::Fetch(_) | Request::ListOffsets(_) => {
-                Response::Error(ErrorCode::INVALID_REQUEST)
-            }
+            Request::Produce(_)
+            | Request::Fetch(_)
+            | Request::ListOffsets(_)
+            | Request::FindCoordinator(_)
+            | Request::GroupHeartbeat(_)
+            | Request::OffsetCommit(_)
+            | Request::OffsetFetch(_)
+            | Request::ListGroups
+            | Request::DescribeGroup(_)
+            | Request::DeleteGroup(_) => Response::Error(ErrorCode::INVALID_REQUEST),
         }
     }
 

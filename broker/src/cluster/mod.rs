@@ -30,6 +30,7 @@
 //! the wall clock for `retention.ms`).
 
 mod control;
+mod groups;
 mod peer;
 mod raftlog;
 mod replicas;
@@ -228,6 +229,8 @@ where
                 let _ = ready.send(Ok(()));
                 drop(ready);
                 compio::runtime::spawn(node.clone().tick_loop()).detach();
+                compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
+                compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
                 node.message_loop(rx).await;
             });
         })?);

@@ -39,6 +39,13 @@ pub(super) async fn dispatch(node: Rc<Node>, req: Request) -> Response {
         Request::Produce(r) => produce(node, r).await,
         Request::Fetch(r) => fetch(node, r).await,
         Request::ListOffsets(r) => list_offsets(node, r).await,
+        r @ (Request::FindCoordinator(_)
+        | Request::GroupHeartbeat(_)
+        | Request::OffsetCommit(_)
+        | Request::OffsetFetch(_)
+        | Request::ListGroups
+        | Request::DescribeGroup(_)
+        | Request::DeleteGroup(_)) => super::groups::dispatch(node, r).await,
         control if node.shard == 0 => node.control_request(control).await,
         control => ask(&node, 0, control).await,
     }
@@ -53,12 +60,18 @@ pub(super) async fn here(node: Rc<Node>, req: Request) -> Response {
         Request::Produce(r) => node.produce_here(r).await,
         Request::Fetch(r) => fetch_rounds(node, r).await,
         Request::ListOffsets(r) => Response::ListOffsets(node.list_offsets_here(r)),
+        r @ (Request::GroupHeartbeat(_)
+        | Request::OffsetCommit(_)
+        | Request::OffsetFetch(_)
+        | Request::ListGroups
+        | Request::DescribeGroup(_)
+        | Request::DeleteGroup(_)) => super::groups::here(node, r).await,
         control => node.control_request(control).await,
     }
 }
 
 /// Runs `req` on shard `to`.
-async fn ask(node: &Node, to: usize, req: Request) -> Response {
+pub(super) async fn ask(node: &Node, to: usize, req: Request) -> Response {
     let (tx, rx) = oneshot::channel();
     node.to_shard(to, ShardMsg::Request(req, tx));
     rx.await.unwrap_or(Response::Error(ErrorCode::SHUTTING_DOWN))
@@ -313,7 +326,7 @@ impl Node {
     }
 
     /// Produces to partitions this shard serves.
-    async fn produce_here(&self, req: ProduceRequest) -> Response {
+    pub(super) async fn produce_here(&self, req: ProduceRequest) -> Response {
         let acks = match req.acks {
             -1 => Acks::All,
             0 | 1 => Acks::Leader,

@@ -101,6 +101,8 @@ pub(crate) struct Node {
     /// Produce and fetch bytes held by this shard's client requests.
     pub(super) budgets: Budgets,
     pub(super) stopping: Cell<bool>,
+    /// Consumer group coordinators of the offsets partitions this shard owns.
+    pub(super) groups: super::groups::Coordinators,
 }
 
 pub(super) struct State {
@@ -155,6 +157,7 @@ impl Node {
             st: RefCell::new(State { core, links, pending: HashMap::new(), next_request: 0, control }),
             fetch_waiters: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
+            groups: Default::default(),
         });
         SELF.with(|s| *s.borrow_mut() = Some(Rc::downgrade(&node)));
         node

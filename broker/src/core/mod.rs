@@ -15,6 +15,7 @@
 //! - [`quorum`]: that state machine replicated with Raft (raft-rs) over the voters.
 
 pub mod controller;
+pub mod group;
 pub mod node;
 pub mod producers;
 pub mod quorum;

@@ -26,6 +26,16 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         ApiKey::InitProducerId => Request::InitProducerId(decode_exact(body)?),
         // Inter-broker messages are one-way and handled by the connection (cluster mode).
         ApiKey::ReassignPartition => Request::ReassignPartition(decode_exact(body)?),
+        ApiKey::FindCoordinator => Request::FindCoordinator(decode_exact(body)?),
+        ApiKey::GroupHeartbeat => Request::GroupHeartbeat(decode_exact(body)?),
+        ApiKey::OffsetCommit => Request::OffsetCommit(decode_exact(body)?),
+        ApiKey::OffsetFetch => Request::OffsetFetch(decode_exact(body)?),
+        ApiKey::ListGroups => {
+            decode_exact::<skein_client::wire::ListGroupsRequest>(body)?;
+            Request::ListGroups
+        }
+        ApiKey::DescribeGroup => Request::DescribeGroup(decode_exact(body)?),
+        ApiKey::DeleteGroup => Request::DeleteGroup(decode_exact(body)?),
         ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
@@ -43,6 +53,13 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::ListOffsets(r) => response_frame(id, Ok(&r)),
         Response::InitProducerId(r) => response_frame(id, Ok(&r)),
         Response::ReassignPartition(r) => response_frame(id, Ok(&r)),
+        Response::FindCoordinator(r) => response_frame(id, Ok(&r)),
+        Response::GroupHeartbeat(r) => response_frame(id, Ok(&r)),
+        Response::OffsetCommit(r) => response_frame(id, Ok(&r)),
+        Response::OffsetFetch(r) => response_frame(id, Ok(&r)),
+        Response::ListGroups(r) => response_frame(id, Ok(&r)),
+        Response::DescribeGroup(r) => response_frame(id, Ok(&r)),
+        Response::DeleteGroup(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,

@@ -13,6 +13,7 @@ pub(crate) mod codec;
 pub(crate) mod conn;
 
 use bytes::BytesMut;
+use skein_client::wire;
 use skein_client::wire::{
     ApiKey, ApiVersion, ApiVersionsResponse, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
     DeleteTopicsResponse, DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, FetchPartition, FetchRequest,
@@ -36,6 +37,13 @@ pub(crate) enum Request {
     ListOffsets(ListOffsetsRequest),
     InitProducerId(InitProducerIdRequest),
     ReassignPartition(skein_client::wire::ReassignPartitionRequest),
+    FindCoordinator(wire::FindCoordinatorRequest),
+    GroupHeartbeat(wire::GroupHeartbeatRequest),
+    OffsetCommit(wire::OffsetCommitRequest),
+    OffsetFetch(wire::OffsetFetchRequest),
+    ListGroups,
+    DescribeGroup(wire::DescribeGroupRequest),
+    DeleteGroup(wire::DeleteGroupRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -51,6 +59,13 @@ pub(crate) enum Response {
     ListOffsets(ListOffsetsResponse),
     InitProducerId(InitProducerIdResponse),
     ReassignPartition(skein_client::wire::ReassignPartitionResponse),
+    FindCoordinator(wire::FindCoordinatorResponse),
+    GroupHeartbeat(wire::GroupHeartbeatResponse),
+    OffsetCommit(wire::OffsetCommitResponse),
+    OffsetFetch(wire::OffsetFetchResponse),
+    ListGroups(wire::ListGroupsResponse),
+    DescribeGroup(wire::DescribeGroupResponse),
+    DeleteGroup(wire::DeleteGroupResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).

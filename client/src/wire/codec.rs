@@ -104,6 +104,7 @@ wire_int!(i8, get_i8, "i8");
 wire_int!(u16, get_u16_le, "u16");
 wire_int!(i16, get_i16_le, "i16");
 wire_int!(u32, get_u32_le, "u32");
+wire_int!(i32, get_i32_le, "i32");
 wire_int!(u64, get_u64_le, "u64");
 wire_int!(i64, get_i64_le, "i64");
 

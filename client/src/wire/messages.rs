@@ -254,3 +254,172 @@ wire_struct! {
     /// ReassignPartition response.
     pub struct ReassignPartitionResponse { pub error: ErrorCode, pub message: String }
 }
+
+// ---- Consumer groups (PROTOCOL.md, "Consumer groups") ----
+
+wire_struct! {
+    /// One partition of a topic.
+    pub struct TopicPartition { pub topic: String, pub partition: u32 }
+}
+
+wire_struct! {
+    /// FindCoordinator request: which broker coordinates `group` (creates the internal
+    /// `__consumer_offsets` topic on first use).
+    pub struct FindCoordinatorRequest { pub group: String }
+}
+
+wire_struct! {
+    /// FindCoordinator response: the leader of the group's `__consumer_offsets` partition.
+    pub struct FindCoordinatorResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub node_id: u32,
+        pub host: String,
+        pub port: u16,
+    }
+}
+
+/// `GroupHeartbeatRequest::member_epoch` to join (a new member, or a static member coming back).
+pub const JOIN_EPOCH: i32 = 0;
+/// `GroupHeartbeatRequest::member_epoch` to leave the group for good.
+pub const LEAVE_EPOCH: i32 = -1;
+/// `GroupHeartbeatRequest::member_epoch` for a static member that leaves for a restart: it
+/// keeps its partitions (no rebalance) until its session times out.
+pub const STATIC_LEAVE_EPOCH: i32 = -2;
+
+wire_struct! {
+    /// GroupHeartbeat request (server-side assignment, as Kafka's KIP-848): joins with
+    /// `member_epoch` 0 (and an empty `member_id`), then heartbeats with the epoch and id the
+    /// coordinator gave; `topics` `None` keeps the subscription; `owned` is what the member
+    /// consumes now (`None`: unchanged since the last heartbeat).
+    pub struct GroupHeartbeatRequest {
+        pub group: String,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub instance_id: String,
+        pub client_id: String,
+        pub host: String,
+        pub rack: String,
+        pub session_timeout_ms: u32,
+        pub assignor: String,
+        pub topics: Option<Vec<String>>,
+        pub owned: Option<Vec<TopicPartition>>,
+    }
+}
+
+wire_struct! {
+    /// GroupHeartbeat response: the partitions the member should own now (revoke what is not
+    /// listed, after committing it; start what is new), its id and epoch.
+    pub struct GroupHeartbeatResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub heartbeat_interval_ms: u32,
+        pub assignment: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// An offset to commit: the next offset the group reads from the partition.
+    pub struct OffsetCommitPartition { pub topic: String, pub partition: u32, pub offset: u64, pub metadata: String }
+}
+
+wire_struct! {
+    /// OffsetCommit request. A member commits with its id and epoch, only partitions it owns;
+    /// an administrative commit (reset-offsets) has an empty `member_id` and epoch -1 and is
+    /// refused while the group has members.
+    pub struct OffsetCommitRequest {
+        pub group: String,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub offsets: Vec<OffsetCommitPartition>,
+    }
+}
+
+wire_struct! {
+    /// One partition's commit result.
+    pub struct OffsetCommitPartitionResponse { pub topic: String, pub partition: u32, pub error: ErrorCode }
+}
+
+wire_struct! {
+    /// OffsetCommit response: answered once the commit is replicated (acks=all).
+    pub struct OffsetCommitResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub partitions: Vec<OffsetCommitPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// OffsetFetch request: committed offsets of `partitions` (`None`: every partition the
+    /// group has an offset for).
+    pub struct OffsetFetchRequest { pub group: String, pub partitions: Option<Vec<TopicPartition>> }
+}
+
+wire_struct! {
+    /// A committed offset; `offset` -1: none committed.
+    pub struct OffsetFetchPartition { pub topic: String, pub partition: u32, pub offset: i64, pub metadata: String }
+}
+
+wire_struct! {
+    /// OffsetFetch response.
+    pub struct OffsetFetchResponse { pub error: ErrorCode, pub message: String, pub offsets: Vec<OffsetFetchPartition> }
+}
+
+wire_struct! {
+    /// ListGroups request: the groups this broker coordinates.
+    pub struct ListGroupsRequest {}
+}
+
+wire_struct! {
+    /// A group in a listing.
+    pub struct ListedGroup { pub group: String, pub state: String, pub members: u32 }
+}
+
+wire_struct! {
+    /// ListGroups response.
+    pub struct ListGroupsResponse { pub groups: Vec<ListedGroup> }
+}
+
+wire_struct! {
+    /// DescribeGroup request.
+    pub struct DescribeGroupRequest { pub group: String }
+}
+
+wire_struct! {
+    /// A member of a described group.
+    pub struct GroupMemberDescription {
+        pub member_id: String,
+        pub instance_id: String,
+        pub client_id: String,
+        pub host: String,
+        pub member_epoch: i32,
+        pub assignment: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// DescribeGroup response: `state` is `Empty`, `Reconciling` or `Stable`; `generation`
+    /// the group epoch; `protocol` the assignor.
+    pub struct DescribeGroupResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub group: String,
+        pub state: String,
+        pub generation: i32,
+        pub protocol: String,
+        pub members: Vec<GroupMemberDescription>,
+        pub offsets: Vec<OffsetFetchPartition>,
+    }
+}
+
+wire_struct! {
+    /// DeleteGroup request: refused while the group has members.
+    pub struct DeleteGroupRequest { pub group: String }
+}
+
+wire_struct! {
+    /// DeleteGroup response.
+    pub struct DeleteGroupResponse { pub error: ErrorCode, pub message: String }
+}

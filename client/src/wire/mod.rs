@@ -48,11 +48,25 @@ pub enum ApiKey {
     Cluster = 9,
     /// Move a partition to other replicas (cluster mode).
     ReassignPartition = 10,
+    /// The broker that coordinates a consumer group.
+    FindCoordinator = 11,
+    /// Join, stay in, or leave a consumer group; get the member's assignment.
+    GroupHeartbeat = 12,
+    /// Commit a group's offsets.
+    OffsetCommit = 13,
+    /// Read a group's committed offsets.
+    OffsetFetch = 14,
+    /// The groups a broker coordinates.
+    ListGroups = 15,
+    /// A group's state, members, assignment and offsets.
+    DescribeGroup = 16,
+    /// Delete an empty group and its offsets.
+    DeleteGroup = 17,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 11] = [
+    pub const ALL: [ApiKey; 18] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -64,6 +78,13 @@ impl ApiKey {
         ApiKey::InitProducerId,
         ApiKey::Cluster,
         ApiKey::ReassignPartition,
+        ApiKey::FindCoordinator,
+        ApiKey::GroupHeartbeat,
+        ApiKey::OffsetCommit,
+        ApiKey::OffsetFetch,
+        ApiKey::ListGroups,
+        ApiKey::DescribeGroup,
+        ApiKey::DeleteGroup,
     ];
 
     /// The key for a number, if known.
@@ -127,6 +148,26 @@ impl ErrorCode {
     /// The replica asked to serve a read has not caught up with the read's session token (its
     /// high watermark or leader epoch is behind) within the bounded wait: read from the leader.
     pub const NOT_CAUGHT_UP: ErrorCode = ErrorCode(21);
+    /// This broker does not coordinate the group (find the coordinator again).
+    pub const NOT_COORDINATOR: ErrorCode = ErrorCode(22);
+    /// The coordinator is loading the group's state from its log; retry shortly.
+    pub const COORDINATOR_LOAD_IN_PROGRESS: ErrorCode = ErrorCode(23);
+    /// The member id is not a member of the group (it left, timed out or was replaced):
+    /// join again.
+    pub const UNKNOWN_MEMBER_ID: ErrorCode = ErrorCode(24);
+    /// The member epoch (generation) is not the member's current one: a zombie or a late
+    /// request; join again.
+    pub const FENCED_MEMBER_EPOCH: ErrorCode = ErrorCode(25);
+    /// The group has members (reset-offsets and delete need an empty group).
+    pub const GROUP_NOT_EMPTY: ErrorCode = ErrorCode(26);
+    /// No such group.
+    pub const GROUP_ID_NOT_FOUND: ErrorCode = ErrorCode(27);
+    /// A commit names a partition the member does not own.
+    pub const PARTITION_NOT_OWNED: ErrorCode = ErrorCode(28);
+    /// The group id is empty or too long.
+    pub const INVALID_GROUP_ID: ErrorCode = ErrorCode(29);
+    /// The assignor named is not one of range, roundrobin, sticky.
+    pub const UNSUPPORTED_ASSIGNOR: ErrorCode = ErrorCode(30);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -140,12 +181,14 @@ impl ErrorCode {
                 | ErrorCode::SHUTTING_DOWN
                 | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION
                 | ErrorCode::NOT_CAUGHT_UP
+                | ErrorCode::NOT_COORDINATOR
+                | ErrorCode::COORDINATOR_LOAD_IN_PROGRESS
         )
     }
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 22] = [
+        const NAMES: [&str; 31] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -168,6 +211,15 @@ impl ErrorCode {
             "OUT_OF_ORDER_SEQUENCE",
             "PRODUCER_FENCED",
             "NOT_CAUGHT_UP",
+            "NOT_COORDINATOR",
+            "COORDINATOR_LOAD_IN_PROGRESS",
+            "UNKNOWN_MEMBER_ID",
+            "FENCED_MEMBER_EPOCH",
+            "GROUP_NOT_EMPTY",
+            "GROUP_ID_NOT_FOUND",
+            "PARTITION_NOT_OWNED",
+            "INVALID_GROUP_ID",
+            "UNSUPPORTED_ASSIGNOR",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }

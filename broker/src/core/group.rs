@@ -1,0 +1,862 @@
+//! The consumer group coordinator: a state machine fed by the committed records of one
+//! `__consumer_offsets` partition (the first [`LogMachine`]; transactions and tables follow
+//! the same shape).
+//!
+//! Call protocol (one coordinator partition, on the shard that leads it):
+//! 1. On becoming leader: a new [`GroupCoordinator`], then [`LogMachine::apply`] for every
+//!    committed record from the log start (or from a snapshot's offset) to the high watermark.
+//! 2. Each request (`heartbeat`, `commit`, `delete`) computes, without changing the machine,
+//!    the records that say what changes and the answer to give once they are committed. The
+//!    driver appends the records (`acks=all`) and, once they are committed, applies them with
+//!    [`LogMachine::apply`] and sends the answer; if the append fails the machine is dropped
+//!    and rebuilt from the log. Requests of one partition run one at a time, so each sees the
+//!    state its predecessors committed. Reads (`fetch_offsets`, `describe`, `list`) change
+//!    nothing.
+//! 3. [`GroupCoordinator::expire`] on a timer: members whose session timed out leave.
+//!
+//! Liveness (when each member was last heard from) is not in the log: a new coordinator gives
+//! every member a full session from the moment it loaded.
+//!
+//! Assignment is server-side (Kafka's KIP-848): the group epoch is bumped by every membership
+//! or subscription change and a target assignment computed for it; each member converges to
+//! its target at its own heartbeats. A partition moves only once its current owner has
+//! acknowledged revoking it, so no partition is ever owned by two members, and partitions that
+//! do not move are never revoked (incremental rebalancing).
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use serde::{Deserialize, Serialize};
+use skein_client::wire::{
+    DescribeGroupResponse, ErrorCode, GroupHeartbeatRequest, GroupHeartbeatResponse, GroupMemberDescription,
+    ListedGroup, OffsetCommitPartitionResponse, OffsetCommitRequest, OffsetFetchPartition, TopicPartition, JOIN_EPOCH,
+    LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
+};
+
+use super::{Offset, Time};
+
+/// The internal topic holding groups and committed offsets.
+pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
+/// The longest group id, instance id, client id or host accepted.
+pub const NAME_BYTES_MAX: usize = 255;
+/// The longest commit metadata accepted.
+pub const METADATA_BYTES_MAX: usize = 4096;
+/// Most topics in one subscription.
+pub const SUBSCRIPTION_MAX: usize = 1000;
+/// Session timeouts accepted (ms).
+pub const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 1_000..=300_000;
+
+/// A state machine fed by a partition's committed records in offset order (the coordinators
+/// and tables of Skein share this shape).
+pub trait LogMachine {
+    /// Applies the committed record at `offset`. Records that do not decode are skipped by the
+    /// caller with a warning, never applied.
+    fn apply(&mut self, offset: Offset, key: &[u8], value: &[u8]) -> Result<(), RecordError>;
+    /// The offset after the last record applied.
+    fn applied(&self) -> Offset;
+}
+
+/// A record of the offsets topic that does not decode.
+#[derive(Debug, thiserror::Error)]
+#[error("group record at offset {offset}: {reason}")]
+pub struct RecordError {
+    /// Where.
+    pub offset: u64,
+    /// What is wrong.
+    pub reason: String,
+}
+
+/// A group's epoch, or a member's (the generation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
+pub struct Generation(pub i32);
+
+/// A partition of a topic.
+pub type Tp = (String, u32);
+
+/// The assignors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub enum Assignor {
+    /// Per topic, contiguous ranges of partitions to the subscribed members in id order.
+    Range,
+    /// Every partition in order, dealt to the subscribed members in turn.
+    RoundRobin,
+    /// Balanced, keeping each member's current partitions where it can (the default).
+    #[default]
+    Sticky,
+}
+
+impl Assignor {
+    /// From its name (`""`: none given).
+    pub fn parse(s: &str) -> Option<Option<Assignor>> {
+        match s {
+            "" => Some(None),
+            "range" => Some(Some(Assignor::Range)),
+            "roundrobin" => Some(Some(Assignor::RoundRobin)),
+            "sticky" => Some(Some(Assignor::Sticky)),
+            _ => None,
+        }
+    }
+
+    /// Its name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Assignor::Range => "range",
+            Assignor::RoundRobin => "roundrobin",
+            Assignor::Sticky => "sticky",
+        }
+    }
+}
+
+/// A member, as the log records it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Given by the coordinator at join.
+    pub id: String,
+    /// Static membership: the same instance id gets its partitions back.
+    pub instance_id: String,
+    /// For describe.
+    pub client_id: String,
+    /// For describe.
+    pub host: String,
+    /// Its rack (reserved for rack-aware assignment).
+    pub rack: String,
+    /// Subscribed topics, sorted.
+    pub topics: Vec<String>,
+    /// Its session timeout.
+    pub session_timeout_ms: u32,
+    /// Its epoch: the group epoch whose target it has converged to (revocations done).
+    pub epoch: Generation,
+    /// Its epoch before the last bump (a commit racing the bump is still accepted).
+    pub previous_epoch: Generation,
+    /// What it owns, as far as the coordinator knows (including partitions being revoked).
+    pub assigned: BTreeSet<Tp>,
+    /// Owned partitions it has been asked to give up, not acknowledged yet.
+    pub revoking: BTreeSet<Tp>,
+    /// What it should own at the group epoch.
+    pub target: BTreeSet<Tp>,
+    /// A static member that left for a restart: it keeps its partitions until its session
+    /// times out or its instance joins again.
+    pub away: bool,
+}
+
+/// A group, as the log records it (committed offsets are kept beside it).
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct GroupMeta {
+    /// Bumped by every membership or subscription change.
+    pub epoch: Generation,
+    /// The assignor (the first member's choice; later members may change it).
+    pub assignor: Assignor,
+    /// Members by id.
+    pub members: BTreeMap<String, Member>,
+    /// The next member number (member ids are unique for the group's life).
+    pub next_member: u64,
+    /// Partition counts of the subscribed topics the targets were computed for (a change,
+    /// such as a topic created after its consumers joined, starts a new epoch).
+    pub sizes: BTreeMap<String, u32>,
+}
+
+/// A committed offset.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Committed {
+    /// The next offset the group reads.
+    pub offset: u64,
+    /// The committer's metadata.
+    pub metadata: String,
+}
+
+/// One record of the offsets topic (JSON in the record's value; the key names the group).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GroupRecord {
+    /// The whole membership state of a group after a change.
+    Group {
+        /// Group id.
+        group: String,
+        /// Its state.
+        meta: GroupMeta,
+    },
+    /// A committed offset.
+    Offset {
+        /// Group id.
+        group: String,
+        /// Topic.
+        topic: String,
+        /// Partition.
+        partition: u32,
+        /// The offset and metadata.
+        committed: Committed,
+    },
+    /// The group and its offsets are gone.
+    GroupDeleted {
+        /// Group id.
+        group: String,
+    },
+}
+
+impl GroupRecord {
+    /// The record's key (the group id) and value.
+    pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
+        let group = match self {
+            GroupRecord::Group { group, .. }
+            | GroupRecord::Offset { group, .. }
+            | GroupRecord::GroupDeleted { group } => group,
+        };
+        (group.as_bytes().to_vec(), serde_json::to_vec(self).expect("group records serialize"))
+    }
+
+    /// Decodes a record's value.
+    pub fn decode(offset: Offset, value: &[u8]) -> Result<GroupRecord, RecordError> {
+        serde_json::from_slice(value).map_err(|e| RecordError { offset: offset.0, reason: e.to_string() })
+    }
+
+    fn group(&self) -> &str {
+        match self {
+            GroupRecord::Group { group, .. }
+            | GroupRecord::Offset { group, .. }
+            | GroupRecord::GroupDeleted { group } => group,
+        }
+    }
+}
+
+/// A refusal: the code and a message for the user.
+pub type Refusal = (ErrorCode, String);
+
+/// What a request produced: records to commit, then the answer.
+#[derive(Debug)]
+pub struct Outcome<T> {
+    /// Append these (acks=all), apply them once committed, then answer.
+    pub records: Vec<GroupRecord>,
+    /// The answer.
+    pub reply: T,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Group {
+    meta: GroupMeta,
+    offsets: BTreeMap<Tp, Committed>,
+}
+
+/// The coordinator of the groups hashed to one offsets partition.
+#[derive(Debug, Default)]
+pub struct GroupCoordinator {
+    groups: BTreeMap<String, Group>,
+    /// Session deadlines by (group, member id): liveness, not in the log.
+    deadlines: HashMap<(String, String), Time>,
+    applied: Offset,
+    /// The heartbeat interval members are told.
+    heartbeat_interval_ms: u32,
+}
+
+impl LogMachine for GroupCoordinator {
+    fn apply(&mut self, offset: Offset, _key: &[u8], value: &[u8]) -> Result<(), RecordError> {
+        self.applied = Offset(offset.0 + 1);
+        let record = GroupRecord::decode(offset, value)?;
+        self.apply_record(record);
+        Ok(())
+    }
+
+    fn applied(&self) -> Offset {
+        self.applied
+    }
+}
+
+/// The partition of the offsets topic a group lives in (FNV-1a of its id: stable across
+/// builds and platforms).
+pub fn partition_for(group: &str, partitions: u32) -> u32 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in group.as_bytes() {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    (h % u64::from(partitions.max(1))) as u32
+}
+
+/// Checks a group id.
+pub fn check_group_id(group: &str) -> Result<(), Refusal> {
+    if group.is_empty() || group.len() > NAME_BYTES_MAX {
+        return Err((ErrorCode::INVALID_GROUP_ID, format!("group ids are 1 to {NAME_BYTES_MAX} bytes")));
+    }
+    Ok(())
+}
+
+fn tps(set: &BTreeSet<Tp>) -> Vec<TopicPartition> {
+    set.iter().map(|(topic, partition)| TopicPartition { topic: topic.clone(), partition: *partition }).collect()
+}
+
+impl GroupCoordinator {
+    /// An empty coordinator telling members to heartbeat every `heartbeat_interval_ms`.
+    pub fn new(heartbeat_interval_ms: u32) -> GroupCoordinator {
+        GroupCoordinator { heartbeat_interval_ms, ..GroupCoordinator::default() }
+    }
+
+    /// Applies a committed record (the same path for replay and for live writes).
+    pub fn apply_record(&mut self, record: GroupRecord) {
+        let name = record.group().to_owned();
+        match record {
+            GroupRecord::Group { meta, .. } => {
+                let g = self.groups.entry(name.clone()).or_default();
+                self.deadlines.retain(|(gr, m), _| gr != &name || meta.members.contains_key(m));
+                g.meta = meta;
+            }
+            GroupRecord::Offset { topic, partition, committed, .. } => {
+                self.groups.entry(name).or_default().offsets.insert((topic, partition), committed);
+            }
+            GroupRecord::GroupDeleted { .. } => {
+                self.groups.remove(&name);
+                self.deadlines.retain(|(gr, _), _| gr != &name);
+            }
+        }
+    }
+
+    /// Gives every member a full session from `now` (after a load: liveness is not logged).
+    pub fn start_sessions(&mut self, now: Time) {
+        for (name, g) in &self.groups {
+            for m in g.meta.members.values() {
+                self.deadlines.insert((name.clone(), m.id.clone()), now.plus_ms(u64::from(m.session_timeout_ms)));
+            }
+        }
+    }
+
+    /// Group ids with their state and member count.
+    pub fn list(&self) -> Vec<ListedGroup> {
+        self.groups
+            .iter()
+            .map(|(name, g)| ListedGroup {
+                group: name.clone(),
+                state: state_name(&g.meta).into(),
+                members: g.meta.members.len() as u32,
+            })
+            .collect()
+    }
+
+    /// A group's committed offsets (`None`: every one), -1 where none.
+    pub fn fetch_offsets(&self, group: &str, partitions: Option<&[TopicPartition]>) -> Vec<OffsetFetchPartition> {
+        let g = self.groups.get(group);
+        let found = |topic: &str, partition: u32| g.and_then(|g| g.offsets.get(&(topic.to_owned(), partition)));
+        match partitions {
+            Some(ps) => ps
+                .iter()
+                .map(|p| {
+                    let c = found(&p.topic, p.partition);
+                    OffsetFetchPartition {
+                        topic: p.topic.clone(),
+                        partition: p.partition,
+                        offset: c.map_or(-1, |c| c.offset as i64),
+                        metadata: c.map(|c| c.metadata.clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
+            None => g
+                .map(|g| {
+                    g.offsets
+                        .iter()
+                        .map(|((topic, partition), c)| OffsetFetchPartition {
+                            topic: topic.clone(),
+                            partition: *partition,
+                            offset: c.offset as i64,
+                            metadata: c.metadata.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Describes a group.
+    pub fn describe(&self, group: &str) -> Result<DescribeGroupResponse, Refusal> {
+        let g = self
+            .groups
+            .get(group)
+            .ok_or_else(|| (ErrorCode::GROUP_ID_NOT_FOUND, format!("group '{}' not found", shown(group))))?;
+        Ok(DescribeGroupResponse {
+            error: ErrorCode::NONE,
+            message: String::new(),
+            group: group.to_owned(),
+            state: state_name(&g.meta).into(),
+            generation: g.meta.epoch.0,
+            protocol: g.meta.assignor.name().into(),
+            members: g
+                .meta
+                .members
+                .values()
+                .map(|m| GroupMemberDescription {
+                    member_id: m.id.clone(),
+                    instance_id: m.instance_id.clone(),
+                    client_id: m.client_id.clone(),
+                    host: m.host.clone(),
+                    member_epoch: m.epoch.0,
+                    assignment: tps(&m.assigned),
+                })
+                .collect(),
+            offsets: self.fetch_offsets(group, None),
+        })
+    }
+
+    /// A heartbeat (join, stay, leave). `partitions` gives a topic's partition count (`None`:
+    /// no such topic).
+    pub fn heartbeat(
+        &mut self,
+        now: Time,
+        req: &GroupHeartbeatRequest,
+        partitions: &dyn Fn(&str) -> Option<u32>,
+    ) -> Result<Outcome<GroupHeartbeatResponse>, Refusal> {
+        check_group_id(&req.group)?;
+        let assignor = Assignor::parse(&req.assignor).ok_or_else(|| {
+            (
+                ErrorCode::UNSUPPORTED_ASSIGNOR,
+                format!("assignor '{}' (range, roundrobin or sticky)", shown(&req.assignor)),
+            )
+        })?;
+        for s in [&req.instance_id, &req.client_id, &req.host, &req.rack] {
+            if s.len() > NAME_BYTES_MAX {
+                return Err((ErrorCode::INVALID_REQUEST, format!("a member field over {NAME_BYTES_MAX} bytes")));
+            }
+        }
+        if let Some(t) = &req.topics {
+            if t.len() > SUBSCRIPTION_MAX || t.iter().any(|t| t.is_empty() || t.len() > NAME_BYTES_MAX) {
+                return Err((
+                    ErrorCode::INVALID_REQUEST,
+                    format!("a subscription is 1 to {SUBSCRIPTION_MAX} topic names"),
+                ));
+            }
+        }
+        let old = self.groups.get(&req.group).map(|g| g.meta.clone());
+        let mut meta = old.clone().unwrap_or_default();
+        let mut bump = false;
+        let id = match req.member_epoch {
+            JOIN_EPOCH => {
+                let Some(topics) = &req.topics else {
+                    return Err((ErrorCode::INVALID_REQUEST, "a join names its topics".into()));
+                };
+                if !SESSION_TIMEOUT_MS.contains(&req.session_timeout_ms) {
+                    return Err((
+                        ErrorCode::INVALID_REQUEST,
+                        format!("session timeout {} ms (allowed: {SESSION_TIMEOUT_MS:?})", req.session_timeout_ms),
+                    ));
+                }
+                let mut topics = topics.clone();
+                topics.sort();
+                topics.dedup();
+                meta.next_member += 1;
+                let short: String = req.client_id.chars().take(64).collect();
+                let new_id = format!("{short}-{}-{}", meta.epoch.0, meta.next_member);
+                // A member id sent with epoch 0 is a member starting over: it leaves first.
+                if !req.member_id.is_empty() && meta.members.remove(&req.member_id).is_some() {
+                    bump = true;
+                }
+                let previous = (!req.instance_id.is_empty())
+                    .then(|| meta.members.values().find(|m| m.instance_id == req.instance_id).map(|m| m.id.clone()))
+                    .flatten()
+                    .and_then(|old_id| meta.members.remove(&old_id));
+                let member = match previous {
+                    // The static member is back: same partitions, a new id (its old process
+                    // is fenced), no rebalance unless its subscription changed.
+                    Some(prev) => {
+                        if prev.topics != topics {
+                            bump = true;
+                        }
+                        Member { id: new_id.clone(), topics, away: false, ..prev }
+                    }
+                    None => {
+                        bump = true;
+                        Member {
+                            id: new_id.clone(),
+                            instance_id: req.instance_id.clone(),
+                            client_id: req.client_id.clone(),
+                            host: req.host.clone(),
+                            rack: req.rack.clone(),
+                            topics,
+                            session_timeout_ms: req.session_timeout_ms,
+                            epoch: Generation(0),
+                            previous_epoch: Generation(0),
+                            assigned: BTreeSet::new(),
+                            revoking: BTreeSet::new(),
+                            target: BTreeSet::new(),
+                            away: false,
+                        }
+                    }
+                };
+                meta.members.insert(new_id.clone(), member);
+                if let Some(a) = assignor {
+                    if meta.members.len() == 1 || a != meta.assignor {
+                        bump |= a != meta.assignor;
+                        meta.assignor = a;
+                    }
+                }
+                new_id
+            }
+            LEAVE_EPOCH | STATIC_LEAVE_EPOCH => {
+                let Some(m) = meta.members.get_mut(&req.member_id) else {
+                    return Err(unknown_member(&req.member_id));
+                };
+                if req.member_epoch == STATIC_LEAVE_EPOCH && !m.instance_id.is_empty() {
+                    m.away = true;
+                } else {
+                    meta.members.remove(&req.member_id);
+                    meta.epoch = Generation(meta.epoch.0 + 1);
+                    retarget(&mut meta, partitions);
+                }
+                let key = (req.group.clone(), req.member_id.clone());
+                match meta.members.get(&req.member_id) {
+                    // Away: its session runs from now; back before it ends, it keeps everything.
+                    Some(m) => {
+                        let until = now.plus_ms(u64::from(m.session_timeout_ms));
+                        self.deadlines.insert(key, until);
+                    }
+                    None => {
+                        self.deadlines.remove(&key);
+                    }
+                }
+                let records = self.record_if_changed(&req.group, old.as_ref(), meta);
+                return Ok(Outcome {
+                    records,
+                    reply: GroupHeartbeatResponse {
+                        error: ErrorCode::NONE,
+                        message: String::new(),
+                        member_id: req.member_id.clone(),
+                        member_epoch: req.member_epoch,
+                        heartbeat_interval_ms: self.heartbeat_interval_ms,
+                        assignment: Vec::new(),
+                    },
+                });
+            }
+            e if e > 0 => {
+                let Some(m) = meta.members.get_mut(&req.member_id) else {
+                    return Err(unknown_member(&req.member_id));
+                };
+                if Generation(e) != m.epoch && Generation(e) != m.previous_epoch {
+                    return Err(fenced(&req.member_id, e, m.epoch));
+                }
+                if let Some(topics) = &req.topics {
+                    let mut topics = topics.clone();
+                    topics.sort();
+                    topics.dedup();
+                    if topics != m.topics {
+                        m.topics = topics;
+                        bump = true;
+                    }
+                }
+                if let Some(owned) = &req.owned {
+                    let owned: BTreeSet<Tp> = owned.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+                    // Revocations acknowledged: those partitions are free for their new owners.
+                    let done: Vec<Tp> = m.revoking.iter().filter(|p| !owned.contains(*p)).cloned().collect();
+                    for p in done {
+                        m.revoking.remove(&p);
+                        m.assigned.remove(&p);
+                    }
+                }
+                m.away = false;
+                req.member_id.clone()
+            }
+            e => return Err((ErrorCode::INVALID_REQUEST, format!("member epoch {e}"))),
+        };
+        if bump {
+            meta.epoch = Generation(meta.epoch.0 + 1);
+            retarget(&mut meta, partitions);
+        }
+        reconcile(&mut meta, &id);
+        let member = &meta.members[&id];
+        let reply = GroupHeartbeatResponse {
+            error: ErrorCode::NONE,
+            message: String::new(),
+            member_id: id.clone(),
+            member_epoch: member.epoch.0,
+            heartbeat_interval_ms: self.heartbeat_interval_ms,
+            assignment: tps(&member.assigned.difference(&member.revoking).cloned().collect()),
+        };
+        let timeout = member.session_timeout_ms;
+        let records = self.record_if_changed(&req.group, old.as_ref(), meta);
+        self.deadlines.insert((req.group.clone(), id), now.plus_ms(u64::from(timeout)));
+        Ok(Outcome { records, reply })
+    }
+
+    fn record_if_changed(&self, group: &str, old: Option<&GroupMeta>, meta: GroupMeta) -> Vec<GroupRecord> {
+        if old == Some(&meta) {
+            Vec::new()
+        } else {
+            vec![GroupRecord::Group { group: group.to_owned(), meta }]
+        }
+    }
+
+    /// An offset commit: by a member for partitions it owns, or administrative (empty member
+    /// id, epoch -1) on a group without members.
+    pub fn commit(&self, req: &OffsetCommitRequest) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
+        check_group_id(&req.group)?;
+        let g = self.groups.get(&req.group);
+        let member = if req.member_id.is_empty() && req.member_epoch == -1 {
+            if let Some(g) = g.filter(|g| !g.meta.members.is_empty()) {
+                return Err((
+                    ErrorCode::GROUP_NOT_EMPTY,
+                    format!("group '{}' has {} members; stop them first", shown(&req.group), g.meta.members.len()),
+                ));
+            }
+            None
+        } else {
+            let m = g.and_then(|g| g.meta.members.get(&req.member_id)).ok_or_else(|| unknown_member(&req.member_id))?;
+            if Generation(req.member_epoch) != m.epoch && Generation(req.member_epoch) != m.previous_epoch {
+                return Err(fenced(&req.member_id, req.member_epoch, m.epoch));
+            }
+            Some(m)
+        };
+        let mut records = Vec::new();
+        let mut reply = Vec::with_capacity(req.offsets.len());
+        for o in &req.offsets {
+            let tp = (o.topic.clone(), o.partition);
+            let error = if member.is_some_and(|m| !m.assigned.contains(&tp)) {
+                ErrorCode::PARTITION_NOT_OWNED
+            } else if o.metadata.len() > METADATA_BYTES_MAX || o.topic.is_empty() || o.topic.len() > NAME_BYTES_MAX {
+                ErrorCode::INVALID_REQUEST
+            } else {
+                records.push(GroupRecord::Offset {
+                    group: req.group.clone(),
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    committed: Committed { offset: o.offset, metadata: o.metadata.clone() },
+                });
+                ErrorCode::NONE
+            };
+            reply.push(OffsetCommitPartitionResponse { topic: o.topic.clone(), partition: o.partition, error });
+        }
+        Ok(Outcome { records, reply })
+    }
+
+    /// Deletes a group without members, with its offsets.
+    pub fn delete(&self, group: &str) -> Result<Outcome<()>, Refusal> {
+        check_group_id(group)?;
+        let g = self
+            .groups
+            .get(group)
+            .ok_or_else(|| (ErrorCode::GROUP_ID_NOT_FOUND, format!("group '{}' not found", shown(group))))?;
+        if !g.meta.members.is_empty() {
+            return Err((
+                ErrorCode::GROUP_NOT_EMPTY,
+                format!("group '{}' has {} members; stop them first", shown(group), g.meta.members.len()),
+            ));
+        }
+        Ok(Outcome { records: vec![GroupRecord::GroupDeleted { group: group.to_owned() }], reply: () })
+    }
+
+    /// Members whose session ended by `now` leave their groups: one record per group changed.
+    pub fn expire(&self, now: Time, partitions: &dyn Fn(&str) -> Option<u32>) -> Vec<GroupRecord> {
+        let mut gone: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+        for ((group, member), deadline) in &self.deadlines {
+            if *deadline <= now {
+                gone.entry(group).or_default().push(member);
+            }
+        }
+        let mut out = Vec::new();
+        for (group, members) in gone {
+            let Some(g) = self.groups.get(group) else { continue };
+            let mut meta = g.meta.clone();
+            let before = meta.members.len();
+            for m in members {
+                meta.members.remove(m);
+            }
+            if meta.members.len() != before {
+                meta.epoch = Generation(meta.epoch.0 + 1);
+                retarget(&mut meta, partitions);
+                out.push(GroupRecord::Group { group: group.to_owned(), meta });
+            }
+        }
+        out
+    }
+
+    /// Groups whose subscribed topics changed partition counts (a topic created or deleted
+    /// after its consumers joined) start a new epoch: one record per group changed.
+    pub fn refresh(&self, partitions: &dyn Fn(&str) -> Option<u32>) -> Vec<GroupRecord> {
+        let mut out = Vec::new();
+        for (name, g) in &self.groups {
+            if g.meta.members.is_empty() || sizes(&g.meta, partitions) == g.meta.sizes {
+                continue;
+            }
+            let mut meta = g.meta.clone();
+            meta.epoch = Generation(meta.epoch.0 + 1);
+            retarget(&mut meta, partitions);
+            out.push(GroupRecord::Group { group: name.clone(), meta });
+        }
+        out
+    }
+
+    /// Members whose session ended by `now` (for logs).
+    pub fn expired(&self, now: Time) -> Vec<(String, String)> {
+        self.deadlines.iter().filter(|(_, d)| **d <= now).map(|(k, _)| k.clone()).collect()
+    }
+
+    /// Every group's members' owned partitions (for invariant checks: no partition owned twice).
+    pub fn owners(&self) -> BTreeMap<(String, Tp), Vec<String>> {
+        let mut out: BTreeMap<(String, Tp), Vec<String>> = BTreeMap::new();
+        for (name, g) in &self.groups {
+            for m in g.meta.members.values() {
+                for p in &m.assigned {
+                    out.entry((name.clone(), p.clone())).or_default().push(m.id.clone());
+                }
+            }
+        }
+        out
+    }
+}
+
+fn shown(s: &str) -> String {
+    skein_client::wire::shown(s)
+}
+
+fn unknown_member(id: &str) -> Refusal {
+    (
+        ErrorCode::UNKNOWN_MEMBER_ID,
+        format!("member '{}' is not in the group (it left, timed out or was replaced); join again", shown(id)),
+    )
+}
+
+fn fenced(id: &str, got: i32, current: Generation) -> Refusal {
+    (
+        ErrorCode::FENCED_MEMBER_EPOCH,
+        format!("member '{}' sent epoch {got}, its epoch is {}: a stale generation; join again", shown(id), current.0),
+    )
+}
+
+fn state_name(meta: &GroupMeta) -> &'static str {
+    if meta.members.is_empty() {
+        "Empty"
+    } else if meta.members.values().all(|m| m.epoch == meta.epoch && m.revoking.is_empty() && m.assigned == m.target) {
+        "Stable"
+    } else {
+        "Reconciling"
+    }
+}
+
+fn sizes(meta: &GroupMeta, partitions: &dyn Fn(&str) -> Option<u32>) -> BTreeMap<String, u32> {
+    let topics: BTreeSet<&String> = meta.members.values().flat_map(|m| m.topics.iter()).collect();
+    topics.into_iter().filter_map(|t| Some((t.clone(), partitions(t)?))).collect()
+}
+
+/// Recomputes every member's target for the group's (new) epoch.
+fn retarget(meta: &mut GroupMeta, partitions: &dyn Fn(&str) -> Option<u32>) {
+    meta.sizes = sizes(meta, partitions);
+    let members: Vec<(String, Vec<String>, BTreeSet<Tp>)> =
+        meta.members.values().map(|m| (m.id.clone(), m.topics.clone(), m.assigned.clone())).collect();
+    let targets = assign(meta.assignor, &members, partitions);
+    for m in meta.members.values_mut() {
+        m.target = targets.get(&m.id).cloned().unwrap_or_default();
+    }
+}
+
+/// Moves one member towards its target: first it gives up what it should not own (and is
+/// not given anything until it acknowledged that), then it takes what its target holds that
+/// nobody else owns. Its epoch becomes the group's once its revocations are done.
+fn reconcile(meta: &mut GroupMeta, id: &str) {
+    let owned_by_others: BTreeSet<Tp> =
+        meta.members.values().filter(|m| m.id != id).flat_map(|m| m.assigned.iter().cloned()).collect();
+    let group_epoch = meta.epoch;
+    let m = meta.members.get_mut(id).expect("reconciling a member of the group");
+    if !m.revoking.is_empty() {
+        return;
+    }
+    let extra: BTreeSet<Tp> = m.assigned.difference(&m.target).cloned().collect();
+    if !extra.is_empty() {
+        m.revoking = extra;
+        return;
+    }
+    if m.epoch != group_epoch {
+        m.previous_epoch = m.epoch;
+        m.epoch = group_epoch;
+    }
+    let free: Vec<Tp> =
+        m.target.iter().filter(|p| !m.assigned.contains(*p) && !owned_by_others.contains(*p)).cloned().collect();
+    m.assigned.extend(free);
+}
+
+/// Target assignment of every member (id, subscribed topics, currently owned).
+pub fn assign(
+    assignor: Assignor,
+    members: &[(String, Vec<String>, BTreeSet<Tp>)],
+    partitions: &dyn Fn(&str) -> Option<u32>,
+) -> BTreeMap<String, BTreeSet<Tp>> {
+    let mut out: BTreeMap<String, BTreeSet<Tp>> =
+        members.iter().map(|(id, _, _)| (id.clone(), BTreeSet::new())).collect();
+    let topics: BTreeSet<&String> = members.iter().flat_map(|(_, t, _)| t.iter()).collect();
+    let subscribers = |topic: &str| -> Vec<&String> {
+        let mut s: Vec<&String> =
+            members.iter().filter(|(_, t, _)| t.iter().any(|x| x == topic)).map(|(id, _, _)| id).collect();
+        s.sort();
+        s
+    };
+    let all: Vec<Tp> =
+        topics.iter().flat_map(|t| (0..partitions(t).unwrap_or(0)).map(move |p| ((*t).clone(), p))).collect();
+    match assignor {
+        Assignor::Range => {
+            for t in &topics {
+                let subs = subscribers(t);
+                let n = partitions(t).unwrap_or(0) as usize;
+                if subs.is_empty() {
+                    continue;
+                }
+                let (each, extra) = (n / subs.len(), n % subs.len());
+                let mut next = 0;
+                for (i, id) in subs.iter().enumerate() {
+                    let count = each + usize::from(i < extra);
+                    for p in next..next + count {
+                        out.get_mut(*id).expect("member").insert(((*t).clone(), p as u32));
+                    }
+                    next += count;
+                }
+            }
+        }
+        Assignor::RoundRobin => {
+            let mut ids: Vec<&String> = members.iter().map(|(id, _, _)| id).collect();
+            ids.sort();
+            let mut turn = 0usize;
+            for (t, p) in &all {
+                for k in 0..ids.len() {
+                    let id = ids[(turn + k) % ids.len()];
+                    if subscribers(t).contains(&id) {
+                        out.get_mut(id).expect("member").insert((t.clone(), *p));
+                        turn = (turn + k + 1) % ids.len();
+                        break;
+                    }
+                }
+            }
+        }
+        Assignor::Sticky => {
+            let count = all.len();
+            let eligible: Vec<&(String, Vec<String>, BTreeSet<Tp>)> =
+                members.iter().filter(|(_, t, _)| t.iter().any(|t| partitions(t).unwrap_or(0) > 0)).collect();
+            if eligible.is_empty() {
+                return out;
+            }
+            let floor = count / eligible.len();
+            let mut extra = count % eligible.len();
+            let valid: BTreeSet<&Tp> = all.iter().collect();
+            let mut taken: BTreeSet<Tp> = BTreeSet::new();
+            let mut sorted: Vec<&&(String, Vec<String>, BTreeSet<Tp>)> = eligible.iter().collect();
+            sorted.sort_by(|a, b| b.2.len().cmp(&a.2.len()).then(a.0.cmp(&b.0)));
+            // Keep what each member owns, up to its share (the first `extra` keep one more).
+            for (id, topics, owned) in sorted.iter().map(|m| (&m.0, &m.1, &m.2)) {
+                let mut quota = floor;
+                let keep: Vec<&Tp> = owned
+                    .iter()
+                    .filter(|p| valid.contains(p) && topics.contains(&p.0) && !taken.contains(*p))
+                    .collect();
+                if keep.len() > floor && extra > 0 {
+                    quota += 1;
+                    extra -= 1;
+                }
+                for p in keep.into_iter().take(quota) {
+                    taken.insert(p.clone());
+                    out.get_mut(id).expect("member").insert(p.clone());
+                }
+            }
+            // The rest, each to the subscribed member owning fewest (ties: lowest id).
+            for (t, p) in &all {
+                if taken.contains(&(t.clone(), *p)) {
+                    continue;
+                }
+                let best = subscribers(t).into_iter().min_by_key(|id| (out[*id].len(), (*id).clone()));
+                if let Some(id) = best {
+                    out.get_mut(id).expect("member").insert((t.clone(), *p));
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;
