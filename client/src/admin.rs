@@ -2,7 +2,8 @@
 //!
 //! A [`Client`] keeps a **metadata cache** filled from Metadata responses: each broker's
 //! address by node id, and each partition's leader and leader epoch. Produce, Fetch and
-//! ListOffsets go to the partition's leader; everything else goes to any broker. It keeps
+//! ListOffsets go to the partition's leader; consumer group requests to the group's
+//! coordinator (cached per group, see `group.rs`); everything else goes to any broker. It keeps
 //! one connection per broker address, opened on first use and reopened when it broke.
 //!
 //! Metadata requests go to any reachable broker: the known brokers first (those that failed
@@ -82,6 +83,9 @@ struct Inner {
     cache: RefCell<MetadataCache>,
     /// Some while a metadata refresh is in flight: the callers waiting for it.
     refresh: RefCell<Option<Vec<RefreshWaiter>>>,
+    /// The coordinator (node id) of each consumer group asked about, until a request to it
+    /// fails with NOT_COORDINATOR or a broken connection (`group.rs`).
+    coordinators: RefCell<HashMap<String, u32>>,
 }
 
 impl Client {
@@ -101,6 +105,7 @@ impl Client {
                 metadata_turn: std::cell::Cell::new(0),
                 cache: RefCell::default(),
                 refresh: RefCell::new(None),
+                coordinators: RefCell::default(),
             }),
         };
         client.connection().await?;
@@ -366,6 +371,26 @@ impl Client {
                 other => return other,
             }
         }
+    }
+
+    /// The cached coordinator of a consumer group (see `group.rs`).
+    pub(crate) fn cached_coordinator(&self, group: &str) -> Option<u32> {
+        self.inner.coordinators.borrow().get(group).copied()
+    }
+
+    /// Notes the coordinator a FindCoordinator answer named.
+    pub(crate) fn remember_coordinator(&self, group: &str, node: u32) {
+        self.inner.coordinators.borrow_mut().insert(group.to_owned(), node);
+    }
+
+    /// Forgets a group's coordinator: the next group request finds it again.
+    pub(crate) fn forget_coordinator(&self, group: &str) {
+        self.inner.coordinators.borrow_mut().remove(group);
+    }
+
+    /// Whether the metadata cache knows a broker's address.
+    pub(crate) fn knows_node(&self, node: u32) -> bool {
+        self.inner.cache.borrow().brokers.contains_key(&node)
     }
 
     fn node_address(&self, node: u32) -> Result<String, ClientError> {

@@ -10,7 +10,8 @@
 //!
 //! After each answer the next fetch to that leader is sent at once, before the records are
 //! handed back, so the broker works on the next fetch while the application works on this
-//! one. A seek drops the fetches in flight.
+//! one. A seek drops the fetches in flight; [`Consumer::unassign`] drops one partition from them
+//! (the others of the same fetch are still taken).
 //!
 //! Failover: a partition answered with NOT_LEADER, FENCED_LEADER_EPOCH or
 //! UNKNOWN_TOPIC_OR_PARTITION, or whose fetch failed (lost connection, IO error, or no answer
@@ -327,6 +328,31 @@ impl Consumer {
             return Err(ClientError::Invalid(format!("{topic}/{partition} is not assigned")));
         }
         self.assign(topic, &[partition], to).await
+    }
+
+    /// Drops an assigned partition: it is fetched no more, and the answer of a fetch in
+    /// flight for it is ignored (the other partitions of that fetch are still taken). Returns
+    /// whether it was assigned. A consumer left with nothing assigned must not be polled
+    /// ([`Consumer::poll`] fails then): check [`Consumer::is_assigned_any`] first.
+    pub fn unassign(&mut self, topic: &str, partition: u32) -> bool {
+        let before = self.assigned.len();
+        self.assigned.retain(|a| !(&*a.topic == topic && a.partition == partition));
+        for f in &mut self.in_flight {
+            f.parts.retain(|x| !(&*x.topic == topic && x.partition == partition));
+        }
+        // A fetch left asking for nothing still holds its place on its connection; its answer
+        // is ignored (take_batches finds no asked partition in it).
+        self.assigned.len() != before
+    }
+
+    /// The assigned partitions, in assignment order.
+    pub fn assignment(&self) -> Vec<(String, u32)> {
+        self.assigned.iter().map(|a| (a.topic.to_string(), a.partition)).collect()
+    }
+
+    /// Whether any partition is assigned (polling needs one).
+    pub fn is_assigned_any(&self) -> bool {
+        !self.assigned.is_empty()
     }
 
     /// The next offset to be read from a partition.

@@ -19,6 +19,11 @@
 //! # });
 //! ```
 //!
+//! Consumer groups: a [`GroupConsumer`] reads the partitions its group's coordinator assigns
+//! it (server-side assignment, one heartbeat RPC), committing its offsets; the group admin
+//! calls (`list_groups`, `describe_group`, `reset_offsets`, ...) are on [`Client`]. See
+//! `group.rs` and PROTOCOL.md, "Consumer groups".
+//!
 //! Reads may be served by followers (`ConsumerConfig::prefer_replica`), and a [`Session`]
 //! shared by producers and consumers (`session` in both configs) gives read-your-writes and
 //! monotonic reads across replicas and failovers; see `consumer.rs` and PROTOCOL.md §9.
@@ -27,6 +32,7 @@
 mod admin;
 pub mod conn;
 mod consumer;
+mod group;
 mod producer;
 mod session;
 pub mod wire;
@@ -35,6 +41,11 @@ pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, Group
 pub use consumer::{
     Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
     SessionLag,
+};
+pub use group::{
+    offset_lags, parse_rfc3339_ms, reconcile, Assignor, Coordinator, GroupConfig, GroupConsumer, GroupList, GroupStats,
+    OffsetLag, OffsetReset, OffsetTarget, Partition, RebalanceListener, COORDINATOR_RETRY_BACKOFF,
+    GROUP_FETCH_WAIT_MAX,
 };
 pub use producer::{
     key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,
