@@ -6,12 +6,13 @@ use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
-use clap::{Parser, Subcommand};
-use skein_client::wire::TopicDescription;
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{CommandFactory, Parser, Subcommand};
+use skein_client::wire::{DescribeGroupResponse, ErrorCode, TopicDescription};
 use skein_client::{
-    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, Position, Producer,
-    ProducerConfig, ReadReplica, Retry, Session, SessionHandle,
+    Acks, Assignor, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, GroupConfig,
+    GroupConsumer, OffsetLag, OffsetReset, OffsetTarget, Position, Producer, ProducerConfig, ReadReplica, Retry,
+    Session, SessionHandle,
 };
 
 #[derive(Parser)]
@@ -65,8 +66,25 @@ enum Command {
         #[arg(long)]
         partition: Option<u32>,
         /// `beginning`, `end`, an offset, or `-N`: N records before the end (of each partition).
+        /// With `--group`: `beginning` or `end`, where partitions without a committed offset
+        /// start.
         #[arg(long, default_value = "beginning", allow_hyphen_values = true, value_parser = parse_from)]
         from: From,
+        /// Read as a member of this consumer group: the partitions its coordinator assigns,
+        /// from the group's committed offsets; what is printed is committed every second, on
+        /// every revocation and on exit (also on SIGINT and SIGTERM), then the group is left.
+        #[arg(long, conflicts_with = "partition")]
+        group: Option<String>,
+        /// With `--group`: a static member's id (back within the session timeout, it gets its
+        /// partitions again without a rebalance).
+        #[arg(long, requires = "group")]
+        instance_id: Option<String>,
+        /// With `--group`: the coordinator fences a member silent for this long.
+        #[arg(long, requires = "group", default_value_t = 10_000, value_name = "MS")]
+        session_timeout_ms: u32,
+        /// With `--group`: `range`, `roundrobin` or `sticky`.
+        #[arg(long, requires = "group", default_value = "sticky")]
+        assignor: Assignor,
         /// Stop after this many records.
         #[arg(long)]
         count: Option<u64>,
@@ -98,6 +116,43 @@ enum Command {
     Cluster {
         #[command(subcommand)]
         command: ClusterCommand,
+    },
+    /// Consumer groups: list, describe, reset offsets, delete.
+    Group {
+        #[command(subcommand)]
+        command: GroupCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum GroupCommand {
+    /// Every group: `GROUP STATE MEMBERS`.
+    List,
+    /// A group's state, members and committed offsets with their lag.
+    Describe {
+        /// Group name.
+        group: String,
+        /// One JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Moves a group's committed offsets of a topic (the group must have no members); prints
+    /// `TOPIC PARTITION OFFSET` per partition.
+    ResetOffsets {
+        /// Group name.
+        group: String,
+        /// The topic whose offsets move (every partition).
+        #[arg(long)]
+        topic: String,
+        /// `earliest`, `latest`, an offset, `@MS` (ms since 1970) or a time such as
+        /// `2026-12-05T10:00:00Z`; clamped to each partition's log.
+        #[arg(long)]
+        to: OffsetTarget,
+    },
+    /// Deletes a group without members, and its offsets.
+    Delete {
+        /// Group name.
+        group: String,
     },
 }
 
@@ -164,6 +219,12 @@ enum ClusterCommand {
 
 fn main() {
     let cli = Cli::parse();
+    if let Command::Consume { group: Some(_), from, .. } = &cli.command {
+        if !matches!(from, From::Beginning | From::End) {
+            let why = "with --group, --from is beginning or end (where partitions without a committed offset start)";
+            Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
+        }
+    }
     if let Command::Produce { .. } = cli.command {
     } else if let Some(t) = cli.timeout {
         // Other commands are simply cut off; produce reports each pending record itself.
@@ -227,16 +288,31 @@ async fn run(cli: Cli) -> Result<()> {
             prefer_replica,
             rack,
             session_deadline_ms,
+            group,
+            instance_id,
+            session_timeout_ms,
+            assignor,
         } => {
             let loaded = load_session(session.as_deref())?;
             let session_deadline = Instant::now() + Duration::from_millis(session_deadline_ms);
             let read = ReadOptions { prefer_replica, rack, session: loaded.clone(), session_deadline };
-            let result = consume(client, &topic, partition, from, count, timeout_ms, &format, read).await;
+            let result = match group {
+                Some(group) => {
+                    let mut config = GroupConfig::new(&group);
+                    config.instance_id = instance_id;
+                    config.session_timeout_ms = session_timeout_ms;
+                    config.assignor = assignor;
+                    config.reset = if from == From::End { OffsetReset::Latest } else { OffsetReset::Earliest };
+                    consume_group(client, &topic, config, count, timeout_ms, &format, read).await
+                }
+                None => consume(client, &topic, partition, from, count, timeout_ms, &format, read).await,
+            };
             // A failed run still saves the writes it had acknowledged; its own error comes first.
             let saved = save_session(session.as_deref(), loaded.as_ref());
             result.and(saved)
         }
         Command::Cluster { command: ClusterCommand::Status { json } } => cluster_status(&client, json).await,
+        Command::Group { command } => group(&client, command).await,
     }
 }
 
@@ -748,6 +824,277 @@ async fn consume(
     Ok(())
 }
 
+/// `consume --group`: reads what the group's coordinator assigns, printing each record and
+/// committing what was printed (every second, on revocations, and on the way out: count
+/// reached, idle timeout, error, SIGINT or SIGTERM), then leaves the group.
+async fn consume_group(
+    client: Client,
+    topic: &str,
+    group: GroupConfig,
+    count: Option<u64>,
+    timeout_ms: Option<u64>,
+    format: &Format,
+    read: ReadOptions,
+) -> Result<()> {
+    let name = group.group.clone();
+    let config = ConsumerConfig {
+        max_wait: Duration::from_millis(timeout_ms.unwrap_or(100).clamp(1, 100)),
+        prefer_replica: read.prefer_replica,
+        rack: read.rack,
+        session: read.session,
+        ..ConsumerConfig::default()
+    };
+    let mut consumer = GroupConsumer::new(client, config, group);
+    consumer.subscribe(&[topic]);
+    let stop = watch_stop_signals().await;
+    let result = group_loop(&mut consumer, count, timeout_ms, format, &stop, read.session_deadline).await;
+    // Whatever ended the loop, what was printed is committed and the group left.
+    let closed = consumer.close().await.map_err(|e| group_error(&name, e).context("committing on exit"));
+    result.and(closed)
+}
+
+/// A flag set once SIGINT or SIGTERM arrives (the handlers are installed on return).
+async fn watch_stop_signals() -> std::rc::Rc<std::cell::Cell<bool>> {
+    use futures_util::future::select;
+    const SIGINT: i32 = 2;
+    const SIGTERM: i32 = 15;
+    let stop = std::rc::Rc::new(std::cell::Cell::new(false));
+    let flag = stop.clone();
+    compio::runtime::spawn(async move {
+        let interrupt = std::pin::pin!(compio::signal::unix::signal(SIGINT));
+        let terminate = std::pin::pin!(compio::signal::unix::signal(SIGTERM));
+        let _ = select(interrupt, terminate).await;
+        flag.set(true);
+    })
+    .detach();
+    // Let the task run up to its wait, so the handlers are in place.
+    skein_client::yield_now().await;
+    stop
+}
+
+async fn group_loop(
+    consumer: &mut GroupConsumer,
+    count: Option<u64>,
+    timeout_ms: Option<u64>,
+    format: &Format,
+    stop: &std::cell::Cell<bool>,
+    session_deadline: Instant,
+) -> Result<()> {
+    let mut out = BufWriter::with_capacity(1 << 16, std::io::stdout().lock());
+    let mut seen = 0u64;
+    let mut last = Instant::now();
+    while count.is_none_or(|c| seen < c) && !stop.get() {
+        let records = consumer.poll().await?;
+        if records.is_empty() {
+            if let Some(lag) = consumer.consumer().behind_session().first() {
+                if Instant::now() >= session_deadline {
+                    bail!(
+                        "{}/{} did not reach the session's token (offset {}) within the session deadline; read up to offset {}",
+                        lag.topic,
+                        lag.partition,
+                        lag.token.min_high_watermark,
+                        lag.position
+                    );
+                }
+                last = Instant::now();
+                continue;
+            }
+            if timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)) {
+                break;
+            }
+            continue;
+        }
+        last = Instant::now();
+        // Records past --count are not printed: commits start at the first of them.
+        let mut unprinted: std::collections::BTreeMap<(String, u32), u64> = std::collections::BTreeMap::new();
+        for r in &records {
+            if count.is_some_and(|c| seen >= c) {
+                unprinted.entry((r.topic.to_string(), r.partition)).or_insert(r.offset);
+                continue;
+            }
+            format.write(&mut out, r)?;
+            seen += 1;
+        }
+        out.flush()?;
+        for ((topic, partition), offset) in unprinted {
+            consumer.set_consumed(&topic, partition, offset)?;
+        }
+    }
+    out.flush()?;
+    Ok(())
+}
+
+async fn group(client: &Client, command: GroupCommand) -> Result<()> {
+    match command {
+        GroupCommand::List => {
+            let list = client.list_groups().await.map_err(|e| anyhow!("listing groups: {}", failure(&e)))?;
+            let rows: Vec<Vec<String>> =
+                list.groups.iter().map(|g| vec![g.group.clone(), g.state.clone(), g.members.to_string()]).collect();
+            print_table(&["GROUP", "STATE", "MEMBERS"], &rows);
+            for (node, e) in &list.failed {
+                eprintln!("skein: broker {node} did not answer ListGroups; its groups are missing: {}", failure(e));
+            }
+        }
+        GroupCommand::Describe { group, json } => {
+            let d = client.describe_group(&group).await.map_err(|e| group_error(&group, e))?;
+            let lags = group_lags(client, &d).await;
+            if json {
+                println!("{}", group_json(&d, &lags));
+            } else {
+                print_group(&d, &lags);
+            }
+        }
+        GroupCommand::ResetOffsets { group, topic, to } => {
+            let offsets = client.reset_offsets(&group, &topic, to).await.map_err(|e| group_error(&group, e))?;
+            for (partition, offset) in offsets {
+                println!("{topic} {partition} {offset}");
+            }
+        }
+        GroupCommand::Delete { group } => {
+            client.delete_group(&group).await.map_err(|e| group_error(&group, e))?;
+            println!("deleted group {group}");
+        }
+    }
+    Ok(())
+}
+
+/// The committed offsets of a described group with their log ends (ListOffsets latest per
+/// partition; unknown where that fails, e.g. a deleted topic).
+async fn group_lags(client: &Client, d: &DescribeGroupResponse) -> Vec<OffsetLag> {
+    let mut ends = std::collections::BTreeMap::new();
+    for o in d.offsets.iter().filter(|o| o.offset >= 0) {
+        match client.list_offset(&o.topic, o.partition, skein_client::wire::LATEST).await {
+            Ok(end) => {
+                ends.insert((o.topic.clone(), o.partition), end);
+            }
+            Err(e) => eprintln!("skein: log end of {}/{} unknown: {}", o.topic, o.partition, failure(&e)),
+        }
+    }
+    skein_client::offset_lags(&d.offsets, |t, p| ends.get(&(t.to_owned(), p)).copied())
+}
+
+/// `group describe --json`: members sorted by id, assignments by topic and partition.
+fn group_json(d: &DescribeGroupResponse, lags: &[OffsetLag]) -> serde_json::Value {
+    let mut members: Vec<&skein_client::wire::GroupMemberDescription> = d.members.iter().collect();
+    members.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    let members: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            let mut assignment: Vec<(&str, u32)> =
+                m.assignment.iter().map(|p| (p.topic.as_str(), p.partition)).collect();
+            assignment.sort();
+            let assignment: Vec<serde_json::Value> = assignment
+                .iter()
+                .map(|(topic, partition)| serde_json::json!({"topic": topic, "partition": partition}))
+                .collect();
+            serde_json::json!({"member_id": m.member_id, "instance_id": m.instance_id, "client_id": m.client_id,
+                "host": m.host, "assignment": assignment})
+        })
+        .collect();
+    let offsets: Vec<serde_json::Value> = lags
+        .iter()
+        .map(|l| {
+            serde_json::json!({"topic": l.topic, "partition": l.partition, "committed": l.committed,
+                "log_end": l.log_end, "lag": l.lag})
+        })
+        .collect();
+    serde_json::json!({"group": d.group, "state": d.state, "generation": d.generation, "protocol": d.protocol,
+        "members": members, "offsets": offsets})
+}
+
+fn print_group(d: &DescribeGroupResponse, lags: &[OffsetLag]) {
+    println!(
+        "group {} state {} generation {} protocol {} members {}",
+        d.group,
+        d.state,
+        d.generation,
+        d.protocol,
+        d.members.len()
+    );
+    println!();
+    let opt = |v: Option<u64>| v.map_or_else(|| "-".to_owned(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = lags
+        .iter()
+        .map(|l| vec![l.topic.clone(), l.partition.to_string(), l.committed.to_string(), opt(l.log_end), opt(l.lag)])
+        .collect();
+    print_table(&["TOPIC", "PARTITION", "COMMITTED", "LOG-END", "LAG"], &rows);
+    println!();
+    let mut members: Vec<&skein_client::wire::GroupMemberDescription> = d.members.iter().collect();
+    members.sort_by(|a, b| a.member_id.cmp(&b.member_id));
+    let or_dash = |s: &str| if s.is_empty() { "-".to_owned() } else { s.to_owned() };
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| {
+            let mut parts: Vec<(&str, u32)> = m.assignment.iter().map(|p| (p.topic.as_str(), p.partition)).collect();
+            parts.sort();
+            let parts: Vec<String> = parts.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+            vec![
+                m.member_id.clone(),
+                or_dash(&m.instance_id),
+                or_dash(&m.client_id),
+                or_dash(&m.host),
+                m.member_epoch.to_string(),
+                if parts.is_empty() { "-".to_owned() } else { parts.join(",") },
+            ]
+        })
+        .collect();
+    print_table(&["MEMBER-ID", "INSTANCE-ID", "CLIENT-ID", "HOST", "EPOCH", "ASSIGNMENT"], &rows);
+}
+
+/// Prints a header and rows as left-aligned columns two spaces apart.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    print!("{}", table(header, rows));
+}
+
+fn table(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, cell) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  ", w = widths[i]));
+            }
+        }
+        s.push('\n');
+        s
+    };
+    let mut out = line(header.to_vec());
+    for row in rows {
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// A group command's failure in a user's terms, ending with the code's name.
+fn group_error(group: &str, e: ClientError) -> anyhow::Error {
+    let shown = skein_client::wire::shown(group);
+    match &e {
+        ClientError::Broker(ErrorCode::GROUP_ID_NOT_FOUND, _) => {
+            anyhow!("group '{shown}' not found (GROUP_ID_NOT_FOUND)")
+        }
+        ClientError::Broker(ErrorCode::GROUP_NOT_EMPTY, _) => {
+            anyhow!("group '{shown}' has active members: stop its consumers first (GROUP_NOT_EMPTY)")
+        }
+        _ => anyhow!("{}", failure(&e)),
+    }
+}
+
+/// A client error as one line ending with its code name: a broker's answer as its context and
+/// message, anything else in the client's words.
+fn failure(e: &ClientError) -> String {
+    match e {
+        ClientError::Broker(code, what) if !what.is_empty() => format!("{what} ({})", code.name()),
+        e => format!("{e} ({})", e.code_name()),
+    }
+}
+
 /// A parsed `--format`.
 #[derive(Clone)]
 struct Format(Vec<Piece>);
@@ -915,3 +1262,64 @@ async fn cluster_status(client: &Client, json: bool) -> Result<()> {
 const PENDING_MAX: usize = 100_000;
 /// Least time between two retry lines of one partition.
 const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(1);
+
+#[cfg(test)]
+mod tests {
+    use skein_client::wire::{GroupMemberDescription, TopicPartition};
+
+    use super::*;
+
+    #[test]
+    fn group_json_has_members_and_lags() {
+        let tp = |topic: &str, partition| TopicPartition { topic: topic.into(), partition };
+        let member = |id: &str, instance: &str, assignment| GroupMemberDescription {
+            member_id: id.into(),
+            instance_id: instance.into(),
+            client_id: "c".into(),
+            host: "h".into(),
+            member_epoch: 3,
+            assignment,
+        };
+        let d = DescribeGroupResponse {
+            error: ErrorCode::NONE,
+            message: String::new(),
+            group: "g".into(),
+            state: "Stable".into(),
+            generation: 3,
+            protocol: "sticky".into(),
+            members: vec![member("m2", "", vec![tp("t", 1), tp("t", 0)]), member("m1", "i1", vec![])],
+            offsets: vec![],
+        };
+        let lags = vec![
+            OffsetLag { topic: "t".into(), partition: 0, committed: 4, log_end: Some(10), lag: Some(6) },
+            OffsetLag { topic: "t".into(), partition: 1, committed: 2, log_end: None, lag: None },
+        ];
+        let want = serde_json::json!({"group": "g", "state": "Stable", "generation": 3, "protocol": "sticky",
+        "members": [
+            {"member_id": "m1", "instance_id": "i1", "client_id": "c", "host": "h", "assignment": []},
+            {"member_id": "m2", "instance_id": "", "client_id": "c", "host": "h",
+             "assignment": [{"topic": "t", "partition": 0}, {"topic": "t", "partition": 1}]},
+        ],
+        "offsets": [
+            {"topic": "t", "partition": 0, "committed": 4, "log_end": 10, "lag": 6},
+            {"topic": "t", "partition": 1, "committed": 2, "log_end": null, "lag": null},
+        ]});
+        assert_eq!(group_json(&d, &lags), want);
+    }
+
+    #[test]
+    fn tables_align_columns() {
+        let rows = vec![vec!["orders".to_owned(), "Stable".to_owned(), "2".to_owned()]];
+        assert_eq!(table(&["GROUP", "STATE", "MEMBERS"], &rows), "GROUP   STATE   MEMBERS\norders  Stable  2\n");
+        assert_eq!(table(&["GROUP", "STATE", "MEMBERS"], &[]), "GROUP  STATE  MEMBERS\n");
+    }
+
+    #[test]
+    fn failures_end_with_the_code_name() {
+        let e = ClientError::Broker(ErrorCode::GROUP_ID_NOT_FOUND, "group 'g'".into());
+        assert_eq!(group_error("g", e).to_string(), "group 'g' not found (GROUP_ID_NOT_FOUND)");
+        let e = ClientError::Broker(ErrorCode::INVALID_GROUP_ID, "group '': empty".into());
+        assert_eq!(group_error("", e).to_string(), "group '': empty (INVALID_GROUP_ID)");
+        assert_eq!(failure(&ClientError::ConnectionLost), "connection lost (CONNECTION_LOST)");
+    }
+}
