@@ -137,6 +137,12 @@ pub struct BrokerConfig {
     #[arg(long, env = "SKEIN_GROUP_HEARTBEAT_MS", default_value_t = 250,
           value_parser = clap::value_parser!(u32).range(10..=10_000))]
     pub group_heartbeat_ms: u32,
+    /// Every replica of a `__consumer_offsets` partition snapshots its group state to
+    /// `partitions/<id>/groups.snapshot` after this many records applied since the last one,
+    /// so a restart or a new leader replays only the tail of the log.
+    #[arg(long, env = "SKEIN_GROUP_SNAPSHOT_RECORDS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub group_snapshot_records: u64,
     /// TEST ONLY: followers serve reads up to their log end instead of the high watermark they
     /// learned, breaking consistent prefix on purpose (proves the history checker catches it).
     #[arg(long, hide = true)]

@@ -13,7 +13,7 @@ use skein_log::{Durability, LogConfig};
 
 /// Replaces `dir/name` with `bytes` atomically and durably (temp file, fsync, rename, fsync
 /// of the directory).
-fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomically(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
     let mut f = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

@@ -235,3 +235,54 @@ fn commits_survive_a_kill_of_the_coordinator_and_members_rejoin_the_new_one() {
         eprintln!("member back at the new coordinator {rejoined:?} after the kill");
     });
 }
+
+#[test]
+fn a_restarted_coordinator_starts_from_its_snapshot_and_replays_only_the_tail() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let log = dir.path().join("broker.log");
+    let data = dir.path().join("data");
+    let mut broker = Broker::start(&data, &["--offsets-partitions", "1", "--group-snapshot-records", "50"]);
+    let commits = 130u64;
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_topic("t", 1, 1, &[]).await.expect("create t");
+        let at = coordinator(std::slice::from_ref(&broker.addr), "g").await;
+        let c = conn(&at).await;
+        let m = heartbeat(&c, &join("g")).await;
+        let p = m.assignment[0].clone();
+        for i in 1..=commits {
+            let r: OffsetCommitResponse = c.call(ApiKey::OffsetCommit, &commit(&m, "g", &p, i)).await.expect("commit");
+            assert_eq!(r.error, ErrorCode::NONE, "{}", r.message);
+        }
+        // Snapshots are written in the background after every 50 records applied.
+        compio::time::sleep(Duration::from_millis(300)).await;
+    });
+    broker.kill9();
+    broker.restart_logging("skein_broker::cluster::groups=info,warn", &log);
+    block_on(async {
+        let at = coordinator(std::slice::from_ref(&broker.addr), "g").await;
+        let c = conn(&at).await;
+        let got = wait_for("the committed offset", Duration::from_secs(10), async || {
+            let r: OffsetFetchResponse =
+                c.call(ApiKey::OffsetFetch, &OffsetFetchRequest { group: "g".into(), partitions: None }).await.ok()?;
+            (r.error == ErrorCode::NONE).then(|| r.offsets.first().map(|o| o.offset))?
+        })
+        .await;
+        assert_eq!(got, commits as i64, "the last acknowledged commit, after a kill -9");
+    });
+    let text = std::fs::read_to_string(&log).expect("log");
+    let restored = text
+        .lines()
+        .find(|l| l.contains("group state restored from its snapshot"))
+        .unwrap_or_else(|| panic!("no snapshot was loaded:\n{text}"));
+    let offset: u64 = restored
+        .split("offset=")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no offset in {restored}"));
+    // 1 join record + 130 commits: the snapshot is at least 100 records in, so at most 31
+    // records are replayed.
+    assert!(offset >= 100 && offset <= commits + 1, "snapshot at {offset}: {restored}");
+    eprintln!("restored from the snapshot at offset {offset}; replayed {} records", commits + 1 - offset);
+}

@@ -21,10 +21,12 @@ use bytes::BytesMut;
 use common::{block_on, vm_hwm_kb, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
-    request_frame, ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteTopicsRequest, DescribeTopicsRequest,
-    ErrorCode, FetchPartition, FetchRequest, FetchResponse, InitProducerIdRequest, ListOffsetsPartition,
-    ListOffsetsRequest, MetadataRequest, NewTopic, ProducePartition, ProduceRequest, ProduceResponse,
-    ReassignPartitionRequest, RequestHeader, TopicConfig, Wire, Writer,
+    request_frame, ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteTopicsRequest,
+    DescribeGroupRequest, DescribeTopicsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
+    FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest, ListOffsetsPartition,
+    ListOffsetsRequest, MetadataRequest, NewTopic, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest,
+    ProducePartition, ProduceRequest, ProduceResponse, ReassignPartitionRequest, RequestHeader, TopicConfig,
+    TopicPartition, Wire, Writer,
 };
 use skein_client::Client;
 
@@ -199,7 +201,7 @@ fn hostile_frame(rng: &mut Rng, api: ApiKey, id: u32) -> Vec<u8> {
         }
     };
     let (key, version, client_id) = match rng.below(12) {
-        0 => (rng.pick(&[11u16, 99, u16::MAX]), 0u16, "fuzz".to_owned()),
+        0 => (rng.pick(&[18u16, 99, u16::MAX]), 0u16, "fuzz".to_owned()),
         1 => (api as u16, rng.pick(&[1u16, 7, u16::MAX]), "fuzz".to_owned()),
         2 => (api as u16, 0, rng.string()),
         _ => (api as u16, 0, "fuzz".to_owned()),
@@ -294,6 +296,43 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
             let replicas = rng.list(|r| r.pick(&[1u32, 2, 0, 99, u32::MAX]));
             ReassignPartitionRequest { topic: rng.topic(), partition: rng.partition(), replicas }.encode(&mut w)
         }
+        ApiKey::FindCoordinator => FindCoordinatorRequest { group: rng.group() }.encode(&mut w),
+        ApiKey::GroupHeartbeat => GroupHeartbeatRequest {
+            group: rng.group(),
+            member_id: rng.string(),
+            member_epoch: rng.pick(&[0, -1, -2, -3, 1, 7, i32::MIN, i32::MAX]),
+            instance_id: rng.string(),
+            client_id: rng.string(),
+            host: rng.string(),
+            rack: rng.string(),
+            session_timeout_ms: rng.pick(&[0, 1, 3_000, 10_000, u32::MAX]),
+            assignor: rng.pick(&["", "range", "roundrobin", "sticky", "nope"]).to_owned(),
+            topics: rng.chance(2).then(|| rng.list(|r| r.topic())),
+            owned: rng.chance(2).then(|| rng.list(|r| TopicPartition { topic: r.topic(), partition: r.partition() })),
+        }
+        .encode(&mut w),
+        ApiKey::OffsetCommit => OffsetCommitRequest {
+            group: rng.group(),
+            member_id: rng.pick(&["", "x"]).to_owned(),
+            member_epoch: rng.pick(&[-1, 0, 1, i32::MAX]),
+            offsets: rng.list(|r| OffsetCommitPartition {
+                topic: r.topic(),
+                partition: r.partition(),
+                offset: r.u64(),
+                metadata: r.string(),
+            }),
+        }
+        .encode(&mut w),
+        ApiKey::OffsetFetch => OffsetFetchRequest {
+            group: rng.group(),
+            partitions: rng
+                .chance(2)
+                .then(|| rng.list(|r| TopicPartition { topic: r.topic(), partition: r.partition() })),
+        }
+        .encode(&mut w),
+        ApiKey::ListGroups => ListGroupsRequest {}.encode(&mut w),
+        ApiKey::DescribeGroup => DescribeGroupRequest { group: rng.group() }.encode(&mut w),
+        ApiKey::DeleteGroup => DeleteGroupRequest { group: rng.group() }.encode(&mut w),
     }
     w.buf
 }
@@ -424,6 +463,15 @@ impl Rng {
     }
 
     /// A topic for produce, fetch and the like: usually the real one.
+    /// A group id: a few real names, empty, or any string (long ones included).
+    fn group(&mut self) -> String {
+        match self.below(4) {
+            0 => "g".into(),
+            1 => String::new(),
+            _ => self.string(),
+        }
+    }
+
     fn topic(&mut self) -> String {
         if self.chance(2) {
             "t".to_owned()

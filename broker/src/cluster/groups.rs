@@ -14,8 +14,9 @@
 
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_util::lock::Mutex;
@@ -25,12 +26,14 @@ use skein_client::wire::{
     OffsetCommitResponse, OffsetFetchResponse, ProducePartition, ProduceRequest, TopicConfig,
 };
 use skein_log::batch::{batches, BatchBuilder};
+use skein_log::ReadLimit;
 
 use super::now;
 use super::requests::ask;
 use super::shard::{owner, Node};
 use crate::core::group::{check_group_id, partition_for, GroupCoordinator, GroupRecord, LogMachine, OFFSETS_TOPIC};
 use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ReadFailure};
+use crate::meta::write_atomically;
 use crate::service::{Request, Response};
 
 /// How often a shard expires sessions and checks subscribed topics' sizes.
@@ -38,15 +41,18 @@ const EXPIRY_TICK_MS: u64 = 50;
 /// Bound on one internal append.
 const WRITE_TIMEOUT_MS: u32 = 10_000;
 
-/// A coordinator rebuilt at a leader epoch.
+/// The group state of one offsets partition on this broker (leader or follower).
 struct Loaded {
-    epoch: LeaderEpoch,
+    /// The leader epoch this replica leads at, sessions started (`None`: not leading).
+    leading: Option<LeaderEpoch>,
     machine: GroupCoordinator,
+    /// Records applied since the last snapshot.
+    since_snapshot: u64,
 }
 
 type Slot = Rc<Mutex<Option<Loaded>>>;
 
-/// This shard's coordinators, by offsets partition.
+/// This shard's group state, by offsets partition.
 #[derive(Default)]
 pub(crate) struct Coordinators {
     slots: RefCell<HashMap<PartitionId, Slot>>,
@@ -161,24 +167,174 @@ fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
     st.core.replica(pid)?.leader_epoch()
 }
 
+/// Brings the slot of `pid` up to this replica's high watermark: restored from the snapshot
+/// file when it was empty, then fed the committed records after it. `Ok(false)`: no replica
+/// of `pid` here (the slot is emptied).
+async fn catch_up(node: &Node, pid: PartitionId, slot: &mut Option<Loaded>) -> Result<bool, (ErrorCode, String)> {
+    let Some(log_end) = node.st.borrow().core.replica(pid).map(|r| r.log().log_end_offset()) else {
+        *slot = None;
+        return Ok(false);
+    };
+    if slot.is_none() {
+        *slot = Some(restore(node, pid, log_end).await);
+    }
+    let loaded = slot.as_mut().expect("filled above");
+    let st = node.st.borrow();
+    let Some(replica) = st.core.replica(pid) else { return Ok(false) };
+    let hw = replica.high_watermark();
+    let log = replica.log();
+    if loaded.machine.applied() < log.log_start_offset() {
+        tracing::warn!(partition = %pid, applied = %loaded.machine.applied(), log_start = %log.log_start_offset(), "offsets log starts after the group state: rebuilding from its start");
+        loaded.machine = GroupCoordinator::new(node.config.group_heartbeat_ms);
+        loaded.leading = None;
+    }
+    let mut from = loaded.machine.applied().max(log.log_start_offset());
+    let mut buf = Vec::new();
+    while from < hw {
+        buf.clear();
+        match log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf) {
+            Ok(_) => {}
+            Err(skein_log::ReadError::Storage(e)) => crate::service::fail_stop("reading the offsets topic", &e),
+            Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {OFFSETS_TOPIC} ({pid}): {e}"))),
+        }
+        let before = from;
+        for batch in batches(&buf) {
+            let batch = batch.map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{OFFSETS_TOPIC} ({pid}): {e}")))?;
+            let base = batch.header().base_offset.get();
+            for r in batch.records().iter() {
+                let offset = Offset(base + u64::from(r.offset_delta.to_native()));
+                if offset < from {
+                    continue;
+                }
+                let key = r.key.as_ref().map_or(&[][..], |k| k.as_slice());
+                if let Err(e) = loaded.machine.apply(offset, key, r.value.as_slice()) {
+                    tracing::warn!(partition = %pid, error = %e, "skipping a group record that does not decode");
+                }
+                loaded.since_snapshot += 1;
+            }
+            from = batch.header().next_offset();
+        }
+        if from == before {
+            break;
+        }
+    }
+    drop(st);
+    if loaded.since_snapshot >= node.config.group_snapshot_records {
+        loaded.since_snapshot = 0;
+        save_snapshot(node, pid, &loaded.machine);
+    }
+    Ok(true)
+}
+
+const SNAPSHOT_FILE: &str = "groups.snapshot";
+const SNAPSHOT_MAGIC: &[u8; 8] = b"SKGRPS1\n";
+
+fn partition_dir(node: &Node, pid: PartitionId) -> PathBuf {
+    node.config.data_dir.join("partitions").join(pid.0.to_string())
+}
+
+/// Writes the machine's snapshot (magic, crc32c, JSON) on the blocking pool: a cache of the
+/// log, so a failure is only logged.
+fn save_snapshot(node: &Node, pid: PartitionId, machine: &GroupCoordinator) {
+    let json = machine.snapshot();
+    let mut bytes = Vec::with_capacity(json.len() + 12);
+    bytes.extend_from_slice(SNAPSHOT_MAGIC);
+    bytes.extend_from_slice(&crc32c::crc32c(&json).to_le_bytes());
+    bytes.extend_from_slice(&json);
+    let dir = partition_dir(node, pid);
+    let applied = machine.applied();
+    compio::runtime::spawn_blocking(move || match write_atomically(&dir, SNAPSHOT_FILE, &bytes) {
+        Ok(()) => tracing::debug!(partition = %pid, %applied, bytes = bytes.len(), "group state snapshot written"),
+        Err(e) => tracing::warn!(partition = %pid, error = %e, "writing the group state snapshot failed"),
+    })
+    .detach();
+}
+
+/// The state of `pid` from its snapshot file (read on the blocking pool), or an empty one when
+/// there is none, it is damaged, or it is past this replica's log end.
+async fn restore(node: &Node, pid: PartitionId, log_end: Offset) -> Loaded {
+    let path = partition_dir(node, pid).join(SNAPSHOT_FILE);
+    let interval = node.config.group_heartbeat_ms;
+    let read = compio::runtime::spawn_blocking(move || std::fs::read(&path)).await;
+    let empty = || Loaded { leading: None, machine: GroupCoordinator::new(interval), since_snapshot: 0 };
+    let bytes = match read {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) if e.kind() == std::io::ErrorKind::NotFound => return empty(),
+        Ok(Err(e)) => {
+            tracing::warn!(partition = %pid, error = %e, "reading the group state snapshot failed; replaying the log");
+            return empty();
+        }
+        Err(_) => return empty(),
+    };
+    let parsed = (bytes.len() >= 12 && &bytes[..8] == SNAPSHOT_MAGIC)
+        .then(|| (u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes")), &bytes[12..]))
+        .filter(|(crc, json)| crc32c::crc32c(json) == *crc)
+        .map(|(_, json)| GroupCoordinator::restore(json, interval));
+    match parsed {
+        Some(Ok(machine)) if machine.applied() <= log_end => {
+            tracing::info!(partition = %pid, offset = %machine.applied(), "group state restored from its snapshot");
+            Loaded { leading: None, machine, since_snapshot: 0 }
+        }
+        Some(Ok(machine)) => {
+            tracing::warn!(partition = %pid, offset = %machine.applied(), %log_end, "group state snapshot is past the log end; replaying the log");
+            empty()
+        }
+        Some(Err(e)) => {
+            tracing::warn!(partition = %pid, error = %e, "group state snapshot does not decode; replaying the log");
+            empty()
+        }
+        None => {
+            tracing::warn!(partition = %pid, "group state snapshot is damaged; replaying the log");
+            empty()
+        }
+    }
+}
+
+/// The slot of `pid`, caught up, leading at the current epoch (sessions started on a new
+/// leadership); a refusal when this broker does not coordinate it or is still catching up.
+async fn lead(
+    node: &Node,
+    pid: PartitionId,
+    index: u32,
+    slot: &mut Option<Loaded>,
+) -> Result<LeaderEpoch, (ErrorCode, String)> {
+    let not_here = || (ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {OFFSETS_TOPIC}/{index}"));
+    let Some(epoch) = leading_epoch(node, pid) else {
+        if let Some(l) = slot.as_mut() {
+            l.leading = None;
+        }
+        return Err(not_here());
+    };
+    // A new leader serves only once its high watermark reached its epoch's start (every
+    // record of earlier epochs committed), as for consumers.
+    match node.st.borrow().core.read_committed(now(), pid, Offset(u64::MAX), 0) {
+        Ok(_) => {}
+        Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
+            return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
+        }
+        Err(_) => return Err(not_here()),
+    }
+    if !catch_up(node, pid, slot).await? {
+        return Err(not_here());
+    }
+    let loaded = slot.as_mut().expect("caught up");
+    if loaded.leading != Some(epoch) {
+        loaded.machine.start_sessions(now());
+        loaded.leading = Some(epoch);
+        tracing::info!(partition = index, epoch = epoch.0, applied = %loaded.machine.applied(), groups = loaded.machine.list().len(), "coordinating the groups of this offsets partition");
+    }
+    Ok(epoch)
+}
+
 /// Runs one group request on the coordinator of offsets partition `pid`.
 async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> Response {
     let slot = node.groups.slot(pid);
     let mut guard = slot.lock().await;
-    let Some(epoch) = leading_epoch(node, pid) else {
-        *guard = None;
-        return refusal(&req, ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {OFFSETS_TOPIC}/{index}"));
+    let epoch = match lead(node, pid, index, &mut guard).await {
+        Ok(e) => e,
+        Err((code, message)) => return refusal(&req, code, message),
     };
-    if guard.as_ref().map(|l| l.epoch) != Some(epoch) {
-        match load(node, index, pid, epoch) {
-            Ok(l) => *guard = Some(l),
-            Err((code, message)) => {
-                *guard = None;
-                return refusal(&req, code, message);
-            }
-        }
-    }
-    let loaded = guard.as_mut().expect("loaded above");
+    let loaded = guard.as_mut().expect("led above");
     let topics = node.topics.load();
     let sizes = |t: &str| topics.partitions(t);
     let t = now();
@@ -217,35 +373,51 @@ async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> R
         }
         _ => return Response::Error(ErrorCode::INVALID_REQUEST),
     };
+    drop(topics);
     let (records, reply) = match written {
         Ok(x) => x,
         Err((code, message)) => return refusal(&req, code, message),
     };
-    match write(node, index, epoch, &records).await {
-        Ok(()) => {
-            for r in records {
-                loaded.machine.apply_record(r);
-            }
-            reply
-        }
-        Err((code, message)) => {
-            // Whether the records will commit is unknown: rebuild from the log next time.
-            *guard = None;
-            refusal(&req, code, message)
-        }
+    match commit(node, index, pid, epoch, &records, &mut guard).await {
+        Ok(()) => reply,
+        Err((code, message)) => refusal(&req, code, message),
     }
 }
 
-/// Appends `records` to offsets partition `index` at `epoch` with acks=all.
+/// Appends `records` (acks=all) and applies them from the log, as every replica does; on a
+/// failure the state is dropped (whether the records will commit is unknown) and rebuilt from
+/// the log at the next request.
+async fn commit(
+    node: &Rc<Node>,
+    index: u32,
+    pid: PartitionId,
+    epoch: LeaderEpoch,
+    records: &[GroupRecord],
+    slot: &mut Option<Loaded>,
+) -> Result<(), (ErrorCode, String)> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let result = match write(node, index, epoch, records).await {
+        Ok(end) => match catch_up(node, pid, slot).await {
+            Ok(true) if slot.as_ref().is_some_and(|l| l.machine.applied() >= end) => return Ok(()),
+            Ok(_) => Err((ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} moved to another broker"))),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    *slot = None;
+    result
+}
+
+/// Appends `records` to offsets partition `index` at `epoch` with acks=all; the offset after
+/// them.
 async fn write(
     node: &Rc<Node>,
     index: u32,
     epoch: LeaderEpoch,
     records: &[GroupRecord],
-) -> Result<(), (ErrorCode, String)> {
-    if records.is_empty() {
-        return Ok(());
-    }
+) -> Result<Offset, (ErrorCode, String)> {
     let mut b = BatchBuilder::new();
     let stamp = skein_log::types::Timestamp(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
@@ -265,77 +437,18 @@ async fn write(
             records: BytesMut::from(&bytes[..]),
         }],
     };
-    let error = match node.produce_here(req).await {
-        Response::Produce(r) => r.partitions.first().map_or(ErrorCode::UNKNOWN, |p| p.error),
-        Response::Error(code) => code,
-        _ => ErrorCode::UNKNOWN,
+    let (error, base) = match node.produce_here(req).await {
+        Response::Produce(r) => r.partitions.first().map_or((ErrorCode::UNKNOWN, 0), |p| (p.error, p.base_offset)),
+        Response::Error(code) => (code, 0),
+        _ => (ErrorCode::UNKNOWN, 0),
     };
     match error {
-        ErrorCode::NONE => Ok(()),
+        ErrorCode::NONE => Ok(Offset(base + records.len() as u64)),
         ErrorCode::NOT_LEADER | ErrorCode::FENCED_LEADER_EPOCH | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION => {
             Err((ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} moved to another broker")))
         }
         code => Err((code, format!("writing to {OFFSETS_TOPIC}/{index} failed: {}", code.name()))),
     }
-}
-
-/// Rebuilds the coordinator of `pid` from its committed records.
-fn load(node: &Node, index: u32, pid: PartitionId, epoch: LeaderEpoch) -> Result<Loaded, (ErrorCode, String)> {
-    let started = Instant::now();
-    let mut machine = GroupCoordinator::new(node.config.group_heartbeat_ms);
-    let st = node.st.borrow();
-    let replica = st.core.replica(pid).ok_or((ErrorCode::NOT_COORDINATOR, "no replica here".to_string()))?;
-    let mut from = replica.log().log_start_offset();
-    let (mut records, mut skipped) = (0u64, 0u64);
-    loop {
-        let (bytes, hw) = match st.core.read_committed(now(), pid, from, 1 << 20) {
-            Ok(x) => x,
-            Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
-                return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
-            }
-            Err(ReadFailure::Storage(e)) => crate::service::fail_stop("reading the offsets topic", &e),
-            Err(e) => return Err((ErrorCode::NOT_COORDINATOR, format!("reading {OFFSETS_TOPIC}/{index}: {e:?}"))),
-        };
-        if from >= hw {
-            break;
-        }
-        let mut progressed = false;
-        for batch in batches(&bytes) {
-            let batch = batch.map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{OFFSETS_TOPIC}/{index}: {e}")))?;
-            let base = batch.header().base_offset.get();
-            for r in batch.records().iter() {
-                let offset = Offset(base + u64::from(r.offset_delta.to_native()));
-                if offset < from {
-                    continue;
-                }
-                let key = r.key.as_ref().map_or(&[][..], |k| k.as_slice());
-                match machine.apply(offset, key, r.value.as_slice()) {
-                    Ok(()) => records += 1,
-                    Err(e) => {
-                        skipped += 1;
-                        tracing::warn!(partition = index, error = %e, "skipping a group record that does not decode");
-                    }
-                }
-            }
-            from = batch.header().next_offset();
-            progressed = true;
-        }
-        if !progressed {
-            break;
-        }
-    }
-    drop(st);
-    machine.start_sessions(now());
-    tracing::info!(
-        partition = index,
-        epoch = epoch.0,
-        records,
-        skipped,
-        groups = machine.list().len(),
-        ms = started.elapsed().as_millis() as u64,
-        "group coordinator loaded"
-    );
-    Ok(Loaded { epoch, machine })
 }
 
 /// FindCoordinator: creates the offsets topic on first use, then names the leader of the
@@ -421,21 +534,39 @@ async fn list_here(node: &Rc<Node>) -> Response {
     Response::ListGroups(ListGroupsResponse { groups })
 }
 
-/// Expires sessions and follows topic sizes on this shard's loaded coordinators.
+/// On every offsets partition this shard hosts: applies newly committed records (leaders and
+/// followers alike, so a new leader starts warm, and each writes its own snapshots), and on
+/// the ones it leads expires sessions and follows topic sizes.
 pub(super) async fn expiry_loop(node: Rc<Node>) {
     loop {
         compio::time::sleep(Duration::from_millis(EXPIRY_TICK_MS)).await;
         if node.stopping.get() {
             return;
         }
-        let slots: Vec<(PartitionId, Slot)> = node.groups.slots.borrow().iter().map(|(p, s)| (*p, s.clone())).collect();
-        for (pid, slot) in slots {
+        let hosted: Vec<(u32, PartitionId)> = {
+            let topics = node.topics.load();
+            let st = node.st.borrow();
+            (0..topics.partitions(OFFSETS_TOPIC).unwrap_or(0))
+                .filter_map(|i| Some((i, topics.partition(OFFSETS_TOPIC, i)?)))
+                .filter(|(_, p)| owner(*p, node.shard_count()) == node.shard && st.core.replica(*p).is_some())
+                .collect()
+        };
+        node.groups.slots.borrow_mut().retain(|p, _| hosted.iter().any(|(_, h)| h == p));
+        for (index, pid) in hosted {
+            let slot = node.groups.slot(pid);
             let Some(mut guard) = slot.try_lock() else { continue };
-            let Some(loaded) = guard.as_mut() else { continue };
-            let Some(epoch) = leading_epoch(&node, pid).filter(|e| *e == loaded.epoch) else {
-                *guard = None;
+            if leading_epoch(&node, pid).is_none() {
+                if let Some(l) = guard.as_mut() {
+                    l.leading = None;
+                }
+                if let Err((code, message)) = catch_up(&node, pid, &mut guard).await {
+                    tracing::warn!(partition = index, code = code.name(), message, "applying group records failed");
+                    *guard = None;
+                }
                 continue;
-            };
+            }
+            let Ok(epoch) = lead(&node, pid, index, &mut guard).await else { continue };
+            let Some(loaded) = guard.as_mut() else { continue };
             let t = now();
             let topics = node.topics.load();
             let sizes = |t: &str| topics.partitions(t);
@@ -447,25 +578,9 @@ pub(super) async fn expiry_loop(node: Rc<Node>) {
             } else {
                 records = loaded.machine.refresh(&sizes);
             }
-            if records.is_empty() {
-                continue;
-            }
-            let Some(index) = (0..topics.partitions(OFFSETS_TOPIC).unwrap_or(0))
-                .find(|i| topics.partition(OFFSETS_TOPIC, *i) == Some(pid))
-            else {
-                continue;
-            };
             drop(topics);
-            match write(&node, index, epoch, &records).await {
-                Ok(()) => {
-                    for r in records {
-                        loaded.machine.apply_record(r);
-                    }
-                }
-                Err((code, message)) => {
-                    tracing::warn!(partition = index, code = code.name(), message, "group expiry write failed");
-                    *guard = None;
-                }
+            if let Err((code, message)) = commit(&node, index, pid, epoch, &records, &mut guard).await {
+                tracing::warn!(partition = index, code = code.name(), message, "group expiry write failed");
             }
         }
     }

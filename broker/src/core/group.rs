@@ -228,6 +228,22 @@ pub struct Outcome<T> {
     pub reply: T,
 }
 
+const SNAPSHOT_VERSION: u32 = 1;
+
+#[derive(Serialize, Deserialize)]
+struct Snapshot {
+    version: u32,
+    applied: u64,
+    groups: Vec<SnapshotGroup>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SnapshotGroup {
+    group: String,
+    meta: GroupMeta,
+    offsets: Vec<(String, u32, Committed)>,
+}
+
 #[derive(Clone, Debug, Default)]
 struct Group {
     meta: GroupMeta,
@@ -304,6 +320,41 @@ impl GroupCoordinator {
                 self.deadlines.retain(|(gr, _), _| gr != &name);
             }
         }
+    }
+
+    /// The machine's state at [`LogMachine::applied`], as bytes for a snapshot file (versioned
+    /// JSON; the driver frames it with a checksum).
+    pub fn snapshot(&self) -> Vec<u8> {
+        let groups = self
+            .groups
+            .iter()
+            .map(|(name, g)| SnapshotGroup {
+                group: name.clone(),
+                meta: g.meta.clone(),
+                offsets: g.offsets.iter().map(|((t, p), c)| (t.clone(), *p, c.clone())).collect(),
+            })
+            .collect();
+        let snap = Snapshot { version: SNAPSHOT_VERSION, applied: self.applied.0, groups };
+        serde_json::to_vec(&snap).expect("snapshots serialize")
+    }
+
+    /// A machine from [`GroupCoordinator::snapshot`]'s bytes; it continues at the snapshot's
+    /// offset.
+    pub fn restore(bytes: &[u8], heartbeat_interval_ms: u32) -> Result<GroupCoordinator, RecordError> {
+        let snap: Snapshot =
+            serde_json::from_slice(bytes).map_err(|e| RecordError { offset: 0, reason: e.to_string() })?;
+        if snap.version != SNAPSHOT_VERSION {
+            return Err(RecordError { offset: snap.applied, reason: format!("snapshot version {}", snap.version) });
+        }
+        let groups = snap
+            .groups
+            .into_iter()
+            .map(|g| {
+                let offsets = g.offsets.into_iter().map(|(t, p, c)| ((t, p), c)).collect();
+                (g.group, Group { meta: g.meta, offsets })
+            })
+            .collect();
+        Ok(GroupCoordinator { groups, deadlines: HashMap::new(), applied: Offset(snap.applied), heartbeat_interval_ms })
     }
 
     /// Gives every member a full session from `now` (after a load: liveness is not logged).
@@ -579,9 +630,31 @@ impl GroupCoordinator {
     /// An offset commit: by a member for partitions it owns, or administrative (empty member
     /// id, epoch -1) on a group without members.
     pub fn commit(&self, req: &OffsetCommitRequest) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
+        self.commit_fenced(req, true)
+    }
+
+    /// Simulator builds only: [`GroupCoordinator::commit`], unless the planted
+    /// `no-generation-fencing` bug accepts the commit from anyone (no member id, epoch or
+    /// ownership check), so that the simulator can show its group checks catch zombies.
+    #[cfg(feature = "sim")]
+    pub fn commit_planted(
+        &self,
+        req: &OffsetCommitRequest,
+        plant: super::replica::Plant,
+    ) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
+        self.commit_fenced(req, !plant.no_generation_fencing)
+    }
+
+    fn commit_fenced(
+        &self,
+        req: &OffsetCommitRequest,
+        fencing: bool,
+    ) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
         check_group_id(&req.group)?;
         let g = self.groups.get(&req.group);
-        let member = if req.member_id.is_empty() && req.member_epoch == -1 {
+        let member = if !fencing {
+            None // planted bug only (`commit_planted`)
+        } else if req.member_id.is_empty() && req.member_epoch == -1 {
             if let Some(g) = g.filter(|g| !g.meta.members.is_empty()) {
                 return Err((
                     ErrorCode::GROUP_NOT_EMPTY,

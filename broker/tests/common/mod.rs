@@ -63,6 +63,22 @@ impl Broker {
         panic!("broker did not restart on {addr}");
     }
 
+    /// Restarts on the same directory and port with its log filter set to `filter` and its
+    /// stderr (the log) written to `log`.
+    pub fn restart_logging(&mut self, filter: &str, log: &Path) {
+        let addr = self.addr.clone();
+        for attempt in 0..50 {
+            let file = std::fs::File::create(log).expect("log file");
+            let b = Broker::spawn_with(self.dir.clone(), self.extra.clone(), &addr, filter.into(), Stdio::from(file));
+            if let Some(b) = b {
+                *self = b;
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20 * (attempt + 1)));
+        }
+        panic!("broker did not restart on {addr}");
+    }
+
     fn spawn_checked(dir: PathBuf, extra: Vec<String>, listen: &str) -> Option<Broker> {
         let filter = std::env::var("SKEIN_TEST_LOG").unwrap_or_else(|_| "warn".into());
         Broker::spawn_with(dir, extra, listen, filter, Stdio::inherit())

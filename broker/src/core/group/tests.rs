@@ -336,3 +336,28 @@ fn partition_for_is_stable() {
     assert!(partition_for("anything", 4) < 4);
     assert_eq!(partition_for("x", 0), 0);
 }
+
+#[test]
+fn a_snapshot_restores_the_same_state_and_continues_at_its_offset() {
+    let mut h = Harness::new();
+    let mut a = Client::join(&mut h, 0, "i");
+    let mut b = Client::join(&mut h, 0, "");
+    converge(&mut h, 1, &mut [&mut a, &mut b]);
+    let c = h.c.commit(&OffsetCommitRequest {
+        group: "g".into(),
+        member_id: a.last.member_id.clone(),
+        member_epoch: a.last.member_epoch,
+        offsets: vec![OffsetCommitPartition {
+            topic: a.owned.iter().next().expect("owned").0.clone(),
+            partition: a.owned.iter().next().expect("owned").1,
+            offset: 5,
+            metadata: "x".into(),
+        }],
+    });
+    h.commit_records(c.expect("commit").records);
+    let restored = GroupCoordinator::restore(&h.c.snapshot(), 500).expect("restores");
+    assert_eq!(restored.applied(), h.c.applied());
+    assert_eq!(format!("{:?}", restored.describe("g")), format!("{:?}", h.c.describe("g")));
+    assert!(GroupCoordinator::restore(b"{}", 500).is_err());
+    assert!(GroupCoordinator::restore(b"\xff", 500).is_err());
+}
