@@ -21,7 +21,7 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     start: u64,
     /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack,
-    /// no-idempotence.
+    /// no-idempotence, no-generation-fencing (the last needs --groups).
     #[arg(long)]
     plant: Option<String>,
     /// Virtual milliseconds of faults per seed.
@@ -44,6 +44,10 @@ struct Args {
     /// with their replay commands).
     #[arg(long)]
     json: Option<std::path::PathBuf>,
+    /// Also run the consumer group workload (the real coordinator over an offsets partition;
+    /// members that join, leave, crash and resume as zombies) and its checks.
+    #[arg(long)]
+    groups: bool,
 }
 
 fn main() -> Result<()> {
@@ -61,7 +65,8 @@ fn main() -> Result<()> {
             .ok_or_else(|| anyhow::anyhow!("unknown bug {name:?}: one of {}", Plant::NAMES.join(", ")))?,
     };
     // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
-    let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default();
+    let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default()
+        + if args.groups { " --groups" } else { "" };
     let hint = plant_arg.clone();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -90,17 +95,26 @@ fn main() -> Result<()> {
             let done = seed - args.start;
             eprint!("\r{done}/{} seeds, {failed} failed, {:.0} s", args.seeds, started.elapsed().as_secs_f64());
         }
-        let cfg =
-            SimConfig { plant, acks, safety_ms: args.safety_ms, liveness_ms: args.liveness_ms, ..SimConfig::new(seed) };
+        let cfg = SimConfig {
+            plant,
+            acks,
+            safety_ms: args.safety_ms,
+            liveness_ms: args.liveness_ms,
+            groups: args.groups,
+            ..SimConfig::new(seed)
+        };
         let out = run(&cfg);
         events += out.events;
-        ops += out.ops;
+        ops += out.ops + out.group_ops;
         failover_ms.extend(&out.failover_ms);
         lost_in_window += out.lost_in_window;
         if out.passed() {
             passed += 1;
             if args.verbose {
-                println!("seed {seed}: passed ({} events, {} ops, {} faults)", out.events, out.ops, out.faults);
+                println!(
+                    "seed {seed}: passed ({} events, {} ops, {} group ops, {} faults)",
+                    out.events, out.ops, out.group_ops, out.faults
+                );
             }
             continue;
         }
@@ -118,8 +132,16 @@ fn main() -> Result<()> {
                 println!("  {}: {}", r.check.name(), v.detail);
             }
         }
+        for r in out.group_report.results.iter().filter(|r| r.failed()) {
+            if let Some(v) = r.violations.first() {
+                println!("  {}: {v}", r.check.name());
+            }
+        }
         if args.report {
             println!("{}", out.report);
+            if args.groups {
+                println!("{}", out.group_report);
+            }
         }
         let replay = format!(
             "cargo run --release -p skein-broker --features sim --bin skein-sim -- --seeds 1 --start {seed}{plant_arg}"

@@ -121,12 +121,16 @@ pub struct Plant {
     pub(crate) early_ack: bool,
     /// Idempotent producers' retries are appended again instead of recognized.
     pub(crate) no_idempotence: bool,
+    /// The group coordinator accepts offset commits from anyone: no member id, member epoch
+    /// or ownership check (`GroupCoordinator::commit_planted`).
+    pub(crate) no_generation_fencing: bool,
 }
 
 impl Plant {
     /// The names `named` knows.
     #[cfg(feature = "sim")]
-    pub const NAMES: [&'static str; 4] = ["no-fencing", "no-truncation", "early-ack", "no-idempotence"];
+    pub const NAMES: [&'static str; 5] =
+        ["no-fencing", "no-truncation", "early-ack", "no-idempotence", "no-generation-fencing"];
 
     /// A planted bug by name (simulator builds only).
     #[cfg(feature = "sim")]
@@ -137,6 +141,7 @@ impl Plant {
             "no-truncation" => p.no_truncation = true,
             "early-ack" => p.early_ack = true,
             "no-idempotence" => p.no_idempotence = true,
+            "no-generation-fencing" => p.no_generation_fencing = true,
             _ => return None,
         }
         Some(p)

@@ -17,10 +17,16 @@
 //! committed prefixes agree on every replica (one value per committed offset, across all
 //! replicas and all time); a restarted log always opens.
 //!
+//! With `SimConfig::groups`, a consumer group workload runs beside it ([`groups`]): the real
+//! group coordinator over one extra replicated partition, members that join, leave, crash and
+//! come back as zombies, judged by [`crate::check::groups`].
+//!
 //! Not simulated yet: the controller's own replication (one controller node that never
 //! fails stands in for the Raft quorum), idempotent retries
 //! (producers never retry, so duplicates would be a bug), client metadata over the network
 //! (clients read the controller's state directly when they refresh).
+
+mod groups;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -62,6 +68,9 @@ pub struct SimConfig {
     /// failover of their partition (see `LOSS_WINDOW_US`); such losses are reported in
     /// [`SimOutcome::lost_in_window`] and their sends judged unknown, anything else fails.
     pub acks: Acks,
+    /// Run the consumer group workload too (one more partition, the offsets partition, and
+    /// [`groups::MEMBERS`] group members).
+    pub groups: bool,
 }
 
 impl SimConfig {
@@ -77,6 +86,7 @@ impl SimConfig {
             liveness_ms: 3_000,
             plant: Plant::default(),
             acks: Acks::All,
+            groups: false,
         }
     }
 }
@@ -101,12 +111,16 @@ pub struct SimOutcome {
     pub failover_ms: Vec<u64>,
     /// `acks=leader` only: acknowledged records lost inside the documented window.
     pub lost_in_window: u64,
+    /// The group checks' verdict (no results without the group workload).
+    pub group_report: check::groups::GroupReport,
+    /// Group operations in the group history.
+    pub group_ops: u64,
 }
 
 impl SimOutcome {
     /// Whether the seed passed: no invariant violation and every history check passed.
     pub fn passed(&self) -> bool {
-        self.violations.is_empty() && self.report.ok()
+        self.violations.is_empty() && self.report.ok() && self.group_report.ok()
     }
 
     /// Names of the violated properties (invariants and checks).
@@ -114,6 +128,7 @@ impl SimOutcome {
         let mut v: Vec<String> =
             self.violations.iter().map(|s| s.split(':').next().unwrap_or("").to_string()).collect();
         v.extend(self.report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
+        v.extend(self.group_report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
         v.sort();
         v.dedup();
         v
@@ -145,6 +160,7 @@ impl Rng {
 const TICK_US: u64 = 5_000;
 const CLIENT_TICK_US: u64 = 2_000;
 const CLIENT_TIMEOUT_MS: u64 = 600;
+const GROUP_TICK_US: u64 = 10_000;
 const PRODUCE_DEADLINE_MS: u64 = 500;
 const MAX_VIOLATIONS: usize = 10;
 /// Voters snapshot their controller every this many applied Raft entries (a seed applies a
@@ -191,6 +207,19 @@ enum Event {
         request: u64,
         resp: ClientResp,
     },
+    /// A group member's tick.
+    GroupTick(usize),
+    GroupRequest {
+        member: usize,
+        request: u64,
+        to: NodeId,
+        req: groups::GroupReq,
+    },
+    GroupResponse {
+        member: usize,
+        request: u64,
+        resp: groups::GroupResp,
+    },
     Restart(NodeId),
     /// Crash a node (the end of a lying-disk period reveals what was lost).
     Crash(NodeId),
@@ -222,6 +251,8 @@ struct SimNode {
     lost: Vec<PartitionId>,
     /// Client produce requests in flight on this node: core request id -> (client, client request).
     requests: BTreeMap<u64, (usize, u64)>,
+    /// The group coordinator of the offsets partition (group workload only).
+    coordinator: groups::NodeCoordinator,
 }
 
 struct Client {
@@ -292,6 +323,8 @@ struct Sim {
     /// Past the healed phase: producers start nothing new.
     draining: bool,
     log_config: LogConfig,
+    /// The group workload (no members without it).
+    group: groups::GroupSim,
 }
 
 /// Runs one seed.
@@ -300,6 +333,11 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
     sim.run();
     let lost_in_window = if cfg.acks == Acks::Leader { sim.excuse_losses_in_window() } else { 0 };
     let report = check::check(&sim.history);
+    let group_report = if cfg.groups {
+        check::groups::check_groups(&sim.group.history)
+    } else {
+        check::groups::GroupReport::default()
+    };
     SimOutcome {
         seed: cfg.seed,
         violations: sim.violations,
@@ -309,6 +347,8 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
         faults: sim.faults,
         failover_ms: sim.failover_ms,
         lost_in_window,
+        group_report,
+        group_ops: sim.group.history.ops.len() as u64,
     }
 }
 
@@ -321,7 +361,8 @@ impl Sim {
     fn new(cfg: SimConfig) -> Sim {
         let mut rng = Rng(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
         let ids: Vec<NodeId> = (1..=cfg.nodes).map(NodeId).collect();
-        let parts: Vec<PartitionId> = (0..cfg.partitions).map(PartitionId).collect();
+        // The group workload's offsets partition comes after the data partitions.
+        let parts: Vec<PartitionId> = (0..cfg.partitions + u32::from(cfg.groups)).map(PartitionId).collect();
         let assignments: Vec<(PartitionId, Vec<NodeId>)> = parts
             .iter()
             .map(|&p| {
@@ -348,6 +389,7 @@ impl Sim {
                 lied: false,
                 lost: Vec::new(),
                 requests: BTreeMap::new(),
+                coordinator: groups::NodeCoordinator::default(),
             })
             .collect();
         let clients = (0..cfg.producers + cfg.consumers)
@@ -392,6 +434,7 @@ impl Sim {
             leader_stops: Vec::new(),
             draining: false,
             log_config,
+            group: groups::GroupSim::default(),
         };
         for i in 0..sim.nodes.len() {
             sim.start_node(i);
@@ -402,6 +445,13 @@ impl Sim {
         for c in 0..sim.clients.len() {
             let at = sim.rng.range(0, CLIENT_TICK_US);
             sim.schedule(at, Event::ClientTick(c));
+        }
+        if sim.cfg.groups {
+            sim.group = groups::GroupSim::new();
+            for g in 0..sim.group.members.len() {
+                let at = sim.rng.range(0, GROUP_TICK_US);
+                sim.schedule(at, Event::GroupTick(g));
+            }
         }
         let first_fault = sim.rng.range(300_000, 800_000);
         sim.schedule(first_fault, Event::Fault);
@@ -427,6 +477,12 @@ impl Sim {
         Time((self.now as i64 + self.now as i64 / 1_000_000 * skew) as u64)
     }
 
+    /// Partitions of the cluster: the data partitions, then the offsets partition if the
+    /// group workload runs.
+    fn cluster_partitions(&self) -> u32 {
+        self.cfg.partitions + u32::from(self.cfg.groups)
+    }
+
     fn idx(&self, id: NodeId) -> usize {
         (id.0 - 1) as usize
     }
@@ -438,6 +494,7 @@ impl Sim {
         n.last_hw.clear();
         n.checked.clear();
         n.requests.clear();
+        n.coordinator = groups::NodeCoordinator::default();
         let mut replicas = Vec::new();
         for (&p, storage) in &n.storages {
             match Log::open(storage.clone(), self.log_config.clone(), now.timestamp()) {
@@ -514,6 +571,7 @@ impl Sim {
         n.core = None;
         n.voter = None;
         n.paused_until = None;
+        n.coordinator = groups::NodeCoordinator::default();
         for s in n.storages.values_mut() {
             *s = s.crash(seed);
         }
@@ -549,12 +607,18 @@ impl Sim {
             }
         }
         self.final_read();
+        if self.cfg.groups {
+            self.group_final_read(since);
+        }
     }
 
     fn step(&mut self, ev: Event) {
         // A paused node's events wait until it resumes (a stopped process keeps its sockets).
         let target = match &ev {
-            Event::Tick(id) | Event::ClientRequest { to: id, .. } | Event::IoDone { node: id, .. } => Some(*id),
+            Event::Tick(id)
+            | Event::ClientRequest { to: id, .. }
+            | Event::GroupRequest { to: id, .. }
+            | Event::IoDone { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
         };
@@ -586,6 +650,9 @@ impl Sim {
                     v.handle_tick(now, &mut out);
                 }
                 self.voter_sends(i, out);
+                if self.cfg.groups {
+                    self.coordinator_tick(i);
+                }
                 self.schedule(TICK_US, Event::Tick(id));
             }
             Event::Deliver { from, to, msg } => {
@@ -629,6 +696,13 @@ impl Sim {
             }
             Event::ClientRequest { client, request, to, req } => self.serve_client(client, request, to, req),
             Event::ClientResponse { client, request, resp } => self.client_response(client, request, resp),
+            Event::GroupTick(g) => {
+                self.member_tick(g);
+                let jitter = self.rng.range(0, GROUP_TICK_US / 5);
+                self.schedule(GROUP_TICK_US + jitter, Event::GroupTick(g));
+            }
+            Event::GroupRequest { member, request, to, req } => self.serve_group(member, request, to, req),
+            Event::GroupResponse { member, request, resp } => self.member_response(member, request, resp),
             Event::ClientTick(c) => {
                 self.client_tick(c);
                 let jitter = self.rng.range(0, CLIENT_TICK_US);
@@ -678,7 +752,7 @@ impl Sim {
         }
         let n = self.nodes.len();
         let victim = self.rng.below(n as u64) as usize;
-        let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+        let p = PartitionId(self.rng.below(self.cluster_partitions() as u64) as u32);
         let leader =
             self.view().and_then(|v| v.partition(p)).and_then(|s| s.leader).map(|l| self.idx(l)).unwrap_or(victim);
         match self.rng.below(10) {
@@ -784,7 +858,7 @@ impl Sim {
                 // replica outside the ISR (it stays outside until it restarts and catches
                 // up), so the fault never takes the last in-sync copy (faults hit a minority).
                 let id = self.nodes[victim].id;
-                let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+                let p = PartitionId(self.rng.below(self.cluster_partitions() as u64) as u32);
                 let in_isr = self.view().is_none_or(|v| v.partition(p).is_none_or(|s| s.isr.contains(&id)));
                 if self.nodes[victim].core.is_some() && !in_isr {
                     self.crash(victim);
@@ -810,7 +884,7 @@ impl Sim {
             _ => {
                 // A failing disk operation on one node (EIO or disk full): it fail-stops.
                 let kind = if self.rng.chance(500) { FaultKind::Io } else { FaultKind::DiskFull };
-                let p = PartitionId(self.rng.below(self.cfg.partitions as u64) as u32);
+                let p = PartitionId(self.rng.below(self.cluster_partitions() as u64) as u32);
                 let n_ops = self.rng.range(1, 20);
                 if let Some(s) = self.nodes[victim].storages.get(&p) {
                     s.fail_op(n_ops, kind);
@@ -873,6 +947,9 @@ impl Sim {
                     let delay = self.rng.range(200, 3_000);
                     let incarnation = self.nodes[i].incarnation;
                     self.schedule(delay, Event::IoDone { node: id, incarnation, partition, job });
+                }
+                Command::ProduceReply { request, result } if self.is_group_write(i, request) => {
+                    self.group_written(i, result);
                 }
                 Command::ProduceReply { request, result } => {
                     if let Some((client, creq)) = self.nodes[i].requests.remove(&request.0) {
@@ -1219,7 +1296,7 @@ impl Sim {
 
     fn check_invariants(&mut self) {
         // Split brain: two brokers leading one partition, both with a valid lease.
-        for p in 0..self.cfg.partitions {
+        for p in 0..self.cluster_partitions() {
             let p = PartitionId(p);
             let mut leaders = Vec::new();
             for i in 0..self.nodes.len() {
@@ -1308,11 +1385,17 @@ fn decode(bytes: &[u8], from: Offset, hw: Offset) -> Vec<(check::Offset, check::
                 continue;
             }
             let v = r.value.as_slice();
-            let value = if v.len() >= 8 { u64::from_le_bytes(v[..8].try_into().expect("8 bytes")) } else { 0 };
+            // Producers' values are 8 bytes; others (group records) are told apart by a hash.
+            let value = if v.len() == 8 { u64::from_le_bytes(v.try_into().expect("8 bytes")) } else { fnv(v) };
             out.push((check::Offset(o), check::Value(value)));
         }
     }
     out
+}
+
+/// FNV-1a of `bytes`.
+fn fnv(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3))
 }
 
 #[cfg(test)]
