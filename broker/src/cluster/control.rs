@@ -64,11 +64,26 @@ impl Control {
 #[derive(Default)]
 pub(crate) struct TopicMap {
     topics: HashMap<String, (PartitionId, u32)>,
+    /// Each partition's replicas when the map was made (for rack-aware group assignment; a
+    /// later reassignment is not reflected until topics change).
+    replicas: HashMap<PartitionId, Vec<NodeId>>,
 }
 
 impl TopicMap {
     fn of(c: &Controller) -> TopicMap {
-        TopicMap { topics: c.topics().iter().map(|(n, t)| (n.clone(), (t.first, t.partitions))).collect() }
+        let topics: HashMap<String, (PartitionId, u32)> =
+            c.topics().iter().map(|(n, t)| (n.clone(), (t.first, t.partitions))).collect();
+        let replicas = topics
+            .values()
+            .flat_map(|&(first, count)| (0..count).map(move |i| PartitionId(first.0 + i)))
+            .filter_map(|p| Some((p, c.partition(p)?.replicas.clone())))
+            .collect();
+        TopicMap { topics, replicas }
+    }
+
+    /// The replicas of partition `index` of `topic`.
+    pub(crate) fn replicas(&self, topic: &str, index: u32) -> &[NodeId] {
+        self.partition(topic, index).and_then(|p| self.replicas.get(&p)).map_or(&[], Vec::as_slice)
     }
 
     /// The partition count of `topic`.

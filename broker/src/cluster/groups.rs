@@ -13,7 +13,7 @@
 //! partition count changes.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
@@ -28,10 +28,14 @@ use skein_client::wire::{
 use skein_log::batch::{batches, BatchBuilder};
 use skein_log::ReadLimit;
 
+use super::control::TopicMap;
 use super::now;
 use super::requests::ask;
 use super::shard::{owner, Node};
-use crate::core::group::{check_group_id, partition_for, GroupCoordinator, GroupRecord, LogMachine, OFFSETS_TOPIC};
+use crate::core::group::{
+    check_group_id, partition_for, GroupCoordinator, GroupRecord, LogMachine, Topology, OFFSETS_TOPIC,
+};
+use crate::core::NodeId;
 use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ReadFailure};
 use crate::meta::write_atomically;
 use crate::service::{Request, Response};
@@ -40,6 +44,28 @@ use crate::service::{Request, Response};
 const EXPIRY_TICK_MS: u64 = 50;
 /// Bound on one internal append.
 const WRITE_TIMEOUT_MS: u32 = 10_000;
+
+/// Partition counts and replica racks for the assignors, from this shard's topic map.
+struct Topo<'a> {
+    map: &'a TopicMap,
+    racks: &'a BTreeMap<NodeId, String>,
+}
+
+impl Topology for Topo<'_> {
+    fn partitions(&self, topic: &str) -> Option<u32> {
+        self.map.partitions(topic)
+    }
+
+    fn racks(&self, topic: &str, partition: u32) -> Vec<String> {
+        self.map
+            .replicas(topic, partition)
+            .iter()
+            .filter_map(|n| self.racks.get(n))
+            .filter(|r| !r.is_empty())
+            .cloned()
+            .collect()
+    }
+}
 
 /// The group state of one offsets partition on this broker (leader or follower).
 struct Loaded {
@@ -336,7 +362,7 @@ async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> R
     };
     let loaded = guard.as_mut().expect("led above");
     let topics = node.topics.load();
-    let sizes = |t: &str| topics.partitions(t);
+    let sizes = Topo { map: &topics, racks: &node.racks };
     let t = now();
     let written = match &req {
         Request::GroupHeartbeat(r) => match loaded.machine.heartbeat(t, r, &sizes) {
@@ -569,7 +595,7 @@ pub(super) async fn expiry_loop(node: Rc<Node>) {
             let Some(loaded) = guard.as_mut() else { continue };
             let t = now();
             let topics = node.topics.load();
-            let sizes = |t: &str| topics.partitions(t);
+            let sizes = Topo { map: &topics, racks: &node.racks };
             let mut records = loaded.machine.expire(t, &sizes);
             if !records.is_empty() {
                 for (group, member) in loaded.machine.expired(t) {

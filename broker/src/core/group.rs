@@ -72,6 +72,23 @@ pub struct Generation(pub i32);
 /// A partition of a topic.
 pub type Tp = (String, u32);
 
+/// What the assignors know of the topics: partition counts and where replicas live.
+pub trait Topology {
+    /// The partition count of `topic` (`None`: no such topic).
+    fn partitions(&self, topic: &str) -> Option<u32>;
+    /// The racks of the brokers holding replicas of a partition (empty: unknown, or no
+    /// racks): a member in one of them is preferred, as a follower read stays in its rack.
+    fn racks(&self, _topic: &str, _partition: u32) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+impl<F: Fn(&str) -> Option<u32>> Topology for F {
+    fn partitions(&self, topic: &str) -> Option<u32> {
+        self(topic)
+    }
+}
+
 /// The assignors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub enum Assignor {
@@ -447,7 +464,7 @@ impl GroupCoordinator {
         &mut self,
         now: Time,
         req: &GroupHeartbeatRequest,
-        partitions: &dyn Fn(&str) -> Option<u32>,
+        partitions: &dyn Topology,
     ) -> Result<Outcome<GroupHeartbeatResponse>, Refusal> {
         check_group_id(&req.group)?;
         let assignor = Assignor::parse(&req.assignor).ok_or_else(|| {
@@ -708,7 +725,7 @@ impl GroupCoordinator {
     }
 
     /// Members whose session ended by `now` leave their groups: one record per group changed.
-    pub fn expire(&self, now: Time, partitions: &dyn Fn(&str) -> Option<u32>) -> Vec<GroupRecord> {
+    pub fn expire(&self, now: Time, partitions: &dyn Topology) -> Vec<GroupRecord> {
         let mut gone: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
         for ((group, member), deadline) in &self.deadlines {
             if *deadline <= now {
@@ -734,7 +751,7 @@ impl GroupCoordinator {
 
     /// Groups whose subscribed topics changed partition counts (a topic created or deleted
     /// after its consumers joined) start a new epoch: one record per group changed.
-    pub fn refresh(&self, partitions: &dyn Fn(&str) -> Option<u32>) -> Vec<GroupRecord> {
+    pub fn refresh(&self, partitions: &dyn Topology) -> Vec<GroupRecord> {
         let mut out = Vec::new();
         for (name, g) in &self.groups {
             if g.meta.members.is_empty() || sizes(&g.meta, partitions) == g.meta.sizes {
@@ -795,17 +812,19 @@ fn state_name(meta: &GroupMeta) -> &'static str {
     }
 }
 
-fn sizes(meta: &GroupMeta, partitions: &dyn Fn(&str) -> Option<u32>) -> BTreeMap<String, u32> {
+fn sizes(meta: &GroupMeta, partitions: &dyn Topology) -> BTreeMap<String, u32> {
     let topics: BTreeSet<&String> = meta.members.values().flat_map(|m| m.topics.iter()).collect();
-    topics.into_iter().filter_map(|t| Some((t.clone(), partitions(t)?))).collect()
+    topics.into_iter().filter_map(|t| Some((t.clone(), partitions.partitions(t)?))).collect()
 }
 
 /// Recomputes every member's target for the group's (new) epoch.
-fn retarget(meta: &mut GroupMeta, partitions: &dyn Fn(&str) -> Option<u32>) {
+fn retarget(meta: &mut GroupMeta, partitions: &dyn Topology) {
     meta.sizes = sizes(meta, partitions);
     let members: Vec<(String, Vec<String>, BTreeSet<Tp>)> =
         meta.members.values().map(|m| (m.id.clone(), m.topics.clone(), m.assigned.clone())).collect();
-    let targets = assign(meta.assignor, &members, partitions);
+    let racks: BTreeMap<String, String> =
+        meta.members.values().filter(|m| !m.rack.is_empty()).map(|m| (m.id.clone(), m.rack.clone())).collect();
+    let targets = assign(meta.assignor, &members, &racks, partitions);
     for m in meta.members.values_mut() {
         m.target = targets.get(&m.id).cloned().unwrap_or_default();
     }
@@ -836,11 +855,15 @@ fn reconcile(meta: &mut GroupMeta, id: &str) {
     m.assigned.extend(free);
 }
 
-/// Target assignment of every member (id, subscribed topics, currently owned).
+/// Target assignment of every member (id, subscribed topics, currently owned). `racks`:
+/// members' racks by id; the sticky assignor gives a partition it places to a member in a
+/// rack holding one of its replicas when one is among the least loaded (rack-aware without
+/// giving up balance).
 pub fn assign(
     assignor: Assignor,
     members: &[(String, Vec<String>, BTreeSet<Tp>)],
-    partitions: &dyn Fn(&str) -> Option<u32>,
+    racks: &BTreeMap<String, String>,
+    partitions: &dyn Topology,
 ) -> BTreeMap<String, BTreeSet<Tp>> {
     let mut out: BTreeMap<String, BTreeSet<Tp>> =
         members.iter().map(|(id, _, _)| (id.clone(), BTreeSet::new())).collect();
@@ -851,13 +874,15 @@ pub fn assign(
         s.sort();
         s
     };
-    let all: Vec<Tp> =
-        topics.iter().flat_map(|t| (0..partitions(t).unwrap_or(0)).map(move |p| ((*t).clone(), p))).collect();
+    let all: Vec<Tp> = topics
+        .iter()
+        .flat_map(|t| (0..partitions.partitions(t).unwrap_or(0)).map(move |p| ((*t).clone(), p)))
+        .collect();
     match assignor {
         Assignor::Range => {
             for t in &topics {
                 let subs = subscribers(t);
-                let n = partitions(t).unwrap_or(0) as usize;
+                let n = partitions.partitions(t).unwrap_or(0) as usize;
                 if subs.is_empty() {
                     continue;
                 }
@@ -889,8 +914,10 @@ pub fn assign(
         }
         Assignor::Sticky => {
             let count = all.len();
-            let eligible: Vec<&(String, Vec<String>, BTreeSet<Tp>)> =
-                members.iter().filter(|(_, t, _)| t.iter().any(|t| partitions(t).unwrap_or(0) > 0)).collect();
+            let eligible: Vec<&(String, Vec<String>, BTreeSet<Tp>)> = members
+                .iter()
+                .filter(|(_, t, _)| t.iter().any(|t| partitions.partitions(t).unwrap_or(0) > 0))
+                .collect();
             if eligible.is_empty() {
                 return out;
             }
@@ -921,7 +948,13 @@ pub fn assign(
                 if taken.contains(&(t.clone(), *p)) {
                     continue;
                 }
-                let best = subscribers(t).into_iter().min_by_key(|id| (out[*id].len(), (*id).clone()));
+                let subs = subscribers(t);
+                let fewest = subs.iter().map(|id| out[*id].len()).min();
+                let replica_racks = partitions.racks(t, *p);
+                let local = subs.iter().copied().find(|id| {
+                    Some(out[*id].len()) == fewest && racks.get(*id).is_some_and(|r| replica_racks.contains(r))
+                });
+                let best = local.or_else(|| subs.into_iter().min_by_key(|id| (out[*id].len(), (*id).clone())));
                 if let Some(id) = best {
                     out.get_mut(id).expect("member").insert((t.clone(), *p));
                 }

@@ -1,4 +1,4 @@
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use skein_client::wire::{
     ErrorCode, GroupHeartbeatRequest, GroupHeartbeatResponse, OffsetCommitPartition, OffsetCommitRequest,
@@ -308,13 +308,13 @@ fn assignors_spread_partitions() {
         ("c".to_string(), vec!["u".to_string()], none.clone()),
     ];
     for assignor in [Assignor::Range, Assignor::RoundRobin, Assignor::Sticky] {
-        let out = assign(assignor, &members, &parts);
+        let out = assign(assignor, &members, &BTreeMap::new(), &parts);
         let all: Vec<&Tp> = out.values().flatten().collect();
         assert_eq!(all.len(), 15, "{assignor:?}: every partition once");
         assert_eq!(all.iter().collect::<BTreeSet<_>>().len(), 15, "{assignor:?}");
         assert!(out["c"].iter().all(|(t, _)| t == "u"), "{assignor:?}: only subscribed topics");
     }
-    let range = assign(Assignor::Range, &members, &parts);
+    let range = assign(Assignor::Range, &members, &BTreeMap::new(), &parts);
     assert_eq!(
         range["a"].iter().filter(|(t, _)| t == "t").map(|(_, p)| *p).collect::<Vec<_>>(),
         (0..6).collect::<Vec<_>>()
@@ -325,7 +325,7 @@ fn assignors_spread_partitions() {
         ("a".to_string(), vec!["t".to_string()], owned.clone()),
         ("b".to_string(), vec!["t".to_string()], (4..8).map(|p| ("t".to_string(), p)).collect()),
     ];
-    let out = assign(Assignor::Sticky, &two, &parts);
+    let out = assign(Assignor::Sticky, &two, &BTreeMap::new(), &parts);
     assert!(owned.is_subset(&out["a"]));
     assert_eq!((out["a"].len(), out["b"].len()), (6, 6));
 }
@@ -360,4 +360,34 @@ fn a_snapshot_restores_the_same_state_and_continues_at_its_offset() {
     assert_eq!(format!("{:?}", restored.describe("g")), format!("{:?}", h.c.describe("g")));
     assert!(GroupCoordinator::restore(b"{}", 500).is_err());
     assert!(GroupCoordinator::restore(b"\xff", 500).is_err());
+}
+
+/// Partitions of `t` have replicas in rack `r{p % 3}`.
+struct Racked;
+
+impl Topology for Racked {
+    fn partitions(&self, topic: &str) -> Option<u32> {
+        parts(topic)
+    }
+    fn racks(&self, _topic: &str, partition: u32) -> Vec<String> {
+        vec![format!("r{}", partition % 3)]
+    }
+}
+
+#[test]
+fn the_sticky_assignor_prefers_members_in_a_replica_rack_without_losing_balance() {
+    let none = BTreeSet::new();
+    let members: Vec<(String, Vec<String>, BTreeSet<Tp>)> =
+        ["a", "b", "c"].iter().map(|id| (id.to_string(), vec!["t".to_string()], none.clone())).collect();
+    let racks: BTreeMap<String, String> =
+        [("a", "r0"), ("b", "r1"), ("c", "r2")].iter().map(|(m, r)| (m.to_string(), r.to_string())).collect();
+    let out = assign(Assignor::Sticky, &members, &racks, &Racked);
+    for (id, rack) in &racks {
+        assert_eq!(out[id].len(), 4, "balanced");
+        for (_, p) in &out[id] {
+            assert_eq!(&format!("r{}", p % 3), rack, "{id} got {p}, whose replicas are elsewhere");
+        }
+    }
+    let blind = assign(Assignor::Sticky, &members, &BTreeMap::new(), &Racked);
+    assert!(blind.values().all(|s| s.len() == 4));
 }
