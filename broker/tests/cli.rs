@@ -191,4 +191,15 @@ fn client_examples_compile_and_run() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().count(), 6, "{text}");
     assert!(text.contains("event 5"));
+    // The at-least-once group example reads all six, commits, and a second run in the same
+    // group finds nothing new (it starts at the committed offsets).
+    for want in [6, 0] {
+        let out = Command::new(sibling("group_consumer", &["--example", "group_consumer"]))
+            .args([&broker.addr, "ex", "ex-group"])
+            .output()
+            .expect("group consumer");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.lines().count(), want, "{text}");
+    }
 }
