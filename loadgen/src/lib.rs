@@ -11,14 +11,19 @@
 //! - [`cluster`]: a local cluster of real broker processes (start, kill, restart, pause).
 //! - [`chaos`]: network faults between those brokers with nftables.
 //! - [`failover`]: failover time under kill -9 of the leader, and leader stability.
+//! - [`groups`]: consumer group members' events, a steady producer, rebalance windows and
+//!   pauses; [`group_consume`]: `consume --group`; [`rebalance`]: rebalance after SIGKILL.
 #![warn(missing_docs)]
 
 pub mod chaos;
 pub mod cluster;
 pub mod failover;
+pub mod group_consume;
+pub mod groups;
 pub mod keys;
 pub mod limits;
 pub mod load;
 pub mod plot;
+pub mod rebalance;
 pub mod report;
 pub mod verify;

@@ -24,7 +24,10 @@ struct Cli {
 enum Command {
     /// Producers only; latency = acknowledgement latency.
     Produce(ProduceArgs),
-    /// Consumers only (reading from the beginning); latency = fetch round trip.
+    /// Consumers only (reading from the beginning); latency = fetch round trip. With --group:
+    /// --consumers group members in this process while a steady producer writes to every
+    /// partition; reports lag, rebalances and the longest pause of a partition during a
+    /// rebalance.
     Consume(ConsumeArgs),
     /// Producers and consumers at once; latency = intended send time to receipt.
     E2e(E2eArgs),
@@ -39,6 +42,13 @@ enum Command {
     /// producer and measures kill to the first acknowledgement of a record sent after it;
     /// with --steady, a run without faults counting leader changes.
     Failover(FailoverArgs),
+    /// Consumer group rebalances after a member's SIGKILL: members are child processes; each
+    /// round kills one and measures its session's expiry to every partition assigned again
+    /// (and to Stable), and the pauses of partitions that did not move.
+    Rebalance(RebalanceArgs),
+    /// One group member printing its events (used by `rebalance`).
+    #[command(hide = true)]
+    Member(MemberArgs),
     /// Draws several JSON reports' latency curves on one chart; the legend names each run by
     /// its settings (mode, partitions, threads, value size, acks, rate, commit).
     Plot {
@@ -119,6 +129,114 @@ struct ConsumeArgs {
     message_size: usize,
     #[command(flatten)]
     consumer: ConsumerArgs,
+    #[command(flatten)]
+    group: GroupArgs,
+}
+
+/// `consume --group`: what only group consumption uses.
+#[derive(Args, Clone)]
+#[command(next_help_heading = "Consumer group (--group)")]
+struct GroupArgs {
+    /// Consume as members of this group (--consumers of them, threads of this process) while
+    /// a producer writes --produce-rate records/s over all partitions for --duration; then
+    /// read the rest and close. --warmup, --messages, --hdr, --plot and the replica options
+    /// do not apply.
+    #[arg(long)]
+    group: Option<String>,
+    /// Records per second the producer writes, dealt over every partition.
+    #[arg(long, default_value_t = 1000.0)]
+    produce_rate: f64,
+    /// The members' session timeout.
+    #[arg(long, default_value_t = 10_000)]
+    session_timeout_ms: u32,
+    /// range, roundrobin or sticky.
+    #[arg(long, default_value = "sticky")]
+    assignor: skein_client::Assignor,
+    /// The members' auto-commit interval.
+    #[arg(long, default_value_t = 1000)]
+    auto_commit_ms: u64,
+    /// Time between the members' first joins.
+    #[arg(long, default_value = "500ms", value_parser = parse_duration)]
+    join_interval: Duration,
+    /// Replace the oldest member (it commits and leaves) by a new one this often.
+    #[arg(long, value_parser = parse_duration)]
+    churn_interval: Option<Duration>,
+    /// How long the members may read the rest once the producer stopped.
+    #[arg(long, default_value = "15s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+/// `rebalance`.
+#[derive(Args)]
+struct RebalanceArgs {
+    /// Bootstrap brokers (unless --cluster-bin).
+    #[arg(long, env = "SKEIN_BROKERS", default_value = "127.0.0.1:9092")]
+    brokers: String,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+    /// Topic (created if missing).
+    #[arg(long, default_value = "rebalance")]
+    topic: String,
+    /// Partitions when creating the topic.
+    #[arg(long, default_value_t = 6)]
+    partitions: u32,
+    /// Replicas when creating the topic (default: 1, or min(3, --nodes) with --cluster-bin).
+    #[arg(long)]
+    replicas: Option<u16>,
+    /// The group.
+    #[arg(long, default_value = "rebalance")]
+    group: String,
+    /// Members at a time (each a child process).
+    #[arg(long, default_value_t = 3)]
+    consumers: usize,
+    /// Rounds: kill, expiry, reassignment, replacement.
+    #[arg(long, default_value_t = 10)]
+    kills: usize,
+    /// The members' session timeout.
+    #[arg(long, default_value_t = 3000)]
+    session_timeout_ms: u32,
+    /// range, roundrobin or sticky.
+    #[arg(long, default_value = "sticky")]
+    assignor: skein_client::Assignor,
+    /// The members' auto-commit interval.
+    #[arg(long, default_value_t = 1000)]
+    auto_commit_ms: u64,
+    /// Records per second the producer writes, dealt over every partition.
+    #[arg(long, default_value_t = 1000.0)]
+    produce_rate: f64,
+    /// Value bytes per record.
+    #[arg(long, default_value_t = 100)]
+    message_size: usize,
+    /// Pause once the group is Stable, before each kill.
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    settle: Duration,
+    /// Bound on each wait for Stable.
+    #[arg(long, default_value = "30s", value_parser = parse_duration)]
+    stable_timeout: Duration,
+    /// Write the JSON report here.
+    #[arg(long)]
+    report: Option<PathBuf>,
+}
+
+/// `member` (hidden): one group member for `rebalance`; events on stdout, one per line,
+/// until stdin closes.
+#[derive(Args)]
+struct MemberArgs {
+    #[arg(long)]
+    brokers: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long)]
+    group: String,
+    #[arg(long)]
+    session_timeout_ms: u32,
+    #[arg(long, default_value = "sticky")]
+    assignor: skein_client::Assignor,
+    #[arg(long, default_value_t = 1000)]
+    auto_commit_ms: u64,
+    /// The member's number in the experiment (stamped on its events).
+    #[arg(long)]
+    member: usize,
 }
 
 /// `e2e`: the common options, the producers' and the consumers'.
@@ -378,6 +496,7 @@ fn main() {
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Produce(a) => load_command(Mode::Produce, a.into()),
+        Command::Consume(a) if a.group.group.is_some() => group_consume_command(a),
         Command::Consume(a) => load_command(Mode::Consume, a.into()),
         Command::E2e(a) => load_command(Mode::E2e, a.into()),
         Command::Limits(a) => {
@@ -397,6 +516,18 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Verify(a) => verify_command(a),
         Command::Failover(a) => failover_command(a),
+        Command::Rebalance(a) => rebalance_command(a),
+        Command::Member(a) => {
+            let cfg = skein_loadgen::groups::MemberConfig {
+                brokers: a.brokers,
+                topic: a.topic,
+                group: a.group,
+                session_timeout_ms: a.session_timeout_ms,
+                assignor: a.assignor,
+                auto_commit: Duration::from_millis(a.auto_commit_ms),
+            };
+            skein_loadgen::rebalance::member_main(&cfg, a.member)
+        }
         Command::Plot { reports, output } => {
             let mut runs = Vec::new();
             for path in &reports {
@@ -539,6 +670,81 @@ fn failover_command(a: FailoverArgs) -> Result<()> {
         }
     };
     print!("{}", failover::table(&r));
+    if let Some(path) = &a.report {
+        write_json(path, &r)?;
+    }
+    Ok(())
+}
+
+fn group_consume_command(a: ConsumeArgs) -> Result<()> {
+    use skein_loadgen::group_consume::{self, GroupLoadConfig};
+    let (l, g) = (&a.load, &a.group);
+    if l.hdr.is_some() || l.plot.is_some() || l.messages.is_some() {
+        bail!("--group measures gaps and lag, not latency: --hdr, --plot and --messages do not apply");
+    }
+    let embedded = if l.embedded { Some(EmbeddedBroker::start(l.broker_cores)?) } else { None };
+    let brokers = embedded.as_ref().map_or_else(|| l.brokers.clone(), |b| b.addr.clone());
+    let cfg = GroupLoadConfig {
+        brokers,
+        topic: l.topic.clone(),
+        partitions: l.partitions,
+        replicas: l.replicas,
+        topic_configs: l.topic_configs.clone(),
+        group: g.group.clone().expect("checked by the caller"),
+        consumers: a.consumer.consumers.max(1),
+        session_timeout_ms: g.session_timeout_ms,
+        assignor: g.assignor,
+        auto_commit: Duration::from_millis(g.auto_commit_ms),
+        produce_rate: g.produce_rate,
+        message_size: a.message_size,
+        duration: l.duration,
+        join_interval: g.join_interval,
+        churn_interval: g.churn_interval,
+        drain_timeout: g.drain_timeout,
+        progress: std::io::stderr().is_terminal(),
+    };
+    let r = group_consume::run(&cfg)?;
+    drop(embedded);
+    print!("{}", group_consume::table(&r));
+    if let Some(path) = &l.report {
+        write_json(path, &r)?;
+    }
+    Ok(())
+}
+
+fn rebalance_command(a: RebalanceArgs) -> Result<()> {
+    use skein_loadgen::rebalance::{self, RebalanceConfig};
+    let cluster = a.cluster.start()?;
+    let brokers = cluster.as_ref().map_or_else(|| a.brokers.clone(), |c| c.cluster.bootstrap());
+    let replicas = a.replicas.unwrap_or(if cluster.is_some() { a.cluster.nodes.min(3) as u16 } else { 1 });
+    let cfg = RebalanceConfig {
+        brokers,
+        topic: a.topic,
+        partitions: a.partitions,
+        replicas,
+        group: a.group,
+        consumers: a.consumers,
+        kills: a.kills,
+        session_timeout_ms: a.session_timeout_ms,
+        assignor: a.assignor,
+        auto_commit: Duration::from_millis(a.auto_commit_ms),
+        produce_rate: a.produce_rate,
+        message_size: a.message_size,
+        settle: a.settle,
+        stable_timeout: a.stable_timeout,
+        member_exe: std::env::current_exe().context("finding this program's path")?,
+    };
+    let r = match rebalance::run(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            if let Some(c) = cluster {
+                c.keep();
+            }
+            return Err(e);
+        }
+    };
+    drop(cluster);
+    print!("{}", rebalance::table(&r));
     if let Some(path) = &a.report {
         write_json(path, &r)?;
     }
@@ -778,7 +984,17 @@ mod tests {
             }
         };
         check("produce", &producer);
-        check("consume", &[&consumer[..], &["message-size"]].concat());
+        let group = [
+            "group",
+            "produce-rate",
+            "session-timeout-ms",
+            "assignor",
+            "auto-commit-ms",
+            "join-interval",
+            "churn-interval",
+            "drain-timeout",
+        ];
+        check("consume", &[&consumer[..], &["message-size"], &group[..]].concat());
         check("e2e", &[&producer[..], &consumer[..]].concat());
         for flag in consumer {
             assert!(!help("produce").contains(&format!("--{flag}")), "produce --help lists --{flag}");
@@ -929,6 +1145,20 @@ mod tests {
                 "1",
             ],
             &["failover", "--cluster-bin", "b", "--kills", "20", "--steady", "60s", "--report", "f.json"],
+            &["consume", "--group", "g", "--consumers", "3", "--produce-rate", "500", "--churn-interval", "2s"],
+            &[
+                "rebalance",
+                "--brokers",
+                "b:1",
+                "--topic",
+                "t",
+                "--consumers",
+                "3",
+                "--kills",
+                "10",
+                "--session-timeout-ms",
+                "3000",
+            ],
         ] {
             parse(args);
         }
