@@ -115,7 +115,7 @@ pub struct RebalanceReport {
     pub targets: Targets,
     /// Every rebalance window from the first kill on.
     pub windows: Vec<WindowReport>,
-    /// Delivery gaps outside windows, from the first kill on.
+    /// Delivery gaps outside windows, over the whole run (the members' first joins included).
     pub steady_gap_ms: GapSummary,
     /// Records the producer had acknowledged.
     pub records_produced: u64,
