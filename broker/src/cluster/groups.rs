@@ -25,7 +25,7 @@ use skein_client::wire::{
     FindCoordinatorResponse, GroupHeartbeatResponse, ListGroupsResponse, ListedGroup, MetadataRequest, NewTopic,
     OffsetCommitResponse, OffsetFetchResponse, ProducePartition, ProduceRequest, TopicConfig,
 };
-use skein_log::batch::{batches, BatchBuilder};
+use skein_log::batch::BatchBuilder;
 use skein_log::ReadLimit;
 
 use super::control::TopicMap;
@@ -35,6 +35,7 @@ use super::shard::{owner, Node};
 use crate::core::group::{
     check_group_id, partition_for, GroupCoordinator, GroupRecord, LogMachine, Topology, OFFSETS_TOPIC,
 };
+use crate::core::machine::feed;
 use crate::core::NodeId;
 use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ReadFailure};
 use crate::meta::write_atomically;
@@ -224,22 +225,10 @@ async fn catch_up(node: &Node, pid: PartitionId, slot: &mut Option<Loaded>) -> R
             Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {OFFSETS_TOPIC} ({pid}): {e}"))),
         }
         let before = from;
-        for batch in batches(&buf) {
-            let batch = batch.map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{OFFSETS_TOPIC} ({pid}): {e}")))?;
-            let base = batch.header().base_offset.get();
-            for r in batch.records().iter() {
-                let offset = Offset(base + u64::from(r.offset_delta.to_native()));
-                if offset < from {
-                    continue;
-                }
-                let key = r.key.as_ref().map_or(&[][..], |k| k.as_slice());
-                if let Err(e) = loaded.machine.apply(offset, key, r.value.as_slice()) {
-                    tracing::warn!(partition = %pid, error = %e, "skipping a group record that does not decode");
-                }
-                loaded.since_snapshot += 1;
-            }
-            from = batch.header().next_offset();
-        }
+        let fed = feed(&mut loaded.machine, &buf, from)
+            .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{OFFSETS_TOPIC} ({pid}): {e}")))?;
+        loaded.since_snapshot += fed.applied + fed.skipped;
+        from = fed.next;
         if from == before {
             break;
         }

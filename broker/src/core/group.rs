@@ -45,25 +45,7 @@ pub const SUBSCRIPTION_MAX: usize = 1000;
 /// Session timeouts accepted (ms).
 pub const SESSION_TIMEOUT_MS: std::ops::RangeInclusive<u32> = 1_000..=300_000;
 
-/// A state machine fed by a partition's committed records in offset order (the coordinators
-/// and tables of Skein share this shape).
-pub trait LogMachine {
-    /// Applies the committed record at `offset`. Records that do not decode are skipped by the
-    /// caller with a warning, never applied.
-    fn apply(&mut self, offset: Offset, key: &[u8], value: &[u8]) -> Result<(), RecordError>;
-    /// The offset after the last record applied.
-    fn applied(&self) -> Offset;
-}
-
-/// A record of the offsets topic that does not decode.
-#[derive(Debug, thiserror::Error)]
-#[error("group record at offset {offset}: {reason}")]
-pub struct RecordError {
-    /// Where.
-    pub offset: u64,
-    /// What is wrong.
-    pub reason: String,
-}
+pub use super::machine::{LogMachine, RecordError};
 
 /// A group's epoch, or a member's (the generation).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]

@@ -16,6 +16,7 @@
 
 pub mod controller;
 pub mod group;
+pub mod machine;
 pub mod node;
 pub mod producers;
 pub mod quorum;

@@ -30,12 +30,13 @@ use skein_client::wire::{
     ErrorCode, GroupHeartbeatRequest, GroupHeartbeatResponse, OffsetCommitPartition, OffsetCommitPartitionResponse,
     OffsetCommitRequest, OffsetFetchPartition, TopicPartition, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
 };
-use skein_log::batch::{batches, BatchBuilder, RecordBatch};
+use skein_log::batch::{BatchBuilder, RecordBatch};
 
 use super::{Event, Sim, CLIENT_TIMEOUT_MS, PRODUCE_DEADLINE_MS};
 use crate::check::groups::{CommitOutcome, GroupHistory, GroupOp};
 use crate::check::{PartitionId as CheckPartition, ProcessId};
 use crate::core::group::{GroupCoordinator, GroupRecord, LogMachine};
+use crate::core::machine::feed;
 use crate::core::{Acks, LeaderEpoch, NodeId, Offset, PartitionId, ProduceError, ReadFailure, RequestId};
 
 /// The group's id.
@@ -749,23 +750,9 @@ impl Sim {
             if from >= hw {
                 return Ok(machine);
             }
-            let mut progressed = false;
-            for batch in batches(&bytes) {
-                let Ok(batch) = batch else { return Err(Some("a committed batch does not decode".into())) };
-                let base = batch.header().base_offset.get();
-                for r in batch.records().iter() {
-                    let offset = Offset(base + u64::from(r.offset_delta.to_native()));
-                    if offset < from {
-                        continue;
-                    }
-                    let key = r.key.as_ref().map_or(&[][..], |k| k.as_slice());
-                    if let Err(e) = machine.apply(offset, key, r.value.as_slice()) {
-                        tracing::warn!(error = %e, "sim: skipping a group record that does not decode");
-                    }
-                }
-                from = Offset(batch.header().next_offset().get());
-                progressed = true;
-            }
+            let before = from;
+            from = feed(&mut machine, &bytes, from).map_err(|e| Some(e.to_string()))?.next;
+            let progressed = from > before;
             if !progressed {
                 return Ok(machine);
             }
