@@ -170,5 +170,32 @@ fn a_cli_group_reads_every_record_through_a_kill_and_a_join_and_ends_with_no_lag
     }
     assert_eq!(total, RECORDS);
     assert_eq!(d["state"], "Empty", "every member left: {d}");
+
+    // Sessions keep working in a group: records written with a session are read by a group
+    // member with that session, from followers (`--prefer-replica 2`, or the leader where
+    // node 2 is not in sync or behind the session's token).
+    let dir = tempfile::tempdir().expect("tempdir");
+    let session = dir.path().join("session");
+    let session = session.to_str().expect("utf8 path");
+    let mut produce = Command::new(&skein)
+        .args(["--brokers", &bootstrap, "produce", "k", "--key-separator", " ", "--session", session])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run skein produce --session");
+    let mine: String = (0..10).map(|i| format!("key{i} mine:{i}\n")).collect();
+    produce.stdin.take().expect("stdin").write_all(mine.as_bytes()).expect("write");
+    assert!(produce.wait().expect("produce exits").success());
+    let out = Command::new(&skein)
+        .args(["--brokers", &bootstrap, "consume", "k", "--group", "g2", "--session", session])
+        .args(["--prefer-replica", "2", "--timeout-ms", "500", "--format", "%v"])
+        .output()
+        .expect("run skein consume --group --session");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().count() as u64, RECORDS + 10);
+    for i in 0..10 {
+        assert!(text.lines().any(|l| l == format!("mine:{i}")), "the session's own write mine:{i} was read");
+    }
     drop(c);
 }
