@@ -2,14 +2,17 @@
 //! [`GroupCoordinator`] over a real replicated partition of the simulated cluster, driven as
 //! `cluster::groups` drives it, and simulated group members.
 //!
-//! One extra partition of the cluster is the offsets partition. Every node hosts a
-//! coordinator for it: loaded from the replica's committed records (`read_committed`) when
-//! the node leads the partition at a new leader epoch (eagerly at its tick, or at the first
-//! request); requests run one at a time (a bounded queue behind the one in flight); a
-//! request's records are appended as one batch with `acks=all` through
-//! `BrokerNode::handle_produce`, applied and answered once the produce is acknowledged; a
-//! failed append drops the machine (reloaded from the log next time) and answers
-//! NOT_COORDINATOR. Expiry and refresh run from the node's tick when the machine is idle.
+//! One extra partition of the cluster is the offsets partition. Every node keeps a
+//! coordinator for it, as the runtime does: every replica, leader or follower, applies the
+//! partition's committed records (below its high watermark, through `core::machine::feed`)
+//! at its tick, so a new leader is warm; a node that leads at a new epoch (and whose high
+//! watermark reached the epoch's start) starts every member's session and serves. Requests
+//! run one at a time (a bounded queue behind the one in flight); a request's records are
+//! appended as one batch with `acks=all` through `BrokerNode::handle_produce` and, once the
+//! produce is acknowledged, applied from the log like everything else before the answer; a
+//! failed append drops the machine (rebuilt from the log) and answers NOT_COORDINATOR.
+//! Expiry and refresh run from the leader's tick when the machine is idle. (The runtime also
+//! snapshots the machine to disk; the simulated disk does not.)
 //!
 //! Members (two static, two dynamic) of one group consume a fake topic of
 //! [`TOPIC_PARTITIONS`] partitions: they join, heartbeat with what they own, reconcile
@@ -31,6 +34,7 @@ use skein_client::wire::{
     OffsetCommitRequest, OffsetFetchPartition, TopicPartition, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
 };
 use skein_log::batch::{BatchBuilder, RecordBatch};
+use skein_log::ReadLimit;
 
 use super::{Event, Sim, CLIENT_TIMEOUT_MS, PRODUCE_DEADLINE_MS};
 use crate::check::groups::{CommitOutcome, GroupHistory, GroupOp};
@@ -80,8 +84,10 @@ pub(super) enum GroupResp {
 /// A node's coordinator of the offsets partition.
 #[derive(Default)]
 pub(super) struct NodeCoordinator {
-    /// The machine and the leader epoch it was loaded at.
-    loaded: Option<(LeaderEpoch, GroupCoordinator)>,
+    /// The group state this replica applied from the committed log (leader or follower).
+    machine: Option<GroupCoordinator>,
+    /// The leader epoch it coordinates at, sessions started (`None`: not leading).
+    leading: Option<LeaderEpoch>,
     /// The append in flight.
     write: Option<Write>,
     /// Requests waiting for it: (member, member request, request).
@@ -580,7 +586,7 @@ impl Sim {
         };
         let now = self.local(i);
         let plant = self.cfg.plant;
-        let (_, machine) = self.nodes[i].coordinator.loaded.as_mut().expect("ready");
+        let machine = self.nodes[i].coordinator.machine.as_mut().expect("ready");
         let (records, resp) = match req {
             GroupReq::Heartbeat(r) => match machine.heartbeat(now, &r, &sizes) {
                 Ok(out) => (out.records, GroupResp::Heartbeat(Ok(out.reply))),
@@ -635,27 +641,35 @@ impl Sim {
     /// The group append of node `i` finished: apply and answer, or drop the machine.
     pub(super) fn group_written(&mut self, i: usize, result: Result<Offset, ProduceError>) {
         let Some(w) = self.nodes[i].coordinator.write.take() else { return };
-        match (result, self.nodes[i].coordinator.loaded.as_mut()) {
-            (Ok(_), Some((_, machine))) => {
-                for r in w.records {
-                    machine.apply_record(r);
+        // Acknowledged: the records are committed; apply them from the log, as every replica.
+        let end = result.ok().map(|base| Offset(base.0 + w.records.len() as u64));
+        let applied = match end {
+            Some(end) => match self.catch_up(i) {
+                Ok(()) => self.nodes[i].coordinator.machine.as_ref().is_some_and(|m| m.applied() >= end),
+                Err(reason) => {
+                    self.fail_stop(i, reason);
+                    false
                 }
-                self.check_owners(i);
-                if let Some((member, request, resp)) = w.reply {
-                    self.group_reply(i, member, request, resp);
-                }
+            },
+            None => false,
+        };
+        if applied {
+            self.check_owners(i);
+            if let Some((member, request, resp)) = w.reply {
+                self.group_reply(i, member, request, resp);
             }
-            _ => {
-                // Whether the records will commit is unknown: rebuild from the log next time.
-                self.nodes[i].coordinator.loaded = None;
-                if let Some((member, request, resp)) = w.reply {
-                    let refused = match resp {
-                        GroupResp::Heartbeat(_) => GroupResp::Heartbeat(Err(ErrorCode::NOT_COORDINATOR)),
-                        GroupResp::Commit(_) => GroupResp::Commit(Err(ErrorCode::NOT_COORDINATOR)),
-                        GroupResp::Fetch(_) => GroupResp::Fetch(Err(ErrorCode::NOT_COORDINATOR)),
-                    };
-                    self.group_reply(i, member, request, refused);
-                }
+        } else {
+            // Whether the records will commit is unknown: rebuild from the log. (A node that
+            // stopped answers nothing: its members time out.)
+            self.nodes[i].coordinator.machine = None;
+            self.nodes[i].coordinator.leading = None;
+            if let Some((member, request, resp)) = w.reply.filter(|_| self.nodes[i].core.is_some()) {
+                let refused = match resp {
+                    GroupResp::Heartbeat(_) => GroupResp::Heartbeat(Err(ErrorCode::NOT_COORDINATOR)),
+                    GroupResp::Commit(_) => GroupResp::Commit(Err(ErrorCode::NOT_COORDINATOR)),
+                    GroupResp::Fetch(_) => GroupResp::Fetch(Err(ErrorCode::NOT_COORDINATOR)),
+                };
+                self.group_reply(i, member, request, refused);
             }
         }
         while self.nodes[i].coordinator.write.is_none() && self.nodes[i].core.is_some() {
@@ -674,9 +688,15 @@ impl Sim {
         if c.write.is_some() || !c.queue.is_empty() {
             return;
         }
-        let Ok(epoch) = self.coordinator_ready(i) else { return };
+        let Ok(epoch) = self.coordinator_ready(i) else {
+            // Not leading: a follower applies what is committed, to be warm when it leads.
+            if let Err(reason) = self.catch_up(i) {
+                self.fail_stop(i, reason);
+            }
+            return;
+        };
         let now = self.local(i);
-        let (_, machine) = self.nodes[i].coordinator.loaded.as_ref().expect("ready");
+        let machine = self.nodes[i].coordinator.machine.as_ref().expect("ready");
         let mut records = machine.expire(now, &sizes);
         if records.is_empty() {
             records = machine.refresh(&sizes);
@@ -699,37 +719,74 @@ impl Sim {
             .and_then(|core| core.replica(p))
             .and_then(|r| r.leader_epoch());
         let Some(epoch) = leading else {
-            self.nodes[i].coordinator.loaded = None;
+            self.nodes[i].coordinator.leading = None;
             return Err(ErrorCode::NOT_COORDINATOR);
         };
-        if self.nodes[i].coordinator.loaded.as_ref().is_some_and(|(e, _)| *e == epoch) {
-            return Ok(epoch);
-        }
-        self.nodes[i].coordinator.loaded = None;
-        match self.load(i) {
-            Ok(mut machine) => {
-                machine.start_sessions(now);
-                tracing::debug!(
-                    node = i + 1,
-                    epoch = epoch.0,
-                    applied = machine.applied().0,
-                    "sim: coordinator loaded"
-                );
-                self.nodes[i].coordinator.loaded = Some((epoch, machine));
-                self.check_owners(i);
-                Ok(epoch)
+        // A new leader serves once its high watermark reached its epoch's start.
+        let ready = self.nodes[i].core.as_ref().map(|core| core.read_committed(now, p, Offset(u64::MAX), 0));
+        match ready {
+            Some(Ok(_)) => {}
+            Some(Err(ReadFailure::Storage(e))) => {
+                self.fail_stop(i, e);
+                return Err(ErrorCode::NOT_COORDINATOR);
             }
-            Err(Some(reason)) => {
-                // As the runtime does: the log's state is unknown, the node stops.
-                tracing::debug!(node = i + 1, %reason, "fail-stop loading the coordinator");
-                self.crash(i);
-                let back = self.rng.range(100_000, 1_000_000);
-                let id = self.nodes[i].id;
-                self.schedule(back, Event::Restart(id));
-                Err(ErrorCode::NOT_COORDINATOR)
-            }
-            Err(None) => Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
+            _ => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
         }
+        if let Err(reason) = self.catch_up(i) {
+            self.fail_stop(i, reason);
+            return Err(ErrorCode::NOT_COORDINATOR);
+        }
+        let c = &mut self.nodes[i].coordinator;
+        if c.leading != Some(epoch) {
+            let machine = c.machine.as_mut().expect("caught up");
+            machine.start_sessions(now);
+            tracing::debug!(node = i + 1, epoch = epoch.0, applied = machine.applied().0, "sim: coordinating");
+            c.leading = Some(epoch);
+            self.check_owners(i);
+        }
+        Ok(epoch)
+    }
+
+    /// As the runtime: the log's state is unknown, the node stops (and restarts later).
+    fn fail_stop(&mut self, i: usize, reason: String) {
+        tracing::debug!(node = i + 1, %reason, "fail-stop applying group records");
+        self.crash(i);
+        let back = self.rng.range(100_000, 1_000_000);
+        let id = self.nodes[i].id;
+        self.schedule(back, Event::Restart(id));
+    }
+
+    /// Applies to node `i`'s machine the offsets partition's records below its replica's
+    /// high watermark (a new machine when it has none, or when the log now starts after it).
+    fn catch_up(&mut self, i: usize) -> Result<(), String> {
+        let p = self.offsets_partition();
+        let n = &mut self.nodes[i];
+        let Some(core) = n.core.as_ref() else { return Ok(()) };
+        let Some(replica) = core.replica(p) else {
+            n.coordinator.machine = None;
+            return Ok(());
+        };
+        let log = replica.log();
+        let hw = replica.high_watermark();
+        let c = &mut n.coordinator;
+        if c.machine.as_ref().is_some_and(|m| m.applied() < log.log_start_offset()) {
+            c.machine = None;
+            c.leading = None;
+        }
+        let machine = c.machine.get_or_insert_with(|| GroupCoordinator::new(HEARTBEAT_INTERVAL_MS));
+        let mut from = machine.applied().max(log.log_start_offset());
+        let mut buf = Vec::new();
+        while from < hw {
+            buf.clear();
+            log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf)
+                .map_err(|e| format!("reading the offsets partition: {e}"))?;
+            let next = feed(machine, &buf, from).map_err(|e| e.to_string())?.next;
+            if next <= from {
+                break;
+            }
+            from = next;
+        }
+        Ok(())
     }
 
     /// A coordinator rebuilt from the committed records node `i` serves (`Err(Some)`: the
@@ -761,7 +818,10 @@ impl Sim {
 
     /// Invariant: a coordinator never lists two owners of one partition.
     fn check_owners(&mut self, i: usize) {
-        let Some((epoch, machine)) = &self.nodes[i].coordinator.loaded else { return };
+        let (Some(epoch), Some(machine)) = (self.nodes[i].coordinator.leading, &self.nodes[i].coordinator.machine)
+        else {
+            return;
+        };
         let twice: Vec<String> = machine
             .owners()
             .into_iter()
