@@ -71,37 +71,29 @@ impl<F: Fn(&str) -> Option<u32>> Topology for F {
     }
 }
 
-/// The assignors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
-pub enum Assignor {
-    /// Per topic, contiguous ranges of partitions to the subscribed members in id order.
-    Range,
-    /// Every partition in order, dealt to the subscribed members in turn.
-    RoundRobin,
-    /// Balanced, keeping each member's current partitions where it can (the default).
-    #[default]
-    Sticky,
+pub use skein_client::wire::Assignor;
+
+/// An assignor name from a heartbeat (`""`: none given; `None`: unknown).
+fn parse_assignor(s: &str) -> Option<Option<Assignor>> {
+    if s.is_empty() {
+        return Some(None);
+    }
+    s.parse().ok().map(Some)
 }
 
-impl Assignor {
-    /// From its name (`""`: none given).
-    pub fn parse(s: &str) -> Option<Option<Assignor>> {
-        match s {
-            "" => Some(None),
-            "range" => Some(Some(Assignor::Range)),
-            "roundrobin" => Some(Some(Assignor::RoundRobin)),
-            "sticky" => Some(Some(Assignor::Sticky)),
-            _ => None,
-        }
+/// Group records name the assignor as on the wire (`range`, `roundrobin`, `sticky`).
+mod assignor_name {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use super::Assignor;
+
+    pub fn serialize<S: Serializer>(a: &Assignor, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.name())
     }
 
-    /// Its name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Assignor::Range => "range",
-            Assignor::RoundRobin => "roundrobin",
-            Assignor::Sticky => "sticky",
-        }
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Assignor, D::Error> {
+        let name = String::deserialize(d)?;
+        name.parse().map_err(serde::de::Error::custom)
     }
 }
 
@@ -143,6 +135,7 @@ pub struct GroupMeta {
     /// Bumped by every membership or subscription change.
     pub epoch: Generation,
     /// The assignor (the first member's choice; later members may change it).
+    #[serde(with = "assignor_name")]
     pub assignor: Assignor,
     /// Members by id.
     pub members: BTreeMap<String, Member>,
@@ -449,7 +442,7 @@ impl GroupCoordinator {
         partitions: &dyn Topology,
     ) -> Result<Outcome<GroupHeartbeatResponse>, Refusal> {
         check_group_id(&req.group)?;
-        let assignor = Assignor::parse(&req.assignor).ok_or_else(|| {
+        let assignor = parse_assignor(&req.assignor).ok_or_else(|| {
             (
                 ErrorCode::UNSUPPORTED_ASSIGNOR,
                 format!("assignor '{}' (range, roundrobin or sticky)", shown(&req.assignor)),

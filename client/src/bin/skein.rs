@@ -793,14 +793,7 @@ async fn consume(
             let behind = consumer.behind_session();
             if let Some(lag) = behind.first() {
                 if Instant::now() >= session_deadline {
-                    bail!(
-                        "{}/{} did not reach the session's token (offset {}, leader epoch {}) within the session deadline; read up to offset {}",
-                        lag.topic,
-                        lag.partition,
-                        lag.token.min_high_watermark,
-                        lag.token.min_leader_epoch,
-                        lag.position
-                    );
+                    return Err(behind_session_error(lag));
                 }
                 last = Instant::now();
                 continue;
@@ -822,6 +815,18 @@ async fn consume(
     }
     out.flush()?;
     Ok(())
+}
+
+/// A read that did not reach its session's token by the deadline.
+fn behind_session_error(lag: &skein_client::SessionLag) -> anyhow::Error {
+    anyhow!(
+        "{}/{} did not reach the session's token (offset {}, leader epoch {}) within the session deadline; read up to offset {}",
+        lag.topic,
+        lag.partition,
+        lag.token.min_high_watermark,
+        lag.token.min_leader_epoch,
+        lag.position
+    )
 }
 
 /// `consume --group`: reads what the group's coordinator assigns, printing each record and
@@ -888,13 +893,7 @@ async fn group_loop(
         if records.is_empty() {
             if let Some(lag) = consumer.consumer().behind_session().first() {
                 if Instant::now() >= session_deadline {
-                    bail!(
-                        "{}/{} did not reach the session's token (offset {}) within the session deadline; read up to offset {}",
-                        lag.topic,
-                        lag.partition,
-                        lag.token.min_high_watermark,
-                        lag.position
-                    );
+                    return Err(behind_session_error(lag));
                 }
                 last = Instant::now();
                 continue;

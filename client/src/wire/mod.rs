@@ -98,6 +98,47 @@ impl ApiKey {
     }
 }
 
+/// The server-side assignor a group uses (`GroupHeartbeatRequest::assignor` carries its name).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Assignor {
+    /// Contiguous ranges of each topic's partitions per member.
+    Range,
+    /// Partitions dealt out in turn.
+    RoundRobin,
+    /// Balanced, moving as few partitions as possible.
+    #[default]
+    Sticky,
+}
+
+impl Assignor {
+    /// The name on the wire: `range`, `roundrobin`, `sticky`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Assignor::Range => "range",
+            Assignor::RoundRobin => "roundrobin",
+            Assignor::Sticky => "sticky",
+        }
+    }
+}
+
+impl std::str::FromStr for Assignor {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Assignor, String> {
+        match s {
+            "range" => Ok(Assignor::Range),
+            "roundrobin" => Ok(Assignor::RoundRobin),
+            "sticky" => Ok(Assignor::Sticky),
+            _ => Err(format!("assignor is range, roundrobin or sticky, not '{s}'")),
+        }
+    }
+}
+
+impl std::fmt::Display for Assignor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// A stable numeric error code. Codes are never reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
 pub struct ErrorCode(pub u16);
