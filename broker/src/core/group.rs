@@ -186,12 +186,7 @@ pub enum GroupRecord {
 impl GroupRecord {
     /// The record's key (the group id) and value.
     pub fn encode(&self) -> (Vec<u8>, Vec<u8>) {
-        let group = match self {
-            GroupRecord::Group { group, .. }
-            | GroupRecord::Offset { group, .. }
-            | GroupRecord::GroupDeleted { group } => group,
-        };
-        (group.as_bytes().to_vec(), serde_json::to_vec(self).expect("group records serialize"))
+        (self.group().as_bytes().to_vec(), serde_json::to_vec(self).expect("group records serialize"))
     }
 
     /// Decodes a record's value.

@@ -787,18 +787,7 @@ async fn consume(
     while count.is_none_or(|c| seen < c) {
         let records = consumer.poll().await?;
         if records.is_empty() {
-            // Below the session's tokens an empty poll means "not caught up yet" (a replica
-            // waiting, a redirect to the leader): the idle timeout does not run, the session
-            // deadline does.
-            let behind = consumer.behind_session();
-            if let Some(lag) = behind.first() {
-                if Instant::now() >= session_deadline {
-                    return Err(behind_session_error(lag));
-                }
-                last = Instant::now();
-                continue;
-            }
-            if timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)) {
+            if idle_ended(&consumer, &mut last, timeout_ms, session_deadline)? {
                 break;
             }
             continue;
@@ -815,6 +804,26 @@ async fn consume(
     }
     out.flush()?;
     Ok(())
+}
+
+/// After an empty poll: whether the read ends (`--timeout-ms` passed since the last record).
+/// Below the session's tokens an empty poll means "not caught up yet" (a replica waiting, a
+/// redirect to the leader): the idle timeout does not run then, the session deadline does,
+/// and past it the read fails.
+fn idle_ended(
+    consumer: &Consumer,
+    last: &mut Instant,
+    timeout_ms: Option<u64>,
+    session_deadline: Instant,
+) -> Result<bool> {
+    if let Some(lag) = consumer.behind_session().first() {
+        if Instant::now() >= session_deadline {
+            return Err(behind_session_error(lag));
+        }
+        *last = Instant::now();
+        return Ok(false);
+    }
+    Ok(timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)))
 }
 
 /// A read that did not reach its session's token by the deadline.
@@ -891,14 +900,7 @@ async fn group_loop(
     while count.is_none_or(|c| seen < c) && !stop.get() {
         let records = consumer.poll().await?;
         if records.is_empty() {
-            if let Some(lag) = consumer.consumer().behind_session().first() {
-                if Instant::now() >= session_deadline {
-                    return Err(behind_session_error(lag));
-                }
-                last = Instant::now();
-                continue;
-            }
-            if timeout_ms.is_some_and(|t| last.elapsed() >= Duration::from_millis(t)) {
+            if idle_ended(consumer.consumer(), &mut last, timeout_ms, session_deadline)? {
                 break;
             }
             continue;
