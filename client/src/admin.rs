@@ -32,7 +32,7 @@ use crate::wire::{
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, NewTopic,
     PartitionDescription, TopicConfig, TopicDescription, Wire,
 };
-use crate::ClientError;
+use crate::{ClientError, Isolation};
 
 /// Connection settings.
 #[derive(Clone, Debug)]
@@ -83,9 +83,10 @@ struct Inner {
     cache: RefCell<MetadataCache>,
     /// Some while a metadata refresh is in flight: the callers waiting for it.
     refresh: RefCell<Option<Vec<RefreshWaiter>>>,
-    /// The coordinator (node id) of each consumer group asked about, until a request to it
-    /// fails with NOT_COORDINATOR or a broken connection (`group.rs`).
-    coordinators: RefCell<HashMap<String, u32>>,
+    /// The coordinator (node id) of each consumer group and transactional id asked about
+    /// (by key type and name: a group and a transactional id may share a name), until a
+    /// request to it fails with NOT_COORDINATOR or a broken connection (`group.rs`).
+    coordinators: RefCell<HashMap<(u8, String), u32>>,
 }
 
 impl Client {
@@ -281,7 +282,7 @@ impl Client {
 
     /// A new idempotent producer identity: (producer id, epoch), from any reachable broker.
     pub async fn init_producer_id(&self) -> Result<(i64, i16), ClientError> {
-        let req = InitProducerIdRequest { transactional_id: None };
+        let req = InitProducerIdRequest { transactional_id: None, transaction_timeout_ms: 0 };
         // Asking again after a lost answer only wastes an id.
         let timeout = self.inner.config.request_timeout;
         let (_, resp): (_, InitProducerIdResponse) =
@@ -341,12 +342,28 @@ impl Client {
         Ok(t)
     }
 
-    /// An offset of a partition, from its leader: `wire::EARLIEST`, `wire::LATEST`, or the
-    /// first offset with a timestamp at or after `timestamp` (the log end if none). A
-    /// leadership change or lost connection is retried (after a metadata refresh) a few times.
+    /// An offset of a partition, from its leader: `wire::EARLIEST`, `wire::LATEST` (the high
+    /// watermark), or the first offset with a timestamp at or after `timestamp` (the log end
+    /// if none). A leadership change or lost connection is retried (after a metadata refresh)
+    /// a few times.
     pub async fn list_offset(&self, topic: &str, partition: u32, timestamp: i64) -> Result<u64, ClientError> {
-        let req =
-            ListOffsetsRequest { partitions: vec![ListOffsetsPartition { topic: topic.into(), partition, timestamp }] };
+        self.list_offset_isolated(topic, partition, timestamp, Isolation::ReadUncommitted).await
+    }
+
+    /// [`Client::list_offset`] for a reader at `isolation`: with
+    /// [`Isolation::ReadCommitted`], `wire::LATEST` is the last stable offset (below it every
+    /// transaction is decided), the end a read_committed consumer can reach.
+    pub async fn list_offset_isolated(
+        &self,
+        topic: &str,
+        partition: u32,
+        timestamp: i64,
+        isolation: Isolation,
+    ) -> Result<u64, ClientError> {
+        let req = ListOffsetsRequest {
+            isolation: isolation.wire(),
+            partitions: vec![ListOffsetsPartition { topic: topic.into(), partition, timestamp }],
+        };
         let mut attempt = 0;
         loop {
             let result: Result<u64, ClientError> = async {
@@ -373,19 +390,21 @@ impl Client {
         }
     }
 
-    /// The cached coordinator of a consumer group (see `group.rs`).
-    pub(crate) fn cached_coordinator(&self, group: &str) -> Option<u32> {
-        self.inner.coordinators.borrow().get(group).copied()
+    /// The cached coordinator of a consumer group or transactional id (`key_type`
+    /// `wire::GROUP_KEY` or `wire::TRANSACTION_KEY`; see `group.rs`).
+    pub(crate) fn cached_coordinator(&self, key_type: u8, name: &str) -> Option<u32> {
+        self.inner.coordinators.borrow().get(&(key_type, name.to_owned())).copied()
     }
 
     /// Notes the coordinator a FindCoordinator answer named.
-    pub(crate) fn remember_coordinator(&self, group: &str, node: u32) {
-        self.inner.coordinators.borrow_mut().insert(group.to_owned(), node);
+    pub(crate) fn remember_coordinator(&self, key_type: u8, name: &str, node: u32) {
+        self.inner.coordinators.borrow_mut().insert((key_type, name.to_owned()), node);
     }
 
-    /// Forgets a group's coordinator: the next group request finds it again.
-    pub(crate) fn forget_coordinator(&self, group: &str) {
-        self.inner.coordinators.borrow_mut().remove(group);
+    /// Forgets a coordinator: the next request for that group or transactional id finds it
+    /// again.
+    pub(crate) fn forget_coordinator(&self, key_type: u8, name: &str) {
+        self.inner.coordinators.borrow_mut().remove(&(key_type, name.to_owned()));
     }
 
     /// Whether the metadata cache knows a broker's address.
@@ -889,6 +908,7 @@ mod tests {
                     log_start: 0,
                     high_watermark,
                     log_end: high_watermark,
+                    last_stable: high_watermark,
                 })
                 .collect(),
         }

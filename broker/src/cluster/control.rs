@@ -222,9 +222,15 @@ impl Node {
                 Response::ReassignPartition(skein_client::wire::ReassignPartitionResponse { error, message })
             }
             Request::InitProducerId(r) => {
-                let fail = |error| InitProducerIdResponse { error, producer_id: -1, producer_epoch: -1 };
+                let fail = |error| InitProducerIdResponse {
+                    error,
+                    message: String::new(),
+                    producer_id: -1,
+                    producer_epoch: -1,
+                };
                 if r.transactional_id.is_some() {
-                    return Response::InitProducerId(fail(ErrorCode::INVALID_REQUEST));
+                    // A transactional producer's init goes to its coordinator (`cluster::txn`).
+                    return Response::InitProducerId(fail(ErrorCode::NOT_COORDINATOR));
                 }
                 // Ids are unique per broker (persisted blocks) and carry the broker id in
                 // their high bits, so they are unique in the cluster.
@@ -232,6 +238,7 @@ impl Node {
                 Response::InitProducerId(match id {
                     Ok(id) => InitProducerIdResponse {
                         error: ErrorCode::NONE,
+                        message: String::new(),
                         producer_id: (i64::from(self.id.0) << 40) | id,
                         producer_epoch: 0,
                     },
@@ -250,7 +257,14 @@ impl Node {
             | Request::OffsetFetch(_)
             | Request::ListGroups
             | Request::DescribeGroup(_)
-            | Request::DeleteGroup(_) => Response::Error(ErrorCode::INVALID_REQUEST),
+            | Request::DeleteGroup(_)
+            | Request::AddPartitionsToTxn(_)
+            | Request::AddOffsetsToTxn(_)
+            | Request::EndTxn(_)
+            | Request::TxnOffsetCommit(_)
+            | Request::ListTransactions
+            | Request::DescribeTransaction(_)
+            | Request::AbortTransaction(_) => Response::Error(ErrorCode::INVALID_REQUEST),
         }
     }
 
@@ -288,7 +302,7 @@ impl Node {
 
     /// Log start, high watermark and log end of this broker's replicas of `ids`, from the
     /// shards that own them (zeros where it hosts none).
-    async fn offsets(&self, ids: &[PartitionId]) -> HashMap<PartitionId, (u64, u64, u64)> {
+    async fn offsets(&self, ids: &[PartitionId]) -> HashMap<PartitionId, (u64, u64, u64, u64)> {
         let n = self.shard_count();
         let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();
         for p in ids {
@@ -341,7 +355,8 @@ impl Node {
                     .filter_map(|i| {
                         let p = t.partition(i)?;
                         let s = c.partition(p)?;
-                        let (log_start, high_watermark, log_end) = offsets.get(&p).copied().unwrap_or_default();
+                        let (log_start, high_watermark, log_end, last_stable) =
+                            offsets.get(&p).copied().unwrap_or_default();
                         let (error, leader, leader_epoch, replicas, isr) = wire_state(s);
                         Some(PartitionDescription {
                             partition: i,
@@ -353,6 +368,7 @@ impl Node {
                             log_start,
                             high_watermark,
                             log_end,
+                            last_stable,
                         })
                     })
                     .collect();

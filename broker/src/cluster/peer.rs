@@ -16,8 +16,10 @@ use raft::prelude::Message as RaftMessage;
 use skein_client::wire::io::write_frames;
 use skein_client::wire::{request_frame, ApiKey, DecodeError, Reader, RequestHeader, Wire, Writer};
 
+use crate::core::txn_partition::MarkerKind;
 use crate::core::{
-    FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId, PartitionState, Time,
+    FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, MarkerRequest, MarkerResult, Message, NodeId, Offset,
+    PartitionId, PartitionState, ProduceError, ProducerEpoch, ProducerId, Time,
 };
 
 /// One inter-broker frame's body.
@@ -42,6 +44,50 @@ fn bytes(w: &mut Writer, b: &[u8]) {
 
 fn get<T: Wire>(r: &mut Reader) -> Result<T, DecodeError> {
     T::decode(r)
+}
+
+fn marker_code(k: MarkerKind) -> u8 {
+    match k {
+        MarkerKind::Abort => 0,
+        MarkerKind::Commit => 1,
+        MarkerKind::Begin => 2,
+    }
+}
+
+fn marker_kind(code: u8) -> Result<MarkerKind, DecodeError> {
+    Ok(match code {
+        0 => MarkerKind::Abort,
+        1 => MarkerKind::Commit,
+        2 => MarkerKind::Begin,
+        _ => return Err(DecodeError::Invalid("transaction marker kind")),
+    })
+}
+
+/// Marker outcomes on the wire: 0 success, else the error's number.
+const RESULTS: [ProduceError; 9] = [
+    ProduceError::NotLeader,
+    ProduceError::FencedLeaderEpoch,
+    ProduceError::NotEnoughReplicas,
+    ProduceError::Abandoned,
+    ProduceError::Storage,
+    ProduceError::OutOfOrderSequence,
+    ProduceError::ProducerFenced,
+    ProduceError::LeaderNotReady,
+    ProduceError::InvalidTxnState,
+];
+
+fn result_code(r: Result<(), ProduceError>) -> u8 {
+    match r {
+        Ok(()) => 0,
+        Err(e) => RESULTS.iter().position(|x| *x == e).map_or(4, |i| i as u8 + 1),
+    }
+}
+
+fn result_of(code: u8) -> Result<Result<(), ProduceError>, DecodeError> {
+    match code {
+        0 => Ok(Ok(())),
+        c => RESULTS.get(usize::from(c) - 1).map(|e| Err(*e)).ok_or(DecodeError::Invalid("marker outcome")),
+    }
 }
 
 fn nodes(v: &[NodeId]) -> Vec<u32> {
@@ -170,6 +216,23 @@ impl PeerFrame {
                 put(w, 12u8);
                 put(w, name.clone());
             }
+            Message::TxnMarker(m) => {
+                put(w, 14u8);
+                put(w, m.coordinator.0);
+                put(w, m.coordinator_partition.0);
+                put(w, m.correlation);
+                put(w, m.partition.0);
+                put(w, m.producer.0);
+                put(w, m.epoch.0);
+                put(w, marker_code(m.kind));
+            }
+            Message::TxnMarkerResult(m) => {
+                put(w, 15u8);
+                put(w, m.coordinator_partition.0);
+                put(w, m.correlation);
+                put(w, m.partition.0);
+                put(w, result_code(m.result));
+            }
             Message::Reassign { partition, replicas } => {
                 put(w, 11u8);
                 put(w, partition.0);
@@ -291,6 +354,21 @@ impl Wire for PeerFrame {
                 correlation: get(r)?,
                 epoch: LeaderEpoch(get(r)?),
                 log_start: Offset(get(r)?),
+            }),
+            14 => Message::TxnMarker(MarkerRequest {
+                coordinator: NodeId(get(r)?),
+                coordinator_partition: PartitionId(get(r)?),
+                correlation: get(r)?,
+                partition: PartitionId(get(r)?),
+                producer: ProducerId(get(r)?),
+                epoch: ProducerEpoch(get(r)?),
+                kind: marker_kind(get(r)?)?,
+            }),
+            15 => Message::TxnMarkerResult(MarkerResult {
+                coordinator_partition: PartitionId(get(r)?),
+                correlation: get(r)?,
+                partition: PartitionId(get(r)?),
+                result: result_of(get(r)?)?,
             }),
             _ => return Err(DecodeError::Invalid("inter-broker message type")),
         };
@@ -482,6 +560,23 @@ mod tests {
         roundtrip(Message::PartitionState(state));
         roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
         roundtrip(Message::DeleteTopic { name: "gone".into() });
+        roundtrip(Message::TxnMarker(MarkerRequest {
+            coordinator: NodeId(2),
+            coordinator_partition: PartitionId(9),
+            correlation: 77,
+            partition: PartitionId(4),
+            producer: ProducerId(1 << 41),
+            epoch: ProducerEpoch(3),
+            kind: MarkerKind::Commit,
+        }));
+        for result in [Ok(()), Err(ProduceError::NotLeader), Err(ProduceError::InvalidTxnState)] {
+            roundtrip(Message::TxnMarkerResult(MarkerResult {
+                coordinator_partition: PartitionId(9),
+                correlation: 77,
+                partition: PartitionId(4),
+                result,
+            }));
+        }
         roundtrip(Message::Reassign { partition: PartitionId(2), replicas: vec![NodeId(3), NodeId(1)] });
         roundtrip(Message::CreateTopic {
             name: "t".into(),

@@ -19,7 +19,7 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use skein_client::wire::{
     ErrorCode, FetchPartition, FetchRequest, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse,
-    ProducePartitionResponse, ProduceRequest, ProduceResponse, EARLIEST, LATEST,
+    AbortedTransaction, ProducePartitionResponse, ProduceRequest, ProduceResponse, EARLIEST, LATEST, READ_COMMITTED,
 };
 use skein_log::types::Timestamp;
 
@@ -259,7 +259,7 @@ async fn fetch_round(node: &Node, req: &FetchRequest) -> (Vec<(FetchResult, bool
     if req.partitions.iter().all(|p| shard_of(node, &p.topic, p.partition) == node.shard) {
         // The common case: read in place, nothing copied.
         let mut budget = FetchBudget::new(req.max_bytes, &node.budgets.fetch);
-        let results = node.fetch_once(req.replica_read, &req.partitions, &mut budget);
+        let results = node.fetch_once(req.replica_read, req.isolation, &req.partitions, &mut budget);
         return (results, vec![budget]);
     }
     let groups = by_shard(node, req.partitions.clone(), |p| (p.topic.as_str(), p.partition));
@@ -269,13 +269,13 @@ async fn fetch_round(node: &Node, req: &FetchRequest) -> (Vec<(FetchResult, bool
     for (shard, (indices, parts)) in groups {
         if shard == node.shard {
             let mut budget = FetchBudget::new(req.max_bytes, &node.budgets.fetch);
-            for (i, r) in indices.into_iter().zip(node.fetch_once(req.replica_read, &parts, &mut budget)) {
+            for (i, r) in indices.into_iter().zip(node.fetch_once(req.replica_read, req.isolation, &parts, &mut budget)) {
                 out[i] = Some(r);
             }
             budgets.push(budget);
         } else {
             let (tx, rx) = oneshot::channel();
-            node.to_shard(shard, ShardMsg::FetchOnce(req.replica_read, parts, req.max_bytes, tx));
+            node.to_shard(shard, ShardMsg::FetchOnce((req.replica_read, req.isolation), parts, req.max_bytes, tx));
             remote.push((indices, rx));
         }
     }
@@ -297,7 +297,7 @@ async fn list_offsets(node: Rc<Node>, req: ListOffsetsRequest) -> Response {
     let groups = by_shard(&node, req.partitions, |p| (p.topic.as_str(), p.partition));
     let mut answers: Vec<Option<ListOffsetsPartitionResponse>> = names.iter().map(|_| None).collect();
     for (shard, (indices, parts)) in groups {
-        let sub = ListOffsetsRequest { partitions: parts };
+        let sub = ListOffsetsRequest { isolation: req.isolation, partitions: parts };
         let answer = if shard == node.shard {
             node.list_offsets_here(sub)
         } else {
@@ -408,6 +408,7 @@ impl Node {
     pub(super) fn fetch_once(
         &self,
         replica_read: bool,
+        isolation: u8,
         parts: &[FetchPartition],
         budget: &mut FetchBudget,
     ) -> Vec<(FetchResult, bool)> {
@@ -442,7 +443,12 @@ impl Node {
                 let past = !leads && self.config.unsafe_follower_reads_past_high_watermark;
                 // The budget: the range is sized first (no bytes read) and read only if it fits;
                 // if not, an offset past every log reads nothing but still checks lease and role.
-                let end = if past { r.log().log_end_offset() } else { r.high_watermark() };
+                let stable_only = isolation == READ_COMMITTED;
+                let end = match (past, stable_only) {
+                    (true, _) => r.log().log_end_offset(),
+                    (false, true) => r.last_stable(),
+                    (false, false) => r.high_watermark(),
+                };
                 let sized = |max_bytes| {
                     r.log().read(Offset(p.fetch_offset), skein_log::ReadLimit { max_bytes, end: Some(end) })
                 };
@@ -451,9 +457,9 @@ impl Node {
                     .filter(|&max_bytes| sized(max_bytes).map_or(true, |range| budget.fits(range.bytes)));
                 let (from, max_bytes) = max_bytes.map_or((Offset(u64::MAX), 1), |m| (Offset(p.fetch_offset), m));
                 let read = if leads {
-                    st.core.read_committed(t, pid, from, max_bytes)
+                    st.core.read_leader(t, pid, from, max_bytes, stable_only)
                 } else {
-                    r.read_follower(from, max_bytes, past)
+                    r.read_follower(from, max_bytes, past, stable_only)
                 };
                 let (records, hw) = match read {
                     Ok((records, hw)) => (records, hw.0),
@@ -466,8 +472,10 @@ impl Node {
                     // The log's state is unknown: stop, as for an append or sync failure.
                     Err(ReadFailure::Storage(e)) => fail_stop("a replicated partition's read", &e),
                 };
+                let last_stable = if stable_only { r.last_stable().0 } else { hw };
                 let mut result = FetchResult {
                     high_watermark: hw,
+                    last_stable,
                     leader_epoch: known,
                     log_start,
                     records,
@@ -488,6 +496,18 @@ impl Node {
                     );
                 }
                 budget.take(&mut result.records);
+                if stable_only && !result.records.is_empty() {
+                    let to = Offset(last_stable);
+                    result.aborted = r
+                        .aborted_in(Offset(p.fetch_offset), to)
+                        .into_iter()
+                        .map(|a| AbortedTransaction {
+                            producer_id: a.producer.0,
+                            first_offset: a.first.0,
+                            last_offset: a.last.0,
+                        })
+                        .collect();
+                }
                 (result, false)
             })
             .collect()
@@ -496,6 +516,7 @@ impl Node {
     /// Offsets of partitions this shard serves.
     fn list_offsets_here(&self, req: ListOffsetsRequest) -> ListOffsetsResponse {
         let st = self.st.borrow();
+        let isolation = req.isolation;
         let partitions = req
             .partitions
             .into_iter()
@@ -519,9 +540,11 @@ impl Node {
                     resp.error = ErrorCode::NOT_LEADER;
                     return resp;
                 };
-                // Readers see committed records only: "latest" is the high watermark.
+                // Readers see committed records only: "latest" is the high watermark, or for
+                // read_committed the last stable offset.
                 resp.offset = match part.timestamp {
                     EARLIEST => r.log().log_start_offset().0,
+                    LATEST if isolation == READ_COMMITTED => r.last_stable().0,
                     LATEST => r.high_watermark().0,
                     ts => match r.log().offset_for_timestamp(Timestamp(ts)) {
                         Ok(found) => found.map_or(r.high_watermark(), |o| o.min(r.high_watermark())).0,
@@ -548,5 +571,6 @@ fn produce_error(e: ProduceError) -> ErrorCode {
         ProduceError::Storage => ErrorCode::STORAGE_ERROR,
         ProduceError::OutOfOrderSequence => ErrorCode::OUT_OF_ORDER_SEQUENCE,
         ProduceError::ProducerFenced => ErrorCode::PRODUCER_FENCED,
+        ProduceError::InvalidTxnState => ErrorCode::INVALID_TXN_STATE,
     }
 }

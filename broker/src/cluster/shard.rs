@@ -34,7 +34,7 @@ use super::replicas::{create_replica, ReplicaMeta};
 use super::{now, wall_clock, TICK_MS};
 use crate::core::node::BrokerNode;
 use crate::core::replica::Job;
-use crate::core::{Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
+use crate::core::{Command, MarkerRequest, Message, NodeId, Offset, PartitionId, Peer, ProduceError, RequestId, Time};
 use crate::service::budget::{Budgets, FetchBudget};
 use crate::service::conn::{self, Service};
 use crate::service::{fail_stop, FetchResult, Request, Response};
@@ -70,11 +70,11 @@ pub(super) enum ShardMsg {
     Request(Request, oneshot::Sender<Response>),
     /// One read pass over partitions owned here (`replica_read`, the partitions, `max_bytes`);
     /// the budget holds the bytes read until dropped.
-    FetchOnce(bool, Vec<FetchPartition>, u32, oneshot::Sender<(Vec<(FetchResult, bool)>, FetchBudget)>),
+    FetchOnce((bool, u8), Vec<FetchPartition>, u32, oneshot::Sender<(Vec<(FetchResult, bool)>, FetchBudget)>),
     /// Answered after this shard's next pump (something may have moved a high watermark).
     Wake(oneshot::Sender<()>),
     /// Log start, high watermark and log end of replicas owned here (`None`: no replica).
-    Offsets(Vec<PartitionId>, oneshot::Sender<Vec<Option<(u64, u64, u64)>>>),
+    Offsets(Vec<PartitionId>, oneshot::Sender<Vec<Option<(u64, u64, u64, u64)>>>),
     /// How many partitions this shard's replicas lead.
     Leading(oneshot::Sender<usize>),
     /// Which of these partitions this shard serves as leader now (replica leading, lease valid).
@@ -110,6 +110,9 @@ pub(super) struct State {
     links: BTreeMap<NodeId, PeerLink>,
     pub pending: HashMap<RequestId, oneshot::Sender<Result<Offset, ProduceError>>>,
     next_request: u64,
+    /// Transaction markers this shard's coordinators sent, by correlation.
+    markers: HashMap<u64, oneshot::Sender<Result<(), ProduceError>>>,
+    next_marker: u64,
     /// Shard 0 only: the controller voter and what goes with it.
     pub control: Option<Control>,
 }
@@ -154,7 +157,15 @@ impl Node {
             racks,
             shards,
             topics,
-            st: RefCell::new(State { core, links, pending: HashMap::new(), next_request: 0, control }),
+            st: RefCell::new(State {
+                core,
+                links,
+                pending: HashMap::new(),
+                next_request: 0,
+                markers: HashMap::new(),
+                next_marker: 0,
+                control,
+            }),
             fetch_waiters: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
             groups: Default::default(),
@@ -207,9 +218,9 @@ impl Node {
                     })
                     .detach();
                 }
-                ShardMsg::FetchOnce(replica_read, parts, max_bytes, reply) => {
+                ShardMsg::FetchOnce((replica_read, isolation), parts, max_bytes, reply) => {
                     let mut budget = FetchBudget::new(max_bytes, &self.budgets.fetch);
-                    let results = self.fetch_once(replica_read, &parts, &mut budget);
+                    let results = self.fetch_once(replica_read, isolation, &parts, &mut budget);
                     let _ = reply.send((results, budget));
                 }
                 ShardMsg::Wake(tx) => self.fetch_waiters.borrow_mut().push(tx),
@@ -238,14 +249,18 @@ impl Node {
         st.core.replicas().filter(|(_, r)| r.state().is_some_and(|s| s.leader == Some(self.id))).count()
     }
 
-    /// Log start, high watermark and log end of this shard's replicas of `ids` (`None`: none).
-    pub(super) fn replica_offsets(&self, ids: &[PartitionId]) -> Vec<Option<(u64, u64, u64)>> {
+    /// Log start, high watermark, log end and last stable offset of this shard's replicas of
+    /// `ids` (`None`: none).
+    pub(super) fn replica_offsets(&self, ids: &[PartitionId]) -> Vec<Option<(u64, u64, u64, u64)>> {
         let st = self.st.borrow();
         ids.iter()
             .map(|p| {
                 st.core
                     .replica(*p)
-                    .map(|r| (r.log().log_start_offset().0, r.high_watermark().0, r.log().log_end_offset().0))
+                    .map(|r| {
+                        let log = r.log();
+                        (log.log_start_offset().0, r.high_watermark().0, log.log_end_offset().0, r.last_stable().0)
+                    })
             })
             .collect()
     }
@@ -257,6 +272,33 @@ impl Node {
         } else {
             self.to_shard(shard, ShardMsg::Core(from, msg));
         }
+    }
+
+    /// Sends a transaction marker to `leader` (this broker included) for this shard's
+    /// coordinator of `m.coordinator_partition`; the receiver gets the partition's answer (it
+    /// is dropped unanswered if the message or its answer is lost: the caller's timeout).
+    pub(super) fn send_marker(
+        &self,
+        leader: NodeId,
+        mut m: MarkerRequest,
+    ) -> (u64, oneshot::Receiver<Result<(), ProduceError>>) {
+        let (tx, rx) = oneshot::channel();
+        let mut st = self.st.borrow_mut();
+        st.next_marker += 1;
+        m.correlation = st.next_marker;
+        m.coordinator = self.id;
+        let correlation = m.correlation;
+        st.markers.insert(correlation, tx);
+        let mut work = VecDeque::new();
+        let out = vec![Command::Send { to: Peer::Node(leader), msg: Message::TxnMarker(m) }];
+        self.commands(&mut st, out, &mut work);
+        self.pump(&mut st, now(), work);
+        (correlation, rx)
+    }
+
+    /// Forgets a marker's waiter (its caller gave up on it).
+    pub(super) fn forget_marker(&self, correlation: u64) {
+        self.st.borrow_mut().markers.remove(&correlation);
     }
 
     /// Which of `ids` this shard serves as leader now: the replica leads and the lease is valid.
@@ -366,6 +408,11 @@ impl Node {
                         let _ = tx.send(result);
                     }
                 }
+                Command::MarkerDone(m) => {
+                    if let Some(tx) = st.markers.remove(&m.correlation) {
+                        let _ = tx.send(m.result);
+                    }
+                }
                 Command::Fail { reason } => fail_stop("a replicated partition", &reason),
             }
         }
@@ -403,6 +450,8 @@ impl Node {
                 }
             }
             Message::Fetch(ref f) => self.to_core(to_shard(f.partition), from, msg, work),
+            Message::TxnMarker(ref m) => self.to_core(to_shard(m.partition), from, msg, work),
+            Message::TxnMarkerResult(ref m) => self.to_core(to_shard(m.coordinator_partition), from, msg, work),
             Message::FetchResponse(ref r) => self.to_core(to_shard(r.partition()), from, msg, work),
             Message::HeartbeatResponse { .. } | Message::PartitionState(_) => {
                 if self.shard == 0 {

@@ -256,6 +256,10 @@ impl LogMachine for GroupCoordinator {
         Ok(())
     }
 
+    fn apply_marker(&mut self, offset: Offset, _producer: super::ProducerId, _kind: super::txn_partition::MarkerKind) {
+        self.applied = Offset(offset.0 + 1);
+    }
+
     fn applied(&self) -> Offset {
         self.applied
     }

@@ -5,7 +5,8 @@
 
 use skein_log::batch::batches;
 
-use super::Offset;
+use super::txn_partition::{marker_of, MarkerKind};
+use super::{Offset, ProducerId};
 
 /// A state machine fed by a partition's committed records in offset order (the coordinators
 /// and tables of Skein share this shape).
@@ -13,6 +14,21 @@ pub trait LogMachine {
     /// Applies the committed record at `offset`. Records that do not decode are skipped by the
     /// caller with a warning, never applied.
     fn apply(&mut self, offset: Offset, key: &[u8], value: &[u8]) -> Result<(), RecordError>;
+    /// Applies a record written inside `producer`'s transaction: it takes effect only when a
+    /// commit marker of that producer follows ([`LogMachine::apply_marker`]). Machines whose
+    /// partition takes no transactional writes refuse it (skipped, like a record that does not
+    /// decode).
+    fn apply_transactional(
+        &mut self,
+        offset: Offset,
+        _producer: ProducerId,
+        _key: &[u8],
+        _value: &[u8],
+    ) -> Result<(), RecordError> {
+        Err(RecordError { offset: offset.0, reason: "a transactional record in a partition that takes none".into() })
+    }
+    /// A transaction marker of `producer` at `offset` (the default only moves past it).
+    fn apply_marker(&mut self, offset: Offset, producer: ProducerId, kind: MarkerKind);
     /// The offset after the last record applied.
     fn applied(&self) -> Offset;
 }
@@ -54,14 +70,37 @@ pub fn feed<M: LogMachine>(machine: &mut M, bytes: &[u8], from: Offset) -> Resul
     let mut fed = Fed { next: from, ..Fed::default() };
     for batch in batches(bytes) {
         let batch = batch.map_err(|e| FeedError { from, reason: e.to_string() })?;
-        let base = batch.header().base_offset.get();
+        let header = *batch.header();
+        let base = header.base_offset.get();
+        if header.attributes.is_control() {
+            if header.base_offset >= from {
+                match marker_of(&batch) {
+                    Some(kind) => {
+                        machine.apply_marker(header.base_offset, header.producer_id, kind);
+                        fed.applied += 1;
+                    }
+                    None => {
+                        fed.skipped += 1;
+                        tracing::warn!(offset = base, "skipping a control batch this build does not know");
+                    }
+                }
+            }
+            fed.next = fed.next.max(header.next_offset());
+            continue;
+        }
+        let transactional = header.attributes.is_transactional();
         for r in batch.records().iter() {
             let offset = Offset(base + u64::from(r.offset_delta.to_native()));
             if offset < from {
                 continue;
             }
             let key = r.key.as_ref().map_or(&[][..], |k| k.as_slice());
-            match machine.apply(offset, key, r.value.as_slice()) {
+            let applied = if transactional {
+                machine.apply_transactional(offset, header.producer_id, key, r.value.as_slice())
+            } else {
+                machine.apply(offset, key, r.value.as_slice())
+            };
+            match applied {
                 Ok(()) => fed.applied += 1,
                 Err(e) => {
                     fed.skipped += 1;

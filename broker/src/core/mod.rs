@@ -21,10 +21,12 @@ pub mod node;
 pub mod producers;
 pub mod quorum;
 pub mod replica;
+pub mod txn;
+pub mod txn_partition;
 
 use std::fmt;
 
-pub use skein_log::types::{LeaderEpoch, Offset};
+pub use skein_log::types::{LeaderEpoch, Offset, ProducerEpoch, ProducerId};
 
 /// A broker (and replica) id.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -155,6 +157,9 @@ pub enum ProduceError {
     /// (Reads) a new leader's high watermark has not yet reached its epoch's start, so it
     /// could be below what an earlier leader showed readers; retry shortly.
     LeaderNotReady,
+    /// A transactional write to a partition its producer's transaction has not begun on (or
+    /// that ended), or a control batch from a client; nothing was written.
+    InvalidTxnState,
 }
 
 impl ProduceError {
@@ -168,8 +173,42 @@ impl ProduceError {
                 | ProduceError::NotEnoughReplicas
                 | ProduceError::OutOfOrderSequence
                 | ProduceError::ProducerFenced
+                | ProduceError::InvalidTxnState
         )
     }
+}
+
+/// A transaction coordinator's marker for one partition (see `core::txn_partition`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkerRequest {
+    /// The coordinating broker (the answer goes there).
+    pub coordinator: NodeId,
+    /// The coordinator's `__transaction_state` partition (routes the answer to its shard).
+    pub coordinator_partition: PartitionId,
+    /// Echoed in the answer.
+    pub correlation: u64,
+    /// The partition to write the marker to.
+    pub partition: PartitionId,
+    /// The transaction's producer.
+    pub producer: ProducerId,
+    /// The transaction's producer epoch.
+    pub epoch: ProducerEpoch,
+    /// Begin, commit or abort.
+    pub kind: txn_partition::MarkerKind,
+}
+
+/// The outcome of a [`MarkerRequest`]: `Ok` once the marker (or the one it duplicates) is
+/// committed in the partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MarkerResult {
+    /// Echo of the request's.
+    pub coordinator_partition: PartitionId,
+    /// Echo of the request's.
+    pub correlation: u64,
+    /// The partition.
+    pub partition: PartitionId,
+    /// Committed, or why not.
+    pub result: Result<(), ProduceError>,
 }
 
 /// A follower's fetch from its leader (pull replication).
@@ -328,6 +367,10 @@ pub enum Message {
         /// The target replica set.
         replicas: Vec<NodeId>,
     },
+    /// Transaction coordinator to a partition's leader: write a transaction marker.
+    TxnMarker(MarkerRequest),
+    /// Partition leader to transaction coordinator: the marker's outcome.
+    TxnMarkerResult(MarkerResult),
     /// Broker to controller: delete a topic.
     DeleteTopic {
         /// Name.
@@ -380,6 +423,8 @@ pub enum Command<J> {
         /// Offset of the first record, or why not.
         result: Result<Offset, ProduceError>,
     },
+    /// A marker this broker's transaction coordinator asked for was answered.
+    MarkerDone(MarkerResult),
     /// A log failed: the driver stops the node (fail-stop), as the runtime's exit code 74.
     Fail {
         /// What failed.

@@ -11,15 +11,22 @@
 //! broker's lease has run out and it accepts no more writes: two leaders never both
 //! acknowledge writes, even with `acks=leader`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use skein_log::batch::RecordBatch;
 use skein_log::storage::{Storage, StorageError};
 
 use super::replica::{Job, Replica};
 use super::{
-    Acks, Command, LeaderEpoch, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
+    Acks, Command, LeaderEpoch, MarkerRequest, MarkerResult, Message, NodeId, Offset, PartitionId, Peer, ProduceError,
+    ReadFailure, RequestId, Time,
 };
+
+/// How long a marker append may wait for its commit before it is answered `Abandoned` (the
+/// coordinator sends it again).
+pub const MARKER_TIMEOUT_MS: u64 = 5_000;
+/// Request ids this node gives marker appends start here; drivers number theirs from 0.
+const MARKER_REQUESTS: u64 = 1 << 62;
 
 /// Broker settings for the core.
 #[derive(Clone, Debug)]
@@ -60,6 +67,9 @@ pub struct BrokerNode<S: Storage> {
     registered: bool,
     /// Planted bug: ignore the lease.
     no_fencing: bool,
+    /// Marker appends in progress: request id to the request (answered to its coordinator).
+    markers: HashMap<RequestId, MarkerRequest>,
+    next_marker: u64,
 }
 
 impl<S: Storage> BrokerNode<S> {
@@ -84,6 +94,8 @@ impl<S: Storage> BrokerNode<S> {
             lost,
             registered: false,
             no_fencing,
+            markers: HashMap::new(),
+            next_marker: MARKER_REQUESTS,
         }
     }
 
@@ -99,7 +111,10 @@ impl<S: Storage> BrokerNode<S> {
 
     /// Removes a replica (its partition was deleted), returning its log.
     pub fn remove_replica(&mut self, p: PartitionId, out: &mut Vec<Command<Job<S>>>) -> Option<skein_log::Log<S>> {
-        self.replicas.remove(&p).map(|r| r.into_log(out))
+        let start = out.len();
+        let log = self.replicas.remove(&p).map(|r| r.into_log(out));
+        self.answer_markers(start, out);
+        log
     }
 
     /// This process's incarnation.
@@ -124,6 +139,12 @@ impl<S: Storage> BrokerNode<S> {
 
     /// A message from a peer.
     pub fn handle_message(&mut self, now: Time, from: Peer, msg: Message, out: &mut Vec<Command<Job<S>>>) {
+        let start = out.len();
+        self.message(now, from, msg, out);
+        self.answer_markers(start, out);
+    }
+
+    fn message(&mut self, now: Time, from: Peer, msg: Message, out: &mut Vec<Command<Job<S>>>) {
         match msg {
             Message::Fetch(req) => {
                 let Some(r) = self.replicas.get_mut(&req.partition) else { return };
@@ -167,6 +188,19 @@ impl<S: Storage> BrokerNode<S> {
             | Message::ControlledShutdown { .. }
             | Message::Reassign { .. }
             | Message::DeleteTopic { .. } => {} // for the controller
+            Message::TxnMarker(m) => {
+                let request = RequestId(self.next_marker);
+                self.next_marker += 1;
+                let lease_ok = self.lease_valid(now);
+                let deadline = now.plus_ms(MARKER_TIMEOUT_MS);
+                let (partition, producer, epoch, kind) = (m.partition, m.producer, m.epoch, m.kind);
+                self.markers.insert(request, m);
+                match self.replicas.get_mut(&partition) {
+                    Some(r) => r.handle_marker(now, request, producer, epoch, kind, deadline, lease_ok, out),
+                    None => out.push(Command::ProduceReply { request, result: Err(ProduceError::NotLeader) }),
+                }
+            }
+            Message::TxnMarkerResult(r) => out.push(Command::MarkerDone(r)),
         }
     }
 
@@ -183,10 +217,32 @@ impl<S: Storage> BrokerNode<S> {
         deadline: Time,
         out: &mut Vec<Command<Job<S>>>,
     ) {
+        assert!(request.0 < MARKER_REQUESTS, "driver request ids stay below the markers'");
+        let start = out.len();
         let lease_ok = self.lease_valid(now);
         match self.replicas.get_mut(&partition) {
             Some(r) => r.handle_produce(now, request, client_epoch, batch, acks, deadline, lease_ok, out),
             None => out.push(Command::ProduceReply { request, result: Err(ProduceError::NotLeader) }),
+        }
+        self.answer_markers(start, out);
+    }
+
+    /// Turns the answers to marker appends among `out[start..]` into messages to their
+    /// coordinators.
+    fn answer_markers(&mut self, start: usize, out: &mut [Command<Job<S>>]) {
+        if self.markers.is_empty() {
+            return;
+        }
+        for c in &mut out[start..] {
+            let Command::ProduceReply { request, result } = c else { continue };
+            let Some(m) = self.markers.remove(request) else { continue };
+            let result = MarkerResult {
+                coordinator_partition: m.coordinator_partition,
+                correlation: m.correlation,
+                partition: m.partition,
+                result: result.map(|_| ()),
+            };
+            *c = Command::Send { to: Peer::Node(m.coordinator), msg: Message::TxnMarkerResult(result) };
         }
     }
 
@@ -204,8 +260,24 @@ impl<S: Storage> BrokerNode<S> {
         if !self.lease_valid(now) {
             return Err(ProduceError::NotLeader.into());
         }
+        self.read_leader(now, partition, from, max_bytes, false)
+    }
+
+    /// As [`BrokerNode::read_committed`]; `stable_only` (read_committed isolation) reads up to
+    /// the last stable offset.
+    pub fn read_leader(
+        &self,
+        now: Time,
+        partition: PartitionId,
+        from: Offset,
+        max_bytes: u32,
+        stable_only: bool,
+    ) -> Result<(Vec<u8>, Offset), ReadFailure> {
+        if !self.lease_valid(now) {
+            return Err(ProduceError::NotLeader.into());
+        }
         let r: &Replica<S> = self.replicas.get(&partition).ok_or(ProduceError::NotLeader)?;
-        r.read_committed(from, max_bytes)
+        r.read_leader(from, max_bytes, stable_only)
     }
 
     /// A sync job finished.
@@ -217,13 +289,16 @@ impl<S: Storage> BrokerNode<S> {
         result: Result<(), StorageError>,
         out: &mut Vec<Command<Job<S>>>,
     ) {
+        let start = out.len();
         if let Some(r) = self.replicas.get_mut(&partition) {
             r.handle_io_done(now, job, result, out);
         }
+        self.answer_markers(start, out);
     }
 
     /// Periodic work: heartbeats, then every replica's tick.
     pub fn handle_tick(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        let start = out.len();
         if self.config.heartbeats && now >= self.next_heartbeat {
             self.next_heartbeat = now.plus_ms(self.config.heartbeat_ms);
             out.push(Command::Send {
@@ -239,13 +314,16 @@ impl<S: Storage> BrokerNode<S> {
         for r in self.replicas.values_mut() {
             r.handle_tick(now, out);
         }
+        self.answer_markers(start, out);
     }
 
     /// Applies retention to every replica (see [`Replica::handle_retention`]); `wall` is the
     /// wall clock, for `retention.ms`.
     pub fn handle_retention(&mut self, now: Time, wall: skein_log::types::Timestamp, out: &mut Vec<Command<Job<S>>>) {
+        let start = out.len();
         for r in self.replicas.values_mut() {
             r.handle_retention(now, wall, out);
         }
+        self.answer_markers(start, out);
     }
 }

@@ -30,10 +30,11 @@ use std::collections::{BTreeMap, VecDeque};
 
 use skein_log::batch::{batches_shared, RecordBatch};
 use skein_log::storage::{Storage, StorageError, StorageFile};
-use skein_log::types::Timestamp;
+use skein_log::types::{ProducerEpoch, ProducerId, Timestamp};
 use skein_log::{Durability, Log, ReadLimit, SyncJob, WriteJob};
 
 use super::producers::{ProducerStates, SequenceCheck};
+use super::txn_partition::{marker_batch, marker_of, AbortedTxn, MarkerCheck, MarkerKind, PartitionTxns, WriteRefusal};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
     PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
@@ -124,13 +125,26 @@ pub struct Plant {
     /// The group coordinator accepts offset commits from anyone: no member id, member epoch
     /// or ownership check (`GroupCoordinator::commit_planted`).
     pub(crate) no_generation_fencing: bool,
+    /// The transaction coordinator keeps a producer's epoch across its transactions (no
+    /// KIP-890 part 2 bump), so a delayed end or write of one can land on the next.
+    pub(crate) no_txn_epoch_bump: bool,
+    /// Partitions accept transactional writes without the producer's transaction having
+    /// begun there (no KIP-890 part 1 check).
+    pub(crate) no_partition_check: bool,
 }
 
 impl Plant {
     /// The names `named` knows.
     #[cfg(feature = "sim")]
-    pub const NAMES: [&'static str; 5] =
-        ["no-fencing", "no-truncation", "early-ack", "no-idempotence", "no-generation-fencing"];
+    pub const NAMES: [&'static str; 7] = [
+        "no-fencing",
+        "no-truncation",
+        "early-ack",
+        "no-idempotence",
+        "no-generation-fencing",
+        "no-txn-epoch-bump",
+        "no-partition-check",
+    ];
 
     /// A planted bug by name (simulator builds only).
     #[cfg(feature = "sim")]
@@ -142,6 +156,8 @@ impl Plant {
             "early-ack" => p.early_ack = true,
             "no-idempotence" => p.no_idempotence = true,
             "no-generation-fencing" => p.no_generation_fencing = true,
+            "no-txn-epoch-bump" => p.no_txn_epoch_bump = true,
+            "no-partition-check" => p.no_partition_check = true,
             _ => return None,
         }
         Some(p)
@@ -150,6 +166,11 @@ impl Plant {
     /// Whether the no-fencing bug is planted.
     pub fn no_fencing(&self) -> bool {
         self.no_fencing
+    }
+
+    /// Whether the no-txn-epoch-bump bug is planted.
+    pub fn no_txn_epoch_bump(&self) -> bool {
+        self.no_txn_epoch_bump
     }
 }
 
@@ -228,6 +249,8 @@ pub struct Replica<S: Storage> {
     fetch_correlation: u64,
     /// Idempotent producers' recent batches, from this replica's log.
     producers: ProducerStates,
+    /// Transactions open, ended and aborted here, from this replica's log.
+    txns: PartitionTxns,
     /// When retention is applied next.
     next_retention: Time,
 }
@@ -252,6 +275,7 @@ impl<S: Storage> Replica<S> {
             failed: false,
             fetch_correlation: 0,
             producers: ProducerStates::default(),
+            txns: PartitionTxns::new(plant.no_partition_check),
             next_retention: Time(0),
         };
         if let Err(e) = replica.rebuild_producers() {
@@ -261,10 +285,45 @@ impl<S: Storage> Replica<S> {
         replica
     }
 
-    /// Rebuilds the idempotent producer state from the log (after opening and truncating).
+    /// Rebuilds the idempotent producer and transaction states from the log (after opening
+    /// and truncating), in one pass over its batches. Reads the whole log; a producer-state
+    /// snapshot (as Kafka's) is the remedy if that ever shows in restart times.
     fn rebuild_producers(&mut self) -> Result<(), skein_log::ReadError> {
-        self.producers = ProducerStates::rebuild(&self.log)?;
+        self.producers.clear();
+        self.txns.clear();
+        let mut from = self.log.log_start_offset();
+        let end = self.log.log_end_offset();
+        let mut buf = Vec::new();
+        while from < end {
+            buf.clear();
+            let limit = ReadLimit { max_bytes: 1 << 20, end: None };
+            let range = self.log.read_verified(from, limit, &mut buf)?;
+            for b in skein_log::batch::batches(&buf).flatten() {
+                self.producers.note(b.header());
+                self.txns.note(&b, b.header().base_offset);
+            }
+            if range.next_offset <= from {
+                break;
+            }
+            from = range.next_offset;
+        }
         Ok(())
+    }
+
+    /// The last stable offset: below it, every transaction is decided (the high watermark
+    /// when none is open).
+    pub fn last_stable(&self) -> Offset {
+        self.txns.last_stable(self.high_watermark)
+    }
+
+    /// The aborted transactions overlapping `from..to` (for read_committed fetches).
+    pub fn aborted_in(&self, from: Offset, to: Offset) -> Vec<AbortedTxn> {
+        self.txns.aborted_in(from, to)
+    }
+
+    /// The transaction state (for checks and tools).
+    pub fn txns(&self) -> &PartitionTxns {
+        &self.txns
     }
 
     /// The partition.
@@ -401,7 +460,7 @@ impl<S: Storage> Replica<S> {
         now: Time,
         request: RequestId,
         client_epoch: Option<LeaderEpoch>,
-        mut batch: RecordBatch<B>,
+        batch: RecordBatch<B>,
         acks: Acks,
         deadline: Time,
         lease_ok: bool,
@@ -425,6 +484,9 @@ impl<S: Storage> Replica<S> {
         if acks == Acks::All && isr_len < self.config.min_insync_replicas {
             return reject(out, ProduceError::NotEnoughReplicas);
         }
+        if let Err(WriteRefusal::Control) = self.txns.check_write(batch.header()) {
+            return reject(out, ProduceError::InvalidTxnState);
+        }
         if !self.plant.no_idempotence {
             match self.producers.check(batch.header()) {
                 SequenceCheck::Append => {}
@@ -443,7 +505,74 @@ impl<S: Storage> Replica<S> {
                 SequenceCheck::Fenced => return reject(out, ProduceError::ProducerFenced),
             }
         }
-        batch.set_leader_epoch(epoch);
+        match self.txns.check_write(batch.header()) {
+            Ok(()) => {}
+            Err(WriteRefusal::Fenced) => return reject(out, ProduceError::ProducerFenced),
+            Err(WriteRefusal::NotInTransaction | WriteRefusal::Control) => {
+                return reject(out, ProduceError::InvalidTxnState)
+            }
+        }
+        self.append_as_leader(now, request, batch, acks, deadline, out);
+    }
+
+    /// A transaction marker from a coordinator (always `acks=all`: the coordinator counts a
+    /// partition decided only once its marker is committed). A duplicate is answered once
+    /// everything in the log now is committed (the original may still be uncommitted).
+    #[allow(clippy::too_many_arguments)]
+    pub fn handle_marker(
+        &mut self,
+        now: Time,
+        request: RequestId,
+        producer: ProducerId,
+        producer_epoch: ProducerEpoch,
+        kind: MarkerKind,
+        deadline: Time,
+        lease_ok: bool,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        let reject = |out: &mut Vec<Command<Job<S>>>, e| out.push(Command::ProduceReply { request, result: Err(e) });
+        if self.failed {
+            return reject(out, ProduceError::Storage);
+        }
+        let Role::Leader(_) = &self.role else { return reject(out, ProduceError::NotLeader) };
+        if !lease_ok && !self.plant.no_fencing {
+            return reject(out, ProduceError::NotLeader);
+        }
+        let isr_len = self.state.as_ref().map_or(0, |s| s.isr.len());
+        if isr_len < self.config.min_insync_replicas {
+            return reject(out, ProduceError::NotEnoughReplicas);
+        }
+        match self.txns.check_marker(producer, producer_epoch, kind) {
+            MarkerCheck::Append => {
+                let batch = marker_batch(producer, producer_epoch, kind, now.timestamp());
+                self.append_as_leader(now, request, batch, Acks::All, deadline, out);
+            }
+            MarkerCheck::Done => {
+                let end = self.log.log_end_offset();
+                match &mut self.role {
+                    Role::Leader(l) if end > self.high_watermark && !self.plant.early_ack => {
+                        l.waiting.push_back((end, request, end, deadline));
+                    }
+                    _ => out.push(Command::ProduceReply { request, result: Ok(end) }),
+                }
+            }
+            MarkerCheck::Stale => reject(out, ProduceError::ProducerFenced),
+        }
+    }
+
+    /// Appends a checked batch as leader and queues its answer as `acks` asks.
+    fn append_as_leader<B: AsRef<[u8]> + AsMut<[u8]> + Into<bytes::Bytes>>(
+        &mut self,
+        now: Time,
+        request: RequestId,
+        mut batch: RecordBatch<B>,
+        acks: Acks,
+        deadline: Time,
+        out: &mut Vec<Command<Job<S>>>,
+    ) {
+        let reject = |out: &mut Vec<Command<Job<S>>>, e| out.push(Command::ProduceReply { request, result: Err(e) });
+        batch.set_leader_epoch(self.epoch());
+        let marker = marker_of(&batch);
         let mut header = *batch.header();
         let info = match self.log.append(batch, now.timestamp()) {
             Ok(info) => info,
@@ -454,6 +583,9 @@ impl<S: Storage> Replica<S> {
         };
         header.base_offset = info.base_offset; // as the log stamped it
         self.producers.note(&header);
+        if let Some(kind) = marker {
+            self.txns.note_marker(header.producer_id, header.producer_epoch, kind, info.base_offset);
+        }
         match acks {
             Acks::All if !self.plant.early_ack => {
                 if let Role::Leader(l) = &mut self.role {
@@ -687,10 +819,14 @@ impl<S: Storage> Replica<S> {
                     if header.base_offset != self.log.log_end_offset() {
                         break;
                     }
+                    let marker = marker_of(&b);
                     if let Err(e) = self.log.append_replicated(b, now.timestamp()) {
                         return self.fail(format!("replicated append failed: {e}"), out);
                     }
                     self.producers.note(&header);
+                    if let Some(kind) = marker {
+                        self.txns.note_marker(header.producer_id, header.producer_epoch, kind, header.base_offset);
+                    }
                     got += 1;
                 }
                 tracing::trace!(node = %self.id, partition = %self.partition, got, log_end = %self.log.log_end_offset(), %high_watermark, "fetched");
@@ -870,6 +1006,7 @@ impl<S: Storage> Replica<S> {
         }
         match self.log.apply_retention_below(wall, self.high_watermark) {
             Ok(r) if r.segments_deleted > 0 => {
+                self.txns.retain_from(r.log_start_offset);
                 tracing::debug!(node = %self.id, partition = %self.partition, segments = r.segments_deleted, bytes = r.bytes_deleted, log_start = %r.log_start_offset, "retention");
             }
             Ok(_) => {}
@@ -880,6 +1017,12 @@ impl<S: Storage> Replica<S> {
     /// Committed batches from `from` (for consumers), with the high watermark. Only the
     /// leader serves them.
     pub fn read_committed(&self, from: Offset, max_bytes: u32) -> Result<(Vec<u8>, Offset), ReadFailure> {
+        self.read_leader(from, max_bytes, false)
+    }
+
+    /// As [`Replica::read_committed`]; with `stable_only` (read_committed isolation) up to the
+    /// last stable offset only. The high watermark is returned either way.
+    pub fn read_leader(&self, from: Offset, max_bytes: u32, stable_only: bool) -> Result<(Vec<u8>, Offset), ReadFailure> {
         if self.failed {
             return Err(ProduceError::Storage.into());
         }
@@ -888,8 +1031,9 @@ impl<S: Storage> Replica<S> {
             return Err(ProduceError::LeaderNotReady.into());
         }
         let mut buf = Vec::new();
-        if from < self.high_watermark {
-            let limit = ReadLimit { max_bytes, end: Some(self.high_watermark) };
+        let end = if stable_only { self.last_stable() } else { self.high_watermark };
+        if from < end {
+            let limit = ReadLimit { max_bytes, end: Some(end) };
             self.log.read_verified(from, limit, &mut buf).map_err(ReadFailure::from_log)?;
         }
         Ok((buf, self.high_watermark))
@@ -906,13 +1050,18 @@ impl<S: Storage> Replica<S> {
         from: Offset,
         max_bytes: u32,
         past_high_watermark: bool,
+        stable_only: bool,
     ) -> Result<(Vec<u8>, Offset), ReadFailure> {
         if self.failed {
             return Err(ProduceError::Storage.into());
         }
         let Role::Follower(_) = &self.role else { return Err(ProduceError::NotLeader.into()) };
         assert!(self.high_watermark <= self.log.log_end_offset(), "follower high watermark past its log end");
-        let end = if past_high_watermark { self.log.log_end_offset() } else { self.high_watermark };
+        let end = match (past_high_watermark, stable_only) {
+            (true, _) => self.log.log_end_offset(),
+            (false, true) => self.last_stable(),
+            (false, false) => self.high_watermark,
+        };
         let mut buf = Vec::new();
         if from < end {
             let limit = ReadLimit { max_bytes, end: Some(end) };

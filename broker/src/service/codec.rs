@@ -36,6 +36,16 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         }
         ApiKey::DescribeGroup => Request::DescribeGroup(decode_exact(body)?),
         ApiKey::DeleteGroup => Request::DeleteGroup(decode_exact(body)?),
+        ApiKey::AddPartitionsToTxn => Request::AddPartitionsToTxn(decode_exact(body)?),
+        ApiKey::AddOffsetsToTxn => Request::AddOffsetsToTxn(decode_exact(body)?),
+        ApiKey::EndTxn => Request::EndTxn(decode_exact(body)?),
+        ApiKey::TxnOffsetCommit => Request::TxnOffsetCommit(decode_exact(body)?),
+        ApiKey::ListTransactions => {
+            decode_exact::<skein_client::wire::ListTransactionsRequest>(body)?;
+            Request::ListTransactions
+        }
+        ApiKey::DescribeTransaction => Request::DescribeTransaction(decode_exact(body)?),
+        ApiKey::AbortTransaction => Request::AbortTransaction(decode_exact(body)?),
         ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
@@ -60,6 +70,13 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::ListGroups(r) => response_frame(id, Ok(&r)),
         Response::DescribeGroup(r) => response_frame(id, Ok(&r)),
         Response::DeleteGroup(r) => response_frame(id, Ok(&r)),
+        Response::AddPartitionsToTxn(r) => response_frame(id, Ok(&r)),
+        Response::AddOffsetsToTxn(r) => response_frame(id, Ok(&r)),
+        Response::EndTxn(r) => response_frame(id, Ok(&r)),
+        Response::TxnOffsetCommit(r) => response_frame(id, Ok(&r)),
+        Response::ListTransactions(r) => response_frame(id, Ok(&r)),
+        Response::DescribeTransaction(r) => response_frame(id, Ok(&r)),
+        Response::AbortTransaction(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,
@@ -89,6 +106,8 @@ fn encode_fetch(id: u32, parts: Vec<(skein_client::wire::FetchPartition, FetchRe
         r.leader_epoch.encode(&mut w);
         r.log_start.encode(&mut w);
         r.token_wait_us.encode(&mut w);
+        r.last_stable.encode(&mut w);
+        r.aborted.encode(&mut w);
         (r.records.len() as u32).encode(&mut w);
         if !r.records.is_empty() {
             chunks.push(std::mem::take(&mut w.buf));
@@ -128,6 +147,12 @@ mod tests {
                     leader_epoch: 3,
                     log_start: 0,
                     token_wait_us: 7,
+                    last_stable: 4,
+                    aborted: vec![skein_client::wire::AbortedTransaction {
+                        producer_id: 9,
+                        first_offset: 1,
+                        last_offset: 2,
+                    }],
                     records: records.to_vec(),
                 },
             )
@@ -141,5 +166,6 @@ mod tests {
         let got: Vec<(&str, &[u8])> = resp.partitions.iter().map(|p| (p.topic.as_str(), &p.records[..])).collect();
         assert_eq!(got, vec![("a", &b"xyz"[..]), ("b", &b""[..]), ("c", &b"12"[..])]);
         assert!(resp.partitions.iter().all(|p| (p.high_watermark, p.leader_epoch, p.token_wait_us) == (5, 3, 7)));
+        assert!(resp.partitions.iter().all(|p| p.last_stable == 4 && p.aborted.len() == 1));
     }
 }

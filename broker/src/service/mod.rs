@@ -44,6 +44,13 @@ pub(crate) enum Request {
     ListGroups,
     DescribeGroup(wire::DescribeGroupRequest),
     DeleteGroup(wire::DeleteGroupRequest),
+    AddPartitionsToTxn(wire::AddPartitionsToTxnRequest),
+    AddOffsetsToTxn(wire::AddOffsetsToTxnRequest),
+    EndTxn(wire::EndTxnRequest),
+    TxnOffsetCommit(wire::TxnOffsetCommitRequest),
+    ListTransactions,
+    DescribeTransaction(wire::DescribeTransactionRequest),
+    AbortTransaction(wire::AbortTransactionRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -66,6 +73,13 @@ pub(crate) enum Response {
     ListGroups(wire::ListGroupsResponse),
     DescribeGroup(wire::DescribeGroupResponse),
     DeleteGroup(wire::DeleteGroupResponse),
+    AddPartitionsToTxn(wire::AddPartitionsToTxnResponse),
+    AddOffsetsToTxn(wire::AddOffsetsToTxnResponse),
+    EndTxn(wire::EndTxnResponse),
+    TxnOffsetCommit(wire::TxnOffsetCommitResponse),
+    ListTransactions(wire::ListTransactionsResponse),
+    DescribeTransaction(wire::DescribeTransactionResponse),
+    AbortTransaction(wire::AbortTransactionResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).
@@ -81,13 +95,26 @@ pub(crate) struct FetchResult {
     pub log_start: u64,
     /// How long the read waited for the replica to catch up with its session token.
     pub token_wait_us: u32,
+    /// The last stable offset (read_committed) or the high watermark.
+    pub last_stable: u64,
+    /// Read_committed: the aborted transactions overlapping the records.
+    pub aborted: Vec<skein_client::wire::AbortedTransaction>,
     pub records: Vec<u8>,
 }
 
 impl FetchResult {
     /// A result with no records.
     pub(crate) fn empty(error: ErrorCode) -> FetchResult {
-        FetchResult { error, high_watermark: 0, leader_epoch: 0, log_start: 0, token_wait_us: 0, records: Vec::new() }
+        FetchResult {
+            error,
+            high_watermark: 0,
+            leader_epoch: 0,
+            log_start: 0,
+            token_wait_us: 0,
+            last_stable: 0,
+            aborted: Vec::new(),
+            records: Vec::new(),
+        }
     }
 
     /// The same result with another error code.

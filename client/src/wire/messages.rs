@@ -106,6 +106,7 @@ wire_struct! {
         pub log_start: u64,
         pub high_watermark: u64,
         pub log_end: u64,
+        pub last_stable: u64,
     }
 }
 
@@ -171,7 +172,9 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// Fetch request: waits up to `max_wait_ms` for `min_bytes`; `isolation` is reserved (0).
+    /// Fetch request: waits up to `max_wait_ms` for `min_bytes`. `isolation`:
+    /// [`READ_UNCOMMITTED`] (up to the high watermark) or [`READ_COMMITTED`] (up to the last
+    /// stable offset, with the aborted transactions of the range listed).
     /// `replica_read`: a follower of a partition may serve it (up to the high watermark it
     /// learned from the leader); false: only the leader serves, others answer NOT_LEADER.
     pub struct FetchRequest {
@@ -185,7 +188,10 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// Whole batches of one partition, as stored, all below `high_watermark`. `leader_epoch`:
+    /// Whole batches of one partition, as stored, all below `high_watermark` (below
+    /// `last_stable` for read_committed). `aborted`: for read_committed, the aborted
+    /// transactions overlapping the batches (drop a transactional batch of `producer_id` at an
+    /// offset in `first_offset..last_offset`; control batches are never records). `leader_epoch`:
     /// the newest epoch the serving replica knows (for session tokens; 0 if unknown).
     /// `token_wait_us`: how long the read waited for the replica to catch up with its session
     /// token (0: it had).
@@ -197,9 +203,24 @@ wire_struct! {
         pub leader_epoch: u32,
         pub log_start: u64,
         pub token_wait_us: u32,
+        pub last_stable: u64,
+        pub aborted: Vec<AbortedTransaction>,
         pub records: BytesMut,
     }
 }
+
+wire_struct! {
+    /// An aborted transaction of one producer in one partition: its records lie in
+    /// `first_offset..last_offset`; `last_offset` is its abort marker's offset.
+    pub struct AbortedTransaction { pub producer_id: i64, pub first_offset: u64, pub last_offset: u64 }
+}
+
+/// `FetchRequest::isolation` / `ListOffsetsRequest::isolation`: every committed record,
+/// transactional or not, decided or not.
+pub const READ_UNCOMMITTED: u8 = 0;
+/// `FetchRequest::isolation` / `ListOffsetsRequest::isolation`: only records below the last
+/// stable offset, aborted transactions listed for the client to drop.
+pub const READ_COMMITTED: u8 = 1;
 
 wire_struct! {
     /// Fetch response, entries in request order.
@@ -213,8 +234,9 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// ListOffsets request.
-    pub struct ListOffsetsRequest { pub partitions: Vec<ListOffsetsPartition> }
+    /// ListOffsets request; with `isolation` [`READ_COMMITTED`] "latest" is the last stable
+    /// offset.
+    pub struct ListOffsetsRequest { pub isolation: u8, pub partitions: Vec<ListOffsetsPartition> }
 }
 
 wire_struct! {
@@ -233,14 +255,21 @@ pub const EARLIEST: i64 = -2;
 pub const LATEST: i64 = -1;
 
 wire_struct! {
-    /// InitProducerId request: a new idempotent producer identity. `transactional_id` is
-    /// reserved for transactions and must be `None`.
-    pub struct InitProducerIdRequest { pub transactional_id: Option<String> }
+    /// InitProducerId request: a new idempotent producer identity (`transactional_id` `None`,
+    /// any broker), or a transactional producer's (its coordinator): the id's producer id with a
+    /// new epoch, fencing earlier instances and aborting their unfinished transaction.
+    /// `transaction_timeout_ms` (0: the broker default) bounds each transaction.
+    pub struct InitProducerIdRequest { pub transactional_id: Option<String>, pub transaction_timeout_ms: u32 }
 }
 
 wire_struct! {
     /// InitProducerId response: a producer id unique in the cluster's lifetime, epoch 0.
-    pub struct InitProducerIdResponse { pub error: ErrorCode, pub producer_id: i64, pub producer_epoch: i16 }
+    pub struct InitProducerIdResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+    }
 }
 
 wire_struct! {
@@ -263,9 +292,10 @@ wire_struct! {
 }
 
 wire_struct! {
-    /// FindCoordinator request: which broker coordinates `group` (creates the internal
-    /// `__consumer_offsets` topic on first use).
-    pub struct FindCoordinatorRequest { pub group: String }
+    /// FindCoordinator request: which broker coordinates `group` (`key_type` [`GROUP_KEY`],
+    /// creates `__consumer_offsets` on first use) or transactional id `group` (`key_type`
+    /// [`TRANSACTION_KEY`], creates `__transaction_state` on first use).
+    pub struct FindCoordinatorRequest { pub group: String, pub key_type: u8 }
 }
 
 wire_struct! {
@@ -278,6 +308,11 @@ wire_struct! {
         pub port: u16,
     }
 }
+
+/// `FindCoordinatorRequest::key_type` of a consumer group.
+pub const GROUP_KEY: u8 = 0;
+/// `FindCoordinatorRequest::key_type` of a transactional id.
+pub const TRANSACTION_KEY: u8 = 1;
 
 /// `GroupHeartbeatRequest::member_epoch` to join (a new member, or a static member coming back).
 pub const JOIN_EPOCH: i32 = 0;
@@ -422,4 +457,150 @@ wire_struct! {
 wire_struct! {
     /// DeleteGroup response.
     pub struct DeleteGroupResponse { pub error: ErrorCode, pub message: String }
+}
+
+// ---- Transactions (PROTOCOL.md, "Transactions") ----
+
+wire_struct! {
+    /// AddPartitionsToTxn request (to the transaction coordinator): the partitions join the
+    /// producer's ongoing transaction (one starts if none is); each is answered once the
+    /// partition's leader has recorded the transaction's start, and only then may the
+    /// producer write to it.
+    pub struct AddPartitionsToTxnRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub partitions: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// One partition's answer.
+    pub struct TxnPartitionResult { pub topic: String, pub partition: u32, pub error: ErrorCode }
+}
+
+wire_struct! {
+    /// AddPartitionsToTxn response: `error` for the whole request, else one entry per partition.
+    pub struct AddPartitionsToTxnResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub partitions: Vec<TxnPartitionResult>,
+    }
+}
+
+wire_struct! {
+    /// AddOffsetsToTxn request: the group's `__consumer_offsets` partition joins the
+    /// transaction, so a TxnOffsetCommit can follow.
+    pub struct AddOffsetsToTxnRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub group: String,
+    }
+}
+
+wire_struct! {
+    /// AddOffsetsToTxn response.
+    pub struct AddOffsetsToTxnResponse { pub error: ErrorCode, pub message: String }
+}
+
+wire_struct! {
+    /// EndTxn request: commit (`commit` true) or abort the producer's transaction. Answered
+    /// once every partition of the transaction holds its marker (decided, visible to
+    /// read_committed readers).
+    pub struct EndTxnRequest {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub commit: bool,
+    }
+}
+
+wire_struct! {
+    /// EndTxn response: the producer id and epoch for the next transaction (the epoch is
+    /// bumped by every transaction, so nothing of an ended one can touch a later one).
+    pub struct EndTxnResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+    }
+}
+
+wire_struct! {
+    /// TxnOffsetCommit request (to the group's coordinator): the offsets are written as part
+    /// of the producer's transaction and take effect when it commits. `member_id` /
+    /// `member_epoch` as in OffsetCommit (empty / -1: not a member, only for empty groups).
+    pub struct TxnOffsetCommitRequest {
+        pub transactional_id: String,
+        pub group: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub member_id: String,
+        pub member_epoch: i32,
+        pub partitions: Vec<OffsetCommitPartition>,
+    }
+}
+
+wire_struct! {
+    /// TxnOffsetCommit response.
+    pub struct TxnOffsetCommitResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub partitions: Vec<OffsetCommitPartitionResponse>,
+    }
+}
+
+wire_struct! {
+    /// ListTransactions request: every transactional id the broker coordinates.
+    pub struct ListTransactionsRequest {}
+}
+
+wire_struct! {
+    /// One transactional id. `state`: `empty`, `ongoing`, `prepare_commit`, `prepare_abort`,
+    /// `complete_commit`, `complete_abort`; `age_ms`: since its transaction started (0 when
+    /// none is open).
+    pub struct ListedTransaction {
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub state: String,
+        pub age_ms: u64,
+    }
+}
+
+wire_struct! {
+    /// ListTransactions response.
+    pub struct ListTransactionsResponse { pub transactions: Vec<ListedTransaction> }
+}
+
+wire_struct! {
+    /// DescribeTransaction request.
+    pub struct DescribeTransactionRequest { pub transactional_id: String }
+}
+
+wire_struct! {
+    /// DescribeTransaction response.
+    pub struct DescribeTransactionResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub transactional_id: String,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub state: String,
+        pub timeout_ms: u32,
+        pub age_ms: u64,
+        pub partitions: Vec<TopicPartition>,
+    }
+}
+
+wire_struct! {
+    /// AbortTransaction request: abort the id's open transaction now (its markers are
+    /// written) and fence its producer (epoch bump), as a timeout does.
+    pub struct AbortTransactionRequest { pub transactional_id: String }
+}
+
+wire_struct! {
+    /// AbortTransaction response.
+    pub struct AbortTransactionResponse { pub error: ErrorCode, pub message: String }
 }

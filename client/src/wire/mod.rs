@@ -62,11 +62,25 @@ pub enum ApiKey {
     DescribeGroup = 16,
     /// Delete an empty group and its offsets.
     DeleteGroup = 17,
+    /// Add partitions to a producer's ongoing transaction (before writing to them).
+    AddPartitionsToTxn = 18,
+    /// Add a group's offsets partition to a producer's ongoing transaction.
+    AddOffsetsToTxn = 19,
+    /// Commit or abort a producer's transaction.
+    EndTxn = 20,
+    /// Commit a group's offsets inside a transaction (to the group coordinator).
+    TxnOffsetCommit = 21,
+    /// The transactions a broker coordinates.
+    ListTransactions = 22,
+    /// One transaction's state, partitions and age.
+    DescribeTransaction = 23,
+    /// Abort a transaction from outside (a hanging one) and fence its producer.
+    AbortTransaction = 24,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 18] = [
+    pub const ALL: [ApiKey; 25] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -85,6 +99,13 @@ impl ApiKey {
         ApiKey::ListGroups,
         ApiKey::DescribeGroup,
         ApiKey::DeleteGroup,
+        ApiKey::AddPartitionsToTxn,
+        ApiKey::AddOffsetsToTxn,
+        ApiKey::EndTxn,
+        ApiKey::TxnOffsetCommit,
+        ApiKey::ListTransactions,
+        ApiKey::DescribeTransaction,
+        ApiKey::AbortTransaction,
     ];
 
     /// The key for a number, if known.
@@ -209,6 +230,19 @@ impl ErrorCode {
     pub const INVALID_GROUP_ID: ErrorCode = ErrorCode(29);
     /// The assignor named is not one of range, roundrobin, sticky.
     pub const UNSUPPORTED_ASSIGNOR: ErrorCode = ErrorCode(30);
+    /// The request does not fit the transaction's state (a write to a partition not added to
+    /// the ongoing transaction, an end of a transaction that is not ongoing).
+    pub const INVALID_TXN_STATE: ErrorCode = ErrorCode(31);
+    /// The transactional id's previous transaction is still being completed: retry shortly.
+    pub const CONCURRENT_TRANSACTIONS: ErrorCode = ErrorCode(32);
+    /// The producer id does not belong to the transactional id.
+    pub const INVALID_PRODUCER_ID_MAPPING: ErrorCode = ErrorCode(33);
+    /// No transaction with that transactional id.
+    pub const TRANSACTIONAL_ID_NOT_FOUND: ErrorCode = ErrorCode(34);
+    /// Offsets of the requested partitions are part of an undecided transaction: retry.
+    pub const UNSTABLE_OFFSET_COMMIT: ErrorCode = ErrorCode(35);
+    /// A transaction timeout outside the broker's bounds.
+    pub const INVALID_TRANSACTION_TIMEOUT: ErrorCode = ErrorCode(36);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -224,12 +258,14 @@ impl ErrorCode {
                 | ErrorCode::NOT_CAUGHT_UP
                 | ErrorCode::NOT_COORDINATOR
                 | ErrorCode::COORDINATOR_LOAD_IN_PROGRESS
+                | ErrorCode::CONCURRENT_TRANSACTIONS
+                | ErrorCode::UNSTABLE_OFFSET_COMMIT
         )
     }
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 31] = [
+        const NAMES: [&str; 37] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -261,6 +297,12 @@ impl ErrorCode {
             "PARTITION_NOT_OWNED",
             "INVALID_GROUP_ID",
             "UNSUPPORTED_ASSIGNOR",
+            "INVALID_TXN_STATE",
+            "CONCURRENT_TRANSACTIONS",
+            "INVALID_PRODUCER_ID_MAPPING",
+            "TRANSACTIONAL_ID_NOT_FOUND",
+            "UNSTABLE_OFFSET_COMMIT",
+            "INVALID_TRANSACTION_TIMEOUT",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }
