@@ -41,6 +41,15 @@
 //! answered so by the leader, it is fetched again after
 //! `retry_backoff`. Without a session no token is sent and neither guarantee holds when reads
 //! move between replicas. [`Consumer::read_stats`] counts follower reads, waits and redirects.
+//!
+//! Transactions (`ConsumerConfig::isolation`, default [`Isolation::ReadCommitted`]): a
+//! read_committed fetch is answered up to the partition's last stable offset (below it every
+//! transaction is decided), with the aborted transactions of the range listed; the consumer
+//! drops every transactional batch of an aborted transaction ([`is_aborted`]) and never hands
+//! out control batches (commit and abort markers) under either isolation, but moves its
+//! position past both, so a reader waiting for the end of a partition
+//! ([`Consumer::end_offset`]: the last stable offset, or the high watermark for
+//! read_uncommitted) is never stuck on a marker's offset.
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
@@ -55,7 +64,8 @@ use skein_log::batch::{BatchError, BatchHeader, RecordBatch, HEADER_BYTES};
 
 use crate::conn::{decode_body, Connection};
 use crate::wire::{
-    ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse, EARLIEST, LATEST,
+    AbortedTransaction, ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse,
+    EARLIEST, LATEST, READ_COMMITTED, READ_UNCOMMITTED,
 };
 use crate::{Client, ClientError, SessionHandle, Token};
 
@@ -88,6 +98,8 @@ pub struct ConsumerConfig {
     /// to the leader in any case), so a follower that stays behind does not cost a read wait
     /// on every return to it.
     pub lagging_replica_backoff: Duration,
+    /// Which records of transactions are read (default: only committed ones).
+    pub isolation: Isolation,
 }
 
 impl Default for ConsumerConfig {
@@ -103,7 +115,55 @@ impl Default for ConsumerConfig {
             rack: None,
             session: None,
             lagging_replica_backoff: Duration::from_secs(1),
+            isolation: Isolation::ReadCommitted,
         }
+    }
+}
+
+/// Which records of transactions a consumer reads (Kafka's `isolation.level`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Isolation {
+    /// Records of committed transactions and records written outside transactions, up to
+    /// the last stable offset: nothing of an aborted or undecided transaction.
+    #[default]
+    ReadCommitted,
+    /// Every record up to the high watermark, whatever becomes of its transaction.
+    ReadUncommitted,
+}
+
+impl Isolation {
+    /// The value of `FetchRequest::isolation` and `ListOffsetsRequest::isolation`.
+    pub fn wire(self) -> u8 {
+        match self {
+            Isolation::ReadCommitted => READ_COMMITTED,
+            Isolation::ReadUncommitted => READ_UNCOMMITTED,
+        }
+    }
+
+    /// `read_committed` or `read_uncommitted`, as the CLI spells them.
+    pub fn name(self) -> &'static str {
+        match self {
+            Isolation::ReadCommitted => "read_committed",
+            Isolation::ReadUncommitted => "read_uncommitted",
+        }
+    }
+}
+
+impl std::str::FromStr for Isolation {
+    type Err = String;
+    /// `read_committed` or `read_uncommitted`.
+    fn from_str(s: &str) -> Result<Isolation, String> {
+        match s {
+            "read_committed" => Ok(Isolation::ReadCommitted),
+            "read_uncommitted" => Ok(Isolation::ReadUncommitted),
+            _ => Err(format!("isolation is read_committed or read_uncommitted, not '{s}'")),
+        }
+    }
+}
+
+impl std::fmt::Display for Isolation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -264,6 +324,8 @@ struct Assigned {
     position: u64,
     /// The high watermark the last answer without error reported.
     high_watermark: Option<u64>,
+    /// The last stable offset the last answer without error reported.
+    last_stable: Option<u64>,
     /// The next fetch goes to the leader (a follower was not caught up, or failed).
     to_leader: bool,
     /// Until then every fetch goes to the leader (`lagging_replica_backoff` after the follower
@@ -313,6 +375,7 @@ impl Consumer {
                     partition: p,
                     position: offset,
                     high_watermark: None,
+                    last_stable: None,
                     to_leader: false,
                     leader_until: None,
                 }),
@@ -364,6 +427,29 @@ impl Consumer {
     /// before the first). With a session it never goes back.
     pub fn high_watermark(&self, topic: &str, partition: u32) -> Option<u64> {
         self.find(topic, partition).and_then(|a| a.high_watermark)
+    }
+
+    /// The last stable offset the last answer without error reported for a partition (below
+    /// it every transaction is decided; `None` before the first answer).
+    pub fn last_stable(&self, topic: &str, partition: u32) -> Option<u64> {
+        self.find(topic, partition).and_then(|a| a.last_stable)
+    }
+
+    /// Where this consumer's reads of a partition end for now, as of the last answer: the
+    /// last stable offset with [`Isolation::ReadCommitted`], the high watermark with
+    /// [`Isolation::ReadUncommitted`]. A reader that wants "everything so far" reads until its
+    /// position reaches it (markers are skipped, so the position does reach it).
+    pub fn end_offset(&self, topic: &str, partition: u32) -> Option<u64> {
+        let a = self.find(topic, partition)?;
+        match self.config.isolation {
+            Isolation::ReadCommitted => a.last_stable,
+            Isolation::ReadUncommitted => a.high_watermark,
+        }
+    }
+
+    /// The isolation level of this consumer's reads.
+    pub fn isolation(&self) -> Isolation {
+        self.config.isolation
     }
 
     /// Counts of partition answers so far.
@@ -583,7 +669,7 @@ impl Consumer {
             max_wait_ms: u32::try_from(self.config.max_wait.as_millis()).unwrap_or(u32::MAX),
             min_bytes: self.config.min_bytes,
             max_bytes: self.config.max_bytes,
-            isolation: 0,
+            isolation: self.config.isolation.wire(),
             replica_read,
             partitions: parts
                 .iter()
@@ -741,10 +827,17 @@ impl Consumer {
                 self.stats.follower_reads += 1;
             }
             entry.high_watermark = Some(part.high_watermark);
+            entry.last_stable = Some(part.last_stable);
             if let Some(session) = &self.config.session {
                 session.borrow_mut().note_read(&part.topic, part.partition, part.high_watermark, part.leader_epoch);
             }
-            if let Err(e) = take_partition(entry, part.records, out) {
+            // Aborted transactions are listed only for read_committed; a broker listing them
+            // otherwise is not obeyed (read_uncommitted shows every record).
+            let aborted = match self.config.isolation {
+                Isolation::ReadCommitted => &part.aborted[..],
+                Isolation::ReadUncommitted => &[],
+            };
+            if let Err(e) = take_partition(entry, part.records, aborted, out) {
                 error.get_or_insert(ClientError::Protocol(format!("{}/{}: {e}", part.topic, part.partition)));
             }
         }
@@ -752,11 +845,13 @@ impl Consumer {
     }
 
     async fn resolve(&self, topic: &str, partition: u32, from: Position) -> Result<u64, ClientError> {
+        let isolation = self.config.isolation;
         match from {
             Position::Offset(o) => Ok(o),
             Position::Beginning => self.client.list_offset(topic, partition, EARLIEST).await,
-            Position::End => self.client.list_offset(topic, partition, LATEST).await,
-            Position::Timestamp(ts) => self.client.list_offset(topic, partition, ts).await,
+            // The end this consumer can read to: the last stable offset for read_committed.
+            Position::End => self.client.list_offset_isolated(topic, partition, LATEST, isolation).await,
+            Position::Timestamp(ts) => self.client.list_offset_isolated(topic, partition, ts, isolation).await,
         }
     }
 
@@ -786,8 +881,15 @@ fn behind_token(part: &FetchPartitionResponse, token: Option<Token>) -> bool {
     })
 }
 
-/// Parses the batches of one partition's records into `out`, advancing its position.
-fn take_partition(entry: &mut Assigned, mut records: BytesMut, out: &mut Vec<FetchedBatch>) -> Result<(), BatchError> {
+/// Parses the batches of one partition's records into `out`, advancing its position past
+/// each, also past those not handed out: control batches (transaction markers) and batches of
+/// the `aborted` transactions (empty but for read_committed).
+fn take_partition(
+    entry: &mut Assigned,
+    mut records: BytesMut,
+    aborted: &[AbortedTransaction],
+    out: &mut Vec<FetchedBatch>,
+) -> Result<(), BatchError> {
     while !records.is_empty() {
         let header = BatchHeader::decode(&records[..records.len().min(HEADER_BYTES)])?;
         let len = header.batch_length as usize;
@@ -797,9 +899,30 @@ fn take_partition(entry: &mut Assigned, mut records: BytesMut, out: &mut Vec<Fet
         let batch = RecordBatch::parse(records.split_to(len))?;
         let from_offset = entry.position;
         entry.position = entry.position.max(batch.header().next_offset().get());
-        out.push(FetchedBatch { topic: entry.topic.clone(), partition: entry.partition, from_offset, batch });
+        if is_delivered(batch.header(), aborted) {
+            out.push(FetchedBatch { topic: entry.topic.clone(), partition: entry.partition, from_offset, batch });
+        }
     }
     Ok(())
+}
+
+/// Whether a fetched batch holds records for the application: not a control batch (a
+/// transaction marker), and not a batch of one of the `aborted` transactions.
+fn is_delivered(header: &BatchHeader, aborted: &[AbortedTransaction]) -> bool {
+    !header.attributes.is_control() && !is_aborted(header, aborted)
+}
+
+/// Whether a batch belongs to one of the `aborted` transactions of a read_committed fetch
+/// answer: a transactional batch of the same producer id whose base offset lies in the
+/// transaction's `first_offset..last_offset` (its abort marker at `last_offset`). Another
+/// transaction of the same producer outside that range, committed, is kept; so are batches
+/// written outside transactions.
+pub fn is_aborted(header: &BatchHeader, aborted: &[AbortedTransaction]) -> bool {
+    if !header.attributes.is_transactional() {
+        return false;
+    }
+    let base = header.base_offset.get();
+    aborted.iter().any(|t| t.producer_id == header.producer_id.0 && t.first_offset <= base && base < t.last_offset)
 }
 
 #[cfg(test)]
@@ -843,6 +966,86 @@ mod tests {
         assert_eq!(ReadReplica::default(), ReadReplica::Leader);
     }
 
+    /// One batch of a fetch answer: `(base offset, records, producer id, transactional,
+    /// control)`.
+    type Spec = (u64, u32, i64, bool, bool);
+
+    fn batch_bytes(specs: &[Spec]) -> BytesMut {
+        use skein_log::batch::{Attributes, BatchBuilder};
+        use skein_log::types::{Offset, ProducerEpoch, ProducerId, Sequence, Timestamp};
+        let mut out = BytesMut::new();
+        for &(base, records, pid, transactional, control) in specs {
+            let attributes = Attributes::default().with_transactional(transactional).with_control(control);
+            let mut b =
+                BatchBuilder::new().producer(ProducerId(pid), ProducerEpoch(0), Sequence(0)).attributes(attributes);
+            for i in 0..records {
+                b.push(None, format!("v{}", base + u64::from(i)).as_bytes(), &[], Timestamp(1));
+            }
+            let mut batch = b.build();
+            batch.set_base_offset(Offset(base));
+            out.extend_from_slice(batch.as_bytes());
+        }
+        out
+    }
+
+    /// Takes an answer holding `specs` with these aborted transactions, from position
+    /// `from`: the base offsets of the batches handed out, and the position after.
+    fn check_taken(specs: &[Spec], aborted: &[(i64, u64, u64)], from: u64, delivered: &[u64], position: u64) {
+        let mut entry = Assigned {
+            topic: Rc::from("t"),
+            partition: 0,
+            position: from,
+            high_watermark: None,
+            last_stable: None,
+            to_leader: false,
+            leader_until: None,
+        };
+        let aborted: Vec<AbortedTransaction> = aborted
+            .iter()
+            .map(|&(producer_id, first_offset, last_offset)| AbortedTransaction {
+                producer_id,
+                first_offset,
+                last_offset,
+            })
+            .collect();
+        let mut out = Vec::new();
+        take_partition(&mut entry, batch_bytes(specs), &aborted, &mut out).expect("valid batches");
+        let bases: Vec<u64> = out.iter().map(|f| f.batch.header().base_offset.get()).collect();
+        assert_eq!(bases, delivered, "batches {specs:?} aborted {aborted:?}");
+        assert_eq!(entry.position, position, "position after {specs:?}");
+    }
+
+    #[test]
+    fn markers_are_skipped_and_aborted_transactions_dropped() {
+        // Plain batches pass; the position moves past every batch taken.
+        check_taken(&[(0, 2, -1, false, false), (2, 1, -1, false, false)], &[], 0, &[0, 2], 3);
+        // A committed transaction: its data passes, its marker does not, the position passes both.
+        check_taken(&[(0, 2, 7, true, false), (2, 1, 7, true, true)], &[], 0, &[0], 3);
+        // An aborted one (its marker at 3): data and marker dropped, position past the marker.
+        check_taken(&[(0, 2, 7, true, false), (2, 1, 7, true, false), (3, 1, 7, true, true)], &[(7, 0, 3)], 0, &[], 4);
+        // Interleaved: producer 8's committed batch inside 7's aborted range passes.
+        let specs = [(0, 1, 7, true, false), (1, 1, 8, true, false), (2, 1, 7, true, false), (3, 1, 7, true, true)];
+        check_taken(&specs, &[(7, 0, 3)], 0, &[1], 4);
+        // A later transaction of the same producer, after its abort marker, passes.
+        let specs = [(0, 1, 7, true, false), (1, 1, 7, true, true), (2, 1, 7, true, false)];
+        check_taken(&specs, &[(7, 0, 1)], 0, &[2], 3);
+        // A non-transactional batch of the same producer id in the range is not a transaction's.
+        check_taken(&[(0, 1, 7, false, false)], &[(7, 0, 5)], 0, &[0], 1);
+        // Only markers: nothing delivered, and the position reaches the end (no stall on a marker).
+        check_taken(&[(5, 1, 7, true, true), (6, 1, 9, true, true)], &[], 5, &[], 7);
+    }
+
+    #[test]
+    fn isolation_parses_and_prints() {
+        for i in [Isolation::ReadCommitted, Isolation::ReadUncommitted] {
+            assert_eq!(i.name().parse::<Isolation>(), Ok(i));
+            assert_eq!(i.to_string(), i.name());
+        }
+        assert_eq!(Isolation::default(), Isolation::ReadCommitted);
+        assert_eq!(Isolation::ReadCommitted.wire(), READ_COMMITTED);
+        assert!("committed".parse::<Isolation>().unwrap_err().contains("'committed'"));
+    }
+
     #[test]
     fn answers_behind_the_token_are_detected() {
         let part = |high_watermark, leader_epoch| FetchPartitionResponse {
@@ -853,6 +1056,8 @@ mod tests {
             leader_epoch,
             log_start: 0,
             token_wait_us: 0,
+            last_stable: high_watermark,
+            aborted: Vec::new(),
             records: BytesMut::new(),
         };
         let token = Some(Token { min_high_watermark: 10, min_leader_epoch: 3 });

@@ -37,8 +37,12 @@ use crate::wire::{
     shown, ApiKey, DeleteGroupRequest, DeleteGroupResponse, DescribeGroupRequest, DescribeGroupResponse, ErrorCode,
     FindCoordinatorRequest, FindCoordinatorResponse, GroupHeartbeatRequest, GroupHeartbeatResponse, ListGroupsRequest,
     ListGroupsResponse, ListedGroup, OffsetCommitPartition, OffsetCommitRequest, OffsetCommitResponse,
-    OffsetFetchPartition, OffsetFetchRequest, OffsetFetchResponse, TopicPartition, Wire, EARLIEST, JOIN_EPOCH, LATEST,
-    LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
+    OffsetFetchPartition, OffsetFetchRequest, OffsetFetchResponse, TopicPartition, Wire, EARLIEST, GROUP_KEY,
+    JOIN_EPOCH, LATEST, LEAVE_EPOCH, STATIC_LEAVE_EPOCH, TRANSACTION_KEY,
+};
+use crate::wire::{
+    AbortTransactionResponse, AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, DescribeTransactionResponse,
+    EndTxnResponse, InitProducerIdResponse, TxnOffsetCommitResponse,
 };
 use crate::{Client, ClientError, Consumer, ConsumerConfig, ConsumerRecord, Position};
 
@@ -246,12 +250,15 @@ impl GroupConsumer {
             compio::time::sleep(wait.max(IDLE_WAIT_MIN)).await;
             return Ok(Vec::new());
         }
+        let before: Vec<Option<u64>> = self.owned.iter().map(|(t, p)| self.consumer.position(t, *p)).collect();
         let records = self.consumer.poll().await?;
-        let mut touched: Vec<(&str, u32)> = records.iter().map(|r| (&*r.topic, r.partition)).collect();
-        touched.dedup();
-        for (topic, partition) in touched {
-            if let Some(position) = self.consumer.position(topic, partition) {
-                self.consumed.insert((topic.to_owned(), partition), position);
+        // Every partition whose position moved: by records returned, or past batches that are
+        // not handed out (transaction markers, aborted transactions), so a commit covers them
+        // and a group that read everything has nothing left to read.
+        for (key, before) in self.owned.iter().zip(before) {
+            let position = self.consumer.position(&key.0, key.1);
+            if let Some(position) = position.filter(|_| position != before) {
+                self.consumed.insert(key.clone(), position);
             }
         }
         Ok(records)
@@ -315,6 +322,34 @@ impl GroupConsumer {
             .iter()
             .find(|o| o.topic == topic && o.partition == partition)
             .and_then(|o| u64::try_from(o.offset).ok()))
+    }
+
+    /// The consumed offsets of the owned partitions (the next offset to read of each, as a
+    /// commit would send them), sorted: what a transactional producer passes to
+    /// `TransactionalProducer::send_offsets` with [`GroupConsumer::group_metadata`].
+    pub fn consumed_offsets(&self) -> Vec<(String, u32, u64)> {
+        self.owned.iter().filter_map(|key| self.consumed.get(key).map(|&o| (key.0.clone(), key.1, o))).collect()
+    }
+
+    /// The group, member id and member epoch, as a transactional offset commit names them
+    /// (the coordinator refuses offsets from a member it fenced).
+    pub fn group_metadata(&self) -> GroupMetadata {
+        GroupMetadata {
+            group: self.config.group.clone(),
+            member_id: self.member_id.clone(),
+            member_epoch: self.member_epoch,
+        }
+    }
+
+    /// Notes offsets committed by other means (a transaction that committed them): they are
+    /// not committed again by auto-commit or `commit_sync`.
+    pub fn note_committed(&mut self, offsets: &[(String, u32, u64)]) {
+        for (topic, partition, offset) in offsets {
+            let key = (topic.clone(), *partition);
+            if self.owned.contains(&key) {
+                self.committed.insert(key, *offset);
+            }
+        }
     }
 
     /// The owned partitions, sorted.
@@ -506,9 +541,29 @@ impl GroupConsumer {
         self.drop_partitions(revoked);
     }
 
-    /// Starts added partitions at their committed offsets (else at the reset policy).
+    /// Starts added partitions at their committed offsets (else at the reset policy). The
+    /// offsets are asked for at most a heartbeat interval (UNSTABLE_OFFSET_COMMIT while a
+    /// transaction holding offsets of them is undecided is retried meanwhile); past it the
+    /// partitions wait for the next heartbeat, which is sent soon, so heartbeats stay on time
+    /// however long the transaction takes.
     async fn add(&mut self, added: &[Partition]) -> Result<(), ClientError> {
-        let committed = self.client.fetch_offsets(&self.config.group, Some(added)).await?;
+        let bound = self.heartbeat_interval.min(self.client.config().request_timeout);
+        let deadline = Instant::now() + bound;
+        let asked = Some(added);
+        let group = self.config.group.as_str();
+        let fetched = self
+            .client
+            .retrying_until(deadline, COORDINATOR_RETRY_BACKOFF, || self.client.fetch_offsets_once(group, asked, bound))
+            .await;
+        let committed = match fetched {
+            Ok(c) => c,
+            Err(e) => {
+                if e.is_retriable() {
+                    self.next_heartbeat = self.next_heartbeat.min(Instant::now() + COORDINATOR_RETRY_BACKOFF);
+                }
+                return Err(e);
+            }
+        };
         let mut started = Vec::with_capacity(added.len());
         let mut failed = None;
         for (topic, partition) in added {
@@ -680,7 +735,7 @@ impl GroupConsumer {
                 if matches!(e, ClientError::Broker(ErrorCode::NOT_COORDINATOR, _))
                     || !matches!(e, ClientError::Broker(..))
                 {
-                    self.client.forget_coordinator(&c.req.group);
+                    self.client.forget_coordinator(GROUP_KEY, &c.req.group);
                 }
                 tracing::warn!(group = %c.req.group, error = %e, "async offset commit failed");
                 self.stats.commit_failures += 1;
@@ -703,6 +758,19 @@ pub fn reconcile(owned: &BTreeSet<Partition>, assignment: &BTreeSet<Partition>) 
     let revoked = owned.difference(assignment).cloned().collect();
     let added = assignment.difference(owned).cloned().collect();
     (revoked, added)
+}
+
+/// Who commits offsets in a transaction: the group, and the member as the group's
+/// coordinator knows it (`GroupConsumer::group_metadata`; Kafka's `ConsumerGroupMetadata`).
+/// An empty member id with epoch -1 commits for a group without members.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupMetadata {
+    /// The group.
+    pub group: String,
+    /// The member's id.
+    pub member_id: String,
+    /// The member's epoch.
+    pub member_epoch: i32,
 }
 
 /// A group's coordinator, as FindCoordinator names it.
@@ -801,7 +869,13 @@ impl Client {
     /// The coordinator of `group`, asked of any broker (retrying NOT_COORDINATOR,
     /// COORDINATOR_LOAD_IN_PROGRESS and other retriable answers within the request timeout).
     pub async fn find_coordinator(&self, group: &str) -> Result<Coordinator, ClientError> {
-        self.retrying(|| self.find_coordinator_once(group)).await
+        self.retrying(|| self.find_coordinator_once(CoordinatorKind::Group, group)).await
+    }
+
+    /// The transaction coordinator of a transactional id (FindCoordinator with
+    /// `TRANSACTION_KEY`), retried as [`Client::find_coordinator`].
+    pub async fn find_transaction_coordinator(&self, transactional_id: &str) -> Result<Coordinator, ClientError> {
+        self.retrying(|| self.find_coordinator_once(CoordinatorKind::Transaction, transactional_id)).await
     }
 
     /// Every group of the cluster: ListGroups sent to every broker (each answers for the
@@ -836,7 +910,8 @@ impl Client {
     }
 
     /// A group's committed offsets of `partitions` (`None`: all it has); offset −1: none.
-    /// An unknown group has none.
+    /// An unknown group has none. UNSTABLE_OFFSET_COMMIT (a transaction holding offsets of
+    /// them is undecided) is retried, as other retriable answers, within the request timeout.
     pub async fn fetch_offsets(
         &self,
         group: &str,
@@ -847,6 +922,22 @@ impl Client {
         });
         let req = OffsetFetchRequest { group: group.to_owned(), partitions };
         let resp: OffsetFetchResponse = self.group_call(group, ApiKey::OffsetFetch, &req).await?;
+        Ok(resp.offsets)
+    }
+
+    /// One try of [`Client::fetch_offsets`], bounded by `bound` (UNSTABLE_OFFSET_COMMIT is
+    /// returned, not waited out).
+    pub(crate) async fn fetch_offsets_once(
+        &self,
+        group: &str,
+        partitions: Option<&[Partition]>,
+        bound: Duration,
+    ) -> Result<Vec<OffsetFetchPartition>, ClientError> {
+        let partitions = partitions.map(|ps| {
+            ps.iter().map(|(topic, partition)| TopicPartition { topic: topic.clone(), partition: *partition }).collect()
+        });
+        let req = OffsetFetchRequest { group: group.to_owned(), partitions };
+        let resp: OffsetFetchResponse = self.group_call_once(group, ApiKey::OffsetFetch, &req, bound).await?;
         Ok(resp.offsets)
     }
 
@@ -923,8 +1014,7 @@ impl Client {
         key: ApiKey,
         req: &Req,
     ) -> Result<Resp, ClientError> {
-        let bound = self.config().request_timeout;
-        self.retrying(|| self.group_call_once(group, key, req, bound)).await
+        self.coordinator_call(CoordinatorKind::Group, group, key, req).await
     }
 
     /// One try of a group request, its answer bounded by `bound`.
@@ -935,18 +1025,45 @@ impl Client {
         req: &Req,
         bound: Duration,
     ) -> Result<Resp, ClientError> {
-        let conn = self.coordinator_connection(group).await?;
+        self.coordinator_call_once(CoordinatorKind::Group, group, key, req, bound).await
+    }
+
+    /// A request to the coordinator of a group or transactional id `name`, retried (finding
+    /// the coordinator again when it moved) within the request timeout.
+    pub(crate) async fn coordinator_call<Req: Wire, Resp: Wire + GroupAnswer>(
+        &self,
+        kind: CoordinatorKind,
+        name: &str,
+        key: ApiKey,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        let bound = self.config().request_timeout;
+        self.retrying(|| self.coordinator_call_once(kind, name, key, req, bound)).await
+    }
+
+    /// One try of a coordinator request, its answer bounded by `bound`. An answer's own error
+    /// becomes `ClientError::Broker` with the group or transactional id and the broker's
+    /// message; NOT_COORDINATOR and failures that are not answers forget the coordinator.
+    pub(crate) async fn coordinator_call_once<Req: Wire, Resp: Wire + GroupAnswer>(
+        &self,
+        kind: CoordinatorKind,
+        name: &str,
+        key: ApiKey,
+        req: &Req,
+        bound: Duration,
+    ) -> Result<Resp, ClientError> {
+        let conn = self.coordinator_connection_of(kind, name).await?;
         let result = conn.call_for::<_, Resp>(key, req, bound).await.and_then(|resp| {
             let (code, message) = resp.status();
             match code {
                 ErrorCode::NONE => Ok(resp),
-                code => Err(ClientError::Broker(code, group_what(group, message))),
+                code => Err(ClientError::Broker(code, kind.what(name, message))),
             }
         });
         if let Err(e) = &result {
             if matches!(e, ClientError::Broker(ErrorCode::NOT_COORDINATOR, _)) || !matches!(e, ClientError::Broker(..))
             {
-                self.forget_coordinator(group);
+                self.forget_coordinator(kind.key_type(), name);
             }
         }
         result
@@ -954,40 +1071,60 @@ impl Client {
 
     /// The connection to a group's coordinator (found and cached if not known).
     pub(crate) async fn coordinator_connection(&self, group: &str) -> Result<Rc<Connection>, ClientError> {
-        let node = match self.cached_coordinator(group) {
+        self.coordinator_connection_of(CoordinatorKind::Group, group).await
+    }
+
+    /// The connection to the coordinator of a group or transactional id (found and cached
+    /// if not known).
+    pub(crate) async fn coordinator_connection_of(
+        &self,
+        kind: CoordinatorKind,
+        name: &str,
+    ) -> Result<Rc<Connection>, ClientError> {
+        let node = match self.cached_coordinator(kind.key_type(), name) {
             Some(node) => node,
-            None => self.find_coordinator_once(group).await?.node_id,
+            None => self.find_coordinator_once(kind, name).await?.node_id,
         };
         if !self.knows_node(node) {
             self.refresh_metadata().await?;
         }
-        self.node_connection(node).await.inspect_err(|_| self.forget_coordinator(group))
+        self.node_connection(node).await.inspect_err(|_| self.forget_coordinator(kind.key_type(), name))
     }
 
-    async fn find_coordinator_once(&self, group: &str) -> Result<Coordinator, ClientError> {
-        let req = FindCoordinatorRequest { group: group.to_owned() };
+    async fn find_coordinator_once(&self, kind: CoordinatorKind, name: &str) -> Result<Coordinator, ClientError> {
+        let req = FindCoordinatorRequest { group: name.to_owned(), key_type: kind.key_type() };
         let conn = self.connection().await?;
         let resp: FindCoordinatorResponse =
             conn.call_for(ApiKey::FindCoordinator, &req, self.config().request_timeout).await?;
         if resp.error != ErrorCode::NONE {
-            return Err(ClientError::Broker(resp.error, group_what(group, &resp.message)));
+            return Err(ClientError::Broker(resp.error, kind.what(name, &resp.message)));
         }
-        self.remember_coordinator(group, resp.node_id);
+        self.remember_coordinator(kind.key_type(), name, resp.node_id);
         Ok(Coordinator { node_id: resp.node_id, host: resp.host, port: resp.port })
     }
 
     /// Runs `attempt` until it succeeds, fails for good, or the request timeout passes,
     /// pausing [`COORDINATOR_RETRY_BACKOFF`] after each retriable failure.
-    async fn retrying<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+    pub(crate) async fn retrying<T, F: std::future::Future<Output = Result<T, ClientError>>>(
         &self,
         attempt: impl Fn() -> F,
     ) -> Result<T, ClientError> {
-        let deadline = Instant::now() + self.config().request_timeout;
+        self.retrying_until(Instant::now() + self.config().request_timeout, COORDINATOR_RETRY_BACKOFF, attempt).await
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or `deadline` passes, pausing
+    /// `backoff` after each retriable failure.
+    pub(crate) async fn retrying_until<T, F: std::future::Future<Output = Result<T, ClientError>>>(
+        &self,
+        deadline: Instant,
+        backoff: Duration,
+        attempt: impl Fn() -> F,
+    ) -> Result<T, ClientError> {
         loop {
             match attempt().await {
-                Err(e) if e.is_retriable() && Instant::now() + COORDINATOR_RETRY_BACKOFF < deadline => {
-                    tracing::debug!(error = %e, "group request failed; retrying");
-                    compio::time::sleep(COORDINATOR_RETRY_BACKOFF).await;
+                Err(e) if e.is_retriable() && Instant::now() + backoff < deadline => {
+                    tracing::debug!(error = %e, "coordinator request failed; retrying");
+                    compio::time::sleep(backoff).await;
                 }
                 other => return other,
             }
@@ -995,7 +1132,35 @@ impl Client {
     }
 }
 
-/// A group response's own error code and message.
+/// Which coordinator a request goes to: a consumer group's or a transactional id's.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CoordinatorKind {
+    /// A consumer group's (`__consumer_offsets`).
+    Group,
+    /// A transactional id's (`__transaction_state`).
+    Transaction,
+}
+
+impl CoordinatorKind {
+    /// `FindCoordinatorRequest::key_type`.
+    pub(crate) fn key_type(self) -> u8 {
+        match self {
+            CoordinatorKind::Group => GROUP_KEY,
+            CoordinatorKind::Transaction => TRANSACTION_KEY,
+        }
+    }
+
+    /// `group 'NAME'` or `transactional id 'NAME'`, and the broker's message.
+    pub(crate) fn what(self, name: &str, message: &str) -> String {
+        match self {
+            CoordinatorKind::Group => group_what(name, message),
+            CoordinatorKind::Transaction if message.is_empty() => format!("transactional id '{}'", shown(name)),
+            CoordinatorKind::Transaction => format!("transactional id '{}': {message}", shown(name)),
+        }
+    }
+}
+
+/// A coordinator response's own error code and message.
 pub(crate) trait GroupAnswer {
     fn status(&self) -> (ErrorCode, &str);
 }
@@ -1015,7 +1180,14 @@ group_answer!(
     OffsetCommitResponse,
     OffsetFetchResponse,
     DescribeGroupResponse,
-    DeleteGroupResponse
+    DeleteGroupResponse,
+    InitProducerIdResponse,
+    AddPartitionsToTxnResponse,
+    AddOffsetsToTxnResponse,
+    EndTxnResponse,
+    TxnOffsetCommitResponse,
+    DescribeTransactionResponse,
+    AbortTransactionResponse
 );
 
 /// `group 'NAME'`, and the broker's message after a colon if it gave one.

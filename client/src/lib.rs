@@ -39,13 +39,13 @@ pub mod wire;
 
 pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, GroupedByLeader};
 pub use consumer::{
-    Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Position, ReadReplica, ReadReplicaParseError, ReadStats,
-    SessionLag,
+    is_aborted, Consumer, ConsumerConfig, ConsumerRecord, FetchedBatch, Isolation, Position, ReadReplica,
+    ReadReplicaParseError, ReadStats, SessionLag,
 };
 pub use group::{
-    offset_lags, parse_rfc3339_ms, reconcile, Assignor, Coordinator, GroupConfig, GroupConsumer, GroupList, GroupStats,
-    OffsetLag, OffsetReset, OffsetTarget, Partition, RebalanceListener, COORDINATOR_RETRY_BACKOFF,
-    GROUP_FETCH_WAIT_MAX,
+    offset_lags, parse_rfc3339_ms, reconcile, Assignor, Coordinator, GroupConfig, GroupConsumer, GroupList,
+    GroupMetadata, GroupStats, OffsetLag, OffsetReset, OffsetTarget, Partition, RebalanceListener,
+    COORDINATOR_RETRY_BACKOFF, GROUP_FETCH_WAIT_MAX,
 };
 pub use producer::{
     key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,

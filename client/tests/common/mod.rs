@@ -343,7 +343,12 @@ async fn serve(stream: compio::net::TcpStream, st: Rc<FakeState>) {
             }
             ApiKey::InitProducerId => response_frame(
                 id,
-                Ok(&InitProducerIdResponse { error: ErrorCode::NONE, producer_id: 7, producer_epoch: 0 }),
+                Ok(&InitProducerIdResponse {
+                    error: ErrorCode::NONE,
+                    message: String::new(),
+                    producer_id: 7,
+                    producer_epoch: 0,
+                }),
             ),
             ApiKey::Produce => {
                 st.seen.produces.set(st.seen.produces.get() + 1);
@@ -493,6 +498,8 @@ fn fetch(st: &FakeState, req: &FetchRequest) -> FetchResponse {
                 leader_epoch: st.view.borrow().epoch,
                 log_start: 0,
                 token_wait_us: st.script.token_wait_us.get(),
+                last_stable: st.script.high_watermark.get().unwrap_or(u64::from(st.fetch_batch.is_some())),
+                aborted: Vec::new(),
                 records,
             }
         })
