@@ -24,6 +24,12 @@
 //! calls (`list_groups`, `describe_group`, `reset_offsets`, ...) are on [`Client`]. See
 //! `group.rs` and PROTOCOL.md, "Consumer groups".
 //!
+//! Transactions: a [`TransactionalProducer`] writes to several partitions, and commits a
+//! group's offsets, as one unit that commits or aborts whole; consumers read only committed
+//! transactions by default ([`Isolation`]). The transaction admin calls
+//! (`list_transactions`, `describe_transaction`, `abort_transaction`) are on [`Client`]. See
+//! `txn.rs` and PROTOCOL.md, "Transactions".
+//!
 //! Reads may be served by followers (`ConsumerConfig::prefer_replica`), and a [`Session`]
 //! shared by producers and consumers (`session` in both configs) gives read-your-writes and
 //! monotonic reads across replicas and failovers; see `consumer.rs` and PROTOCOL.md §9.
@@ -35,6 +41,7 @@ mod consumer;
 mod group;
 mod producer;
 mod session;
+mod txn;
 pub mod wire;
 
 pub use admin::{group_by_leader, parse_topic_config, Client, ClientConfig, GroupedByLeader};
@@ -51,6 +58,7 @@ pub use producer::{
     key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,
 };
 pub use session::{Session, SessionError, SessionHandle, Token};
+pub use txn::{TransactionList, TransactionalProducer, TxnConfig, TxnError};
 
 use crate::wire::ErrorCode;
 

@@ -37,6 +37,15 @@
 //! Sessions: with `ProducerConfig::session`, each acknowledged batch raises its partition's
 //! session token to the batch's end offset and the answering leader's epoch, before its
 //! records' futures resolve, so a consumer sharing the session reads its writes.
+//!
+//! Transactions (`txn.rs` drives this through a [`TxnGate`]): the producer identity comes
+//! from the transaction coordinator (never from InitProducerId here) and changes with every
+//! transaction, sequences restart at 0 with it, and batches are marked transactional. A
+//! partition's batches are sent only once the partition has joined the ongoing transaction
+//! (AddPartitionsToTxn, asked for as soon as a record is queued to it, all partitions wanted
+//! meanwhile in one request); once a record of the transaction failed, or while it is being
+//! aborted, batches not sent yet fail instead of going out, and a failure never takes a new
+//! producer id (the transaction must be aborted, which gives a new epoch).
 
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -49,7 +58,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
-use skein_log::batch::BatchBuilder;
+use skein_log::batch::{Attributes, BatchBuilder};
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 
 use crate::wire::{produce_frame, ApiKey, ErrorCode, ProduceResponse};
@@ -346,6 +355,35 @@ struct State {
     unresolved: usize,
     /// The idempotent producer identity, once the broker gave one.
     producer: Option<(i64, i16)>,
+    /// A transactional producer's gate (`txn.rs`); `None` for others.
+    txn: Option<TxnGate>,
+}
+
+/// Adds partitions to the ongoing transaction of producer identity `(id, epoch)`
+/// (AddPartitionsToTxn, retried): each partition's outcome.
+pub(crate) type AddPartitions =
+    Rc<dyn Fn(Vec<(String, u32)>, (i64, i16)) -> Pin<Box<dyn Future<Output = Vec<AddOutcome>>>>>;
+
+/// One partition's outcome of an [`AddPartitions`] call.
+pub(crate) type AddOutcome = ((String, u32), Result<(), ClientError>);
+
+/// A transactional producer's hold on its batches: a partition's batches are sent only once
+/// it joined the ongoing transaction; after a failure, or while aborting, nothing more is
+/// sent.
+struct TxnGate {
+    add: AddPartitions,
+    /// Counts identities (one per transaction): an add answered for an earlier one is ignored.
+    generation: u64,
+    /// Partitions in the ongoing transaction: their batches may be sent.
+    added: HashSet<Key>,
+    /// Partitions records were queued to that have not been asked for yet.
+    wanted: Vec<Key>,
+    /// An AddPartitionsToTxn is in flight (one at a time).
+    adding: bool,
+    /// The first failure of the transaction's records or partitions: it cannot commit.
+    failed: Option<ClientError>,
+    /// The transaction is being aborted: batches not sent yet fail.
+    aborting: bool,
 }
 
 #[derive(Default)]
@@ -358,12 +396,34 @@ struct TopicState {
     open: Vec<Option<Open>>,
     /// Next sequence per partition, by partition index (idempotence; 0 when absent).
     sequences: Vec<i32>,
+    /// By partition index: asked to join the ongoing transaction (transactional producers).
+    joined: Vec<bool>,
 }
 
 impl State {
     /// Forgets every sequence (a new producer id starts each partition at 0).
     fn reset_sequences(&mut self) {
         self.topics.values_mut().for_each(|t| t.sequences.clear());
+    }
+
+    /// The batches no longer to be sent because the transaction failed or is being aborted
+    /// (with the error to fail them with), taken out of their queues.
+    fn take_doomed(&mut self) -> Vec<(Key, Vec<Sealed>, ClientError)> {
+        let Some(gate) = self.txn.as_ref() else {
+            return Vec::new();
+        };
+        let error = match (&gate.failed, gate.aborting) {
+            (_, true) => ClientError::Invalid("the transaction was aborted before this record was sent".into()),
+            (Some(e), false) => e.clone(),
+            (None, false) => return Vec::new(),
+        };
+        let keys: Vec<Key> = self.ready.iter().filter(|(_, q)| !q.is_empty()).map(|(k, _)| k.clone()).collect();
+        keys.into_iter()
+            .filter_map(|k| {
+                let batches: Vec<Sealed> = self.ready.remove(&k)?.into();
+                Some((k, batches, error.clone()))
+            })
+            .collect()
     }
 
     /// The partitions with an open batch, and when each was opened.
@@ -523,6 +583,10 @@ impl Producer {
                     reply = r;
                     match need {
                         Need::ProducerId => {
+                            if self.inner.state.borrow().txn.is_some() {
+                                // Its identity comes from the transaction coordinator only.
+                                return Err(ClientError::Invalid("no transaction started".into()));
+                            }
                             let id = self.inner.client.init_producer_id().await?;
                             let mut st = self.inner.state.borrow_mut();
                             if st.producer.is_none() {
@@ -586,6 +650,19 @@ impl Producer {
         }
         let size = value.len() + key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES;
         let index = partition as usize;
+        let transactional = st.txn.is_some();
+        if let Some(gate) = st.txn.as_mut() {
+            // The partition joins the transaction before its first batch may go: asked for at
+            // once, so the add overlaps the batch's linger.
+            if !ts.joined.get(index).copied().unwrap_or(false) {
+                if ts.joined.len() <= index {
+                    ts.joined.resize(index + 1, false);
+                }
+                ts.joined[index] = true;
+                gate.wanted.push((topic.to_owned(), partition));
+                let _ = self.inner.wake.try_send(());
+            }
+        }
         if ts.open.len() <= index {
             ts.open.resize_with(index + 1, || None);
         }
@@ -601,6 +678,10 @@ impl Producer {
                 }
                 None => builder,
             };
+            let builder = match transactional {
+                true => builder.attributes(Attributes::default().with_transactional(true)),
+                false => builder,
+            };
             Open { builder, bytes: 0, replies: Vec::with_capacity(records), since: Instant::now() }
         });
         open.builder.push(key, value, &[], timestamp.unwrap_or_else(now));
@@ -614,6 +695,87 @@ impl Producer {
             let _ = self.inner.wake.try_send(());
         }
         Ok(Step::Queued { sealed: full, partition })
+    }
+
+    /// A transactional producer (`txn.rs`): batches marked transactional, sent only to
+    /// partitions `add` has added to the ongoing transaction; no identity until
+    /// [`Producer::start_transaction`] gives one.
+    pub(crate) fn transactional(client: Client, mut config: ProducerConfig, add: AddPartitions) -> Producer {
+        config.idempotence = true;
+        config.acks = Acks::All;
+        let producer = Producer::new(client, config);
+        producer.inner.state.borrow_mut().txn = Some(TxnGate {
+            add,
+            generation: 0,
+            added: HashSet::new(),
+            wanted: Vec::new(),
+            adding: false,
+            failed: None,
+            aborting: false,
+        });
+        producer
+    }
+
+    /// Starts a transaction under `identity` (producer id, epoch): sequences restart at 0, no
+    /// partition is in it yet, nothing has failed. Every record of the previous transaction
+    /// must be resolved (after [`Producer::flush`]).
+    pub(crate) fn start_transaction(&self, identity: (i64, i16)) -> Result<(), ClientError> {
+        let mut st = self.inner.state.borrow_mut();
+        if st.unresolved > 0 {
+            return Err(ClientError::Invalid(format!(
+                "{} records of the previous transaction are not resolved",
+                st.unresolved
+            )));
+        }
+        st.producer = Some(identity);
+        st.reset_sequences();
+        st.topics.values_mut().for_each(|t| t.joined.clear());
+        let gate = st.txn.as_mut().ok_or_else(|| ClientError::Invalid("not a transactional producer".into()))?;
+        gate.generation += 1;
+        gate.added.clear();
+        gate.wanted.clear();
+        gate.adding = false;
+        gate.failed = None;
+        gate.aborting = false;
+        Ok(())
+    }
+
+    /// The first failure of the ongoing transaction's records (it cannot commit), if any.
+    pub(crate) fn transaction_failure(&self) -> Option<ClientError> {
+        self.inner.state.borrow().txn.as_ref().and_then(|g| g.failed.clone())
+    }
+
+    /// Fails the ongoing transaction with `e` (the offsets of a transaction failed): it
+    /// cannot commit, and nothing more of it is sent.
+    pub(crate) fn fail_transaction(&self, e: ClientError) {
+        if let Some(gate) = self.inner.state.borrow_mut().txn.as_mut() {
+            gate.failed.get_or_insert(e);
+        }
+        let _ = self.inner.wake.try_send(());
+    }
+
+    /// The partitions in the ongoing transaction so far.
+    pub(crate) fn transaction_partitions(&self) -> Vec<(String, u32)> {
+        let st = self.inner.state.borrow();
+        let mut out: Vec<(String, u32)> =
+            st.txn.as_ref().map(|g| g.added.iter().cloned().collect()).unwrap_or_default();
+        out.sort();
+        out
+    }
+
+    /// Aborting: records not sent yet fail at once (requests in flight are still answered);
+    /// [`Producer::flush`] then waits for those.
+    pub(crate) fn abort_unsent(&self) {
+        let mut st = self.inner.state.borrow_mut();
+        if let Some(gate) = st.txn.as_mut() {
+            gate.aborting = true;
+        }
+        let open: Vec<(String, u32)> = st.open_batches().map(|(t, p, _)| (t.to_owned(), p)).collect();
+        for (t, p) in open {
+            seal(&mut st, &t, p);
+        }
+        drop(st);
+        let _ = self.inner.wake.try_send(());
     }
 
     /// Sends everything buffered and waits until every record so far is resolved.
@@ -727,7 +889,19 @@ fn seal_lingering(p: &Inner) -> Option<Instant> {
 /// requests outstanding. Partitions with no known leader are handed to a routing task (one at a
 /// time).
 fn dispatch(p: &Rc<Inner>) {
+    let doomed = p.state.borrow_mut().take_doomed();
+    if !doomed.is_empty() {
+        for (key, batches, e) in doomed {
+            fail(p, &key, batches, &e);
+        }
+        return;
+    }
     let mut st = p.state.borrow_mut();
+    if let Some(gate) = st.txn.as_mut().filter(|g| !g.adding && !g.wanted.is_empty()) {
+        gate.adding = true;
+        let keys = std::mem::take(&mut gate.wanted);
+        compio::runtime::spawn(add_to_transaction(p.clone(), keys)).detach();
+    }
     let limit = if p.config.idempotence { p.config.max_in_flight_per_partition.max(1) } else { 1 };
     let ready: Vec<Key> = st
         .ready
@@ -737,6 +911,7 @@ fn dispatch(p: &Rc<Inner>) {
                 return false;
             };
             !st.busy.contains(*k)
+                && st.txn.as_ref().is_none_or(|g| g.added.contains(*k))
                 && st.flights.get(*k).is_none_or(|f| {
                     let known = st.producer.is_some_and(|(id, _)| st.confirmed.get(*k) == Some(&(f.node, id)));
                     known && f.failed.is_empty() && f.error.is_none() && f.requests < limit && front.attempts == 0
@@ -814,6 +989,39 @@ fn take_request(st: &mut State, node: u32, keys: &mut impl Iterator<Item = Key>)
         parts.push(Part { key: k, batches, behind });
     }
     parts
+}
+
+/// Adds partitions to the ongoing transaction (one call at a time); those added may send,
+/// a failure fails the transaction. An answer for an earlier transaction is ignored.
+async fn add_to_transaction(p: Rc<Inner>, keys: Vec<Key>) {
+    let (add, generation, identity) = {
+        let st = p.state.borrow();
+        let gate = st.txn.as_ref().expect("only transactional producers add partitions");
+        (gate.add.clone(), gate.generation, st.producer)
+    };
+    let outcomes = match identity {
+        Some(identity) => add(keys, identity).await,
+        None => keys.into_iter().map(|k| (k, Err(ClientError::Invalid("no transaction started".into())))).collect(),
+    };
+    {
+        let mut st = p.state.borrow_mut();
+        let Some(gate) = st.txn.as_mut().filter(|g| g.generation == generation) else {
+            return;
+        };
+        gate.adding = false;
+        for (key, outcome) in outcomes {
+            match outcome {
+                Ok(()) => {
+                    gate.added.insert(key);
+                }
+                Err(e) => {
+                    tracing::debug!(topic = %key.0, partition = key.1, error = %e, "partition not added to the transaction");
+                    gate.failed.get_or_insert(e);
+                }
+            }
+        }
+    }
+    let _ = p.wake.try_send(());
 }
 
 /// Finds leaders for partitions that have none cached: one metadata refresh, then each is
@@ -1031,7 +1239,11 @@ fn fail(p: &Inner, key: &Key, batches: Vec<Sealed>, e: &ClientError) {
     settle(p, &batches);
     {
         let mut st = p.state.borrow_mut();
-        if st.producer.is_some() {
+        if let Some(gate) = st.txn.as_mut() {
+            // The transaction cannot commit now; it keeps its identity until it is aborted
+            // (which gives the next transaction a new epoch and fresh sequences).
+            gate.failed.get_or_insert_with(|| e.clone());
+        } else if st.producer.is_some() {
             // A failed batch leaves a gap in this producer's sequence, so later batches would
             // be rejected as out of order: start over with a new producer id (as Kafka's
             // KIP-360 bumps the epoch). Batches already sealed keep the old id and its order.
