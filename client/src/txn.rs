@@ -48,7 +48,7 @@ use crate::wire::{
     InitProducerIdResponse, ListTransactionsRequest, ListTransactionsResponse, ListedTransaction,
     OffsetCommitPartition, TopicPartition, TxnOffsetCommitRequest, TxnOffsetCommitResponse, Wire,
 };
-use crate::{Client, ClientError, Delivery, GroupMetadata, Producer, ProducerConfig};
+use crate::{Client, ClientError, Delivery, GroupMetadata, Producer, ProducerConfig, Retry};
 
 /// How a [`TransactionalProducer`] works.
 #[derive(Clone, Debug)]
@@ -217,6 +217,11 @@ impl TransactionalProducer {
     /// The partitions that joined the open transaction so far, sorted.
     pub fn partitions(&self) -> Vec<(String, u32)> {
         self.producer.transaction_partitions()
+    }
+
+    /// Sets the function told of every retry of a record batch (see [`Producer::on_retry`]).
+    pub fn on_retry(&self, handler: impl Fn(&Retry<'_>) + 'static) {
+        self.producer.on_retry(handler);
     }
 
     /// Starts a transaction (nothing is sent until the first record).

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use skein_client::wire::{DescribeGroupResponse, ErrorCode, TopicDescription};
+use skein_client::wire::{DescribeGroupResponse, DescribeTransactionResponse, ErrorCode, TopicDescription};
 use skein_client::{
     Acks, Assignor, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, GroupConfig,
-    GroupConsumer, OffsetLag, OffsetReset, OffsetTarget, Position, Producer, ProducerConfig, ReadReplica, Retry,
-    Session, SessionHandle,
+    GroupConsumer, Isolation, OffsetLag, OffsetReset, OffsetTarget, Position, Producer, ProducerConfig, ReadReplica,
+    Retry, Session, SessionHandle, TransactionalProducer, TxnConfig, TxnError,
 };
 
 #[derive(Parser)]
@@ -57,6 +57,22 @@ enum Command {
         /// noted, saved on exit; pass it to `consume --session` to read these writes.
         #[arg(long, value_name = "FILE")]
         session: Option<PathBuf>,
+        /// Write in transactions under this transactional id (fencing any other producer
+        /// with it): each transaction commits (or with `--abort` aborts) after
+        /// `--transaction-size` lines and at the end of input; with `--print-offsets` a line's
+        /// output follows its transaction's end.
+        #[arg(long, value_name = "ID")]
+        transactional_id: Option<String>,
+        /// With `--transactional-id`: lines per transaction (default: all input in one).
+        #[arg(long, requires = "transactional_id", value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        transaction_size: Option<u64>,
+        /// With `--transactional-id`: abort every transaction instead of committing it (its
+        /// records are written, then aborted: read_committed consumers never see them).
+        #[arg(long, requires = "transactional_id")]
+        abort: bool,
+        /// With `--transactional-id`: the coordinator aborts a transaction open longer.
+        #[arg(long, requires = "transactional_id", default_value_t = 60_000, value_name = "MS")]
+        transaction_timeout_ms: u32,
     },
     /// Print records of a topic.
     Consume {
@@ -111,6 +127,10 @@ enum Command {
         /// Past it the read fails, naming the partition and token (exit status 1).
         #[arg(long, default_value_t = 10_000, value_name = "MS")]
         session_deadline_ms: u64,
+        /// `read_committed` (only committed transactions, up to the last stable offset) or
+        /// `read_uncommitted` (every record up to the high watermark).
+        #[arg(long, default_value = "read_committed")]
+        isolation: Isolation,
     },
     /// Cluster state.
     Cluster {
@@ -121,6 +141,34 @@ enum Command {
     Group {
         #[command(subcommand)]
         command: GroupCommand,
+    },
+    /// Transactions: list, describe, abort.
+    Txn {
+        #[command(subcommand)]
+        command: TxnCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TxnCommand {
+    /// Every transactional id: `TRANSACTIONAL-ID PRODUCER-ID EPOCH STATE AGE-MS`.
+    List {
+        /// A JSON array instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// A transactional id's producer, state, timeout, age and partitions.
+    Describe {
+        /// Transactional id.
+        id: String,
+        /// One JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Aborts a transactional id's open transaction and fences its producer.
+    Abort {
+        /// Transactional id.
+        id: String,
     },
 }
 
@@ -225,6 +273,12 @@ fn main() {
             Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
         }
     }
+    if let Command::Produce { transactional_id: Some(_), acks, .. } = &cli.command {
+        if *acks != Acks::All {
+            let why = "with --transactional-id, --acks is all (transactions need every write replicated)";
+            Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
+        }
+    }
     if let Command::Produce { .. } = cli.command {
     } else if let Some(t) = cli.timeout {
         // Other commands are simply cut off; produce reports each pending record itself.
@@ -260,8 +314,25 @@ async fn run(cli: Cli) -> Result<()> {
     let client = Client::with_config(config).await.with_context(|| format!("connecting to {}", cli.brokers))?;
     match cli.command {
         Command::Topic { command } => topic(&client, command).await,
-        Command::Produce { topic, partition, key_separator, acks, print_offsets, session } => {
+        Command::Produce {
+            topic,
+            partition,
+            key_separator,
+            acks,
+            print_offsets,
+            session,
+            transactional_id,
+            transaction_size,
+            abort,
+            transaction_timeout_ms,
+        } => {
             let loaded = load_session(session.as_deref())?;
+            let txn = transactional_id.map(|id| TxnArgs {
+                id,
+                size: transaction_size,
+                abort,
+                timeout: Duration::from_millis(u64::from(transaction_timeout_ms)),
+            });
             let args = ProduceArgs {
                 topic: &topic,
                 partition,
@@ -272,7 +343,10 @@ async fn run(cli: Cli) -> Result<()> {
                 deadline: cli.timeout.map(|t| (Instant::now() + t, t)),
                 brokers: &cli.brokers,
             };
-            let result = produce(client, args).await;
+            let result = match txn {
+                Some(txn) => produce_transactional(client, args, txn).await,
+                None => produce(client, args).await,
+            };
             // A failed run still saves the writes it had acknowledged; its own error comes first.
             let saved = save_session(session.as_deref(), loaded.as_ref());
             result.and(saved)
@@ -292,10 +366,11 @@ async fn run(cli: Cli) -> Result<()> {
             instance_id,
             session_timeout_ms,
             assignor,
+            isolation,
         } => {
             let loaded = load_session(session.as_deref())?;
             let session_deadline = Instant::now() + Duration::from_millis(session_deadline_ms);
-            let read = ReadOptions { prefer_replica, rack, session: loaded.clone(), session_deadline };
+            let read = ReadOptions { prefer_replica, rack, session: loaded.clone(), session_deadline, isolation };
             let result = match group {
                 Some(group) => {
                     let mut config = GroupConfig::new(&group);
@@ -313,6 +388,7 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Cluster { command: ClusterCommand::Status { json } } => cluster_status(&client, json).await,
         Command::Group { command } => group(&client, command).await,
+        Command::Txn { command } => txn(&client, command).await,
     }
 }
 
@@ -398,7 +474,7 @@ fn describe_json(t: &TopicDescription) -> serde_json::Value {
         .map(|p| {
             serde_json::json!({"partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
                 "replicas": p.replicas, "isr": p.isr, "log_start": p.log_start, "high_watermark": p.high_watermark,
-                "log_end": p.log_end})
+                "log_end": p.log_end, "last_stable": p.last_stable})
         })
         .collect();
     serde_json::json!({"topic": t.name, "partitions": partitions})
@@ -410,13 +486,13 @@ fn print_describe(t: &TopicDescription) {
         println!("  config {}={}", c.key, c.value);
     }
     println!(
-        "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12}",
-        "partition", "leader", "epoch", "replicas", "isr", "log_start", "high_watermark", "log_end"
+        "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12} {:>12}",
+        "partition", "leader", "epoch", "replicas", "isr", "log_start", "high_watermark", "log_end", "last_stable"
     );
     for p in &t.partitions {
         let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         println!(
-            "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12}",
+            "{:>9} {:>6} {:>6} {:>9} {:>6} {:>12} {:>14} {:>12} {:>12}",
             p.partition,
             p.leader,
             p.leader_epoch,
@@ -424,7 +500,8 @@ fn print_describe(t: &TopicDescription) {
             list(&p.isr),
             p.log_start,
             p.high_watermark,
-            p.log_end
+            p.log_end,
+            p.last_stable
         );
     }
 }
@@ -603,6 +680,170 @@ impl<W: Write> Output<W> {
     }
 }
 
+/// `produce --transactional-id`: how the transactions go.
+struct TxnArgs {
+    id: String,
+    /// Lines per transaction (`None`: all input in one).
+    size: Option<u64>,
+    /// Abort every transaction instead of committing it.
+    abort: bool,
+    /// The coordinator aborts a transaction open longer.
+    timeout: Duration,
+}
+
+/// One input line of the open transaction: queued (its delivery), or refused before it was.
+enum TxnLine {
+    Sent(u64, Delivery),
+    Refused(u64, Option<u32>, ClientError),
+}
+
+/// Sends stdin lines in transactions of `--transaction-size` lines (the last one at the end
+/// of input), committing each (or aborting it, with `--abort`). A line's output (with
+/// `--print-offsets`: `PARTITION OFFSET`, or `error PARTITION CODE`) is printed once its
+/// transaction ended, in input order. A transaction that cannot commit is aborted, its lines
+/// reported as failed, and the next one goes on; a fenced producer, or one whose transaction
+/// could not be ended, stops reading stdin. Any failure: exit 1.
+async fn produce_transactional(client: Client, args: ProduceArgs<'_>, txn: TxnArgs) -> Result<()> {
+    let ProduceArgs { topic, partition, sep, acks: _, print, session, deadline, brokers } = args;
+    let mut config = TxnConfig::new(&txn.id);
+    config.transaction_timeout = txn.timeout;
+    config.producer = ProducerConfig { linger: Duration::from_millis(2), session, ..ProducerConfig::default() };
+    if let Some((_, bound)) = deadline {
+        config.coordinator_timeout = config.coordinator_timeout.min(bound.mul_f64(0.9));
+    }
+    let shown = skein_client::wire::shown(&txn.id);
+    let mut producer = match within(deadline, TransactionalProducer::init(client, config)).await {
+        Some(Ok(p)) => p,
+        Some(Err(e)) => bail!("cannot start transactional producer '{shown}' (via {brokers}): {}", txn_failure(&e)),
+        None => bail!("cannot start transactional producer '{shown}': --timeout passed (TIMED_OUT)"),
+    };
+    producer.on_retry(RetryReporter::default().into_handler());
+    let mut lines = std::io::stdin().lock();
+    let mut out = Output { out: BufWriter::with_capacity(1 << 16, std::io::stdout().lock()), print, failed: 0 };
+    let mut open: Vec<TxnLine> = Vec::new();
+    let mut line = Vec::new();
+    let mut n: u64 = 0;
+    loop {
+        line.clear();
+        if lines.read_until(b'\n', &mut line).context("reading stdin")? == 0 {
+            break;
+        }
+        if line.last() == Some(&b'\n') {
+            line.pop();
+        }
+        n += 1;
+        let (key, value) = match sep.and_then(|s| split_key(&line, s.as_bytes())) {
+            Some((k, v)) => (Some(k), v),
+            None => (None, &line[..]),
+        };
+        if !producer.in_transaction() {
+            producer.begin().map_err(|e| anyhow!("{}", txn_failure(&e)))?;
+        }
+        let sent = within(deadline, producer.send(topic, partition, key, value)).await;
+        let stop = match sent {
+            Some(Ok(d)) => {
+                open.push(TxnLine::Sent(n, d));
+                None
+            }
+            // This line alone is refused (a partition the topic does not have), or the
+            // transaction failed already (it is aborted at its end): the line fails.
+            Some(Err(e @ (TxnError::Invalid(_) | TxnError::Abortable(_)))) => {
+                open.push(TxnLine::Refused(n, partition, e.client_error().clone()));
+                None
+            }
+            Some(Err(e)) => Some(e.client_error().clone()),
+            None => Some(ClientError::Timeout("sending: --timeout passed".into())),
+        };
+        if let Some(e) = stop {
+            // The producer cannot go on (no partition count, fenced): this transaction fails
+            // and stdin is not read further.
+            open.push(TxnLine::Refused(n, partition, e.clone()));
+            if producer.in_transaction() {
+                let _ = within(deadline, producer.abort()).await;
+            }
+            report_transaction(&mut out, std::mem::take(&mut open), Some(&e))?;
+            return Err(explain_send_error(e, topic, brokers).context(format!("stopped after {n} lines of stdin")));
+        }
+        if txn.size.is_some_and(|size| open.len() as u64 >= size) {
+            end_transaction(&mut producer, &mut out, std::mem::take(&mut open), txn.abort, deadline).await?;
+        }
+    }
+    if !open.is_empty() {
+        end_transaction(&mut producer, &mut out, open, txn.abort, deadline).await?;
+    }
+    out.finish(n)
+}
+
+/// Ends the open transaction (commit, or abort with `--abort`) and reports its lines. A
+/// transaction that cannot commit is aborted and its lines fail with the reason; an end that
+/// fails for good (fenced, no answer) is returned after its lines were reported.
+async fn end_transaction<W: Write>(
+    producer: &mut TransactionalProducer,
+    out: &mut Output<W>,
+    lines: Vec<TxnLine>,
+    abort: bool,
+    deadline: Option<(Instant, Duration)>,
+) -> Result<()> {
+    let ended = if abort {
+        // Every record is written (so each line has its offset) before the abort.
+        let _ = within(deadline, producer.flush()).await;
+        within(deadline, producer.abort()).await
+    } else {
+        within(deadline, producer.commit()).await
+    };
+    let ended = ended.unwrap_or_else(|| Err(TxnError::Retriable(ClientError::Timeout("--timeout passed".into()))));
+    match ended {
+        Ok(()) => report_transaction(out, lines, None),
+        Err(e) if e.is_abortable() => {
+            report_transaction(out, lines, Some(e.client_error()))?;
+            match within(deadline, producer.abort()).await {
+                Some(Ok(())) => Ok(()),
+                Some(Err(a)) => bail!("aborting a failed transaction: {}", txn_failure(&a)),
+                None => bail!("aborting a failed transaction: --timeout passed (TIMED_OUT)"),
+            }
+        }
+        Err(e) => {
+            report_transaction(out, lines, Some(e.client_error()))?;
+            let what = if abort { "aborting" } else { "committing" };
+            bail!("{what} transaction of '{}': {}", producer.transactional_id(), txn_failure(&e))
+        }
+    }
+}
+
+/// Reports a transaction's lines in order: each record's own outcome, or, if the transaction
+/// failed (`failure`), the record's own error or else the transaction's.
+fn report_transaction<W: Write>(out: &mut Output<W>, lines: Vec<TxnLine>, failure: Option<&ClientError>) -> Result<()> {
+    for line in lines {
+        match line {
+            TxnLine::Sent(i, d) => {
+                let p = d.partition();
+                let fallback = || Err(failure.cloned().unwrap_or(ClientError::Timeout("no acknowledgement".into())));
+                let r = futures_util::FutureExt::now_or_never(d).unwrap_or_else(fallback);
+                let r = match (r, failure) {
+                    (Ok(_), Some(e)) => Err(e.clone()),
+                    (r, _) => r,
+                };
+                out.report(i, Some(p), r)?;
+            }
+            TxnLine::Refused(i, p, e) => out.report(i, p, Err(e))?,
+        }
+    }
+    out.out.flush()?;
+    Ok(())
+}
+
+/// A transactional failure as one line ending with its code name.
+fn txn_failure(e: &TxnError) -> String {
+    let what = match e {
+        TxnError::Fenced(_) => "fenced by a newer producer with this transactional id, or by the coordinator",
+        TxnError::Fatal(_) => "the producer cannot go on",
+        TxnError::Abortable(_) => "the transaction cannot commit",
+        TxnError::Retriable(_) => "no answer in time",
+        TxnError::Invalid(_) => "refused",
+    };
+    format!("{what}: {}", failure(e.client_error()))
+}
+
 /// `fut`'s output, or `None` if `deadline` passes first (no deadline: waits).
 async fn within<F: std::future::Future>(deadline: Option<(Instant, Duration)>, fut: F) -> Option<F::Output> {
     use futures_util::future::{select, Either};
@@ -720,6 +961,8 @@ struct ReadOptions {
     session: Option<SessionHandle>,
     /// When a read still behind the session's tokens fails.
     session_deadline: Instant,
+    /// Committed transactions only, or every record.
+    isolation: Isolation,
 }
 
 /// `consume --from`.
@@ -761,11 +1004,13 @@ async fn consume(
     };
     let session_deadline = read.session_deadline;
     let max_wait = Duration::from_millis(timeout_ms.unwrap_or(500).clamp(1, 500));
+    let isolation = read.isolation;
     let config = ConsumerConfig {
         max_wait,
         prefer_replica: read.prefer_replica,
         rack: read.rack,
         session: read.session,
+        isolation,
         ..ConsumerConfig::default()
     };
     let mut consumer = Consumer::new(client.clone(), config);
@@ -776,7 +1021,8 @@ async fn consume(
         From::BeforeEnd(n) => {
             for &p in &partitions {
                 let start = client.list_offset(topic, p, skein_client::wire::EARLIEST).await?;
-                let end = client.list_offset(topic, p, skein_client::wire::LATEST).await?;
+                // The end this reader reaches: the last stable offset for read_committed.
+                let end = client.list_offset_isolated(topic, p, skein_client::wire::LATEST, isolation).await?;
                 consumer.assign(topic, &[p], Position::Offset(end.saturating_sub(n).max(start))).await?;
             }
         }
@@ -856,6 +1102,7 @@ async fn consume_group(
         prefer_replica: read.prefer_replica,
         rack: read.rack,
         session: read.session,
+        isolation: read.isolation,
         ..ConsumerConfig::default()
     };
     let mut consumer = GroupConsumer::new(client, config, group);
@@ -957,6 +1204,92 @@ async fn group(client: &Client, command: GroupCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+async fn txn(client: &Client, command: TxnCommand) -> Result<()> {
+    match command {
+        TxnCommand::List { json } => {
+            let list =
+                client.list_transactions().await.map_err(|e| anyhow!("listing transactions: {}", failure(&e)))?;
+            if json {
+                let all: Vec<serde_json::Value> = list
+                    .transactions
+                    .iter()
+                    .map(|t| {
+                        serde_json::json!({"transactional_id": t.transactional_id, "producer_id": t.producer_id,
+                            "producer_epoch": t.producer_epoch, "state": t.state, "age_ms": t.age_ms})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(all));
+            } else {
+                let rows: Vec<Vec<String>> = list
+                    .transactions
+                    .iter()
+                    .map(|t| {
+                        vec![
+                            t.transactional_id.clone(),
+                            t.producer_id.to_string(),
+                            t.producer_epoch.to_string(),
+                            t.state.clone(),
+                            t.age_ms.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["TRANSACTIONAL-ID", "PRODUCER-ID", "EPOCH", "STATE", "AGE-MS"], &rows);
+            }
+            for (node, e) in &list.failed {
+                eprintln!("skein: broker {node} did not answer ListTransactions; its ids are missing: {}", failure(e));
+            }
+        }
+        TxnCommand::Describe { id, json } => {
+            let d = client.describe_transaction(&id).await.map_err(|e| txn_admin_error(&id, e))?;
+            if json {
+                println!("{}", transaction_json(&d));
+            } else {
+                print_transaction(&d);
+            }
+        }
+        TxnCommand::Abort { id } => {
+            client.abort_transaction(&id).await.map_err(|e| txn_admin_error(&id, e))?;
+            println!("aborted transaction {id}");
+        }
+    }
+    Ok(())
+}
+
+/// `txn describe --json`: partitions sorted by topic, then partition.
+fn transaction_json(d: &DescribeTransactionResponse) -> serde_json::Value {
+    let mut partitions: Vec<(&str, u32)> = d.partitions.iter().map(|p| (p.topic.as_str(), p.partition)).collect();
+    partitions.sort();
+    let partitions: Vec<serde_json::Value> = partitions
+        .iter()
+        .map(|(topic, partition)| serde_json::json!({"topic": topic, "partition": partition}))
+        .collect();
+    serde_json::json!({"transactional_id": d.transactional_id, "producer_id": d.producer_id,
+        "producer_epoch": d.producer_epoch, "state": d.state, "timeout_ms": d.timeout_ms, "age_ms": d.age_ms,
+        "partitions": partitions})
+}
+
+fn print_transaction(d: &DescribeTransactionResponse) {
+    println!(
+        "transaction {} producer {} epoch {} state {} timeout {} ms age {} ms",
+        d.transactional_id, d.producer_id, d.producer_epoch, d.state, d.timeout_ms, d.age_ms
+    );
+    let mut parts: Vec<(&str, u32)> = d.partitions.iter().map(|p| (p.topic.as_str(), p.partition)).collect();
+    parts.sort();
+    let rows: Vec<Vec<String>> = parts.iter().map(|(t, p)| vec![(*t).to_owned(), p.to_string()]).collect();
+    println!();
+    print_table(&["TOPIC", "PARTITION"], &rows);
+}
+
+/// A transaction admin command's failure in a user's terms, ending with the code's name.
+fn txn_admin_error(id: &str, e: ClientError) -> anyhow::Error {
+    match &e {
+        ClientError::Broker(ErrorCode::TRANSACTIONAL_ID_NOT_FOUND, _) => {
+            anyhow!("transactional id '{}' not found (TRANSACTIONAL_ID_NOT_FOUND)", skein_client::wire::shown(id))
+        }
+        _ => anyhow!("{}", failure(&e)),
+    }
 }
 
 /// The committed offsets of a described group with their log ends (ListOffsets latest per
@@ -1306,6 +1639,31 @@ mod tests {
             {"topic": "t", "partition": 1, "committed": 2, "log_end": null, "lag": null},
         ]});
         assert_eq!(group_json(&d, &lags), want);
+    }
+
+    #[test]
+    fn transaction_json_has_the_documented_keys() {
+        let tp = |topic: &str, partition| TopicPartition { topic: topic.into(), partition };
+        let d = DescribeTransactionResponse {
+            error: ErrorCode::NONE,
+            message: String::new(),
+            transactional_id: "tx".into(),
+            producer_id: 1 << 40,
+            producer_epoch: 3,
+            state: "ongoing".into(),
+            timeout_ms: 60_000,
+            age_ms: 12,
+            partitions: vec![tp("t", 1), tp("s", 4), tp("t", 0)],
+        };
+        let want = serde_json::json!({"transactional_id": "tx", "producer_id": 1_i64 << 40, "producer_epoch": 3,
+            "state": "ongoing", "timeout_ms": 60_000, "age_ms": 12,
+            "partitions": [{"topic": "s", "partition": 4}, {"topic": "t", "partition": 0}, {"topic": "t", "partition": 1}]});
+        assert_eq!(transaction_json(&d), want);
+        let e = ClientError::Broker(ErrorCode::TRANSACTIONAL_ID_NOT_FOUND, "transactional id 'tx'".into());
+        assert_eq!(
+            txn_admin_error("tx", e).to_string(),
+            "transactional id 'tx' not found (TRANSACTIONAL_ID_NOT_FOUND)"
+        );
     }
 
     #[test]
