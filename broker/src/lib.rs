@@ -132,6 +132,12 @@ pub struct BrokerConfig {
     #[arg(long, env = "SKEIN_OFFSETS_PARTITIONS", default_value_t = 4,
           value_parser = clap::value_parser!(u32).range(1..=1000))]
     pub offsets_partitions: u32,
+    /// Partitions of the internal `__transaction_state` topic (transactional ids are hashed
+    /// to them; each partition's leader coordinates its ids), used when the topic is first
+    /// created.
+    #[arg(long, env = "SKEIN_TXN_PARTITIONS", default_value_t = 4,
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub txn_partitions: u32,
     /// How often group members heartbeat (ms): the delay before a member learns of a
     /// rebalance.
     #[arg(long, env = "SKEIN_GROUP_HEARTBEAT_MS", default_value_t = 250,

@@ -27,7 +27,7 @@ async fn coordinator(addrs: &[String], group: &str) -> String {
         for a in addrs {
             let Ok(c) = Connection::connect(a, "groups-test", Duration::from_secs(1)).await else { continue };
             let r: Result<FindCoordinatorResponse, _> =
-                c.call(ApiKey::FindCoordinator, &FindCoordinatorRequest { group: group.into() }).await;
+                c.call(ApiKey::FindCoordinator, &FindCoordinatorRequest { group: group.into(), key_type: skein_client::wire::GROUP_KEY }).await;
             if let Some(r) = r.ok().filter(|r| r.error == ErrorCode::NONE) {
                 return Some(format!("{}:{}", r.host, r.port));
             }

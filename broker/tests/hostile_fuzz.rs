@@ -21,7 +21,9 @@ use bytes::BytesMut;
 use common::{block_on, vm_hwm_kb, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
-    request_frame, ApiKey, ApiVersionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteTopicsRequest,
+    request_frame, AbortTransactionRequest, AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, ApiKey,
+    ApiVersionsRequest, CreateTopicsRequest, DescribeTransactionRequest, EndTxnRequest, ListTransactionsRequest,
+    TxnOffsetCommitRequest, DeleteGroupRequest, DeleteTopicsRequest,
     DescribeGroupRequest, DescribeTopicsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
     FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest, ListOffsetsPartition,
     ListOffsetsRequest, MetadataRequest, NewTopic, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest,
@@ -201,7 +203,7 @@ fn hostile_frame(rng: &mut Rng, api: ApiKey, id: u32) -> Vec<u8> {
         }
     };
     let (key, version, client_id) = match rng.below(12) {
-        0 => (rng.pick(&[18u16, 99, u16::MAX]), 0u16, "fuzz".to_owned()),
+        0 => (rng.pick(&[25u16, 99, u16::MAX]), 0u16, "fuzz".to_owned()),
         1 => (api as u16, rng.pick(&[1u16, 7, u16::MAX]), "fuzz".to_owned()),
         2 => (api as u16, 0, rng.string()),
         _ => (api as u16, 0, "fuzz".to_owned()),
@@ -280,10 +282,14 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
                 partition: r.partition(),
                 timestamp: r.pick(&[-2, -1, 0, i64::MIN, i64::MAX, -3]),
             });
-            ListOffsetsRequest { partitions }.encode(&mut w)
+            ListOffsetsRequest { isolation: rng.pick(&[0, 1, u8::MAX]), partitions }.encode(&mut w)
         }
         ApiKey::InitProducerId => {
-            InitProducerIdRequest { transactional_id: rng.chance(2).then(|| rng.string()) }.encode(&mut w)
+            InitProducerIdRequest {
+                transactional_id: rng.chance(2).then(|| rng.string()),
+                transaction_timeout_ms: rng.pick(&[0, 1, 60_000, 900_001, u32::MAX]),
+            }
+            .encode(&mut w)
         }
         // A client claiming to be a broker: any bytes (the peer-frame decoder is fuzzed by the
         // broker's unit tests; here the connection must be closed without harm).
@@ -296,7 +302,9 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
             let replicas = rng.list(|r| r.pick(&[1u32, 2, 0, 99, u32::MAX]));
             ReassignPartitionRequest { topic: rng.topic(), partition: rng.partition(), replicas }.encode(&mut w)
         }
-        ApiKey::FindCoordinator => FindCoordinatorRequest { group: rng.group() }.encode(&mut w),
+        ApiKey::FindCoordinator => {
+            FindCoordinatorRequest { group: rng.group(), key_type: rng.pick(&[0, 1, 2, u8::MAX]) }.encode(&mut w)
+        }
         ApiKey::GroupHeartbeat => GroupHeartbeatRequest {
             group: rng.group(),
             member_id: rng.string(),
@@ -333,6 +341,45 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
         ApiKey::ListGroups => ListGroupsRequest {}.encode(&mut w),
         ApiKey::DescribeGroup => DescribeGroupRequest { group: rng.group() }.encode(&mut w),
         ApiKey::DeleteGroup => DeleteGroupRequest { group: rng.group() }.encode(&mut w),
+        ApiKey::AddPartitionsToTxn => AddPartitionsToTxnRequest {
+            transactional_id: rng.group(),
+            producer_id: rng.pick(&[-1, 0, 1, i64::MAX]),
+            producer_epoch: rng.pick(&[-1, 0, 1, i16::MAX]),
+            partitions: rng.list(|r| TopicPartition { topic: r.topic(), partition: r.partition() }),
+        }
+        .encode(&mut w),
+        ApiKey::AddOffsetsToTxn => AddOffsetsToTxnRequest {
+            transactional_id: rng.group(),
+            producer_id: rng.pick(&[-1, 0, 1, i64::MAX]),
+            producer_epoch: rng.pick(&[-1, 0, 1, i16::MAX]),
+            group: rng.group(),
+        }
+        .encode(&mut w),
+        ApiKey::EndTxn => EndTxnRequest {
+            transactional_id: rng.group(),
+            producer_id: rng.pick(&[-1, 0, 1, i64::MAX]),
+            producer_epoch: rng.pick(&[-1, 0, 1, i16::MAX]),
+            commit: rng.chance(2),
+        }
+        .encode(&mut w),
+        ApiKey::TxnOffsetCommit => TxnOffsetCommitRequest {
+            transactional_id: rng.group(),
+            group: rng.group(),
+            producer_id: rng.pick(&[-1, 0, 1, i64::MAX]),
+            producer_epoch: rng.pick(&[-1, 0, 1, i16::MAX]),
+            member_id: rng.pick(&["", "x"]).to_owned(),
+            member_epoch: rng.pick(&[-1, 0, 1, i32::MAX]),
+            partitions: rng.list(|r| OffsetCommitPartition {
+                topic: r.topic(),
+                partition: r.partition(),
+                offset: r.u64(),
+                metadata: r.string(),
+            }),
+        }
+        .encode(&mut w),
+        ApiKey::ListTransactions => ListTransactionsRequest {}.encode(&mut w),
+        ApiKey::DescribeTransaction => DescribeTransactionRequest { transactional_id: rng.group() }.encode(&mut w),
+        ApiKey::AbortTransaction => AbortTransactionRequest { transactional_id: rng.group() }.encode(&mut w),
     }
     w.buf
 }

@@ -37,6 +37,7 @@ mod replicas;
 mod requests;
 mod shard;
 mod storage_io;
+mod txn;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{SocketAddr, TcpListener};
@@ -230,6 +231,7 @@ where
                 drop(ready);
                 compio::runtime::spawn(node.clone().tick_loop()).detach();
                 compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
+                compio::runtime::spawn(txn::tick_loop(node.clone())).detach();
                 node.message_loop(rx).await;
             });
         })?);
@@ -254,6 +256,7 @@ where
         let loop_task = compio::runtime::spawn(node.clone().message_loop(rx0));
         compio::runtime::spawn(node.clone().tick_loop()).detach();
         compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
+        compio::runtime::spawn(txn::tick_loop(node.clone())).detach();
         if start.voters.len() == 1 {
             // A cluster of one is ready when it serves its partitions again: its voter elected
             // itself, applied this process's first heartbeat, and every partition it leads has

@@ -39,7 +39,9 @@ pub(super) async fn dispatch(node: Rc<Node>, req: Request) -> Response {
         Request::Produce(r) => produce(node, r).await,
         Request::Fetch(r) => fetch(node, r).await,
         Request::ListOffsets(r) => list_offsets(node, r).await,
+        r if super::txn::handles(&r) => super::txn::dispatch(node, r).await,
         r @ (Request::FindCoordinator(_)
+        | Request::TxnOffsetCommit(_)
         | Request::GroupHeartbeat(_)
         | Request::OffsetCommit(_)
         | Request::OffsetFetch(_)
@@ -60,7 +62,9 @@ pub(super) async fn here(node: Rc<Node>, req: Request) -> Response {
         Request::Produce(r) => node.produce_here(r).await,
         Request::Fetch(r) => fetch_rounds(node, r).await,
         Request::ListOffsets(r) => Response::ListOffsets(node.list_offsets_here(r)),
+        r if super::txn::handles(&r) => super::txn::here(node, r).await,
         r @ (Request::GroupHeartbeat(_)
+        | Request::TxnOffsetCommit(_)
         | Request::OffsetCommit(_)
         | Request::OffsetFetch(_)
         | Request::ListGroups

@@ -103,6 +103,8 @@ pub(crate) struct Node {
     pub(super) stopping: Cell<bool>,
     /// Consumer group coordinators of the offsets partitions this shard owns.
     pub(super) groups: super::groups::Coordinators,
+    /// Transaction coordinators of the `__transaction_state` partitions this shard owns.
+    pub(super) txns: super::txn::Coordinators,
 }
 
 pub(super) struct State {
@@ -169,6 +171,7 @@ impl Node {
             fetch_waiters: RefCell::new(Vec::new()),
             stopping: Cell::new(false),
             groups: Default::default(),
+            txns: Default::default(),
         });
         SELF.with(|s| *s.borrow_mut() = Some(Rc::downgrade(&node)));
         node

@@ -1,0 +1,740 @@
+//! Transaction coordinators on a broker's shards: the driver of `core::txn`.
+//!
+//! A transactional id lives in partition `partition_for(id)` of the internal
+//! `__transaction_state` topic (created by the first FindCoordinator for a transactional id);
+//! the broker leading that partition coordinates the id, on the shard that owns the partition.
+//! As for groups (`cluster::groups`), every replica of the partition applies its committed
+//! records, requests of one partition run one at a time (an async mutex), and every change is
+//! appended with `acks=all` through the ordinary produce path, then applied from the log.
+//!
+//! Markers go to partition leaders as `Message::TxnMarker` (over the peer links, or to this
+//! broker's own shards), are appended there with `acks=all`, and are answered once committed.
+//! A marker is sent again until it is answered (the partition takes duplicates as done), to
+//! the leader the controller names at each attempt. A tick per shard completes what a previous
+//! coordinator left prepared and aborts transactions past their timeout.
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::rc::Rc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use futures_util::lock::Mutex;
+use skein_client::wire::{
+    AbortTransactionResponse, AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, CreateTopicsRequest,
+    DescribeTransactionResponse, EndTxnResponse, ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse,
+    InitProducerIdRequest, InitProducerIdResponse, ListTransactionsResponse, MetadataRequest, NewTopic,
+    ProducePartition, ProduceRequest, TopicConfig, TxnPartitionResult,
+};
+use skein_log::batch::BatchBuilder;
+use skein_log::ReadLimit;
+
+use super::now;
+use super::requests::ask;
+use super::shard::{owner, Node};
+use crate::core::group::{partition_for, OFFSETS_TOPIC};
+use crate::core::machine::{feed, LogMachine};
+use crate::core::txn::{check_id, EndStep, InitStep, Refusal, Tp, TxnCoordinator, TxnRecord, TxnState, TXN_TOPIC};
+use crate::core::txn_partition::MarkerKind;
+use crate::core::{
+    LeaderEpoch, MarkerRequest, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure,
+};
+use crate::service::{Request, Response};
+
+/// How often a shard completes prepared transactions and aborts expired ones.
+const TICK_MS: u64 = 100;
+/// Bound on one internal append.
+const WRITE_TIMEOUT_MS: u32 = 10_000;
+/// How long one marker attempt waits for its answer before it is sent again.
+const MARKER_ATTEMPT_MS: u64 = 1_000;
+/// How long a request waits for its markers before it answers (the tick keeps completing).
+const MARKERS_MAX_MS: u64 = 10_000;
+
+/// The transaction state of one `__transaction_state` partition on this broker.
+struct Loaded {
+    /// The leader epoch this replica leads at, timers started (`None`: not leading).
+    leading: Option<LeaderEpoch>,
+    machine: TxnCoordinator,
+}
+
+type Slot = Rc<Mutex<Option<Loaded>>>;
+
+/// This shard's transaction state, by `__transaction_state` partition.
+#[derive(Default)]
+pub(crate) struct Coordinators {
+    slots: RefCell<HashMap<PartitionId, Slot>>,
+}
+
+impl Coordinators {
+    fn slot(&self, p: PartitionId) -> Slot {
+        self.slots.borrow_mut().entry(p).or_default().clone()
+    }
+}
+
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// The transactional id a request names.
+fn id_of(req: &Request) -> Option<&str> {
+    Some(match req {
+        Request::InitProducerId(r) => r.transactional_id.as_deref()?,
+        Request::AddPartitionsToTxn(r) => &r.transactional_id,
+        Request::AddOffsetsToTxn(r) => &r.transactional_id,
+        Request::EndTxn(r) => &r.transactional_id,
+        Request::DescribeTransaction(r) => &r.transactional_id,
+        Request::AbortTransaction(r) => &r.transactional_id,
+        _ => return None,
+    })
+}
+
+/// Whether `req` is this module's.
+pub(super) fn handles(req: &Request) -> bool {
+    match req {
+        Request::FindCoordinator(r) => r.key_type == skein_client::wire::TRANSACTION_KEY,
+        Request::InitProducerId(r) => r.transactional_id.is_some(),
+        Request::ListTransactions => true,
+        r => id_of(r).is_some(),
+    }
+}
+
+/// The answer to `req` carrying only an error.
+fn refusal(req: &Request, (error, message): Refusal) -> Response {
+    match req {
+        Request::InitProducerId(_) => {
+            Response::InitProducerId(InitProducerIdResponse { error, message, producer_id: -1, producer_epoch: -1 })
+        }
+        Request::AddPartitionsToTxn(_) => {
+            Response::AddPartitionsToTxn(AddPartitionsToTxnResponse { error, message, partitions: Vec::new() })
+        }
+        Request::AddOffsetsToTxn(_) => Response::AddOffsetsToTxn(AddOffsetsToTxnResponse { error, message }),
+        Request::EndTxn(_) => {
+            Response::EndTxn(EndTxnResponse { error, message, producer_id: -1, producer_epoch: -1 })
+        }
+        Request::DescribeTransaction(r) => Response::DescribeTransaction(DescribeTransactionResponse {
+            error,
+            message,
+            transactional_id: r.transactional_id.clone(),
+            producer_id: -1,
+            producer_epoch: -1,
+            state: String::new(),
+            timeout_ms: 0,
+            age_ms: 0,
+            partitions: Vec::new(),
+        }),
+        Request::AbortTransaction(_) => Response::AbortTransaction(AbortTransactionResponse { error, message }),
+        _ => Response::Error(error),
+    }
+}
+
+/// The `__transaction_state` partition (index and id) of a transactional id.
+fn txn_partition(node: &Node, id: &str) -> Option<(u32, PartitionId)> {
+    let topics = node.topics.load();
+    let index = partition_for(id, topics.partitions(TXN_TOPIC)?);
+    Some((index, topics.partition(TXN_TOPIC, index)?))
+}
+
+/// A transaction request on the shard it arrived on.
+pub(super) async fn dispatch(node: Rc<Node>, req: Request) -> Response {
+    match req {
+        Request::FindCoordinator(r) => Response::FindCoordinator(find_coordinator(&node, r).await),
+        Request::ListTransactions => {
+            let mut transactions = Vec::new();
+            for shard in 0..node.shard_count() {
+                let answer = if shard == node.shard {
+                    list_here(&node).await
+                } else {
+                    ask(&node, shard, Request::ListTransactions).await
+                };
+                if let Response::ListTransactions(r) = answer {
+                    transactions.extend(r.transactions);
+                }
+            }
+            transactions.sort_by(|a, b| a.transactional_id.cmp(&b.transactional_id));
+            Response::ListTransactions(ListTransactionsResponse { transactions })
+        }
+        req => {
+            if let Err(e) = id_of(&req).map_or(Ok(()), check_id) {
+                return refusal(&req, e);
+            }
+            let Some((_, pid)) = id_of(&req).and_then(|id| txn_partition(&node, id)) else {
+                return refusal(&req, (ErrorCode::NOT_COORDINATOR, "find the transaction coordinator first".into()));
+            };
+            let shard = owner(pid, node.shard_count());
+            if shard == node.shard {
+                here(node, req).await
+            } else {
+                ask(&node, shard, req).await
+            }
+        }
+    }
+}
+
+/// A transaction request for a partition this shard owns.
+pub(super) async fn here(node: Rc<Node>, req: Request) -> Response {
+    if matches!(req, Request::ListTransactions) {
+        return list_here(&node).await;
+    }
+    match id_of(&req).and_then(|id| txn_partition(&node, id)) {
+        Some((index, pid)) => serve(&node, index, pid, req).await,
+        None => refusal(&req, (ErrorCode::NOT_COORDINATOR, "find the transaction coordinator first".into())),
+    }
+}
+
+/// The epoch this shard leads `pid` at, with a valid lease.
+fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
+    let st = node.st.borrow();
+    if !st.core.lease_valid(now()) {
+        return None;
+    }
+    st.core.replica(pid)?.leader_epoch()
+}
+
+/// Brings the slot of `pid` up to this replica's high watermark. `Ok(false)`: no replica here.
+fn catch_up(node: &Node, pid: PartitionId, slot: &mut Option<Loaded>) -> Result<bool, Refusal> {
+    let st = node.st.borrow();
+    let Some(replica) = st.core.replica(pid) else {
+        *slot = None;
+        return Ok(false);
+    };
+    let log = replica.log();
+    let loaded = slot.get_or_insert_with(|| Loaded {
+        leading: None,
+        machine: TxnCoordinator::new(false),
+    });
+    if loaded.machine.applied() < log.log_start_offset() {
+        tracing::warn!(partition = %pid, "transaction log starts after the state: rebuilding from its start");
+        loaded.machine = TxnCoordinator::new(false);
+        loaded.leading = None;
+    }
+    let hw = replica.high_watermark();
+    let mut from = loaded.machine.applied().max(log.log_start_offset());
+    let mut buf = Vec::new();
+    while from < hw {
+        buf.clear();
+        match log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf) {
+            Ok(_) => {}
+            Err(skein_log::ReadError::Storage(e)) => crate::service::fail_stop("reading the transaction log", &e),
+            Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {TXN_TOPIC} ({pid}): {e}"))),
+        }
+        let before = from;
+        let fed = feed(&mut loaded.machine, &buf, from)
+            .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{TXN_TOPIC} ({pid}): {e}")))?;
+        from = fed.next;
+        if from == before {
+            break;
+        }
+    }
+    Ok(true)
+}
+
+/// The slot of `pid`, caught up and leading at the current epoch; a refusal when this broker
+/// does not coordinate it or is still catching up.
+fn lead(node: &Node, pid: PartitionId, index: u32, slot: &mut Option<Loaded>) -> Result<LeaderEpoch, Refusal> {
+    let not_here = || (ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {TXN_TOPIC}/{index}"));
+    let Some(epoch) = leading_epoch(node, pid) else {
+        if let Some(l) = slot.as_mut() {
+            l.leading = None;
+        }
+        return Err(not_here());
+    };
+    match node.st.borrow().core.read_committed(now(), pid, Offset(u64::MAX), 0) {
+        Ok(_) => {}
+        Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
+            return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
+        }
+        Err(_) => return Err(not_here()),
+    }
+    if !catch_up(node, pid, slot)? {
+        return Err(not_here());
+    }
+    let loaded = slot.as_mut().expect("caught up");
+    if loaded.leading != Some(epoch) {
+        loaded.machine.start_timers(now());
+        loaded.leading = Some(epoch);
+        tracing::info!(partition = index, epoch = epoch.0, applied = %loaded.machine.applied(), "coordinating the transactions of this partition");
+    }
+    Ok(epoch)
+}
+
+/// Appends `record` (acks=all) and applies it from the log; on a failure the state is dropped
+/// and rebuilt from the log at the next request.
+async fn commit(
+    node: &Rc<Node>,
+    index: u32,
+    pid: PartitionId,
+    epoch: LeaderEpoch,
+    record: &TxnRecord,
+    slot: &mut Option<Loaded>,
+) -> Result<(), Refusal> {
+    let result = match write(node, index, epoch, record).await {
+        Ok(end) => match catch_up(node, pid, slot) {
+            Ok(true) if slot.as_ref().is_some_and(|l| l.machine.applied() >= end) => {
+                if let Some(l) = slot.as_mut() {
+                    l.machine.start_timers(now());
+                }
+                return Ok(());
+            }
+            Ok(_) => Err((ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} moved to another broker"))),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
+    *slot = None;
+    result
+}
+
+async fn write(node: &Rc<Node>, index: u32, epoch: LeaderEpoch, record: &TxnRecord) -> Result<Offset, Refusal> {
+    let mut b = BatchBuilder::new();
+    let (key, value) = record.encode();
+    b.push(Some(&key), &value, &[], skein_log::types::Timestamp(wall_ms() as i64));
+    let bytes = b.build().into_bytes();
+    let req = ProduceRequest {
+        acks: -1,
+        timeout_ms: WRITE_TIMEOUT_MS,
+        partitions: vec![ProducePartition {
+            topic: TXN_TOPIC.into(),
+            partition: index,
+            leader_epoch: epoch.0,
+            records: BytesMut::from(&bytes[..]),
+        }],
+    };
+    let (error, base) = match node.produce_here(req).await {
+        Response::Produce(r) => r.partitions.first().map_or((ErrorCode::UNKNOWN, 0), |p| (p.error, p.base_offset)),
+        Response::Error(code) => (code, 0),
+        _ => (ErrorCode::UNKNOWN, 0),
+    };
+    match error {
+        ErrorCode::NONE => Ok(Offset(base + 1)),
+        ErrorCode::NOT_LEADER | ErrorCode::FENCED_LEADER_EPOCH | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION => {
+            Err((ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} moved to another broker")))
+        }
+        code => Err((code, format!("writing to {TXN_TOPIC}/{index} failed: {}", code.name()))),
+    }
+}
+
+/// Leaders of the named partitions, from the controller state as this broker knows it.
+async fn leaders(node: &Rc<Node>, parts: &[Tp]) -> HashMap<Tp, (PartitionId, NodeId)> {
+    let mut topics: Vec<String> = parts.iter().map(|(t, _)| t.clone()).collect();
+    topics.sort();
+    topics.dedup();
+    let map = node.topics.load();
+    let mut out = HashMap::new();
+    if let Response::Metadata(meta) = control(node, Request::Metadata(MetadataRequest { topics: Some(topics) })).await {
+        for t in &meta.topics {
+            for p in &t.partitions {
+                if p.error != ErrorCode::NONE || p.leader == 0 {
+                    continue;
+                }
+                if let Some(id) = map.partition(&t.name, p.partition) {
+                    out.insert((t.name.clone(), p.partition), (id, NodeId(p.leader)));
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Writes `kind` markers of `producer` at `epoch` to every partition of `parts`, each until its
+/// leader answered or `MARKERS_MAX_MS` passed. Per partition: `Ok` (the marker, or one it
+/// duplicates, is committed there) or the last error.
+async fn markers(
+    node: &Rc<Node>,
+    coordinator_partition: PartitionId,
+    producer: ProducerId,
+    epoch: i16,
+    kind: MarkerKind,
+    parts: &[Tp],
+) -> BTreeMap<Tp, Result<(), ProduceError>> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(MARKERS_MAX_MS);
+    let mut results: BTreeMap<Tp, Result<(), ProduceError>> =
+        parts.iter().map(|p| (p.clone(), Err(ProduceError::NotLeader))).collect();
+    loop {
+        let todo: Vec<Tp> = results.iter().filter(|(_, r)| r.is_err()).map(|(p, _)| p.clone()).collect();
+        if todo.is_empty() || std::time::Instant::now() >= deadline {
+            return results;
+        }
+        let found = leaders(node, &todo).await;
+        let mut waits = Vec::new();
+        for tp in &todo {
+            let Some(&(partition, leader)) = found.get(tp) else { continue };
+            let m = MarkerRequest {
+                coordinator: node.id,
+                coordinator_partition,
+                correlation: 0,
+                partition,
+                producer,
+                epoch: ProducerEpoch(epoch),
+                kind,
+            };
+            waits.push((tp.clone(), node.send_marker(leader, m)));
+        }
+        for (tp, (correlation, rx)) in waits {
+            let answer = compio::time::timeout(Duration::from_millis(MARKER_ATTEMPT_MS), rx).await;
+            let result = match answer {
+                Ok(Ok(r)) => r,
+                Ok(Err(_)) | Err(_) => {
+                    node.forget_marker(correlation);
+                    Err(ProduceError::Abandoned)
+                }
+            };
+            results.insert(tp, result);
+        }
+        // A fenced answer is final (the partition is past this epoch); others are tried again.
+        for r in results.values_mut() {
+            if *r == Err(ProduceError::ProducerFenced) {
+                *r = if kind == MarkerKind::Begin { Err(ProduceError::ProducerFenced) } else { Ok(()) };
+            }
+        }
+        if results.values().any(|r| matches!(r, Err(e) if *e != ProduceError::ProducerFenced)) {
+            compio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if results.values().all(|r| r.is_ok() || *r == Err(ProduceError::ProducerFenced)) {
+            return results;
+        }
+    }
+}
+
+/// Completes a prepared transaction of `id`: its markers, then the completing record.
+async fn complete(
+    node: &Rc<Node>,
+    index: u32,
+    pid: PartitionId,
+    epoch: LeaderEpoch,
+    id: &str,
+    slot: &mut Option<Loaded>,
+) -> Result<(), Refusal> {
+    let Some(c) = slot.as_ref().and_then(|l| l.machine.completion(id)) else { return Ok(()) };
+    let results = markers(node, pid, c.producer, c.epoch, c.kind, &c.partitions).await;
+    if let Some((tp, e)) = results.iter().find_map(|(tp, r)| r.err().map(|e| (tp, e))) {
+        tracing::warn!(id, topic = %tp.0, partition = tp.1, error = ?e, "a transaction marker is not written yet; retrying in the background");
+        return Err((
+            ErrorCode::CONCURRENT_TRANSACTIONS,
+            format!("the {} marker of '{id}' for {}/{} is not written yet ({e:?})", c.kind.name(), tp.0, tp.1),
+        ));
+    }
+    commit(node, index, pid, epoch, &c.record, slot).await
+}
+
+fn produce_code(e: ProduceError) -> ErrorCode {
+    match e {
+        ProduceError::NotLeader | ProduceError::LeaderNotReady | ProduceError::FencedLeaderEpoch => {
+            ErrorCode::NOT_LEADER
+        }
+        ProduceError::NotEnoughReplicas => ErrorCode::NOT_ENOUGH_REPLICAS,
+        ProduceError::Abandoned => ErrorCode::REQUEST_TIMED_OUT,
+        ProduceError::Storage => ErrorCode::STORAGE_ERROR,
+        ProduceError::ProducerFenced => ErrorCode::PRODUCER_FENCED,
+        ProduceError::OutOfOrderSequence | ProduceError::InvalidTxnState => ErrorCode::INVALID_TXN_STATE,
+    }
+}
+
+/// Adds `parts` to `id`'s transaction and writes their Begin markers; per-partition codes.
+#[allow(clippy::too_many_arguments)]
+async fn add(
+    node: &Rc<Node>,
+    index: u32,
+    pid: PartitionId,
+    epoch: LeaderEpoch,
+    slot: &mut Option<Loaded>,
+    id: &str,
+    producer_id: i64,
+    producer_epoch: i16,
+    parts: &[Tp],
+) -> Result<Vec<(Tp, ErrorCode)>, Refusal> {
+    let topics = node.topics.load();
+    let (known, unknown): (Vec<Tp>, Vec<Tp>) =
+        parts.iter().cloned().partition(|(t, p)| t != TXN_TOPIC && topics.partition(t, *p).is_some());
+    drop(topics);
+    let loaded = slot.as_ref().expect("led");
+    if let Some(record) = loaded.machine.add_partitions(id, producer_id, producer_epoch, &known, wall_ms())? {
+        commit(node, index, pid, epoch, &record, slot).await?;
+    }
+    let results = markers(node, pid, ProducerId(producer_id), producer_epoch, MarkerKind::Begin, &known).await;
+    let mut out: Vec<(Tp, ErrorCode)> =
+        results.into_iter().map(|(tp, r)| (tp, r.map_or_else(produce_code, |()| ErrorCode::NONE))).collect();
+    out.extend(unknown.into_iter().map(|tp| (tp, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)));
+    Ok(out)
+}
+
+/// A new producer id (shard 0 allocates them).
+async fn new_producer_id(node: &Rc<Node>) -> Option<i64> {
+    let req = Request::InitProducerId(InitProducerIdRequest { transactional_id: None, transaction_timeout_ms: 0 });
+    match control(node, req).await {
+        Response::InitProducerId(r) if r.error == ErrorCode::NONE => Some(r.producer_id),
+        _ => None,
+    }
+}
+
+/// Runs one transaction request on the coordinator of partition `pid`.
+async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> Response {
+    let slot = node.txns.slot(pid);
+    let mut guard = slot.lock().await;
+    let epoch = match lead(node, pid, index, &mut guard) {
+        Ok(e) => e,
+        Err(e) => return refusal(&req, e),
+    };
+    match run(node, index, pid, epoch, &req, &mut guard).await {
+        Ok(r) => r,
+        Err(e) => refusal(&req, e),
+    }
+}
+
+async fn run(
+    node: &Rc<Node>,
+    index: u32,
+    pid: PartitionId,
+    epoch: LeaderEpoch,
+    req: &Request,
+    slot: &mut Option<Loaded>,
+) -> Result<Response, Refusal> {
+    let state = |slot: &Option<Loaded>| -> Result<(), Refusal> {
+        slot.as_ref()
+            .map(|_| ())
+            .ok_or((ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} moved to another broker")))
+    };
+    match req {
+        Request::InitProducerId(r) => {
+            let id = r.transactional_id.as_deref().unwrap_or_default();
+            for _ in 0..3 {
+                state(slot)?;
+                let fresh = slot.as_ref().and_then(|l| l.machine.get(id)).is_none_or(|m| m.epoch >= i16::MAX - 1);
+                let new_pid = if fresh { new_producer_id(node).await } else { None };
+                let step = slot.as_ref().expect("checked").machine.init(id, r.transaction_timeout_ms, || new_pid)?;
+                match step {
+                    InitStep::Done(record) => {
+                        commit(node, index, pid, epoch, &record, slot).await?;
+                        tracing::info!(id, producer = record.meta.producer_id, epoch = record.meta.epoch, "transactional producer initialized");
+                        return Ok(Response::InitProducerId(InitProducerIdResponse {
+                            error: ErrorCode::NONE,
+                            message: String::new(),
+                            producer_id: record.meta.producer_id,
+                            producer_epoch: record.meta.epoch,
+                        }));
+                    }
+                    InitStep::FinishFirst(record) => {
+                        if let Some(record) = record {
+                            tracing::info!(id, "a new instance fences the open transaction: aborting it");
+                            commit(node, index, pid, epoch, &record, slot).await?;
+                        }
+                        complete(node, index, pid, epoch, id, slot).await?;
+                    }
+                }
+            }
+            Err((ErrorCode::CONCURRENT_TRANSACTIONS, format!("the previous transaction of '{id}' is still ending")))
+        }
+        Request::AddPartitionsToTxn(r) => {
+            let parts: Vec<Tp> = r.partitions.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+            let results =
+                add(node, index, pid, epoch, slot, &r.transactional_id, r.producer_id, r.producer_epoch, &parts)
+                    .await?;
+            Ok(Response::AddPartitionsToTxn(AddPartitionsToTxnResponse {
+                error: ErrorCode::NONE,
+                message: String::new(),
+                partitions: results
+                    .into_iter()
+                    .map(|((topic, partition), error)| TxnPartitionResult { topic, partition, error })
+                    .collect(),
+            }))
+        }
+        Request::AddOffsetsToTxn(r) => {
+            crate::core::group::check_group_id(&r.group)?;
+            super::groups::ensure_offsets_topic(node).await?;
+            let Some((group_index, _)) = super::groups::offsets_partition_for(node, &r.group) else {
+                return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{OFFSETS_TOPIC} is being created")));
+            };
+            let parts = [(OFFSETS_TOPIC.to_owned(), group_index)];
+            let results =
+                add(node, index, pid, epoch, slot, &r.transactional_id, r.producer_id, r.producer_epoch, &parts)
+                    .await?;
+            let error = results.first().map_or(ErrorCode::UNKNOWN, |(_, e)| *e);
+            Ok(Response::AddOffsetsToTxn(AddOffsetsToTxnResponse { error, message: String::new() }))
+        }
+        Request::EndTxn(r) => {
+            let id = r.transactional_id.as_str();
+            state(slot)?;
+            let step = slot.as_ref().expect("checked").machine.end(id, r.producer_id, r.producer_epoch, r.commit)?;
+            match step {
+                EndStep::Done(producer_id, producer_epoch) => {
+                    return Ok(Response::EndTxn(EndTxnResponse {
+                        error: ErrorCode::NONE,
+                        message: String::new(),
+                        producer_id,
+                        producer_epoch,
+                    }))
+                }
+                EndStep::Write(record) => {
+                    let prepared = matches!(record.meta.state, TxnState::PrepareCommit | TxnState::PrepareAbort);
+                    commit(node, index, pid, epoch, &record, slot).await?;
+                    if prepared {
+                        complete(node, index, pid, epoch, id, slot).await?;
+                    }
+                }
+                EndStep::Complete => complete(node, index, pid, epoch, id, slot).await?,
+            }
+            state(slot)?;
+            let meta = slot.as_ref().and_then(|l| l.machine.get(id)).cloned().expect("written above");
+            Ok(Response::EndTxn(EndTxnResponse {
+                error: ErrorCode::NONE,
+                message: String::new(),
+                producer_id: meta.producer_id,
+                producer_epoch: meta.epoch,
+            }))
+        }
+        Request::DescribeTransaction(r) => {
+            state(slot)?;
+            let d = slot.as_ref().expect("checked").machine.describe(&r.transactional_id, wall_ms())?;
+            Ok(Response::DescribeTransaction(d))
+        }
+        Request::AbortTransaction(r) => {
+            let id = r.transactional_id.as_str();
+            state(slot)?;
+            if let Some(record) = slot.as_ref().expect("checked").machine.abort(id, "aborted by an administrator")? {
+                tracing::info!(id, "aborting a transaction on an administrator's request");
+                commit(node, index, pid, epoch, &record, slot).await?;
+            }
+            complete(node, index, pid, epoch, id, slot).await?;
+            Ok(Response::AbortTransaction(AbortTransactionResponse { error: ErrorCode::NONE, message: String::new() }))
+        }
+        Request::ListTransactions => {
+            state(slot)?;
+            let transactions = slot.as_ref().expect("checked").machine.list(wall_ms());
+            Ok(Response::ListTransactions(ListTransactionsResponse { transactions }))
+        }
+        _ => Err((ErrorCode::INVALID_REQUEST, "not a transaction request".into())),
+    }
+}
+
+/// FindCoordinator for a transactional id: creates the topic on first use, then names the
+/// leader of the id's partition.
+async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoordinatorResponse {
+    let fail =
+        |error, message: String| FindCoordinatorResponse { error, message, node_id: 0, host: String::new(), port: 0 };
+    if let Err((code, message)) = check_id(&r.group) {
+        return fail(code, message);
+    }
+    if node.topics.load().partitions(TXN_TOPIC).is_none() {
+        let replicas = node.voters.len().min(3) as u16;
+        let create = CreateTopicsRequest {
+            topics: vec![NewTopic {
+                name: TXN_TOPIC.into(),
+                partitions: node.config.txn_partitions,
+                replicas,
+                configs: vec![
+                    TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
+                    TopicConfig { key: "retention.ms".into(), value: "-1".into() },
+                ],
+            }],
+        };
+        if let Response::CreateTopics(c) = control(node, Request::CreateTopics(create)).await {
+            if let Some(t) =
+                c.results.first().filter(|t| !matches!(t.error, ErrorCode::NONE | ErrorCode::TOPIC_ALREADY_EXISTS))
+            {
+                return fail(t.error, format!("creating {TXN_TOPIC}: {}", t.message));
+            }
+        }
+    }
+    let Some(count) = node.topics.load().partitions(TXN_TOPIC) else {
+        return fail(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{TXN_TOPIC} is being created"));
+    };
+    let index = partition_for(&r.group, count);
+    let meta = control(node, Request::Metadata(MetadataRequest { topics: Some(vec![TXN_TOPIC.into()]) })).await;
+    let Response::Metadata(meta) = meta else {
+        return fail(ErrorCode::NOT_COORDINATOR, "no metadata".into());
+    };
+    let leader = meta
+        .topics
+        .iter()
+        .flat_map(|t| &t.partitions)
+        .find(|p| p.partition == index && p.error == ErrorCode::NONE)
+        .map(|p| p.leader);
+    match leader.and_then(|l| meta.brokers.iter().find(|b| b.node_id == l)) {
+        Some(b) => FindCoordinatorResponse {
+            error: ErrorCode::NONE,
+            message: String::new(),
+            node_id: b.node_id,
+            host: b.host.clone(),
+            port: b.port,
+        },
+        None => fail(ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} has no leader now")),
+    }
+}
+
+/// A control request on shard 0.
+async fn control(node: &Rc<Node>, req: Request) -> Response {
+    if node.shard == 0 {
+        node.clone().control_request(req).await
+    } else {
+        ask(node, 0, req).await
+    }
+}
+
+/// The transactions of the partitions this shard leads.
+async fn list_here(node: &Rc<Node>) -> Response {
+    let mut transactions = Vec::new();
+    for (index, pid) in hosted(node) {
+        if leading_epoch(node, pid).is_none() {
+            continue;
+        }
+        if let Response::ListTransactions(r) = serve(node, index, pid, Request::ListTransactions).await {
+            transactions.extend(r.transactions);
+        }
+    }
+    Response::ListTransactions(ListTransactionsResponse { transactions })
+}
+
+/// The `__transaction_state` partitions this shard hosts a replica of.
+fn hosted(node: &Node) -> Vec<(u32, PartitionId)> {
+    let topics = node.topics.load();
+    let st = node.st.borrow();
+    (0..topics.partitions(TXN_TOPIC).unwrap_or(0))
+        .filter_map(|i| Some((i, topics.partition(TXN_TOPIC, i)?)))
+        .filter(|(_, p)| owner(*p, node.shard_count()) == node.shard && st.core.replica(*p).is_some())
+        .collect()
+}
+
+/// On every `__transaction_state` partition this shard hosts: applies newly committed records
+/// (followers too, so a new leader starts warm), and where it leads completes prepared
+/// transactions (a previous coordinator's) and aborts those past their timeout.
+pub(super) async fn tick_loop(node: Rc<Node>) {
+    loop {
+        compio::time::sleep(Duration::from_millis(TICK_MS)).await;
+        if node.stopping.get() {
+            return;
+        }
+        let hosted = hosted(&node);
+        node.txns.slots.borrow_mut().retain(|p, _| hosted.iter().any(|(_, h)| h == p));
+        for (index, pid) in hosted {
+            let slot = node.txns.slot(pid);
+            let Some(mut guard) = slot.try_lock() else { continue };
+            if leading_epoch(&node, pid).is_none() {
+                if let Some(l) = guard.as_mut() {
+                    l.leading = None;
+                }
+                if let Err((code, message)) = catch_up(&node, pid, &mut guard) {
+                    tracing::warn!(partition = index, code = code.name(), message, "applying transaction records failed");
+                    *guard = None;
+                }
+                continue;
+            }
+            let Ok(epoch) = lead(&node, pid, index, &mut guard) else { continue };
+            let Some(loaded) = guard.as_ref() else { continue };
+            let expired = loaded.machine.expired(now());
+            for id in expired {
+                let Some(Ok(Some(record))) = guard.as_ref().map(|l| l.machine.abort(&id, "timed out")) else {
+                    continue;
+                };
+                tracing::warn!(id, "transaction timed out: aborting it and fencing its producer");
+                if let Err((code, message)) = commit(&node, index, pid, epoch, &record, &mut guard).await {
+                    tracing::warn!(id, code = code.name(), message, "writing a timeout abort failed");
+                }
+            }
+            let unfinished = guard.as_ref().map(|l| l.machine.unfinished()).unwrap_or_default();
+            for id in unfinished {
+                if let Err((code, message)) = complete(&node, index, pid, epoch, &id, &mut guard).await {
+                    tracing::debug!(id, code = code.name(), message, "completing a transaction: not yet");
+                }
+            }
+        }
+    }
+}
