@@ -309,6 +309,19 @@ impl GroupConsumer {
         Ok(())
     }
 
+    /// Moves an owned partition's reads to `offset` (the next record returned is the one
+    /// there), and its consumed offset with them: e.g. back to the first record of an aborted
+    /// transaction's input, so it is processed again.
+    pub async fn seek(&mut self, topic: &str, partition: u32, offset: u64) -> Result<(), ClientError> {
+        let key = (topic.to_owned(), partition);
+        if !self.owned.contains(&key) {
+            return Err(ClientError::Invalid(format!("{topic}/{partition} is not owned by this member")));
+        }
+        self.consumer.seek(topic, partition, Position::Offset(offset)).await?;
+        self.consumed.insert(key, offset);
+        Ok(())
+    }
+
     /// The offset commits use for an owned partition.
     pub fn consumed(&self, topic: &str, partition: u32) -> Option<u64> {
         self.consumed.get(&(topic.to_owned(), partition)).copied()

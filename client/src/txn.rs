@@ -48,7 +48,10 @@ use crate::wire::{
     InitProducerIdResponse, ListTransactionsRequest, ListTransactionsResponse, ListedTransaction,
     OffsetCommitPartition, TopicPartition, TxnOffsetCommitRequest, TxnOffsetCommitResponse, Wire,
 };
-use crate::{Client, ClientError, Delivery, GroupMetadata, Producer, ProducerConfig, Retry};
+use crate::{
+    Client, ClientError, Delivery, DeliveryResult, GroupMetadata, Producer, ProducerConfig, ProducerRecord, Retry,
+    TrySend,
+};
 
 /// How a [`TransactionalProducer`] works.
 #[derive(Clone, Debug)]
@@ -253,11 +256,29 @@ impl TransactionalProducer {
         value: &[u8],
     ) -> Result<Delivery, TxnError> {
         self.check_open()?;
-        match self.producer.send_to(topic, partition, key, value).await {
-            Ok(delivery) => Ok(delivery),
-            Err(e) if e.is_retriable() => Err(TxnError::Retriable(e)),
-            Err(e) => Err(TxnError::Invalid(e)),
-        }
+        self.producer.send_to(topic, partition, key, value).await.map_err(not_queued)
+    }
+
+    /// Sets the function that learns the outcome of records sent with
+    /// [`TransactionalProducer::send_tagged`] or [`TransactionalProducer::try_send_tagged`]
+    /// (see [`Producer::on_delivery`]). An acknowledged record is readable by read_committed
+    /// consumers only once its transaction commits.
+    pub fn on_delivery(&self, handler: impl Fn(&[u64], DeliveryResult) + 'static) {
+        self.producer.on_delivery(handler);
+    }
+
+    /// [`TransactionalProducer::send`] reporting to the delivery handler with `tag`
+    /// (nothing allocated per record), as [`Producer::send_tagged`].
+    pub async fn send_tagged(&mut self, record: ProducerRecord<'_>, tag: u64) -> Result<(), TxnError> {
+        self.check_open()?;
+        self.producer.send_tagged(record, tag).await.map_err(not_queued)
+    }
+
+    /// [`TransactionalProducer::send_tagged`] without waiting, as
+    /// [`Producer::try_send_tagged`]: `WouldBlock` when it would have to wait.
+    pub fn try_send_tagged(&mut self, record: ProducerRecord<'_>, tag: u64) -> Result<TrySend, TxnError> {
+        self.check_open()?;
+        self.producer.try_send_tagged(record, tag).map_err(not_queued)
     }
 
     /// Commits `offsets` (`(topic, partition, next offset to read)`) for `group` as part of
@@ -620,6 +641,15 @@ fn transaction_error(e: ClientError) -> TxnError {
             _,
         ) => TxnError::Fatal(e),
         _ => TxnError::Abortable(e),
+    }
+}
+
+/// A record that was not queued (the transaction is unaffected): retriable, or refused.
+fn not_queued(e: ClientError) -> TxnError {
+    if e.is_retriable() {
+        TxnError::Retriable(e)
+    } else {
+        TxnError::Invalid(e)
     }
 }
 
