@@ -11,6 +11,14 @@
 //! machine: the next request rebuilds it from what the log committed. A loop per shard
 //! expires members whose session ended and starts a new epoch when a subscribed topic's
 //! partition count changes.
+//!
+//! TxnOffsetCommit is served like OffsetCommit, but its records are appended as one
+//! transactional batch of the request's producer: the partition's leader refuses it
+//! (INVALID_TXN_STATE) unless the transaction coordinator added this offsets partition to the
+//! producer's transaction (AddOffsetsToTxn, [`offsets_partition_for`]), or (PRODUCER_FENCED)
+//! for an old epoch; those codes reach the client unchanged. The offsets take effect at the
+//! producer's commit marker; until it comes (or an abort marker) OffsetFetch of those
+//! partitions answers UNSTABLE_OFFSET_COMMIT.
 
 use std::cell::RefCell;
 use std::collections::{BTreeMap, HashMap};
@@ -23,9 +31,10 @@ use futures_util::lock::Mutex;
 use skein_client::wire::{
     CreateTopicsRequest, DeleteGroupResponse, DescribeGroupResponse, ErrorCode, FindCoordinatorRequest,
     FindCoordinatorResponse, GroupHeartbeatResponse, ListGroupsResponse, ListedGroup, MetadataRequest, NewTopic,
-    OffsetCommitResponse, OffsetFetchResponse, ProducePartition, ProduceRequest, TopicConfig,
+    OffsetCommitResponse, OffsetFetchResponse, ProducePartition, ProduceRequest, TopicConfig, TxnOffsetCommitResponse,
 };
-use skein_log::batch::BatchBuilder;
+use skein_log::batch::{Attributes, BatchBuilder};
+use skein_log::types::Sequence;
 use skein_log::ReadLimit;
 
 use super::control::TopicMap;
@@ -37,7 +46,7 @@ use crate::core::group::{
 };
 use crate::core::machine::feed;
 use crate::core::NodeId;
-use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ReadFailure};
+use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure};
 use crate::meta::write_atomically;
 use crate::service::{Request, Response};
 
@@ -140,6 +149,7 @@ fn group_of(req: &Request) -> Option<&str> {
     Some(match req {
         Request::GroupHeartbeat(r) => &r.group,
         Request::OffsetCommit(r) => &r.group,
+        Request::TxnOffsetCommit(r) => &r.group,
         Request::OffsetFetch(r) => &r.group,
         Request::DescribeGroup(r) => &r.group,
         Request::DeleteGroup(r) => &r.group,
@@ -149,7 +159,13 @@ fn group_of(req: &Request) -> Option<&str> {
 
 /// The offsets partition (index and id) of the request's group.
 fn group_partition(node: &Node, req: &Request) -> Option<(u32, PartitionId)> {
-    let group = group_of(req)?;
+    offsets_partition_for(node, group_of(req)?)
+}
+
+/// The `__consumer_offsets` partition (index and id) holding `group`; `None` while the topic
+/// does not exist (see [`ensure_offsets_topic`]). The transaction driver adds it to a
+/// transaction at AddOffsetsToTxn.
+pub(super) fn offsets_partition_for(node: &Node, group: &str) -> Option<(u32, PartitionId)> {
     let topics = node.topics.load();
     let index = partition_for(group, topics.partitions(OFFSETS_TOPIC)?);
     Some((index, topics.partition(OFFSETS_TOPIC, index)?))
@@ -168,6 +184,9 @@ fn refusal(req: &Request, error: ErrorCode, message: String) -> Response {
         }),
         Request::OffsetCommit(_) => {
             Response::OffsetCommit(OffsetCommitResponse { error, message, partitions: Vec::new() })
+        }
+        Request::TxnOffsetCommit(_) => {
+            Response::TxnOffsetCommit(TxnOffsetCommitResponse { error, message, partitions: Vec::new() })
         }
         Request::OffsetFetch(_) => Response::OffsetFetch(OffsetFetchResponse { error, message, offsets: Vec::new() }),
         Request::DescribeGroup(r) => Response::DescribeGroup(DescribeGroupResponse {
@@ -362,20 +381,24 @@ async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> R
             let reply = OffsetCommitResponse { error: ErrorCode::NONE, message: String::new(), partitions: out.reply };
             (out.records, Response::OffsetCommit(reply))
         }),
+        Request::TxnOffsetCommit(r) => loaded.machine.txn_commit(r).map(|out| {
+            let reply =
+                TxnOffsetCommitResponse { error: ErrorCode::NONE, message: String::new(), partitions: out.reply };
+            (out.records, Response::TxnOffsetCommit(reply))
+        }),
         Request::DeleteGroup(r) => loaded.machine.delete(&r.group).map(|out| {
             let reply = DeleteGroupResponse { error: ErrorCode::NONE, message: String::new() };
             (out.records, Response::DeleteGroup(reply))
         }),
         Request::OffsetFetch(r) => {
-            let offsets = match check_group_id(&r.group) {
-                Ok(()) => loaded.machine.fetch_offsets(&r.group, r.partitions.as_deref()),
-                Err((code, message)) => return refusal(&req, code, message),
+            return match loaded.machine.fetch_offsets_stable(&r.group, r.partitions.as_deref()) {
+                Ok(offsets) => Response::OffsetFetch(OffsetFetchResponse {
+                    error: ErrorCode::NONE,
+                    message: String::new(),
+                    offsets,
+                }),
+                Err((code, message)) => refusal(&req, code, message),
             };
-            return Response::OffsetFetch(OffsetFetchResponse {
-                error: ErrorCode::NONE,
-                message: String::new(),
-                offsets,
-            });
         }
         Request::DescribeGroup(r) => {
             return match loaded.machine.describe(&r.group) {
@@ -393,47 +416,63 @@ async fn serve(node: &Rc<Node>, index: u32, pid: PartitionId, req: Request) -> R
         Ok(x) => x,
         Err((code, message)) => return refusal(&req, code, message),
     };
-    match commit(node, index, pid, epoch, &records, &mut guard).await {
+    let txn = match &req {
+        Request::TxnOffsetCommit(r) => Some((ProducerId(r.producer_id), ProducerEpoch(r.producer_epoch))),
+        _ => None,
+    };
+    match commit(node, index, pid, epoch, &records, txn, &mut guard).await {
         Ok(()) => reply,
         Err((code, message)) => refusal(&req, code, message),
     }
 }
 
-/// Appends `records` (acks=all) and applies them from the log, as every replica does; on a
-/// failure the state is dropped (whether the records will commit is unknown) and rebuilt from
-/// the log at the next request.
+/// Appends `records` (acks=all; with `txn`, as one transactional batch of that producer)
+/// and applies them from the log, as every replica does; on a failure the state is dropped
+/// (whether the records will commit is unknown) and rebuilt from the log at the next request,
+/// except after a transactional batch the leader refused before appending it.
 async fn commit(
     node: &Rc<Node>,
     index: u32,
     pid: PartitionId,
     epoch: LeaderEpoch,
     records: &[GroupRecord],
+    txn: Option<(ProducerId, ProducerEpoch)>,
     slot: &mut Option<Loaded>,
 ) -> Result<(), (ErrorCode, String)> {
     if records.is_empty() {
         return Ok(());
     }
-    let result = match write(node, index, epoch, records).await {
+    let result = match write(node, index, epoch, records, txn).await {
         Ok(end) => match catch_up(node, pid, slot).await {
             Ok(true) if slot.as_ref().is_some_and(|l| l.machine.applied() >= end) => return Ok(()),
             Ok(_) => Err((ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} moved to another broker"))),
             Err(e) => Err(e),
         },
+        // The leader checks the producer's transaction before it appends: nothing was written.
+        Err(e) if txn.is_some() && matches!(e.0, ErrorCode::INVALID_TXN_STATE | ErrorCode::PRODUCER_FENCED) => {
+            return Err(e)
+        }
         Err(e) => Err(e),
     };
     *slot = None;
     result
 }
 
-/// Appends `records` to offsets partition `index` at `epoch` with acks=all; the offset after
-/// them.
+/// Appends `records` to offsets partition `index` at `epoch` with acks=all (with `txn`: as
+/// one transactional batch of that producer, without a sequence); the offset after them.
 async fn write(
     node: &Rc<Node>,
     index: u32,
     epoch: LeaderEpoch,
     records: &[GroupRecord],
+    txn: Option<(ProducerId, ProducerEpoch)>,
 ) -> Result<Offset, (ErrorCode, String)> {
-    let mut b = BatchBuilder::new();
+    let mut b = match txn {
+        Some((producer, producer_epoch)) => BatchBuilder::new()
+            .producer(producer, producer_epoch, Sequence::NONE)
+            .attributes(Attributes::default().with_transactional(true)),
+        None => BatchBuilder::new(),
+    };
     let stamp = skein_log::types::Timestamp(
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
     );
@@ -474,27 +513,8 @@ async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoo
     if let Err((code, message)) = check_group_id(&r.group) {
         return fail(code, message);
     }
-    if node.topics.load().partitions(OFFSETS_TOPIC).is_none() {
-        let replicas = node.voters.len().min(3) as u16;
-        let create = CreateTopicsRequest {
-            topics: vec![NewTopic {
-                name: OFFSETS_TOPIC.into(),
-                partitions: node.config.offsets_partitions,
-                replicas,
-                // Kept forever: there is no compaction yet, and a commit must not age out.
-                configs: vec![
-                    TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
-                    TopicConfig { key: "retention.ms".into(), value: "-1".into() },
-                ],
-            }],
-        };
-        if let Response::CreateTopics(c) = control(node, Request::CreateTopics(create)).await {
-            if let Some(t) =
-                c.results.first().filter(|t| !matches!(t.error, ErrorCode::NONE | ErrorCode::TOPIC_ALREADY_EXISTS))
-            {
-                return fail(t.error, format!("creating {OFFSETS_TOPIC}: {}", t.message));
-            }
-        }
+    if let Err((code, message)) = ensure_offsets_topic(node).await {
+        return fail(code, message);
     }
     let Some(count) = node.topics.load().partitions(OFFSETS_TOPIC) else {
         return fail(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{OFFSETS_TOPIC} is being created"));
@@ -519,6 +539,39 @@ async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoo
             port: b.port,
         },
         None => fail(ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} has no leader now")),
+    }
+}
+
+/// Creates `__consumer_offsets` if this shard's topic map does not have it; `Ok` once the map
+/// has it, COORDINATOR_LOAD_IN_PROGRESS (retriable) while the creation has not reached this
+/// shard, or the controller's refusal.
+pub(super) async fn ensure_offsets_topic(node: &Rc<Node>) -> Result<(), (ErrorCode, String)> {
+    if node.topics.load().partitions(OFFSETS_TOPIC).is_some() {
+        return Ok(());
+    }
+    let replicas = node.voters.len().min(3) as u16;
+    let create = CreateTopicsRequest {
+        topics: vec![NewTopic {
+            name: OFFSETS_TOPIC.into(),
+            partitions: node.config.offsets_partitions,
+            replicas,
+            // Kept forever: there is no compaction yet, and a commit must not age out.
+            configs: vec![
+                TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
+                TopicConfig { key: "retention.ms".into(), value: "-1".into() },
+            ],
+        }],
+    };
+    if let Response::CreateTopics(c) = control(node, Request::CreateTopics(create)).await {
+        if let Some(t) =
+            c.results.first().filter(|t| !matches!(t.error, ErrorCode::NONE | ErrorCode::TOPIC_ALREADY_EXISTS))
+        {
+            return Err((t.error, format!("creating {OFFSETS_TOPIC}: {}", t.message)));
+        }
+    }
+    match node.topics.load().partitions(OFFSETS_TOPIC) {
+        Some(_) => Ok(()),
+        None => Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{OFFSETS_TOPIC} is being created"))),
     }
 }
 
@@ -594,7 +647,7 @@ pub(super) async fn expiry_loop(node: Rc<Node>) {
                 records = loaded.machine.refresh(&sizes);
             }
             drop(topics);
-            if let Err((code, message)) = commit(&node, index, pid, epoch, &records, &mut guard).await {
+            if let Err((code, message)) = commit(&node, index, pid, epoch, &records, None, &mut guard).await {
                 tracing::warn!(partition = index, code = code.name(), message, "group expiry write failed");
             }
         }

@@ -17,6 +17,17 @@
 //! Liveness (when each member was last heard from) is not in the log: a new coordinator gives
 //! every member a full session from the moment it loaded.
 //!
+//! Transactional offset commits (Kafka's KIP-98 and KIP-447): [`GroupCoordinator::txn_commit`]
+//! validates like a plain commit; the driver writes its `Offset` records as one transactional
+//! batch of the producer, which the machine keeps pending per producer, invisible, until that
+//! producer's commit marker (then they become committed offsets) or abort marker (dropped).
+//! While an offset of a partition is pending, [`GroupCoordinator::fetch_offsets_stable`]
+//! answers `UNSTABLE_OFFSET_COMMIT`, so a consumer never starts from an offset a transaction
+//! is about to change. A pending offset superseded by a later-written committed offset of the
+//! same partition is dropped at once: it could never take effect (Kafka compares the records'
+//! log offsets when the marker comes; dropping early gives the same result and ends the
+//! instability sooner).
+//!
 //! Assignment is server-side (Kafka's KIP-848): the group epoch is bumped by every membership
 //! or subscription change and a target assignment computed for it; each member converges to
 //! its target at its own heartbeats. A partition moves only once its current owner has
@@ -28,11 +39,12 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use serde::{Deserialize, Serialize};
 use skein_client::wire::{
     DescribeGroupResponse, ErrorCode, GroupHeartbeatRequest, GroupHeartbeatResponse, GroupMemberDescription,
-    ListedGroup, OffsetCommitPartitionResponse, OffsetCommitRequest, OffsetFetchPartition, TopicPartition, JOIN_EPOCH,
-    LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
+    ListedGroup, OffsetCommitPartition, OffsetCommitPartitionResponse, OffsetCommitRequest, OffsetFetchPartition,
+    TopicPartition, TxnOffsetCommitRequest, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
 };
 
-use super::{Offset, Time};
+use super::txn_partition::MarkerKind;
+use super::{Offset, ProducerId, Time};
 
 /// The internal topic holding groups and committed offsets.
 pub const OFFSETS_TOPIC: &str = "__consumer_offsets";
@@ -206,6 +218,13 @@ impl GroupRecord {
 /// A refusal: the code and a message for the user.
 pub type Refusal = (ErrorCode, String);
 
+/// Who commits offsets, as a commit request says.
+struct Committer<'a> {
+    group: &'a str,
+    member_id: &'a str,
+    member_epoch: i32,
+}
+
 /// What a request produced: records to commit, then the answer.
 #[derive(Debug)]
 pub struct Outcome<T> {
@@ -215,13 +234,31 @@ pub struct Outcome<T> {
     pub reply: T,
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// Version 2 added `pending` (transactional offsets); version 1 snapshots (none pending)
+/// still restore. A build that knows only version 1 refuses a version 2 snapshot and replays
+/// the log instead of silently dropping pending offsets.
+const SNAPSHOT_VERSION: u32 = 2;
+const SNAPSHOT_VERSIONS_READ: [u32; 2] = [1, 2];
 
 #[derive(Serialize, Deserialize)]
 struct Snapshot {
     version: u32,
     applied: u64,
     groups: Vec<SnapshotGroup>,
+    #[serde(default)]
+    pending: Vec<SnapshotPending>,
+}
+
+/// One pending transactional offset in a snapshot.
+#[derive(Serialize, Deserialize)]
+struct SnapshotPending {
+    producer: i64,
+    group: String,
+    topic: String,
+    partition: u32,
+    committed: Committed,
+    /// The log offset of its record.
+    at: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -237,12 +274,26 @@ struct Group {
     offsets: BTreeMap<Tp, Committed>,
 }
 
+/// An offset written inside a transaction, not decided yet.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Pending {
+    committed: Committed,
+    /// The log offset of its record: a committed offset written later supersedes it.
+    at: Offset,
+}
+
+/// One producer's pending offsets by (group, partition).
+type PendingOffsets = BTreeMap<(String, Tp), Pending>;
+
 /// The coordinator of the groups hashed to one offsets partition.
 #[derive(Debug, Default)]
 pub struct GroupCoordinator {
     groups: BTreeMap<String, Group>,
     /// Session deadlines by (group, member id): liveness, not in the log.
     deadlines: HashMap<(String, String), Time>,
+    /// Transactional offsets by producer, until its commit or abort marker. Invariant: each
+    /// was written after the committed offset of its partition (a later one drops it).
+    pending: BTreeMap<ProducerId, PendingOffsets>,
     applied: Offset,
     /// The heartbeat interval members are told.
     heartbeat_interval_ms: u32,
@@ -252,12 +303,46 @@ impl LogMachine for GroupCoordinator {
     fn apply(&mut self, offset: Offset, _key: &[u8], value: &[u8]) -> Result<(), RecordError> {
         self.applied = Offset(offset.0 + 1);
         let record = GroupRecord::decode(offset, value)?;
-        self.apply_record(record);
+        self.apply_record(offset, record);
         Ok(())
     }
 
-    fn apply_marker(&mut self, offset: Offset, _producer: super::ProducerId, _kind: super::txn_partition::MarkerKind) {
+    /// Only `Offset` records are written inside transactions (`txn_commit`); they stay
+    /// pending until `producer`'s marker.
+    fn apply_transactional(
+        &mut self,
+        offset: Offset,
+        producer: ProducerId,
+        _key: &[u8],
+        value: &[u8],
+    ) -> Result<(), RecordError> {
         self.applied = Offset(offset.0 + 1);
+        let GroupRecord::Offset { group, topic, partition, committed } = GroupRecord::decode(offset, value)? else {
+            return Err(RecordError {
+                offset: offset.0,
+                reason: "a group record other than an offset in a transaction".into(),
+            });
+        };
+        let pending = Pending { committed, at: offset };
+        self.pending.entry(producer).or_default().insert((group, (topic, partition)), pending);
+        Ok(())
+    }
+
+    /// A commit marker makes `producer`'s pending offsets committed ones, an abort marker drops
+    /// them; a begin marker changes nothing.
+    fn apply_marker(&mut self, offset: Offset, producer: ProducerId, kind: MarkerKind) {
+        self.applied = Offset(offset.0 + 1);
+        match kind {
+            MarkerKind::Begin => {}
+            MarkerKind::Abort => {
+                self.pending.remove(&producer);
+            }
+            MarkerKind::Commit => {
+                for ((group, tp), p) in self.pending.remove(&producer).unwrap_or_default() {
+                    self.apply_offset(group, tp, p.committed, p.at);
+                }
+            }
+        }
     }
 
     fn applied(&self) -> Offset {
@@ -294,8 +379,9 @@ impl GroupCoordinator {
         GroupCoordinator { heartbeat_interval_ms, ..GroupCoordinator::default() }
     }
 
-    /// Applies a committed record (the same path for replay and for live writes).
-    pub fn apply_record(&mut self, record: GroupRecord) {
+    /// Applies the committed record at log offset `at` (the same path for replay and for live
+    /// writes).
+    pub fn apply_record(&mut self, at: Offset, record: GroupRecord) {
         let name = record.group().to_owned();
         match record {
             GroupRecord::Group { meta, .. } => {
@@ -304,13 +390,33 @@ impl GroupCoordinator {
                 g.meta = meta;
             }
             GroupRecord::Offset { topic, partition, committed, .. } => {
-                self.groups.entry(name).or_default().offsets.insert((topic, partition), committed);
+                self.apply_offset(name, (topic, partition), committed, at);
             }
             GroupRecord::GroupDeleted { .. } => {
                 self.groups.remove(&name);
                 self.deadlines.retain(|(gr, _), _| gr != &name);
+                // As Kafka does: a deleted group's transactional offsets go with it (`delete`
+                // refuses while there are any, so this only matters for a log written otherwise).
+                for offsets in self.pending.values_mut() {
+                    offsets.retain(|(gr, _), _| gr != &name);
+                }
+                self.pending.retain(|_, offsets| !offsets.is_empty());
             }
         }
+    }
+
+    /// Makes `committed`, written at log offset `at`, the group's offset of `tp`, and drops the
+    /// pending transactional offsets of `tp` written before it: they can never take effect.
+    fn apply_offset(&mut self, group: String, tp: Tp, committed: Committed, at: Offset) {
+        let key = (group, tp);
+        for offsets in self.pending.values_mut() {
+            if offsets.get(&key).is_some_and(|p| p.at < at) {
+                offsets.remove(&key);
+            }
+        }
+        self.pending.retain(|_, offsets| !offsets.is_empty());
+        let (group, tp) = key;
+        self.groups.entry(group).or_default().offsets.insert(tp, committed);
     }
 
     /// The machine's state at [`LogMachine::applied`], as bytes for a snapshot file (versioned
@@ -325,7 +431,21 @@ impl GroupCoordinator {
                 offsets: g.offsets.iter().map(|((t, p), c)| (t.clone(), *p, c.clone())).collect(),
             })
             .collect();
-        let snap = Snapshot { version: SNAPSHOT_VERSION, applied: self.applied.0, groups };
+        let pending = self
+            .pending
+            .iter()
+            .flat_map(|(producer, offsets)| {
+                offsets.iter().map(|((group, (topic, partition)), p)| SnapshotPending {
+                    producer: producer.0,
+                    group: group.clone(),
+                    topic: topic.clone(),
+                    partition: *partition,
+                    committed: p.committed.clone(),
+                    at: p.at.0,
+                })
+            })
+            .collect();
+        let snap = Snapshot { version: SNAPSHOT_VERSION, applied: self.applied.0, groups, pending };
         serde_json::to_vec(&snap).expect("snapshots serialize")
     }
 
@@ -334,7 +454,7 @@ impl GroupCoordinator {
     pub fn restore(bytes: &[u8], heartbeat_interval_ms: u32) -> Result<GroupCoordinator, RecordError> {
         let snap: Snapshot =
             serde_json::from_slice(bytes).map_err(|e| RecordError { offset: 0, reason: e.to_string() })?;
-        if snap.version != SNAPSHOT_VERSION {
+        if !SNAPSHOT_VERSIONS_READ.contains(&snap.version) {
             return Err(RecordError { offset: snap.applied, reason: format!("snapshot version {}", snap.version) });
         }
         let groups = snap
@@ -345,7 +465,27 @@ impl GroupCoordinator {
                 (g.group, Group { meta: g.meta, offsets })
             })
             .collect();
-        Ok(GroupCoordinator { groups, deadlines: HashMap::new(), applied: Offset(snap.applied), heartbeat_interval_ms })
+        let mut pending: BTreeMap<ProducerId, PendingOffsets> = BTreeMap::new();
+        for p in snap.pending {
+            if p.at >= snap.applied {
+                return Err(RecordError {
+                    offset: p.at,
+                    reason: "a pending offset at or past the snapshot's offset".into(),
+                });
+            }
+            let key = (p.group, (p.topic, p.partition));
+            pending
+                .entry(ProducerId(p.producer))
+                .or_default()
+                .insert(key, Pending { committed: p.committed, at: Offset(p.at) });
+        }
+        Ok(GroupCoordinator {
+            groups,
+            deadlines: HashMap::new(),
+            pending,
+            applied: Offset(snap.applied),
+            heartbeat_interval_ms,
+        })
     }
 
     /// Gives every member a full session from `now` (after a load: liveness is not logged).
@@ -369,7 +509,32 @@ impl GroupCoordinator {
             .collect()
     }
 
-    /// A group's committed offsets (`None`: every one), -1 where none.
+    /// OffsetFetch: [`GroupCoordinator::fetch_offsets`], refused with the retriable
+    /// `UNSTABLE_OFFSET_COMMIT` while an undecided transaction holds an offset of one of
+    /// `partitions` (`None`: of any partition of the group), as KIP-447's `require_stable`: a
+    /// consumer must not start from an offset a transaction is about to change.
+    pub fn fetch_offsets_stable(
+        &self,
+        group: &str,
+        partitions: Option<&[TopicPartition]>,
+    ) -> Result<Vec<OffsetFetchPartition>, Refusal> {
+        check_group_id(group)?;
+        if let Some(producer) = self.pending_producer(group, partitions) {
+            return Err((
+                ErrorCode::UNSTABLE_OFFSET_COMMIT,
+                format!(
+                    "offsets of group '{}' are in the open transaction of producer {}; retry once it ends",
+                    shown(group),
+                    producer.0
+                ),
+            ));
+        }
+        Ok(self.fetch_offsets(group, partitions))
+    }
+
+    /// A group's committed offsets (`None`: every one), -1 where none. Pending transactional
+    /// offsets are not shown (answer OffsetFetch with
+    /// [`GroupCoordinator::fetch_offsets_stable`]).
     pub fn fetch_offsets(&self, group: &str, partitions: Option<&[TopicPartition]>) -> Vec<OffsetFetchPartition> {
         let g = self.groups.get(group);
         let found = |topic: &str, partition: u32| g.and_then(|g| g.offsets.get(&(topic.to_owned(), partition)));
@@ -641,28 +806,45 @@ impl GroupCoordinator {
         req: &OffsetCommitRequest,
         fencing: bool,
     ) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
-        check_group_id(&req.group)?;
-        let g = self.groups.get(&req.group);
-        let member = if !fencing {
-            None // planted bug only (`commit_planted`)
-        } else if req.member_id.is_empty() && req.member_epoch == -1 {
-            if let Some(g) = g.filter(|g| !g.meta.members.is_empty()) {
-                return Err((
-                    ErrorCode::GROUP_NOT_EMPTY,
-                    format!("group '{}' has {} members; stop them first", shown(&req.group), g.meta.members.len()),
-                ));
-            }
-            None
-        } else {
-            let m = g.and_then(|g| g.meta.members.get(&req.member_id)).ok_or_else(|| unknown_member(&req.member_id))?;
-            if Generation(req.member_epoch) != m.epoch && Generation(req.member_epoch) != m.previous_epoch {
-                return Err(fenced(&req.member_id, req.member_epoch, m.epoch));
-            }
-            Some(m)
-        };
+        let who = Committer { group: &req.group, member_id: &req.member_id, member_epoch: req.member_epoch };
+        self.offset_records(who, &req.offsets, fencing)
+    }
+
+    /// A transactional offset commit (Kafka's TxnOffsetCommit), checked as an offset commit
+    /// (member id, member epoch and ownership; empty member id and epoch -1 only on a group
+    /// without members). The driver writes the records as one transactional batch of
+    /// `req.producer_id` / `req.producer_epoch`: they take effect at that producer's commit
+    /// marker ([`LogMachine::apply_marker`]). Whether the offsets partition is in the
+    /// producer's transaction is the partition leader's check, not this one.
+    pub fn txn_commit(
+        &self,
+        req: &TxnOffsetCommitRequest,
+    ) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
+        super::txn::check_id(&req.transactional_id)?;
+        if req.producer_id < 0 || req.producer_epoch < 0 {
+            return Err((
+                ErrorCode::INVALID_REQUEST,
+                format!("producer id {} epoch {}: a transaction needs both", req.producer_id, req.producer_epoch),
+            ));
+        }
+        let who = Committer { group: &req.group, member_id: &req.member_id, member_epoch: req.member_epoch };
+        self.offset_records(who, &req.partitions, true)
+    }
+
+    /// The records and per-partition answers of a commit of `offsets` by `who`; a refusal of
+    /// the whole commit when `who` may not commit (with `fencing` off, a planted bug, anyone
+    /// may).
+    fn offset_records(
+        &self,
+        who: Committer<'_>,
+        offsets: &[OffsetCommitPartition],
+        fencing: bool,
+    ) -> Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal> {
+        check_group_id(who.group)?;
+        let member = if fencing { self.committer(&who)? } else { None };
         let mut records = Vec::new();
-        let mut reply = Vec::with_capacity(req.offsets.len());
-        for o in &req.offsets {
+        let mut reply = Vec::with_capacity(offsets.len());
+        for o in offsets {
             let tp = (o.topic.clone(), o.partition);
             let error = if member.is_some_and(|m| !m.assigned.contains(&tp)) {
                 ErrorCode::PARTITION_NOT_OWNED
@@ -670,7 +852,7 @@ impl GroupCoordinator {
                 ErrorCode::INVALID_REQUEST
             } else {
                 records.push(GroupRecord::Offset {
-                    group: req.group.clone(),
+                    group: who.group.to_owned(),
                     topic: o.topic.clone(),
                     partition: o.partition,
                     committed: Committed { offset: o.offset, metadata: o.metadata.clone() },
@@ -682,7 +864,29 @@ impl GroupCoordinator {
         Ok(Outcome { records, reply })
     }
 
-    /// Deletes a group without members, with its offsets.
+    /// The member committing (`None`: an administrative commit, empty member id and epoch -1,
+    /// allowed only on a group without members); a refusal for an unknown member or a stale
+    /// epoch.
+    fn committer(&self, who: &Committer<'_>) -> Result<Option<&Member>, Refusal> {
+        let g = self.groups.get(who.group);
+        if who.member_id.is_empty() && who.member_epoch == -1 {
+            if let Some(g) = g.filter(|g| !g.meta.members.is_empty()) {
+                return Err((
+                    ErrorCode::GROUP_NOT_EMPTY,
+                    format!("group '{}' has {} members; stop them first", shown(who.group), g.meta.members.len()),
+                ));
+            }
+            return Ok(None);
+        }
+        let m = g.and_then(|g| g.meta.members.get(who.member_id)).ok_or_else(|| unknown_member(who.member_id))?;
+        if Generation(who.member_epoch) != m.epoch && Generation(who.member_epoch) != m.previous_epoch {
+            return Err(fenced(who.member_id, who.member_epoch, m.epoch));
+        }
+        Ok(Some(m))
+    }
+
+    /// Deletes a group without members, with its offsets; refused while a transaction holds
+    /// pending offsets of it (end or abort that transaction first).
     pub fn delete(&self, group: &str) -> Result<Outcome<()>, Refusal> {
         check_group_id(group)?;
         let g = self
@@ -695,7 +899,30 @@ impl GroupCoordinator {
                 format!("group '{}' has {} members; stop them first", shown(group), g.meta.members.len()),
             ));
         }
+        if let Some(producer) = self.pending_producer(group, None) {
+            return Err((
+                ErrorCode::GROUP_NOT_EMPTY,
+                format!(
+                    "group '{}' has offsets in the open transaction of producer {}; end or abort it first",
+                    shown(group),
+                    producer.0
+                ),
+            ));
+        }
         Ok(Outcome { records: vec![GroupRecord::GroupDeleted { group: group.to_owned() }], reply: () })
+    }
+
+    /// A producer with a pending transactional offset of `group` for one of `partitions`
+    /// (`None`: for any partition).
+    fn pending_producer(&self, group: &str, partitions: Option<&[TopicPartition]>) -> Option<ProducerId> {
+        let wanted = |(topic, partition): &Tp| {
+            partitions.is_none_or(|ps| ps.iter().any(|p| p.partition == *partition && &p.topic == topic))
+        };
+        let start = (group.to_owned(), (String::new(), 0));
+        self.pending.iter().find_map(|(producer, offsets)| {
+            let mut of_group = offsets.range(&start..).take_while(|((g, _), _)| g == group);
+            of_group.any(|((_, tp), _)| wanted(tp)).then_some(*producer)
+        })
     }
 
     /// Members whose session ended by `now` leave their groups: one record per group changed.

@@ -2,7 +2,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use skein_client::wire::{
     ErrorCode, GroupHeartbeatRequest, GroupHeartbeatResponse, OffsetCommitPartition, OffsetCommitRequest,
-    TopicPartition, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
+    TopicPartition, TxnOffsetCommitRequest, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
 };
 
 use super::*;
@@ -30,7 +30,7 @@ impl Harness {
     fn commit_records(&mut self, records: Vec<GroupRecord>) {
         for r in records {
             let (_, value) = r.encode();
-            let at = Offset(self.log.len() as u64);
+            let at = self.c.applied();
             self.c.apply(at, b"", &value).expect("decodes");
             self.log.push(r);
         }
@@ -390,4 +390,261 @@ fn the_sticky_assignor_prefers_members_in_a_replica_rack_without_losing_balance(
     }
     let blind = assign(Assignor::Sticky, &members, &BTreeMap::new(), &Racked);
     assert!(blind.values().all(|s| s.len() == 4));
+}
+
+// Transactional offset commits.
+
+const P: ProducerId = ProducerId(7);
+const Q: ProducerId = ProducerId(8);
+
+fn txn_req(member: &str, epoch: i32, offsets: &[(&str, u32, u64)]) -> TxnOffsetCommitRequest {
+    TxnOffsetCommitRequest {
+        transactional_id: "tx".into(),
+        group: "g".into(),
+        producer_id: P.0,
+        producer_epoch: 0,
+        member_id: member.into(),
+        member_epoch: epoch,
+        partitions: offsets
+            .iter()
+            .map(|(t, p, o)| OffsetCommitPartition {
+                topic: t.to_string(),
+                partition: *p,
+                offset: *o,
+                metadata: String::new(),
+            })
+            .collect(),
+    }
+}
+
+fn admin_commit(offsets: &[(&str, u32, u64)]) -> OffsetCommitRequest {
+    let t = txn_req("", -1, offsets);
+    OffsetCommitRequest { group: t.group, member_id: t.member_id, member_epoch: t.member_epoch, offsets: t.partitions }
+}
+
+fn tp(t: &str, p: u32) -> TopicPartition {
+    TopicPartition { topic: t.into(), partition: p }
+}
+
+impl Harness {
+    fn at(&self) -> Offset {
+        self.c.applied()
+    }
+
+    /// Applies `records` as written inside `producer`'s transaction.
+    fn txn_records(&mut self, producer: ProducerId, records: Vec<GroupRecord>) {
+        for r in records {
+            let (key, value) = r.encode();
+            let at = self.at();
+            self.c.apply_transactional(at, producer, &key, &value).expect("decodes");
+        }
+    }
+
+    fn marker(&mut self, producer: ProducerId, kind: MarkerKind) {
+        let at = self.at();
+        self.c.apply_marker(at, producer, kind);
+        assert_eq!(self.c.applied(), Offset(at.0 + 1), "a marker advances applied");
+    }
+
+    /// The committed offset of `t`/`p` (-1: none), pending ones ignored.
+    fn offset(&self, t: &str, p: u32) -> i64 {
+        self.c.fetch_offsets("g", Some(&[tp(t, p)]))[0].offset
+    }
+
+    /// What OffsetFetch answers for `t`/`p`: the offset or the refusal's code.
+    fn stable(&self, partitions: Option<&[TopicPartition]>) -> Result<Vec<i64>, ErrorCode> {
+        self.c.fetch_offsets_stable("g", partitions).map(|o| o.iter().map(|o| o.offset).collect()).map_err(|e| e.0)
+    }
+}
+
+#[test]
+fn transactional_offsets_are_invisible_until_their_producers_commit_marker() {
+    let mut h = Harness::new();
+    h.commit_records(h.c.commit(&admin_commit(&[("t", 0, 5)])).expect("admin commit").records);
+    let out = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9), ("u", 1, 3)])).expect("accepted");
+    assert!(out.reply.iter().all(|r| r.error == ErrorCode::NONE));
+    h.marker(P, MarkerKind::Begin);
+    h.txn_records(P, out.records);
+    assert_eq!((h.offset("t", 0), h.offset("u", 1)), (5, -1), "pending offsets are not committed ones");
+    let unstable = Err(ErrorCode::UNSTABLE_OFFSET_COMMIT);
+    assert_eq!(h.stable(Some(&[tp("t", 0)])), unstable);
+    assert_eq!(h.stable(Some(&[tp("t", 1), tp("u", 1)])), unstable, "one pending partition refuses the request");
+    assert_eq!(h.stable(None), unstable, "all partitions of the group");
+    assert_eq!(h.stable(Some(&[tp("t", 1)])), Ok(vec![-1]), "other partitions are stable");
+    assert_eq!(h.c.fetch_offsets_stable("other", None).map(|o| o.len()), Ok(0), "other groups are stable");
+    assert!(ErrorCode::UNSTABLE_OFFSET_COMMIT.is_retriable());
+    assert_eq!(h.c.delete("g").map(|_| ()).unwrap_err().0, ErrorCode::GROUP_NOT_EMPTY, "pending offsets pin the group");
+    h.marker(Q, MarkerKind::Commit);
+    h.marker(Q, MarkerKind::Abort);
+    assert_eq!(h.stable(Some(&[tp("t", 0)])), unstable, "another producer's markers decide nothing of P's");
+    h.marker(P, MarkerKind::Commit);
+    assert_eq!(h.stable(Some(&[tp("t", 0), tp("u", 1)])), Ok(vec![9, 3]));
+    h.marker(P, MarkerKind::Commit);
+    assert_eq!(h.stable(None), Ok(vec![9, 3]), "a second marker finds nothing pending");
+}
+
+#[test]
+fn an_abort_marker_drops_the_producers_pending_offsets() {
+    let mut h = Harness::new();
+    h.commit_records(h.c.commit(&admin_commit(&[("t", 0, 5)])).expect("admin commit").records);
+    let p = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9)])).expect("accepted");
+    h.txn_records(P, p.records);
+    let mut q = txn_req("", -1, &[("t", 1, 4)]);
+    q.producer_id = Q.0;
+    let q = h.c.txn_commit(&q).expect("accepted");
+    h.txn_records(Q, q.records);
+    h.marker(P, MarkerKind::Abort);
+    assert_eq!(h.stable(Some(&[tp("t", 0)])), Ok(vec![5]), "P's offset is gone");
+    assert_eq!(h.stable(None), Err(ErrorCode::UNSTABLE_OFFSET_COMMIT), "Q's is still pending");
+    h.marker(Q, MarkerKind::Commit);
+    assert_eq!(h.stable(Some(&[tp("t", 0), tp("t", 1)])), Ok(vec![5, 4]));
+    h.marker(P, MarkerKind::Commit);
+    assert_eq!(h.offset("t", 0), 5, "a commit marker after the abort brings nothing back");
+}
+
+#[test]
+fn a_committed_offset_written_after_a_pending_one_supersedes_it() {
+    let mut h = Harness::new();
+    let p = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9), ("t", 1, 9)])).expect("accepted");
+    h.txn_records(P, p.records);
+    h.commit_records(h.c.commit(&admin_commit(&[("t", 0, 20)])).expect("admin commit").records);
+    assert_eq!(h.stable(Some(&[tp("t", 0)])), Ok(vec![20]), "P's older offset can never take effect");
+    assert_eq!(h.stable(Some(&[tp("t", 1)])), Err(ErrorCode::UNSTABLE_OFFSET_COMMIT));
+    // Q's transaction writes after P's and commits first: P's commit must not undo it.
+    let mut q = txn_req("", -1, &[("t", 1, 30)]);
+    q.producer_id = Q.0;
+    let q = h.c.txn_commit(&q).expect("accepted");
+    h.txn_records(Q, q.records);
+    h.marker(Q, MarkerKind::Commit);
+    assert_eq!(h.stable(None), Ok(vec![20, 30]));
+    h.marker(P, MarkerKind::Commit);
+    assert_eq!(h.stable(None), Ok(vec![20, 30]), "the older transactional offsets lost");
+    // A later write inside the same transaction replaces the earlier one.
+    let first = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 40)])).expect("accepted");
+    let second = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 41)])).expect("accepted");
+    h.txn_records(P, first.records);
+    h.txn_records(P, second.records);
+    h.marker(P, MarkerKind::Commit);
+    assert_eq!(h.offset("t", 0), 41);
+}
+
+#[test]
+fn pending_offsets_survive_a_snapshot_and_old_snapshots_still_restore() {
+    let mut h = Harness::new();
+    h.commit_records(h.c.commit(&admin_commit(&[("t", 0, 5)])).expect("admin commit").records);
+    let v1 = h.c.snapshot();
+    let p = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9)])).expect("accepted");
+    h.txn_records(P, p.records);
+    let mut restored = GroupCoordinator::restore(&h.c.snapshot(), 500).expect("restores");
+    assert_eq!(restored.applied(), h.c.applied());
+    assert_eq!(restored.fetch_offsets_stable("g", None).map_err(|e| e.0), Err(ErrorCode::UNSTABLE_OFFSET_COMMIT));
+    restored.apply_marker(restored.applied(), P, MarkerKind::Commit);
+    assert_eq!(restored.fetch_offsets_stable("g", None).expect("stable")[0].offset, 9);
+    // A version 1 snapshot (no pending offsets) restores; an unknown version does not.
+    let mut old: serde_json::Value = serde_json::from_slice(&v1).expect("json");
+    old["version"] = 1.into();
+    old.as_object_mut().expect("object").remove("pending");
+    let old = GroupCoordinator::restore(&serde_json::to_vec(&old).expect("json"), 500).expect("version 1 restores");
+    assert_eq!(old.fetch_offsets_stable("g", None).expect("stable")[0].offset, 5);
+    let mut future: serde_json::Value = serde_json::from_slice(&v1).expect("json");
+    future["version"] = 3.into();
+    assert!(GroupCoordinator::restore(&serde_json::to_vec(&future).expect("json"), 500).is_err());
+}
+
+#[test]
+fn transactional_commits_follow_the_plain_commit_rules() {
+    let mut h = Harness::new();
+    let mut a = Client::join(&mut h, 0, "");
+    let mut b = Client::join(&mut h, 0, "");
+    converge(&mut h, 1, &mut [&mut a, &mut b]);
+    let mine = a.owned.iter().next().cloned().expect("a owns some");
+    let theirs = b.owned.iter().next().cloned().expect("b owns some");
+    let req = |member: &str, epoch: i32, p: &Tp| txn_req(member, epoch, &[(p.0.as_str(), p.1, 7)]);
+    let id = a.last.member_id.clone();
+    let epoch = a.last.member_epoch;
+    let ok = h.c.txn_commit(&req(&id, epoch, &mine)).expect("accepted");
+    assert_eq!((ok.reply[0].error, ok.records.len()), (ErrorCode::NONE, 1));
+    let not_owned = h.c.txn_commit(&req(&id, epoch, &theirs)).expect("answered");
+    assert_eq!((not_owned.reply[0].error, not_owned.records.len()), (ErrorCode::PARTITION_NOT_OWNED, 0));
+    let code = |r: Result<Outcome<Vec<OffsetCommitPartitionResponse>>, Refusal>| r.map(|_| ()).unwrap_err().0;
+    assert_eq!(code(h.c.txn_commit(&req(&id, epoch + 1, &mine))), ErrorCode::FENCED_MEMBER_EPOCH);
+    assert_eq!(code(h.c.txn_commit(&req("nobody", epoch, &mine))), ErrorCode::UNKNOWN_MEMBER_ID);
+    assert_eq!(
+        code(h.c.txn_commit(&req("", -1, &mine))),
+        ErrorCode::GROUP_NOT_EMPTY,
+        "not a member: empty groups only"
+    );
+    assert_eq!(code(h.c.txn_commit(&req("", 3, &mine))), ErrorCode::UNKNOWN_MEMBER_ID);
+    let mut no_producer = req(&id, epoch, &mine);
+    no_producer.producer_id = -1;
+    assert_eq!(code(h.c.txn_commit(&no_producer)), ErrorCode::INVALID_REQUEST);
+    let mut no_txn = req(&id, epoch, &mine);
+    no_txn.transactional_id.clear();
+    assert_eq!(code(h.c.txn_commit(&no_txn)), ErrorCode::INVALID_REQUEST);
+    let mut no_group = req(&id, epoch, &mine);
+    no_group.group.clear();
+    assert_eq!(code(h.c.txn_commit(&no_group)), ErrorCode::INVALID_GROUP_ID);
+    // Once everyone left, a non-member may commit again.
+    for c in [&a, &b] {
+        let mut leave = beat(&c.last, &c.owned);
+        leave.member_epoch = LEAVE_EPOCH;
+        h.hb(2, leave).expect("leaves");
+    }
+    assert_eq!(h.c.txn_commit(&req("", -1, &mine)).expect("accepted").reply[0].error, ErrorCode::NONE);
+}
+
+#[test]
+fn only_offsets_are_taken_inside_a_transaction_and_deleting_a_group_drops_its_pending_offsets() {
+    let mut h = Harness::new();
+    let (key, value) = GroupRecord::GroupDeleted { group: "g".into() }.encode();
+    assert!(h.c.apply_transactional(Offset(0), P, &key, &value).is_err());
+    assert!(h.c.apply_transactional(Offset(1), P, &key, b"{oops").is_err());
+    assert_eq!(h.c.applied(), Offset(2), "a skipped record is still passed");
+    let p = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9)])).expect("accepted");
+    h.txn_records(P, p.records);
+    let deleted = GroupRecord::GroupDeleted { group: "g".into() };
+    let at = h.at();
+    h.c.apply(at, b"g", &deleted.encode().1).expect("decodes");
+    assert_eq!(h.stable(None), Ok(vec![]), "nothing pending for a deleted group");
+    h.marker(P, MarkerKind::Commit);
+    assert!(h.c.list().is_empty(), "the commit marker does not bring the group back");
+}
+
+#[test]
+fn feeding_batches_applies_transactional_offsets_at_the_marker() {
+    use skein_log::batch::{Attributes, BatchBuilder};
+    use skein_log::types::{ProducerEpoch, Sequence, Timestamp};
+
+    use crate::core::machine::feed;
+    use crate::core::txn_partition::marker_batch;
+
+    let h = Harness::new();
+    let out = h.c.txn_commit(&txn_req("", -1, &[("t", 0, 9), ("t", 1, 8)])).expect("accepted");
+    let mut log = Vec::new();
+    let mut next = 0u64;
+    let mut push = |mut batch: skein_log::batch::RecordBatch<Vec<u8>>, log: &mut Vec<u8>| {
+        batch.set_base_offset(Offset(next));
+        next = batch.header().next_offset().0;
+        log.extend_from_slice(batch.as_bytes());
+    };
+    push(marker_batch(P, ProducerEpoch(0), MarkerKind::Begin, Timestamp(0)), &mut log);
+    let mut b = BatchBuilder::new()
+        .producer(P, ProducerEpoch(0), Sequence::NONE)
+        .attributes(Attributes::default().with_transactional(true));
+    for r in &out.records {
+        let (key, value) = r.encode();
+        b.push(Some(&key), &value, &[], Timestamp(0));
+    }
+    push(b.build(), &mut log);
+    let before_commit = log.len();
+    push(marker_batch(P, ProducerEpoch(0), MarkerKind::Commit, Timestamp(0)), &mut log);
+    let mut c = GroupCoordinator::new(500);
+    let fed = feed(&mut c, &log[..before_commit], Offset(0)).expect("parses");
+    assert_eq!((fed.applied, fed.skipped, c.applied()), (3, 0, Offset(3)));
+    assert_eq!(c.fetch_offsets_stable("g", None).map_err(|e| e.0), Err(ErrorCode::UNSTABLE_OFFSET_COMMIT));
+    let from = c.applied();
+    let fed = feed(&mut c, &log, from).expect("parses");
+    assert_eq!((fed.applied, c.applied()), (1, Offset(4)));
+    let offsets: Vec<i64> = c.fetch_offsets_stable("g", None).expect("stable").iter().map(|o| o.offset).collect();
+    assert_eq!(offsets, vec![9, 8]);
 }
