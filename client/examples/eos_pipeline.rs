@@ -15,9 +15,9 @@
 //! committed offsets), and its offsets, sent with the member's epoch, are refused if the member
 //! was fenced meanwhile.
 //!
-//! Stops after `--max-records` records (all committed), after `--idle-ms` without input, or on
-//! SIGINT/SIGTERM (committing what it processed); prints `processed N` (this run's committed
-//! records) on stdout.
+//! Stops after `--max-records` records (all committed), after `--idle-ms` without input (while
+//! it owns partitions), or on SIGINT/SIGTERM (committing what it processed); prints
+//! `processed N` (this run's committed records) on stdout.
 //!
 //! `cargo run -p skein-client --example eos_pipeline -- --bootstrap 127.0.0.1:9092 --input a
 //! --output b --group pipeline --transactional-id pipeline-1`
@@ -61,7 +61,8 @@ struct Args {
     /// Stop once this many records are processed and committed.
     #[arg(long)]
     max_records: Option<u64>,
-    /// Stop after this long without input (everything processed is committed first).
+    /// Stop after this long without input while owning partitions (everything processed is
+    /// committed first).
     #[arg(long, default_value_t = 10_000)]
     idle_ms: u64,
 }
@@ -148,7 +149,9 @@ async fn pipeline(
     while committed + batch.records < limit && !stop.get() && last_input.elapsed() < Duration::from_millis(args.idle_ms)
     {
         let records = consumer.poll().await.map_err(|e| format!("polling {}: {e}", args.input))?;
-        if !records.is_empty() {
+        // Idle only counts while partitions are owned: after a crash the group gives them to
+        // this instance only once the dead one's session timed out.
+        if !records.is_empty() || consumer.assignment().is_empty() {
             last_input = Instant::now();
         }
         // Before any of them is processed: an abort reads every record of this poll again.
