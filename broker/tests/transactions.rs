@@ -277,3 +277,86 @@ fn transactions_commit_abort_fence_and_survive_a_kill() {
         assert_eq!(visible(&rc), vec!["a"]);
     });
 }
+
+/// Reads every partition of `t` to its end (the last stable offset for read_committed): the
+/// values, in order per partition.
+async fn read_all(addrs: &str, partitions: u32, isolation: skein_client::Isolation) -> Vec<String> {
+    use skein_client::{Consumer, ConsumerConfig, Position};
+    let client = Client::connect(addrs).await.expect("connect");
+    let config = ConsumerConfig { isolation, ..ConsumerConfig::default() };
+    let mut consumer = Consumer::new(client, config);
+    consumer.assign("t", &(0..partitions).collect::<Vec<_>>(), Position::Beginning).await.expect("assign");
+    let mut out = Vec::new();
+    let mut idle = 0;
+    while idle < 10 {
+        let got = consumer.poll().await.expect("poll");
+        if got.is_empty() {
+            idle += 1;
+        } else {
+            idle = 0;
+        }
+        out.extend(got.into_iter().map(|r| String::from_utf8_lossy(&r.value).into_owned()));
+    }
+    out
+}
+
+#[test]
+fn transactions_complete_through_kills_of_their_coordinator_and_a_partition_leader() {
+    use skein_client::Isolation;
+    use skein_client::{TransactionalProducer, TxnConfig};
+
+    let mut c = common::cluster::Cluster::start(141, 19641);
+    let addrs = c.addrs.clone();
+    let all = addrs.join(",");
+    // Transactions 0..6: commit the even ones, abort the odd ones; after the writes of
+    // transaction 2 the coordinator is killed, after those of 4 the leader of t/0.
+    let mut expected = Vec::new();
+    let mut aborted = Vec::new();
+    block_on(async {
+        let client = Client::connect(&all).await.expect("connect");
+        let configs = [("min.insync.replicas".to_owned(), "2".to_owned())];
+        client.create_topic("t", 3, 3, &configs).await.expect("create t");
+        let mut p = TransactionalProducer::init(client.clone(), TxnConfig::new("eos")).await.expect("init");
+        for round in 0..6u32 {
+            p.begin().expect("begin");
+            let values: Vec<String> = (0..3).map(|part| format!("r{round}-p{part}")).collect();
+            for (part, v) in values.iter().enumerate() {
+                p.send("t", Some(part as u32), None, v.as_bytes()).await.expect("send");
+            }
+            p.flush().await.expect("flush");
+            let victim = match round {
+                2 => {
+                    let at = coordinator(&addrs[0], "eos").await;
+                    addrs.iter().position(|a| *a == at)
+                }
+                4 => {
+                    let meta = client.describe_topic("t").await.expect("describe");
+                    let leader = meta.partitions.iter().find(|x| x.partition == 0).expect("t/0").leader;
+                    Some(leader as usize - 1)
+                }
+                _ => None,
+            };
+            if let Some(i) = victim {
+                c.brokers[i].take().expect("running").kill9();
+            }
+            if round % 2 == 0 {
+                p.commit().await.expect("commit through the failover");
+                expected.extend(values);
+            } else {
+                p.abort().await.expect("abort");
+                aborted.extend(values);
+            }
+            if let Some(i) = victim {
+                c.brokers[i] = Some(c.spawn(i));
+            }
+        }
+    });
+    let seen = block_on(read_all(&all, 3, Isolation::ReadCommitted));
+    let mut sorted = seen.clone();
+    sorted.sort();
+    let mut want = expected.clone();
+    want.sort();
+    assert_eq!(sorted, want, "read_committed sees every committed record once and nothing aborted");
+    let everything = block_on(read_all(&all, 3, Isolation::ReadUncommitted));
+    assert!(aborted.iter().all(|v| everything.contains(v)), "aborted records are in the log for read_uncommitted");
+}

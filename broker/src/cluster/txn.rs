@@ -267,6 +267,7 @@ async fn commit(
     record: &TxnRecord,
     slot: &mut Option<Loaded>,
 ) -> Result<(), Refusal> {
+    tracing::debug!(id = record.id, state = record.meta.state.name(), "writing a transaction record");
     let result = match write(node, index, epoch, record).await {
         Ok(end) => match catch_up(node, pid, slot) {
             Ok(true) if slot.as_ref().is_some_and(|l| l.machine.applied() >= end) => {
@@ -371,6 +372,7 @@ async fn markers(
         }
         for (tp, (correlation, rx)) in waits {
             let answer = compio::time::timeout(Duration::from_millis(MARKER_ATTEMPT_MS), rx).await;
+            tracing::trace!(topic = %tp.0, partition = tp.1, kind = kind.name(), producer = producer.0, epoch, answer = ?answer, "marker answered");
             let result = match answer {
                 Ok(Ok(r)) => r,
                 Ok(Err(_)) | Err(_) => {
@@ -405,6 +407,7 @@ async fn complete(
     slot: &mut Option<Loaded>,
 ) -> Result<(), Refusal> {
     let Some(c) = slot.as_ref().and_then(|l| l.machine.completion(id)) else { return Ok(()) };
+    tracing::debug!(id, kind = c.kind.name(), partitions = c.partitions.len(), "completing a transaction");
     let results = markers(node, pid, c.producer, c.epoch, c.kind, &c.partitions).await;
     if let Some((tp, e)) = results.iter().find_map(|(tp, r)| r.err().map(|e| (tp, e))) {
         tracing::warn!(id, topic = %tp.0, partition = tp.1, error = ?e, "a transaction marker is not written yet; retrying in the background");
