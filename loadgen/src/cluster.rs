@@ -412,6 +412,30 @@ impl Probe {
         votes.into_iter().max_by_key(|&(_, n)| n).map(|(c, _)| c)
     }
 
+    /// The transaction coordinator of `transactional_id` (the leader of its
+    /// `__transaction_state` partition), as the first broker that answers FindCoordinator
+    /// names it.
+    pub fn transaction_coordinator(&self, transactional_id: &str) -> Result<u32> {
+        let mut last_error = None;
+        for addr in &self.addrs {
+            let ask = async {
+                let config = ClientConfig {
+                    brokers: addr.to_string(),
+                    request_timeout: self.timeout,
+                    ..ClientConfig::default()
+                };
+                Client::with_config(config).await?.find_transaction_coordinator(transactional_id).await
+            };
+            match self.rt.block_on(compio::time::timeout(self.timeout * 2, ask)) {
+                Ok(Ok(c)) => return Ok(c.node_id),
+                Ok(Err(e)) => last_error = Some(anyhow::Error::from(e)),
+                Err(_) => last_error = Some(anyhow::anyhow!("FindCoordinator to {addr} timed out")),
+            }
+        }
+        Err(last_error.unwrap_or_else(|| anyhow::anyhow!("no brokers to ask")))
+            .with_context(|| format!("the transaction coordinator of '{transactional_id}'"))
+    }
+
     /// The leader of `partition` of `topic` (`None` while it has none).
     pub fn leader(&self, topic: &str, partition: u32) -> Result<Option<(u32, u32)>> {
         let views = self.partitions(topic)?;

@@ -7,7 +7,8 @@
 //! - [`load`]: produce, consume and end-to-end runs.
 //! - [`limits`]: loopback TCP and disk ceilings.
 //! - [`plot`]: latency-by-percentile SVG charts.
-//! - [`verify`]: a checked workload (history + [`skein_broker::check`]) with faults.
+//! - [`verify`]: a checked workload (history + [`skein_broker::check`]) with faults;
+//!   [`txn_verify`]: its transactional producers; [`txn_check`]: the transaction checks.
 //! - [`cluster`]: a local cluster of real broker processes (start, kill, restart, pause).
 //! - [`chaos`]: network faults between those brokers with nftables.
 //! - [`failover`]: failover time under kill -9 of the leader, and leader stability.
@@ -26,4 +27,6 @@ pub mod load;
 pub mod plot;
 pub mod rebalance;
 pub mod report;
+pub mod txn_check;
+pub mod txn_verify;
 pub mod verify;

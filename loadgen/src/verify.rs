@@ -34,12 +34,14 @@ use anyhow::{bail, Context, Result};
 use skein_broker::check::{self, History, PollOp, SendOp, SendOutcome};
 use skein_client::wire::ErrorCode;
 use skein_client::{
-    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Position, Producer, ProducerConfig, ReadReplica,
-    ReadStats, SessionHandle,
+    Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Isolation, Position, Producer, ProducerConfig,
+    ReadReplica, ReadStats, SessionHandle,
 };
 
 use crate::chaos::{nft, NetChaos};
 use crate::cluster::{signal, LocalCluster, PartitionView, Probe};
+use crate::txn_check::{self, Reached, Txn};
+use crate::txn_verify;
 
 /// A fault the verifier injects into broker processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,11 +65,15 @@ pub enum Fault {
     /// Cluster only: drop packets one way between the leader of a random partition and one
     /// of its followers (either direction) for a while.
     OneWay,
+    /// Cluster only, with transactions: SIGKILL the transaction coordinator of a random
+    /// producer's transactional id (the leader of its `__transaction_state` partition), then
+    /// restart it.
+    KillCoordinator,
 }
 
 impl Fault {
     /// Every fault, in the order `--faults` lists them.
-    pub const ALL: [Fault; 8] = [
+    pub const ALL: [Fault; 9] = [
         Fault::Kill,
         Fault::Pause,
         Fault::Partition,
@@ -76,6 +82,7 @@ impl Fault {
         Fault::Isolate,
         Fault::CutLeader,
         Fault::OneWay,
+        Fault::KillCoordinator,
     ];
 
     /// The name `--faults` takes.
@@ -89,6 +96,7 @@ impl Fault {
             Fault::Isolate => "isolate",
             Fault::CutLeader => "cut-leader",
             Fault::OneWay => "one-way",
+            Fault::KillCoordinator => "kill-coordinator",
         }
     }
 
@@ -209,6 +217,14 @@ pub struct VerifyConfig {
     /// Nodes to spread reads over with [`ReadFrom::Any`] (ids 1..=nodes; set by
     /// [`run_cluster`]).
     pub nodes: u32,
+    /// Producers are transactional ([`crate::txn_verify`]): several partitions per
+    /// transaction, some aborted; readers read committed, plus one more reading uncommitted;
+    /// the transaction checks ([`crate::txn_check`]) run besides the base checks.
+    pub transactions: bool,
+    /// With `transactions`: the producers' transaction timeout (the coordinator aborts a
+    /// transaction open longer, and the end-of-run wait for stable offsets is this plus a
+    /// margin).
+    pub transaction_timeout: Duration,
 }
 
 /// The broker flag that makes followers serve past their high watermark (with
@@ -274,6 +290,8 @@ impl Default for VerifyConfig {
             read_your_writes: false,
             unsafe_reads: false,
             nodes: 1,
+            transactions: false,
+            transaction_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -297,6 +315,15 @@ pub struct Verdict {
     /// The readers' fetches (final read excluded): answers, follower answers, waits for a
     /// session token, redirects to the leader.
     pub reads: ReadStats,
+    /// With transactions: the transaction checks' report.
+    pub txn: Option<crate::txn_check::TxnReport>,
+}
+
+impl Verdict {
+    /// True if no check failed (base checks and, with transactions, the transaction checks).
+    pub fn ok(&self) -> bool {
+        self.report.ok() && self.txn.as_ref().is_none_or(crate::txn_check::TxnReport::ok)
+    }
 }
 
 fn micros(start: Instant) -> u64 {
@@ -346,6 +373,9 @@ pub fn run_cluster(cfg: VerifyConfig, cluster: &mut LocalCluster) -> Result<Verd
 }
 
 fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Verdict> {
+    if cfg.faults.contains(&Fault::KillCoordinator) && !cfg.transactions {
+        bail!("--faults kill-coordinator needs --transactions");
+    }
     if cluster.is_none() {
         check_process_targets(&cfg)?;
     }
@@ -356,23 +386,43 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
     let start = Instant::now();
     let ops: Arc<Mutex<Vec<check::Op>>> = Arc::default();
     let reads: Arc<Mutex<ReadStats>> = Arc::default();
+    let txns: Arc<Mutex<Vec<Txn>>> = Arc::default();
+    let reached: Arc<Mutex<Vec<Reached>>> = Arc::default();
     let stop_producers = Arc::new(AtomicBool::new(false));
     let stop_consumers = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for i in 0..cfg.producers {
         let (cfg, ops, stop, reads) = (cfg.clone(), ops.clone(), stop_producers.clone(), reads.clone());
         let stop_reads = stop_consumers.clone();
+        if cfg.transactions {
+            let txns = txns.clone();
+            threads.push(std::thread::spawn(move || txn_producer(i, &cfg, partitions, start, &txns, &stop)));
+            continue;
+        }
         threads
             .push(std::thread::spawn(move || producer(i, &cfg, partitions, start, &ops, &stop, (&reads, &stop_reads))));
     }
-    for i in 0..cfg.consumers {
+    // With transactions, one more reader reads uncommitted.
+    let uncommitted = cfg.transactions.then_some((cfg.producers + cfg.consumers) as u32);
+    for i in 0..cfg.consumers + usize::from(cfg.transactions) {
         let (cfg, ops, stop, reads) = (cfg.clone(), ops.clone(), stop_consumers.clone(), reads.clone());
+        let reached = reached.clone();
         let process = (cfg.producers + i) as u32;
+        let isolation =
+            if Some(process) == uncommitted { Isolation::ReadUncommitted } else { Isolation::ReadCommitted };
         threads.push(std::thread::spawn(move || {
             let rt = compio::runtime::Runtime::new()?;
             rt.block_on(async {
-                let reader =
-                    Reader { process, cfg: &cfg, partitions, start, final_read: false, session: session(&cfg) };
+                let reader = Reader {
+                    process,
+                    cfg: &cfg,
+                    partitions,
+                    start,
+                    final_read: false,
+                    session: session(&cfg),
+                    isolation,
+                    reached: Some(&*reached),
+                };
                 reader.run(&ops, &stop, &reads).await
             })
         }));
@@ -392,25 +442,76 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
         }
     }
     let fault_log = faults?;
+    let rt = compio::runtime::Runtime::new()?;
+    // With transactions: every producer ended its transactions, so every partition's last
+    // stable offset must reach its high watermark (at the latest when the coordinator aborts
+    // a transaction left open, after its timeout).
+    let stuck = if cfg.transactions {
+        rt.block_on(async {
+            let client = Client::with_config(client_config(&cfg)).await?;
+            let bound = cfg.transaction_timeout + STABLE_MARGIN;
+            Ok::<_, anyhow::Error>(txn_verify::wait_stable(&client, &cfg.topic, partitions, bound).await)
+        })
+        .context("waiting for stable offsets")?
+    } else {
+        Vec::new()
+    };
     // The final read: every partition from its start to its end.
-    let final_process = (cfg.producers + cfg.consumers) as u32;
+    let final_process = (cfg.producers + cfg.consumers + usize::from(cfg.transactions)) as u32;
     let done = Arc::new(AtomicBool::new(false));
     let final_cfg = VerifyConfig { read_from: ReadFrom::Leader, ..cfg.clone() };
-    let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async {
-        let reader =
-            Reader { process: final_process, cfg: &final_cfg, partitions, start, final_read: true, session: None };
+        let reader = Reader {
+            process: final_process,
+            cfg: &final_cfg,
+            partitions,
+            start,
+            final_read: true,
+            session: None,
+            isolation: Isolation::ReadCommitted,
+            reached: Some(&*reached),
+        };
         reader.run(&ops, &done, &Mutex::default()).await
     })
     .context("final read")?;
+    // With transactions, a second final read, uncommitted: where the markers and the aborted
+    // records are (declared gaps for the base checks).
+    let final_uncommitted = cfg.transactions.then_some(final_process + 1);
+    if let Some(process) = final_uncommitted {
+        rt.block_on(async {
+            let reader = Reader {
+                process,
+                cfg: &final_cfg,
+                partitions,
+                start,
+                final_read: true,
+                session: None,
+                isolation: Isolation::ReadUncommitted,
+                reached: Some(&*reached),
+            };
+            reader.run(&ops, &done, &Mutex::default()).await
+        })
+        .context("final uncommitted read")?;
+    }
     let reads = *reads.lock().expect("no thread panicked holding the lock");
-    let mut history = History::new();
     let mut all = std::mem::take(&mut *ops.lock().expect("no thread panicked holding the lock"));
+    let txns = std::mem::take(&mut *txns.lock().expect("no thread panicked holding the lock"));
+    all.extend(txn_verify::sends(&txns));
+    // The read_uncommitted reader's polls show aborted values: the base checks take the
+    // read_committed reads only, the transaction checks take both.
+    let uncommitted: Vec<u32> = uncommitted.into_iter().chain(final_uncommitted).collect();
+    let txn_reads = txn_reads(&all, &uncommitted);
+    if let Some(process) = final_uncommitted {
+        let reached = reached.lock().expect("no thread panicked holding the lock");
+        all.extend(txn_verify::gaps(&txns, &txn_reads, &reached, process));
+    }
+    all.retain(|op| !matches!(op, check::Op::Poll(p) if uncommitted.contains(&p.process.0)));
     all.sort_by_key(|op| match op {
         check::Op::Send(s) => s.invoke_us,
         check::Op::Poll(p) => p.invoke_us,
         check::Op::Gap(_) => 0,
     });
+    let mut history = History::new();
     for op in all {
         history.push(op);
     }
@@ -420,8 +521,56 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
         history.write_json_lines(std::io::BufWriter::new(f)).with_context(|| format!("writing {}", path.display()))?;
     }
     let report = check::check(&history);
-    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused, reads })
+    let txn = cfg.transactions.then(|| {
+        let reached = reached.lock().expect("no thread panicked holding the lock");
+        txn_check::check(&txns, &txn_reads, &reached, &stuck, partitions)
+    });
+    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused, reads, txn })
 }
+
+/// Every poll as the transaction checks take it (`uncommitted`: the read_uncommitted reader).
+fn txn_reads(ops: &[check::Op], uncommitted: &[u32]) -> Vec<txn_check::Read> {
+    ops.iter()
+        .filter_map(|op| match op {
+            check::Op::Poll(p) => Some(txn_check::Read {
+                process: p.process.0,
+                committed: !uncommitted.contains(&p.process.0),
+                partition: p.partition.0,
+                records: p.records.iter().map(|(o, v)| (o.0, v.0)).collect(),
+                complete_us: p.complete_us,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A transactional producer thread: its transactions go to `txns`.
+fn txn_producer(
+    index: usize,
+    cfg: &VerifyConfig,
+    partitions: u32,
+    start: Instant,
+    txns: &Mutex<Vec<Txn>>,
+    stop: &AtomicBool,
+) -> Result<()> {
+    let rt = compio::runtime::Runtime::new()?;
+    let producer = txn_verify::TxnProducerConfig {
+        index,
+        topic: &cfg.topic,
+        client: client_config(cfg),
+        partitions,
+        rate: cfg.rate,
+        start,
+        transaction_timeout: cfg.transaction_timeout,
+    };
+    let done = rt.block_on(txn_verify::produce(&producer, stop))?;
+    txns.lock().expect("no thread panicked holding the lock").extend(done);
+    Ok(())
+}
+
+/// Added to the transaction timeout for the end-of-run wait for stable offsets (the
+/// coordinator's timeout check runs on its tick, and its abort markers must be written).
+const STABLE_MARGIN: Duration = Duration::from_secs(15);
 
 /// With `acks=leader`: turns every acknowledged send missing from the final read whose
 /// acknowledgement falls in a fault's loss window into an unknown outcome, and returns how
@@ -550,7 +699,16 @@ fn producer(
             let session = session.clone();
             compio::runtime::spawn(async move {
                 let process = index as u32;
-                let reader = Reader { process, cfg: &cfg, partitions, start, final_read: false, session };
+                let reader = Reader {
+                    process,
+                    cfg: &cfg,
+                    partitions,
+                    start,
+                    final_read: false,
+                    session,
+                    isolation: Isolation::ReadCommitted,
+                    reached: None,
+                };
                 reader.run(&ops, &stop, &reads).await
             })
         });
@@ -625,6 +783,10 @@ struct Reader<'a> {
     start: Instant,
     final_read: bool,
     session: Option<SessionHandle>,
+    isolation: Isolation,
+    /// Where each partition's reading ended, with transactions (for the torn-transaction
+    /// check).
+    reached: Option<&'a Mutex<Vec<Reached>>>,
 }
 
 impl Reader<'_> {
@@ -646,7 +808,10 @@ impl Reader<'_> {
         if self.final_read {
             for &p in &all {
                 let end = loop {
-                    match client.list_offset(&cfg.topic, p, skein_client::wire::LATEST).await {
+                    // With transactions the end a read_committed reader reaches is the last
+                    // stable offset.
+                    let isolation = if cfg.transactions { self.isolation } else { Isolation::ReadUncommitted };
+                    match client.list_offset_isolated(&cfg.topic, p, skein_client::wire::LATEST, isolation).await {
                         Ok(o) => break o,
                         Err(e) if Instant::now() < deadline => {
                             tracing::debug!(error = %e, "list offsets failed; retrying");
@@ -664,6 +829,7 @@ impl Reader<'_> {
             // One batch per answer while the workload runs: readers then often know a high
             // watermark beyond their position, which a replica further behind must not undo.
             partition_max_bytes: if self.final_read { ConsumerConfig::default().partition_max_bytes } else { 1 },
+            isolation: self.isolation,
             ..ConsumerConfig::default()
         };
         let mut consumer = Consumer::new(client, config);
@@ -720,6 +886,18 @@ impl Reader<'_> {
             }
         }
         ops.lock().expect("no thread panicked holding the lock").extend(recorded);
+        if let (Some(reached), true) = (self.reached, cfg.transactions) {
+            let mut reached = reached.lock().expect("no thread panicked holding the lock");
+            for &p in &all {
+                reached.push(Reached {
+                    process: self.process,
+                    committed: self.isolation == Isolation::ReadCommitted,
+                    partition: p,
+                    start: 0,
+                    end: consumer.position(&cfg.topic, p).unwrap_or(0),
+                });
+            }
+        }
         stats.lock().expect("no thread panicked holding the lock").add(&consumer.read_stats());
         Ok(())
     }
@@ -818,6 +996,13 @@ fn cluster_fault_loop(
         let leader = views.get(&partition).map_or(0, |v| v.leader);
         let node = match fault {
             Fault::KillLeader | Fault::PauseLeader | Fault::CutLeader | Fault::OneWay if leader != 0 => leader,
+            Fault::KillCoordinator => {
+                let id = txn_verify::transactional_id(&cfg.topic, random(&mut seed, cfg.producers));
+                probe.transaction_coordinator(&id).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, id, "no transaction coordinator known; killing a random node");
+                    random_node
+                })
+            }
             _ => random_node,
         };
         let controller = probe.controller();
@@ -842,7 +1027,7 @@ fn cluster_fault_loop(
         let start_us = micros(start);
         tracing::info!(%fault, node, ?led, ?hold, "fault");
         match fault {
-            Fault::Kill | Fault::KillLeader => {
+            Fault::Kill | Fault::KillLeader | Fault::KillCoordinator => {
                 cluster.kill(node)?;
                 std::thread::sleep(hold / 2);
                 cluster.restart(node)?;
@@ -900,16 +1085,18 @@ fn follower_of(view: Option<&PartitionView>, leader: u32, nodes: u32, seed: &mut
 }
 
 /// When the fault threads inject their next fault, and which kind: every `fault_interval`
-/// until `duration` has passed, a kind drawn from `faults`.
+/// until `duration` has passed, the kinds of `faults` in turn from a random one (so a run of
+/// at least as many faults as kinds injects every kind).
 struct FaultSchedule<'a> {
     cfg: &'a VerifyConfig,
     start: Instant,
     next: Instant,
+    turn: Option<usize>,
 }
 
 impl<'a> FaultSchedule<'a> {
     fn new(cfg: &'a VerifyConfig, start: Instant) -> Self {
-        FaultSchedule { cfg, start, next: start + cfg.fault_interval }
+        FaultSchedule { cfg, start, next: start + cfg.fault_interval, turn: None }
     }
 
     /// Sleeps until the next fault is due and returns its kind; `None` once the run is over.
@@ -920,7 +1107,10 @@ impl<'a> FaultSchedule<'a> {
                 continue;
             }
             self.next += self.cfg.fault_interval;
-            return Some(self.cfg.faults[random(seed, self.cfg.faults.len())]);
+            let n = self.cfg.faults.len();
+            let turn = self.turn.map_or_else(|| random(seed, n), |t| (t + 1) % n);
+            self.turn = Some(turn);
+            return Some(self.cfg.faults[turn]);
         }
         None
     }

@@ -377,7 +377,8 @@ struct VerifyArgs {
     duration: Duration,
     /// Faults to inject, comma-separated: kill, pause, partition (an nft rule dropping TCP to
     /// one broker address; needs root and nftables); with --cluster-bin also kill-leader,
-    /// pause-leader, isolate, cut-leader, one-way (network faults need root and nftables).
+    /// pause-leader, isolate, cut-leader, one-way (network faults need root and nftables), and
+    /// with --transactions kill-coordinator.
     #[arg(long, value_delimiter = ',')]
     faults: Vec<skein_loadgen::verify::Fault>,
     /// Broker process ids to inject faults into, comma-separated.
@@ -419,6 +420,15 @@ struct VerifyArgs {
     /// session, and a cluster started here serves follower reads past the high watermark.
     #[arg(long)]
     unsafe_reads: bool,
+    /// Transactional producers (2 to 5 partitions per transaction, one in 5 aborted),
+    /// read_committed readers plus one read_uncommitted reader, and the transaction checks
+    /// (aborted read, dirty read, torn transaction, lost write, duplicate, inconsistent
+    /// offset, stuck last stable offset).
+    #[arg(long)]
+    transactions: bool,
+    /// With --transactions: the producers' transaction timeout.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    transaction_timeout: Duration,
 }
 
 /// A local cluster started by skein-loadgen.
@@ -582,6 +592,8 @@ fn verify_command(mut a: VerifyArgs) -> Result<()> {
         read_your_writes: a.read_your_writes,
         unsafe_reads: a.unsafe_reads,
         nodes: 1,
+        transactions: a.transactions,
+        transaction_timeout: a.transaction_timeout,
     };
     let v = match cluster.as_mut() {
         Some(c) => verify::run_cluster(cfg, &mut c.cluster),
@@ -617,14 +629,27 @@ fn verify_command(mut a: VerifyArgs) -> Result<()> {
     }
     println!("{}", verify::reads_line(&v.reads));
     print!("{}", v.report);
-    if let Some(path) = a.report {
-        write_json(&path, &v.report)?;
+    if let Some(txn) = &v.txn {
+        print!("{txn}");
     }
-    if !v.report.ok() {
+    if let Some(path) = a.report {
+        match &v.txn {
+            // The base report's keys stay where they are; the transaction checks join them.
+            Some(txn) => {
+                let mut json = serde_json::to_value(&v.report)?;
+                json["transactions"] = serde_json::to_value(txn)?;
+                write_json(&path, &json)?;
+            }
+            None => write_json(&path, &v.report)?,
+        }
+    }
+    if !v.ok() {
         if let Some(c) = cluster {
             c.keep();
         }
-        bail!("the history violates {} check(s)", v.report.results.iter().filter(|r| r.failed()).count());
+        let base = v.report.results.iter().filter(|r| r.failed()).count();
+        let txn = v.txn.as_ref().map_or(0, |t| t.results.iter().filter(|r| !r.passed).count());
+        bail!("the history violates {} check(s)", base + txn);
     }
     Ok(())
 }
