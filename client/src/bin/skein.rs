@@ -718,19 +718,15 @@ async fn produce_transactional(client: Client, args: ProduceArgs<'_>, txn: TxnAr
         None => bail!("cannot start transactional producer '{shown}': --timeout passed (TIMED_OUT)"),
     };
     producer.on_retry(RetryReporter::default().into_handler());
-    let mut lines = std::io::stdin().lock();
+    let lines = stdin_lines();
     let mut out = Output { out: BufWriter::with_capacity(1 << 16, std::io::stdout().lock()), print, failed: 0 };
     let mut open: Vec<TxnLine> = Vec::new();
-    let mut line = Vec::new();
     let mut n: u64 = 0;
     loop {
-        line.clear();
-        if lines.read_until(b'\n', &mut line).context("reading stdin")? == 0 {
-            break;
-        }
-        if line.last() == Some(&b'\n') {
-            line.pop();
-        }
+        let line = match lines.recv_async().await {
+            Ok(line) => line.context("reading stdin")?,
+            Err(_) => break, // end of input
+        };
         n += 1;
         let (key, value) = match sep.and_then(|s| split_key(&line, s.as_bytes())) {
             Some((k, v)) => (Some(k), v),
@@ -772,6 +768,36 @@ async fn produce_transactional(client: Client, args: ProduceArgs<'_>, txn: TxnAr
         end_transaction(&mut producer, &mut out, open, txn.abort, deadline).await?;
     }
     out.finish(n)
+}
+
+/// The lines of stdin (without their `\n`), read on a thread of their own: waiting for input
+/// never stops the runtime, so the open transaction's records go out (and the transaction
+/// stays open, as the coordinator sees it) while stdin is quiet. The channel closes at the end
+/// of input.
+fn stdin_lines() -> flume::Receiver<std::io::Result<Vec<u8>>> {
+    let (tx, rx) = flume::bounded(STDIN_LINES_QUEUED);
+    std::thread::spawn(move || {
+        let mut lines = std::io::stdin().lock();
+        loop {
+            let mut line = Vec::new();
+            match lines.read_until(b'\n', &mut line) {
+                Ok(0) => return,
+                Ok(_) => {
+                    if line.last() == Some(&b'\n') {
+                        line.pop();
+                    }
+                    if tx.send(Ok(line)).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// Ends the open transaction (commit, or abort with `--abort`) and reports its lines. A
@@ -1594,6 +1620,8 @@ async fn cluster_status(client: &Client, json: bool) -> Result<()> {
 
 /// Records awaiting acknowledgement before the CLI waits for the oldest.
 const PENDING_MAX: usize = 100_000;
+/// Lines read ahead of the transactional producer.
+const STDIN_LINES_QUEUED: usize = 4096;
 /// Least time between two retry lines of one partition.
 const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
