@@ -718,14 +718,21 @@ async fn produce_transactional(client: Client, args: ProduceArgs<'_>, txn: TxnAr
         None => bail!("cannot start transactional producer '{shown}': --timeout passed (TIMED_OUT)"),
     };
     producer.on_retry(RetryReporter::default().into_handler());
-    let lines = stdin_lines();
+    let chunks = stdin_lines();
+    let mut lines = Vec::new().into_iter();
     let mut out = Output { out: BufWriter::with_capacity(1 << 16, std::io::stdout().lock()), print, failed: 0 };
     let mut open: Vec<TxnLine> = Vec::new();
     let mut n: u64 = 0;
     loop {
-        let line = match lines.recv_async().await {
-            Ok(line) => line.context("reading stdin")?,
-            Err(_) => break, // end of input
+        let line = match lines.next() {
+            Some(line) => line,
+            None => match chunks.recv_async().await {
+                Ok(chunk) => {
+                    lines = chunk.context("reading stdin")?.into_iter();
+                    continue;
+                }
+                Err(_) => break, // end of input
+            },
         };
         n += 1;
         let (key, value) = match sep.and_then(|s| split_key(&line, s.as_bytes())) {
@@ -770,30 +777,42 @@ async fn produce_transactional(client: Client, args: ProduceArgs<'_>, txn: TxnAr
     out.finish(n)
 }
 
-/// The lines of stdin (without their `\n`), read on a thread of their own: waiting for input
-/// never stops the runtime, so the open transaction's records go out (and the transaction
-/// stays open, as the coordinator sees it) while stdin is quiet. The channel closes at the end
-/// of input.
-fn stdin_lines() -> flume::Receiver<std::io::Result<Vec<u8>>> {
-    let (tx, rx) = flume::bounded(STDIN_LINES_QUEUED);
+/// The lines of stdin (without their `\n`), in chunks, read on a thread of their own:
+/// waiting for input never stops the runtime, so the open transaction's records go out (and
+/// the transaction stays open, as the coordinator sees it) while stdin is quiet. A chunk is
+/// handed over when it is full or when the next read may wait for input (nothing buffered),
+/// so a quiet stdin's lines are not held back and a busy one costs a wakeup per chunk, not per
+/// line. The channel closes at the end of input.
+fn stdin_lines() -> flume::Receiver<std::io::Result<Vec<Vec<u8>>>> {
+    let (tx, rx) = flume::bounded(STDIN_CHUNKS_QUEUED);
     std::thread::spawn(move || {
-        let mut lines = std::io::stdin().lock();
+        let mut input = std::io::BufReader::with_capacity(1 << 16, std::io::stdin());
+        let mut chunk = Vec::with_capacity(STDIN_CHUNK_LINES);
         loop {
             let mut line = Vec::new();
-            match lines.read_until(b'\n', &mut line) {
-                Ok(0) => return,
+            let read = input.read_until(b'\n', &mut line);
+            let done = match read {
+                Ok(0) => true,
                 Ok(_) => {
                     if line.last() == Some(&b'\n') {
                         line.pop();
                     }
-                    if tx.send(Ok(line)).is_err() {
-                        return;
-                    }
+                    chunk.push(line);
+                    false
                 }
                 Err(e) => {
                     let _ = tx.send(Err(e));
                     return;
                 }
+            };
+            if (done || chunk.len() >= STDIN_CHUNK_LINES || input.buffer().is_empty()) && !chunk.is_empty() {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(STDIN_CHUNK_LINES));
+                if tx.send(Ok(full)).is_err() {
+                    return;
+                }
+            }
+            if done {
+                return;
             }
         }
     });
@@ -1620,8 +1639,10 @@ async fn cluster_status(client: &Client, json: bool) -> Result<()> {
 
 /// Records awaiting acknowledgement before the CLI waits for the oldest.
 const PENDING_MAX: usize = 100_000;
-/// Lines read ahead of the transactional producer.
-const STDIN_LINES_QUEUED: usize = 4096;
+/// Lines of stdin handed to the transactional producer at once (at most).
+const STDIN_CHUNK_LINES: usize = 1024;
+/// Chunks of stdin read ahead of the transactional producer.
+const STDIN_CHUNKS_QUEUED: usize = 8;
 /// Least time between two retry lines of one partition.
 const RETRY_REPORT_INTERVAL: Duration = Duration::from_secs(1);
 
