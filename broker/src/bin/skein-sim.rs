@@ -21,7 +21,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     start: u64,
     /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack,
-    /// no-idempotence, no-generation-fencing (the last needs --groups).
+    /// no-idempotence, no-generation-fencing (needs --groups), no-txn-epoch-bump,
+    /// no-partition-check (these two need --transactions).
     #[arg(long)]
     plant: Option<String>,
     /// Virtual milliseconds of faults per seed.
@@ -48,6 +49,11 @@ struct Args {
     /// members that join, leave, crash and resume as zombies) and its checks.
     #[arg(long)]
     groups: bool,
+    /// Also run the transaction workload (transaction coordinators over `__transaction_state`
+    /// partitions, markers, transactional producers that restart and send late, consumers in
+    /// both isolation levels) and its checks (no-txn-epoch-bump and no-partition-check need it).
+    #[arg(long)]
+    transactions: bool,
 }
 
 fn main() -> Result<()> {
@@ -66,7 +72,8 @@ fn main() -> Result<()> {
     };
     // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
     let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default()
-        + if args.groups { " --groups" } else { "" };
+        + if args.groups { " --groups" } else { "" }
+        + if args.transactions { " --transactions" } else { "" };
     let hint = plant_arg.clone();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -101,19 +108,20 @@ fn main() -> Result<()> {
             safety_ms: args.safety_ms,
             liveness_ms: args.liveness_ms,
             groups: args.groups,
+            transactions: args.transactions,
             ..SimConfig::new(seed)
         };
         let out = run(&cfg);
         events += out.events;
-        ops += out.ops + out.group_ops;
+        ops += out.ops + out.group_ops + out.txn_ops;
         failover_ms.extend(&out.failover_ms);
         lost_in_window += out.lost_in_window;
         if out.passed() {
             passed += 1;
             if args.verbose {
                 println!(
-                    "seed {seed}: passed ({} events, {} ops, {} group ops, {} faults)",
-                    out.events, out.ops, out.group_ops, out.faults
+                    "seed {seed}: passed ({} events, {} ops, {} group ops, {} transaction ops, {} faults)",
+                    out.events, out.ops, out.group_ops, out.txn_ops, out.faults
                 );
             }
             continue;
@@ -137,10 +145,18 @@ fn main() -> Result<()> {
                 println!("  {}: {v}", r.check.name());
             }
         }
+        for r in out.txn_report.results.iter().filter(|r| r.failed()) {
+            if let Some(v) = r.violations.first() {
+                println!("  {}: {v}", r.check.name());
+            }
+        }
         if args.report {
             println!("{}", out.report);
             if args.groups {
                 println!("{}", out.group_report);
+            }
+            if args.transactions {
+                println!("{}", out.txn_report);
             }
         }
         let replay = format!(

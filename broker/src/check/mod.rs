@@ -29,18 +29,21 @@
 //! per check (the rest are only counted). Nothing here panics on any history, however wrong.
 //!
 //! Consumer group histories (assignments, offset commits, committed-offset reads) have their
-//! own record type and checks in [`groups`].
+//! own record type and checks in [`groups`]; transactional histories (transactions and their
+//! outcomes, reads in either isolation level) in [`txn`].
 //!
 //! Deliberately not done: no search for a linearization (unique values make the log order
-//! directly visible), no transactions or fencing (histories do not record epochs), no liveness
-//! (a history that stops early passes what it shows), and no dependency on the simulator or
-//! the runtime: the module is std and serde only, so any recorder can use it.
+//! directly visible), no transactions here (see [`txn`]) or fencing (histories do not record
+//! epochs), no liveness (a history that stops early passes what it shows), and no dependency
+//! on the simulator or the runtime: the module is std and serde only, so any recorder can use
+//! it.
 
 pub mod groups;
 mod index;
 mod rules;
 #[cfg(test)]
 mod tests;
+pub mod txn;
 
 use std::collections::hash_map::Entry;
 use std::collections::HashMap;

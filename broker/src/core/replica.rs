@@ -275,7 +275,7 @@ impl<S: Storage> Replica<S> {
             failed: false,
             fetch_correlation: 0,
             producers: ProducerStates::default(),
-            txns: PartitionTxns::new(plant.no_partition_check),
+            txns: PartitionTxns::planted(plant.no_partition_check, plant.no_txn_epoch_bump),
             next_retention: Time(0),
         };
         if let Err(e) = replica.rebuild_producers() {

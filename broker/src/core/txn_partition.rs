@@ -147,6 +147,9 @@ pub struct PartitionTxns {
     aborted: VecDeque<AbortedTxn>,
     /// Planted bug (simulator): transactional writes skip the partition check.
     no_partition_check: bool,
+    /// Planted bug (simulator), the partition half of `no-txn-epoch-bump`: as Kafka before
+    /// KIP-890, a transaction may begin (and take writes) at the epoch that last ended here.
+    epoch_reuse: bool,
 }
 
 impl PartitionTxns {
@@ -155,9 +158,15 @@ impl PartitionTxns {
         PartitionTxns { no_partition_check, ..PartitionTxns::default() }
     }
 
-    /// Forgets everything (before a rebuild), keeping the plant.
+    /// As [`PartitionTxns::new`]; `epoch_reuse` plants the partition half of the bug KIP-890
+    /// part 2 fixed: a `Begin` (and writes after it) at the epoch that last ended here.
+    pub fn planted(no_partition_check: bool, epoch_reuse: bool) -> PartitionTxns {
+        PartitionTxns { no_partition_check, epoch_reuse, ..PartitionTxns::default() }
+    }
+
+    /// Forgets everything (before a rebuild), keeping the plants.
     pub fn clear(&mut self) {
-        *self = PartitionTxns::new(self.no_partition_check);
+        *self = PartitionTxns::planted(self.no_partition_check, self.epoch_reuse);
     }
 
     /// The first offset of the oldest open transaction, if any is open.
@@ -208,7 +217,7 @@ impl PartitionTxns {
         match p.open {
             Some((e, _)) if e == epoch => Ok(()),
             Some((e, _)) if e > epoch => Err(WriteRefusal::Fenced),
-            _ if p.ended.is_some_and(|e| e >= epoch) => Err(WriteRefusal::Fenced),
+            _ if p.ended.is_some_and(|e| e > epoch || (e == epoch && !self.epoch_reuse)) => Err(WriteRefusal::Fenced),
             _ => Err(WriteRefusal::NotInTransaction),
         }
     }
@@ -217,10 +226,11 @@ impl PartitionTxns {
     pub fn check_marker(&self, producer: ProducerId, epoch: ProducerEpoch, kind: MarkerKind) -> MarkerCheck {
         let p = self.producers.get(&producer).copied().unwrap_or_default();
         let ended_at_or_after = p.ended.is_some_and(|e| e >= epoch);
+        let begin_fenced = p.ended.is_some_and(|e| e > epoch || (e == epoch && !self.epoch_reuse));
         match (kind, p.open) {
             (MarkerKind::Begin, Some((e, _))) if e == epoch => MarkerCheck::Done,
             (MarkerKind::Begin, Some((e, _))) if e > epoch => MarkerCheck::Stale,
-            (MarkerKind::Begin, _) if ended_at_or_after => MarkerCheck::Stale,
+            (MarkerKind::Begin, _) if begin_fenced => MarkerCheck::Stale,
             // An open transaction of an older epoch that never ended: the coordinator ends
             // every partition before the id's next transaction begins, so only a coordinator
             // that lost its state can get here; the new Begin aborts the older one (`note`),
@@ -362,6 +372,19 @@ mod tests {
         assert_eq!(t.check_write(b.header()), Err(WriteRefusal::Control));
         let planted = PartitionTxns::new(true);
         assert_eq!(planted.check_write(&data(0, true)), Ok(()));
+    }
+
+    #[test]
+    fn the_epoch_reuse_plant_begins_again_at_the_epoch_that_ended() {
+        let mut t = PartitionTxns::planted(false, true);
+        mark(&mut t, 0, MarkerKind::Begin, 0);
+        mark(&mut t, 0, MarkerKind::Commit, 2);
+        assert_eq!(t.check_write(&data(0, true)), Err(WriteRefusal::NotInTransaction));
+        mark(&mut t, 0, MarkerKind::Begin, 3);
+        assert_eq!(t.check_write(&data(0, true)), Ok(()), "a late write of the first joins the second");
+        t.clear();
+        mark(&mut t, 0, MarkerKind::Abort, 0);
+        assert_eq!(t.check_marker(P, ProducerEpoch(0), MarkerKind::Begin), MarkerCheck::Append, "the plant survives a rebuild");
     }
 
     #[test]

@@ -21,12 +21,18 @@
 //! group coordinator over one extra replicated partition, members that join, leave, crash and
 //! come back as zombies, judged by [`crate::check::groups`].
 //!
+//! With `SimConfig::transactions`, a transaction workload runs beside it ([`txn`]): the real
+//! transaction coordinator over replicated `__transaction_state` partitions, markers between
+//! brokers, transactional producers and consumers in both isolation levels, judged by
+//! [`crate::check::txn`].
+//!
 //! Not simulated yet: the controller's own replication (one controller node that never
 //! fails stands in for the Raft quorum), idempotent retries
 //! (producers never retry, so duplicates would be a bug), client metadata over the network
 //! (clients read the controller's state directly when they refresh).
 
 mod groups;
+mod txn;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -71,6 +77,9 @@ pub struct SimConfig {
     /// Run the consumer group workload too (one more partition, the offsets partition, and
     /// [`groups::MEMBERS`] group members).
     pub groups: bool,
+    /// Run the transaction workload too ([`txn::PARTITIONS`] more partitions: transactional
+    /// data and transaction state).
+    pub transactions: bool,
 }
 
 impl SimConfig {
@@ -87,6 +96,7 @@ impl SimConfig {
             plant: Plant::default(),
             acks: Acks::All,
             groups: false,
+            transactions: false,
         }
     }
 }
@@ -115,12 +125,16 @@ pub struct SimOutcome {
     pub group_report: check::groups::GroupReport,
     /// Group operations in the group history.
     pub group_ops: u64,
+    /// The transaction checks' verdict (no results without the transaction workload).
+    pub txn_report: check::txn::TxnReport,
+    /// Operations in the transaction history.
+    pub txn_ops: u64,
 }
 
 impl SimOutcome {
     /// Whether the seed passed: no invariant violation and every history check passed.
     pub fn passed(&self) -> bool {
-        self.violations.is_empty() && self.report.ok() && self.group_report.ok()
+        self.violations.is_empty() && self.report.ok() && self.group_report.ok() && self.txn_report.ok()
     }
 
     /// Names of the violated properties (invariants and checks).
@@ -129,6 +143,7 @@ impl SimOutcome {
             self.violations.iter().map(|s| s.split(':').next().unwrap_or("").to_string()).collect();
         v.extend(self.report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
         v.extend(self.group_report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
+        v.extend(self.txn_report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
         v.sort();
         v.dedup();
         v
@@ -209,6 +224,19 @@ enum Event {
     },
     /// A group member's tick.
     GroupTick(usize),
+    /// A transactional client's tick.
+    TxnTick(usize),
+    TxnRequest {
+        client: usize,
+        request: u64,
+        to: NodeId,
+        req: txn::TxnReq,
+    },
+    TxnResponse {
+        client: usize,
+        request: u64,
+        resp: txn::TxnResp,
+    },
     GroupRequest {
         member: usize,
         request: u64,
@@ -325,6 +353,8 @@ struct Sim {
     log_config: LogConfig,
     /// The group workload (no members without it).
     group: groups::GroupSim,
+    /// The transaction workload (no clients without it).
+    txn: txn::TxnSim,
 }
 
 /// Runs one seed.
@@ -338,6 +368,8 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
     } else {
         check::groups::GroupReport::default()
     };
+    let txn_report =
+        if cfg.transactions { check::txn::check_txns(&sim.txn.history) } else { check::txn::TxnReport::default() };
     SimOutcome {
         seed: cfg.seed,
         violations: sim.violations,
@@ -349,6 +381,8 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
         lost_in_window,
         group_report,
         group_ops: sim.group.history.ops.len() as u64,
+        txn_report,
+        txn_ops: sim.txn.history.ops.len() as u64,
     }
 }
 
@@ -362,7 +396,9 @@ impl Sim {
         let mut rng = Rng(cfg.seed ^ 0x5eed_5eed_5eed_5eed);
         let ids: Vec<NodeId> = (1..=cfg.nodes).map(NodeId).collect();
         // The group workload's offsets partition comes after the data partitions.
-        let parts: Vec<PartitionId> = (0..cfg.partitions + u32::from(cfg.groups)).map(PartitionId).collect();
+        // Then the transaction workload's data and state partitions.
+        let total = cfg.partitions + u32::from(cfg.groups) + if cfg.transactions { txn::PARTITIONS } else { 0 };
+        let parts: Vec<PartitionId> = (0..total).map(PartitionId).collect();
         let assignments: Vec<(PartitionId, Vec<NodeId>)> = parts
             .iter()
             .map(|&p| {
@@ -435,6 +471,7 @@ impl Sim {
             draining: false,
             log_config,
             group: groups::GroupSim::default(),
+            txn: txn::TxnSim::default(),
         };
         for i in 0..sim.nodes.len() {
             sim.start_node(i);
@@ -451,6 +488,13 @@ impl Sim {
             for g in 0..sim.group.members.len() {
                 let at = sim.rng.range(0, GROUP_TICK_US);
                 sim.schedule(at, Event::GroupTick(g));
+            }
+        }
+        if sim.cfg.transactions {
+            sim.txn = txn::TxnSim::new(sim.nodes.len());
+            for c in 0..sim.txn.clients() {
+                let at = sim.rng.range(0, txn::TICK_US);
+                sim.schedule(at, Event::TxnTick(c));
             }
         }
         let first_fault = sim.rng.range(300_000, 800_000);
@@ -480,7 +524,7 @@ impl Sim {
     /// Partitions of the cluster: the data partitions, then the offsets partition if the
     /// group workload runs.
     fn cluster_partitions(&self) -> u32 {
-        self.cfg.partitions + u32::from(self.cfg.groups)
+        self.cfg.partitions + u32::from(self.cfg.groups) + if self.cfg.transactions { txn::PARTITIONS } else { 0 }
     }
 
     fn idx(&self, id: NodeId) -> usize {
@@ -495,6 +539,8 @@ impl Sim {
         n.checked.clear();
         n.requests.clear();
         n.coordinator = groups::NodeCoordinator::default();
+        self.txn_reset_node(i);
+        let n = &mut self.nodes[i];
         let mut replicas = Vec::new();
         for (&p, storage) in &n.storages {
             match Log::open(storage.clone(), self.log_config.clone(), now.timestamp()) {
@@ -575,6 +621,7 @@ impl Sim {
         for s in n.storages.values_mut() {
             *s = s.crash(seed);
         }
+        self.txn_reset_node(i);
         // Clients waiting on this node time out.
     }
 
@@ -610,6 +657,9 @@ impl Sim {
         if self.cfg.groups {
             self.group_final_read(since);
         }
+        if self.cfg.transactions {
+            self.txn_final_read(since);
+        }
     }
 
     fn step(&mut self, ev: Event) {
@@ -618,6 +668,7 @@ impl Sim {
             Event::Tick(id)
             | Event::ClientRequest { to: id, .. }
             | Event::GroupRequest { to: id, .. }
+            | Event::TxnRequest { to: id, .. }
             | Event::IoDone { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
@@ -652,6 +703,9 @@ impl Sim {
                 self.voter_sends(i, out);
                 if self.cfg.groups {
                     self.coordinator_tick(i);
+                }
+                if self.cfg.transactions {
+                    self.txn_coordinator_tick(i);
                 }
                 self.schedule(TICK_US, Event::Tick(id));
             }
@@ -703,6 +757,13 @@ impl Sim {
             }
             Event::GroupRequest { member, request, to, req } => self.serve_group(member, request, to, req),
             Event::GroupResponse { member, request, resp } => self.member_response(member, request, resp),
+            Event::TxnTick(c) => {
+                self.txn_client_tick(c);
+                let jitter = self.rng.range(0, txn::TICK_US);
+                self.schedule(txn::TICK_US + jitter, Event::TxnTick(c));
+            }
+            Event::TxnRequest { client, request, to, req } => self.serve_txn(client, request, to, req),
+            Event::TxnResponse { client, request, resp } => self.txn_client_response(client, request, resp),
             Event::ClientTick(c) => {
                 self.client_tick(c);
                 let jitter = self.rng.range(0, CLIENT_TICK_US);
@@ -951,6 +1012,8 @@ impl Sim {
                 Command::ProduceReply { request, result } if self.is_group_write(i, request) => {
                     self.group_written(i, result);
                 }
+                Command::ProduceReply { request, result } if self.txn_produce_reply(i, request, &result) => {}
+                Command::MarkerDone(r) => self.txn_marker_done(i, r),
                 Command::ProduceReply { request, result } => {
                     if let Some((client, creq)) = self.nodes[i].requests.remove(&request.0) {
                         self.reply_client(id, client, creq, ClientResp::Produce(result));
@@ -1409,5 +1472,15 @@ mod tests {
         assert!(a.ops > 100, "the workload ran: {} ops", a.ops);
         let b = run(&SimConfig::new(7));
         assert_eq!((a.events, a.ops, a.faults), (b.events, b.ops, b.faults), "same seed, same run");
+    }
+
+    #[test]
+    fn a_transaction_seed_passes_and_replays_identically() {
+        let cfg = SimConfig { transactions: true, ..SimConfig::new(3) };
+        let a = run(&cfg);
+        assert!(a.passed(), "seed 3 failed: {:?}\n{}", a.violations, a.txn_report);
+        assert!(a.txn_ops > 100, "the workload ran: {} transaction ops", a.txn_ops);
+        let b = run(&cfg);
+        assert_eq!((a.events, a.txn_ops), (b.events, b.txn_ops), "same seed, same run");
     }
 }
