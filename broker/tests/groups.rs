@@ -67,7 +67,8 @@ fn beat(last: &GroupHeartbeatResponse, group: &str, owned: &[TopicPartition]) ->
 async fn heartbeat(c: &Connection, req: &GroupHeartbeatRequest) -> GroupHeartbeatResponse {
     for _ in 0..100 {
         let r: GroupHeartbeatResponse = c.call(ApiKey::GroupHeartbeat, req).await.expect("heartbeat answered");
-        if r.error != ErrorCode::COORDINATOR_LOAD_IN_PROGRESS {
+        // A coordinator just named may not have taken up its partition yet.
+        if !matches!(r.error, ErrorCode::COORDINATOR_LOAD_IN_PROGRESS | ErrorCode::NOT_COORDINATOR) {
             return r;
         }
         compio::time::sleep(Duration::from_millis(50)).await;

@@ -20,40 +20,32 @@
 //! producer's commit marker; until it comes (or an abort marker) OffsetFetch of those
 //! partitions answers UNSTABLE_OFFSET_COMMIT.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::lock::Mutex;
 use skein_client::wire::{
-    CreateTopicsRequest, DeleteGroupResponse, DescribeGroupResponse, ErrorCode, FindCoordinatorRequest,
-    FindCoordinatorResponse, GroupHeartbeatResponse, ListGroupsResponse, ListedGroup, MetadataRequest, NewTopic,
-    OffsetCommitResponse, OffsetFetchResponse, ProducePartition, ProduceRequest, TopicConfig, TxnOffsetCommitResponse,
+    DeleteGroupResponse, DescribeGroupResponse, ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse,
+    GroupHeartbeatResponse, ListGroupsResponse, ListedGroup, OffsetCommitResponse, OffsetFetchResponse,
+    TxnOffsetCommitResponse,
 };
-use skein_log::batch::{Attributes, BatchBuilder};
-use skein_log::types::Sequence;
-use skein_log::ReadLimit;
 
 use super::control::TopicMap;
+use super::internal;
 use super::now;
 use super::requests::ask;
 use super::shard::{owner, Node};
 use crate::core::group::{
     check_group_id, partition_for, GroupCoordinator, GroupRecord, LogMachine, Topology, OFFSETS_TOPIC,
 };
-use crate::core::machine::feed;
 use crate::core::NodeId;
-use crate::core::{LeaderEpoch, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure};
+use crate::core::{LeaderEpoch, Offset, PartitionId, ProducerEpoch, ProducerId};
 use crate::meta::write_atomically;
 use crate::service::{Request, Response};
 
 /// How often a shard expires sessions and checks subscribed topics' sizes.
 const EXPIRY_TICK_MS: u64 = 50;
-/// Bound on one internal append.
-const WRITE_TIMEOUT_MS: u32 = 10_000;
 
 /// Partition counts and replica racks for the assignors, from this shard's topic map.
 struct Topo<'a> {
@@ -78,7 +70,7 @@ impl Topology for Topo<'_> {
 }
 
 /// The group state of one offsets partition on this broker (leader or follower).
-struct Loaded {
+pub(crate) struct Loaded {
     /// The leader epoch this replica leads at, sessions started (`None`: not leading).
     leading: Option<LeaderEpoch>,
     machine: GroupCoordinator,
@@ -86,19 +78,8 @@ struct Loaded {
     since_snapshot: u64,
 }
 
-type Slot = Rc<Mutex<Option<Loaded>>>;
-
-/// This shard's group state, by offsets partition.
-#[derive(Default)]
-pub(crate) struct Coordinators {
-    slots: RefCell<HashMap<PartitionId, Slot>>,
-}
-
-impl Coordinators {
-    fn slot(&self, p: PartitionId) -> Slot {
-        self.slots.borrow_mut().entry(p).or_default().clone()
-    }
-}
+/// This shard's coordinator state, by internal-topic partition.
+pub(crate) type Coordinators = internal::Slots<Loaded>;
 
 /// A group request on the shard it arrived on.
 pub(super) async fn dispatch(node: Rc<Node>, req: Request) -> Response {
@@ -204,15 +185,6 @@ fn refusal(req: &Request, error: ErrorCode, message: String) -> Response {
     }
 }
 
-/// The epoch this shard leads `pid` at, with a valid lease.
-fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
-    let st = node.st.borrow();
-    if !st.core.lease_valid(now()) {
-        return None;
-    }
-    st.core.replica(pid)?.leader_epoch()
-}
-
 /// Brings the slot of `pid` up to this replica's high watermark: restored from the snapshot
 /// file when it was empty, then fed the committed records after it. `Ok(false)`: no replica
 /// of `pid` here (the slot is emptied).
@@ -225,34 +197,17 @@ async fn catch_up(node: &Node, pid: PartitionId, slot: &mut Option<Loaded>) -> R
         *slot = Some(restore(node, pid, log_end).await);
     }
     let loaded = slot.as_mut().expect("filled above");
-    let st = node.st.borrow();
-    let Some(replica) = st.core.replica(pid) else { return Ok(false) };
-    let hw = replica.high_watermark();
-    let log = replica.log();
-    if loaded.machine.applied() < log.log_start_offset() {
-        tracing::warn!(partition = %pid, applied = %loaded.machine.applied(), log_start = %log.log_start_offset(), "offsets log starts after the group state: rebuilding from its start");
-        loaded.machine = GroupCoordinator::new(node.config.group_heartbeat_ms);
-        loaded.leading = None;
-    }
-    let mut from = loaded.machine.applied().max(log.log_start_offset());
-    let mut buf = Vec::new();
-    while from < hw {
-        buf.clear();
-        match log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf) {
-            Ok(_) => {}
-            Err(skein_log::ReadError::Storage(e)) => crate::service::fail_stop("reading the offsets topic", &e),
-            Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {OFFSETS_TOPIC} ({pid}): {e}"))),
+    let fed = match internal::feed_committed(node, pid, OFFSETS_TOPIC, &mut loaded.machine) {
+        Err((ErrorCode::STORAGE_ERROR, m)) if loaded.machine.applied() > Offset(0) => {
+            tracing::warn!(partition = %pid, m, "rebuilding the group state from the log start");
+            loaded.machine = GroupCoordinator::new(node.config.group_heartbeat_ms);
+            loaded.leading = None;
+            internal::feed_committed(node, pid, OFFSETS_TOPIC, &mut loaded.machine)?
         }
-        let before = from;
-        let fed = feed(&mut loaded.machine, &buf, from)
-            .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{OFFSETS_TOPIC} ({pid}): {e}")))?;
-        loaded.since_snapshot += fed.applied + fed.skipped;
-        from = fed.next;
-        if from == before {
-            break;
-        }
-    }
-    drop(st);
+        r => r?,
+    };
+    let Some(read) = fed else { return Ok(false) };
+    loaded.since_snapshot += read;
     if loaded.since_snapshot >= node.config.group_snapshot_records {
         loaded.since_snapshot = 0;
         save_snapshot(node, pid, &loaded.machine);
@@ -333,21 +288,11 @@ async fn lead(
     slot: &mut Option<Loaded>,
 ) -> Result<LeaderEpoch, (ErrorCode, String)> {
     let not_here = || (ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {OFFSETS_TOPIC}/{index}"));
-    let Some(epoch) = leading_epoch(node, pid) else {
+    let epoch = internal::coordinating(node, pid, OFFSETS_TOPIC, index).inspect_err(|_| {
         if let Some(l) = slot.as_mut() {
             l.leading = None;
         }
-        return Err(not_here());
-    };
-    // A new leader serves only once its high watermark reached its epoch's start (every
-    // record of earlier epochs committed), as for consumers.
-    match node.st.borrow().core.read_committed(now(), pid, Offset(u64::MAX), 0) {
-        Ok(_) => {}
-        Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
-            return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
-        }
-        Err(_) => return Err(not_here()),
-    }
+    })?;
     if !catch_up(node, pid, slot).await? {
         return Err(not_here());
     }
@@ -458,8 +403,8 @@ async fn commit(
     result
 }
 
-/// Appends `records` to offsets partition `index` at `epoch` with acks=all (with `txn`: as
-/// one transactional batch of that producer, without a sequence); the offset after them.
+/// Appends `records` to offsets partition `index` at `epoch` with acks=all (inside `txn`'s
+/// transaction when given); the offset after them.
 async fn write(
     node: &Rc<Node>,
     index: u32,
@@ -467,121 +412,22 @@ async fn write(
     records: &[GroupRecord],
     txn: Option<(ProducerId, ProducerEpoch)>,
 ) -> Result<Offset, (ErrorCode, String)> {
-    let mut b = match txn {
-        Some((producer, producer_epoch)) => BatchBuilder::new()
-            .producer(producer, producer_epoch, Sequence::NONE)
-            .attributes(Attributes::default().with_transactional(true)),
-        None => BatchBuilder::new(),
-    };
-    let stamp = skein_log::types::Timestamp(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64),
-    );
-    for r in records {
-        let (key, value) = r.encode();
-        b.push(Some(&key), &value, &[], stamp);
-    }
-    let bytes = b.build().into_bytes();
-    let req = ProduceRequest {
-        acks: -1,
-        timeout_ms: WRITE_TIMEOUT_MS,
-        partitions: vec![ProducePartition {
-            topic: OFFSETS_TOPIC.into(),
-            partition: index,
-            leader_epoch: epoch.0,
-            records: BytesMut::from(&bytes[..]),
-        }],
-    };
-    let (error, base) = match node.produce_here(req).await {
-        Response::Produce(r) => r.partitions.first().map_or((ErrorCode::UNKNOWN, 0), |p| (p.error, p.base_offset)),
-        Response::Error(code) => (code, 0),
-        _ => (ErrorCode::UNKNOWN, 0),
-    };
-    match error {
-        ErrorCode::NONE => Ok(Offset(base + records.len() as u64)),
-        ErrorCode::NOT_LEADER | ErrorCode::FENCED_LEADER_EPOCH | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION => {
-            Err((ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} moved to another broker")))
-        }
-        code => Err((code, format!("writing to {OFFSETS_TOPIC}/{index} failed: {}", code.name()))),
-    }
+    let records: Vec<(Vec<u8>, Vec<u8>)> = records.iter().map(GroupRecord::encode).collect();
+    internal::append(node, OFFSETS_TOPIC, index, epoch, &records, txn).await
 }
 
 /// FindCoordinator: creates the offsets topic on first use, then names the leader of the
 /// group's partition.
 async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoordinatorResponse {
-    let fail =
-        |error, message: String| FindCoordinatorResponse { error, message, node_id: 0, host: String::new(), port: 0 };
-    if let Err((code, message)) = check_group_id(&r.group) {
-        return fail(code, message);
-    }
-    if let Err((code, message)) = ensure_offsets_topic(node).await {
-        return fail(code, message);
-    }
-    let Some(count) = node.topics.load().partitions(OFFSETS_TOPIC) else {
-        return fail(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{OFFSETS_TOPIC} is being created"));
-    };
-    let index = partition_for(&r.group, count);
-    let meta = control(node, Request::Metadata(MetadataRequest { topics: Some(vec![OFFSETS_TOPIC.into()]) })).await;
-    let Response::Metadata(meta) = meta else {
-        return fail(ErrorCode::NOT_COORDINATOR, "no metadata".into());
-    };
-    let leader = meta
-        .topics
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .find(|p| p.partition == index && p.error == ErrorCode::NONE)
-        .map(|p| p.leader);
-    match leader.and_then(|l| meta.brokers.iter().find(|b| b.node_id == l)) {
-        Some(b) => FindCoordinatorResponse {
-            error: ErrorCode::NONE,
-            message: String::new(),
-            node_id: b.node_id,
-            host: b.host.clone(),
-            port: b.port,
-        },
-        None => fail(ErrorCode::NOT_COORDINATOR, format!("{OFFSETS_TOPIC}/{index} has no leader now")),
-    }
+    internal::find_coordinator(node, OFFSETS_TOPIC, node.config.offsets_partitions, &r.group, check_group_id(&r.group))
+        .await
 }
 
 /// Creates `__consumer_offsets` if this shard's topic map does not have it; `Ok` once the map
 /// has it, COORDINATOR_LOAD_IN_PROGRESS (retriable) while the creation has not reached this
 /// shard, or the controller's refusal.
 pub(super) async fn ensure_offsets_topic(node: &Rc<Node>) -> Result<(), (ErrorCode, String)> {
-    if node.topics.load().partitions(OFFSETS_TOPIC).is_some() {
-        return Ok(());
-    }
-    let replicas = node.voters.len().min(3) as u16;
-    let create = CreateTopicsRequest {
-        topics: vec![NewTopic {
-            name: OFFSETS_TOPIC.into(),
-            partitions: node.config.offsets_partitions,
-            replicas,
-            // Kept forever: there is no compaction yet, and a commit must not age out.
-            configs: vec![
-                TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
-                TopicConfig { key: "retention.ms".into(), value: "-1".into() },
-            ],
-        }],
-    };
-    if let Response::CreateTopics(c) = control(node, Request::CreateTopics(create)).await {
-        if let Some(t) =
-            c.results.first().filter(|t| !matches!(t.error, ErrorCode::NONE | ErrorCode::TOPIC_ALREADY_EXISTS))
-        {
-            return Err((t.error, format!("creating {OFFSETS_TOPIC}: {}", t.message)));
-        }
-    }
-    match node.topics.load().partitions(OFFSETS_TOPIC) {
-        Some(_) => Ok(()),
-        None => Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{OFFSETS_TOPIC} is being created"))),
-    }
-}
-
-/// A control request on shard 0.
-async fn control(node: &Rc<Node>, req: Request) -> Response {
-    if node.shard == 0 {
-        node.clone().control_request(req).await
-    } else {
-        ask(node, 0, req).await
-    }
+    internal::ensure_topic(node, OFFSETS_TOPIC, node.config.offsets_partitions).await
 }
 
 /// The groups of the offsets partitions this shard leads (each loaded if it was not).
@@ -592,7 +438,7 @@ async fn list_here(node: &Rc<Node>) -> Response {
     let mut groups: Vec<ListedGroup> = Vec::new();
     for index in 0..count {
         let Some(pid) = node.topics.load().partition(OFFSETS_TOPIC, index) else { continue };
-        if owner(pid, node.shard_count()) != node.shard || leading_epoch(node, pid).is_none() {
+        if owner(pid, node.shard_count()) != node.shard || internal::leading_epoch(node, pid).is_none() {
             continue;
         }
         if let Response::ListGroups(r) = serve(node, index, pid, Request::ListGroups).await {
@@ -611,19 +457,12 @@ pub(super) async fn expiry_loop(node: Rc<Node>) {
         if node.stopping.get() {
             return;
         }
-        let hosted: Vec<(u32, PartitionId)> = {
-            let topics = node.topics.load();
-            let st = node.st.borrow();
-            (0..topics.partitions(OFFSETS_TOPIC).unwrap_or(0))
-                .filter_map(|i| Some((i, topics.partition(OFFSETS_TOPIC, i)?)))
-                .filter(|(_, p)| owner(*p, node.shard_count()) == node.shard && st.core.replica(*p).is_some())
-                .collect()
-        };
-        node.groups.slots.borrow_mut().retain(|p, _| hosted.iter().any(|(_, h)| h == p));
+        let hosted = internal::hosted(&node, OFFSETS_TOPIC);
+        node.groups.retain(&hosted);
         for (index, pid) in hosted {
             let slot = node.groups.slot(pid);
             let Some(mut guard) = slot.try_lock() else { continue };
-            if leading_epoch(&node, pid).is_none() {
+            if internal::leading_epoch(&node, pid).is_none() {
                 if let Some(l) = guard.as_mut() {
                     l.leading = None;
                 }

@@ -31,6 +31,7 @@
 
 mod control;
 mod groups;
+mod internal;
 mod peer;
 mod raftlog;
 mod replicas;

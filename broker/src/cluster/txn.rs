@@ -13,67 +13,43 @@
 //! the leader the controller names at each attempt. A tick per shard completes what a previous
 //! coordinator left prepared and aborts transactions past their timeout.
 
-use std::cell::RefCell;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::rc::Rc;
 use std::time::Duration;
 
-use bytes::BytesMut;
-use futures_util::lock::Mutex;
 use skein_client::wire::{
-    AbortTransactionResponse, AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, CreateTopicsRequest,
-    DescribeTransactionResponse, EndTxnResponse, ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse,
-    InitProducerIdRequest, InitProducerIdResponse, ListTransactionsResponse, MetadataRequest, NewTopic,
-    ProducePartition, ProduceRequest, TopicConfig, TxnPartitionResult,
+    AbortTransactionResponse, AddOffsetsToTxnResponse, AddPartitionsToTxnResponse, DescribeTransactionResponse,
+    EndTxnResponse, ErrorCode, FindCoordinatorRequest, FindCoordinatorResponse, InitProducerIdRequest,
+    InitProducerIdResponse, ListTransactionsResponse, TxnPartitionResult,
 };
-use skein_log::batch::BatchBuilder;
-use skein_log::ReadLimit;
 
+use super::internal::{self, Refusal};
 use super::now;
 use super::requests::ask;
 use super::shard::{owner, Node};
 use crate::core::group::{partition_for, OFFSETS_TOPIC};
-use crate::core::machine::{feed, LogMachine};
-use crate::core::txn::{check_id, EndStep, InitStep, Refusal, Tp, TxnCoordinator, TxnRecord, TxnState, TXN_TOPIC};
+use crate::core::machine::LogMachine;
+use crate::core::txn::{check_id, EndStep, InitStep, Tp, TxnCoordinator, TxnRecord, TxnState, TXN_TOPIC};
 use crate::core::txn_partition::MarkerKind;
-use crate::core::{
-    LeaderEpoch, MarkerRequest, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure,
-};
+use crate::core::{LeaderEpoch, MarkerRequest, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId};
 use crate::service::{Request, Response};
 
 /// How often a shard completes prepared transactions and aborts expired ones.
 const TICK_MS: u64 = 100;
-/// Bound on one internal append.
-const WRITE_TIMEOUT_MS: u32 = 10_000;
 /// How long one marker attempt waits for its answer before it is sent again.
 const MARKER_ATTEMPT_MS: u64 = 1_000;
 /// How long a request waits for its markers before it answers (the tick keeps completing).
 const MARKERS_MAX_MS: u64 = 10_000;
 
 /// The transaction state of one `__transaction_state` partition on this broker.
-struct Loaded {
+pub(crate) struct Loaded {
     /// The leader epoch this replica leads at, timers started (`None`: not leading).
     leading: Option<LeaderEpoch>,
     machine: TxnCoordinator,
 }
 
-type Slot = Rc<Mutex<Option<Loaded>>>;
-
-/// This shard's transaction state, by `__transaction_state` partition.
-#[derive(Default)]
-pub(crate) struct Coordinators {
-    slots: RefCell<HashMap<PartitionId, Slot>>,
-}
-
-impl Coordinators {
-    fn slot(&self, p: PartitionId) -> Slot {
-        self.slots.borrow_mut().entry(p).or_default().clone()
-    }
-}
-
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
+/// This shard's coordinator state, by internal-topic partition.
+pub(crate) type Coordinators = internal::Slots<Loaded>;
 
 /// The transactional id a request names.
 fn id_of(req: &Request) -> Option<&str> {
@@ -108,9 +84,7 @@ fn refusal(req: &Request, (error, message): Refusal) -> Response {
             Response::AddPartitionsToTxn(AddPartitionsToTxnResponse { error, message, partitions: Vec::new() })
         }
         Request::AddOffsetsToTxn(_) => Response::AddOffsetsToTxn(AddOffsetsToTxnResponse { error, message }),
-        Request::EndTxn(_) => {
-            Response::EndTxn(EndTxnResponse { error, message, producer_id: -1, producer_epoch: -1 })
-        }
+        Request::EndTxn(_) => Response::EndTxn(EndTxnResponse { error, message, producer_id: -1, producer_epoch: -1 }),
         Request::DescribeTransaction(r) => Response::DescribeTransaction(DescribeTransactionResponse {
             error,
             message,
@@ -181,70 +155,33 @@ pub(super) async fn here(node: Rc<Node>, req: Request) -> Response {
     }
 }
 
-/// The epoch this shard leads `pid` at, with a valid lease.
-fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
-    let st = node.st.borrow();
-    if !st.core.lease_valid(now()) {
-        return None;
-    }
-    st.core.replica(pid)?.leader_epoch()
-}
-
-/// Brings the slot of `pid` up to this replica's high watermark. `Ok(false)`: no replica here.
+/// Brings the slot of `pid` up to this replica's high watermark (from the log start when it
+/// is empty or behind the log start). `Ok(false)`: no replica here (the slot is emptied).
 fn catch_up(node: &Node, pid: PartitionId, slot: &mut Option<Loaded>) -> Result<bool, Refusal> {
-    let st = node.st.borrow();
-    let Some(replica) = st.core.replica(pid) else {
-        *slot = None;
-        return Ok(false);
+    let loaded = slot.get_or_insert_with(|| Loaded { leading: None, machine: TxnCoordinator::new(false) });
+    let fed = match internal::feed_committed(node, pid, TXN_TOPIC, &mut loaded.machine) {
+        Err((ErrorCode::STORAGE_ERROR, m)) if loaded.machine.applied() > Offset(0) => {
+            tracing::warn!(partition = %pid, m, "rebuilding the transaction state from the log start");
+            *loaded = Loaded { leading: None, machine: TxnCoordinator::new(false) };
+            internal::feed_committed(node, pid, TXN_TOPIC, &mut loaded.machine)?
+        }
+        r => r?,
     };
-    let log = replica.log();
-    let loaded = slot.get_or_insert_with(|| Loaded {
-        leading: None,
-        machine: TxnCoordinator::new(false),
-    });
-    if loaded.machine.applied() < log.log_start_offset() {
-        tracing::warn!(partition = %pid, "transaction log starts after the state: rebuilding from its start");
-        loaded.machine = TxnCoordinator::new(false);
-        loaded.leading = None;
+    if fed.is_none() {
+        *slot = None;
     }
-    let hw = replica.high_watermark();
-    let mut from = loaded.machine.applied().max(log.log_start_offset());
-    let mut buf = Vec::new();
-    while from < hw {
-        buf.clear();
-        match log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf) {
-            Ok(_) => {}
-            Err(skein_log::ReadError::Storage(e)) => crate::service::fail_stop("reading the transaction log", &e),
-            Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {TXN_TOPIC} ({pid}): {e}"))),
-        }
-        let before = from;
-        let fed = feed(&mut loaded.machine, &buf, from)
-            .map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{TXN_TOPIC} ({pid}): {e}")))?;
-        from = fed.next;
-        if from == before {
-            break;
-        }
-    }
-    Ok(true)
+    Ok(fed.is_some())
 }
 
 /// The slot of `pid`, caught up and leading at the current epoch; a refusal when this broker
 /// does not coordinate it or is still catching up.
 fn lead(node: &Node, pid: PartitionId, index: u32, slot: &mut Option<Loaded>) -> Result<LeaderEpoch, Refusal> {
     let not_here = || (ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {TXN_TOPIC}/{index}"));
-    let Some(epoch) = leading_epoch(node, pid) else {
+    let epoch = internal::coordinating(node, pid, TXN_TOPIC, index).inspect_err(|_| {
         if let Some(l) = slot.as_mut() {
             l.leading = None;
         }
-        return Err(not_here());
-    };
-    match node.st.borrow().core.read_committed(now(), pid, Offset(u64::MAX), 0) {
-        Ok(_) => {}
-        Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
-            return Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
-        }
-        Err(_) => return Err(not_here()),
-    }
+    })?;
     if !catch_up(node, pid, slot)? {
         return Err(not_here());
     }
@@ -268,7 +205,7 @@ async fn commit(
     slot: &mut Option<Loaded>,
 ) -> Result<(), Refusal> {
     tracing::debug!(id = record.id, state = record.meta.state.name(), "writing a transaction record");
-    let result = match write(node, index, epoch, record).await {
+    let result = match internal::append(node, TXN_TOPIC, index, epoch, &[record.encode()], None).await {
         Ok(end) => match catch_up(node, pid, slot) {
             Ok(true) if slot.as_ref().is_some_and(|l| l.machine.applied() >= end) => {
                 if let Some(l) = slot.as_mut() {
@@ -283,57 +220,6 @@ async fn commit(
     };
     *slot = None;
     result
-}
-
-async fn write(node: &Rc<Node>, index: u32, epoch: LeaderEpoch, record: &TxnRecord) -> Result<Offset, Refusal> {
-    let mut b = BatchBuilder::new();
-    let (key, value) = record.encode();
-    b.push(Some(&key), &value, &[], skein_log::types::Timestamp(wall_ms() as i64));
-    let bytes = b.build().into_bytes();
-    let req = ProduceRequest {
-        acks: -1,
-        timeout_ms: WRITE_TIMEOUT_MS,
-        partitions: vec![ProducePartition {
-            topic: TXN_TOPIC.into(),
-            partition: index,
-            leader_epoch: epoch.0,
-            records: BytesMut::from(&bytes[..]),
-        }],
-    };
-    let (error, base) = match node.produce_here(req).await {
-        Response::Produce(r) => r.partitions.first().map_or((ErrorCode::UNKNOWN, 0), |p| (p.error, p.base_offset)),
-        Response::Error(code) => (code, 0),
-        _ => (ErrorCode::UNKNOWN, 0),
-    };
-    match error {
-        ErrorCode::NONE => Ok(Offset(base + 1)),
-        ErrorCode::NOT_LEADER | ErrorCode::FENCED_LEADER_EPOCH | ErrorCode::UNKNOWN_TOPIC_OR_PARTITION => {
-            Err((ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} moved to another broker")))
-        }
-        code => Err((code, format!("writing to {TXN_TOPIC}/{index} failed: {}", code.name()))),
-    }
-}
-
-/// Leaders of the named partitions, from the controller state as this broker knows it.
-async fn leaders(node: &Rc<Node>, parts: &[Tp]) -> HashMap<Tp, (PartitionId, NodeId)> {
-    let mut topics: Vec<String> = parts.iter().map(|(t, _)| t.clone()).collect();
-    topics.sort();
-    topics.dedup();
-    let map = node.topics.load();
-    let mut out = HashMap::new();
-    if let Response::Metadata(meta) = control(node, Request::Metadata(MetadataRequest { topics: Some(topics) })).await {
-        for t in &meta.topics {
-            for p in &t.partitions {
-                if p.error != ErrorCode::NONE || p.leader == 0 {
-                    continue;
-                }
-                if let Some(id) = map.partition(&t.name, p.partition) {
-                    out.insert((t.name.clone(), p.partition), (id, NodeId(p.leader)));
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Writes `kind` markers of `producer` at `epoch` to every partition of `parts`, each until its
@@ -355,7 +241,7 @@ async fn markers(
         if todo.is_empty() || std::time::Instant::now() >= deadline {
             return results;
         }
-        let found = leaders(node, &todo).await;
+        let found = internal::leaders(node, &todo).await;
         let mut waits = Vec::new();
         for tp in &todo {
             let Some(&(partition, leader)) = found.get(tp) else { continue };
@@ -450,7 +336,7 @@ async fn add(
         parts.iter().cloned().partition(|(t, p)| t != TXN_TOPIC && topics.partition(t, *p).is_some());
     drop(topics);
     let loaded = slot.as_ref().expect("led");
-    if let Some(record) = loaded.machine.add_partitions(id, producer_id, producer_epoch, &known, wall_ms())? {
+    if let Some(record) = loaded.machine.add_partitions(id, producer_id, producer_epoch, &known, internal::wall_ms())? {
         commit(node, index, pid, epoch, &record, slot).await?;
     }
     let results = markers(node, pid, ProducerId(producer_id), producer_epoch, MarkerKind::Begin, &known).await;
@@ -463,7 +349,7 @@ async fn add(
 /// A new producer id (shard 0 allocates them).
 async fn new_producer_id(node: &Rc<Node>) -> Option<i64> {
     let req = Request::InitProducerId(InitProducerIdRequest { transactional_id: None, transaction_timeout_ms: 0 });
-    match control(node, req).await {
+    match internal::control(node, req).await {
         Response::InitProducerId(r) if r.error == ErrorCode::NONE => Some(r.producer_id),
         _ => None,
     }
@@ -507,7 +393,12 @@ async fn run(
                 match step {
                     InitStep::Done(record) => {
                         commit(node, index, pid, epoch, &record, slot).await?;
-                        tracing::info!(id, producer = record.meta.producer_id, epoch = record.meta.epoch, "transactional producer initialized");
+                        tracing::info!(
+                            id,
+                            producer = record.meta.producer_id,
+                            epoch = record.meta.epoch,
+                            "transactional producer initialized"
+                        );
                         return Ok(Response::InitProducerId(InitProducerIdResponse {
                             error: ErrorCode::NONE,
                             message: String::new(),
@@ -586,7 +477,7 @@ async fn run(
         }
         Request::DescribeTransaction(r) => {
             state(slot)?;
-            let d = slot.as_ref().expect("checked").machine.describe(&r.transactional_id, wall_ms())?;
+            let d = slot.as_ref().expect("checked").machine.describe(&r.transactional_id, internal::wall_ms())?;
             Ok(Response::DescribeTransaction(d))
         }
         Request::AbortTransaction(r) => {
@@ -601,7 +492,7 @@ async fn run(
         }
         Request::ListTransactions => {
             state(slot)?;
-            let transactions = slot.as_ref().expect("checked").machine.list(wall_ms());
+            let transactions = slot.as_ref().expect("checked").machine.list(internal::wall_ms());
             Ok(Response::ListTransactions(ListTransactionsResponse { transactions }))
         }
         _ => Err((ErrorCode::INVALID_REQUEST, "not a transaction request".into())),
@@ -611,72 +502,14 @@ async fn run(
 /// FindCoordinator for a transactional id: creates the topic on first use, then names the
 /// leader of the id's partition.
 async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoordinatorResponse {
-    let fail =
-        |error, message: String| FindCoordinatorResponse { error, message, node_id: 0, host: String::new(), port: 0 };
-    if let Err((code, message)) = check_id(&r.group) {
-        return fail(code, message);
-    }
-    if node.topics.load().partitions(TXN_TOPIC).is_none() {
-        let replicas = node.voters.len().min(3) as u16;
-        let create = CreateTopicsRequest {
-            topics: vec![NewTopic {
-                name: TXN_TOPIC.into(),
-                partitions: node.config.txn_partitions,
-                replicas,
-                configs: vec![
-                    TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
-                    TopicConfig { key: "retention.ms".into(), value: "-1".into() },
-                ],
-            }],
-        };
-        if let Response::CreateTopics(c) = control(node, Request::CreateTopics(create)).await {
-            if let Some(t) =
-                c.results.first().filter(|t| !matches!(t.error, ErrorCode::NONE | ErrorCode::TOPIC_ALREADY_EXISTS))
-            {
-                return fail(t.error, format!("creating {TXN_TOPIC}: {}", t.message));
-            }
-        }
-    }
-    let Some(count) = node.topics.load().partitions(TXN_TOPIC) else {
-        return fail(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, format!("{TXN_TOPIC} is being created"));
-    };
-    let index = partition_for(&r.group, count);
-    let meta = control(node, Request::Metadata(MetadataRequest { topics: Some(vec![TXN_TOPIC.into()]) })).await;
-    let Response::Metadata(meta) = meta else {
-        return fail(ErrorCode::NOT_COORDINATOR, "no metadata".into());
-    };
-    let leader = meta
-        .topics
-        .iter()
-        .flat_map(|t| &t.partitions)
-        .find(|p| p.partition == index && p.error == ErrorCode::NONE)
-        .map(|p| p.leader);
-    match leader.and_then(|l| meta.brokers.iter().find(|b| b.node_id == l)) {
-        Some(b) => FindCoordinatorResponse {
-            error: ErrorCode::NONE,
-            message: String::new(),
-            node_id: b.node_id,
-            host: b.host.clone(),
-            port: b.port,
-        },
-        None => fail(ErrorCode::NOT_COORDINATOR, format!("{TXN_TOPIC}/{index} has no leader now")),
-    }
-}
-
-/// A control request on shard 0.
-async fn control(node: &Rc<Node>, req: Request) -> Response {
-    if node.shard == 0 {
-        node.clone().control_request(req).await
-    } else {
-        ask(node, 0, req).await
-    }
+    internal::find_coordinator(node, TXN_TOPIC, node.config.txn_partitions, &r.group, check_id(&r.group)).await
 }
 
 /// The transactions of the partitions this shard leads.
 async fn list_here(node: &Rc<Node>) -> Response {
     let mut transactions = Vec::new();
-    for (index, pid) in hosted(node) {
-        if leading_epoch(node, pid).is_none() {
+    for (index, pid) in internal::hosted(node, TXN_TOPIC) {
+        if internal::leading_epoch(node, pid).is_none() {
             continue;
         }
         if let Response::ListTransactions(r) = serve(node, index, pid, Request::ListTransactions).await {
@@ -684,16 +517,6 @@ async fn list_here(node: &Rc<Node>) -> Response {
         }
     }
     Response::ListTransactions(ListTransactionsResponse { transactions })
-}
-
-/// The `__transaction_state` partitions this shard hosts a replica of.
-fn hosted(node: &Node) -> Vec<(u32, PartitionId)> {
-    let topics = node.topics.load();
-    let st = node.st.borrow();
-    (0..topics.partitions(TXN_TOPIC).unwrap_or(0))
-        .filter_map(|i| Some((i, topics.partition(TXN_TOPIC, i)?)))
-        .filter(|(_, p)| owner(*p, node.shard_count()) == node.shard && st.core.replica(*p).is_some())
-        .collect()
 }
 
 /// On every `__transaction_state` partition this shard hosts: applies newly committed records
@@ -705,17 +528,22 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
         if node.stopping.get() {
             return;
         }
-        let hosted = hosted(&node);
-        node.txns.slots.borrow_mut().retain(|p, _| hosted.iter().any(|(_, h)| h == p));
+        let hosted = internal::hosted(&node, TXN_TOPIC);
+        node.txns.retain(&hosted);
         for (index, pid) in hosted {
             let slot = node.txns.slot(pid);
             let Some(mut guard) = slot.try_lock() else { continue };
-            if leading_epoch(&node, pid).is_none() {
+            if internal::leading_epoch(&node, pid).is_none() {
                 if let Some(l) = guard.as_mut() {
                     l.leading = None;
                 }
                 if let Err((code, message)) = catch_up(&node, pid, &mut guard) {
-                    tracing::warn!(partition = index, code = code.name(), message, "applying transaction records failed");
+                    tracing::warn!(
+                        partition = index,
+                        code = code.name(),
+                        message,
+                        "applying transaction records failed"
+                    );
                     *guard = None;
                 }
                 continue;
