@@ -130,3 +130,46 @@ fn a_block_of_seeds_passes_with_the_group_workload() {
     assert!(faults >= 100, "faults were injected: {faults}");
     assert!(group_ops >= 20 * 300, "the group workload ran: {group_ops} group operations");
 }
+
+/// The transaction workload's config for a seed.
+fn with_transactions(seed: u64) -> SimConfig {
+    SimConfig { transactions: true, ..SimConfig::new(seed) }
+}
+
+/// The first seed in `0..budget` whose transaction checks catch `plant`, and what failed.
+fn first_txn_catch(plant: &str, budget: u64) -> (Option<u64>, Vec<String>) {
+    let plant = Plant::named(plant).expect("known");
+    let expected = ["txn-aborted-read", "txn-intermediate-read", "txn-torn", "txn-lost-write", "txn-duplicate"];
+    let mut seen = Vec::new();
+    let caught = (0..budget).find(|&seed| {
+        let props = run(&SimConfig { plant, ..with_transactions(seed) }).failed_properties();
+        let hit = props.iter().any(|p| expected.contains(&p.as_str()));
+        seen.extend(props);
+        hit
+    });
+    (caught, seen)
+}
+
+#[test]
+fn planted_no_txn_epoch_bump_is_caught_by_the_transaction_checks() {
+    // Without an epoch per transaction, a late end or write of one lands on the next
+    // (KAFKA-17754, what KIP-890 part 2 fixed).
+    let (caught, seen) = first_txn_catch("no-txn-epoch-bump", 100);
+    assert!(caught.is_some(), "no-txn-epoch-bump not caught in 100 seeds (other failures: {seen:?})");
+}
+
+#[test]
+fn planted_no_partition_check_is_caught_by_the_transaction_checks() {
+    // Without the partition check, a late write joins no transaction and is read at once
+    // (what KIP-890 part 1 fixed).
+    let (caught, seen) = first_txn_catch("no-partition-check", 100);
+    assert!(caught.is_some(), "no-partition-check not caught in 100 seeds (other failures: {seen:?})");
+}
+
+#[test]
+fn a_block_of_seeds_passes_with_the_transaction_workload() {
+    for seed in 3000..3010 {
+        let out = run(&with_transactions(seed));
+        assert!(out.passed(), "seed {seed}: {:?}\n{}", out.violations, out.txn_report);
+    }
+}
