@@ -186,7 +186,9 @@ impl PartitionTxns {
 
     /// The aborted transactions overlapping offsets `from..to`.
     pub fn aborted_in(&self, from: Offset, to: Offset) -> Vec<AbortedTxn> {
-        self.aborted.iter().filter(|a| a.last >= from && a.first < to).copied().collect()
+        // In marker order, so by `last`: skip those ending before `from` without a scan.
+        let start = self.aborted.partition_point(|a| a.last < from);
+        self.aborted.range(start..).filter(|a| a.first < to).copied().collect()
     }
 
     /// Every aborted transaction known (for checks).
