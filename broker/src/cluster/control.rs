@@ -302,7 +302,7 @@ impl Node {
 
     /// Log start, high watermark and log end of this broker's replicas of `ids`, from the
     /// shards that own them (zeros where it hosts none).
-    async fn offsets(&self, ids: &[PartitionId]) -> HashMap<PartitionId, (u64, u64, u64, u64)> {
+    async fn offsets(&self, ids: &[PartitionId]) -> HashMap<PartitionId, super::shard::ReplicaOffsets> {
         let n = self.shard_count();
         let mut by_shard: BTreeMap<usize, Vec<PartitionId>> = BTreeMap::new();
         for p in ids {

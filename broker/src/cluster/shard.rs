@@ -74,7 +74,7 @@ pub(super) enum ShardMsg {
     /// Answered after this shard's next pump (something may have moved a high watermark).
     Wake(oneshot::Sender<()>),
     /// Log start, high watermark and log end of replicas owned here (`None`: no replica).
-    Offsets(Vec<PartitionId>, oneshot::Sender<Vec<Option<(u64, u64, u64, u64)>>>),
+    Offsets(Vec<PartitionId>, oneshot::Sender<Vec<Option<ReplicaOffsets>>>),
     /// How many partitions this shard's replicas lead.
     Leading(oneshot::Sender<usize>),
     /// Which of these partitions this shard serves as leader now (replica leading, lease valid).
@@ -106,6 +106,9 @@ pub(crate) struct Node {
     /// Transaction coordinators of the `__transaction_state` partitions this shard owns.
     pub(super) txns: super::txn::Coordinators,
 }
+
+/// A replica's log start, high watermark, log end and last stable offset.
+pub(super) type ReplicaOffsets = (u64, u64, u64, u64);
 
 pub(super) struct State {
     pub core: BrokerNode<FileStorage>,
@@ -254,7 +257,7 @@ impl Node {
 
     /// Log start, high watermark, log end and last stable offset of this shard's replicas of
     /// `ids` (`None`: none).
-    pub(super) fn replica_offsets(&self, ids: &[PartitionId]) -> Vec<Option<(u64, u64, u64, u64)>> {
+    pub(super) fn replica_offsets(&self, ids: &[PartitionId]) -> Vec<Option<ReplicaOffsets>> {
         let st = self.st.borrow();
         ids.iter()
             .map(|p| {
