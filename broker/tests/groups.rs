@@ -26,8 +26,12 @@ async fn coordinator(addrs: &[String], group: &str) -> String {
     wait_for("a coordinator", Duration::from_secs(15), async || {
         for a in addrs {
             let Ok(c) = Connection::connect(a, "groups-test", Duration::from_secs(1)).await else { continue };
-            let r: Result<FindCoordinatorResponse, _> =
-                c.call(ApiKey::FindCoordinator, &FindCoordinatorRequest { group: group.into(), key_type: skein_client::wire::GROUP_KEY }).await;
+            let r: Result<FindCoordinatorResponse, _> = c
+                .call(
+                    ApiKey::FindCoordinator,
+                    &FindCoordinatorRequest { group: group.into(), key_type: skein_client::wire::GROUP_KEY },
+                )
+                .await;
             if let Some(r) = r.ok().filter(|r| r.error == ErrorCode::NONE) {
                 return Some(format!("{}:{}", r.host, r.port));
             }

@@ -22,13 +22,12 @@ use common::{block_on, vm_hwm_kb, Broker};
 use skein_client::conn::Connection;
 use skein_client::wire::{
     request_frame, AbortTransactionRequest, AddOffsetsToTxnRequest, AddPartitionsToTxnRequest, ApiKey,
-    ApiVersionsRequest, CreateTopicsRequest, DescribeTransactionRequest, EndTxnRequest, ListTransactionsRequest,
-    TxnOffsetCommitRequest, DeleteGroupRequest, DeleteTopicsRequest,
-    DescribeGroupRequest, DescribeTopicsRequest, ErrorCode, FetchPartition, FetchRequest, FetchResponse,
-    FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest, ListOffsetsPartition,
-    ListOffsetsRequest, MetadataRequest, NewTopic, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest,
-    ProducePartition, ProduceRequest, ProduceResponse, ReassignPartitionRequest, RequestHeader, TopicConfig,
-    TopicPartition, Wire, Writer,
+    ApiVersionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteTopicsRequest, DescribeGroupRequest,
+    DescribeTopicsRequest, DescribeTransactionRequest, EndTxnRequest, ErrorCode, FetchPartition, FetchRequest,
+    FetchResponse, FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest,
+    ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MetadataRequest, NewTopic,
+    OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest, ProduceResponse,
+    ReassignPartitionRequest, RequestHeader, TopicConfig, TopicPartition, TxnOffsetCommitRequest, Wire, Writer,
 };
 use skein_client::Client;
 
@@ -284,13 +283,11 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
             });
             ListOffsetsRequest { isolation: rng.pick(&[0, 1, u8::MAX]), partitions }.encode(&mut w)
         }
-        ApiKey::InitProducerId => {
-            InitProducerIdRequest {
-                transactional_id: rng.chance(2).then(|| rng.string()),
-                transaction_timeout_ms: rng.pick(&[0, 1, 60_000, 900_001, u32::MAX]),
-            }
-            .encode(&mut w)
+        ApiKey::InitProducerId => InitProducerIdRequest {
+            transactional_id: rng.chance(2).then(|| rng.string()),
+            transaction_timeout_ms: rng.pick(&[0, 1, 60_000, 900_001, u32::MAX]),
         }
+        .encode(&mut w),
         // A client claiming to be a broker: any bytes (the peer-frame decoder is fuzzed by the
         // broker's unit tests; here the connection must be closed without harm).
         ApiKey::Cluster => {

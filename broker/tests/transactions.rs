@@ -218,7 +218,11 @@ fn transactions_commit_abort_fence_and_survive_a_kill() {
         let p2 = (done.producer_id, done.producer_epoch);
         let rc = fetch(&c, 0, READ_COMMITTED).await;
         assert_eq!(visible(&rc), vec!["a"], "the aborted record is filtered");
-        assert!(rc.aborted.iter().any(|a| a.first_offset < aborted_at && aborted_at < a.last_offset), "{:?}", rc.aborted);
+        assert!(
+            rc.aborted.iter().any(|a| a.first_offset < aborted_at && aborted_at < a.last_offset),
+            "{:?}",
+            rc.aborted
+        );
         assert_eq!(visible(&fetch(&c, 0, READ_UNCOMMITTED).await), vec!["a", "x"], "read_uncommitted sees it");
 
         // A hanging transaction pins the last stable offset until an admin aborts it.
@@ -230,7 +234,8 @@ fn transactions_commit_abort_fence_and_survive_a_kill() {
             c.call(ApiKey::ListTransactions, &ListTransactionsRequest {}).await.expect("list");
         assert!(listed.transactions.iter().any(|t| t.transactional_id == "tx" && t.state == "ongoing"), "{listed:?}");
         let req = AbortTransactionRequest { transactional_id: "tx".into() };
-        let r: AbortTransactionResponse = call(&c, ApiKey::AbortTransaction, &req, |r: &AbortTransactionResponse| r.error).await;
+        let r: AbortTransactionResponse =
+            call(&c, ApiKey::AbortTransaction, &req, |r: &AbortTransactionResponse| r.error).await;
         assert_eq!(r.error, ErrorCode::NONE, "{}", r.message);
         let freed = fetch(&c, 1, READ_COMMITTED).await;
         assert_eq!(freed.last_stable, freed.high_watermark);

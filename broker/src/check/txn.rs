@@ -781,7 +781,7 @@ mod tests {
         let mut h = good();
         h.retain(|op| !matches!(op, TxnOp::Poll { final_read: true, partition: PartitionId(1), .. }));
         h.push(poll(FINAL, 1, (0, 9), &[(1, 2)], 100)); // value 6 is gone
-        // The final read saw T3 in partition 0 and read past its offset in partition 1: torn too.
+                                                        // The final read saw T3 in partition 0 and read past its offset in partition 1: torn too.
         check(h, &[TxnCheck::TxnTorn, TxnCheck::TxnLostWrite]);
     }
 

@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use futures_channel::oneshot;
 use skein_client::wire::{
-    ErrorCode, FetchPartition, FetchRequest, ListOffsetsPartitionResponse, ListOffsetsRequest, ListOffsetsResponse,
-    AbortedTransaction, ProducePartitionResponse, ProduceRequest, ProduceResponse, EARLIEST, LATEST, READ_COMMITTED,
+    AbortedTransaction, ErrorCode, FetchPartition, FetchRequest, ListOffsetsPartitionResponse, ListOffsetsRequest,
+    ListOffsetsResponse, ProducePartitionResponse, ProduceRequest, ProduceResponse, EARLIEST, LATEST, READ_COMMITTED,
 };
 use skein_log::types::Timestamp;
 
@@ -273,7 +273,8 @@ async fn fetch_round(node: &Node, req: &FetchRequest) -> (Vec<(FetchResult, bool
     for (shard, (indices, parts)) in groups {
         if shard == node.shard {
             let mut budget = FetchBudget::new(req.max_bytes, &node.budgets.fetch);
-            for (i, r) in indices.into_iter().zip(node.fetch_once(req.replica_read, req.isolation, &parts, &mut budget)) {
+            for (i, r) in indices.into_iter().zip(node.fetch_once(req.replica_read, req.isolation, &parts, &mut budget))
+            {
                 out[i] = Some(r);
             }
             budgets.push(budget);

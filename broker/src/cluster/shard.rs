@@ -261,12 +261,10 @@ impl Node {
         let st = self.st.borrow();
         ids.iter()
             .map(|p| {
-                st.core
-                    .replica(*p)
-                    .map(|r| {
-                        let log = r.log();
-                        (log.log_start_offset().0, r.high_watermark().0, log.log_end_offset().0, r.last_stable().0)
-                    })
+                st.core.replica(*p).map(|r| {
+                    let log = r.log();
+                    (log.log_start_offset().0, r.high_watermark().0, log.log_end_offset().0, r.last_stable().0)
+                })
             })
             .collect()
     }

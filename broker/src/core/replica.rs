@@ -1022,7 +1022,12 @@ impl<S: Storage> Replica<S> {
 
     /// As [`Replica::read_committed`]; with `stable_only` (read_committed isolation) up to the
     /// last stable offset only. The high watermark is returned either way.
-    pub fn read_leader(&self, from: Offset, max_bytes: u32, stable_only: bool) -> Result<(Vec<u8>, Offset), ReadFailure> {
+    pub fn read_leader(
+        &self,
+        from: Offset,
+        max_bytes: u32,
+        stable_only: bool,
+    ) -> Result<(Vec<u8>, Offset), ReadFailure> {
         if self.failed {
             return Err(ProduceError::Storage.into());
         }

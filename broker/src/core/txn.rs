@@ -372,7 +372,10 @@ impl TxnCoordinator {
         }
         m.partitions.extend(partitions.iter().cloned());
         if m.partitions.len() > PARTITIONS_MAX {
-            return Err((ErrorCode::INVALID_REQUEST, format!("a transaction holds at most {PARTITIONS_MAX} partitions")));
+            return Err((
+                ErrorCode::INVALID_REQUEST,
+                format!("a transaction holds at most {PARTITIONS_MAX} partitions"),
+            ));
         }
         Ok((m != *meta).then(|| TxnRecord { id: id.into(), meta: m }))
     }
@@ -512,12 +515,7 @@ impl TxnCoordinator {
         if snap.version != 1 {
             return Err(RecordError { offset: snap.applied, reason: format!("snapshot version {}", snap.version) });
         }
-        Ok(TxnCoordinator {
-            ids: snap.ids,
-            deadlines: HashMap::new(),
-            applied: Offset(snap.applied),
-            no_epoch_bump,
-        })
+        Ok(TxnCoordinator { ids: snap.ids, deadlines: HashMap::new(), applied: Offset(snap.applied), no_epoch_bump })
     }
 
     /// Whether an id is in a state where nothing is open or deciding.

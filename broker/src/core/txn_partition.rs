@@ -76,7 +76,12 @@ impl MarkerKind {
 /// The control batch of a marker: one record, transactional and control attributes, the
 /// producer's id and epoch, no sequence (markers are not idempotent writes; duplicates are
 /// recognized by [`PartitionTxns::check_marker`]).
-pub fn marker_batch(producer: ProducerId, epoch: ProducerEpoch, kind: MarkerKind, stamp: skein_log::types::Timestamp) -> RecordBatch<Vec<u8>> {
+pub fn marker_batch(
+    producer: ProducerId,
+    epoch: ProducerEpoch,
+    kind: MarkerKind,
+    stamp: skein_log::types::Timestamp,
+) -> RecordBatch<Vec<u8>> {
     let mut b = skein_log::batch::BatchBuilder::new()
         .producer(producer, epoch, skein_log::types::Sequence::NONE)
         .attributes(Attributes::default().with_transactional(true).with_control(true));
@@ -274,7 +279,12 @@ impl PartitionTxns {
                 Some((e, first)) if e < epoch => {
                     // See `check_marker`: the older transaction can no longer end normally;
                     // it is aborted here, in log order, so every replica decides the same.
-                    tracing::warn!(producer = producer.0, old = e.0, new = epoch.0, "a begin found an older transaction open: aborting it");
+                    tracing::warn!(
+                        producer = producer.0,
+                        old = e.0,
+                        new = epoch.0,
+                        "a begin found an older transaction open: aborting it"
+                    );
                     self.open.remove(&(first, producer));
                     self.aborted.push_back(AbortedTxn { producer, first, last: at });
                     p.ended = Some(e);
@@ -297,7 +307,6 @@ impl PartitionTxns {
             }
         }
     }
-
 }
 
 /// Whether a transactional batch of `producer` at `offset` belongs to an aborted transaction
@@ -342,15 +351,26 @@ mod tests {
         mark(&mut t, 0, MarkerKind::Commit, 20);
         assert_eq!(t.last_stable(Offset(50)), Offset(50));
         assert_eq!(t.check_write(&data(0, true)), Err(WriteRefusal::Fenced), "a late write of the ended transaction");
-        assert_eq!(t.check_write(&data(1, true)), Err(WriteRefusal::NotInTransaction), "the next one was not added here");
+        assert_eq!(
+            t.check_write(&data(1, true)),
+            Err(WriteRefusal::NotInTransaction),
+            "the next one was not added here"
+        );
         assert_eq!(t.check_marker(P, ProducerEpoch(0), MarkerKind::Commit), MarkerCheck::Done, "a retried end");
         assert_eq!(t.check_marker(P, ProducerEpoch(0), MarkerKind::Begin), MarkerCheck::Stale, "a late begin");
         mark(&mut t, 1, MarkerKind::Begin, 30);
         assert_eq!(t.check_marker(P, ProducerEpoch(1), MarkerKind::Begin), MarkerCheck::Done, "a retried begin");
-        assert_eq!(t.check_marker(P, ProducerEpoch(0), MarkerKind::Abort), MarkerCheck::Stale, "a late end never ends the next");
+        assert_eq!(
+            t.check_marker(P, ProducerEpoch(0), MarkerKind::Abort),
+            MarkerCheck::Stale,
+            "a late end never ends the next"
+        );
         assert_eq!(t.check_write(&data(0, true)), Err(WriteRefusal::Fenced));
         mark(&mut t, 1, MarkerKind::Abort, 40);
-        assert_eq!(t.aborted_in(Offset(0), Offset(100)), vec![AbortedTxn { producer: P, first: Offset(30), last: Offset(40) }]);
+        assert_eq!(
+            t.aborted_in(Offset(0), Offset(100)),
+            vec![AbortedTxn { producer: P, first: Offset(30), last: Offset(40) }]
+        );
         assert!(t.aborted_in(Offset(41), Offset(100)).is_empty());
         assert!(is_aborted(&t.aborted_in(Offset(0), Offset(100)), P, Offset(35)));
         assert!(!is_aborted(&t.aborted_in(Offset(0), Offset(100)), P, Offset(15)));
@@ -386,7 +406,11 @@ mod tests {
         assert_eq!(t.check_write(&data(0, true)), Ok(()), "a late write of the first joins the second");
         t.clear();
         mark(&mut t, 0, MarkerKind::Abort, 0);
-        assert_eq!(t.check_marker(P, ProducerEpoch(0), MarkerKind::Begin), MarkerCheck::Append, "the plant survives a rebuild");
+        assert_eq!(
+            t.check_marker(P, ProducerEpoch(0), MarkerKind::Begin),
+            MarkerCheck::Append,
+            "the plant survives a rebuild"
+        );
     }
 
     #[test]

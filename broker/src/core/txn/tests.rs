@@ -47,7 +47,11 @@ fn every_transaction_runs_at_its_own_epoch_and_a_late_end_cannot_touch_the_next(
     write(&mut c, r);
     assert_eq!(c.end("t", pid, e0, true), Ok(EndStep::Complete), "a retry while deciding");
     let done = complete(&mut c, "t");
-    assert_eq!((done.kind, done.epoch, done.partitions.len()), (MarkerKind::Commit, 0, 2), "markers at the txn's epoch");
+    assert_eq!(
+        (done.kind, done.epoch, done.partitions.len()),
+        (MarkerKind::Commit, 0, 2),
+        "markers at the txn's epoch"
+    );
     let e1 = c.get("t").expect("t").epoch;
     assert_eq!(e1, 1, "completion bumps the epoch");
     assert_eq!(c.end("t", pid, e0, true), Ok(EndStep::Done(pid, e1)), "a retried end after completion");
@@ -81,14 +85,17 @@ fn a_new_instance_aborts_the_open_transaction_and_fences_the_old_one() {
 #[test]
 fn a_timed_out_transaction_is_aborted_and_its_commit_refused() {
     let mut c = TxnCoordinator::new(false);
-    let (pid, e0) = c.init("t", 1000, || Some(1)).map(|s| match s {
-        InitStep::Done(r) => {
-            let out = (r.meta.producer_id, r.meta.epoch);
-            write(&mut c, r);
-            out
-        }
-        s => panic!("{s:?}"),
-    }).expect("init");
+    let (pid, e0) = c
+        .init("t", 1000, || Some(1))
+        .map(|s| match s {
+            InitStep::Done(r) => {
+                let out = (r.meta.producer_id, r.meta.epoch);
+                write(&mut c, r);
+                out
+            }
+            s => panic!("{s:?}"),
+        })
+        .expect("init");
     let r = c.add_partitions("t", pid, e0, &[tp("a", 0)], 5).expect("add").expect("new");
     write(&mut c, r);
     c.start_timers(Time(0));
@@ -108,7 +115,10 @@ fn a_timed_out_transaction_is_aborted_and_its_commit_refused() {
 fn bad_input_is_refused_with_a_reason() {
     let mut c = TxnCoordinator::new(false);
     assert_eq!(c.init("", 0, || Some(1)).map_err(|e| e.0), Err(ErrorCode::INVALID_REQUEST));
-    assert_eq!(c.init("t", MAX_TIMEOUT_MS + 1, || Some(1)).map_err(|e| e.0), Err(ErrorCode::INVALID_TRANSACTION_TIMEOUT));
+    assert_eq!(
+        c.init("t", MAX_TIMEOUT_MS + 1, || Some(1)).map_err(|e| e.0),
+        Err(ErrorCode::INVALID_TRANSACTION_TIMEOUT)
+    );
     assert_eq!(c.end("t", 1, 0, true).map_err(|e| e.0), Err(ErrorCode::INVALID_PRODUCER_ID_MAPPING));
     let (pid, e) = init(&mut c, "t");
     assert_eq!(c.end("t", pid + 1, e, true).map_err(|e| e.0), Err(ErrorCode::INVALID_PRODUCER_ID_MAPPING));
