@@ -20,8 +20,8 @@ use anyhow::{bail, Context, Result};
 use hdrhistogram::Histogram;
 use skein_client::wire::ErrorCode;
 use skein_client::{
-    yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Position, Producer, ProducerConfig,
-    ProducerRecord, ReadReplica, ReadStats, SessionHandle, TrySend,
+    yield_now, Acks, Client, ClientError, Consumer, ConsumerConfig, DeliveryResult, Isolation, Position, Producer,
+    ProducerConfig, ProducerRecord, ReadReplica, ReadStats, SessionHandle, TransactionalProducer, TrySend, TxnConfig,
 };
 use skein_log::types::Timestamp;
 
@@ -96,6 +96,14 @@ pub struct LoadConfig {
     pub prefer_replica: ReadReplica,
     /// The consumers' rack, for `closest`.
     pub rack: Option<String>,
+    /// Producers are transactional, producer `i` with transactional id `ID-i`; each commits
+    /// every `commit_interval` (and at the end). Only records of committed transactions count,
+    /// and their latency runs to the commit's acknowledgement.
+    pub transactional_id: Option<String>,
+    /// With `transactional_id`: how long a transaction stays open.
+    pub commit_interval: Duration,
+    /// Which records of transactions consumers read.
+    pub isolation: Isolation,
 }
 
 impl LoadConfig {
@@ -110,6 +118,9 @@ impl LoadConfig {
             "acks": format!("{:?}", self.acks).to_lowercase(), "messages": self.messages,
             "duration_s": self.duration.as_secs_f64(), "warmup_s": self.warmup.as_secs_f64(), "rate": self.rate,
             "prefer_replica": self.prefer_replica.to_string(), "rack": self.rack,
+            "transactional_id": self.transactional_id,
+            "commit_interval_ms": self.transactional_id.as_ref().map(|_| self.commit_interval.as_millis() as u64),
+            "isolation": self.isolation.name(),
         })
     }
 }
@@ -131,6 +142,8 @@ struct Counters {
     reads: std::sync::Mutex<ReadStats>,
     /// In e2e, the producers' acknowledgement latencies, added when each finishes.
     publish: std::sync::Mutex<Option<Histogram<u64>>>,
+    /// Transactional producers' commit latencies, added when each finishes.
+    commits: std::sync::Mutex<Option<Histogram<u64>>>,
 }
 
 /// A finished run: the report and the per-second histograms (for `--hdr`).
@@ -171,11 +184,14 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
     for i in 0..producers {
         let (cfg, counters, tx, barrier, base) =
             (cfg.clone(), counters.clone(), tx.clone(), barrier.clone(), base_slot.clone());
-        threads.push(
-            std::thread::Builder::new()
-                .name(format!("producer-{i}"))
-                .spawn(move || producer_thread(mode, i, cfg, quota, counters, tx, barrier, base))?,
-        );
+        let transactional = cfg.transactional_id.is_some();
+        threads.push(std::thread::Builder::new().name(format!("producer-{i}")).spawn(move || {
+            if transactional {
+                txn_producer_thread(i, cfg, quota, counters, tx, barrier, base)
+            } else {
+                producer_thread(mode, i, cfg, quota, counters, tx, barrier, base)
+            }
+        })?);
     }
     drop(tx);
     barrier.wait();
@@ -257,6 +273,13 @@ pub fn run(mode: Mode, cfg: LoadConfig) -> Result<Outcome> {
         latency_us: report::latency(&merged.total),
         publish_latency_us: counters
             .publish
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .filter(|h| !h.is_empty())
+            .map(report::latency),
+        commit_latency_us: counters
+            .commits
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .as_ref()
@@ -408,6 +431,129 @@ fn producer_thread(
     })
 }
 
+/// A transactional producer (see [`LoadConfig::transactional_id`]): sends through
+/// [`TransactionalProducer::send`] (keyless records, sticky partitioning), commits every
+/// `commit_interval`. A record counts once its transaction commits; its latency runs from its
+/// intended send time to that commit's acknowledgement. The commit latency is the EndTxn round
+/// trip: every record is flushed (acknowledged) before the commit call is timed.
+#[allow(clippy::too_many_arguments)]
+fn txn_producer_thread(
+    index: usize,
+    cfg: Arc<LoadConfig>,
+    quota: Option<u64>,
+    counters: Arc<Counters>,
+    tx: flume::Sender<Interval>,
+    barrier: Arc<Barrier>,
+    base: Arc<std::sync::OnceLock<Instant>>,
+) -> Result<()> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let client = Client::connect(&cfg.brokers).await?;
+        let id = format!("{}-{index}", cfg.transactional_id.as_deref().unwrap_or("loadgen"));
+        let config = TxnConfig {
+            producer: ProducerConfig {
+                batch_bytes_max: cfg.batch_bytes,
+                linger: cfg.linger,
+                buffer_bytes_max: cfg.buffer_bytes,
+                max_in_flight_per_partition: cfg.in_flight_per_partition,
+                request_timeout_ms: 30_000,
+                ..ProducerConfig::default()
+            },
+            ..TxnConfig::new(&id)
+        };
+        let mut p = TransactionalProducer::init(client, config)
+            .await
+            .map_err(|e| anyhow::anyhow!("initialising transactional id '{id}': {e}"))?;
+        let mut value = vec![b'x'; cfg.message_size];
+        let rate = cfg.rate.map(|r| r / cfg.producers.max(1) as f64);
+        // Yield to the sender task about once per batch's worth of records.
+        let per_yield = (cfg.batch_bytes / cfg.message_size.max(1)).max(1) as u64;
+        barrier.wait();
+        let base = *base.get_or_init(Instant::now);
+        let measure_start = base + cfg.warmup;
+        let end = measure_start + cfg.duration;
+        let mut open = Open { clock: IntervalClock::new(measure_start), commits: histogram(), pending: Vec::new() };
+        let (mut k, mut measured) = (0u64, 0u64);
+        p.begin().map_err(|e| anyhow::anyhow!("begin: {e}"))?;
+        let mut began = Instant::now();
+        loop {
+            let now = Instant::now();
+            if quota.map_or(now >= end, |q| measured >= q) {
+                break;
+            }
+            if now >= began + cfg.commit_interval {
+                open.commit(&mut p, base, measure_start, &counters, &tx).await?;
+                p.begin().map_err(|e| anyhow::anyhow!("begin: {e}"))?;
+                began = Instant::now();
+            }
+            let intended = match rate {
+                Some(r) => {
+                    let due = base + Duration::from_secs_f64(k as f64 / r);
+                    let wake = due.min(began + cfg.commit_interval);
+                    if wake > Instant::now() {
+                        compio::time::sleep(wake - Instant::now()).await;
+                        continue;
+                    }
+                    due
+                }
+                None => now,
+            };
+            let nanos = u64::try_from(intended.duration_since(base).as_nanos()).unwrap_or(u64::MAX);
+            value[..8].copy_from_slice(&nanos.to_le_bytes());
+            // The delivery is not awaited: the commit (after a flush) says every record landed.
+            drop(p.send(&cfg.topic, None, None, &value).await.map_err(|e| anyhow::anyhow!("send: {e}"))?);
+            if intended >= measure_start {
+                open.pending.push(nanos);
+                measured += 1;
+            }
+            k += 1;
+            if k % per_yield == 0 {
+                counters.sent.fetch_add(per_yield, Ordering::Relaxed);
+                yield_now().await;
+            }
+        }
+        open.commit(&mut p, base, measure_start, &counters, &tx).await?;
+        open.clock.flush(&tx);
+        let mut total = counters.commits.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = total.get_or_insert_with(histogram).add(&open.commits);
+        Ok(())
+    })
+}
+
+/// The open transaction of [`txn_producer_thread`]: its measured records' intended send times
+/// (ns since the run's base), and the thread's latency clocks.
+struct Open {
+    clock: IntervalClock,
+    commits: Histogram<u64>,
+    pending: Vec<u64>,
+}
+
+impl Open {
+    /// Flushes and commits; on success counts the measured records and times them to now.
+    async fn commit(
+        &mut self,
+        p: &mut TransactionalProducer,
+        base: Instant,
+        measure_start: Instant,
+        counters: &Counters,
+        tx: &flume::Sender<Interval>,
+    ) -> Result<()> {
+        p.flush().await.map_err(|e| anyhow::anyhow!("flushing the transaction: {e}"))?;
+        let asked = Instant::now();
+        p.commit().await.map_err(|e| anyhow::anyhow!("committing: {e}"))?;
+        let now = Instant::now();
+        if asked >= measure_start {
+            report::record(&mut self.commits, now - asked);
+        }
+        for nanos in self.pending.drain(..) {
+            let latency = now.saturating_duration_since(base + Duration::from_nanos(nanos));
+            self.clock.record(now, latency, tx);
+            counters.measured.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
 /// The tag bit of a measured record (the rest of the tag is its intended send time).
 const MEASURED: u64 = 1 << 63;
 
@@ -470,6 +616,7 @@ fn consumer_thread(
             prefer_replica: cfg.prefer_replica,
             rack: cfg.rack.clone(),
             session: Some(SessionHandle::default()),
+            isolation: cfg.isolation,
             ..ConsumerConfig::default()
         };
         let mut consumer = Consumer::new(client, config);

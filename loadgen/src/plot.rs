@@ -368,6 +368,7 @@ mod tests {
 
     fn sample_report() -> Report {
         Report {
+            commit_latency_us: None,
             mode: "produce".into(),
             messages: 1,
             bytes: 1024,

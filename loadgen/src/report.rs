@@ -54,6 +54,10 @@ pub struct Report {
     /// time), so the end-to-end figure can be split into publish and delivery.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub publish_latency_us: Option<Latency>,
+    /// Transactional produce: the transaction commit latency (EndTxn round trip, every record
+    /// already acknowledged), in microseconds; `latency_us` is then send to commit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub commit_latency_us: Option<Latency>,
     /// The settings of the run.
     pub config: serde_json::Value,
     /// The commit measured.
@@ -263,6 +267,9 @@ pub fn table(r: &Report) -> String {
     if let Some(p) = &r.publish_latency_us {
         out.push_str(&row("publish ack", numbers(p)));
     }
+    if let Some(c) = &r.commit_latency_us {
+        out.push_str(&row("txn commit", numbers(c)));
+    }
     let gb = r.bytes as f64 / 1e9;
     for (who, cpu) in [("broker", r.broker_cpu_seconds), ("loadgen", r.loadgen_cpu_seconds)] {
         if let Some(cpu) = cpu {
@@ -356,6 +363,7 @@ mod tests {
 
     fn report() -> Report {
         Report {
+            commit_latency_us: None,
             mode: "produce".into(),
             messages: 0,
             bytes: 0,

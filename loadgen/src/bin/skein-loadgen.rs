@@ -282,6 +282,14 @@ struct ProducerArgs {
     /// Records per second over all producers (open loop); default: as fast as possible.
     #[arg(long)]
     rate: Option<f64>,
+    /// Transactional producers: producer i uses transactional id ID-i and commits every
+    /// --commit-interval-ms; records count when their transaction commits (latency: send to
+    /// commit) and the report adds the commit latency (EndTxn round trip).
+    #[arg(long)]
+    transactional_id: Option<String>,
+    /// With --transactional-id: milliseconds between transaction commits.
+    #[arg(long, default_value_t = 100)]
+    commit_interval_ms: u64,
 }
 
 /// What only consumers use (consume and e2e). A `Parser` too, for the same reason as
@@ -299,6 +307,10 @@ struct ConsumerArgs {
     /// The consumers' rack, for --prefer-replica closest.
     #[arg(long)]
     rack: Option<String>,
+    /// read_committed (records of committed transactions, up to the last stable offset) or
+    /// read_uncommitted.
+    #[arg(long, default_value = "read_committed")]
+    isolation: skein_client::Isolation,
 }
 
 /// A load mode's options, whole: a mode without producers or without consumers gets their
@@ -865,6 +877,9 @@ fn load_config(brokers: String, run: &LoadRun) -> LoadConfig {
         broker_pid: a.broker_pid,
         prefer_replica: consumer.prefer_replica,
         rack: consumer.rack.clone(),
+        transactional_id: producer.transactional_id.clone(),
+        commit_interval: Duration::from_millis(producer.commit_interval_ms),
+        isolation: consumer.isolation,
     }
 }
 
