@@ -591,16 +591,16 @@ mod tests {
         assert_eq!(failing(&txns, &reads, &[]), ["aborted-read"]);
         // Dirty read: read before the commit was asked for.
         let reads = [read(7, true, 0, &[(0, 10)], 4), read(7, true, 1, &[(0, 11)], 10)];
-        assert_eq!(failing(&[t0.clone()], &reads, &[]), ["dirty-read"]);
+        assert_eq!(failing(std::slice::from_ref(&t0), &reads, &[]), ["dirty-read"]);
         // Torn: reader 7 saw 10 and read partition 1 past offset 0 without 11 (value 11 is
         // seen by reader 9, so it is not lost).
         let reads = [read(7, true, 0, &[(0, 10)], 10), read(9, true, 1, &[(0, 11)], 10)];
-        assert_eq!(failing(&[t0.clone()], &reads, &[reached(7, 1, 2)]), ["torn-transaction"]);
+        assert_eq!(failing(std::slice::from_ref(&t0), &reads, &[reached(7, 1, 2)]), ["torn-transaction"]);
         // Not torn when the reader has not read that far.
-        assert!(failing(&[t0.clone()], &reads, &[reached(7, 1, 0)]).is_empty());
+        assert!(failing(std::slice::from_ref(&t0), &reads, &[reached(7, 1, 0)]).is_empty());
         // Lost: 11 never read.
         let reads = [read(7, true, 0, &[(0, 10)], 10)];
-        assert_eq!(failing(&[t0.clone()], &reads, &[]), ["lost-write"]);
+        assert_eq!(failing(std::slice::from_ref(&t0), &reads, &[]), ["lost-write"]);
         // Duplicate and inconsistent offset, over read_uncommitted reads too.
         let reads = [
             read(7, true, 0, &[(0, 10)], 10),
@@ -615,7 +615,7 @@ mod tests {
     fn an_unknown_transaction_seen_once_must_be_seen_whole() {
         let t = txn(0, 0, &[(10, 0, 0), (11, 1, 0)], Some(5), false);
         let reads = [read(7, true, 0, &[(0, 10)], 10)];
-        assert_eq!(failing(&[t.clone()], &reads, &[reached(7, 1, 2)]), ["torn-transaction"]);
+        assert_eq!(failing(std::slice::from_ref(&t), &reads, &[reached(7, 1, 2)]), ["torn-transaction"]);
         // Unseen and unknown: nothing required.
         assert!(failing(&[t], &[], &[reached(7, 1, 2)]).is_empty());
     }
