@@ -515,9 +515,13 @@ impl<S: Storage> Replica<S> {
         self.append_as_leader(now, request, batch, acks, deadline, out);
     }
 
-    /// A transaction marker from a coordinator (always `acks=all`: the coordinator counts a
-    /// partition decided only once its marker is committed). A duplicate is answered once
-    /// everything in the log now is committed (the original may still be uncommitted).
+    /// A transaction marker from a coordinator. An end marker is answered once committed (the
+    /// coordinator counts a partition decided only then); a duplicate once everything in the
+    /// log now is committed (the original may still be uncommitted). A `Begin` is answered
+    /// once written here (`acks=leader`): the producer's writes that follow it are appended
+    /// after it in this log, so none of them commits without it, and if it is lost with this
+    /// leader they are refused by the next one (no open transaction there), which aborts the
+    /// transaction. It saves the producer a commit round per partition and transaction.
     #[allow(clippy::too_many_arguments)]
     pub fn handle_marker(
         &mut self,
@@ -545,7 +549,11 @@ impl<S: Storage> Replica<S> {
         match self.txns.check_marker(producer, producer_epoch, kind) {
             MarkerCheck::Append => {
                 let batch = marker_batch(producer, producer_epoch, kind, now.timestamp());
-                self.append_as_leader(now, request, batch, Acks::All, deadline, out);
+                let acks = if kind == MarkerKind::Begin { Acks::Leader } else { Acks::All };
+                self.append_as_leader(now, request, batch, acks, deadline, out);
+            }
+            MarkerCheck::Done if kind == MarkerKind::Begin => {
+                out.push(Command::ProduceReply { request, result: Ok(self.log.log_end_offset()) });
             }
             MarkerCheck::Done => {
                 let end = self.log.log_end_offset();
