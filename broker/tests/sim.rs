@@ -136,10 +136,27 @@ fn with_transactions(seed: u64) -> SimConfig {
     SimConfig { transactions: true, ..SimConfig::new(seed) }
 }
 
+/// Every failing transaction check.
+const TXN_CHECKS: &[&str] = &[
+    "txn-aborted-read",
+    "txn-intermediate-read",
+    "txn-torn",
+    "txn-lost-write",
+    "txn-duplicate",
+    "txn-exactly-once",
+    "txn-offset-atomicity",
+];
+/// The exactly-once pipelines' checks.
+const PIPELINE_CHECKS: &[&str] = &["txn-exactly-once", "txn-offset-atomicity"];
+
 /// The first seed in `0..budget` whose transaction checks catch `plant`, and what failed.
 fn first_txn_catch(plant: &str, budget: u64) -> (Option<u64>, Vec<String>) {
+    first_catch_by(plant, budget, TXN_CHECKS)
+}
+
+/// The first seed in `0..budget` where one of `expected` catches `plant`, and what failed.
+fn first_catch_by(plant: &str, budget: u64, expected: &[&str]) -> (Option<u64>, Vec<String>) {
     let plant = Plant::named(plant).expect("known");
-    let expected = ["txn-aborted-read", "txn-intermediate-read", "txn-torn", "txn-lost-write", "txn-duplicate"];
     let mut seen = Vec::new();
     let caught = (0..budget).find(|&seed| {
         let props = run(&SimConfig { plant, ..with_transactions(seed) }).failed_properties();
@@ -172,4 +189,41 @@ fn a_block_of_seeds_passes_with_the_transaction_workload() {
         let out = run(&with_transactions(seed));
         assert!(out.passed(), "seed {seed}: {:?}\n{}", out.violations, out.txn_report);
     }
+}
+
+#[test]
+fn planted_no_txn_epoch_bump_is_caught_by_the_pipeline_checks() {
+    // A late TxnOffsetCommit or end of an earlier transaction lands in the next one: an
+    // input is transformed twice, or an offset commits without its outputs.
+    let (caught, seen) = first_catch_by("no-txn-epoch-bump", 100, PIPELINE_CHECKS);
+    assert!(
+        caught.is_some(),
+        "no-txn-epoch-bump not caught by {PIPELINE_CHECKS:?} in 100 seeds (other failures: {seen:?})"
+    );
+}
+
+#[test]
+fn planted_no_partition_check_is_caught_by_the_pipeline_checks() {
+    // A late TxnOffsetCommit joins no transaction: its stale offset takes effect at the
+    // pipeline's next commit and inputs are transformed again.
+    let (caught, seen) = first_catch_by("no-partition-check", 100, PIPELINE_CHECKS);
+    assert!(
+        caught.is_some(),
+        "no-partition-check not caught by {PIPELINE_CHECKS:?} in 100 seeds (other failures: {seen:?})"
+    );
+}
+
+#[test]
+fn exactly_once_pipelines_run_and_pass() {
+    use skein_broker::check::txn::TxnCheck;
+    let (mut inputs, mut offsets) = (0, 0);
+    for seed in 3010..3015 {
+        let out = run(&with_transactions(seed));
+        assert!(out.passed(), "seed {seed}: {:?}\n{}", out.violations, out.txn_report);
+        let judged = |c: TxnCheck| out.txn_report.results.iter().find(|r| r.check == c).map_or(0, |r| r.counted);
+        inputs += judged(TxnCheck::TxnExactlyOnce);
+        offsets += judged(TxnCheck::TxnOffsetAtomicity);
+    }
+    assert!(inputs >= 5 * 20, "the pipelines transformed inputs: {inputs} judged");
+    assert!(offsets >= 5 * 10, "committed offsets were read: {offsets} judged");
 }

@@ -34,12 +34,31 @@
 //!   Kafka does not isolate concurrent transactions, and neither does Skein: these are
 //!   allowed and counted, so a change in their frequency is visible.
 //!
+//! Exactly-once pipelines (consume-transform-produce): a transaction may carry what it
+//! consumed ([`TxnConsumed`]: a group's committed offset of an input partition it started
+//! from, the input records it read, the offset it committed in the transaction; its write
+//! `i` is the transform of input `i`), and [`TxnOp::OffsetRead`] records a read of a group's
+//! committed offset (OffsetFetch with require_stable). Two more checks:
+//!
+//! - `txn-exactly-once`: no input has two transforms read_committed (in any polls), and at
+//!   the end (the final offset read and the final read of every partition) each input below
+//!   the group's final committed offset has exactly one transform, of that very record, and
+//!   no input at or above it has any; the committed offset is not beyond the input's end.
+//! - `txn-offset-atomicity`: a committed offset is only observed together with the outputs
+//!   of a transaction that committed it: every read of offset O names a transaction that
+//!   committed O (consumed up to O), was not aborted, was asked to commit before the read
+//!   returned, and has all its outputs in the final read; and a group's committed offset
+//!   never goes back in real time (a read that began after another returned sees at least
+//!   its offset).
+//!
 //! Transactions whose outcome is unknown are neither committed nor aborted: their values may
 //! appear (they count as committed for torn reads when seen) or not.
 //!
 //! Like the log checks this is std and serde only and never panics on a history. Not done:
-//! consumer offsets in transactions (exactly-once pipelines), read_uncommitted anomalies (it
-//! promises nothing beyond the log's own checks), liveness.
+//! read_uncommitted anomalies (it promises nothing beyond the log's own checks), liveness,
+//! group membership (pipelines commit as a group without members, so two instances of one
+//! pipeline are told apart by their transactional id's epoch alone, not by KIP-447's member
+//! epoch).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
@@ -82,6 +101,22 @@ pub struct TxnWrite {
     pub offset: Option<Offset>,
 }
 
+/// What a consume-transform-produce transaction consumed and the offset it committed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnConsumed {
+    /// The consumer group whose offset the transaction commits.
+    pub group: String,
+    /// The input partition.
+    pub partition: PartitionId,
+    /// The group's committed offset the transaction started reading from.
+    pub from: Offset,
+    /// The offset it commits (the position after its last input).
+    pub to: Offset,
+    /// The input records it read, in `from..to`: the transaction's write `i` is the
+    /// transform of input `i`.
+    pub inputs: Vec<(Offset, Value)>,
+}
+
 /// One recorded transactional operation.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -102,6 +137,26 @@ pub enum TxnOp {
         complete_us: u64,
         /// The outcome.
         outcome: TxnOutcome,
+        /// What it consumed (a pipeline's transaction) or `None`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        consumed: Option<TxnConsumed>,
+    },
+    /// A read of a group's committed offset of one partition (OffsetFetch, require_stable).
+    OffsetRead {
+        /// The reader.
+        process: ProcessId,
+        /// The group.
+        group: String,
+        /// The (input) partition.
+        partition: PartitionId,
+        /// The committed offset (`None`: the group has none).
+        offset: Option<Offset>,
+        /// When the read was invoked.
+        invoke_us: u64,
+        /// When its answer arrived.
+        complete_us: u64,
+        /// Part of the end-of-test read.
+        final_read: bool,
     },
     /// One fetch of one partition.
     Poll {
@@ -159,11 +214,15 @@ pub enum TxnCheck {
     TxnG1c,
     /// Write-write cycles of the log order (informational).
     TxnG0,
+    /// Each pipeline input transformed once, below the committed offset only.
+    TxnExactlyOnce,
+    /// A committed offset seen only with its transaction's outputs; never going back.
+    TxnOffsetAtomicity,
 }
 
 impl TxnCheck {
     /// Every check, in report order.
-    pub const ALL: [TxnCheck; 7] = [
+    pub const ALL: [TxnCheck; 9] = [
         TxnCheck::TxnAbortedRead,
         TxnCheck::TxnIntermediateRead,
         TxnCheck::TxnTorn,
@@ -171,6 +230,8 @@ impl TxnCheck {
         TxnCheck::TxnDuplicate,
         TxnCheck::TxnG1c,
         TxnCheck::TxnG0,
+        TxnCheck::TxnExactlyOnce,
+        TxnCheck::TxnOffsetAtomicity,
     ];
 
     /// The stable kebab-case name, e.g. `"txn-aborted-read"`.
@@ -183,6 +244,8 @@ impl TxnCheck {
             TxnCheck::TxnDuplicate => "txn-duplicate",
             TxnCheck::TxnG1c => "txn-g1c",
             TxnCheck::TxnG0 => "txn-g0",
+            TxnCheck::TxnExactlyOnce => "txn-exactly-once",
+            TxnCheck::TxnOffsetAtomicity => "txn-offset-atomicity",
         }
     }
 
@@ -282,6 +345,8 @@ pub fn check_txns(history: &TxnHistory) -> TxnReport {
             TxnCheck::TxnDuplicate => duplicate(&ix),
             TxnCheck::TxnG1c => g1c(&ix),
             TxnCheck::TxnG0 => g0(&ix),
+            TxnCheck::TxnExactlyOnce => exactly_once(&ix),
+            TxnCheck::TxnOffsetAtomicity => offset_atomicity(&ix),
         })
         .collect();
     TxnReport { results }
@@ -296,7 +361,22 @@ struct Txn<'a> {
     commit_us: Option<u64>,
     complete_us: u64,
     outcome: TxnOutcome,
+    consumed: Option<&'a TxnConsumed>,
 }
+
+/// A read of a committed offset as the checks see it.
+struct OffsetRead<'a> {
+    op: usize,
+    group: &'a str,
+    partition: PartitionId,
+    offset: Option<Offset>,
+    invoke_us: u64,
+    complete_us: u64,
+    final_read: bool,
+}
+
+/// A pipeline's input: (group, input partition, input offset).
+type Source<'a> = (&'a str, PartitionId, Offset);
 
 /// A poll as the checks see it.
 struct Poll<'a> {
@@ -325,6 +405,9 @@ struct Index<'a> {
     final_read: BTreeMap<PartitionId, BTreeMap<Offset, Value>>,
     /// Partition -> where the final read ended (it stops at the last stable offset).
     final_end: BTreeMap<PartitionId, Offset>,
+    offset_reads: Vec<OffsetRead<'a>>,
+    /// A pipeline's output value -> (its transaction, the input it transforms).
+    output: HashMap<Value, (usize, usize)>,
 }
 
 impl<'a> Index<'a> {
@@ -336,15 +419,20 @@ impl<'a> Index<'a> {
             offsets: HashMap::new(),
             final_read: BTreeMap::new(),
             final_end: BTreeMap::new(),
+            offset_reads: Vec::new(),
+            output: HashMap::new(),
         };
         for (op, o) in h.ops.iter().enumerate() {
             match o {
-                TxnOp::Txn { writes, reads, invoke_us, commit_us, complete_us, outcome, .. } => {
+                TxnOp::Txn { writes, reads, invoke_us, commit_us, complete_us, outcome, consumed, .. } => {
                     let t = ix.txns.len();
                     for (w, write) in writes.iter().enumerate() {
                         ix.writer.entry(write.value).or_insert((t, w));
                         if let Some(off) = write.offset {
                             ix.offsets.entry(write.value).or_default().insert(off);
+                        }
+                        if consumed.as_ref().is_some_and(|c| w < c.inputs.len()) {
+                            ix.output.entry(write.value).or_insert((t, w));
                         }
                     }
                     ix.txns.push(Txn {
@@ -355,6 +443,18 @@ impl<'a> Index<'a> {
                         commit_us: *commit_us,
                         complete_us: *complete_us,
                         outcome: *outcome,
+                        consumed: consumed.as_ref(),
+                    });
+                }
+                TxnOp::OffsetRead { group, partition, offset, invoke_us, complete_us, final_read, .. } => {
+                    ix.offset_reads.push(OffsetRead {
+                        op,
+                        group,
+                        partition: *partition,
+                        offset: *offset,
+                        invoke_us: *invoke_us,
+                        complete_us: *complete_us,
+                        final_read: *final_read,
                     });
                 }
                 TxnOp::Poll { process, partition, isolation, from, next, records, complete_us, final_read, .. } => {
@@ -388,6 +488,14 @@ impl<'a> Index<'a> {
 
     fn committed_polls(&self) -> impl Iterator<Item = &Poll<'a>> {
         self.polls.iter().filter(|p| p.isolation == Isolation::ReadCommitted)
+    }
+
+    /// The input a pipeline's output value transforms, and that input's value.
+    fn source(&self, v: Value) -> Option<(Source<'a>, Value)> {
+        let &(t, k) = self.output.get(&v)?;
+        let c = self.txns[t].consumed?;
+        let &(offset, value) = c.inputs.get(k)?;
+        Some(((c.group.as_str(), c.partition, offset), value))
     }
 
     fn session(p: &Poll<'_>) -> Option<ProcessId> {
@@ -634,6 +742,167 @@ fn g0(ix: &Index<'_>) -> TxnCheckResult {
     r
 }
 
+fn exactly_once(ix: &Index<'_>) -> TxnCheckResult {
+    let mut r = TxnCheckResult::new(TxnCheck::TxnExactlyOnce);
+    // Transforms of one input read_committed anywhere, at any time (final read included).
+    let mut seen: BTreeMap<Source<'_>, BTreeSet<Value>> = BTreeMap::new();
+    for p in ix.committed_polls() {
+        for &(_, v) in p.records {
+            if let Some((source, _)) = ix.source(v) {
+                seen.entry(source).or_default().insert(v);
+            }
+        }
+    }
+    for ((group, partition, offset), values) in &seen {
+        if values.len() > 1 {
+            r.add(format!(
+                "input at offset {offset} of partition {partition} (group {group}) was transformed {} times, read_committed: values {values:?}",
+                values.len()
+            ));
+        }
+    }
+    // The end state: the final committed offset against the final read of every partition.
+    let mut outputs: BTreeMap<Source<'_>, Vec<(PartitionId, Offset, Value, Value)>> = BTreeMap::new();
+    for (&partition, records) in &ix.final_read {
+        for (&offset, &v) in records {
+            if let Some((source, input)) = ix.source(v) {
+                outputs.entry(source).or_default().push((partition, offset, v, input));
+            }
+        }
+    }
+    for read in ix.offset_reads.iter().filter(|o| o.final_read) {
+        let (group, partition) = (read.group, read.partition);
+        let Some(inputs) = ix.final_read.get(&partition) else { continue };
+        let committed = read.offset.unwrap_or(Offset(0));
+        let end = ix.final_end.get(&partition).copied().unwrap_or(Offset(0));
+        if committed > end {
+            r.add(format!(
+                "group {group}'s final committed offset {committed} of partition {partition} is beyond the input's end {end} (op #{})",
+                read.op
+            ));
+        }
+        for (&offset, &value) in inputs.range(..committed) {
+            r.counted += 1;
+            if !outputs.contains_key(&(group, partition, offset)) {
+                r.add(format!(
+                    "input {value} at offset {offset} of partition {partition} is below group {group}'s final committed offset {committed} (op #{}) but has no transform in the final read",
+                    read.op
+                ));
+            }
+        }
+        let mine = outputs.range((group, partition, Offset(0))..=(group, partition, Offset(u64::MAX)));
+        for (&(_, _, offset), outs) in mine {
+            for &(out_partition, out_offset, v, input) in outs {
+                if offset >= committed {
+                    r.add(format!(
+                        "the final read holds value {v} (partition {out_partition}, offset {out_offset}), the transform of input at offset {offset} of partition {partition}, at or above group {group}'s final committed offset {committed} (op #{})",
+                        read.op
+                    ));
+                } else if inputs.get(&offset) != Some(&input) {
+                    r.add(format!(
+                        "the final read holds value {v} (partition {out_partition}, offset {out_offset}), the transform of input {input} at offset {offset} of partition {partition}, which the final read of the input does not hold there"
+                    ));
+                }
+            }
+        }
+    }
+    r
+}
+
+fn offset_atomicity(ix: &Index<'_>) -> TxnCheckResult {
+    let mut r = TxnCheckResult::new(TxnCheck::TxnOffsetAtomicity);
+    let mut committing: BTreeMap<Source<'_>, Vec<usize>> = BTreeMap::new();
+    for (t, txn) in ix.txns.iter().enumerate() {
+        if let Some(c) = txn.consumed {
+            committing.entry((c.group.as_str(), c.partition, c.to)).or_default().push(t);
+        }
+    }
+    let final_values: BTreeMap<PartitionId, BTreeSet<Value>> =
+        ix.final_read.iter().map(|(p, records)| (*p, records.values().copied().collect())).collect();
+    // Outputs of `t` missing from the final read (partitions it did not read are not judged).
+    let missing = |t: usize| -> Vec<Value> {
+        ix.txns[t]
+            .writes
+            .iter()
+            .filter(|w| final_values.get(&w.partition).is_some_and(|vs| !vs.contains(&w.value)))
+            .map(|w| w.value)
+            .collect()
+    };
+    for read in &ix.offset_reads {
+        let Some(offset) = read.offset else { continue };
+        r.counted += 1;
+        let (group, partition) = (read.group, read.partition);
+        let all = committing.get(&(group, partition, offset)).map_or(&[][..], Vec::as_slice);
+        let live: Vec<usize> = all.iter().copied().filter(|&t| live(&ix.txns[t])).collect();
+        let ops = |ts: &[usize]| ts.iter().map(|&t| format!("op #{}", ix.txns[t].op)).collect::<Vec<_>>().join(", ");
+        if live.is_empty() {
+            r.add(format!(
+                "op #{} read group {group}'s committed offset {offset} of partition {partition}, which no transaction that was not aborted committed (aborted: [{}])",
+                read.op,
+                ops(all)
+            ));
+            continue;
+        }
+        let asked: Vec<usize> =
+            live.iter().copied().filter(|&t| ix.txns[t].commit_us.is_some_and(|c| c <= read.complete_us)).collect();
+        if asked.is_empty() {
+            r.add(format!(
+                "op #{} read group {group}'s committed offset {offset} of partition {partition} at {} us, before any transaction committing it ([{}]) was asked to commit",
+                read.op,
+                read.complete_us,
+                ops(&live)
+            ));
+            continue;
+        }
+        if asked.iter().all(|&t| !missing(t).is_empty()) {
+            let t = asked[0];
+            r.add(format!(
+                "op #{} read group {group}'s committed offset {offset} of partition {partition}, but the outputs {:?} of transaction op #{} that committed it are not in the final read",
+                read.op,
+                missing(t),
+                ix.txns[t].op
+            ));
+        }
+    }
+    regression(ix, &mut r);
+    r
+}
+
+/// A group's committed offset going back in real time: a read invoked after another one
+/// returned shows a lower offset (or none).
+fn regression(ix: &Index<'_>, r: &mut TxnCheckResult) {
+    let mut by_key: BTreeMap<(&str, PartitionId), Vec<&OffsetRead<'_>>> = BTreeMap::new();
+    for read in &ix.offset_reads {
+        by_key.entry((read.group, read.partition)).or_default().push(read);
+    }
+    for ((group, partition), mut reads) in by_key {
+        // Reads by completion, each with the highest offset returned up to it.
+        reads.sort_by_key(|o| (o.complete_us, o.op));
+        let mut highest: Vec<(u64, Option<Offset>, usize)> = Vec::with_capacity(reads.len());
+        for o in &reads {
+            let prev = highest.last().map(|h| (h.1, h.2));
+            let top = match prev {
+                Some((best, op)) if best >= o.offset => (best, op),
+                _ => (o.offset, o.op),
+            };
+            highest.push((o.complete_us, top.0, top.1));
+        }
+        for b in &reads {
+            let before = highest.partition_point(|h| h.0 < b.invoke_us);
+            let Some(&(_, top, top_op)) = before.checked_sub(1).and_then(|k| highest.get(k)) else { continue };
+            if b.offset < top {
+                let shown = |o: Option<Offset>| o.map_or("none".to_string(), |o| o.to_string());
+                r.add(format!(
+                    "op #{} read group {group}'s committed offset of partition {partition} as {}, after op #{top_op} had returned {}",
+                    b.op,
+                    shown(b.offset),
+                    shown(top)
+                ));
+            }
+        }
+    }
+}
+
 /// The strongly connected components with more than one node (Tarjan's algorithm, iterative
 /// so a long chain cannot overflow the stack).
 fn cycles(edges: &[Vec<usize>]) -> Vec<Vec<usize>> {
@@ -711,7 +980,70 @@ mod tests {
             commit_us: (outcome != TxnOutcome::Aborted).then_some(at.1 - 1),
             complete_us: at.1,
             outcome,
+            consumed: None,
         }
+    }
+
+    const GROUP: &str = "g";
+
+    /// A pipeline transaction of `process`: it consumed `inputs` of partition 0 from `from`
+    /// up to `to` and wrote their transforms (partition, value, acknowledged offset).
+    fn pipe(
+        process: u32,
+        consumed: (u64, &[(u64, u64)], u64),
+        outputs: &[(u32, u64, Option<u64>)],
+        at: (u64, u64),
+        outcome: TxnOutcome,
+    ) -> TxnOp {
+        let (from, inputs, to) = consumed;
+        let mut op = txn(process, outputs, at, outcome);
+        if let TxnOp::Txn { reads, consumed, .. } = &mut op {
+            *reads = inputs.iter().map(|&(_, v)| Value(v)).collect();
+            *consumed = Some(TxnConsumed {
+                group: GROUP.into(),
+                partition: PartitionId(0),
+                from: Offset(from),
+                to: Offset(to),
+                inputs: inputs.iter().map(|&(o, v)| (Offset(o), Value(v))).collect(),
+            });
+        }
+        op
+    }
+
+    fn offset_read(process: u32, offset: Option<u64>, at: u64) -> TxnOp {
+        TxnOp::OffsetRead {
+            process: ProcessId(process),
+            group: GROUP.into(),
+            partition: PartitionId(0),
+            offset: offset.map(Offset),
+            invoke_us: at,
+            complete_us: at + 1,
+            final_read: process == FINAL,
+        }
+    }
+
+    /// A pipeline from partition 0 to partition 1. T1 writes input 1 (partition 0: B 1 C).
+    /// P0 transforms it to 100 and aborts (a fenced instance); P1 transforms it to 101 and
+    /// commits offset 3 (partition 1: B 100 A B 101 C).
+    fn pipeline() -> Vec<TxnOp> {
+        vec![
+            txn(1, &[(0, 1, Some(1))], (0, 10), TxnOutcome::Committed),
+            offset_read(4, None, 11),
+            poll(4, 0, (0, 3), &[(1, 1)], 13),
+            pipe(4, (0, &[(1, 1)], 3), &[(1, 100, Some(1))], (14, 20), TxnOutcome::Aborted),
+            offset_read(5, None, 21),
+            poll(5, 0, (0, 3), &[(1, 1)], 23),
+            pipe(5, (0, &[(1, 1)], 3), &[(1, 101, Some(4))], (24, 30), TxnOutcome::Committed),
+            offset_read(5, Some(3), 31),
+            offset_read(FINAL, Some(3), 100),
+            poll(FINAL, 0, (0, 3), &[(1, 1)], 100),
+            poll(FINAL, 1, (0, 6), &[(4, 101)], 100),
+        ]
+    }
+
+    fn replace_final_poll(h: &mut Vec<TxnOp>, partition: u32, op: TxnOp) {
+        h.retain(|o| !matches!(o, TxnOp::Poll { final_read: true, partition: p, .. } if p.0 == partition));
+        h.push(op);
     }
 
     fn poll(process: u32, partition: u32, range: (u64, u64), records: &[(u64, u64)], at: u64) -> TxnOp {
@@ -801,6 +1133,64 @@ mod tests {
             reads.push(Value(5));
         }
         check(h, &[TxnCheck::TxnG1c]);
+    }
+
+    #[test]
+    fn a_good_pipeline_history_passes() {
+        let report = check_txns(&TxnHistory { ops: pipeline() });
+        let judged = |c: TxnCheck| report.results.iter().find(|r| r.check == c).map_or(0, |r| r.counted);
+        assert_eq!((judged(TxnCheck::TxnExactlyOnce), judged(TxnCheck::TxnOffsetAtomicity)), (1, 2), "{report}");
+        check(pipeline(), &[]);
+    }
+
+    #[test]
+    fn an_input_transformed_twice_is_not_exactly_once() {
+        let mut h = pipeline();
+        // P2 reprocesses input 1 from the stale offset and commits too.
+        h.insert(8, pipe(6, (0, &[(1, 1)], 3), &[(1, 102, Some(7))], (32, 40), TxnOutcome::Committed));
+        replace_final_poll(&mut h, 1, poll(FINAL, 1, (0, 9), &[(4, 101), (7, 102)], 100));
+        check(h, &[TxnCheck::TxnExactlyOnce]);
+    }
+
+    #[test]
+    fn an_output_above_the_committed_offset_is_not_exactly_once() {
+        let mut h = pipeline();
+        // P1's outputs committed but its offset did not.
+        h.retain(|o| !matches!(o, TxnOp::OffsetRead { offset: Some(_), .. }));
+        h.push(offset_read(FINAL, None, 100));
+        check(h, &[TxnCheck::TxnExactlyOnce]);
+    }
+
+    #[test]
+    fn a_committed_offset_without_its_outputs_breaks_both() {
+        let mut h = pipeline();
+        // P1's offset committed, its output did not (its outcome unknown to its producer).
+        h[6] = pipe(5, (0, &[(1, 1)], 3), &[(1, 101, None)], (24, 30), TxnOutcome::Unknown);
+        replace_final_poll(&mut h, 1, poll(FINAL, 1, (0, 6), &[], 100));
+        check(h, &[TxnCheck::TxnExactlyOnce, TxnCheck::TxnOffsetAtomicity]);
+    }
+
+    #[test]
+    fn the_offset_of_an_aborted_transaction_read_breaks_atomicity() {
+        let mut h = pipeline();
+        // P0 consumed up to 2 only; its aborted offset is read afterwards.
+        h[3] = pipe(4, (0, &[(1, 1)], 2), &[(1, 100, Some(1))], (14, 20), TxnOutcome::Aborted);
+        h[4] = offset_read(5, Some(2), 21);
+        check(h, &[TxnCheck::TxnOffsetAtomicity]);
+    }
+
+    #[test]
+    fn an_offset_read_before_its_commit_was_asked_breaks_atomicity() {
+        let mut h = pipeline();
+        h.push(offset_read(9, Some(3), 25)); // P1 is asked to commit at 29
+        check(h, &[TxnCheck::TxnOffsetAtomicity]);
+    }
+
+    #[test]
+    fn a_committed_offset_going_back_breaks_atomicity() {
+        let mut h = pipeline();
+        h.push(offset_read(9, None, 50)); // after op #7 returned 3
+        check(h, &[TxnCheck::TxnOffsetAtomicity]);
     }
 
     #[test]

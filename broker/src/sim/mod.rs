@@ -23,8 +23,9 @@
 //!
 //! With `SimConfig::transactions`, a transaction workload runs beside it ([`txn`]): the real
 //! transaction coordinator over replicated `__transaction_state` partitions, markers between
-//! brokers, transactional producers and consumers in both isolation levels, judged by
-//! [`crate::check::txn`].
+//! brokers, transactional producers, consumers in both isolation levels and exactly-once
+//! pipelines committing their offsets to the real group coordinator in their transactions,
+//! judged by [`crate::check::txn`].
 //!
 //! Not simulated yet: the controller's own replication (one controller node that never
 //! fails stands in for the Raft quorum), idempotent retries
@@ -78,7 +79,7 @@ pub struct SimConfig {
     /// [`groups::MEMBERS`] group members).
     pub groups: bool,
     /// Run the transaction workload too ([`txn::PARTITIONS`] more partitions: transactional
-    /// data and transaction state).
+    /// data, transaction state and the pipelines' consumer offsets).
     pub transactions: bool,
 }
 

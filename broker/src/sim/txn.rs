@@ -31,20 +31,28 @@
 //! read_committed from its start, and its last stable offset must have reached its high
 //! watermark (nothing left open).
 //!
-//! Not done: consumer offsets in transactions (exactly-once pipelines), coordinator
-//! snapshots.
+//! Exactly-once pipelines ([`pipeline`]): [`pipeline::PIPELINES`] more transactional clients
+//! consume data partition 0 read_committed from their group's committed offset, write a
+//! transform of each input to the other data partitions and commit the offset after their
+//! last input in the same transaction (AddOffsetsToTxn and TxnOffsetCommit to the real group
+//! coordinator on the workload's `__consumer_offsets` partition). They restart, and their
+//! requests come late or twice, as the producers'.
+//!
+//! Not done: coordinator snapshots.
+
+mod pipeline;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use skein_client::wire::ErrorCode;
+use skein_client::wire::{ErrorCode, TxnOffsetCommitRequest};
 use skein_log::batch::{batches, Attributes, BatchBuilder, RecordBatch};
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence};
 use skein_log::ReadLimit;
 
 use super::{Event, Sim, CLIENT_TIMEOUT_MS, PRODUCE_DEADLINE_MS};
-use crate::check::txn::{Isolation, TxnHistory, TxnOp, TxnOutcome, TxnWrite};
+use crate::check::txn::{Isolation, TxnConsumed, TxnHistory, TxnOp, TxnOutcome, TxnWrite};
 use crate::check::{Offset as CheckOffset, PartitionId as CheckPartition, ProcessId, Value};
-use crate::core::group::partition_for;
+use crate::core::group::{partition_for, OFFSETS_TOPIC};
 use crate::core::machine::{feed, LogMachine};
 use crate::core::txn::{EndStep, InitStep, TxnCoordinator, TxnRecord, TxnState};
 use crate::core::txn_partition::{is_aborted, MarkerKind};
@@ -57,8 +65,9 @@ use crate::core::{
 pub(super) const DATA_PARTITIONS: u32 = 3;
 /// `__transaction_state` partitions.
 pub(super) const STATE_PARTITIONS: u32 = 2;
-/// Partitions the workload adds to the cluster.
-pub(super) const PARTITIONS: u32 = DATA_PARTITIONS + STATE_PARTITIONS;
+/// Partitions the workload adds to the cluster (the last one is the pipelines'
+/// `__consumer_offsets` partition).
+pub(super) const PARTITIONS: u32 = DATA_PARTITIONS + STATE_PARTITIONS + 1;
 const PRODUCERS: usize = 4;
 const CONSUMERS: usize = 2;
 pub(super) const TICK_US: u64 = 3_000;
@@ -79,11 +88,43 @@ const FINAL_PROCESS: u32 = 3_999;
 /// A request of a transactional client to a broker.
 #[derive(Clone, Debug)]
 pub(super) enum TxnReq {
-    Init { id: String },
-    Add { id: String, producer: i64, epoch: i16, partitions: Vec<PartitionId> },
-    End { id: String, producer: i64, epoch: i16, commit: bool },
-    Produce { partition: PartitionId, batch: Vec<u8> },
-    Fetch { partition: PartitionId, from: Offset, isolation: Isolation },
+    Init {
+        id: String,
+    },
+    Add {
+        id: String,
+        producer: i64,
+        epoch: i16,
+        partitions: Vec<PartitionId>,
+    },
+    End {
+        id: String,
+        producer: i64,
+        epoch: i16,
+        commit: bool,
+    },
+    Produce {
+        partition: PartitionId,
+        batch: Vec<u8>,
+    },
+    Fetch {
+        partition: PartitionId,
+        from: Offset,
+        isolation: Isolation,
+    },
+    /// AddOffsetsToTxn: the group's offsets partition joins the transaction.
+    AddOffsets {
+        id: String,
+        producer: i64,
+        epoch: i16,
+    },
+    /// To the group coordinator.
+    OffsetCommit(TxnOffsetCommitRequest),
+    /// OffsetFetch with require_stable, of one partition.
+    OffsetFetch {
+        group: String,
+        partition: PartitionId,
+    },
 }
 
 /// Its answer.
@@ -96,6 +137,10 @@ pub(super) enum TxnResp {
     Produce(Result<Offset, ProduceError>),
     /// Records returned and the position after them.
     Fetch(Result<(Vec<(CheckOffset, Value)>, Offset), ()>),
+    AddOffsets(Result<(), ErrorCode>),
+    OffsetCommit(Result<(), ErrorCode>),
+    /// The committed offset (`None`: none).
+    OffsetFetch(Result<Option<Offset>, ErrorCode>),
 }
 
 impl TxnReq {
@@ -106,6 +151,9 @@ impl TxnReq {
             TxnReq::End { .. } => TxnResp::End(Err(code)),
             TxnReq::Produce { .. } => TxnResp::Produce(Err(ProduceError::NotLeader)),
             TxnReq::Fetch { .. } => TxnResp::Fetch(Err(())),
+            TxnReq::AddOffsets { .. } => TxnResp::AddOffsets(Err(code)),
+            TxnReq::OffsetCommit(_) => TxnResp::OffsetCommit(Err(code)),
+            TxnReq::OffsetFetch { .. } => TxnResp::OffsetFetch(Err(code)),
         }
     }
 }
@@ -160,7 +208,18 @@ enum Phase {
     Adding,
     Reading,
     Writing,
-    Ending { commit: bool },
+    Ending {
+        commit: bool,
+    },
+    /// A pipeline fetches its group's committed offset.
+    Offsets,
+    /// A pipeline reads its input from its committed offset.
+    Consuming {
+        from: Offset,
+    },
+    /// A pipeline adds the offsets partition, then commits its offset.
+    AddingOffsets,
+    CommittingOffsets,
 }
 
 struct Current {
@@ -171,6 +230,8 @@ struct Current {
     commit_us: Option<u64>,
     next_write: usize,
     tries: u32,
+    /// A pipeline's input and the offset it commits.
+    consumed: Option<TxnConsumed>,
 }
 
 struct Client {
@@ -189,6 +250,10 @@ struct Client {
     idle_until: u64,
     positions: BTreeMap<PartitionId, Offset>,
     next_partition: u32,
+    /// A pipeline's group (`None`: a producer or a consumer).
+    group: Option<String>,
+    /// When a pipeline began its current transaction (its offset fetch).
+    started_us: u64,
 }
 
 /// The workload's state in the simulator.
@@ -205,24 +270,28 @@ pub(super) struct TxnSim {
     next_correlation: u64,
     next_process: u32,
     last_commit_us: Option<u64>,
+    /// Per node: the pipelines' group coordinator.
+    offsets: Vec<pipeline::OffsetsCoordinator>,
 }
 
 impl TxnSim {
     pub(super) fn new(nodes: usize) -> TxnSim {
         let mut s = TxnSim {
             coordinators: (0..nodes).map(|_| BTreeMap::new()).collect(),
+            offsets: (0..nodes).map(|_| pipeline::OffsetsCoordinator::default()).collect(),
             next_value: 1 << 40,
             next_producer_id: 50_000,
             next_process: PROCESS_BASE,
             ..TxnSim::default()
         };
-        for c in 0..PRODUCERS + CONSUMERS {
+        for c in 0..PRODUCERS + CONSUMERS + pipeline::PIPELINES {
             let process = s.next_process;
             s.next_process += 1;
+            let pipe = c.checked_sub(PRODUCERS + CONSUMERS);
             s.clients.push(Client {
-                producer: c < PRODUCERS,
+                producer: c < PRODUCERS || pipe.is_some(),
                 isolation: if c == PRODUCERS { Isolation::ReadUncommitted } else { Isolation::ReadCommitted },
-                id: format!("tx-{c}"),
+                id: pipe.map_or_else(|| format!("tx-{c}"), |k| format!("pipe-{k}")),
                 process,
                 phase: Phase::Init,
                 producer_id: -1,
@@ -233,6 +302,8 @@ impl TxnSim {
                 idle_until: 0,
                 positions: BTreeMap::new(),
                 next_partition: c as u32,
+                group: pipe.map(pipeline::group),
+                started_us: 0,
             });
         }
         s
@@ -264,6 +335,9 @@ impl Sim {
     pub(super) fn txn_reset_node(&mut self, i: usize) {
         if let Some(c) = self.txn.coordinators.get_mut(i) {
             c.clear();
+        }
+        if let Some(c) = self.txn.offsets.get_mut(i) {
+            *c = pipeline::OffsetsCoordinator::default();
         }
         self.txn.produces.retain(|(n, _), _| *n != i);
     }
@@ -319,6 +393,12 @@ impl Sim {
                 if self.draining {
                     return;
                 }
+                if let Some(group) = cl.group.clone() {
+                    let cl = &mut self.txn.clients[c];
+                    cl.phase = Phase::Offsets;
+                    cl.started_us = self.now;
+                    return self.pipeline_fetch_offset(c, group);
+                }
                 let mut partitions: Vec<PartitionId> = (0..DATA_PARTITIONS).map(|k| self.data_partition(k)).collect();
                 let drop = self.rng.below(u64::from(DATA_PARTITIONS) + 1) as usize;
                 if drop < partitions.len() {
@@ -339,6 +419,7 @@ impl Sim {
                     commit_us: None,
                     next_write: 0,
                     tries: 0,
+                    consumed: None,
                 });
                 self.txn.clients[c].phase = Phase::Adding;
                 self.txn_send(c, TxnReq::Add { id, producer, epoch, partitions });
@@ -354,6 +435,17 @@ impl Sim {
                 self.txn_send(c, TxnReq::Fetch { partition: p, from, isolation: Isolation::ReadCommitted });
             }
             Phase::Writing => self.txn_write(c),
+            Phase::Offsets | Phase::Consuming { .. } if self.draining => self.txn.clients[c].phase = Phase::Idle,
+            Phase::Offsets => {
+                let group = cl.group.clone().unwrap_or_default();
+                self.pipeline_fetch_offset(c, group);
+            }
+            Phase::Consuming { from } => {
+                let partition = self.pipeline_input();
+                self.txn_send(c, TxnReq::Fetch { partition, from, isolation: Isolation::ReadCommitted });
+            }
+            Phase::AddingOffsets => self.txn_send(c, TxnReq::AddOffsets { id, producer, epoch }),
+            Phase::CommittingOffsets => self.pipeline_commit_offset(c),
             Phase::Ending { commit } => {
                 if commit {
                     if let Some(t) = self.txn.clients[c].current.as_mut() {
@@ -369,8 +461,12 @@ impl Sim {
         let cl = &mut self.txn.clients[c];
         let Some(t) = cl.current.as_mut() else { return };
         let Some(w) = t.writes.get(t.next_write) else {
-            let commit = self.rng.chance(700);
-            self.txn.clients[c].phase = Phase::Ending { commit };
+            if cl.group.is_some() {
+                cl.phase = Phase::AddingOffsets;
+            } else {
+                let commit = self.rng.chance(700);
+                self.txn.clients[c].phase = Phase::Ending { commit };
+            }
             self.txn_next_request(c);
             return;
         };
@@ -404,16 +500,17 @@ impl Sim {
     /// arrive late.
     fn txn_send(&mut self, c: usize, req: TxnReq) {
         let target = match &req {
-            TxnReq::Init { id } | TxnReq::Add { id, .. } | TxnReq::End { id, .. } => {
+            TxnReq::Init { id } | TxnReq::Add { id, .. } | TxnReq::End { id, .. } | TxnReq::AddOffsets { id, .. } => {
                 self.leader_of(self.state_partition(id))
             }
             TxnReq::Produce { partition, .. } | TxnReq::Fetch { partition, .. } => self.leader_of(*partition),
+            TxnReq::OffsetCommit(_) | TxnReq::OffsetFetch { .. } => self.leader_of(self.offsets_partition_txn()),
         };
         let request = self.next_request;
         self.next_request += 1;
         self.txn.clients[c].pending = Some((request, self.now, req.clone()));
         let Some(to) = target.filter(|n| !self.client_cut.contains(n)) else { return };
-        let client_request = !matches!(req, TxnReq::Fetch { .. });
+        let client_request = !matches!(req, TxnReq::Fetch { .. } | TxnReq::OffsetFetch { .. });
         if self.faults_on && client_request && self.rng.chance(50) {
             let late = self.rng.range(1_000, LATE_US_MAX);
             self.schedule(late, Event::TxnRequest { client: c, request, to, req: req.clone() });
@@ -436,6 +533,14 @@ impl Sim {
                 }
             }
             TxnReq::End { .. } => self.txn_end_retry(c),
+            TxnReq::OffsetCommit(_) => {
+                // Written or not: retried as is (the same offset again), or the transaction
+                // aborts.
+                let tries = self.txn.clients[c].current.as_ref().map_or(0, |t| t.tries);
+                if tries >= WRITE_TRIES_MAX {
+                    self.txn.clients[c].phase = Phase::Ending { commit: false };
+                }
+            }
             TxnReq::Fetch { .. } if self.txn.clients[c].phase == Phase::Reading => {
                 self.txn.clients[c].phase = Phase::Writing;
             }
@@ -470,6 +575,7 @@ impl Sim {
             commit_us: t.commit_us,
             complete_us: self.now,
             outcome,
+            consumed: t.consumed,
         });
     }
 
@@ -489,7 +595,39 @@ impl Sim {
             }
             TxnResp::Init(Err(_)) => self.txn.clients[c].idle_until = backoff,
             TxnResp::Add(Ok(())) => {
-                self.txn.clients[c].phase = if self.rng.chance(500) { Phase::Reading } else { Phase::Writing };
+                let pipeline = self.txn.clients[c].group.is_some();
+                self.txn.clients[c].phase =
+                    if !pipeline && self.rng.chance(500) { Phase::Reading } else { Phase::Writing };
+            }
+            TxnResp::AddOffsets(Ok(())) => {
+                let cl = &mut self.txn.clients[c];
+                cl.phase = Phase::CommittingOffsets;
+                if let Some(t) = cl.current.as_mut() {
+                    t.tries = 0;
+                }
+            }
+            TxnResp::AddOffsets(Err(code)) => self.txn_refused(c, code, backoff),
+            TxnResp::OffsetCommit(Ok(())) => {
+                let commit = self.rng.chance(800);
+                self.txn.clients[c].phase = Phase::Ending { commit };
+            }
+            TxnResp::OffsetCommit(Err(code)) => {
+                tracing::debug!(client = c, ?code, "sim: pipeline offset commit refused");
+                let tries = self.txn.clients[c].current.as_ref().map_or(0, |t| t.tries);
+                let retriable = matches!(
+                    code,
+                    ErrorCode::NOT_COORDINATOR | ErrorCode::COORDINATOR_LOAD_IN_PROGRESS | ErrorCode::REQUEST_TIMED_OUT
+                );
+                if !retriable || tries >= WRITE_TRIES_MAX {
+                    // Fenced or not in the transaction here: the end tells how it ended.
+                    self.txn.clients[c].phase = Phase::Ending { commit: false };
+                }
+                self.txn.clients[c].idle_until = backoff;
+            }
+            TxnResp::OffsetFetch(got) => {
+                if self.txn.clients[c].phase == Phase::Offsets {
+                    self.pipeline_offset(c, invoked, got);
+                }
             }
             TxnResp::Add(Err(code)) => self.txn_refused(c, code, backoff),
             TxnResp::Produce(Ok(offset)) => {
@@ -519,6 +657,9 @@ impl Sim {
             }
             TxnResp::Fetch(Ok((records, next))) => {
                 let TxnReq::Fetch { partition, from, isolation } = req else { return };
+                if self.txn.clients[c].phase == (Phase::Consuming { from }) {
+                    self.pipeline_consumed(c, from, &records, next);
+                }
                 self.txn.clients[c].positions.insert(partition, next);
                 let cl = &mut self.txn.clients[c];
                 if cl.phase == Phase::Reading {
@@ -626,7 +767,11 @@ impl Sim {
                 let resp = self.txn_fetch(i, partition, from, isolation);
                 self.txn_reply(i, client, request, TxnResp::Fetch(resp));
             }
-            TxnReq::Init { ref id } | TxnReq::Add { ref id, .. } | TxnReq::End { ref id, .. } => {
+            TxnReq::OffsetCommit(_) | TxnReq::OffsetFetch { .. } => self.offsets_serve(i, client, request, req),
+            TxnReq::Init { ref id }
+            | TxnReq::Add { ref id, .. }
+            | TxnReq::End { ref id, .. }
+            | TxnReq::AddOffsets { ref id, .. } => {
                 let p = self.state_partition(id);
                 let c = self.txn.coordinators[i].entry(p).or_default();
                 if c.job.is_some() {
@@ -709,6 +854,9 @@ impl Sim {
     ) -> bool {
         if let Some((client, creq)) = self.txn.produces.remove(&(i, request.0)) {
             self.txn_reply(i, client, creq, TxnResp::Produce(*result));
+            return true;
+        }
+        if self.offsets_produce_reply(i, request, *result) {
             return true;
         }
         let writing = self.txn.coordinators.get(i).and_then(|cs| {
@@ -820,6 +968,7 @@ impl Sim {
         let wall_ms = self.now / 1000;
         let data = |ps: &[PartitionId]| -> Vec<(String, u32)> { ps.iter().map(|q| (TOPIC.to_string(), q.0)).collect() };
         let mut next_pid = self.txn.next_producer_id;
+        let offsets = self.offsets_partition_txn();
         let machine = self.txn.coordinators[i][&p].machine.as_ref().expect("ready");
         let steps = match &req {
             TxnReq::Init { id } => match machine.init(id, TXN_TIMEOUT_MS, || {
@@ -868,7 +1017,28 @@ impl Sim {
                 Ok(EndStep::Done(_, e)) => vec![Step::Answer(TxnResp::End(Ok(e)))],
                 Err((code, _)) => vec![Step::Answer(TxnResp::End(Err(code)))],
             },
-            TxnReq::Produce { .. } | TxnReq::Fetch { .. } => Vec::new(),
+            TxnReq::AddOffsets { id, producer, epoch } => {
+                // The runtime's AddOffsetsToTxn: the group's offsets partition joins, with its
+                // Begin marker.
+                let parts = [(OFFSETS_TOPIC.to_string(), offsets.0)];
+                match machine.add_partitions(id, *producer, *epoch, &parts, wall_ms) {
+                    Ok(rec) => {
+                        let mut s: Vec<Step> = rec.into_iter().map(Step::Write).collect();
+                        s.push(Step::Markers {
+                            producer: *producer,
+                            epoch: *epoch,
+                            kind: MarkerKind::Begin,
+                            partitions: vec![offsets],
+                        });
+                        s.push(Step::Answer(TxnResp::AddOffsets(Ok(()))));
+                        s
+                    }
+                    Err((code, _)) => vec![Step::Answer(TxnResp::AddOffsets(Err(code)))],
+                }
+            }
+            TxnReq::Produce { .. } | TxnReq::Fetch { .. } | TxnReq::OffsetCommit(_) | TxnReq::OffsetFetch { .. } => {
+                Vec::new()
+            }
         };
         self.txn.next_producer_id = next_pid;
         steps
@@ -1105,6 +1275,10 @@ impl Sim {
         if self.nodes[i].core.is_none() {
             return;
         }
+        self.offsets_tick(i);
+        if self.nodes[i].core.is_none() {
+            return;
+        }
         let base = self.txn_base() + DATA_PARTITIONS;
         for p in (base..base + STATE_PARTITIONS).map(PartitionId) {
             let ready = self.txn_ready(i, p);
@@ -1140,7 +1314,8 @@ impl Sim {
     }
 
     /// The end of the run: unanswered transactions are unknown; every data partition is read
-    /// read_committed from its start, and must have nothing left open.
+    /// read_committed from its start, and must have nothing left open; then the pipelines'
+    /// committed offsets.
     pub(super) fn txn_final_read(&mut self, healed_half_us: u64) {
         for c in 0..self.txn.clients.len() {
             self.txn_finish(c, TxnOutcome::Unknown);
@@ -1153,6 +1328,7 @@ impl Sim {
                     format!("txn-{outcome:?}-{acked}/{}", writes.len())
                 }
                 TxnOp::Poll { isolation, records, .. } => format!("poll-{isolation:?}-{}", records.is_empty()),
+                TxnOp::OffsetRead { offset, .. } => format!("offset-read-{}", offset.is_some()),
             };
             *kinds.entry(kind).or_default() += 1;
         }
@@ -1202,5 +1378,6 @@ impl Sim {
                 }
             }
         }
+        self.pipeline_final_read();
     }
 }
