@@ -1008,8 +1008,10 @@ mod tests {
             "max-in-flight-per-partition",
             "acks",
             "rate",
+            "transactional-id",
+            "commit-interval-ms",
         ];
-        let consumer = ["consumers", "prefer-replica", "rack"];
+        let consumer = ["consumers", "prefer-replica", "rack", "isolation"];
         let check = |mode: &str, own: &[&str]| {
             let mut expect: Vec<&str> = common.iter().chain(own).copied().collect();
             expect.sort_unstable();
@@ -1061,6 +1063,8 @@ mod tests {
             "in_flight_per_partition": 5,
             "acks": "leader", "messages": null, "duration_s": 10.0, "warmup_s": 2.0, "rate": null,
             "prefer_replica": "leader", "rack": null,
+            // Transactions (issue 19): off unless asked; consumers read committed records.
+            "transactional_id": null, "commit_interval_ms": null, "isolation": "read_committed",
         });
         for (mode, name) in [(Mode::Produce, "produce"), (Mode::Consume, "consume"), (Mode::E2e, "e2e")] {
             let mut expect = before.clone();
