@@ -17,13 +17,12 @@ use skein_client::wire::{
 };
 use skein_log::batch::{Attributes, BatchBuilder};
 use skein_log::types::Sequence;
-use skein_log::ReadLimit;
 
 use super::now;
 use super::requests::ask;
 use super::shard::{owner, Node};
 use crate::core::group::partition_for;
-use crate::core::machine::{feed, LogMachine};
+use crate::core::machine::{catch_up, CatchUpError, LogMachine};
 use crate::core::{LeaderEpoch, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure};
 use crate::service::{Request, Response};
 
@@ -218,33 +217,13 @@ pub(super) fn feed_committed<M: LogMachine>(
 ) -> Result<Option<u64>, Refusal> {
     let st = node.st.borrow();
     let Some(replica) = st.core.replica(pid) else { return Ok(None) };
-    let log = replica.log();
-    if machine.applied() < log.log_start_offset() {
-        return Err((
-            ErrorCode::STORAGE_ERROR,
-            format!("{topic} ({pid}) starts at {} after the state's {}", log.log_start_offset(), machine.applied()),
-        ));
-    }
-    let hw = replica.high_watermark();
-    let mut from = machine.applied();
-    let mut read = 0;
-    let mut buf = Vec::new();
-    while from < hw {
-        buf.clear();
-        match log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf) {
-            Ok(_) => {}
-            Err(skein_log::ReadError::Storage(e)) => crate::service::fail_stop("reading an internal topic", &e),
-            Err(e) => return Err((ErrorCode::STORAGE_ERROR, format!("reading {topic} ({pid}): {e}"))),
+    match catch_up(replica, machine) {
+        Ok(read) => Ok(Some(read)),
+        Err(CatchUpError::Read(skein_log::ReadError::Storage(e))) => {
+            crate::service::fail_stop("reading an internal topic", &e)
         }
-        let before = from;
-        let fed = feed(machine, &buf, from).map_err(|e| (ErrorCode::STORAGE_ERROR, format!("{topic} ({pid}): {e}")))?;
-        read += fed.applied + fed.skipped;
-        from = fed.next;
-        if from == before {
-            break;
-        }
+        Err(e) => Err((ErrorCode::STORAGE_ERROR, format!("{topic} ({pid}): {e}"))),
     }
-    Ok(Some(read))
 }
 
 /// Appends `records` (key, value) as one batch to `topic`/`index` at leader `epoch` with

@@ -112,3 +112,53 @@ pub fn feed<M: LogMachine>(machine: &mut M, bytes: &[u8], from: Offset) -> Resul
     }
     Ok(fed)
 }
+
+/// Why [`catch_up`] stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum CatchUpError {
+    /// The machine is behind the log start (retention removed records it never applied): it
+    /// must be rebuilt from the start.
+    #[error("the log starts at {log_start}, after the state's {applied}")]
+    BehindLogStart {
+        /// What the machine applied.
+        applied: Offset,
+        /// The log's start.
+        log_start: Offset,
+    },
+    /// The log could not be read.
+    #[error("reading the log: {0}")]
+    Read(#[from] skein_log::ReadError),
+    /// A committed batch does not parse.
+    #[error(transparent)]
+    Feed(#[from] FeedError),
+}
+
+/// Feeds `machine` the committed records of `replica` (below its high watermark) from where
+/// it stands: the one catch-up of every driver (runtime and simulator) of every machine.
+/// Returns the records read (applied or skipped).
+pub fn catch_up<M: LogMachine, S: skein_log::storage::Storage>(
+    replica: &super::replica::Replica<S>,
+    machine: &mut M,
+) -> Result<u64, CatchUpError> {
+    let log = replica.log();
+    // A fresh machine starts at the log start (internal topics keep everything, so that is
+    // offset 0 unless the replica was restarted at its leader's log start).
+    if machine.applied() > Offset(0) && machine.applied() < log.log_start_offset() {
+        return Err(CatchUpError::BehindLogStart { applied: machine.applied(), log_start: log.log_start_offset() });
+    }
+    let hw = replica.high_watermark();
+    let mut from = machine.applied().max(log.log_start_offset());
+    let mut read = 0;
+    let mut buf = Vec::new();
+    while from < hw {
+        buf.clear();
+        log.read_verified(from, skein_log::ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf)?;
+        let fed = feed(machine, &buf, from)?;
+        read += fed.applied + fed.skipped;
+        if fed.next <= from {
+            break;
+        }
+        from = fed.next;
+    }
+    Ok(read)
+}

@@ -34,7 +34,6 @@ use skein_client::wire::{
     OffsetCommitRequest, OffsetFetchPartition, TopicPartition, JOIN_EPOCH, LEAVE_EPOCH, STATIC_LEAVE_EPOCH,
 };
 use skein_log::batch::{BatchBuilder, RecordBatch};
-use skein_log::ReadLimit;
 
 use super::{Event, Sim, CLIENT_TIMEOUT_MS, PRODUCE_DEADLINE_MS};
 use crate::check::groups::{CommitOutcome, GroupHistory, GroupOp};
@@ -767,25 +766,13 @@ impl Sim {
             return Ok(());
         };
         let log = replica.log();
-        let hw = replica.high_watermark();
         let c = &mut n.coordinator;
         if c.machine.as_ref().is_some_and(|m| m.applied() < log.log_start_offset()) {
             c.machine = None;
             c.leading = None;
         }
         let machine = c.machine.get_or_insert_with(|| GroupCoordinator::new(HEARTBEAT_INTERVAL_MS));
-        let mut from = machine.applied().max(log.log_start_offset());
-        let mut buf = Vec::new();
-        while from < hw {
-            buf.clear();
-            log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf)
-                .map_err(|e| format!("reading the offsets partition: {e}"))?;
-            let next = feed(machine, &buf, from).map_err(|e| e.to_string())?.next;
-            if next <= from {
-                break;
-            }
-            from = next;
-        }
+        crate::core::machine::catch_up(replica, machine).map_err(|e| format!("reading the offsets partition: {e}"))?;
         Ok(())
     }
 

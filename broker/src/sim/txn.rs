@@ -47,13 +47,12 @@ use std::collections::{BTreeMap, VecDeque};
 use skein_client::wire::{ErrorCode, TxnOffsetCommitRequest};
 use skein_log::batch::{batches, Attributes, BatchBuilder, RecordBatch};
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence};
-use skein_log::ReadLimit;
 
 use super::{Event, Sim, CLIENT_TIMEOUT_MS, PRODUCE_DEADLINE_MS};
 use crate::check::txn::{Isolation, TxnConsumed, TxnHistory, TxnOp, TxnOutcome, TxnWrite};
 use crate::check::{Offset as CheckOffset, PartitionId as CheckPartition, ProcessId, Value};
 use crate::core::group::{partition_for, OFFSETS_TOPIC};
-use crate::core::machine::{feed, LogMachine};
+use crate::core::machine::LogMachine;
 use crate::core::txn::{EndStep, InitStep, TxnCoordinator, TxnRecord, TxnState};
 use crate::core::txn_partition::{is_aborted, MarkerKind};
 use crate::core::{
@@ -921,24 +920,13 @@ impl Sim {
             return Ok(());
         };
         let log = replica.log();
-        let hw = replica.high_watermark();
         if c.machine.as_ref().is_some_and(|m| m.applied() < log.log_start_offset()) {
             c.machine = None;
             c.leading = None;
         }
         let machine = c.machine.get_or_insert_with(|| TxnCoordinator::new(no_bump));
-        let mut from = machine.applied().max(log.log_start_offset());
-        let mut buf = Vec::new();
-        while from < hw {
-            buf.clear();
-            log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf)
-                .map_err(|e| format!("reading the transaction state partition: {e}"))?;
-            let next = feed(machine, &buf, from).map_err(|e| e.to_string())?.next;
-            if next <= from {
-                break;
-            }
-            from = next;
-        }
+        crate::core::machine::catch_up(replica, machine)
+            .map_err(|e| format!("reading the transaction state partition: {e}"))?;
         Ok(())
     }
 

@@ -33,7 +33,6 @@ use std::collections::VecDeque;
 use skein_client::wire::{ErrorCode, OffsetCommitPartition, TopicPartition, TxnOffsetCommitRequest};
 use skein_log::batch::{Attributes, BatchBuilder, RecordBatch};
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence};
-use skein_log::ReadLimit;
 
 use super::{Current, Phase, TxnReq, TxnResp, COORDINATOR_QUEUE_MAX, DATA_PARTITIONS, STATE_PARTITIONS, TOPIC};
 use crate::check::txn::{TxnConsumed, TxnOp, TxnWrite};
@@ -358,24 +357,12 @@ impl Sim {
             return Ok(());
         };
         let log = replica.log();
-        let hw = replica.high_watermark();
         if c.machine.as_ref().is_some_and(|m| m.applied() < log.log_start_offset()) {
             c.machine = None;
             c.leading = None;
         }
         let machine = c.machine.get_or_insert_with(|| GroupCoordinator::new(HEARTBEAT_INTERVAL_MS));
-        let mut from = machine.applied().max(log.log_start_offset());
-        let mut buf = Vec::new();
-        while from < hw {
-            buf.clear();
-            log.read_verified(from, ReadLimit { max_bytes: 1 << 20, end: Some(hw) }, &mut buf)
-                .map_err(|e| format!("reading the offsets partition: {e}"))?;
-            let next = feed(machine, &buf, from).map_err(|e| e.to_string())?.next;
-            if next <= from {
-                break;
-            }
-            from = next;
-        }
+        crate::core::machine::catch_up(replica, machine).map_err(|e| format!("reading the offsets partition: {e}"))?;
         Ok(())
     }
 
