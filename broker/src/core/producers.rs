@@ -99,31 +99,6 @@ impl ProducerStates {
         self.producers.clear();
     }
 
-    /// Rebuilds the state of a log from its batch headers (after opening or truncating it).
-    /// Reads the whole log; a producer-state snapshot (as Kafka's) is the remedy if that
-    /// ever shows in restart times.
-    pub fn rebuild<S: skein_log::storage::Storage>(
-        log: &skein_log::Log<S>,
-    ) -> Result<ProducerStates, skein_log::ReadError> {
-        let mut states = ProducerStates::default();
-        let mut from = log.log_start_offset();
-        let end = log.log_end_offset();
-        let mut buf = Vec::new();
-        while from < end {
-            buf.clear();
-            let limit = skein_log::ReadLimit { max_bytes: 1 << 20, end: None };
-            let range = log.read_verified(from, limit, &mut buf)?;
-            for b in skein_log::batch::batches(&buf).flatten() {
-                states.note(b.header());
-            }
-            if range.next_offset <= from {
-                break;
-            }
-            from = range.next_offset;
-        }
-        Ok(states)
-    }
-
     /// Decides what a leader does with a batch about to be appended.
     pub fn check(&self, h: &BatchHeader) -> SequenceCheck {
         if !is_idempotent(h) {
