@@ -40,6 +40,10 @@ const TICK_MS: u64 = 100;
 const MARKER_ATTEMPT_MS: u64 = 1_000;
 /// How long a request waits for its markers before it answers (the tick keeps completing).
 const MARKERS_MAX_MS: u64 = 10_000;
+/// How long one tick waits for the markers of one transaction: the tick holds the
+/// partition's slot, so a transaction whose partition has no leader must not keep the other
+/// ids of the partition waiting long (it is tried again at the next tick).
+const TICK_MARKERS_MAX_MS: u64 = 1_000;
 
 /// The transaction state of one `__transaction_state` partition on this broker.
 pub(crate) struct Loaded {
@@ -223,7 +227,7 @@ async fn commit(
 }
 
 /// Writes `kind` markers of `producer` at `epoch` to every partition of `parts`, each until its
-/// leader answered or `MARKERS_MAX_MS` passed. Per partition: `Ok` (the marker, or one it
+/// leader answered or `max_ms` passed. Per partition: `Ok` (the marker, or one it
 /// duplicates, is committed there) or the last error.
 async fn markers(
     node: &Rc<Node>,
@@ -232,8 +236,9 @@ async fn markers(
     epoch: i16,
     kind: MarkerKind,
     parts: &[Tp],
+    max_ms: u64,
 ) -> BTreeMap<Tp, Result<(), ProduceError>> {
-    let deadline = std::time::Instant::now() + Duration::from_millis(MARKERS_MAX_MS);
+    let deadline = std::time::Instant::now() + Duration::from_millis(max_ms);
     let mut results: BTreeMap<Tp, Result<(), ProduceError>> =
         parts.iter().map(|p| (p.clone(), Err(ProduceError::NotLeader))).collect();
     loop {
@@ -256,8 +261,12 @@ async fn markers(
             };
             waits.push((tp.clone(), node.send_marker(leader, m)));
         }
-        for (tp, (correlation, rx)) in waits {
-            let answer = compio::time::timeout(Duration::from_millis(MARKER_ATTEMPT_MS), rx).await;
+        // Every partition's answer is awaited at once: one attempt takes at most one wait.
+        let answers = futures_util::future::join_all(waits.into_iter().map(|(tp, (correlation, rx))| async move {
+            (tp, correlation, compio::time::timeout(Duration::from_millis(MARKER_ATTEMPT_MS), rx).await)
+        }))
+        .await;
+        for (tp, correlation, answer) in answers {
             tracing::trace!(topic = %tp.0, partition = tp.1, kind = kind.name(), producer = producer.0, epoch, answer = ?answer, "marker answered");
             let result = match answer {
                 Ok(Ok(r)) => r,
@@ -283,7 +292,8 @@ async fn markers(
     }
 }
 
-/// Completes a prepared transaction of `id`: its markers, then the completing record.
+/// Completes a prepared transaction of `id`: its markers (waiting up to `max_ms` for them),
+/// then the completing record.
 async fn complete(
     node: &Rc<Node>,
     index: u32,
@@ -291,10 +301,11 @@ async fn complete(
     epoch: LeaderEpoch,
     id: &str,
     slot: &mut Option<Loaded>,
+    max_ms: u64,
 ) -> Result<(), Refusal> {
     let Some(c) = slot.as_ref().and_then(|l| l.machine.completion(id)) else { return Ok(()) };
     tracing::debug!(id, kind = c.kind.name(), partitions = c.partitions.len(), "completing a transaction");
-    let results = markers(node, pid, c.producer, c.epoch, c.kind, &c.partitions).await;
+    let results = markers(node, pid, c.producer, c.epoch, c.kind, &c.partitions, max_ms).await;
     if let Some((tp, e)) = results.iter().find_map(|(tp, r)| r.err().map(|e| (tp, e))) {
         tracing::warn!(id, topic = %tp.0, partition = tp.1, error = ?e, "a transaction marker is not written yet; retrying in the background");
         return Err((
@@ -339,7 +350,8 @@ async fn add(
     if let Some(record) = loaded.machine.add_partitions(id, producer_id, producer_epoch, &known, internal::wall_ms())? {
         commit(node, index, pid, epoch, &record, slot).await?;
     }
-    let results = markers(node, pid, ProducerId(producer_id), producer_epoch, MarkerKind::Begin, &known).await;
+    let begin = MarkerKind::Begin;
+    let results = markers(node, pid, ProducerId(producer_id), producer_epoch, begin, &known, MARKERS_MAX_MS).await;
     let mut out: Vec<(Tp, ErrorCode)> =
         results.into_iter().map(|(tp, r)| (tp, r.map_or_else(produce_code, |()| ErrorCode::NONE))).collect();
     out.extend(unknown.into_iter().map(|tp| (tp, ErrorCode::UNKNOWN_TOPIC_OR_PARTITION)));
@@ -411,7 +423,7 @@ async fn run(
                             tracing::info!(id, "a new instance fences the open transaction: aborting it");
                             commit(node, index, pid, epoch, &record, slot).await?;
                         }
-                        complete(node, index, pid, epoch, id, slot).await?;
+                        complete(node, index, pid, epoch, id, slot, MARKERS_MAX_MS).await?;
                     }
                 }
             }
@@ -461,10 +473,10 @@ async fn run(
                     let prepared = matches!(record.meta.state, TxnState::PrepareCommit | TxnState::PrepareAbort);
                     commit(node, index, pid, epoch, &record, slot).await?;
                     if prepared {
-                        complete(node, index, pid, epoch, id, slot).await?;
+                        complete(node, index, pid, epoch, id, slot, MARKERS_MAX_MS).await?;
                     }
                 }
-                EndStep::Complete => complete(node, index, pid, epoch, id, slot).await?,
+                EndStep::Complete => complete(node, index, pid, epoch, id, slot, MARKERS_MAX_MS).await?,
             }
             state(slot)?;
             let meta = slot.as_ref().and_then(|l| l.machine.get(id)).cloned().expect("written above");
@@ -487,7 +499,7 @@ async fn run(
                 tracing::info!(id, "aborting a transaction on an administrator's request");
                 commit(node, index, pid, epoch, &record, slot).await?;
             }
-            complete(node, index, pid, epoch, id, slot).await?;
+            complete(node, index, pid, epoch, id, slot, MARKERS_MAX_MS).await?;
             Ok(Response::AbortTransaction(AbortTransactionResponse { error: ErrorCode::NONE, message: String::new() }))
         }
         Request::ListTransactions => {
@@ -562,7 +574,9 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
             }
             let unfinished = guard.as_ref().map(|l| l.machine.unfinished()).unwrap_or_default();
             for id in unfinished {
-                if let Err((code, message)) = complete(&node, index, pid, epoch, &id, &mut guard).await {
+                if let Err((code, message)) =
+                    complete(&node, index, pid, epoch, &id, &mut guard, TICK_MARKERS_MAX_MS).await
+                {
                     tracing::debug!(id, code = code.name(), message, "completing a transaction: not yet");
                 }
             }
