@@ -894,13 +894,25 @@ impl Client {
     /// Every group of the cluster: ListGroups sent to every broker (each answers for the
     /// groups it coordinates), merged.
     pub async fn list_groups(&self) -> Result<GroupList, ClientError> {
+        let (answers, failed) =
+            self.ask_every_broker::<_, ListGroupsResponse>(ApiKey::ListGroups, &ListGroupsRequest {}).await?;
+        Ok(GroupList { groups: merge_group_lists(answers.into_iter().map(|r| r.groups).collect()), failed })
+    }
+
+    /// `req` to every broker at once, each retried: the answers, and the brokers that failed
+    /// (for the list calls, which merge what each broker coordinates).
+    pub(crate) async fn ask_every_broker<Req: Wire, Resp: Wire>(
+        &self,
+        key: ApiKey,
+        req: &Req,
+    ) -> Result<(Vec<Resp>, Vec<(u32, ClientError)>), ClientError> {
         let md = self.metadata(Some(Vec::new())).await?;
         let timeout = self.config().request_timeout;
         let asks = md.brokers.iter().map(|b| async move {
             let answer = self
                 .retrying(|| async {
                     let conn = self.node_connection(b.node_id).await?;
-                    conn.call_for::<_, ListGroupsResponse>(ApiKey::ListGroups, &ListGroupsRequest {}, timeout).await
+                    conn.call_for::<_, Resp>(key, req, timeout).await
                 })
                 .await;
             (b.node_id, answer)
@@ -909,11 +921,11 @@ impl Client {
         let mut failed = Vec::new();
         for (node, answer) in futures_util::future::join_all(asks).await {
             match answer {
-                Ok(resp) => answers.push(resp.groups),
+                Ok(resp) => answers.push(resp),
                 Err(e) => failed.push((node, e)),
             }
         }
-        Ok(GroupList { groups: merge_group_lists(answers), failed })
+        Ok((answers, failed))
     }
 
     /// A group's state, members and committed offsets; GROUP_ID_NOT_FOUND if it is unknown.

@@ -460,26 +460,10 @@ impl Client {
     /// answers for the ids it coordinates), merged (an id listed twice while its coordinator
     /// moves: the entry with the newest epoch).
     pub async fn list_transactions(&self) -> Result<TransactionList, ClientError> {
-        let md = self.metadata(Some(Vec::new())).await?;
-        let timeout = self.config().request_timeout;
-        let asks = md.brokers.iter().map(|b| async move {
-            let answer = self
-                .retrying(|| async {
-                    let conn = self.node_connection(b.node_id).await?;
-                    let req = ListTransactionsRequest {};
-                    conn.call_for::<_, ListTransactionsResponse>(ApiKey::ListTransactions, &req, timeout).await
-                })
-                .await;
-            (b.node_id, answer)
-        });
-        let mut answers = Vec::new();
-        let mut failed = Vec::new();
-        for (node, answer) in futures_util::future::join_all(asks).await {
-            match answer {
-                Ok(resp) => answers.push(resp.transactions),
-                Err(e) => failed.push((node, e)),
-            }
-        }
+        let (answers, failed) = self
+            .ask_every_broker::<_, ListTransactionsResponse>(ApiKey::ListTransactions, &ListTransactionsRequest {})
+            .await?;
+        let answers = answers.into_iter().map(|r| r.transactions).collect();
         Ok(TransactionList { transactions: merge_transaction_lists(answers), failed })
     }
 

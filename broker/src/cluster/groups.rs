@@ -432,15 +432,8 @@ pub(super) async fn ensure_offsets_topic(node: &Rc<Node>) -> Result<(), (ErrorCo
 
 /// The groups of the offsets partitions this shard leads (each loaded if it was not).
 async fn list_here(node: &Rc<Node>) -> Response {
-    let Some(count) = node.topics.load().partitions(OFFSETS_TOPIC) else {
-        return Response::ListGroups(ListGroupsResponse { groups: Vec::new() });
-    };
     let mut groups: Vec<ListedGroup> = Vec::new();
-    for index in 0..count {
-        let Some(pid) = node.topics.load().partition(OFFSETS_TOPIC, index) else { continue };
-        if owner(pid, node.shard_count()) != node.shard || internal::leading_epoch(node, pid).is_none() {
-            continue;
-        }
+    for (index, pid) in internal::led(node, OFFSETS_TOPIC) {
         if let Response::ListGroups(r) = serve(node, index, pid, Request::ListGroups).await {
             groups.extend(r.groups);
         }

@@ -181,6 +181,11 @@ pub(super) fn hosted(node: &Node, topic: &str) -> Vec<(u32, PartitionId)> {
         .collect()
 }
 
+/// The partitions of `topic` this shard leads now (with a valid lease): (index, id).
+pub(super) fn led(node: &Node, topic: &str) -> Vec<(u32, PartitionId)> {
+    hosted(node, topic).into_iter().filter(|(_, p)| leading_epoch(node, *p).is_some()).collect()
+}
+
 /// The epoch this shard leads `pid` at, with a valid lease.
 pub(super) fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
     let st = node.st.borrow();

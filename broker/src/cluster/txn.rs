@@ -520,10 +520,7 @@ async fn find_coordinator(node: &Rc<Node>, r: FindCoordinatorRequest) -> FindCoo
 /// The transactions of the partitions this shard leads.
 async fn list_here(node: &Rc<Node>) -> Response {
     let mut transactions = Vec::new();
-    for (index, pid) in internal::hosted(node, TXN_TOPIC) {
-        if internal::leading_epoch(node, pid).is_none() {
-            continue;
-        }
+    for (index, pid) in internal::led(node, TXN_TOPIC) {
         if let Response::ListTransactions(r) = serve(node, index, pid, Request::ListTransactions).await {
             transactions.extend(r.transactions);
         }

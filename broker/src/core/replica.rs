@@ -484,7 +484,8 @@ impl<S: Storage> Replica<S> {
         if acks == Acks::All && isr_len < self.config.min_insync_replicas {
             return reject(out, ProduceError::NotEnoughReplicas);
         }
-        if let Err(WriteRefusal::Control) = self.txns.check_write(batch.header()) {
+        // Only coordinators write markers (`handle_marker`).
+        if batch.header().attributes.is_control() {
             return reject(out, ProduceError::InvalidTxnState);
         }
         if !self.plant.no_idempotence {
