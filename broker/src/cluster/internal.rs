@@ -23,7 +23,7 @@ use super::requests::ask;
 use super::shard::{owner, Node};
 use crate::core::group::partition_for;
 use crate::core::machine::{catch_up, CatchUpError, LogMachine};
-use crate::core::{LeaderEpoch, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId, ReadFailure};
+use crate::core::{LeaderEpoch, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId};
 use crate::service::{Request, Response};
 
 /// A refusal: the error code and a message for the client.
@@ -199,14 +199,12 @@ pub(super) fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch
 /// valid lease, and (as for consumers) its high watermark reached its epoch's start, so every
 /// record of earlier epochs is committed and will be applied.
 pub(super) fn coordinating(node: &Node, pid: PartitionId, topic: &str, index: u32) -> Result<LeaderEpoch, Refusal> {
-    let not_here = || (ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {topic}/{index}"));
-    let epoch = leading_epoch(node, pid).ok_or_else(not_here)?;
-    match node.st.borrow().core.read_committed(now(), pid, Offset(u64::MAX), 0) {
-        Ok(_) => Ok(epoch),
-        Err(ReadFailure::Refused(ProduceError::LeaderNotReady)) => {
+    match node.st.borrow().core.coordinating(now(), pid) {
+        Ok(epoch) => Ok(epoch),
+        Err(ProduceError::LeaderNotReady) => {
             Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, "the new leader is catching up".into()))
         }
-        Err(_) => Err(not_here()),
+        Err(_) => Err((ErrorCode::NOT_COORDINATOR, format!("this broker does not lead {topic}/{index}"))),
     }
 }
 

@@ -280,6 +280,15 @@ impl<S: Storage> BrokerNode<S> {
         r.read_leader(from, max_bytes, stable_only)
     }
 
+    /// The epoch at which this broker may coordinate (serve a state machine of) `partition`
+    /// now: it leads it with a valid lease and serves reads ([`Replica::serving`]).
+    pub fn coordinating(&self, now: Time, partition: PartitionId) -> Result<LeaderEpoch, ProduceError> {
+        if !self.lease_valid(now) {
+            return Err(ProduceError::NotLeader);
+        }
+        self.replicas.get(&partition).ok_or(ProduceError::NotLeader)?.serving()
+    }
+
     /// A sync job finished.
     pub fn handle_io_done(
         &mut self,

@@ -310,6 +310,20 @@ impl<S: Storage> Replica<S> {
         Ok(())
     }
 
+    /// The epoch this replica serves reads (and coordinates) at: it leads, and its high
+    /// watermark reached its epoch's start, so everything earlier leaders showed readers is
+    /// below it (`LeaderNotReady` until then).
+    pub fn serving(&self) -> Result<LeaderEpoch, ProduceError> {
+        if self.failed {
+            return Err(ProduceError::Storage);
+        }
+        let Role::Leader(l) = &self.role else { return Err(ProduceError::NotLeader) };
+        if self.high_watermark < l.epoch_start {
+            return Err(ProduceError::LeaderNotReady);
+        }
+        Ok(self.epoch())
+    }
+
     /// The last stable offset: below it, every transaction is decided (the high watermark
     /// when none is open).
     pub fn last_stable(&self) -> Offset {
@@ -1037,13 +1051,7 @@ impl<S: Storage> Replica<S> {
         max_bytes: u32,
         stable_only: bool,
     ) -> Result<(Vec<u8>, Offset), ReadFailure> {
-        if self.failed {
-            return Err(ProduceError::Storage.into());
-        }
-        let Role::Leader(l) = &self.role else { return Err(ProduceError::NotLeader.into()) };
-        if self.high_watermark < l.epoch_start {
-            return Err(ProduceError::LeaderNotReady.into());
-        }
+        self.serving()?;
         let mut buf = Vec::new();
         let end = if stable_only { self.last_stable() } else { self.high_watermark };
         if from < end {

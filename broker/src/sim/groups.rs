@@ -711,26 +711,15 @@ impl Sim {
     fn coordinator_ready(&mut self, i: usize) -> Result<LeaderEpoch, ErrorCode> {
         let now = self.local(i);
         let p = self.offsets_partition();
-        let leading = self.nodes[i]
-            .core
-            .as_ref()
-            .filter(|core| core.lease_valid(now))
-            .and_then(|core| core.replica(p))
-            .and_then(|r| r.leader_epoch());
-        let Some(epoch) = leading else {
-            self.nodes[i].coordinator.leading = None;
-            return Err(ErrorCode::NOT_COORDINATOR);
-        };
-        // A new leader serves once its high watermark reached its epoch's start.
-        let ready = self.nodes[i].core.as_ref().map(|core| core.read_committed(now, p, Offset(u64::MAX), 0));
-        match ready {
-            Some(Ok(_)) => {}
-            Some(Err(ReadFailure::Storage(e))) => {
-                self.fail_stop(i, e);
+        // A leader with a valid lease whose high watermark reached its epoch's start.
+        let epoch = match self.nodes[i].core.as_ref().map(|core| core.coordinating(now, p)) {
+            Some(Ok(epoch)) => epoch,
+            None | Some(Err(ProduceError::NotLeader)) => {
+                self.nodes[i].coordinator.leading = None;
                 return Err(ErrorCode::NOT_COORDINATOR);
             }
-            _ => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
-        }
+            Some(Err(_)) => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
+        };
         if let Err(reason) = self.catch_up(i) {
             self.fail_stop(i, reason);
             return Err(ErrorCode::NOT_COORDINATOR);

@@ -873,24 +873,15 @@ impl Sim {
     /// code refusing requests.
     fn txn_ready(&mut self, i: usize, p: PartitionId) -> Result<LeaderEpoch, ErrorCode> {
         let now = self.local(i);
-        let leading = self.nodes[i]
-            .core
-            .as_ref()
-            .filter(|core| core.lease_valid(now))
-            .and_then(|core| core.replica(p))
-            .and_then(|r| r.leader_epoch());
-        let Some(epoch) = leading else {
-            self.txn.coordinators[i].entry(p).or_default().leading = None;
-            return Err(ErrorCode::NOT_COORDINATOR);
-        };
-        match self.nodes[i].core.as_ref().map(|core| core.read_committed(now, p, Offset(u64::MAX), 0)) {
-            Some(Ok(_)) => {}
-            Some(Err(ReadFailure::Storage(e))) => {
-                self.txn_fail_stop(i, e.to_string());
+        // A leader with a valid lease whose high watermark reached its epoch's start.
+        let epoch = match self.nodes[i].core.as_ref().map(|core| core.coordinating(now, p)) {
+            Some(Ok(epoch)) => epoch,
+            None | Some(Err(ProduceError::NotLeader)) => {
+                self.txn.coordinators[i].entry(p).or_default().leading = None;
                 return Err(ErrorCode::NOT_COORDINATOR);
             }
-            _ => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
-        }
+            Some(Err(_)) => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
+        };
         if let Err(reason) = self.txn_catch_up(i, p) {
             self.txn_fail_stop(i, reason);
             return Err(ErrorCode::NOT_COORDINATOR);

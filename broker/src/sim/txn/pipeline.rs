@@ -39,7 +39,7 @@ use crate::check::txn::{TxnConsumed, TxnOp, TxnWrite};
 use crate::check::{Offset as CheckOffset, PartitionId as CheckPartition, ProcessId, Value};
 use crate::core::group::{GroupCoordinator, LogMachine};
 use crate::core::machine::feed;
-use crate::core::{Acks, LeaderEpoch, Offset, PartitionId, ProduceError, ReadFailure, RequestId};
+use crate::core::{Acks, LeaderEpoch, Offset, PartitionId, ProduceError, RequestId};
 use crate::sim::{Sim, PRODUCE_DEADLINE_MS};
 
 /// Pipelines (transactional ids `pipe-K`, groups `pipeline-K`).
@@ -315,25 +315,15 @@ impl Sim {
     fn offsets_ready(&mut self, i: usize) -> Result<LeaderEpoch, ErrorCode> {
         let now = self.local(i);
         let p = self.offsets_partition_txn();
-        let leading = self.nodes[i]
-            .core
-            .as_ref()
-            .filter(|core| core.lease_valid(now))
-            .and_then(|core| core.replica(p))
-            .and_then(|r| r.leader_epoch());
-        let Some(epoch) = leading else {
-            self.txn.offsets[i].leading = None;
-            return Err(ErrorCode::NOT_COORDINATOR);
-        };
-        // A new leader serves once its high watermark reached its epoch's start.
-        match self.nodes[i].core.as_ref().map(|core| core.read_committed(now, p, Offset(u64::MAX), 0)) {
-            Some(Ok(_)) => {}
-            Some(Err(ReadFailure::Storage(e))) => {
-                self.txn_fail_stop(i, e.to_string());
+        // A leader with a valid lease whose high watermark reached its epoch's start.
+        let epoch = match self.nodes[i].core.as_ref().map(|core| core.coordinating(now, p)) {
+            Some(Ok(epoch)) => epoch,
+            None | Some(Err(ProduceError::NotLeader)) => {
+                self.txn.offsets[i].leading = None;
                 return Err(ErrorCode::NOT_COORDINATOR);
             }
-            _ => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
-        }
+            Some(Err(_)) => return Err(ErrorCode::COORDINATOR_LOAD_IN_PROGRESS),
+        };
         if let Err(reason) = self.offsets_catch_up(i) {
             self.txn_fail_stop(i, reason);
             return Err(ErrorCode::NOT_COORDINATOR);
