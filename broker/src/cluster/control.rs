@@ -264,7 +264,11 @@ impl Node {
             | Request::TxnOffsetCommit(_)
             | Request::ListTransactions
             | Request::DescribeTransaction(_)
-            | Request::AbortTransaction(_) => Response::Error(ErrorCode::INVALID_REQUEST),
+            | Request::AbortTransaction(_)
+            | Request::TableRead(_)
+            | Request::TableLock(_)
+            | Request::TableCommit(_)
+            | Request::TableAbort(_) => Response::Error(ErrorCode::INVALID_REQUEST),
         }
     }
 

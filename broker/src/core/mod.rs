@@ -20,6 +20,7 @@ pub mod machine;
 pub mod node;
 pub mod producers;
 pub mod quorum;
+pub mod table;
 pub mod replica;
 pub mod txn;
 pub mod txn_partition;

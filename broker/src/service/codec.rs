@@ -46,6 +46,10 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         }
         ApiKey::DescribeTransaction => Request::DescribeTransaction(decode_exact(body)?),
         ApiKey::AbortTransaction => Request::AbortTransaction(decode_exact(body)?),
+        ApiKey::TableRead => Request::TableRead(decode_exact(body)?),
+        ApiKey::TableLock => Request::TableLock(decode_exact(body)?),
+        ApiKey::TableCommit => Request::TableCommit(decode_exact(body)?),
+        ApiKey::TableAbort => Request::TableAbort(decode_exact(body)?),
         ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
@@ -77,6 +81,10 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::ListTransactions(r) => response_frame(id, Ok(&r)),
         Response::DescribeTransaction(r) => response_frame(id, Ok(&r)),
         Response::AbortTransaction(r) => response_frame(id, Ok(&r)),
+        Response::TableRead(r) => response_frame(id, Ok(&r)),
+        Response::TableLock(r) => response_frame(id, Ok(&r)),
+        Response::TableCommit(r) => response_frame(id, Ok(&r)),
+        Response::TableAbort(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,

@@ -51,6 +51,10 @@ pub(crate) enum Request {
     ListTransactions,
     DescribeTransaction(wire::DescribeTransactionRequest),
     AbortTransaction(wire::AbortTransactionRequest),
+    TableRead(wire::TableReadRequest),
+    TableLock(wire::TableLockRequest),
+    TableCommit(wire::TableCommitRequest),
+    TableAbort(wire::TableAbortRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -80,6 +84,10 @@ pub(crate) enum Response {
     ListTransactions(wire::ListTransactionsResponse),
     DescribeTransaction(wire::DescribeTransactionResponse),
     AbortTransaction(wire::AbortTransactionResponse),
+    TableRead(wire::TableReadResponse),
+    TableLock(wire::TableLockResponse),
+    TableCommit(wire::TableCommitResponse),
+    TableAbort(wire::TableAbortResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).

@@ -604,3 +604,144 @@ wire_struct! {
     /// AbortTransaction response.
     pub struct AbortTransactionResponse { pub error: ErrorCode, pub message: String }
 }
+
+// ---- Tables (PROTOCOL.md, "Tables") ----
+
+wire_struct! {
+    /// Who is asking, on every table request: the transaction's id (unique per client
+    /// process and transaction), its isolation level (`table::Level` codes: 0 read-committed,
+    /// 1 snapshot, 2 serializable, 3 serial, 4 2pl, 5 ssi), its start in microseconds of wall
+    /// time (wound-wait priority: older wins, ties by id) and its timeout.
+    pub struct TableTxn { pub txn: u64, pub level: u8, pub begin_us: u64, pub timeout_ms: u32 }
+}
+
+wire_struct! {
+    /// A half-open key range `[from, to)`; an empty `to` is the end of the key space.
+    pub struct TableRange { pub from: BytesMut, pub to: BytesMut }
+}
+
+wire_struct! {
+    /// One row as read: `value` None when the key is absent (or deleted) at the snapshot;
+    /// `version` the offset of the commit that wrote what was read, -1 when none did.
+    pub struct TableRow { pub key: BytesMut, pub value: Option<BytesMut>, pub version: i64 }
+}
+
+wire_struct! {
+    /// A key read inside a transaction and the version seen (-1: absent).
+    pub struct TableReadEntry { pub key: BytesMut, pub version: i64 }
+}
+
+wire_struct! {
+    /// A write: `value` None deletes the key.
+    pub struct TableWrite { pub key: BytesMut, pub value: Option<BytesMut> }
+}
+
+wire_struct! {
+    /// One step of a deterministic procedure (serial execution), run in log order by every
+    /// replica. `kind`: 0 put (key, value), 1 delete (key), 2 compare-and-set (key, expect,
+    /// value; None = absent), 3 increment (key, amount; decimal text values), 4 transfer
+    /// (key to key2 by amount, when key holds at least amount), 5 append (value to the
+    /// comma-separated list at key).
+    pub struct TableStep {
+        pub kind: u8,
+        pub key: BytesMut,
+        pub key2: BytesMut,
+        pub value: Option<BytesMut>,
+        pub expect: Option<BytesMut>,
+        pub amount: i64,
+    }
+}
+
+wire_struct! {
+    /// The record a table partition's log holds (its value; `version` 1): one transaction's
+    /// part in this partition. Validated by every replica at its log position (`level`),
+    /// then applied: writes become versions at the record's offset, or, inside a log
+    /// transaction, at its commit marker's.
+    pub struct TableRecord {
+        pub version: u8,
+        pub txn: u64,
+        pub level: u8,
+        pub snapshot: u64,
+        pub reads: Vec<TableReadEntry>,
+        pub ranges: Vec<TableRange>,
+        pub writes: Vec<TableWrite>,
+        pub steps: Vec<TableStep>,
+    }
+}
+
+wire_struct! {
+    /// TableRead request (to the partition's leader; a follower when `follower` is set and
+    /// the level allows it): read `keys` and the rows of `range` at the transaction's
+    /// `snapshot` of this partition (-1: the leader picks its latest committed offset), once
+    /// the replica applied `min_offset` (a session token). Under 2pl and serial it waits for
+    /// its locks.
+    pub struct TableReadRequest {
+        pub txn: TableTxn,
+        pub topic: String,
+        pub partition: u32,
+        pub snapshot: i64,
+        pub min_offset: u64,
+        pub follower: bool,
+        pub keys: Vec<BytesMut>,
+        pub range: Option<TableRange>,
+    }
+}
+
+wire_struct! {
+    /// TableRead response: `snapshot` the offset read at; the rows of `keys` in order, then
+    /// the present rows of the range in key order.
+    pub struct TableReadResponse { pub error: ErrorCode, pub message: String, pub snapshot: u64, pub rows: Vec<TableRow> }
+}
+
+wire_struct! {
+    /// TableLock request: write intent on `keys` before a write (2pl: exclusive locks;
+    /// serial: the partition's execution turn), answered once granted.
+    pub struct TableLockRequest { pub txn: TableTxn, pub topic: String, pub partition: u32, pub keys: Vec<BytesMut> }
+}
+
+wire_struct! {
+    /// TableLock response.
+    pub struct TableLockResponse { pub error: ErrorCode, pub message: String }
+}
+
+wire_struct! {
+    /// TableCommit request: the transaction's part in this partition. Without `producer_id`
+    /// (-1) the partition is the transaction's only one: the leader checks the part, appends
+    /// it when it writes anything, and answers the outcome. With a producer (a multi-partition
+    /// transaction, coordinated by the transaction coordinator) the part is appended inside
+    /// that producer's log transaction and the answer is this partition's vote; the producer's
+    /// commit or abort marker decides. `check_only`: validate a read-only part, append nothing.
+    pub struct TableCommitRequest {
+        pub txn: TableTxn,
+        pub topic: String,
+        pub partition: u32,
+        pub producer_id: i64,
+        pub producer_epoch: i16,
+        pub record: TableRecord,
+    }
+}
+
+wire_struct! {
+    /// TableCommit response. `outcome`: 0 committed, 1 aborted (`reason`), 2 prepared (a
+    /// yes vote). `offset`: the record's offset (the log's end for a part that appended
+    /// nothing); `results`: one per procedure step (new value, or None).
+    pub struct TableCommitResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub outcome: u8,
+        pub offset: u64,
+        pub reason: String,
+        pub results: Vec<Option<BytesMut>>,
+    }
+}
+
+wire_struct! {
+    /// TableAbort request: the transaction ends here without committing; its locks and
+    /// read tracking on this partition's leader are released.
+    pub struct TableAbortRequest { pub txn: u64, pub topic: String, pub partition: u32 }
+}
+
+wire_struct! {
+    /// TableAbort response.
+    pub struct TableAbortResponse { pub error: ErrorCode, pub message: String }
+}

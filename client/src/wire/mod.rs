@@ -11,11 +11,13 @@
 
 pub mod codec;
 pub mod io;
+mod level;
 // Message fields are documented field by field in client/PROTOCOL.md.
 #[allow(missing_docs)]
 mod messages;
 
 pub use codec::{shown, DecodeError, Reader, Wire, Writer};
+pub use level::Level;
 pub use messages::*;
 
 /// The largest frame a peer accepts by default (64 MiB).
@@ -76,11 +78,19 @@ pub enum ApiKey {
     DescribeTransaction = 23,
     /// Abort a transaction from outside (a hanging one) and fence its producer.
     AbortTransaction = 24,
+    /// Read keys or a range of a table partition inside a table transaction.
+    TableRead = 25,
+    /// Take write locks (2pl) or the execution turn (serial) on a table partition.
+    TableLock = 26,
+    /// Commit (or prepare) a table transaction's part in one partition.
+    TableCommit = 27,
+    /// End a table transaction's part in one partition without committing.
+    TableAbort = 28,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 25] = [
+    pub const ALL: [ApiKey; 29] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -106,6 +116,10 @@ impl ApiKey {
         ApiKey::ListTransactions,
         ApiKey::DescribeTransaction,
         ApiKey::AbortTransaction,
+        ApiKey::TableRead,
+        ApiKey::TableLock,
+        ApiKey::TableCommit,
+        ApiKey::TableAbort,
     ];
 
     /// The key for a number, if known.
@@ -243,6 +257,11 @@ impl ErrorCode {
     pub const UNSTABLE_OFFSET_COMMIT: ErrorCode = ErrorCode(35);
     /// A transaction timeout outside the broker's bounds.
     pub const INVALID_TRANSACTION_TIMEOUT: ErrorCode = ErrorCode(36);
+    /// The table transaction is no longer live on this partition's leader (wounded by an
+    /// older one, past its timeout, or its leader changed): the message says why; begin again.
+    pub const TABLE_TXN_ABORTED: ErrorCode = ErrorCode(37);
+    /// The topic is not a table.
+    pub const NOT_A_TABLE: ErrorCode = ErrorCode(38);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -265,7 +284,7 @@ impl ErrorCode {
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 37] = [
+        const NAMES: [&str; 39] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -303,6 +322,8 @@ impl ErrorCode {
             "TRANSACTIONAL_ID_NOT_FOUND",
             "UNSTABLE_OFFSET_COMMIT",
             "INVALID_TRANSACTION_TIMEOUT",
+            "TABLE_TXN_ABORTED",
+            "NOT_A_TABLE",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }
