@@ -30,6 +30,10 @@
 //! (`list_transactions`, `describe_transaction`, `abort_transaction`) are on [`Client`]. See
 //! `txn.rs` and PROTOCOL.md, "Transactions".
 //!
+//! Tables: a [`Table`] is a topic with `table=true`, read and written in [`TableTxn`]
+//! transactions at an isolation level (`wire::Level`: read-committed, snapshot,
+//! serializable, serial, 2pl, ssi); see `table.rs` and PROTOCOL.md, "Tables".
+//!
 //! Reads may be served by followers (`ConsumerConfig::prefer_replica`), and a [`Session`]
 //! shared by producers and consumers (`session` in both configs) gives read-your-writes and
 //! monotonic reads across replicas and failovers; see `consumer.rs` and PROTOCOL.md §9.
@@ -41,6 +45,7 @@ mod consumer;
 mod group;
 mod producer;
 mod session;
+pub mod table;
 mod txn;
 pub mod wire;
 
@@ -58,6 +63,7 @@ pub use producer::{
     key_partition, yield_now, Acks, Delivery, DeliveryResult, Producer, ProducerConfig, ProducerRecord, Retry, TrySend,
 };
 pub use session::{Session, SessionError, SessionHandle, Token};
+pub use table::{Committed, RunResult, Step, Table, TableError, TableTxn};
 pub use txn::{TransactionList, TransactionalProducer, TxnConfig, TxnError};
 
 use crate::wire::ErrorCode;

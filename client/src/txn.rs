@@ -493,8 +493,9 @@ impl Client {
     }
 }
 
-/// A request to the transaction coordinator of `id`, retried within `bound`.
-async fn txn_call<Req: Wire, Resp: Wire + GroupAnswer>(
+/// A request to the transaction coordinator of `id`, retried within `bound` (also the table
+/// client's two-phase commits, `table.rs`).
+pub(crate) async fn txn_call<Req: Wire, Resp: Wire + GroupAnswer>(
     client: &Client,
     id: &str,
     bound: Duration,
@@ -523,7 +524,7 @@ fn adder(client: Client, id: String, bound: Duration) -> AddPartitions {
 
 /// AddPartitionsToTxn for `keys`, retrying the partitions (or the whole request) answered
 /// with a retriable error within `bound`; every partition's outcome.
-async fn add_partitions(
+pub(crate) async fn add_partitions(
     client: &Client,
     id: &str,
     (producer_id, producer_epoch): (i64, i16),
@@ -605,7 +606,7 @@ fn sort_added(
 
 /// A coordinator step's failure (init, end): fenced, retriable, or else fatal (the producer's
 /// idea of its transaction is not the coordinator's).
-fn coordinator_error(e: ClientError) -> TxnError {
+pub(crate) fn coordinator_error(e: ClientError) -> TxnError {
     match &e {
         ClientError::Broker(ErrorCode::PRODUCER_FENCED, _) => TxnError::Fenced(e),
         e2 if e2.is_retriable() => TxnError::Retriable(e),

@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
-use skein_client::wire::{DescribeGroupResponse, DescribeTransactionResponse, ErrorCode, TopicDescription};
+use skein_client::wire::{DescribeGroupResponse, DescribeTransactionResponse, ErrorCode, Level, TopicDescription};
 use skein_client::{
     Acks, Assignor, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, GroupConfig,
     GroupConsumer, Isolation, OffsetLag, OffsetReset, OffsetTarget, Position, Producer, ProducerConfig, ReadReplica,
-    Retry, Session, SessionHandle, TransactionalProducer, TxnConfig, TxnError,
+    Retry, Session, SessionHandle, Table, TableError, TableTxn, TransactionalProducer, TxnConfig, TxnError,
 };
 
 #[derive(Parser)]
@@ -142,10 +142,98 @@ enum Command {
         #[command(subcommand)]
         command: GroupCommand,
     },
-    /// Transactions: list, describe, abort.
+    /// Tables (key-value state machines on the log): create, get, put, delete, scan.
+    Table {
+        #[command(subcommand)]
+        command: TableCommand,
+    },
+    /// Transactions: list, describe, abort; or, with `--table NAME`, table transactions
+    /// driven from stdin, one command a line, each answered with one line as soon as it is
+    /// done (a command waiting for a lock answers once it has it):
+    ///
+    ///   begin [LEVEL]  -> ok
+    ///   get K          -> value K V | value K nil
+    ///   put K V        -> ok                  (V: the rest of the line)
+    ///   delete K       -> ok
+    ///   scan FROM TO   -> row K V ... then end  (TO omitted: to the end)
+    ///   commit         -> committed OFFSET | aborted REASON
+    ///   abort          -> aborted user
+    ///
+    /// Anything else answers `error MESSAGE`; a command that learns the server aborted the
+    /// transaction answers `aborted REASON` (the transaction is then over). At the end of
+    /// input an open transaction is aborted.
+    #[command(args_conflicts_with_subcommands = true, verbatim_doc_comment)]
     Txn {
         #[command(subcommand)]
-        command: TxnCommand,
+        command: Option<TxnCommand>,
+        /// Run table transactions on this table, read from stdin.
+        #[arg(long, value_name = "NAME")]
+        table: Option<String>,
+        /// With `--table`: the level of transactions begun without one (default: the
+        /// table's): read-committed, snapshot, serializable, serial, 2pl or ssi.
+        #[arg(long, requires = "table", value_parser = parse_level, value_name = "LEVEL")]
+        isolation: Option<Level>,
+        /// With `--table`: a transaction open longer is aborted (`aborted timeout`).
+        #[arg(long, requires = "table", default_value_t = 60_000, value_name = "MS")]
+        timeout_ms: u64,
+    },
+}
+
+#[derive(Subcommand)]
+enum TableCommand {
+    /// Create a table (a topic with `table=true`); prints `created NAME`.
+    Create {
+        /// Table name.
+        name: String,
+        /// Partitions (keys are hash-partitioned as the producer does).
+        #[arg(long, default_value_t = 1)]
+        partitions: u32,
+        /// Replicas per partition.
+        #[arg(long, default_value_t = 1)]
+        replicas: u16,
+        /// Default isolation level of its transactions (default serializable):
+        /// read-committed, snapshot, serializable, serial, 2pl or ssi.
+        #[arg(long, value_parser = parse_level, value_name = "LEVEL")]
+        isolation: Option<Level>,
+    },
+    /// Read a key (one transaction); prints `value K V` or `value K nil`.
+    Get {
+        /// Table name.
+        name: String,
+        /// Key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// Write a key (one transaction); prints `ok`.
+    Put {
+        /// Table name.
+        name: String,
+        /// Key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+        /// Value.
+        #[arg(allow_hyphen_values = true)]
+        value: String,
+    },
+    /// Delete a key (one transaction); prints `ok`.
+    Delete {
+        /// Table name.
+        name: String,
+        /// Key.
+        #[arg(allow_hyphen_values = true)]
+        key: String,
+    },
+    /// The rows of keys in [FROM, TO) in key order (one transaction): `row K V` lines, then
+    /// `end`.
+    Scan {
+        /// Table name.
+        name: String,
+        /// First key.
+        #[arg(allow_hyphen_values = true)]
+        from: String,
+        /// First key after the range (empty or omitted: to the end).
+        #[arg(allow_hyphen_values = true, default_value = "")]
+        to: String,
     },
 }
 
@@ -279,6 +367,10 @@ fn main() {
             Cli::command().error(clap::error::ErrorKind::ArgumentConflict, why).exit();
         }
     }
+    if let Command::Txn { command: None, table: None, .. } = &cli.command {
+        let why = "txn needs a subcommand (list, describe, abort) or --table NAME";
+        Cli::command().error(clap::error::ErrorKind::MissingSubcommand, why).exit();
+    }
     if let Command::Produce { .. } = cli.command {
     } else if let Some(t) = cli.timeout {
         // Other commands are simply cut off; produce reports each pending record itself.
@@ -388,7 +480,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Command::Cluster { command: ClusterCommand::Status { json } } => cluster_status(&client, json).await,
         Command::Group { command } => group(&client, command).await,
-        Command::Txn { command } => txn(&client, command).await,
+        Command::Table { command } => table_command(&client, command).await,
+        Command::Txn { command: Some(command), .. } => txn(&client, command).await,
+        Command::Txn { command: None, table, isolation, timeout_ms } => {
+            let name = table.context("--table or a subcommand is needed")?;
+            txn_session(&client, &name, isolation, Duration::from_millis(timeout_ms)).await
+        }
     }
 }
 
@@ -1302,6 +1399,226 @@ async fn txn(client: &Client, command: TxnCommand) -> Result<()> {
     Ok(())
 }
 
+/// An isolation level's name, for clap.
+fn parse_level(s: &str) -> Result<Level, String> {
+    Level::parse(s).ok_or_else(|| format!("unknown isolation level {s} (one of {})", level_names()))
+}
+
+fn level_names() -> String {
+    Level::ALL.iter().map(|l| l.name()).collect::<Vec<_>>().join(", ")
+}
+
+/// A table's handle, or a failure in the user's terms.
+async fn open_table(client: &Client, name: &str) -> Result<Table> {
+    client.table(name).await.map_err(|e| table_failure(name, e))
+}
+
+/// A table call's failure in the user's terms, ending with a code name where there is one.
+fn table_failure(name: &str, e: TableError) -> anyhow::Error {
+    match e {
+        TableError::Client(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _)) => {
+            anyhow!("table '{}' not found (UNKNOWN_TOPIC_OR_PARTITION)", skein_client::wire::shown(name))
+        }
+        TableError::NotATable(_) | TableError::Client(ClientError::Broker(ErrorCode::NOT_A_TABLE, _)) => {
+            anyhow!("'{}' is not a table (NOT_A_TABLE)", skein_client::wire::shown(name))
+        }
+        TableError::Client(e) => anyhow!("{}", failure(&e)),
+        e => anyhow!("{e}"),
+    }
+}
+
+async fn table_command(client: &Client, command: TableCommand) -> Result<()> {
+    match command {
+        TableCommand::Create { name, partitions, replicas, isolation } => {
+            client
+                .create_table(&name, partitions, replicas, isolation)
+                .await
+                .map_err(|e| anyhow!("creating table: {}", failure(&e)))?;
+            answer(&format!("created {name}"))?;
+        }
+        TableCommand::Get { name, key } => {
+            let t = open_table(client, &name).await?;
+            let v = t.get(key.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            answer(&value_line(key.as_bytes(), v.as_deref()))?;
+        }
+        TableCommand::Put { name, key, value } => {
+            let t = open_table(client, &name).await?;
+            t.put(key.as_bytes(), value.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            answer("ok")?;
+        }
+        TableCommand::Delete { name, key } => {
+            let t = open_table(client, &name).await?;
+            t.delete(key.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            answer("ok")?;
+        }
+        TableCommand::Scan { name, from, to } => {
+            let t = open_table(client, &name).await?;
+            let rows = t.scan(from.as_bytes(), to.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            for line in scan_lines(&rows) {
+                answer(&line)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Prints one answer line and flushes it.
+fn answer(line: &str) -> Result<()> {
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{line}").and_then(|()| out.flush()).context("writing to stdout")
+}
+
+/// `value K V`, or `value K nil`.
+fn value_line(key: &[u8], value: Option<&[u8]>) -> String {
+    let key = String::from_utf8_lossy(key);
+    match value {
+        Some(v) => format!("value {key} {}", String::from_utf8_lossy(v)),
+        None => format!("value {key} nil"),
+    }
+}
+
+/// `row K V` per row, then `end`.
+fn scan_lines(rows: &[(Vec<u8>, Vec<u8>)]) -> Vec<String> {
+    let mut lines: Vec<String> = rows
+        .iter()
+        .map(|(k, v)| format!("row {} {}", String::from_utf8_lossy(k), String::from_utf8_lossy(v)))
+        .collect();
+    lines.push("end".into());
+    lines
+}
+
+/// One command of `skein txn --table`.
+#[derive(Debug, PartialEq, Eq)]
+enum TxnInput {
+    Begin(Option<Level>),
+    Get(String),
+    Put(String, String),
+    Delete(String),
+    Scan(String, String),
+    Commit,
+    Abort,
+}
+
+/// Parses a line of `skein txn --table` input: `Ok(None)` for an empty line, `Err` the
+/// message of its `error` answer.
+fn parse_txn_input(line: &str) -> Result<Option<TxnInput>, String> {
+    let line = line.trim();
+    let Some(word) = line.split_whitespace().next() else {
+        return Ok(None);
+    };
+    let rest = line[word.len()..].trim_start();
+    let args: Vec<&str> = rest.split_whitespace().collect();
+    // `""` stands for the empty key (an unbounded end of a scan).
+    let token = |t: &str| if t == "\"\"" { String::new() } else { t.to_owned() };
+    let usage = |u: &str| Err(format!("usage: {u}"));
+    let input = match (word, args.as_slice()) {
+        ("begin", []) => TxnInput::Begin(None),
+        ("begin", [level]) => {
+            TxnInput::Begin(Some(Level::parse(level).ok_or_else(|| format!("unknown isolation level {level}"))?))
+        }
+        ("begin", _) => return usage("begin [LEVEL]"),
+        ("get", [key]) => TxnInput::Get(token(key)),
+        ("get", _) => return usage("get KEY"),
+        ("put", [key, _, ..]) => {
+            let value = rest[key.len()..].trim_start();
+            TxnInput::Put(token(key), value.to_owned())
+        }
+        ("put", _) => return usage("put KEY VALUE"),
+        ("delete", [key]) => TxnInput::Delete(token(key)),
+        ("delete", _) => return usage("delete KEY"),
+        ("scan", []) => TxnInput::Scan(String::new(), String::new()),
+        ("scan", [from]) => TxnInput::Scan(token(from), String::new()),
+        ("scan", [from, to]) => TxnInput::Scan(token(from), token(to)),
+        ("scan", _) => return usage("scan FROM TO"),
+        ("commit", []) => TxnInput::Commit,
+        ("commit", _) => return usage("commit"),
+        ("abort", []) => TxnInput::Abort,
+        ("abort", _) => return usage("abort"),
+        (other, _) => return Err(format!("unknown command {other} (begin, get, put, delete, scan, commit, abort)")),
+    };
+    Ok(Some(input))
+}
+
+/// `skein txn --table NAME`: table transactions driven by stdin, one answer line per
+/// command, printed (and flushed) as soon as it is done. At the end of input an open
+/// transaction is aborted.
+async fn txn_session(client: &Client, name: &str, isolation: Option<Level>, timeout: Duration) -> Result<()> {
+    let table = open_table(client, name).await?;
+    table.set_timeout(timeout);
+    let (tx, lines) = flume::unbounded::<std::io::Result<String>>();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let stop = line.is_err();
+            if tx.send(line).is_err() || stop {
+                break;
+            }
+        }
+    });
+    let mut open: Option<TableTxn> = None;
+    while let Ok(line) = lines.recv_async().await {
+        let line = match line {
+            Ok(line) => line,
+            Err(e) => {
+                abort_open(&mut open).await;
+                bail!("reading stdin: {e}");
+            }
+        };
+        let answers = match parse_txn_input(&line) {
+            Ok(None) => continue,
+            Ok(Some(input)) => txn_step(&table, &mut open, isolation, input).await,
+            Err(message) => vec![format!("error {message}")],
+        };
+        for a in answers {
+            answer(&a)?;
+        }
+    }
+    abort_open(&mut open).await;
+    Ok(())
+}
+
+async fn abort_open(open: &mut Option<TableTxn>) {
+    if let Some(mut txn) = open.take().filter(TableTxn::is_open) {
+        let _ = txn.abort().await;
+    }
+}
+
+/// Runs one command of a `skein txn --table` session; its answer lines.
+async fn txn_step(
+    table: &Table,
+    open: &mut Option<TableTxn>,
+    isolation: Option<Level>,
+    input: TxnInput,
+) -> Vec<String> {
+    let txn = match (&input, open.as_mut()) {
+        (TxnInput::Begin(_), Some(_)) => return vec!["error a transaction is open".into()],
+        (TxnInput::Begin(level), None) => {
+            *open = Some(table.begin(level.or(isolation)));
+            return vec!["ok".into()];
+        }
+        (_, None) => return vec!["error no transaction (begin first)".into()],
+        (_, Some(txn)) => txn,
+    };
+    let result: Result<Vec<String>, TableError> = match input {
+        TxnInput::Get(key) => txn.get(key.as_bytes()).await.map(|v| vec![value_line(key.as_bytes(), v.as_deref())]),
+        TxnInput::Put(key, value) => txn.put(key.as_bytes(), value.as_bytes()).await.map(|()| vec!["ok".into()]),
+        TxnInput::Delete(key) => txn.delete(key.as_bytes()).await.map(|()| vec!["ok".into()]),
+        TxnInput::Scan(from, to) => txn.scan(from.as_bytes(), to.as_bytes()).await.map(|rows| scan_lines(&rows)),
+        TxnInput::Commit => txn.commit().await.map(|c| vec![format!("committed {}", c.offset)]),
+        TxnInput::Abort => txn.abort().await.map(|()| vec!["aborted user".into()]),
+        TxnInput::Begin(_) => Ok(vec![]),
+    };
+    let lines = match result {
+        Ok(lines) => lines,
+        Err(TableError::Aborted(reason)) => vec![format!("aborted {reason}")],
+        Err(TableError::Client(e)) => vec![format!("error {}", failure(&e))],
+        Err(e) => vec![format!("error {e}")],
+    };
+    if !txn.is_open() {
+        *open = None;
+    }
+    lines
+}
+
 /// `txn describe --json`: partitions sorted by topic, then partition.
 fn transaction_json(d: &DescribeTransactionResponse) -> serde_json::Value {
     let mut partitions: Vec<(&str, u32)> = d.partitions.iter().map(|p| (p.topic.as_str(), p.partition)).collect();
@@ -1713,6 +2030,58 @@ mod tests {
             txn_admin_error("tx", e).to_string(),
             "transactional id 'tx' not found (TRANSACTIONAL_ID_NOT_FOUND)"
         );
+    }
+
+    #[test]
+    fn txn_input_lines_parse() {
+        let p = parse_txn_input;
+        assert_eq!(p("   "), Ok(None));
+        assert_eq!(p("begin"), Ok(Some(TxnInput::Begin(None))));
+        assert_eq!(p(" begin  2pl "), Ok(Some(TxnInput::Begin(Some(Level::TwoPl)))));
+        assert_eq!(p("begin chaos"), Err("unknown isolation level chaos".into()));
+        assert_eq!(p("get k"), Ok(Some(TxnInput::Get("k".into()))));
+        assert_eq!(p("get"), Err("usage: get KEY".into()));
+        assert_eq!(p("get a b"), Err("usage: get KEY".into()));
+        assert_eq!(p("put k  hello  world\r"), Ok(Some(TxnInput::Put("k".into(), "hello  world".into()))));
+        assert_eq!(p("put k"), Err("usage: put KEY VALUE".into()));
+        assert_eq!(p("delete k"), Ok(Some(TxnInput::Delete("k".into()))));
+        assert_eq!(p("scan a b"), Ok(Some(TxnInput::Scan("a".into(), "b".into()))));
+        assert_eq!(p("scan a"), Ok(Some(TxnInput::Scan("a".into(), String::new()))));
+        assert_eq!(p("scan \"\" m"), Ok(Some(TxnInput::Scan(String::new(), "m".into()))));
+        assert_eq!(p("commit"), Ok(Some(TxnInput::Commit)));
+        assert_eq!(p("abort now"), Err("usage: abort".into()));
+        assert!(p("select *").is_err_and(|e| e.starts_with("unknown command select")));
+        assert_eq!(value_line(b"k", None), "value k nil");
+        assert_eq!(value_line(b"k", Some(b"v w")), "value k v w");
+        assert_eq!(scan_lines(&[(b"a".to_vec(), b"1".to_vec())]), vec!["row a 1".to_owned(), "end".into()]);
+    }
+
+    #[test]
+    fn table_arguments_parse() {
+        let cli = Cli::try_parse_from(["skein", "table", "create", "t", "--partitions", "3", "--isolation", "ssi"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Table {
+                command: TableCommand::Create { partitions: 3, replicas: 1, isolation: Some(Level::Ssi), .. }
+            }
+        ));
+        let cli = Cli::try_parse_from(["skein", "table", "put", "t", "k", "-5"]).expect("hyphen values");
+        assert!(matches!(cli.command, Command::Table { command: TableCommand::Put { value, .. } } if value == "-5"));
+        let cli = Cli::try_parse_from(["skein", "txn", "--table", "t", "--timeout-ms", "500"]).expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Txn { command: None, table: Some(_), isolation: None, timeout_ms: 500 }
+        ));
+        let cli = Cli::try_parse_from(["skein", "txn", "list"]).expect("parses");
+        assert!(matches!(cli.command, Command::Txn { command: Some(TxnCommand::List { .. }), table: None, .. }));
+        for bad in [
+            &["skein", "txn", "--table", "t", "abort", "x"][..],
+            &["skein", "table", "create", "t", "--isolation", "x"],
+        ] {
+            let e = Cli::try_parse_from(bad).err().expect("refused");
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
     }
 
     #[test]
