@@ -38,6 +38,7 @@
 //! on the simulator or the runtime: the module is std and serde only, so any recorder can use
 //! it.
 
+pub mod elle;
 pub mod groups;
 mod index;
 mod rules;
