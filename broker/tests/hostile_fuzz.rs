@@ -27,7 +27,9 @@ use skein_client::wire::{
     FetchResponse, FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest,
     ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MetadataRequest, NewTopic,
     OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest, ProduceResponse,
-    ReassignPartitionRequest, RequestHeader, TopicConfig, TopicPartition, TxnOffsetCommitRequest, Wire, Writer,
+    ReassignPartitionRequest, RequestHeader, TableAbortRequest, TableCommitRequest, TableLockRequest, TableRange,
+    TableReadEntry, TableReadRequest, TableRecord, TableTxn, TableWrite, TopicConfig, TopicPartition,
+    TxnOffsetCommitRequest, Wire, Writer,
 };
 use skein_client::Client;
 
@@ -73,6 +75,7 @@ fn fuzz(broker: &mut Broker, mode: &str) {
     block_on(async {
         let client = Client::connect(&broker.addr).await.expect("connect");
         client.create_topic("t", 2, 1, &[]).await.expect("create t");
+        client.create_table("tb", 2, 1, None).await.expect("create table tb");
     });
     healthy(broker, mode, "before any case");
     let mut per_api = [0usize; ApiKey::ALL.len()];
@@ -377,8 +380,59 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
         ApiKey::ListTransactions => ListTransactionsRequest {}.encode(&mut w),
         ApiKey::DescribeTransaction => DescribeTransactionRequest { transactional_id: rng.group() }.encode(&mut w),
         ApiKey::AbortTransaction => AbortTransactionRequest { transactional_id: rng.group() }.encode(&mut w),
+        ApiKey::TableRead => TableReadRequest {
+            txn: table_txn(rng),
+            topic: rng.topic(),
+            partition: rng.partition(),
+            snapshot: rng.u64() as i64,
+            min_offset: rng.u64(),
+            follower: rng.chance(2),
+            keys: rng.list(|r| BytesMut::from(&r.bytes_below(2000)[..])),
+            range: rng.chance(2).then(|| table_range(rng)),
+        }
+        .encode(&mut w),
+        ApiKey::TableLock => TableLockRequest {
+            txn: table_txn(rng),
+            topic: rng.topic(),
+            partition: rng.partition(),
+            keys: rng.list(|r| BytesMut::from(&r.bytes_below(2000)[..])),
+        }
+        .encode(&mut w),
+        ApiKey::TableCommit => TableCommitRequest {
+            txn: table_txn(rng),
+            topic: rng.topic(),
+            partition: rng.partition(),
+            producer_id: rng.u64() as i64,
+            producer_epoch: rng.below(3) as i16 - 1,
+            record: TableRecord {
+                version: rng.below(3) as u8,
+                txn: rng.u64(),
+                level: rng.below(8) as u8,
+                snapshot: rng.u64(),
+                reads: rng
+                    .list(|r| TableReadEntry { key: BytesMut::from(&r.bytes_below(40)[..]), version: r.u64() as i64 }),
+                ranges: rng.list(table_range),
+                writes: rng.list(|r| TableWrite {
+                    key: BytesMut::from(&r.bytes_below(2000)[..]),
+                    value: r.chance(2).then(|| BytesMut::from(&r.bytes_below(100)[..])),
+                }),
+                steps: Vec::new(),
+            },
+        }
+        .encode(&mut w),
+        ApiKey::TableAbort => {
+            TableAbortRequest { txn: rng.u64(), topic: rng.topic(), partition: rng.partition() }.encode(&mut w)
+        }
     }
     w.buf
+}
+
+fn table_txn(rng: &mut Rng) -> TableTxn {
+    TableTxn { txn: rng.u64(), level: rng.below(8) as u8, begin_us: rng.u64(), timeout_ms: rng.u32() }
+}
+
+fn table_range(rng: &mut Rng) -> TableRange {
+    TableRange { from: BytesMut::from(&rng.bytes_below(40)[..]), to: BytesMut::from(&rng.bytes_below(40)[..]) }
 }
 
 /// `body` with bytes flipped, cut short or followed by garbage.
@@ -519,6 +573,8 @@ impl Rng {
     fn topic(&mut self) -> String {
         if self.chance(2) {
             "t".to_owned()
+        } else if self.chance(3) {
+            "tb".to_owned()
         } else {
             self.string()
         }

@@ -6,8 +6,9 @@
 //! Every request of a transaction goes to the leader of the key's partition (TableRead,
 //! TableLock, TableCommit, TableAbort); NOT_LEADER and the like refresh the metadata and retry,
 //! as the producer does. Per partition the transaction keeps what its commit carries there:
-//! the snapshot it read at (snapshot, serializable and ssi pin the first one answered;
-//! read-committed, 2pl and serial always read the latest), the keys read with the version
+//! the snapshot it was first answered at (snapshot, serializable and ssi read at it;
+//! read-committed, 2pl and serial read the latest, and name it only so a new leader knows it
+//! lost their locks or tracking), the keys read with the version
 //! seen (first read only), the ranges scanned; writes are buffered (a read of a key this
 //! transaction wrote answers from the buffer and is not recorded).
 //!
@@ -448,7 +449,7 @@ enum State {
 /// What a transaction did in one partition.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PartState {
-    /// The snapshot its reads use (snapshot, serializable, ssi): the first answered.
+    /// The snapshot first answered (snapshot, serializable and ssi read at it).
     pub snapshot: Option<u64>,
     /// Keys read and the version seen (-1: absent), first read only.
     pub reads: BTreeMap<Key, i64>,
@@ -874,7 +875,10 @@ impl TableTxn {
     }
 
     fn read_request(&self, p: u32, keys: Vec<BytesMut>, range: Option<TableRange>) -> TableReadRequest {
-        let snapshot = self.parts.get(&p).and_then(|s| s.snapshot).filter(|_| self.level.snapshot_reads());
+        // Every level names the snapshot it was first answered at: snapshot levels read at it,
+        // the others read the latest, and a leader that does not know the transaction then
+        // knows it lost its locks or tracking (leader-changed).
+        let snapshot = self.parts.get(&p).and_then(|s| s.snapshot);
         TableReadRequest {
             txn: self.wire_txn(),
             topic: self.table.name().to_owned(),
@@ -1051,8 +1055,8 @@ pub fn reason_word(message: &str) -> String {
 }
 
 /// Remembers the snapshot a read answered, for the levels whose reads stay at one.
-fn note_snapshot(part: &mut PartState, level: Level, snapshot: u64) {
-    if level.snapshot_reads() && part.snapshot.is_none() {
+fn note_snapshot(part: &mut PartState, _level: Level, snapshot: u64) {
+    if part.snapshot.is_none() {
         part.snapshot = Some(snapshot);
     }
 }
@@ -1146,11 +1150,19 @@ pub fn plan_parts(
             .or_default()
             .push(TableWrite { key: BytesMut::from(&k[..]), value: v.as_deref().map(BytesMut::from) });
     }
-    participants(parts, writes, &partition_of)
-        .into_iter()
+    let list = participants(parts, writes, &partition_of);
+    // Snapshot and SSI over one partition: one snapshot, checked by the leader (first
+    // committer wins, SSI's tracking); over several, their per-partition snapshots could mix
+    // into a read skew, so the parts carry their reads for the machine to check.
+    let alone = list.len() == 1 && matches!(level, Level::Snapshot | Level::Ssi);
+    list.into_iter()
         .map(|partition| {
-            let state = parts.get(&partition).cloned().unwrap_or_default();
-            let snapshot = if level.snapshot_reads() { state.snapshot.unwrap_or(0) } else { 0 };
+            let mut state = parts.get(&partition).cloned().unwrap_or_default();
+            if alone {
+                state.reads.clear();
+                state.ranges.clear();
+            }
+            let snapshot = state.snapshot.unwrap_or(0);
             let record = TableRecord {
                 version: RECORD_VERSION,
                 txn,
@@ -1377,9 +1389,19 @@ mod tests {
         assert_eq!(keys(p1), vec![b"1a".to_vec(), b"1c".to_vec()], "writes in key order");
         assert!(plan[1].record.writes.is_empty() && plan[1].record.snapshot == 0, "a partition never read: 0");
         assert_eq!(plan[3].record.writes[0].value, None, "a delete");
-        // Levels reading the latest carry no snapshot.
+        // Every level names its snapshot (the leader knows a transaction it lost by it).
         let plan = plan_parts(9, Level::TwoPl, &parts, &w, digit);
-        assert!(plan.iter().all(|p| p.record.snapshot == 0));
+        assert_eq!(plan[0].record.snapshot, 10);
+        // Snapshot and SSI carry their reads only over several partitions.
+        let plan = plan_parts(9, Level::Snapshot, &parts, &w, digit);
+        assert_eq!(plan[0].record.reads.len(), 2);
+        let one = plan_parts(9, Level::Ssi, &parts, &writes(&[("1c", Some("x"))]), digit);
+        assert_eq!(one.len(), 3, "partitions 1, 2 and 3 were touched");
+        let only: BTreeMap<u32, PartState> = [(1, part(Some(10), &[("1a", 4)], &[("1", "2")]))].into_iter().collect();
+        let one = plan_parts(9, Level::Ssi, &only, &writes(&[("1c", Some("x"))]), digit);
+        assert_eq!(one.len(), 1);
+        assert!(one[0].record.reads.is_empty() && one[0].record.ranges.is_empty());
+        assert_eq!(one[0].record.snapshot, 10);
         assert!(plan_parts(9, Level::Ssi, &BTreeMap::new(), &BTreeMap::new(), digit).is_empty());
     }
 

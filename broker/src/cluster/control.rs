@@ -24,6 +24,7 @@ use super::replicas::{replica_settings, topic_of, ReplicaMeta};
 use super::shard::{owner, Node, ShardMsg, State, Work};
 use crate::core::controller::{Controller, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::quorum::ControllerVoter;
+use crate::core::table::Level;
 use crate::core::{Command, Message, NodeId, PartitionId, Peer, Time};
 use crate::meta::{self, ProducerIds};
 use crate::service::{api_versions, Request, Response};
@@ -67,6 +68,8 @@ pub(crate) struct TopicMap {
     /// Each partition's replicas when the map was made (for rack-aware group assignment; a
     /// later reassignment is not reflected until topics change).
     replicas: HashMap<PartitionId, Vec<NodeId>>,
+    /// Tables and their default isolation level.
+    tables: HashMap<String, Level>,
 }
 
 impl TopicMap {
@@ -78,7 +81,27 @@ impl TopicMap {
             .flat_map(|&(first, count)| (0..count).map(move |i| PartitionId(first.0 + i)))
             .filter_map(|p| Some((p, c.partition(p)?.replicas.clone())))
             .collect();
-        TopicMap { topics, replicas }
+        let tables = c
+            .topics()
+            .iter()
+            .filter_map(|(n, t)| {
+                let mut configs: BTreeMap<String, String> = t.configs.iter().cloned().collect();
+                Some((n.clone(), crate::core::table::table_config(&mut configs).ok()??))
+            })
+            .collect();
+        TopicMap { topics, replicas, tables }
+    }
+
+    /// Every table's name.
+    pub(crate) fn table_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.tables.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
+    /// The default isolation level of table `topic` (None: not a table).
+    pub(crate) fn table(&self, topic: &str) -> Option<Level> {
+        self.tables.get(topic).copied()
     }
 
     /// The replicas of partition `index` of `topic`.

@@ -38,6 +38,7 @@ mod replicas;
 mod requests;
 mod shard;
 mod storage_io;
+mod tables;
 mod txn;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -233,6 +234,7 @@ where
                 compio::runtime::spawn(node.clone().tick_loop()).detach();
                 compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
                 compio::runtime::spawn(txn::tick_loop(node.clone())).detach();
+                compio::runtime::spawn(tables::tick_loop(node.clone())).detach();
                 node.message_loop(rx).await;
             });
         })?);
@@ -258,6 +260,7 @@ where
         compio::runtime::spawn(node.clone().tick_loop()).detach();
         compio::runtime::spawn(groups::expiry_loop(node.clone())).detach();
         compio::runtime::spawn(txn::tick_loop(node.clone())).detach();
+        compio::runtime::spawn(tables::tick_loop(node.clone())).detach();
         if start.voters.len() == 1 {
             // A cluster of one is ready when it serves its partitions again: its voter elected
             // itself, applied this process's first heartbeat, and every partition it leads has

@@ -71,7 +71,17 @@ pub(super) fn replica_settings(
             return Err(format!("{UNCLEAN}: '{}' is not true or false", skein_client::wire::shown(&v)));
         }
     }
-    let log = meta::log_config(&log_configs)?;
+    let table = crate::core::table::table_config(&mut log_configs)?;
+    let mut log = meta::log_config(&log_configs)?;
+    if table.is_some() {
+        // A table's state is a function of its whole log (snapshots are caches): nothing is
+        // ever deleted from it.
+        if log_configs.keys().any(|k| k.starts_with("retention.")) {
+            return Err("a table keeps its whole log: retention settings are not allowed".into());
+        }
+        log.retention_ms = None;
+        log.retention_bytes = None;
+    }
     let replica = ReplicaConfig {
         min_insync_replicas: min_isr.min(usize::from(replication)),
         replica_lag_max_ms: config.replica_lag_max_ms,

@@ -40,6 +40,7 @@ pub(super) async fn dispatch(node: Rc<Node>, req: Request) -> Response {
         Request::Fetch(r) => fetch(node, r).await,
         Request::ListOffsets(r) => list_offsets(node, r).await,
         r if super::txn::handles(&r) => super::txn::dispatch(node, r).await,
+        r if super::tables::handles(&r) => super::tables::dispatch(node, r).await,
         r @ (Request::FindCoordinator(_)
         | Request::TxnOffsetCommit(_)
         | Request::GroupHeartbeat(_)
@@ -63,6 +64,7 @@ pub(super) async fn here(node: Rc<Node>, req: Request) -> Response {
         Request::Fetch(r) => fetch_rounds(node, r).await,
         Request::ListOffsets(r) => Response::ListOffsets(node.list_offsets_here(r)),
         r if super::txn::handles(&r) => super::txn::here(node, r).await,
+        r if super::tables::handles(&r) => super::tables::here(node, r).await,
         r @ (Request::GroupHeartbeat(_)
         | Request::TxnOffsetCommit(_)
         | Request::OffsetCommit(_)

@@ -105,6 +105,8 @@ pub(crate) struct Node {
     pub(super) groups: super::groups::Coordinators,
     /// Transaction coordinators of the `__transaction_state` partitions this shard owns.
     pub(super) txns: super::txn::Coordinators,
+    /// Table partitions this shard hosts and the table requests parked on them.
+    pub(super) tables: super::tables::Tables,
 }
 
 /// A replica's log start, high watermark, log end and last stable offset.
@@ -175,6 +177,7 @@ impl Node {
             stopping: Cell::new(false),
             groups: Default::default(),
             txns: Default::default(),
+            tables: Default::default(),
         });
         SELF.with(|s| *s.borrow_mut() = Some(Rc::downgrade(&node)));
         node

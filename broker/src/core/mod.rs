@@ -20,8 +20,8 @@ pub mod machine;
 pub mod node;
 pub mod producers;
 pub mod quorum;
-pub mod table;
 pub mod replica;
+pub mod table;
 pub mod txn;
 pub mod txn_partition;
 

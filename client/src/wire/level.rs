@@ -71,4 +71,3 @@ impl fmt::Display for Level {
         f.write_str(self.name())
     }
 }
-

@@ -40,6 +40,22 @@ pub const ISOLATION_CONFIG: &str = "table.isolation";
 
 pub use skein_client::wire::Level;
 
+/// Takes a table's settings (`table`, `table.isolation`) out of a topic's configs: `Some`
+/// (its default level) for a table, `None` for a plain topic; an error names a bad value.
+pub fn table_config(configs: &mut std::collections::BTreeMap<String, String>) -> Result<Option<Level>, String> {
+    let table = configs.remove(TABLE_CONFIG);
+    let level = configs.remove(ISOLATION_CONFIG);
+    match (table.as_deref(), level) {
+        (None | Some("false"), None) => Ok(None),
+        (None | Some("false"), Some(_)) => Err(format!("{ISOLATION_CONFIG} needs {TABLE_CONFIG}=true")),
+        (Some("true"), None) => Ok(Some(Level::default())),
+        (Some("true"), Some(l)) => Level::parse(&l)
+            .map(Some)
+            .ok_or_else(|| format!("{ISOLATION_CONFIG}: unknown isolation level '{}'", skein_client::wire::shown(&l))),
+        (Some(v), _) => Err(format!("{TABLE_CONFIG}: '{}' is not true or false", skein_client::wire::shown(v))),
+    }
+}
+
 /// A table transaction's id, chosen by its client (unique per client process and transaction).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct TxnId(pub u64);
@@ -90,20 +106,52 @@ impl Range {
 /// One step of a deterministic procedure (serial execution).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Step {
-    /// Sets `key`.
-    Put { key: Key, value: Value },
+    /// Sets `key` to `value`.
+    Put {
+        /// The key.
+        key: Key,
+        /// Its new value.
+        value: Value,
+    },
     /// Deletes `key`.
-    Delete { key: Key },
+    Delete {
+        /// The key.
+        key: Key,
+    },
     /// Sets `key` to `value` (None: deletes) if it holds `expect` (None: absent); the
     /// result is the value found.
-    CompareAndSet { key: Key, expect: Option<Value>, value: Option<Value> },
+    CompareAndSet {
+        /// The key.
+        key: Key,
+        /// The value it must hold (None: absent).
+        expect: Option<Value>,
+        /// Its new value (None: deleted).
+        value: Option<Value>,
+    },
     /// Adds `amount` to the decimal integer at `key` (absent: 0); the result is the new value.
-    Increment { key: Key, amount: i64 },
+    Increment {
+        /// The key.
+        key: Key,
+        /// What to add.
+        amount: i64,
+    },
     /// Moves `amount` from `from` to `to` when `from` holds at least `amount` (decimal
     /// integers, absent: 0); the result is `from`'s new value, or None when it did not move.
-    Transfer { from: Key, to: Key, amount: i64 },
+    Transfer {
+        /// The account debited.
+        from: Key,
+        /// The account credited.
+        to: Key,
+        /// How much (never negative).
+        amount: i64,
+    },
     /// Appends `value` to the comma-separated list at `key`; the result is the new list.
-    Append { key: Key, value: Value },
+    Append {
+        /// The key.
+        key: Key,
+        /// The element appended.
+        value: Value,
+    },
 }
 
 /// A transaction's part in one partition, as its record holds it.
@@ -235,7 +283,10 @@ impl Part {
             writes: self
                 .writes
                 .iter()
-                .map(|(k, v)| TableWrite { key: BytesMut::from(&k[..]), value: v.as_ref().map(|v| BytesMut::from(&v[..])) })
+                .map(|(k, v)| TableWrite {
+                    key: BytesMut::from(&k[..]),
+                    value: v.as_ref().map(|v| BytesMut::from(&v[..])),
+                })
                 .collect(),
             steps: self.steps.iter().map(step_wire).collect(),
         }
@@ -293,22 +344,20 @@ pub fn step_wire(s: &Step) -> TableStep {
     match s {
         Step::Put { key, value } => TableStep { kind: 0, key: b(key), value: Some(b(value)), ..none },
         Step::Delete { key } => TableStep { kind: 1, key: b(key), ..none },
-        Step::CompareAndSet { key, expect, value } => TableStep {
-            kind: 2,
-            key: b(key),
-            expect: expect.as_deref().map(b),
-            value: value.as_deref().map(b),
-            ..none
-        },
+        Step::CompareAndSet { key, expect, value } => {
+            TableStep { kind: 2, key: b(key), expect: expect.as_deref().map(b), value: value.as_deref().map(b), ..none }
+        }
         Step::Increment { key, amount } => TableStep { kind: 3, key: b(key), amount: *amount, ..none },
-        Step::Transfer { from, to, amount } => TableStep { kind: 4, key: b(from), key2: b(to), amount: *amount, ..none },
+        Step::Transfer { from, to, amount } => {
+            TableStep { kind: 4, key: b(from), key2: b(to), amount: *amount, ..none }
+        }
         Step::Append { key, value } => TableStep { kind: 5, key: b(key), value: Some(b(value)), ..none },
     }
 }
 
 /// Why a transaction (or its part here) did not commit: the reason word the CLI prints
 /// after `aborted`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum AbortReason {
     /// The client asked.
     User,
@@ -376,7 +425,10 @@ mod tests {
             level: Level::Serializable,
             snapshot: Offset(12),
             reads: vec![(b"x".to_vec(), Some(Offset(3))), (b"y".to_vec(), None)],
-            ranges: vec![Range { from: b"a".to_vec(), to: None }, Range { from: b"a".to_vec(), to: Some(b"m".to_vec()) }],
+            ranges: vec![
+                Range { from: b"a".to_vec(), to: None },
+                Range { from: b"a".to_vec(), to: Some(b"m".to_vec()) },
+            ],
             writes: vec![(b"x".to_vec(), Some(b"11".to_vec())), (b"z".to_vec(), None)],
             steps: vec![Step::Transfer { from: b"a".to_vec(), to: b"b".to_vec(), amount: 1 }],
         };
