@@ -125,6 +125,12 @@ impl Connection {
         self.broken.get()
     }
 
+    /// Whether it works and no request on it is waiting to be written or answered: it may
+    /// be handed to another user, whose requests would otherwise queue behind an answer.
+    pub fn is_idle(&self) -> bool {
+        !self.is_broken() && self.pending.borrow().is_empty() && self.queued.is_empty()
+    }
+
     /// Gives up on this connection: every waiting request fails with `ConnectionLost` now,
     /// new requests are refused, and the socket is closed once its tasks notice (at once,
     /// unless a write is blocked). Used when a response did not come in time, since every

@@ -28,7 +28,10 @@
 //!
 //! Under 2pl and serial a write first takes its lock (TableLock, answered once granted),
 //! and reads may wait for locks: those transactions talk to each leader on connections of
-//! their own, so a request blocked at a leader never holds up another transaction's.
+//! their own, so a request blocked at a leader never holds up another transaction's. A
+//! transaction takes them from its [`Table`]'s pool of idle ones and gives them back when it
+//! is dropped (a connection per transaction would cost a TCP handshake each and, at
+//! thousands of transactions a second, run the machine out of ports in TIME_WAIT).
 //!
 //! Not done here: dropping an open [`TableTxn`] sends nothing (the leaders end it at its
 //! timeout; call [`TableTxn::abort`]); a commit whose answer was lost on a single partition
@@ -245,6 +248,7 @@ impl Client {
                 level,
                 timeout: std::cell::Cell::new(DEFAULT_TXN_TIMEOUT),
                 coordinators: RefCell::default(),
+                idle_conns: RefCell::default(),
             }),
         })
     }
@@ -289,7 +293,12 @@ struct TableInner {
     timeout: std::cell::Cell<Duration>,
     /// Transactional ids (with their producer id and epoch) free for a two-phase commit.
     coordinators: RefCell<Vec<TxnCoordinator>>,
+    /// Idle connections of ended 2pl and serial transactions, by node id.
+    idle_conns: RefCell<HashMap<u32, Vec<Rc<Connection>>>>,
 }
+
+/// Most idle connections a [`Table`] keeps per node.
+const IDLE_CONNS_MAX: usize = 64;
 
 /// A transactional id registered with its coordinator, between two-phase commits.
 struct TxnCoordinator {
@@ -921,7 +930,15 @@ impl TableTxn {
         if let Some(c) = self.conns.borrow().get(&node).filter(|c| !c.is_broken()) {
             return Ok(c.clone());
         }
-        let conn = Rc::new(client.connect_node(node).await?);
+        let pooled = {
+            let mut pool = self.table.inner.idle_conns.borrow_mut();
+            let idle = pool.entry(node).or_default();
+            std::iter::from_fn(|| idle.pop()).find(|c| c.is_idle())
+        };
+        let conn = match pooled {
+            Some(c) => c,
+            None => Rc::new(client.connect_node(node).await?),
+        };
         self.conns.borrow_mut().insert(node, conn.clone());
         Ok(conn)
     }
@@ -977,6 +994,19 @@ impl TableTxn {
                     compio::time::sleep(BACKOFF * attempt).await;
                 }
                 Err((e, _)) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for TableTxn {
+    /// Gives its own connections that are idle back to the table's pool.
+    fn drop(&mut self) {
+        let mut pool = self.table.inner.idle_conns.borrow_mut();
+        for (node, conn) in self.conns.get_mut().drain() {
+            let idle = pool.entry(node).or_default();
+            if idle.len() < IDLE_CONNS_MAX && Rc::strong_count(&conn) == 1 && conn.is_idle() {
+                idle.push(conn);
             }
         }
     }
