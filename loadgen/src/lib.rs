@@ -14,6 +14,7 @@
 //! - [`failover`]: failover time under kill -9 of the leader, and leader stability.
 //! - [`groups`]: consumer group members' events, a steady producer, rebalance windows and
 //!   pauses; [`group_consume`]: `consume --group`; [`rebalance`]: rebalance after SIGKILL.
+//! - [`tables`]: PostgreSQL's peer benchmark workloads (transfer, list append) on a table.
 #![warn(missing_docs)]
 
 pub mod chaos;
@@ -27,6 +28,7 @@ pub mod load;
 pub mod plot;
 pub mod rebalance;
 pub mod report;
+pub mod tables;
 pub mod txn_check;
 pub mod txn_verify;
 pub mod verify;

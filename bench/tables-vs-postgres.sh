@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Tables against PostgreSQL 15 SERIALIZABLE (issue 20): pgserbench's workloads on a Skein
+# table (`skein-loadgen tables`, a local cluster per run, flush.ms=always) and on PostgreSQL
+# (/work/shared/peers/postgres/run.sh, synchronous_commit=on), alternating: for each case,
+# PostgreSQL first, then every Skein level at r=1, then the serializable levels at r=3.
+#
+#   bench/tables-vs-postgres.sh            every case, 10 s per run, C=8
+#   CASES="transfer10" LEVELS="serial ssi" R3_LEVELS= SECS=5 bench/tables-vs-postgres.sh
+#
+# Env: SECS (10), CLIENTS (8), CASES ("transfer10 transfer10k append100"), LEVELS (r=1 levels),
+# R3_LEVELS (r=3 levels), OUT (bench/results/tables-pg), PG_DIR (/work/shared/peers/postgres),
+# WARM_MIB (4096; 0: no page cache warm-up), SKIP_PG=1 (Skein only).
+# Reports: $OUT/skein-CASE-LEVEL-rR.json, $OUT/pg-CASE.json (copied from run.sh's results).
+# Build first: cargo build --release --locked -p skein-broker -p skein-loadgen
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SECS=${SECS:-10}
+CLIENTS=${CLIENTS:-8}
+CASES=${CASES:-"transfer10 transfer10k append100"}
+LEVELS=${LEVELS:-"serial serializable ssi 2pl snapshot read-committed"}
+R3_LEVELS=${R3_LEVELS-"serial serializable ssi 2pl"}
+OUT=${OUT:-$ROOT/bench/results/tables-pg}
+PG_DIR=${PG_DIR:-/work/shared/peers/postgres}
+LOADGEN=$ROOT/target/release/skein-loadgen
+BROKER=$ROOT/target/release/skein-broker
+mkdir -p "$OUT"
+
+log() { printf '[%s] %s\n' "$(date +%T)" "$*" >&2; }
+
+case_args() {
+  case $1 in
+    transfer10) echo "--workload transfer --accounts 10" ;;
+    transfer10k) echo "--workload transfer --accounts 10000" ;;
+    append100) echo "--workload append --keys 100" ;;
+    *) log "unknown case $1"; return 1 ;;
+  esac
+}
+
+warm() {
+  [ "${WARM_MIB:-4096}" -gt 0 ] || return 0
+  sync
+  dd if=/dev/zero of=/tmp/tables-warm bs=1M count="${WARM_MIB:-4096}" status=none
+  rm -f /tmp/tables-warm
+  sync
+}
+
+skein() { # skein CASE LEVEL REPLICAS
+  local out=$OUT/skein-$1-$2-r$3.json
+  log "skein $1 $2 r=$3"
+  # shellcheck disable=SC2046
+  "$LOADGEN" tables --broker-bin "$BROKER" --replicas "$3" --isolation "$2" --clients "$CLIENTS" \
+    --seconds "$SECS" --report "$out" $(case_args "$1") | head -1 || log "skein $1 $2 r=$3 failed"
+}
+
+pg() { # pg CASE
+  [ -z "${SKIP_PG:-}" ] || return 0
+  log "postgres $1"
+  (cd "$PG_DIR" && SECS=$SECS VARIANTS=on CLIENTS=$CLIENTS CASES=$1 ./run.sh > /dev/null 2>&1) ||
+    log "postgres $1: run.sh failed"
+  cp /tmp/pgbench-anchor/results/latest/scon-"$1"-c"$CLIENTS".json "$OUT/pg-$1.json" 2> /dev/null || true
+  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"postgres  {sys.argv[2]:<24} C={r["clients"]} {r["commits_per_sec"]:>9.1f} commits/s {100*r["abort_rate"]:>6.2f}% aborts  p99 {r["latency_us"]["p99"]/1000:.2f} ms  invariant {r["invariant_ok"]}")' \
+    "$OUT/pg-$1.json" "$1" || true
+}
+
+warm
+for c in $CASES; do
+  pg "$c"
+  for l in $LEVELS; do skein "$c" "$l" 1; done
+  for l in $R3_LEVELS; do skein "$c" "$l" 3; done
+done
