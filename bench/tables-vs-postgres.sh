@@ -6,6 +6,7 @@
 #
 #   bench/tables-vs-postgres.sh            every case, 10 s per run, C=8
 #   CASES="transfer10" LEVELS="serial ssi" R3_LEVELS= SECS=5 bench/tables-vs-postgres.sh
+#   bench/tables-vs-postgres.sh summary     markdown tables of $OUT (as in bench/RESULTS.md)
 #
 # Env: SECS (10), CLIENTS (8), CASES ("transfer10 transfer10k append100"), LEVELS (r=1 levels),
 # R3_LEVELS (r=3 levels), OUT (bench/results/tables-pg), PG_DIR (/work/shared/peers/postgres),
@@ -50,7 +51,7 @@ skein() { # skein CASE LEVEL REPLICAS
   log "skein $1 $2 r=$3"
   # shellcheck disable=SC2046
   "$LOADGEN" tables --broker-bin "$BROKER" --replicas "$3" --isolation "$2" --clients "$CLIENTS" \
-    --seconds "$SECS" --report "$out" $(case_args "$1") | head -1 || log "skein $1 $2 r=$3 failed"
+    --seconds "$SECS" --report "$out" $(case_args "$1") | sed -n 1p || log "skein $1 $2 r=$3 failed"
 }
 
 pg() { # pg CASE
@@ -59,9 +60,49 @@ pg() { # pg CASE
   (cd "$PG_DIR" && SECS=$SECS VARIANTS=on CLIENTS=$CLIENTS CASES=$1 ./run.sh > /dev/null 2>&1) ||
     log "postgres $1: run.sh failed"
   cp /tmp/pgbench-anchor/results/latest/scon-"$1"-c"$CLIENTS".json "$OUT/pg-$1.json" 2> /dev/null || true
-  python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(f"postgres  {sys.argv[2]:<24} C={r["clients"]} {r["commits_per_sec"]:>9.1f} commits/s {100*r["abort_rate"]:>6.2f}% aborts  p99 {r["latency_us"]["p99"]/1000:.2f} ms  invariant {r["invariant_ok"]}")' \
-    "$OUT/pg-$1.json" "$1" || true
+  python3 - "$OUT/pg-$1.json" "$1" << 'EOF' || true
+import json, sys
+r = json.load(open(sys.argv[1]))
+l = r["latency_us"]
+print(f"postgres  {sys.argv[2]:<24} C={r['clients']} {r['commits_per_sec']:>9.1f} commits/s "
+      f"{100 * r['abort_rate']:>6.2f}% aborts  p50 {l['p50'] / 1000:.2f} p99 {l['p99'] / 1000:.2f} ms  "
+      f"invariant {r['invariant_ok']}  other CPU {r['cpu']['other_pct_of_one_core']}%")
+EOF
 }
+
+summary() { # markdown tables of $OUT, one per case (as in bench/RESULTS.md)
+  python3 - "$OUT" << 'PY'
+import glob, json, os, sys
+d = sys.argv[1]
+order = ["serial", "serializable", "ssi", "2pl", "snapshot", "read-committed"]
+for case, title in [("transfer10", "transfer, 10 accounts"), ("transfer10k", "transfer, 10,000 accounts"),
+                    ("append100", "list append, 100 keys")]:
+    pg_path = os.path.join(d, f"pg-{case}.json")
+    pg = json.load(open(pg_path)) if os.path.exists(pg_path) else None
+    runs = [json.load(open(p)) for p in glob.glob(os.path.join(d, f"skein-{case}-*.json"))]
+    runs.sort(key=lambda r: (r["replicas"], order.index(r["level"])))
+    if not runs and not pg:
+        continue
+    print(f"\n{title}, C={(pg or runs[0])['clients']}:\n")
+    print("| system | level | replicas | commits/s | ratio to PG | abort share | p50 ms | p99 ms | invariant | other CPU % |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
+    rows = ([("PostgreSQL 15", "SERIALIZABLE", "1 (sc=on)", pg)] if pg else []) + \
+           [("Skein", r["level"], str(r["replicas"]), r) for r in runs]
+    for system, level, rep, r in rows:
+        l = r["latency_us"]
+        ratio = f"{r['commits_per_sec'] / pg['commits_per_sec']:.2f}x" if pg else "-"
+        inv = "ok" if r["invariant_ok"] else "**FAIL**"
+        if r.get("errors"):
+            inv += f" ({r['errors']} unknown)"
+        print(f"| {system} | {level} | {rep} | {r['commits_per_sec']:.0f} | {ratio} | {100 * r['abort_rate']:.1f}% | "
+              f"{l['p50'] / 1000:.2f} | {l['p99'] / 1000:.2f} | {inv} | {r['cpu']['other_pct_of_one_core']:.0f} |")
+PY
+}
+
+if [ "${1:-}" = summary ]; then
+  summary
+  exit 0
+fi
 
 warm
 for c in $CASES; do
@@ -69,3 +110,4 @@ for c in $CASES; do
   for l in $LEVELS; do skein "$c" "$l" 1; done
   for l in $R3_LEVELS; do skein "$c" "$l" 3; done
 done
+summary

@@ -6,6 +6,9 @@
 //! starting a transaction as soon as the last one committed, for a fixed time. An aborted
 //! attempt is retried at once with the same intent until it commits (or, past the deadline
 //! plus `grace`, is abandoned); latency runs from the first attempt's start to the commit.
+//! A failure to talk to the cluster (a timeout, a leader change under way) leaves the outcome
+//! unknown: counted in `errors`, not retried (an append could land twice), and an append's
+//! values may then be in the final lists or not (`info` in the history).
 //!
 //! - transfer (`accounts` N): read two random accounts; if the source holds at least 1, move 1
 //!   (two puts, in key order). Invariant, from a scan at the end: the sum is N × the initial
@@ -159,6 +162,10 @@ enum Outcome {
 enum Failure {
     /// Aborted (the reason word): retried.
     Aborted(String),
+    /// Talking to the cluster failed (a timeout, a lost connection, a leader change under
+    /// way): the outcome is unknown, so the intent is not retried (a retried append could
+    /// land twice); counted in `errors`, and an append's values may or may not be there.
+    Unknown(TableError),
     /// Anything else: the run fails.
     Fatal(anyhow::Error),
 }
@@ -167,6 +174,7 @@ impl From<TableError> for Failure {
     fn from(e: TableError) -> Failure {
         match e {
             TableError::Aborted(reason) => Failure::Aborted(reason),
+            e @ TableError::Client(_) => Failure::Unknown(e),
             e => Failure::Fatal(e.into()),
         }
     }
@@ -327,8 +335,12 @@ struct Stats {
     moved: u64,
     skipped: u64,
     appended: Vec<i64>,
+    /// Values of appends whose transaction's outcome is unknown.
+    uncertain: Vec<i64>,
     reads: Vec<(u32, Vec<i64>)>,
     history: Vec<String>,
+    errors: u64,
+    first_error: Option<String>,
     finished: Instant,
 }
 
@@ -345,8 +357,11 @@ async fn worker(cfg: &TablesConfig, table: Table, wid: usize, t_start: Instant, 
         moved: 0,
         skipped: 0,
         appended: Vec::new(),
+        uncertain: Vec::new(),
         reads: Vec::new(),
         history: Vec::new(),
+        errors: 0,
+        first_error: None,
         finished: t_start,
     };
     let mut counter = 0i64;
@@ -401,6 +416,31 @@ async fn worker(cfg: &TablesConfig, table: Table, wid: usize, t_start: Instant, 
                         s.abandoned += 1;
                         break;
                     }
+                }
+                Err(Failure::Unknown(e)) => {
+                    tracing::warn!(client = wid, error = %e, "outcome unknown");
+                    s.errors += 1;
+                    s.first_error.get_or_insert_with(|| e.to_string());
+                    if let Intent::Append { ops } = &intent {
+                        s.uncertain.extend(ops.iter().filter(|o| o.0).map(|o| o.2));
+                        if cfg.history.is_some() {
+                            // Appends only: the reads of a transaction of unknown outcome
+                            // are not known either.
+                            let ops: Vec<Value> = ops
+                                .iter()
+                                .filter(|o| o.0)
+                                .map(|(_, k, v)| json!(["append", k.to_string(), v]))
+                                .collect();
+                            s.history.push(
+                                json!({"process": wid, "type": "info", "ops": ops,
+                                       "start_us": (t0 - t_start).as_micros() as u64,
+                                       "end_us": (Instant::now() - t_start).as_micros() as u64,
+                                       "level": cfg.level.name()})
+                                .to_string(),
+                            );
+                        }
+                    }
+                    break;
                 }
                 Err(Failure::Fatal(e)) => return Err(e.context(format!("client {wid}"))),
             }
@@ -556,6 +596,7 @@ async fn check(table: &Table, cfg: &TablesConfig, stats: &[Stats]) -> Result<(bo
                 }
             }
             let committed: HashSet<i64> = stats.iter().flat_map(|s| s.appended.iter().copied()).collect();
+            let uncertain: HashSet<i64> = stats.iter().flat_map(|s| s.uncertain.iter().copied()).collect();
             let n_committed: usize = stats.iter().map(|s| s.appended.len()).sum();
             let mut present = HashSet::new();
             let (mut dup, mut unknown, mut total) = (0u64, 0u64, 0usize);
@@ -565,7 +606,7 @@ async fn check(table: &Table, cfg: &TablesConfig, stats: &[Stats]) -> Result<(bo
                     if !present.insert(*v) {
                         dup += 1;
                     }
-                    if !committed.contains(v) {
+                    if !committed.contains(v) && !uncertain.contains(v) {
                         unknown += 1;
                     }
                 }
@@ -592,6 +633,8 @@ async fn check(table: &Table, cfg: &TablesConfig, stats: &[Stats]) -> Result<(bo
                        "duplicate_values": dup, "uncommitted_values_present": unknown,
                        "committed_values_missing": lost, "committed_reads": reads,
                        "reads_not_prefix_of_final": bad_reads, "keys_used": lists.len(),
+                       "uncertain_appends": uncertain.len(),
+                       "uncertain_values_present": uncertain.iter().filter(|v| present.contains(v)).count(),
                        "unreadable": unreadable,
                        "longest_list": lists.values().map(Vec::len).max().unwrap_or(0)}),
             ))
@@ -666,6 +709,8 @@ fn report(
     let commits: u64 = stats.iter().map(|s| s.commits).sum();
     let aborts: u64 = stats.iter().map(|s| s.aborts).sum();
     let abandoned: u64 = stats.iter().map(|s| s.abandoned).sum();
+    let errors: u64 = stats.iter().map(|s| s.errors).sum();
+    let first_error = stats.iter().find_map(|s| s.first_error.clone());
     let secs = (stats.iter().map(|s| s.finished).max().unwrap_or(t_end) - t_start).as_secs_f64().max(1e-9);
     let wall = (t_end - t_start).as_secs_f64().max(1e-9);
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -698,6 +743,8 @@ fn report(
         "params": params,
         "abort_codes": reasons,
         "abandoned": abandoned,
+        "errors": errors,
+        "first_error": first_error,
         "attempts_per_commit": {
             "mean": round(attempts.mean(), 3), "p99": quantile(&attempts, 0.99), "max": attempts.max(),
         },
@@ -729,7 +776,7 @@ pub fn line(r: &Value) -> String {
     };
     let ms = |k: &str| r["latency_us"][k].as_u64().unwrap_or(0) as f64 / 1000.0;
     format!(
-        "{:<9} {:<8} {:<15} r={} C={:<3} {:>9.1} commits/s {:>6.2}% aborts  p50 {:>7.2} p99 {:>7.2} p999 {:>7.2} max {:>8.2} ms  invariant {}",
+        "{:<9} {:<8} {:<15} r={} C={:<3} {:>9.1} commits/s {:>6.2}% aborts  p50 {:>7.2} p99 {:>7.2} p999 {:>7.2} max {:>8.2} ms  invariant {}{}",
         r["workload"].as_str().unwrap_or("?"),
         param,
         r["level"].as_str().unwrap_or("?"),
@@ -742,6 +789,10 @@ pub fn line(r: &Value) -> String {
         ms("p999"),
         ms("max"),
         if r["invariant_ok"].as_bool() == Some(true) { "ok" } else { "FAIL" },
+        match r["errors"].as_u64() {
+            Some(n) if n > 0 => format!("  ({n} outcomes unknown: {})", r["first_error"].as_str().unwrap_or("?")),
+            _ => String::new(),
+        },
     )
 }
 
