@@ -22,7 +22,8 @@ struct Args {
     start: u64,
     /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack,
     /// no-idempotence, no-generation-fencing (needs --groups), no-txn-epoch-bump,
-    /// no-partition-check (these two need --transactions).
+    /// no-partition-check (these two need --transactions), no-read-validation,
+    /// snapshot-as-serializable (these two need --tables).
     #[arg(long)]
     plant: Option<String>,
     /// Virtual milliseconds of faults per seed.
@@ -54,6 +55,13 @@ struct Args {
     /// both isolation levels) and its checks (no-txn-epoch-bump and no-partition-check need it).
     #[arg(long)]
     transactions: bool,
+    /// Also run the table workload (a table of three partitions with the real table machine
+    /// on every replica and the leader's concurrency control; list-append transactions at
+    /// serializable, ssi, 2pl or serial by seed; multi-partition commits through the
+    /// transaction coordinators), checked by Elle at the seed's level and for replica
+    /// convergence (no-read-validation and snapshot-as-serializable need it).
+    #[arg(long)]
+    tables: bool,
 }
 
 fn main() -> Result<()> {
@@ -73,7 +81,8 @@ fn main() -> Result<()> {
     // A panic (a broken assertion in the core) aborts the run: name the seed to replay.
     let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default()
         + if args.groups { " --groups" } else { "" }
-        + if args.transactions { " --transactions" } else { "" };
+        + if args.transactions { " --transactions" } else { "" }
+        + if args.tables { " --tables" } else { "" };
     let hint = plant_arg.clone();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -109,19 +118,20 @@ fn main() -> Result<()> {
             liveness_ms: args.liveness_ms,
             groups: args.groups,
             transactions: args.transactions,
+            tables: args.tables,
             ..SimConfig::new(seed)
         };
         let out = run(&cfg);
         events += out.events;
-        ops += out.ops + out.group_ops + out.txn_ops;
+        ops += out.ops + out.group_ops + out.txn_ops + out.table_ops;
         failover_ms.extend(&out.failover_ms);
         lost_in_window += out.lost_in_window;
         if out.passed() {
             passed += 1;
             if args.verbose {
                 println!(
-                    "seed {seed}: passed ({} events, {} ops, {} group ops, {} transaction ops, {} faults)",
-                    out.events, out.ops, out.group_ops, out.txn_ops, out.faults
+                    "seed {seed}: passed ({} events, {} ops, {} group ops, {} transaction ops, {} table transactions, {} faults)",
+                    out.events, out.ops, out.group_ops, out.txn_ops, out.table_ops, out.faults
                 );
             }
             continue;
@@ -150,6 +160,12 @@ fn main() -> Result<()> {
                 println!("  {}: {v}", r.check.name());
             }
         }
+        if let Some(r) = out.table_report.as_ref().filter(|r| !r.valid) {
+            for name in &r.forbidden_found {
+                let example = r.anomalies.get(name).and_then(|a| a.first()).map(|a| a.detail.as_str());
+                println!("  elle-{name} at {}: {}", r.level, example.unwrap_or(""));
+            }
+        }
         if args.report {
             println!("{}", out.report);
             if args.groups {
@@ -157,6 +173,9 @@ fn main() -> Result<()> {
             }
             if args.transactions {
                 println!("{}", out.txn_report);
+            }
+            if let Some(r) = &out.table_report {
+                println!("{r}");
             }
         }
         let replay = format!(

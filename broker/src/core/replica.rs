@@ -131,12 +131,19 @@ pub struct Plant {
     /// Partitions accept transactional writes without the producer's transaction having
     /// begun there (no KIP-890 part 1 check).
     pub(crate) no_partition_check: bool,
+    /// Table machines skip read validation for serializable and SSI parts (stale reads and
+    /// phantoms commit): `TableMachine::with_plant`.
+    pub(crate) no_read_validation: bool,
+    /// Table levels serializable, SSI, 2PL and serial run as snapshot isolation (no read
+    /// validation, locks, SSI tracking or serial turn; first committer wins): write skew
+    /// commits. `TableMachine::with_plant`, `PartitionLeader::with_plant`.
+    pub(crate) snapshot_as_serializable: bool,
 }
 
 impl Plant {
     /// The names `named` knows.
     #[cfg(feature = "sim")]
-    pub const NAMES: [&'static str; 7] = [
+    pub const NAMES: [&'static str; 9] = [
         "no-fencing",
         "no-truncation",
         "early-ack",
@@ -144,6 +151,8 @@ impl Plant {
         "no-generation-fencing",
         "no-txn-epoch-bump",
         "no-partition-check",
+        "no-read-validation",
+        "snapshot-as-serializable",
     ];
 
     /// A planted bug by name (simulator builds only).
@@ -158,6 +167,8 @@ impl Plant {
             "no-generation-fencing" => p.no_generation_fencing = true,
             "no-txn-epoch-bump" => p.no_txn_epoch_bump = true,
             "no-partition-check" => p.no_partition_check = true,
+            "no-read-validation" => p.no_read_validation = true,
+            "snapshot-as-serializable" => p.snapshot_as_serializable = true,
             _ => return None,
         }
         Some(p)

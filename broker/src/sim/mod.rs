@@ -27,13 +27,22 @@
 //! pipelines committing their offsets to the real group coordinator in their transactions,
 //! judged by [`crate::check::txn`].
 //!
+//! With `SimConfig::tables`, a table workload runs beside it ([`tables`]): the real table
+//! machine on every replica and the partition leader's concurrency control over a replicated
+//! table, list-append transactions at one serializable level per seed (multi-partition
+//! commits through the transaction workload's coordinators), judged by
+//! [`crate::check::elle`], and every replica's machine compared at each applied offset.
+//!
 //! Not simulated yet: the controller's own replication (one controller node that never
 //! fails stands in for the Raft quorum), idempotent retries
 //! (producers never retry, so duplicates would be a bug), client metadata over the network
 //! (clients read the controller's state directly when they refresh).
 
 mod groups;
+mod tables;
 mod txn;
+
+pub use tables::level_for as table_level;
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap};
@@ -81,6 +90,9 @@ pub struct SimConfig {
     /// Run the transaction workload too ([`txn::PARTITIONS`] more partitions: transactional
     /// data, transaction state and the pipelines' consumer offsets).
     pub transactions: bool,
+    /// Run the table workload too ([`tables::PARTITIONS`] table partitions, plus the
+    /// transaction workload's partitions for its coordinators).
+    pub tables: bool,
 }
 
 impl SimConfig {
@@ -98,6 +110,7 @@ impl SimConfig {
             acks: Acks::All,
             groups: false,
             transactions: false,
+            tables: false,
         }
     }
 }
@@ -130,12 +143,21 @@ pub struct SimOutcome {
     pub txn_report: check::txn::TxnReport,
     /// Operations in the transaction history.
     pub txn_ops: u64,
+    /// Elle's verdict on the table history at the seed's level (None without the table
+    /// workload).
+    pub table_report: Option<check::elle::Report>,
+    /// Transactions in the table history.
+    pub table_ops: u64,
 }
 
 impl SimOutcome {
     /// Whether the seed passed: no invariant violation and every history check passed.
     pub fn passed(&self) -> bool {
-        self.violations.is_empty() && self.report.ok() && self.group_report.ok() && self.txn_report.ok()
+        self.violations.is_empty()
+            && self.report.ok()
+            && self.group_report.ok()
+            && self.txn_report.ok()
+            && self.table_report.as_ref().is_none_or(|r| r.valid)
     }
 
     /// Names of the violated properties (invariants and checks).
@@ -145,6 +167,9 @@ impl SimOutcome {
         v.extend(self.report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
         v.extend(self.group_report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
         v.extend(self.txn_report.results.iter().filter(|r| r.failed()).map(|r| r.check.name().to_string()));
+        if let Some(r) = self.table_report.as_ref().filter(|r| !r.valid) {
+            v.extend(r.forbidden_found.iter().map(|a| format!("elle-{a}")));
+        }
         v.sort();
         v.dedup();
         v
@@ -237,6 +262,19 @@ enum Event {
         client: usize,
         request: u64,
         resp: txn::TxnResp,
+    },
+    /// A table client's tick.
+    TableTick(usize),
+    TableRequest {
+        client: usize,
+        request: u64,
+        to: NodeId,
+        req: tables::TableReq,
+    },
+    TableResponse {
+        client: usize,
+        request: u64,
+        resp: tables::TableResp,
     },
     GroupRequest {
         member: usize,
@@ -354,8 +392,11 @@ struct Sim {
     log_config: LogConfig,
     /// The group workload (no members without it).
     group: groups::GroupSim,
-    /// The transaction workload (no clients without it).
+    /// The transaction workload (no clients without it; its coordinators alone with the
+    /// table workload).
     txn: txn::TxnSim,
+    /// The table workload (no clients without it).
+    tables: tables::TableSim,
 }
 
 /// Runs one seed.
@@ -371,6 +412,7 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
     };
     let txn_report =
         if cfg.transactions { check::txn::check_txns(&sim.txn.history) } else { check::txn::TxnReport::default() };
+    let table_report = cfg.tables.then(|| sim.tables.check());
     SimOutcome {
         seed: cfg.seed,
         violations: sim.violations,
@@ -384,6 +426,8 @@ pub fn run(cfg: &SimConfig) -> SimOutcome {
         group_ops: sim.group.history.ops.len() as u64,
         txn_report,
         txn_ops: sim.txn.history.ops.len() as u64,
+        table_report,
+        table_ops: sim.tables.history.txns.len() as u64,
     }
 }
 
@@ -398,7 +442,7 @@ impl Sim {
         let ids: Vec<NodeId> = (1..=cfg.nodes).map(NodeId).collect();
         // The group workload's offsets partition comes after the data partitions.
         // Then the transaction workload's data and state partitions.
-        let total = cfg.partitions + u32::from(cfg.groups) + if cfg.transactions { txn::PARTITIONS } else { 0 };
+        let total = cluster_partitions(&cfg);
         let parts: Vec<PartitionId> = (0..total).map(PartitionId).collect();
         let assignments: Vec<(PartitionId, Vec<NodeId>)> = parts
             .iter()
@@ -473,6 +517,7 @@ impl Sim {
             log_config,
             group: groups::GroupSim::default(),
             txn: txn::TxnSim::default(),
+            tables: tables::TableSim::default(),
         };
         for i in 0..sim.nodes.len() {
             sim.start_node(i);
@@ -496,6 +541,16 @@ impl Sim {
             for c in 0..sim.txn.clients() {
                 let at = sim.rng.range(0, txn::TICK_US);
                 sim.schedule(at, Event::TxnTick(c));
+            }
+        }
+        if sim.cfg.tables {
+            if !sim.cfg.transactions {
+                sim.txn = txn::TxnSim::coordinators_only(sim.nodes.len());
+            }
+            sim.tables = tables::TableSim::new(sim.nodes.len(), tables::level_for(sim.cfg.seed));
+            for c in 0..sim.tables.clients() {
+                let at = sim.rng.range(0, tables::TICK_US);
+                sim.schedule(at, Event::TableTick(c));
             }
         }
         let first_fault = sim.rng.range(300_000, 800_000);
@@ -525,7 +580,7 @@ impl Sim {
     /// Partitions of the cluster: the data partitions, then the offsets partition if the
     /// group workload runs.
     fn cluster_partitions(&self) -> u32 {
-        self.cfg.partitions + u32::from(self.cfg.groups) + if self.cfg.transactions { txn::PARTITIONS } else { 0 }
+        cluster_partitions(&self.cfg)
     }
 
     fn idx(&self, id: NodeId) -> usize {
@@ -541,6 +596,7 @@ impl Sim {
         n.requests.clear();
         n.coordinator = groups::NodeCoordinator::default();
         self.txn_reset_node(i);
+        self.table_reset_node(i);
         let n = &mut self.nodes[i];
         let mut replicas = Vec::new();
         for (&p, storage) in &n.storages {
@@ -623,6 +679,7 @@ impl Sim {
             *s = s.crash(seed);
         }
         self.txn_reset_node(i);
+        self.table_reset_node(i);
         // Clients waiting on this node time out.
     }
 
@@ -661,6 +718,9 @@ impl Sim {
         if self.cfg.transactions {
             self.txn_final_read(since);
         }
+        if self.cfg.tables {
+            self.table_final(since);
+        }
     }
 
     fn step(&mut self, ev: Event) {
@@ -670,6 +730,7 @@ impl Sim {
             | Event::ClientRequest { to: id, .. }
             | Event::GroupRequest { to: id, .. }
             | Event::TxnRequest { to: id, .. }
+            | Event::TableRequest { to: id, .. }
             | Event::IoDone { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
@@ -705,8 +766,11 @@ impl Sim {
                 if self.cfg.groups {
                     self.coordinator_tick(i);
                 }
-                if self.cfg.transactions {
+                if self.cfg.transactions || self.cfg.tables {
                     self.txn_coordinator_tick(i);
+                }
+                if self.cfg.tables {
+                    self.table_host_tick(i);
                 }
                 self.schedule(TICK_US, Event::Tick(id));
             }
@@ -764,7 +828,17 @@ impl Sim {
                 self.schedule(txn::TICK_US + jitter, Event::TxnTick(c));
             }
             Event::TxnRequest { client, request, to, req } => self.serve_txn(client, request, to, req),
+            Event::TxnResponse { client, request, resp } if client >= tables::CLIENT_BASE => {
+                self.table_coord_response(client - tables::CLIENT_BASE, request, resp)
+            }
             Event::TxnResponse { client, request, resp } => self.txn_client_response(client, request, resp),
+            Event::TableTick(c) => {
+                self.table_client_tick(c);
+                let jitter = self.rng.range(0, tables::TICK_US);
+                self.schedule(tables::TICK_US + jitter, Event::TableTick(c));
+            }
+            Event::TableRequest { client, request, to, req } => self.serve_table(client, request, to, req),
+            Event::TableResponse { client, request, resp } => self.table_client_response(client, request, resp),
             Event::ClientTick(c) => {
                 self.client_tick(c);
                 let jitter = self.rng.range(0, CLIENT_TICK_US);
@@ -1014,6 +1088,7 @@ impl Sim {
                     self.group_written(i, result);
                 }
                 Command::ProduceReply { request, result } if self.txn_produce_reply(i, request, &result) => {}
+                Command::ProduceReply { request, result } if self.table_produce_reply(i, request, &result) => {}
                 Command::MarkerDone(r) => self.txn_marker_done(i, r),
                 Command::ProduceReply { request, result } => {
                     if let Some((client, creq)) = self.nodes[i].requests.remove(&request.0) {
@@ -1435,6 +1510,15 @@ impl Sim {
             }
         }
     }
+}
+
+/// Partitions of the cluster: the data partitions, the offsets partition of the group
+/// workload, the transaction workload's partitions (also hosted for the table workload's
+/// coordinators), then the table partitions.
+fn cluster_partitions(cfg: &SimConfig) -> u32 {
+    let txn = if cfg.transactions || cfg.tables { txn::PARTITIONS } else { 0 };
+    let tables = if cfg.tables { tables::PARTITIONS } else { 0 };
+    cfg.partitions + u32::from(cfg.groups) + txn + tables
 }
 
 /// Records of whole batches at or after `from` and below `hw`, as (offset, value).

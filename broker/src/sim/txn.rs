@@ -308,6 +308,17 @@ impl TxnSim {
         s
     }
 
+    /// The coordinators alone, without the workload's clients (the table workload's
+    /// two-phase commits use them).
+    pub(super) fn coordinators_only(nodes: usize) -> TxnSim {
+        TxnSim {
+            coordinators: (0..nodes).map(|_| BTreeMap::new()).collect(),
+            offsets: (0..nodes).map(|_| pipeline::OffsetsCoordinator::default()).collect(),
+            next_producer_id: 80_000,
+            ..TxnSim::default()
+        }
+    }
+
     pub(super) fn clients(&self) -> usize {
         self.clients.len()
     }
@@ -322,11 +333,11 @@ impl Sim {
         PartitionId(self.txn_base() + k)
     }
 
-    fn state_partition(&self, id: &str) -> PartitionId {
+    pub(super) fn state_partition(&self, id: &str) -> PartitionId {
         PartitionId(self.txn_base() + DATA_PARTITIONS + partition_for(id, STATE_PARTITIONS))
     }
 
-    fn leader_of(&self, p: PartitionId) -> Option<NodeId> {
+    pub(super) fn leader_of(&self, p: PartitionId) -> Option<NodeId> {
         self.view().and_then(|v| v.partition(p)).and_then(|s| s.leader)
     }
 

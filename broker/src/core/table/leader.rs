@@ -24,6 +24,7 @@ use super::locks::{Lock, LockTable, Mode};
 use super::ssi::SsiTracker;
 use super::store::{Outcome, TableMachine};
 use super::{AbortReason, Key, Level, Part, Priority, Range, TxnId, Value};
+use crate::core::replica::Plant;
 use crate::core::{LeaderEpoch, Offset, Time};
 
 /// Who asks: a transaction as its request describes it.
@@ -109,7 +110,8 @@ enum TurnMode {
 
 /// Serial execution's turn on a partition: an interactive serial transaction runs alone
 /// (exclusive); procedures, ordered by the log, share it with each other. First come, first
-/// served; nobody is ever aborted for it.
+/// served, with wound-wait on interactive holders (`PartitionLeader::take_turn`); a
+/// procedure is never aborted for it.
 #[derive(Debug, Default)]
 struct Turn {
     holders: BTreeSet<TxnId>,
@@ -181,6 +183,8 @@ pub struct PartitionLeader {
     live: BTreeMap<TxnId, Live>,
     turn: Turn,
     wakes: Vec<TxnId>,
+    /// Planted bugs (simulator only; default off): `snapshot_as_serializable`.
+    plant: Plant,
 }
 
 impl PartitionLeader {
@@ -193,6 +197,24 @@ impl PartitionLeader {
             live: BTreeMap::new(),
             turn: Turn::default(),
             wakes: Vec::new(),
+            plant: Plant::default(),
+        }
+    }
+
+    /// The leader with planted bugs (the simulator's `--plant snapshot-as-serializable`:
+    /// serializable, SSI, 2PL and serial run as snapshot here, without locks, SSI tracking or
+    /// turn); [`Plant::default`] plants nothing.
+    pub fn with_plant(mut self, plant: Plant) -> PartitionLeader {
+        self.plant = plant;
+        self
+    }
+
+    /// The level whose leader-side rules apply to `level` (itself unless planted).
+    fn rules(&self, level: Level) -> Level {
+        if self.plant.snapshot_as_serializable && level != Level::ReadCommitted {
+            Level::Snapshot
+        } else {
+            level
         }
     }
 
@@ -245,7 +267,13 @@ impl PartitionLeader {
             return got.granted;
         }
         for w in got.wounded {
-            self.end(w, AbortReason::Wounded);
+            // A transaction whose part is being appended or is prepared is decided by the log
+            // (its marker), not here: it keeps its locks and is waited for.
+            let decided_by_log =
+                self.live.get(&w).is_some_and(|l| matches!(l.phase, Phase::Appending | Phase::Prepared));
+            if !decided_by_log {
+                self.end(w, AbortReason::Wounded);
+            }
         }
         // Releasing the wounded may have granted it the lock it waits for.
         let granted = self.locks.acquire(info.priority, lock, mode).granted;
@@ -255,11 +283,34 @@ impl PartitionLeader {
         granted
     }
 
-    fn take_turn(&mut self, txn: TxnId, mode: TurnMode) -> bool {
-        if let Some(l) = self.live.get_mut(&txn) {
+    /// Takes the serial turn in `mode` for `info`; false: waiting. Wound-wait, as for locks:
+    /// an older transaction ends the younger interactive holders still active (`wounded`), so
+    /// two interactive serial transactions over two partitions, each holding one turn and
+    /// asking for the other's, cannot wait for each other forever. A holder whose part is
+    /// being appended or is prepared (procedures always) is decided by the log: waited for.
+    fn take_turn(&mut self, info: &TxnInfo, mode: TurnMode) -> bool {
+        if let Some(l) = self.live.get_mut(&info.txn) {
             l.turn = Some(mode);
         }
-        self.turn.take(txn, mode)
+        if self.turn.take(info.txn, mode) {
+            return true;
+        }
+        let wounded: Vec<TxnId> = self
+            .turn
+            .holders
+            .iter()
+            .copied()
+            .filter(|h| self.live.get(h).is_some_and(|l| l.phase == Phase::Active && l.priority > info.priority))
+            .collect();
+        for w in wounded {
+            self.end(w, AbortReason::Wounded);
+        }
+        // Releasing the wounded may have granted it the turn.
+        let held = self.turn.holds(info.txn);
+        if held {
+            self.wakes.retain(|t| *t != info.txn);
+        }
+        held
     }
 
     /// Reads `keys` and `range` for `info` at its snapshot of this partition (`snapshot`
@@ -276,7 +327,8 @@ impl PartitionLeader {
         if let Err(r) = self.enter(now, info, snapshot.is_some()) {
             return Answer::Aborted(r);
         }
-        match info.level {
+        let level = self.rules(info.level);
+        match level {
             Level::TwoPl => {
                 for k in keys {
                     if !self.acquire(info, Lock::Key(k.clone()), Mode::Shared) {
@@ -289,13 +341,22 @@ impl PartitionLeader {
                     }
                 }
             }
-            Level::Serial if !self.take_turn(info.txn, TurnMode::Exclusive) => {
+            Level::Serial if !self.take_turn(info, TurnMode::Exclusive) => {
                 return self.waiting(info.txn);
             }
             _ => {}
         }
+        // A part prepared by another transaction holds its writes until its marker, though a
+        // leader of a later epoch (or one that wounded it) holds no lock for them: a 2pl or
+        // serial read waits for the marker rather than read the version it replaces.
+        let locking = matches!(level, Level::TwoPl | Level::Serial);
+        if locking
+            && keys.iter().map(|k| Some(k.as_slice())).chain([None]).any(|k| m.prepared_write(info.txn, k, range))
+        {
+            return self.waiting(info.txn);
+        }
         let live = self.live.get_mut(&info.txn).expect("entered");
-        let at = if info.level.snapshot_reads() {
+        let at = if level.snapshot_reads() {
             *live.snapshot.get_or_insert(snapshot.unwrap_or(m.applied()))
         } else {
             live.snapshot.get_or_insert(m.applied());
@@ -314,7 +375,7 @@ impl PartitionLeader {
                 rows.push(Row { key: k.to_vec(), value: Some(value.to_vec()), version: Some(v) });
             }
         }
-        if info.level == Level::Ssi {
+        if level == Level::Ssi {
             self.ssi.begin(info.txn, at);
             for k in keys {
                 self.ssi.read(info.txn, k);
@@ -339,7 +400,7 @@ impl PartitionLeader {
         if let Err(r) = self.enter(now, info, used) {
             return Answer::Aborted(r);
         }
-        match info.level {
+        match self.rules(info.level) {
             Level::TwoPl => {
                 for k in keys {
                     if !self.acquire(info, Lock::Key(k.clone()), Mode::Exclusive) {
@@ -347,7 +408,7 @@ impl PartitionLeader {
                     }
                 }
             }
-            Level::Serial if !self.take_turn(info.txn, TurnMode::Exclusive) => {
+            Level::Serial if !self.take_turn(info, TurnMode::Exclusive) => {
                 return self.waiting(info.txn);
             }
             _ => {}
@@ -358,6 +419,34 @@ impl PartitionLeader {
     /// The transaction's part here, to commit (or prepare): the leader-side checks of its
     /// level, then whether to append it. `used`: the transaction read here before.
     pub fn commit(&mut self, now: Time, m: &TableMachine, info: &TxnInfo, used: bool, part: &Part) -> Answer<Decision> {
+        self.commit_part(now, m, info, used, part, false)
+    }
+
+    /// [`PartitionLeader::commit`] of a part inside a log transaction (a two-phase commit):
+    /// a part that only reads is appended too, so the machine holds its reads (and this
+    /// leader its locks) until the transaction's marker. Committed at once, its reads could
+    /// be overwritten before the other partitions' parts commit: a write skew across
+    /// partitions (simulator seed 12 of `skein-sim --tables`, serializable).
+    pub fn commit_in_txn(
+        &mut self,
+        now: Time,
+        m: &TableMachine,
+        info: &TxnInfo,
+        used: bool,
+        part: &Part,
+    ) -> Answer<Decision> {
+        self.commit_part(now, m, info, used, part, true)
+    }
+
+    fn commit_part(
+        &mut self,
+        now: Time,
+        m: &TableMachine,
+        info: &TxnInfo,
+        used: bool,
+        part: &Part,
+        in_txn: bool,
+    ) -> Answer<Decision> {
         if let Err(r) = self.enter(now, info, used) {
             return Answer::Aborted(r);
         }
@@ -368,7 +457,8 @@ impl PartitionLeader {
             }
         }
         let written: Vec<Key> = part.written_keys().into_iter().map(<[u8]>::to_vec).collect();
-        match info.level {
+        let level = self.rules(info.level);
+        match level {
             Level::TwoPl => {
                 for k in &written {
                     if !self.acquire(info, Lock::Key(k.clone()), Mode::Exclusive) {
@@ -384,7 +474,7 @@ impl PartitionLeader {
                 } else {
                     TurnMode::Shared
                 };
-                if !self.take_turn(info.txn, mode) {
+                if !self.take_turn(info, mode) {
                     return self.waiting(info.txn);
                 }
             }
@@ -403,8 +493,10 @@ impl PartitionLeader {
             self.end(info.txn, r);
             return Answer::Aborted(r);
         }
-        if !part.writes_anything() {
-            if info.level == Level::Ssi {
+        // Inside a log transaction a part that reads is appended even without writes.
+        let appended = part.writes_anything() || (in_txn && (!part.reads.is_empty() || !part.ranges.is_empty()));
+        if !appended {
+            if level == Level::Ssi {
                 self.ssi.committed(info.txn, m.applied());
             }
             self.finish(info.txn);

@@ -40,6 +40,7 @@ use std::ops::Bound;
 
 use super::{AbortReason, Key, Level, Part, PartError, Range, Step, TxnId, Value, KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use crate::core::machine::{LogMachine, RecordError};
+use crate::core::replica::Plant;
 use crate::core::txn_partition::MarkerKind;
 use crate::core::{Offset, ProducerId};
 
@@ -113,6 +114,9 @@ pub struct TableMachine {
     holds: BTreeMap<Key, Hold>,
     outcomes: Outcomes,
     applied: Offset,
+    /// Planted bugs (simulator only; default off): `no_read_validation`,
+    /// `snapshot_as_serializable`.
+    plant: Plant,
 }
 
 impl Default for TableMachine {
@@ -131,7 +135,15 @@ impl TableMachine {
             holds: BTreeMap::new(),
             outcomes: Outcomes::new(OUTCOMES_MAX),
             applied: Offset::ZERO,
+            plant: Plant::default(),
         }
+    }
+
+    /// The machine with planted bugs (the simulator's `--plant no-read-validation` and
+    /// `snapshot-as-serializable`); [`Plant::default`] plants nothing.
+    pub fn with_plant(mut self, plant: Plant) -> TableMachine {
+        self.plant = plant;
+        self
     }
 
     /// The offset after the last record applied (the same as [`LogMachine::applied`], callable
@@ -187,15 +199,21 @@ impl TableMachine {
     pub fn validate(&self, part: &Part) -> Result<(), AbortReason> {
         let written = part.written_keys();
         self.check_prepared(part, &written)?;
+        if self.plant.snapshot_as_serializable && part.level != Level::ReadCommitted && part.steps.is_empty() {
+            // Planted: every serializable level validated as a single-partition snapshot part.
+            return self.check_write_conflicts(part, &written);
+        }
+        let skip_reads = self.plant.no_read_validation;
         match part.level {
             Level::ReadCommitted | Level::Serial | Level::TwoPl => Ok(()),
             Level::Snapshot | Level::Ssi => {
                 self.check_write_conflicts(part, &written)?;
-                if validates_reads(part) {
+                if validates_reads(part) && !(skip_reads && part.level == Level::Ssi) {
                     self.check_reads(part)?;
                 }
                 Ok(())
             }
+            Level::Serializable if skip_reads => Ok(()),
             Level::Serializable => self.check_reads(part),
         }
     }
@@ -203,6 +221,18 @@ impl TableMachine {
     /// The outcome of `txn`'s part here, if it is among the last [`OUTCOMES_MAX`] decided.
     pub fn outcome(&self, txn: TxnId) -> Option<&Outcome> {
         self.outcomes.get(txn)
+    }
+
+    /// Whether a part prepared by another transaction than `txn` writes `key`, or a key of
+    /// `range`: its write becomes a version when its marker comes, so a lock-based reader
+    /// (2pl, serial) must not read around it.
+    pub fn prepared_write(&self, txn: TxnId, key: Option<&[u8]>, range: Option<&Range>) -> bool {
+        if self.prepared.is_empty() {
+            return false;
+        }
+        let other = |k: &[u8]| self.prepared.values().any(|p| p.part.txn != txn && p.part.written_keys().contains(&k));
+        let held = |k: &[u8]| self.holds.get(k).is_some_and(|h| h.written > 0) && other(k);
+        key.is_some_and(held) || range.is_some_and(|r| self.holds.keys().any(|k| r.contains(k) && held(k)))
     }
 
     /// Parts prepared and not yet decided by a marker.

@@ -85,9 +85,9 @@ fn serial_interactive_transactions_take_turns_and_procedures_share_theirs() {
     let mut m = seeded();
     let mut l = PartitionLeader::new(LeaderEpoch(1));
     let a = info(20, Level::Serial, 100);
-    let b = info(21, Level::Serial, 50);
+    let b = info(21, Level::Serial, 150);
     assert!(matches!(read(&mut l, &m, &a, "x"), Answer::Ready(_)));
-    // Another interactive one waits, however old: nobody is aborted for the turn.
+    // A younger interactive one waits for the turn.
     assert_eq!(read(&mut l, &m, &b, "x"), Answer::Wait);
     let p = part(&a, Offset(0), &[], &[("x", "30")]);
     assert_eq!(l.commit(Time(0), &m, &a, true, &p), Answer::Ready(Decision::Append));
@@ -111,6 +111,44 @@ fn serial_interactive_transactions_take_turns_and_procedures_share_theirs() {
     append(&mut l, &mut m, &step(&p2));
     assert_eq!(l.take_wakes(), vec![c.txn]);
     assert_eq!(value(&read(&mut l, &m, &c, "x")), Some(k("32")));
+}
+
+/// Two interactive serial transactions over two partitions, each holding one partition's
+/// turn and asking for the other's: without wound-wait on the turn they would wait for each
+/// other until their timeouts (the isolation case G1c over three partitions found it).
+#[test]
+fn the_serial_turn_is_wound_wait_so_two_partitions_cannot_deadlock() {
+    let mut mx = seeded();
+    let my = seeded();
+    let mut lx = PartitionLeader::new(LeaderEpoch(1));
+    let mut ly = PartitionLeader::new(LeaderEpoch(1));
+    let old = info(30, Level::Serial, 100);
+    let young = info(31, Level::Serial, 200);
+    assert_eq!(lx.lock(Time(0), &old, false, &[k("x")]), Answer::Ready(()));
+    assert_eq!(ly.lock(Time(0), &young, false, &[k("y")]), Answer::Ready(()));
+    // The young one asks for x's turn: it waits for the older holder.
+    assert_eq!(read(&mut lx, &mx, &young, "x"), Answer::Wait);
+    // The old one asks for y's turn: it wounds the young holder and gets it at once.
+    assert_eq!(value(&read(&mut ly, &my, &old, "y")), Some(k("20")));
+    assert!(ly.take_wakes().contains(&young.txn), "the wounded transaction is woken to learn it");
+    assert_eq!(ly.lock(Time(0), &young, true, &[k("y")]), Answer::Aborted(AbortReason::Wounded));
+    // The old one commits on x; the young one's wait there ends, and it learns of the abort
+    // once it comes back to y.
+    let p = part(&old, Offset(0), &[], &[("x", "11")]);
+    assert_eq!(lx.commit(Time(0), &mx, &old, true, &p), Answer::Ready(Decision::Append));
+    append(&mut lx, &mut mx, &p);
+    assert_eq!(lx.take_wakes(), vec![young.txn]);
+    // A procedure holding the turn is decided by the log: an older interactive one waits.
+    let proc_ = info(32, Level::Serial, 900);
+    let step = Part { steps: vec![Step::Increment { key: k("x"), amount: 1 }], ..part(&proc_, Offset(0), &[], &[]) };
+    lx.abort(young.txn);
+    lx.take_wakes();
+    assert_eq!(lx.commit(Time(0), &mx, &proc_, false, &step), Answer::Ready(Decision::Append));
+    let oldest = info(33, Level::Serial, 1);
+    assert_eq!(read(&mut lx, &mx, &oldest, "x"), Answer::Wait);
+    append(&mut lx, &mut mx, &step);
+    assert_eq!(lx.take_wakes(), vec![oldest.txn]);
+    assert_eq!(value(&read(&mut lx, &mx, &oldest, "x")), Some(k("12")));
 }
 
 #[test]
@@ -224,4 +262,88 @@ fn a_prepared_part_holds_its_locks_until_its_marker() {
     l.decided(&m);
     assert_eq!(l.take_wakes(), vec![other.txn]);
     assert_eq!(value(&read(&mut l, &m, &other, "x")), Some(k("5")));
+}
+
+/// Simulator seed 2 of `skein-sim --tables` (2pl): a two-phase transaction's part was
+/// prepared on a partition whose leader then changed; the new leader held no lock for it, so
+/// a 2pl transaction read the key's old version, the marker committed the prepared write, and
+/// the reader's write of the longer list (2pl parts are not validated) lost it.
+#[test]
+fn a_new_leader_makes_lock_based_reads_wait_for_a_prepared_write() {
+    use crate::core::txn_partition::MarkerKind;
+    use crate::core::ProducerId;
+    let mut m = seeded();
+    let t = info(90, Level::TwoPl, 100);
+    let p = part(&t, Offset(0), &[], &[("x", "5")]);
+    let at = m.applied();
+    m.apply_transactional(at, ProducerId(7), b"", &p.encode()).expect("applies");
+    assert_eq!(m.outcome(t.txn), Some(&Outcome::Prepared { offset: at }));
+    // The leader of the next epoch knows nothing of the prepared part's locks.
+    let mut l = PartitionLeader::new(LeaderEpoch(2));
+    for level in [Level::TwoPl, Level::Serial] {
+        let reader = info(91 + level.code() as u64, level, 50);
+        assert_eq!(read(&mut l, &m, &reader, "x"), Answer::Wait, "{level:?} reads around a prepared write");
+        let scan = Range { from: k("a"), to: None };
+        assert_eq!(l.read(Time(0), &m, &reader, None, &[], Some(&scan)), Answer::Wait);
+        assert_eq!(value(&read(&mut l, &m, &reader, "y")), Some(k("20")), "other keys are free");
+        l.abort(reader.txn);
+    }
+    // Snapshot reads are checked at commit instead: they read the last committed version.
+    let snap = info(95, Level::Serializable, 50);
+    assert_eq!(value(&read(&mut l, &m, &snap, "x")), Some(k("10")));
+    let at = m.applied();
+    m.apply_marker(at, ProducerId(7), MarkerKind::Commit);
+    let reader = info(96, Level::TwoPl, 60);
+    assert_eq!(value(&read(&mut l, &m, &reader, "x")), Some(k("5")));
+}
+
+/// Simulator seeds 10 and 22 of `skein-sim --tables` (2pl): an older transaction wounded one
+/// whose part was being appended; its locks went, a reader read around its write, and the
+/// append committed (2pl parts are not validated): a lost update.
+#[test]
+fn wound_wait_never_wounds_a_transaction_the_log_decides() {
+    let mut m = seeded();
+    let mut l = PartitionLeader::new(LeaderEpoch(1));
+    let young = info(100, Level::TwoPl, 200);
+    let old = info(101, Level::TwoPl, 100);
+    let p = part(&young, Offset(0), &[], &[("x", "7")]);
+    assert_eq!(l.commit(Time(0), &m, &young, false, &p), Answer::Ready(Decision::Append));
+    // Appending: the older reader waits instead of wounding.
+    assert_eq!(read(&mut l, &m, &old, "x"), Answer::Wait);
+    assert!(matches!(append(&mut l, &mut m, &p), Outcome::Committed { .. }));
+    assert!(l.take_wakes().contains(&old.txn));
+    assert_eq!(value(&read(&mut l, &m, &old, "x")), Some(k("7")));
+}
+
+/// Simulator seed 12 of `skein-sim --tables` (serializable): a transaction's read-only part
+/// on one partition committed at once, another transaction then wrote the key it read, and
+/// both transactions' writes committed elsewhere (write skew across partitions). Inside a
+/// log transaction the read-only part is appended and held until the marker.
+#[test]
+fn a_read_only_part_of_a_two_phase_commit_holds_its_reads_until_the_marker() {
+    use crate::core::txn_partition::MarkerKind;
+    use crate::core::ProducerId;
+    for level in [Level::Serializable, Level::TwoPl, Level::Ssi, Level::Snapshot] {
+        let mut m = seeded();
+        let mut l = PartitionLeader::new(LeaderEpoch(1));
+        let reader = info(110, level, 100);
+        let writer = info(111, level, 200);
+        assert_eq!(value(&read(&mut l, &m, &reader, "x")), Some(k("10")));
+        let ro = part(&reader, Offset(1), &[("x", Some(Offset(0)))], &[]);
+        assert_eq!(l.commit(Time(0), &m, &reader, true, &ro), Answer::Ready(Decision::Nothing), "alone");
+        let mut l = PartitionLeader::new(LeaderEpoch(1));
+        assert_eq!(value(&read(&mut l, &m, &reader, "x")), Some(k("10")));
+        assert_eq!(l.commit_in_txn(Time(0), &m, &reader, true, &ro), Answer::Ready(Decision::Append), "{level:?}");
+        let at = m.applied();
+        m.apply_transactional(at, ProducerId(9), b"", &ro.encode()).expect("applies");
+        l.applied(reader.txn, m.outcome(reader.txn));
+        assert_eq!(m.outcome(reader.txn), Some(&Outcome::Prepared { offset: at }));
+        // A writer of the key read: refused while the reader's transaction is undecided.
+        let w = part(&writer, Offset(2), &[], &[("x", "11")]);
+        assert!(!matches!(l.commit(Time(0), &m, &writer, false, &w), Answer::Ready(_)), "{level:?}");
+        let at = m.applied();
+        m.apply_marker(at, ProducerId(9), MarkerKind::Commit);
+        l.decided(&m);
+        assert!(matches!(m.outcome(reader.txn), Some(Outcome::Committed { .. })));
+    }
 }
