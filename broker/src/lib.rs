@@ -149,6 +149,12 @@ pub struct BrokerConfig {
     #[arg(long, env = "SKEIN_GROUP_SNAPSHOT_RECORDS", default_value_t = 10_000,
           value_parser = clap::value_parser!(u64).range(1..))]
     pub group_snapshot_records: u64,
+    /// Every replica of a table partition snapshots its multi-version state to
+    /// `partitions/<id>/table.snapshot` after this many records applied since the last one,
+    /// so a restart replays only the log's tail.
+    #[arg(long, env = "SKEIN_TABLE_SNAPSHOT_RECORDS", default_value_t = 50_000,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub table_snapshot_records: u64,
     /// TEST ONLY: followers serve reads up to their log end instead of the high watermark they
     /// learned, breaking consistent prefix on purpose (proves the history checker catches it).
     #[arg(long, hide = true)]
@@ -258,6 +264,15 @@ impl BrokerConfig {
             "leader_rebalance_interval_ms" => self.leader_rebalance_interval_ms = u64::try_from(int()?)?,
             "min_insync_replicas" => self.min_insync_replicas = usize::try_from(int()?)?,
             "read_wait_ms" => self.read_wait_ms = u64::try_from(int()?)?,
+            "group_snapshot_records" | "table_snapshot_records" => {
+                let records = u64::try_from(int()?)?;
+                anyhow::ensure!(records >= 1, "at least 1");
+                if key == "group_snapshot_records" {
+                    self.group_snapshot_records = records;
+                } else {
+                    self.table_snapshot_records = records;
+                }
+            }
             _ => bail!("unknown setting"),
         }
         Ok(())

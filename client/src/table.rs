@@ -726,12 +726,16 @@ impl TableTxn {
                 return Err(TableError::Client(e.client_error().clone()));
             }
         };
-        let writers: Vec<(String, u32)> = plan
+        // Every part that writes or reads joins the log transaction: a part that only reads
+        // is appended too and held (prepared) until the marker, so nothing it read can be
+        // overwritten before the other partitions' parts commit (a write skew across
+        // partitions otherwise: simulator seed 12 of `skein-sim --tables`).
+        let joined: Vec<(String, u32)> = plan
             .iter()
-            .filter(|p| !p.record.writes.is_empty())
+            .filter(|p| !p.record.writes.is_empty() || !p.record.reads.is_empty() || !p.record.ranges.is_empty())
             .map(|p| (self.table.name().to_owned(), p.partition))
             .collect();
-        let added = add_partitions(&client, &coordinator.id, coordinator.identity, writers, bound).await;
+        let added = add_partitions(&client, &coordinator.id, coordinator.identity, joined, bound).await;
         if let Some((_, Err(e))) = added.into_iter().find(|(_, r)| r.is_err()) {
             self.abort_everywhere().await;
             self.state = State::Aborted("other-partition".into());

@@ -38,8 +38,6 @@ use crate::service::{Request, Response};
 
 /// How often a shard feeds its table machines and expires transactions.
 const TICK_MS: u64 = 10;
-/// Records applied between two snapshots of a table partition.
-const SNAPSHOT_RECORDS: u64 = 50_000;
 /// How long a parked request sleeps before it looks again (a missed wake costs this much).
 const WAIT_POLL_MS: u64 = 200;
 /// Versions kept below the oldest snapshot in use, for reads that arrive late.
@@ -303,7 +301,17 @@ async fn commit(
         reason,
         results,
     };
-    let decision = match wait(node, host, pid, epoch, info.txn, |l, m, t| l.commit(t, m, &info, used, &part)).await {
+    // Inside a log transaction (a two-phase commit) a part that reads is appended and held
+    // until the marker, like one that writes (`PartitionLeader::commit_in_txn`).
+    let in_txn = r.producer_id >= 0;
+    let decide = |l: &mut PartitionLeader, m: &TableMachine, t| {
+        if in_txn {
+            l.commit_in_txn(t, m, &info, used, &part)
+        } else {
+            l.commit(t, m, &info, used, &part)
+        }
+    };
+    let decision = match wait(node, host, pid, epoch, info.txn, decide).await {
         Ok(d) => d,
         Err((ErrorCode::TABLE_TXN_ABORTED, reason)) => return Ok(answer(1, Offset(0), reason, Vec::new())),
         Err(e) => return Err(e),
@@ -528,7 +536,7 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
             });
             let oldest = h.leader.as_ref().and_then(PartitionLeader::oldest_snapshot).unwrap_or(h.machine.applied());
             h.machine.prune(Offset(oldest.0.saturating_sub(PRUNE_SLACK)));
-            if h.since_snapshot >= SNAPSHOT_RECORDS {
+            if h.since_snapshot >= node.config.table_snapshot_records {
                 h.since_snapshot = 0;
                 save_snapshot(&node, pid, &h.machine);
             }
