@@ -1568,4 +1568,15 @@ mod tests {
         let b = run(&cfg);
         assert_eq!((a.events, a.txn_ops), (b.events, b.txn_ops), "same seed, same run");
     }
+
+    #[test]
+    fn a_table_seed_passes_and_replays_identically() {
+        let cfg = SimConfig { tables: true, ..SimConfig::new(5) };
+        let a = run(&cfg);
+        assert!(a.passed(), "seed 5 failed: {:?}\n{:?}", a.violations, a.table_report);
+        assert!(a.table_ops > 50, "the workload ran: {} table transactions", a.table_ops);
+        let b = run(&cfg);
+        assert_eq!((a.events, a.table_ops), (b.events, b.table_ops), "same seed, same run");
+        assert_eq!(a.table_report.map(|r| r.ok), b.table_report.map(|r| r.ok));
+    }
 }

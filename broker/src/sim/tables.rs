@@ -496,6 +496,7 @@ impl Sim {
                 l.take_wakes();
             }
         }
+        tracing::debug!(node = i + 1, p = %a.partition, txn = %a.txn, ?outcome, "sim: table part applied");
         let resp = TableResp::Commit(outcome.ok_or(Refused::Unknown));
         self.table_reply(i, a.client, a.request, resp);
         true
