@@ -1365,6 +1365,28 @@ mod tests {
             ],
             &["failover", "--cluster-bin", "b", "--kills", "20", "--steady", "60s", "--report", "f.json"],
             &["consume", "--group", "g", "--consumers", "3", "--produce-rate", "500", "--churn-interval", "2s"],
+            // bench/tables-vs-postgres.sh, loadgen/tests/tables.rs.
+            &[
+                "tables",
+                "--broker-bin",
+                "b",
+                "--replicas",
+                "3",
+                "--isolation",
+                "read-committed",
+                "--clients",
+                "8",
+                "--seconds",
+                "10",
+                "--report",
+                "r.json",
+                "--workload",
+                "append",
+                "--keys",
+                "100",
+                "--history",
+                "h.jsonl",
+            ],
             &[
                 "rebalance",
                 "--brokers",
@@ -1381,6 +1403,21 @@ mod tests {
         ] {
             parse(args);
         }
+    }
+
+    #[test]
+    fn tables_names_every_level_and_refuses_unknown_ones() {
+        for level in skein_client::wire::Level::ALL {
+            let Command::Tables(a) = parse(&["tables", "--workload", "transfer", "--isolation", level.name()]).command
+            else {
+                panic!("tables");
+            };
+            assert_eq!(a.isolation, level);
+        }
+        let args = ["skein-loadgen", "tables", "--workload", "transfer", "--isolation", "repeatable-read"];
+        let e = Cli::try_parse_from(args).err().expect("an unknown level is refused").to_string();
+        assert!(e.contains("2pl") && e.contains("ssi"), "{e}");
+        assert!(Cli::try_parse_from(["skein-loadgen", "tables", "--workload", "writeskew"]).is_err());
     }
 
     fn parse(args: &[&str]) -> Cli {
