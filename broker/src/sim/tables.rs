@@ -26,9 +26,11 @@
 //! clients): InitProducerId once, AddPartitionsToTxn of every participant (their begin
 //! markers), every part's vote with the producer (`PartitionLeader::commit_in_txn`: a
 //! read-only part is appended and held until the marker too), and EndTxn commits iff
-//! `client::table::decide` says so. This differs from `client::table`, which joins only the
-//! writing partitions and commits read-only parts (and transactions) at once: simulator
-//! seed 12 showed the write skew across partitions that allows. A known abort
+//! `client::table::decide` says so (seed 12 showed the write skew across partitions that
+//! committing read-only parts at once allowed; `client::table` joins them too now). One
+//! difference remains: `client::table` commits a transaction over several partitions that
+//! writes nothing by read-only votes, each committed at once, which the simulated client
+//! does not (votes validated at different moments could mix into a read skew). A known abort
 //! is `fail`; an unanswered commit, an EndTxn without answer, or an append that failed after
 //! it was sent is `info`. At the end, a table transaction must have committed in the last
 //! half of the healed phase, and the history goes to Elle at the seed's level.
