@@ -188,6 +188,39 @@ fn a_table_restarts_from_its_snapshot_and_the_tail() {
     expect(&broker.addr, 520);
 }
 
+/// Follower reads: `skein table get --prefer-replica NODE --session FILE` on each follower
+/// right after `skein table put --session FILE` reads the write back (the follower waits
+/// until it applied the session's token), and a follower read never goes back.
+#[test]
+fn follower_reads_with_a_session_read_their_writes() {
+    let c = Cluster::start(131, 19631);
+    let addrs = c.addrs.join(",");
+    let bin = sibling("skein", &["--bin", "skein"]);
+    let created = skein(&bin, &addrs, &["table", "create", "fr", "--partitions", "1", "--replicas", "3"]);
+    assert_eq!(out(&created), "created fr", "{}", String::from_utf8_lossy(&created.stderr));
+    let leader = block_on(async {
+        let client = Client::connect(&addrs).await.expect("connect");
+        client.table("fr").await.expect("table");
+        client.leader("fr", 0).await.expect("a leader")
+    });
+    let followers: Vec<String> = (1..=3).filter(|n| *n != leader).map(|n| n.to_string()).collect();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let session = dir.path().join("session");
+    let session = session.to_str().expect("utf-8 path");
+    for i in 0..15 {
+        let put = skein(&bin, &addrs, &["table", "put", "fr", "k", &format!("v{i}"), "--session", session]);
+        assert_eq!(out(&put), "ok", "{}", String::from_utf8_lossy(&put.stderr));
+        for f in &followers {
+            let args = ["table", "get", "fr", "k", "--prefer-replica", f.as_str(), "--session", session];
+            let got = skein(&bin, &addrs, &args);
+            assert_eq!(out(&got), format!("value k v{i}"), "follower {f}: {}", String::from_utf8_lossy(&got.stderr));
+        }
+    }
+    // Without the table (a bad replica choice is a usage error).
+    let bad = skein(&bin, &addrs, &["table", "get", "fr", "k", "--prefer-replica", "nobody"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
 /// Tiny deterministic generator (xorshift).
 struct Rng(u64);
 

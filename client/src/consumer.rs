@@ -863,7 +863,9 @@ impl Consumer {
 /// The replica to read a partition from, given its leader and in-sync replicas, and which
 /// nodes are in the consumer's rack (see [`ReadReplica`]). The leader whenever the preferred
 /// replica is not in sync: only in-sync replicas know a recent high watermark.
-fn read_replica(prefer: ReadReplica, leader: u32, isr: &[u32], in_my_rack: impl Fn(u32) -> bool) -> u32 {
+/// The replica `prefer` picks among a partition's in-sync replicas (tables' follower reads
+/// pick the same way).
+pub(crate) fn read_replica(prefer: ReadReplica, leader: u32, isr: &[u32], in_my_rack: impl Fn(u32) -> bool) -> u32 {
     match prefer {
         ReadReplica::Leader => leader,
         ReadReplica::Node(node) if isr.contains(&node) => node,

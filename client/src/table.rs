@@ -47,6 +47,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 
 use crate::conn::Connection;
+use crate::consumer::ReadReplica;
+use crate::session::SessionHandle;
 use crate::txn::{add_partitions, coordinator_error, txn_call};
 use crate::wire::{
     ApiKey, EndTxnRequest, EndTxnResponse, ErrorCode, InitProducerIdRequest, InitProducerIdResponse, Level,
@@ -249,6 +251,8 @@ impl Client {
                 timeout: std::cell::Cell::new(DEFAULT_TXN_TIMEOUT),
                 coordinators: RefCell::default(),
                 idle_conns: RefCell::default(),
+                session: RefCell::default(),
+                rack: RefCell::default(),
             }),
         })
     }
@@ -295,6 +299,10 @@ struct TableInner {
     coordinators: RefCell<Vec<TxnCoordinator>>,
     /// Idle connections of ended 2pl and serial transactions, by node id.
     idle_conns: RefCell<HashMap<u32, Vec<Rc<Connection>>>>,
+    /// The session its single-partition commits are noted in and its replica reads wait for.
+    session: RefCell<Option<SessionHandle>>,
+    /// The rack replica reads prefer with [`ReadReplica::Closest`].
+    rack: RefCell<Option<String>>,
 }
 
 /// Most idle connections a [`Table`] keeps per node.
@@ -352,6 +360,99 @@ impl Table {
             parts: BTreeMap::new(),
             writes: BTreeMap::new(),
             conns: RefCell::default(),
+        }
+    }
+
+    /// Notes in `session` what this handle commits in one partition (transactions and
+    /// procedures: the partition's end after the commit), and makes [`Table::get_from`] wait
+    /// for the session's tokens: read-your-writes and monotonic reads across replicas. A
+    /// transaction over several partitions becomes visible at its markers, whose offsets
+    /// the client does not learn: it is not noted.
+    pub fn set_session(&self, session: Option<SessionHandle>) {
+        *self.inner.session.borrow_mut() = session;
+    }
+
+    /// The rack [`ReadReplica::Closest`] prefers (the broker's `--rack`).
+    pub fn set_rack(&self, rack: Option<String>) {
+        *self.inner.rack.borrow_mut() = rack;
+    }
+
+    fn note_commit(&self, partition: u32, offset: u64) {
+        if let Some(s) = self.inner.session.borrow().as_ref() {
+            let epoch = self.inner.client.cached_leader_epoch(&self.inner.name, partition);
+            s.borrow_mut().note_write(&self.inner.name, partition, offset + 1, epoch);
+        }
+    }
+
+    /// Reads `key` outside any transaction from the replica `replica` picks among the
+    /// partition's in-sync replicas (a follower, or the leader), at the newest offset that
+    /// replica applied: read committed, possibly older than the leader's. With a session
+    /// ([`Table::set_session`]) the replica answers only once it applied the session's
+    /// token for the partition, and the token rises to what was read; a replica still
+    /// behind after a few tries is left for the leader.
+    pub async fn get_from(&self, key: &[u8], replica: ReadReplica) -> Result<Option<Value>, TableError> {
+        check_key(key)?;
+        let client = &self.inner.client;
+        let name = self.inner.name.as_str();
+        let p = self.partition_of(key);
+        let timeout = client.config().request_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut to_leader = replica == ReadReplica::Leader;
+        let mut attempt = 0;
+        loop {
+            let token = self.inner.session.borrow().as_ref().and_then(|s| s.borrow().token(name, p));
+            let answer = async {
+                let leader = client.leader(name, p).await?;
+                let node = if to_leader {
+                    leader
+                } else {
+                    let isr = client.cached_isr(name, p).unwrap_or_default();
+                    let rack = self.inner.rack.borrow().clone();
+                    crate::consumer::read_replica(replica, leader, &isr, |n| {
+                        rack.is_some() && client.broker_rack(n) == rack
+                    })
+                };
+                let req = TableReadRequest {
+                    txn: crate::wire::TableTxn {
+                        txn: next_txn_id(),
+                        level: Level::ReadCommitted.code(),
+                        begin_us: 0,
+                        timeout_ms: u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX),
+                    },
+                    topic: name.to_owned(),
+                    partition: p,
+                    snapshot: -1,
+                    min_offset: token.map_or(0, |t| t.min_high_watermark),
+                    follower: true,
+                    keys: vec![BytesMut::from(key)],
+                    range: None,
+                };
+                let conn = client.node_connection(node).await?;
+                let resp: TableReadResponse = conn.call_for(ApiKey::TableRead, &req, timeout).await?;
+                check_status(&resp, name, p).map(|()| resp)
+            };
+            match answer.await {
+                Ok(resp) => {
+                    if let Some(s) = self.inner.session.borrow().as_ref() {
+                        s.borrow_mut().note_read(name, p, resp.snapshot, token.map_or(0, |t| t.min_leader_epoch));
+                    }
+                    return Ok(resp.rows.into_iter().next().and_then(|r| r.value).map(|v| v.to_vec()));
+                }
+                Err(e) if attempt < RETRIES && Instant::now() + BACKOFF < deadline => {
+                    let lagging = matches!(e, ClientError::Broker(ErrorCode::NOT_CAUGHT_UP, _));
+                    if !(lagging || e.is_retriable() || e.refreshes_metadata()) {
+                        return Err(plain_error(name, e));
+                    }
+                    if e.refreshes_metadata() {
+                        client.invalidate_metadata(name);
+                    }
+                    attempt += 1;
+                    // A follower behind the session twice: the leader has applied it.
+                    to_leader |= lagging && attempt >= 2;
+                    compio::time::sleep(BACKOFF * attempt).await;
+                }
+                Err(e) => return Err(plain_error(name, e)),
+            }
         }
     }
 
@@ -413,7 +514,10 @@ impl Table {
         };
         match resp.outcome {
             OUTCOME_COMMITTED => Ok(RunResult {
-                offset: resp.offset,
+                offset: {
+                    self.note_commit(partition, resp.offset);
+                    resp.offset
+                },
                 results: resp.results.into_iter().map(|r| r.map(|v| v.to_vec())).collect(),
             }),
             OUTCOME_ABORTED => Err(TableError::Aborted(reason_word(&resp.reason))),
@@ -690,6 +794,7 @@ impl TableTxn {
         match resp.outcome {
             OUTCOME_COMMITTED => {
                 self.state = State::Committed(resp.offset);
+                self.table.note_commit(partition, resp.offset);
                 Ok(Committed { offset: resp.offset })
             }
             OUTCOME_ABORTED => Err(self.ended_aborted(&reason_word(&resp.reason))),

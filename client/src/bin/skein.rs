@@ -203,6 +203,19 @@ enum TableCommand {
         /// Key.
         #[arg(allow_hyphen_values = true)]
         key: String,
+        /// Which replica serves the read: `leader` (a transaction at the table's level), or
+        /// `closest` (an in-sync replica in `--rack`) or a node id: read committed at what
+        /// that replica applied, possibly older than the leader's.
+        #[arg(long, default_value = "leader")]
+        prefer_replica: ReadReplica,
+        /// With `--prefer-replica`: the rack `closest` prefers.
+        #[arg(long)]
+        rack: Option<String>,
+        /// Session file (as `produce --session`): the read waits until the replica applied
+        /// the session's writes to the key's partition, and never goes back behind its
+        /// earlier reads; saved on exit.
+        #[arg(long)]
+        session: Option<PathBuf>,
     },
     /// Write a key (one transaction); prints `ok`.
     Put {
@@ -214,6 +227,10 @@ enum TableCommand {
         /// Value.
         #[arg(allow_hyphen_values = true)]
         value: String,
+        /// Session file: the write is noted there, for `table get --session` to read it back
+        /// from any replica.
+        #[arg(long)]
+        session: Option<PathBuf>,
     },
     /// Delete a key (one transaction); prints `ok`.
     Delete {
@@ -1436,14 +1453,26 @@ async fn table_command(client: &Client, command: TableCommand) -> Result<()> {
                 .map_err(|e| anyhow!("creating table: {}", failure(&e)))?;
             answer(&format!("created {name}"))?;
         }
-        TableCommand::Get { name, key } => {
+        TableCommand::Get { name, key, prefer_replica, rack, session } => {
             let t = open_table(client, &name).await?;
-            let v = t.get(key.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            let loaded = load_session(session.as_deref())?;
+            t.set_session(loaded.clone());
+            t.set_rack(rack);
+            let v = if prefer_replica == ReadReplica::Leader && loaded.is_none() {
+                t.get(key.as_bytes()).await
+            } else {
+                t.get_from(key.as_bytes(), prefer_replica).await
+            };
+            let v = v.map_err(|e| table_failure(&name, e))?;
+            save_session(session.as_deref(), loaded.as_ref())?;
             answer(&value_line(key.as_bytes(), v.as_deref()))?;
         }
-        TableCommand::Put { name, key, value } => {
+        TableCommand::Put { name, key, value, session } => {
             let t = open_table(client, &name).await?;
+            let loaded = load_session(session.as_deref())?;
+            t.set_session(loaded.clone());
             t.put(key.as_bytes(), value.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            save_session(session.as_deref(), loaded.as_ref())?;
             answer("ok")?;
         }
         TableCommand::Delete { name, key } => {
