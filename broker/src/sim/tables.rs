@@ -274,6 +274,10 @@ impl Sim {
             let host = self.tables.hosts[i].entry(p).or_default();
             let epoch = host.leader.as_ref().map(PartitionLeader::epoch);
             let leads = matches!(coordinating, Some(Ok(e)) if Some(e) == epoch);
+            if !leads && epoch.is_some() && self.table_still_leads(i, p, epoch) {
+                continue; // a lease blip: the epoch's locks and waits stay
+            }
+            let host = self.tables.hosts[i].entry(p).or_default();
             if !leads {
                 host.leader = None;
                 for (client, request, req) in std::mem::take(&mut host.parked) {
@@ -344,7 +348,10 @@ impl Sim {
         let epoch = match self.nodes[i].core.as_ref()?.coordinating(now, p) {
             Ok(e) => e,
             Err(_) => {
-                self.tables.hosts[i].entry(p).or_default().leader = None;
+                let epoch = self.tables.hosts[i].entry(p).or_default().leader.as_ref().map(PartitionLeader::epoch);
+                if !self.table_still_leads(i, p, epoch) {
+                    self.tables.hosts[i].entry(p).or_default().leader = None;
+                }
                 return None;
             }
         };
@@ -359,6 +366,15 @@ impl Sim {
             host.leader = Some(PartitionLeader::new(epoch).with_plant(plant));
         }
         host.machine.is_some().then_some(epoch)
+    }
+
+    /// Whether node `i`'s replica of `p` still leads at `epoch` (it may not serve now: its
+    /// lease lapsed). The leader-side state of an epoch is kept until the epoch ends: dropped
+    /// and rebuilt at the same epoch, it forgot the locks of transactions whose parts were
+    /// still being appended (seed 50, 2pl: a lost update).
+    fn table_still_leads(&self, i: usize, p: PartitionId, epoch: Option<LeaderEpoch>) -> bool {
+        let replica = self.nodes[i].core.as_ref().and_then(|c| c.replica(p));
+        epoch.is_some() && replica.and_then(|r| r.leader_epoch()) == epoch
     }
 
     pub(super) fn serve_table(&mut self, client: usize, request: u64, to: NodeId, req: TableReq) {
