@@ -396,6 +396,7 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
             topic: rng.topic(),
             partition: rng.partition(),
             keys: rng.list(|r| BytesMut::from(&r.bytes_below(2000)[..])),
+            snapshot: rng.u64() as i64,
         }
         .encode(&mut w),
         ApiKey::TableCommit => TableCommitRequest {

@@ -757,12 +757,14 @@ impl TableTxn {
             _ => false,
         };
         let needs_snapshot = matches!(self.level, Level::Snapshot | Level::Ssi) && part.snapshot.is_none();
+        let read_at = part.snapshot.map_or(-1, |s| s as i64);
         if needs_lock {
             let req = TableLockRequest {
                 txn: self.wire_txn(),
                 topic: self.table.name().to_owned(),
                 partition: p,
                 keys: vec![BytesMut::from(key)],
+                snapshot: read_at,
             };
             if let Err(e) = self.call::<_, TableLockResponse>(p, ApiKey::TableLock, &req, Retry::Idempotent).await {
                 return Err(self.failed(e).await);

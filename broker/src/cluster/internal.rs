@@ -187,6 +187,12 @@ pub(super) fn led(node: &Node, topic: &str) -> Vec<(u32, PartitionId)> {
 }
 
 /// The epoch this shard leads `pid` at, with a valid lease.
+/// The epoch this shard's replica of `pid` leads at, its lease valid or not: state kept per
+/// leader epoch outlives a lease that lapses for a moment (a lease blip is not a new epoch).
+pub(super) fn led_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
+    node.st.borrow().core.replica(pid)?.leader_epoch()
+}
+
 pub(super) fn leading_epoch(node: &Node, pid: PartitionId) -> Option<LeaderEpoch> {
     let st = node.st.borrow();
     if !st.core.lease_valid(now()) {

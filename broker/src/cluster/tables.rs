@@ -40,6 +40,8 @@ use crate::service::{Request, Response};
 const TICK_MS: u64 = 10;
 /// How long a parked request sleeps before it looks again (a missed wake costs this much).
 const WAIT_POLL_MS: u64 = 200;
+/// Polls a parked request waits through a lapsed lease at its epoch before it gives up.
+const BLIP_WAITS_MAX: u32 = 25;
 /// Versions kept below the oldest snapshot in use, for reads that arrive late.
 const PRUNE_SLACK: u64 = 10_000;
 
@@ -213,7 +215,10 @@ async fn serve(node: &Rc<Node>, req: &Request) -> Result<Response, Refusal> {
         Request::TableLock(r) => {
             let info = info_of(&r.txn)?;
             let keys = keys_of(&r.keys)?;
-            wait(node, &host, pid, epoch, info.txn, |l, _, t| l.lock(t, &info, false, &keys)).await?;
+            // A transaction that read here names that read's snapshot: a leader that does not
+            // know it lost its read locks (a leader change) and must not admit it afresh.
+            let used = r.snapshot >= 0;
+            wait(node, &host, pid, epoch, info.txn, |l, _, t| l.lock(t, &info, used, &keys)).await?;
             Ok(Response::TableLock(TableLockResponse { error: ErrorCode::NONE, message: String::new() }))
         }
         Request::TableCommit(r) => commit(node, &host, pid, epoch, r).await.map(Response::TableCommit),
@@ -267,12 +272,22 @@ async fn wait<T>(
             Answer::Ready(t) => return Ok(t),
             Answer::Aborted(r) => return Err(aborted(&r)),
             Answer::Wait => {
-                node.tables.park(txn).await;
-                if node.stopping.get() {
-                    return Err((ErrorCode::SHUTTING_DOWN, String::new()));
-                }
-                if internal::leading_epoch(node, pid) != Some(epoch) {
-                    return Err(aborted(&AbortReason::LeaderChanged));
+                // Asked again only under a valid lease at the same epoch; through a lease blip
+                // the wait goes on (for at most BLIP_WAITS_MAX polls), once the epoch is over
+                // the transaction lost what it held here.
+                let mut blips = 0;
+                loop {
+                    node.tables.park(txn).await;
+                    if node.stopping.get() {
+                        return Err((ErrorCode::SHUTTING_DOWN, String::new()));
+                    }
+                    if internal::leading_epoch(node, pid) == Some(epoch) {
+                        break;
+                    }
+                    blips += 1;
+                    if internal::led_epoch(node, pid) != Some(epoch) || blips > BLIP_WAITS_MAX {
+                        return Err(aborted(&AbortReason::LeaderChanged));
+                    }
                 }
             }
         }
@@ -396,7 +411,13 @@ fn leading(node: &Node, host: &Rc<RefCell<Host>>, pid: PartitionId) -> Result<Le
         Ok(e) => e,
         Err((ErrorCode::COORDINATOR_LOAD_IN_PROGRESS, m)) => return Err((ErrorCode::NOT_LEADER, m)),
         Err((_, m)) => {
-            host.borrow_mut().leader = None;
+            // Dropped only once the epoch is over: through a lease blip the epoch's locks and
+            // waits stay (rebuilt at the same epoch, the state would forget the locks of a part
+            // still being appended: a lost update, simulator seed 50).
+            let mut h = host.borrow_mut();
+            if h.leader.as_ref().map(PartitionLeader::epoch) != internal::led_epoch(node, pid) {
+                h.leader = None;
+            }
             return Err((ErrorCode::NOT_LEADER, m));
         }
     };
@@ -520,8 +541,11 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
         node.tables.hosts.borrow_mut().retain(|p, _| hosted.iter().any(|(_, _, h)| h == p));
         for (topic, index, pid) in hosted {
             let Some(host) = host(&node, pid, &topic, index).await else { continue };
-            if internal::leading_epoch(&node, pid).is_none() {
-                host.borrow_mut().leader = None;
+            {
+                let mut h = host.borrow_mut();
+                if h.leader.as_ref().map(PartitionLeader::epoch) != internal::led_epoch(&node, pid) {
+                    h.leader = None;
+                }
             }
             if let Err((code, message)) = feed(&node, &host, pid) {
                 tracing::debug!(topic, partition = index, code = code.name(), message, "applying table records failed");

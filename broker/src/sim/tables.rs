@@ -83,10 +83,29 @@ pub fn level_for(seed: u64) -> Level {
 /// A table client's request to a partition leader.
 #[derive(Clone, Debug)]
 pub(super) enum TableReq {
-    Read { partition: PartitionId, info: TxnInfo, snapshot: Option<Offset>, key: Key },
-    Lock { partition: PartitionId, info: TxnInfo, key: Key },
-    Commit { partition: PartitionId, info: TxnInfo, record: TableRecord, producer: Option<(i64, i16)> },
-    Abort { partition: PartitionId, txn: TxnId },
+    Read {
+        partition: PartitionId,
+        info: TxnInfo,
+        snapshot: Option<Offset>,
+        key: Key,
+    },
+    /// `used`: the transaction read this partition before (TableLockRequest's `snapshot`).
+    Lock {
+        partition: PartitionId,
+        info: TxnInfo,
+        key: Key,
+        used: bool,
+    },
+    Commit {
+        partition: PartitionId,
+        info: TxnInfo,
+        record: TableRecord,
+        producer: Option<(i64, i16)>,
+    },
+    Abort {
+        partition: PartitionId,
+        txn: TxnId,
+    },
 }
 
 impl TableReq {
@@ -409,7 +428,7 @@ impl Sim {
                     Answer::Aborted(r) => Answer::Aborted(r),
                 }
             }
-            TableReq::Lock { info, key, .. } => match l.lock(now, info, false, std::slice::from_ref(key)) {
+            TableReq::Lock { info, key, used, .. } => match l.lock(now, info, *used, std::slice::from_ref(key)) {
                 Answer::Ready(()) => Answer::Ready(TableResp::Lock(Ok(()))),
                 Answer::Wait => Answer::Wait,
                 Answer::Aborted(r) => Answer::Aborted(r),
@@ -616,7 +635,8 @@ impl Sim {
                     _ => false,
                 };
                 if append && needs_lock {
-                    return self.table_send(c, Req::Table(TableReq::Lock { partition, info, key }));
+                    let used = part.snapshot.is_some();
+                    return self.table_send(c, Req::Table(TableReq::Lock { partition, info, key, used }));
                 }
                 self.table_do_mop(c);
                 self.table_next(c);

@@ -695,8 +695,10 @@ wire_struct! {
 
 wire_struct! {
     /// TableLock request: write intent on `keys` before a write (2pl: exclusive locks;
-    /// serial: the partition's execution turn), answered once granted.
-    pub struct TableLockRequest { pub txn: TableTxn, pub topic: String, pub partition: u32, pub keys: Vec<BytesMut> }
+    /// serial: the partition's execution turn), answered once granted. `snapshot`: the
+    /// snapshot of the transaction's first read of this partition (-1: it has not read it),
+    /// so a leader that does not know the transaction knows it lost its read locks.
+    pub struct TableLockRequest { pub txn: TableTxn, pub topic: String, pub partition: u32, pub keys: Vec<BytesMut>, pub snapshot: i64 }
 }
 
 wire_struct! {
