@@ -16,13 +16,13 @@
 mod common;
 
 use std::collections::{BTreeMap, VecDeque};
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::process::{Child, ChildStdin, Command};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use common::{block_on, sibling, Broker};
+use common::{block_on, sibling, spawn_talking, Broker};
 use skein_client::Client;
 
 /// The levels, in the matrix's column order.
@@ -144,25 +144,11 @@ const STUCK: Duration = Duration::from_secs(20);
 impl<'a> Script<'a> {
     /// Begins transaction `T{n}` (numbered from 1 in begin order).
     fn begin(&mut self) -> usize {
-        let mut child = Command::new(self.bin)
-            .args(["--brokers", self.addr, "txn", "--table", self.table, "--isolation", self.level])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run skein txn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let mut cmd = Command::new(self.bin);
+        cmd.args(["--brokers", self.addr, "txn", "--table", self.table, "--isolation", self.level]);
+        let (child, stdin, lines) = spawn_talking(&mut cmd);
         let name = format!("T{}", self.sessions.len() + 1);
-        let stdin = child.stdin.take();
+        let stdin = Some(stdin);
         self.sessions.push(Session {
             name,
             child,

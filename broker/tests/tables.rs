@@ -7,17 +7,17 @@
 mod common;
 
 use std::cell::RefCell;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::path::Path;
-use std::process::{Child, ChildStdin, Command, Output, Stdio};
+use std::process::{Child, ChildStdin, Command, Output};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::cluster::Cluster;
-use common::{block_on, sibling, Broker};
+use common::{block_on, sibling, spawn_talking, Broker};
 use skein_broker::check::elle::{self, CheckOptions, Model};
 use skein_client::table::TableError;
 use skein_client::wire::Level;
@@ -40,24 +40,9 @@ struct Session {
 
 impl Session {
     fn start(bin: &Path, addr: &str, extra: &[&str]) -> Session {
-        let mut child = Command::new(bin)
-            .args(["--brokers", addr, "txn"])
-            .args(extra)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("run skein txn");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let stdin = child.stdin.take().expect("stdin");
+        let mut cmd = Command::new(bin);
+        cmd.args(["--brokers", addr, "txn"]).args(extra);
+        let (child, stdin, lines) = spawn_talking(&mut cmd);
         Session { child, stdin, lines }
     }
 

@@ -152,6 +152,24 @@ pub fn sibling(name: &str, build_args: &[&str]) -> PathBuf {
     path
 }
 
+/// Starts `cmd` with piped stdin and stdout: the child, its stdin, and its stdout's lines as
+/// they come (a thread reads them), for tests that talk to a CLI one line at a time.
+pub fn spawn_talking(cmd: &mut Command) -> (Child, std::process::ChildStdin, std::sync::mpsc::Receiver<String>) {
+    let mut child =
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("start the command");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let stdin = child.stdin.take().expect("stdin");
+    (child, stdin, lines)
+}
+
 /// Runs a compio future to completion on this thread.
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
