@@ -655,6 +655,49 @@ impl TableTxn {
         Ok(row.value.map(|v| v.to_vec()))
     }
 
+    /// Reads several keys at once: one TableRead per partition, all sent together, so a
+    /// transaction reading two accounts pays one round trip; the values in `keys`' order
+    /// (a key it wrote: its own write).
+    pub async fn get_many(&mut self, keys: &[&[u8]]) -> Result<Vec<Option<Value>>, TableError> {
+        for k in keys {
+            check_key(k)?;
+        }
+        self.check().await?;
+        let mut out: Vec<Option<Option<Value>>> = keys.iter().map(|k| self.writes.get(*k).cloned()).collect();
+        let mut by_partition: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, k) in keys.iter().enumerate() {
+            if out[i].is_none() {
+                by_partition.entry(self.table.partition_of(k)).or_default().push(i);
+            }
+        }
+        for p in by_partition.keys() {
+            self.parts.entry(*p).or_default();
+        }
+        let this = &*self;
+        let asks = by_partition.iter().map(|(&p, index)| {
+            let req = this.read_request(p, index.iter().map(|&i| BytesMut::from(keys[i])).collect(), None);
+            async move { (p, this.call::<_, TableReadResponse>(p, ApiKey::TableRead, &req, Retry::Idempotent).await) }
+        });
+        let answers = futures_util::future::join_all(asks).await;
+        for (p, answer) in answers {
+            let resp = match answer {
+                Ok(resp) => resp,
+                Err(e) => return Err(self.failed(e).await),
+            };
+            let index = &by_partition[&p];
+            if resp.rows.len() < index.len() {
+                return Err(ClientError::Protocol("TableRead answered fewer rows than keys".into()).into());
+            }
+            let part = self.parts.entry(p).or_default();
+            note_snapshot(part, self.level, resp.snapshot);
+            for (&i, row) in index.iter().zip(resp.rows) {
+                part.reads.entry(keys[i].to_vec()).or_insert(row.version);
+                out[i] = Some(row.value.map(|v| v.to_vec()));
+            }
+        }
+        Ok(out.into_iter().map(Option::flatten).collect())
+    }
+
     /// Buffers a write of `key` (under 2pl and serial after taking its lock).
     pub async fn put(&mut self, key: &[u8], value: &[u8]) -> Result<(), TableError> {
         check_value(value)?;

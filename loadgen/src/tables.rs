@@ -250,9 +250,10 @@ async fn attempt(table: &Table, level: Level, intent: &Intent) -> Result<Outcome
     let out = match intent {
         Intent::Transfer { from, to } => {
             let (lo, hi) = (*from.min(to), *from.max(to));
-            let vlo = txn.get(&key(lo)).await?;
-            let vhi = txn.get(&key(hi)).await?;
-            let (blo, bhi) = (integer(lo, vlo.as_deref())?, integer(hi, vhi.as_deref())?);
+            // Both accounts in one round trip (one TableRead per partition).
+            let (klo, khi) = (key(lo), key(hi));
+            let read = txn.get_many(&[&klo, &khi]).await?;
+            let (blo, bhi) = (integer(lo, read[0].as_deref())?, integer(hi, read[1].as_deref())?);
             let src = if *from == lo { blo } else { bhi };
             let moved = src >= 1;
             if moved {
