@@ -184,9 +184,7 @@ impl<'a> Script<'a> {
                 self.trace.push(format!("{} blocked on {:?}", s.name, s.outstanding));
                 return;
             }
-            if self.wait_one(t, deadline - now) {
-                continue;
-            }
+            self.take_answer(t, deadline - now);
         }
     }
 
@@ -201,11 +199,6 @@ impl<'a> Script<'a> {
                 }
             }
         }
-    }
-
-    /// Waits up to `limit` for `t`'s outstanding answer; whether one came.
-    fn wait_one(&mut self, t: usize, limit: Duration) -> bool {
-        self.take_answer(t, limit)
     }
 
     /// Sends `t`'s next queued command if nothing is outstanding; whether one was sent.
@@ -353,7 +346,7 @@ impl<'a> Script<'a> {
                 .collect();
             let Some(&t) = busy.first() else { break };
             assert!(Instant::now() < deadline, "case stuck:\n{}", self.trace.join("\n"));
-            self.wait_one(t, Duration::from_millis(20));
+            self.take_answer(t, Duration::from_millis(20));
         }
         for s in &mut self.sessions {
             drop(s.stdin.take());
