@@ -221,14 +221,20 @@ fn wait_with_timeout(mut child: Child, bound: Duration) -> String {
     format!("{} {}", out.status, String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// The `eos_pipeline` example of this build (cargo builds it if it is stale).
+/// The `eos_pipeline` example of this build (cargo builds it if it is stale; not when
+/// `tests/run` built every target just before and says so with SKEIN_TESTS_PREBUILT, since
+/// `-p skein-client` resolves other features and would rebuild dependencies).
 fn pipeline_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
+    let path = dir.join("examples").join("eos_pipeline");
+    if std::env::var_os("SKEIN_TESTS_PREBUILT").is_some() && path.exists() {
+        return path;
+    }
     let status = Command::new(env!("CARGO"))
         .args(["build", "-p", "skein-client", "--example", "eos_pipeline"])
         .status()
         .expect("run cargo build");
     assert!(status.success(), "building the eos_pipeline example failed");
-    let exe = std::env::current_exe().expect("test binary path");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target/<profile>/deps/..");
-    dir.join("examples").join("eos_pipeline")
+    path
 }

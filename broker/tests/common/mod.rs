@@ -139,7 +139,11 @@ pub fn sibling(name: &str, build_args: &[&str]) -> PathBuf {
     let dir = broker.parent().expect("target dir").to_path_buf();
     let path = if build_args.contains(&"--example") { dir.join("examples").join(name) } else { dir.join(name) };
     let mut built = BUILT.lock().expect("build lock");
-    if !built.iter().any(|n| n == name) {
+    // `tests/run` builds every target of the workspace in one go (`--all-targets`) and says so
+    // with SKEIN_TESTS_PREBUILT: `cargo build -p skein-client` would resolve other features
+    // and rebuild dependencies, minutes on a fresh machine.
+    let prebuilt = std::env::var_os("SKEIN_TESTS_PREBUILT").is_some() && path.exists();
+    if !prebuilt && !built.iter().any(|n| n == name) {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
             .args(["build", "-q", "-p", "skein-client"])
