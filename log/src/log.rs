@@ -45,7 +45,8 @@ use crate::epoch::EpochCache;
 use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 use crate::index::SegmentIndex;
 use crate::segment::{
-    index_name, intact_batch_follows, parse_segment_name, scan, segment_name, Problem, Segment, SegmentReadError,
+    index_name, intact_batch_follows, only_zeros_from, parse_segment_name, scan, segment_name, Problem, Segment,
+    SegmentReadError,
 };
 use crate::storage::{read_exact_at, Storage, StorageError, StorageFile, SyncHandle};
 use crate::types::{LeaderEpoch, Offset, Timestamp};
@@ -122,7 +123,8 @@ pub struct RecoveryReport {
     pub segments_scanned: usize,
     /// Index files rebuilt (missing, damaged or stale).
     pub indexes_rebuilt: usize,
-    /// Bytes cut from the tail as a torn write, with the file and position.
+    /// Bytes cut from the tail as a torn write, with the file and position (zeros alone past
+    /// the last batch, such as reserved space, are cut without being reported here).
     pub truncated: Option<(String, u64, u64)>,
 }
 
@@ -791,7 +793,9 @@ impl<S: Storage> Log<S> {
     /// Clean shutdown: syncs, persists the active segment's index and the clean marker.
     pub fn close(mut self, now: Timestamp) -> Result<(), LogError> {
         self.sync(now)?;
-        self.write_index(self.segments.len() - 1)?;
+        let last = self.segments.len() - 1;
+        self.give_back_reserved(last).map_err(|e| self.poison(e))?;
+        self.write_index(last)?;
         checkpoint::write(&self.storage, CLEAN_MARKER, CLEAN_MAGIC, &self.log_end_offset().0.to_le_bytes())?;
         Ok(())
     }
@@ -830,6 +834,11 @@ impl<S: Storage> Log<S> {
         if trust_index && file_bytes <= u64::from(u32::MAX) {
             let index = self.read_index(base, file_bytes);
             if let Some((index, meta)) = index.filter(|(_, m)| base.get() + u64::from(m.offset_count) <= OFFSET_MAX) {
+                if u64::from(meta.segment_bytes) < file_bytes {
+                    tracing::debug!(file = %path, bytes = file_bytes - u64::from(meta.segment_bytes), "cutting zeros past a sealed segment");
+                    file.set_len(u64::from(meta.segment_bytes))?;
+                    file.sync()?;
+                }
                 let segment = Segment {
                     base,
                     file,
@@ -859,13 +868,21 @@ impl<S: Storage> Log<S> {
             if !torn {
                 return Err(corruption(&path, problem).into());
             }
-            tracing::warn!(file = %path, position = problem.position, reason = %problem.reason,
-                bytes = file_bytes - u64::from(scanned.bytes), "truncating torn tail");
-            self.recovery.truncated =
-                Some((path.clone(), u64::from(problem.position), file_bytes - u64::from(scanned.bytes)));
+            let cut_bytes = file_bytes - u64::from(scanned.bytes);
+            if only_zeros_from(&file, &path, u64::from(problem.position), file_bytes)? {
+                // Space reserved past the last batch (a reservation grows the file), or a
+                // write of which nothing reached the medium: no byte of a batch is lost, so
+                // this is not a cut (a batch missing as zeros at the end of a rolled segment
+                // shows as a gap before the next segment, which drops what follows).
+                tracing::debug!(file = %path, position = problem.position, bytes = cut_bytes, "cutting zeros past the last batch");
+            } else {
+                tracing::warn!(file = %path, position = problem.position, reason = %problem.reason,
+                    bytes = cut_bytes, "truncating torn tail");
+                self.recovery.truncated = Some((path.clone(), u64::from(problem.position), cut_bytes));
+                cut = true;
+            }
             file.set_len(u64::from(scanned.bytes))?;
             file.sync()?;
-            cut = true;
         } else if u64::from(scanned.bytes) != file_bytes {
             let reason = "segment longer than 4 GiB".to_owned();
             return Err(Corruption { file: path, position: u64::from(u32::MAX), reason }.into());
@@ -919,7 +936,22 @@ impl<S: Storage> Log<S> {
         let mut bytes = vec![0u8; usize::try_from(len).ok()?.min(INDEX_FILE_BYTES_MAX)];
         read_exact_at(&file, &mut bytes, 0, &name).ok()?;
         match SegmentIndex::decode(&bytes) {
+            // A file longer than the index says, by zeros only, is space a reservation grew
+            // after the segment was sealed or closed (a sync job begun earlier reserves when
+            // it runs): the caller cuts them.
             Ok((index, meta)) if u64::from(meta.segment_bytes) == file_bytes => Some((index, meta)),
+            Ok((index, meta))
+                if u64::from(meta.segment_bytes) < file_bytes
+                    && only_zeros_from(
+                        &self.storage.open(&segment_name(base)).ok()?,
+                        &name,
+                        u64::from(meta.segment_bytes),
+                        file_bytes,
+                    )
+                    .ok()? =>
+            {
+                Some((index, meta))
+            }
             other => {
                 tracing::info!(file = %self.storage.path_of(&name), ok = other.is_ok(), "index file unusable; rebuilding");
                 None
@@ -1131,17 +1163,28 @@ impl<S: Storage> Log<S> {
     }
 
     /// Completes the seal of rolled segment `i` once its bytes are synced: gives back the space
-    /// reserved past its end (the length stays, so nothing needs syncing: a crash at worst
-    /// keeps the blocks) and writes its index file, which promises a whole segment. Runs on
+    /// reserved past its end and writes its index file, which promises a whole segment. Runs on
     /// the owner's thread, never in a job: a truncation may cut the file while a job is out.
     fn seal(&mut self, i: usize) -> Result<(), StorageError> {
-        let seg = &mut self.segments[i];
-        if self.config.preallocate_bytes > 0 && seg.reserved != u64::from(seg.bytes) {
-            seg.file.set_len(u64::from(seg.bytes))?;
-            seg.reserved = u64::from(seg.bytes);
-        }
+        self.give_back_reserved(i)?;
         self.write_index(i)?;
         self.segments[i].unsealed = false;
+        Ok(())
+    }
+
+    /// Cuts segment `i`'s file back to its batches when space is reserved past them (the
+    /// reservation grew the file) and syncs the new length: an index file (seal, close) vouches
+    /// for a file exactly that long, and one left longer by a crash would be scanned and its
+    /// zeros taken for damage in a sealed segment.
+    /// The file's length is what counts, not `reserved`: a sync job begun before a truncation
+    /// may reserve (grow the file) after it.
+    fn give_back_reserved(&mut self, i: usize) -> Result<(), StorageError> {
+        let seg = &mut self.segments[i];
+        if self.config.preallocate_bytes > 0 && seg.file.len()? != u64::from(seg.bytes) {
+            seg.file.set_len(u64::from(seg.bytes))?;
+            seg.file.sync()?;
+        }
+        seg.reserved = u64::from(seg.bytes);
         Ok(())
     }
 

@@ -341,6 +341,27 @@ pub(crate) fn intact_batch_follows<F: StorageFile>(
 
 const SEARCH_CHUNK_BYTES: usize = 1 << 20;
 
+/// Whether the file holds only zeros from `from` to `file_bytes`: space reserved past the last
+/// batch (`LogConfig::preallocate_bytes` grows the file), not a torn write's leftovers.
+pub(crate) fn only_zeros_from<F: StorageFile>(
+    file: &F,
+    path: &str,
+    from: u64,
+    file_bytes: u64,
+) -> Result<bool, StorageError> {
+    let mut chunk = vec![0u8; SEARCH_CHUNK_BYTES];
+    let mut at = from;
+    while at < file_bytes {
+        let n = (file_bytes - at).min(SEARCH_CHUNK_BYTES as u64) as usize;
+        read_exact_at(file, &mut chunk[..n], at, path)?;
+        if chunk[..n].iter().any(|&b| b != 0) {
+            return Ok(false);
+        }
+        at += n as u64;
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

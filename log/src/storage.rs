@@ -83,8 +83,9 @@ pub trait StorageFile {
     fn len(&self) -> Result<u64, StorageError>;
     /// Truncates or extends the file. Disk space reserved past the new end is released.
     fn set_len(&mut self, len: u64) -> Result<(), StorageError>;
-    /// Reserves disk space for `len` bytes from `pos` without changing the file's length
-    /// (`fallocate` with `KEEP_SIZE`), so later writes there need no block allocation. A file
+    /// Reserves disk space for `len` bytes from `pos` (`fallocate`, mode 0), so later writes
+    /// there need no block allocation; the file's length grows to cover it (the space reads as
+    /// zeros), so an fdatasync after a write inside it has no file size to persist. A file
     /// system that cannot reserve answers `Ok(false)`.
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError>;
     /// A handle to sync this file later or elsewhere.
@@ -251,7 +252,7 @@ impl StorageFile for DiskFile {
     }
 
     fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
-        match rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::KEEP_SIZE, pos, len) {
+        match rustix::fs::fallocate(&*self.file, rustix::fs::FallocateFlags::empty(), pos, len) {
             Ok(()) => Ok(true),
             Err(e) if e == rustix::io::Errno::OPNOTSUPP || e == rustix::io::Errno::NOSYS => Ok(false),
             Err(e) => Err(StorageError::new("preallocate", &*self.path, e.into())),
@@ -549,10 +550,16 @@ impl StorageFile for MemFile {
         Ok(())
     }
 
-    /// Memory needs no reservation; the call counts as an operation, so faults can hit it.
-    fn preallocate(&self, _pos: u64, _len: u64) -> Result<bool, StorageError> {
+    /// Grows the file with zeros to cover the range, as `fallocate` does (not durable until a
+    /// sync, like any change); the call counts as an operation, so faults can hit it.
+    fn preallocate(&self, pos: u64, len: u64) -> Result<bool, StorageError> {
         if let Some(kind) = self.tick() {
             return Err(self.fault("preallocate", kind));
+        }
+        let mut d = self.data.borrow_mut();
+        let end = usize::try_from(pos.saturating_add(len)).unwrap_or(usize::MAX);
+        if d.live.len() < end {
+            d.live.resize(end, 0);
         }
         Ok(true)
     }

@@ -476,7 +476,7 @@ fn space_is_reserved_ahead_of_appends_and_given_back_when_the_segment_is_sealed(
     let first = dir.path().join("00000000000000000000.log");
     fill(&mut log, 0, 3, T0);
     let len = std::fs::metadata(&first).expect("stat").len();
-    assert!(len < 4096, "three small batches, {len} bytes: the length is what was written");
+    assert!(len >= 64 << 10, "the reservation grows the file ({len} bytes for three small batches)");
     assert!(allocated(&first) >= 64 << 10, "an append reserves a step ahead: {} bytes", allocated(&first));
     // A group commit keeps the reservation a step ahead, from its own thread.
     fill(&mut log, 3, 300, T0);
@@ -489,20 +489,48 @@ fn space_is_reserved_ahead_of_appends_and_given_back_when_the_segment_is_sealed(
     .join()
     .expect("sync thread");
     log.finish_sync(result.0, result.1).expect("finish");
-    let len = std::fs::metadata(&first).expect("stat").len();
-    assert!(allocated(&first) >= len + (64 << 10), "{} allocated for {len} written", allocated(&first));
+    let written = log.size_bytes();
+    assert!(allocated(&first) >= written + (64 << 10), "{} allocated for {written} written", allocated(&first));
     // Sealing (a sync job after the roll) gives the rest back; the next segment reserves its own.
     log.roll(T0).expect("roll");
     fill(&mut log, 303, 1000, T0);
     assert!(log.segment_count() > 2);
     log.sync(T0).expect("sync: writes and seals the rolled segments");
     let len = std::fs::metadata(&first).expect("stat").len();
+    assert!(len <= 256 << 10, "a sealed segment is cut back to its batches: {len} bytes");
     assert!(allocated(&first) < len + 8192, "a sealed segment keeps {} bytes for {len}", allocated(&first));
     let end = log.log_end_offset();
     log.close(T0).expect("close");
     let log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg, T0).expect("reopen");
     assert_eq!(log.log_end_offset(), end, "reserved space past the end is not read as records");
     assert_eq!(read_all(&log, Offset(0), 1 << 30).len() as u64, end.get());
+    let report = log.recovery();
+    assert!(report.clean_shutdown && report.segments_scanned == 0, "close cut the tail back: {report:?}");
+}
+
+#[test]
+fn reserved_space_left_by_a_kill_is_cut_at_open_and_appends_go_on() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = LogConfig { segment_bytes: 1 << 20, preallocate_bytes: 64 << 10, ..config() };
+    let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 50, T0);
+    assert_eq!(log.sync(T0).expect("sync"), Offset(50));
+    let first = dir.path().join("00000000000000000000.log");
+    let grown = std::fs::metadata(&first).expect("stat").len();
+    assert!(grown >= log.size_bytes() + (32 << 10), "{grown} bytes of file for {} of batches", log.size_bytes());
+    drop(log); // no close: the process was killed, the zeros of the reservation stay
+    let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg.clone(), T0).expect("reopen");
+    assert_eq!(log.log_end_offset(), Offset(50), "the reservation's zeros are no records");
+    assert_eq!(log.recovery().truncated, None, "zeros alone are no torn write: {:?}", log.recovery());
+    assert_eq!(std::fs::metadata(&first).expect("stat").len(), log.size_bytes(), "the zeros are cut");
+    fill(&mut log, 50, 10, T0);
+    assert_eq!(log.sync(T0).expect("sync"), Offset(60));
+    drop(log);
+    let log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg, T0).expect("reopen again");
+    assert_eq!(
+        read_all(&log, Offset(0), 1 << 30).iter().map(|r| r.id).collect::<Vec<_>>(),
+        (0..60).collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -570,4 +598,32 @@ fn write_jobs_start_writeback_every_few_mebibytes_and_at_a_segments_end() {
     let (from, _) = job.writeback().expect("a rolled segment's rest is written back");
     assert_eq!(from, pos + len);
     assert_eq!(log.sync(T0).expect("sync"), Offset(5));
+}
+
+#[test]
+fn a_reservation_landing_after_the_seal_is_cut_at_open() {
+    // A group commit's reservation runs when its job runs: here after the segment it grows
+    // was sealed (cut back to its batches) by an inline sync and a roll.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = LogConfig { segment_bytes: 1 << 20, preallocate_bytes: 64 << 10, ..config() };
+    let mut log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 3, T0);
+    write_behind(&mut log);
+    let first = dir.path().join("00000000000000000000.log");
+    // Give the reservation back so the group commit reserves again, late.
+    std::fs::OpenOptions::new().write(true).open(&first).expect("open").set_len(log.size_bytes()).expect("cut");
+    let job = log.begin_sync(T0).expect("a sync job");
+    log.roll(T0).expect("roll");
+    fill(&mut log, 3, 5, T0);
+    log.sync(T0).expect("sync: seals the rolled segment");
+    let sealed = std::fs::metadata(&first).expect("stat").len();
+    let result = job.run();
+    let late = std::fs::metadata(&first).expect("stat").len();
+    assert!(late > sealed, "the job reserved after the seal: {late} bytes, sealed at {sealed}");
+    log.finish_sync(job, result).expect("finish");
+    log.close(T0).expect("close");
+    let log = Log::open(FileStorage::new(dir.path()).expect("dir"), cfg, T0).expect("reopen");
+    assert_eq!(read_all(&log, Offset(0), 1 << 30).iter().map(|r| r.id).collect::<Vec<_>>(), (0..8).collect::<Vec<_>>());
+    assert!(log.recovery().clean_shutdown && log.recovery().truncated.is_none(), "{:?}", log.recovery());
+    assert_eq!(std::fs::metadata(&first).expect("stat").len(), sealed, "the late reservation ({late} bytes) is cut");
 }
