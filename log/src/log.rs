@@ -944,7 +944,7 @@ impl<S: Storage> Log<S> {
                 if u64::from(meta.segment_bytes) < file_bytes
                     && only_zeros_from(
                         &self.storage.open(&segment_name(base)).ok()?,
-                        &name,
+                        &self.storage.path_of(&segment_name(base)),
                         u64::from(meta.segment_bytes),
                         file_bytes,
                     )
@@ -1176,6 +1176,7 @@ impl<S: Storage> Log<S> {
     /// reservation grew the file) and syncs the new length: an index file (seal, close) vouches
     /// for a file exactly that long, and one left longer by a crash would be scanned and its
     /// zeros taken for damage in a sealed segment.
+    ///
     /// The file's length is what counts, not `reserved`: a sync job begun before a truncation
     /// may reserve (grow the file) after it.
     fn give_back_reserved(&mut self, i: usize) -> Result<(), StorageError> {

@@ -87,9 +87,10 @@ pub(super) fn replica_settings(
         log.retention_bytes = None;
         // Space reserved ahead (the file grown with fallocate) unless the table says otherwise:
         // a commit's fdatasync inside the file's length then has no size to persist, and
-        // serial transfers with flush.ms=always went from 10.8k to 12.0-12.2k commits/s
-        // (bench/RESULTS.md, "Tables: the commit path"). Small steps: a table's records are
-        // small, and every partition replica reserves up to two steps.
+        // serial transfers with flush.ms=always went 1.11-1.19x faster, alternating
+        // (bench/RESULTS.md, "Tables against PostgreSQL 15, quiet machine, and the commit
+        // path"). Small steps: a table's records are small, and every partition replica
+        // reserves up to two steps.
         if !log_configs.contains_key("preallocate") {
             log.preallocate_bytes = TABLE_PREALLOCATE_BYTES;
         }
