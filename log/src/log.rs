@@ -832,7 +832,7 @@ impl<S: Storage> Log<S> {
         let file_bytes = file.len()?;
         let trust_index = !is_tail || self.recovery.clean_shutdown;
         if trust_index && file_bytes <= u64::from(u32::MAX) {
-            let index = self.read_index(base, file_bytes);
+            let index = self.read_index(base, &file, &path, file_bytes);
             if let Some((index, meta)) = index.filter(|(_, m)| base.get() + u64::from(m.offset_count) <= OFFSET_MAX) {
                 if u64::from(meta.segment_bytes) < file_bytes {
                     tracing::debug!(file = %path, bytes = file_bytes - u64::from(meta.segment_bytes), "cutting zeros past a sealed segment");
@@ -929,7 +929,13 @@ impl<S: Storage> Log<S> {
     }
 
     /// The segment's index and metadata, if the file is present, intact and current.
-    fn read_index(&mut self, base: Offset, file_bytes: u64) -> Option<(SegmentIndex, crate::index::SegmentMeta)> {
+    fn read_index(
+        &mut self,
+        base: Offset,
+        segment: &S::File,
+        segment_path: &str,
+        file_bytes: u64,
+    ) -> Option<(SegmentIndex, crate::index::SegmentMeta)> {
         let name = index_name(base);
         let file = self.storage.open(&name).ok()?;
         let len = file.len().ok()?;
@@ -942,13 +948,7 @@ impl<S: Storage> Log<S> {
             Ok((index, meta)) if u64::from(meta.segment_bytes) == file_bytes => Some((index, meta)),
             Ok((index, meta))
                 if u64::from(meta.segment_bytes) < file_bytes
-                    && only_zeros_from(
-                        &self.storage.open(&segment_name(base)).ok()?,
-                        &self.storage.path_of(&segment_name(base)),
-                        u64::from(meta.segment_bytes),
-                        file_bytes,
-                    )
-                    .ok()? =>
+                    && only_zeros_from(segment, segment_path, u64::from(meta.segment_bytes), file_bytes).ok()? =>
             {
                 Some((index, meta))
             }
