@@ -216,7 +216,9 @@ impl<H: SyncHandle> WriteJob<H> {
 
 /// One fdatasync covering every append written before [`Log::begin_sync`], or, while a rolled
 /// segment is still unsealed, that segment's written bytes (its completion then writes the
-/// segment's index file). Holds only file handles, so it can run on another thread when the
+/// segment's index file). A job from [`Log::begin_write_sync`] first writes the batches not
+/// yet written, so one job (one worker wake, one completion) carries a whole commit group to
+/// disk. Holds only file handles and shared buffers, so it can run on another thread when the
 /// storage's handles allow. When the active segment has less than
 /// `LogConfig::preallocate_bytes` reserved ahead of its end, the job also reserves more, so the
 /// shard rarely calls `fallocate` itself.
@@ -229,16 +231,32 @@ pub struct SyncJob<H> {
     reserve: Option<(u64, u64)>,
     /// The base of the rolled segment this sync makes whole on disk.
     seals: Option<Offset>,
+    /// What to write before the sync; `None` for a plain sync. Boxed: one per commit group,
+    /// and it keeps the job (carried in the replica's commands) small.
+    writes: Option<Box<SyncWrites>>,
+}
+
+/// The batches a write-and-sync job writes before its sync.
+#[derive(Debug)]
+struct SyncWrites {
+    /// (position, batch), consecutive in the file.
+    writes: Vec<(u64, Bytes)>,
+    /// The segment they go to and where they end in it.
+    segment_base: Offset,
+    upto_position: u32,
 }
 
 impl<H: SyncHandle> SyncJob<H> {
     /// Reserves space ahead if asked (a failure is logged: appends then allocate as they go),
-    /// then runs the fdatasync.
+    /// writes the batches it carries with blocking `pwrite`s, then runs the fdatasync.
     pub fn run(&self) -> Result<(), StorageError> {
         if let Some((pos, len)) = self.reserve {
             if let Err(e) = self.handle.preallocate(pos, len) {
                 tracing::warn!(error = %e, "could not reserve disk space ahead of the appends");
             }
+        }
+        for (pos, bytes) in self.writes() {
+            self.handle.write_at(bytes, *pos)?;
         }
         self.handle.sync()
     }
@@ -246,6 +264,12 @@ impl<H: SyncHandle> SyncJob<H> {
     /// Whether the job reserves disk space before its sync (a blocking `fallocate`).
     pub fn reserves(&self) -> bool {
         self.reserve.is_some()
+    }
+
+    /// The batches the job writes before its sync: (position, bytes), consecutive in the
+    /// file; empty for a plain sync.
+    pub fn writes(&self) -> &[(u64, Bytes)] {
+        self.writes.as_ref().map_or(&[], |w| &w.writes)
     }
 
     /// The file to sync.
@@ -489,16 +513,22 @@ impl<S: Storage> Log<S> {
         if let Some(reason) = &self.poisoned {
             return Err(LogError::Poisoned(reason.clone()));
         }
+        self.note_written(job.segment_base, job.upto_position, job.upto);
+        Ok(self.written)
+    }
+
+    /// Batches up to `upto_position` of segment `segment_base` (ending at offset `upto`) are
+    /// in the file.
+    fn note_written(&mut self, segment_base: Offset, upto_position: u32, upto: Offset) {
         // The segment may have rolled meanwhile (its rest was then written inline).
-        if let Some(i) = self.segment_at(job.segment_base) {
+        if let Some(i) = self.segment_at(segment_base) {
             let seg = &mut self.segments[i];
-            seg.written = seg.written.max(job.upto_position);
+            seg.written = seg.written.max(upto_position);
             while seg.pending.front().is_some_and(|(p, b)| *p as usize + b.len() <= seg.written as usize) {
                 seg.pending.pop_front();
             }
         }
-        self.written = self.written.max(job.upto).min(self.log_end_offset());
-        Ok(self.written)
+        self.written = self.written.max(upto).min(self.log_end_offset());
     }
 
     /// Whether the durability policy wants a sync now. A rolled segment whose bytes are all
@@ -538,23 +568,15 @@ impl<S: Storage> Log<S> {
                 log: self.id,
                 reserve: None,
                 seals: whole.then_some(seg.base),
+                writes: None,
             });
         }
         if self.durable >= self.written {
             return None;
         }
         self.last_sync_at = now;
-        let step = u64::from(self.config.preallocate_bytes);
-        let segment_bytes = u64::from(self.config.segment_bytes);
-        let active = self.segments.last_mut().expect("a log has an active segment");
-        let ahead = u64::from(active.bytes).saturating_add(step);
-        let reserve = (step > 0 && active.reserved < ahead.min(segment_bytes)).then(|| {
-            // Counted as reserved now: an append that overtakes the job just allocates its
-            // blocks the usual way, which is slower but the same bytes.
-            let upto = ahead.saturating_add(step).min(segment_bytes);
-            let from = std::mem::replace(&mut active.reserved, upto);
-            (from, upto - from)
-        });
+        let reserve = self.reserve_ahead();
+        let active = self.segments.last().expect("a log has an active segment");
         Some(SyncJob {
             handle: active.file.sync_handle(),
             upto: self.written,
@@ -562,6 +584,57 @@ impl<S: Storage> Log<S> {
             log: self.id,
             reserve,
             seals: None,
+            writes: None,
+        })
+    }
+
+    /// Starts one job that writes every unwritten batch and then syncs, covering the whole log
+    /// ([`SyncJob`]); report it with [`Log::finish_sync`]. Counts as the write job out
+    /// ([`Log::writing`]) until then. `None` (use [`Log::begin_write`] and [`Log::begin_sync`])
+    /// when nothing is unwritten, a write job is out, a rolled segment is unsealed (its sealing
+    /// sync goes first), or the log is poisoned.
+    pub fn begin_write_sync(&mut self, now: Timestamp) -> Option<SyncJob<<S::File as StorageFile>::SyncHandle>> {
+        if self.writing || self.poisoned.is_some() || self.unsealed().is_some() {
+            return None;
+        }
+        let (active, rolled) = self.segments.split_last().expect("a log has an active segment");
+        if active.pending.is_empty() || rolled.iter().any(|s| !s.pending.is_empty()) {
+            return None;
+        }
+        self.writing = true;
+        self.last_sync_at = now;
+        let reserve = self.reserve_ahead();
+        let active = self.segments.last_mut().expect("a log has an active segment");
+        // The sync writes these bytes back itself: no writeback hint is due for them.
+        active.writeback_from = active.bytes;
+        Some(SyncJob {
+            handle: active.file.sync_handle(),
+            upto: active.next_offset,
+            generation: self.generation,
+            log: self.id,
+            reserve,
+            seals: None,
+            writes: Some(Box::new(SyncWrites {
+                writes: active.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
+                segment_base: active.base,
+                upto_position: active.bytes,
+            })),
+        })
+    }
+
+    /// The space to reserve ahead of the active segment's end with the next sync, if it has
+    /// less than `LogConfig::preallocate_bytes` reserved; counted as reserved from now on.
+    fn reserve_ahead(&mut self) -> Option<(u64, u64)> {
+        let step = u64::from(self.config.preallocate_bytes);
+        let segment_bytes = u64::from(self.config.segment_bytes);
+        let active = self.segments.last_mut().expect("a log has an active segment");
+        let ahead = u64::from(active.bytes).saturating_add(step);
+        (step > 0 && active.reserved < ahead.min(segment_bytes)).then(|| {
+            // Counted as reserved now: an append that overtakes the job just allocates its
+            // blocks the usual way, which is slower but the same bytes.
+            let upto = ahead.saturating_add(step).min(segment_bytes);
+            let from = std::mem::replace(&mut active.reserved, upto);
+            (from, upto - from)
         })
     }
 
@@ -572,6 +645,11 @@ impl<S: Storage> Log<S> {
         result: Result<(), StorageError>,
     ) -> Result<Offset, LogError> {
         assert_eq!(job.log, self.id, "a sync job of another log");
+        let wrote = job.writes.is_some();
+        if wrote {
+            assert!(self.writing, "a write-and-sync job finished with no write out");
+            self.writing = false;
+        }
         if let Err(e) = result {
             return Err(self.poison(e).into());
         }
@@ -579,6 +657,9 @@ impl<S: Storage> Log<S> {
             // Linux reports a failed writeback once per open file: a sync that "succeeds"
             // after another one failed proves nothing.
             return Err(LogError::Poisoned(reason.clone()));
+        }
+        if let Some(w) = &job.writes {
+            self.note_written(w.segment_base, w.upto_position, job.upto);
         }
         // A truncation since `begin_sync` may have replaced the bytes the job covered.
         if job.generation == self.generation {

@@ -132,6 +132,63 @@ fn appends_are_read_from_memory_until_written_and_a_process_kill_keeps_what_was_
 }
 
 #[test]
+fn a_write_and_sync_job_carries_the_unwritten_batches_to_disk_and_counts_as_the_write_job_out() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    assert!(log.begin_write_sync(T0).is_none(), "nothing to write");
+    fill(&mut log, 0, 3, T0);
+    let job = log.begin_write_sync(T0).expect("a write-and-sync job");
+    assert_eq!((job.upto(), job.writes().len()), (Offset(3), 3), "every unwritten batch, the whole log");
+    assert!(log.writing(), "it is the write job out");
+    assert!(log.begin_write().is_none() && log.begin_write_sync(T0).is_none(), "one write at a time");
+    fill(&mut log, 3, 2, T0);
+    assert!(log.begin_sync(T0).is_none(), "nothing written yet, nothing else to sync");
+    let result = job.run();
+    assert_eq!(log.finish_sync(job, result).expect("write and sync"), Offset(3));
+    assert_eq!((log.written_offset(), log.durable_offset()), (Offset(3), Offset(3)));
+    assert!(!log.writing());
+    // Batches appended while it ran go with the next one.
+    let job = log.begin_write_sync(T0).expect("the next job");
+    assert_eq!((job.upto(), job.writes().len()), (Offset(5), 2));
+    let result = job.run();
+    assert_eq!(log.finish_sync(job, result).expect("write and sync"), Offset(5));
+    // What a finished job carried survives a machine crash whatever the seed drops.
+    let durable = log.durable_offset();
+    drop(log);
+    for seed in 0..8 {
+        let log = Log::open(s.crash(seed), config(), T0).expect("reopen after a crash");
+        assert!(log.log_end_offset() >= durable, "seed {seed}: lost synced batches");
+    }
+}
+
+#[test]
+fn a_write_and_sync_job_waits_for_a_rolled_segment_s_sealing_sync_and_for_a_write_job_out() {
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 2, T0);
+    let write = log.begin_write().expect("a write job");
+    fill(&mut log, 2, 1, T0);
+    assert!(log.begin_write_sync(T0).is_none(), "a write job is out");
+    let result = write.run();
+    log.finish_write(write, result).expect("write");
+    log.roll(T0).expect("roll");
+    fill(&mut log, 3, 1, T0);
+    assert!(log.begin_write_sync(T0).is_none(), "the rolled segment is not sealed yet");
+    let rest = log.begin_write().expect("the rolled segment's rest");
+    assert_eq!(rest.upto(), Offset(3));
+    let result = rest.run();
+    log.finish_write(rest, result).expect("write");
+    assert!(log.begin_write_sync(T0).is_none(), "the rolled segment is whole but not sealed yet");
+    let seal = log.begin_sync(T0).expect("the sealing sync");
+    let result = seal.run();
+    assert_eq!(log.finish_sync(seal, result).expect("seal"), Offset(3));
+    let job = log.begin_write_sync(T0).expect("now one job for the active segment");
+    assert_eq!(job.upto(), Offset(4));
+    let result = job.run();
+    assert_eq!(log.finish_sync(job, result).expect("write and sync"), Offset(4));
+}
+
+#[test]
 fn a_rolled_segment_is_written_then_sealed_by_jobs_in_log_order_and_a_crash_before_the_seal_drops_what_follows() {
     let s = MemStorage::new();
     let mut cfg = config();

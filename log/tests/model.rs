@@ -6,9 +6,9 @@ mod common;
 use common::{batch, read_all, Rec};
 use proptest::prelude::*;
 use skein_log::batch::batches;
-use skein_log::storage::MemStorage;
+use skein_log::storage::{MemFile, MemStorage, StorageFile};
 use skein_log::types::{LeaderEpoch, Offset, Timestamp};
-use skein_log::{Durability, Log, LogConfig, ReadLimit};
+use skein_log::{Durability, Log, LogConfig, ReadLimit, SyncJob};
 
 #[derive(Clone, Debug)]
 enum Op {
@@ -20,6 +20,7 @@ enum Op {
     BeginWrite,
     FinishWrite,
     BeginSync,
+    BeginWriteSync,
     FinishSync,
     Sync,
     NewEpoch,
@@ -41,6 +42,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => Just(Op::BeginWrite),
         3 => Just(Op::FinishWrite),
         2 => Just(Op::BeginSync),
+        2 => Just(Op::BeginWriteSync),
         2 => Just(Op::FinishSync),
         3 => Just(Op::Sync),
         1 => Just(Op::NewEpoch),
@@ -102,7 +104,7 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
     // A write job out (the owner runs at most one; it ends before a truncation).
     let mut job = None;
     // A sync job out (at most one), which may seal a rolled segment; a truncation may overtake it.
-    let mut sync_job = None;
+    let mut sync_job: Option<SyncJob<<MemFile as StorageFile>::SyncHandle>> = None;
     let mut m = Model {
         records: Vec::new(),
         log_start: Offset(0),
@@ -133,8 +135,19 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
             }
             Op::BeginWrite => {
                 if job.is_none() {
+                    let combined_out = sync_job.as_ref().is_some_and(|j| !j.writes().is_empty());
                     job = log.begin_write();
-                    prop_assert_eq!(job.is_some(), log.written_offset() < log.log_end_offset());
+                    prop_assert_eq!(job.is_some(), log.written_offset() < log.log_end_offset() && !combined_out);
+                }
+            }
+            Op::BeginWriteSync => {
+                if job.is_none() && sync_job.is_none() {
+                    sync_job = log.begin_write_sync(now);
+                    if let Some(j) = &sync_job {
+                        prop_assert_eq!(j.upto(), log.log_end_offset(), "a write-and-sync job covers the whole log");
+                        prop_assert!(log.writing());
+                        prop_assert!(log.begin_write().is_none(), "it counts as the write job out");
+                    }
                 }
             }
             Op::FinishWrite => {
@@ -161,6 +174,11 @@ fn run(ops: Vec<Op>, segment_bytes: u32, retention_bytes: u64) -> Result<(), Tes
                 if let Some(j) = job.take() {
                     let result = j.run();
                     log.finish_write(j, result).expect("write before a truncation");
+                }
+                // A write-and-sync job is a write job too: it ends before a truncation.
+                if let Some(j) = sync_job.take_if(|j| !j.writes().is_empty()) {
+                    let result = j.run();
+                    log.finish_sync(j, result).expect("write and sync before a truncation");
                 }
                 let target = m.pick(at);
                 let new_end = log.truncate_to(target).expect("truncate");

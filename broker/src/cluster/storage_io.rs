@@ -5,7 +5,9 @@
 //! the page-cache copy runs in the kernel's io-wq workers, not on the shard
 //! (bench/RESULTS.md, "Write paths for the partition log"). Syncs are io_uring `fdatasync`s;
 //! a sync job that also reserves disk space ahead (`fallocate`, which compio has no op for)
-//! runs whole on compio's blocking pool. A write job that asks for writeback
+//! or writes its commit group's batches first (`Log::begin_write_sync`) runs whole on compio's
+//! blocking pool: one thread wake for the writes and the sync, where two io_uring ops would
+//! wake an io-wq worker for each (compio cannot link them). A write job that asks for writeback
 //! (`WriteJob::writeback`, every 8 MiB of a segment) starts it on the blocking pool
 //! (`SyncHandle::start_writeback`), not waited for. Under the polling driver (no io_uring) compio runs
 //! the same write and sync ops on its blocking pool: the same code, other threads.
@@ -37,7 +39,7 @@ pub(super) async fn run(job: Job<FileStorage>) -> (Job<FileStorage>, Result<(), 
             }
             (Job::Write(w), result)
         }
-        Job::Sync(s) if !s.reserves() => {
+        Job::Sync(s) if !s.reserves() && s.writes().is_empty() => {
             let handle = s.handle();
             let BufResult(result, _) = compio::runtime::submit(Sync::new(handle.file().clone(), true)).await;
             let result = result.map(drop).map_err(|e| error("sync", handle, e));

@@ -92,6 +92,11 @@ pub struct ReplicaConfig {
     /// on leader and followers alike, each deleting only whole segments below its high
     /// watermark.
     pub retention_check_ms: u64,
+    /// With `flush.ms=always`, the batches appended while a sync is out wait for the next one
+    /// and go to disk in its job (`Log::begin_write_sync`: one job per commit group), unless an
+    /// `acks=leader` produce waits for a write. Off: every batch gets a write job at once and a
+    /// sync follows it, as with `acks=leader` (unit tests that step the two apart use that).
+    pub write_with_sync: bool,
 }
 
 impl Default for ReplicaConfig {
@@ -105,6 +110,7 @@ impl Default for ReplicaConfig {
             fetch_wait_max_ms: 50,
             alter_isr_retry_ms: 100,
             retention_check_ms: 100,
+            write_with_sync: true,
         }
     }
 }
@@ -934,6 +940,8 @@ impl<S: Storage> Replica<S> {
         if let Err(e) = self.log.finish_sync(job, result) {
             return self.fail(format!("sync failed: {e}"), out);
         }
+        // A write-and-sync job also wrote: `acks=leader` produces that came meanwhile.
+        self.answer_written(out);
         self.maybe_sync(now, out);
         if self.commits_synced() {
             self.commit_basis_moved(now, out);
@@ -1221,14 +1229,28 @@ impl<S: Storage> Replica<S> {
         }
     }
 
-    /// Starts the next write job and the next sync job, if there is something for them and
-    /// none of the kind is out.
+    /// Starts the next storage jobs there is something for, none of the kind being out.
+    /// When commits count synced records and no `acks=leader` produce waits for a write, the
+    /// unwritten batches wait for the next sync and go to disk with it, one job per commit
+    /// group (`Log::begin_write_sync`): a worker wake and a completion fewer per group, and a
+    /// sync covers every batch appended before it starts (bench/RESULTS.md, "One job per
+    /// commit group"). Otherwise a write job goes out at once and a sync follows it.
     fn maybe_sync(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
         if self.failed {
             return;
         }
-        if let Some(job) = self.log.begin_write() {
-            out.push(Command::Io { partition: self.partition, job: Job::Write(job) });
+        let write_alone = !self.config.write_with_sync || !self.commits_synced() || !self.written_waiting.is_empty();
+        if !write_alone && !self.sync_in_flight {
+            if let Some(job) = self.log.begin_write_sync(now.timestamp()) {
+                self.sync_in_flight = true;
+                out.push(Command::Io { partition: self.partition, job: Job::Sync(job) });
+                return;
+            }
+        }
+        if write_alone || !self.sync_in_flight {
+            if let Some(job) = self.log.begin_write() {
+                out.push(Command::Io { partition: self.partition, job: Job::Write(job) });
+            }
         }
         if self.sync_in_flight || (!self.commits_synced() && !self.log.sync_due(now.timestamp())) {
             return;

@@ -27,7 +27,7 @@ use super::{
 
 #[test]
 fn acks_all_completes_only_when_every_isr_member_has_the_record_on_disk() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     h.produce(N1, 1, 10, Acks::All);
     assert_eq!(h.replies(N1), vec![]);
     h.sync(N1);
@@ -61,6 +61,78 @@ fn acks_all_completes_only_when_every_isr_member_has_the_record_on_disk() {
     assert_eq!(req.durable_offset, Offset(1));
     assert_eq!(h.r(N1).high_watermark(), Offset(1));
     assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0)))]);
+}
+
+/// The number of batches each queued storage job writes (a plain sync writes none).
+fn job_writes(jobs: &[Job<MemStorage>]) -> Vec<usize> {
+    jobs.iter()
+        .map(|j| match j {
+            Job::Write(w) => w.writes().len(),
+            Job::Sync(s) => s.writes().len(),
+        })
+        .collect()
+}
+
+/// With `flush.ms=always` a commit group goes to disk in one job (its batches written, then
+/// synced); batches appended meanwhile wait for the next job, unless an `acks=leader`
+/// produce waits for a write: then a write job goes out alone.
+#[test]
+fn a_commit_group_goes_to_disk_in_one_job_and_an_acks_leader_produce_still_gets_its_own_write() {
+    let config = ReplicaConfig { fetch_wait_max_ms: 0, min_insync_replicas: 1, ..ReplicaConfig::default() };
+    let mut h = Harness::with(config);
+    h.set_state(N1, state(1, Some(N1), &[N1], 1));
+    h.produce(N1, 1, 10, Acks::All);
+    let mut out = h.take(N1);
+    let jobs = syncs(&mut out);
+    assert!(matches!(jobs[..], [Job::Sync(_)]), "one write-and-sync job: {jobs:?}");
+    assert_eq!(job_writes(&jobs), vec![1]);
+    assert_eq!(h.r(N1).log().written_offset(), Offset(0), "not written before the job runs");
+    h.produce(N1, 2, 11, Acks::All);
+    h.produce(N1, 3, 12, Acks::All);
+    assert_eq!(job_writes(&syncs(&mut h.take(N1))), Vec::<usize>::new(), "they wait for the job out");
+    let job = jobs.into_iter().next().expect("one job");
+    let result = job.run();
+    h.step(N1, |now, r, out| r.handle_io_done(now, job, result, out));
+    assert_eq!(h.r(N1).log().durable_offset(), Offset(1));
+    assert_eq!(h.replies(N1), vec![(RequestId(1), Ok(Offset(0)))]);
+    let mut out = h.take(N1);
+    let jobs = syncs(&mut out);
+    assert_eq!(job_writes(&jobs), vec![2], "the next job carries both batches that waited");
+    // An acks=leader produce while that job is out: answered when the job lands if it went
+    // with it, else by a write job of its own that goes out at once.
+    h.produce(N1, 4, 13, Acks::Leader);
+    assert_eq!(h.replies(N1), vec![], "one write at a time: the job out counts as one");
+    let job = jobs.into_iter().next().expect("one job");
+    let result = job.run();
+    h.step(N1, |now, r, out| r.handle_io_done(now, job, result, out));
+    // The harness runs write jobs at once: the acks=leader batch's went out and landed.
+    assert_eq!(
+        h.replies(N1),
+        vec![(RequestId(2), Ok(Offset(1))), (RequestId(3), Ok(Offset(2))), (RequestId(4), Ok(Offset(3)))]
+    );
+    assert_eq!(h.r(N1).log().written_offset(), Offset(4));
+    assert_eq!(job_writes(&syncs(&mut h.take(N1))), vec![0], "then a plain sync for it");
+}
+
+/// A follower writes and syncs what a fetch brought in one job, and its next fetch, sent when
+/// the job lands, reports it durable.
+#[test]
+fn a_follower_writes_and_syncs_a_fetch_in_one_job_and_reports_it_with_the_next_fetch() {
+    let mut h = Harness::started();
+    h.produce(N1, 1, 10, Acks::All);
+    h.sync(N1);
+    h.advance_ms(BACKOFF_MS);
+    let req = h.round(N1, N2);
+    assert_eq!(req.fetch_offset, Offset(0));
+    assert_eq!(h.queued_fetch(N2), None, "no fetch while the job is out");
+    let mut out = h.take(N2);
+    let jobs = syncs(&mut out);
+    assert_eq!(job_writes(&jobs), vec![1], "one write-and-sync job");
+    let job = jobs.into_iter().next().expect("one job");
+    let result = job.run();
+    h.step(N2, |now, r, out| r.handle_io_done(now, job, result, out));
+    let req = h.take_fetch(N2).expect("a fetch as soon as the job landed");
+    assert_eq!((req.fetch_offset, req.durable_offset), (Offset(1), Offset(1)));
 }
 
 /// `flush.ms` an interval: commits count written records (Kafka's model), and the logs sync
@@ -116,7 +188,7 @@ fn acks_leader_replies_right_after_the_append() {
 
 #[test]
 fn acks_leader_waits_for_the_write_and_a_follower_neither_fetches_nor_truncates_while_one_is_out() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     h.hold_writes = true;
     h.produce(N1, 1, 10, Acks::Leader);
     h.produce(N1, 2, 11, Acks::Leader);
@@ -229,7 +301,7 @@ fn stale_partition_states_are_ignored() {
 
 #[test]
 fn a_leader_fetched_at_a_newer_epoch_steps_down_and_answers_fenced() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     h.produce(N1, 1, 10, Acks::All);
     assert_eq!(h.replies(N1), vec![]);
 
@@ -272,7 +344,7 @@ fn a_leader_fetched_at_a_newer_epoch_steps_down_and_answers_fenced() {
 
 #[test]
 fn a_duplicated_or_late_fetch_response_is_ignored() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     h.produce(N1, 1, 10, Acks::Leader);
     h.advance_ms(BACKOFF_MS);
     h.tick(N2);
@@ -324,7 +396,7 @@ fn a_duplicated_or_late_fetch_response_is_ignored() {
 
 #[test]
 fn a_diverging_follower_truncates_to_where_the_leader_ends_its_epoch() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     // Epoch 1 (n1): records 0 and 1 reach both followers, records 2 and 3 only n2.
     h.produce(N1, 1, 10, Acks::Leader);
     h.produce(N1, 2, 11, Acks::Leader);
@@ -367,7 +439,7 @@ fn a_diverging_follower_truncates_to_where_the_leader_ends_its_epoch() {
 
 #[test]
 fn a_diverging_follower_truncates_to_where_it_ends_the_epoch_when_that_is_earlier() {
-    let mut h = Harness::started();
+    let mut h = Harness::started_separate();
     // Epoch 1 (n1): records 0 and 1 reach both followers, record 2 only n3.
     h.produce(N1, 1, 10, Acks::Leader);
     h.produce(N1, 2, 11, Acks::Leader);
@@ -457,7 +529,7 @@ fn a_follower_that_stops_fetching_is_proposed_out_of_the_isr() {
 
 #[test]
 fn a_follower_that_catches_up_is_proposed_into_the_isr() {
-    let mut h = Harness::new();
+    let mut h = Harness::separate_jobs();
     let s = state(1, Some(N1), &[N1, N2], 1);
     h.set_state(N1, s.clone());
     h.set_state(N2, s.clone());
@@ -746,7 +818,7 @@ fn a_node_accepts_produces_only_while_its_lease_is_valid() {
 
 #[test]
 fn a_follower_joins_the_isr_only_with_the_committed_records_on_disk() {
-    let mut h = Harness::new();
+    let mut h = Harness::separate_jobs();
     let s = state(1, Some(N1), &[N1, N2], 1);
     h.set_state(N1, s.clone());
     h.set_state(N2, s.clone());
@@ -945,10 +1017,24 @@ impl Harness {
         }
     }
 
+    /// Like `new`, but every batch gets its write job at once and a sync follows it
+    /// (`ReplicaConfig::write_with_sync` off), so a test can step writes and syncs apart.
+    fn separate_jobs() -> Harness {
+        Harness::with(ReplicaConfig { fetch_wait_max_ms: 0, write_with_sync: false, ..ReplicaConfig::default() })
+    }
+
     /// Epoch 1 led by n1, every replica in the ISR; both followers did their first (empty)
     /// fetch and back off.
     fn started() -> Harness {
-        let mut h = Harness::new();
+        Harness::start(Harness::new())
+    }
+
+    /// `started`, from `separate_jobs`.
+    fn started_separate() -> Harness {
+        Harness::start(Harness::separate_jobs())
+    }
+
+    fn start(mut h: Harness) -> Harness {
         let s = state(1, Some(N1), &[N1, N2, N3], 1);
         for id in [N1, N2, N3] {
             h.set_state(id, s.clone());

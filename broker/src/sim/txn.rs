@@ -1291,6 +1291,20 @@ impl Sim {
                 None => {
                     let now = self.local(i);
                     let machine = c.machine.as_ref().expect("ready");
+                    // Prepared transactions are completed on every tick, not only when this
+                    // node starts leading (as the runtime's tick does): a record written by a
+                    // job that was abandoned (a lease lapse) can still commit after the load
+                    // looked, and nothing else would complete it (seed 212 of --transactions,
+                    // once commit groups went to disk in one job and commits took a little
+                    // longer).
+                    let unfinished = machine.unfinished();
+                    if !unfinished.is_empty() {
+                        let steps = unfinished.into_iter().map(Step::Complete).collect();
+                        self.txn.coordinators[i].get_mut(&p).expect("ready").job =
+                            Some(Job { client: None, steps, stage: Stage::Ready });
+                        self.txn_advance(i, p);
+                        continue;
+                    }
                     let Some(id) = machine.expired(now).into_iter().min() else { continue };
                     let Ok(Some(rec)) = machine.abort(&id, "transaction timeout") else { continue };
                     tracing::debug!(node = i + 1, %id, "sim: transaction timed out");
