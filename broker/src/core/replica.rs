@@ -23,8 +23,9 @@
 //! backwards while the replica runs (checked by the simulator after every event); a leader only completes `acks=all` below its high watermark,
 //! which is the smallest *durable* offset over the ISR (including proposed additions), and
 //! `acks=leader` once its batch is written (in the OS's hands: it survives a process kill);
-//! followers append only batches starting at their log end, and neither fetch nor truncate
-//! while a write job is out (a write landing after a cut would bring cut batches back).
+//! followers append only batches starting at their log end, and never truncate while a write
+//! job is out (a write landing after a cut would bring cut batches back): an answer asking for
+//! a truncation then waits, and so does the next fetch, until the job lands.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -246,6 +247,9 @@ struct FollowerState {
     /// sends a new fetch at once (the leader's high watermark waits for it), replacing the
     /// outstanding one, which the leader may be holding.
     durable_reported: Offset,
+    /// An answer asking for a truncation came while a write job was out: no fetch until the
+    /// job lands (a truncation must not overtake a write; the fetch asks again then).
+    truncation_waits: bool,
 }
 
 /// One partition replica. See the module docs for the call protocol.
@@ -474,6 +478,7 @@ impl<S: Storage> Replica<S> {
                 pretend_epoch: keep_pretend,
                 correlation: self.fetch_correlation,
                 durable_reported: Offset(0),
+                truncation_waits: false,
             });
             self.maybe_fetch(now, out);
         } else {
@@ -802,6 +807,7 @@ impl<S: Storage> Replica<S> {
         }
         if self.log.writing() && matches!(resp, FetchResponse::Diverging { .. } | FetchResponse::OutOfRange { .. }) {
             // A truncation waits for the write job out; the fetch goes again once it lands.
+            f.truncation_waits = true;
             f.next_fetch = now;
             return;
         }
@@ -877,26 +883,25 @@ impl<S: Storage> Replica<S> {
                 }
                 self.maybe_sync(now, out);
                 let long_poll = self.config.fetch_wait_max_ms > 0;
-                let syncing = self.sync_in_flight || self.log.writing();
                 let Role::Follower(f) = &mut self.role else { unreachable!("still a follower") };
                 if got > 0 {
                     f.pretend_epoch = None;
                 }
-                // Long poll: after records, fetch again once they are durable (that fetch
-                // reports it, and the leader's high watermark waits for it; one sent earlier
-                // would be held by the leader), or at once if nothing is to sync; after an
-                // empty answer, at once if it brought a new high watermark or was held (it took
-                // at least the back-off), else after the back-off: a leader that holds nothing
-                // (its wait is 0, or it no longer counts this replica as a follower) must not
-                // be polled in a tight loop. Without: at once after records, after the
-                // back-off after an empty answer.
+                // After records, fetch again at once, also while they are being written and
+                // synced: the leader holds that fetch until it has more (a long poll), and
+                // when the sync lands a new fetch replaces it to report the records durable
+                // (`commit_basis_moved`), so the follower's round trip overlaps its sync.
+                // After an empty answer: with a long poll, at once if it brought a new high
+                // watermark or was held (it took at least the back-off), else after the
+                // back-off: a leader that holds nothing (its wait is 0, or it no longer counts
+                // this replica as a follower) must not be polled in a tight loop. Without: after
+                // the back-off.
                 let backoff = self.config.fetch_backoff_ms;
                 let held = now.ms_since(sent) >= backoff;
-                f.next_fetch = match (got > 0, syncing) {
-                    (true, true) if long_poll => Time(u64::MAX),
-                    (true, _) => now,
-                    (false, _) if long_poll && (news || held) => now,
-                    (false, _) => now.plus_ms(backoff),
+                f.next_fetch = match got > 0 {
+                    true => now,
+                    false if long_poll && (news || held) => now,
+                    false => now.plus_ms(backoff),
                 };
             }
         }
@@ -1265,10 +1270,15 @@ impl<S: Storage> Replica<S> {
         let epoch = self.epoch();
         let basis = self.commit_basis();
         let Role::Follower(f) = &mut self.role else { return };
-        // No fetch while a write job is out: its answer may ask for a truncation.
-        if f.in_flight.is_some() || now < f.next_fetch || self.log.writing() {
+        // With a long poll a fetch goes out while a write job is out (its records are
+        // appended behind the job and go to disk with the next one), except after an answer
+        // that asked for a truncation, which waits for the job. Without one (every fetch
+        // answered at once) the next fetch waits for the job, which it then reports.
+        let long_poll = self.config.fetch_wait_max_ms > 0;
+        if f.in_flight.is_some() || now < f.next_fetch || (self.log.writing() && (f.truncation_waits || !long_poll)) {
             return;
         }
+        f.truncation_waits = false;
         f.in_flight = Some(now);
         f.durable_reported = basis;
         self.fetch_correlation += 1;

@@ -114,25 +114,70 @@ fn a_commit_group_goes_to_disk_in_one_job_and_an_acks_leader_produce_still_gets_
     assert_eq!(job_writes(&syncs(&mut h.take(N1))), vec![0], "then a plain sync for it");
 }
 
-/// A follower writes and syncs what a fetch brought in one job, and its next fetch, sent when
-/// the job lands, reports it durable.
+/// A follower writes and syncs what a fetch brought in one job; its next fetch goes out at
+/// once, and what that brings while the job is out waits in memory for the next job. When the
+/// job lands a new fetch reports it durable, replacing the one the leader holds.
 #[test]
-fn a_follower_writes_and_syncs_a_fetch_in_one_job_and_reports_it_with_the_next_fetch() {
-    let mut h = Harness::started();
+fn a_follower_writes_and_syncs_a_fetch_in_one_job_and_fetches_on_while_it_is_out() {
+    let mut h = long_polling();
     h.produce(N1, 1, 10, Acks::All);
     h.sync(N1);
-    h.advance_ms(BACKOFF_MS);
-    let req = h.round(N1, N2);
-    assert_eq!(req.fetch_offset, Offset(0));
-    assert_eq!(h.queued_fetch(N2), None, "no fetch while the job is out");
+    let resp = held_answers(&mut h).remove(&N2).expect("n2's held fetch is answered");
+    h.respond(N2, resp);
     let mut out = h.take(N2);
     let jobs = syncs(&mut out);
     assert_eq!(job_writes(&jobs), vec![1], "one write-and-sync job");
+    let req = fetches(&mut out).pop().expect("the next fetch went out at once");
+    assert_eq!((req.fetch_offset, req.durable_offset), (Offset(1), Offset(0)));
+    // The leader appends more meanwhile: the held fetch brings it, and it waits for the job.
+    assert_eq!(h.fetch_or_park(N1, &req), None, "held");
+    h.produce(N1, 2, 11, Acks::All);
+    let resp = held_answers(&mut h).remove(&N2).expect("answered by the append");
+    h.respond(N2, resp);
+    assert_eq!(h.r(N2).log().log_end_offset(), Offset(2));
+    let mut out = h.take(N2);
+    assert!(syncs(&mut out).is_empty(), "one job at a time");
+    let req = fetches(&mut out).pop().expect("and it fetches on");
+    assert_eq!((req.fetch_offset, req.durable_offset), (Offset(2), Offset(0)));
+    assert_eq!(h.fetch_or_park(N1, &req), None, "held");
     let job = jobs.into_iter().next().expect("one job");
     let result = job.run();
     h.step(N2, |now, r, out| r.handle_io_done(now, job, result, out));
-    let req = h.take_fetch(N2).expect("a fetch as soon as the job landed");
-    assert_eq!((req.fetch_offset, req.durable_offset), (Offset(1), Offset(1)));
+    let mut out = h.take(N2);
+    let req = fetches(&mut out).pop().expect("a fetch reporting the job's records durable");
+    assert_eq!((req.fetch_offset, req.durable_offset), (Offset(2), Offset(1)));
+    assert_eq!(job_writes(&syncs(&mut out)), vec![1], "the next job carries the record that waited");
+}
+
+/// With a long poll a follower fetches on while its job is out, but an answer asking for a
+/// truncation waits for the job: no truncation and no fetch until it lands.
+#[test]
+fn a_diverging_answer_during_a_follower_s_job_waits_for_the_job() {
+    let mut h = long_polling();
+    h.produce(N1, 1, 10, Acks::All);
+    let resp = held_answers(&mut h).remove(&N2).expect("n2's held fetch is answered");
+    h.respond(N2, resp);
+    let mut out = h.take(N2);
+    let jobs = syncs(&mut out);
+    assert_eq!(job_writes(&jobs), vec![1]);
+    let req = fetches(&mut out).pop().expect("the next fetch went out at once");
+    let diverging = FetchResponse::Diverging {
+        partition: P,
+        correlation: req.correlation,
+        epoch: LeaderEpoch(1),
+        end_epoch: LeaderEpoch(1),
+        end_offset: Offset(0),
+    };
+    h.respond(N2, diverging);
+    assert_eq!(h.r(N2).log().log_end_offset(), Offset(1), "no truncation with the job out");
+    h.advance_ms(BACKOFF_MS);
+    h.tick(N2);
+    assert!(h.queued_fetch(N2).is_none(), "and no fetch until it lands");
+    let job = jobs.into_iter().next().expect("one job");
+    let result = job.run();
+    h.step(N2, |now, r, out| r.handle_io_done(now, job, result, out));
+    let req = h.take_fetch(N2).expect("the fetch goes once the job landed");
+    assert_eq!(req.durable_offset, Offset(1));
 }
 
 /// `flush.ms` an interval: commits count written records (Kafka's model), and the logs sync
@@ -651,9 +696,13 @@ fn a_held_fetch_is_answered_by_the_next_append_and_acks_all_waits_for_no_interva
         let FetchResponse::Records { batches, .. } = &resp else { panic!("records for {f}: {resp:?}") };
         assert_eq!(decode(batches), vec![(0, 1, 10)]);
         h.respond(f, resp);
-        assert_eq!(h.take_fetch(f), None, "{f} fetches again only once the record is on disk");
+        // The next fetch goes out at once, while the record is being written and synced,
+        // and is held: the leader has nothing newer.
+        let early = h.take_fetch(f).expect("{f} fetches again at once");
+        assert_eq!((early.fetch_offset, early.durable_offset), (Offset(1), Offset(0)));
+        assert_eq!(h.fetch_or_park(N1, &early), None, "held: nothing new for {f}");
         h.sync(f);
-        let req = h.take_fetch(f).expect("the sync sends the next fetch at once");
+        let req = h.take_fetch(f).expect("the sync sends a fetch at once, replacing the held one");
         assert_eq!((req.fetch_offset, req.durable_offset), (Offset(1), Offset(1)));
         // It tells the leader something new: answered at once only if the high watermark
         // moved (the last follower's report moves it), else held.
@@ -1247,6 +1296,14 @@ fn drain<T>(
     }
     *out = rest;
     taken
+}
+
+/// The fetches queued, oldest first.
+fn fetches(out: &mut Out) -> Vec<FetchRequest> {
+    drain(out, |c| match c {
+        Command::Send { msg: Message::Fetch(req), .. } => Ok(req),
+        c => Err(c),
+    })
 }
 
 fn sends(out: &mut Out) -> Vec<(Peer, Message)> {

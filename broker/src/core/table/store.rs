@@ -108,6 +108,12 @@ pub struct TableMachine {
     rows: BTreeMap<Key, Vec<Version>>,
     /// The number of versions in `rows`.
     versions: usize,
+    /// Keys that may hold versions to drop once the pruning point passes the offset: a version
+    /// written over an older one, or a delete. `prune` visits only these (in offset order),
+    /// not every row (a full scan of a 10,000-row table every tick was the largest user-space
+    /// cost of a replication-3 run, bench/RESULTS.md "One job per commit group").
+    /// Ascending by offset (a restore rebuilds it from the rows).
+    prunable: VecDeque<(Offset, Key)>,
     /// Per producer, its part prepared and not yet decided.
     prepared: BTreeMap<ProducerId, Prepared>,
     /// The keys the prepared parts hold (derived from `prepared`).
@@ -131,6 +137,7 @@ impl TableMachine {
         TableMachine {
             rows: BTreeMap::new(),
             versions: 0,
+            prunable: VecDeque::new(),
             prepared: BTreeMap::new(),
             holds: BTreeMap::new(),
             outcomes: Outcomes::new(OUTCOMES_MAX),
@@ -255,18 +262,15 @@ impl TableMachine {
     /// goes. The caller promises no later read or validation uses a snapshot below `keep`.
     pub fn prune(&mut self, keep: Offset) {
         let mut dropped = 0;
-        self.rows.retain(|_, versions| {
-            let below = versions.partition_point(|(o, _)| *o < keep);
-            if below > 1 {
-                versions.drain(..below - 1);
-                dropped += below - 1;
-            }
-            let gone = matches!(versions.as_slice(), [(o, None)] if *o < keep);
+        while self.prunable.front().is_some_and(|(o, _)| *o < keep) {
+            let (_, key) = self.prunable.pop_front().expect("checked above");
+            let Some(versions) = self.rows.get_mut(&key) else { continue };
+            let (d, gone) = prune_versions(versions, keep);
+            dropped += d;
             if gone {
-                dropped += 1;
+                self.rows.remove(&key);
             }
-            !gone
-        });
+        }
         self.versions -= dropped;
     }
 
@@ -320,6 +324,17 @@ impl TableMachine {
         let applied = Offset(d.u64()?);
         let mut m = TableMachine { applied, ..TableMachine::new() };
         m.restore_rows(&mut d)?;
+        // What `set` would have queued for the restored versions.
+        let mut prunable: Vec<(Offset, Key)> = Vec::new();
+        for (key, versions) in &m.rows {
+            for (i, (offset, value)) in versions.iter().enumerate() {
+                if i > 0 || value.is_none() {
+                    prunable.push((*offset, key.clone()));
+                }
+            }
+        }
+        prunable.sort_by_key(|(offset, _)| *offset);
+        m.prunable = prunable.into();
         m.restore_prepared(&mut d)?;
         let outcomes = d.u64()?;
         let mut seen = BTreeSet::new();
@@ -493,8 +508,12 @@ impl TableMachine {
                     versions.push((offset, value));
                     self.versions += 1;
                 }
+                self.prunable.push_back((offset, key));
             }
             None => {
+                if value.is_none() {
+                    self.prunable.push_back((offset, key.clone()));
+                }
                 self.rows.insert(key, vec![(offset, value)]);
                 self.versions += 1;
             }
@@ -682,6 +701,22 @@ fn validates_reads(part: &Part) -> bool {
 
 /// A version of a key: the offset that wrote it and its value (None: deleted).
 type Version = (Offset, Option<Value>);
+
+/// Drops the versions of one key no read at a snapshot `>= keep` can see (`prune`): how many,
+/// and whether the key goes (only a delete below `keep` is left).
+fn prune_versions(versions: &mut Vec<Version>, keep: Offset) -> (usize, bool) {
+    let mut dropped = 0;
+    let below = versions.partition_point(|(o, _)| *o < keep);
+    if below > 1 {
+        versions.drain(..below - 1);
+        dropped += below - 1;
+    }
+    let gone = matches!(versions.as_slice(), [(o, None)] if *o < keep);
+    if gone {
+        dropped += 1;
+    }
+    (dropped, gone)
+}
 
 /// A part prepared inside a log transaction.
 #[derive(Clone, Debug)]
