@@ -10,7 +10,8 @@
 #
 # Env: SECS (10), CLIENTS (8), CASES ("transfer10 transfer10k append100"), LEVELS (r=1 levels),
 # R3_LEVELS (r=3 levels), OUT (bench/results/tables-pg), PG_DIR (/work/shared/peers/postgres),
-# WARM_MIB (4096; 0: no page cache warm-up), SKIP_PG=1 (Skein only).
+# WARM_MIB (4096; 0: no page cache warm-up), SKIP_PG=1 (Skein only), BROKER_ARGS (extra
+# loadgen arguments for the local brokers, e.g. "--broker-arg=--cores --broker-arg=1").
 # Reports: $OUT/skein-CASE-LEVEL-rR.json, $OUT/pg-CASE.json (copied from run.sh's results).
 # Build first: cargo build --release --locked -p skein-broker -p skein-loadgen
 set -euo pipefail
@@ -51,7 +52,7 @@ skein() { # skein CASE LEVEL REPLICAS
   log "skein $1 $2 r=$3"
   # shellcheck disable=SC2046
   "$LOADGEN" tables --broker-bin "$BROKER" --replicas "$3" --isolation "$2" --clients "$CLIENTS" \
-    --seconds "$SECS" --report "$out" $(case_args "$1") | sed -n 1p || log "skein $1 $2 r=$3 failed"
+    --seconds "$SECS" --report "$out" $(case_args "$1") ${BROKER_ARGS:-} | sed -n 1p || log "skein $1 $2 r=$3 failed"
 }
 
 pg() { # pg CASE
