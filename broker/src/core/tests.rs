@@ -161,13 +161,7 @@ fn a_diverging_answer_during_a_follower_s_job_waits_for_the_job() {
     let jobs = syncs(&mut out);
     assert_eq!(job_writes(&jobs), vec![1]);
     let req = fetches(&mut out).pop().expect("the next fetch went out at once");
-    let diverging = FetchResponse::Diverging {
-        partition: P,
-        correlation: req.correlation,
-        epoch: LeaderEpoch(1),
-        end_epoch: LeaderEpoch(1),
-        end_offset: Offset(0),
-    };
+    let diverging = diverging_at_start(req.correlation);
     h.respond(N2, diverging);
     assert_eq!(h.r(N2).log().log_end_offset(), Offset(1), "no truncation with the job out");
     h.advance_ms(BACKOFF_MS);
@@ -252,13 +246,7 @@ fn acks_leader_waits_for_the_write_and_a_follower_neither_fetches_nor_truncates_
     h.advance_ms(BACKOFF_MS);
     h.tick(N2);
     assert!(h.queued_fetch(N2).is_none(), "no fetch while a write is out");
-    let diverging = FetchResponse::Diverging {
-        partition: P,
-        correlation: req.correlation,
-        epoch: LeaderEpoch(1),
-        end_epoch: LeaderEpoch(1),
-        end_offset: Offset(0),
-    };
+    let diverging = diverging_at_start(req.correlation);
     h.respond(N2, diverging);
     assert_eq!(h.r(N2).log().log_end_offset(), Offset(2), "no truncation with a write out");
     h.write(N2);
@@ -1296,6 +1284,17 @@ fn drain<T>(
     }
     *out = rest;
     taken
+}
+
+/// The leader's answer (epoch 1) that the follower's log diverges from offset 0.
+fn diverging_at_start(correlation: u64) -> FetchResponse {
+    FetchResponse::Diverging {
+        partition: P,
+        correlation,
+        epoch: LeaderEpoch(1),
+        end_epoch: LeaderEpoch(1),
+        end_offset: Offset(0),
+    }
 }
 
 /// The fetches queued, oldest first.
