@@ -489,7 +489,7 @@ impl<S: Storage> Log<S> {
         });
         Some(WriteJob {
             handle: seg.file.sync_handle(),
-            writes: seg.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
+            writes: seg.pending_writes(),
             segment_base: seg.base,
             upto_position: seg.bytes,
             upto: seg.next_offset,
@@ -615,7 +615,7 @@ impl<S: Storage> Log<S> {
             reserve,
             seals: None,
             writes: Some(Box::new(SyncWrites {
-                writes: active.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect(),
+                writes: active.pending_writes(),
                 segment_base: active.base,
                 upto_position: active.bytes,
             })),
@@ -645,8 +645,7 @@ impl<S: Storage> Log<S> {
         result: Result<(), StorageError>,
     ) -> Result<Offset, LogError> {
         assert_eq!(job.log, self.id, "a sync job of another log");
-        let wrote = job.writes.is_some();
-        if wrote {
+        if job.writes.is_some() {
             assert!(self.writing, "a write-and-sync job finished with no write out");
             self.writing = false;
         }

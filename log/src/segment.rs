@@ -87,6 +87,12 @@ pub(crate) fn parse_segment_name(name: &str) -> Option<Offset> {
 }
 
 impl<F: StorageFile> Segment<F> {
+    /// The unwritten batches as (position in the file, bytes), consecutive: what a write job
+    /// (or a write-and-sync job) writes; the buffers are shared, not copied.
+    pub fn pending_writes(&self) -> Vec<(u64, Bytes)> {
+        self.pending.iter().map(|(p, b)| (u64::from(*p), b.clone())).collect()
+    }
+
     /// The metadata persisted in the index file's trailer.
     pub fn meta(&self) -> SegmentMeta {
         SegmentMeta {

@@ -191,6 +191,14 @@ struct Job {
     stage: Stage,
 }
 
+impl Job {
+    /// A job of no client that completes the prepared transactions `ids` (markers, then the
+    /// completing record), as a coordinator does on taking over and on every tick.
+    fn completing(ids: Vec<String>) -> Job {
+        Job { client: None, steps: ids.into_iter().map(Step::Complete).collect(), stage: Stage::Ready }
+    }
+}
+
 /// A node's coordinator of one state partition.
 #[derive(Default)]
 struct Coordinator {
@@ -905,8 +913,7 @@ impl Sim {
             let unfinished = machine.unfinished();
             tracing::debug!(node = i + 1, %p, epoch = epoch.0, ?unfinished, "sim: coordinating transactions");
             if !unfinished.is_empty() && c.job.is_none() {
-                let steps = unfinished.into_iter().map(Step::Complete).collect();
-                c.job = Some(Job { client: None, steps, stage: Stage::Ready });
+                c.job = Some(Job::completing(unfinished));
             }
         }
         Ok(epoch)
@@ -1299,9 +1306,7 @@ impl Sim {
                     // longer).
                     let unfinished = machine.unfinished();
                     if !unfinished.is_empty() {
-                        let steps = unfinished.into_iter().map(Step::Complete).collect();
-                        self.txn.coordinators[i].get_mut(&p).expect("ready").job =
-                            Some(Job { client: None, steps, stage: Stage::Ready });
+                        self.txn.coordinators[i].get_mut(&p).expect("ready").job = Some(Job::completing(unfinished));
                         self.txn_advance(i, p);
                         continue;
                     }
