@@ -88,18 +88,29 @@ pub(crate) async fn serve<S: Service>(shard: Rc<S>, conn: Connection) {
     }
     let (mut reader, mut writer) = stream.into_split();
     let (tx, rx) = flume::bounded::<Pending>(shard.max_in_flight().max(1));
+    // A request once read runs to its end, whatever becomes of the connection: dropping a
+    // compio task's handle cancels the task wherever it waits, and a request cancelled half
+    // way (a group's or a table's append under way, a table transaction left appending with
+    // its locks held) leaves its coordinator's state behind its log. Once the socket fails,
+    // the answers still coming are let go of (`detach`), not dropped.
     let write_task = compio::runtime::spawn(async move {
+        let mut broken = false;
         while let Ok(pending) = rx.recv_async().await {
+            if broken {
+                pending.detach();
+                continue;
+            }
             let Ok(Some(frames)) = pending.await else {
                 continue;
             };
             if write_frames(&mut writer, frames).await.is_err() {
-                break;
+                broken = true;
             }
         }
     });
     if let Some((id, request)) = first {
-        if tx.send_async(run(&shard, id, request)).await.is_err() {
+        if let Err(unsent) = tx.send_async(run(&shard, id, request)).await {
+            unsent.into_inner().detach();
             return;
         }
     }
@@ -158,7 +169,8 @@ pub(crate) async fn serve<S: Service>(shard: Rc<S>, conn: Connection) {
             }
             Err(HeaderError::Invalid { correlation_id }) => error_reply(correlation_id, ErrorCode::INVALID_REQUEST),
         };
-        if tx.send_async(pending).await.is_err() {
+        if let Err(unsent) = tx.send_async(pending).await {
+            unsent.into_inner().detach();
             break;
         }
     }
@@ -191,5 +203,94 @@ struct CountGuard(Arc<AtomicUsize>);
 impl Drop for CountGuard {
     fn drop(&mut self) {
         self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::{Cell, RefCell};
+    use std::collections::VecDeque;
+    use std::io::Write;
+    use std::time::Duration;
+
+    use futures_channel::oneshot;
+    use skein_client::wire::{request_frame, ApiKey, ApiVersionsRequest, RequestHeader};
+
+    use super::*;
+
+    /// Answers each request when its gate opens, counting the requests that ran to their end.
+    struct Gated {
+        gates: RefCell<VecDeque<oneshot::Receiver<()>>>,
+        finished: Cell<usize>,
+    }
+
+    impl Service for Gated {
+        fn max_in_flight(&self) -> usize {
+            8
+        }
+        fn max_frame_bytes(&self) -> u32 {
+            1 << 20
+        }
+        fn handle(self: Rc<Self>, _req: Request) -> Pin<Box<dyn Future<Output = Response>>> {
+            let gate = self.gates.borrow_mut().pop_front();
+            Box::pin(async move {
+                if let Some(gate) = gate {
+                    let _ = gate.await;
+                }
+                self.finished.set(self.finished.get() + 1);
+                Response::ApiVersions(super::super::api_versions())
+            })
+        }
+        fn peer_message(self: &Rc<Self>, _from: Option<std::net::SocketAddr>, _body: Reader) -> bool {
+            false
+        }
+        fn may_move(&self) -> bool {
+            false
+        }
+        fn home(&self, _req: &Request) -> Option<usize> {
+            None
+        }
+        fn move_to(&self, _to: usize, _conn: Connection) {
+            unreachable!("one shard")
+        }
+    }
+
+    #[test]
+    fn requests_of_a_connection_that_breaks_still_run_to_their_end() {
+        let runtime = compio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async {
+            let (open, gates): (Vec<_>, VecDeque<_>) = (0..3).map(|_| oneshot::channel::<()>()).unzip();
+            let service = Rc::new(Gated { gates: RefCell::new(gates), finished: Cell::new(0) });
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+            let mut client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            let (server, _) = listener.accept().expect("accept");
+            let count = Arc::new(AtomicUsize::new(1));
+            let serving = compio::runtime::spawn(serve(service.clone(), Connection::new(server, count.clone())));
+            // Three pipelined requests, then the client goes away without reading an answer.
+            for id in 1..=3 {
+                let header = RequestHeader {
+                    api_key: ApiKey::ApiVersions,
+                    api_version: 0,
+                    correlation_id: id,
+                    client_id: "t".into(),
+                };
+                client.write_all(&request_frame(&header, &ApiVersionsRequest {})).expect("send");
+            }
+            compio::time::sleep(Duration::from_millis(50)).await;
+            drop(client);
+            // The first answer meets the closed socket (its reset comes back), the second's
+            // write fails: the connection is broken while the third is still running.
+            let mut open = open.into_iter();
+            for _ in 0..2 {
+                let _ = open.next().expect("gate").send(());
+                compio::time::sleep(Duration::from_millis(50)).await;
+            }
+            assert_eq!(service.finished.get(), 2);
+            let _ = open.next().expect("gate").send(());
+            compio::time::timeout(Duration::from_secs(10), serving).await.expect("the connection ends").ok();
+            compio::time::sleep(Duration::from_millis(50)).await;
+            assert_eq!(service.finished.get(), 3, "the third request ran to its end after the connection broke");
+            assert_eq!(count.load(Ordering::Relaxed), 0, "the connection was counted out");
+        });
     }
 }
