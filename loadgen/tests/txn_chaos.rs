@@ -55,7 +55,7 @@ fn transactions_stay_atomic_under_leader_and_coordinator_kills_and_pauses() {
     assert!(txn.ok(), "{shown}");
     let kinds: std::collections::BTreeSet<&str> = verdict.fault_log.iter().map(|f| f.fault.name()).collect();
     assert_eq!(kinds.len(), 3, "every kind of fault was injected: {:?}", verdict.fault_log);
-    assert!(txn.counts.committed >= 300, "transactions committed through the faults: {shown}");
+    assert!(txn.counts.committed >= 200, "transactions committed through the faults: {shown}");
     assert!(txn.counts.aborted >= 30, "transactions aborted on purpose: {shown}");
     let torn = txn.result(TxnCheck::TornTransaction).expect("present");
     assert!(torn.counted >= 300, "committed transactions were seen by read_committed readers: {shown}");
