@@ -9,7 +9,10 @@
 #   bench/tables-vs-postgres.sh summary     markdown tables of $OUT (as in bench/RESULTS.md)
 #
 # Env: SECS (10), CLIENTS (8), CASES ("transfer10 transfer10k append100"), LEVELS (r=1 levels),
-# R3_LEVELS (r=3 levels), OUT (bench/results/tables-pg), PG_DIR (/work/shared/peers/postgres),
+# R3_LEVELS (r=3 levels), R3_FSYNC (the r=3 runs' flush.ms: `always`, a commit waits for the
+# fdatasync on every replica; or milliseconds, Kafka's model: acks=all makes a commit durable
+# by replication, each replica syncs on its interval), OUT (bench/results/tables-pg), PG_DIR
+# (/work/shared/peers/postgres),
 # WARM_MIB (4096; 0: no page cache warm-up), SKIP_PG=1 (Skein only), BROKER_ARGS (extra
 # loadgen arguments for the local brokers, e.g. "--broker-arg=--cores --broker-arg=1").
 # Reports: $OUT/skein-CASE-LEVEL-rR.json, $OUT/pg-CASE.json (copied from run.sh's results).
@@ -47,12 +50,15 @@ warm() {
   sync
 }
 
-skein() { # skein CASE LEVEL REPLICAS
-  local out=$OUT/skein-$1-$2-r$3.json
-  log "skein $1 $2 r=$3"
+skein() { # skein CASE LEVEL REPLICAS [FLUSH_MS]
+  local fsync=${4:-always} suffix=
+  [ "$fsync" = always ] || suffix=-flush$fsync
+  local out=$OUT/skein-$1-$2-r$3$suffix.json
+  log "skein $1 $2 r=$3 flush.ms=$fsync"
   # shellcheck disable=SC2046
   "$LOADGEN" tables --broker-bin "$BROKER" --replicas "$3" --isolation "$2" --clients "$CLIENTS" \
-    --seconds "$SECS" --report "$out" $(case_args "$1") ${BROKER_ARGS:-} | sed -n 1p || log "skein $1 $2 r=$3 failed"
+    --seconds "$SECS" --fsync "$fsync" --report "$out" $(case_args "$1") ${BROKER_ARGS:-} | sed -n 1p ||
+    log "skein $1 $2 r=$3 failed"
 }
 
 pg() { # pg CASE
@@ -81,23 +87,23 @@ for case, title in [("transfer10", "transfer, 10 accounts"), ("transfer10k", "tr
     pg_path = os.path.join(d, f"pg-{case}.json")
     pg = json.load(open(pg_path)) if os.path.exists(pg_path) else None
     runs = [json.load(open(p)) for p in glob.glob(os.path.join(d, f"skein-{case}-*.json"))]
-    runs.sort(key=lambda r: (r["replicas"], order.index(r["level"])))
+    runs.sort(key=lambda r: (r["replicas"], r["fsync"] != "flush.ms=always", order.index(r["level"])))
     if not runs and not pg:
         continue
     print(f"\n{title}, C={(pg or runs[0])['clients']}:\n")
     # Steal: the share of the machine's time the host took from the guest during the run;
     # more than a few percent and the run's figure says more about the host than the system.
-    print("| system | level | replicas | commits/s | ratio to PG | abort share | p50 ms | p99 ms | invariant | other CPU % | steal % |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
-    rows = ([("PostgreSQL 15", "SERIALIZABLE", "1 (sc=on)", pg)] if pg else []) + \
-           [("Skein", r["level"], str(r["replicas"]), r) for r in runs]
-    for system, level, rep, r in rows:
+    print("| system | level | replicas | durability | commits/s | ratio to PG | abort share | p50 ms | p99 ms | invariant | other CPU % | steal % |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|")
+    rows = ([("PostgreSQL 15", "SERIALIZABLE", "1", "synchronous_commit=on", pg)] if pg else []) + \
+           [("Skein", r["level"], str(r["replicas"]), r["fsync"], r) for r in runs]
+    for system, level, rep, durability, r in rows:
         l = r["latency_us"]
         ratio = f"{r['commits_per_sec'] / pg['commits_per_sec']:.2f}x" if pg else "-"
         inv = "ok" if r["invariant_ok"] else "**FAIL**"
         if r.get("errors"):
             inv += f" ({r['errors']} unknown)"
-        print(f"| {system} | {level} | {rep} | {r['commits_per_sec']:.0f} | {ratio} | {100 * r['abort_rate']:.1f}% | "
+        print(f"| {system} | {level} | {rep} | {durability} | {r['commits_per_sec']:.0f} | {ratio} | {100 * r['abort_rate']:.1f}% | "
               f"{l['p50'] / 1000:.2f} | {l['p99'] / 1000:.2f} | {inv} | {r['cpu']['other_pct_of_one_core']:.0f} | "
               f"{r['cpu'].get('machine_steal_pct', float('nan')):.0f} |")
 PY
@@ -112,6 +118,6 @@ warm
 for c in $CASES; do
   pg "$c"
   for l in $LEVELS; do skein "$c" "$l" 1; done
-  for l in $R3_LEVELS; do skein "$c" "$l" 3; done
+  for l in $R3_LEVELS; do skein "$c" "$l" 3 "${R3_FSYNC:-always}"; done
 done
 summary
