@@ -439,8 +439,12 @@ fn feed(node: &Node, host: &Rc<RefCell<Host>>, pid: PartitionId) -> Result<(), R
         Ok(None) => return Err((ErrorCode::NOT_LEADER, "no replica here".into())),
         Err((ErrorCode::STORAGE_ERROR, m)) if h.machine.applied() > Offset(0) => {
             tracing::warn!(partition = %pid, m, "rebuilding a table partition's state from its log start");
+            // The leader-side state stays: the locks and the parts still being appended at this
+            // epoch are held whatever the machine is, and a table's log is never trimmed, so the
+            // rebuilt machine replays the same committed records and decides alike. Dropped
+            // here, `leading` would make a fresh one at the same epoch that forgets those locks
+            // (the lost update of simulator seed 50); it goes only when the epoch is over.
             h.machine = TableMachine::new();
-            h.leader = None;
             internal::feed_committed(node, pid, &h.topic, &mut h.machine)?.unwrap_or(0)
         }
         Err(e) => return Err(e),

@@ -237,6 +237,12 @@ enum Event {
         partition: PartitionId,
         job: Job<MemStorage>,
     },
+    /// A batch of the voter's Raft log writes landed (`ControllerVoter::persisted`).
+    RaftDurable {
+        node: NodeId,
+        incarnation: u64,
+        number: u64,
+    },
     ClientRequest {
         client: usize,
         request: u64,
@@ -299,8 +305,12 @@ struct SimNode {
     core: Option<BrokerNode<MemStorage>>,
     /// This broker's controller voter (combined mode), down with the process.
     voter: Option<ControllerVoter>,
-    /// The voter's Raft log, durable across crashes (appended and synced per ready).
+    /// The voter's Raft log, durable across crashes (as the voter appends to it; the voter's
+    /// writes are reported durable after a disk delay, one batch at a time, as the runtime's
+    /// writer does).
     raft_log: RaftStorage,
+    /// A batch of the voter's writes is out (its `RaftDurable` is scheduled).
+    raft_writing: bool,
     storages: BTreeMap<PartitionId, MemStorage>,
     incarnation: u64,
     paused_until: Option<u64>,
@@ -460,6 +470,7 @@ impl Sim {
                 core: None,
                 voter: None,
                 raft_log: RaftStorage::new(),
+                raft_writing: false,
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
                 paused_until: None,
@@ -673,6 +684,7 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.core = None;
         n.voter = None;
+        n.raft_writing = false;
         n.paused_until = None;
         n.coordinator = groups::NodeCoordinator::default();
         for s in n.storages.values_mut() {
@@ -731,7 +743,8 @@ impl Sim {
             | Event::GroupRequest { to: id, .. }
             | Event::TxnRequest { to: id, .. }
             | Event::TableRequest { to: id, .. }
-            | Event::IoDone { node: id, .. } => Some(*id),
+            | Event::IoDone { node: id, .. }
+            | Event::RaftDurable { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
         };
@@ -812,6 +825,18 @@ impl Sim {
                     core.handle_io_done(now, partition, job, result, &mut out);
                 }
                 self.execute(i, out);
+            }
+            Event::RaftDurable { node, incarnation, number } => {
+                let i = self.idx(node);
+                if self.nodes[i].incarnation != incarnation {
+                    return; // the process died before its write returned
+                }
+                self.nodes[i].raft_writing = false;
+                let mut out = Vec::new();
+                if let Some(v) = &mut self.nodes[i].voter {
+                    v.persisted(number, &mut out);
+                }
+                self.voter_sends(i, out);
             }
             Event::ClientRequest { client, request, to, req } => self.serve_client(client, request, to, req),
             Event::ClientResponse { client, request, resp } => self.client_response(client, request, resp),
@@ -1033,12 +1058,23 @@ impl Sim {
         self.nodes.iter().map(|x| Peer::Node(x.id)).collect()
     }
 
-    /// Messages of a node's controller voter: Raft to other voters, decisions to brokers.
+    /// Messages of a node's controller voter: Raft to other voters, decisions to brokers;
+    /// then its next batch of writes, when none is out (the log itself is durable as the voter
+    /// appends to it: the batch's landing is a delay).
     fn voter_sends(&mut self, i: usize, out: Vec<(NodeId, Message)>) {
         let id = self.nodes[i].id;
         for (to, msg) in out {
             self.send(Peer::Node(id), Peer::Node(to), msg);
         }
+        let n = &mut self.nodes[i];
+        if n.raft_writing {
+            return;
+        }
+        let Some(batch) = n.voter.as_mut().and_then(ControllerVoter::take_writes) else { return };
+        n.raft_writing = true;
+        let incarnation = n.incarnation;
+        let delay = self.rng.range(200, 3_000);
+        self.schedule(delay, Event::RaftDurable { node: id, incarnation, number: batch.number });
     }
 
     /// Sends over the simulated network: delay, drop, duplication, reordering, cuts. A message
