@@ -183,6 +183,8 @@ pub struct ControllerVoter {
     /// Messages waiting for writes: (the `Ready` number whose writes they need, their own
     /// `Ready`'s number, the messages), in `Ready` order.
     held: VecDeque<(u64, u64, Vec<RaftMessage>)>,
+    /// A planted bug (simulator builds): writes count as durable when handed over.
+    early_durable: bool,
 }
 
 fn raft_id(n: NodeId) -> u64 {
@@ -243,6 +245,7 @@ impl ControllerVoter {
             written: 0,
             durable: 0,
             held: VecDeque::new(),
+            early_durable: false,
         })
     }
 
@@ -251,6 +254,13 @@ impl ControllerVoter {
     /// [`ControllerVoter::persisted`] with their number.
     pub fn take_writes(&mut self) -> Option<RaftWrites> {
         (!self.writes.is_empty()).then(|| RaftWrites { number: self.written, writes: std::mem::take(&mut self.writes) })
+    }
+
+    /// Plants the raft-early-durable bug: every write counts as durable when it is handed over,
+    /// so a crash can lose a vote or an entry this voter already answered for.
+    #[cfg(feature = "sim")]
+    pub fn plant_early_durable(&mut self) {
+        self.early_durable = true;
     }
 
     /// Whether writes wait to be taken.
@@ -472,7 +482,7 @@ impl ControllerVoter {
         let msgs = ready.take_persisted_messages();
         self.raw.advance_append_async(ready);
         self.tell_applied();
-        if self.written <= self.durable && self.held.is_empty() {
+        if (self.written <= self.durable && self.held.is_empty()) || self.early_durable {
             // Nothing of this Ready or before it waits for the disk.
             self.send(msgs, out);
             self.raw.on_persist_ready(number);
@@ -614,7 +624,7 @@ pub struct RaftStorage {
     inner: Arc<RwLock<Stored>>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Stored {
     hard_state: HardState,
     conf_state: ConfState,
@@ -636,6 +646,36 @@ impl RaftStorage {
     /// An empty log.
     pub fn new() -> RaftStorage {
         RaftStorage::default()
+    }
+
+    /// A copy of this log that changes apart from it (a clone is a handle to the same log).
+    pub fn fork(&self) -> RaftStorage {
+        RaftStorage { inner: Arc::new(RwLock::new(self.rl().clone())) }
+    }
+
+    /// Applies `write` as a disk would keep it: what `cluster::raftlog` loads back after the
+    /// same write (the simulator's durable Raft log).
+    pub fn apply(&self, write: &RaftWrite) {
+        match write {
+            RaftWrite::Append { entries, hard_state } => {
+                // Entries a snapshot written before them covers are in it already.
+                let offset = self.rl().offset;
+                let after: Vec<Entry> = entries.iter().filter(|e| e.index > offset).cloned().collect();
+                self.append(&after);
+                if let Some(hs) = hard_state {
+                    self.set_hard_state(hs.clone());
+                }
+            }
+            RaftWrite::Snapshot { snapshot, entries, hard_state } => {
+                self.install_snapshot(snapshot.clone());
+                self.append(entries);
+                let meta = snapshot.get_metadata();
+                let mut hs = hard_state.clone();
+                hs.commit = hs.commit.max(meta.index);
+                hs.term = hs.term.max(meta.term);
+                self.set_hard_state(hs);
+            }
+        }
     }
 
     /// Appends `entries`, replacing the log's suffix from the first one's index. The caller

@@ -54,7 +54,7 @@ use skein_log::{Durability, Log, LogConfig};
 use crate::check::{self, History, PollOp, SendOp, SendOutcome};
 use crate::core::controller::{Controller, ControllerConfig};
 use crate::core::node::{BrokerNode, NodeConfig};
-use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage};
+use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage, RaftWrites};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
 use crate::core::{
     Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
@@ -305,12 +305,13 @@ struct SimNode {
     core: Option<BrokerNode<MemStorage>>,
     /// This broker's controller voter (combined mode), down with the process.
     voter: Option<ControllerVoter>,
-    /// The voter's Raft log, durable across crashes (as the voter appends to it; the voter's
-    /// writes are reported durable after a disk delay, one batch at a time, as the runtime's
-    /// writer does).
+    /// The voter's Raft log as the disk holds it: the voter works on a copy made at its start
+    /// and hands over writes, which land here one batch at a time after a disk delay (as the
+    /// runtime's writer does), so a crash loses what had not landed (the batch in flight
+    /// lands or not, by the seed).
     raft_log: RaftStorage,
-    /// A batch of the voter's writes is out (its `RaftDurable` is scheduled).
-    raft_writing: bool,
+    /// The batch of the voter's writes in flight (its `RaftDurable` is scheduled).
+    raft_writing: Option<RaftWrites>,
     storages: BTreeMap<PartitionId, MemStorage>,
     incarnation: u64,
     paused_until: Option<u64>,
@@ -470,7 +471,7 @@ impl Sim {
                 core: None,
                 voter: None,
                 raft_log: RaftStorage::new(),
-                raft_writing: false,
+                raft_writing: None,
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
                 paused_until: None,
@@ -656,8 +657,13 @@ impl Sim {
             ..QuorumConfig::default()
         };
         let n = &mut self.nodes[i];
-        match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.clone()) {
-            Ok(v) => n.voter = Some(v),
+        match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.fork()) {
+            Ok(mut v) => {
+                if self.cfg.plant.raft_early_durable {
+                    v.plant_early_durable();
+                }
+                n.voter = Some(v);
+            }
             Err(e) => {
                 let msg = format!("recovery: {} controller voter does not start: {e}", n.id);
                 self.violation(msg);
@@ -684,7 +690,14 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.core = None;
         n.voter = None;
-        n.raft_writing = false;
+        if let Some(batch) = n.raft_writing.take() {
+            // Written before the process died, but not reported to the voter: or not written.
+            if seed % 2 == 0 {
+                for w in &batch.writes {
+                    n.raft_log.apply(w);
+                }
+            }
+        }
         n.paused_until = None;
         n.coordinator = groups::NodeCoordinator::default();
         for s in n.storages.values_mut() {
@@ -831,7 +844,11 @@ impl Sim {
                 if self.nodes[i].incarnation != incarnation {
                     return; // the process died before its write returned
                 }
-                self.nodes[i].raft_writing = false;
+                let Some(batch) = self.nodes[i].raft_writing.take() else { return };
+                debug_assert_eq!(batch.number, number);
+                for w in &batch.writes {
+                    self.nodes[i].raft_log.apply(w);
+                }
                 let mut out = Vec::new();
                 if let Some(v) = &mut self.nodes[i].voter {
                     v.persisted(number, &mut out);
@@ -1067,14 +1084,14 @@ impl Sim {
             self.send(Peer::Node(id), Peer::Node(to), msg);
         }
         let n = &mut self.nodes[i];
-        if n.raft_writing {
+        if n.raft_writing.is_some() {
             return;
         }
         let Some(batch) = n.voter.as_mut().and_then(ControllerVoter::take_writes) else { return };
-        n.raft_writing = true;
-        let incarnation = n.incarnation;
+        let (incarnation, number) = (n.incarnation, batch.number);
+        n.raft_writing = Some(batch);
         let delay = self.rng.range(200, 3_000);
-        self.schedule(delay, Event::RaftDurable { node: id, incarnation, number: batch.number });
+        self.schedule(delay, Event::RaftDurable { node: id, incarnation, number });
     }
 
     /// Sends over the simulated network: delay, drop, duplication, reordering, cuts. A message
