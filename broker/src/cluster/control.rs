@@ -43,12 +43,22 @@ pub(crate) struct Control {
     published: (usize, usize),
     /// Wakes the Raft log writer ([`raft_writer`]) when the voter has writes.
     raft_wake: Option<mpsc::UnboundedSender<()>>,
+    /// A wake is sent that the writer has not acted on yet (so a pump sends at most one).
+    raft_woken: bool,
 }
 
 impl Control {
     /// Shard 0's state over a started voter; `hosted` are the replicas found on disk.
     pub(super) fn new(voter: ControllerVoter, hosted: BTreeSet<PartitionId>, producer_ids: ProducerIds) -> Control {
-        Control { voter, hosted, replaying: true, producer_ids, published: (usize::MAX, usize::MAX), raft_wake: None }
+        Control {
+            voter,
+            hosted,
+            replaying: true,
+            producer_ids,
+            published: (usize::MAX, usize::MAX),
+            raft_wake: None,
+            raft_woken: false,
+        }
     }
 
     /// The topic map if topics changed since the last one published (topics are created and
@@ -73,7 +83,12 @@ impl Control {
 /// off the shards").
 async fn raft_writer(node: Rc<Node>, mut file: RaftFile, mut wake: mpsc::UnboundedReceiver<()>) {
     loop {
-        let batch = node.control(&mut node.st.borrow_mut()).voter.take_writes();
+        let batch = {
+            let mut st = node.st.borrow_mut();
+            let control = node.control(&mut st);
+            control.raft_woken = false;
+            control.voter.take_writes()
+        };
         let Some(batch) = batch else {
             if wake.next().await.is_none() || node.stopping.get() {
                 return;
@@ -258,8 +273,9 @@ impl Node {
             control.replaying = false;
             log_caught_up(&control.voter);
         }
-        if control.voter.has_writes() {
+        if control.voter.has_writes() && !control.raft_woken {
             if let Some(wake) = &control.raft_wake {
+                control.raft_woken = true;
                 let _ = wake.unbounded_send(());
             }
         }
