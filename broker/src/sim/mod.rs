@@ -312,6 +312,9 @@ struct SimNode {
     raft_log: RaftStorage,
     /// The batch of the voter's writes in flight (its `RaftDurable` is scheduled).
     raft_writing: Option<RaftWrites>,
+    /// The node's group state snapshot file (a cache of the offsets partition, written whole;
+    /// kept across crashes).
+    group_snapshot: Option<Vec<u8>>,
     storages: BTreeMap<PartitionId, MemStorage>,
     incarnation: u64,
     paused_until: Option<u64>,
@@ -472,6 +475,7 @@ impl Sim {
                 voter: None,
                 raft_log: RaftStorage::new(),
                 raft_writing: None,
+                group_snapshot: None,
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
                 paused_until: None,
