@@ -696,7 +696,7 @@ impl Sim {
         n.voter = None;
         if let Some(batch) = n.raft_writing.take() {
             // Written before the process died, but not reported to the voter: or not written.
-            if seed % 2 == 0 {
+            if seed.is_multiple_of(2) {
                 for w in &batch.writes {
                     n.raft_log.apply(w);
                 }
