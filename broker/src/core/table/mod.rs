@@ -103,56 +103,10 @@ impl Range {
     }
 }
 
-/// One step of a deterministic procedure (serial execution).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Step {
-    /// Sets `key` to `value`.
-    Put {
-        /// The key.
-        key: Key,
-        /// Its new value.
-        value: Value,
-    },
-    /// Deletes `key`.
-    Delete {
-        /// The key.
-        key: Key,
-    },
-    /// Sets `key` to `value` (None: deletes) if it holds `expect` (None: absent); the
-    /// result is the value found.
-    CompareAndSet {
-        /// The key.
-        key: Key,
-        /// The value it must hold (None: absent).
-        expect: Option<Value>,
-        /// Its new value (None: deleted).
-        value: Option<Value>,
-    },
-    /// Adds `amount` to the decimal integer at `key` (absent: 0); the result is the new value.
-    Increment {
-        /// The key.
-        key: Key,
-        /// What to add.
-        amount: i64,
-    },
-    /// Moves `amount` from `from` to `to` when `from` holds at least `amount` (decimal
-    /// integers, absent: 0); the result is `from`'s new value, or None when it did not move.
-    Transfer {
-        /// The account debited.
-        from: Key,
-        /// The account credited.
-        to: Key,
-        /// How much (never negative).
-        amount: i64,
-    },
-    /// Appends `value` to the comma-separated list at `key`; the result is the new list.
-    Append {
-        /// The key.
-        key: Key,
-        /// The element appended.
-        value: Value,
-    },
-}
+/// One step of a deterministic procedure (serial execution): the client's type, so a
+/// procedure has one definition from the application to every replica that runs it (decoded
+/// here from the wire by `step`, encoded by `Step::to_wire`).
+pub use skein_client::table::Step;
 
 /// A transaction's part in one partition, as its record holds it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -288,7 +242,7 @@ impl Part {
                     value: v.as_ref().map(|v| BytesMut::from(&v[..])),
                 })
                 .collect(),
-            steps: self.steps.iter().map(step_wire).collect(),
+            steps: self.steps.iter().map(Step::to_wire).collect(),
         }
     }
 
@@ -308,17 +262,7 @@ impl Part {
     pub fn written_keys(&self) -> Vec<&[u8]> {
         let mut keys: Vec<&[u8]> = self.writes.iter().map(|(k, _)| k.as_slice()).collect();
         for s in &self.steps {
-            match s {
-                Step::Put { key, .. }
-                | Step::Delete { key }
-                | Step::CompareAndSet { key, .. }
-                | Step::Increment { key, .. }
-                | Step::Append { key, .. } => keys.push(key),
-                Step::Transfer { from, to, .. } => {
-                    keys.push(from);
-                    keys.push(to);
-                }
-            }
+            keys.extend(s.keys());
         }
         keys
     }
@@ -335,24 +279,6 @@ fn step(s: &TableStep) -> Result<Step, PartError> {
         5 => Step::Append { key: key(&s.key)?, value: s.value.as_ref().map(value).transpose()?.unwrap_or_default() },
         k => return Err(PartError::Step(k)),
     })
-}
-
-/// The wire form of a step.
-pub fn step_wire(s: &Step) -> TableStep {
-    let b = |v: &[u8]| BytesMut::from(v);
-    let none = TableStep { kind: 0, key: BytesMut::new(), key2: BytesMut::new(), value: None, expect: None, amount: 0 };
-    match s {
-        Step::Put { key, value } => TableStep { kind: 0, key: b(key), value: Some(b(value)), ..none },
-        Step::Delete { key } => TableStep { kind: 1, key: b(key), ..none },
-        Step::CompareAndSet { key, expect, value } => {
-            TableStep { kind: 2, key: b(key), expect: expect.as_deref().map(b), value: value.as_deref().map(b), ..none }
-        }
-        Step::Increment { key, amount } => TableStep { kind: 3, key: b(key), amount: *amount, ..none },
-        Step::Transfer { from, to, amount } => {
-            TableStep { kind: 4, key: b(from), key2: b(to), amount: *amount, ..none }
-        }
-        Step::Append { key, value } => TableStep { kind: 5, key: b(key), value: Some(b(value)), ..none },
-    }
 }
 
 /// Why a transaction (or its part here) did not commit: the reason word the CLI prints
