@@ -11,11 +11,13 @@
 //! appended as one batch with `acks=all` through `BrokerNode::handle_produce` and, once the
 //! produce is acknowledged, applied from the log like everything else before the answer; a
 //! failed append drops the machine (rebuilt from the log) and answers NOT_COORDINATOR.
-//! Expiry and refresh run from the leader's tick when the machine is idle. (The runtime also
-//! snapshots the machine to disk; the simulated disk does not.)
+//! Expiry and refresh run from the leader's tick when the machine is idle. Every
+//! [`GROUP_SNAPSHOT_RECORDS`] records a node snapshots its machine (kept across crashes) and an
+//! empty slot starts from that snapshot, as the runtime's does from its file.
 //!
 //! Members (two static, two dynamic) of one group consume a fake topic of
-//! [`TOPIC_PARTITIONS`] partitions: they join, heartbeat with what they own, reconcile
+//! [`TOPIC_PARTITIONS`] partitions, which grows to [`TOPIC_PARTITIONS_GROWN`] at
+//! [`GROW_AT_US`] (the coordinator's `refresh` must give the new ones out): they join, heartbeat with what they own, reconcile
 //! (commit a revoked partition, then acknowledge it), fetch the committed offset of a
 //! partition they gain, consume (their position grows) and commit. During the fault phase
 //! they sometimes leave, crash (and rejoin later, static members with their instance id) or
@@ -48,6 +50,10 @@ pub(super) const GROUP: &str = "sim-group";
 pub(super) const TOPIC: &str = "events";
 /// Partitions of [`TOPIC`].
 pub(super) const TOPIC_PARTITIONS: u32 = 6;
+/// Partitions of [`TOPIC`] from [`GROW_AT_US`] on: partitions added under a live group.
+pub(super) const TOPIC_PARTITIONS_GROWN: u32 = 8;
+/// When [`TOPIC`] grows (virtual time, during the fault phase).
+pub(super) const GROW_AT_US: u64 = 2_500_000;
 /// Members of the group (the first `STATIC_MEMBERS` static).
 pub(super) const MEMBERS: usize = 4;
 const STATIC_MEMBERS: usize = 2;
@@ -63,8 +69,11 @@ const COORDINATOR_QUEUE_MAX: usize = 8;
 const MEMBER_PROCESS_BASE: u32 = 2_000;
 const FINAL_PROCESS: u32 = 2_999;
 
-fn sizes(topic: &str) -> Option<u32> {
-    (topic == TOPIC).then_some(TOPIC_PARTITIONS)
+/// The topics' sizes at virtual time `now_us`, as the coordinator's topology.
+fn sizes_at(now_us: u64) -> impl Fn(&str) -> Option<u32> {
+    move |topic| {
+        (topic == TOPIC).then_some(if now_us >= GROW_AT_US { TOPIC_PARTITIONS_GROWN } else { TOPIC_PARTITIONS })
+    }
 }
 
 /// A group request over the simulated network.
@@ -590,6 +599,7 @@ impl Sim {
         };
         let now = self.local(i);
         let plant = self.cfg.plant;
+        let sizes = sizes_at(self.now);
         let machine = self.nodes[i].coordinator.machine.as_mut().expect("ready");
         let (records, resp) = match req {
             GroupReq::Heartbeat(r) => match machine.heartbeat(now, &r, &sizes) {
@@ -700,6 +710,7 @@ impl Sim {
             return;
         };
         let now = self.local(i);
+        let sizes = sizes_at(self.now);
         let machine = self.nodes[i].coordinator.machine.as_ref().expect("ready");
         let mut records = machine.expire(now, &sizes);
         if records.is_empty() {
@@ -894,8 +905,23 @@ impl Sim {
             }
         };
         let all: Vec<TopicPartition> =
-            (0..TOPIC_PARTITIONS).map(|q| TopicPartition { topic: TOPIC.into(), partition: q }).collect();
-        for f in machine.fetch_offsets(GROUP, Some(&all)) {
+            (0..TOPIC_PARTITIONS_GROWN).map(|q| TopicPartition { topic: TOPIC.into(), partition: q }).collect();
+        let fetched = machine.fetch_offsets(GROUP, Some(&all));
+        if self.now >= GROW_AT_US + 1_000_000 {
+            // The partitions added under the live group were given out and consumed.
+            let unowned: Vec<u32> = fetched
+                .iter()
+                .filter(|f| f.partition >= TOPIC_PARTITIONS && f.offset < 0)
+                .map(|f| f.partition)
+                .collect();
+            if !unowned.is_empty() {
+                self.violation(format!(
+                    "liveness: partitions {unowned:?} added to {TOPIC} under the group have no committed offset at the \
+                     end"
+                ));
+            }
+        }
+        for f in fetched {
             self.group.history.push(GroupOp::Read {
                 process: ProcessId(FINAL_PROCESS),
                 partition: CheckPartition(f.partition),
