@@ -294,7 +294,16 @@ impl Sim {
             let epoch = host.leader.as_ref().map(PartitionLeader::epoch);
             let leads = matches!(coordinating, Some(Ok(e)) if Some(e) == epoch);
             if !leads && epoch.is_some() && self.table_still_leads(i, p, epoch) {
-                continue; // a lease blip: the epoch's locks and waits stay
+                // A lease blip: the epoch's locks and waits stay, and, as the runtime's tick
+                // does, transactions past their timeout still expire and decided parts end;
+                // parked requests are asked again only once the lease is back.
+                let Host { machine, leader, .. } = self.tables.hosts[i].entry(p).or_default();
+                if let (Some(m), Some(l)) = (machine.as_ref(), leader.as_mut()) {
+                    l.expire(now);
+                    l.decided(m);
+                    l.take_wakes();
+                }
+                continue;
             }
             let host = self.tables.hosts[i].entry(p).or_default();
             if !leads {
