@@ -44,35 +44,6 @@ fn planted_no_idempotence_is_caught_as_duplicates() {
     assert_caught(Plant::named("no-idempotence").expect("known"), &["duplicate"]);
 }
 
-/// A controller voter that answers for Raft writes before they are durable (a vote, an
-/// append) can lose them in a crash: caught when raft-rs finds a follower's log behind the
-/// commit index it acknowledged (its panic, which the simulator's seed runner reports) or when
-/// the checks find the damage. Without the plant the same seeds pass
-/// (`a_block_of_seeds_passes_with_faults_happening`, and tests/run's 500).
-#[test]
-fn planted_raft_early_durable_is_caught_as_a_lost_raft_entry() {
-    let plant = Plant::named("raft-early-durable").expect("known");
-    let caught = (0..120).find_map(|seed| {
-        let result = std::panic::catch_unwind(|| run(&SimConfig { plant, ..SimConfig::new(seed) }));
-        match result {
-            Err(panic) => {
-                let what = panic
-                    .downcast_ref::<String>()
-                    .cloned()
-                    .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                    .unwrap_or_default();
-                Some((seed, what))
-            }
-            Ok(out) if !out.failed_properties().is_empty() => Some((seed, out.failed_properties().join(", "))),
-            Ok(_) => None,
-        }
-    });
-    let (seed, what) = caught.expect("raft-early-durable not caught in 120 seeds");
-    println!("raft-early-durable caught at seed {seed}: {what}");
-    let clean = run(&SimConfig::new(seed)).failed_properties();
-    assert!(clean.is_empty(), "seed {seed} fails without the plant too: {clean:?}");
-}
-
 /// Seeds that found real bugs while the core was written; each must keep passing.
 const REGRESSION_SEEDS: &[(u64, &str)] = &[
     (465, "a leader restarted within its session resumed its old epoch and re-used offsets its followers held"),

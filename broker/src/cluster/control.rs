@@ -12,8 +12,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_channel::{mpsc, oneshot};
-use futures_util::StreamExt;
+use futures_channel::oneshot;
 use skein_client::wire::{
     BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsResponse, DescribeTopicsRequest,
     DescribeTopicsResponse, ErrorCode, InitProducerIdResponse, MetadataRequest, MetadataResponse, PartitionDescription,
@@ -21,7 +20,6 @@ use skein_client::wire::{
 };
 
 use super::now;
-use super::raftlog::RaftFile;
 use super::replicas::{replica_settings, topic_of, ReplicaMeta};
 use super::shard::{owner, Node, ShardMsg, State, Work};
 use crate::core::controller::{Controller, PARTITIONS_PER_TOPIC_MAX};
@@ -41,24 +39,12 @@ pub(crate) struct Control {
     producer_ids: ProducerIds,
     /// The topic and deleted-partition counts of the last published topic map.
     published: (usize, usize),
-    /// Wakes the Raft log writer ([`raft_writer`]) when the voter has writes.
-    raft_wake: Option<mpsc::UnboundedSender<()>>,
-    /// A wake is sent that the writer has not acted on yet (so a pump sends at most one).
-    raft_woken: bool,
 }
 
 impl Control {
     /// Shard 0's state over a started voter; `hosted` are the replicas found on disk.
     pub(super) fn new(voter: ControllerVoter, hosted: BTreeSet<PartitionId>, producer_ids: ProducerIds) -> Control {
-        Control {
-            voter,
-            hosted,
-            replaying: true,
-            producer_ids,
-            published: (usize::MAX, usize::MAX),
-            raft_wake: None,
-            raft_woken: false,
-        }
+        Control { voter, hosted, replaying: true, producer_ids, published: (usize::MAX, usize::MAX) }
     }
 
     /// The topic map if topics changed since the last one published (topics are created and
@@ -71,48 +57,6 @@ impl Control {
             self.published = now;
             TopicMap::of(c)
         })
-    }
-}
-
-/// Shard 0's writer of the voter's Raft log. It takes the voter's writes (woken after every
-/// pump that left some), makes them durable on the blocking pool and reports them to the
-/// voter, whose held messages then go out. One batch is out at a time, so the writes land in
-/// the voter's order, and everything the voter hands over meanwhile goes in the next batch,
-/// with one fdatasync: the shard never waits for the disk (it did, 150-300 µs per controller
-/// input and up to 250 ms behind a large sync on the same disk; bench/RESULTS.md, "Storage IO
-/// off the shards").
-async fn raft_writer(node: Rc<Node>, mut file: RaftFile, mut wake: mpsc::UnboundedReceiver<()>) {
-    loop {
-        let batch = {
-            let mut st = node.st.borrow_mut();
-            let control = node.control(&mut st);
-            control.raft_woken = false;
-            control.voter.take_writes()
-        };
-        let Some(batch) = batch else {
-            if wake.next().await.is_none() || node.stopping.get() {
-                return;
-            }
-            continue;
-        };
-        let written = compio::runtime::spawn_blocking(move || {
-            let number = file.write(batch);
-            (file, number)
-        })
-        .await;
-        let number = match written {
-            Ok((f, number)) => {
-                file = f;
-                number
-            }
-            Err(_) => crate::service::fail_stop("writing the Raft log", &"the writing thread panicked"),
-        };
-        let mut st = node.st.borrow_mut();
-        let mut out = Vec::new();
-        node.control(&mut st).voter.persisted(number, &mut out);
-        let mut work = VecDeque::new();
-        node.voter_out(&mut st, out, &mut work);
-        node.pump(&mut st, now(), work);
     }
 }
 
@@ -273,20 +217,6 @@ impl Node {
             control.replaying = false;
             log_caught_up(&control.voter);
         }
-        if control.voter.has_writes() && !control.raft_woken {
-            if let Some(wake) = &control.raft_wake {
-                control.raft_woken = true;
-                let _ = wake.unbounded_send(());
-            }
-        }
-    }
-
-    /// Starts shard 0's Raft log writer over `file` (the voter's log, opened by
-    /// `raftlog::start_voter`).
-    pub(super) fn start_raft_writer(self: &Rc<Self>, file: RaftFile) {
-        let (tx, rx) = mpsc::unbounded();
-        self.control(&mut self.st.borrow_mut()).raft_wake = Some(tx);
-        compio::runtime::spawn(raft_writer(self.clone(), file, rx)).detach();
     }
 
     /// A control request, on shard 0.

@@ -243,9 +243,8 @@ where
     let runtime = new_runtime(&start.config)?;
     log_driver(&start.config, &runtime);
     let result = runtime.block_on(async {
-        let (control, raft_file) = start_control(&start, hosted)?;
+        let control = start_control(&start, hosted)?;
         let node = open_shard(&start, 0, mine0, Some(control), my_addr.ip())?;
-        node.start_raft_writer(raft_file);
         for _ in 1..n {
             ready_rx.recv().context("a shard thread died during startup")??;
         }
@@ -306,7 +305,7 @@ impl Start {
 
 /// Starts the controller voter (snapshot, then the Raft log after it) and publishes the topic
 /// map it holds, so every shard routes by it from the first request on.
-fn start_control(start: &Start, hosted: BTreeSet<PartitionId>) -> Result<(Control, raftlog::RaftFile)> {
+fn start_control(start: &Start, hosted: BTreeSet<PartitionId>) -> Result<Control> {
     let config = &start.config;
     let ids: Vec<NodeId> = start.voters.iter().map(|(n, _)| *n).collect();
     let controller_config = ControllerConfig {
@@ -323,14 +322,14 @@ fn start_control(start: &Start, hosted: BTreeSet<PartitionId>) -> Result<(Contro
         heartbeat_ticks: (ticks / 5).max(1),
         ..QuorumConfig::default()
     };
-    let (voter, file, _) =
+    let (voter, _) =
         raftlog::start_voter(&config.data_dir.join("controller"), start.me, &ids, quorum, controller, now())?;
     let producer_ids = ProducerIds::load(&config.data_dir)?;
     let mut control = Control::new(voter, hosted, producer_ids);
     if let Some(map) = control.changed_topics() {
         start.topics.store(Arc::new(map));
     }
-    Ok((control, file))
+    Ok(control)
 }
 
 /// Opens shard `shard`'s replicas and makes its node (on the calling shard's thread).
@@ -434,33 +433,9 @@ mod tests {
         assert!(b > a);
     }
 
-    /// A voter with its Raft log file, written through as the runtime's writer does.
-    struct Up {
-        voter: ControllerVoter,
-        file: raftlog::RaftFile,
-    }
-
-    impl std::ops::Deref for Up {
-        type Target = ControllerVoter;
-        fn deref(&self) -> &ControllerVoter {
-            &self.voter
-        }
-    }
-
-    impl Up {
-        /// Writes what the voter handed over and reports it durable, pushing what that
-        /// releases.
-        fn write_through(&mut self, out: &mut Vec<(NodeId, Message)>) {
-            while let Some(w) = self.voter.take_writes() {
-                let number = self.file.write(w);
-                self.voter.persisted(number, out);
-            }
-        }
-    }
-
     /// Voter `id` of a three-voter cluster for process `incarnation` of its broker, over the
     /// Raft log in `dir`, after the startup replay.
-    fn voter_at(dir: &Path, id: u32, incarnation: u64) -> Up {
+    fn voter_at(dir: &Path, id: u32, incarnation: u64) -> ControllerVoter {
         let ids = [NodeId(1), NodeId(2), NodeId(3)];
         let mut c = Controller::new(ControllerConfig::default(), &ids, &[(PartitionId(0), ids.to_vec())]);
         c.replay_until(NodeId(id), incarnation);
@@ -468,15 +443,13 @@ mod tests {
         let ticks = 3 + 2 * id as usize;
         let quorum = QuorumConfig { election_ticks: ticks, election_ticks_max: ticks + 1, ..QuorumConfig::default() };
         let dir = dir.join(id.to_string());
-        let (voter, file, _) =
-            raftlog::start_voter(&dir, NodeId(id), &ids, quorum, c, now()).expect("starts the voter");
-        Up { voter, file }
+        raftlog::start_voter(&dir, NodeId(id), &ids, quorum, c, now()).expect("starts the voter").0
     }
 
     /// Runs the voters that are up (`Some`) for `ms` from `from`, a tick every 5 ms with
     /// instant delivery, the brokers of `heartbeats` (id, incarnation) heartbeating at every
     /// tick; returns the time reached. Messages to brokers are dropped.
-    fn run_voters(vs: &mut [Option<Up>], from: Time, ms: u64, heartbeats: &[(u32, u64)]) -> Time {
+    fn run_voters(vs: &mut [Option<ControllerVoter>], from: Time, ms: u64, heartbeats: &[(u32, u64)]) -> Time {
         let mut t = from;
         while t < from.plus_ms(ms) {
             let mut queue = VecDeque::new();
@@ -489,16 +462,14 @@ mod tests {
             for (me, v) in (1..).map(NodeId).zip(vs.iter_mut()) {
                 let Some(v) = v else { continue };
                 let mut out = Vec::new();
-                v.voter.handle_tick(t, &mut out);
-                v.write_through(&mut out);
+                v.handle_tick(t, &mut out);
                 queue.extend(out.into_iter().map(|(to, m)| (me, to, m)));
             }
             while let Some((from, to, m)) = queue.pop_front() {
                 let for_voter = matches!(m, Message::Raft(_) | Message::Heartbeat { .. });
                 let Some(Some(v)) = vs.get_mut(to.0 as usize - 1).filter(|_| for_voter) else { continue };
                 let mut out = Vec::new();
-                v.voter.handle_message(t, from, m, &mut out);
-                v.write_through(&mut out);
+                v.handle_message(t, from, m, &mut out);
                 queue.extend(out.into_iter().map(|(next, m)| (to, next, m)));
             }
             t = t.plus_ms(5);
@@ -509,7 +480,7 @@ mod tests {
     #[test]
     fn a_restarted_voter_applies_history_quietly_until_its_own_heartbeat() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut vs: Vec<Option<Up>> = (1..=3).map(|i| Some(voter_at(dir.path(), i, 1))).collect();
+        let mut vs: Vec<Option<ControllerVoter>> = (1..=3).map(|i| Some(voter_at(dir.path(), i, 1))).collect();
         let all = [(1, 1), (2, 1), (3, 1)];
         let t = run_voters(&mut vs, Time(0), 300, &all);
         let c = vs[2].as_ref().expect("up").controller();

@@ -30,7 +30,7 @@
 //!   crc       crc32c over len | payload
 //! ```
 //!
-//! Snapshots (`RaftWrite::Snapshot`, every `snapshot_interval_entries` applied
+//! Snapshots (`RaftPersist::persist_snapshot`, every `snapshot_interval_entries` applied
 //! entries, or when the leader sends one): (1) the snapshot is written to
 //! `controller.snapshot.tmp`, synced, renamed over `controller.snapshot`, and the directory
 //! synced; (2) a new log (a base record naming the snapshot's index and term, the hard state,
@@ -80,7 +80,7 @@ use raft::prelude::{Entry, HardState, Snapshot};
 use raft::Storage as _;
 
 use crate::core::controller::{Controller, ControllerSnapshot};
-use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage, RaftWrite, RaftWrites};
+use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftPersist, RaftStorage};
 use crate::core::{NodeId, Time};
 
 /// The open Raft log file (format 2), positioned for appends.
@@ -112,10 +112,11 @@ pub(crate) fn start_voter(
     quorum: QuorumConfig,
     controller: Controller,
     now: Time,
-) -> Result<(ControllerVoter, RaftFile, Started)> {
+) -> Result<(ControllerVoter, Started)> {
     let (storage, file) = open(dir)?;
     let mut voter = ControllerVoter::new(me, voters, quorum, controller, storage)
         .map_err(|e| anyhow::anyhow!("starting the controller voter over {}: {e}", dir.display()))?;
+    voter.set_persist(Box::new(file));
     let snapshot_index = voter.snapshot_index();
     // The tick loop's first tick, a few milliseconds early. A restarted voter is a follower
     // that one tick does not make campaign (elections wait 3 ticks or more: `Node::open`), so
@@ -140,7 +141,7 @@ pub(crate) fn start_voter(
              only)"
         );
     }
-    Ok((voter, file, started))
+    Ok((voter, started))
 }
 
 /// Opens (or creates) `dir/raft.log` and `dir/controller.snapshot` and loads them into a
@@ -214,58 +215,39 @@ pub(crate) fn open(dir: &Path) -> Result<(RaftStorage, RaftFile)> {
     Ok((storage, RaftFile { file, dir: dir.to_owned(), path, buf: Vec::new() }))
 }
 
-impl RaftFile {
-    /// Makes a voter's writes durable, in order, and returns their number for
-    /// `ControllerVoter::persisted`: the appends between two snapshots with one write and one
-    /// fdatasync (a group commit of every `Ready` taken since the last batch), a snapshot as its
-    /// two steps. Blocking: the runtime calls it on the blocking pool, never on a shard. A write
-    /// that fails stops the process: the votes and entries the voter promised would not
-    /// survive a restart, and after a failed snapshot neither file can be appended to.
-    pub(crate) fn write(&mut self, batch: RaftWrites) -> u64 {
-        let mut appends: Vec<(Vec<Entry>, Option<HardState>)> = Vec::new();
-        for w in batch.writes {
-            match w {
-                RaftWrite::Append { entries, hard_state } => appends.push((entries, hard_state)),
-                RaftWrite::Snapshot { snapshot, entries, hard_state } => {
-                    self.append_or_stop(&std::mem::take(&mut appends));
-                    if let Err(e) = self.replace(&snapshot, &entries, &hard_state) {
-                        crate::service::fail_stop(
-                            &format!("writing a controller snapshot in {}", self.dir.display()),
-                            &format!("{e:#}"),
-                        );
-                    }
-                }
-            }
-        }
-        self.append_or_stop(&appends);
-        batch.number
-    }
-
-    fn append_or_stop(&mut self, appends: &[(Vec<Entry>, Option<HardState>)]) {
-        if appends.is_empty() {
-            return;
-        }
-        if let Err(e) = self.append(appends) {
+impl RaftPersist for RaftFile {
+    fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
+        if let Err(e) = self.append(entries, hard_state) {
+            // The vote or entries this voter promised would not survive a restart: stop.
             crate::service::fail_stop(&format!("writing the Raft log {}", self.path.display()), &format!("{e:#}"));
         }
     }
 
-    /// Appends the records of some `Ready`s (each's entries, then its hard state) with one
-    /// write and fdatasyncs them. Everything is encoded before a byte is written, so an
-    /// encoding error leaves the file as it was; after an IO error the tail is unknown (the
-    /// next open cuts it or refuses it). Either way the caller must not go on as if the
-    /// records were durable.
-    fn append(&mut self, appends: &[(Vec<Entry>, Option<HardState>)]) -> Result<()> {
+    fn persist_snapshot(&mut self, snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState) {
+        if let Err(e) = self.replace(snapshot, entries, hard_state) {
+            // The old files may be in place or not: the process cannot go on appending to either.
+            crate::service::fail_stop(
+                &format!("writing a controller snapshot in {}", self.dir.display()),
+                &format!("{e:#}"),
+            );
+        }
+    }
+}
+
+impl RaftFile {
+    /// Appends the records of one `Ready` with one write and fdatasyncs them. Everything is
+    /// encoded before a byte is written, so an encoding error leaves the file as it was; after
+    /// an IO error the tail is unknown (the next open cuts it or refuses it). Either way the
+    /// caller must not go on as if the records were durable.
+    fn append(&mut self, entries: &[Entry], hard_state: Option<&HardState>) -> Result<()> {
         self.buf.clear();
-        for (entries, hard_state) in appends {
-            for e in entries {
-                push_record(&mut self.buf, Kind::Entry, |buf| e.write_to_vec(buf))
-                    .with_context(|| format!("encoding Raft entry {} (term {})", e.index, e.term))?;
-            }
-            if let Some(hs) = hard_state {
-                push_record(&mut self.buf, Kind::HardState, |buf| hs.write_to_vec(buf))
-                    .with_context(|| format!("encoding Raft hard state (term {}, vote {})", hs.term, hs.vote))?;
-            }
+        for e in entries {
+            push_record(&mut self.buf, Kind::Entry, |buf| e.write_to_vec(buf))
+                .with_context(|| format!("encoding Raft entry {} (term {})", e.index, e.term))?;
+        }
+        if let Some(hs) = hard_state {
+            push_record(&mut self.buf, Kind::HardState, |buf| hs.write_to_vec(buf))
+                .with_context(|| format!("encoding Raft hard state (term {}, vote {})", hs.term, hs.vote))?;
         }
         self.file.write_all(&self.buf).and_then(|()| self.file.sync_data())?;
         Ok(())
@@ -820,66 +802,6 @@ mod tests {
         Entry { index, term, data: data.to_vec().into(), ..Default::default() }
     }
 
-    /// One write at a time, as a voter would hand them over.
-    trait Persist {
-        fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>);
-        fn persist_snapshot(&mut self, snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState);
-    }
-
-    impl Persist for RaftFile {
-        fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>) {
-            let write = RaftWrite::Append { entries: entries.to_vec(), hard_state: hard_state.cloned() };
-            self.write(RaftWrites { number: 0, writes: vec![write] });
-        }
-
-        fn persist_snapshot(&mut self, snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState) {
-            let write = RaftWrite::Snapshot {
-                snapshot: snapshot.clone(),
-                entries: entries.to_vec(),
-                hard_state: hard_state.clone(),
-            };
-            self.write(RaftWrites { number: 0, writes: vec![write] });
-        }
-    }
-
-    /// Writes what `voter` handed over and reports it durable, as the runtime does off the
-    /// shard, until nothing is left to write.
-    fn write_through(voter: &mut ControllerVoter, file: &mut RaftFile, out: &mut Vec<(NodeId, Message)>) {
-        while let Some(w) = voter.take_writes() {
-            let number = file.write(w);
-            voter.persisted(number, out);
-        }
-    }
-
-    #[test]
-    fn writes_of_several_readies_and_a_snapshot_between_them_reopen_in_order() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        {
-            let (_, mut f) = open(dir.path()).expect("opens");
-            let append = |entries: Vec<Entry>, hs: Option<HardState>| RaftWrite::Append { entries, hard_state: hs };
-            let mut snapshot = Snapshot::default();
-            snapshot.data = Controller::new(crate::core::controller::ControllerConfig::default(), &[NodeId(1)], &[])
-                .snapshot()
-                .into();
-            snapshot.mut_metadata().index = 2;
-            snapshot.mut_metadata().term = 1;
-            let writes = vec![
-                append(vec![entry(1, 1, b"a"), entry(2, 1, b"b")], Some(hard_state(1, 1, 0))),
-                append(vec![entry(3, 1, b"c")], None),
-                RaftWrite::Snapshot { snapshot, entries: vec![entry(3, 1, b"c")], hard_state: hard_state(1, 1, 2) },
-                append(vec![entry(4, 1, b"d")], Some(hard_state(1, 1, 3))),
-            ];
-            assert_eq!(f.write(RaftWrites { number: 7, writes }), 7);
-        }
-        let (storage, _) = open(dir.path()).expect("reopens");
-        let entries: Vec<(u64, u64, Vec<u8>)> =
-            storage.entries_after(2).iter().map(|e| (e.index, e.term, e.data.to_vec())).collect();
-        assert_eq!(entries, vec![(3, 1, b"c".to_vec()), (4, 1, b"d".to_vec())]);
-        let hs = storage.hard_state();
-        assert_eq!((hs.term, hs.vote, hs.commit), (1, 1, 3));
-        assert_eq!(storage.latest_snapshot().map(|s| s.get_metadata().index), Some(2));
-    }
-
     fn hard_state(term: u64, vote: u64, commit: u64) -> HardState {
         HardState { term, vote, commit, ..Default::default() }
     }
@@ -1238,7 +1160,7 @@ mod tests {
             c.replay_until(NodeId(1), incarnation);
             start_voter(dir.path(), NodeId(1), &ids, QuorumConfig::default(), c, now).expect("starts")
         };
-        let (mut voter, mut file, started) = start(1, Time(0));
+        let (mut voter, started) = start(1, Time(0));
         assert_eq!((started.snapshot_index, started.replayed), (0, 0));
         // Heartbeats are the cheapest input: each is one entry (and one fdatasync).
         let mut now = Time(0);
@@ -1248,19 +1170,17 @@ mod tests {
             now = now.plus_ms(1);
             let mut out = Vec::new();
             voter.handle_tick(now, &mut out);
-            write_through(&mut voter, &mut file, &mut out);
             let hb = Message::Heartbeat { broker: NodeId(1), incarnation: 1, lost: vec![], sent: now };
             voter.handle_message(now, NodeId(1), hb, &mut out);
-            write_through(&mut voter, &mut file, &mut out);
         }
         let applied = voter.applied();
         let brokers: Vec<(NodeId, bool)> = voter.controller().brokers().collect();
         assert_eq!(brokers, vec![(NodeId(1), true)]);
-        drop((voter, file));
+        drop(voter);
         let log_bytes = file_len(dir.path(), FILE_NAME);
         let snapshot_bytes = file_len(dir.path(), SNAPSHOT_FILE_NAME);
 
-        let (mut voter, mut file, started) = start(2, now.plus_ms(1));
+        let (mut voter, started) = start(2, now.plus_ms(1));
         let interval = crate::core::quorum::DEFAULT_SNAPSHOT_INTERVAL_ENTRIES;
         println!(
             "Raft log grew to {applied} entries; restart loaded the controller snapshot at index {} and replayed {} \
@@ -1278,9 +1198,7 @@ mod tests {
         let mut t = now.plus_ms(1);
         while voter.applied() <= applied {
             t = t.plus_ms(1);
-            let mut out = Vec::new();
-            voter.handle_tick(t, &mut out);
-            write_through(&mut voter, &mut file, &mut out);
+            voter.handle_tick(t, &mut Vec::new());
             assert!(t < now.plus_ms(10_000), "the voter leads again and commits");
         }
         assert_eq!(voter.controller().brokers().collect::<Vec<_>>(), brokers, "the broker is alive as before");

@@ -14,16 +14,12 @@
 //!
 //! Call protocol: `handle_message` for Raft messages from other voters and for controller
 //! inputs from brokers, `handle_tick` every few milliseconds; after each, send the pushed
-//! messages in order and take the writes (`take_writes`): the driver makes them durable in
-//! order, off the calling thread, and reports each batch with `persisted` (which may push
-//! more messages). The voter never waits for the disk: the messages a write must precede wait
-//! inside it instead. The Raft log lives in a [`RaftStorage`] that the driver keeps across
-//! restarts (the simulator treats it as durable on append and reports writes durable after a
-//! disk delay; cluster mode loads it from disk and writes the writes to its Raft log file).
+//! messages in order. The Raft log lives in a [`RaftStorage`] that the driver keeps across
+//! restarts (the simulator treats it as durable on append; cluster mode loads it from disk).
 //!
 //! Snapshots: every `snapshot_interval_entries` applied entries a voter snapshots its
 //! `Controller` ([`Controller::snapshot`]) at its applied index, makes the snapshot durable
-//! ([`RaftWrite::Snapshot`]: the log then holds only the entries after it) and
+//! ([`RaftPersist::persist_snapshot`]: the log then holds only the entries after it) and
 //! compacts the in-memory log up to it, keeping `snapshot_tail_entries` before it for
 //! followers slightly behind. A follower whose next entry was compacted away gets the
 //! leader's latest snapshot (raft-rs `MsgSnapshot`), checked before it is stepped (bad bytes
@@ -33,7 +29,6 @@
 //! it delivered at once, and a follower that did not get it rejects the next append, which
 //! makes the leader send it again.
 
-use std::collections::VecDeque;
 use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use raft::prelude::{ConfState, Entry, EntryType, HardState, Message as RaftMessage, MessageType, Snapshot};
@@ -105,45 +100,20 @@ enum Input {
     CreateTopic { name: String, partitions: u32, replication: u16, configs: Vec<(String, String)> },
 }
 
-/// A write that makes the Raft log durable. The voter never waits for one: it hands them to
-/// its driver in order ([`ControllerVoter::take_writes`]), holds back every message that
-/// depends on them (raft-rs's asynchronous `Ready`: a follower's answers and votes; a
-/// leader's appends go out at once, Raft thesis 10.2.1), and goes on when the driver reports
-/// them durable ([`ControllerVoter::persisted`]). The runtime writes them to the Raft log file
-/// off the shard (`cluster::raftlog`); a driver that cannot write stops the process.
-#[derive(Clone, Debug)]
-pub enum RaftWrite {
-    /// Append `entries` (replacing any suffix from the first one's index) and record
+/// Makes the Raft log durable: called with the entries and hard state of every Raft `Ready`
+/// before any message that depends on them is sent (raft-rs's contract). Must not return
+/// until they are on disk; an implementation that cannot write stops the process.
+pub trait RaftPersist {
+    /// Appends `entries` (replacing any suffix from the first one's index) and records
     /// `hard_state` if given.
-    Append {
-        /// The entries, in index order.
-        entries: Vec<Entry>,
-        /// The hard state after them, if it changed.
-        hard_state: Option<HardState>,
-    },
-    /// Make `snapshot` durable and replace the log with `entries` (those after the snapshot's
-    /// index) and `hard_state`: the entries up to its index are no longer needed. Written when
-    /// the voter takes a snapshot and when it installs one from the leader; a crash at any
-    /// point must leave the old snapshot and log or the new ones (or the new snapshot with the
-    /// old log, whose entries up to it are then ignored).
-    Snapshot {
-        /// The snapshot.
-        snapshot: Snapshot,
-        /// The entries after it.
-        entries: Vec<Entry>,
-        /// The hard state.
-        hard_state: HardState,
-    },
-}
+    fn persist(&mut self, entries: &[Entry], hard_state: Option<&HardState>);
 
-/// Writes to make durable, in order, and the number to report to
-/// [`ControllerVoter::persisted`] once they are (and every write taken before them).
-#[derive(Debug)]
-pub struct RaftWrites {
-    /// The `Ready` number the writes complete.
-    pub number: u64,
-    /// The writes.
-    pub writes: Vec<RaftWrite>,
+    /// Makes `snapshot` durable and replaces the log with `entries` (those after the
+    /// snapshot's index) and `hard_state`: the entries up to its index are no longer needed.
+    /// Called when the voter takes a snapshot and when it installs one from the leader; a
+    /// crash at any point must leave the old snapshot and log or the new ones (or the new
+    /// snapshot with the old log, whose entries up to it are then ignored).
+    fn persist_snapshot(&mut self, snapshot: &Snapshot, entries: &[Entry], hard_state: &HardState);
 }
 
 /// Why a voter could not start.
@@ -172,19 +142,9 @@ pub struct ControllerVoter {
     snapshot_index: u64,
     /// Voters a snapshot was sent to in the current `process` (reported to raft-rs after it).
     snapshots_sent: Vec<u64>,
-    /// The commit index of the last hard state written.
+    /// The commit index of the last hard state given to `persist`.
     commit_persisted: u64,
-    /// Writes not taken by the driver yet.
-    writes: Vec<RaftWrite>,
-    /// The number of the last `Ready` that made writes.
-    written: u64,
-    /// The number the driver last reported durable.
-    durable: u64,
-    /// Messages waiting for writes: (the `Ready` number whose writes they need, their own
-    /// `Ready`'s number, the messages), in `Ready` order.
-    held: VecDeque<(u64, u64, Vec<RaftMessage>)>,
-    /// A planted bug (simulator builds): writes count as durable when handed over.
-    early_durable: bool,
+    persist: Option<Box<dyn RaftPersist>>,
 }
 
 fn raft_id(n: NodeId) -> u64 {
@@ -241,59 +201,14 @@ impl ControllerVoter {
             snapshot_index,
             snapshots_sent: Vec::new(),
             commit_persisted: 0,
-            writes: Vec::new(),
-            written: 0,
-            durable: 0,
-            held: VecDeque::new(),
-            early_durable: false,
+            persist: None,
         })
     }
 
-    /// The writes to make durable since the last call, in order (see [`RaftWrite`]); none
-    /// when there are none. The driver writes them after every batch taken before, then calls
-    /// [`ControllerVoter::persisted`] with their number.
-    pub fn take_writes(&mut self) -> Option<RaftWrites> {
-        (!self.writes.is_empty()).then(|| RaftWrites { number: self.written, writes: std::mem::take(&mut self.writes) })
-    }
-
-    /// Plants the raft-early-durable bug: every write counts as durable when it is handed over,
-    /// so a crash can lose a vote or an entry this voter already answered for.
-    #[cfg(feature = "sim")]
-    pub fn plant_early_durable(&mut self) {
-        self.early_durable = true;
-    }
-
-    /// Whether writes wait to be taken.
-    pub fn has_writes(&self) -> bool {
-        !self.writes.is_empty()
-    }
-
-    /// The writes taken with `number` (and all before them) are durable: sends the messages
-    /// that waited for them, tells raft-rs, and goes on with the work that makes possible (a
-    /// lone voter commits what it wrote). Outgoing messages are pushed as in
-    /// [`ControllerVoter::handle_message`].
-    pub fn persisted(&mut self, number: u64, out: &mut Vec<(NodeId, Message)>) {
-        self.durable = self.durable.max(number);
-        let mut upto = self.durable;
-        while self.held.front().is_some_and(|(needs, _, _)| *needs <= self.durable) {
-            let (_, n, msgs) = self.held.pop_front().expect("checked");
-            self.send(msgs, out);
-            upto = upto.max(n);
-        }
-        self.raw.on_persist_ready(upto);
-        self.tell_applied();
-        self.process(out);
-    }
-
-    /// Tells raft-rs what this voter applied, as far as raft-rs allows: up to what is both
-    /// committed and reported durable (a snapshot from the leader is applied at once, and
-    /// becomes raft-rs's applied index once its write is durable).
-    fn tell_applied(&mut self) {
-        let log = &self.raw.raft.raft_log;
-        let applied = self.applied.min(log.committed).min(log.persisted);
-        if applied > log.applied {
-            self.raw.advance_apply_to(applied);
-        }
+    /// Makes the Raft log durable through `persist` (the runtime's; the simulator keeps the
+    /// in-memory log across crashes instead).
+    pub fn set_persist(&mut self, persist: Box<dyn RaftPersist>) {
+        self.persist = Some(persist);
     }
 
     /// The active controller as this voter knows it.
@@ -440,55 +355,45 @@ impl ControllerVoter {
         }
     }
 
-    /// One Raft `Ready`, in raft-rs's order: the snapshot before any entry. Asynchronous
-    /// (raft-rs's `advance_append_async`): what must be durable becomes writes for the driver,
-    /// and the messages that depend on them wait in `held` until it reports them durable.
-    /// Committed entries are applied at once: raft-rs hands over only entries this voter has
-    /// reported durable.
+    /// One Raft `Ready`, in raft-rs's order: the snapshot before any entry.
     fn process_ready(&mut self, out: &mut Vec<(NodeId, Message)>) {
         let mut ready = self.raw.ready();
-        let number = ready.number();
-        let writes_before = self.writes.len();
         self.send(ready.take_messages(), out);
         if !ready.snapshot().is_empty() {
             self.install_snapshot(ready.snapshot().clone());
         }
         let committed = ready.take_committed_entries();
         self.apply(committed, out);
-        // A hard state in which only the commit index moved (raft-rs's `must_sync` false: a
-        // lone voter's after each write, a follower's as the leader commits) is not a write of
-        // its own; it is recorded with the next entries at no extra sync, which lets a restart
-        // apply those entries before it hears from a leader.
-        let commit = self.storage.hard_state();
-        let hard_state = match ready.hs() {
-            Some(hs) if ready.must_sync() || !ready.entries().is_empty() => Some(hs.clone()),
-            Some(_) => None,
-            None if !ready.entries().is_empty() && commit.commit > self.commit_persisted => Some(commit),
-            None => None,
-        };
-        if let Some(hs) = &hard_state {
-            self.commit_persisted = hs.commit;
-        }
-        if !ready.entries().is_empty() || hard_state.is_some() {
-            self.writes.push(RaftWrite::Append { entries: ready.entries().to_vec(), hard_state });
+        if let Some(p) = self.persist.as_mut() {
+            // raft-rs puts a commit index that moved while it persisted (a leader's, always a
+            // lone voter's) in no Ready; recorded with the next entries at no extra sync, it
+            // lets a restart apply those entries before it hears from a leader.
+            let commit = self.storage.hard_state();
+            let hard_state = match ready.hs() {
+                Some(hs) => Some(hs),
+                None if !ready.entries().is_empty() && commit.commit > self.commit_persisted => Some(&commit),
+                None => None,
+            };
+            if !ready.entries().is_empty() || hard_state.is_some() {
+                p.persist(ready.entries(), hard_state);
+            }
+            if let Some(hs) = hard_state {
+                self.commit_persisted = hs.commit;
+            }
         }
         self.storage.append(ready.entries());
         if let Some(hs) = ready.hs() {
             self.storage.set_hard_state(hs.clone());
         }
-        if self.writes.len() > writes_before {
-            self.written = number;
+        self.send(ready.take_persisted_messages(), out);
+        let mut light = self.raw.advance(ready);
+        if let Some(commit) = light.commit_index() {
+            self.storage.set_commit(commit);
         }
-        let msgs = ready.take_persisted_messages();
-        self.raw.advance_append_async(ready);
-        self.tell_applied();
-        if (self.written <= self.durable && self.held.is_empty()) || self.early_durable {
-            // Nothing of this Ready or before it waits for the disk.
-            self.send(msgs, out);
-            self.raw.on_persist_ready(number);
-        } else {
-            self.held.push_back((self.written, number, msgs));
-        }
+        self.send(light.take_messages(), out);
+        let committed = light.take_committed_entries();
+        self.apply(committed, out);
+        self.raw.advance_apply();
     }
 
     /// Whether a snapshot from the leader would restore: its data decodes and names this
@@ -507,12 +412,10 @@ impl ControllerVoter {
         let mut hard_state = self.storage.hard_state();
         hard_state.commit = hard_state.commit.max(index);
         hard_state.term = hard_state.term.max(term);
-        self.writes.push(RaftWrite::Snapshot {
-            snapshot: snapshot.clone(),
-            entries: Vec::new(),
-            hard_state: hard_state.clone(),
-        });
-        self.commit_persisted = hard_state.commit;
+        if let Some(p) = self.persist.as_mut() {
+            p.persist_snapshot(&snapshot, &[], &hard_state);
+            self.commit_persisted = hard_state.commit;
+        }
         self.storage.install_snapshot(snapshot);
         self.controller.restore(decoded).expect("checked before it was stepped");
         self.applied = index;
@@ -530,10 +433,11 @@ impl ControllerVoter {
         meta.index = index;
         meta.term = term;
         meta.set_conf_state(self.storage.initial_state().expect("infallible").conf_state);
-        // After every write taken before it, so `after` holds what they append too.
-        let (entries, hard_state) = (self.storage.entries_after(index), self.storage.hard_state());
-        self.commit_persisted = hard_state.commit;
-        self.writes.push(RaftWrite::Snapshot { snapshot: snapshot.clone(), entries, hard_state });
+        if let Some(p) = self.persist.as_mut() {
+            let (after, hard_state) = (self.storage.entries_after(index), self.storage.hard_state());
+            p.persist_snapshot(&snapshot, &after, &hard_state);
+            self.commit_persisted = hard_state.commit;
+        }
         let keep_from = index.saturating_sub(self.config.snapshot_tail_entries) + 1;
         let bytes = snapshot.data.len();
         self.storage.compact(snapshot, keep_from);
@@ -624,7 +528,7 @@ pub struct RaftStorage {
     inner: Arc<RwLock<Stored>>,
 }
 
-#[derive(Clone, Default)]
+#[derive(Default)]
 struct Stored {
     hard_state: HardState,
     conf_state: ConfState,
@@ -646,36 +550,6 @@ impl RaftStorage {
     /// An empty log.
     pub fn new() -> RaftStorage {
         RaftStorage::default()
-    }
-
-    /// A copy of this log that changes apart from it (a clone is a handle to the same log).
-    pub fn fork(&self) -> RaftStorage {
-        RaftStorage { inner: Arc::new(RwLock::new(self.rl().clone())) }
-    }
-
-    /// Applies `write` as a disk would keep it: what `cluster::raftlog` loads back after the
-    /// same write (the simulator's durable Raft log).
-    pub fn apply(&self, write: &RaftWrite) {
-        match write {
-            RaftWrite::Append { entries, hard_state } => {
-                // Entries a snapshot written before them covers are in it already.
-                let offset = self.rl().offset;
-                let after: Vec<Entry> = entries.iter().filter(|e| e.index > offset).cloned().collect();
-                self.append(&after);
-                if let Some(hs) = hard_state {
-                    self.set_hard_state(hs.clone());
-                }
-            }
-            RaftWrite::Snapshot { snapshot, entries, hard_state } => {
-                self.install_snapshot(snapshot.clone());
-                self.append(entries);
-                let meta = snapshot.get_metadata();
-                let mut hs = hard_state.clone();
-                hs.commit = hs.commit.max(meta.index);
-                hs.term = hs.term.max(meta.term);
-                self.set_hard_state(hs);
-            }
-        }
     }
 
     /// Appends `entries`, replacing the log's suffix from the first one's index. The caller
@@ -706,6 +580,11 @@ impl RaftStorage {
     /// The hard state.
     pub fn hard_state(&self) -> HardState {
         self.rl().hard_state.clone()
+    }
+
+    /// Records a commit index raft-rs reported after a `Ready`.
+    pub fn set_commit(&self, commit: u64) {
+        self.wl().hard_state.commit = commit;
     }
 
     /// Records the voters.
@@ -841,75 +720,6 @@ mod tests {
         ControllerVoter::new(NodeId(id), &voters(), config, c, storage).expect("voter")
     }
 
-    /// Makes `v`'s writes durable at once (its storage is the durable log here), pushing what
-    /// that releases.
-    fn durable(v: &mut ControllerVoter, out: &mut Vec<(NodeId, Message)>) {
-        while let Some(w) = v.take_writes() {
-            v.persisted(w.number, out);
-        }
-    }
-
-    fn raft_kind(out: &[(NodeId, Message)], to: NodeId, kind: MessageType) -> usize {
-        out.iter().filter(|(t, m)| *t == to && matches!(m, Message::Raft(r) if r.get_msg_type() == kind)).count()
-    }
-
-    #[test]
-    fn a_lone_voter_commits_only_what_it_reported_durable() {
-        let c = Controller::new(ControllerConfig::default(), &[NodeId(1)], &[(PartitionId(0), vec![NodeId(1)])]);
-        let config = QuorumConfig { election_ticks: 3, election_ticks_max: 4, ..QuorumConfig::default() };
-        let mut v = ControllerVoter::new(NodeId(1), &[NodeId(1)], config, c, RaftStorage::new()).expect("voter");
-        let mut out = Vec::new();
-        for t in 0..10 {
-            v.handle_tick(Time(t * 5_000), &mut out);
-            durable(&mut v, &mut out);
-        }
-        assert!(v.is_active(), "elected itself");
-        let before = v.applied();
-        let hb = Message::Heartbeat { broker: NodeId(1), incarnation: 1, lost: vec![], sent: Time(50_000) };
-        v.handle_message(Time(50_000), NodeId(1), hb, &mut out);
-        let w = v.take_writes().expect("the heartbeat's entry is to be written");
-        assert!(w.writes.iter().any(|w| matches!(w, RaftWrite::Append { entries, .. } if !entries.is_empty())));
-        // Not durable yet: not committed, not applied, however long it waits.
-        for t in 11..20 {
-            v.handle_tick(Time(t * 5_000), &mut out);
-        }
-        assert_eq!(v.applied(), before, "applied before its write was durable");
-        assert!(!v.controller().alive(NodeId(1)));
-        // The report (then the writes of the ticks queued meanwhile): committed and applied.
-        v.persisted(w.number, &mut out);
-        durable(&mut v, &mut out);
-        assert!(v.applied() > before);
-        assert!(v.controller().alive(NodeId(1)), "the heartbeat was applied");
-    }
-
-    #[test]
-    fn a_follower_answers_an_append_only_once_its_write_is_durable() {
-        let mut vs: Vec<ControllerVoter> = (1..=3).map(|i| voter(i, RaftStorage::new())).collect();
-        run(&mut vs, 60, |_, _| vec![]);
-        let leader = vs.iter().position(|v| v.is_active()).expect("a leader");
-        let follower = (leader + 1) % 3;
-        let (leader_id, follower_id) = (vs[leader].id, vs[follower].id);
-        let hb = Message::Heartbeat { broker: NodeId(1), incarnation: 1, lost: vec![], sent: Time(0) };
-        let now = Time(60 * 5_000);
-        let mut out = Vec::new();
-        vs[leader].handle_message(now, NodeId(1), hb, &mut out);
-        assert!(vs[leader].has_writes(), "the leader's own write is still to be done");
-        assert!(
-            raft_kind(&out, follower_id, MessageType::MsgAppend) > 0,
-            "the leader sends its append before its own write is durable"
-        );
-        let mut answers = Vec::new();
-        for (to, m) in out {
-            if to == follower_id {
-                vs[follower].handle_message(now, leader_id, m, &mut answers);
-            }
-        }
-        assert_eq!(raft_kind(&answers, leader_id, MessageType::MsgAppendResponse), 0, "answered before durable");
-        let w = vs[follower].take_writes().expect("the entry is to be written");
-        vs[follower].persisted(w.number, &mut answers);
-        assert!(raft_kind(&answers, leader_id, MessageType::MsgAppendResponse) > 0, "answered once durable");
-    }
-
     /// Runs three voters with instant delivery until `until` ticks, returning them.
     fn run(
         vs: &mut [ControllerVoter],
@@ -924,7 +734,6 @@ mod tests {
             for v in vs.iter_mut() {
                 let mut out = Vec::new();
                 v.handle_tick(now, &mut out);
-                durable(v, &mut out);
                 let from = v.id;
                 queue.extend(out.into_iter().map(|(to, m)| (from, to, m)));
             }
@@ -934,7 +743,6 @@ mod tests {
                         let v = &mut vs[(to.0 - 1) as usize];
                         let mut out = Vec::new();
                         v.handle_message(now, from, m, &mut out);
-                        durable(v, &mut out);
                         let me = v.id;
                         queue.extend(out.into_iter().map(|(to, m)| (me, to, m)));
                     }
@@ -1022,7 +830,6 @@ mod tests {
             for v in vs.iter_mut() {
                 let mut out = Vec::new();
                 v.handle_tick(now, &mut out);
-                durable(v, &mut out);
                 let from = v.id;
                 queue.extend(out.into_iter().map(|(to, m)| (from, to, m)));
             }
@@ -1037,7 +844,6 @@ mod tests {
                 let v = &mut vs[(to.0 - 1) as usize];
                 let mut out = Vec::new();
                 v.handle_message(now, from, m, &mut out);
-                durable(v, &mut out);
                 let me = v.id;
                 queue.extend(out.into_iter().map(|(to, m)| (me, to, m)));
             }

@@ -145,16 +145,12 @@ pub struct Plant {
     /// validation, locks, SSI tracking or serial turn; first committer wins): write skew
     /// commits. `TableMachine::with_plant`, `PartitionLeader::with_plant`.
     pub(crate) snapshot_as_serializable: bool,
-    /// The controller voter treats its Raft writes as durable when it hands them over: the
-    /// messages that depend on them (votes, append answers) go out and raft-rs counts them at
-    /// once (`ControllerVoter::plant_early_durable`).
-    pub(crate) raft_early_durable: bool,
 }
 
 impl Plant {
     /// The names `named` knows.
     #[cfg(feature = "sim")]
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 9] = [
         "no-fencing",
         "no-truncation",
         "early-ack",
@@ -164,7 +160,6 @@ impl Plant {
         "no-partition-check",
         "no-read-validation",
         "snapshot-as-serializable",
-        "raft-early-durable",
     ];
 
     /// A planted bug by name (simulator builds only).
@@ -181,7 +176,6 @@ impl Plant {
             "no-partition-check" => p.no_partition_check = true,
             "no-read-validation" => p.no_read_validation = true,
             "snapshot-as-serializable" => p.snapshot_as_serializable = true,
-            "raft-early-durable" => p.raft_early_durable = true,
             _ => return None,
         }
         Some(p)

@@ -54,7 +54,7 @@ use skein_log::{Durability, Log, LogConfig};
 use crate::check::{self, History, PollOp, SendOp, SendOutcome};
 use crate::core::controller::{Controller, ControllerConfig};
 use crate::core::node::{BrokerNode, NodeConfig};
-use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage, RaftWrites};
+use crate::core::quorum::{ControllerVoter, QuorumConfig, RaftStorage};
 use crate::core::replica::{Job, Plant, Replica, ReplicaConfig};
 use crate::core::{
     Acks, Command, Message, NodeId, Offset, PartitionId, Peer, ProduceError, ReadFailure, RequestId, Time,
@@ -237,12 +237,6 @@ enum Event {
         partition: PartitionId,
         job: Job<MemStorage>,
     },
-    /// A batch of the voter's Raft log writes landed (`ControllerVoter::persisted`).
-    RaftDurable {
-        node: NodeId,
-        incarnation: u64,
-        number: u64,
-    },
     ClientRequest {
         client: usize,
         request: u64,
@@ -305,13 +299,8 @@ struct SimNode {
     core: Option<BrokerNode<MemStorage>>,
     /// This broker's controller voter (combined mode), down with the process.
     voter: Option<ControllerVoter>,
-    /// The voter's Raft log as the disk holds it: the voter works on a copy made at its start
-    /// and hands over writes, which land here one batch at a time after a disk delay (as the
-    /// runtime's writer does), so a crash loses what had not landed (the batch in flight
-    /// lands or not, by the seed).
+    /// The voter's Raft log, durable across crashes (appended and synced per ready).
     raft_log: RaftStorage,
-    /// The batch of the voter's writes in flight (its `RaftDurable` is scheduled).
-    raft_writing: Option<RaftWrites>,
     /// The node's group state snapshot file (a cache of the offsets partition, written whole;
     /// kept across crashes).
     group_snapshot: Option<Vec<u8>>,
@@ -474,7 +463,6 @@ impl Sim {
                 core: None,
                 voter: None,
                 raft_log: RaftStorage::new(),
-                raft_writing: None,
                 group_snapshot: None,
                 storages: parts.iter().map(|&p| (p, MemStorage::new())).collect(),
                 incarnation: 0,
@@ -661,13 +649,8 @@ impl Sim {
             ..QuorumConfig::default()
         };
         let n = &mut self.nodes[i];
-        match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.fork()) {
-            Ok(mut v) => {
-                if self.cfg.plant.raft_early_durable {
-                    v.plant_early_durable();
-                }
-                n.voter = Some(v);
-            }
+        match ControllerVoter::new(n.id, &ids, quorum, controller, n.raft_log.clone()) {
+            Ok(v) => n.voter = Some(v),
             Err(e) => {
                 let msg = format!("recovery: {} controller voter does not start: {e}", n.id);
                 self.violation(msg);
@@ -694,14 +677,6 @@ impl Sim {
         let n = &mut self.nodes[i];
         n.core = None;
         n.voter = None;
-        if let Some(batch) = n.raft_writing.take() {
-            // Written before the process died, but not reported to the voter: or not written.
-            if seed.is_multiple_of(2) {
-                for w in &batch.writes {
-                    n.raft_log.apply(w);
-                }
-            }
-        }
         n.paused_until = None;
         n.coordinator = groups::NodeCoordinator::default();
         for s in n.storages.values_mut() {
@@ -760,8 +735,7 @@ impl Sim {
             | Event::GroupRequest { to: id, .. }
             | Event::TxnRequest { to: id, .. }
             | Event::TableRequest { to: id, .. }
-            | Event::IoDone { node: id, .. }
-            | Event::RaftDurable { node: id, .. } => Some(*id),
+            | Event::IoDone { node: id, .. } => Some(*id),
             Event::Deliver { to: Peer::Node(id), .. } => Some(*id),
             _ => None,
         };
@@ -842,22 +816,6 @@ impl Sim {
                     core.handle_io_done(now, partition, job, result, &mut out);
                 }
                 self.execute(i, out);
-            }
-            Event::RaftDurable { node, incarnation, number } => {
-                let i = self.idx(node);
-                if self.nodes[i].incarnation != incarnation {
-                    return; // the process died before its write returned
-                }
-                let Some(batch) = self.nodes[i].raft_writing.take() else { return };
-                debug_assert_eq!(batch.number, number);
-                for w in &batch.writes {
-                    self.nodes[i].raft_log.apply(w);
-                }
-                let mut out = Vec::new();
-                if let Some(v) = &mut self.nodes[i].voter {
-                    v.persisted(number, &mut out);
-                }
-                self.voter_sends(i, out);
             }
             Event::ClientRequest { client, request, to, req } => self.serve_client(client, request, to, req),
             Event::ClientResponse { client, request, resp } => self.client_response(client, request, resp),
@@ -1079,23 +1037,12 @@ impl Sim {
         self.nodes.iter().map(|x| Peer::Node(x.id)).collect()
     }
 
-    /// Messages of a node's controller voter: Raft to other voters, decisions to brokers;
-    /// then its next batch of writes, when none is out (the log itself is durable as the voter
-    /// appends to it: the batch's landing is a delay).
+    /// Messages of a node's controller voter: Raft to other voters, decisions to brokers.
     fn voter_sends(&mut self, i: usize, out: Vec<(NodeId, Message)>) {
         let id = self.nodes[i].id;
         for (to, msg) in out {
             self.send(Peer::Node(id), Peer::Node(to), msg);
         }
-        let n = &mut self.nodes[i];
-        if n.raft_writing.is_some() {
-            return;
-        }
-        let Some(batch) = n.voter.as_mut().and_then(ControllerVoter::take_writes) else { return };
-        let (incarnation, number) = (n.incarnation, batch.number);
-        n.raft_writing = Some(batch);
-        let delay = self.rng.range(200, 3_000);
-        self.schedule(delay, Event::RaftDurable { node: id, incarnation, number });
     }
 
     /// Sends over the simulated network: delay, drop, duplication, reordering, cuts. A message
