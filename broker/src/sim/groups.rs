@@ -17,9 +17,10 @@
 //!
 //! Members (two static, two dynamic) of one group consume a fake topic of
 //! [`TOPIC_PARTITIONS`] partitions, which grows to [`TOPIC_PARTITIONS_GROWN`] at
-//! [`GROW_AT_US`] (the coordinator's `refresh` must give the new ones out): they join, heartbeat with what they own, reconcile
-//! (commit a revoked partition, then acknowledge it), fetch the committed offset of a
-//! partition they gain, consume (their position grows) and commit. During the fault phase
+//! [`GROW_AT_US`] (the coordinator's `refresh` must give the new ones out): they join,
+//! heartbeat with what they own, reconcile (commit a revoked partition, then acknowledge it),
+//! fetch the committed offset of a partition they gain, consume (their position grows) and
+//! commit. During the fault phase
 //! they sometimes leave, crash (and rejoin later, static members with their instance id) or
 //! pause for longer than their session; a paused member resumes as a zombie that first
 //! commits its stale positions with its old id and epoch. Coordinator failover comes from

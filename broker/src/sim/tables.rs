@@ -293,20 +293,10 @@ impl Sim {
             let host = self.tables.hosts[i].entry(p).or_default();
             let epoch = host.leader.as_ref().map(PartitionLeader::epoch);
             let leads = matches!(coordinating, Some(Ok(e)) if Some(e) == epoch);
-            if !leads && epoch.is_some() && self.table_still_leads(i, p, epoch) {
-                // A lease blip: the epoch's locks and waits stay, and, as the runtime's tick
-                // does, transactions past their timeout still expire and decided parts end;
-                // parked requests are asked again only once the lease is back.
-                let Host { machine, leader, .. } = self.tables.hosts[i].entry(p).or_default();
-                if let (Some(m), Some(l)) = (machine.as_ref(), leader.as_mut()) {
-                    l.expire(now);
-                    l.decided(m);
-                    l.take_wakes();
-                }
-                continue;
-            }
+            // A lease blip: the epoch's locks and waits stay.
+            let blip = !leads && epoch.is_some() && self.table_still_leads(i, p, epoch);
             let host = self.tables.hosts[i].entry(p).or_default();
-            if !leads {
+            if !leads && !blip {
                 host.leader = None;
                 for (client, request, req) in std::mem::take(&mut host.parked) {
                     let resp = refusal(&req, Refused::Aborted(AbortReason::LeaderChanged));
@@ -314,11 +304,16 @@ impl Sim {
                 }
                 continue;
             }
+            // Leading, or through a blip as the runtime's tick does: transactions past their
+            // timeout expire and decided parts end.
             let Host { machine, leader, parked } = host;
             if let (Some(m), Some(l)) = (machine.as_ref(), leader.as_mut()) {
                 l.expire(now);
                 l.decided(m);
                 l.take_wakes();
+            }
+            if blip {
+                continue; // parked requests are asked again once the lease is back
             }
             for (client, request, req) in std::mem::take(parked) {
                 self.table_run(i, client, request, req);
