@@ -32,7 +32,16 @@ pub struct LogConfig {
     /// Reserve disk space in the active segment this many bytes ahead of the appends
     /// (`fallocate`), given back when the segment is sealed; 0 turns it off (the default).
     pub preallocate_bytes: u32,
+    /// Keep the newest batches of the active segment in memory after they are written, up to
+    /// this many bytes (and [`TAIL_CACHE_BATCHES_MAX`] batches), so reads of the tail (a
+    /// follower's fetch, a consumer or a state machine catching up) copy them from there and
+    /// make no file read; 0 turns it off (the default). A cached batch shares the buffer it
+    /// arrived in, so the batch bound also bounds the buffers a slow partition keeps alive.
+    pub tail_cache_bytes: u32,
 }
+
+/// The most batches [`LogConfig::tail_cache_bytes`] keeps, whatever their size.
+pub const TAIL_CACHE_BATCHES_MAX: usize = 256;
 
 impl Default for LogConfig {
     fn default() -> Self {
@@ -44,6 +53,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             retention_ms: Some(WEEK_MS),
             preallocate_bytes: 0,
+            tail_cache_bytes: 0,
         }
     }
 }

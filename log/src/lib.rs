@@ -20,7 +20,7 @@ mod segment;
 pub mod storage;
 pub mod types;
 
-pub use crate::config::{Durability, LogConfig, SEGMENT_BYTES_MAX};
+pub use crate::config::{Durability, LogConfig, SEGMENT_BYTES_MAX, TAIL_CACHE_BATCHES_MAX};
 pub use crate::error::{AppendError, Corruption, LogError, OpenError, OutOfRange, ReadError};
 pub use crate::log::{
     hint_writeback, AppendInfo, Log, ReadLimit, ReadRange, RecoveryReport, RetentionReport, SyncJob, WriteJob,

@@ -524,9 +524,8 @@ impl<S: Storage> Log<S> {
         if let Some(i) = self.segment_at(segment_base) {
             let seg = &mut self.segments[i];
             seg.written = seg.written.max(upto_position);
-            while seg.pending.front().is_some_and(|(p, b)| *p as usize + b.len() <= seg.written as usize) {
-                seg.pending.pop_front();
-            }
+            let keep = if i + 1 == self.segments.len() { self.config.tail_cache_bytes as usize } else { 0 };
+            self.segments[i].settle_written(keep);
         }
         self.written = self.written.max(upto).min(self.log_end_offset());
     }
@@ -926,6 +925,8 @@ impl<S: Storage> Log<S> {
                     bytes: meta.segment_bytes,
                     written: meta.segment_bytes,
                     pending: VecDeque::new(),
+                    recent: VecDeque::new(),
+                    recent_bytes: 0,
                     next_offset: base.plus(u64::from(meta.offset_count)),
                     max_timestamp: meta.max_timestamp,
                     index,
@@ -974,6 +975,8 @@ impl<S: Storage> Log<S> {
             bytes: scanned.bytes,
             written: scanned.bytes,
             pending: VecDeque::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
             next_offset: scanned.next_offset,
             max_timestamp: scanned.max_timestamp,
             index: scanned.index,
@@ -1216,6 +1219,7 @@ impl<S: Storage> Log<S> {
             return Ok(());
         }
         self.segments[last].unsealed = true;
+        self.segments[last].forget_recent();
         let segment = self.create_segment(self.log_end_offset(), now)?;
         self.segments.push(segment);
         Ok(())
@@ -1272,12 +1276,13 @@ impl<S: Storage> Log<S> {
     /// Writes every pending batch with blocking writes on this thread (a roll, a truncation,
     /// [`Log::sync`]); a write job still out writes some of them again, harmlessly.
     fn write_inline(&mut self) -> Result<(), StorageError> {
-        for seg in &mut self.segments {
-            while let Some((position, bytes)) = seg.pending.front() {
+        let last = self.segments.len() - 1;
+        for (i, seg) in self.segments.iter_mut().enumerate() {
+            for (position, bytes) in &seg.pending {
                 seg.file.write_at(bytes, u64::from(*position))?;
                 seg.written = *position + bytes.len() as u32;
-                seg.pending.pop_front();
             }
+            seg.settle_written(if i == last { self.config.tail_cache_bytes as usize } else { 0 });
         }
         self.written = self.log_end_offset();
         Ok(())
@@ -1295,6 +1300,8 @@ impl<S: Storage> Log<S> {
             bytes: 0,
             written: 0,
             pending: VecDeque::new(),
+            recent: VecDeque::new(),
+            recent_bytes: 0,
             next_offset: base,
             max_timestamp: Timestamp::NONE,
             index: SegmentIndex::new(),
@@ -1329,7 +1336,7 @@ impl<S: Storage> Log<S> {
         seg.bytes = position;
         seg.written = seg.written.min(position);
         seg.writeback_from = seg.writeback_from.min(position);
-        seg.pending.retain(|(p, _)| *p < position);
+        seg.forget_from(position);
         seg.next_offset = base;
         // The index gives the newest timestamp before its last entry; scan the rest.
         let last_entry = seg.index.entries().last();

@@ -2,7 +2,9 @@
 //! index. Only the log's last segment (the active one) is appended to; the others are sealed:
 //! written, synced, indexed on disk, read-only. The active segment's newest batches may not be
 //! in the file yet (the log writes behind, see `log.rs`): they are held in memory, in
-//! `pending`, and every read here ([`Segment::read_exact`]) takes them from there.
+//! `pending`, and every read here ([`Segment::read_exact`]) takes them from there. Once
+//! written, the newest of them stay in memory a while longer (`recent`, up to
+//! `LogConfig::tail_cache_bytes`), so a read of the tail makes no file read either.
 //!
 //! This module reads headers and scans files; it decides nothing about recovery policy (the
 //! log does). Positions are `u32`: a segment never exceeds 4 GiB (checked by `LogConfig`).
@@ -12,6 +14,7 @@ use std::collections::VecDeque;
 use bytes::Bytes;
 
 use crate::batch::{check_crc, BatchHeader, HEADER_BYTES};
+use crate::config::TAIL_CACHE_BATCHES_MAX;
 use crate::index::{IndexEntry, SegmentIndex, SegmentMeta};
 use crate::storage::{read_exact_at, StorageError, StorageFile};
 use crate::types::{LeaderEpoch, Offset, Timestamp};
@@ -28,6 +31,11 @@ pub(crate) struct Segment<F> {
     pub written: u32,
     /// Batches at `written..bytes` not known to be in the file, by position, back to back.
     pub pending: VecDeque<(u32, Bytes)>,
+    /// The newest batches already in the file, by position, back to back and ending at
+    /// `written`: the tail cache (see `LogConfig::tail_cache_bytes`).
+    pub recent: VecDeque<(u32, Bytes)>,
+    /// Bytes held in `recent`.
+    pub recent_bytes: usize,
     /// Offset after the segment's last batch (`base` when empty).
     pub next_offset: Offset,
     pub max_timestamp: Timestamp,
@@ -145,30 +153,62 @@ impl<F: StorageFile> Segment<F> {
         Ok(header)
     }
 
-    /// Reads `buf.len()` bytes at `position` (within `bytes`): what is written from the file,
-    /// the rest from the pending batches.
+    /// Reads `buf.len()` bytes at `position` (within `bytes`): what is in memory (the tail
+    /// cache and the unwritten batches) from there, the rest from the file.
     pub fn read_exact(&self, buf: &mut [u8], position: u32) -> Result<(), StorageError> {
         let end = u64::from(position) + buf.len() as u64;
         assert!(end <= u64::from(self.bytes), "read past the end of segment {}", self.path);
-        let from_file = u64::from(self.written).saturating_sub(u64::from(position)).min(buf.len() as u64) as usize;
+        let in_memory = self.recent.front().map_or(self.written, |(p, _)| *p);
+        let from_file = u64::from(in_memory).saturating_sub(u64::from(position)).min(buf.len() as u64) as usize;
         if from_file > 0 {
             read_exact_at(&self.file, &mut buf[..from_file], u64::from(position), &self.path)?;
         }
         let mut at = position as usize + from_file;
         let mut out = from_file;
-        let first = self.pending.partition_point(|(p, b)| *p as usize + b.len() <= at);
-        for (p, b) in self.pending.range(first..) {
-            if out == buf.len() {
-                break;
+        for batches in [&self.recent, &self.pending] {
+            let first = batches.partition_point(|(p, b)| *p as usize + b.len() <= at);
+            for (p, b) in batches.range(first..) {
+                if out == buf.len() {
+                    break;
+                }
+                let skip = at - *p as usize;
+                let n = (b.len() - skip).min(buf.len() - out);
+                buf[out..out + n].copy_from_slice(&b[skip..skip + n]);
+                out += n;
+                at += n;
             }
-            let skip = at - *p as usize;
-            let n = (b.len() - skip).min(buf.len() - out);
-            buf[out..out + n].copy_from_slice(&b[skip..skip + n]);
-            out += n;
-            at += n;
         }
-        assert_eq!(out, buf.len(), "pending batches cover {}..{} of {}", self.written, self.bytes, self.path);
+        assert_eq!(out, buf.len(), "memory holds {in_memory}..{} of {}", self.bytes, self.path);
         Ok(())
+    }
+
+    /// Moves the unwritten batches that `written` now covers to the tail cache, which then
+    /// keeps its newest `keep` bytes (and at most [`TAIL_CACHE_BATCHES_MAX`] batches).
+    pub fn settle_written(&mut self, keep: usize) {
+        while self.pending.front().is_some_and(|(p, b)| *p as usize + b.len() <= self.written as usize) {
+            let batch = self.pending.pop_front().expect("a front batch");
+            if keep > 0 {
+                self.recent_bytes += batch.1.len();
+                self.recent.push_back(batch);
+            }
+        }
+        while self.recent_bytes > keep || self.recent.len() > TAIL_CACHE_BATCHES_MAX {
+            let (_, b) = self.recent.pop_front().expect("counted bytes are held");
+            self.recent_bytes -= b.len();
+        }
+    }
+
+    /// Drops the batches at or after `position` from memory (a cut).
+    pub fn forget_from(&mut self, position: u32) {
+        self.pending.retain(|(p, _)| *p < position);
+        self.recent.retain(|(p, _)| *p < position);
+        self.recent_bytes = self.recent.iter().map(|(_, b)| b.len()).sum();
+    }
+
+    /// Empties the tail cache (the segment is no longer the active one).
+    pub fn forget_recent(&mut self) {
+        self.recent.clear();
+        self.recent_bytes = 0;
     }
 
     /// The batch holding `target`: its position and header. `target` must be in the segment.
@@ -176,6 +216,12 @@ impl<F: StorageFile> Segment<F> {
         assert!(target >= self.base && target < self.next_offset, "offset {target} not in segment {}", self.path);
         let (rel, mut position) = self.index.lookup_offset(self.rel(target));
         let mut expected = self.base.plus(u64::from(rel));
+        // A target in memory is found from there: no header is read from the file.
+        if let Some((at, first)) = self.first_in_memory() {
+            if at > position && first.base_offset <= target {
+                (position, expected) = (at, first.base_offset);
+            }
+        }
         loop {
             let header = self.read_header(position)?;
             self.check_continuity(position, &header, expected)?;
@@ -185,6 +231,13 @@ impl<F: StorageFile> Segment<F> {
             expected = header.next_offset();
             position += header.batch_length;
         }
+    }
+
+    /// The position and header of the oldest batch held in memory (cached or unwritten).
+    fn first_in_memory(&self) -> Option<(u32, BatchHeader)> {
+        let (at, bytes) = self.recent.front().or_else(|| self.pending.front())?;
+        let header = BatchHeader::decode(bytes.get(..HEADER_BYTES)?).ok()?;
+        Some((*at, header))
     }
 
     /// Fails if the batch at `position` does not start at `expected`.

@@ -132,6 +132,47 @@ fn appends_are_read_from_memory_until_written_and_a_process_kill_keeps_what_was_
 }
 
 #[test]
+fn the_tail_cache_serves_the_newest_written_batches_and_gives_up_the_oldest_and_a_rolled_segment_s() {
+    let name = "00000000000000000000.log";
+    let batch_bytes = {
+        let s = MemStorage::new();
+        let mut log = Log::open(s.clone(), config(), T0).expect("open");
+        fill(&mut log, 0, 1, T0);
+        write_behind(&mut log);
+        s.file_bytes(name).expect("the segment").len() as u32
+    };
+    // Room for three batches, not four.
+    let cfg = LogConfig { tail_cache_bytes: 3 * batch_bytes + batch_bytes / 2, ..config() };
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), cfg.clone(), T0).expect("open");
+    fill(&mut log, 0, 6, T0);
+    write_behind(&mut log);
+    let len = s.file_bytes(name).expect("the segment").len() as u64;
+    // Damage every batch in the file: what the cache holds still reads whole; what it gave
+    // up is read from the file, and its damage is found.
+    for pos in (30..len).step_by(64) {
+        s.flip_byte(name, pos, 0x40);
+    }
+    let ids = |log: &Log<MemStorage>, from| read_all(log, Offset(from), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>();
+    assert_eq!(ids(&log, 3), vec![3, 4, 5], "the newest three come from the cache");
+    let mut buf = Vec::new();
+    let err = log.read_verified(Offset(2), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);
+    assert!(err.is_err(), "the oldest batches were given up and are read from the damaged file: {err:?}");
+    // A roll empties the cache of the segment it seals.
+    log.roll(T0).expect("roll");
+    let err = log.read_verified(Offset(4), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);
+    assert!(err.is_err(), "after the roll the sealed segment is read from its file: {err:?}");
+    // Off, every written batch is read from the file.
+    let s = MemStorage::new();
+    let mut log = Log::open(s.clone(), config(), T0).expect("open");
+    fill(&mut log, 0, 2, T0);
+    write_behind(&mut log);
+    s.flip_byte(name, u64::from(batch_bytes) + 100, 0x40);
+    let err = log.read_verified(Offset(1), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);
+    assert!(err.is_err(), "no cache: the file is read: {err:?}");
+}
+
+#[test]
 fn a_write_and_sync_job_carries_the_unwritten_batches_to_disk_and_counts_as_the_write_job_out() {
     let s = MemStorage::new();
     let mut log = Log::open(s.clone(), config(), T0).expect("open");

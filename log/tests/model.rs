@@ -93,6 +93,9 @@ fn config(segment_bytes: u32, retention_bytes: u64) -> LogConfig {
         // Reserving space is an operation faults can hit; a failed reservation must not
         // change what the log holds.
         preallocate_bytes: 1000,
+        // A few batches' worth: reads cross from the file into the cache and the pending
+        // batches, and the cache gives batches up as it goes.
+        tail_cache_bytes: 700,
     }
 }
 

@@ -19,6 +19,7 @@ fn config() -> LogConfig {
         retention_bytes: None,
         retention_ms: None,
         preallocate_bytes: 512,
+        tail_cache_bytes: 300,
     }
 }
 

@@ -48,6 +48,12 @@ impl ReplicaMeta {
 /// do not set `preallocate`.
 const TABLE_PREALLOCATE_BYTES: u32 = 4 << 20;
 
+/// The tail cache (`LogConfig::tail_cache_bytes`) of the partitions whose every committed
+/// record this broker reads back at once: tables and the internal topics (their state machines
+/// catch up from the log), so a commit costs no file read on the shard. Plain topics keep it
+/// off: a produced batch shares the request's buffer, which a cached slice would keep alive.
+const STATE_TAIL_CACHE_BYTES: u32 = 1 << 20;
+
 pub(super) fn topic_of(c: &Controller, p: PartitionId) -> Option<(&String, &Topic)> {
     c.topics().iter().find(|(_, t)| p.0 >= t.first.0 && p.0 - t.first.0 < t.partitions)
 }
@@ -94,6 +100,7 @@ pub(super) fn replica_settings(
         if !log_configs.contains_key("preallocate") {
             log.preallocate_bytes = TABLE_PREALLOCATE_BYTES;
         }
+        log.tail_cache_bytes = STATE_TAIL_CACHE_BYTES;
     }
     let replica = ReplicaConfig {
         min_insync_replicas: min_isr.min(usize::from(replication)),
@@ -127,8 +134,11 @@ pub(super) fn open_replica(
     dir: &Path,
     meta: &ReplicaMeta,
 ) -> Result<Replica<FileStorage>> {
-    let (replica_config, log_config) =
+    let (replica_config, mut log_config) =
         replica_settings(config, &meta.configs, meta.replication).map_err(|m| anyhow::anyhow!(m))?;
+    if meta.topic.starts_with("__") {
+        log_config.tail_cache_bytes = STATE_TAIL_CACHE_BYTES;
+    }
     let storage = FileStorage::new(dir).with_context(|| format!("opening {}", dir.display()))?;
     // The same clock as the core's appends (segment ages compare the two).
     let log =

@@ -455,7 +455,14 @@ impl Sim {
                 (p, r)
             })
             .collect();
-        let log_config = LogConfig { durability: Durability::Always, segment_bytes: 64 * 1024, ..LogConfig::default() };
+        // A tail cache smaller than a segment, as the runtime's state partitions have one:
+        // reads come from the file, the cache and the unwritten batches alike.
+        let log_config = LogConfig {
+            durability: Durability::Always,
+            segment_bytes: 64 * 1024,
+            tail_cache_bytes: 8 * 1024,
+            ..LogConfig::default()
+        };
         let nodes = ids
             .iter()
             .map(|&id| SimNode {

@@ -74,5 +74,6 @@ pub fn small_config() -> LogConfig {
         retention_bytes: None,
         retention_ms: None,
         preallocate_bytes: 0,
+        tail_cache_bytes: 0,
     }
 }
