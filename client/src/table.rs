@@ -81,7 +81,7 @@ pub type Value = Vec<u8>;
 pub enum TableError {
     /// The transaction was aborted; the reason word (user, stale-read, phantom,
     /// write-conflict, prepared-conflict, dangerous-structure, wounded, timeout,
-    /// leader-changed, other-partition). It is over: begin a new one.
+    /// leader-changed, other-partition, snapshot-too-old). It is over: begin a new one.
     #[error("aborted {0}")]
     Aborted(String),
     /// A key longer than [`KEY_BYTES_MAX`]; nothing changed.

@@ -153,7 +153,8 @@ fn the_tail_cache_serves_the_newest_written_batches_and_gives_up_the_oldest_and_
     for pos in (30..len).step_by(64) {
         s.flip_byte(name, pos, 0x40);
     }
-    let ids = |log: &Log<MemStorage>, from| read_all(log, Offset(from), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>();
+    let ids =
+        |log: &Log<MemStorage>, from| read_all(log, Offset(from), 1 << 20).iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(&log, 3), vec![3, 4, 5], "the newest three come from the cache");
     let mut buf = Vec::new();
     let err = log.read_verified(Offset(2), ReadLimit { max_bytes: 1 << 20, end: None }, &mut buf);

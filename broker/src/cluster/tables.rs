@@ -42,8 +42,6 @@ const TICK_MS: u64 = 10;
 const WAIT_POLL_MS: u64 = 200;
 /// Polls a parked request waits through a lapsed lease at its epoch before it gives up.
 const BLIP_WAITS_MAX: u32 = 25;
-/// Versions kept below the oldest snapshot in use, for reads that arrive late.
-const PRUNE_SLACK: u64 = 10_000;
 
 /// One table partition replica on this shard.
 pub(crate) struct Host {
@@ -562,8 +560,7 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
                 l.decided(&h.machine);
                 l.take_wakes()
             });
-            let oldest = h.leader.as_ref().and_then(PartitionLeader::oldest_snapshot).unwrap_or(h.machine.applied());
-            h.machine.prune(Offset(oldest.0.saturating_sub(PRUNE_SLACK)));
+            h.machine.prune_behind(h.leader.as_ref().and_then(PartitionLeader::oldest_snapshot));
             if h.since_snapshot >= node.config.table_snapshot_records {
                 h.since_snapshot = 0;
                 save_snapshot(&node, pid, &h.machine);

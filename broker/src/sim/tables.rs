@@ -37,7 +37,9 @@
 //!
 //! Not done: scans (range reads), procedures, follower reads, client restarts, late or
 //! duplicated table requests (the coordinator's requests get them in the transaction
-//! workload), machine snapshots and pruning.
+//! workload), machine snapshots. Pruning runs at every tick on every replica with a small
+//! snapshot window ([`SNAPSHOT_WINDOW`]), so parts older than it abort as `snapshot-too-old`
+//! and replicas that kept different versions must still decide alike.
 
 use std::collections::BTreeMap;
 
@@ -58,6 +60,10 @@ use crate::core::{Acks, LeaderEpoch, NodeId, Offset, PartitionId, RequestId};
 
 /// Table partitions.
 pub(super) const PARTITIONS: u32 = 3;
+
+/// The table machines' snapshot window (`store::SNAPSHOT_WINDOW` in the runtime), small so
+/// that pruning runs and slow transactions meet it: every replica prunes at its tick.
+const SNAPSHOT_WINDOW: u64 = 8;
 /// Keys the transactions use.
 const KEYS: u32 = 9;
 const CLIENTS: usize = 5;
@@ -288,6 +294,12 @@ impl Sim {
                 self.table_fail_stop(i, reason);
                 return;
             }
+            // Every replica prunes as the runtime's tick does: behind the oldest snapshot its
+            // live transactions read at, if it leads, or behind what it applied.
+            let host = self.tables.hosts[i].entry(p).or_default();
+            if let Some(m) = host.machine.as_mut() {
+                m.prune_behind(host.leader.as_ref().and_then(PartitionLeader::oldest_snapshot));
+            }
             let now = self.local(i);
             let coordinating = self.nodes[i].core.as_ref().map(|c| c.coordinating(now, p));
             let host = self.tables.hosts[i].entry(p).or_default();
@@ -332,7 +344,8 @@ impl Sim {
             host.machine = None;
             return Ok(());
         };
-        let machine = host.machine.get_or_insert_with(|| TableMachine::new().with_plant(plant));
+        let machine =
+            host.machine.get_or_insert_with(|| TableMachine::new().with_plant(plant).with_window(SNAPSHOT_WINDOW));
         let read = crate::core::machine::catch_up(replica, machine)
             .map_err(|e| format!("reading table partition {p}: {e}"))?;
         if read == 0 {
@@ -342,7 +355,13 @@ impl Sim {
             l.decided(machine);
         }
         let applied = machine.applied();
-        let digest = fnv(&machine.snapshot());
+        // Replicas prune differently (a leader keeps what its transactions read at): compare
+        // each as pruned to its window, which every replica's decisions may depend on.
+        let digest = {
+            let mut canonical = machine.clone();
+            canonical.prune_behind(None);
+            fnv(&canonical.snapshot())
+        };
         match self.tables.digests.get(&(p, applied)) {
             Some(&(first, d)) if d != digest => {
                 self.violation(format!(

@@ -306,6 +306,9 @@ pub enum AbortReason {
     LeaderChanged,
     /// Another partition of the same transaction voted no.
     OtherPartition,
+    /// Its snapshot is more than the snapshot window (`store::SNAPSHOT_WINDOW` offsets)
+    /// behind the partition's log: the versions it would be checked against may be pruned.
+    SnapshotTooOld,
 }
 
 impl AbortReason {
@@ -322,15 +325,28 @@ impl AbortReason {
             AbortReason::Timeout => "timeout",
             AbortReason::LeaderChanged => "leader-changed",
             AbortReason::OtherPartition => "other-partition",
+            AbortReason::SnapshotTooOld => "snapshot-too-old",
         }
     }
 
     /// The reason named `s`.
     pub fn parse(s: &str) -> Option<AbortReason> {
         use AbortReason::*;
-        [User, StaleRead, Phantom, WriteConflict, Prepared, Dangerous, Wounded, Timeout, LeaderChanged, OtherPartition]
-            .into_iter()
-            .find(|r| r.name() == s)
+        [
+            User,
+            StaleRead,
+            Phantom,
+            WriteConflict,
+            Prepared,
+            Dangerous,
+            Wounded,
+            Timeout,
+            LeaderChanged,
+            OtherPartition,
+            SnapshotTooOld,
+        ]
+        .into_iter()
+        .find(|r| r.name() == s)
     }
 }
 

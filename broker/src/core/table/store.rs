@@ -101,6 +101,15 @@ pub enum SnapshotError {
     Part(#[from] PartError),
 }
 
+/// How far, in offsets, a transaction part's snapshot may lag behind the record that carries
+/// it and still be validated ([`TableMachine::validate`]): an older one aborts with
+/// [`AbortReason::SnapshotTooOld`] on every replica alike, and every replica prunes only
+/// versions that far behind its applied offset ([`TableMachine::prune_behind`]), so no
+/// validation ever needs a version some replica dropped. A follower knows nothing of the
+/// leader's live transactions; without the window, a part validated against the history one
+/// replica kept and another pruned would be decided differently on the two.
+pub const SNAPSHOT_WINDOW: u64 = 10_000;
+
 /// One partition's table state: versions, prepared parts, recent outcomes (module docs).
 #[derive(Clone, Debug)]
 pub struct TableMachine {
@@ -120,6 +129,9 @@ pub struct TableMachine {
     holds: BTreeMap<Key, Hold>,
     outcomes: Outcomes,
     applied: Offset,
+    /// [`SNAPSHOT_WINDOW`], or another value every replica of the partition shares (tests
+    /// and the simulator).
+    window: u64,
     /// Planted bugs (simulator only; default off): `no_read_validation`,
     /// `snapshot_as_serializable`.
     plant: Plant,
@@ -142,8 +154,16 @@ impl TableMachine {
             holds: BTreeMap::new(),
             outcomes: Outcomes::new(OUTCOMES_MAX),
             applied: Offset::ZERO,
+            window: SNAPSHOT_WINDOW,
             plant: Plant::default(),
         }
+    }
+
+    /// The machine with another snapshot window than [`SNAPSHOT_WINDOW`]; every replica of a
+    /// partition must use the same one (their decisions depend on it).
+    pub fn with_window(mut self, window: u64) -> TableMachine {
+        self.window = window;
+        self
     }
 
     /// The machine with planted bugs (the simulator's `--plant no-read-validation` and
@@ -204,6 +224,9 @@ impl TableMachine {
     ///   be mixed into a read skew.
     /// - Read committed, serial, 2pl: nothing else (their guarantees are the leader's).
     pub fn validate(&self, part: &Part) -> Result<(), AbortReason> {
+        if uses_snapshot(part) && part.snapshot.0.saturating_add(self.window) < self.applied.0 {
+            return Err(AbortReason::SnapshotTooOld);
+        }
         let written = part.written_keys();
         self.check_prepared(part, &written)?;
         if self.plant.snapshot_as_serializable && part.level != Level::ReadCommitted && part.steps.is_empty() {
@@ -255,6 +278,15 @@ impl TableMachine {
     /// Versions held, over all keys.
     pub fn versions(&self) -> usize {
         self.versions
+    }
+
+    /// Prunes what no read or validation can need any more: versions more than the snapshot
+    /// window behind `oldest_in_use` (the oldest snapshot a live transaction reads at, on the
+    /// leader) or behind the applied offset, whichever is older. The one pruning rule of every
+    /// replica (runtime and simulator).
+    pub fn prune_behind(&mut self, oldest_in_use: Option<Offset>) {
+        let from = oldest_in_use.map_or(self.applied, |o| o.min(self.applied));
+        self.prune(Offset(from.0.saturating_sub(self.window)));
     }
 
     /// Drops the versions no read at a snapshot `>= keep` can see: per key, the newest version
@@ -686,6 +718,16 @@ impl LogMachine for TableMachine {
 
     fn applied(&self) -> Offset {
         self.applied
+    }
+}
+
+/// Whether deciding `part` looks at versions relative to its snapshot: snapshot and SSI
+/// parts (first committer wins), serializable parts that read or scan.
+fn uses_snapshot(part: &Part) -> bool {
+    match part.level {
+        Level::Snapshot | Level::Ssi => true,
+        Level::Serializable => !part.reads.is_empty() || !part.ranges.is_empty(),
+        Level::ReadCommitted | Level::Serial | Level::TwoPl => false,
     }
 }
 

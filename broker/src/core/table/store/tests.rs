@@ -382,6 +382,45 @@ fn prune_keeps_what_snapshots_at_or_after_keep_see() {
     assert_eq!(m.get(b"d", Offset(6)), None);
 }
 
+/// A leader keeps the versions its live transactions' snapshots need; a follower knows no
+/// transaction and prunes by its window alone. A part whose snapshot is older than the window
+/// must be decided alike on both: aborted as too old, not validated against history one of
+/// them no longer has (the follower would commit a stale read the leader aborts).
+#[test]
+fn a_snapshot_older_than_the_window_aborts_on_every_replica_whatever_each_pruned() {
+    let window = 4;
+    let mut leader = TableMachine::new().with_window(window);
+    apply(&mut leader, &put(1, Level::ReadCommitted, 0, &[("x", Some("1"))]));
+    // Transaction 50 reads x at snapshot 1 (it sees offset 0); then x is deleted at 1 and the
+    // log moves on.
+    apply(&mut leader, &put(2, Level::ReadCommitted, 0, &[("x", None)]));
+    for i in 0..8 {
+        apply(&mut leader, &put(10 + i, Level::ReadCommitted, 0, &[("f", Some("0"))]));
+    }
+    let mut follower = leader.clone();
+    // The leader holds transaction 50's snapshot; the follower prunes as far as it may.
+    leader.prune_behind(Some(Offset(1)));
+    follower.prune_behind(None);
+    assert!(follower.keys() < leader.keys(), "the follower dropped x's delete, the leader kept it");
+    let stale = Part { reads: vec![(k("x"), Some(Offset(0)))], ..put(50, Level::Serializable, 1, &[("y", Some("1"))]) };
+    let too_old = Err(AbortReason::SnapshotTooOld);
+    check(&mut leader, stale.clone(), too_old);
+    check(&mut follower, stale, too_old);
+    // Inside the window both still validate as before: a stale read aborts as stale.
+    let at = leader.applied().0;
+    apply(&mut leader, &put(3, Level::ReadCommitted, 0, &[("f", Some("1"))]));
+    apply(&mut follower, &put(3, Level::ReadCommitted, 0, &[("f", Some("1"))]));
+    let seen = leader.get(b"f", Offset(at)).map(|(o, _)| o);
+    let recent = Part { reads: vec![(k("f"), seen)], ..put(51, Level::Serializable, at, &[("y", Some("2"))]) };
+    check(&mut leader, recent.clone(), Err(AbortReason::StaleRead));
+    check(&mut follower, recent, Err(AbortReason::StaleRead));
+    // Snapshot and SSI write-conflict checks use the snapshot too; a blind serializable write
+    // reads nothing and is not held to the window.
+    check(&mut follower, put(52, Level::Snapshot, 1, &[("z", Some("1"))]), too_old);
+    check(&mut follower, put(53, Level::Ssi, 1, &[("z", Some("1"))]), too_old);
+    check(&mut follower, put(54, Level::Serializable, 0, &[("z", Some("1"))]), Ok(()));
+}
+
 #[test]
 fn outcomes_are_bounded() {
     let mut m = seeded();
