@@ -123,6 +123,52 @@ fn bad_input_gets_error_lines_and_nothing_half_applied() {
     }
 }
 
+/// A transaction whose snapshot falls more than the snapshot window (10,000 offsets) behind
+/// its partition's log aborts `snapshot-too-old`, as every replica would decide it (a follower
+/// prunes versions that far back whatever the leader's transactions read); one begun after
+/// the flood commits, and the aborted one's write never shows.
+#[test]
+fn a_transaction_left_behind_by_the_snapshot_window_aborts_snapshot_too_old() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    let bin = sibling("skein", &["--bin", "skein"]);
+    let addr = broker.addr.as_str();
+    let created = skein(&bin, addr, &["table", "create", "win", "--partitions", "1", "--replicas", "1"]);
+    assert_eq!(out(&created), "created win", "{}", String::from_utf8_lossy(&created.stderr));
+    assert_eq!(out(&skein(&bin, addr, &["table", "put", "win", "a", "1"])), "ok");
+    let mut old = Session::start(&bin, addr, &["--table", "win", "--timeout-ms", "300000"]);
+    assert_eq!(old.ask("begin serializable"), "ok");
+    assert_eq!(old.ask("get a"), "value a 1");
+    // 16 writers x 626 puts: 10,016 records on the partition after the snapshot.
+    block_on(async {
+        let client = Client::connect(addr).await.expect("connect");
+        let table = client.table("win").await.expect("table");
+        let tasks: Vec<_> = (0..16)
+            .map(|w| {
+                let table = table.clone();
+                compio::runtime::spawn(async move {
+                    for i in 0..626 {
+                        table.put(format!("f{w}").as_bytes(), i.to_string().as_bytes()).await.expect("put");
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.expect("a writer ran to its end");
+        }
+    });
+    assert_eq!(old.ask("put b 2"), "ok");
+    assert_eq!(old.ask("commit"), "aborted snapshot-too-old");
+    old.end();
+    let mut fresh = Session::start(&bin, addr, &["--table", "win"]);
+    assert_eq!(fresh.ask("begin serializable"), "ok");
+    assert_eq!(fresh.ask("get b"), "value b nil", "the aborted transaction's write");
+    assert_eq!(fresh.ask("put b 3"), "ok");
+    assert!(fresh.ask("commit").starts_with("committed "));
+    fresh.end();
+    assert_eq!(out(&skein(&bin, addr, &["table", "get", "win", "b"])), "value b 3");
+}
+
 /// A table's state survives SIGKILL: restored from its snapshot (written every 100 records
 /// here) plus the log's tail, and again after a clean stop.
 #[test]
