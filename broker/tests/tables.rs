@@ -169,6 +169,36 @@ fn a_transaction_left_behind_by_the_snapshot_window_aborts_snapshot_too_old() {
     assert_eq!(out(&skein(&bin, addr, &["table", "get", "win", "b"])), "value b 3");
 }
 
+/// A read-only transaction (the library's `Table::get`) commits without a record: a
+/// session must not then wait for a write at the partition's next offset, which an idle
+/// partition never reaches (a read from the leader with that session was refused as not
+/// caught up until another write came).
+#[test]
+fn a_read_only_commit_leaves_the_session_waiting_for_no_write() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    let bin = sibling("skein", &["--bin", "skein"]);
+    let addr = broker.addr.as_str();
+    let created = skein(&bin, addr, &["table", "create", "ro", "--partitions", "1", "--replicas", "1"]);
+    assert_eq!(out(&created), "created ro", "{}", String::from_utf8_lossy(&created.stderr));
+    block_on(async {
+        let client = Client::connect(addr).await.expect("connect");
+        let table = client.table("ro").await.expect("table");
+        let session = skein_client::Session::new().into_handle();
+        table.set_session(Some(session.clone()));
+        let put = table.put(b"a", b"1").await.expect("put");
+        let after_put = session.borrow().token("ro", 0).expect("the put noted").min_high_watermark;
+        assert_eq!(after_put, put.offset + 1);
+        assert_eq!(table.get(b"a").await.expect("get").as_deref(), Some(&b"1"[..]));
+        let after_get = session.borrow().token("ro", 0).expect("a token").min_high_watermark;
+        assert_eq!(after_get, after_put, "a read-only commit asked the session for a write that never happens");
+        let read =
+            compio::time::timeout(Duration::from_secs(5), table.get_from(b"a", skein_client::ReadReplica::Leader));
+        let read = read.await.expect("answered within 5 s").expect("read with the session");
+        assert_eq!(read.as_deref(), Some(&b"1"[..]));
+    });
+}
+
 /// A table's state survives SIGKILL: restored from its snapshot (written every 100 records
 /// here) plus the log's tail, and again after a clean stop.
 #[test]

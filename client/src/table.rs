@@ -831,6 +831,9 @@ impl TableTxn {
 
     async fn commit_single(&mut self, part: PlannedPart) -> Result<Committed, TableError> {
         let partition = part.partition;
+        // A part that writes nothing is answered without a record, at the partition's next
+        // offset: no write for the session to wait for (its reads are noted already).
+        let writes = !part.record.writes.is_empty() || !part.record.steps.is_empty();
         let req = self.commit_request(partition, part.record, (-1, -1));
         let resp: TableCommitResponse = match self.call(partition, ApiKey::TableCommit, &req, Retry::Commit).await {
             Ok(resp) => resp,
@@ -839,7 +842,9 @@ impl TableTxn {
         match resp.outcome {
             OUTCOME_COMMITTED => {
                 self.state = State::Committed(resp.offset);
-                self.table.note_commit(partition, resp.offset);
+                if writes {
+                    self.table.note_commit(partition, resp.offset);
+                }
                 Ok(Committed { offset: resp.offset })
             }
             OUTCOME_ABORTED => Err(self.ended_aborted(&reason_word(&resp.reason))),

@@ -525,6 +525,14 @@ mod tests {
         assert!(replica_settings(&config, &c(MIN_ISR, "zero"), 3).is_err());
         assert!(replica_settings(&config, &c(UNCLEAN, "maybe"), 3).is_err());
         assert!(replica_settings(&config, &c("colour", "blue"), 3).is_err());
+        let table = |unclean: &str| {
+            let mut configs = c(UNCLEAN, unclean);
+            configs.insert(crate::core::table::TABLE_CONFIG.into(), "serializable".into());
+            replica_settings(&config, &configs, 3)
+        };
+        let refused = table("true").map(|_| ()).expect_err("an unclean election would part a table's replicas");
+        assert!(refused.contains(UNCLEAN), "{refused}");
+        assert!(table("false").is_ok());
         let (r, _) = replica_settings(&config, &BTreeMap::new(), 3).expect("defaults");
         assert_eq!(r.min_insync_replicas, 1);
     }

@@ -76,12 +76,19 @@ pub(super) fn replica_settings(
     if min_isr > usize::from(replication) && configs.contains_key(MIN_ISR) {
         return Err(format!("{MIN_ISR} {min_isr} is above the replication factor {replication}"));
     }
-    if let Some(v) = log_configs.remove(UNCLEAN) {
+    let unclean = log_configs.remove(UNCLEAN);
+    if let Some(v) = &unclean {
         if v != "true" && v != "false" {
-            return Err(format!("{UNCLEAN}: '{}' is not true or false", skein_client::wire::shown(&v)));
+            return Err(format!("{UNCLEAN}: '{}' is not true or false", skein_client::wire::shown(v)));
         }
     }
     let table = crate::core::table::table_config(&mut log_configs)?;
+    // A table machine applies its log once and cannot take records back: an unclean election
+    // truncates replicas below what their machines applied, and the records written over them
+    // would be skipped as old, so the replicas would part for good.
+    if table.is_some() && unclean.as_deref() == Some("true") {
+        return Err(format!("a table's replicas never roll back what they applied: {UNCLEAN} is not allowed"));
+    }
     let mut log = meta::log_config(&log_configs)?;
     if table.is_some() {
         // A table's state is a function of its whole log (snapshots are caches): nothing is

@@ -224,13 +224,15 @@ impl TableMachine {
     ///   be mixed into a read skew.
     /// - Read committed, serial, 2pl: nothing else (their guarantees are the leader's).
     pub fn validate(&self, part: &Part) -> Result<(), AbortReason> {
-        if uses_snapshot(part) && part.snapshot.0.saturating_add(self.window) < self.applied.0 {
+        // Planted: every serializable level validated as a single-partition snapshot part.
+        let planted_si =
+            self.plant.snapshot_as_serializable && part.level != Level::ReadCommitted && part.steps.is_empty();
+        if (uses_snapshot(part) || planted_si) && part.snapshot.0.saturating_add(self.window) < self.applied.0 {
             return Err(AbortReason::SnapshotTooOld);
         }
         let written = part.written_keys();
         self.check_prepared(part, &written)?;
-        if self.plant.snapshot_as_serializable && part.level != Level::ReadCommitted && part.steps.is_empty() {
-            // Planted: every serializable level validated as a single-partition snapshot part.
+        if planted_si {
             return self.check_write_conflicts(part, &written);
         }
         let skip_reads = self.plant.no_read_validation;
@@ -827,8 +829,14 @@ impl Outcomes {
 /// Whether a read that saw version `seen` at `snapshot` still holds, the key's latest version
 /// being `latest`. A key deleted before the snapshot reads as absent, whether the reader
 /// reports the delete's version or none; a pruned delete (the key gone) likewise.
+///
+/// Only the log decides it: a delete before the snapshot may be pruned on one replica and
+/// kept on another, so such a delete counts as the key being absent whatever version the
+/// reader reports below the snapshot (a client reporting a version it cannot have seen must
+/// not split the replicas; only an honest report means anything).
 fn read_current(latest: Option<(Offset, Option<&[u8]>)>, seen: Option<Offset>, snapshot: Offset) -> bool {
     match (latest, seen) {
+        (Some((o, None)), seen) if o < snapshot => seen.is_none_or(|s| s < snapshot),
         (None, None) => true,
         (Some((o, _)), Some(s)) => o == s,
         (Some((o, None)), None) => o < snapshot,

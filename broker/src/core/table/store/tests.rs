@@ -177,6 +177,27 @@ fn a_deleted_key_reads_as_absent_whichever_version_the_reader_reports() {
     check(&mut m, read(14, Some(del)), Ok(()));
 }
 
+/// A reader that reports a version it cannot have seen (below its snapshot, not the key's)
+/// for a key deleted before the snapshot is judged alike by a replica that pruned the delete
+/// and one that kept it: the log decides, not what each replica kept.
+#[test]
+fn a_made_up_version_for_a_deleted_key_is_judged_alike_pruned_or_not() {
+    let mut kept = seeded();
+    apply(&mut kept, &put(3, Level::ReadCommitted, 0, &[("x", None)]));
+    let mut pruned = kept.clone();
+    pruned.prune(pruned.applied());
+    assert_eq!((kept.latest(b"x").is_some(), pruned.latest(b"x")), (true, None));
+    let s = kept.applied().0;
+    // x was written at 0 and deleted at 2: the reader claims offset 1 (y's).
+    let liar = Part { reads: vec![(k("x"), Some(Offset(1)))], ..put(20, Level::Serializable, s, &[("w", Some("1"))]) };
+    let (a, b) = (kept.validate(&liar), pruned.validate(&liar));
+    assert_eq!(a, b, "a made-up version decided differently by a replica that kept the delete");
+    // A version at or past the snapshot is stale on both.
+    let future = Part { reads: vec![(k("x"), Some(Offset(s)))], ..put(21, Level::Serializable, s, &[]) };
+    assert_eq!(kept.validate(&future), Err(AbortReason::StaleRead));
+    assert_eq!(pruned.validate(&future), Err(AbortReason::StaleRead));
+}
+
 #[test]
 fn prepared_parts_hold_their_keys() {
     let mut m = seeded();
