@@ -527,7 +527,7 @@ mod tests {
         assert!(replica_settings(&config, &c("colour", "blue"), 3).is_err());
         let table = |unclean: &str| {
             let mut configs = c(UNCLEAN, unclean);
-            configs.insert(crate::core::table::TABLE_CONFIG.into(), "serializable".into());
+            configs.insert(crate::core::table::TABLE_CONFIG.into(), "true".into());
             replica_settings(&config, &configs, 3)
         };
         let refused = table("true").map(|_| ()).expect_err("an unclean election would part a table's replicas");
