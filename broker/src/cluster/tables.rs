@@ -337,6 +337,7 @@ async fn commit(
     let record_key = part.written_keys().first().map(|k| k.to_vec()).unwrap_or_default();
     let (topic, index) = (r.topic.as_str(), r.partition);
     let appended = internal::append(node, topic, index, epoch, &[(record_key, part.encode())], txn).await;
+    let was_appended = appended.is_ok();
     let fed = appended.and_then(|_| feed(node, host, pid));
     let outcome = {
         let (outcome, wakes) = {
@@ -361,6 +362,11 @@ async fn commit(
         )),
         (Some(Outcome::Prepared { offset }), _) => Ok(answer(2, offset, String::new(), Vec::new())),
         (Some(Outcome::Aborted(reason)), _) => Ok(answer(1, Offset(0), reason.name().to_owned(), Vec::new())),
+        // Appended, then the replica went (moved or deleted) before its machine applied the
+        // part: the outcome is in the log, not "nothing done", which a client would retry.
+        (None, Err((_, message))) if was_appended => {
+            Err((ErrorCode::UNKNOWN, format!("the commit was appended but its outcome is not known here: {message}")))
+        }
         (None, Err(e)) => Err(e),
         (None, Ok(_)) => Err((ErrorCode::UNKNOWN, "the commit's outcome is not known yet".into())),
     }
