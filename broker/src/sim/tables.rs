@@ -37,7 +37,9 @@
 //!
 //! Not done: scans (range reads), procedures, follower reads, client restarts, late or
 //! duplicated table requests (the coordinator's requests get them in the transaction
-//! workload), machine snapshots. Pruning runs at every tick on every replica with a small
+//! workload). Nodes write a machine snapshot every [`TABLE_SNAPSHOT_RECORDS`] records (kept
+//! across crashes) and a restarted node starts from it, as the runtime does; the divergence
+//! check then compares the restored machine with the others. Pruning runs at every tick on every replica with a small
 //! snapshot window ([`SNAPSHOT_WINDOW`]), so parts older than it abort as `snapshot-too-old`
 //! and replicas that kept different versions must still decide alike.
 
@@ -60,6 +62,10 @@ use crate::core::{Acks, LeaderEpoch, NodeId, Offset, PartitionId, RequestId};
 
 /// Table partitions.
 pub(super) const PARTITIONS: u32 = 3;
+
+/// A node snapshots a table partition's machine every this many records it applied (the
+/// runtime's `--table-snapshot-records`; small here so seeds restart from many).
+const TABLE_SNAPSHOT_RECORDS: u64 = 10;
 
 /// The table machines' snapshot window (`store::SNAPSHOT_WINDOW` in the runtime), small so
 /// that pruning runs and slow transactions meet it: every replica prunes at its tick.
@@ -152,6 +158,8 @@ type ReadRow = (Offset, Option<Vec<u8>>, Option<Offset>);
 #[derive(Default)]
 struct Host {
     machine: Option<TableMachine>,
+    /// Records applied since the last snapshot.
+    since_snapshot: u64,
     leader: Option<PartitionLeader>,
     /// Requests answered `Wait`: (client, request, request).
     parked: Vec<(usize, u64, TableReq)>,
@@ -220,6 +228,9 @@ pub(super) struct TableSim {
     clients: Vec<Client>,
     /// Per node: a host per table partition.
     hosts: Vec<BTreeMap<PartitionId, Host>>,
+    /// Per node: its snapshot file per table partition (the runtime's `table.snapshot`,
+    /// written whole; kept across crashes).
+    snapshots: Vec<BTreeMap<PartitionId, Vec<u8>>>,
     /// Commit parts being appended: (node index, core request) -> whose.
     appends: BTreeMap<(usize, u64), Appending>,
     pub(super) history: elle::History,
@@ -246,6 +257,7 @@ impl TableSim {
             level,
             clients,
             hosts: (0..nodes).map(|_| BTreeMap::new()).collect(),
+            snapshots: (0..nodes).map(|_| BTreeMap::new()).collect(),
             next_value: 1,
             next_txn: 1,
             ..TableSim::default()
@@ -318,7 +330,7 @@ impl Sim {
             }
             // Leading, or through a blip as the runtime's tick does: transactions past their
             // timeout expire and decided parts end.
-            let Host { machine, leader, parked } = host;
+            let Host { machine, leader, parked, .. } = host;
             if let (Some(m), Some(l)) = (machine.as_ref(), leader.as_mut()) {
                 l.expire(now);
                 l.decided(m);
@@ -344,12 +356,27 @@ impl Sim {
             host.machine = None;
             return Ok(());
         };
-        let machine =
-            host.machine.get_or_insert_with(|| TableMachine::new().with_plant(plant).with_window(SNAPSHOT_WINDOW));
+        if host.machine.is_none() {
+            // As the runtime's `cluster::tables::restore`: from this node's snapshot unless it
+            // does not decode or is past the log's end, else from the log's start.
+            let log_end = replica.log().log_end_offset();
+            let restored = self.tables.snapshots[i].get(&p).map(|bytes| TableMachine::restore(bytes));
+            host.machine = Some(match restored {
+                Some(Ok(m)) if m.applied() <= log_end => m.with_plant(plant).with_window(SNAPSHOT_WINDOW),
+                Some(Err(e)) => return Err(format!("the table snapshot of {p} does not restore: {e}")),
+                _ => TableMachine::new().with_plant(plant).with_window(SNAPSHOT_WINDOW),
+            });
+        }
+        let machine = host.machine.as_mut().expect("made above");
         let read = crate::core::machine::catch_up(replica, machine)
             .map_err(|e| format!("reading table partition {p}: {e}"))?;
         if read == 0 {
             return Ok(());
+        }
+        host.since_snapshot += read;
+        if host.since_snapshot >= TABLE_SNAPSHOT_RECORDS {
+            host.since_snapshot = 0;
+            self.tables.snapshots[i].insert(p, machine.snapshot());
         }
         if let Some(l) = host.leader.as_mut() {
             l.decided(machine);
