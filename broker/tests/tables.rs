@@ -123,6 +123,15 @@ fn bad_input_gets_error_lines_and_nothing_half_applied() {
     }
 }
 
+/// A broker on `dir` with table `name` of one partition, and the `skein` binary.
+fn one_partition_table(dir: &Path, name: &str) -> (Broker, std::path::PathBuf) {
+    let broker = Broker::start(dir, &[]);
+    let bin = sibling("skein", &["--bin", "skein"]);
+    let created = skein(&bin, &broker.addr, &["table", "create", name, "--partitions", "1", "--replicas", "1"]);
+    assert_eq!(out(&created), format!("created {name}"), "{}", String::from_utf8_lossy(&created.stderr));
+    (broker, bin)
+}
+
 /// A transaction whose snapshot falls more than the snapshot window (10,000 offsets) behind
 /// its partition's log aborts `snapshot-too-old`, as every replica would decide it (a follower
 /// prunes versions that far back whatever the leader's transactions read); one begun after
@@ -130,11 +139,8 @@ fn bad_input_gets_error_lines_and_nothing_half_applied() {
 #[test]
 fn a_transaction_left_behind_by_the_snapshot_window_aborts_snapshot_too_old() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(dir.path(), &[]);
-    let bin = sibling("skein", &["--bin", "skein"]);
+    let (broker, bin) = one_partition_table(dir.path(), "win");
     let addr = broker.addr.as_str();
-    let created = skein(&bin, addr, &["table", "create", "win", "--partitions", "1", "--replicas", "1"]);
-    assert_eq!(out(&created), "created win", "{}", String::from_utf8_lossy(&created.stderr));
     assert_eq!(out(&skein(&bin, addr, &["table", "put", "win", "a", "1"])), "ok");
     let mut old = Session::start(&bin, addr, &["--table", "win", "--timeout-ms", "300000"]);
     assert_eq!(old.ask("begin serializable"), "ok");
@@ -176,11 +182,8 @@ fn a_transaction_left_behind_by_the_snapshot_window_aborts_snapshot_too_old() {
 #[test]
 fn a_read_only_commit_leaves_the_session_waiting_for_no_write() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let broker = Broker::start(dir.path(), &[]);
-    let bin = sibling("skein", &["--bin", "skein"]);
+    let (broker, _) = one_partition_table(dir.path(), "ro");
     let addr = broker.addr.as_str();
-    let created = skein(&bin, addr, &["table", "create", "ro", "--partitions", "1", "--replicas", "1"]);
-    assert_eq!(out(&created), "created ro", "{}", String::from_utf8_lossy(&created.stderr));
     block_on(async {
         let client = Client::connect(addr).await.expect("connect");
         let table = client.table("ro").await.expect("table");
