@@ -304,7 +304,8 @@ pub enum AbortReason {
     Timeout,
     /// The partition's leader changed under it (locks and read tracking were lost).
     LeaderChanged,
-    /// Another partition of the same transaction voted no.
+    /// Another partition of the same transaction voted no (or the transaction was ended
+    /// without this partition: a newer transaction of its producer began here).
     OtherPartition,
     /// Its snapshot is more than the snapshot window (`store::SNAPSHOT_WINDOW` offsets)
     /// behind the partition's log: the versions it would be checked against may be pruned.

@@ -695,14 +695,24 @@ impl LogMachine for TableMachine {
     }
 
     /// A commit marker writes `producer`'s prepared part (and runs its procedure) at the
-    /// marker's offset; an abort marker drops it ([`AbortReason::OtherPartition`]). Begin
-    /// markers, and markers of producers with nothing prepared, change nothing.
+    /// marker's offset; an abort marker drops it ([`AbortReason::OtherPartition`]), and so
+    /// does a begin marker (a newer transaction of the producer: the older one was lost).
+    /// Markers of producers with nothing prepared change nothing.
     fn apply_marker(&mut self, offset: Offset, producer: ProducerId, kind: MarkerKind) {
         if !self.advance(offset) {
             return;
         }
         match kind {
-            MarkerKind::Begin => {}
+            // A begin while the producer's part is still prepared: the coordinator lost that
+            // transaction (it ends every partition before the id's next one begins), and the
+            // partition's transaction state aborts it here, in log order
+            // (`PartitionTxns::note_marker`); so does the machine, or the next commit marker
+            // would commit the old part with the new transaction.
+            MarkerKind::Begin => {
+                if let Some(p) = self.release(producer) {
+                    self.outcomes.record(p.part.txn, Outcome::Aborted(AbortReason::OtherPartition));
+                }
+            }
             MarkerKind::Abort => {
                 if let Some(p) = self.release(producer) {
                     self.outcomes.record(p.part.txn, Outcome::Aborted(AbortReason::OtherPartition));

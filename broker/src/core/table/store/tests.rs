@@ -245,8 +245,10 @@ fn markers_commit_prepared_parts_at_their_offset_or_drop_them() {
         steps: vec![Step::Increment { key: k("y"), amount: 5 }],
         ..put(1, Level::Serializable, 2, &[("x", Some("11"))])
     };
-    prepare(&mut m, 7, &inc);
+    // The coordinator's begin marker comes before the part (the partition takes a
+    // transactional write only inside a transaction it has seen begin).
     marker(&mut m, 7, MarkerKind::Begin);
+    prepare(&mut m, 7, &inc);
     assert_eq!(m.prepared_count(), 1);
     assert_eq!(m.latest(b"x"), Some((Offset(0), Some(&b"10"[..]))));
     // A marker of a producer with nothing prepared moves past.
@@ -275,6 +277,23 @@ fn markers_commit_prepared_parts_at_their_offset_or_drop_them() {
     assert_eq!(aborted(&m, 5), Some(AbortReason::WriteConflict));
     marker(&mut m, 7, MarkerKind::Commit);
     assert_eq!(aborted(&m, 5), Some(AbortReason::WriteConflict));
+}
+
+/// A begin marker of the producer while its part is still prepared (a coordinator that lost
+/// the older transaction) aborts that part, as the partition's transaction state does; the
+/// next commit marker commits only the newer transaction's part.
+#[test]
+fn a_newer_begin_aborts_the_producer_s_part_still_prepared() {
+    let mut m = seeded();
+    prepare(&mut m, 7, &put(30, Level::Serializable, 0, &[("x", Some("old"))]));
+    marker(&mut m, 7, MarkerKind::Begin);
+    assert_eq!(aborted(&m, 30), Some(AbortReason::OtherPartition));
+    assert_eq!(m.prepared_count(), 0);
+    prepare(&mut m, 7, &put(31, Level::Serializable, 0, &[("y", Some("new"))]));
+    let at = marker(&mut m, 7, MarkerKind::Commit);
+    assert!(committed(&m, 31));
+    assert_eq!(m.get(b"x", Offset(at.0 + 1)).and_then(|(_, v)| v), Some(&b"10"[..]), "the old part never wrote");
+    assert_eq!(m.get(b"y", Offset(at.0 + 1)).and_then(|(_, v)| v), Some(&b"new"[..]));
 }
 
 #[test]
