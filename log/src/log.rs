@@ -522,10 +522,10 @@ impl<S: Storage> Log<S> {
     fn note_written(&mut self, segment_base: Offset, upto_position: u32, upto: Offset) {
         // The segment may have rolled meanwhile (its rest was then written inline).
         if let Some(i) = self.segment_at(segment_base) {
+            let keep = self.tail_keep(i);
             let seg = &mut self.segments[i];
             seg.written = seg.written.max(upto_position);
-            let keep = if i + 1 == self.segments.len() { self.config.tail_cache_bytes as usize } else { 0 };
-            self.segments[i].settle_written(keep);
+            seg.settle_written(keep);
         }
         self.written = self.written.max(upto).min(self.log_end_offset());
     }
@@ -1273,16 +1273,27 @@ impl<S: Storage> Log<S> {
         Ok(())
     }
 
+    /// The tail cache segment `i` keeps (`LogConfig::tail_cache_bytes`): only the active
+    /// segment has one.
+    fn tail_keep(&self, i: usize) -> usize {
+        if i + 1 == self.segments.len() {
+            self.config.tail_cache_bytes as usize
+        } else {
+            0
+        }
+    }
+
     /// Writes every pending batch with blocking writes on this thread (a roll, a truncation,
     /// [`Log::sync`]); a write job still out writes some of them again, harmlessly.
     fn write_inline(&mut self) -> Result<(), StorageError> {
-        let last = self.segments.len() - 1;
-        for (i, seg) in self.segments.iter_mut().enumerate() {
+        for i in 0..self.segments.len() {
+            let keep = self.tail_keep(i);
+            let seg = &mut self.segments[i];
             for (position, bytes) in &seg.pending {
                 seg.file.write_at(bytes, u64::from(*position))?;
                 seg.written = *position + bytes.len() as u32;
             }
-            seg.settle_written(if i == last { self.config.tail_cache_bytes as usize } else { 0 });
+            seg.settle_written(keep);
         }
         self.written = self.log_end_offset();
         Ok(())

@@ -39,9 +39,10 @@
 //! duplicated table requests (the coordinator's requests get them in the transaction
 //! workload). Nodes write a machine snapshot every [`TABLE_SNAPSHOT_RECORDS`] records (kept
 //! across crashes) and a restarted node starts from it, as the runtime does; the divergence
-//! check then compares the restored machine with the others. Pruning runs at every tick on every replica with a small
-//! snapshot window ([`SNAPSHOT_WINDOW`]), so parts older than it abort as `snapshot-too-old`
-//! and replicas that kept different versions must still decide alike.
+//! check then compares the restored machine with the others. Pruning runs at every tick on
+//! every replica with a small snapshot window ([`SNAPSHOT_WINDOW`]), so parts older than it
+//! abort as `snapshot-too-old` and replicas that kept different versions must still decide
+//! alike.
 
 use std::collections::BTreeMap;
 
@@ -361,11 +362,12 @@ impl Sim {
             // does not decode or is past the log's end, else from the log's start.
             let log_end = replica.log().log_end_offset();
             let restored = self.tables.snapshots[i].get(&p).map(|bytes| TableMachine::restore(bytes));
-            host.machine = Some(match restored {
-                Some(Ok(m)) if m.applied() <= log_end => m.with_plant(plant).with_window(SNAPSHOT_WINDOW),
+            let machine = match restored {
+                Some(Ok(m)) if m.applied() <= log_end => m,
                 Some(Err(e)) => return Err(format!("the table snapshot of {p} does not restore: {e}")),
-                _ => TableMachine::new().with_plant(plant).with_window(SNAPSHOT_WINDOW),
-            });
+                _ => TableMachine::new(),
+            };
+            host.machine = Some(machine.with_plant(plant).with_window(SNAPSHOT_WINDOW));
         }
         let machine = host.machine.as_mut().expect("made above");
         let read = crate::core::machine::catch_up(replica, machine)
