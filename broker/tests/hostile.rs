@@ -163,7 +163,16 @@ fn abandon_and_check(broker: &Broker, max_produce_bytes: usize, mode: &str) {
             compio::time::sleep(Duration::from_millis(50)).await;
         }
         for i in 0..200 {
-            assert_eq!(produce(&conn, -1, small.clone()).await, ErrorCode::NONE, "{mode}: produce {i} afterwards");
+            // On a loaded machine the broker may still be reading the last abandoned
+            // connections' requests, which take budget for a moment (CI saw THROTTLED once at
+            // a small produce after the big one passed); a leaked budget stays THROTTLED.
+            let mut code = produce(&conn, -1, small.clone()).await;
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while code == ErrorCode::THROTTLED && Instant::now() < deadline {
+                compio::time::sleep(Duration::from_millis(50)).await;
+                code = produce(&conn, -1, small.clone()).await;
+            }
+            assert_eq!(code, ErrorCode::NONE, "{mode}: produce {i} afterwards");
         }
     });
 }
