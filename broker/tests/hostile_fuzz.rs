@@ -27,7 +27,7 @@ use skein_client::wire::{
     FetchResponse, FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest,
     ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MetadataRequest, NewTopic,
     OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest, ProduceResponse,
-    ReassignPartitionRequest, RequestHeader, TableAbortRequest, TableCommitRequest, TableLockRequest, TableRange,
+    MergePartitionsRequest, ReassignPartitionRequest, RequestHeader, SplitPartitionRequest, TableAbortRequest, TableCommitRequest, TableLockRequest, TableRange,
     TableReadEntry, TableReadRequest, TableRecord, TableTxn, TableWrite, TopicConfig, TopicPartition,
     TxnOffsetCommitRequest, Wire, Writer,
 };
@@ -242,6 +242,7 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
                 partitions: r.pick(&[0, 1, 2, 10_001, 12_000, u32::MAX]),
                 replicas: r.pick(&[0, 1, 2, u16::MAX]),
                 configs: r.list(|r| TopicConfig { key: r.config_key(), value: r.string() }),
+                partitioning: r.pick(&[0, 1, 2, 3, u8::MAX]),
             });
             CreateTopicsRequest { topics }.encode(&mut w)
         }
@@ -423,6 +424,15 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
         .encode(&mut w),
         ApiKey::TableAbort => {
             TableAbortRequest { txn: rng.u64(), topic: rng.topic(), partition: rng.partition() }.encode(&mut w)
+        }
+        ApiKey::SplitPartition => SplitPartitionRequest {
+            topic: rng.topic(),
+            partition: rng.partition(),
+            at: rng.chance(2).then(|| BytesMut::from(&rng.bytes_below(20)[..])),
+        }
+        .encode(&mut w),
+        ApiKey::MergePartitions => {
+            MergePartitionsRequest { topic: rng.topic(), partitions: rng.list(|r| r.partition()) }.encode(&mut w)
         }
     }
     w.buf

@@ -30,9 +30,12 @@ use crate::wire::{
     ApiKey, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
     DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, InitProducerIdRequest, InitProducerIdResponse,
     ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, NewTopic,
-    PartitionDescription, TopicConfig, TopicDescription, Wire,
+    MergePartitionsRequest, PartitionDescription, ResizeResponse, SplitPartitionRequest, TopicConfig,
+    TopicDescription, Wire,
 };
+use crate::partitioning::Partitioning;
 use crate::{ClientError, Isolation};
+use bytes::BytesMut;
 
 /// Connection settings.
 #[derive(Clone, Debug)]
@@ -257,12 +260,51 @@ impl Client {
         replicas: u16,
         configs: &[(String, String)],
     ) -> Result<(), ClientError> {
+        self.create_topic_with(name, partitions, replicas, Partitioning::Hash, configs).await
+    }
+
+    /// Creates a topic with a partitioning scheme (`crate::partitioning`): a `hash` topic's
+    /// count is fixed; `hash-range` and `key-range` topics split and merge.
+    pub async fn create_topic_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        replicas: u16,
+        partitioning: Partitioning,
+        configs: &[(String, String)],
+    ) -> Result<(), ClientError> {
         let configs = configs.iter().map(|(k, v)| TopicConfig { key: k.clone(), value: v.clone() }).collect();
-        let req = CreateTopicsRequest { topics: vec![NewTopic { name: name.into(), partitions, replicas, configs }] };
+        let topic =
+            NewTopic { name: name.into(), partitions, replicas, configs, partitioning: partitioning.to_wire() };
+        let req = CreateTopicsRequest { topics: vec![topic] };
         let resp: CreateTopicsResponse = self.connection().await?.call(ApiKey::CreateTopics, &req).await?;
         self.invalidate_metadata(name);
         let r = resp.results.first().ok_or_else(|| ClientError::Protocol("empty CreateTopics response".into()))?;
         broker_error(r.error, format!("creating topic '{}'{}", crate::wire::shown(name), detail(&r.message)))
+    }
+
+    /// Splits partition `partition` of a ranged topic at `at` (a hash's 8 big-endian bytes for
+    /// hash-range, a key for key-range; `None`: the middle of its range). Returns the two
+    /// children's indexes once the controller applied the split; the parent is sealing (its
+    /// seal offset appears in the metadata soon after).
+    pub async fn split_partition(&self, topic: &str, partition: u32, at: Option<&[u8]>) -> Result<Vec<u32>, ClientError> {
+        let req = SplitPartitionRequest { topic: topic.into(), partition, at: at.map(BytesMut::from) };
+        let resp: ResizeResponse = self.connection().await?.call(ApiKey::SplitPartition, &req).await?;
+        self.invalidate_metadata(topic);
+        let what = format!("splitting {}/{partition}{}", crate::wire::shown(topic), detail(&resp.message));
+        broker_error(resp.error, what)?;
+        Ok(resp.children)
+    }
+
+    /// Merges two adjacent partitions of a ranged topic; returns the child's index once the
+    /// controller applied the merge (both parents are sealing).
+    pub async fn merge_partitions(&self, topic: &str, partitions: [u32; 2]) -> Result<u32, ClientError> {
+        let req = MergePartitionsRequest { topic: topic.into(), partitions: partitions.to_vec() };
+        let resp: ResizeResponse = self.connection().await?.call(ApiKey::MergePartitions, &req).await?;
+        self.invalidate_metadata(topic);
+        let what = format!("merging {}/{partitions:?}{}", crate::wire::shown(topic), detail(&resp.message));
+        broker_error(resp.error, what)?;
+        resp.children.first().copied().ok_or_else(|| ClientError::Protocol("a merge response without its child".into()))
     }
 
     /// Deletes a topic and its data.
@@ -772,6 +814,7 @@ mod tests {
                 .map(|(name, parts)| TopicMetadata {
                     name: (*name).into(),
                     error: ErrorCode::NONE,
+                    partitioning: 0,
                     partitions: parts
                         .iter()
                         .enumerate()
@@ -782,6 +825,7 @@ mod tests {
                             leader_epoch,
                             replicas: vec![1, 2, 3],
                             isr: vec![1, 2, 3],
+                            lineage: Default::default(),
                         })
                         .collect(),
                 })
@@ -894,6 +938,7 @@ mod tests {
         TopicDescription {
             name: "t".into(),
             error: ErrorCode::NONE,
+            partitioning: 0,
             configs: vec![],
             partitions: leaders
                 .iter()
@@ -909,6 +954,7 @@ mod tests {
                     high_watermark,
                     log_end: high_watermark,
                     last_stable: high_watermark,
+                    lineage: Default::default(),
                 })
                 .collect(),
         }

@@ -43,6 +43,7 @@ mod admin;
 pub mod conn;
 mod consumer;
 mod group;
+pub mod partitioning;
 mod producer;
 mod session;
 pub mod table;
@@ -131,6 +132,7 @@ impl ClientError {
                     | ErrorCode::REQUEST_TIMED_OUT
                     | ErrorCode::NOT_ENOUGH_REPLICAS
                     | ErrorCode::SHUTTING_DOWN
+                    | ErrorCode::PARTITION_SEALED
             ),
             ClientError::Protocol(_) | ClientError::Invalid(_) => false,
         }

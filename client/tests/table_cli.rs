@@ -167,7 +167,12 @@ fn respond(st: &mut Store, header: RequestHeader, r: Reader) -> Vec<u8> {
             let req: MetadataRequest = decode_exact(r).expect("metadata");
             let topics = req.topics.unwrap_or_default().into_iter().map(|name| {
                 if st.configs(&name).is_none() {
-                    return TopicMetadata { name, error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, partitions: vec![] };
+                    return TopicMetadata {
+                        name,
+                        error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                        partitioning: 0,
+                        partitions: vec![],
+                    };
                 }
                 let partitions = (0..PARTITIONS)
                     .map(|partition| PartitionMetadata {
@@ -177,9 +182,10 @@ fn respond(st: &mut Store, header: RequestHeader, r: Reader) -> Vec<u8> {
                         leader_epoch: 1,
                         replicas: vec![1],
                         isr: vec![1],
+                        lineage: Default::default(),
                     })
                     .collect();
-                TopicMetadata { name, error: ErrorCode::NONE, partitions }
+                TopicMetadata { name, error: ErrorCode::NONE, partitioning: 0, partitions }
             });
             let brokers = vec![BrokerInfo { node_id: 1, host: "127.0.0.1".into(), port: st.port, rack: String::new() }];
             response_frame(id, Ok(&MetadataResponse { brokers, controller: 1, topics: topics.collect() }))
@@ -193,12 +199,14 @@ fn respond(st: &mut Store, header: RequestHeader, r: Reader) -> Vec<u8> {
                     None => TopicDescription {
                         name,
                         error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                        partitioning: 0,
                         configs: vec![],
                         partitions: vec![],
                     },
                     Some(configs) => TopicDescription {
                         name,
                         error: ErrorCode::NONE,
+                        partitioning: 0,
                         configs,
                         partitions: (0..PARTITIONS)
                             .map(|partition| PartitionDescription {
@@ -212,6 +220,7 @@ fn respond(st: &mut Store, header: RequestHeader, r: Reader) -> Vec<u8> {
                                 high_watermark: 0,
                                 log_end: 0,
                                 last_stable: 0,
+                                lineage: Default::default(),
                             })
                             .collect(),
                     },

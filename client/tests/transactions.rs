@@ -145,6 +145,7 @@ impl Fake {
             .into_iter()
             .map(|name| TopicMetadata {
                 error: if name == "t" { ErrorCode::NONE } else { ErrorCode::UNKNOWN_TOPIC_OR_PARTITION },
+                partitioning: 0,
                 partitions: if name == "t" {
                     (0..2)
                         .map(|partition| PartitionMetadata {
@@ -154,6 +155,7 @@ impl Fake {
                             leader_epoch: 1,
                             replicas: vec![1],
                             isr: vec![1],
+                            lineage: Default::default(),
                         })
                         .collect()
                 } else {

@@ -16,16 +16,19 @@ use futures_channel::oneshot;
 use skein_client::wire::{
     BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsResponse, DescribeTopicsRequest,
     DescribeTopicsResponse, ErrorCode, InitProducerIdResponse, MetadataRequest, MetadataResponse, PartitionDescription,
-    PartitionMetadata, TopicConfig, TopicDescription, TopicMetadata, TopicResult,
+    Lineage, PartitionMetadata, PartitionRange, ResizeResponse, TopicConfig, TopicDescription, TopicMetadata,
+    TopicResult,
 };
 
 use super::now;
 use super::replicas::{replica_settings, topic_of, ReplicaMeta};
 use super::shard::{owner, Node, ShardMsg, State, Work};
-use crate::core::controller::{Controller, PARTITIONS_PER_TOPIC_MAX};
+use crate::core::controller::{Controller, ResizeError, Topic, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::quorum::ControllerVoter;
 use crate::core::table::Level;
-use crate::core::{Command, Message, NodeId, PartitionId, Peer, Time};
+use crate::core::{Command, Message, NodeId, PartitionId, Peer, Seal, Time};
+use bytes::BytesMut;
+use skein_client::partitioning::Partitioning;
 use crate::meta::{self, ProducerIds};
 use crate::service::{api_versions, Request, Response};
 
@@ -37,22 +40,23 @@ pub(crate) struct Control {
     /// The voter's controller applies history and "caught up" is not logged yet.
     replaying: bool,
     producer_ids: ProducerIds,
-    /// The topic and deleted-partition counts of the last published topic map.
-    published: (usize, usize),
+    /// The topic, deleted-partition and partition counts of the last published topic map.
+    published: (usize, usize, usize),
 }
 
 impl Control {
     /// Shard 0's state over a started voter; `hosted` are the replicas found on disk.
     pub(super) fn new(voter: ControllerVoter, hosted: BTreeSet<PartitionId>, producer_ids: ProducerIds) -> Control {
-        Control { voter, hosted, replaying: true, producer_ids, published: (usize::MAX, usize::MAX) }
+        Control { voter, hosted, replaying: true, producer_ids, published: (usize::MAX, usize::MAX, usize::MAX) }
     }
 
-    /// The topic map if topics changed since the last one published (topics are created and
-    /// deleted, never changed, and deleted partition ids are never reused: the two counts
-    /// change whenever the map does).
+    /// The topic map if topics changed since the last one published (topics are created,
+    /// deleted and gain partitions by splits and merges, never lose one, and deleted partition
+    /// ids are never reused: the three counts change whenever the map does).
     pub(super) fn changed_topics(&mut self) -> Option<TopicMap> {
         let c = self.voter.controller();
-        let now = (c.topics().len(), c.deleted().len());
+        let parts = c.topics().values().map(|t| t.parts.len()).sum();
+        let now = (c.topics().len(), c.deleted().len(), parts);
         (now != self.published).then(|| {
             self.published = now;
             TopicMap::of(c)
@@ -60,11 +64,11 @@ impl Control {
     }
 }
 
-/// Topic names to their partition ids (the first id and the count), as shard 0's voter last
-/// applied them; every shard routes produce, fetch and list-offsets requests by it.
+/// Topic names to their partition ids (by index), as shard 0's voter last applied them;
+/// every shard routes produce, fetch and list-offsets requests by it.
 #[derive(Default)]
 pub(crate) struct TopicMap {
-    topics: HashMap<String, (PartitionId, u32)>,
+    topics: HashMap<String, Vec<PartitionId>>,
     /// Each partition's replicas when the map was made (for rack-aware group assignment; a
     /// later reassignment is not reflected until topics change).
     replicas: HashMap<PartitionId, Vec<NodeId>>,
@@ -74,12 +78,12 @@ pub(crate) struct TopicMap {
 
 impl TopicMap {
     fn of(c: &Controller) -> TopicMap {
-        let topics: HashMap<String, (PartitionId, u32)> =
-            c.topics().iter().map(|(n, t)| (n.clone(), (t.first, t.partitions))).collect();
+        let topics: HashMap<String, Vec<PartitionId>> =
+            c.topics().iter().map(|(n, t)| (n.clone(), t.parts.iter().map(|p| p.id).collect())).collect();
         let replicas = topics
             .values()
-            .flat_map(|&(first, count)| (0..count).map(move |i| PartitionId(first.0 + i)))
-            .filter_map(|p| Some((p, c.partition(p)?.replicas.clone())))
+            .flatten()
+            .filter_map(|&p| Some((p, c.partition(p)?.replicas.clone())))
             .collect();
         let tables = c
             .topics()
@@ -109,15 +113,14 @@ impl TopicMap {
         self.partition(topic, index).and_then(|p| self.replicas.get(&p)).map_or(&[], Vec::as_slice)
     }
 
-    /// The partition count of `topic`.
+    /// The partition count of `topic` (indexes, sealed partitions included).
     pub(crate) fn partitions(&self, topic: &str) -> Option<u32> {
-        self.topics.get(topic).map(|t| t.1)
+        self.topics.get(topic).map(|t| t.len() as u32)
     }
 
     /// Partition `index` of `topic`.
     pub(crate) fn partition(&self, topic: &str, index: u32) -> Option<PartitionId> {
-        let &(first, count) = self.topics.get(topic)?;
-        (index < count).then(|| PartitionId(first.0 + index))
+        self.topics.get(topic)?.get(index as usize).copied()
     }
 }
 
@@ -237,6 +240,17 @@ impl Node {
                 Response::DeleteTopics(DeleteTopicsResponse { results })
             }
             Request::DescribeTopics(r) => Response::DescribeTopics(self.describe(r).await),
+            Request::SplitPartition(r) => {
+                let at = r.at.map(|b| b.to_vec());
+                Response::Resize(resize_response(self.resize(r.topic, Resize::Split(r.partition, at)).await))
+            }
+            Request::MergePartitions(r) => {
+                let resize = match r.partitions[..] {
+                    [a, b] => Resize::Merge([a, b]),
+                    _ => Resize::Bad(format!("a merge names two partitions, not {}", r.partitions.len())),
+                };
+                Response::Resize(resize_response(self.resize(r.topic, resize).await))
+            }
             Request::ReassignPartition(r) => {
                 let (error, message) = match self.reassign(r).await {
                     Ok(()) => (ErrorCode::NONE, String::new()),
@@ -311,16 +325,22 @@ impl Node {
         let topics = names
             .into_iter()
             .map(|name| match c.topics().get(&name) {
-                None => TopicMetadata { name, error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, partitions: vec![] },
+                None => TopicMetadata {
+                    name,
+                    error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                    partitioning: 0,
+                    partitions: vec![],
+                },
                 Some(t) => {
-                    let partitions = (0..t.partitions)
+                    let partitions = (0..t.count())
                         .filter_map(|i| {
-                            let (error, leader, leader_epoch, replicas, isr) =
-                                wire_state(c.partition(t.partition(i)?)?);
-                            Some(PartitionMetadata { partition: i, error, leader, leader_epoch, replicas, isr })
+                            let s = c.partition(t.partition(i)?)?;
+                            let (error, leader, leader_epoch, replicas, isr) = wire_state(s);
+                            let lineage = lineage(t, i, s);
+                            Some(PartitionMetadata { partition: i, error, leader, leader_epoch, replicas, isr, lineage })
                         })
                         .collect();
-                    TopicMetadata { name, error: ErrorCode::NONE, partitions }
+                    TopicMetadata { name, error: ErrorCode::NONE, partitioning: t.partitioning.to_wire(), partitions }
                 }
             })
             .collect();
@@ -358,7 +378,7 @@ impl Node {
             names
                 .into_iter()
                 .filter_map(|n| c.topics().get(n))
-                .flat_map(|t| (0..t.partitions).filter_map(|i| t.partition(i)))
+                .flat_map(|t| (0..t.count()).filter_map(|i| t.partition(i)))
                 .collect()
         };
         // Offsets are this broker's replica's (the leader's when asked there).
@@ -374,11 +394,12 @@ impl Node {
                     return TopicDescription {
                         name,
                         error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                        partitioning: 0,
                         configs: vec![],
                         partitions: vec![],
                     };
                 };
-                let partitions = (0..t.partitions)
+                let partitions = (0..t.count())
                     .filter_map(|i| {
                         let p = t.partition(i)?;
                         let s = c.partition(p)?;
@@ -396,11 +417,13 @@ impl Node {
                             high_watermark,
                             log_end,
                             last_stable,
+                            lineage: lineage(t, i, s),
                         })
                     })
                     .collect();
                 let configs = t.configs.iter().map(|(k, v)| TopicConfig { key: k.clone(), value: v.clone() }).collect();
-                TopicDescription { name, error: ErrorCode::NONE, configs, partitions }
+                let partitioning = t.partitioning.to_wire();
+                TopicDescription { name, error: ErrorCode::NONE, partitioning, configs, partitions }
             })
             .collect();
         DescribeTopicsResponse { topics }
@@ -436,10 +459,17 @@ impl Node {
         if self.control(&mut self.st.borrow_mut()).voter.controller().topics().contains_key(&t.name) {
             return Err((ErrorCode::TOPIC_ALREADY_EXISTS, format!("topic '{}' exists", t.name)));
         }
+        let partitioning = Partitioning::from_wire(t.partitioning)
+            .ok_or_else(|| (ErrorCode::INVALID_REQUEST, format!("unknown partitioning {}", t.partitioning)))?;
+        if partitioning.ranged() && (configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true") || t.name.starts_with("__")) {
+            let what = "tables and internal topics are hash-partitioned (ranged tables come with splits of tables)";
+            return Err((ErrorCode::INVALID_CONFIG, what.into()));
+        }
         let msg = Message::CreateTopic {
             name: t.name.clone(),
             partitions: t.partitions,
             replication: t.replicas,
+            partitioning,
             configs: configs.into_iter().collect(),
         };
         self.until_applied(msg, |c| c.topics().contains_key(&t.name)).await?;
@@ -447,7 +477,13 @@ impl Node {
         self.until_serving(Some(&t.name), now().plus_ms(2_000)).await;
         let mut st = self.st.borrow_mut();
         match self.control(&mut st).voter.controller().topics().get(&t.name) {
-            Some(got) if got.partitions == t.partitions && got.replication == t.replicas => Ok(()),
+            Some(got)
+                if got.count() == t.partitions
+                    && got.replication == t.replicas
+                    && got.partitioning.to_wire() == t.partitioning =>
+            {
+                Ok(())
+            }
             _ => Err((ErrorCode::TOPIC_ALREADY_EXISTS, "created concurrently with other settings".into())),
         }
     }
@@ -495,6 +531,32 @@ impl Node {
         self.until_applied(msg, |c| !c.topics().contains_key(name)).await
     }
 
+    /// A split or merge: checked against this broker's view of the controller (the same
+    /// checks the controller makes, for a clear answer), sent to the controller until applied;
+    /// returns the children's indexes.
+    async fn resize(&self, topic: String, resize: Resize) -> Result<Vec<u32>, (ErrorCode, String)> {
+        let (msg, parents) = match resize {
+            Resize::Bad(m) => return Err((ErrorCode::INVALID_REQUEST, m)),
+            Resize::Split(index, at) => (Message::Split { topic: topic.clone(), index, at }, vec![index]),
+            Resize::Merge(indexes) => (Message::Merge { topic: topic.clone(), indexes }, indexes.to_vec()),
+        };
+        {
+            let mut st = self.st.borrow_mut();
+            let c = self.control(&mut st).voter.controller();
+            check_resize(c, &topic, &msg)?;
+        }
+        let children_of = |c: &Controller| -> Option<Vec<u32>> {
+            let t = c.topics().get(&topic)?;
+            let children: Vec<u32> =
+                (0..t.count()).filter(|&i| t.parts[i as usize].parents == parents).collect();
+            (!children.is_empty()).then_some(children)
+        };
+        self.until_applied(msg, |c| children_of(c).is_some()).await?;
+        let mut st = self.st.borrow_mut();
+        let c = self.control(&mut st).voter.controller();
+        children_of(c).ok_or((ErrorCode::UNKNOWN, "the change was applied and then undone".into()))
+    }
+
     async fn reassign(&self, r: skein_client::wire::ReassignPartitionRequest) -> Result<(), (ErrorCode, String)> {
         let p = self
             .topics
@@ -533,7 +595,7 @@ impl Node {
                     .topics()
                     .iter()
                     .filter(|(name, _)| topic.is_none_or(|t| t == name.as_str()))
-                    .flat_map(|(_, t)| (0..t.partitions).filter_map(|i| t.partition(i)))
+                    .flat_map(|(_, t)| (0..t.count()).filter_map(|i| t.partition(i)))
                     .filter(|p| c.partition(*p).is_some_and(|s| s.leader == Some(self.id)))
                     .collect();
                 (!c.replaying(), led)
@@ -615,6 +677,51 @@ fn log_caught_up(voter: &ControllerVoter) {
         decisions_replayed = decisions,
         "controller log caught up by index {index}; {decisions} earlier decisions were logged at debug level only"
     );
+}
+
+/// A split or merge request.
+enum Resize {
+    Split(u32, Option<Vec<u8>>),
+    Merge([u32; 2]),
+    /// Malformed: this message.
+    Bad(String),
+}
+
+fn resize_response(r: Result<Vec<u32>, (ErrorCode, String)>) -> ResizeResponse {
+    match r {
+        Ok(children) => ResizeResponse { error: ErrorCode::NONE, message: String::new(), children },
+        Err((error, message)) => ResizeResponse { error, message, children: Vec::new() },
+    }
+}
+
+/// The controller's checks of a split or merge, on this broker's view, so the requester
+/// answers a refusal at once (the controller applies the same checks again).
+fn check_resize(c: &Controller, topic: &str, msg: &Message) -> Result<(), (ErrorCode, String)> {
+    let result = match msg {
+        Message::Split { index, at, .. } => c.plan_split(topic, *index, at.clone()).map(drop),
+        Message::Merge { indexes, .. } => c.plan_merge(topic, *indexes).map(drop),
+        _ => Ok(()),
+    };
+    result.map_err(|e| match e {
+        ResizeError::NoTopic | ResizeError::NoPartition(_) => (ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, e.to_string()),
+        ResizeError::Sealed(_) => (ErrorCode::PARTITION_SEALED, e.to_string()),
+        ResizeError::Invalid(_) => (ErrorCode::INVALID_PARTITIONS, e.to_string()),
+    })
+}
+
+/// Partition `index` of `t` in its topic's lineage, for Metadata and DescribeTopics.
+fn lineage(t: &Topic, index: u32, s: &crate::core::PartitionState) -> Lineage {
+    let part = &t.parts[index as usize];
+    let range = part.range.as_ref().map(|r| PartitionRange {
+        from: BytesMut::from(r.from.as_slice()),
+        to: r.to.as_deref().map(BytesMut::from),
+    });
+    let (seal, sealed_at) = match s.seal {
+        Seal::Open => (0, 0),
+        Seal::Sealing => (1, 0),
+        Seal::Sealed(at) => (2, at.0),
+    };
+    Lineage { range, parents: part.parents.clone(), seal, sealed_at }
 }
 
 /// A partition state's wire fields: error (NOT_LEADER when leaderless), leader (0: none),

@@ -59,6 +59,7 @@ pub(super) async fn ensure_topic(node: &Rc<Node>, topic: &str, partitions: u32) 
             name: topic.into(),
             partitions,
             replicas,
+            partitioning: 0,
             configs: vec![
                 TopicConfig { key: "min.insync.replicas".into(), value: replicas.min(2).to_string() },
                 TopicConfig { key: "retention.ms".into(), value: "-1".into() },

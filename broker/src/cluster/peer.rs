@@ -13,13 +13,14 @@ use std::time::Duration;
 use bytes::BytesMut;
 use protobuf::Message as _;
 use raft::prelude::Message as RaftMessage;
+use skein_client::partitioning::Partitioning;
 use skein_client::wire::io::write_frames;
 use skein_client::wire::{request_frame, ApiKey, DecodeError, Reader, RequestHeader, Wire, Writer};
 
 use crate::core::txn_partition::MarkerKind;
 use crate::core::{
     FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, MarkerRequest, MarkerResult, Message, NodeId, Offset,
-    PartitionId, PartitionState, ProduceError, ProducerEpoch, ProducerId, Time,
+    PartitionId, PartitionState, ProduceError, ProducerEpoch, ProducerId, Seal, Time,
 };
 
 /// One inter-broker frame's body.
@@ -64,7 +65,7 @@ fn marker_kind(code: u8) -> Result<MarkerKind, DecodeError> {
 }
 
 /// Marker outcomes on the wire: 0 success, else the error's number.
-const RESULTS: [ProduceError; 9] = [
+const RESULTS: [ProduceError; 10] = [
     ProduceError::NotLeader,
     ProduceError::FencedLeaderEpoch,
     ProduceError::NotEnoughReplicas,
@@ -74,6 +75,7 @@ const RESULTS: [ProduceError; 9] = [
     ProduceError::ProducerFenced,
     ProduceError::LeaderNotReady,
     ProduceError::InvalidTxnState,
+    ProduceError::Sealed,
 ];
 
 fn result_code(r: Result<(), ProduceError>) -> u8 {
@@ -105,6 +107,14 @@ fn encode_state(w: &mut Writer, s: &PartitionState) {
     put(w, nodes(&s.isr));
     put(w, s.isr_version.0);
     put(w, nodes(&s.replicas));
+    match s.seal {
+        Seal::Open => put(w, 0u8),
+        Seal::Sealing => put(w, 1u8),
+        Seal::Sealed(at) => {
+            put(w, 2u8);
+            put(w, at.0);
+        }
+    }
 }
 
 fn decode_state(r: &mut Reader) -> Result<PartitionState, DecodeError> {
@@ -115,6 +125,12 @@ fn decode_state(r: &mut Reader) -> Result<PartitionState, DecodeError> {
         isr: get_nodes(r)?,
         isr_version: IsrVersion(get(r)?),
         replicas: get_nodes(r)?,
+        seal: match get::<u8>(r)? {
+            0 => Seal::Open,
+            1 => Seal::Sealing,
+            2 => Seal::Sealed(Offset(get(r)?)),
+            _ => return Err(DecodeError::Invalid("partition seal")),
+        },
     })
 }
 
@@ -243,7 +259,7 @@ impl PeerFrame {
                 put(w, broker.0);
                 put(w, *incarnation);
             }
-            Message::CreateTopic { name, partitions, replication, configs } => {
+            Message::CreateTopic { name, partitions, replication, partitioning, configs } => {
                 put(w, 9u8);
                 put(w, name.clone());
                 put(w, *partitions);
@@ -253,6 +269,26 @@ impl PeerFrame {
                     put(w, k.clone());
                     put(w, v.clone());
                 }
+                put(w, partitioning.to_wire());
+            }
+            Message::Sealed { leader, epoch, partition, offset } => {
+                put(w, 16u8);
+                put(w, leader.0);
+                put(w, epoch.0);
+                put(w, partition.0);
+                put(w, offset.0);
+            }
+            Message::Split { topic, index, at } => {
+                put(w, 17u8);
+                put(w, topic.clone());
+                put(w, *index);
+                put(w, at.clone());
+            }
+            Message::Merge { topic, indexes } => {
+                put(w, 18u8);
+                put(w, topic.clone());
+                put(w, indexes[0]);
+                put(w, indexes[1]);
             }
         }
         Ok(())
@@ -344,8 +380,18 @@ impl Wire for PeerFrame {
                 for _ in 0..n {
                     configs.push((get(r)?, get(r)?));
                 }
-                Message::CreateTopic { name, partitions, replication, configs }
+                let scheme: u8 = get(r)?;
+                let partitioning = Partitioning::from_wire(scheme).ok_or(DecodeError::Invalid("partitioning"))?;
+                Message::CreateTopic { name, partitions, replication, partitioning, configs }
             }
+            16 => Message::Sealed {
+                leader: NodeId(get(r)?),
+                epoch: LeaderEpoch(get(r)?),
+                partition: PartitionId(get(r)?),
+                offset: Offset(get(r)?),
+            },
+            17 => Message::Split { topic: get(r)?, index: get(r)?, at: get(r)? },
+            18 => Message::Merge { topic: get(r)?, indexes: [get(r)?, get(r)?] },
             10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
             11 => Message::Reassign { partition: PartitionId(get(r)?), replicas: get_nodes(r)? },
             12 => Message::DeleteTopic { name: get(r)? },
@@ -505,6 +551,7 @@ mod tests {
             isr: vec![NodeId(1), NodeId(2)],
             isr_version: IsrVersion(9),
             replicas: vec![NodeId(1), NodeId(2), NodeId(3)],
+            seal: Seal::Sealed(Offset(41)),
         };
         let raft = RaftMessage { to: 3, from: 2, term: 5, ..Default::default() };
         roundtrip(Message::Raft(Box::new(raft)));
@@ -557,7 +604,17 @@ mod tests {
             partition: PartitionId(7),
             isr: vec![NodeId(1)],
         });
+        roundtrip(Message::PartitionState(PartitionState { seal: Seal::Sealing, ..state.clone() }));
         roundtrip(Message::PartitionState(state));
+        roundtrip(Message::Sealed {
+            leader: NodeId(1),
+            epoch: LeaderEpoch(3),
+            partition: PartitionId(7),
+            offset: Offset(1 << 40),
+        });
+        roundtrip(Message::Split { topic: "t".into(), index: 3, at: Some(b"m".to_vec()) });
+        roundtrip(Message::Split { topic: "t".into(), index: 3, at: None });
+        roundtrip(Message::Merge { topic: "t".into(), indexes: [4, 2] });
         roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
         roundtrip(Message::DeleteTopic { name: "gone".into() });
         roundtrip(Message::TxnMarker(MarkerRequest {
@@ -582,6 +639,7 @@ mod tests {
             name: "t".into(),
             partitions: 8,
             replication: 3,
+            partitioning: Partitioning::KeyRange,
             configs: vec![("min.insync.replicas".into(), "2".into())],
         });
     }

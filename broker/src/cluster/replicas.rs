@@ -37,7 +37,7 @@ impl ReplicaMeta {
         ReplicaMeta {
             partition: p.0,
             topic: name.to_owned(),
-            index: p.0 - topic.first.0,
+            index: topic.index_of(p).expect("p is a partition of topic"),
             replication: topic.replication,
             configs: topic.configs.iter().cloned().collect(),
         }
@@ -55,7 +55,7 @@ const TABLE_PREALLOCATE_BYTES: u32 = 4 << 20;
 const STATE_TAIL_CACHE_BYTES: u32 = 1 << 20;
 
 pub(super) fn topic_of(c: &Controller, p: PartitionId) -> Option<(&String, &Topic)> {
-    c.topics().iter().find(|(_, t)| p.0 >= t.first.0 && p.0 - t.first.0 < t.partitions)
+    c.topics().iter().find(|(_, t)| t.index_of(p).is_some())
 }
 
 /// The replica settings for a topic's configs (and the log's, checked).

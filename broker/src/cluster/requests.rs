@@ -579,5 +579,6 @@ fn produce_error(e: ProduceError) -> ErrorCode {
         ProduceError::OutOfOrderSequence => ErrorCode::OUT_OF_ORDER_SEQUENCE,
         ProduceError::ProducerFenced => ErrorCode::PRODUCER_FENCED,
         ProduceError::InvalidTxnState => ErrorCode::INVALID_TXN_STATE,
+        ProduceError::Sealed => ErrorCode::PARTITION_SEALED,
     }
 }

@@ -448,6 +448,9 @@ impl Node {
             | Message::CreateTopic { .. }
             | Message::ControlledShutdown { .. }
             | Message::Reassign { .. }
+            | Message::Sealed { .. }
+            | Message::Split { .. }
+            | Message::Merge { .. }
             | Message::DeleteTopic { .. } => {
                 let Peer::Node(sender) = from else { return };
                 if self.shard == 0 {

@@ -326,6 +326,7 @@ fn produce_code(e: ProduceError) -> ErrorCode {
         ProduceError::Storage => ErrorCode::STORAGE_ERROR,
         ProduceError::ProducerFenced => ErrorCode::PRODUCER_FENCED,
         ProduceError::OutOfOrderSequence | ProduceError::InvalidTxnState => ErrorCode::INVALID_TXN_STATE,
+        ProduceError::Sealed => ErrorCode::PARTITION_SEALED,
     }
 }
 

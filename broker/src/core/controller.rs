@@ -13,6 +13,9 @@
 //!   added member is alive; accepted or not, the leader gets the current state back.
 //! - Every change is sent to the partition's replicas; heartbeat responses repeat the state,
 //!   so a lost message only delays a replica.
+//! - Ranged topics (issue 21) split and merge: the parent is sealed ([`Seal`]) and children
+//!   with new ids and indexes take its range at once; the parent's leader reports its seal
+//!   offset (`Message::Sealed`), accepted only from the current leader at its epoch.
 //!
 //! Decisions are logged as they are applied, except history: a restarted broker's voter first
 //! applies inputs decided before it was back (its own Raft log, then what was committed while
@@ -29,7 +32,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, PartitionState, Time};
+use skein_client::partitioning::{KeyRange, Partitioning};
+
+use super::{IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId, PartitionState, Seal, Time};
 
 /// Logs a controller decision at `$level`, or, while the controller applies history
 /// ([`Narration::Replay`]), at debug level with `replayed = true`, and counts it. A macro, not
@@ -84,23 +89,45 @@ struct Broker {
     shutting_down: bool,
 }
 
-/// A topic: a name for a run of partition ids, with its settings.
+/// A topic: a name for its partitions (index → id), with its settings.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Topic {
-    /// The topic's partition `i` is `PartitionId(first.0 + i)`.
-    pub first: PartitionId,
-    /// Number of partitions.
-    pub partitions: u32,
+    /// How keys map to partitions.
+    pub partitioning: Partitioning,
+    /// The topic's partitions by index: a new topic's first, then every split's and merge's
+    /// children in the order they were made (indexes are never reused).
+    pub parts: Vec<TopicPart>,
     /// Replicas per partition.
     pub replication: u16,
     /// Config overrides, as given at creation.
     pub configs: Vec<(String, String)>,
 }
 
+/// One partition of a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TopicPart {
+    /// Its id (global, never reused).
+    pub id: PartitionId,
+    /// The points it owns (ranged schemes); `None` for [`Partitioning::Hash`].
+    pub range: Option<KeyRange>,
+    /// The indexes of the partitions it was split or merged from (read before it).
+    pub parents: Vec<u32>,
+}
+
 impl Topic {
     /// The id of the topic's partition `index`, if it has one.
     pub fn partition(&self, index: u32) -> Option<PartitionId> {
-        (index < self.partitions).then(|| PartitionId(self.first.0 + index))
+        self.parts.get(index as usize).map(|p| p.id)
+    }
+
+    /// How many partitions (indexes) the topic has, sealed ones included.
+    pub fn count(&self) -> u32 {
+        u32::try_from(self.parts.len()).expect("at most PARTITIONS_PER_TOPIC_MAX partitions")
+    }
+
+    /// The index of partition `id` in this topic.
+    pub fn index_of(&self, id: PartitionId) -> Option<u32> {
+        self.parts.iter().position(|p| p.id == id).map(|i| i as u32)
     }
 }
 
@@ -158,6 +185,23 @@ pub fn check_new_topic(name: &str, partitions: u32, configs: &[(String, String)]
     Ok(())
 }
 
+/// Why a split or merge was refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ResizeError {
+    /// No such topic.
+    #[error("unknown topic")]
+    NoTopic,
+    /// No such partition index in the topic.
+    #[error("partition {0} does not exist")]
+    NoPartition(u32),
+    /// The partition was split or merged already.
+    #[error("partition {0} is sealed (split or merged already)")]
+    Sealed(u32),
+    /// Anything else: a hash topic, a point outside the range, ranges that do not touch.
+    #[error("{0}")]
+    Invalid(String),
+}
+
 /// Why a topic could not be created.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateTopicError {
@@ -212,6 +256,7 @@ impl Controller {
                     isr: replicas.clone(),
                     isr_version: IsrVersion(0),
                     replicas: replicas.clone(),
+                    seal: Seal::Open,
                 };
                 (*p, state)
             })
@@ -335,6 +380,7 @@ impl Controller {
         name: &str,
         partitions: u32,
         replication: u16,
+        partitioning: Partitioning,
         configs: Vec<(String, String)>,
         out: &mut Vec<(NodeId, Message)>,
     ) -> Result<(), CreateTopicError> {
@@ -354,28 +400,195 @@ impl Controller {
         let first = self.next_partition;
         let end =
             first.checked_add(partitions).ok_or_else(|| CreateTopicError::Invalid("too many partitions".into()))?;
-        for i in 0..partitions {
-            let p = PartitionId(first + i);
-            let replicas: Vec<NodeId> = (0..usize::from(replication))
-                .map(|j| brokers[(first as usize + i as usize + j) % brokers.len()])
-                .collect();
-            let state = PartitionState {
-                partition: p,
-                epoch: LeaderEpoch(0),
-                leader: None,
-                isr: replicas.clone(),
-                isr_version: IsrVersion(0),
-                replicas,
-            };
-            self.partitions.insert(p, state);
+        let unclean = configs.iter().any(|(k, v)| k == "unclean.leader.election.enable" && v == "true");
+        let ids: Vec<PartitionId> = (first..end).map(PartitionId).collect();
+        for &p in &ids {
+            self.add_partition(p, replication, unclean);
         }
-        self.next_partition = end;
-        if configs.iter().any(|(k, v)| k == "unclean.leader.election.enable" && v == "true") {
-            self.unclean.extend((first..end).map(PartitionId));
-        }
-        self.topics.insert(name.to_owned(), Topic { first: PartitionId(first), partitions, replication, configs });
+        let mut ranges = partitioning.initial_ranges(partitions).into_iter();
+        let parts = ids.into_iter().map(|id| TopicPart { id, range: ranges.next(), parents: Vec::new() }).collect();
+        self.topics.insert(name.to_owned(), Topic { partitioning, parts, replication, configs });
         self.elect_all(out);
         Ok(())
+    }
+
+    /// A new partition `p` (the next id): `replication` replicas round-robin over the brokers
+    /// from `p`'s id (the first is its preferred leader), all in the ISR, no leader yet.
+    fn add_partition(&mut self, p: PartitionId, replication: u16, unclean: bool) {
+        let brokers: Vec<NodeId> = self.brokers.keys().copied().collect();
+        let replicas: Vec<NodeId> =
+            (0..usize::from(replication)).map(|j| brokers[(p.0 as usize + j) % brokers.len()]).collect();
+        let state = PartitionState {
+            partition: p,
+            epoch: LeaderEpoch(0),
+            leader: None,
+            isr: replicas.clone(),
+            isr_version: IsrVersion(0),
+            replicas,
+            seal: Seal::Open,
+        };
+        self.partitions.insert(p, state);
+        self.next_partition = self.next_partition.max(p.0 + 1);
+        if unclean {
+            self.unclean.insert(p);
+        }
+    }
+
+    /// Splits partition `index` of a ranged topic at point `at` (its range's middle if
+    /// `None`): the parent is sealed and two children with the next indexes take the lower
+    /// and upper halves. Returns the children's indexes. Refused (changing nothing) for a
+    /// hash topic, a sealed partition, a point outside the range or a topic at its partition
+    /// limit. Deterministic, as every decision.
+    pub fn split(
+        &mut self,
+        topic: &str,
+        index: u32,
+        at: Option<Vec<u8>>,
+        out: &mut Vec<(NodeId, Message)>,
+    ) -> Result<[u32; 2], ResizeError> {
+        let (parent, low, high) = self.plan_split(topic, index, at)?;
+        let children = self.add_children(topic, &[index], vec![low, high], out);
+        self.seal(parent, out);
+        decision!(self, info, topic, partition = index, ?children, "partition split");
+        Ok([children[0], children[1]])
+    }
+
+    /// The checks of [`Controller::split`], changing nothing: the parent's id and the two
+    /// halves.
+    pub fn plan_split(
+        &self,
+        topic: &str,
+        index: u32,
+        at: Option<Vec<u8>>,
+    ) -> Result<(PartitionId, KeyRange, KeyRange), ResizeError> {
+        let t = self.resizable(topic, 2)?;
+        let part = t.parts.get(index as usize).ok_or(ResizeError::NoPartition(index))?;
+        let range = part.range.clone().expect("a ranged topic's partitions have ranges");
+        self.open(part.id, index)?;
+        let at = match at {
+            Some(at) if range.splits_at(&at) => at,
+            Some(_) => {
+                return Err(ResizeError::Invalid(format!("the split point is not inside partition {index}'s range")))
+            }
+            None => range
+                .midpoint(t.partitioning)
+                .ok_or_else(|| ResizeError::Invalid(format!("partition {index}'s range holds one point")))?,
+        };
+        let (low, high) = range.split(&at);
+        Ok((part.id, low, high))
+    }
+
+    /// Merges two adjacent partitions of a ranged topic (`indexes` in either order): both are
+    /// sealed and one child with the next index takes their joined range. Returns the
+    /// child's index. Refused as [`Controller::split`] is, and for partitions whose ranges
+    /// do not touch.
+    pub fn merge(&mut self, topic: &str, indexes: [u32; 2], out: &mut Vec<(NodeId, Message)>) -> Result<u32, ResizeError> {
+        let (order, ids, joined) = self.plan_merge(topic, indexes)?;
+        let child = self.add_children(topic, &order, vec![joined], out)[0];
+        self.seal(ids[0], out);
+        self.seal(ids[1], out);
+        decision!(self, info, topic, partitions = ?order, child, "partitions merged");
+        Ok(child)
+    }
+
+    /// The checks of [`Controller::merge`], changing nothing: the indexes in range order,
+    /// their ids, and the joined range.
+    pub fn plan_merge(
+        &self,
+        topic: &str,
+        indexes: [u32; 2],
+    ) -> Result<([u32; 2], [PartitionId; 2], KeyRange), ResizeError> {
+        let t = self.resizable(topic, 1)?;
+        let [a, b] = indexes;
+        if a == b {
+            return Err(ResizeError::Invalid(format!("partition {a} cannot merge with itself")));
+        }
+        let part = |i: u32| t.parts.get(i as usize).ok_or(ResizeError::NoPartition(i));
+        let (pa, pb) = (part(a)?, part(b)?);
+        let (ra, rb) = (pa.range.as_ref().expect("ranged"), pb.range.as_ref().expect("ranged"));
+        self.open(pa.id, a)?;
+        self.open(pb.id, b)?;
+        let (low, high, order, ids) = if ra.precedes(rb) {
+            (ra, rb, [a, b], [pa.id, pb.id])
+        } else if rb.precedes(ra) {
+            (rb, ra, [b, a], [pb.id, pa.id])
+        } else {
+            return Err(ResizeError::Invalid(format!("partitions {a} and {b} are not neighbours")));
+        };
+        Ok((order, ids, KeyRange { from: low.from.clone(), to: high.to.clone() }))
+    }
+
+    /// The topic, if it may gain `new` partitions by a split or merge.
+    fn resizable(&self, topic: &str, new: u32) -> Result<&Topic, ResizeError> {
+        let t = self.topics.get(topic).ok_or(ResizeError::NoTopic)?;
+        if !t.partitioning.ranged() {
+            return Err(ResizeError::Invalid(
+                "a hash-partitioned topic has a fixed partition count; create it with --partitioning hash-range or \
+                 key-range to split and merge"
+                    .into(),
+            ));
+        }
+        if t.count() + new > PARTITIONS_PER_TOPIC_MAX {
+            return Err(ResizeError::Invalid(format!("the topic has {PARTITIONS_PER_TOPIC_MAX} partitions already")));
+        }
+        if self.next_partition.checked_add(new).is_none() {
+            return Err(ResizeError::Invalid("partition ids are exhausted".into()));
+        }
+        Ok(t)
+    }
+
+    /// Ok if partition `p` (index `index`) still takes records.
+    fn open(&self, p: PartitionId, index: u32) -> Result<(), ResizeError> {
+        match self.partitions.get(&p).map(|s| s.seal) {
+            Some(Seal::Open) => Ok(()),
+            _ => Err(ResizeError::Sealed(index)),
+        }
+    }
+
+    /// New partitions of `topic` with these ranges and parents; returns their indexes.
+    fn add_children(
+        &mut self,
+        topic: &str,
+        parents: &[u32],
+        ranges: Vec<KeyRange>,
+        out: &mut Vec<(NodeId, Message)>,
+    ) -> Vec<u32> {
+        let t = self.topics.get(topic).expect("checked by resizable");
+        let (replication, unclean, first_index) = (t.replication, self.unclean.contains(&t.parts[0].id), t.count());
+        let mut made = Vec::new();
+        for (k, range) in ranges.into_iter().enumerate() {
+            let id = PartitionId(self.next_partition);
+            self.add_partition(id, replication, unclean);
+            let t = self.topics.get_mut(topic).expect("checked by resizable");
+            t.parts.push(TopicPart { id, range: Some(range), parents: parents.to_vec() });
+            made.push(first_index + k as u32);
+        }
+        self.elect_all(out);
+        made
+    }
+
+    /// Seals partition `p`: its replicas learn it refuses data; its leader reports the offset.
+    fn seal(&mut self, p: PartitionId, out: &mut Vec<(NodeId, Message)>) {
+        let state = self.partitions.get_mut(&p).expect("an open partition exists");
+        state.seal = Seal::Sealing;
+        state.isr_version = IsrVersion(state.isr_version.0 + 1);
+        let state = state.clone();
+        self.broadcast(&state, out);
+    }
+
+    /// The leader of a sealing partition reports its log end: everything it appended is
+    /// committed and no transaction is open on it. Taken only from the current leader at its
+    /// epoch (a deposed leader's log end may include records its successor truncates).
+    fn sealed(&mut self, leader: NodeId, epoch: LeaderEpoch, p: PartitionId, at: Offset, out: &mut Vec<(NodeId, Message)>) {
+        let Some(state) = self.partitions.get_mut(&p) else { return };
+        if state.seal != Seal::Sealing || state.leader != Some(leader) || state.epoch != epoch {
+            return; // ignore_*: stale, repeated, or not sealing
+        }
+        state.seal = Seal::Sealed(at);
+        state.isr_version = IsrVersion(state.isr_version.0 + 1);
+        let state = state.clone();
+        decision!(self, info, partition = %p, offset = at.0, "partition sealed");
+        self.broadcast(&state, out);
     }
 
     /// Plants the no-fencing bug (simulator only).
@@ -464,8 +677,7 @@ impl Controller {
     /// broker deletes its replicas of them. Returns whether the topic existed.
     pub fn delete_topic(&mut self, name: &str) -> bool {
         let Some(t) = self.topics.remove(name) else { return false };
-        for i in 0..t.partitions {
-            let p = PartitionId(t.first.0 + i);
+        for p in t.parts.iter().map(|p| p.id) {
             self.partitions.remove(&p);
             self.reassigning.remove(&p);
             self.unclean.remove(&p);
@@ -608,6 +820,11 @@ impl Controller {
                     self.finish_reassignment(partition, out);
                 } else {
                     out.push((from, Message::PartitionState(state.clone())));
+                }
+            }
+            Message::Sealed { leader, epoch, partition, offset } => {
+                if leader == from {
+                    self.sealed(leader, epoch, partition, offset, out);
                 }
             }
             _ => {} // not for the controller
@@ -784,15 +1001,18 @@ impl Controller {
 /// restored ([`Controller::restore`]). Decoding checks everything a controller relies on, so a
 /// value of this type is safe to restore: bad bytes give a [`SnapshotError`], never a panic.
 ///
-/// Format (version 1, little-endian):
+/// Format (version 2, little-endian):
 ///
 /// ```text
 /// snapshot = magic "SKCS" | version u32 | body_len u32 | body_crc u32 | body     16 + body_len bytes
 ///   body_crc   crc32c over body
 /// body     = last_now u64 | next_partition u32 | last_rebalance opt_u64
 ///            brokers:     n u32, n × (id u32 | last_heartbeat opt_u64 | alive u8 | incarnation opt_u64 | shutting_down u8)
-///            partitions:  n u32, n × (id u32 | epoch u32 | leader opt_u32 | isr ids | isr_version u32 | replicas ids)
-///            topics:      n u32, n × (name str | first u32 | partitions u32 | replication u16 | n u32, n × (key str | value str))
+///            partitions:  n u32, n × (id u32 | epoch u32 | leader opt_u32 | isr ids | isr_version u32 | replicas ids | seal)
+///            topics:      n u32, n × (name str | scheme u8 | replication u16 | parts | n u32, n × (key str | value str))
+/// seal     = 0 u8 (open) | 1 u8 (sealing) | 2 u8 offset u64 (sealed)
+/// parts    = n u32, n × (id u32 | range | parents ids)      (index order)
+/// range    = 0 u8 (hash scheme) | 1 u8 from bytes | opt_bytes to     bytes = len u32 | bytes
 ///            unclean:     ids
 ///            reassigning: n u32, n × (partition u32 | target ids)
 ///            deleted:     ids
@@ -908,13 +1128,39 @@ fn encode_state(c: &Controller, w: &mut Vec<u8>) {
         put_ids(w, s.isr.iter().map(|n| n.0), s.isr.len());
         put_u32(w, s.isr_version.0);
         put_ids(w, s.replicas.iter().map(|n| n.0), s.replicas.len());
+        match s.seal {
+            Seal::Open => w.push(0),
+            Seal::Sealing => w.push(1),
+            Seal::Sealed(at) => {
+                w.push(2);
+                put_u64(w, at.0);
+            }
+        }
     }
     put_len(w, c.topics.len());
     for (name, t) in &c.topics {
         put_str(w, name);
-        put_u32(w, t.first.0);
-        put_u32(w, t.partitions);
+        w.push(t.partitioning.to_wire());
         w.extend_from_slice(&t.replication.to_le_bytes());
+        put_len(w, t.parts.len());
+        for part in &t.parts {
+            put_u32(w, part.id.0);
+            match &part.range {
+                None => w.push(0),
+                Some(r) => {
+                    w.push(1);
+                    put_bytes(w, &r.from);
+                    match &r.to {
+                        None => w.push(0),
+                        Some(to) => {
+                            w.push(1);
+                            put_bytes(w, to);
+                        }
+                    }
+                }
+            }
+            put_ids(w, part.parents.iter().copied(), part.parents.len());
+        }
         put_len(w, t.configs.len());
         for (k, v) in &t.configs {
             put_str(w, k);
@@ -968,7 +1214,13 @@ fn decode_state(r: &mut Reader<'_>) -> Result<ControllerSnapshot, String> {
         if replicas.is_empty() {
             return Err(format!("partition {partition} has no replicas"));
         }
-        let state = PartitionState { partition, epoch, leader, isr, isr_version, replicas };
+        let seal = match r.u8()? {
+            0 => Seal::Open,
+            1 => Seal::Sealing,
+            2 => Seal::Sealed(Offset(r.u64()?)),
+            b => return Err(format!("partition {partition}: seal tag {b}")),
+        };
+        let state = PartitionState { partition, epoch, leader, isr, isr_version, replicas, seal };
         if partitions.insert(partition, state).is_some() {
             return Err(format!("partition {partition} twice"));
         }
@@ -976,17 +1228,43 @@ fn decode_state(r: &mut Reader<'_>) -> Result<ControllerSnapshot, String> {
     let mut topics = BTreeMap::new();
     for _ in 0..r.count(TOPIC_BYTES_MIN)? {
         let name = r.str()?;
-        let first = PartitionId(r.u32()?);
-        let count = r.u32()?;
+        let scheme = r.u8()?;
+        let partitioning =
+            Partitioning::from_wire(scheme).ok_or_else(|| format!("topic {name:?}: partitioning {scheme}"))?;
         let replication = u16::from_le_bytes([r.u8()?, r.u8()?]);
-        if first.0.checked_add(count).is_none_or(|end| end > next_partition) {
-            return Err(format!("topic {name:?}: partitions {first}+{count} past the next id {next_partition}"));
+        let mut parts: Vec<TopicPart> = Vec::new();
+        for _ in 0..r.count(PART_BYTES_MIN)? {
+            let id = PartitionId(r.u32()?);
+            let range = match r.u8()? {
+                0 => None,
+                1 => {
+                    let from = r.bytes()?;
+                    let to = match r.u8()? {
+                        0 => None,
+                        1 => Some(r.bytes()?),
+                        b => return Err(format!("topic {name:?}: range end tag {b}")),
+                    };
+                    Some(KeyRange { from, to })
+                }
+                b => return Err(format!("topic {name:?}: range tag {b}")),
+            };
+            let parents = r.ids()?;
+            if id.0 >= next_partition || !partitions.contains_key(&id) {
+                return Err(format!("topic {name:?}: partition {id} unknown or past the next id {next_partition}"));
+            }
+            if range.is_some() != partitioning.ranged() || parents.iter().any(|&i| i as usize >= parts.len()) {
+                return Err(format!("topic {name:?}: partition {id}'s range or parents do not fit the topic"));
+            }
+            parts.push(TopicPart { id, range, parents });
+        }
+        if parts.is_empty() {
+            return Err(format!("topic {name:?} has no partitions"));
         }
         let mut configs = Vec::new();
         for _ in 0..r.count(8)? {
             configs.push((r.str()?, r.str()?));
         }
-        let topic = Topic { first, partitions: count, replication, configs };
+        let topic = Topic { partitioning, parts, replication, configs };
         if topics.insert(name.clone(), topic).is_some() {
             return Err(format!("topic {name:?} twice"));
         }
@@ -1078,6 +1356,11 @@ impl Reader<'_> {
         (0..n).map(|_| self.u32()).collect()
     }
 
+    fn bytes(&mut self) -> Result<Vec<u8>, String> {
+        let n = self.count(1)?;
+        Ok(self.take(n)?.to_vec())
+    }
+
     fn str(&mut self) -> Result<String, String> {
         let n = self.count(1)?;
         let b = self.take(n)?;
@@ -1114,6 +1397,11 @@ fn put_ids(w: &mut Vec<u8>, ids: impl Iterator<Item = u32>, n: usize) {
     }
 }
 
+fn put_bytes(w: &mut Vec<u8>, b: &[u8]) {
+    put_len(w, b.len());
+    w.extend_from_slice(b);
+}
+
 fn put_str(w: &mut Vec<u8>, s: &str) {
     put_len(w, s.len());
     w.extend_from_slice(s.as_bytes());
@@ -1124,15 +1412,18 @@ fn le_u32(b: &[u8]) -> u32 {
 }
 
 const SNAPSHOT_MAGIC: &[u8; 4] = b"SKCS";
-const SNAPSHOT_VERSION: u32 = 1;
+/// 2: seals, partitioning schemes and topic partition lists (issue 21); 1 is not read.
+const SNAPSHOT_VERSION: u32 = 2;
 /// magic, version, body length, body checksum.
 const SNAPSHOT_HEADER_BYTES: usize = 16;
 /// id, two empty options, two flags.
 const BROKER_BYTES_MIN: usize = 8;
-/// id, epoch, no leader, empty ISR, ISR version, one replica.
-const PARTITION_BYTES_MIN: usize = 25;
-/// empty name, first, count, replication, no configs.
-const TOPIC_BYTES_MIN: usize = 18;
+/// id, epoch, no leader, empty ISR, ISR version, one replica, seal.
+const PARTITION_BYTES_MIN: usize = 26;
+/// empty name, scheme, replication, no partitions, no configs.
+const TOPIC_BYTES_MIN: usize = 15;
+/// id, no range, no parents.
+const PART_BYTES_MIN: usize = 9;
 
 #[cfg(test)]
 mod tests {
@@ -1176,23 +1467,23 @@ mod tests {
         );
         let mut out = Vec::new();
         heartbeat_all(&mut c, Time(0), 1, &mut out);
-        c.create_topic("t", 3, 3, vec![], &mut out).expect("created");
+        c.create_topic("t", 3, 3, Partitioning::Hash, vec![], &mut out).expect("created");
         let leaders = |c: &Controller| c.partitions().map(|s| s.leader).collect::<Vec<_>>();
         assert_eq!(leaders(&c), vec![Some(n(1)), Some(n(2)), Some(n(3))], "preferred leaders, round-robin");
-        assert_eq!(c.create_topic("t", 1, 1, vec![], &mut out), Err(CreateTopicError::Exists));
-        assert!(matches!(c.create_topic("u", 1, 4, vec![], &mut out), Err(CreateTopicError::Invalid(_))));
+        assert_eq!(c.create_topic("t", 1, 1, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Exists));
+        assert!(matches!(c.create_topic("u", 1, 4, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Invalid(_))));
         // Whatever sent them (a forged peer frame reached the controller once), commands the
         // clients' API would refuse are refused here too, before they change anything.
-        let huge = c.create_topic("big", PARTITIONS_PER_TOPIC_MAX + 1, 1, vec![], &mut out);
+        let huge = c.create_topic("big", PARTITIONS_PER_TOPIC_MAX + 1, 1, Partitioning::Hash, vec![], &mut out);
         assert!(matches!(huge, Err(CreateTopicError::Invalid(_))), "{huge:?}");
         for bad in ["", "..", "a/b", &"x".repeat(250)] {
             assert!(
-                matches!(c.create_topic(bad, 1, 1, vec![], &mut out), Err(CreateTopicError::Invalid(_))),
+                matches!(c.create_topic(bad, 1, 1, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Invalid(_))),
                 "{bad:?}"
             );
         }
         let long_value = vec![("k".to_owned(), "v".repeat(CONFIG_VALUE_BYTES_MAX + 1))];
-        assert!(matches!(c.create_topic("v", 1, 1, long_value, &mut out), Err(CreateTopicError::Invalid(_))));
+        assert!(matches!(c.create_topic("v", 1, 1, Partitioning::Hash, long_value, &mut out), Err(CreateTopicError::Invalid(_))));
         assert!(!c.topics().contains_key("big") && !c.topics().contains_key("v"));
 
         // Broker 1 shuts down: it leads nothing and leaves the ISRs; a stale incarnation is ignored.
@@ -1241,9 +1532,9 @@ mod tests {
         let mut c = Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[]);
         let mut out = Vec::new();
         heartbeat_all(&mut c, Time(0), 1, &mut out);
-        c.create_topic("clean", 1, 2, vec![], &mut out).expect("created");
+        c.create_topic("clean", 1, 2, Partitioning::Hash, vec![], &mut out).expect("created");
         let unclean = vec![("unclean.leader.election.enable".to_owned(), "true".to_owned())];
-        c.create_topic("dirty", 1, 2, unclean, &mut out).expect("created");
+        c.create_topic("dirty", 1, 2, Partitioning::Hash, unclean, &mut out).expect("created");
         // Shrink both ISRs to their leader, then only the other replica stays alive.
         for s in c.partitions().cloned().collect::<Vec<_>>() {
             let l = s.leader.expect("led");
@@ -1513,7 +1804,7 @@ mod tests {
                 } else {
                     vec![]
                 };
-                format!("{:?}", c.create_topic(&format!("t{name}"), partitions, replication, configs, &mut out))
+                format!("{:?}", c.create_topic(&format!("t{name}"), partitions, replication, Partitioning::Hash, configs, &mut out))
             }
             Input::DeleteTopic { name } => format!("{}", c.delete_topic(&format!("t{name}"))),
             Input::Reassign { partition, replicas } => {

@@ -104,6 +104,39 @@ pub struct PartitionState {
     pub isr_version: IsrVersion,
     /// All assigned replicas.
     pub replicas: Vec<NodeId>,
+    /// Whether the partition still takes records (issue 21: a split or merge seals it).
+    pub seal: Seal,
+}
+
+/// Whether a partition takes records. A split or merge of a ranged topic seals the parent:
+/// its leader refuses data from then on (`PARTITION_SEALED`; producers route to the
+/// children), waits until everything it appended is committed and no transaction is open
+/// on it, and reports its log end, which the controller records as the seal offset. Readers
+/// finish a parent at that offset before reading its children. Never reopened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Seal {
+    /// Takes records.
+    #[default]
+    Open,
+    /// Sealed by a split or merge; the offset is not known yet.
+    Sealing,
+    /// Sealed at this offset (the log end: no record at or after it, ever).
+    Sealed(Offset),
+}
+
+impl Seal {
+    /// Whether the partition refuses new data.
+    pub fn refuses_data(self) -> bool {
+        self != Seal::Open
+    }
+
+    /// The seal offset, once known.
+    pub fn offset(self) -> Option<Offset> {
+        match self {
+            Seal::Sealed(o) => Some(o),
+            _ => None,
+        }
+    }
 }
 
 /// Why a client read (`read_committed`, `read_follower`) returned no records.
@@ -161,6 +194,9 @@ pub enum ProduceError {
     /// A transactional write to a partition its producer's transaction has not begun on (or
     /// that ended), or a control batch from a client; nothing was written.
     InvalidTxnState,
+    /// The partition was split or merged ([`Seal`]) and takes no more records; nothing was
+    /// written (its range belongs to its children).
+    Sealed,
 }
 
 impl ProduceError {
@@ -175,6 +211,7 @@ impl ProduceError {
                 | ProduceError::OutOfOrderSequence
                 | ProduceError::ProducerFenced
                 | ProduceError::InvalidTxnState
+                | ProduceError::Sealed
         )
     }
 }
@@ -352,6 +389,18 @@ pub enum Message {
     },
     /// Controller to replicas: new partition state (after an election or ISR change).
     PartitionState(PartitionState),
+    /// Leader to controller: a sealing partition's log end (everything appended is
+    /// committed and no transaction is open on it): its seal offset.
+    Sealed {
+        /// The reporting leader.
+        leader: NodeId,
+        /// Its epoch.
+        epoch: LeaderEpoch,
+        /// The partition.
+        partition: PartitionId,
+        /// Its log end.
+        offset: Offset,
+    },
     /// Broker to controller: move leadership away from me and take me out of the ISRs, I am
     /// stopping (controlled shutdown).
     ControlledShutdown {
@@ -385,8 +434,27 @@ pub enum Message {
         partitions: u32,
         /// Replicas per partition.
         replication: u16,
+        /// How keys map to partitions.
+        partitioning: skein_client::partitioning::Partitioning,
         /// Config overrides.
         configs: Vec<(String, String)>,
+    },
+    /// Broker to controller: split a ranged topic's partition (the answer is the split in
+    /// the metadata).
+    Split {
+        /// Topic.
+        topic: String,
+        /// The partition's index.
+        index: u32,
+        /// The split point (a hash's 8 big-endian bytes, or a key); `None`: the middle.
+        at: Option<Vec<u8>>,
+    },
+    /// Broker to controller: merge two adjacent partitions of a ranged topic.
+    Merge {
+        /// Topic.
+        topic: String,
+        /// The partitions' indexes.
+        indexes: [u32; 2],
     },
 }
 

@@ -187,6 +187,9 @@ impl<S: Storage> BrokerNode<S> {
             | Message::CreateTopic { .. }
             | Message::ControlledShutdown { .. }
             | Message::Reassign { .. }
+            | Message::Sealed { .. }
+            | Message::Split { .. }
+            | Message::Merge { .. }
             | Message::DeleteTopic { .. } => {} // for the controller
             Message::TxnMarker(m) => {
                 let request = RequestId(self.next_marker);

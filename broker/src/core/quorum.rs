@@ -36,7 +36,8 @@ use raft::{Config, GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateR
 use serde::{Deserialize, Serialize};
 
 use super::controller::{Controller, ControllerSnapshot, SnapshotError};
-use super::{IsrVersion, LeaderEpoch, Message, NodeId, PartitionId, Time};
+use super::{IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId, Time};
+use skein_client::partitioning::Partitioning;
 
 /// Quorum settings.
 #[derive(Clone, Debug)]
@@ -96,8 +97,21 @@ enum Input {
     Reassign { partition: u32, replicas: Vec<u32> },
     /// A broker's controlled shutdown.
     ControlledShutdown { broker: u32, incarnation: u64 },
-    /// A new topic.
-    CreateTopic { name: String, partitions: u32, replication: u16, configs: Vec<(String, String)> },
+    /// A new topic (`partitioning`: the wire byte; absent in inputs logged before issue 21).
+    CreateTopic {
+        name: String,
+        partitions: u32,
+        replication: u16,
+        configs: Vec<(String, String)>,
+        #[serde(default)]
+        partitioning: u8,
+    },
+    /// A split of a ranged topic's partition.
+    Split { topic: String, index: u32, at: Option<Vec<u8>> },
+    /// A merge of two adjacent partitions of a ranged topic.
+    Merge { topic: String, indexes: [u32; 2] },
+    /// A sealing partition's leader reports its log end.
+    Sealed { now: u64, from: u32, leader: u32, epoch: u32, partition: u32, offset: u64 },
 }
 
 /// Makes the Raft log durable: called with the entries and hard state of every Raft `Ready`
@@ -280,12 +294,31 @@ impl ControllerVoter {
                 let replicas = replicas.iter().map(|r| r.0).collect();
                 self.propose(Input::Reassign { partition: partition.0, replicas });
             }
-            Message::CreateTopic { name, partitions, replication, configs } if self.is_active() => {
+            Message::CreateTopic { name, partitions, replication, partitioning, configs } if self.is_active() => {
                 // Nothing the controller would refuse anyway enters the Raft log.
                 match crate::core::controller::check_new_topic(&name, partitions, &configs) {
-                    Ok(()) => self.propose(Input::CreateTopic { name, partitions, replication, configs }),
+                    Ok(()) => self.propose(Input::CreateTopic {
+                        name,
+                        partitions,
+                        replication,
+                        configs,
+                        partitioning: partitioning.to_wire(),
+                    }),
                     Err(e) => tracing::warn!(error = ?e, "CreateTopic refused"),
                 }
+            }
+            Message::Split { topic, index, at } if self.is_active() => self.propose(Input::Split { topic, index, at }),
+            Message::Merge { topic, indexes } if self.is_active() => self.propose(Input::Merge { topic, indexes }),
+            Message::Sealed { leader, epoch, partition, offset } if self.is_active() => {
+                let input = Input::Sealed {
+                    now: now.0,
+                    from: from.0,
+                    leader: leader.0,
+                    epoch: epoch.0,
+                    partition: partition.0,
+                    offset: offset.0,
+                };
+                self.propose(input);
             }
             Message::AlterIsr { leader, epoch, isr_version, partition, isr } if self.is_active() => {
                 let isr = isr.iter().map(|r| r.0).collect();
@@ -502,11 +535,35 @@ impl ControllerVoter {
                 Input::ControlledShutdown { broker, incarnation } => {
                     self.controller.controlled_shutdown(NodeId(broker), incarnation, &mut outputs);
                 }
-                Input::CreateTopic { name, partitions, replication, configs } => {
-                    if let Err(e) = self.controller.create_topic(&name, partitions, replication, configs, &mut outputs)
-                    {
+                Input::CreateTopic { name, partitions, replication, configs, partitioning } => {
+                    let Some(scheme) = Partitioning::from_wire(partitioning) else {
+                        tracing::debug!(topic = %name, partitioning, "topic not created: unknown partitioning");
+                        continue;
+                    };
+                    let result =
+                        self.controller.create_topic(&name, partitions, replication, scheme, configs, &mut outputs);
+                    if let Err(e) = result {
                         tracing::debug!(topic = %name, error = ?e, "topic not created");
                     }
+                }
+                Input::Split { topic, index, at } => {
+                    if let Err(e) = self.controller.split(&topic, index, at, &mut outputs) {
+                        tracing::debug!(%topic, index, error = %e, "split refused");
+                    }
+                }
+                Input::Merge { topic, indexes } => {
+                    if let Err(e) = self.controller.merge(&topic, indexes, &mut outputs) {
+                        tracing::debug!(%topic, ?indexes, error = %e, "merge refused");
+                    }
+                }
+                Input::Sealed { now, from, leader, epoch, partition, offset } => {
+                    let msg = Message::Sealed {
+                        leader: NodeId(leader),
+                        epoch: LeaderEpoch(epoch),
+                        partition: PartitionId(partition),
+                        offset: Offset(offset),
+                    };
+                    self.controller.handle_message(Time(now), NodeId(from), msg, &mut outputs);
                 }
             }
             // Every voter applies; only the active one speaks for the controller.

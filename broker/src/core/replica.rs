@@ -38,7 +38,7 @@ use super::producers::{ProducerStates, SequenceCheck};
 use super::txn_partition::{marker_batch, marker_of, AbortedTxn, MarkerCheck, MarkerKind, PartitionTxns, WriteRefusal};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
-    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
+    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Seal, Time,
 };
 
 type Handle<S> = <<S as Storage>::File as StorageFile>::SyncHandle;
@@ -208,6 +208,8 @@ struct LeaderState {
     followers: BTreeMap<NodeId, FollowerProgress>,
     /// An ISR change sent to the controller and not yet answered: (proposal, sent at).
     pending_isr: Option<(Vec<NodeId>, Time)>,
+    /// When this leader last reported a sealing partition's log end to the controller.
+    seal_reported: Option<Time>,
     /// `acks=all` produces waiting for the high watermark: (batch end, request, base, deadline).
     waiting: VecDeque<(Offset, RequestId, Offset, Time)>,
 }
@@ -460,10 +462,12 @@ impl<S: Storage> Replica<S> {
                     epoch_start: log_end,
                     followers,
                     pending_isr: None,
+                    seal_reported: None,
                     waiting: VecDeque::new(),
                 });
             }
             self.advance_high_watermark(now, out);
+            self.report_seal(now, out);
         } else if let Some(leader) = new.leader.filter(|_| new.replicas.contains(&me)) {
             self.abandon_waiting(out);
             let keep_pretend = match &self.role {
@@ -524,6 +528,9 @@ impl<S: Storage> Replica<S> {
         if batch.header().attributes.is_control() {
             return reject(out, ProduceError::InvalidTxnState);
         }
+        if self.state.as_ref().is_some_and(|s| s.seal.refuses_data()) {
+            return reject(out, ProduceError::Sealed);
+        }
         if !self.plant.no_idempotence {
             match self.producers.check(batch.header()) {
                 SequenceCheck::Append => {}
@@ -582,6 +589,12 @@ impl<S: Storage> Replica<S> {
         let isr_len = self.state.as_ref().map_or(0, |s| s.isr.len());
         if isr_len < self.config.min_insync_replicas {
             return reject(out, ProduceError::NotEnoughReplicas);
+        }
+        // A sealing partition still takes the end markers of transactions open on it (it
+        // reports its seal once none is); it begins none, and a sealed one takes nothing.
+        let seal = self.state.as_ref().map_or(Seal::Open, |s| s.seal);
+        if matches!(seal, Seal::Sealed(_)) || (seal == Seal::Sealing && kind == MarkerKind::Begin) {
+            return reject(out, ProduceError::Sealed);
         }
         match self.txns.check_marker(producer, producer_epoch, kind) {
             MarkerCheck::Append => {
@@ -1032,9 +1045,29 @@ impl<S: Storage> Replica<S> {
                 }
                 self.maybe_sync(now, out);
                 self.answer_parked(now, false, out);
+                self.report_seal(now, out);
             }
             Role::Offline => {}
         }
+    }
+
+    /// Leader of a sealing partition: once everything appended is committed and no
+    /// transaction is open here, reports the log end to the controller as the seal offset
+    /// (again every `alter_isr_retry_ms` until the controller's state says sealed).
+    fn report_seal(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        let Some(state) = &self.state else { return };
+        let Role::Leader(l) = &mut self.role else { return };
+        if state.seal != Seal::Sealing || l.seal_reported.is_some_and(|t| now.ms_since(t) < self.config.alter_isr_retry_ms)
+        {
+            return;
+        }
+        let end = self.log.log_end_offset();
+        if self.high_watermark < end || self.txns.last_stable(self.high_watermark) < self.high_watermark {
+            return;
+        }
+        l.seal_reported = Some(now);
+        let msg = Message::Sealed { leader: self.id, epoch: state.epoch, partition: self.partition, offset: end };
+        out.push(Command::Send { to: Peer::Controller, msg });
     }
 
     /// Applies the log's retention limits at most every `retention_check_ms`: deletes whole

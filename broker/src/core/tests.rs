@@ -19,7 +19,7 @@ use super::node::{BrokerNode, NodeConfig};
 use super::replica::{Job, Plant, Replica, ReplicaConfig};
 use super::{
     Acks, Command, FetchRequest, FetchResponse, IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId,
-    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Time,
+    PartitionState, Peer, ProduceError, ReadFailure, RequestId, Seal, Time,
 };
 
 // ---------------------------------------------------------------------------------------------
@@ -1266,6 +1266,7 @@ fn state(epoch: u32, leader: Option<NodeId>, isr: &[NodeId], isr_version: u32) -
         isr: isr.to_vec(),
         isr_version: IsrVersion(isr_version),
         replicas: vec![N1, N2, N3],
+        seal: Seal::Open,
     }
 }
 

@@ -50,6 +50,8 @@ pub(crate) fn decode_request(key: ApiKey, body: Reader) -> Result<Request, Decod
         ApiKey::TableLock => Request::TableLock(decode_exact(body)?),
         ApiKey::TableCommit => Request::TableCommit(decode_exact(body)?),
         ApiKey::TableAbort => Request::TableAbort(decode_exact(body)?),
+        ApiKey::SplitPartition => Request::SplitPartition(decode_exact(body)?),
+        ApiKey::MergePartitions => Request::MergePartitions(decode_exact(body)?),
         ApiKey::Cluster => return Err(DecodeError::Invalid("an inter-broker message as a request")),
     })
 }
@@ -85,6 +87,7 @@ pub(crate) fn encode_response(id: u32, resp: Response) -> Option<Vec<Vec<u8>>> {
         Response::TableLock(r) => response_frame(id, Ok(&r)),
         Response::TableCommit(r) => response_frame(id, Ok(&r)),
         Response::TableAbort(r) => response_frame(id, Ok(&r)),
+        Response::Resize(r) => response_frame(id, Ok(&r)),
         Response::Fetch(parts) => return Some(encode_fetch(id, parts)),
         Response::Error(code) => error_frame(id, code),
         Response::Nothing => return None,

@@ -55,6 +55,8 @@ pub(crate) enum Request {
     TableLock(wire::TableLockRequest),
     TableCommit(wire::TableCommitRequest),
     TableAbort(wire::TableAbortRequest),
+    SplitPartition(wire::SplitPartitionRequest),
+    MergePartitions(wire::MergePartitionsRequest),
 }
 
 /// A response, for the codec of the protocol the request came in on to encode.
@@ -88,6 +90,8 @@ pub(crate) enum Response {
     TableLock(wire::TableLockResponse),
     TableCommit(wire::TableCommitResponse),
     TableAbort(wire::TableAbortResponse),
+    /// SplitPartition and MergePartitions.
+    Resize(wire::ResizeResponse),
     /// The whole request failed with this code.
     Error(ErrorCode),
     /// No response is due (produce with acks=0).

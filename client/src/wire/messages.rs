@@ -33,6 +33,26 @@ wire_struct! {
 }
 
 wire_struct! {
+    /// A partition's half-open range of points (`crate::partitioning`): `[from, to)`; no
+    /// `to`: unbounded above.
+    pub struct PartitionRange { pub from: BytesMut, pub to: Option<BytesMut> }
+}
+
+wire_struct! {
+    /// Where a partition sits in its topic (issue 21): its range (ranged schemes), the
+    /// indexes it was split or merged from, and its seal: `seal` 0 open, 1 sealing (refuses
+    /// records; offset not known yet), 2 sealed at `sealed_at` (its log end, for good).
+    pub struct Lineage { pub range: Option<PartitionRange>, pub parents: Vec<u32>, pub seal: u8, pub sealed_at: u64 }
+}
+
+impl Default for Lineage {
+    /// A hash topic's partition: no range, no parents, open.
+    fn default() -> Lineage {
+        Lineage { range: None, parents: Vec::new(), seal: 0, sealed_at: 0 }
+    }
+}
+
+wire_struct! {
     /// Leadership of one partition.
     pub struct PartitionMetadata {
         pub partition: u32,
@@ -41,12 +61,18 @@ wire_struct! {
         pub leader_epoch: u32,
         pub replicas: Vec<u32>,
         pub isr: Vec<u32>,
+        pub lineage: Lineage,
     }
 }
 
 wire_struct! {
-    /// One topic's metadata.
-    pub struct TopicMetadata { pub name: String, pub error: ErrorCode, pub partitions: Vec<PartitionMetadata> }
+    /// One topic's metadata. `partitioning`: `crate::partitioning::Partitioning`'s wire byte.
+    pub struct TopicMetadata {
+        pub name: String,
+        pub error: ErrorCode,
+        pub partitioning: u8,
+        pub partitions: Vec<PartitionMetadata>,
+    }
 }
 
 wire_struct! {
@@ -56,7 +82,13 @@ wire_struct! {
 
 wire_struct! {
     /// A topic to create.
-    pub struct NewTopic { pub name: String, pub partitions: u32, pub replicas: u16, pub configs: Vec<TopicConfig> }
+    pub struct NewTopic {
+        pub name: String,
+        pub partitions: u32,
+        pub replicas: u16,
+        pub configs: Vec<TopicConfig>,
+        pub partitioning: u8,
+    }
 }
 
 wire_struct! {
@@ -107,6 +139,7 @@ wire_struct! {
         pub high_watermark: u64,
         pub log_end: u64,
         pub last_stable: u64,
+        pub lineage: Lineage,
     }
 }
 
@@ -115,9 +148,28 @@ wire_struct! {
     pub struct TopicDescription {
         pub name: String,
         pub error: ErrorCode,
+        pub partitioning: u8,
         pub configs: Vec<TopicConfig>,
         pub partitions: Vec<PartitionDescription>,
     }
+}
+
+wire_struct! {
+    /// SplitPartition request: split partition `partition` of a ranged topic at `at` (a
+    /// hash's 8 big-endian bytes, or a key; absent: the range's middle).
+    pub struct SplitPartitionRequest { pub topic: String, pub partition: u32, pub at: Option<BytesMut> }
+}
+
+wire_struct! {
+    /// MergePartitions request: merge two adjacent partitions of a ranged topic.
+    pub struct MergePartitionsRequest { pub topic: String, pub partitions: Vec<u32> }
+}
+
+wire_struct! {
+    /// SplitPartition and MergePartitions response: the children's indexes, once the
+    /// controller applied the change (the parents are sealing; their seal offsets follow in
+    /// the metadata).
+    pub struct ResizeResponse { pub error: ErrorCode, pub message: String, pub children: Vec<u32> }
 }
 
 wire_struct! {

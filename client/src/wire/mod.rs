@@ -86,11 +86,15 @@ pub enum ApiKey {
     TableCommit = 27,
     /// End a table transaction's part in one partition without committing.
     TableAbort = 28,
+    /// Split a partition of a ranged topic (issue 21).
+    SplitPartition = 29,
+    /// Merge two adjacent partitions of a ranged topic (issue 21).
+    MergePartitions = 30,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 29] = [
+    pub const ALL: [ApiKey; 31] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -120,6 +124,8 @@ impl ApiKey {
         ApiKey::TableLock,
         ApiKey::TableCommit,
         ApiKey::TableAbort,
+        ApiKey::SplitPartition,
+        ApiKey::MergePartitions,
     ];
 
     /// The key for a number, if known.
@@ -262,6 +268,9 @@ impl ErrorCode {
     pub const TABLE_TXN_ABORTED: ErrorCode = ErrorCode(37);
     /// The topic is not a table.
     pub const NOT_A_TABLE: ErrorCode = ErrorCode(38);
+    /// The partition was split or merged (issue 21) and takes no more records: its range
+    /// belongs to its children (refresh the metadata and route there).
+    pub const PARTITION_SEALED: ErrorCode = ErrorCode(39);
 
     /// Whether a client should retry (after refreshing metadata).
     pub fn is_retriable(self) -> bool {
@@ -284,7 +293,7 @@ impl ErrorCode {
 
     /// A stable name, as in PROTOCOL.md.
     pub fn name(self) -> &'static str {
-        const NAMES: [&str; 39] = [
+        const NAMES: [&str; 40] = [
             "NONE",
             "UNKNOWN_TOPIC_OR_PARTITION",
             "NOT_LEADER",
@@ -324,6 +333,7 @@ impl ErrorCode {
             "INVALID_TRANSACTION_TIMEOUT",
             "TABLE_TXN_ABORTED",
             "NOT_A_TABLE",
+            "PARTITION_SEALED",
         ];
         NAMES.get(usize::from(self.0)).copied().unwrap_or("UNRECOGNIZED")
     }
@@ -554,7 +564,7 @@ mod tests {
         });
         round_trip(MetadataRequest { topics: Some(vec!["a".into()]) });
         round_trip(CreateTopicsRequest {
-            topics: vec![NewTopic { name: "x".into(), partitions: 8, replicas: 1, configs: vec![] }],
+            topics: vec![NewTopic { name: "x".into(), partitions: 8, replicas: 1, configs: vec![], partitioning: 1 }],
         });
     }
 

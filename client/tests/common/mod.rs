@@ -140,6 +140,7 @@ impl View {
                         return TopicMetadata {
                             name,
                             error: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                            partitioning: 0,
                             partitions: vec![],
                         };
                     }
@@ -151,9 +152,10 @@ impl View {
                             leader_epoch: self.epoch,
                             replicas: self.nodes.iter().map(|n| n.0).collect(),
                             isr: self.isr.clone().unwrap_or_else(|| self.nodes.iter().map(|n| n.0).collect()),
+                            lineage: Default::default(),
                         })
                         .collect();
-                    TopicMetadata { name, error: ErrorCode::NONE, partitions }
+                    TopicMetadata { name, error: ErrorCode::NONE, partitioning: 0, partitions }
                 })
                 .collect(),
         }
