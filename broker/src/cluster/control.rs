@@ -545,10 +545,16 @@ impl Node {
             let c = self.control(&mut st).voter.controller();
             check_resize(c, &topic, &msg)?;
         }
+        let mut parents = parents;
+        parents.sort_unstable();
         let children_of = |c: &Controller| -> Option<Vec<u32>> {
             let t = c.topics().get(&topic)?;
-            let children: Vec<u32> =
-                (0..t.count()).filter(|&i| t.parts[i as usize].parents == parents).collect();
+            let of_parents = |i: &u32| {
+                let mut p = t.parts[*i as usize].parents.clone();
+                p.sort_unstable();
+                p == parents
+            };
+            let children: Vec<u32> = (0..t.count()).filter(of_parents).collect();
             (!children.is_empty()).then_some(children)
         };
         self.until_applied(msg, |c| children_of(c).is_some()).await?;

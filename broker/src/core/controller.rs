@@ -1738,14 +1738,124 @@ mod tests {
         assert_eq!(c.partition(PartitionId(0)).expect("exists").leader, Some(last));
     }
 
+    /// A ranged topic "r" (hash-range, `n` partitions, replication 2) on three live brokers.
+    fn ranged(scheme: Partitioning, n_parts: u32) -> (Controller, Vec<(NodeId, Message)>) {
+        let mut c = Controller::new(ControllerConfig::default(), &[n(1), n(2), n(3)], &[]);
+        let mut out = Vec::new();
+        heartbeat_all(&mut c, Time(0), 1, &mut out);
+        c.create_topic("r", n_parts, 2, scheme, vec![], &mut out).expect("created");
+        (c, out)
+    }
+
+    fn part(c: &Controller, index: u32) -> (TopicPart, PartitionState) {
+        let t = &c.topics()["r"];
+        let p = t.parts[index as usize].clone();
+        let s = c.partition(p.id).expect("exists").clone();
+        (p, s)
+    }
+
+    #[test]
+    fn a_split_seals_the_parent_and_its_children_take_the_two_halves() {
+        let (mut c, _) = ranged(Partitioning::HashRange, 2);
+        let (p0, s0) = part(&c, 0);
+        let mut out = Vec::new();
+        assert_eq!(c.split("r", 0, None, &mut out), Ok([2, 3]));
+        let (a, sa) = part(&c, 2);
+        let (b, _) = part(&c, 3);
+        let whole = p0.range.clone().unwrap();
+        assert_eq!(a.range.as_ref().unwrap().from, whole.from);
+        assert!(a.range.as_ref().unwrap().precedes(b.range.as_ref().unwrap()));
+        assert_eq!(b.range.as_ref().unwrap().to, whole.to);
+        assert_eq!(a.range.as_ref().unwrap().to, Some((1u64 << 62).to_be_bytes().to_vec()), "the middle of [0, 2^63)");
+        assert_eq!((a.parents.clone(), b.parents.clone()), (vec![0], vec![0]));
+        assert!(sa.leader.is_some(), "children get leaders at once");
+        assert_eq!(sa.replicas.len(), 2);
+        // The parent: sealing, same epoch and leader, its replicas told.
+        let (_, s0_now) = part(&c, 0);
+        assert_eq!(s0_now.seal, Seal::Sealing);
+        assert_eq!((s0_now.epoch, s0_now.leader), (s0.epoch, s0.leader));
+        assert!(out.iter().any(|(to, m)| *to == s0.replicas[0]
+            && matches!(m, Message::PartitionState(s) if s.partition == p0.id && s.seal == Seal::Sealing)));
+        // A second split of the parent, or one outside the range, is refused and changes nothing.
+        let before = c.snapshot();
+        assert_eq!(c.split("r", 0, None, &mut out), Err(ResizeError::Sealed(0)));
+        let outside = Some(u64::MAX.to_be_bytes().to_vec());
+        assert!(matches!(c.split("r", 2, outside, &mut out), Err(ResizeError::Invalid(_))));
+        assert_eq!(c.split("r", 9, None, &mut out), Err(ResizeError::NoPartition(9)));
+        assert_eq!(c.split("nope", 0, None, &mut out), Err(ResizeError::NoTopic));
+        assert_eq!(c.snapshot(), before);
+    }
+
+    #[test]
+    fn the_seal_offset_comes_only_from_the_current_leader_at_its_epoch() {
+        let (mut c, _) = ranged(Partitioning::KeyRange, 1);
+        let mut out = Vec::new();
+        c.split("r", 0, Some(b"m".to_vec()), &mut out).expect("split");
+        let (p0, s0) = part(&c, 0);
+        let leader = s0.leader.unwrap();
+        let other = s0.replicas.iter().copied().find(|&r| r != leader).unwrap();
+        let sealed = |leader, epoch, offset| Message::Sealed { leader, epoch, partition: p0.id, offset: Offset(offset) };
+        c.handle_message(Time(1), other, sealed(other, s0.epoch, 5), &mut out);
+        c.handle_message(Time(1), leader, sealed(leader, LeaderEpoch(s0.epoch.0 - 1), 6), &mut out);
+        c.handle_message(Time(1), other, sealed(leader, s0.epoch, 7), &mut out); // spoofed sender
+        assert_eq!(part(&c, 0).1.seal, Seal::Sealing, "a follower, an old epoch, a forged sender: ignored");
+        c.handle_message(Time(1), leader, sealed(leader, s0.epoch, 42), &mut out);
+        assert_eq!(part(&c, 0).1.seal, Seal::Sealed(Offset(42)));
+        c.handle_message(Time(1), leader, sealed(leader, s0.epoch, 50), &mut out);
+        assert_eq!(part(&c, 0).1.seal, Seal::Sealed(Offset(42)), "a seal never moves");
+        let (low, high) = (part(&c, 1).0.range.unwrap(), part(&c, 2).0.range.unwrap());
+        assert_eq!((low.to.as_deref(), high.from.as_slice()), (Some(&b"m"[..]), &b"m"[..]));
+    }
+
+    #[test]
+    fn a_merge_joins_neighbours_only() {
+        let (mut c, _) = ranged(Partitioning::HashRange, 4);
+        let mut out = Vec::new();
+        assert!(matches!(c.merge("r", [0, 2], &mut out), Err(ResizeError::Invalid(_))), "not neighbours");
+        assert!(matches!(c.merge("r", [1, 1], &mut out), Err(ResizeError::Invalid(_))));
+        assert_eq!(c.merge("r", [2, 1], &mut out), Ok(4));
+        let (child, _) = part(&c, 4);
+        assert_eq!(child.parents, vec![1, 2], "in range order");
+        assert_eq!(child.range.as_ref().unwrap().from, part(&c, 1).0.range.unwrap().from);
+        assert_eq!(child.range.as_ref().unwrap().to, part(&c, 2).0.range.unwrap().to);
+        assert_eq!((part(&c, 1).1.seal, part(&c, 2).1.seal), (Seal::Sealing, Seal::Sealing));
+        assert_eq!(c.merge("r", [0, 1], &mut out), Err(ResizeError::Sealed(1)));
+        // The child merges on: its neighbours are 0 and 3.
+        assert_eq!(c.merge("r", [0, 4], &mut out), Ok(5));
+        assert_eq!(c.split("r", 5, None, &mut out), Ok([6, 7]));
+    }
+
+    #[test]
+    fn a_hash_topic_neither_splits_nor_merges() {
+        let (mut c, _) = ranged(Partitioning::Hash, 2);
+        let mut out = Vec::new();
+        assert!(matches!(c.split("r", 0, None, &mut out), Err(ResizeError::Invalid(m)) if m.contains("hash-range")));
+        assert!(matches!(c.merge("r", [0, 1], &mut out), Err(ResizeError::Invalid(_))));
+        assert_eq!(c.topics()["r"].count(), 2);
+        assert!(c.topics()["r"].parts.iter().all(|p| p.range.is_none()));
+    }
+
+    #[test]
+    fn a_deleted_topic_takes_its_children_along() {
+        let (mut c, _) = ranged(Partitioning::HashRange, 1);
+        let mut out = Vec::new();
+        c.split("r", 0, None, &mut out).expect("split");
+        let ids: Vec<PartitionId> = c.topics()["r"].parts.iter().map(|p| p.id).collect();
+        assert!(c.delete_topic("r"));
+        assert!(ids.iter().all(|p| c.deleted().contains(p) && c.partition(*p).is_none()));
+    }
+
     /// A controller input, for the snapshot property test.
     #[derive(Clone, Debug)]
     enum Input {
         Heartbeat { broker: u32, incarnation: u64, lost: Vec<u32> },
         Tick,
         AlterIsr { partition: u32, isr: Vec<u32>, stale: bool },
-        CreateTopic { name: u8, partitions: u32, replication: u16, unclean: bool },
+        CreateTopic { name: u8, partitions: u32, replication: u16, unclean: bool, scheme: u8 },
         DeleteTopic { name: u8 },
+        Split { name: u8, index: u32, at: Option<Vec<u8>> },
+        Merge { name: u8, indexes: [u32; 2] },
+        Sealed { partition: u32, offset: u64, stale: bool },
         Reassign { partition: u32, replicas: Vec<u32> },
         ControlledShutdown { broker: u32, incarnation: u64 },
     }
@@ -1759,9 +1869,16 @@ mod tests {
             3 => Just(Input::Tick),
             2 => (0u32..6, ids(), any::<bool>())
                 .prop_map(|(partition, isr, stale)| Input::AlterIsr { partition, isr, stale }),
-            1 => (0u8..3, 0u32..3, 0u16..4, any::<bool>()).prop_map(|(name, partitions, replication, unclean)| {
-                Input::CreateTopic { name, partitions, replication, unclean }
-            }),
+            1 => (0u8..3, 0u32..3, 0u16..4, any::<bool>(), 0u8..4).prop_map(
+                |(name, partitions, replication, unclean, scheme)| {
+                    Input::CreateTopic { name, partitions, replication, unclean, scheme }
+                }
+            ),
+            1 => (0u8..3, 0u32..6, proptest::option::of(proptest::collection::vec(any::<u8>(), 0..3)))
+                .prop_map(|(name, index, at)| Input::Split { name, index, at }),
+            1 => (0u8..3, 0u32..6, 0u32..6).prop_map(|(name, a, b)| Input::Merge { name, indexes: [a, b] }),
+            1 => (0u32..12, 0u64..100, any::<bool>())
+                .prop_map(|(partition, offset, stale)| Input::Sealed { partition, offset, stale }),
             1 => (0u8..3).prop_map(|name| Input::DeleteTopic { name }),
             1 => (0u32..6, ids()).prop_map(|(partition, replicas)| Input::Reassign { partition, replicas }),
             1 => (1u32..=4, 1u64..=3)
@@ -1798,13 +1915,24 @@ mod tests {
                 c.handle_message(*now, leader, msg, &mut out);
                 String::new()
             }
-            Input::CreateTopic { name, partitions, replication, unclean } => {
+            Input::CreateTopic { name, partitions, replication, unclean, scheme } => {
                 let configs = if unclean {
                     vec![("unclean.leader.election.enable".to_owned(), "true".to_owned())]
                 } else {
                     vec![]
                 };
-                format!("{:?}", c.create_topic(&format!("t{name}"), partitions, replication, Partitioning::Hash, configs, &mut out))
+                let scheme = Partitioning::from_wire(scheme % 3).expect("three schemes");
+                format!("{:?}", c.create_topic(&format!("t{name}"), partitions, replication, scheme, configs, &mut out))
+            }
+            Input::Split { name, index, at } => format!("{:?}", c.split(&format!("t{name}"), index, at, &mut out)),
+            Input::Merge { name, indexes } => format!("{:?}", c.merge(&format!("t{name}"), indexes, &mut out)),
+            Input::Sealed { partition, offset, stale } => {
+                let Some(s) = c.partition(PartitionId(partition)).cloned() else { return "no partition".into() };
+                let leader = s.leader.unwrap_or(n(1));
+                let epoch = LeaderEpoch(s.epoch.0.saturating_sub(u32::from(stale)));
+                let msg = Message::Sealed { leader, epoch, partition: s.partition, offset: Offset(offset) };
+                c.handle_message(*now, leader, msg, &mut out);
+                String::new()
             }
             Input::DeleteTopic { name } => format!("{}", c.delete_topic(&format!("t{name}"))),
             Input::Reassign { partition, replicas } => {

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+use skein_client::partitioning::{KeyRange, Partitioning};
 use skein_client::wire::{DescribeGroupResponse, DescribeTransactionResponse, ErrorCode, Level, TopicDescription};
 use skein_client::{
     Acks, Assignor, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Delivery, DeliveryResult, GroupConfig,
@@ -324,6 +325,33 @@ enum TopicCommand {
         /// Config override KEY=VALUE (repeatable), e.g. flush.ms=always.
         #[arg(long = "config", value_parser = skein_client::parse_topic_config)]
         configs: Vec<(String, String)>,
+        /// How keys map to partitions: `hash` (a fixed count), `hash-range` (each partition
+        /// owns a range of the 64-bit key hash) or `key-range` (each owns a key interval);
+        /// ranged topics split and merge.
+        #[arg(long, default_value = "hash", value_parser = parse_partitioning)]
+        partitioning: Partitioning,
+    },
+    /// Split a partition of a hash-range or key-range topic: it is sealed at its log end
+    /// and two new partitions take the halves of its range.
+    Split {
+        /// Topic name.
+        name: String,
+        /// The partition to split.
+        #[arg(long)]
+        partition: u32,
+        /// The split point: a key (key-range; `0x...` for hex bytes) or a hash in hex
+        /// (hash-range); default: the middle of the range.
+        #[arg(long)]
+        at: Option<String>,
+    },
+    /// Merge two adjacent partitions of a hash-range or key-range topic: both are sealed at
+    /// their log ends and one new partition takes their joined range.
+    Merge {
+        /// Topic name.
+        name: String,
+        /// The two partitions, e.g. `2,3`.
+        #[arg(long, value_delimiter = ',', required = true, num_args = 1..)]
+        partitions: Vec<u32>,
     },
     /// List topics.
     List,
@@ -508,8 +536,8 @@ async fn run(cli: Cli) -> Result<()> {
 
 async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
     match command {
-        TopicCommand::Create { name, partitions, replicas, configs } => {
-            client.create_topic(&name, partitions, replicas, &configs).await?;
+        TopicCommand::Create { name, partitions, replicas, configs, partitioning } => {
+            client.create_topic_with(&name, partitions, replicas, partitioning, &configs).await?;
             println!(
                 "created topic {name} with {partitions} {}",
                 if partitions == 1 { "partition" } else { "partitions" }
@@ -535,8 +563,88 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
         TopicCommand::Reassign { name, partition, replicas, no_wait, timeout_secs } => {
             reassign(client, &name, partition, replicas, no_wait, timeout_secs).await?;
         }
+        TopicCommand::Split { name, partition, at } => {
+            let scheme = Partitioning::from_wire(client.describe_topic(&name).await?.partitioning)
+                .context("the broker named an unknown partitioning")?;
+            let at = match at {
+                Some(text) if scheme.ranged() => Some(KeyRange::parse_bound(&text, scheme).map_err(anyhow::Error::msg)?),
+                _ => None,
+            };
+            let children = client.split_partition(&name, partition, at.as_deref()).await?;
+            resized(client, &name, "split", &[partition], &children).await?;
+        }
+        TopicCommand::Merge { name, partitions } => {
+            let [a, b] = partitions[..] else { bail!("--partitions takes two partitions, e.g. 2,3") };
+            let child = client.merge_partitions(&name, [a, b]).await?;
+            resized(client, &name, "merged", &[a, b], &[child]).await?;
+        }
     }
     Ok(())
+}
+
+/// After a split or merge: one line naming the children and their ranges, then, once the
+/// parents' leaders reported them (waiting up to 10 s), one with the seal offsets.
+async fn resized(client: &Client, name: &str, verb: &str, parents: &[u32], children: &[u32]) -> Result<()> {
+    let list = |v: &[u32]| v.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut shown = false;
+    loop {
+        let t = client.describe_topic(name).await?;
+        let scheme = Partitioning::from_wire(t.partitioning).unwrap_or_default();
+        if !shown {
+            let ranges: Vec<String> = children
+                .iter()
+                .filter_map(|c| t.partitions.iter().find(|p| p.partition == *c))
+                .map(|p| format!("{} {}", p.partition, show_range(p.lineage.range.as_ref(), scheme)))
+                .collect();
+            println!("{verb} {name} partitions {} into {}", list(parents), ranges.join(" and "));
+            shown = true;
+        }
+        let seals: Vec<Option<u64>> = parents
+            .iter()
+            .map(|i| t.partitions.iter().find(|p| p.partition == *i).and_then(|p| sealed_at(&p.lineage)))
+            .collect();
+        if seals.iter().all(Option::is_some) {
+            let at: Vec<String> = seals.iter().map(|s| s.unwrap_or_default().to_string()).collect();
+            println!("sealed {name} partitions {} at {}", list(parents), at.join(","));
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("partitions {} of {name} not sealed after 10 s (their leaders report the offset)", list(parents));
+        }
+        compio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A partition's seal offset, once known.
+fn sealed_at(l: &skein_client::wire::Lineage) -> Option<u64> {
+    (l.seal == 2).then_some(l.sealed_at)
+}
+
+/// A range as `[from, to)`, bounds as `KeyRange::show_bound` prints them (`)` unbounded).
+fn show_range(r: Option<&skein_client::wire::PartitionRange>, scheme: Partitioning) -> String {
+    match r {
+        None => "-".into(),
+        Some(r) => {
+            let to = r.to.as_deref().map_or(String::new(), |t| KeyRange::show_bound(t, scheme));
+            format!("[{}, {to})", KeyRange::show_bound(&r.from, scheme))
+        }
+    }
+}
+
+/// A range as JSON: `{"from", "to"}`, `to` null when unbounded; null for a hash topic.
+fn range_json(r: Option<&skein_client::wire::PartitionRange>, scheme: Partitioning) -> serde_json::Value {
+    match r {
+        None => serde_json::Value::Null,
+        Some(r) => serde_json::json!({
+            "from": KeyRange::show_bound(&r.from, scheme),
+            "to": r.to.as_deref().map(|t| KeyRange::show_bound(t, scheme)),
+        }),
+    }
+}
+
+fn parse_partitioning(s: &str) -> Result<Partitioning, String> {
+    Partitioning::parse(s).ok_or_else(|| format!("unknown partitioning '{s}' (hash, hash-range or key-range)"))
 }
 
 async fn reassign(
@@ -582,20 +690,28 @@ async fn reassign(
 }
 
 fn describe_json(t: &TopicDescription) -> serde_json::Value {
+    let scheme = Partitioning::from_wire(t.partitioning).unwrap_or_default();
     let partitions: Vec<serde_json::Value> = t
         .partitions
         .iter()
         .map(|p| {
+            let state = ["open", "sealing", "sealed"].get(usize::from(p.lineage.seal)).copied().unwrap_or("unknown");
             serde_json::json!({"partition": p.partition, "leader": p.leader, "leader_epoch": p.leader_epoch,
                 "replicas": p.replicas, "isr": p.isr, "log_start": p.log_start, "high_watermark": p.high_watermark,
-                "log_end": p.log_end, "last_stable": p.last_stable})
+                "log_end": p.log_end, "last_stable": p.last_stable,
+                "range": range_json(p.lineage.range.as_ref(), scheme), "parents": p.lineage.parents,
+                "state": state, "sealed_at": sealed_at(&p.lineage)})
         })
         .collect();
-    serde_json::json!({"topic": t.name, "partitions": partitions})
+    serde_json::json!({"topic": t.name, "partitioning": scheme.name(), "partitions": partitions})
 }
 
 fn print_describe(t: &TopicDescription) {
     println!("topic {}", t.name);
+    let scheme = Partitioning::from_wire(t.partitioning).unwrap_or_default();
+    if scheme.ranged() {
+        println!("  partitioning {scheme}");
+    }
     for c in &t.configs {
         println!("  config {}={}", c.key, c.value);
     }
@@ -617,6 +733,19 @@ fn print_describe(t: &TopicDescription) {
             p.log_end,
             p.last_stable
         );
+    }
+    if scheme.ranged() {
+        println!("{:>9} {:>8} {:>9} range", "partition", "state", "parents");
+        for p in &t.partitions {
+            let state = match (p.lineage.seal, sealed_at(&p.lineage)) {
+                (_, Some(at)) => format!("sealed@{at}"),
+                (1, None) => "sealing".into(),
+                _ => "open".into(),
+            };
+            let parents = p.lineage.parents.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            let parents = if parents.is_empty() { "-".into() } else { parents };
+            println!("{:>9} {state:>8} {parents:>9} {}", p.partition, show_range(p.lineage.range.as_ref(), scheme));
+        }
     }
 }
 
