@@ -25,11 +25,11 @@ use skein_client::wire::{
     ApiVersionsRequest, CreateTopicsRequest, DeleteGroupRequest, DeleteTopicsRequest, DescribeGroupRequest,
     DescribeTopicsRequest, DescribeTransactionRequest, EndTxnRequest, ErrorCode, FetchPartition, FetchRequest,
     FetchResponse, FindCoordinatorRequest, GroupHeartbeatRequest, InitProducerIdRequest, ListGroupsRequest,
-    ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MetadataRequest, NewTopic,
-    OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest, ProduceResponse,
-    MergePartitionsRequest, ReassignPartitionRequest, RequestHeader, SplitPartitionRequest, TableAbortRequest, TableCommitRequest, TableLockRequest, TableRange,
-    TableReadEntry, TableReadRequest, TableRecord, TableTxn, TableWrite, TopicConfig, TopicPartition,
-    TxnOffsetCommitRequest, Wire, Writer,
+    ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MergePartitionsRequest, MetadataRequest,
+    NewTopic, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest,
+    ProduceResponse, ReassignPartitionRequest, RequestHeader, SplitPartitionRequest, TableAbortRequest,
+    TableCommitRequest, TableLockRequest, TableRange, TableReadEntry, TableReadRequest, TableRecord, TableTxn,
+    TableWrite, TopicConfig, TopicPartition, TxnOffsetCommitRequest, Wire, Writer,
 };
 use skein_client::Client;
 

@@ -26,14 +26,14 @@ use std::time::{Duration, Instant};
 use futures_channel::oneshot;
 
 use crate::conn::{broker_error, Connection};
+use crate::partitioning::Partitioning;
 use crate::wire::{
     ApiKey, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
     DescribeTopicsRequest, DescribeTopicsResponse, ErrorCode, InitProducerIdRequest, InitProducerIdResponse,
-    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MetadataRequest, MetadataResponse, NewTopic,
-    MergePartitionsRequest, PartitionDescription, ResizeResponse, SplitPartitionRequest, TopicConfig,
+    ListOffsetsPartition, ListOffsetsRequest, ListOffsetsResponse, MergePartitionsRequest, MetadataRequest,
+    MetadataResponse, NewTopic, PartitionDescription, ResizeResponse, SplitPartitionRequest, TopicConfig,
     TopicDescription, Wire,
 };
-use crate::partitioning::Partitioning;
 use crate::{ClientError, Isolation};
 use bytes::BytesMut;
 
@@ -274,8 +274,7 @@ impl Client {
         configs: &[(String, String)],
     ) -> Result<(), ClientError> {
         let configs = configs.iter().map(|(k, v)| TopicConfig { key: k.clone(), value: v.clone() }).collect();
-        let topic =
-            NewTopic { name: name.into(), partitions, replicas, configs, partitioning: partitioning.to_wire() };
+        let topic = NewTopic { name: name.into(), partitions, replicas, configs, partitioning: partitioning.to_wire() };
         let req = CreateTopicsRequest { topics: vec![topic] };
         let resp: CreateTopicsResponse = self.connection().await?.call(ApiKey::CreateTopics, &req).await?;
         self.invalidate_metadata(name);
@@ -287,7 +286,12 @@ impl Client {
     /// hash-range, a key for key-range; `None`: the middle of its range). Returns the two
     /// children's indexes once the controller applied the split; the parent is sealing (its
     /// seal offset appears in the metadata soon after).
-    pub async fn split_partition(&self, topic: &str, partition: u32, at: Option<&[u8]>) -> Result<Vec<u32>, ClientError> {
+    pub async fn split_partition(
+        &self,
+        topic: &str,
+        partition: u32,
+        at: Option<&[u8]>,
+    ) -> Result<Vec<u32>, ClientError> {
         let req = SplitPartitionRequest { topic: topic.into(), partition, at: at.map(BytesMut::from) };
         let resp: ResizeResponse = self.connection().await?.call(ApiKey::SplitPartition, &req).await?;
         self.invalidate_metadata(topic);
@@ -341,6 +345,15 @@ impl Client {
     /// Names of all topics.
     pub async fn list_topics(&self) -> Result<Vec<String>, ClientError> {
         Ok(self.metadata(None).await?.topics.into_iter().map(|t| t.name).collect())
+    }
+
+    /// A topic's metadata: its partitioning, and its partitions' leaders and lineage (ranges,
+    /// parents, seals).
+    pub async fn topic_metadata(&self, topic: &str) -> Result<crate::wire::TopicMetadata, ClientError> {
+        let md = self.metadata(Some(vec![topic.into()])).await?;
+        let t = md.topics.into_iter().next().ok_or_else(|| ClientError::Protocol("empty Metadata response".into()))?;
+        broker_error(t.error, format!("topic '{topic}'"))?;
+        Ok(t)
     }
 
     /// Number of partitions of a topic.

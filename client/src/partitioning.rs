@@ -75,10 +75,10 @@ impl Partitioning {
         }
     }
 
-    /// The ranges of a new topic's `n` partitions, in index order, covering every point:
-    /// equal shares of the hash space (hash-range), or of the first key byte (key-range,
-    /// whose keys are not known yet; a split at a sampled key does better later). Empty for
-    /// [`Partitioning::Hash`].
+    /// The ranges of a new topic's `n` partitions (at most 65,536), in index order, covering
+    /// every point: equal shares of the hash space (hash-range), or of the first key byte, or
+    /// two bytes past 256 partitions (key-range, whose keys are not known yet; a split at a
+    /// sampled key does better later). Empty for [`Partitioning::Hash`].
     pub fn initial_ranges(self, n: u32) -> Vec<KeyRange> {
         let n = n.max(1);
         let bound = |i: u32| -> Option<Vec<u8>> {
@@ -94,15 +94,15 @@ impl Partitioning {
                     let at = ((u128::from(i) << 64) / u128::from(n)) as u64;
                     Some(at.to_be_bytes().to_vec())
                 }
-                Partitioning::KeyRange => Some(vec![((u32::from(i) * 256) / n) as u8]),
+                // One byte while that keeps the bounds apart, else two (at most 65,536).
+                Partitioning::KeyRange if n <= 256 => Some(vec![((i * 256) / n) as u8]),
+                Partitioning::KeyRange => Some((((u64::from(i) << 16) / u64::from(n)) as u16).to_be_bytes().to_vec()),
             }
         };
         if !self.ranged() {
             return Vec::new();
         }
-        (0..n)
-            .map(|i| KeyRange { from: bound(i).expect("i < n"), to: bound(i + 1) })
-            .collect()
+        (0..n).map(|i| KeyRange { from: bound(i).expect("i < n"), to: bound(i + 1) }).collect()
     }
 }
 
@@ -177,7 +177,10 @@ impl KeyRange {
     /// The two halves at `at` (which [`KeyRange::splits_at`]).
     pub fn split(&self, at: &[u8]) -> (KeyRange, KeyRange) {
         debug_assert!(self.splits_at(at));
-        (KeyRange { from: self.from.clone(), to: Some(at.to_vec()) }, KeyRange { from: at.to_vec(), to: self.to.clone() })
+        (
+            KeyRange { from: self.from.clone(), to: Some(at.to_vec()) },
+            KeyRange { from: at.to_vec(), to: self.to.clone() },
+        )
     }
 
     /// A point strictly inside the range where it can split, for a scheme's points: the
@@ -234,7 +237,7 @@ fn hash_of(bytes: &[u8]) -> u64 {
 }
 
 fn parse_hex(hex: &str) -> Option<Vec<u8>> {
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(hex.get(i..i + 2)?, 16).ok()).collect()
@@ -309,7 +312,7 @@ mod tests {
     #[test]
     fn initial_ranges_cover_every_point_once() {
         for scheme in [Partitioning::HashRange, Partitioning::KeyRange] {
-            for n in [1, 2, 3, 7, 256] {
+            for n in [1, 2, 3, 7, 256, 257, 10_000] {
                 let ranges = scheme.initial_ranges(n);
                 assert_eq!(ranges.len(), n as usize);
                 assert_eq!(ranges[0].from, Vec::<u8>::new());

@@ -47,6 +47,8 @@
 //! aborted, batches not sent yet fail instead of going out, and a failure never takes a new
 //! producer id (the transaction must be aborted, which gives a new epoch).
 
+use crate::partitioning::{by_from, KeyRange, Partitioning};
+use crate::wire::TopicMetadata;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -58,7 +60,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use futures_channel::oneshot;
 use futures_util::future::{select, Either};
-use skein_log::batch::{Attributes, BatchBuilder};
+use skein_log::batch::{Attributes, BatchBuilder, RecordBatch};
 use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 
 use crate::wire::{produce_frame, ApiKey, ErrorCode, ProduceResponse};
@@ -390,6 +392,9 @@ struct TxnGate {
 struct TopicState {
     /// The partition count, once learned (forgotten after UNKNOWN_TOPIC_OR_PARTITION).
     partitions: Option<u32>,
+    /// A ranged topic's open partitions by range (issue 21), as learned with the count and
+    /// changed only where a partition turned out sealed (`reroute`); `None`: a hash topic.
+    routes: Option<Routes>,
     /// Where keyless records go (sticky partitioning): moves on when its batch is sealed.
     sticky: u32,
     /// The open batch of each partition, by partition index.
@@ -398,6 +403,73 @@ struct TopicState {
     sequences: Vec<i32>,
     /// By partition index: asked to join the ongoing transaction (transactional producers).
     joined: Vec<bool>,
+}
+
+/// A ranged topic's routing table: open partitions by range, sorted, covering every point.
+struct Routes {
+    scheme: Partitioning,
+    parts: Vec<(KeyRange, u32)>,
+}
+
+impl Routes {
+    /// The routing table of a topic's metadata: its open partitions (`None`: a hash topic).
+    fn of(t: &TopicMetadata) -> Option<Routes> {
+        let scheme = Partitioning::from_wire(t.partitioning).filter(|s| s.ranged())?;
+        Some(Routes { scheme, parts: open_ranges(t) })
+    }
+
+    /// The partition owning `key`'s point (the first one if the table has a hole, which
+    /// metadata between a seal and its children never shows).
+    fn route(&self, key: &[u8]) -> u32 {
+        let point = self.scheme.point(key).expect("a ranged scheme");
+        let i = self.parts.partition_point(|(r, _)| r.from.as_slice() <= point.bytes());
+        self.parts.get(i.saturating_sub(1)).or(self.parts.first()).map_or(0, |(_, p)| *p)
+    }
+
+    /// Replaces the entries of sealed `partition` with the open partitions of `fresh` that
+    /// cover its range (each cut to it); other entries stay, so keys of partitions not yet
+    /// known to be sealed keep going where their earlier records went.
+    fn replace(&mut self, partition: u32, fresh: &[(KeyRange, u32)]) {
+        let mut parts = Vec::with_capacity(self.parts.len() + fresh.len());
+        for (range, p) in self.parts.drain(..) {
+            if p != partition {
+                parts.push((range, p));
+                continue;
+            }
+            for (f, child) in fresh.iter().filter(|(_, c)| *c != partition) {
+                if let Some(cut) = intersect(&range, f) {
+                    parts.push((cut, *child));
+                }
+            }
+        }
+        parts.sort_by(|a, b| by_from(&a.0, &b.0));
+        self.parts = parts;
+    }
+}
+
+/// A topic's open (unsealed) partitions with their ranges, by range.
+fn open_ranges(t: &TopicMetadata) -> Vec<(KeyRange, u32)> {
+    let mut parts: Vec<(KeyRange, u32)> = t
+        .partitions
+        .iter()
+        .filter(|p| p.lineage.seal == 0)
+        .filter_map(|p| {
+            let r = p.lineage.range.as_ref()?;
+            Some((KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }, p.partition))
+        })
+        .collect();
+    parts.sort_by(|a, b| by_from(&a.0, &b.0));
+    parts
+}
+
+/// The overlap of two ranges, if any.
+fn intersect(a: &KeyRange, b: &KeyRange) -> Option<KeyRange> {
+    let from = a.from.clone().max(b.from.clone());
+    let to = match (&a.to, &b.to) {
+        (None, t) | (t, None) => t.clone(),
+        (Some(x), Some(y)) => Some(x.clone().min(y.clone())),
+    };
+    to.as_ref().is_none_or(|t| *t > from).then_some(KeyRange { from, to })
 }
 
 impl State {
@@ -595,12 +667,18 @@ impl Producer {
                             }
                         }
                         Need::PartitionCount => {
-                            let n = self.inner.client.partition_count(topic).await?;
-                            if n == 0 {
-                                return Err(ClientError::Invalid(format!("topic {topic} has no partitions")));
+                            let t = self.inner.client.topic_metadata(topic).await?;
+                            let n = t.partitions.len() as u32;
+                            let routes = Routes::of(&t);
+                            if n == 0 || routes.as_ref().is_some_and(|r| r.parts.is_empty()) {
+                                return Err(ClientError::Invalid(format!("topic {topic} has no open partitions")));
                             }
                             let mut st = self.inner.state.borrow_mut();
-                            st.topics.entry(topic.to_owned()).or_default().partitions = Some(n);
+                            let ts = st.topics.entry(topic.to_owned()).or_default();
+                            if ts.partitions.is_none() {
+                                ts.partitions = Some(n);
+                                ts.routes = routes;
+                            }
                         }
                         Need::BufferSpace => {
                             let _ = self.inner.wake.try_send(());
@@ -639,61 +717,18 @@ impl Producer {
         let Some(count) = ts.partitions else {
             return Ok(Step::Wait(reply, Need::PartitionCount));
         };
-        let partition = match (partition, key) {
-            (Some(p), _) if p < count => p,
-            (Some(p), _) => return Err(ClientError::Invalid(format!("{topic} has {count} partitions, not {p}"))),
-            (None, Some(k)) => key_partition(k, count),
-            (None, None) => ts.sticky % count,
+        let partition = match (partition, key, &ts.routes) {
+            (Some(p), _, _) if p < count => p,
+            (Some(p), _, _) => return Err(ClientError::Invalid(format!("{topic} has {count} partitions, not {p}"))),
+            (None, Some(k), None) => key_partition(k, count),
+            (None, None, None) => ts.sticky % count,
+            (None, Some(k), Some(routes)) => routes.route(k),
+            (None, None, Some(routes)) => routes.parts[ts.sticky as usize % routes.parts.len()].1,
         };
         if st.buffered_bytes > config.buffer_bytes_max {
             return Ok(Step::Wait(reply, Need::BufferSpace));
         }
-        let size = value.len() + key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES;
-        let index = partition as usize;
-        let transactional = st.txn.is_some();
-        if let Some(gate) = st.txn.as_mut() {
-            // The partition joins the transaction before its first batch may go: asked for at
-            // once, so the add overlaps the batch's linger.
-            if !ts.joined.get(index).copied().unwrap_or(false) {
-                if ts.joined.len() <= index {
-                    ts.joined.resize(index + 1, false);
-                }
-                ts.joined[index] = true;
-                gate.wanted.push((topic.to_owned(), partition));
-                let _ = self.inner.wake.try_send(());
-            }
-        }
-        if ts.open.len() <= index {
-            ts.open.resize_with(index + 1, || None);
-        }
-        let open = ts.open[index].get_or_insert_with(|| {
-            // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
-            let bytes = config.batch_bytes_max.saturating_add(size).min(1 << 20);
-            let records = (bytes / size).saturating_add(1);
-            let builder = BatchBuilder::with_capacities(bytes, records);
-            let builder = match st.producer {
-                Some((id, epoch)) => {
-                    let seq = ts.sequences.get(index).copied().unwrap_or(0);
-                    builder.producer(ProducerId(id), ProducerEpoch(epoch), Sequence(seq))
-                }
-                None => builder,
-            };
-            let builder = match transactional {
-                true => builder.attributes(Attributes::default().with_transactional(true)),
-                false => builder,
-            };
-            Open { builder, bytes: 0, replies: Vec::with_capacity(records), since: Instant::now() }
-        });
-        open.builder.push(key, value, &[], timestamp.unwrap_or_else(now));
-        open.bytes += size;
-        open.replies.push(reply);
-        let full = open.bytes >= config.batch_bytes_max;
-        st.buffered_bytes += size;
-        st.unresolved += 1;
-        if full {
-            seal(st, topic, partition);
-            let _ = self.inner.wake.try_send(());
-        }
+        let full = enqueue_at(st, config, &self.inner.wake, topic, partition, key, value, timestamp, reply);
         Ok(Step::Queued { sealed: full, partition })
     }
 
@@ -812,6 +847,71 @@ pub fn key_partition(key: &[u8], partitions: u32) -> u32 {
     h % partitions.max(1)
 }
 
+/// Queues a record into `partition`'s open batch (opening it, and asking for the partition
+/// to join the ongoing transaction, first if needed) and accounts for it; seals the batch if
+/// it is full, returning whether it did.
+#[allow(clippy::too_many_arguments)]
+fn enqueue_at(
+    st: &mut State,
+    config: &ProducerConfig,
+    wake: &flume::Sender<()>,
+    topic: &str,
+    partition: u32,
+    key: Option<&[u8]>,
+    value: &[u8],
+    timestamp: Option<Timestamp>,
+    reply: Reply,
+) -> bool {
+    let ts = st.topics.get_mut(topic).expect("the caller found the topic");
+    let size = value.len() + key.map_or(0, <[u8]>::len) + RECORD_OVERHEAD_BYTES;
+    let index = partition as usize;
+    let transactional = st.txn.is_some();
+    if let Some(gate) = st.txn.as_mut() {
+        // The partition joins the transaction before its first batch may go: asked for at
+        // once, so the add overlaps the batch's linger.
+        if !ts.joined.get(index).copied().unwrap_or(false) {
+            if ts.joined.len() <= index {
+                ts.joined.resize(index + 1, false);
+            }
+            ts.joined[index] = true;
+            gate.wanted.push((topic.to_owned(), partition));
+            let _ = wake.try_send(());
+        }
+    }
+    if ts.open.len() <= index {
+        ts.open.resize_with(index + 1, || None);
+    }
+    let open = ts.open[index].get_or_insert_with(|| {
+        // Sized once: the batch is sealed as soon as it reaches batch_bytes_max.
+        let bytes = config.batch_bytes_max.saturating_add(size).min(1 << 20);
+        let records = (bytes / size).saturating_add(1);
+        let builder = BatchBuilder::with_capacities(bytes, records);
+        let builder = match st.producer {
+            Some((id, epoch)) => {
+                let seq = ts.sequences.get(index).copied().unwrap_or(0);
+                builder.producer(ProducerId(id), ProducerEpoch(epoch), Sequence(seq))
+            }
+            None => builder,
+        };
+        let builder = match transactional {
+            true => builder.attributes(Attributes::default().with_transactional(true)),
+            false => builder,
+        };
+        Open { builder, bytes: 0, replies: Vec::with_capacity(records), since: Instant::now() }
+    });
+    open.builder.push(key, value, &[], timestamp.unwrap_or_else(now));
+    open.bytes += size;
+    open.replies.push(reply);
+    let full = open.bytes >= config.batch_bytes_max;
+    st.buffered_bytes += size;
+    st.unresolved += 1;
+    if full {
+        seal(st, topic, partition);
+        let _ = wake.try_send(());
+    }
+    full
+}
+
 /// Moves a partition's open batch to its ready queue; keyless records move to the next
 /// partition (sticky partitioning).
 fn seal(st: &mut State, topic: &str, partition: u32) {
@@ -831,8 +931,13 @@ fn seal(st: &mut State, topic: &str, partition: u32) {
         }
         ts.sequences[index] = ts.sequences[index].wrapping_add(records);
     }
-    if let (true, Some(n)) = (ts.sticky == partition, ts.partitions) {
-        ts.sticky = (partition + 1) % n.max(1);
+    match (&ts.routes, ts.partitions) {
+        // A ranged topic's sticky is an index into its open partitions.
+        (Some(r), _) if r.parts.get(ts.sticky as usize % r.parts.len().max(1)).is_some_and(|e| e.1 == partition) => {
+            ts.sticky = ts.sticky.wrapping_add(1);
+        }
+        (None, Some(n)) if ts.sticky == partition => ts.sticky = (partition + 1) % n.max(1),
+        _ => {}
     }
     let batch = open.builder.build();
     st.sealed_count += 1;
@@ -1139,7 +1244,10 @@ async fn send_request(p: Rc<Inner>, node: u32, parts: Vec<Part>) {
                 // one, in order.
                 let gap = behind || p.state.borrow().flights.get(&key).is_some_and(|f| !f.failed.is_empty());
                 let out_of_order = matches!(e, ClientError::Broker(ErrorCode::OUT_OF_ORDER_SEQUENCE, _));
-                if batches.iter().all(|b| may_retry(&p.config, b, &e, gap && out_of_order)) {
+                // A split or merge sealed the partition: its records go to its children
+                // (`requeue`), after every request of it came back.
+                let sealed = matches!(e, ClientError::Broker(ErrorCode::PARTITION_SEALED, _));
+                if batches.iter().all(|b| may_retry(&p.config, b, &e, (gap && out_of_order) || sealed)) {
                     let mut st = p.state.borrow_mut();
                     let flight = st.flights.get_mut(&key).expect("a request's partitions have a flight");
                     flight.failed.extend(batches);
@@ -1183,7 +1291,10 @@ async fn requeue(p: &Inner, keys: Vec<Key>) {
             continue;
         };
         tracing::debug!(topic = %key.0, partition = key.1, error = %e, "retrying produce");
-        p.note_retry(key, attempt, &e);
+        if !matches!(e, ClientError::Broker(ErrorCode::PARTITION_SEALED, _)) {
+            // A sealed partition's records move to its children: a redirect, not a retry.
+            p.note_retry(key, attempt, &e);
+        }
         if e.refreshes_metadata() {
             // At once, so other partitions of the topic stop going to the old leader.
             p.client.invalidate_metadata(&key.0);
@@ -1197,11 +1308,37 @@ async fn requeue(p: &Inner, keys: Vec<Key>) {
             tracing::debug!(error = %e, "metadata refresh before a produce retry failed");
         }
     }
+    // Sealed partitions' successors, from fresh metadata (the cache keeps leaders only).
+    let mut fresh: HashMap<String, TopicMetadata> = HashMap::new();
+    for key in &keys {
+        let sealed = p
+            .state
+            .borrow()
+            .flights
+            .get(key)
+            .is_some_and(|f| matches!(f.error, Some(ClientError::Broker(ErrorCode::PARTITION_SEALED, _))));
+        if sealed && !fresh.contains_key(&key.0) {
+            match p.client.topic_metadata(&key.0).await {
+                Ok(t) => {
+                    fresh.insert(key.0.clone(), t);
+                }
+                Err(e) => tracing::debug!(topic = %key.0, error = %e, "metadata for a sealed partition's children"),
+            }
+        }
+    }
+    let mut broken = Vec::new();
     let mut st = p.state.borrow_mut();
     for key in keys {
         let Some(mut flight) = st.flights.remove(&key) else {
             continue;
         };
+        if let Some(t) = fresh.get(&key.0) {
+            match reroute(&mut st, p, &key, t, &mut flight.failed, &mut broken) {
+                Ok(()) => continue,
+                // The metadata does not show the children yet: sent again, refused again.
+                Err(()) => tracing::debug!(topic = %key.0, partition = key.1, "sealed; children not known yet"),
+            }
+        }
         if matches!(flight.error, Some(ClientError::Broker(ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, _))) {
             if let Some(ts) = st.topics.get_mut(&key.0) {
                 ts.partitions = None;
@@ -1214,6 +1351,90 @@ async fn requeue(p: &Inner, keys: Vec<Key>) {
             q.push_front(b);
         }
     }
+    drop(st);
+    let e = ClientError::Protocol("a batch of a sealed partition does not parse".into());
+    for replies in broken {
+        complete_all(p, replies, 0, u64::MAX, Some(&e));
+    }
+}
+
+/// Moves the records of sealed partition `key` (its failed batches, then its queued ones,
+/// then its open batch, in the order they were queued) to the open partitions that now own
+/// their keys, per `t`, and routes the partition's range there from now on. Per-key order
+/// holds: nothing of the range went to a child before (the routes still named the sealed
+/// partition until now), and every batch sent to it after the seal came back refused. Fails,
+/// changing nothing, if `t` does not show open partitions covering the sealed one's range.
+fn reroute(
+    st: &mut State,
+    p: &Inner,
+    key: &Key,
+    t: &TopicMetadata,
+    failed: &mut Vec<Sealed>,
+    broken: &mut Vec<Vec<Reply>>,
+) -> Result<(), ()> {
+    let (topic, sealed) = (key.0.as_str(), key.1);
+    let fresh: Vec<(KeyRange, u32)> = open_ranges(t).into_iter().filter(|(_, c)| *c != sealed).collect();
+    let ts = st.topics.get_mut(topic).ok_or(())?;
+    let routes = ts.routes.as_mut().ok_or(())?;
+    let mut mine: Vec<KeyRange> = routes.parts.iter().filter(|(_, q)| *q == sealed).map(|(r, _)| r.clone()).collect();
+    if mine.is_empty() {
+        // Sent to by index (the routes never named it): its own range.
+        let own = t.partitions.iter().find(|q| q.partition == sealed).and_then(|q| q.lineage.range.as_ref());
+        mine.extend(own.map(|r| KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }));
+    }
+    if mine.is_empty() || !mine.iter().all(|r| covered(r, &fresh)) {
+        return Err(());
+    }
+    routes.replace(sealed, &fresh);
+    seal(st, topic, sealed);
+    failed.sort_by_key(|b| b.order);
+    let mut batches: Vec<Sealed> = std::mem::take(failed);
+    batches.extend(st.ready.remove(key).unwrap_or_default());
+    for b in batches {
+        st.buffered_bytes = st.buffered_bytes.saturating_sub(b.accounted);
+        st.unresolved -= b.replies.len();
+        let batch = match RecordBatch::parse(b.bytes.clone()) {
+            Ok(batch) => batch,
+            Err(e) => {
+                // Built by this producer: cannot happen; fail rather than lose the replies.
+                tracing::error!(topic, partition = sealed, error = %e, "a sealed batch does not parse");
+                broken.push(b.replies);
+                continue;
+            }
+        };
+        let first = batch.header().first_timestamp.0;
+        for (r, reply) in batch.records().iter().zip(b.replies) {
+            let k = r.key.as_ref().map(|k| k.as_slice());
+            let routes = st.topics[topic].routes.as_ref().expect("checked above");
+            // Keyless records stay in the sealed partition's range: its first child.
+            let to = match k {
+                Some(k) => routes.route(k),
+                None => fresh.iter().find(|(f, _)| mine.iter().any(|m| intersect(m, f).is_some())).map_or(0, |e| e.1),
+            };
+            let ts = Timestamp(first.wrapping_add(r.timestamp_delta.to_native()));
+            enqueue_at(st, &p.config, &p.wake, topic, to, k, r.value.as_slice(), Some(ts), reply);
+        }
+    }
+    tracing::debug!(topic, partition = sealed, "sealed: records rerouted to its children");
+    Ok(())
+}
+
+/// Whether the ranges in `by` cover every point of `range`.
+fn covered(range: &KeyRange, by: &[(KeyRange, u32)]) -> bool {
+    let mut cuts: Vec<KeyRange> = by.iter().filter_map(|(r, _)| intersect(range, r)).collect();
+    cuts.sort_by(by_from);
+    let mut at = range.from.clone();
+    for c in cuts {
+        if c.from > at {
+            return false;
+        }
+        match c.to {
+            None => return true,
+            Some(to) if to > at => at = to,
+            Some(_) => {}
+        }
+    }
+    range.to.as_ref().is_some_and(|to| at >= *to)
 }
 
 /// Whether a batch that failed with `e` may be sent again (`also`: the caller knows the error

@@ -15,9 +15,9 @@ use std::time::Duration;
 use futures_channel::oneshot;
 use skein_client::wire::{
     BrokerInfo, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsResponse, DescribeTopicsRequest,
-    DescribeTopicsResponse, ErrorCode, InitProducerIdResponse, MetadataRequest, MetadataResponse, PartitionDescription,
-    Lineage, PartitionMetadata, PartitionRange, ResizeResponse, TopicConfig, TopicDescription, TopicMetadata,
-    TopicResult,
+    DescribeTopicsResponse, ErrorCode, InitProducerIdResponse, Lineage, MetadataRequest, MetadataResponse,
+    PartitionDescription, PartitionMetadata, PartitionRange, ResizeResponse, TopicConfig, TopicDescription,
+    TopicMetadata, TopicResult,
 };
 
 use super::now;
@@ -27,10 +27,10 @@ use crate::core::controller::{Controller, ResizeError, Topic, PARTITIONS_PER_TOP
 use crate::core::quorum::ControllerVoter;
 use crate::core::table::Level;
 use crate::core::{Command, Message, NodeId, PartitionId, Peer, Seal, Time};
-use bytes::BytesMut;
-use skein_client::partitioning::Partitioning;
 use crate::meta::{self, ProducerIds};
 use crate::service::{api_versions, Request, Response};
+use bytes::BytesMut;
+use skein_client::partitioning::Partitioning;
 
 /// Shard 0's controller state.
 pub(crate) struct Control {
@@ -80,11 +80,7 @@ impl TopicMap {
     fn of(c: &Controller) -> TopicMap {
         let topics: HashMap<String, Vec<PartitionId>> =
             c.topics().iter().map(|(n, t)| (n.clone(), t.parts.iter().map(|p| p.id).collect())).collect();
-        let replicas = topics
-            .values()
-            .flatten()
-            .filter_map(|&p| Some((p, c.partition(p)?.replicas.clone())))
-            .collect();
+        let replicas = topics.values().flatten().filter_map(|&p| Some((p, c.partition(p)?.replicas.clone()))).collect();
         let tables = c
             .topics()
             .iter()
@@ -337,7 +333,15 @@ impl Node {
                             let s = c.partition(t.partition(i)?)?;
                             let (error, leader, leader_epoch, replicas, isr) = wire_state(s);
                             let lineage = lineage(t, i, s);
-                            Some(PartitionMetadata { partition: i, error, leader, leader_epoch, replicas, isr, lineage })
+                            Some(PartitionMetadata {
+                                partition: i,
+                                error,
+                                leader,
+                                leader_epoch,
+                                replicas,
+                                isr,
+                                lineage,
+                            })
                         })
                         .collect();
                     TopicMetadata { name, error: ErrorCode::NONE, partitioning: t.partitioning.to_wire(), partitions }
@@ -461,7 +465,9 @@ impl Node {
         }
         let partitioning = Partitioning::from_wire(t.partitioning)
             .ok_or_else(|| (ErrorCode::INVALID_REQUEST, format!("unknown partitioning {}", t.partitioning)))?;
-        if partitioning.ranged() && (configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true") || t.name.starts_with("__")) {
+        if partitioning.ranged()
+            && (configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true") || t.name.starts_with("__"))
+        {
             let what = "tables and internal topics are hash-partitioned (ranged tables come with splits of tables)";
             return Err((ErrorCode::INVALID_CONFIG, what.into()));
         }
@@ -718,10 +724,10 @@ fn check_resize(c: &Controller, topic: &str, msg: &Message) -> Result<(), (Error
 /// Partition `index` of `t` in its topic's lineage, for Metadata and DescribeTopics.
 fn lineage(t: &Topic, index: u32, s: &crate::core::PartitionState) -> Lineage {
     let part = &t.parts[index as usize];
-    let range = part.range.as_ref().map(|r| PartitionRange {
-        from: BytesMut::from(r.from.as_slice()),
-        to: r.to.as_deref().map(BytesMut::from),
-    });
+    let range = part
+        .range
+        .as_ref()
+        .map(|r| PartitionRange { from: BytesMut::from(r.from.as_slice()), to: r.to.as_deref().map(BytesMut::from) });
     let (seal, sealed_at) = match s.seal {
         Seal::Open => (0, 0),
         Seal::Sealing => (1, 0),

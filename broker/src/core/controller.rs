@@ -482,7 +482,12 @@ impl Controller {
     /// sealed and one child with the next index takes their joined range. Returns the
     /// child's index. Refused as [`Controller::split`] is, and for partitions whose ranges
     /// do not touch.
-    pub fn merge(&mut self, topic: &str, indexes: [u32; 2], out: &mut Vec<(NodeId, Message)>) -> Result<u32, ResizeError> {
+    pub fn merge(
+        &mut self,
+        topic: &str,
+        indexes: [u32; 2],
+        out: &mut Vec<(NodeId, Message)>,
+    ) -> Result<u32, ResizeError> {
         let (order, ids, joined) = self.plan_merge(topic, indexes)?;
         let child = self.add_children(topic, &order, vec![joined], out)[0];
         self.seal(ids[0], out);
@@ -579,7 +584,14 @@ impl Controller {
     /// The leader of a sealing partition reports its log end: everything it appended is
     /// committed and no transaction is open on it. Taken only from the current leader at its
     /// epoch (a deposed leader's log end may include records its successor truncates).
-    fn sealed(&mut self, leader: NodeId, epoch: LeaderEpoch, p: PartitionId, at: Offset, out: &mut Vec<(NodeId, Message)>) {
+    fn sealed(
+        &mut self,
+        leader: NodeId,
+        epoch: LeaderEpoch,
+        p: PartitionId,
+        at: Offset,
+        out: &mut Vec<(NodeId, Message)>,
+    ) {
         let Some(state) = self.partitions.get_mut(&p) else { return };
         if state.seal != Seal::Sealing || state.leader != Some(leader) || state.epoch != epoch {
             return; // ignore_*: stale, repeated, or not sealing
@@ -822,10 +834,8 @@ impl Controller {
                     out.push((from, Message::PartitionState(state.clone())));
                 }
             }
-            Message::Sealed { leader, epoch, partition, offset } => {
-                if leader == from {
-                    self.sealed(leader, epoch, partition, offset, out);
-                }
+            Message::Sealed { leader, epoch, partition, offset } if leader == from => {
+                self.sealed(leader, epoch, partition, offset, out);
             }
             _ => {} // not for the controller
         }
@@ -1471,19 +1481,28 @@ mod tests {
         let leaders = |c: &Controller| c.partitions().map(|s| s.leader).collect::<Vec<_>>();
         assert_eq!(leaders(&c), vec![Some(n(1)), Some(n(2)), Some(n(3))], "preferred leaders, round-robin");
         assert_eq!(c.create_topic("t", 1, 1, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Exists));
-        assert!(matches!(c.create_topic("u", 1, 4, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Invalid(_))));
+        assert!(matches!(
+            c.create_topic("u", 1, 4, Partitioning::Hash, vec![], &mut out),
+            Err(CreateTopicError::Invalid(_))
+        ));
         // Whatever sent them (a forged peer frame reached the controller once), commands the
         // clients' API would refuse are refused here too, before they change anything.
         let huge = c.create_topic("big", PARTITIONS_PER_TOPIC_MAX + 1, 1, Partitioning::Hash, vec![], &mut out);
         assert!(matches!(huge, Err(CreateTopicError::Invalid(_))), "{huge:?}");
         for bad in ["", "..", "a/b", &"x".repeat(250)] {
             assert!(
-                matches!(c.create_topic(bad, 1, 1, Partitioning::Hash, vec![], &mut out), Err(CreateTopicError::Invalid(_))),
+                matches!(
+                    c.create_topic(bad, 1, 1, Partitioning::Hash, vec![], &mut out),
+                    Err(CreateTopicError::Invalid(_))
+                ),
                 "{bad:?}"
             );
         }
         let long_value = vec![("k".to_owned(), "v".repeat(CONFIG_VALUE_BYTES_MAX + 1))];
-        assert!(matches!(c.create_topic("v", 1, 1, Partitioning::Hash, long_value, &mut out), Err(CreateTopicError::Invalid(_))));
+        assert!(matches!(
+            c.create_topic("v", 1, 1, Partitioning::Hash, long_value, &mut out),
+            Err(CreateTopicError::Invalid(_))
+        ));
         assert!(!c.topics().contains_key("big") && !c.topics().contains_key("v"));
 
         // Broker 1 shuts down: it leads nothing and leaves the ISRs; a stale incarnation is ignored.
@@ -1794,7 +1813,8 @@ mod tests {
         let (p0, s0) = part(&c, 0);
         let leader = s0.leader.unwrap();
         let other = s0.replicas.iter().copied().find(|&r| r != leader).unwrap();
-        let sealed = |leader, epoch, offset| Message::Sealed { leader, epoch, partition: p0.id, offset: Offset(offset) };
+        let sealed =
+            |leader, epoch, offset| Message::Sealed { leader, epoch, partition: p0.id, offset: Offset(offset) };
         c.handle_message(Time(1), other, sealed(other, s0.epoch, 5), &mut out);
         c.handle_message(Time(1), leader, sealed(leader, LeaderEpoch(s0.epoch.0 - 1), 6), &mut out);
         c.handle_message(Time(1), other, sealed(leader, s0.epoch, 7), &mut out); // spoofed sender

@@ -1057,7 +1057,8 @@ impl<S: Storage> Replica<S> {
     fn report_seal(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
         let Some(state) = &self.state else { return };
         let Role::Leader(l) = &mut self.role else { return };
-        if state.seal != Seal::Sealing || l.seal_reported.is_some_and(|t| now.ms_since(t) < self.config.alter_isr_retry_ms)
+        if state.seal != Seal::Sealing
+            || l.seal_reported.is_some_and(|t| now.ms_since(t) < self.config.alter_isr_retry_ms)
         {
             return;
         }

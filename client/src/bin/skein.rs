@@ -567,7 +567,9 @@ async fn topic(client: &Client, command: TopicCommand) -> Result<()> {
             let scheme = Partitioning::from_wire(client.describe_topic(&name).await?.partitioning)
                 .context("the broker named an unknown partitioning")?;
             let at = match at {
-                Some(text) if scheme.ranged() => Some(KeyRange::parse_bound(&text, scheme).map_err(anyhow::Error::msg)?),
+                Some(text) if scheme.ranged() => {
+                    Some(KeyRange::parse_bound(&text, scheme).map_err(anyhow::Error::msg)?)
+                }
                 _ => None,
             };
             let children = client.split_partition(&name, partition, at.as_deref()).await?;

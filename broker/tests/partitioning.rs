@@ -1,0 +1,290 @@
+//! Partitions that split and merge (issue 21) on a real broker process: a keyed producer
+//! keeps writing through ten splits and merges without an error reaching it, nothing it was
+//! told is acknowledged is lost or duplicated, no partition holds a record past its seal, every
+//! record sits in the partition owning its key, and per key the records of a parent all come
+//! before those of its children (what a reader finishing parents first relies on). Plus the
+//! CLI contract: `topic create --partitioning`, `topic split`, `topic merge`, `describe --json`,
+//! and their refusals.
+
+mod common;
+
+use std::cell::RefCell;
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::process::{Command, Output};
+use std::rc::Rc;
+use std::time::Duration;
+
+use common::{block_on, sibling, Broker};
+use skein_client::partitioning::{KeyRange, Partitioning};
+use skein_client::wire::TopicMetadata;
+use skein_client::{Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+
+fn skein(bin: &Path, addr: &str, args: &[&str]) -> Output {
+    Command::new(bin).args(["--brokers", addr]).args(args).output().expect("run skein")
+}
+
+fn out(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).trim_end().to_owned()
+}
+
+fn err(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).trim_end().to_owned()
+}
+
+/// Acknowledged records: (key, value, partition, offset).
+type Acked = Rc<RefCell<Vec<(String, u64, u32, u64)>>>;
+/// A partition's records: (offset, key, value).
+type Stored = Vec<(u64, Vec<u8>, Vec<u8>)>;
+
+/// The topic's open partitions by range.
+fn open(t: &TopicMetadata) -> Vec<(KeyRange, u32)> {
+    let mut v: Vec<(KeyRange, u32)> = t
+        .partitions
+        .iter()
+        .filter(|p| p.lineage.seal == 0)
+        .map(|p| {
+            let r = p.lineage.range.as_ref().expect("a ranged topic");
+            (KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }, p.partition)
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Reads partition `p` of `topic` from its start to `end`.
+async fn read_all(client: &Client, topic: &str, p: u32, end: u64) -> Stored {
+    let mut got = Vec::new();
+    if end == 0 {
+        return got;
+    }
+    let mut c = Consumer::new(client.clone(), ConsumerConfig::default());
+    c.assign(topic, &[p], Position::Beginning).await.expect("assign");
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while got.last().is_none_or(|(o, _, _)| o + 1 < end) {
+        assert!(std::time::Instant::now() < deadline, "{topic}/{p}: read {} records, not up to {end}", got.len());
+        for r in c.poll().await.expect("poll") {
+            got.push((r.offset, r.key.expect("keyed"), r.value));
+        }
+    }
+    got
+}
+
+#[test]
+fn a_keyed_producer_writes_through_ten_splits_and_merges_without_loss_error_or_reorder() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_topic_with("lin", 2, 1, Partitioning::HashRange, &[]).await.expect("create");
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let stop = Rc::new(RefCell::new(false));
+        let acked: Acked = Rc::default();
+        let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+        let task = {
+            let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
+            compio::runtime::spawn(async move {
+                let mut deliveries = Vec::new();
+                let mut i = 0u64;
+                while !*stop.borrow() {
+                    let key = format!("k{}", i % 40);
+                    match producer.send("lin", Some(key.as_bytes()), i.to_string().as_bytes()).await {
+                        Ok(d) => deliveries.push((key, i, d)),
+                        Err(e) => errors.borrow_mut().push(e.to_string()),
+                    }
+                    i += 1;
+                    if i.is_multiple_of(20) {
+                        compio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                producer.flush().await;
+                for (key, i, d) in deliveries {
+                    match d.await {
+                        Ok((p, offset)) => acked.borrow_mut().push((key, i, p, offset)),
+                        Err(e) => errors.borrow_mut().push(format!("record {i}: {e}")),
+                    }
+                }
+            })
+        };
+        // Ten changes while the producer runs: splits of the widest open partition, and
+        // merges of the first two open neighbours, alternating.
+        for change in 0..10 {
+            compio::time::sleep(Duration::from_millis(150)).await;
+            let t = client.topic_metadata("lin").await.expect("metadata");
+            let parts = open(&t);
+            if change % 2 == 0 || parts.len() < 2 {
+                let (_, p) = parts.last().expect("an open partition");
+                client.split_partition("lin", *p, None).await.expect("split");
+            } else {
+                let pair = parts.windows(2).find(|w| w[0].0.precedes(&w[1].0)).expect("neighbours");
+                client.merge_partitions("lin", [pair[0].1, pair[1].1]).await.expect("merge");
+            }
+        }
+        compio::time::sleep(Duration::from_millis(300)).await;
+        *stop.borrow_mut() = true;
+        task.await.expect("the producer task");
+        assert!(errors.borrow().is_empty(), "errors reached the producer: {:?}", &errors.borrow()[..]);
+        let acked = acked.borrow().clone();
+        assert!(acked.len() > 1_000, "only {} records acknowledged", acked.len());
+
+        // Wait for every seal to be reported, then read every partition whole.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let t = loop {
+            let t = client.topic_metadata("lin").await.expect("metadata");
+            if t.partitions.iter().all(|p| p.lineage.seal != 1) {
+                break t;
+            }
+            assert!(std::time::Instant::now() < deadline, "seals not reported");
+            compio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_eq!(t.partitions.len(), 2 + 10 + 5, "five splits (+2) and five merges (+1)");
+        let d = client.describe_topic("lin").await.expect("describe");
+        let mut stored: BTreeMap<u32, Stored> = BTreeMap::new();
+        for p in &d.partitions {
+            if p.lineage.seal == 2 {
+                assert_eq!(p.log_end, p.lineage.sealed_at, "partition {}: nothing past its seal", p.partition);
+            }
+            stored.insert(p.partition, read_all(&client, "lin", p.partition, p.high_watermark).await);
+        }
+        // Every acknowledged record once, where it was acknowledged; nothing else stored.
+        let mut at: HashMap<(u32, u64), (Vec<u8>, Vec<u8>)> = HashMap::new();
+        for (p, records) in &stored {
+            for (o, k, v) in records {
+                assert!(at.insert((*p, *o), (k.clone(), v.clone())).is_none());
+            }
+        }
+        assert_eq!(at.len(), acked.len(), "stored records = acknowledged records");
+        for (key, i, p, offset) in acked.iter() {
+            let (k, v) = at.get(&(*p, *offset)).unwrap_or_else(|| panic!("record {i} lost from {p}@{offset}"));
+            assert_eq!((k.as_slice(), v.as_slice()), (key.as_bytes(), i.to_string().as_bytes()));
+        }
+        // Each record in the partition owning its key's hash.
+        let range = |p: u32| {
+            let r = t.partitions[p as usize].lineage.range.as_ref().expect("ranged");
+            KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }
+        };
+        for (p, records) in &stored {
+            for (_, k, _) in records {
+                let point = Partitioning::HashRange.point(k).expect("ranged");
+                assert!(range(*p).contains(point.bytes()), "a record of {p} outside its range");
+            }
+        }
+        // Per key: increasing within a partition, and a parent's all before its children's.
+        let values = |p: u32, key: &[u8]| -> Vec<u64> {
+            stored[&p]
+                .iter()
+                .filter(|(_, k, _)| k == key)
+                .map(|(_, _, v)| String::from_utf8_lossy(v).parse().expect("a number"))
+                .collect()
+        };
+        let mut checked = 0;
+        for k in 0..40 {
+            let key = format!("k{k}");
+            for p in &t.partitions {
+                let own = values(p.partition, key.as_bytes());
+                assert!(own.windows(2).all(|w| w[0] < w[1]), "{key} out of order in {}", p.partition);
+                for parent in &p.lineage.parents {
+                    let before = values(*parent, key.as_bytes());
+                    if let (Some(last), Some(first)) = (before.last(), own.first()) {
+                        assert!(
+                            last < first,
+                            "{key}: parent {parent} has {last} after child {}'s {first}",
+                            p.partition
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+        assert!(checked > 40, "only {checked} parent-child key pairs compared");
+    });
+    drop(broker);
+}
+
+#[test]
+fn the_cli_creates_splits_merges_and_describes_ranged_topics_and_refuses_bad_changes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    let bin = sibling("skein", &["--bin", "skein"]);
+    let addr = broker.addr.as_str();
+    let run = |args: &[&str]| skein(&bin, addr, args);
+
+    let o = run(&["topic", "create", "kr", "--partitioning", "key-range", "--partitions", "2"]);
+    assert_eq!(out(&o), "created topic kr with 2 partitions", "{}", err(&o));
+    let o = run(&["topic", "create", "h", "--partitions", "2"]);
+    assert!(o.status.success(), "{}", err(&o));
+    let o = run(&["topic", "create", "bad", "--partitioning", "round-robin"]);
+    assert_eq!(o.status.code(), Some(2), "clap refuses an unknown scheme");
+    assert!(err(&o).contains("hash, hash-range or key-range"), "{}", err(&o));
+
+    // Records before the split stay in the parent, which is sealed at its log end.
+    let o = Command::new(&bin)
+        .args(["--brokers", addr, "produce", "kr", "--partition", "0"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .and_then(|mut c| {
+            use std::io::Write;
+            c.stdin.take().expect("stdin").write_all(b"a\nb\nc\n")?;
+            c.wait_with_output()
+        })
+        .expect("produce");
+    assert!(o.status.success(), "{}", err(&o));
+    let o = run(&["topic", "split", "kr", "--partition", "0", "--at", "m"]);
+    assert_eq!(
+        out(&o),
+        "split kr partitions 0 into 2 [, m) and 3 [m, 0x80)\nsealed kr partitions 0 at 3",
+        "{}",
+        err(&o)
+    );
+    let o = run(&["topic", "merge", "kr", "--partitions", "3,2"]);
+    assert_eq!(out(&o), "merged kr partitions 3,2 into 4 [, 0x80)\nsealed kr partitions 3,2 at 0,0", "{}", err(&o));
+
+    let o = run(&["topic", "describe", "kr", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out(&o)).expect("json");
+    assert_eq!(j["partitioning"], "key-range");
+    let p = |i: usize| &j["partitions"][i];
+    assert_eq!(p(0)["range"], serde_json::json!({"from": "", "to": "0x80"}));
+    assert_eq!(p(0)["sealed_at"], 3);
+    assert_eq!(p(0)["state"], "sealed");
+    assert_eq!(p(1)["range"], serde_json::json!({"from": "0x80", "to": null}));
+    assert_eq!(p(1)["sealed_at"], serde_json::Value::Null);
+    assert_eq!(p(4)["parents"], serde_json::json!([2, 3]));
+    assert_eq!(p(4)["range"], serde_json::json!({"from": "", "to": "0x80"}));
+    let o = run(&["topic", "describe", "h", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out(&o)).expect("json");
+    assert_eq!((j["partitioning"].as_str(), &j["partitions"][0]["range"]), (Some("hash"), &serde_json::Value::Null));
+
+    // Refusals: status 1, a message saying why, nothing changed.
+    for (args, says) in [
+        (&["topic", "split", "h", "--partition", "0"][..], "hash-range or key-range"),
+        (&["topic", "split", "kr", "--partition", "0"], "sealed"),
+        (&["topic", "split", "kr", "--partition", "9"], "partition 9 does not exist"),
+        (&["topic", "split", "kr", "--partition", "1", "--at", "0x10"], "not inside"),
+        (&["topic", "split", "nope", "--partition", "0"], "nope"),
+        (&["topic", "merge", "kr", "--partitions", "1,2"], "PARTITION_SEALED"),
+        (&["topic", "merge", "kr", "--partitions", "4,4"], "itself"),
+        (&["topic", "merge", "kr", "--partitions", "1"], "two partitions"),
+    ] {
+        let o = run(args);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {}", out(&o));
+        assert!(err(&o).contains(says), "{args:?}: {}", err(&o));
+    }
+    let o = run(&["topic", "describe", "kr", "--json"]);
+    let j: serde_json::Value = serde_json::from_str(&out(&o)).expect("json");
+    assert_eq!(j["partitions"].as_array().map(Vec::len), Some(5), "no refused change was applied");
+
+    // A record a producer sends to a sealed partition by index goes to the open partition
+    // that now owns the range (keyless: the first); a keyed one to its key's owner.
+    block_on(async {
+        let client = Client::connect(addr).await.expect("connect");
+        let producer = Producer::new(client, ProducerConfig::default());
+        let d = producer.send_to("kr", Some(0), None, b"late").await.expect("queued");
+        assert_eq!(d.await.expect("delivered").0, 4, "0's range is 4's now");
+        let d = producer.send_to("kr", Some(2), Some(b"zebra"), b"z").await.expect("queued");
+        assert_eq!(d.await.expect("delivered").0, 4, "zebra < 0x80 is 4's");
+        let d = producer.send_to("kr", Some(2), Some("été".as_bytes()), b"e").await.expect("queued");
+        assert_eq!(d.await.expect("delivered").0, 1, "0xc3 >= 0x80 is 1's");
+    });
+    drop(broker);
+}
