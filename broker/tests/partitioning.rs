@@ -81,6 +81,25 @@ fn a_keyed_producer_writes_through_ten_splits_and_merges_without_loss_error_or_r
         let stop = Rc::new(RefCell::new(false));
         let acked: Acked = Rc::default();
         let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+        // A reader following the topic from the start, while it splits and merges.
+        let reader_stop = Rc::new(RefCell::new(None::<usize>));
+        let reader = {
+            let (client, reader_stop) = (client.clone(), reader_stop.clone());
+            compio::runtime::spawn(async move {
+                let mut c = Consumer::new(client, ConsumerConfig::default());
+                c.follow("lin", Position::Beginning).await.expect("follow");
+                let mut seen: Vec<(u32, u64, Vec<u8>, u64)> = Vec::new();
+                loop {
+                    if reader_stop.borrow().is_some_and(|n| seen.len() >= n) {
+                        break seen;
+                    }
+                    for r in c.poll().await.expect("poll") {
+                        let v = String::from_utf8_lossy(&r.value).parse().expect("a number");
+                        seen.push((r.partition, r.offset, r.key.expect("keyed"), v));
+                    }
+                }
+            })
+        };
         let task = {
             let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
             compio::runtime::spawn(async move {
@@ -197,6 +216,38 @@ fn a_keyed_producer_writes_through_ten_splits_and_merges_without_loss_error_or_r
             }
         }
         assert!(checked > 40, "only {checked} parent-child key pairs compared");
+
+        // The follower read every record once, each key's in the order written.
+        *reader_stop.borrow_mut() = Some(acked.len());
+        let seen = compio::time::timeout(Duration::from_secs(30), reader).await.expect("the reader caught up");
+        let seen = seen.expect("the reader task");
+        assert_eq!(seen.len(), acked.len(), "read each acknowledged record once");
+        let in_order = |seen: &[(u32, u64, Vec<u8>, u64)]| {
+            let mut last: HashMap<Vec<u8>, u64> = HashMap::new();
+            for (p, o, k, v) in seen {
+                if let Some(before) = last.insert(k.clone(), *v) {
+                    assert!(before < *v, "{}: {v} (at {p}@{o}) read after {before}", String::from_utf8_lossy(k));
+                }
+            }
+        };
+        in_order(&seen);
+        // And one that starts when everything is written, with small fetches (every
+        // partition has records to read at once, a few batches per fetch: only the lineage
+        // keeps a child behind its parents).
+        let small = ConsumerConfig { partition_max_bytes: 512, max_bytes: 4096, ..ConsumerConfig::default() };
+        let mut c = Consumer::new(client.clone(), small);
+        c.follow("lin", Position::Beginning).await.expect("follow");
+        let mut seen = Vec::new();
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while seen.len() < acked.len() {
+            assert!(std::time::Instant::now() < deadline, "read {} of {}", seen.len(), acked.len());
+            for r in c.poll().await.expect("poll") {
+                let v = String::from_utf8_lossy(&r.value).parse().expect("a number");
+                seen.push((r.partition, r.offset, r.key.expect("keyed"), v));
+            }
+        }
+        assert_eq!(seen.len(), acked.len());
+        in_order(&seen);
     });
     drop(broker);
 }

@@ -331,7 +331,22 @@ struct Assigned {
     /// Until then every fetch goes to the leader (`lagging_replica_backoff` after the follower
     /// was not caught up, or failed).
     leader_until: Option<Instant>,
+    /// A followed topic's partition (issue 21): the partitions it was split or merged from,
+    /// which are read to their seals before it is fetched.
+    after: Vec<u32>,
+    /// Its seal offset, once known: read to there, it is done.
+    sealed_at: Option<u64>,
 }
+
+impl Assigned {
+    /// Read to its seal: nothing more will ever come.
+    fn finished(&self) -> bool {
+        self.sealed_at.is_some_and(|s| self.position >= s)
+    }
+}
+
+/// How often a consumer following ranged topics looks for seals and new partitions.
+const LINEAGE_REFRESH: Duration = Duration::from_millis(250);
 
 /// Reads assigned partitions.
 pub struct Consumer {
@@ -347,6 +362,10 @@ pub struct Consumer {
     stats: ReadStats,
     /// A leader answered NOT_CAUGHT_UP: pause `retry_backoff` before a poll returns nothing.
     backoff: bool,
+    /// Topics read whole through their splits and merges ([`Consumer::follow`]).
+    followed: Vec<Rc<str>>,
+    /// When the followed topics' lineage was last looked up.
+    lineage_at: Option<Instant>,
 }
 
 impl Consumer {
@@ -361,7 +380,59 @@ impl Consumer {
             deferred: None,
             stats: ReadStats::default(),
             backoff: false,
+            followed: Vec::new(),
+            lineage_at: None,
         }
+    }
+
+    /// Reads every partition of `topic`, those its splits and merges make later included,
+    /// each partition after the ones it came from are read to their seals (so records of a key
+    /// come in the order they were written across any number of splits and merges). The
+    /// partitions it has now start at `from`; later ones at their beginning. For a hash topic
+    /// it is [`Consumer::assign`] of every partition.
+    pub async fn follow(&mut self, topic: &str, from: Position) -> Result<(), ClientError> {
+        if !self.followed.iter().any(|t| &**t == topic) {
+            self.followed.push(Rc::from(topic));
+        }
+        self.learn_lineage(topic, Some(from)).await
+    }
+
+    /// Looks up the followed topics' seals and new partitions, at most every
+    /// `LINEAGE_REFRESH`.
+    async fn refresh_lineage(&mut self) {
+        if self.followed.is_empty() || self.lineage_at.is_some_and(|t| t.elapsed() < LINEAGE_REFRESH) {
+            return;
+        }
+        for topic in self.followed.clone() {
+            if let Err(e) = self.learn_lineage(&topic, None).await {
+                tracing::debug!(%topic, error = %e, "looking up a followed topic's partitions failed");
+            }
+        }
+    }
+
+    /// Assigns `topic`'s partitions not assigned yet (at `from`, else at their beginning) and
+    /// notes every partition's parents and seal.
+    async fn learn_lineage(&mut self, topic: &str, from: Option<Position>) -> Result<(), ClientError> {
+        self.lineage_at = Some(Instant::now());
+        let t = self.client.topic_metadata(topic).await?;
+        for p in &t.partitions {
+            if self.find(topic, p.partition).is_none() {
+                self.assign(topic, &[p.partition], from.unwrap_or(Position::Beginning)).await?;
+            }
+            if let Some(a) = self.assigned.iter_mut().find(|a| &*a.topic == topic && a.partition == p.partition) {
+                a.after.clone_from(&p.lineage.parents);
+                a.sealed_at = (p.lineage.seal == 2).then_some(p.lineage.sealed_at);
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `a` waits: read to its seal, or a parent it follows is not.
+    fn gated(&self, a: &Assigned) -> bool {
+        a.finished()
+            || a.after
+                .iter()
+                .any(|p| self.assigned.iter().any(|b| b.topic == a.topic && b.partition == *p && !b.finished()))
     }
 
     /// Adds partitions of a topic, each starting at `from`.
@@ -378,6 +449,8 @@ impl Consumer {
                     last_stable: None,
                     to_leader: false,
                     leader_until: None,
+                    after: Vec::new(),
+                    sealed_at: None,
                 }),
             }
         }
@@ -533,6 +606,7 @@ impl Consumer {
         if let Some(e) = self.deferred.take() {
             return Err(e);
         }
+        self.refresh_lineage().await;
         self.send_fetches().await;
         if self.in_flight.is_empty() {
             // Nothing could be sent (no leader known, brokers unreachable): next poll.
@@ -579,7 +653,11 @@ impl Consumer {
         let todo: Vec<usize> = (0..self.assigned.len())
             .filter(|&i| {
                 let a = &self.assigned[i];
-                !self.in_flight.iter().any(|f| f.parts.iter().any(|x| x.topic == a.topic && x.partition == a.partition))
+                !self.gated(a)
+                    && !self
+                        .in_flight
+                        .iter()
+                        .any(|f| f.parts.iter().any(|x| x.topic == a.topic && x.partition == a.partition))
             })
             .collect();
         if todo.is_empty() {

@@ -1304,7 +1304,13 @@ async fn consume(
         ..ConsumerConfig::default()
     };
     let mut consumer = Consumer::new(client.clone(), config);
+    // A whole ranged topic is followed through its splits and merges: a partition after the
+    // ones it came from are read to their seals, so each key's records come in order.
+    let ranged = partition.is_none()
+        && Partitioning::from_wire(client.topic_metadata(topic).await?.partitioning).is_some_and(Partitioning::ranged);
     match from {
+        From::Beginning if ranged => consumer.follow(topic, Position::Beginning).await?,
+        From::End if ranged => consumer.follow(topic, Position::End).await?,
         From::Beginning => consumer.assign(topic, &partitions, Position::Beginning).await?,
         From::End => consumer.assign(topic, &partitions, Position::End).await?,
         From::Offset(o) => consumer.assign(topic, &partitions, Position::Offset(o)).await?,
