@@ -1079,6 +1079,8 @@ mod tests {
             last_stable: None,
             to_leader: false,
             leader_until: None,
+            after: Vec::new(),
+            sealed_at: None,
         };
         let aborted: Vec<AbortedTransaction> = aborted
             .iter()
