@@ -15,6 +15,7 @@ use std::process::{Command, Output};
 use std::rc::Rc;
 use std::time::Duration;
 
+use common::cluster::Cluster;
 use common::{block_on, sibling, Broker};
 use skein_client::partitioning::{KeyRange, Partitioning};
 use skein_client::wire::TopicMetadata;
@@ -338,4 +339,110 @@ fn the_cli_creates_splits_merges_and_describes_ranged_topics_and_refuses_bad_cha
         assert_eq!(d.await.expect("delivered").0, 1, "0xc3 >= 0x80 is 1's");
     });
     drop(broker);
+}
+
+/// A split whose parent's leader is SIGKILLed right after: the seal comes from whichever
+/// leader reports it at its epoch, everything acknowledged is kept once, nothing sits past the
+/// seal, and each key's records in the parent come before those in the children.
+#[test]
+fn a_split_survives_a_kill_of_the_parents_leader() {
+    let mut cluster = Cluster::start(201, 19701);
+    let addrs = cluster.addrs.join(",");
+    block_on(async {
+        let client = Client::connect(&addrs).await.expect("connect");
+        let configs = [("min.insync.replicas".to_owned(), "2".to_owned())];
+        client.create_topic_with("s", 1, 3, Partitioning::HashRange, &configs).await.expect("create");
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let stop = Rc::new(RefCell::new(false));
+        let acked: Acked = Rc::default();
+        let errors: Rc<RefCell<Vec<String>>> = Rc::default();
+        let task = {
+            let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
+            compio::runtime::spawn(async move {
+                let mut deliveries = Vec::new();
+                let mut i = 0u64;
+                while !*stop.borrow() {
+                    let key = format!("k{}", i % 30);
+                    match producer.send("s", Some(key.as_bytes()), i.to_string().as_bytes()).await {
+                        Ok(d) => deliveries.push((key, i, d)),
+                        Err(e) => errors.borrow_mut().push(e.to_string()),
+                    }
+                    i += 1;
+                    if i.is_multiple_of(10) {
+                        compio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
+                producer.flush().await;
+                for (key, i, d) in deliveries {
+                    match d.await {
+                        Ok((p, offset)) => acked.borrow_mut().push((key, i, p, offset)),
+                        Err(e) => errors.borrow_mut().push(format!("record {i}: {e}")),
+                    }
+                }
+            })
+        };
+        compio::time::sleep(Duration::from_millis(500)).await;
+        let leader = client.topic_metadata("s").await.expect("metadata").partitions[0].leader;
+        assert_ne!(leader, 0, "partition 0 has a leader");
+        client.split_partition("s", 0, None).await.expect("split");
+        let victim = cluster.index(leader);
+        cluster.brokers[victim].take().expect("running").kill9();
+        compio::time::sleep(Duration::from_millis(1_500)).await;
+        cluster.brokers[victim] = Some(cluster.spawn(victim));
+        compio::time::sleep(Duration::from_millis(500)).await;
+        *stop.borrow_mut() = true;
+        task.await.expect("the producer task");
+        assert!(errors.borrow().is_empty(), "errors reached the producer: {:?}", &errors.borrow()[..]);
+        let acked = acked.borrow().clone();
+
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let t = loop {
+            let t = client.topic_metadata("s").await.expect("metadata");
+            if t.partitions[0].lineage.seal == 2 && t.partitions.iter().all(|p| p.leader != 0) {
+                break t;
+            }
+            assert!(std::time::Instant::now() < deadline, "no seal, or a partition without a leader");
+            compio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let sealed_at = t.partitions[0].lineage.sealed_at;
+        let d = client.describe_topic("s").await.expect("describe");
+        assert_eq!(d.partitions[0].log_end, sealed_at, "the leader holds nothing past the seal");
+        let mut stored: BTreeMap<u32, Stored> = BTreeMap::new();
+        for p in &d.partitions {
+            stored.insert(p.partition, read_all(&client, "s", p.partition, p.high_watermark).await);
+        }
+        let mut at: HashMap<(u32, u64), Vec<u8>> = HashMap::new();
+        for (p, records) in &stored {
+            for (o, _, v) in records {
+                at.insert((*p, *o), v.clone());
+            }
+        }
+        for (_, i, p, offset) in &acked {
+            assert_eq!(at.get(&(*p, *offset)).map(Vec::as_slice), Some(i.to_string().as_bytes()), "record {i}");
+        }
+        assert!(acked.iter().any(|a| a.2 == 0) && acked.iter().any(|a| a.2 != 0), "records on both sides");
+        // No record twice (a retry of a batch the dead leader had written, refused as sealed
+        // rather than answered as a duplicate, was once written again in a child).
+        let mut values: Vec<&Vec<u8>> = at.values().collect();
+        values.sort();
+        let len = values.len();
+        values.dedup();
+        assert_eq!(values.len(), len, "a record stored twice");
+        for k in 0..30 {
+            let key = format!("k{k}");
+            let values = |p: u32| -> Vec<u64> {
+                stored[&p]
+                    .iter()
+                    .filter(|(_, kk, _)| kk == key.as_bytes())
+                    .map(|(_, _, v)| String::from_utf8_lossy(v).parse().expect("a number"))
+                    .collect()
+            };
+            let parent_last = values(0).last().copied();
+            for child in [1, 2] {
+                if let (Some(last), Some(first)) = (parent_last, values(child).first().copied()) {
+                    assert!(last < first, "{key}: {last} in the parent after {first} in child {child}");
+                }
+            }
+        }
+    });
 }

@@ -528,9 +528,6 @@ impl<S: Storage> Replica<S> {
         if batch.header().attributes.is_control() {
             return reject(out, ProduceError::InvalidTxnState);
         }
-        if self.state.as_ref().is_some_and(|s| s.seal.refuses_data()) {
-            return reject(out, ProduceError::Sealed);
-        }
         if !self.plant.no_idempotence {
             match self.producers.check(batch.header()) {
                 SequenceCheck::Append => {}
@@ -548,6 +545,11 @@ impl<S: Storage> Replica<S> {
                 SequenceCheck::OutOfOrder => return reject(out, ProduceError::OutOfOrderSequence),
                 SequenceCheck::Fenced => return reject(out, ProduceError::ProducerFenced),
             }
+        }
+        // After the duplicate check: a retry of a batch written before the seal (its answer
+        // lost with a leader) gets its offset, not a refusal that would send it elsewhere too.
+        if self.state.as_ref().is_some_and(|s| s.seal.refuses_data()) {
+            return reject(out, ProduceError::Sealed);
         }
         match self.txns.check_write(batch.header()) {
             Ok(()) => {}
