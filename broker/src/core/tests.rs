@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 
 use skein_log::batch::{batches, BatchBuilder, RecordBatch};
 use skein_log::storage::MemStorage;
-use skein_log::types::Timestamp;
+use skein_log::types::{ProducerEpoch, ProducerId, Sequence, Timestamp};
 use skein_log::{Durability, Log, LogConfig, ReadLimit};
 
 use super::node::{BrokerNode, NodeConfig};
@@ -999,6 +999,79 @@ fn retention_by_age_uses_the_wall_clock_given() {
     let start = at(&mut h, 1_001);
     assert!(start > Offset(0), "older than retention.ms: sealed segments deleted");
     assert!(start < Offset(40), "the active segment stays");
+}
+
+/// A sealing partition (issue 21): the leader refuses new data but answers a retry of a
+/// batch written before the seal with its offset; it reports its log end only once all of it
+/// is committed, again after the retry interval, and to the controller only; a follower never
+/// reports.
+#[test]
+fn a_sealing_leader_refuses_data_answers_duplicates_and_reports_its_committed_end() {
+    let mut h = Harness::started_separate();
+    let idem = |seq: i32, value: u64| {
+        let mut b = BatchBuilder::new().producer(ProducerId(7), ProducerEpoch(0), Sequence(seq));
+        b.push(None, &value.to_le_bytes(), &[], Timestamp(0));
+        b.build()
+    };
+    let produce = |h: &mut Harness, request: u64, b: RecordBatch<Vec<u8>>| {
+        let deadline = h.now.plus_ms(DEADLINE_MS);
+        h.step(N1, |now, r, out| r.handle_produce(now, RequestId(request), None, b, Acks::All, deadline, true, out));
+    };
+    produce(&mut h, 1, idem(0, 10));
+    produce(&mut h, 2, idem(1, 11));
+    // The split: same epoch and leader, a new ISR version, sealing.
+    let sealing = PartitionState { seal: Seal::Sealing, ..state(1, Some(N1), &[N1, N2, N3], 2) };
+    for id in [N1, N2, N3] {
+        h.set_state(id, sealing.clone());
+    }
+    assert!(h.sends(N1).iter().all(|(_, m)| !matches!(m, Message::Sealed { .. })), "two records uncommitted");
+    produce(&mut h, 3, idem(2, 12));
+    produce(&mut h, 4, batch(13));
+    assert_eq!(
+        h.replies(N1),
+        vec![(RequestId(3), Err(ProduceError::Sealed)), (RequestId(4), Err(ProduceError::Sealed))],
+        "new data refused, idempotent or not"
+    );
+    assert_eq!(h.r(N1).log().log_end_offset(), Offset(2));
+    // A retry of the second batch (its answer lost): its offset, not a refusal.
+    produce(&mut h, 5, idem(1, 11));
+    h.sync(N1);
+    h.advance_ms(BACKOFF_MS);
+    for f in [N2, N3] {
+        h.catch_up(N1, f);
+    }
+    assert_eq!(h.r(N1).high_watermark(), Offset(2));
+    let replies = h.replies(N1);
+    assert!(replies.contains(&(RequestId(5), Ok(Offset(1)))), "the retry is answered as a duplicate: {replies:?}");
+    h.sends(N1);
+    h.tick(N1);
+    let reports: Vec<(Peer, Message)> =
+        h.sends(N1).into_iter().filter(|(_, m)| matches!(m, Message::Sealed { .. })).collect();
+    assert_eq!(
+        reports,
+        vec![(
+            Peer::Controller,
+            Message::Sealed { leader: N1, epoch: LeaderEpoch(1), partition: P, offset: Offset(2) }
+        )],
+        "all committed: the log end, to the controller"
+    );
+    h.tick(N1);
+    assert!(h.sends(N1).iter().all(|(_, m)| !matches!(m, Message::Sealed { .. })), "not again at once");
+    h.advance_ms(ReplicaConfig::default().alter_isr_retry_ms);
+    h.tick(N1);
+    assert_eq!(h.sends(N1).iter().filter(|(_, m)| matches!(m, Message::Sealed { .. })).count(), 1, "retried");
+    for f in [N2, N3] {
+        h.tick(f);
+        assert!(h.sends(f).iter().all(|(_, m)| !matches!(m, Message::Sealed { .. })), "{f} is a follower");
+    }
+    // Sealed: no more reports; data still refused.
+    let sealed = PartitionState { seal: Seal::Sealed(Offset(2)), ..state(1, Some(N1), &[N1, N2, N3], 3) };
+    h.set_state(N1, sealed);
+    h.advance_ms(ReplicaConfig::default().alter_isr_retry_ms);
+    h.tick(N1);
+    assert!(h.sends(N1).iter().all(|(_, m)| !matches!(m, Message::Sealed { .. })));
+    produce(&mut h, 6, idem(2, 12));
+    assert_eq!(h.replies(N1), vec![(RequestId(6), Err(ProduceError::Sealed))]);
 }
 
 // ---------------------------------------------------------------------------------------------
