@@ -19,7 +19,7 @@ use common::cluster::Cluster;
 use common::{block_on, sibling, Broker};
 use skein_client::partitioning::{KeyRange, Partitioning};
 use skein_client::wire::TopicMetadata;
-use skein_client::{Client, Consumer, ConsumerConfig, Position, Producer, ProducerConfig};
+use skein_client::{Client, Consumer, ConsumerConfig, GroupConfig, GroupConsumer, Position, Producer, ProducerConfig};
 
 fn skein(bin: &Path, addr: &str, args: &[&str]) -> Output {
     Command::new(bin).args(["--brokers", addr]).args(args).output().expect("run skein")
@@ -445,4 +445,91 @@ fn a_split_survives_a_kill_of_the_parents_leader() {
             }
         }
     });
+}
+
+/// A consumer group of two members reads a ranged topic through splits and merges made while
+/// a keyed producer writes: every acknowledged record is delivered, and per key the first
+/// deliveries come in the order written, although a parent and its children may be owned by
+/// different members (a member holds a child back until the group committed its parents'
+/// seal offsets).
+#[test]
+fn a_consumer_group_reads_through_the_lineage_in_key_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_topic_with("grp", 2, 1, Partitioning::HashRange, &[]).await.expect("create");
+        let delivered: Rc<RefCell<Vec<(Vec<u8>, u64)>>> = Rc::default();
+        let stop = Rc::new(RefCell::new(false));
+        let members: Vec<_> = (0..2)
+            .map(|_| {
+                let (client, delivered, stop) = (client.clone(), delivered.clone(), stop.clone());
+                compio::runtime::spawn(async move {
+                    let config = ConsumerConfig { partition_max_bytes: 512, ..ConsumerConfig::default() };
+                    let mut m = GroupConsumer::new(client, config, GroupConfig::new("readers"));
+                    m.subscribe(&["grp"]);
+                    while !*stop.borrow() {
+                        for r in m.poll().await.expect("poll") {
+                            let v = String::from_utf8_lossy(&r.value).parse().expect("a number");
+                            delivered.borrow_mut().push((r.key.expect("keyed"), v));
+                        }
+                    }
+                    m.close().await.expect("close");
+                })
+            })
+            .collect();
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let mut deliveries = Vec::new();
+        let mut i = 0u64;
+        for change in 0..6 {
+            for _ in 0..300 {
+                let key = format!("k{}", i % 20);
+                let d = producer.send("grp", Some(key.as_bytes()), i.to_string().as_bytes()).await.expect("send");
+                deliveries.push((key, i, d));
+                i += 1;
+                if i.is_multiple_of(20) {
+                    compio::time::sleep(Duration::from_millis(3)).await;
+                }
+            }
+            let parts = open(&client.topic_metadata("grp").await.expect("metadata"));
+            if change % 3 == 2 {
+                let pair = parts.windows(2).find(|w| w[0].0.precedes(&w[1].0)).expect("neighbours");
+                client.merge_partitions("grp", [pair[0].1, pair[1].1]).await.expect("merge");
+            } else {
+                client.split_partition("grp", parts[0].1, None).await.expect("split");
+            }
+        }
+        producer.flush().await;
+        let mut acked: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
+        for (key, i, d) in deliveries {
+            d.await.expect("acknowledged");
+            acked.entry(key.into_bytes()).or_default().push(i);
+        }
+        let total: usize = acked.values().map(Vec::len).sum();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let firsts: std::collections::HashSet<(Vec<u8>, u64)> = delivered.borrow().iter().cloned().collect();
+            if firsts.len() >= total {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the group delivered {} of {total}", firsts.len());
+            compio::time::sleep(Duration::from_millis(100)).await;
+        }
+        *stop.borrow_mut() = true;
+        for m in members {
+            m.await.expect("a member");
+        }
+        // Per key, the first deliveries are exactly the acknowledged values, in order.
+        let mut firsts: BTreeMap<Vec<u8>, Vec<u64>> = BTreeMap::new();
+        let mut seen = std::collections::HashSet::new();
+        for (k, v) in delivered.borrow().iter() {
+            if seen.insert((k.clone(), *v)) {
+                firsts.entry(k.clone()).or_default().push(*v);
+            }
+        }
+        for (k, values) in &acked {
+            assert_eq!(firsts.get(k), Some(values), "key {}", String::from_utf8_lossy(k));
+        }
+    });
+    drop(broker);
 }

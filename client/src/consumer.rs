@@ -51,7 +51,7 @@
 //! ([`Consumer::end_offset`]: the last stable offset, or the high watermark for
 //! read_uncommitted) is never stuck on a marker's offset.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::rc::Rc;
@@ -65,7 +65,7 @@ use skein_log::batch::{BatchError, BatchHeader, RecordBatch, HEADER_BYTES};
 use crate::conn::{decode_body, Connection};
 use crate::wire::{
     AbortedTransaction, ApiKey, ErrorCode, FetchPartition, FetchPartitionResponse, FetchRequest, FetchResponse,
-    EARLIEST, LATEST, READ_COMMITTED, READ_UNCOMMITTED,
+    PartitionMetadata, TopicMetadata, EARLIEST, LATEST, READ_COMMITTED, READ_UNCOMMITTED,
 };
 use crate::{Client, ClientError, SessionHandle, Token};
 
@@ -346,7 +346,7 @@ impl Assigned {
 }
 
 /// How often a consumer following ranged topics looks for seals and new partitions.
-const LINEAGE_REFRESH: Duration = Duration::from_millis(250);
+pub(crate) const LINEAGE_REFRESH: Duration = Duration::from_millis(250);
 
 /// Reads assigned partitions.
 pub struct Consumer {
@@ -364,6 +364,9 @@ pub struct Consumer {
     backoff: bool,
     /// Topics read whole through their splits and merges ([`Consumer::follow`]).
     followed: Vec<Rc<str>>,
+    /// Partitions not assigned here known to be read to their seals elsewhere (a group's
+    /// committed offsets, [`Consumer::note_done`]): they gate their children no more.
+    done_elsewhere: HashSet<(Rc<str>, u32)>,
     /// When the followed topics' lineage was last looked up.
     lineage_at: Option<Instant>,
 }
@@ -381,8 +384,50 @@ impl Consumer {
             stats: ReadStats::default(),
             backoff: false,
             followed: Vec::new(),
+            done_elsewhere: HashSet::new(),
             lineage_at: None,
         }
+    }
+
+    /// Notes each assigned partition's parents and seal from `t` (a topic's metadata), so a
+    /// partition is fetched only after its parents are read to their seals: here, or
+    /// elsewhere ([`Consumer::note_done`]). Returns the assigned partitions whose parents
+    /// are neither assigned here nor known done, with those parents' seal offsets (unknown
+    /// while sealing): for a group consumer to look up in the group's committed offsets.
+    pub fn note_lineage(&mut self, t: &TopicMetadata) -> Vec<(u32, Option<u64>)> {
+        let sealed_at = |p: &PartitionMetadata| (p.lineage.seal == 2).then_some(p.lineage.sealed_at);
+        for p in &t.partitions {
+            if let Some(a) = self.assigned.iter_mut().find(|a| *a.topic == *t.name && a.partition == p.partition) {
+                a.after.clone_from(&p.lineage.parents);
+                a.sealed_at = sealed_at(p);
+            }
+        }
+        let mut waiting: Vec<(u32, Option<u64>)> = Vec::new();
+        for a in self.assigned.iter().filter(|a| *a.topic == *t.name) {
+            for parent in &a.after {
+                let here = self.assigned.iter().any(|b| b.topic == a.topic && b.partition == *parent);
+                if here || self.done_elsewhere.contains(&(a.topic.clone(), *parent)) {
+                    continue;
+                }
+                let seal = t.partitions.iter().find(|q| q.partition == *parent).and_then(sealed_at);
+                if !waiting.iter().any(|(q, _)| q == parent) {
+                    waiting.push((*parent, seal));
+                }
+            }
+        }
+        waiting
+    }
+
+    /// Partition `partition` of `topic`, not assigned here, was read to its seal (a group
+    /// committed its seal offset): its children may be fetched.
+    pub fn note_done(&mut self, topic: &str, partition: u32) {
+        self.done_elsewhere.insert((Rc::from(topic), partition));
+    }
+
+    /// The assigned partitions read to their seals (their final offsets, for a group to
+    /// commit promptly so the members reading the children may go on).
+    pub fn finished(&self) -> Vec<(Rc<str>, u32, u64)> {
+        self.assigned.iter().filter(|a| a.finished()).map(|a| (a.topic.clone(), a.partition, a.position)).collect()
     }
 
     /// Reads every partition of `topic`, those its splits and merges make later included,
@@ -427,12 +472,15 @@ impl Consumer {
         Ok(())
     }
 
-    /// Whether `a` waits: read to its seal, or a parent it follows is not.
+    /// Whether `a` waits: read to its seal, or a parent is not (assigned here and not
+    /// finished; or, outside [`Consumer::follow`], not assigned here and not known done).
     fn gated(&self, a: &Assigned) -> bool {
+        let following = self.followed.contains(&a.topic);
         a.finished()
-            || a.after
-                .iter()
-                .any(|p| self.assigned.iter().any(|b| b.topic == a.topic && b.partition == *p && !b.finished()))
+            || a.after.iter().any(|p| match self.assigned.iter().find(|b| b.topic == a.topic && b.partition == *p) {
+                Some(b) => !b.finished(),
+                None => !following && !self.done_elsewhere.contains(&(a.topic.clone(), *p)),
+            })
     }
 
     /// Adds partitions of a topic, each starting at `from`.

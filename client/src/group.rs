@@ -170,6 +170,10 @@ pub struct GroupConsumer {
     listener: Option<Box<dyn RebalanceListener>>,
     stats: GroupStats,
     closed: bool,
+    /// When the subscribed ranged topics' lineage was last looked at (issue 21).
+    lineage_at: Option<Instant>,
+    /// Subscribed topics known to be hash-partitioned (no lineage to follow).
+    hash_topics: BTreeSet<String>,
 }
 
 impl GroupConsumer {
@@ -202,6 +206,8 @@ impl GroupConsumer {
             listener: None,
             stats: GroupStats::default(),
             closed: false,
+            lineage_at: None,
+            hash_topics: BTreeSet::new(),
             config: group,
         }
     }
@@ -244,6 +250,7 @@ impl GroupConsumer {
         if self.config.auto_commit.is_some() && Instant::now() >= self.next_auto_commit {
             self.auto_commit().await;
         }
+        self.follow_lineage().await;
         if !self.consumer.is_assigned_any() {
             let now = Instant::now();
             let wait = self.next_heartbeat.saturating_duration_since(now).min(GROUP_FETCH_WAIT_MAX);
@@ -577,13 +584,33 @@ impl GroupConsumer {
                 return Err(e);
             }
         };
+        // A partition split or merged from others holds only records written after its
+        // parents' seals: with no committed offset it is read from its beginning whatever the
+        // reset policy (else `latest` would skip what follows the parents' records).
+        // Their lineage is noted before their first fetch (below), so a child never goes
+        // ahead of its parents; without the metadata nothing is added (the next answer tries).
+        let mut children: BTreeSet<Partition> = BTreeSet::new();
+        let mut lineages = Vec::new();
+        let topics: BTreeSet<&String> =
+            added.iter().map(|(t, _)| t).filter(|t| !self.hash_topics.contains(*t)).collect();
+        for topic in topics {
+            let t = self.client.topic_metadata(topic).await?;
+            if t.partitioning == 0 {
+                continue;
+            }
+            let with_parents = t.partitions.iter().filter(|p| !p.lineage.parents.is_empty());
+            children.extend(with_parents.map(|p| (topic.clone(), p.partition)));
+            lineages.push(t);
+        }
+        self.lineage_at = None; // and the group's committed offsets of their parents looked up
         let mut started = Vec::with_capacity(added.len());
         let mut failed = None;
         for (topic, partition) in added {
             let at = committed.iter().find(|o| &o.topic == topic && o.partition == *partition).map(|o| o.offset);
+            let child = children.contains(&(topic.clone(), *partition));
             let from = match at.and_then(|o| u64::try_from(o).ok()) {
                 Some(o) => Position::Offset(o),
-                None if self.config.reset == OffsetReset::Latest => Position::End,
+                None if self.config.reset == OffsetReset::Latest && !child => Position::End,
                 None => Position::Beginning,
             };
             if let Err(e) = self.consumer.assign(topic, &[*partition], from).await {
@@ -598,6 +625,9 @@ impl GroupConsumer {
             }
             self.owned.insert(key.clone());
             started.push(key);
+        }
+        for t in &lineages {
+            self.consumer.note_lineage(t);
         }
         if !started.is_empty() {
             self.owned_dirty = true;
@@ -630,6 +660,65 @@ impl GroupConsumer {
             self.committed.remove(key);
         }
         self.owned_dirty = true;
+    }
+
+    /// Ranged topics (issue 21), as the Kinesis client library does with shard leases: an
+    /// owned partition is fetched only after the partitions it was split or merged from are
+    /// read to their seals, here or by another member (whose commit of the seal offset says
+    /// so); an owned partition read to its seal is committed at once, so the members owning
+    /// its children go on. Every `LINEAGE_REFRESH`.
+    async fn follow_lineage(&mut self) {
+        if self.lineage_at.is_some_and(|t| t.elapsed() < crate::consumer::LINEAGE_REFRESH) {
+            return;
+        }
+        self.lineage_at = Some(Instant::now());
+        let topics: Vec<String> =
+            self.subscription.iter().filter(|t| !self.hash_topics.contains(*t)).cloned().collect();
+        let mut asked: Vec<(Partition, Option<u64>)> = Vec::new();
+        for topic in topics {
+            let t = match self.client.topic_metadata(&topic).await {
+                Ok(t) => t,
+                Err(e) => {
+                    tracing::debug!(%topic, error = %e, "a subscribed topic's lineage");
+                    continue;
+                }
+            };
+            if t.partitioning == 0 {
+                self.hash_topics.insert(topic);
+                continue;
+            }
+            for (parent, seal) in self.consumer.note_lineage(&t) {
+                asked.push(((topic.clone(), parent), seal));
+            }
+        }
+        let finished: Vec<Partition> = self
+            .consumer
+            .finished()
+            .into_iter()
+            .map(|(t, p, _)| (t.to_string(), p))
+            .filter(|key| self.owned.contains(key))
+            .collect();
+        if let Err(e) = self.commit_partitions(&finished).await {
+            tracing::debug!(group = %self.config.group, error = %e, "committing partitions read to their seals");
+        }
+        let parents: Vec<Partition> = asked.iter().filter(|(_, seal)| seal.is_some()).map(|(k, _)| k.clone()).collect();
+        if parents.is_empty() {
+            return;
+        }
+        let bound = self.client.config().request_timeout;
+        match self.client.fetch_offsets_once(&self.config.group, Some(&parents), bound).await {
+            Ok(committed) => {
+                for ((topic, parent), seal) in asked {
+                    let Some(seal) = seal else { continue };
+                    let at = committed.iter().find(|o| o.topic == topic && o.partition == parent).map(|o| o.offset);
+                    // An empty parent (sealed at 0) needs no commit.
+                    if seal == 0 || at.is_some_and(|o| o >= 0 && o as u64 >= seal) {
+                        self.consumer.note_done(&topic, parent);
+                    }
+                }
+            }
+            Err(e) => tracing::debug!(group = %self.config.group, error = %e, "looking up the parents' offsets"),
+        }
     }
 
     async fn auto_commit(&mut self) {
