@@ -38,6 +38,9 @@ type Acked = Rc<RefCell<Vec<(String, u64, u32, u64)>>>;
 /// A partition's records: (offset, key, value).
 type Stored = Vec<(u64, Vec<u8>, Vec<u8>)>;
 
+/// What a group delivered: (key, value), in delivery order.
+type Delivered = Rc<RefCell<Vec<(Vec<u8>, u64)>>>;
+
 /// The topic's open partitions by range.
 fn open(t: &TopicMetadata) -> Vec<(KeyRange, u32)> {
     let mut v: Vec<(KeyRange, u32)> = t
@@ -459,7 +462,7 @@ fn a_consumer_group_reads_through_the_lineage_in_key_order() {
     block_on(async {
         let client = Client::connect(&broker.addr).await.expect("connect");
         client.create_topic_with("grp", 2, 1, Partitioning::HashRange, &[]).await.expect("create");
-        let delivered: Rc<RefCell<Vec<(Vec<u8>, u64)>>> = Rc::default();
+        let delivered: Delivered = Rc::default();
         let stop = Rc::new(RefCell::new(false));
         let members: Vec<_> = (0..2)
             .map(|_| {
