@@ -418,16 +418,24 @@ impl Consumer {
         waiting
     }
 
+    /// Whether an assigned partition waits for its parents (nothing of it is read yet, so a
+    /// group must not commit its position: a commit at its seal would tell other members it
+    /// is done).
+    pub fn waits_for_parents(&self, topic: &str, partition: u32) -> bool {
+        self.assigned.iter().any(|a| &*a.topic == topic && a.partition == partition && !self.parents_done(a))
+    }
+
     /// Partition `partition` of `topic`, not assigned here, was read to its seal (a group
     /// committed its seal offset): its children may be fetched.
     pub fn note_done(&mut self, topic: &str, partition: u32) {
         self.done_elsewhere.insert((Rc::from(topic), partition));
     }
 
-    /// The assigned partitions read to their seals (their final offsets, for a group to
-    /// commit promptly so the members reading the children may go on).
+    /// The assigned partitions read to their seals whose parents are done too (their final
+    /// offsets, for a group to commit promptly so the members reading the children may go on).
     pub fn finished(&self) -> Vec<(Rc<str>, u32, u64)> {
-        self.assigned.iter().filter(|a| a.finished()).map(|a| (a.topic.clone(), a.partition, a.position)).collect()
+        let done = |a: &&Assigned| a.finished() && self.parents_done(a);
+        self.assigned.iter().filter(done).map(|a| (a.topic.clone(), a.partition, a.position)).collect()
     }
 
     /// Reads every partition of `topic`, those its splits and merges make later included,
@@ -475,12 +483,19 @@ impl Consumer {
     /// Whether `a` waits: read to its seal, or a parent is not (assigned here and not
     /// finished; or, outside [`Consumer::follow`], not assigned here and not known done).
     fn gated(&self, a: &Assigned) -> bool {
+        a.finished() || !self.parents_done(a)
+    }
+
+    /// Whether every parent of `a` is done: read to its seal with its own parents done (an
+    /// empty parent sealed at 0 is at its seal before anything above it is read), here, or
+    /// (outside [`Consumer::follow`]) known done elsewhere. Parents have lower indexes than
+    /// their children, so the recursion ends.
+    fn parents_done(&self, a: &Assigned) -> bool {
         let following = self.followed.contains(&a.topic);
-        a.finished()
-            || a.after.iter().any(|p| match self.assigned.iter().find(|b| b.topic == a.topic && b.partition == *p) {
-                Some(b) => !b.finished(),
-                None => !following && !self.done_elsewhere.contains(&(a.topic.clone(), *p)),
-            })
+        a.after.iter().all(|p| match self.assigned.iter().find(|b| b.topic == a.topic && b.partition == *p) {
+            Some(b) => b.finished() && self.parents_done(b),
+            None => following || self.done_elsewhere.contains(&(a.topic.clone(), *p)),
+        })
     }
 
     /// Adds partitions of a topic, each starting at `from`.

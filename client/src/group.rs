@@ -598,6 +598,16 @@ impl GroupConsumer {
             if t.partitioning == 0 {
                 continue;
             }
+            // A broker whose metadata lags the coordinator's may not show a new child yet:
+            // nothing is added until it does (its parents are unknown till then).
+            if let Some((_, p)) =
+                added.iter().find(|(at, p)| at == topic && !t.partitions.iter().any(|q| q.partition == *p))
+            {
+                return Err(ClientError::Broker(
+                    crate::wire::ErrorCode::UNKNOWN_TOPIC_OR_PARTITION,
+                    format!("{topic}/{p} is not in the metadata yet"),
+                ));
+            }
             let with_parents = t.partitions.iter().filter(|p| !p.lineage.parents.is_empty());
             children.extend(with_parents.map(|p| (topic.clone(), p.partition)));
             lineages.push(t);
@@ -711,8 +721,9 @@ impl GroupConsumer {
                 for ((topic, parent), seal) in asked {
                     let Some(seal) = seal else { continue };
                     let at = committed.iter().find(|o| o.topic == topic && o.partition == parent).map(|o| o.offset);
-                    // An empty parent (sealed at 0) needs no commit.
-                    if seal == 0 || at.is_some_and(|o| o >= 0 && o as u64 >= seal) {
+                    // Its owner commits the seal offset only once the parent's own parents
+                    // are done (even an empty one, sealed at 0): that commit is the signal.
+                    if at.is_some_and(|o| o >= 0 && o as u64 >= seal) {
                         self.consumer.note_done(&topic, parent);
                     }
                 }
@@ -735,6 +746,7 @@ impl GroupConsumer {
     /// The consumed offsets of `parts` that differ from their committed ones.
     fn pending_offsets<'a>(&self, parts: impl Iterator<Item = &'a Partition>) -> Vec<OffsetCommitPartition> {
         parts
+            .filter(|key| !self.consumer.waits_for_parents(&key.0, key.1))
             .filter_map(|key| {
                 let consumed = *self.consumed.get(key)?;
                 (self.committed.get(key) != Some(&consumed)).then(|| OffsetCommitPartition {

@@ -230,8 +230,8 @@ impl KeyRange {
     }
 }
 
-/// A hash-range bound's value (8 big-endian bytes; anything else reads as 0, which the
-/// controller never stores).
+/// A hash-range bound's value (8 big-endian bytes; anything else reads as 0: the controller
+/// refuses other split points of a hash-range topic).
 fn hash_of(bytes: &[u8]) -> u64 {
     <[u8; 8]>::try_from(bytes).map(u64::from_be_bytes).unwrap_or(0)
 }

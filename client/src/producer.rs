@@ -677,7 +677,13 @@ impl Producer {
                             let ts = st.topics.entry(topic.to_owned()).or_default();
                             if ts.partitions.is_none() {
                                 ts.partitions = Some(n);
-                                ts.routes = routes;
+                                // Routes learned before stay: they change only where a
+                                // partition was refused as sealed (`reroute`), after its
+                                // requests came back, or a key's newer records could pass
+                                // its older ones.
+                                if ts.routes.is_none() {
+                                    ts.routes = routes;
+                                }
                             }
                         }
                         Need::BufferSpace => {

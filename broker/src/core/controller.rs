@@ -148,6 +148,9 @@ pub enum Narration {
     },
 }
 
+/// The longest split point of a key-range topic (it is repeated in every metadata answer).
+pub const SPLIT_POINT_BYTES_MAX: usize = 1_024;
+
 /// Most partitions of one topic.
 pub const PARTITIONS_PER_TOPIC_MAX: u32 = 10_000;
 /// Most configs of one topic, and the longest key and value.
@@ -466,6 +469,15 @@ impl Controller {
         let range = part.range.clone().expect("a ranged topic's partitions have ranges");
         self.open(part.id, index)?;
         let at = match at {
+            Some(at) if t.partitioning == Partitioning::HashRange && at.len() != 8 => {
+                return Err(ResizeError::Invalid(format!("a hash-range split point is 8 bytes, not {}", at.len())))
+            }
+            Some(at) if at.len() > SPLIT_POINT_BYTES_MAX => {
+                return Err(ResizeError::Invalid(format!(
+                    "a split point of {} bytes (at most {SPLIT_POINT_BYTES_MAX})",
+                    at.len()
+                )))
+            }
             Some(at) if range.splits_at(&at) => at,
             Some(_) => {
                 return Err(ResizeError::Invalid(format!("the split point is not inside partition {index}'s range")))

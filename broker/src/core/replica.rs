@@ -593,12 +593,22 @@ impl<S: Storage> Replica<S> {
             return reject(out, ProduceError::NotEnoughReplicas);
         }
         // A sealing partition still takes the end markers of transactions open on it (it
-        // reports its seal once none is); it begins none, and a sealed one takes nothing.
+        // reports its seal once none is) and begins none; an end for a transaction not open
+        // here (its Begin refused, or a sealed partition, where none is open) is answered
+        // without writing, so nothing lands past the seal and the coordinator's transaction
+        // completes. Retries of markers already written are answered as before.
         let seal = self.state.as_ref().map_or(Seal::Open, |s| s.seal);
-        if matches!(seal, Seal::Sealed(_)) || (seal == Seal::Sealing && kind == MarkerKind::Begin) {
-            return reject(out, ProduceError::Sealed);
+        let check = self.txns.check_marker(producer, producer_epoch, kind);
+        if seal != Seal::Open && check == MarkerCheck::Append {
+            if kind == MarkerKind::Begin {
+                return reject(out, ProduceError::Sealed);
+            }
+            if !self.txns.open().iter().any(|(p, _, _)| *p == producer) {
+                out.push(Command::ProduceReply { request, result: Ok(self.log.log_end_offset()) });
+                return;
+            }
         }
-        match self.txns.check_marker(producer, producer_epoch, kind) {
+        match check {
             MarkerCheck::Append => {
                 let batch = marker_batch(producer, producer_epoch, kind, now.timestamp());
                 let acks = if kind == MarkerKind::Begin { Acks::Leader } else { Acks::All };
