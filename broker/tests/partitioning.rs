@@ -17,8 +17,7 @@ use std::time::Duration;
 
 use common::cluster::Cluster;
 use common::{block_on, sibling, Broker};
-use skein_client::partitioning::{KeyRange, Partitioning};
-use skein_client::wire::TopicMetadata;
+use skein_client::partitioning::{open_ranges, KeyRange, Partitioning};
 use skein_client::{Client, Consumer, ConsumerConfig, GroupConfig, GroupConsumer, Position, Producer, ProducerConfig};
 
 fn skein(bin: &Path, addr: &str, args: &[&str]) -> Output {
@@ -41,19 +40,40 @@ type Stored = Vec<(u64, Vec<u8>, Vec<u8>)>;
 /// What a group delivered: (key, value), in delivery order.
 type Delivered = Rc<RefCell<Vec<(Vec<u8>, u64)>>>;
 
-/// The topic's open partitions by range.
-fn open(t: &TopicMetadata) -> Vec<(KeyRange, u32)> {
-    let mut v: Vec<(KeyRange, u32)> = t
-        .partitions
-        .iter()
-        .filter(|p| p.lineage.seal == 0)
-        .map(|p| {
-            let r = p.lineage.range.as_ref().expect("a ranged topic");
-            (KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }, p.partition)
-        })
-        .collect();
-    v.sort();
-    v
+/// A task sending `value i` under key `k{i % keys}` to `topic` until `stop`, pausing 2 ms every
+/// `pause` records; then it notes each acknowledgement in `acked` and each failure in `errors`.
+fn keyed_producer(
+    producer: &Producer,
+    topic: &'static str,
+    keys: u64,
+    pause: u64,
+    stop: &Rc<RefCell<bool>>,
+    acked: &Acked,
+    errors: &Rc<RefCell<Vec<String>>>,
+) -> compio::runtime::JoinHandle<()> {
+    let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
+    compio::runtime::spawn(async move {
+        let mut deliveries = Vec::new();
+        let mut i = 0u64;
+        while !*stop.borrow() {
+            let key = format!("k{}", i % keys);
+            match producer.send(topic, Some(key.as_bytes()), i.to_string().as_bytes()).await {
+                Ok(d) => deliveries.push((key, i, d)),
+                Err(e) => errors.borrow_mut().push(e.to_string()),
+            }
+            i += 1;
+            if i.is_multiple_of(pause) {
+                compio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }
+        producer.flush().await;
+        for (key, i, d) in deliveries {
+            match d.await {
+                Ok((p, offset)) => acked.borrow_mut().push((key, i, p, offset)),
+                Err(e) => errors.borrow_mut().push(format!("record {i}: {e}")),
+            }
+        }
+    })
 }
 
 /// Reads partition `p` of `topic` from its start to `end`.
@@ -104,37 +124,13 @@ fn a_keyed_producer_writes_through_ten_splits_and_merges_without_loss_error_or_r
                 }
             })
         };
-        let task = {
-            let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
-            compio::runtime::spawn(async move {
-                let mut deliveries = Vec::new();
-                let mut i = 0u64;
-                while !*stop.borrow() {
-                    let key = format!("k{}", i % 40);
-                    match producer.send("lin", Some(key.as_bytes()), i.to_string().as_bytes()).await {
-                        Ok(d) => deliveries.push((key, i, d)),
-                        Err(e) => errors.borrow_mut().push(e.to_string()),
-                    }
-                    i += 1;
-                    if i.is_multiple_of(20) {
-                        compio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-                producer.flush().await;
-                for (key, i, d) in deliveries {
-                    match d.await {
-                        Ok((p, offset)) => acked.borrow_mut().push((key, i, p, offset)),
-                        Err(e) => errors.borrow_mut().push(format!("record {i}: {e}")),
-                    }
-                }
-            })
-        };
+        let task = keyed_producer(&producer, "lin", 40, 20, &stop, &acked, &errors);
         // Ten changes while the producer runs: splits of the widest open partition, and
         // merges of the first two open neighbours, alternating.
         for change in 0..10 {
             compio::time::sleep(Duration::from_millis(150)).await;
             let t = client.topic_metadata("lin").await.expect("metadata");
-            let parts = open(&t);
+            let parts = open_ranges(&t);
             if change % 2 == 0 || parts.len() < 2 {
                 let (_, p) = parts.last().expect("an open partition");
                 client.split_partition("lin", *p, None).await.expect("split");
@@ -182,10 +178,7 @@ fn a_keyed_producer_writes_through_ten_splits_and_merges_without_loss_error_or_r
             assert_eq!((k.as_slice(), v.as_slice()), (key.as_bytes(), i.to_string().as_bytes()));
         }
         // Each record in the partition owning its key's hash.
-        let range = |p: u32| {
-            let r = t.partitions[p as usize].lineage.range.as_ref().expect("ranged");
-            KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }
-        };
+        let range = |p: u32| KeyRange::of_wire(t.partitions[p as usize].lineage.range.as_ref().expect("ranged"));
         for (p, records) in &stored {
             for (_, k, _) in records {
                 let point = Partitioning::HashRange.point(k).expect("ranged");
@@ -359,31 +352,7 @@ fn a_split_survives_a_kill_of_the_parents_leader() {
         let stop = Rc::new(RefCell::new(false));
         let acked: Acked = Rc::default();
         let errors: Rc<RefCell<Vec<String>>> = Rc::default();
-        let task = {
-            let (producer, stop, acked, errors) = (producer.clone(), stop.clone(), acked.clone(), errors.clone());
-            compio::runtime::spawn(async move {
-                let mut deliveries = Vec::new();
-                let mut i = 0u64;
-                while !*stop.borrow() {
-                    let key = format!("k{}", i % 30);
-                    match producer.send("s", Some(key.as_bytes()), i.to_string().as_bytes()).await {
-                        Ok(d) => deliveries.push((key, i, d)),
-                        Err(e) => errors.borrow_mut().push(e.to_string()),
-                    }
-                    i += 1;
-                    if i.is_multiple_of(10) {
-                        compio::time::sleep(Duration::from_millis(2)).await;
-                    }
-                }
-                producer.flush().await;
-                for (key, i, d) in deliveries {
-                    match d.await {
-                        Ok((p, offset)) => acked.borrow_mut().push((key, i, p, offset)),
-                        Err(e) => errors.borrow_mut().push(format!("record {i}: {e}")),
-                    }
-                }
-            })
-        };
+        let task = keyed_producer(&producer, "s", 30, 10, &stop, &acked, &errors);
         compio::time::sleep(Duration::from_millis(500)).await;
         let leader = client.topic_metadata("s").await.expect("metadata").partitions[0].leader;
         assert_ne!(leader, 0, "partition 0 has a leader");
@@ -494,7 +463,7 @@ fn a_consumer_group_reads_through_the_lineage_in_key_order() {
                     compio::time::sleep(Duration::from_millis(3)).await;
                 }
             }
-            let parts = open(&client.topic_metadata("grp").await.expect("metadata"));
+            let parts = open_ranges(&client.topic_metadata("grp").await.expect("metadata"));
             if change % 3 == 2 {
                 let pair = parts.windows(2).find(|w| w[0].0.precedes(&w[1].0)).expect("neighbours");
                 client.merge_partitions("grp", [pair[0].1, pair[1].1]).await.expect("merge");

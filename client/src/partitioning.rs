@@ -159,6 +159,11 @@ impl KeyRange {
         KeyRange { from: Vec::new(), to: None }
     }
 
+    /// A range as the wire carries it.
+    pub fn of_wire(r: &crate::wire::PartitionRange) -> KeyRange {
+        KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }
+    }
+
     /// Whether the range holds `point`.
     pub fn contains(&self, point: &[u8]) -> bool {
         point >= self.from.as_slice() && self.to.as_deref().is_none_or(|to| point < to)
@@ -297,6 +302,19 @@ fn key_between(from: &[u8], to: Option<&[u8]>) -> Vec<u8> {
         }
     }
     unreachable!("the loop returns")
+}
+
+/// A topic's open (unsealed) partitions with their ranges, sorted by range (a hash topic's
+/// partitions have none: empty).
+pub fn open_ranges(t: &crate::wire::TopicMetadata) -> Vec<(KeyRange, u32)> {
+    let mut parts: Vec<(KeyRange, u32)> = t
+        .partitions
+        .iter()
+        .filter(|p| p.lineage.seal == 0)
+        .filter_map(|p| Some((KeyRange::of_wire(p.lineage.range.as_ref()?), p.partition)))
+        .collect();
+    parts.sort_by(|a, b| by_from(&a.0, &b.0));
+    parts
 }
 
 /// Orders two ranges by their lower bounds (the order partitions are listed in by range).

@@ -47,7 +47,7 @@
 //! aborted, batches not sent yet fail instead of going out, and a failure never takes a new
 //! producer id (the transaction must be aborted, which gives a new epoch).
 
-use crate::partitioning::{by_from, KeyRange, Partitioning};
+use crate::partitioning::{by_from, open_ranges, KeyRange, Partitioning};
 use crate::wire::TopicMetadata;
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -445,21 +445,6 @@ impl Routes {
         parts.sort_by(|a, b| by_from(&a.0, &b.0));
         self.parts = parts;
     }
-}
-
-/// A topic's open (unsealed) partitions with their ranges, by range.
-fn open_ranges(t: &TopicMetadata) -> Vec<(KeyRange, u32)> {
-    let mut parts: Vec<(KeyRange, u32)> = t
-        .partitions
-        .iter()
-        .filter(|p| p.lineage.seal == 0)
-        .filter_map(|p| {
-            let r = p.lineage.range.as_ref()?;
-            Some((KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }, p.partition))
-        })
-        .collect();
-    parts.sort_by(|a, b| by_from(&a.0, &b.0));
-    parts
 }
 
 /// The overlap of two ranges, if any.
@@ -1386,7 +1371,7 @@ fn reroute(
     if mine.is_empty() {
         // Sent to by index (the routes never named it): its own range.
         let own = t.partitions.iter().find(|q| q.partition == sealed).and_then(|q| q.lineage.range.as_ref());
-        mine.extend(own.map(|r| KeyRange { from: r.from.to_vec(), to: r.to.as_ref().map(|t| t.to_vec()) }));
+        mine.extend(own.map(KeyRange::of_wire));
     }
     if mine.is_empty() || !mine.iter().all(|r| covered(r, &fresh)) {
         return Err(());
