@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use skein_broker::check::{self, History, PollOp, SendOp, SendOutcome};
+use skein_client::partitioning::{open_ranges, Partitioning};
 use skein_client::wire::ErrorCode;
 use skein_client::{
     Acks, Client, ClientConfig, ClientError, Consumer, ConsumerConfig, Isolation, Position, Producer, ProducerConfig,
@@ -225,6 +226,23 @@ pub struct VerifyConfig {
     /// transaction open longer, and the end-of-run wait for stable offsets is this plus a
     /// margin).
     pub transaction_timeout: Duration,
+    /// The topic's partitioning scheme. With a ranged one ([`Partitioning::ranged`]) producers
+    /// send keyed records routed by the range map (the key-order check has something to
+    /// check) and readers follow the topic through its lineage.
+    pub partitioning: Partitioning,
+    /// Splits and merges of the topic during the run (ranged topics only), spread evenly:
+    /// splits of the last open partition and merges of the first two open neighbours,
+    /// alternating.
+    pub resizes: u32,
+    /// Distinct keys the producers write with a ranged topic.
+    pub keys: u64,
+    /// Readers pause this long after each poll (slow readers, behind the producers: a split
+    /// then finds a backlog in the parent, which a reader must finish before the children).
+    pub reader_pause: Duration,
+    /// TEST ONLY: readers of a ranged topic take every partition as soon as it appears, from
+    /// its beginning, without waiting for its parents (the lineage ignored); the key-order
+    /// check must then fail.
+    pub unsafe_ignore_lineage: bool,
 }
 
 /// The broker flag that makes followers serve past their high watermark (with
@@ -292,6 +310,11 @@ impl Default for VerifyConfig {
             nodes: 1,
             transactions: false,
             transaction_timeout: Duration::from_secs(10),
+            partitioning: Partitioning::Hash,
+            resizes: 0,
+            keys: 32,
+            reader_pause: Duration::ZERO,
+            unsafe_ignore_lineage: false,
         }
     }
 }
@@ -317,6 +340,9 @@ pub struct Verdict {
     pub reads: ReadStats,
     /// With transactions: the transaction checks' report.
     pub txn: Option<crate::txn_check::TxnReport>,
+    /// The splits and merges made, one line each (`split P into C1, C2` or `merge P, Q into
+    /// C`, with the time).
+    pub resizes: Vec<String>,
 }
 
 impl Verdict {
@@ -376,6 +402,12 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
     if cfg.faults.contains(&Fault::KillCoordinator) && !cfg.transactions {
         bail!("--faults kill-coordinator needs --transactions");
     }
+    if cfg.resizes > 0 && !cfg.partitioning.ranged() {
+        bail!("--resizes needs a ranged topic (--partitioning hash-range or key-range)");
+    }
+    if cfg.partitioning.ranged() && (cfg.transactions || cfg.read_your_writes || cfg.keys == 0) {
+        bail!("a ranged topic takes neither --transactions nor --read-your-writes, and needs --keys of at least 1");
+    }
     if cluster.is_none() {
         check_process_targets(&cfg)?;
     }
@@ -427,9 +459,18 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
             })
         }));
     }
+    let resizer = (cfg.resizes > 0).then(|| {
+        let cfg = cfg.clone();
+        std::thread::spawn(move || resize(&cfg, start))
+    });
     let faults = match cluster {
         Some(cluster) => inject_cluster_faults(&cfg, cluster, partitions, start),
         None => inject_faults(&cfg, start),
+    };
+    let resizes = match resizer.map(std::thread::JoinHandle::join) {
+        None => Vec::new(),
+        Some(Ok(r)) => r?,
+        Some(Err(_)) => bail!("the resizing thread panicked"),
     };
     stop_producers.store(true, Ordering::Relaxed);
     // Let consumers see the tail, then stop them.
@@ -456,7 +497,9 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
     } else {
         Vec::new()
     };
-    // The final read: every partition from its start to its end.
+    // The final read: every partition from its start to its end (with resizes, every one the
+    // topic has now, sealed ones included).
+    let partitions = if cfg.partitioning.ranged() { create_topic(&cfg)? } else { partitions };
     let final_process = (cfg.producers + cfg.consumers + usize::from(cfg.transactions)) as u32;
     let done = Arc::new(AtomicBool::new(false));
     let final_cfg = VerifyConfig { read_from: ReadFrom::Leader, ..cfg.clone() };
@@ -525,7 +568,7 @@ fn run_with(cfg: VerifyConfig, cluster: Option<&mut LocalCluster>) -> Result<Ver
         let reached = reached.lock().expect("no thread panicked holding the lock");
         txn_check::check(&txns, &txn_reads, &reached, &stuck, partitions)
     });
-    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused, reads, txn })
+    Ok(Verdict { history, report, faults: fault_log.len(), fault_log, excused, reads, txn, resizes })
 }
 
 /// Every poll as the transaction checks take it (`uncommitted`: the read_uncommitted reader).
@@ -654,7 +697,9 @@ fn create_topic(cfg: &VerifyConfig) -> Result<u32> {
     let rt = compio::runtime::Runtime::new()?;
     rt.block_on(async {
         let client = Client::connect(&cfg.brokers).await.with_context(|| format!("connecting to {}", cfg.brokers))?;
-        match client.create_topic(&cfg.topic, cfg.partitions, cfg.replicas, &cfg.topic_configs).await {
+        let created =
+            client.create_topic_with(&cfg.topic, cfg.partitions, cfg.replicas, cfg.partitioning, &cfg.topic_configs);
+        match created.await {
             Ok(()) | Err(ClientError::Broker(ErrorCode::TOPIC_ALREADY_EXISTS, _)) => {}
             Err(e) => return Err(e).context("creating the topic"),
         }
@@ -728,16 +773,21 @@ fn producer(
         let mut next = Instant::now();
         let mut k: u64 = 0;
         let process = check::ProcessId(index as u32);
+        let ranged = cfg.partitioning.ranged();
         while !stop.load(Ordering::Relaxed) {
             let partition = ((k + index as u64) % u64::from(partitions)) as u32;
             let value = ((index as u64 + 1) << 40) | k;
+            // Keyed by the range map (ranged topics), else aimed at partitions in turn.
+            let key = ranged.then(|| (k.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 7) % cfg.keys);
+            let key_bytes = key.map(|n| format!("k{n}"));
+            let aim = (!ranged).then_some(partition);
             k += 1;
             let invoke_us = micros(start);
             let op = move |r: &Result<(u32, u64), ClientError>| {
                 check::Op::Send(SendOp {
                     process,
-                    partition: Some(check::PartitionId(partition)),
-                    key: None,
+                    partition: aim.map(check::PartitionId),
+                    key: key.map(check::Key),
                     value: check::Value(value),
                     invoke_us,
                     complete_us: micros(start).max(invoke_us),
@@ -746,7 +796,7 @@ fn producer(
             };
             let log = sent.clone();
             let result = producer
-                .send_with(&cfg.topic, Some(partition), None, &value.to_le_bytes(), move |r| {
+                .send_with(&cfg.topic, aim, key_bytes.as_deref().map(str::as_bytes), &value.to_le_bytes(), move |r| {
                     log.borrow_mut().push(op(&r))
                 })
                 .await;
@@ -832,8 +882,17 @@ impl Reader<'_> {
             isolation: self.isolation,
             ..ConsumerConfig::default()
         };
+        let lookup = client.clone();
         let mut consumer = Consumer::new(client, config);
-        consumer.assign(&cfg.topic, &all, Position::Beginning).await?;
+        // A ranged topic is followed through its lineage (parents read to their seals before
+        // their children); the final read takes every partition as it stands.
+        let follow = cfg.partitioning.ranged() && !self.final_read;
+        let mut looked_up = Instant::now();
+        if follow && !cfg.unsafe_ignore_lineage {
+            consumer.follow(&cfg.topic, Position::Beginning).await?;
+        } else {
+            consumer.assign(&cfg.topic, &all, Position::Beginning).await?;
+        }
         let mut recorded = Vec::new();
         let mut previous_invoke_us = micros(self.start);
         let mut polls: u32 = 0;
@@ -855,7 +914,23 @@ impl Reader<'_> {
                 consumer.set_prefer_replica(ReadReplica::Node(node));
             }
             polls = polls.wrapping_add(1);
-            let before: Vec<u64> = all.iter().map(|&p| consumer.position(&cfg.topic, p).unwrap_or(0)).collect();
+            if follow && cfg.unsafe_ignore_lineage && looked_up.elapsed() > Duration::from_millis(250) {
+                // The planted bug: new partitions taken at once, parents or not.
+                looked_up = Instant::now();
+                lookup.invalidate_metadata(&cfg.topic);
+                if let Ok(count) = lookup.partition_count(&cfg.topic).await {
+                    let assigned = consumer.assignment().len() as u32;
+                    let new: Vec<u32> = (assigned..count).collect();
+                    consumer.assign(&cfg.topic, &new, Position::Beginning).await?;
+                }
+            }
+            // Positions before the poll (a partition the consumer starts following starts at 0).
+            let before: BTreeMap<u32, u64> = consumer
+                .assignment()
+                .into_iter()
+                .filter(|(t, _)| *t == cfg.topic)
+                .map(|(_, p)| (p, consumer.position(&cfg.topic, p).unwrap_or(0)))
+                .collect();
             let invoke_us = std::mem::replace(&mut previous_invoke_us, micros(self.start));
             let records = match consumer.poll().await {
                 Ok(r) => r,
@@ -866,6 +941,9 @@ impl Reader<'_> {
                 }
             };
             let complete_us = micros(self.start);
+            if !self.final_read && !cfg.reader_pause.is_zero() {
+                compio::time::sleep(cfg.reader_pause).await;
+            }
             let mut by_partition: BTreeMap<u32, Vec<(check::Offset, check::Value)>> = BTreeMap::new();
             for r in records {
                 let value = r.value.get(..8).and_then(|b| b.try_into().ok()).map_or(0, u64::from_le_bytes);
@@ -875,7 +953,7 @@ impl Reader<'_> {
                 recorded.push(check::Op::Poll(PollOp {
                     process: check::ProcessId(self.process),
                     partition: check::PartitionId(p),
-                    from: check::Offset(before[p as usize]),
+                    from: check::Offset(before.get(&p).copied().unwrap_or(0)),
                     records,
                     // The answer that carried these records reported it.
                     high_watermark: consumer.high_watermark(&cfg.topic, p).map(check::Offset),
@@ -901,6 +979,52 @@ impl Reader<'_> {
         stats.lock().expect("no thread panicked holding the lock").add(&consumer.read_stats());
         Ok(())
     }
+}
+
+/// Splits and merges the topic `cfg.resizes` times, evenly over the run: splits of the last
+/// open partition and merges of the first two open neighbours, alternating (a split when only
+/// one partition is open). Returns one line per change.
+fn resize(cfg: &VerifyConfig, start: Instant) -> Result<Vec<String>> {
+    let rt = compio::runtime::Runtime::new()?;
+    rt.block_on(async {
+        let client = Client::with_config(client_config(cfg)).await?;
+        let gap = cfg.duration / (cfg.resizes + 1);
+        let mut done = Vec::new();
+        for change in 0..cfg.resizes {
+            compio::time::sleep((start + gap * (change + 1)).saturating_duration_since(Instant::now())).await;
+            // The controller may be between leaders (faults): retry for a while.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let line = loop {
+                let attempt = async {
+                    let t = client.topic_metadata(&cfg.topic).await?;
+                    let parts = open_ranges(&t);
+                    let pair = parts.windows(2).find(|w| w[0].0.precedes(&w[1].0));
+                    match pair {
+                        Some(w) if change % 2 == 1 => {
+                            let child = client.merge_partitions(&cfg.topic, [w[0].1, w[1].1]).await?;
+                            Ok::<_, ClientError>(format!("merge {}, {} into {child}", w[0].1, w[1].1))
+                        }
+                        _ => {
+                            let p = parts.last().map_or(0, |(_, p)| *p);
+                            let children = client.split_partition(&cfg.topic, p, None).await?;
+                            Ok(format!("split {p} into {children:?}"))
+                        }
+                    }
+                };
+                match attempt.await {
+                    Ok(line) => break line,
+                    Err(e) if Instant::now() < deadline => {
+                        tracing::debug!(error = %e, "resize failed; retrying");
+                        client.invalidate_metadata(&cfg.topic);
+                        compio::time::sleep(Duration::from_millis(200)).await;
+                    }
+                    Err(e) => return Err(e).context("splitting or merging the topic"),
+                }
+            };
+            done.push(format!("{line} at {:.3} s", start.elapsed().as_secs_f64()));
+        }
+        Ok(done)
+    })
 }
 
 /// Injects faults into `cfg.pids` / `cfg.partition_addrs` until the run's duration is over;

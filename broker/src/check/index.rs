@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use super::{Offset, Op, PartitionId, PollOp, ProcessId, SendOp, SendOutcome, Value};
+use super::{Key, Offset, Op, PartitionId, PollOp, ProcessId, SendOp, SendOutcome, Value};
 
 /// An acknowledged send.
 #[derive(Clone, Copy, Debug)]
@@ -17,6 +17,10 @@ pub(super) struct Ack {
     pub(super) partition: PartitionId,
     pub(super) offset: Offset,
     pub(super) value: Value,
+    /// The record key, if the send had one.
+    pub(super) key: Option<Key>,
+    /// Whether the send named its partition.
+    pub(super) aimed: bool,
     pub(super) invoke_us: u64,
     pub(super) complete_us: u64,
 }
@@ -92,6 +96,8 @@ impl<'h> Index<'h> {
                 partition,
                 offset,
                 value: send.value,
+                key: send.key,
+                aimed: send.partition.is_some(),
                 invoke_us: send.invoke_us,
                 complete_us: send.complete_us,
             });

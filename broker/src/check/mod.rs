@@ -81,7 +81,8 @@ impl Offset {
 #[serde(transparent)]
 pub struct Value(pub u64);
 
-/// A record key: informational only, no check uses it.
+/// A record key: only [`Check::KeyOrder`] uses it (a send without one takes part in no
+/// per-key order).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Key(pub u64);
@@ -137,7 +138,7 @@ pub struct SendOp {
     /// acknowledgement's partition is authoritative).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub partition: Option<PartitionId>,
-    /// The record key, if any (informational).
+    /// The record key, if any (the per-key order check's unit).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key: Option<Key>,
     /// The value sent, unique across the history.
@@ -384,7 +385,9 @@ pub enum Check {
     /// skipped offset. Declared gaps may be skipped.
     PollSkip,
     /// A producer's acknowledged sends to one partition, in invoke order, got offsets that do
-    /// not increase.
+    /// not increase. A keyed send that named no partition (routed by the broker's range map,
+    /// perhaps redirected by a split or merge) is held to this per key only: records of two
+    /// parents merged into one child have no order between them.
     NonmonotonicSend,
     /// An acknowledged value is missing from the final read of its partition. Not run (rather
     /// than passed) if a partition with acknowledged sends has no final read.
@@ -401,11 +404,19 @@ pub enum Check {
     /// A poll was not a run of consecutive offsets starting at its fetch offset (passing over
     /// declared gaps only), or returned an offset at or above its own high watermark.
     ConsistentPrefix,
+    /// Per-key order: two acknowledged sends of one key, A before B (A acknowledged before B
+    /// was invoked, or both from one producer and A invoked first), reached a read session in
+    /// the other order: the session was given B by a poll that completed before the poll
+    /// that gave it A (or earlier in the same poll). Polls completing at the same microsecond
+    /// in different operations are taken as unordered. This is what a consumer reading a
+    /// topic whose partitions split and merge must keep: it reads a parent to its seal before
+    /// its children. Final reads are left out (they read partition by partition).
+    KeyOrder,
 }
 
 impl Check {
     /// Every check, in report order.
-    pub const ALL: [Check; 11] = [
+    pub const ALL: [Check; 12] = [
         Check::LostWrite,
         Check::InconsistentOffset,
         Check::Duplicate,
@@ -417,6 +428,7 @@ impl Check {
         Check::ReadAfterWrite,
         Check::MonotonicRead,
         Check::ConsistentPrefix,
+        Check::KeyOrder,
     ];
 
     /// The stable kebab-case name, e.g. `"lost-write"`.
@@ -433,6 +445,7 @@ impl Check {
             Check::ReadAfterWrite => "read-after-write",
             Check::MonotonicRead => "monotonic-read",
             Check::ConsistentPrefix => "consistent-prefix",
+            Check::KeyOrder => "key-order",
         }
     }
 
@@ -447,6 +460,7 @@ impl Check {
             Check::PollSkip => "consecutive poll pairs",
             Check::ReadAfterWrite => "polls after own acknowledged sends",
             Check::MonotonicRead => "polls reporting a high watermark",
+            Check::KeyOrder => "reads of keyed values",
         }
     }
 }

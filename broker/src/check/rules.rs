@@ -24,6 +24,7 @@ pub(super) fn run(check: Check, ix: &Index<'_>) -> CheckResult {
         Check::ReadAfterWrite => read_after_write(ix),
         Check::MonotonicRead => monotonic_read(ix),
         Check::ConsistentPrefix => consistent_prefix(ix),
+        Check::KeyOrder => key_order(ix),
     }
 }
 
@@ -277,10 +278,15 @@ fn poll_skip(ix: &Index<'_>) -> CheckResult {
 }
 
 /// Nonmonotonic send: one producer's acknowledged sends to one partition, in invoke order, got
-/// offsets that do not increase.
+/// offsets that do not increase (keyed sends that named no partition: per key).
 fn nonmonotonic_send(ix: &Index<'_>) -> CheckResult {
     let mut found = Found::new(Check::NonmonotonicSend);
-    for ((process, partition), mut acks) in acks_by_session(ix) {
+    let mut grouped: BTreeMap<(ProcessId, PartitionId, Option<super::Key>), Vec<&Ack>> = BTreeMap::new();
+    for ack in &ix.acks {
+        let key = if ack.aimed { None } else { ack.key };
+        grouped.entry((ack.process, ack.partition, key)).or_default().push(ack);
+    }
+    for ((process, partition, _), mut acks) in grouped {
         acks.sort_by_key(|ack| (ack.invoke_us, ack.op));
         let mut highest: Option<&Ack> = None;
         for ack in acks {
@@ -478,6 +484,119 @@ fn consistent_prefix(ix: &Index<'_>) -> CheckResult {
         }
     }
     found.finish()
+}
+
+/// One keyed value as a session read it.
+#[derive(Clone, Copy)]
+struct KeyedRead<'i> {
+    /// The poll's completion: the session's delivery order, ties unordered across polls.
+    complete_us: u64,
+    /// The poll's index in the history.
+    op: usize,
+    /// The record's place in the poll.
+    place: usize,
+    ack: &'i Ack,
+}
+
+/// Per-key order: within each read session (final reads left out), per key, a value must not
+/// be delivered after one that was sent after it (see [`Check::KeyOrder`]). One sweep per
+/// (session, key) in delivery order, keeping the latest invoke time of anything delivered so
+/// far (overall and per producer): a read of A is out of order if something delivered before
+/// it was invoked after A was acknowledged, or by A's own producer after A was invoked.
+fn key_order(ix: &Index<'_>) -> CheckResult {
+    let mut found = Found::new(Check::KeyOrder);
+    let acks: HashMap<Value, &Ack> = ix.acks.iter().filter(|ack| ack.key.is_some()).map(|a| (a.value, a)).collect();
+    let mut sessions: BTreeMap<(ProcessId, super::Key), Vec<KeyedRead<'_>>> = BTreeMap::new();
+    let mut seen: HashSet<(ProcessId, Value)> = HashSet::new();
+    for &(op, poll) in ix.polls.iter().filter(|(_, poll)| !poll.final_read) {
+        for (place, &(_, value)) in poll.records.iter().enumerate() {
+            let Some(&ack) = acks.get(&value) else { continue };
+            let Some(key) = ack.key else { continue };
+            if seen.insert((poll.process, value)) {
+                let read = KeyedRead { complete_us: poll.complete_us, op, place, ack };
+                sessions.entry((poll.process, key)).or_default().push(read);
+            }
+        }
+    }
+    for ((process, key), mut reads) in sessions {
+        reads.sort_by_key(|read| (read.complete_us, read.op, read.place));
+        // The latest invoke among reads delivered strictly before the current group of polls
+        // (same completion time), and per producer.
+        let mut latest: Option<KeyedRead<'_>> = None;
+        let mut latest_by: HashMap<ProcessId, KeyedRead<'_>> = HashMap::new();
+        let mut group_start = 0;
+        while group_start < reads.len() {
+            let at = reads[group_start].complete_us;
+            let group_end = group_start + reads[group_start..].iter().take_while(|r| r.complete_us == at).count();
+            let group = &reads[group_start..group_end];
+            let mut i = 0;
+            while i < group.len() {
+                // One poll of the group: ordered within itself.
+                let op = group[i].op;
+                let poll_len = group[i..].iter().take_while(|r| r.op == op).count();
+                let mut local: Option<KeyedRead<'_>> = latest;
+                let mut local_by: HashMap<ProcessId, KeyedRead<'_>> = HashMap::new();
+                for &read in &group[i..i + poll_len] {
+                    found.counted += 1;
+                    let a = read.ack;
+                    let own = local_by
+                        .get(&a.process)
+                        .or_else(|| latest_by.get(&a.process))
+                        .copied()
+                        .filter(|b| b.ack.invoke_us > a.invoke_us);
+                    let later = local.filter(|b| b.ack.invoke_us > a.complete_us);
+                    if let Some(b) = own.or(later) {
+                        found.add(|| key_order_violation(process, key, read, b));
+                    }
+                    if local.is_none_or(|l| a.invoke_us > l.ack.invoke_us) {
+                        local = Some(read);
+                    }
+                    let mine = local_by.get(&a.process).or_else(|| latest_by.get(&a.process));
+                    if mine.is_none_or(|m| a.invoke_us > m.ack.invoke_us) {
+                        local_by.insert(a.process, read);
+                    }
+                }
+                i += poll_len;
+            }
+            for read in group {
+                let a = read.ack;
+                if latest.is_none_or(|l| a.invoke_us > l.ack.invoke_us) {
+                    latest = Some(*read);
+                }
+                if latest_by.get(&a.process).is_none_or(|m| a.invoke_us > m.ack.invoke_us) {
+                    latest_by.insert(a.process, *read);
+                }
+            }
+            group_start = group_end;
+        }
+    }
+    found.finish()
+}
+
+fn key_order_violation(process: ProcessId, key: super::Key, read: KeyedRead<'_>, before: KeyedRead<'_>) -> Violation {
+    let (a, b) = (read.ack, before.ack);
+    let why = if a.process == b.process && b.invoke_us > a.invoke_us {
+        format!("both sent by process {} and value {} invoked first", a.process, a.value)
+    } else {
+        format!(
+            "value {} was acknowledged at {} us, before value {} was invoked at {} us",
+            a.value, a.complete_us, b.value, b.invoke_us
+        )
+    };
+    Violation {
+        offsets: vec![a.offset, b.offset],
+        values: vec![a.value, b.value],
+        ops: vec![read.op, before.op, a.op, b.op],
+        ..violation(
+            a.partition,
+            Some(process),
+            format!(
+                "process {process} read key {} out of order: value {} (partition {} offset {}, op #{}) after value {} \
+                 (partition {} offset {}, op #{}), though {why} (sends op #{} and op #{})",
+                key.0, a.value, a.partition, a.offset, read.op, b.value, b.partition, b.offset, before.op, a.op, b.op
+            ),
+        )
+    }
 }
 
 /// The violations of one check, the first [`VIOLATIONS_KEPT_MAX`] kept.

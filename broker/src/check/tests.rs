@@ -341,6 +341,129 @@ fn consistent_prefix_record_at_high_watermark_or_out_of_order() {
     assert_names(&violations[0], 0, 1, 11, &[backwards]);
 }
 
+impl Rec {
+    /// An acknowledged send of `value` under `key`, at `at`.
+    fn keyed(&mut self, process: u32, key: u64, (partition, offset): (u32, u64), value: u64, at: (u64, u64)) -> usize {
+        self.history.push(SendOp {
+            process: ProcessId(process),
+            partition: Some(PartitionId(partition)),
+            key: Some(Key(key)),
+            value: Value(value),
+            invoke_us: at.0,
+            complete_us: at.1,
+            outcome: acked(partition, offset),
+        })
+    }
+
+    /// A poll completing at `complete_us`.
+    fn poll_done_at(&mut self, process: u32, partition: u32, records: &[(u64, u64)], complete_us: u64) -> usize {
+        let from = records.first().map_or(0, |r| r.0);
+        let poll = self.poll_op(process, partition, from, records, None);
+        self.history.push(PollOp { invoke_us: complete_us - 1, complete_us, ..poll })
+    }
+}
+
+#[test]
+fn key_order_child_read_before_its_parent() {
+    // Key 5 written to partition 0 (a parent), then, once acknowledged, to partition 1 (its
+    // child); a reader given the child's value first reads the key out of order.
+    let mut rec = Rec::new();
+    let a = rec.keyed(1, 5, (0, 0), 10, (0, 5));
+    let b = rec.keyed(1, 5, (1, 0), 11, (10, 15));
+    rec.keyed(1, 6, (0, 1), 12, (20, 25)); // another key, read in any order
+    let early = rec.poll_done_at(2, 1, &[(0, 11)], 100);
+    let late = rec.poll_done_at(2, 0, &[(0, 10), (1, 12)], 200);
+    let violations = fails_only(&rec.history, Check::KeyOrder);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert_names(&violations[0], 0, 0, 10, &[late, early, a, b]);
+    assert!(violations[0].detail.contains("read key 5 out of order"), "{}", violations[0].detail);
+    // The same reads in the order written pass, and so does another session reading only one.
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 5));
+    rec.keyed(1, 5, (1, 0), 11, (10, 15));
+    rec.poll_done_at(2, 0, &[(0, 10)], 100);
+    rec.poll_done_at(2, 1, &[(0, 11)], 200);
+    rec.poll_done_at(3, 1, &[(0, 11)], 300);
+    passes(&rec.history);
+}
+
+#[test]
+fn key_order_holds_a_producer_to_its_invoke_order_and_spares_concurrent_producers() {
+    // One producer, two sends in flight at once: invoke order is its order.
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 50));
+    rec.keyed(1, 5, (1, 0), 11, (10, 30));
+    rec.poll_done_at(2, 1, &[(0, 11)], 100);
+    rec.poll_done_at(2, 0, &[(0, 10)], 200);
+    let violations = fails_only(&rec.history, Check::KeyOrder);
+    assert_eq!(violations.len(), 1, "{violations:?}");
+    assert!(violations[0].detail.contains("both sent by process 1"), "{}", violations[0].detail);
+    // Two producers overlapping in time: no order between them.
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 50));
+    rec.keyed(3, 5, (1, 0), 11, (10, 30));
+    rec.poll_done_at(2, 1, &[(0, 11)], 100);
+    rec.poll_done_at(2, 0, &[(0, 10)], 200);
+    passes(&rec.history);
+}
+
+#[test]
+fn key_order_inside_one_poll_counts_and_across_simultaneous_polls_does_not() {
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 5));
+    rec.keyed(1, 5, (0, 1), 11, (10, 15));
+    rec.poll_done_at(2, 0, &[(1, 11), (0, 10)], 100);
+    let report = check(&rec.history);
+    assert!(report.violated(Check::KeyOrder), "{report}");
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 5));
+    rec.keyed(1, 5, (1, 0), 11, (10, 15));
+    rec.poll_done_at(2, 1, &[(0, 11)], 100);
+    rec.poll_done_at(2, 0, &[(0, 10)], 100);
+    passes(&rec.history);
+    // Final reads go partition by partition: never out of key order.
+    let mut rec = Rec::new();
+    rec.keyed(1, 5, (0, 0), 10, (0, 5));
+    rec.keyed(1, 5, (1, 0), 11, (10, 15));
+    rec.final_poll(1, 0, &[(0, 11)], Some(1));
+    rec.final_poll(0, 0, &[(0, 10)], Some(1));
+    passes(&rec.history);
+}
+
+#[test]
+fn nonmonotonic_send_of_routed_keyed_sends_is_per_key() {
+    // Two keys routed (no partition named) into one merged child: their records interleave in
+    // any order; one key's may not go backwards.
+    let routed = |rec: &mut Rec, key: u64, value: u64, offset: u64| {
+        let at = rec.slot();
+        rec.history.push(SendOp {
+            process: ProcessId(1),
+            partition: None,
+            key: Some(Key(key)),
+            value: Value(value),
+            invoke_us: at.0,
+            complete_us: at.1,
+            outcome: acked(4, offset),
+        })
+    };
+    let mut rec = Rec::new();
+    routed(&mut rec, 1, 10, 1);
+    routed(&mut rec, 2, 11, 0);
+    let report = check(&rec.history);
+    assert!(!report.violated(Check::NonmonotonicSend), "{report}");
+    let mut rec = Rec::new();
+    routed(&mut rec, 1, 10, 1);
+    routed(&mut rec, 1, 11, 0);
+    let report = check(&rec.history);
+    assert!(report.violated(Check::NonmonotonicSend), "{report}");
+    // Aimed at the partition, the order holds whatever the keys.
+    let mut rec = Rec::new();
+    rec.keyed(1, 1, (4, 1), 10, (0, 5));
+    rec.keyed(1, 2, (4, 0), 11, (10, 15));
+    let report = check(&rec.history);
+    assert!(report.violated(Check::NonmonotonicSend), "{report}");
+}
+
 // ---- Good histories ----
 
 /// Two partitions; three producers (two overlapping in time); two consumers; a producer reading
@@ -500,7 +623,8 @@ fn check_names_are_stable_and_match_serde() {
             "unread-ack",
             "read-after-write",
             "monotonic-read",
-            "consistent-prefix"
+            "consistent-prefix",
+            "key-order"
         ]
     );
     for check in Check::ALL {
@@ -729,19 +853,19 @@ fn arbitrary_op() -> impl Strategy<Value = Op> {
         Just(SendOutcome::Failed),
         Just(SendOutcome::Unknown),
     ];
-    let send = (0u32..3, proptest::option::of(0u32..2), value(), 0u64..40, 0u64..40, outcome).prop_map(
-        |(process, partition, value, invoke_us, complete_us, outcome)| {
-            Op::Send(SendOp {
-                process: ProcessId(process),
-                partition: partition.map(PartitionId),
-                key: None,
-                value,
-                invoke_us,
-                complete_us,
-                outcome,
-            })
-        },
-    );
+    let send =
+        (0u32..3, proptest::option::of(0u32..2), value(), 0u64..40, 0u64..40, outcome, proptest::option::of(0u64..2))
+            .prop_map(|(process, partition, value, invoke_us, complete_us, outcome, key)| {
+                Op::Send(SendOp {
+                    process: ProcessId(process),
+                    partition: partition.map(PartitionId),
+                    key: key.map(Key),
+                    value,
+                    invoke_us,
+                    complete_us,
+                    outcome,
+                })
+            });
     let records = proptest::collection::vec((offset(), value()), 0..5);
     let poll = (0u32..3, 0u32..2, offset(), records, proptest::option::of(offset()), 0u64..40, any::<bool>()).prop_map(
         |(process, partition, from, records, high_watermark, invoke_us, final_read)| {

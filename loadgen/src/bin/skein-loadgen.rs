@@ -446,6 +446,30 @@ struct VerifyArgs {
     /// With --transactions: the producers' transaction timeout.
     #[arg(long, default_value = "10s", value_parser = parse_duration)]
     transaction_timeout: Duration,
+    /// The topic's partitioning: hash (a fixed count), or hash-range / key-range (partitions
+    /// that split and merge; producers then send keyed records and readers follow the
+    /// lineage, which the key-order check checks).
+    #[arg(long, default_value = "hash", value_parser = parse_partitioning)]
+    partitioning: skein_client::partitioning::Partitioning,
+    /// With a ranged --partitioning: splits and merges of the topic during the run, spread
+    /// evenly.
+    #[arg(long, default_value_t = 0)]
+    resizes: u32,
+    /// With a ranged --partitioning: distinct keys written.
+    #[arg(long, default_value_t = 32)]
+    keys: u64,
+    /// Readers pause this long after each poll (slow readers: a split finds a backlog).
+    #[arg(long, default_value = "0s", value_parser = parse_duration)]
+    reader_pause: Duration,
+    /// TEST ONLY: readers of a ranged topic take each new partition at once, without reading
+    /// its parents to their seals first, to see the key-order check fail.
+    #[arg(long)]
+    unsafe_ignore_lineage: bool,
+}
+
+fn parse_partitioning(s: &str) -> Result<skein_client::partitioning::Partitioning, String> {
+    skein_client::partitioning::Partitioning::parse(s)
+        .ok_or_else(|| format!("'{s}': expected hash, hash-range or key-range"))
 }
 
 /// A local cluster started by skein-loadgen.
@@ -688,6 +712,11 @@ fn verify_command(mut a: VerifyArgs) -> Result<()> {
         nodes: 1,
         transactions: a.transactions,
         transaction_timeout: a.transaction_timeout,
+        partitioning: a.partitioning,
+        resizes: a.resizes,
+        keys: a.keys,
+        reader_pause: a.reader_pause,
+        unsafe_ignore_lineage: a.unsafe_ignore_lineage,
     };
     let v = match cluster.as_mut() {
         Some(c) => verify::run_cluster(cfg, &mut c.cluster),
@@ -717,6 +746,9 @@ fn verify_command(mut a: VerifyArgs) -> Result<()> {
             f.end_us.saturating_sub(f.start_us) as f64 / 1e6,
             f.partitions
         );
+    }
+    for line in &v.resizes {
+        println!("resize {line}");
     }
     if a.acks == Acks::Leader {
         println!("acks=leader: {} acknowledged record(s) lost inside the loss window, excused", v.excused);
