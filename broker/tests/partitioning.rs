@@ -505,3 +505,202 @@ fn a_consumer_group_reads_through_the_lineage_in_key_order() {
     });
     drop(broker);
 }
+
+/// Keys `k0, k1, ...` whose hash falls in each of a hash-range topic's `n` initial ranges,
+/// `per_range` per range.
+fn keys_by_range(n: u32, per_range: usize) -> Vec<Vec<String>> {
+    let ranges = Partitioning::HashRange.initial_ranges(n);
+    let mut keys = vec![Vec::new(); ranges.len()];
+    let mut i = 0u64;
+    while keys.iter().any(|k: &Vec<String>| k.len() < per_range) {
+        let key = format!("k{i}");
+        let point = Partitioning::HashRange.point(key.as_bytes()).expect("ranged");
+        let r = ranges.iter().position(|r| r.contains(point.bytes())).expect("the ranges cover every point");
+        if keys[r].len() < per_range {
+            keys[r].push(key);
+        }
+        i += 1;
+    }
+    keys
+}
+
+/// Records per second of each partition between two descriptions `secs` apart.
+fn rates(
+    before: &skein_client::wire::TopicDescription,
+    after: &skein_client::wire::TopicDescription,
+    secs: f64,
+) -> BTreeMap<u32, f64> {
+    let start: HashMap<u32, u64> = before.partitions.iter().map(|p| (p.partition, p.log_end)).collect();
+    after
+        .partitions
+        .iter()
+        .map(|p| (p.partition, (p.log_end - start.get(&p.partition).copied().unwrap_or(0)) as f64 / secs))
+        .collect()
+}
+
+/// Issue 21: a range taking 5 times its neighbours' load is split by the controller on its
+/// own within 5 s (its leader reports the load each second; the topic sets
+/// `auto.split.records.per.sec`), at the median of the keys it saw, and afterwards the
+/// per-partition rates are closer: each child takes about half, no partition crosses the
+/// threshold, and nothing else changes (the rate limit and the threshold hold). No error
+/// reaches the producer.
+#[test]
+fn a_range_with_five_times_its_neighbours_load_splits_by_itself_and_the_load_evens_out() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        let configs = [("auto.split.records.per.sec".to_owned(), "1500".to_owned())];
+        client.create_topic_with("hot", 4, 1, Partitioning::HashRange, &configs).await.expect("create");
+        let keys = keys_by_range(4, 40);
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let stop = Rc::new(RefCell::new(false));
+        // Every 10 ms: 25 records to partition 1's keys, 5 to each other's (2,500/s against
+        // 500/s), over 40 keys per range.
+        let task = {
+            let (producer, stop) = (producer.clone(), stop.clone());
+            compio::runtime::spawn(async move {
+                let mut deliveries = Vec::new();
+                let mut next = std::time::Instant::now();
+                let mut tick = 0usize;
+                while !*stop.borrow() {
+                    for (range, keys) in keys.iter().enumerate() {
+                        let count = if range == 1 { 25 } else { 5 };
+                        for j in 0..count {
+                            let key = &keys[(tick * count + j) % keys.len()];
+                            let d = producer.send("hot", Some(key.as_bytes()), b"x").await;
+                            deliveries.push(d);
+                        }
+                    }
+                    tick += 1;
+                    next += Duration::from_millis(10);
+                    compio::time::sleep(next.saturating_duration_since(std::time::Instant::now())).await;
+                }
+                producer.flush().await;
+                let mut errors = Vec::new();
+                for d in deliveries {
+                    match d {
+                        Ok(d) => {
+                            if let Err(e) = d.await {
+                                errors.push(e.to_string());
+                            }
+                        }
+                        Err(e) => errors.push(e.to_string()),
+                    }
+                }
+                errors
+            })
+        };
+        let started = std::time::Instant::now();
+        let initial = client.describe_topic("hot").await.expect("describe");
+        let (split_after, at_split) = loop {
+            compio::time::sleep(Duration::from_millis(100)).await;
+            client.invalidate_metadata("hot");
+            let now = client.describe_topic("hot").await.expect("describe");
+            if now.partitions.len() > 4 {
+                break (started.elapsed(), now);
+            }
+            assert!(started.elapsed() < Duration::from_secs(10), "no split after 10 s");
+        };
+        // Until the split (the parent's log end stops at its seal, a moment before).
+        let hot_rates = rates(&initial, &at_split, split_after.as_secs_f64());
+        let t = client.topic_metadata("hot").await.expect("metadata");
+        let children: Vec<u32> =
+            t.partitions.iter().filter(|p| p.lineage.parents == [1]).map(|p| p.partition).collect();
+        assert_eq!(children.len(), 2, "partition 1 split: {:?}", t.partitions);
+        // The per-partition rates over 3 s once the children took over.
+        compio::time::sleep(Duration::from_millis(500)).await;
+        client.invalidate_metadata("hot");
+        let from = client.describe_topic("hot").await.expect("describe");
+        compio::time::sleep(Duration::from_secs(3)).await;
+        client.invalidate_metadata("hot");
+        let to = client.describe_topic("hot").await.expect("describe");
+        *stop.borrow_mut() = true;
+        let errors = task.await.expect("the producer task");
+        assert!(errors.is_empty(), "errors reached the producer: {:?}", &errors[..errors.len().min(5)]);
+        let after = rates(&from, &to, 3.0);
+        let open: Vec<u32> = to.partitions.iter().filter(|p| p.lineage.seal == 0).map(|p| p.partition).collect();
+        let spread = |rates: &BTreeMap<u32, f64>, parts: &[u32]| {
+            let r: Vec<f64> = parts.iter().map(|p| rates[p]).collect();
+            r.iter().cloned().fold(0.0, f64::max) / r.iter().cloned().fold(f64::MAX, f64::min).max(1.0)
+        };
+        let before_spread = spread(&hot_rates, &[0, 1, 2, 3]);
+        let after_spread = spread(&after, &open);
+        println!(
+            "split after {:.2} s; records/s before {:?} (max/min {before_spread:.2}); after {:?} (open {open:?}, max/min {after_spread:.2})",
+            split_after.as_secs_f64(),
+            hot_rates,
+            after
+        );
+        assert!(split_after <= Duration::from_secs(5), "split after {split_after:?}");
+        assert_eq!(open.len(), 5, "one split only: {open:?}");
+        for child in &children {
+            assert!((700.0..=1_800.0).contains(&after[child]), "child {child} takes {} records/s", after[child]);
+        }
+        assert!(after_spread < 4.0, "rates after the split: {after:?}");
+        assert!(before_spread > 3.0, "the hot range took {hot_rates:?} before the split");
+        assert!(after_spread < before_spread, "max/min {after_spread:.2} not below {before_spread:.2}");
+    });
+    drop(broker);
+}
+
+/// The other automatic triggers on a real broker: a partition whose log passes
+/// `auto.split.bytes` splits, and neighbours taking fewer records per second than
+/// `auto.merge.records.per.sec` merge, one change per `auto.split.interval.ms`, until one
+/// partition is left; a hash topic refuses the settings.
+#[test]
+fn a_large_partition_splits_and_cold_neighbours_merge_by_themselves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        let c = |pairs: &[(&str, &str)]| -> Vec<(String, String)> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        let refused = client.create_topic("plain", 2, 1, &c(&[("auto.split.bytes", "1000")])).await;
+        assert!(refused.is_err_and(|e| e.to_string().contains("ranged")), "a hash topic takes no auto settings");
+        let bad = c(&[("auto.split.bytes", "lots")]);
+        assert!(client.create_topic_with("bad", 2, 1, Partitioning::HashRange, &bad).await.is_err());
+        let big = c(&[("auto.split.bytes", "300000"), ("auto.split.partitions.max", "2")]);
+        client.create_topic_with("big", 1, 1, Partitioning::HashRange, &big).await.expect("create");
+        let cold = c(&[("auto.merge.records.per.sec", "100"), ("auto.split.interval.ms", "1000")]);
+        client.create_topic_with("cold", 4, 1, Partitioning::HashRange, &cold).await.expect("create");
+        let producer = Producer::new(client.clone(), ProducerConfig::default());
+        let value = vec![b'v'; 1000];
+        let started = std::time::Instant::now();
+        let mut i = 0u64;
+        let (mut big_split, mut cold_open) = (None, 4);
+        while started.elapsed() < Duration::from_secs(15) {
+            // 400 KB/s to "big", 20 records/s to "cold".
+            for j in 0..4 {
+                let key = format!("k{}", i * 4 + j);
+                producer.send("big", Some(key.as_bytes()), &value).await.expect("queued");
+            }
+            if i.is_multiple_of(5) {
+                producer.send("cold", Some(format!("c{i}").as_bytes()), b"x").await.expect("queued");
+            }
+            i += 1;
+            compio::time::sleep(Duration::from_millis(10)).await;
+            if i.is_multiple_of(25) {
+                client.invalidate_metadata("big");
+                client.invalidate_metadata("cold");
+                let b = client.topic_metadata("big").await.expect("metadata");
+                if b.partitions.len() > 1 && big_split.is_none() {
+                    big_split = Some(started.elapsed());
+                }
+                let t = client.topic_metadata("cold").await.expect("metadata");
+                cold_open = open_ranges(&t).len();
+                if big_split.is_some() && cold_open == 1 {
+                    break;
+                }
+            }
+        }
+        producer.flush().await;
+        println!("big split after {big_split:?}; cold open partitions {cold_open} after {:?}", started.elapsed());
+        assert!(big_split.is_some_and(|t| t < Duration::from_secs(5)), "big split after {big_split:?}");
+        assert_eq!(cold_open, 1, "the cold partitions merged into one");
+        let b = client.topic_metadata("big").await.expect("metadata");
+        assert_eq!(open_ranges(&b).len(), 2, "auto.split.partitions.max holds");
+    });
+    drop(broker);
+}

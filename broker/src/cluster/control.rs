@@ -465,6 +465,10 @@ impl Node {
         }
         let partitioning = Partitioning::from_wire(t.partitioning)
             .ok_or_else(|| (ErrorCode::INVALID_REQUEST, format!("unknown partitioning {}", t.partitioning)))?;
+        if !partitioning.ranged() && configs.keys().any(|k| k.starts_with("auto.")) {
+            let what = "automatic splits and merges need a ranged topic (--partitioning hash-range or key-range)";
+            return Err((ErrorCode::INVALID_CONFIG, what.into()));
+        }
         if partitioning.ranged()
             && (configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true") || t.name.starts_with("__"))
         {

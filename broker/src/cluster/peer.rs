@@ -290,6 +290,16 @@ impl PeerFrame {
                 put(w, indexes[0]);
                 put(w, indexes[1]);
             }
+            Message::Load { leader, epoch, partition, load } => {
+                put(w, 19u8);
+                put(w, leader.0);
+                put(w, epoch.0);
+                put(w, partition.0);
+                put(w, load.records_per_s);
+                put(w, load.bytes_per_s);
+                put(w, load.size_bytes);
+                put(w, load.keys.clone());
+            }
         }
         Ok(())
     }
@@ -392,6 +402,18 @@ impl Wire for PeerFrame {
             },
             17 => Message::Split { topic: get(r)?, index: get(r)?, at: get(r)? },
             18 => Message::Merge { topic: get(r)?, indexes: [get(r)?, get(r)?] },
+            19 => {
+                let (leader, epoch, partition) = (NodeId(get(r)?), LeaderEpoch(get(r)?), PartitionId(get(r)?));
+                let (records_per_s, bytes_per_s, size_bytes) = (get(r)?, get(r)?, get(r)?);
+                let keys: Vec<Vec<u8>> = get(r)?;
+                let bounded = keys.len() <= crate::core::autosplit::SAMPLES_MAX
+                    && keys.iter().all(|k| k.len() <= crate::core::autosplit::SAMPLE_KEY_BYTES_MAX);
+                if !bounded {
+                    return Err(DecodeError::Invalid("load report keys"));
+                }
+                let load = crate::core::autosplit::Load { records_per_s, bytes_per_s, size_bytes, keys };
+                Message::Load { leader, epoch, partition, load }
+            }
             10 => Message::ControlledShutdown { broker: NodeId(get(r)?), incarnation: get(r)? },
             11 => Message::Reassign { partition: PartitionId(get(r)?), replicas: get_nodes(r)? },
             12 => Message::DeleteTopic { name: get(r)? },
@@ -615,6 +637,13 @@ mod tests {
         roundtrip(Message::Split { topic: "t".into(), index: 3, at: Some(b"m".to_vec()) });
         roundtrip(Message::Split { topic: "t".into(), index: 3, at: None });
         roundtrip(Message::Merge { topic: "t".into(), indexes: [4, 2] });
+        let load = crate::core::autosplit::Load {
+            records_per_s: 5_000,
+            bytes_per_s: 1 << 20,
+            size_bytes: 1 << 30,
+            keys: vec![b"k1".to_vec(), Vec::new()],
+        };
+        roundtrip(Message::Load { leader: NodeId(1), epoch: LeaderEpoch(3), partition: PartitionId(7), load });
         roundtrip(Message::ControlledShutdown { broker: NodeId(3), incarnation: 4 });
         roundtrip(Message::DeleteTopic { name: "gone".into() });
         roundtrip(Message::TxnMarker(MarkerRequest {

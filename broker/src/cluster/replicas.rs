@@ -82,6 +82,7 @@ pub(super) fn replica_settings(
             return Err(format!("{UNCLEAN}: '{}' is not true or false", skein_client::wire::shown(v)));
         }
     }
+    let auto = crate::core::autosplit::auto_split_config(&mut log_configs)?;
     let table = crate::core::table::table_config(&mut log_configs)?;
     // A table machine applies its log once and cannot take records back: an unclean election
     // truncates replicas below what their machines applied, and the records written over them
@@ -114,6 +115,7 @@ pub(super) fn replica_settings(
         replica_lag_max_ms: config.replica_lag_max_ms,
         fetch_timeout_ms: 500,
         fetch_wait_max_ms: config.replica_fetch_wait_max_ms,
+        load_window_ms: auto.map(|_| crate::core::autosplit::LOAD_WINDOW_MS),
         ..ReplicaConfig::default()
     };
     Ok((replica, log))

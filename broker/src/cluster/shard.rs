@@ -449,6 +449,7 @@ impl Node {
             | Message::ControlledShutdown { .. }
             | Message::Reassign { .. }
             | Message::Sealed { .. }
+            | Message::Load { .. }
             | Message::Split { .. }
             | Message::Merge { .. }
             | Message::DeleteTopic { .. } => {

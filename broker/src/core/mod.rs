@@ -14,6 +14,7 @@
 //!   ISR with epoch bumps, ISR changes.
 //! - [`quorum`]: that state machine replicated with Raft (raft-rs) over the voters.
 
+pub mod autosplit;
 pub mod controller;
 pub mod group;
 pub mod machine;
@@ -400,6 +401,18 @@ pub enum Message {
         partition: PartitionId,
         /// Its log end.
         offset: Offset,
+    },
+    /// Leader to controller: the partition's load over the leader's last window (partitions
+    /// of topics with automatic splits or merges only; see [`autosplit`]).
+    Load {
+        /// The reporting leader.
+        leader: NodeId,
+        /// Its epoch.
+        epoch: LeaderEpoch,
+        /// The partition.
+        partition: PartitionId,
+        /// What it measured.
+        load: autosplit::Load,
     },
     /// Broker to controller: move leadership away from me and take me out of the ISRs, I am
     /// stopping (controlled shutdown).

@@ -188,6 +188,7 @@ impl<S: Storage> BrokerNode<S> {
             | Message::ControlledShutdown { .. }
             | Message::Reassign { .. }
             | Message::Sealed { .. }
+            | Message::Load { .. }
             | Message::Split { .. }
             | Message::Merge { .. }
             | Message::DeleteTopic { .. } => {} // for the controller

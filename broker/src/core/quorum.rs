@@ -35,6 +35,7 @@ use raft::prelude::{ConfState, Entry, EntryType, HardState, Message as RaftMessa
 use raft::{Config, GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage, StorageError};
 use serde::{Deserialize, Serialize};
 
+use super::autosplit::{AutoSplit, Resize};
 use super::controller::{Controller, ControllerSnapshot, SnapshotError};
 use super::{IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId, Time};
 use skein_client::partitioning::Partitioning;
@@ -151,6 +152,8 @@ pub struct ControllerVoter {
     controller: Controller,
     last_tick_proposed: Option<Time>,
     was_leader: bool,
+    /// Automatic splits and merges (active voter only).
+    auto: AutoSplit,
     applied: u64,
     /// The index of the latest snapshot (taken or installed; 0: none).
     snapshot_index: u64,
@@ -211,6 +214,7 @@ impl ControllerVoter {
             controller,
             last_tick_proposed: None,
             was_leader: false,
+            auto: AutoSplit::default(),
             applied: snapshot_index,
             snapshot_index,
             snapshots_sent: Vec::new(),
@@ -309,6 +313,16 @@ impl ControllerVoter {
             }
             Message::Split { topic, index, at } if self.is_active() => self.propose(Input::Split { topic, index, at }),
             Message::Merge { topic, indexes } if self.is_active() => self.propose(Input::Merge { topic, indexes }),
+            Message::Load { leader, epoch, partition, load } if self.is_active() => {
+                // Soft state: from the partition's current leader only, never in the log.
+                let current = self
+                    .controller
+                    .partition(partition)
+                    .is_some_and(|s| s.leader == Some(leader) && leader == from && s.epoch == epoch);
+                if current {
+                    self.auto.note(now, partition, load);
+                }
+            }
             Message::Sealed { leader, epoch, partition, offset } if self.is_active() => {
                 let input = Input::Sealed {
                     now: now.0,
@@ -344,7 +358,17 @@ impl ControllerVoter {
         self.process(out);
         if !self.is_active() {
             self.was_leader = false;
+            self.auto.clear();
             return;
+        }
+        // Automatic splits and merges, proposed like an operator's (the controller's checks
+        // apply when the entry is applied).
+        for change in self.auto.decide(now, &self.controller) {
+            tracing::info!(?change, "automatic resize");
+            match change {
+                Resize::Split { topic, index, at } => self.propose(Input::Split { topic, index, at }),
+                Resize::Merge { topic, indexes } => self.propose(Input::Merge { topic, indexes }),
+            }
         }
         if !self.was_leader {
             // First, before any tick: restart the sessions, so the time this voter commits

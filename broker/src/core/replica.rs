@@ -34,6 +34,7 @@ use skein_log::storage::{Storage, StorageError, StorageFile};
 use skein_log::types::{ProducerEpoch, ProducerId, Timestamp};
 use skein_log::{Durability, Log, ReadLimit, SyncJob, WriteJob};
 
+use super::autosplit::LoadMeter;
 use super::producers::{ProducerStates, SequenceCheck};
 use super::txn_partition::{marker_batch, marker_of, AbortedTxn, MarkerCheck, MarkerKind, PartitionTxns, WriteRefusal};
 use super::{
@@ -98,6 +99,10 @@ pub struct ReplicaConfig {
     /// `acks=leader` produce waits for a write. Off: every batch gets a write job at once and a
     /// sync follows it, as with `acks=leader` (unit tests that step the two apart use that).
     pub write_with_sync: bool,
+    /// A leader measures its load over windows of this many milliseconds and reports each to
+    /// the controller (`Message::Load`), for automatic splits and merges
+    /// ([`super::autosplit`]); `None` (topics without automatic settings): no measuring.
+    pub load_window_ms: Option<u64>,
 }
 
 impl Default for ReplicaConfig {
@@ -112,6 +117,7 @@ impl Default for ReplicaConfig {
             alter_isr_retry_ms: 100,
             retention_check_ms: 100,
             write_with_sync: true,
+            load_window_ms: None,
         }
     }
 }
@@ -210,6 +216,8 @@ struct LeaderState {
     pending_isr: Option<(Vec<NodeId>, Time)>,
     /// When this leader last reported a sealing partition's log end to the controller.
     seal_reported: Option<Time>,
+    /// What this leader appended per window (with `load_window_ms`).
+    load: LoadMeter,
     /// `acks=all` produces waiting for the high watermark: (batch end, request, base, deadline).
     waiting: VecDeque<(Offset, RequestId, Offset, Time)>,
 }
@@ -463,6 +471,7 @@ impl<S: Storage> Replica<S> {
                     followers,
                     pending_isr: None,
                     seal_reported: None,
+                    load: LoadMeter::default(),
                     waiting: VecDeque::new(),
                 });
             }
@@ -643,6 +652,13 @@ impl<S: Storage> Replica<S> {
         let reject = |out: &mut Vec<Command<Job<S>>>, e| out.push(Command::ProduceReply { request, result: Err(e) });
         batch.set_leader_epoch(self.epoch());
         let marker = marker_of(&batch);
+        if let (Some(_), Role::Leader(l), None) = (self.config.load_window_ms, &mut self.role, marker) {
+            // One key copied for one batch in a few; nothing per record.
+            let records = u64::from(batch.header().record_count);
+            let sample = l.load.sample_index(records as usize);
+            let key = sample.and_then(|i| batch.records().get(i).and_then(|r| r.key.as_ref()));
+            l.load.note(now, records, u64::from(batch.len_bytes()), key.map(|k| k.as_slice()));
+        }
         let mut header = *batch.header();
         let info = match self.log.append(batch, now.timestamp()) {
             Ok(info) => info,
@@ -1058,6 +1074,7 @@ impl<S: Storage> Replica<S> {
                 self.maybe_sync(now, out);
                 self.answer_parked(now, false, out);
                 self.report_seal(now, out);
+                self.report_load(now, out);
             }
             Role::Offline => {}
         }
@@ -1080,6 +1097,20 @@ impl<S: Storage> Replica<S> {
         }
         l.seal_reported = Some(now);
         let msg = Message::Sealed { leader: self.id, epoch: state.epoch, partition: self.partition, offset: end };
+        out.push(Command::Send { to: Peer::Controller, msg });
+    }
+
+    /// Leader of an open partition with `load_window_ms`: at the end of each window, reports
+    /// its load to the controller.
+    fn report_load(&mut self, now: Time, out: &mut Vec<Command<Job<S>>>) {
+        let Some(window_ms) = self.config.load_window_ms else { return };
+        let Some(state) = &self.state else { return };
+        let Role::Leader(l) = &mut self.role else { return };
+        if state.seal != Seal::Open {
+            return;
+        }
+        let Some(load) = l.load.take(now, window_ms, self.log.size_bytes()) else { return };
+        let msg = Message::Load { leader: self.id, epoch: state.epoch, partition: self.partition, load };
         out.push(Command::Send { to: Peer::Controller, msg });
     }
 

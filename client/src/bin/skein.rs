@@ -1,6 +1,33 @@
 //! `skein`: the command-line client. Errors are one line on stderr; exit 0 ok, 1 failure,
 //! 2 usage.
 
+// Standard output closed early (`skein topic describe T | head`) ends the command quietly,
+// as for any Unix tool, instead of the standard macros' panic on the broken pipe.
+macro_rules! println {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let written = writeln!(std::io::stdout(), $($arg)*);
+        stdout_written(written);
+    }};
+}
+
+macro_rules! print {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let written = write!(std::io::stdout(), $($arg)*);
+        stdout_written(written);
+    }};
+}
+
+/// Exits at once (status 0) if standard output is gone; other write errors are reported.
+fn stdout_written(result: std::io::Result<()>) {
+    match result {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => std::process::exit(0),
+        Err(e) => eprintln!("skein: writing to standard output: {e}"),
+    }
+}
+
 use std::collections::VecDeque;
 use std::io::{BufRead, BufWriter, Write};
 use std::path::{Path, PathBuf};
