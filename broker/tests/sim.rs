@@ -283,3 +283,50 @@ fn planted_snapshot_as_serializable_is_caught_as_write_skew() {
     let (caught, seen) = first_table_catch("snapshot-as-serializable", 8, &["elle-G2-item"]);
     assert!(caught.is_some(), "snapshot-as-serializable not caught as G2-item in 8 seeds (other failures: {seen:?})");
 }
+
+/// The split workload's config for a seed.
+fn with_splits(seed: u64) -> SimConfig {
+    SimConfig { splits: true, ..SimConfig::new(seed) }
+}
+
+/// Runs split-workload seeds from 0 with `plant` until one fails naming `expected`.
+fn first_split_catch(plant: &str, budget: u64, expected: &str) -> (Option<u64>, Vec<String>) {
+    let plant = Plant::named(plant).expect("known");
+    let mut seen = Vec::new();
+    for seed in 0..budget {
+        let props = run(&SimConfig { plant, ..with_splits(seed) }).failed_properties();
+        if props.iter().any(|p| p == expected) {
+            return (Some(seed), seen);
+        }
+        seen.extend(props);
+    }
+    (None, seen)
+}
+
+#[test]
+fn a_block_of_seeds_passes_with_splits_and_merges_among_the_faults() {
+    let (mut resized, mut faults, mut keyed_reads) = (0, 0, 0);
+    for seed in 4000..4020 {
+        let out = run(&with_splits(seed));
+        assert!(out.passed(), "seed {seed}: {:?}\n{}", out.violations, out.report);
+        resized += out.resized_partitions;
+        faults += out.faults;
+        let key_order = out.report.result(skein_broker::check::Check::KeyOrder).map_or(0, |r| r.counted);
+        keyed_reads += key_order;
+    }
+    assert!(faults >= 100, "faults were injected: {faults}");
+    assert!(resized >= 20 * 4, "splits and merges happened: {resized} partitions made");
+    assert!(keyed_reads >= 20 * 500, "the consumers read keyed values: {keyed_reads}");
+}
+
+#[test]
+fn planted_ignore_lineage_is_caught_as_keys_read_out_of_order() {
+    let (caught, seen) = first_split_catch("ignore-lineage", 60, "key-order");
+    assert!(caught.is_some(), "not caught in 60 seeds (other failures: {seen:?})");
+}
+
+#[test]
+fn planted_seal_before_dedup_is_caught_as_duplicates() {
+    let (caught, seen) = first_split_catch("seal-before-dedup", 60, "duplicate");
+    assert!(caught.is_some(), "not caught in 60 seeds (other failures: {seen:?})");
+}

@@ -62,6 +62,11 @@ struct Args {
     /// convergence (no-read-validation and snapshot-as-serializable need it).
     #[arg(long)]
     tables: bool,
+    /// The data partitions are a hash-range topic that splits and merges among the faults:
+    /// keyed producers routed by the range map, consumers reading parents to their seals
+    /// before children, and the key-order check.
+    #[arg(long)]
+    splits: bool,
 }
 
 fn main() -> Result<()> {
@@ -82,7 +87,8 @@ fn main() -> Result<()> {
     let plant_arg = args.plant.as_ref().map(|p| format!(" --plant {p}")).unwrap_or_default()
         + if args.groups { " --groups" } else { "" }
         + if args.transactions { " --transactions" } else { "" }
-        + if args.tables { " --tables" } else { "" };
+        + if args.tables { " --tables" } else { "" }
+        + if args.splits { " --splits" } else { "" };
     let hint = plant_arg.clone();
     let default_hook = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
@@ -102,6 +108,7 @@ fn main() -> Result<()> {
     let mut caught: std::collections::BTreeMap<String, u64> = Default::default();
     let mut failures = Vec::new();
     let mut failover_ms: Vec<u64> = Vec::new();
+    let mut resized = 0u64;
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let mut last_progress = Instant::now();
     for seed in args.start..args.start + args.seeds {
@@ -119,12 +126,14 @@ fn main() -> Result<()> {
             groups: args.groups,
             transactions: args.transactions,
             tables: args.tables,
+            splits: args.splits,
             ..SimConfig::new(seed)
         };
         let out = run(&cfg);
         events += out.events;
         ops += out.ops + out.group_ops + out.txn_ops + out.table_ops;
         failover_ms.extend(&out.failover_ms);
+        resized += out.resized_partitions;
         lost_in_window += out.lost_in_window;
         if out.passed() {
             passed += 1;
@@ -210,6 +219,9 @@ fn main() -> Result<()> {
             failover_ms.last().copied().unwrap_or(0)
         );
     }
+    if args.splits {
+        println!("splits and merges: {resized} partitions created (two per split, one per merge)");
+    }
     if acks == skein_broker::core::Acks::Leader {
         println!("acks=leader: {lost_in_window} acknowledged records lost within the window (a lease period before their leader stopped); any other loss fails its seed");
     }
@@ -232,6 +244,7 @@ fn main() -> Result<()> {
             "violated": caught,
             "acks": args.acks,
             "lost_in_window": lost_in_window,
+            "resized_partitions": resized,
             "failover_ms": {
                 "count": failover_ms.len(),
                 "p50": pct(0.5),

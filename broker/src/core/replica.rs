@@ -151,12 +151,18 @@ pub struct Plant {
     /// validation, locks, SSI tracking or serial turn; first committer wins): write skew
     /// commits. `TableMachine::with_plant`, `PartitionLeader::with_plant`.
     pub(crate) snapshot_as_serializable: bool,
+    /// The simulator's consumers of a splitting topic read every partition at once, without
+    /// reading its parents to their seals first (a client-side bug: per-key order breaks).
+    pub(crate) ignore_lineage: bool,
+    /// A sealing partition refuses data before the idempotent duplicate check: a retry of a
+    /// batch written before the seal is refused, and the producer writes it again in a child.
+    pub(crate) seal_before_dedup: bool,
 }
 
 impl Plant {
     /// The names `named` knows.
     #[cfg(feature = "sim")]
-    pub const NAMES: [&'static str; 9] = [
+    pub const NAMES: [&'static str; 11] = [
         "no-fencing",
         "no-truncation",
         "early-ack",
@@ -166,6 +172,8 @@ impl Plant {
         "no-partition-check",
         "no-read-validation",
         "snapshot-as-serializable",
+        "ignore-lineage",
+        "seal-before-dedup",
     ];
 
     /// A planted bug by name (simulator builds only).
@@ -182,6 +190,8 @@ impl Plant {
             "no-partition-check" => p.no_partition_check = true,
             "no-read-validation" => p.no_read_validation = true,
             "snapshot-as-serializable" => p.snapshot_as_serializable = true,
+            "ignore-lineage" => p.ignore_lineage = true,
+            "seal-before-dedup" => p.seal_before_dedup = true,
             _ => return None,
         }
         Some(p)
@@ -536,6 +546,9 @@ impl<S: Storage> Replica<S> {
         // Only coordinators write markers (`handle_marker`).
         if batch.header().attributes.is_control() {
             return reject(out, ProduceError::InvalidTxnState);
+        }
+        if self.plant.seal_before_dedup && self.state.as_ref().is_some_and(|s| s.seal.refuses_data()) {
+            return reject(out, ProduceError::Sealed);
         }
         if !self.plant.no_idempotence {
             match self.producers.check(batch.header()) {
