@@ -1099,23 +1099,52 @@ async fn add_to_transaction(p: Rc<Inner>, keys: Vec<Key>) {
         Some(identity) => add(keys, identity).await,
         None => keys.into_iter().map(|k| (k, Err(ClientError::Invalid("no transaction started".into())))).collect(),
     };
+    // A partition sealed by a split or merge takes no transaction (its leader writes no
+    // Begin): its queued records, none sent yet, go to the partitions now owning their keys,
+    // which join the transaction in turn, as a non-transactional producer's do.
+    let sealed = |o: &AddOutcome| matches!(&o.1, Err(ClientError::Broker(ErrorCode::PARTITION_SEALED, _)));
+    let mut fresh: HashMap<String, TopicMetadata> = HashMap::new();
+    for ((topic, _), _) in outcomes.iter().filter(|o| sealed(o)) {
+        if !fresh.contains_key(topic) {
+            p.client.invalidate_metadata(topic);
+            match p.client.topic_metadata(topic).await {
+                Ok(t) => {
+                    fresh.insert(topic.clone(), t);
+                }
+                Err(e) => tracing::debug!(%topic, error = %e, "metadata for a sealed partition's children"),
+            }
+        }
+    }
+    let mut broken = Vec::new();
     {
         let mut st = p.state.borrow_mut();
-        let Some(gate) = st.txn.as_mut().filter(|g| g.generation == generation) else {
+        if st.txn.as_ref().is_none_or(|g| g.generation != generation) {
             return;
-        };
-        gate.adding = false;
+        }
         for (key, outcome) in outcomes {
+            let rerouted = matches!(&outcome, Err(ClientError::Broker(ErrorCode::PARTITION_SEALED, _)))
+                && fresh
+                    .get(&key.0)
+                    .is_some_and(|t| reroute(&mut st, &p, &key, t, &mut Vec::new(), &mut broken).is_ok());
+            let gate = st.txn.as_mut().expect("checked above");
             match outcome {
                 Ok(()) => {
                     gate.added.insert(key);
                 }
+                Err(_) if rerouted => {}
                 Err(e) => {
                     tracing::debug!(topic = %key.0, partition = key.1, error = %e, "partition not added to the transaction");
                     gate.failed.get_or_insert(e);
                 }
             }
         }
+        if let Some(gate) = st.txn.as_mut() {
+            gate.adding = false;
+        }
+    }
+    let e = ClientError::Protocol("a batch of a sealed partition does not parse".into());
+    for replies in broken {
+        complete_all(&p, replies, 0, u64::MAX, Some(&e));
     }
     let _ = p.wake.try_send(());
 }

@@ -277,18 +277,21 @@ async fn markers(
             };
             results.insert(tp, result);
         }
-        // A fenced answer is final (the partition is past this epoch); others are tried again.
+        // A fenced answer is final (the partition is past this epoch), and so is a sealed
+        // partition's refusal of a Begin (it never takes data again; the producer moves the
+        // records to its children); others are tried again.
         for r in results.values_mut() {
             if *r == Err(ProduceError::ProducerFenced) {
                 *r = if kind == MarkerKind::Begin { Err(ProduceError::ProducerFenced) } else { Ok(()) };
             }
         }
-        if results.values().any(|r| matches!(r, Err(e) if *e != ProduceError::ProducerFenced)) {
-            compio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if results.values().all(|r| r.is_ok() || *r == Err(ProduceError::ProducerFenced)) {
+        let last = |r: &Result<(), ProduceError>| {
+            r.is_ok() || matches!(r, Err(ProduceError::ProducerFenced) | Err(ProduceError::Sealed))
+        };
+        if results.values().all(last) {
             return results;
         }
+        compio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
