@@ -303,19 +303,26 @@ fn first_split_catch(plant: &str, budget: u64, expected: &str) -> (Option<u64>, 
     (None, seen)
 }
 
+/// Splits and merges among the faults: even seeds by operator commands over the faulty
+/// network, odd ones by the controller's automatic resizing from leaders' load reports.
 #[test]
 fn a_block_of_seeds_passes_with_splits_and_merges_among_the_faults() {
-    let (mut resized, mut faults, mut keyed_reads) = (0, 0, 0);
+    let (mut resized, mut automatic, mut faults, mut keyed_reads) = (0, 0, 0, 0);
     for seed in 4000..4020 {
         let out = run(&with_splits(seed));
         assert!(out.passed(), "seed {seed}: {:?}\n{}", out.violations, out.report);
         resized += out.resized_partitions;
+        // Odd seeds: no operator commands, the controller resizes by the leaders' load reports.
+        if seed % 2 == 1 {
+            automatic += out.resized_partitions;
+        }
         faults += out.faults;
         let key_order = out.report.result(skein_broker::check::Check::KeyOrder).map_or(0, |r| r.counted);
         keyed_reads += key_order;
     }
     assert!(faults >= 100, "faults were injected: {faults}");
     assert!(resized >= 20 * 4, "splits and merges happened: {resized} partitions made");
+    assert!(automatic >= 10 * 3, "automatic splits and merges happened: {automatic} partitions made");
     assert!(keyed_reads >= 20 * 500, "the consumers read keyed values: {keyed_reads}");
 }
 

@@ -287,10 +287,17 @@ impl Controller {
     /// topic `name` with `partitioning`'s initial ranges, in that order. For a driver that
     /// assigns partitions before any topic exists (the simulator); every voter must call it
     /// the same way before applying its log.
-    pub fn adopt_topic(&mut self, name: &str, partitioning: Partitioning, ids: &[PartitionId], replication: u16) {
+    pub fn adopt_topic(
+        &mut self,
+        name: &str,
+        partitioning: Partitioning,
+        ids: &[PartitionId],
+        replication: u16,
+        configs: Vec<(String, String)>,
+    ) {
         let mut ranges = partitioning.initial_ranges(ids.len() as u32).into_iter();
         let parts = ids.iter().map(|&id| TopicPart { id, range: ranges.next(), parents: Vec::new() }).collect();
-        self.topics.insert(name.to_owned(), Topic { partitioning, parts, replication, configs: Vec::new() });
+        self.topics.insert(name.to_owned(), Topic { partitioning, parts, replication, configs });
     }
 
     /// Treats every input as history until the heartbeat of `broker`'s process `incarnation`

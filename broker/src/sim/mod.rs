@@ -96,7 +96,8 @@ pub struct SimConfig {
     /// transaction workload's partitions for its coordinators).
     pub tables: bool,
     /// The data partitions are a hash-range topic that splits and merges during the fault
-    /// phase (controller commands sent over the faulty network): producers send keyed records
+    /// phase (even seeds: controller commands sent over the faulty network; odd seeds: the
+    /// controller's automatic resizing from its leaders' load reports): producers send keyed records
     /// routed by the range map (re-routing off sealed partitions), consumers read a partition
     /// only after its parents are read to their seals, and the history checker's `key-order`
     /// rule joins the others.
@@ -593,7 +594,7 @@ impl Sim {
         }
         let first_fault = sim.rng.range(300_000, 800_000);
         sim.schedule(first_fault, Event::Fault);
-        if sim.cfg.splits {
+        if sim.cfg.splits && !sim.auto_splits() {
             let first = sim.rng.range(300_000, 900_000);
             sim.schedule(first, Event::Resize);
         }
@@ -643,7 +644,7 @@ impl Sim {
         let mut replicas = Vec::new();
         for (&p, storage) in &n.storages {
             match Log::open(storage.clone(), self.log_config.clone(), now.timestamp()) {
-                Ok(log) => replicas.push(Replica::new(n.id, p, ReplicaConfig::default(), self.cfg.plant, log)),
+                Ok(log) => replicas.push(Replica::new(n.id, p, replica_config(&self.cfg, p), self.cfg.plant, log)),
                 Err(skein_log::OpenError::Storage(e)) => {
                     // The disk fault fired during recovery: fail-stop, try again later.
                     tracing::debug!(node = %n.id, %p, error = %e, "open failed, restarting later");
@@ -674,7 +675,8 @@ impl Sim {
         let mut controller = Controller::new(ControllerConfig::default(), &ids, &self.assignments);
         if self.cfg.splits {
             let data: Vec<PartitionId> = (0..self.cfg.partitions).map(PartitionId).collect();
-            controller.adopt_topic(SPLIT_TOPIC, Partitioning::HashRange, &data, ids.len() as u16);
+            let configs = if self.auto_splits() { auto_split_configs() } else { Vec::new() };
+            controller.adopt_topic(SPLIT_TOPIC, Partitioning::HashRange, &data, ids.len() as u16, configs);
         }
         if self.cfg.plant.no_fencing {
             controller.plant_no_fencing();
@@ -1239,6 +1241,13 @@ impl Sim {
             .map(|v| v.controller())
     }
 
+    /// Split workload: odd seeds leave splits and merges to the controller's automatic
+    /// resizing (the topic's `auto.*` settings, leaders' load reports), even ones send
+    /// operator commands.
+    fn auto_splits(&self) -> bool {
+        auto_splits(&self.cfg)
+    }
+
     /// Split workload: the open partition whose range holds `key`'s hash, in the controller
     /// view.
     fn route(&self, key: u64) -> Option<PartitionId> {
@@ -1314,7 +1323,7 @@ impl Sim {
         };
         let n = &mut self.nodes[i];
         n.storages.insert(s.partition, storage);
-        let replica = Replica::new(n.id, s.partition, ReplicaConfig::default(), self.cfg.plant, log);
+        let replica = Replica::new(n.id, s.partition, replica_config(&self.cfg, s.partition), self.cfg.plant, log);
         if let Some(core) = &mut n.core {
             core.add_replica(replica);
         }
@@ -1738,6 +1747,29 @@ fn cluster_partitions(cfg: &SimConfig) -> u32 {
     let txn = if cfg.transactions || cfg.tables { txn::PARTITIONS } else { 0 };
     let tables = if cfg.tables { tables::PARTITIONS } else { 0 };
     cfg.partitions + u32::from(cfg.groups) + txn + tables
+}
+
+/// Whether a seed's splits and merges are automatic (see `Sim::auto_splits`).
+fn auto_splits(cfg: &SimConfig) -> bool {
+    cfg.splits && cfg.seed % 2 == 1
+}
+
+/// The split topic's automatic settings: the simulated producers write about 100 records/s in
+/// all, so a partition splits above 35/s and two neighbours merge below 12/s each.
+fn auto_split_configs() -> Vec<(String, String)> {
+    use crate::core::autosplit::{INTERVAL, MERGE_RECORDS, PARTITIONS_MAX, SPLIT_RECORDS};
+    [(SPLIT_RECORDS, "35"), (MERGE_RECORDS, "12"), (INTERVAL, "500"), (PARTITIONS_MAX, "8")]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A replica's settings: with automatic splits, the split topic's partitions (the first data
+/// partitions and every one made after the workloads' fixed ones) measure their load.
+fn replica_config(cfg: &SimConfig, p: PartitionId) -> ReplicaConfig {
+    let split_topic = p.0 < cfg.partitions || p.0 >= cluster_partitions(cfg);
+    let load_window_ms = (auto_splits(cfg) && split_topic).then_some(crate::core::autosplit::LOAD_WINDOW_MS);
+    ReplicaConfig { load_window_ms, ..ReplicaConfig::default() }
 }
 
 /// The split workload's record key for key number `k`.
