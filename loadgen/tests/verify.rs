@@ -13,23 +13,7 @@ fn free_port() -> u16 {
 #[test]
 fn verify_passes_against_a_broker_killed_and_paused_under_load() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let start = format!(
-        "{} --listen {addr} --data-dir {} >>{} 2>&1 & echo $!",
-        common::broker_binary().display(),
-        dir.path().join("data").display(),
-        dir.path().join("broker.log").display()
-    );
-    let out = Command::new("sh").arg("-c").arg(&start).output().expect("start broker");
-    let pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().expect("pid printed");
-    // Wait until it serves.
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let (addr, pid, start) = start_broker(dir.path());
     let history = dir.path().join("history.jsonl");
     let cfg = skein_loadgen::verify::VerifyConfig {
         brokers: addr.clone(),

@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use skein_client::partitioning::{KeyRange, Partitioning};
 
 use super::controller::Controller;
-use super::{PartitionId, Seal, Time};
+use super::{Message, PartitionId, Seal, Time};
 
 /// Split when a partition takes more records per second than this.
 pub const SPLIT_RECORDS: &str = "auto.split.records.per.sec";
@@ -210,27 +210,6 @@ impl LoadMeter {
     }
 }
 
-/// A change the active controller proposes.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Resize {
-    /// Split partition `index` of `topic` at `at` (`None`: the middle).
-    Split {
-        /// Topic.
-        topic: String,
-        /// The partition's index.
-        index: u32,
-        /// The split point.
-        at: Option<Vec<u8>>,
-    },
-    /// Merge two neighbours.
-    Merge {
-        /// Topic.
-        topic: String,
-        /// Their indexes, lower range first.
-        indexes: [u32; 2],
-    },
-}
-
 /// The active controller's automatic resizing: the latest load per partition and the last
 /// automatic change per topic.
 #[derive(Debug, Default)]
@@ -251,9 +230,10 @@ impl AutoSplit {
         self.last_change.clear();
     }
 
-    /// The changes due now, at most one per topic, for topics whose last automatic change is
-    /// at least their interval old. Deterministic (topics in name order).
-    pub fn decide(&mut self, now: Time, controller: &Controller) -> Vec<Resize> {
+    /// The changes due now (`Message::Split` or `Message::Merge`, as an operator's broker
+    /// would send), at most one per topic, for topics whose last automatic change is at least
+    /// their interval old. Deterministic (topics in name order).
+    pub fn decide(&mut self, now: Time, controller: &Controller) -> Vec<Message> {
         let fresh_ms = 3 * LOAD_WINDOW_MS;
         self.loads.retain(|_, (at, _)| now.ms_since(*at) <= fresh_ms);
         let mut changes = Vec::new();
@@ -286,19 +266,20 @@ impl AutoSplit {
             let change = match hottest {
                 Some(&(index, range, load)) if open_count < config.partitions_max => {
                     let at = split_point(topic.partitioning, range, &load.keys);
-                    Some(Resize::Split { topic: name.clone(), index, at })
+                    Some(Message::Split { topic: name.clone(), index, at })
                 }
                 _ => open
                     .windows(2)
                     .find(|w| w[0].1.precedes(w[1].1) && config.cold(w[0].2, w[1].2))
-                    .map(|w| Resize::Merge { topic: name.clone(), indexes: [w[0].0, w[1].0] }),
+                    .map(|w| Message::Merge { topic: name.clone(), indexes: [w[0].0, w[1].0] }),
             };
             if let Some(change) = change {
                 self.last_change.insert(name.clone(), now);
                 // The parents' loads are stale from now on.
                 let indexes: Vec<u32> = match &change {
-                    Resize::Split { index, .. } => vec![*index],
-                    Resize::Merge { indexes, .. } => indexes.to_vec(),
+                    Message::Split { index, .. } => vec![*index],
+                    Message::Merge { indexes, .. } => indexes.to_vec(),
+                    _ => Vec::new(),
                 };
                 for index in indexes {
                     if let Some(id) = topic.partition(index) {
@@ -369,7 +350,7 @@ mod tests {
     /// A one-broker controller with a ranged topic "t" of `n` partitions and these configs.
     fn controller(n: u32, configs: &[(&str, &str)]) -> Controller {
         use super::super::controller::ControllerConfig;
-        use super::super::{Message, NodeId};
+        use super::super::NodeId;
         let mut c = Controller::new(ControllerConfig::default(), &[NodeId(1)], &[]);
         let mut out = Vec::new();
         let heartbeat = Message::Heartbeat { broker: NodeId(1), incarnation: 1, lost: vec![], sent: ms(0) };
@@ -383,11 +364,12 @@ mod tests {
         Load { records_per_s, ..Load::default() }
     }
 
-    fn apply(c: &mut Controller, change: &Resize) {
+    fn apply(c: &mut Controller, change: &Message) {
         let mut out = Vec::new();
         match change.clone() {
-            Resize::Split { topic, index, at } => c.split(&topic, index, at, &mut out).map(|_| ()),
-            Resize::Merge { topic, indexes } => c.merge(&topic, indexes, &mut out).map(|_| ()),
+            Message::Split { topic, index, at } => c.split(&topic, index, at, &mut out).map(|_| ()),
+            Message::Merge { topic, indexes } => c.merge(&topic, indexes, &mut out).map(|_| ()),
+            other => panic!("not a resize: {other:?}"),
         }
         .expect("the controller takes it");
     }
@@ -403,14 +385,14 @@ mod tests {
             auto.note(ms(1000), id(&c, index), load(rate));
         }
         let changes = auto.decide(ms(1000), &c);
-        assert_eq!(changes, vec![Resize::Split { topic: "t".into(), index: 1, at: None }]);
+        assert_eq!(changes, vec![Message::Split { topic: "t".into(), index: 1, at: None }]);
         apply(&mut c, &changes[0]);
         // Its children are hot too, but the interval holds them back.
         auto.note(ms(2000), id(&c, 4), load(1500));
         assert!(auto.decide(ms(2000), &c).is_empty(), "rate limited");
         auto.note(ms(6000), id(&c, 4), load(1500));
         let changes = auto.decide(ms(6000), &c);
-        assert!(matches!(&changes[..], [Resize::Split { index: 4, .. }]), "{changes:?}");
+        assert!(matches!(&changes[..], [Message::Split { index: 4, .. }]), "{changes:?}");
         // A report older than three windows is forgotten.
         auto.note(ms(7000), id(&c, 5), load(5000));
         assert!(auto.decide(ms(11_001), &c).is_empty());
@@ -420,14 +402,14 @@ mod tests {
             auto.note(ms(12_000), id(&c, index), load(10));
         }
         let changes = auto.decide(ms(12_000), &c);
-        assert_eq!(changes, vec![Resize::Merge { topic: "t".into(), indexes: [2, 3] }]);
+        assert_eq!(changes, vec![Message::Merge { topic: "t".into(), indexes: [2, 3] }]);
         apply(&mut c, &changes[0]);
         // A topic without settings never changes by itself.
         let mut quiet = controller(2, &[]);
         let mut auto = AutoSplit::default();
         auto.note(ms(0), id(&quiet, 0), load(1_000_000));
         assert!(auto.decide(ms(0), &quiet).is_empty());
-        apply(&mut quiet, &Resize::Split { topic: "t".into(), index: 0, at: None });
+        apply(&mut quiet, &Message::Split { topic: "t".into(), index: 0, at: None });
     }
 
     #[test]

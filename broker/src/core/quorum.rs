@@ -35,7 +35,7 @@ use raft::prelude::{ConfState, Entry, EntryType, HardState, Message as RaftMessa
 use raft::{Config, GetEntriesContext, RaftState, RawNode, SnapshotStatus, StateRole, Storage, StorageError};
 use serde::{Deserialize, Serialize};
 
-use super::autosplit::{AutoSplit, Resize};
+use super::autosplit::AutoSplit;
 use super::controller::{Controller, ControllerSnapshot, SnapshotError};
 use super::{IsrVersion, LeaderEpoch, Message, NodeId, Offset, PartitionId, Time};
 use skein_client::partitioning::Partitioning;
@@ -366,8 +366,9 @@ impl ControllerVoter {
         for change in self.auto.decide(now, &self.controller) {
             tracing::info!(?change, "automatic resize");
             match change {
-                Resize::Split { topic, index, at } => self.propose(Input::Split { topic, index, at }),
-                Resize::Merge { topic, indexes } => self.propose(Input::Merge { topic, indexes }),
+                Message::Split { topic, index, at } => self.propose(Input::Split { topic, index, at }),
+                Message::Merge { topic, indexes } => self.propose(Input::Merge { topic, indexes }),
+                _ => {}
             }
         }
         if !self.was_leader {
