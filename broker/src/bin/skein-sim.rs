@@ -23,7 +23,8 @@ struct Args {
     /// Plant a bug to show the simulator catches it: no-fencing, no-truncation, early-ack,
     /// no-idempotence, no-generation-fencing (needs --groups), no-txn-epoch-bump,
     /// no-partition-check (these two need --transactions), no-read-validation,
-    /// snapshot-as-serializable (these two need --tables).
+    /// snapshot-as-serializable (these two need --tables), ignore-lineage, seal-before-dedup
+    /// (these two need --splits).
     #[arg(long)]
     plant: Option<String>,
     /// Virtual milliseconds of faults per seed.

@@ -50,7 +50,7 @@ pub const SAMPLES_MAX: usize = 32;
 /// Longest key a leader samples (a key-range split point is at most 1 KiB).
 pub const SAMPLE_KEY_BYTES_MAX: usize = 1024;
 /// A leader samples one key of one batch in this many.
-const SAMPLE_EVERY_BATCHES: u64 = 2;
+const SAMPLE_EVERY_BATCHES: u64 = 4;
 
 /// A topic's automatic split and merge settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
