@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use skein_client::partitioning::{KeyRange, Partitioning};
 
 use super::controller::Controller;
-use super::{Message, PartitionId, Seal, Time};
+use super::{Message, PartitionId, Time};
 
 /// Split when a partition takes more records per second than this.
 pub const SPLIT_RECORDS: &str = "auto.split.records.per.sec";
@@ -246,19 +246,12 @@ impl AutoSplit {
                 continue;
             }
             // Open partitions with a fresh load, in range order.
-            let mut open: Vec<(u32, &KeyRange, &Load)> = Vec::new();
-            let mut open_count = 0u32;
-            for (index, part) in topic.parts.iter().enumerate() {
-                let Some(range) = &part.range else { continue };
-                if controller.partition(part.id).is_none_or(|s| s.seal != Seal::Open) {
-                    continue;
-                }
-                open_count += 1;
-                if let Some((_, load)) = self.loads.get(&part.id) {
-                    open.push((index as u32, range, load));
-                }
-            }
-            open.sort_by(|a, b| skein_client::partitioning::by_from(a.1, b.1));
+            let all_open = controller.open_parts(name);
+            let open_count = all_open.len() as u32;
+            let open: Vec<(u32, &KeyRange, &Load)> = all_open
+                .into_iter()
+                .filter_map(|(index, id, range)| self.loads.get(&id).map(|(_, load)| (index, range, load)))
+                .collect();
             let hottest = open
                 .iter()
                 .filter(|(_, _, load)| config.hot(load))

@@ -642,6 +642,21 @@ impl Controller {
         self.partitions.get(&p)
     }
 
+    /// The open (unsealed) partitions of ranged topic `topic`, as (index, id, range), in range
+    /// order; empty for an unknown or hash topic.
+    pub fn open_parts(&self, topic: &str) -> Vec<(u32, PartitionId, &KeyRange)> {
+        let Some(t) = self.topics.get(topic) else { return Vec::new() };
+        let mut open: Vec<(u32, PartitionId, &KeyRange)> = t
+            .parts
+            .iter()
+            .enumerate()
+            .filter(|(_, part)| self.partitions.get(&part.id).is_some_and(|s| s.seal == Seal::Open))
+            .filter_map(|(index, part)| part.range.as_ref().map(|r| (index as u32, part.id, r)))
+            .collect();
+        open.sort_by(|a, b| skein_client::partitioning::by_from(a.2, b.2));
+        open
+    }
+
     /// Every partition's state.
     pub fn partitions(&self) -> impl Iterator<Item = &PartitionState> {
         self.partitions.values()

@@ -751,7 +751,7 @@ impl Sim {
             self.check_invariants();
         }
         // Liveness: every partition served acks=all writes in the second half of the
-        // healed phase (split workload: every open partition owning one of the keys).
+        // healed phase (split workload: every partition sent to in that half).
         let since = safety_end + self.cfg.liveness_ms * 500;
         for p in self.live_partitions(since) {
             if self.last_ack.get(&p).is_none_or(|&t| t < since) {
@@ -1251,15 +1251,8 @@ impl Sim {
     /// Split workload: the open partition whose range holds `key`'s hash, in the controller
     /// view.
     fn route(&self, key: u64) -> Option<PartitionId> {
-        let view = self.view()?;
-        let topic = view.topics().get(SPLIT_TOPIC)?;
         let point = Partitioning::HashRange.point(&split_key(key))?.bytes().to_vec();
-        topic
-            .parts
-            .iter()
-            .filter(|part| part.range.as_ref().is_some_and(|r| r.contains(&point)))
-            .map(|part| part.id)
-            .find(|&id| view.partition(id).is_some_and(|s| !s.seal.refuses_data()))
+        self.view()?.open_parts(SPLIT_TOPIC).into_iter().find(|(_, _, r)| r.contains(&point)).map(|(_, id, _)| id)
     }
 
     /// Split workload: whether consumer `c` read partition `index` to its seal, and its
@@ -1333,24 +1326,17 @@ impl Sim {
     /// merge of two random open neighbours, sent to the controller by a random broker over
     /// the faulty network (it may be lost; a refused one changes nothing).
     fn resize(&mut self) {
-        let Some(topic) = self.view().and_then(|v| v.topics().get(SPLIT_TOPIC)) else { return };
         let Some(view) = self.view() else { return };
-        let mut open: Vec<(u32, skein_client::partitioning::KeyRange)> = topic
-            .parts
-            .iter()
-            .enumerate()
-            .filter(|(_, part)| view.partition(part.id).is_some_and(|s| !s.seal.refuses_data()))
-            .filter_map(|(i, part)| part.range.clone().map(|r| (i as u32, r)))
-            .collect();
+        let open = view.open_parts(SPLIT_TOPIC);
         if open.is_empty() {
             return;
         }
-        open.sort_by(|a, b| skein_client::partitioning::by_from(&a.1, &b.1));
+        let indexes: Vec<u32> = open.iter().map(|(index, _, _)| *index).collect();
         let pairs: Vec<[u32; 2]> =
-            open.windows(2).filter(|w| w[0].1.precedes(&w[1].1)).map(|w| [w[0].0, w[1].0]).collect();
+            open.windows(2).filter(|w| w[0].2.precedes(w[1].2)).map(|w| [w[0].0, w[1].0]).collect();
         let split = pairs.is_empty() || (open.len() < SPLIT_OPEN_MAX && self.rng.chance(550));
         let msg = if split {
-            let (index, _) = open[self.rng.below(open.len() as u64) as usize].clone();
+            let index = indexes[self.rng.below(indexes.len() as u64) as usize];
             Message::Split { topic: SPLIT_TOPIC.into(), index, at: None }
         } else {
             let indexes = pairs[self.rng.below(pairs.len() as u64) as usize];
