@@ -1102,19 +1102,9 @@ async fn add_to_transaction(p: Rc<Inner>, keys: Vec<Key>) {
     // A partition sealed by a split or merge takes no transaction (its leader writes no
     // Begin): its queued records, none sent yet, go to the partitions now owning their keys,
     // which join the transaction in turn, as a non-transactional producer's do.
-    let sealed = |o: &AddOutcome| matches!(&o.1, Err(ClientError::Broker(ErrorCode::PARTITION_SEALED, _)));
-    let mut fresh: HashMap<String, TopicMetadata> = HashMap::new();
-    for ((topic, _), _) in outcomes.iter().filter(|o| sealed(o)) {
-        if !fresh.contains_key(topic) {
-            p.client.invalidate_metadata(topic);
-            match p.client.topic_metadata(topic).await {
-                Ok(t) => {
-                    fresh.insert(topic.clone(), t);
-                }
-                Err(e) => tracing::debug!(%topic, error = %e, "metadata for a sealed partition's children"),
-            }
-        }
-    }
+    let sealed = |r: &Result<(), ClientError>| matches!(r, Err(ClientError::Broker(ErrorCode::PARTITION_SEALED, _)));
+    let topics = outcomes.iter().filter(|o| sealed(&o.1)).map(|((topic, _), _)| topic.as_str());
+    let fresh = successors_metadata(&p, topics).await;
     let mut broken = Vec::new();
     {
         let mut st = p.state.borrow_mut();
@@ -1122,7 +1112,7 @@ async fn add_to_transaction(p: Rc<Inner>, keys: Vec<Key>) {
             return;
         }
         for (key, outcome) in outcomes {
-            let rerouted = matches!(&outcome, Err(ClientError::Broker(ErrorCode::PARTITION_SEALED, _)))
+            let rerouted = sealed(&outcome)
                 && fresh
                     .get(&key.0)
                     .is_some_and(|t| reroute(&mut st, &p, &key, t, &mut Vec::new(), &mut broken).is_ok());
@@ -1142,11 +1132,36 @@ async fn add_to_transaction(p: Rc<Inner>, keys: Vec<Key>) {
             gate.adding = false;
         }
     }
+    fail_unparsed(&p, broken);
+    let _ = p.wake.try_send(());
+}
+
+/// Fresh metadata of `topics` (the cache keeps leaders only), where sealed partitions'
+/// successors are found.
+async fn successors_metadata(p: &Inner, topics: impl Iterator<Item = &str>) -> HashMap<String, TopicMetadata> {
+    let mut fresh: HashMap<String, TopicMetadata> = HashMap::new();
+    for topic in topics {
+        if fresh.contains_key(topic) {
+            continue;
+        }
+        p.client.invalidate_metadata(topic);
+        match p.client.topic_metadata(topic).await {
+            Ok(t) => {
+                fresh.insert(topic.to_owned(), t);
+            }
+            Err(e) => tracing::debug!(%topic, error = %e, "metadata for a sealed partition's children"),
+        }
+    }
+    fresh
+}
+
+/// Fails the replies of batches `reroute` could not parse (built by this producer: cannot
+/// happen, but the replies are not lost).
+fn fail_unparsed(p: &Inner, broken: Vec<Vec<Reply>>) {
     let e = ClientError::Protocol("a batch of a sealed partition does not parse".into());
     for replies in broken {
-        complete_all(&p, replies, 0, u64::MAX, Some(&e));
+        complete_all(p, replies, 0, u64::MAX, Some(&e));
     }
-    let _ = p.wake.try_send(());
 }
 
 /// Finds leaders for partitions that have none cached: one metadata refresh, then each is
@@ -1328,24 +1343,17 @@ async fn requeue(p: &Inner, keys: Vec<Key>) {
             tracing::debug!(error = %e, "metadata refresh before a produce retry failed");
         }
     }
-    // Sealed partitions' successors, from fresh metadata (the cache keeps leaders only).
-    let mut fresh: HashMap<String, TopicMetadata> = HashMap::new();
-    for key in &keys {
-        let sealed = p
-            .state
-            .borrow()
-            .flights
-            .get(key)
-            .is_some_and(|f| matches!(f.error, Some(ClientError::Broker(ErrorCode::PARTITION_SEALED, _))));
-        if sealed && !fresh.contains_key(&key.0) {
-            match p.client.topic_metadata(&key.0).await {
-                Ok(t) => {
-                    fresh.insert(key.0.clone(), t);
-                }
-                Err(e) => tracing::debug!(topic = %key.0, error = %e, "metadata for a sealed partition's children"),
-            }
-        }
-    }
+    // Sealed partitions' successors, from fresh metadata.
+    let sealed_topics: Vec<String> = {
+        let st = p.state.borrow();
+        let sealed = |k: &&Key| {
+            st.flights
+                .get(*k)
+                .is_some_and(|f| matches!(f.error, Some(ClientError::Broker(ErrorCode::PARTITION_SEALED, _))))
+        };
+        keys.iter().filter(sealed).map(|k| k.0.clone()).collect()
+    };
+    let fresh = successors_metadata(p, sealed_topics.iter().map(String::as_str)).await;
     let mut broken = Vec::new();
     let mut st = p.state.borrow_mut();
     for key in keys {
@@ -1372,10 +1380,7 @@ async fn requeue(p: &Inner, keys: Vec<Key>) {
         }
     }
     drop(st);
-    let e = ClientError::Protocol("a batch of a sealed partition does not parse".into());
-    for replies in broken {
-        complete_all(p, replies, 0, u64::MAX, Some(&e));
-    }
+    fail_unparsed(p, broken);
 }
 
 /// Moves the records of sealed partition `key` (its failed batches, then its queued ones,
