@@ -471,6 +471,32 @@ pub enum Message {
     },
 }
 
+impl Message {
+    /// Whether the message is for the controller quorum (a broker's voter), not for a
+    /// broker's core. Exhaustive, so a new message must be placed here.
+    pub fn for_controller(&self) -> bool {
+        match self {
+            Message::Raft(_)
+            | Message::Heartbeat { .. }
+            | Message::AlterIsr { .. }
+            | Message::CreateTopic { .. }
+            | Message::ControlledShutdown { .. }
+            | Message::Reassign { .. }
+            | Message::Sealed { .. }
+            | Message::Load { .. }
+            | Message::Split { .. }
+            | Message::Merge { .. }
+            | Message::DeleteTopic { .. } => true,
+            Message::Fetch(_)
+            | Message::FetchResponse(_)
+            | Message::HeartbeatResponse { .. }
+            | Message::PartitionState(_)
+            | Message::TxnMarker(_)
+            | Message::TxnMarkerResult(_) => false,
+        }
+    }
+}
+
 /// Destinations of outgoing messages.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Peer {

@@ -825,17 +825,7 @@ impl Sim {
                 let Peer::Node(id) = to else { return };
                 let i = self.idx(id);
                 let now = self.local(i);
-                let for_controller = matches!(
-                    msg,
-                    Message::Raft(_)
-                        | Message::Heartbeat { .. }
-                        | Message::AlterIsr { .. }
-                        | Message::Sealed { .. }
-                        | Message::Split { .. }
-                        | Message::Merge { .. }
-                        | Message::Load { .. }
-                );
-                if for_controller {
+                if msg.for_controller() {
                     let Peer::Node(from_id) = from else { return };
                     let mut out = Vec::new();
                     if let Some(v) = &mut self.nodes[i].voter {
