@@ -43,6 +43,7 @@ mod admin;
 pub mod conn;
 mod consumer;
 mod group;
+pub mod index;
 pub mod partitioning;
 mod producer;
 mod session;

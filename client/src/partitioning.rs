@@ -317,6 +317,15 @@ pub fn open_ranges(t: &crate::wire::TopicMetadata) -> Vec<(KeyRange, u32)> {
     parts
 }
 
+/// The partition of `parts` (open partitions sorted by range, covering every point) owning
+/// `key`'s point under a ranged `scheme` (the first one if the map has a hole, which
+/// metadata between a seal and its children never shows).
+pub fn route(scheme: Partitioning, parts: &[(KeyRange, u32)], key: &[u8]) -> u32 {
+    let Some(point) = scheme.point(key) else { return 0 };
+    let i = parts.partition_point(|(r, _)| r.from.as_slice() <= point.bytes());
+    parts.get(i.saturating_sub(1)).or(parts.first()).map_or(0, |(_, p)| *p)
+}
+
 /// Orders two ranges by their lower bounds (the order partitions are listed in by range).
 pub fn by_from(a: &KeyRange, b: &KeyRange) -> Ordering {
     a.from.cmp(&b.from)

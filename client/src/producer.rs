@@ -418,12 +418,9 @@ impl Routes {
         Some(Routes { scheme, parts: open_ranges(t) })
     }
 
-    /// The partition owning `key`'s point (the first one if the table has a hole, which
-    /// metadata between a seal and its children never shows).
+    /// The partition owning `key`'s point.
     fn route(&self, key: &[u8]) -> u32 {
-        let point = self.scheme.point(key).expect("a ranged scheme");
-        let i = self.parts.partition_point(|(r, _)| r.from.as_slice() <= point.bytes());
-        self.parts.get(i.saturating_sub(1)).or(self.parts.first()).map_or(0, |(_, p)| *p)
+        crate::partitioning::route(self.scheme, &self.parts, key)
     }
 
     /// Replaces the entries of sealed `partition` with the open partitions of `fresh` that

@@ -56,6 +56,7 @@ use crate::wire::{
     TableLockResponse, TableRange, TableReadEntry, TableReadRequest, TableReadResponse, TableRecord, TableStep,
     TableWrite, TopicConfig, Wire,
 };
+use crate::partitioning::{route, KeyRange, Partitioning};
 use crate::{key_partition, Client, ClientError, TxnError};
 
 /// The longest key a table takes (bytes).
@@ -229,7 +230,21 @@ impl Client {
         replicas: u16,
         level: Option<Level>,
     ) -> Result<(), ClientError> {
-        self.create_topic(name, partitions, replicas, &table_configs(level)).await
+        self.create_table_with(name, partitions, replicas, Partitioning::Hash, level).await
+    }
+
+    /// Creates a table with a partitioning scheme: `hash`, or `hash-range` / `key-range`
+    /// (partitions owning ranges of the key hash or of the keys; a key-range table's scans
+    /// read only the partitions their range overlaps).
+    pub async fn create_table_with(
+        &self,
+        name: &str,
+        partitions: u32,
+        replicas: u16,
+        partitioning: Partitioning,
+        level: Option<Level>,
+    ) -> Result<(), ClientError> {
+        self.create_topic_with(name, partitions, replicas, partitioning, &table_configs(level)).await
     }
 
     /// A handle to table `name` (its partition count and configured level, from Metadata
@@ -241,12 +256,17 @@ impl Client {
             Ok(None) => return Err(TableError::NotATable(name.to_owned())),
             Ok(Some(level)) => level,
         };
-        let partitions = self.partition_count(name).await?;
+        let md = self.topic_metadata(name).await?;
+        let partitions = md.partitions.len() as u32;
+        let routes = Partitioning::from_wire(md.partitioning)
+            .filter(|s| s.ranged())
+            .map(|scheme| (scheme, crate::partitioning::open_ranges(&md)));
         Ok(Table {
             inner: Rc::new(TableInner {
                 client: self.clone(),
                 name: name.to_owned(),
                 partitions,
+                routes,
                 level,
                 timeout: std::cell::Cell::new(DEFAULT_TXN_TIMEOUT),
                 coordinators: RefCell::default(),
@@ -293,6 +313,8 @@ struct TableInner {
     client: Client,
     name: String,
     partitions: u32,
+    /// A ranged table's scheme and open partitions by range (None: hash-partitioned).
+    routes: Option<(Partitioning, Vec<(KeyRange, u32)>)>,
     level: Option<Level>,
     timeout: std::cell::Cell<Duration>,
     /// Transactional ids (with their producer id and epoch) free for a two-phase commit.
@@ -338,7 +360,39 @@ impl Table {
 
     /// The partition holding `key`.
     pub fn partition_of(&self, key: &[u8]) -> u32 {
-        key_partition(key, self.inner.partitions)
+        match &self.inner.routes {
+            None => key_partition(key, self.inner.partitions),
+            Some((scheme, parts)) => route(*scheme, parts, key),
+        }
+    }
+
+    /// How its keys map to partitions.
+    pub fn partitioning(&self) -> Partitioning {
+        self.inner.routes.as_ref().map_or(Partitioning::Hash, |(s, _)| *s)
+    }
+
+    /// The partitions a scan of `[from, to)` (empty `to`: to the end) reads: every one of
+    /// a hash or hash-range table, only those whose ranges overlap it in a key-range table.
+    pub fn scan_partitions(&self, from: &[u8], to: &[u8]) -> Vec<u32> {
+        match &self.inner.routes {
+            None => (0..self.inner.partitions).collect(),
+            Some((Partitioning::KeyRange, parts)) => {
+                let mut ps: Vec<u32> = parts
+                    .iter()
+                    .filter(|(r, _)| {
+                        (to.is_empty() || r.from.as_slice() < to) && r.to.as_deref().is_none_or(|t| from < t)
+                    })
+                    .map(|(_, p)| *p)
+                    .collect();
+                ps.sort_unstable();
+                ps
+            }
+            Some((_, parts)) => {
+                let mut ps: Vec<u32> = parts.iter().map(|(_, p)| *p).collect();
+                ps.sort_unstable();
+                ps
+            }
+        }
     }
 
     /// The timeout of transactions begun from now on (default 60 s).
@@ -488,7 +542,7 @@ impl Table {
     /// replica at its log position; never aborts on conflict. Every key must be in one
     /// partition.
     pub async fn run(&self, steps: Vec<Step>) -> Result<RunResult, TableError> {
-        let partition = procedure_partition(&steps, self.inner.partitions)?;
+        let partition = procedure_partition(&steps, |k| self.partition_of(k))?;
         let txn = self.begin(Some(Level::Serial));
         let record = TableRecord {
             version: RECORD_VERSION,
@@ -527,12 +581,12 @@ impl Table {
 }
 
 /// The partition every key of a procedure is in, after checking its sizes.
-pub fn procedure_partition(steps: &[Step], partitions: u32) -> Result<u32, TableError> {
+pub fn procedure_partition(steps: &[Step], partition_of: impl Fn(&[u8]) -> u32) -> Result<u32, TableError> {
     let mut partition = None;
     for step in steps {
         for key in step.keys() {
             check_key(key)?;
-            let p = key_partition(key, partitions);
+            let p = partition_of(key);
             match partition {
                 Some(q) if q != p => {
                     return Err(TableError::Invalid(format!(
@@ -716,7 +770,7 @@ impl TableTxn {
         check_key(to)?;
         self.check().await?;
         let range = TableRange { from: BytesMut::from(from), to: BytesMut::from(to) };
-        let partitions: Vec<u32> = (0..self.table.partitions()).collect();
+        let partitions = self.table.scan_partitions(from, to);
         for &p in &partitions {
             self.parts.entry(p).or_default();
         }
@@ -1188,6 +1242,9 @@ impl Table {
     }
 }
 
+mod query;
+pub use query::{PartitionIndexState, QueryAnswer, Touched};
+
 /// The status of a table response.
 trait Answer {
     fn status(&self) -> (ErrorCode, &str);
@@ -1202,7 +1259,7 @@ macro_rules! answer {
         }
     )*};
 }
-answer!(TableReadResponse, TableLockResponse, TableCommitResponse, TableAbortResponse);
+answer!(TableReadResponse, TableLockResponse, TableCommitResponse, TableAbortResponse, crate::wire::TableQueryResponse);
 
 /// A response's error code as an error: TABLE_TXN_ABORTED keeps the bare message (the reason
 /// word); others name the partition.
@@ -1627,16 +1684,17 @@ mod tests {
     fn procedures_run_in_one_partition() {
         let put = |k: &str| Step::Put { key: k.as_bytes().to_vec(), value: b"1".to_vec() };
         // Find two keys in different partitions of 4.
+        let p4 = |k: &[u8]| key_partition(k, 4);
         let a = "k0";
         let b = (1..100).map(|i| format!("k{i}")).find(|k| key_partition(k.as_bytes(), 4) != key_partition(b"k0", 4));
         let b = b.expect("a key elsewhere");
-        assert_eq!(procedure_partition(&[put(a)], 4), Ok(key_partition(b"k0", 4)));
-        assert!(matches!(procedure_partition(&[put(a), put(&b)], 4), Err(TableError::Invalid(_))));
+        assert_eq!(procedure_partition(&[put(a)], p4), Ok(key_partition(b"k0", 4)));
+        assert!(matches!(procedure_partition(&[put(a), put(&b)], p4), Err(TableError::Invalid(_))));
         let transfer = Step::Transfer { from: a.into(), to: b.clone().into_bytes(), amount: 5 };
-        assert!(matches!(procedure_partition(&[transfer], 4), Err(TableError::Invalid(_))));
-        assert!(matches!(procedure_partition(&[], 4), Err(TableError::Invalid(_))));
+        assert!(matches!(procedure_partition(&[transfer], p4), Err(TableError::Invalid(_))));
+        assert!(matches!(procedure_partition(&[], p4), Err(TableError::Invalid(_))));
         let big = Step::Append { key: b"k".to_vec(), value: vec![0; VALUE_BYTES_MAX + 1] };
-        assert_eq!(procedure_partition(&[big], 4), Err(TableError::ValueTooLarge(VALUE_BYTES_MAX + 1)));
+        assert_eq!(procedure_partition(&[big], p4), Err(TableError::ValueTooLarge(VALUE_BYTES_MAX + 1)));
         let wire = Step::Transfer { from: b"x".to_vec(), to: b"y".to_vec(), amount: -3 }.to_wire();
         assert_eq!((wire.kind, &wire.key[..], &wire.key2[..], wire.amount), (4, &b"x"[..], &b"y"[..], -3));
         let cas = Step::CompareAndSet { key: b"x".to_vec(), expect: None, value: Some(b"v".to_vec()) }.to_wire();

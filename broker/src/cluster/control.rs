@@ -26,6 +26,7 @@ use super::shard::{owner, Node, ShardMsg, State, Work};
 use crate::core::controller::{Controller, ResizeError, Topic, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::quorum::ControllerVoter;
 use crate::core::table::Level;
+use skein_client::index::IndexDef;
 use crate::core::{Command, Message, NodeId, PartitionId, Peer, Seal, Time};
 use crate::meta::{self, ProducerIds};
 use crate::service::{api_versions, Request, Response};
@@ -74,6 +75,8 @@ pub(crate) struct TopicMap {
     replicas: HashMap<PartitionId, Vec<NodeId>>,
     /// Tables and their default isolation level.
     tables: HashMap<String, Level>,
+    /// Each table's indexes, by name.
+    indexes: HashMap<String, Vec<IndexDef>>,
 }
 
 impl TopicMap {
@@ -89,7 +92,22 @@ impl TopicMap {
                 Some((n.clone(), crate::core::table::table_config(&mut configs).ok()??))
             })
             .collect();
-        TopicMap { topics, replicas, tables }
+        let mut indexes: HashMap<String, Vec<IndexDef>> = HashMap::new();
+        for (n, t) in c.topics() {
+            let mut configs: BTreeMap<String, String> = t.configs.iter().cloned().collect();
+            if let Ok(Some(def)) = skein_client::index::index_config(n, &mut configs) {
+                indexes.entry(def.table.clone()).or_default().push(def);
+            }
+        }
+        for defs in indexes.values_mut() {
+            defs.sort_by(|a, b| a.name.cmp(&b.name));
+        }
+        TopicMap { topics, replicas, tables, indexes }
+    }
+
+    /// The indexes of table `table`, by name.
+    pub(crate) fn indexes(&self, table: &str) -> &[IndexDef] {
+        self.indexes.get(table).map_or(&[], Vec::as_slice)
     }
 
     /// Every table's name.
@@ -301,7 +319,8 @@ impl Node {
             | Request::TableRead(_)
             | Request::TableLock(_)
             | Request::TableCommit(_)
-            | Request::TableAbort(_) => Response::Error(ErrorCode::INVALID_REQUEST),
+            | Request::TableAbort(_)
+            | Request::TableQuery(_) => Response::Error(ErrorCode::INVALID_REQUEST),
         }
     }
 
@@ -469,12 +488,13 @@ impl Node {
             let what = "automatic splits and merges need a ranged topic (--partitioning hash-range or key-range)";
             return Err((ErrorCode::INVALID_CONFIG, what.into()));
         }
-        if partitioning.ranged()
-            && (configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true") || t.name.starts_with("__"))
-        {
-            let what = "tables and internal topics are hash-partitioned (ranged tables come with splits of tables)";
-            return Err((ErrorCode::INVALID_CONFIG, what.into()));
+        if partitioning.ranged() && t.name.starts_with("__") {
+            return Err((ErrorCode::INVALID_CONFIG, "internal topics are hash-partitioned".into()));
         }
+        if is_table(&configs) && configs.keys().any(|k| k.starts_with("auto.")) {
+            return Err((ErrorCode::INVALID_CONFIG, TABLE_SPLITS.into()));
+        }
+        self.check_index(&t.name, &configs, partitioning)?;
         let msg = Message::CreateTopic {
             name: t.name.clone(),
             partitions: t.partitions,
@@ -544,6 +564,36 @@ impl Node {
     /// A split or merge: checked against this broker's view of the controller (the same
     /// checks the controller makes, for a clear answer), sent to the controller until applied;
     /// returns the children's indexes.
+    /// The checks of an index's catalog topic (`skein_client::index`): its definition, and a
+    /// table to index that is not an index itself; a term index is a key-range table.
+    fn check_index(
+        &self,
+        name: &str,
+        configs: &BTreeMap<String, String>,
+        partitioning: Partitioning,
+    ) -> Result<(), (ErrorCode, String)> {
+        let Some(def) = skein_client::index::index_config(name, &mut configs.clone())
+            .map_err(|m| (ErrorCode::INVALID_CONFIG, m))?
+        else {
+            return Ok(());
+        };
+        let mut st = self.st.borrow_mut();
+        let topics = self.control(&mut st).voter.controller().topics();
+        let Some(table) = topics.get(&def.table) else {
+            return Err((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, format!("no table '{}'", def.table)));
+        };
+        let table_configs: BTreeMap<String, String> = table.configs.iter().cloned().collect();
+        if !is_table(&table_configs) || table_configs.contains_key(skein_client::index::INDEX_OF) {
+            return Err((ErrorCode::NOT_A_TABLE, format!("'{}' is not a table to index", def.table)));
+        }
+        let term = def.kind == skein_client::index::IndexKind::Term;
+        if term != is_table(configs) || (term && partitioning != Partitioning::KeyRange) {
+            let what = "a term index is a key-range table; a document index's catalog topic is not a table";
+            return Err((ErrorCode::INVALID_CONFIG, what.into()));
+        }
+        Ok(())
+    }
+
     async fn resize(&self, topic: String, resize: Resize) -> Result<Vec<u32>, (ErrorCode, String)> {
         let (msg, parents) = match resize {
             Resize::Bad(m) => return Err((ErrorCode::INVALID_REQUEST, m)),
@@ -712,7 +762,19 @@ fn resize_response(r: Result<Vec<u32>, (ErrorCode, String)>) -> ResizeResponse {
 
 /// The controller's checks of a split or merge, on this broker's view, so the requester
 /// answers a refusal at once (the controller applies the same checks again).
+/// Why a table's partitions are not split or merged (yet).
+const TABLE_SPLITS: &str = "a table's partitions do not split or merge yet (the children would have to start from the \
+                            parent's rows at the seal); create it with the partitions it needs";
+
+/// Whether a topic's configs make it a table.
+fn is_table(configs: &std::collections::BTreeMap<String, String>) -> bool {
+    configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true")
+}
+
 fn check_resize(c: &Controller, topic: &str, msg: &Message) -> Result<(), (ErrorCode, String)> {
+    if c.topics().get(topic).is_some_and(|t| is_table(&t.configs.iter().cloned().collect())) {
+        return Err((ErrorCode::INVALID_PARTITIONS, TABLE_SPLITS.into()));
+    }
     let result = match msg {
         Message::Split { index, at, .. } => c.plan_split(topic, *index, at.clone()).map(drop),
         Message::Merge { indexes, .. } => c.plan_merge(topic, *indexes).map(drop),

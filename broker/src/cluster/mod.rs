@@ -31,6 +31,7 @@
 
 mod control;
 mod groups;
+mod index_follower;
 mod internal;
 mod peer;
 mod raftlog;

@@ -83,6 +83,8 @@ pub(super) fn replica_settings(
         }
     }
     let auto = crate::core::autosplit::auto_split_config(&mut log_configs)?;
+    // An index's definition (checked with the topic's name at creation).
+    log_configs.retain(|k, _| !k.starts_with("index."));
     let table = crate::core::table::table_config(&mut log_configs)?;
     // A table machine applies its log once and cannot take records back: an unclean election
     // truncates replicas below what their machines applied, and the records written over them

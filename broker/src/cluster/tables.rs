@@ -21,9 +21,10 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_channel::oneshot;
 use skein_client::wire::{
-    ErrorCode, TableAbortResponse, TableCommitRequest, TableCommitResponse, TableLockResponse, TableReadRequest,
-    TableReadResponse, TableRow, TableTxn,
+    shown, ErrorCode, TableAbortResponse, TableCommitRequest, TableCommitResponse, TableLockResponse,
+    TableQueryRequest, TableQueryResponse, TableReadRequest, TableReadResponse, TableRow, TableTxn,
 };
+use skein_client::index::IndexKind;
 
 use super::internal::{self, Refusal};
 use super::now;
@@ -45,9 +46,9 @@ const BLIP_WAITS_MAX: u32 = 25;
 
 /// One table partition replica on this shard.
 pub(crate) struct Host {
-    topic: String,
-    index: u32,
-    machine: TableMachine,
+    pub(super) topic: String,
+    pub(super) index: u32,
+    pub(super) machine: TableMachine,
     /// The leader-side state at the epoch this replica leads at (None: not leading).
     leader: Option<PartitionLeader>,
     since_snapshot: u64,
@@ -58,6 +59,9 @@ pub(crate) struct Host {
 pub(crate) struct Tables {
     hosts: RefCell<HashMap<PartitionId, Rc<RefCell<Host>>>>,
     parked: RefCell<HashMap<TxnId, Vec<oneshot::Sender<()>>>>,
+    /// The term index followers running on this shard (`index_follower`), by table
+    /// partition and index name, with the epoch they follow at.
+    pub(super) followers: RefCell<HashMap<(PartitionId, String), LeaderEpoch>>,
 }
 
 impl Tables {
@@ -82,7 +86,14 @@ impl Tables {
 
 /// Whether `req` is a table request.
 pub(super) fn handles(req: &Request) -> bool {
-    matches!(req, Request::TableRead(_) | Request::TableLock(_) | Request::TableCommit(_) | Request::TableAbort(_))
+    matches!(
+        req,
+        Request::TableRead(_)
+            | Request::TableLock(_)
+            | Request::TableCommit(_)
+            | Request::TableAbort(_)
+            | Request::TableQuery(_)
+    )
 }
 
 fn names(req: &Request) -> (&str, u32) {
@@ -91,6 +102,7 @@ fn names(req: &Request) -> (&str, u32) {
         Request::TableLock(r) => (&r.topic, r.partition),
         Request::TableCommit(r) => (&r.topic, r.partition),
         Request::TableAbort(r) => (&r.topic, r.partition),
+        Request::TableQuery(r) => (&r.topic, r.partition),
         _ => ("", 0),
     }
 }
@@ -110,6 +122,14 @@ fn refusal(req: &Request, (error, message): Refusal) -> Response {
             results: Vec::new(),
         }),
         Request::TableAbort(_) => Response::TableAbort(TableAbortResponse { error, message }),
+        Request::TableQuery(_) => Response::TableQuery(TableQueryResponse {
+            error,
+            message,
+            snapshot: 0,
+            indexed: 0,
+            keys: 0,
+            rows: Vec::new(),
+        }),
         _ => Response::Error(error),
     }
 }
@@ -220,6 +240,7 @@ async fn serve(node: &Rc<Node>, req: &Request) -> Result<Response, Refusal> {
             Ok(Response::TableLock(TableLockResponse { error: ErrorCode::NONE, message: String::new() }))
         }
         Request::TableCommit(r) => commit(node, &host, pid, epoch, r).await.map(Response::TableCommit),
+        Request::TableQuery(r) => query(node, &host, r).map(Response::TableQuery),
         Request::TableAbort(r) => {
             let mut h = host.borrow_mut();
             let wakes = h.leader.as_mut().map(|l| {
@@ -370,6 +391,48 @@ async fn commit(
         (None, Err(e)) => Err(e),
         (None, Ok(_)) => Err((ErrorCode::UNKNOWN, "the commit's outcome is not known yet".into())),
     }
+}
+
+/// Keys a document index's first pass indexes per tick of a partition (a 10 ms tick: about
+/// 100,000 keys a second, in steps short enough not to stall the shard).
+const INDEX_BUILD_KEYS_PER_TICK: usize = 1_000;
+
+/// Defines on `host`'s machine the document indexes the topic map names for its table (and
+/// drops the others).
+fn sync_indexes(node: &Node, host: &mut Host) {
+    let topics = node.topics.load();
+    let docs: Vec<(String, String)> = topics
+        .indexes(&host.topic)
+        .iter()
+        .filter(|d| d.kind == IndexKind::Document)
+        .map(|d| (d.name.clone(), d.field.clone()))
+        .collect();
+    drop(topics);
+    host.machine.keep_indexes(&docs.iter().map(|(n, _)| n.clone()).collect());
+    for (name, field) in &docs {
+        host.machine.define_index(name, field);
+    }
+}
+
+/// The rows of a document index query at the leader's latest committed offset.
+fn query(node: &Rc<Node>, host: &Rc<RefCell<Host>>, r: &TableQueryRequest) -> Result<TableQueryResponse, Refusal> {
+    if r.value.len() > crate::core::table::KEY_BYTES_MAX {
+        return Err((ErrorCode::TOO_LARGE, format!("an index value of {} bytes", r.value.len())));
+    }
+    let mut h = host.borrow_mut();
+    sync_indexes(node, &mut h);
+    let at = h.machine.applied();
+    let found = if r.rows { h.machine.query_index(&r.index, &r.value, at) } else { h.machine.index_progress(&r.index).map(|_| Vec::new()) };
+    let Some(found) = found else {
+        let m = format!("'{}' has no document index '{}'", shown(&h.topic), shown(&r.index));
+        return Err((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, m));
+    };
+    let rows = found
+        .into_iter()
+        .map(|(k, v, value)| TableRow { key: BytesMut::from(k), value: Some(BytesMut::from(value)), version: v.0 as i64 })
+        .collect();
+    let (indexed, keys) = h.machine.index_progress(&r.index).unwrap_or_default();
+    Ok(TableQueryResponse { error: ErrorCode::NONE, message: String::new(), snapshot: at.0, indexed, keys, rows })
 }
 
 /// A read on a follower (or the leader) at its latest applied offset, once it applied the
@@ -559,19 +622,27 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
                 tracing::debug!(topic, partition = index, code = code.name(), message, "applying table records failed");
                 continue;
             }
-            let mut h = host.borrow_mut();
-            let h = &mut *h;
-            let wakes = h.leader.as_mut().map(|l| {
-                l.expire(now());
-                l.decided(&h.machine);
-                l.take_wakes()
-            });
-            h.machine.prune_behind(h.leader.as_ref().and_then(PartitionLeader::oldest_snapshot));
-            if h.since_snapshot >= node.config.table_snapshot_records {
-                h.since_snapshot = 0;
-                save_snapshot(&node, pid, &h.machine);
-            }
+            let wakes = {
+                let mut h = host.borrow_mut();
+                let h = &mut *h;
+                let wakes = h.leader.as_mut().map(|l| {
+                    l.expire(now());
+                    l.decided(&h.machine);
+                    l.take_wakes()
+                });
+                h.machine.prune_behind(h.leader.as_ref().and_then(PartitionLeader::oldest_snapshot));
+                sync_indexes(&node, h);
+                h.machine.build_indexes(INDEX_BUILD_KEYS_PER_TICK);
+                if h.since_snapshot >= node.config.table_snapshot_records {
+                    h.since_snapshot = 0;
+                    save_snapshot(&node, pid, &h.machine);
+                }
+                wakes
+            };
             node.tables.wake(wakes.unwrap_or_default());
+            if let Some(epoch) = internal::leading_epoch(&node, pid) {
+                super::index_follower::ensure(&node, &host, pid, epoch);
+            }
         }
     }
 }

@@ -55,6 +55,7 @@ pub(crate) enum Request {
     TableLock(wire::TableLockRequest),
     TableCommit(wire::TableCommitRequest),
     TableAbort(wire::TableAbortRequest),
+    TableQuery(wire::TableQueryRequest),
     SplitPartition(wire::SplitPartitionRequest),
     MergePartitions(wire::MergePartitionsRequest),
 }
@@ -90,6 +91,7 @@ pub(crate) enum Response {
     TableLock(wire::TableLockResponse),
     TableCommit(wire::TableCommitResponse),
     TableAbort(wire::TableAbortResponse),
+    TableQuery(wire::TableQueryResponse),
     /// SplitPartition and MergePartitions.
     Resize(wire::ResizeResponse),
     /// The whole request failed with this code.

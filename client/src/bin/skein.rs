@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{CommandFactory, Parser, Subcommand};
+use skein_client::index::{IndexKind, IndexMode};
 use skein_client::partitioning::{KeyRange, Partitioning};
 use skein_client::wire::{DescribeGroupResponse, DescribeTransactionResponse, ErrorCode, Level, TopicDescription};
 use skein_client::{
@@ -213,7 +214,7 @@ enum TableCommand {
     Create {
         /// Table name.
         name: String,
-        /// Partitions (keys are hash-partitioned as the producer does).
+        /// Partitions.
         #[arg(long, default_value_t = 1)]
         partitions: u32,
         /// Replicas per partition.
@@ -223,6 +224,11 @@ enum TableCommand {
         /// read-committed, snapshot, serializable, serial, 2pl or ssi.
         #[arg(long, value_parser = parse_level, value_name = "LEVEL")]
         isolation: Option<Level>,
+        /// How keys map to partitions: `hash` (as the producer does), `hash-range` (ranges
+        /// of the key hash) or `key-range` (key intervals: a scan reads only the partitions
+        /// its range overlaps).
+        #[arg(long, default_value = "hash", value_parser = parse_partitioning)]
+        partitioning: Partitioning,
     },
     /// Read a key (one transaction); prints `value K V` or `value K nil`.
     Get {
@@ -280,6 +286,65 @@ enum TableCommand {
         #[arg(allow_hyphen_values = true, default_value = "")]
         to: String,
     },
+    /// Secondary indexes: `create`, `list`.
+    #[command(subcommand)]
+    Index(IndexCommand),
+    /// The rows whose indexed field holds VALUE, by an index: `row K V` lines, then `end`.
+    Query {
+        /// Table name.
+        name: String,
+        /// Index name.
+        #[arg(long)]
+        index: String,
+        /// The field's value (a string field's text; a number's or boolean's JSON text).
+        #[arg(long, allow_hyphen_values = true)]
+        value: String,
+        /// First print the partitions the lookup touched: `partition TOPIC P snapshot OFFSET`
+        /// lines, then `touched N`.
+        #[arg(long)]
+        explain: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum IndexCommand {
+    /// Create index NAME of TABLE over a field of its rows' JSON values; built online (progress
+    /// on stderr), then prints `created index NAME`.
+    Create {
+        /// Table name.
+        table: String,
+        /// Index name.
+        name: String,
+        /// The indexed field of the rows' JSON object values.
+        #[arg(long)]
+        field: String,
+        /// `document` (each partition indexes its own rows; a query asks all of them) or
+        /// `term` (a key-range table keyed by the value; a query reads one partition).
+        #[arg(long, value_parser = parse_index_kind)]
+        kind: IndexKind,
+        /// Entries written with the row (the default for document indexes).
+        #[arg(long, conflicts_with = "async_")]
+        sync: bool,
+        /// Entries written by a follower of the table's log (the default for term indexes).
+        #[arg(long = "async", id = "async_")]
+        async_: bool,
+        /// Return once the index is defined, without waiting for its first pass.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// The indexes of TABLE: `index NAME KIND MODE FIELD built|building DONE/TOTAL` lines,
+    /// a term index's with `lag-ms L behind N` (the most of its partitions').
+    List {
+        /// Table name.
+        table: String,
+        /// A JSON array instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_index_kind(s: &str) -> Result<IndexKind, String> {
+    IndexKind::parse(s).ok_or_else(|| format!("unknown index kind '{s}' (document or term)"))
 }
 
 #[derive(Subcommand)]
@@ -1610,9 +1675,9 @@ fn table_failure(name: &str, e: TableError) -> anyhow::Error {
 
 async fn table_command(client: &Client, command: TableCommand) -> Result<()> {
     match command {
-        TableCommand::Create { name, partitions, replicas, isolation } => {
+        TableCommand::Create { name, partitions, replicas, isolation, partitioning } => {
             client
-                .create_table(&name, partitions, replicas, isolation)
+                .create_table_with(&name, partitions, replicas, partitioning, isolation)
                 .await
                 .map_err(|e| anyhow!("creating table: {}", failure(&e)))?;
             answer(&format!("created {name}"))?;
@@ -1649,6 +1714,98 @@ async fn table_command(client: &Client, command: TableCommand) -> Result<()> {
             let rows = t.scan(from.as_bytes(), to.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
             for line in scan_lines(&rows) {
                 answer(&line)?;
+            }
+        }
+        TableCommand::Index(command) => index_command(client, command).await?,
+        TableCommand::Query { name, index, value, explain } => {
+            let t = open_table(client, &name).await?;
+            let def = client.index(&name, &index).await.map_err(|e| table_failure(&name, e))?;
+            let found = t.query(&def, value.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
+            if explain {
+                for p in &found.touched {
+                    answer(&format!("partition {} {} snapshot {}", p.topic, p.partition, p.snapshot))?;
+                }
+                answer(&format!("touched {}", found.touched.len()))?;
+            }
+            for line in scan_lines(&found.rows) {
+                answer(&line)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn index_command(client: &Client, command: IndexCommand) -> Result<()> {
+    match command {
+        IndexCommand::Create { table, name, field, kind, sync, async_, no_wait } => {
+            let mode = match (sync, async_, kind) {
+                (true, _, _) => IndexMode::Sync,
+                (_, true, _) => IndexMode::Async,
+                (_, _, IndexKind::Document) => IndexMode::Sync,
+                (_, _, IndexKind::Term) => IndexMode::Async,
+            };
+            let def =
+                client.create_index(&table, &name, &field, kind, mode).await.map_err(|e| table_failure(&table, e))?;
+            if !no_wait {
+                let mut last = String::new();
+                loop {
+                    let state = client.index_state(&def).await.map_err(|e| table_failure(&table, e))?;
+                    let (done, total) = state.iter().fold((0, 0), |(d, t), p| (d + p.done, t + p.total));
+                    let line = format!(
+                        "building {name}: {done} of {total} keys, {} of {} partitions done",
+                        state.iter().filter(|p| p.built).count(),
+                        state.len()
+                    );
+                    if line != last {
+                        eprintln!("{line}");
+                        last = line;
+                    }
+                    if state.iter().all(|p| p.built) {
+                        break;
+                    }
+                    compio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            answer(&format!("created index {name}"))?;
+        }
+        IndexCommand::List { table, json } => {
+            let defs = client.indexes(&table).await.map_err(|e| table_failure(&table, e))?;
+            let mut rows = Vec::new();
+            for def in defs {
+                let state = client.index_state(&def).await.map_err(|e| table_failure(&table, e))?;
+                let (done, total) = state.iter().fold((0, 0), |(d, t), p| (d + p.done, t + p.total));
+                let built = state.iter().all(|p| p.built);
+                let lag_ms = state.iter().filter_map(|p| p.lag_ms).max();
+                let behind = state.iter().filter_map(|p| p.behind).max();
+                rows.push((def, built, done, total, lag_ms, behind));
+            }
+            if json {
+                let arr: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(d, built, done, total, lag_ms, behind)| {
+                        serde_json::json!({
+                            "name": d.name, "table": d.table, "field": d.field, "kind": d.kind.name(),
+                            "mode": d.mode.name(), "topic": d.topic(), "built": built, "done": done,
+                            "total": total, "lag_ms": lag_ms, "behind": behind,
+                        })
+                    })
+                    .collect();
+                answer(&serde_json::Value::Array(arr).to_string())?;
+            } else {
+                for (d, built, done, total, lag_ms, behind) in rows {
+                    let mut line = format!(
+                        "index {} {} {} {} {} {done}/{total}",
+                        d.name,
+                        d.kind.name(),
+                        d.mode.name(),
+                        d.field,
+                        if built { "built" } else { "building" }
+                    );
+                    if let (Some(l), Some(b)) = (lag_ms, behind) {
+                        line.push_str(&format!(" lag-ms {l} behind {b}"));
+                    }
+                    answer(&line)?;
+                }
             }
         }
     }

@@ -799,3 +799,30 @@ wire_struct! {
     /// TableAbort response.
     pub struct TableAbortResponse { pub error: ErrorCode, pub message: String }
 }
+
+wire_struct! {
+    /// TableQuery request (to a table partition's leader): the rows whose field indexed by
+    /// document index `index` holds `value`, at the partition's latest committed offset
+    /// (`rows` false: only the index's build progress).
+    pub struct TableQueryRequest {
+        pub topic: String,
+        pub partition: u32,
+        pub index: String,
+        pub value: BytesMut,
+        pub rows: bool,
+    }
+}
+
+wire_struct! {
+    /// TableQuery response: `snapshot` the offset read at; the rows in key order; `indexed`
+    /// of the partition's `keys` keys indexed so far (fewer while the index is built: the
+    /// partition then checks every row).
+    pub struct TableQueryResponse {
+        pub error: ErrorCode,
+        pub message: String,
+        pub snapshot: u64,
+        pub indexed: u64,
+        pub keys: u64,
+        pub rows: Vec<TableRow>,
+    }
+}

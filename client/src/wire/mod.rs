@@ -90,11 +90,13 @@ pub enum ApiKey {
     SplitPartition = 29,
     /// Merge two adjacent partitions of a ranged topic (issue 21).
     MergePartitions = 30,
+    /// Rows of a table partition by a document index (issue 21).
+    TableQuery = 31,
 }
 
 impl ApiKey {
     /// Every API, in key order.
-    pub const ALL: [ApiKey; 31] = [
+    pub const ALL: [ApiKey; 32] = [
         ApiKey::ApiVersions,
         ApiKey::Metadata,
         ApiKey::CreateTopics,
@@ -126,6 +128,7 @@ impl ApiKey {
         ApiKey::TableAbort,
         ApiKey::SplitPartition,
         ApiKey::MergePartitions,
+        ApiKey::TableQuery,
     ];
 
     /// The key for a number, if known.

@@ -15,6 +15,7 @@
 //!
 //! Records are [`skein_client::wire::TableRecord`]s, decoded once, here, into [`Part`].
 
+pub mod index;
 pub mod leader;
 pub mod locks;
 pub mod ssi;

@@ -38,6 +38,9 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Bound;
 
+use skein_client::index::field_value;
+
+use super::index::DocIndex;
 use super::{AbortReason, Key, Level, Part, PartError, Range, Step, TxnId, Value, KEY_BYTES_MAX, VALUE_BYTES_MAX};
 use crate::core::machine::{LogMachine, RecordError};
 use crate::core::replica::Plant;
@@ -135,6 +138,10 @@ pub struct TableMachine {
     /// Planted bugs (simulator only; default off): `no_read_validation`,
     /// `snapshot_as_serializable`.
     plant: Plant,
+    /// Document indexes by name (derived state, not in snapshots: `index`).
+    indexes: BTreeMap<String, DocIndex>,
+    /// The highest point versions were pruned up to ([`TableMachine::prune`]'s `keep`).
+    pruned_to: Offset,
 }
 
 impl Default for TableMachine {
@@ -156,6 +163,8 @@ impl TableMachine {
             applied: Offset::ZERO,
             window: SNAPSHOT_WINDOW,
             plant: Plant::default(),
+            indexes: BTreeMap::new(),
+            pruned_to: Offset::ZERO,
         }
     }
 
@@ -295,12 +304,29 @@ impl TableMachine {
     /// below `keep` and every newer one stay; a key left with only a delete below `keep`
     /// goes. The caller promises no later read or validation uses a snapshot below `keep`.
     pub fn prune(&mut self, keep: Offset) {
+        self.pruned_to = self.pruned_to.max(keep);
         let mut dropped = 0;
         while self.prunable.front().is_some_and(|(o, _)| *o < keep) {
             let (_, key) = self.prunable.pop_front().expect("checked above");
             let Some(versions) = self.rows.get_mut(&key) else { continue };
+            let indexed: Vec<(&String, BTreeSet<Vec<u8>>)> = self
+                .indexes
+                .iter()
+                .filter(|(_, i)| i.covers(&key))
+                .map(|(n, i)| (n, i.values_of(versions.iter().map(|(_, v)| v.as_deref()))))
+                .collect();
             let (d, gone) = prune_versions(versions, keep);
             dropped += d;
+            // Entries of values no kept version holds any more go with their versions.
+            let mut unindex = Vec::new();
+            for (name, before) in indexed {
+                let index = &self.indexes[name];
+                let after = if gone { BTreeSet::new() } else { index.values_of(versions.iter().map(|(_, v)| v.as_deref())) };
+                unindex.extend(before.difference(&after).map(|v| (name.clone(), v.clone())));
+            }
+            for (name, v) in unindex {
+                self.indexes.get_mut(&name).expect("named above").entries.remove(&(v, key.clone()));
+            }
             if gone {
                 self.rows.remove(&key);
             }
@@ -384,6 +410,89 @@ impl TableMachine {
             return Err(SnapshotError::Malformed("bytes after the outcomes"));
         }
         Ok(m)
+    }
+
+    /// The keys with a version at or after `since` (written, or deleted, since then), in key
+    /// order. None when versions from before `since` may have been pruned: a key deleted
+    /// since could be gone without a trace (a follower of the log then goes over every key).
+    pub fn changed_since(&self, since: Offset) -> Option<Vec<Key>> {
+        if since < self.pruned_to {
+            return None;
+        }
+        Some(self.rows.iter().filter(|(_, v)| v.last().is_some_and(|(o, _)| *o >= since)).map(|(k, _)| k.clone()).collect())
+    }
+
+    /// Up to `limit` keys from `from` on with their latest value (None: deleted), and the
+    /// key after them (None: the end).
+    pub fn latest_from(&self, from: &[u8], limit: usize) -> (Vec<(Key, Option<Value>)>, Option<Key>) {
+        let mut it = self.rows.range::<[u8], _>((Bound::Included(from), Bound::Unbounded));
+        let rows = it
+            .by_ref()
+            .take(limit)
+            .map(|(k, v)| (k.clone(), v.last().and_then(|(_, v)| v.clone())))
+            .collect();
+        (rows, it.next().map(|(k, _)| k.clone()))
+    }
+
+    /// Defines document index `name` over `field` (built by [`TableMachine::build_indexes`]);
+    /// an index of that name over another field is replaced.
+    pub fn define_index(&mut self, name: &str, field: &str) {
+        if self.indexes.get(name).is_none_or(|i| i.field() != field) {
+            self.indexes.insert(name.to_owned(), DocIndex::new(field));
+        }
+    }
+
+    /// Drops the document indexes not named in `keep`.
+    pub fn keep_indexes(&mut self, keep: &BTreeSet<String>) {
+        self.indexes.retain(|n, _| keep.contains(n));
+    }
+
+    /// Indexes up to `limit` more keys of the indexes still in their first pass; true when
+    /// every index is built.
+    pub fn build_indexes(&mut self, limit: usize) -> bool {
+        let mut all = true;
+        for index in self.indexes.values_mut() {
+            let Some(next) = index.next.take() else { continue };
+            let mut it = self.rows.range::<[u8], _>((Bound::Included(next.as_slice()), Bound::Unbounded));
+            for (key, versions) in it.by_ref().take(limit) {
+                for (_, v) in versions {
+                    index.add(key, v.as_deref());
+                }
+                index.done += 1;
+            }
+            index.next = it.next().map(|(k, _)| k.clone());
+            all &= index.next.is_none();
+        }
+        all
+    }
+
+    /// Document index `name`'s first pass: keys indexed and the partition's keys (equal:
+    /// built). None: no such index.
+    pub fn index_progress(&self, name: &str) -> Option<(u64, u64)> {
+        let i = self.indexes.get(name)?;
+        let total = self.rows.len() as u64;
+        Some(if i.built() { (total, total) } else { (i.done.min(total), total) })
+    }
+
+    /// The rows present at snapshot `at` whose value's indexed field is `value`, in key order
+    /// (key, version, value), by document index `name`: its entries rechecked at `at`, or,
+    /// while its first pass runs, every row checked. None: no such index.
+    pub fn query_index<'a>(&'a self, name: &str, value: &[u8], at: Offset) -> Option<Vec<(&'a [u8], Offset, &'a [u8])>> {
+        let index = self.indexes.get(name)?;
+        let holds = |v: &[u8]| field_value(v, index.field()).is_some_and(|f| f == value);
+        if !index.built() {
+            let all = Range { from: Vec::new(), to: None };
+            return Some(self.scan(&all, at).into_iter().filter(|(_, _, v)| holds(v)).collect());
+        }
+        let mut rows = Vec::new();
+        for key in index.candidates(value) {
+            if let Some((offset, Some(v))) = self.get(key, at) {
+                if holds(v) {
+                    rows.push((key.as_slice(), offset, v));
+                }
+            }
+        }
+        Some(rows)
     }
 
     fn range<'a>(&'a self, range: &Range) -> impl Iterator<Item = (&'a Key, &'a Vec<Version>)> + 'a {
@@ -532,6 +641,9 @@ impl TableMachine {
     /// Writes the version of `key` at `offset` (a later write of one part at the same offset
     /// replaces the earlier one).
     fn set(&mut self, key: Key, offset: Offset, value: Option<Value>) {
+        for index in self.indexes.values_mut().filter(|i| i.covers(&key)) {
+            index.add(&key, value.as_deref());
+        }
         match self.rows.get_mut(&key) {
             Some(versions) => {
                 let last = versions.last_mut().expect("a key in rows has a version");
