@@ -159,6 +159,9 @@ pub struct BrokerConfig {
     /// learned, breaking consistent prefix on purpose (proves the history checker catches it).
     #[arg(long, hide = true)]
     pub unsafe_follower_reads_past_high_watermark: bool,
+    /// TEST ONLY: a planted secondary-index bug (proves the index checker catches it).
+    #[arg(long, hide = true, value_enum)]
+    pub unsafe_index_plant: Option<IndexPlant>,
 }
 
 impl BrokerConfig {
@@ -282,6 +285,17 @@ impl BrokerConfig {
     pub fn shard_count(&self) -> usize {
         self.cores.unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get())).max(1)
     }
+}
+
+/// `--unsafe-index-plant`: a secondary-index bug planted on purpose.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IndexPlant {
+    /// Term index followers never delete a row's old entry (a changed or deleted row stays
+    /// listed under its old value).
+    TermKeepsOldEntries,
+    /// Document index queries return every key with an entry for the value, without
+    /// checking the version visible at the query's snapshot still holds it.
+    DocumentNoRecheck,
 }
 
 /// `--io-driver`: which compio driver the shards run.

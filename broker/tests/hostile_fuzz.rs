@@ -28,8 +28,8 @@ use skein_client::wire::{
     ListOffsetsPartition, ListOffsetsRequest, ListTransactionsRequest, MergePartitionsRequest, MetadataRequest,
     NewTopic, OffsetCommitPartition, OffsetCommitRequest, OffsetFetchRequest, ProducePartition, ProduceRequest,
     ProduceResponse, ReassignPartitionRequest, RequestHeader, SplitPartitionRequest, TableAbortRequest,
-    TableCommitRequest, TableLockRequest, TableRange, TableReadEntry, TableReadRequest, TableRecord, TableTxn,
-    TableWrite, TopicConfig, TopicPartition, TxnOffsetCommitRequest, Wire, Writer,
+    TableCommitRequest, TableLockRequest, TableQueryRequest, TableRange, TableReadEntry, TableReadRequest, TableRecord,
+    TableTxn, TableWrite, TopicConfig, TopicPartition, TxnOffsetCommitRequest, Wire, Writer,
 };
 use skein_client::Client;
 
@@ -434,6 +434,15 @@ fn typed_body(rng: &mut Rng, api: ApiKey) -> Vec<u8> {
         ApiKey::MergePartitions => {
             MergePartitionsRequest { topic: rng.topic(), partitions: rng.list(|r| r.partition()) }.encode(&mut w)
         }
+        ApiKey::TableQuery => TableQueryRequest {
+            topic: rng.topic(),
+            partition: rng.partition(),
+            index: rng.topic(),
+            value: BytesMut::from(&rng.bytes_below(2000)[..]),
+            snapshot: rng.u64() as i64,
+            rows: rng.chance(2),
+        }
+        .encode(&mut w),
     }
     w.buf
 }

@@ -151,9 +151,9 @@ pub fn index_config(topic: &str, configs: &mut BTreeMap<String, String>) -> Resu
         .strip_prefix(&prefix)
         .filter(|n| !n.is_empty())
         .ok_or_else(|| format!("an index of '{table}' is a topic named {prefix}NAME"))?;
-    let field = field.filter(|f| !f.is_empty() && f.len() <= FIELD_BYTES_MAX).ok_or_else(|| {
-        format!("{INDEX_FIELD}: a field name of 1 to {FIELD_BYTES_MAX} bytes is needed")
-    })?;
+    let field = field
+        .filter(|f| !f.is_empty() && f.len() <= FIELD_BYTES_MAX)
+        .ok_or_else(|| format!("{INDEX_FIELD}: a field name of 1 to {FIELD_BYTES_MAX} bytes is needed"))?;
     let kind = kind.as_deref().and_then(IndexKind::parse).ok_or_else(|| format!("{INDEX_KIND}: document or term"))?;
     let mode = mode.as_deref().and_then(IndexMode::parse).ok_or_else(|| format!("{INDEX_MODE}: sync or async"))?;
     check_mode(kind, mode)?;
@@ -288,7 +288,8 @@ pub struct Checkpoint {
 impl Checkpoint {
     /// Its row value (text: `offset at_ms done total next`, `next` in hex or `-`).
     pub fn encode(&self) -> Vec<u8> {
-        let next = self.next.as_ref().map_or_else(|| "-".to_owned(), |n| n.iter().map(|b| format!("{b:02x}")).collect());
+        let next =
+            self.next.as_ref().map_or_else(|| "-".to_owned(), |n| n.iter().map(|b| format!("{b:02x}")).collect());
         format!("{} {} {} {} {next}", self.offset, self.at_ms, self.done, self.total).into_bytes()
     }
 
@@ -301,7 +302,10 @@ impl Checkpoint {
         let next = match it.next()? {
             "-" => None,
             h if h.len() % 2 == 0 => Some(
-                (0..h.len()).step_by(2).map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok()).collect::<Option<_>>()?,
+                (0..h.len())
+                    .step_by(2)
+                    .map(|i| u8::from_str_radix(h.get(i..i + 2)?, 16).ok())
+                    .collect::<Option<_>>()?,
             ),
             _ => return None,
         };
@@ -312,6 +316,68 @@ impl Checkpoint {
     pub fn built(&self) -> bool {
         self.next.is_none()
     }
+}
+
+/// What a term index table should hold besides its checkpoint rows, for a table's rows
+/// (`(partition, key, value)`): each indexed row's entry (holding the row's value) and its
+/// reverse row (holding the indexed value).
+pub fn term_expected<'a>(
+    field: &str,
+    rows: impl IntoIterator<Item = (u32, &'a [u8], &'a [u8])>,
+) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut want = BTreeMap::new();
+    for (partition, key, value) in rows {
+        let Some(fv) = field_value(value, field) else { continue };
+        let (entry, Some(reverse)) = (term_key(&fv, key), reverse_key(partition, key)) else { continue };
+        if entry.len() > crate::table::KEY_BYTES_MAX {
+            continue;
+        }
+        want.insert(entry, value.to_vec());
+        want.insert(reverse, fv);
+    }
+    want
+}
+
+/// Whether an index table's key is a checkpoint row's.
+pub fn is_checkpoint(key: &[u8]) -> bool {
+    key.starts_with(&[CHECKPOINT_TAG, b'c'])
+}
+
+/// The differences between the rows an index table holds (`have`, checkpoint rows left out)
+/// and those it should (`want`), one line each (at most `max`, then a count of the rest).
+pub fn disagreements(want: &BTreeMap<Vec<u8>, Vec<u8>>, have: &BTreeMap<Vec<u8>, Vec<u8>>, max: usize) -> Vec<String> {
+    let show = |k: &[u8]| match term_parts(k) {
+        Some((v, key)) => format!("entry {}={}", String::from_utf8_lossy(&v), String::from_utf8_lossy(&key)),
+        None => format!("row {}", String::from_utf8_lossy(k)),
+    };
+    let mut out = Vec::new();
+    let mut rest = 0usize;
+    let mut note = |line: String| {
+        if out.len() < max {
+            out.push(line);
+        } else {
+            rest += 1;
+        }
+    };
+    for (k, v) in want {
+        match have.get(k) {
+            None => note(format!("missing {}", show(k))),
+            Some(h) if h != v => note(format!(
+                "stale {}: holds {} for {}",
+                show(k),
+                String::from_utf8_lossy(h),
+                String::from_utf8_lossy(v)
+            )),
+            Some(_) => {}
+        }
+    }
+    for k in have.keys().filter(|k| !want.contains_key(*k)) {
+        note(format!("extra {}", show(k)));
+    }
+    if rest > 0 {
+        out.push(format!("and {rest} more"));
+    }
+    out
 }
 
 #[cfg(test)]
@@ -372,6 +438,26 @@ mod tests {
         assert!(reverse_key(1, b"k") > Some(checkpoint_key(7)), "reverse rows after checkpoints");
         assert_eq!(reverse_key(1, &[b'k'; crate::table::KEY_BYTES_MAX]), None);
         assert!(checkpoint_key(3) > term_key("\u{10ffff}".as_bytes(), b"k"), "checkpoints sort after entries");
+    }
+
+    #[test]
+    fn the_agreement_check_names_missing_stale_and_extra_rows() {
+        let rows: Vec<(u32, &[u8], &[u8])> =
+            vec![(0, b"a", br#"{"c":"x"}"#), (1, b"b", br#"{"c":"y"}"#), (1, b"z", b"not json")];
+        let want = term_expected("c", rows.iter().copied());
+        assert_eq!(want.len(), 4, "two entries and two reverse rows");
+        assert!(disagreements(&want, &want, 10).is_empty());
+        let mut have = want.clone();
+        have.remove(&term_key(b"x", b"a"));
+        have.insert(term_key(b"y", b"b"), br#"{"c":"old"}"#.to_vec());
+        have.insert(term_key(b"q", b"gone"), b"{}".to_vec());
+        let found = disagreements(&want, &have, 10);
+        assert_eq!(found.len(), 3, "{found:?}");
+        assert!(found[0].starts_with("missing entry x=a"), "{found:?}");
+        assert!(found.iter().any(|l| l.starts_with("stale entry y=b")), "{found:?}");
+        assert!(found.iter().any(|l| l == "extra entry q=gone"), "{found:?}");
+        assert_eq!(disagreements(&want, &have, 1).len(), 2, "one line, then the count of the rest");
+        assert!(is_checkpoint(&checkpoint_key(4)) && !is_checkpoint(&reverse_key(4, b"k").unwrap()));
     }
 
     proptest! {

@@ -48,6 +48,7 @@ use bytes::BytesMut;
 
 use crate::conn::Connection;
 use crate::consumer::ReadReplica;
+use crate::partitioning::{route, KeyRange, Partitioning};
 use crate::session::SessionHandle;
 use crate::txn::{add_partitions, coordinator_error, txn_call};
 use crate::wire::{
@@ -56,7 +57,6 @@ use crate::wire::{
     TableLockResponse, TableRange, TableReadEntry, TableReadRequest, TableReadResponse, TableRecord, TableStep,
     TableWrite, TopicConfig, Wire,
 };
-use crate::partitioning::{route, KeyRange, Partitioning};
 use crate::{key_partition, Client, ClientError, TxnError};
 
 /// The longest key a table takes (bytes).
@@ -1243,7 +1243,7 @@ impl Table {
 }
 
 mod query;
-pub use query::{PartitionIndexState, QueryAnswer, Touched};
+pub use query::{IndexCheck, PartitionIndexState, QueryAnswer, Touched};
 
 /// The status of a table response.
 trait Answer {

@@ -26,11 +26,11 @@ use super::shard::{owner, Node, ShardMsg, State, Work};
 use crate::core::controller::{Controller, ResizeError, Topic, PARTITIONS_PER_TOPIC_MAX};
 use crate::core::quorum::ControllerVoter;
 use crate::core::table::Level;
-use skein_client::index::IndexDef;
 use crate::core::{Command, Message, NodeId, PartitionId, Peer, Seal, Time};
 use crate::meta::{self, ProducerIds};
 use crate::service::{api_versions, Request, Response};
 use bytes::BytesMut;
+use skein_client::index::IndexDef;
 use skein_client::partitioning::Partitioning;
 
 /// Shard 0's controller state.

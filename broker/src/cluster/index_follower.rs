@@ -160,7 +160,8 @@ impl Follower {
             return Ok(false);
         };
         let more = plan.next.next.is_some();
-        let result = write(&mut txn, partition, def, &plan).await;
+        let keep_old = node.config.unsafe_index_plant == Some(crate::IndexPlant::TermKeepsOldEntries);
+        let result = write(&mut txn, partition, def, &plan, keep_old).await;
         let committed = match result {
             Ok(()) => txn.commit().await.map(drop),
             Err(e) => {
@@ -200,7 +201,8 @@ fn plan(host: &Host, checkpoint: Option<&Checkpoint>, now_ms: u64) -> Option<Pla
                             (k, v)
                         })
                         .collect();
-                    let next = Checkpoint { offset: applied.0, at_ms: now_ms, done: c.done, total: c.total, next: None };
+                    let next =
+                        Checkpoint { offset: applied.0, at_ms: now_ms, done: c.done, total: c.total, next: None };
                     Some(Plan { rows, chunk: None, next })
                 }
                 // Too many changes, or versions since the checkpoint pruned: a pass.
@@ -212,7 +214,15 @@ fn plan(host: &Host, checkpoint: Option<&Checkpoint>, now_ms: u64) -> Option<Pla
 
 /// The step's writes inside `txn`: each visited key's entry and reverse row made to match
 /// its latest value, then the checkpoint.
-async fn write(txn: &mut skein_client::TableTxn, partition: u32, def: &IndexDef, plan: &Plan) -> Result<(), TableError> {
+/// `keep_old`: a planted bug (`--unsafe-index-plant term-keeps-old-entries`), old entries
+/// are never deleted.
+async fn write(
+    txn: &mut skein_client::TableTxn,
+    partition: u32,
+    def: &IndexDef,
+    plan: &Plan,
+    keep_old: bool,
+) -> Result<(), TableError> {
     // Which value each visited row's entry is under now.
     let mut current: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
     match &plan.chunk {
@@ -240,7 +250,8 @@ async fn write(txn: &mut skein_client::TableTxn, partition: u32, def: &IndexDef,
             }
         }
     }
-    let mut visited: BTreeMap<&[u8], Option<&[u8]>> = plan.rows.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
+    let mut visited: BTreeMap<&[u8], Option<&[u8]>> =
+        plan.rows.iter().map(|(k, v)| (k.as_slice(), v.as_deref())).collect();
     for k in current.keys() {
         visited.entry(k.as_slice()).or_insert(None);
     }
@@ -248,10 +259,10 @@ async fn write(txn: &mut skein_client::TableTxn, partition: u32, def: &IndexDef,
         let Some(reverse) = reverse_key(partition, key) else { continue };
         let wanted = value
             .and_then(|v| Some((field_value(v, &def.field)?, v)))
-            .and_then(|(fv, v)| Some((term_key(&fv, key), fv, v)))
+            .map(|(fv, v)| (term_key(&fv, key), fv, v))
             .filter(|(entry, _, _)| entry.len() <= KEY_BYTES_MAX);
         let old = current.get(key);
-        if let Some(old) = old {
+        if let Some(old) = old.filter(|_| !keep_old) {
             if wanted.as_ref().is_none_or(|(_, fv, _)| fv != old) {
                 txn.delete(&term_key(old, key)).await?;
             }

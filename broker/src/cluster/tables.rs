@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use futures_channel::oneshot;
+use skein_client::index::IndexKind;
 use skein_client::wire::{
     shown, ErrorCode, TableAbortResponse, TableCommitRequest, TableCommitResponse, TableLockResponse,
     TableQueryRequest, TableQueryResponse, TableReadRequest, TableReadResponse, TableRow, TableTxn,
 };
-use skein_client::index::IndexKind;
 
 use super::internal::{self, Refusal};
 use super::now;
@@ -421,15 +421,28 @@ fn query(node: &Rc<Node>, host: &Rc<RefCell<Host>>, r: &TableQueryRequest) -> Re
     }
     let mut h = host.borrow_mut();
     sync_indexes(node, &mut h);
-    let at = h.machine.applied();
-    let found = if r.rows { h.machine.query_index(&r.index, &r.value, at) } else { h.machine.index_progress(&r.index).map(|_| Vec::new()) };
+    let applied = h.machine.applied();
+    let at = u64::try_from(r.snapshot).map_or(applied, Offset);
+    if at > applied {
+        return Err((ErrorCode::NOT_CAUGHT_UP, format!("this replica applied {applied}, before {at}")));
+    }
+    let recheck = node.config.unsafe_index_plant != Some(crate::IndexPlant::DocumentNoRecheck);
+    let found = if r.rows {
+        h.machine.query_index(&r.index, &r.value, at, recheck)
+    } else {
+        h.machine.index_progress(&r.index).map(|_| Vec::new())
+    };
     let Some(found) = found else {
         let m = format!("'{}' has no document index '{}'", shown(&h.topic), shown(&r.index));
         return Err((ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, m));
     };
     let rows = found
         .into_iter()
-        .map(|(k, v, value)| TableRow { key: BytesMut::from(k), value: Some(BytesMut::from(value)), version: v.0 as i64 })
+        .map(|(k, v, value)| TableRow {
+            key: BytesMut::from(k),
+            value: Some(BytesMut::from(value)),
+            version: v.0 as i64,
+        })
         .collect();
     let (indexed, keys) = h.machine.index_progress(&r.index).unwrap_or_default();
     Ok(TableQueryResponse { error: ErrorCode::NONE, message: String::new(), snapshot: at.0, indexed, keys, rows })

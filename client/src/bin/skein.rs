@@ -341,6 +341,15 @@ enum IndexCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Check that index NAME agrees with TABLE: a document index at one snapshot per
+    /// partition, a term index once it caught up. Prints `agree rows R compared C`, or a
+    /// `disagree ...` line per difference and exits 1.
+    Check {
+        /// Table name.
+        table: String,
+        /// Index name.
+        name: String,
+    },
 }
 
 fn parse_index_kind(s: &str) -> Result<IndexKind, String> {
@@ -1767,6 +1776,18 @@ async fn index_command(client: &Client, command: IndexCommand) -> Result<()> {
                 }
             }
             answer(&format!("created index {name}"))?;
+        }
+        IndexCommand::Check { table, name } => {
+            let def = client.index(&table, &name).await.map_err(|e| table_failure(&table, e))?;
+            let check = client.check_index(&def).await.map_err(|e| table_failure(&table, e))?;
+            if check.disagreements.is_empty() {
+                answer(&format!("agree rows {} compared {}", check.rows, check.compared))?;
+            } else {
+                for line in &check.disagreements {
+                    answer(&format!("disagree {line}"))?;
+                }
+                std::process::exit(1);
+            }
         }
         IndexCommand::List { table, json } => {
             let defs = client.indexes(&table).await.map_err(|e| table_failure(&table, e))?;

@@ -3,8 +3,8 @@
 
 use super::*;
 use crate::index::{
-    check_mode, checkpoint_from, checkpoint_key, term_parts, term_prefix, term_prefix_end, Checkpoint, IndexDef,
-    IndexKind, IndexMode, INDEX_OF,
+    check_mode, checkpoint_from, checkpoint_key, disagreements, field_value, is_checkpoint, term_expected, term_parts,
+    term_prefix, term_prefix_end, Checkpoint, IndexDef, IndexKind, IndexMode, INDEX_OF,
 };
 use crate::wire::{TableQueryRequest, TableQueryResponse};
 
@@ -39,6 +39,8 @@ pub struct PartitionIndexState {
     pub done: u64,
     /// See `done`.
     pub total: u64,
+    /// A term index: the table partition's offset its entries reflect (its checkpoint).
+    pub offset: Option<u64>,
     /// A term index: how many offsets of the table partition its entries are behind.
     pub behind: Option<u64>,
     /// A term index behind its partition: ms since the offset its entries reflect was read.
@@ -68,8 +70,7 @@ impl Client {
         let t = self.table(table).await?;
         let md = self.topic_metadata(table).await?;
         let replicas = md.partitions.first().map_or(1, |p| p.replicas.len().max(1)) as u16;
-        let def =
-            IndexDef { name: name.to_owned(), table: table.to_owned(), field: field.to_owned(), kind, mode };
+        let def = IndexDef { name: name.to_owned(), table: table.to_owned(), field: field.to_owned(), kind, mode };
         let (partitions, scheme) = match kind {
             IndexKind::Document => (1, Partitioning::Hash),
             IndexKind::Term => (t.partitions().max(1), Partitioning::KeyRange),
@@ -120,6 +121,7 @@ impl Client {
                         built: r.indexed >= r.keys,
                         done: r.indexed,
                         total: r.keys,
+                        offset: None,
                         behind: None,
                         lag_ms: None,
                     })
@@ -142,6 +144,7 @@ impl Client {
                             built: false,
                             done: 0,
                             total: 0,
+                            offset: None,
                             behind: None,
                             lag_ms: None,
                         },
@@ -152,6 +155,7 @@ impl Client {
                                 built: c.built(),
                                 done: c.done,
                                 total: c.total,
+                                offset: Some(c.offset),
                                 behind: Some(behind),
                                 lag_ms: Some(if behind == 0 { 0 } else { now.saturating_sub(c.at_ms) }),
                             }
@@ -161,6 +165,111 @@ impl Client {
                 Ok(out)
             }
         }
+    }
+}
+
+/// What [`Client::check_index`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IndexCheck {
+    /// Table rows compared.
+    pub rows: u64,
+    /// Index lookups (document) or index rows (term) compared.
+    pub compared: u64,
+    /// Each disagreement, one line (empty: the index agrees with its table).
+    pub disagreements: Vec<String>,
+}
+
+/// Most disagreement lines a check reports.
+const DISAGREEMENTS_MAX: usize = 20;
+
+impl Client {
+    /// Checks that index `def` agrees with its table. Document: per partition, at one
+    /// snapshot offset, a lookup of every value its rows hold (and of one none holds)
+    /// answers exactly the rows holding it. Term (after its lag): the index table holds
+    /// exactly each indexed row's entry and reverse row; Err while a partition's follower is
+    /// behind or moves during the check (writes going on): check again later.
+    pub async fn check_index(&self, def: &IndexDef) -> Result<IndexCheck, TableError> {
+        let table = self.table(&def.table).await?;
+        let partitions = table.scan_partitions(b"", b"");
+        let mut check = IndexCheck::default();
+        match def.kind {
+            IndexKind::Document => {
+                let txn = table.begin(Some(Level::ReadCommitted));
+                // Each partition's rows at one snapshot, by the value they hold.
+                let mut seen = Vec::new();
+                let mut values: BTreeSet<Vec<u8>> = BTreeSet::new();
+                for p in partitions {
+                    let at = txn.query_at(p, &def.name, b"", -1, false).await?.snapshot;
+                    let rows = txn.read_at(p, at).await?;
+                    check.rows += rows.len() as u64;
+                    let mut by_value: BTreeMap<Vec<u8>, Vec<(Key, Value)>> = BTreeMap::new();
+                    for (k, v) in rows {
+                        if let Some(fv) = field_value(&v, &def.field) {
+                            values.insert(fv.clone());
+                            by_value.entry(fv).or_default().push((k, v));
+                        }
+                    }
+                    seen.push((p, at, by_value));
+                }
+                // Every partition is asked for every value any row holds (a partition may
+                // list rows under a value none of its rows holds any more) and one none does.
+                values.insert(b"\x00none".to_vec());
+                for (p, at, mut by_value) in seen {
+                    for fv in &values {
+                        by_value.entry(fv.clone()).or_default();
+                    }
+                    for (fv, want) in by_value {
+                        let resp = txn.query_at(p, &def.name, &fv, at as i64, true).await?;
+                        check.compared += 1;
+                        let have: Vec<(Key, Value)> =
+                            resp.rows.into_iter().filter_map(|r| Some((r.key.to_vec(), r.value?.to_vec()))).collect();
+                        if have != want && check.disagreements.len() < DISAGREEMENTS_MAX {
+                            let keys = |rows: &[(Key, Value)]| {
+                                rows.iter().map(|(k, _)| String::from_utf8_lossy(k).into_owned()).collect::<Vec<_>>()
+                            };
+                            check.disagreements.push(format!(
+                                "partition {p} at {at}: {}={} gives {:?}, the rows holding it are {:?}",
+                                def.field,
+                                String::from_utf8_lossy(&fv),
+                                keys(&have),
+                                keys(&want)
+                            ));
+                        }
+                    }
+                }
+            }
+            IndexKind::Term => {
+                let before = self.index_state(def).await?;
+                if let Some(p) = before.iter().find(|p| !p.built || p.behind != Some(0)) {
+                    return Err(TableError::Invalid(format!(
+                        "index {} is behind partition {} of {} (built: {}, offsets behind: {:?}): check again \
+                         once writes pause",
+                        def.name, p.partition, def.table, p.built, p.behind
+                    )));
+                }
+                let rows = table.scan(b"", b"").await?;
+                check.rows = rows.len() as u64;
+                let want = term_expected(
+                    &def.field,
+                    rows.iter().map(|(k, v)| (table.partition_of(k), k.as_slice(), v.as_slice())),
+                );
+                let ix = self.table(&def.topic()).await?;
+                let mut txn = ix.begin(Some(Level::ReadCommitted));
+                let held = txn.scan(b"", b"").await;
+                let (held, _) = txn.finish(held).await?;
+                let have: BTreeMap<Key, Value> = held.into_iter().filter(|(k, _)| !is_checkpoint(k)).collect();
+                check.compared = have.len() as u64;
+                let after = self.index_state(def).await?;
+                if after.iter().zip(&before).any(|(a, b)| a.behind != Some(0) || a.offset != b.offset) {
+                    return Err(TableError::Invalid(format!(
+                        "index {} moved during the check (writes going on): check again once they pause",
+                        def.name
+                    )));
+                }
+                check.disagreements = disagreements(&want, &have, DISAGREEMENTS_MAX);
+            }
+        }
+        Ok(check)
     }
 }
 
@@ -188,9 +297,8 @@ impl Table {
                 let mut per_partition = Vec::new();
                 for (p, r) in answers {
                     touched.push(Touched { topic: self.name().to_owned(), partition: p, snapshot: r.snapshot });
-                    per_partition.push(
-                        r.rows.into_iter().filter_map(|r| Some((r.key.to_vec(), r.value?.to_vec()))).collect(),
-                    );
+                    per_partition
+                        .push(r.rows.into_iter().filter_map(|r| Some((r.key.to_vec(), r.value?.to_vec()))).collect());
                 }
                 Ok(QueryAnswer { rows: merge_rows(per_partition), touched })
             }
@@ -202,7 +310,11 @@ impl Table {
                 let touched = txn
                     .parts
                     .iter()
-                    .map(|(p, s)| Touched { topic: ix.name().to_owned(), partition: *p, snapshot: s.snapshot.unwrap_or(0) })
+                    .map(|(p, s)| Touched {
+                        topic: ix.name().to_owned(),
+                        partition: *p,
+                        snapshot: s.snapshot.unwrap_or(0),
+                    })
                     .collect();
                 let rows = entries
                     .into_iter()
@@ -215,6 +327,46 @@ impl Table {
 }
 
 impl TableTxn {
+    /// TableQuery to partition `p` at `snapshot` (-1: the latest).
+    async fn query_at(
+        &self,
+        p: u32,
+        index: &str,
+        value: &[u8],
+        snapshot: i64,
+        rows: bool,
+    ) -> Result<TableQueryResponse, TableError> {
+        let req = TableQueryRequest {
+            topic: self.table.name().to_owned(),
+            partition: p,
+            index: index.to_owned(),
+            value: BytesMut::from(value),
+            snapshot,
+            rows,
+        };
+        self.call(p, ApiKey::TableQuery, &req, Retry::Idempotent).await.map_err(|e| plain_error(self.table.name(), e))
+    }
+
+    /// Every row of partition `p` at offset `at` (its leader's committed state there; the
+    /// leader has applied `at`).
+    async fn read_at(&self, p: u32, at: u64) -> Result<Vec<(Key, Value)>, TableError> {
+        let req = TableReadRequest {
+            txn: self.wire_txn(),
+            topic: self.table.name().to_owned(),
+            partition: p,
+            snapshot: at as i64,
+            min_offset: at,
+            follower: true,
+            keys: Vec::new(),
+            range: Some(TableRange { from: BytesMut::new(), to: BytesMut::new() }),
+        };
+        let resp: TableReadResponse = self
+            .call(p, ApiKey::TableRead, &req, Retry::Idempotent)
+            .await
+            .map_err(|e| plain_error(self.table.name(), e))?;
+        Ok(resp.rows.into_iter().filter_map(|r| Some((r.key.to_vec(), r.value?.to_vec()))).collect())
+    }
+
     /// TableQuery to each of `partitions` (in parallel): each partition's answer.
     async fn query_partitions(
         &self,
@@ -229,6 +381,7 @@ impl TableTxn {
                 partition: p,
                 index: index.to_owned(),
                 value: BytesMut::from(value),
+                snapshot: -1,
                 rows,
             };
             async move { (p, self.call::<_, TableQueryResponse>(p, ApiKey::TableQuery, &req, Retry::Idempotent).await) }

@@ -802,13 +802,15 @@ wire_struct! {
 
 wire_struct! {
     /// TableQuery request (to a table partition's leader): the rows whose field indexed by
-    /// document index `index` holds `value`, at the partition's latest committed offset
-    /// (`rows` false: only the index's build progress).
+    /// document index `index` holds `value`, at offset `snapshot` of the partition (-1: its
+    /// latest committed offset; a later one than the leader applied: NOT_CAUGHT_UP), or
+    /// (`rows` false) only the index's build progress.
     pub struct TableQueryRequest {
         pub topic: String,
         pub partition: u32,
         pub index: String,
         pub value: BytesMut,
+        pub snapshot: i64,
         pub rows: bool,
     }
 }

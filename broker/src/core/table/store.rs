@@ -113,6 +113,9 @@ pub enum SnapshotError {
 /// replica kept and another pruned would be decided differently on the two.
 pub const SNAPSHOT_WINDOW: u64 = 10_000;
 
+/// A row as read: its key, the offset of its visible version, and that version's value.
+pub type RowRef<'a> = (&'a [u8], Offset, &'a [u8]);
+
 /// One partition's table state: versions, prepared parts, recent outcomes (module docs).
 #[derive(Clone, Debug)]
 pub struct TableMachine {
@@ -321,7 +324,8 @@ impl TableMachine {
             let mut unindex = Vec::new();
             for (name, before) in indexed {
                 let index = &self.indexes[name];
-                let after = if gone { BTreeSet::new() } else { index.values_of(versions.iter().map(|(_, v)| v.as_deref())) };
+                let after =
+                    if gone { BTreeSet::new() } else { index.values_of(versions.iter().map(|(_, v)| v.as_deref())) };
                 unindex.extend(before.difference(&after).map(|v| (name.clone(), v.clone())));
             }
             for (name, v) in unindex {
@@ -419,18 +423,20 @@ impl TableMachine {
         if since < self.pruned_to {
             return None;
         }
-        Some(self.rows.iter().filter(|(_, v)| v.last().is_some_and(|(o, _)| *o >= since)).map(|(k, _)| k.clone()).collect())
+        Some(
+            self.rows
+                .iter()
+                .filter(|(_, v)| v.last().is_some_and(|(o, _)| *o >= since))
+                .map(|(k, _)| k.clone())
+                .collect(),
+        )
     }
 
     /// Up to `limit` keys from `from` on with their latest value (None: deleted), and the
     /// key after them (None: the end).
     pub fn latest_from(&self, from: &[u8], limit: usize) -> (Vec<(Key, Option<Value>)>, Option<Key>) {
         let mut it = self.rows.range::<[u8], _>((Bound::Included(from), Bound::Unbounded));
-        let rows = it
-            .by_ref()
-            .take(limit)
-            .map(|(k, v)| (k.clone(), v.last().and_then(|(_, v)| v.clone())))
-            .collect();
+        let rows = it.by_ref().take(limit).map(|(k, v)| (k.clone(), v.last().and_then(|(_, v)| v.clone()))).collect();
         (rows, it.next().map(|(k, _)| k.clone()))
     }
 
@@ -476,14 +482,17 @@ impl TableMachine {
 
     /// The rows present at snapshot `at` whose value's indexed field is `value`, in key order
     /// (key, version, value), by document index `name`: its entries rechecked at `at`, or,
-    /// while its first pass runs, every row checked. None: no such index.
-    pub fn query_index<'a>(&'a self, name: &str, value: &[u8], at: Offset) -> Option<Vec<(&'a [u8], Offset, &'a [u8])>> {
+    /// while its first pass runs, every row checked. None: no such index. `recheck` false
+    /// is a planted bug (`--unsafe-index-plant document-no-recheck`): a candidate's visible
+    /// version is returned whatever it holds.
+    pub fn query_index<'a>(&'a self, name: &str, value: &[u8], at: Offset, recheck: bool) -> Option<Vec<RowRef<'a>>> {
         let index = self.indexes.get(name)?;
         let holds = |v: &[u8]| field_value(v, index.field()).is_some_and(|f| f == value);
         if !index.built() {
             let all = Range { from: Vec::new(), to: None };
             return Some(self.scan(&all, at).into_iter().filter(|(_, _, v)| holds(v)).collect());
         }
+        let holds = |v: &[u8]| !recheck || holds(v);
         let mut rows = Vec::new();
         for key in index.candidates(value) {
             if let Some((offset, Some(v))) = self.get(key, at) {

@@ -728,3 +728,89 @@ proptest! {
         prop_assert_eq!(format!("{:?}", full.holds), format!("{:?}", restored.holds));
     }
 }
+
+fn city(c: &str) -> String {
+    format!(r#"{{"city":"{c}"}}"#)
+}
+
+/// What a document index must answer: every row present at `at` whose city is `value`.
+fn by_scan(m: &TableMachine, value: &str, at: Offset) -> Vec<(Key, Offset)> {
+    let all = Range { from: Vec::new(), to: None };
+    m.scan(&all, at)
+        .into_iter()
+        .filter(|(_, _, v)| skein_client::index::field_value(v, "city").as_deref() == Some(value.as_bytes()))
+        .map(|(k, o, _)| (k.to_vec(), o))
+        .collect()
+}
+
+fn by_index(m: &TableMachine, value: &str, at: Offset) -> Vec<(Key, Offset)> {
+    m.query_index("by_city", value.as_bytes(), at, true)
+        .expect("defined")
+        .into_iter()
+        .map(|(k, o, _)| (k.to_vec(), o))
+        .collect()
+}
+
+#[test]
+fn a_document_index_answers_at_its_snapshot_and_drops_entries_with_their_versions() {
+    let mut m = TableMachine::new().with_window(2);
+    apply(&mut m, &put(1, Level::ReadCommitted, 0, &[("a", Some(&city("Oslo"))), ("b", Some("not json"))]));
+    m.define_index("by_city", "city");
+    assert_eq!(m.index_progress("by_city"), Some((0, 2)));
+    // While its first pass runs, a query checks every row.
+    assert_eq!(by_index(&m, "Oslo", m.applied()), vec![(k("a"), Offset(0))]);
+    assert!(!m.build_indexes(1));
+    assert_eq!(m.index_progress("by_city"), Some((1, 2)));
+    assert!(m.build_indexes(1));
+    assert_eq!(m.index_progress("by_city"), Some((2, 2)));
+    apply(&mut m, &put(2, Level::ReadCommitted, 0, &[("a", Some(&city("Bergen")))]));
+    apply(&mut m, &put(3, Level::ReadCommitted, 0, &[("c", Some(&city("Oslo")))]));
+    // At offset 1 a was still in Oslo; at the end it is in Bergen and c in Oslo.
+    assert_eq!(by_index(&m, "Oslo", Offset(1)), vec![(k("a"), Offset(0))]);
+    assert_eq!(by_index(&m, "Oslo", m.applied()), vec![(k("c"), Offset(2))]);
+    assert_eq!(by_index(&m, "Bergen", m.applied()), vec![(k("a"), Offset(1))]);
+    let entries = |m: &TableMachine| m.indexes["by_city"].entries.len();
+    assert_eq!(entries(&m), 3, "a's old Oslo entry stays while its version does");
+    m.prune(m.applied());
+    assert_eq!(entries(&m), 2, "pruned with a's old version");
+    m.keep_indexes(&BTreeSet::new());
+    assert_eq!(m.query_index("by_city", b"Oslo", m.applied(), true), None);
+}
+
+proptest! {
+    /// Whatever the writes, deletes, pruning and build steps, and whenever the index is
+    /// defined, a query at any snapshot still readable answers what a scan does.
+    #[test]
+    fn document_index_queries_equal_filtered_scans(
+        ops in proptest::collection::vec((0u8..6, 0u8..4, 0u8..5), 1..60),
+        define_at in 0usize..60,
+        step in 1usize..4,
+    ) {
+        let cities = ["Oslo", "Bergen", "Paris"];
+        let mut m = TableMachine::new().with_window(5);
+        for (i, (key, what, extra)) in ops.iter().enumerate() {
+            if i == define_at {
+                m.define_index("by_city", "city");
+            }
+            let key = format!("k{key}");
+            let value = match what {
+                0..=2 => Some(city(cities[*what as usize])),
+                _ if *extra == 0 => Some("plain".to_owned()),
+                _ => None,
+            };
+            apply(&mut m, &put(i as u64 + 1, Level::ReadCommitted, 0, &[(&key, value.as_deref())]));
+            m.build_indexes(step);
+            if extra % 3 == 0 {
+                m.prune_behind(None);
+            }
+        }
+        m.define_index("by_city", "city");
+        while !m.build_indexes(step) {}
+        let oldest = m.applied().0.saturating_sub(5);
+        for at in oldest..=m.applied().0 {
+            for c in cities {
+                prop_assert_eq!(by_index(&m, c, Offset(at)), by_scan(&m, c, Offset(at)), "{} at {}", c, at);
+            }
+        }
+    }
+}
