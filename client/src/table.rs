@@ -265,8 +265,9 @@ impl Client {
             inner: Rc::new(TableInner {
                 client: self.clone(),
                 name: name.to_owned(),
-                partitions,
-                routes,
+                partitions: std::cell::Cell::new(partitions),
+                routes: RefCell::new(routes),
+                stale: std::cell::Cell::new(false),
                 level,
                 timeout: std::cell::Cell::new(DEFAULT_TXN_TIMEOUT),
                 coordinators: RefCell::default(),
@@ -312,9 +313,11 @@ pub struct Table {
 struct TableInner {
     client: Client,
     name: String,
-    partitions: u32,
+    partitions: std::cell::Cell<u32>,
     /// A ranged table's scheme and open partitions by range (None: hash-partitioned).
-    routes: Option<(Partitioning, Vec<(KeyRange, u32)>)>,
+    routes: RefCell<Option<(Partitioning, Vec<(KeyRange, u32)>)>>,
+    /// A transaction found a partition sealed: the next one looks the partitions up again.
+    stale: std::cell::Cell<bool>,
     level: Option<Level>,
     timeout: std::cell::Cell<Duration>,
     /// Transactional ids (with their producer id and epoch) free for a two-phase commit.
@@ -325,6 +328,18 @@ struct TableInner {
     session: RefCell<Option<SessionHandle>>,
     /// The rack replica reads prefer with [`ReadReplica::Closest`].
     rack: RefCell<Option<String>>,
+}
+
+/// The abort reason of a transaction that used a partition a split or merge sealed.
+const SEALED: &str = "partition-sealed";
+
+/// How many times [`Table::get`], `put`, `delete` and `scan` begin again after their
+/// partition was sealed.
+pub const SEALED_RETRIES: u32 = 3;
+
+/// Whether `e` is an abort for a sealed partition.
+fn sealed(e: &TableError) -> bool {
+    matches!(e, TableError::Aborted(r) if r == SEALED)
 }
 
 /// Most idle connections a [`Table`] keeps per node.
@@ -344,7 +359,7 @@ impl Table {
 
     /// Its partition count.
     pub fn partitions(&self) -> u32 {
-        self.inner.partitions
+        self.inner.partitions.get()
     }
 
     /// The level its configs name, if any.
@@ -360,22 +375,22 @@ impl Table {
 
     /// The partition holding `key`.
     pub fn partition_of(&self, key: &[u8]) -> u32 {
-        match &self.inner.routes {
-            None => key_partition(key, self.inner.partitions),
+        match &*self.inner.routes.borrow() {
+            None => key_partition(key, self.inner.partitions.get()),
             Some((scheme, parts)) => route(*scheme, parts, key),
         }
     }
 
     /// How its keys map to partitions.
     pub fn partitioning(&self) -> Partitioning {
-        self.inner.routes.as_ref().map_or(Partitioning::Hash, |(s, _)| *s)
+        self.inner.routes.borrow().as_ref().map_or(Partitioning::Hash, |(s, _)| *s)
     }
 
     /// The partitions a scan of `[from, to)` (empty `to`: to the end) reads: every one of
     /// a hash or hash-range table, only those whose ranges overlap it in a key-range table.
     pub fn scan_partitions(&self, from: &[u8], to: &[u8]) -> Vec<u32> {
-        match &self.inner.routes {
-            None => (0..self.inner.partitions).collect(),
+        match &*self.inner.routes.borrow() {
+            None => (0..self.inner.partitions.get()).collect(),
             Some((Partitioning::KeyRange, parts)) => {
                 let mut ps: Vec<u32> = parts
                     .iter()
@@ -510,32 +525,80 @@ impl Table {
         }
     }
 
-    /// Reads `key` in a transaction of its own.
+    /// Reads `key` in a transaction of its own (begun again, up to [`SEALED_RETRIES`]
+    /// times, when a split or merge sealed its partition).
     pub async fn get(&self, key: &[u8]) -> Result<Option<Value>, TableError> {
-        let mut txn = self.begin(None);
-        let read = txn.get(key).await;
-        txn.finish(read).await.map(|(v, _)| v)
+        let mut attempt = 0;
+        loop {
+            let mut txn = self.begin(None);
+            let read = txn.get(key).await;
+            match txn.finish(read).await {
+                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                r => return r.map(|(v, _)| v),
+            }
+        }
     }
 
-    /// Writes `key` in a transaction of its own.
+    /// Writes `key` in a transaction of its own (begun again when a split or merge sealed
+    /// its partition first: nothing was written there).
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Committed, TableError> {
-        let mut txn = self.begin(None);
-        let written = txn.put(key, value).await;
-        txn.finish(written).await.map(|((), c)| c)
+        let mut attempt = 0;
+        loop {
+            let mut txn = self.begin(None);
+            let written = txn.put(key, value).await;
+            match txn.finish(written).await {
+                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                r => return r.map(|((), c)| c),
+            }
+        }
     }
 
-    /// Deletes `key` in a transaction of its own.
+    /// Deletes `key` in a transaction of its own (as [`Table::put`]).
     pub async fn delete(&self, key: &[u8]) -> Result<Committed, TableError> {
-        let mut txn = self.begin(None);
-        let written = txn.delete(key).await;
-        txn.finish(written).await.map(|((), c)| c)
+        let mut attempt = 0;
+        loop {
+            let mut txn = self.begin(None);
+            let written = txn.delete(key).await;
+            match txn.finish(written).await {
+                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                r => return r.map(|((), c)| c),
+            }
+        }
     }
 
-    /// The rows of `[from, to)` (empty `to`: to the end) in a transaction of its own.
+    /// The rows of `[from, to)` (empty `to`: to the end) in a transaction of its own (as
+    /// [`Table::get`]).
     pub async fn scan(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Key, Value)>, TableError> {
-        let mut txn = self.begin(None);
-        let rows = txn.scan(from, to).await;
-        txn.finish(rows).await.map(|(rows, _)| rows)
+        let mut attempt = 0;
+        loop {
+            let mut txn = self.begin(None);
+            let rows = txn.scan(from, to).await;
+            match txn.finish(rows).await {
+                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                r => return r.map(|(rows, _)| rows),
+            }
+        }
+    }
+
+    /// Every row of partition `partition` at offset `at` of it, as its leader's committed
+    /// state holds them there (a sealed partition's too, up to its seal: what a split's or
+    /// merge's children start from). The leader must have applied `at` (`NOT_CAUGHT_UP`,
+    /// retried, otherwise).
+    pub async fn rows_at(&self, partition: u32, at: u64) -> Result<Vec<(Key, Value)>, TableError> {
+        self.begin(Some(Level::ReadCommitted)).read_at(partition, at).await
+    }
+
+    /// Looks up the table's partitions again (after a split or merge).
+    pub async fn refresh(&self) -> Result<(), TableError> {
+        let client = &self.inner.client;
+        client.invalidate_metadata(&self.inner.name);
+        let md = client.topic_metadata(&self.inner.name).await?;
+        self.inner.partitions.set(md.partitions.len() as u32);
+        *self.inner.routes.borrow_mut() = Partitioning::from_wire(md.partitioning)
+            .filter(|s| s.ranged())
+            .map(|scheme| (scheme, crate::partitioning::open_ranges(&md)));
+        self.inner.stale.set(false);
+        Ok(())
     }
 
     /// Runs a deterministic procedure (serial execution): one record of `steps`, run by every
@@ -947,8 +1010,11 @@ impl TableTxn {
         let added = add_partitions(&client, &coordinator.id, coordinator.identity, joined, bound).await;
         if let Some((_, Err(e))) = added.into_iter().find(|(_, r)| r.is_err()) {
             self.abort_everywhere().await;
-            self.state = State::Aborted("other-partition".into());
             self.end_coordinator(coordinator, false).await.ok();
+            if matches!(e, ClientError::Broker(ErrorCode::PARTITION_SEALED, _)) {
+                return Err(self.ended_aborted(SEALED));
+            }
+            self.state = State::Aborted("other-partition".into());
             return Err(TableError::Client(e));
         }
         let votes = self.collect_votes(plan, coordinator.identity).await;
@@ -1013,6 +1079,10 @@ impl TableTxn {
         if self.state != State::Open {
             return Err(TableError::Ended);
         }
+        // A transaction before its first request routes by the partitions as they are now.
+        if self.table.inner.stale.get() && self.parts.is_empty() && self.writes.is_empty() {
+            self.table.refresh().await?;
+        }
         if self.started.elapsed() > self.timeout {
             return Err(self.fail("timeout").await);
         }
@@ -1026,6 +1096,9 @@ impl TableTxn {
     }
 
     fn ended_aborted(&mut self, reason: &str) -> TableError {
+        if reason == SEALED {
+            self.table.inner.stale.set(true);
+        }
         self.state = State::Aborted(reason.to_owned());
         TableError::Aborted(reason.to_owned())
     }

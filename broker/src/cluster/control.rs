@@ -7,7 +7,7 @@
 //! Topic changes go to the active controller and are resent every 500 ms until this broker's
 //! voter has applied them (for up to 10 s).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::Duration;
@@ -77,6 +77,8 @@ pub(crate) struct TopicMap {
     tables: HashMap<String, Level>,
     /// Each table's indexes, by name.
     indexes: HashMap<String, Vec<IndexDef>>,
+    /// The partitions made by a split or merge (they have parents).
+    children: HashSet<PartitionId>,
 }
 
 impl TopicMap {
@@ -102,7 +104,14 @@ impl TopicMap {
         for defs in indexes.values_mut() {
             defs.sort_by(|a, b| a.name.cmp(&b.name));
         }
-        TopicMap { topics, replicas, tables, indexes }
+        let children =
+            c.topics().values().flat_map(|t| t.parts.iter()).filter(|p| !p.parents.is_empty()).map(|p| p.id).collect();
+        TopicMap { topics, replicas, tables, indexes, children }
+    }
+
+    /// Whether partition `pid` was made by a split or merge.
+    pub(crate) fn has_parents(&self, pid: PartitionId) -> bool {
+        self.children.contains(&pid)
     }
 
     /// The indexes of table `table`, by name.
@@ -491,9 +500,6 @@ impl Node {
         if partitioning.ranged() && t.name.starts_with("__") {
             return Err((ErrorCode::INVALID_CONFIG, "internal topics are hash-partitioned".into()));
         }
-        if is_table(&configs) && configs.keys().any(|k| k.starts_with("auto.")) {
-            return Err((ErrorCode::INVALID_CONFIG, TABLE_SPLITS.into()));
-        }
         self.check_index(&t.name, &configs, partitioning)?;
         let msg = Message::CreateTopic {
             name: t.name.clone(),
@@ -762,19 +768,12 @@ fn resize_response(r: Result<Vec<u32>, (ErrorCode, String)>) -> ResizeResponse {
 
 /// The controller's checks of a split or merge, on this broker's view, so the requester
 /// answers a refusal at once (the controller applies the same checks again).
-/// Why a table's partitions are not split or merged (yet).
-const TABLE_SPLITS: &str = "a table's partitions do not split or merge yet (the children would have to start from the \
-                            parent's rows at the seal); create it with the partitions it needs";
-
 /// Whether a topic's configs make it a table.
 fn is_table(configs: &std::collections::BTreeMap<String, String>) -> bool {
     configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true")
 }
 
 fn check_resize(c: &Controller, topic: &str, msg: &Message) -> Result<(), (ErrorCode, String)> {
-    if c.topics().get(topic).is_some_and(|t| is_table(&t.configs.iter().cloned().collect())) {
-        return Err((ErrorCode::INVALID_PARTITIONS, TABLE_SPLITS.into()));
-    }
     let result = match msg {
         Message::Split { index, at, .. } => c.plan_split(topic, *index, at.clone()).map(drop),
         Message::Merge { indexes, .. } => c.plan_merge(topic, *indexes).map(drop),

@@ -21,7 +21,7 @@
 //! progress.
 
 use std::cell::RefCell;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -30,12 +30,13 @@ use skein_client::index::{
 };
 use skein_client::table::KEY_BYTES_MAX;
 use skein_client::wire::Level;
-use skein_client::{Client, Table, TableError};
+use skein_client::{Table, TableError};
 
 use super::internal::{self, wall_ms};
 use super::shard::Node;
 use super::tables::Host;
-use crate::core::{LeaderEpoch, Offset, PartitionId};
+use crate::core::{LeaderEpoch, Offset, PartitionId, Seal};
+use skein_client::partitioning::{KeyRange, Partitioning};
 
 /// Keys one pass step visits.
 const PASS_KEYS: usize = 500;
@@ -45,20 +46,6 @@ const CHANGES_MAX: usize = 2_000;
 const POLL_MS: u64 = 10;
 /// How long it waits after a failed step.
 const RETRY_MS: u64 = 200;
-
-thread_local! {
-    /// This shard's client of the cluster (the followers' writes to index tables).
-    static CLIENT: RefCell<Option<Client>> = const { RefCell::new(None) };
-}
-
-async fn client(node: &Node) -> Result<Client, TableError> {
-    if let Some(c) = CLIENT.with(|c| c.borrow().clone()) {
-        return Ok(c);
-    }
-    let c = Client::connect(&node.config.listen.to_string()).await?;
-    CLIENT.with(|slot| *slot.borrow_mut() = Some(c.clone()));
-    Ok(c)
-}
 
 /// Starts the followers this shard's led table partitions need (one per partition and term
 /// index, while it leads at `epoch`).
@@ -91,12 +78,12 @@ fn defined(node: &Node, def: &IndexDef) -> bool {
 async fn follow(node: &Rc<Node>, host: &Rc<RefCell<Host>>, pid: PartitionId, epoch: LeaderEpoch, def: &IndexDef) {
     let partition = host.borrow().index;
     tracing::info!(index = %def, partition, epoch = epoch.0, "following a table partition for a term index");
-    let mut state = Follower { table: None, known: None };
+    let mut state = Follower { table: None, known: None, lineage: None };
     loop {
         if node.stopping.get() || internal::led_epoch(node, pid) != Some(epoch) || !defined(node, def) {
             return;
         }
-        let wait = match state.step(node, host, partition, def).await {
+        let wait = match state.step(node, host, pid, partition, def).await {
             Ok(true) => 0,
             Ok(false) => POLL_MS,
             Err(e) => {
@@ -118,6 +105,49 @@ struct Follower {
     /// The checkpoint it last wrote or read (a step that would find nothing new to do is
     /// skipped without a transaction).
     known: Option<Checkpoint>,
+    /// A split's or merge's child: where its keys came from (looked up at its first pass).
+    lineage: Option<Lineage>,
+}
+
+/// A child partition's parents, for its first pass to take their rows' entries over.
+struct Lineage {
+    scheme: Partitioning,
+    /// The child's range.
+    range: KeyRange,
+    /// Each parent's index and seal offset.
+    parents: Vec<(u32, u64)>,
+}
+
+impl Lineage {
+    /// Whether the child owns `key`.
+    fn owns(&self, key: &[u8]) -> bool {
+        self.scheme.point(key).is_none_or(|p| self.range.contains(p.bytes()))
+    }
+}
+
+/// The lineage of partition `index` of `topic` (None: it has no parents), once its parents
+/// are sealed (Err before: try again).
+async fn lineage(node: &Node, topic: &str, index: u32) -> Result<Option<Lineage>, TableError> {
+    let client = internal::client(node).await?;
+    client.invalidate_metadata(topic);
+    let md = client.topic_metadata(topic).await?;
+    let me = md.partitions.iter().find(|p| p.partition == index);
+    let me = me.ok_or_else(|| TableError::Invalid(format!("no partition {index} of {topic}")))?;
+    if me.lineage.parents.is_empty() {
+        return Ok(None);
+    }
+    let mut parents = Vec::new();
+    for &q in &me.lineage.parents {
+        match md.partitions.iter().find(|p| p.partition == q).filter(|p| p.lineage.seal == 2) {
+            Some(p) => parents.push((q, p.lineage.sealed_at)),
+            None => return Err(TableError::Invalid(format!("parent {q} of {topic}/{index} is not sealed yet"))),
+        }
+    }
+    Ok(Some(Lineage {
+        scheme: Partitioning::from_wire(md.partitioning).unwrap_or_default(),
+        range: me.lineage.range.as_ref().map_or_else(KeyRange::full, KeyRange::of_wire),
+        parents,
+    }))
 }
 
 /// What one step visits: keys and their latest values (None: absent) at `offset`.
@@ -134,6 +164,7 @@ impl Follower {
         &mut self,
         node: &Rc<Node>,
         host: &Rc<RefCell<Host>>,
+        pid: PartitionId,
         partition: u32,
         def: &IndexDef,
     ) -> Result<bool, TableError> {
@@ -142,7 +173,7 @@ impl Follower {
             return Ok(false);
         }
         if self.table.is_none() {
-            self.table = Some(client(node).await?.table(&def.topic()).await?);
+            self.table = Some(internal::client(node).await?.table(&def.topic()).await?);
         }
         let table = self.table.as_ref().expect("set above");
         let mut txn = table.begin(Some(Level::Serializable));
@@ -154,14 +185,52 @@ impl Follower {
                 return Err(e);
             }
         };
-        let Some(plan) = plan(&host.borrow(), checkpoint.as_ref(), wall_ms()) else {
+        let sealed = node.st.borrow().core.replica(pid).and_then(|r| r.state()).is_some_and(|s| s.seal != Seal::Open);
+        let planned = if sealed && checkpoint.is_none() {
+            // Never indexed before its seal: its children index its rows.
+            None
+        } else {
+            plan(&host.borrow(), checkpoint.as_ref(), wall_ms())
+        };
+        let Some(plan) = planned else {
             let _ = txn.abort().await;
             self.known = checkpoint;
             return Ok(false);
         };
+        // A child's pass takes over its parents' entries, once their followers are done.
+        let mut parents = &[][..];
+        if plan.chunk.is_some() && node.topics.load().has_parents(pid) {
+            if self.lineage.is_none() {
+                let topic = host.borrow().topic.clone();
+                match lineage(node, &topic, partition).await {
+                    Ok(l) => self.lineage = l,
+                    Err(e) => {
+                        let _ = txn.abort().await;
+                        return Err(e);
+                    }
+                }
+            }
+            if let Some(l) = &self.lineage {
+                for &(q, sealed_at) in &l.parents {
+                    let behind = match txn.get(&checkpoint_key(q)).await {
+                        Ok(v) => v.and_then(|v| Checkpoint::decode(&v)).is_some_and(|c| c.next.is_some() || c.offset < sealed_at),
+                        Err(e) => {
+                            let _ = txn.abort().await;
+                            return Err(e);
+                        }
+                    };
+                    if behind {
+                        let _ = txn.abort().await;
+                        return Ok(false);
+                    }
+                }
+                parents = &l.parents;
+            }
+        }
         let more = plan.next.next.is_some();
         let keep_old = node.config.unsafe_index_plant == Some(crate::IndexPlant::TermKeepsOldEntries);
-        let result = write(&mut txn, partition, def, &plan, keep_old).await;
+        let owns = |k: &[u8]| self.lineage.as_ref().is_none_or(|l| l.owns(k));
+        let result = write(&mut txn, partition, def, &plan, keep_old, parents, owns).await;
         let committed = match result {
             Ok(()) => txn.commit().await.map(drop),
             Err(e) => {
@@ -214,28 +283,39 @@ fn plan(host: &Host, checkpoint: Option<&Checkpoint>, now_ms: u64) -> Option<Pla
 
 /// The step's writes inside `txn`: each visited key's entry and reverse row made to match
 /// its latest value, then the checkpoint.
-/// `keep_old`: a planted bug (`--unsafe-index-plant term-keeps-old-entries`), old entries
-/// are never deleted.
+/// `parents` (a child's first pass): the parents whose reverse rows in the chunk, for keys
+/// the child `owns`, are taken over (their entries replaced or deleted, the reverse rows
+/// deleted). `keep_old`: a planted bug (`--unsafe-index-plant term-keeps-old-entries`),
+/// old entries are never deleted.
 async fn write(
     txn: &mut skein_client::TableTxn,
     partition: u32,
     def: &IndexDef,
     plan: &Plan,
     keep_old: bool,
+    parents: &[(u32, u64)],
+    owns: impl Fn(&[u8]) -> bool,
 ) -> Result<(), TableError> {
     // Which value each visited row's entry is under now.
     let mut current: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+    // The rows whose entry a parent's reverse row names (this partition has none for them).
+    let mut inherited: BTreeSet<Vec<u8>> = BTreeSet::new();
     match &plan.chunk {
         Some((from, to)) => {
-            let lo = reverse_key(partition, from).unwrap_or_else(|| reverse_prefix(partition));
-            let hi = match to.as_ref().and_then(|t| reverse_key(partition, t)) {
-                Some(hi) => hi,
-                None => partition.checked_add(1).map(reverse_prefix).unwrap_or_default(),
-            };
-            let prefix = reverse_prefix(partition);
-            for (k, v) in txn.scan(&lo, &hi).await? {
-                if let Some(row) = k.strip_prefix(prefix.as_slice()) {
-                    current.insert(row.to_vec(), v);
+            for (k, v) in reverse_rows(txn, partition, from, to.as_deref()).await? {
+                current.insert(k, v);
+            }
+            for &(q, _) in parents {
+                for (k, v) in reverse_rows(txn, q, from, to.as_deref()).await? {
+                    if owns(&k) {
+                        if let Some(reverse) = reverse_key(q, &k) {
+                            txn.delete(&reverse).await?;
+                        }
+                        if let std::collections::btree_map::Entry::Vacant(e) = current.entry(k.clone()) {
+                            e.insert(v);
+                            inherited.insert(k);
+                        }
+                    }
                 }
             }
         }
@@ -270,13 +350,31 @@ async fn write(
         match wanted {
             Some((entry, fv, v)) => {
                 txn.put(&entry, v).await?;
-                if old != Some(&fv) {
+                if old != Some(&fv) || inherited.contains(key) {
                     txn.put(&reverse, &fv).await?;
                 }
             }
-            None if old.is_some() => txn.delete(&reverse).await?,
+            None if old.is_some() && !inherited.contains(key) => txn.delete(&reverse).await?,
             None => {}
         }
     }
     txn.put(&checkpoint_key(partition), &plan.next.encode()).await
+}
+
+/// Partition `partition`'s reverse rows for the keys in `[from, to)` (`to` None: to the
+/// end): row key and indexed value.
+async fn reverse_rows(
+    txn: &mut skein_client::TableTxn,
+    partition: u32,
+    from: &[u8],
+    to: Option<&[u8]>,
+) -> Result<Vec<(Vec<u8>, Vec<u8>)>, TableError> {
+    let lo = reverse_key(partition, from).unwrap_or_else(|| reverse_prefix(partition));
+    let hi = match to.and_then(|t| reverse_key(partition, t)) {
+        Some(hi) => hi,
+        None => partition.checked_add(1).map(reverse_prefix).unwrap_or_default(),
+    };
+    let prefix = reverse_prefix(partition);
+    let rows = txn.scan(&lo, &hi).await?;
+    Ok(rows.into_iter().filter_map(|(k, v)| Some((k.strip_prefix(prefix.as_slice())?.to_vec(), v))).collect())
 }

@@ -26,6 +26,22 @@ use crate::core::machine::{catch_up, CatchUpError, LogMachine};
 use crate::core::{LeaderEpoch, NodeId, Offset, PartitionId, ProduceError, ProducerEpoch, ProducerId};
 use crate::service::{Request, Response};
 
+thread_local! {
+    /// This shard's client of the cluster (what a broker writes to tables through:
+    /// `index_follower`, `table_seed`).
+    static CLIENT: RefCell<Option<skein_client::Client>> = const { RefCell::new(None) };
+}
+
+/// This shard's client of the cluster, connected to the broker's own address.
+pub(super) async fn client(node: &Node) -> Result<skein_client::Client, skein_client::ClientError> {
+    if let Some(c) = CLIENT.with(|c| c.borrow().clone()) {
+        return Ok(c);
+    }
+    let c = skein_client::Client::connect(&node.config.listen.to_string()).await?;
+    CLIENT.with(|slot| *slot.borrow_mut() = Some(c.clone()));
+    Ok(c)
+}
+
 /// A refusal: the error code and a message for the client.
 pub(super) type Refusal = (ErrorCode, String);
 

@@ -39,6 +39,7 @@ mod replicas;
 mod requests;
 mod shard;
 mod storage_io;
+mod table_seed;
 mod tables;
 mod txn;
 

@@ -33,7 +33,7 @@ use super::shard::{owner, Node};
 use crate::core::table::leader::{Answer, Decision, PartitionLeader, TxnInfo};
 use crate::core::table::store::{Outcome, TableMachine};
 use crate::core::table::{range_of, version_code, AbortReason, Key, Level, Part, Priority, TxnId};
-use crate::core::{LeaderEpoch, Offset, PartitionId, ProducerEpoch, ProducerId};
+use crate::core::{LeaderEpoch, Offset, PartitionId, ProducerEpoch, ProducerId, Seal};
 use crate::meta::write_atomically;
 use crate::service::{Request, Response};
 
@@ -62,6 +62,8 @@ pub(crate) struct Tables {
     /// The term index followers running on this shard (`index_follower`), by table
     /// partition and index name, with the epoch they follow at.
     pub(super) followers: RefCell<HashMap<(PartitionId, String), LeaderEpoch>>,
+    /// The child partitions being seeded on this shard (`table_seed`), with the epoch.
+    pub(super) seeders: RefCell<HashMap<PartitionId, LeaderEpoch>>,
 }
 
 impl Tables {
@@ -200,6 +202,16 @@ async fn serve(node: &Rc<Node>, req: &Request) -> Result<Response, Refusal> {
         (pid, topics.table(topic).ok_or_else(not_table)?)
     };
     let host = host(node, pid, topic, index).await.ok_or((ErrorCode::NOT_LEADER, "no replica here".into()))?;
+    // A sealed partition's keys live in its children: only a read at an offset up to the
+    // seal (a child's seed) and aborts are taken.
+    let seal = node.st.borrow().core.replica(pid).and_then(|r| r.state()).map(|s| s.seal);
+    let at_offset = matches!(req, Request::TableRead(r) if r.follower && r.snapshot >= 0);
+    if seal.is_some_and(|s| s != Seal::Open) && !at_offset && !matches!(req, Request::TableAbort(_)) {
+        return Err(aborted(&AbortReason::Sealed));
+    }
+    if node.topics.load().has_parents(pid) && !seeded(node, &host, pid).await? {
+        return Err((ErrorCode::NOT_CAUGHT_UP, "this partition has not taken its parents' rows yet".into()));
+    }
     if let Request::TableRead(r) = req {
         if r.follower && !matches!(Level::from_code(r.txn.level), Some(Level::TwoPl | Level::Serial | Level::Ssi)) {
             return follower_read(node, &host, pid, r).map(Response::TableRead);
@@ -390,6 +402,27 @@ async fn commit(
         }
         (None, Err(e)) => Err(e),
         (None, Ok(_)) => Err((ErrorCode::UNKNOWN, "the commit's outcome is not known yet".into())),
+    }
+}
+
+/// How long a request to a child partition waits for its seed (`table_seed`).
+const SEED_WAIT_MS: u64 = 10_000;
+
+/// Whether child partition `pid`'s seed is applied here; on its leader, waits for it (up to
+/// [`SEED_WAIT_MS`]), seeding if nobody does.
+async fn seeded(node: &Rc<Node>, host: &Rc<RefCell<Host>>, pid: PartitionId) -> Result<bool, Refusal> {
+    let start = now();
+    loop {
+        feed(node, host, pid)?;
+        if host.borrow().machine.seeded() {
+            return Ok(true);
+        }
+        let Some(epoch) = internal::leading_epoch(node, pid) else { return Ok(false) };
+        if now().ms_since(start) > SEED_WAIT_MS {
+            return Ok(false);
+        }
+        super::table_seed::ensure(node, host, pid, epoch);
+        compio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -654,7 +687,11 @@ pub(super) async fn tick_loop(node: Rc<Node>) {
             };
             node.tables.wake(wakes.unwrap_or_default());
             if let Some(epoch) = internal::leading_epoch(&node, pid) {
-                super::index_follower::ensure(&node, &host, pid, epoch);
+                if !node.topics.load().has_parents(pid) || host.borrow().machine.seeded() {
+                    super::index_follower::ensure(&node, &host, pid, epoch);
+                } else {
+                    super::table_seed::ensure(&node, &host, pid, epoch);
+                }
             }
         }
     }

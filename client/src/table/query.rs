@@ -349,7 +349,7 @@ impl TableTxn {
 
     /// Every row of partition `p` at offset `at` (its leader's committed state there; the
     /// leader has applied `at`).
-    async fn read_at(&self, p: u32, at: u64) -> Result<Vec<(Key, Value)>, TableError> {
+    pub(super) async fn read_at(&self, p: u32, at: u64) -> Result<Vec<(Key, Value)>, TableError> {
         let req = TableReadRequest {
             txn: self.wire_txn(),
             topic: self.table.name().to_owned(),

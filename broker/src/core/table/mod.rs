@@ -311,6 +311,9 @@ pub enum AbortReason {
     /// Its snapshot is more than the snapshot window (`store::SNAPSHOT_WINDOW` offsets)
     /// behind the partition's log: the versions it would be checked against may be pruned.
     SnapshotTooOld,
+    /// A split or merge sealed a partition it uses: its keys now live in the partition's
+    /// children (begin again; the client routes by the new ranges).
+    Sealed,
 }
 
 impl AbortReason {
@@ -328,6 +331,7 @@ impl AbortReason {
             AbortReason::LeaderChanged => "leader-changed",
             AbortReason::OtherPartition => "other-partition",
             AbortReason::SnapshotTooOld => "snapshot-too-old",
+            AbortReason::Sealed => "partition-sealed",
         }
     }
 
@@ -346,6 +350,7 @@ impl AbortReason {
             LeaderChanged,
             OtherPartition,
             SnapshotTooOld,
+            Sealed,
         ]
         .into_iter()
         .find(|r| r.name() == s)

@@ -145,7 +145,18 @@ pub struct TableMachine {
     indexes: BTreeMap<String, DocIndex>,
     /// The highest point versions were pruned up to ([`TableMachine::prune`]'s `keep`).
     pruned_to: Offset,
+    /// Whether a [`SEED_DONE`] record was applied: a split's or merge's child has its
+    /// parents' rows.
+    seeded: bool,
 }
+
+/// The transaction id of the record that ends a child partition's seed: the parents' rows at
+/// their seals are in, the partition takes transactions (`cluster/table_seed.rs`).
+pub const SEED_DONE: TxnId = TxnId(u64::MAX);
+
+/// The transaction ids of a seed's records carrying rows: this base, xor the seeding
+/// leader's epoch shifted left 24 bits, plus the record's number.
+pub const SEED_BASE: u64 = 0xfeed_0000_0000_0000;
 
 impl Default for TableMachine {
     fn default() -> Self {
@@ -168,6 +179,7 @@ impl TableMachine {
             plant: Plant::default(),
             indexes: BTreeMap::new(),
             pruned_to: Offset::ZERO,
+            seeded: false,
         }
     }
 
@@ -370,6 +382,7 @@ impl TableMachine {
             body.u64(txn.0);
             encode_outcome(&mut body, outcome);
         }
+        body.u8(u8::from(self.seeded));
         let body = body.0;
         let mut out = Vec::with_capacity(SNAPSHOT_HEADER_BYTES + body.len());
         out.extend_from_slice(&SNAPSHOT_MAGIC);
@@ -383,7 +396,7 @@ impl TableMachine {
     /// A machine from [`TableMachine::snapshot`]'s bytes; it continues at the snapshot's
     /// applied offset. Bytes that are not such a snapshot are an error, never a panic.
     pub fn restore(bytes: &[u8]) -> Result<TableMachine, SnapshotError> {
-        let body = snapshot_body(bytes)?;
+        let (version, body) = snapshot_body(bytes)?;
         let mut d = Dec(body);
         let applied = Offset(d.u64()?);
         let mut m = TableMachine { applied, ..TableMachine::new() };
@@ -410,10 +423,23 @@ impl TableMachine {
             let outcome = decode_outcome(&mut d, applied)?;
             m.outcomes.record(txn, outcome);
         }
+        // Version 1 has no seed flag (no partition had parents then).
+        if version >= 2 {
+            m.seeded = match d.u8()? {
+                0 => false,
+                1 => true,
+                _ => return Err(SnapshotError::Malformed("a seed flag that is not 0 or 1")),
+            };
+        }
         if !d.0.is_empty() {
             return Err(SnapshotError::Malformed("bytes after the outcomes"));
         }
         Ok(m)
+    }
+
+    /// Whether a child partition's seed is complete (a [`SEED_DONE`] record applied).
+    pub fn seeded(&self) -> bool {
+        self.seeded
     }
 
     /// The keys with a version at or after `since` (written, or deleted, since then), in key
@@ -775,6 +801,9 @@ impl LogMachine for TableMachine {
         }
         let part = Part::decode(value).map_err(|e| RecordError { offset: offset.0, reason: e.to_string() })?;
         let txn = part.txn;
+        if txn == SEED_DONE {
+            self.seeded = true;
+        }
         let outcome = match self.validate(&part) {
             Ok(()) => Outcome::Committed { offset, results: self.commit(offset, part) },
             Err(reason) => Outcome::Aborted(reason),
@@ -1052,15 +1081,15 @@ fn decode_outcome(d: &mut Dec<'_>, applied: Offset) -> Result<Outcome, SnapshotE
     }
 }
 
-/// The checked body of a snapshot.
-fn snapshot_body(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
+/// The checked body of a snapshot, and its format version.
+fn snapshot_body(bytes: &[u8]) -> Result<(u16, &[u8]), SnapshotError> {
     if bytes.len() < SNAPSHOT_MAGIC.len() || bytes[..SNAPSHOT_MAGIC.len()] != SNAPSHOT_MAGIC {
         return Err(SnapshotError::Magic);
     }
     let mut d = Dec(&bytes[SNAPSHOT_MAGIC.len()..]);
     let truncated = |_| SnapshotError::Length { expected: SNAPSHOT_HEADER_BYTES as u64, actual: bytes.len() as u64 };
     let version = u16::from_le_bytes(d.array().map_err(truncated)?);
-    if version != SNAPSHOT_VERSION {
+    if !(1..=SNAPSHOT_VERSION).contains(&version) {
         return Err(SnapshotError::Version(version));
     }
     let body_bytes = d.u64().map_err(truncated)?;
@@ -1076,7 +1105,7 @@ fn snapshot_body(bytes: &[u8]) -> Result<&[u8], SnapshotError> {
     if actual != crc {
         return Err(SnapshotError::Checksum { expected: crc, actual });
     }
-    Ok(body)
+    Ok((version, body))
 }
 
 /// A little-endian encoder.
@@ -1146,7 +1175,7 @@ impl<'a> Dec<'a> {
 /// results u64, each tag u8 (0 none, 1 u32 length, bytes); 1 aborted: reason name as u32
 /// length, bytes; 2 prepared: offset u64).
 const SNAPSHOT_MAGIC: [u8; 4] = *b"SKTB";
-const SNAPSHOT_VERSION: u16 = 1;
+const SNAPSHOT_VERSION: u16 = 2;
 const SNAPSHOT_HEADER_BYTES: usize = 4 + 2 + 8 + 4;
 
 const _: () = assert!(VALUE_BYTES_MAX <= u32::MAX as usize);
