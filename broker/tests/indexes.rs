@@ -310,8 +310,6 @@ fn the_index_cli_contract_and_key_range_tables() {
         assert_eq!(t.scan_partitions(b"", b"A").len(), 2, "[\"\", A) spans the first two quarters");
         assert_ne!(t.partition_of(b"\x01"), t.partition_of(b"ann"));
     });
-    let split = s(&["topic", "split", "users", "--partition", "0"]);
-    assert!(!split.status.success(), "a table's partition does not split yet");
     // Indexes, exactly as the issue spells the commands.
     assert_eq!(
         ok(&["table", "index", "create", "users", "by_city", "--field", "city", "--kind", "document"]),
@@ -350,4 +348,101 @@ fn the_index_cli_contract_and_key_range_tables() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
     assert_eq!(ok(&["table", "index", "list", "users"]).len(), 2, "nothing half made");
+    // A split of the partition holding ann and bob between them: both keep their rows, and
+    // the indexes follow.
+    let split = ok(&["topic", "split", "users", "--partition", "1", "--at", "b"]);
+    assert!(split[0].starts_with("split users partitions 1 into 4 [@, b) and 5 [b, 0x80)"), "{split:?}");
+    assert_eq!(
+        ok(&["table", "scan", "users", "a", "c"]),
+        [r#"row ann {"city":"Oslo","n":1}"#, r#"row bob {"city":"Lima","n":1}"#, "end"]
+    );
+    assert_eq!(ok(&["table", "put", "users", "bob", &row("Oslo", 2)]), ["ok"]);
+    let doc = ok(&["table", "query", "users", "--index", "by_city", "--value", "Oslo", "--explain"]);
+    assert!(doc.contains(&"touched 5".to_owned()), "five open partitions: {doc:?}");
+    assert_eq!(doc.iter().filter(|l| l.starts_with("row ")).count(), 4, "{doc:?}");
+    let start = Instant::now();
+    loop {
+        let term = ok(&["table", "query", "users", "--index", "city_t", "--value", "Oslo"]);
+        if term.len() == 5 {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "bob never indexed in Oslo: {term:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let start = Instant::now();
+    while ok(&["table", "index", "check", "users", "city_t"])[0].split(' ').next() != Some("agree") {
+        assert!(start.elapsed() < Duration::from_secs(30), "the term index never agreed after the split");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_table_splits_and_merges_under_writes_carrying_its_rows_and_indexes() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broker = Broker::start(dir.path(), &[]);
+    block_on(async {
+        let client = Client::connect(&broker.addr).await.expect("connect");
+        client.create_table_with("orders", 2, 1, Partitioning::KeyRange, None).await.expect("create table");
+        let table = client.table("orders").await.expect("table");
+        let mut model = std::collections::BTreeMap::new();
+        let mut rng = Rng(0x5b1e);
+        let mut put = async |table: &Table, model: &mut std::collections::BTreeMap<Vec<u8>, Vec<u8>>, n: u64| {
+            let key = format!("k{:03}", rng.next() % 200).into_bytes();
+            let value = row(CITIES[(rng.next() % 4) as usize], n).into_bytes();
+            // Sealed partitions on the way are retried inside: no error reaches the writer.
+            table.put(&key, &value).await.unwrap_or_else(|e| panic!("write {n}: {e}"));
+            model.insert(key, value);
+        };
+        for n in 0..150 {
+            put(&table, &mut model, n).await;
+        }
+        let doc = client
+            .create_index("orders", "by_city", "city", IndexKind::Document, IndexMode::Sync)
+            .await
+            .expect("document index");
+        let term = client
+            .create_index("orders", "city_t", "city", IndexKind::Term, IndexMode::Async)
+            .await
+            .expect("term index");
+        built(&client, &doc).await;
+        built(&client, &term).await;
+        // Six splits and merges, with writes between them (each split at a key, so children
+        // hold rows; each merge of the first two open neighbours).
+        let mut n = 150;
+        for round in 0..6 {
+            let md = client.topic_metadata("orders").await.expect("metadata");
+            let open = skein_client::partitioning::open_ranges(&md);
+            if round % 2 == 0 {
+                let (range, p) = open.iter().find(|(r, _)| r.splits_at(b"k1")).or(open.first()).expect("open");
+                let at = if range.splits_at(b"k1") {
+                    b"k1".to_vec()
+                } else {
+                    range.midpoint(Partitioning::KeyRange).expect("mid")
+                };
+                client.split_partition("orders", *p, Some(&at)).await.expect("split");
+            } else {
+                client.merge_partitions("orders", [open[0].1, open[1].1]).await.expect("merge");
+            }
+            for _ in 0..40 {
+                put(&table, &mut model, n).await;
+                n += 1;
+            }
+        }
+        let md = client.topic_metadata("orders").await.expect("metadata");
+        assert_eq!(md.partitions.len(), 2 + 3 * 2 + 3, "three splits and three merges made nine partitions");
+        let rows: std::collections::BTreeMap<Vec<u8>, Vec<u8>> =
+            table.scan(b"", b"").await.expect("scan").into_iter().collect();
+        assert_eq!(rows, model, "every write kept, through the splits and merges");
+        for def in [&doc, &term] {
+            let c = checked(&client, def, Duration::from_secs(30)).await;
+            assert!(c.disagreements.is_empty(), "{} after splits: {:?}", def.name, c.disagreements);
+            assert_eq!(c.rows, model.len() as u64);
+        }
+        let oslo: Vec<Vec<u8>> =
+            model.iter().filter(|(_, v)| v.starts_with(br#"{"city":"Oslo""#)).map(|(k, _)| k.clone()).collect();
+        let found = table.query(&term, b"Oslo").await.expect("lookup");
+        assert_eq!(found.rows.iter().map(|(k, _)| k.clone()).collect::<Vec<_>>(), oslo);
+        assert_eq!(found.touched.len(), 1);
+        println!("{n} writes through 3 splits and 3 merges; {} rows; both indexes agree", model.len());
+    });
 }

@@ -315,7 +315,7 @@ struct TableInner {
     name: String,
     partitions: std::cell::Cell<u32>,
     /// A ranged table's scheme and open partitions by range (None: hash-partitioned).
-    routes: RefCell<Option<(Partitioning, Vec<(KeyRange, u32)>)>>,
+    routes: RefCell<Option<Routes>>,
     /// A transaction found a partition sealed: the next one looks the partitions up again.
     stale: std::cell::Cell<bool>,
     level: Option<Level>,
@@ -341,6 +341,9 @@ pub const SEALED_RETRIES: u32 = 3;
 fn sealed(e: &TableError) -> bool {
     matches!(e, TableError::Aborted(r) if r == SEALED)
 }
+
+/// A ranged table's scheme and its open partitions sorted by range.
+type Routes = (Partitioning, Vec<(KeyRange, u32)>);
 
 /// Most idle connections a [`Table`] keeps per node.
 const IDLE_CONNS_MAX: usize = 64;

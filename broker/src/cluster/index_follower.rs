@@ -35,7 +35,7 @@ use skein_client::{Table, TableError};
 use super::internal::{self, wall_ms};
 use super::shard::Node;
 use super::tables::Host;
-use crate::core::{LeaderEpoch, Offset, PartitionId, Seal};
+use crate::core::{LeaderEpoch, Offset, PartitionId};
 use skein_client::partitioning::{KeyRange, Partitioning};
 
 /// Keys one pass step visits.
@@ -185,14 +185,9 @@ impl Follower {
                 return Err(e);
             }
         };
-        let sealed = node.st.borrow().core.replica(pid).and_then(|r| r.state()).is_some_and(|s| s.seal != Seal::Open);
-        let planned = if sealed && checkpoint.is_none() {
-            // Never indexed before its seal: its children index its rows.
-            None
-        } else {
-            plan(&host.borrow(), checkpoint.as_ref(), wall_ms())
-        };
-        let Some(plan) = planned else {
+        // A sealed partition's follower still finishes (or makes) its entries as of the seal:
+        // its children take them over from there.
+        let Some(plan) = plan(&host.borrow(), checkpoint.as_ref(), wall_ms()) else {
             let _ = txn.abort().await;
             self.known = checkpoint;
             return Ok(false);
@@ -213,7 +208,9 @@ impl Follower {
             if let Some(l) = &self.lineage {
                 for &(q, sealed_at) in &l.parents {
                     let behind = match txn.get(&checkpoint_key(q)).await {
-                        Ok(v) => v.and_then(|v| Checkpoint::decode(&v)).is_some_and(|c| c.next.is_some() || c.offset < sealed_at),
+                        Ok(v) => v
+                            .and_then(|v| Checkpoint::decode(&v))
+                            .is_none_or(|c| c.next.is_some() || c.offset < sealed_at),
                         Err(e) => {
                             let _ = txn.abort().await;
                             return Err(e);
