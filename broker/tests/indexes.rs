@@ -348,6 +348,16 @@ fn the_index_cli_contract_and_key_range_tables() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
     assert_eq!(ok(&["table", "index", "list", "users"]).len(), 2, "nothing half made");
+    // Read-your-writes on the asynchronous index: a lookup with the session of a write
+    // answers it at the first try.
+    let session = dir.path().join("session.txt");
+    let session = session.to_str().expect("utf-8 path");
+    for i in 0..10 {
+        let (key, city) = (format!("s{i}"), format!("Rome{i}"));
+        assert_eq!(ok(&["table", "put", "users", &key, &row(&city, i), "--session", session]), ["ok"]);
+        let found = ok(&["table", "query", "users", "--index", "city_t", "--value", &city, "--session", session]);
+        assert_eq!(found, [format!("row {key} {}", row(&city, i)), "end".to_owned()]);
+    }
     // A split of the partition holding ann and bob between them: both keep their rows, and
     // the indexes follow.
     let split = ok(&["topic", "split", "users", "--partition", "1", "--at", "b"]);

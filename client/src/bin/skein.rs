@@ -303,6 +303,10 @@ enum TableCommand {
         /// lines, then `touched N`.
         #[arg(long)]
         explain: bool,
+        /// Session file (as `table put --session`): a term index lookup waits until the index
+        /// reflects the session's writes (read-your-writes on an asynchronous index).
+        #[arg(long)]
+        session: Option<PathBuf>,
     },
 }
 
@@ -1726,8 +1730,9 @@ async fn table_command(client: &Client, command: TableCommand) -> Result<()> {
             }
         }
         TableCommand::Index(command) => index_command(client, command).await?,
-        TableCommand::Query { name, index, value, explain } => {
+        TableCommand::Query { name, index, value, explain, session } => {
             let t = open_table(client, &name).await?;
+            t.set_session(load_session(session.as_deref())?);
             let def = client.index(&name, &index).await.map_err(|e| table_failure(&name, e))?;
             let found = t.query(&def, value.as_bytes()).await.map_err(|e| table_failure(&name, e))?;
             if explain {

@@ -304,6 +304,7 @@ impl Table {
             }
             IndexKind::Term => {
                 let ix = self.inner.client.table(&def.topic()).await?;
+                self.wait_for_session(&ix).await?;
                 let mut txn = ix.begin(Some(Level::ReadCommitted));
                 let entries = txn.scan(&term_prefix(value), &term_prefix_end(value)).await;
                 let (entries, _) = txn.finish(entries).await?;
@@ -322,6 +323,48 @@ impl Table {
                     .collect();
                 Ok(QueryAnswer { rows, touched })
             }
+        }
+    }
+}
+
+impl Table {
+    /// With a session ([`Table::set_session`]): waits until term index table `ix` reflects
+    /// every write the session noted in this table (each partition's checkpoint at or past
+    /// the session's token), read-your-writes on an asynchronous index; up to the request
+    /// timeout.
+    async fn wait_for_session(&self, ix: &Table) -> Result<(), TableError> {
+        let Some(session) = self.inner.session.borrow().clone() else { return Ok(()) };
+        let wants: Vec<(u32, u64)> = {
+            let s = session.borrow();
+            self.scan_partitions(b"", b"")
+                .into_iter()
+                .filter_map(|p| Some((p, s.token(self.name(), p)?.min_high_watermark)))
+                .collect()
+        };
+        if wants.is_empty() {
+            return Ok(());
+        }
+        let limit = self.inner.client.config().request_timeout;
+        let start = Instant::now();
+        loop {
+            let mut txn = ix.begin(Some(Level::ReadCommitted));
+            let rows = txn.scan(&checkpoint_from(), b"").await;
+            let (rows, _) = txn.finish(rows).await?;
+            let marks: BTreeMap<Key, Value> = rows.into_iter().collect();
+            let behind = wants.iter().find(|(p, want)| {
+                marks.get(&checkpoint_key(*p)).and_then(|v| Checkpoint::decode(v)).is_none_or(|c| c.offset < *want)
+            });
+            let Some((p, want)) = behind else { return Ok(()) };
+            if start.elapsed() > limit {
+                return Err(TableError::Client(ClientError::Broker(
+                    ErrorCode::NOT_CAUGHT_UP,
+                    format!(
+                        "index {} has not reached the session's write at offset {want} of partition {p}",
+                        ix.name()
+                    ),
+                )));
+            }
+            compio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }
