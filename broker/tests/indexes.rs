@@ -178,27 +178,8 @@ fn indexes_agree_with_their_table_through_leader_kills() {
 
     // The same load while the brokers are SIGKILLed in turn (each leads some partition).
     let stop = Arc::new(AtomicBool::new(false));
-    let faults = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut cluster = cluster;
-            let mut kills = 0;
-            let mut i = 0;
-            std::thread::sleep(Duration::from_secs(1));
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(b) = cluster.brokers[i].as_mut() {
-                    b.kill9();
-                }
-                cluster.brokers[i] = None;
-                kills += 1;
-                std::thread::sleep(Duration::from_millis(1500));
-                cluster.brokers[i] = Some(cluster.spawn(i));
-                std::thread::sleep(Duration::from_millis(2500));
-                i = (i + 1) % 3;
-            }
-            (cluster, kills)
-        })
-    };
+    let ms = Duration::from_millis;
+    let faults = cluster.kill_in_turn(stop.clone(), ms(1000), ms(1500), ms(2500));
     let (writes, failed, agreed) = block_on(async {
         let client = Client::connect(&addrs).await.expect("connect");
         let table = client.table("people").await.expect("table");

@@ -380,27 +380,8 @@ fn list_append_under_kills(ip: u8, port: u16, level: Level, secs: u64) {
         client.create_table("la", 3, 3, Some(level)).await.expect("create table");
     });
     let stop = Arc::new(AtomicBool::new(false));
-    let faults = {
-        let stop = stop.clone();
-        std::thread::spawn(move || {
-            let mut cluster = cluster;
-            let mut kills = 0;
-            let mut i = 0;
-            std::thread::sleep(Duration::from_secs(2));
-            while !stop.load(Ordering::Relaxed) {
-                if let Some(b) = cluster.brokers[i].as_mut() {
-                    b.kill9();
-                }
-                cluster.brokers[i] = None;
-                kills += 1;
-                std::thread::sleep(Duration::from_millis(1500));
-                cluster.brokers[i] = Some(cluster.spawn(i));
-                std::thread::sleep(Duration::from_millis(2000));
-                i = (i + 1) % 3;
-            }
-            (cluster, kills)
-        })
-    };
+    let ms = Duration::from_millis;
+    let faults = cluster.kill_in_turn(stop.clone(), ms(2000), ms(1500), ms(2000));
     let history: Rc<RefCell<Vec<String>>> = Rc::default();
     block_on(async {
         let client = Client::connect(&addrs).await.expect("connect");

@@ -528,59 +528,42 @@ impl Table {
         }
     }
 
-    /// Reads `key` in a transaction of its own (begun again, up to [`SEALED_RETRIES`]
-    /// times, when a split or merge sealed its partition).
+    /// Runs `op` in a transaction of its own at the table's level and commits it; begun
+    /// again, up to [`SEALED_RETRIES`] times, when a split or merge sealed a partition it
+    /// used first (nothing of it was written there).
+    async fn on_its_own<T>(
+        &self,
+        mut op: impl AsyncFnMut(&mut TableTxn) -> Result<T, TableError>,
+    ) -> Result<(T, Committed), TableError> {
+        let mut attempt = 0;
+        loop {
+            let mut txn = self.begin(None);
+            let done = op(&mut txn).await;
+            match txn.finish(done).await {
+                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                r => return r,
+            }
+        }
+    }
+
+    /// Reads `key` in a transaction of its own.
     pub async fn get(&self, key: &[u8]) -> Result<Option<Value>, TableError> {
-        let mut attempt = 0;
-        loop {
-            let mut txn = self.begin(None);
-            let read = txn.get(key).await;
-            match txn.finish(read).await {
-                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
-                r => return r.map(|(v, _)| v),
-            }
-        }
+        self.on_its_own(async |t| t.get(key).await).await.map(|(v, _)| v)
     }
 
-    /// Writes `key` in a transaction of its own (begun again when a split or merge sealed
-    /// its partition first: nothing was written there).
+    /// Writes `key` in a transaction of its own.
     pub async fn put(&self, key: &[u8], value: &[u8]) -> Result<Committed, TableError> {
-        let mut attempt = 0;
-        loop {
-            let mut txn = self.begin(None);
-            let written = txn.put(key, value).await;
-            match txn.finish(written).await {
-                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
-                r => return r.map(|((), c)| c),
-            }
-        }
+        self.on_its_own(async |t| t.put(key, value).await).await.map(|((), c)| c)
     }
 
-    /// Deletes `key` in a transaction of its own (as [`Table::put`]).
+    /// Deletes `key` in a transaction of its own.
     pub async fn delete(&self, key: &[u8]) -> Result<Committed, TableError> {
-        let mut attempt = 0;
-        loop {
-            let mut txn = self.begin(None);
-            let written = txn.delete(key).await;
-            match txn.finish(written).await {
-                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
-                r => return r.map(|((), c)| c),
-            }
-        }
+        self.on_its_own(async |t| t.delete(key).await).await.map(|((), c)| c)
     }
 
-    /// The rows of `[from, to)` (empty `to`: to the end) in a transaction of its own (as
-    /// [`Table::get`]).
+    /// The rows of `[from, to)` (empty `to`: to the end) in a transaction of its own.
     pub async fn scan(&self, from: &[u8], to: &[u8]) -> Result<Vec<(Key, Value)>, TableError> {
-        let mut attempt = 0;
-        loop {
-            let mut txn = self.begin(None);
-            let rows = txn.scan(from, to).await;
-            match txn.finish(rows).await {
-                Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
-                r => return r.map(|(rows, _)| rows),
-            }
-        }
+        self.on_its_own(async |t| t.scan(from, to).await).await.map(|(rows, _)| rows)
     }
 
     /// Every row of partition `partition` at offset `at` of it, as its leader's committed

@@ -55,6 +55,36 @@ impl Cluster {
         panic!("broker {id} did not start");
     }
 
+    /// SIGKILLs the brokers in turn on a thread of its own until `stop` is set: after
+    /// `first`, a broker is killed, started again `down` later, and the next one is killed
+    /// `up` after that. The thread gives back the cluster and the number of kills.
+    pub fn kill_in_turn(
+        self,
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        first: Duration,
+        down: Duration,
+        up: Duration,
+    ) -> std::thread::JoinHandle<(Cluster, u32)> {
+        std::thread::spawn(move || {
+            let mut cluster = self;
+            let mut kills = 0;
+            let mut i = 0;
+            std::thread::sleep(first);
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Some(b) = cluster.brokers[i].as_mut() {
+                    b.kill9();
+                }
+                cluster.brokers[i] = None;
+                kills += 1;
+                std::thread::sleep(down);
+                cluster.brokers[i] = Some(cluster.spawn(i));
+                std::thread::sleep(up);
+                i = (i + 1) % 3;
+            }
+            (cluster, kills)
+        })
+    }
+
     /// The index of node `node` in `brokers` and `addrs`.
     pub fn index(&self, node: u32) -> usize {
         node as usize - 1
