@@ -290,9 +290,19 @@ impl Table {
         }
         match def.kind {
             IndexKind::Document => {
-                let partitions = self.scan_partitions(b"", b"");
-                let txn = self.begin(Some(Level::ReadCommitted));
-                let answers = txn.query_partitions(&partitions, &def.name, value, true).await?;
+                // A partition sealed since the routes were looked up: look again.
+                let mut attempt = 0;
+                let answers = loop {
+                    let partitions = self.scan_partitions(b"", b"");
+                    let txn = self.begin(Some(Level::ReadCommitted));
+                    match txn.query_partitions(&partitions, &def.name, value, true).await {
+                        Err(e) if sealed(&e) && attempt < SEALED_RETRIES => {
+                            self.refresh().await?;
+                            attempt += 1;
+                        }
+                        answers => break answers?,
+                    }
+                };
                 let mut touched = Vec::new();
                 let mut per_partition = Vec::new();
                 for (p, r) in answers {
@@ -305,9 +315,16 @@ impl Table {
             IndexKind::Term => {
                 let ix = self.inner.client.table(&def.topic()).await?;
                 self.wait_for_session(&ix).await?;
-                let mut txn = ix.begin(Some(Level::ReadCommitted));
-                let entries = txn.scan(&term_prefix(value), &term_prefix_end(value)).await;
-                let (entries, _) = txn.finish(entries).await?;
+                let mut attempt = 0;
+                let (txn, entries) = loop {
+                    let mut txn = ix.begin(Some(Level::ReadCommitted));
+                    let entries = txn.scan(&term_prefix(value), &term_prefix_end(value)).await;
+                    match txn.finish(entries).await {
+                        // The index table split since its partitions were looked up.
+                        Err(e) if sealed(&e) && attempt < SEALED_RETRIES => attempt += 1,
+                        entries => break (txn, entries?.0),
+                    }
+                };
                 let touched = txn
                     .parts
                     .iter()
