@@ -567,9 +567,6 @@ impl Node {
         self.until_applied(msg, |c| !c.topics().contains_key(name)).await
     }
 
-    /// A split or merge: checked against this broker's view of the controller (the same
-    /// checks the controller makes, for a clear answer), sent to the controller until applied;
-    /// returns the children's indexes.
     /// The checks of an index's catalog topic (`skein_client::index`): its definition, and a
     /// table to index that is not an index itself; a term index is a key-range table.
     fn check_index(
@@ -600,6 +597,9 @@ impl Node {
         Ok(())
     }
 
+    /// A split or merge: checked against this broker's view of the controller (the same
+    /// checks the controller makes, for a clear answer), sent to the controller until applied;
+    /// returns the children's indexes.
     async fn resize(&self, topic: String, resize: Resize) -> Result<Vec<u32>, (ErrorCode, String)> {
         let (msg, parents) = match resize {
             Resize::Bad(m) => return Err((ErrorCode::INVALID_REQUEST, m)),
@@ -766,13 +766,13 @@ fn resize_response(r: Result<Vec<u32>, (ErrorCode, String)>) -> ResizeResponse {
     }
 }
 
-/// The controller's checks of a split or merge, on this broker's view, so the requester
-/// answers a refusal at once (the controller applies the same checks again).
 /// Whether a topic's configs make it a table.
-fn is_table(configs: &std::collections::BTreeMap<String, String>) -> bool {
+fn is_table(configs: &BTreeMap<String, String>) -> bool {
     configs.get(crate::core::table::TABLE_CONFIG).is_some_and(|v| v == "true")
 }
 
+/// The controller's checks of a split or merge, on this broker's view, so the requester
+/// answers a refusal at once (the controller applies the same checks again).
 fn check_resize(c: &Controller, topic: &str, msg: &Message) -> Result<(), (ErrorCode, String)> {
     let result = match msg {
         Message::Split { index, at, .. } => c.plan_split(topic, *index, at.clone()).map(drop),

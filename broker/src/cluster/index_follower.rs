@@ -34,9 +34,9 @@ use skein_client::{Table, TableError};
 
 use super::internal::{self, wall_ms};
 use super::shard::Node;
+use super::table_seed::Lineage;
 use super::tables::Host;
 use crate::core::{LeaderEpoch, Offset, PartitionId};
-use skein_client::partitioning::{KeyRange, Partitioning};
 
 /// Keys one pass step visits.
 const PASS_KEYS: usize = 500;
@@ -109,47 +109,6 @@ struct Follower {
     lineage: Option<Lineage>,
 }
 
-/// A child partition's parents, for its first pass to take their rows' entries over.
-struct Lineage {
-    scheme: Partitioning,
-    /// The child's range.
-    range: KeyRange,
-    /// Each parent's index and seal offset.
-    parents: Vec<(u32, u64)>,
-}
-
-impl Lineage {
-    /// Whether the child owns `key`.
-    fn owns(&self, key: &[u8]) -> bool {
-        self.scheme.point(key).is_none_or(|p| self.range.contains(p.bytes()))
-    }
-}
-
-/// The lineage of partition `index` of `topic` (None: it has no parents), once its parents
-/// are sealed (Err before: try again).
-async fn lineage(node: &Node, topic: &str, index: u32) -> Result<Option<Lineage>, TableError> {
-    let client = internal::client(node).await?;
-    client.invalidate_metadata(topic);
-    let md = client.topic_metadata(topic).await?;
-    let me = md.partitions.iter().find(|p| p.partition == index);
-    let me = me.ok_or_else(|| TableError::Invalid(format!("no partition {index} of {topic}")))?;
-    if me.lineage.parents.is_empty() {
-        return Ok(None);
-    }
-    let mut parents = Vec::new();
-    for &q in &me.lineage.parents {
-        match md.partitions.iter().find(|p| p.partition == q).filter(|p| p.lineage.seal == 2) {
-            Some(p) => parents.push((q, p.lineage.sealed_at)),
-            None => return Err(TableError::Invalid(format!("parent {q} of {topic}/{index} is not sealed yet"))),
-        }
-    }
-    Ok(Some(Lineage {
-        scheme: Partitioning::from_wire(md.partitioning).unwrap_or_default(),
-        range: me.lineage.range.as_ref().map_or_else(KeyRange::full, KeyRange::of_wire),
-        parents,
-    }))
-}
-
 /// What one step visits: keys and their latest values (None: absent) at `offset`.
 struct Plan {
     rows: Vec<(Vec<u8>, Option<Vec<u8>>)>,
@@ -175,69 +134,67 @@ impl Follower {
         if self.table.is_none() {
             self.table = Some(internal::client(node).await?.table(&def.topic()).await?);
         }
-        let table = self.table.as_ref().expect("set above");
-        let mut txn = table.begin(Some(Level::Serializable));
-        let read = txn.get(&checkpoint_key(partition)).await;
-        let checkpoint = match read {
-            Ok(v) => v.and_then(|v| Checkpoint::decode(&v)),
+        let mut txn = self.table.as_ref().expect("set above").begin(Some(Level::Serializable));
+        match self.fill(&mut txn, node, host, pid, partition, def).await {
+            Ok(Some(next)) => {
+                txn.commit().await?;
+                let more = next.next.is_some();
+                self.known = Some(next);
+                Ok(more)
+            }
+            Ok(None) => {
+                let _ = txn.abort().await;
+                Ok(false)
+            }
             Err(e) => {
                 let _ = txn.abort().await;
-                return Err(e);
+                Err(e)
             }
-        };
+        }
+    }
+
+    /// Reads the checkpoint and buffers the step's writes in `txn`; the checkpoint it
+    /// writes, or None when there is nothing to do now.
+    async fn fill(
+        &mut self,
+        txn: &mut skein_client::TableTxn,
+        node: &Rc<Node>,
+        host: &Rc<RefCell<Host>>,
+        pid: PartitionId,
+        partition: u32,
+        def: &IndexDef,
+    ) -> Result<Option<Checkpoint>, TableError> {
+        let checkpoint = txn.get(&checkpoint_key(partition)).await?.and_then(|v| Checkpoint::decode(&v));
         // A sealed partition's follower still finishes (or makes) its entries as of the seal:
         // its children take them over from there.
         let Some(plan) = plan(&host.borrow(), checkpoint.as_ref(), wall_ms()) else {
-            let _ = txn.abort().await;
             self.known = checkpoint;
-            return Ok(false);
+            return Ok(None);
         };
         // A child's pass takes over its parents' entries, once their followers are done.
         let mut parents = &[][..];
         if plan.chunk.is_some() && node.topics.load().has_parents(pid) {
             if self.lineage.is_none() {
                 let topic = host.borrow().topic.clone();
-                match lineage(node, &topic, partition).await {
-                    Ok(l) => self.lineage = l,
-                    Err(e) => {
-                        let _ = txn.abort().await;
-                        return Err(e);
-                    }
+                match super::table_seed::lineage(node, &topic, partition).await? {
+                    Some(l) => self.lineage = Some(l),
+                    None => return Ok(None),
                 }
             }
             if let Some(l) = &self.lineage {
                 for &(q, sealed_at) in &l.parents {
-                    let behind = match txn.get(&checkpoint_key(q)).await {
-                        Ok(v) => v
-                            .and_then(|v| Checkpoint::decode(&v))
-                            .is_none_or(|c| c.next.is_some() || c.offset < sealed_at),
-                        Err(e) => {
-                            let _ = txn.abort().await;
-                            return Err(e);
-                        }
-                    };
-                    if behind {
-                        let _ = txn.abort().await;
-                        return Ok(false);
+                    let parent = txn.get(&checkpoint_key(q)).await?.and_then(|v| Checkpoint::decode(&v));
+                    if parent.is_none_or(|c| c.next.is_some() || c.offset < sealed_at) {
+                        return Ok(None);
                     }
                 }
                 parents = &l.parents;
             }
         }
-        let more = plan.next.next.is_some();
         let keep_old = node.config.unsafe_index_plant == Some(crate::IndexPlant::TermKeepsOldEntries);
         let owns = |k: &[u8]| self.lineage.as_ref().is_none_or(|l| l.owns(k));
-        let result = write(&mut txn, partition, def, &plan, keep_old, parents, owns).await;
-        let committed = match result {
-            Ok(()) => txn.commit().await.map(drop),
-            Err(e) => {
-                let _ = txn.abort().await;
-                Err(e)
-            }
-        };
-        committed?;
-        self.known = Some(plan.next);
-        Ok(more)
+        write(txn, partition, def, &plan, keep_old, parents, owns).await?;
+        Ok(Some(plan.next))
     }
 }
 

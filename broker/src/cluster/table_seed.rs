@@ -64,35 +64,58 @@ pub(super) fn ensure(node: &Rc<Node>, host: &Rc<RefCell<Host>>, pid: PartitionId
     .detach();
 }
 
+/// Where a split's or merge's child partition came from.
+pub(super) struct Lineage {
+    scheme: Partitioning,
+    /// The child's range.
+    range: KeyRange,
+    /// Each parent's index and seal offset.
+    pub(super) parents: Vec<(u32, u64)>,
+}
+
+impl Lineage {
+    /// Whether the child owns `key`.
+    pub(super) fn owns(&self, key: &[u8]) -> bool {
+        self.scheme.point(key).is_none_or(|p| self.range.contains(p.bytes()))
+    }
+}
+
+/// The lineage of partition `index` of `topic`, from fresh metadata (no parents for one
+/// made with its topic); None while a parent is not sealed yet.
+pub(super) async fn lineage(node: &Node, topic: &str, index: u32) -> Result<Option<Lineage>, TableError> {
+    let client = internal::client(node).await?;
+    client.invalidate_metadata(topic);
+    let md = client.topic_metadata(topic).await?;
+    let me = md.partitions.iter().find(|p| p.partition == index);
+    let me = me.ok_or_else(|| TableError::Invalid(format!("no partition {index} of {topic}")))?;
+    let mut parents = Vec::new();
+    for &q in &me.lineage.parents {
+        match md.partitions.iter().find(|p| p.partition == q).filter(|p| p.lineage.seal == 2) {
+            Some(p) => parents.push((q, p.lineage.sealed_at)),
+            None => return Ok(None),
+        }
+    }
+    Ok(Some(Lineage {
+        scheme: Partitioning::from_wire(md.partitioning).unwrap_or_default(),
+        range: me.lineage.range.as_ref().map_or_else(KeyRange::full, KeyRange::of_wire),
+        parents,
+    }))
+}
+
 /// One attempt: the parents' rows in, then the end; the rows carried.
 async fn seed(node: &Rc<Node>, topic: &str, index: u32, epoch: LeaderEpoch) -> Result<usize, TableError> {
-    let client = internal::client(node).await?;
     // The parents' seal offsets (a child exists from the split; its parents seal soon after).
-    let (scheme, range, parents) = loop {
-        client.invalidate_metadata(topic);
-        let md = client.topic_metadata(topic).await?;
-        let scheme = Partitioning::from_wire(md.partitioning).unwrap_or_default();
-        let me = md.partitions.iter().find(|p| p.partition == index);
-        let me = me.ok_or_else(|| TableError::Invalid(format!("no partition {index} of {topic}")))?;
-        let range = me.lineage.range.as_ref().map_or_else(KeyRange::full, KeyRange::of_wire);
-        let mut parents = Vec::new();
-        for &q in &me.lineage.parents {
-            let p = md.partitions.iter().find(|p| p.partition == q);
-            match p.filter(|p| p.lineage.seal == 2) {
-                Some(p) => parents.push((q, p.lineage.sealed_at)),
-                None => break,
-            }
+    let lineage = loop {
+        match lineage(node, topic, index).await? {
+            Some(l) => break l,
+            None => compio::time::sleep(Duration::from_millis(SEAL_POLL_MS)).await,
         }
-        if parents.len() == me.lineage.parents.len() {
-            break (scheme, range, parents);
-        }
-        compio::time::sleep(Duration::from_millis(SEAL_POLL_MS)).await;
     };
-    let table = client.table(topic).await?;
+    let table = internal::client(node).await?.table(topic).await?;
     let mut rows = Vec::new();
-    for (q, sealed_at) in parents {
+    for &(q, sealed_at) in &lineage.parents {
         for (k, v) in table.rows_at(q, sealed_at).await? {
-            if scheme.point(&k).is_none_or(|p| range.contains(p.bytes())) {
+            if lineage.owns(&k) {
                 rows.push((k, v));
             }
         }

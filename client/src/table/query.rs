@@ -427,7 +427,8 @@ impl TableTxn {
         Ok(resp.rows.into_iter().filter_map(|r| Some((r.key.to_vec(), r.value?.to_vec()))).collect())
     }
 
-    /// TableQuery to each of `partitions` (in parallel): each partition's answer.
+    /// TableQuery to each of `partitions` (in parallel) at its latest offset: each
+    /// partition's answer.
     async fn query_partitions(
         &self,
         partitions: &[u32],
@@ -435,22 +436,8 @@ impl TableTxn {
         value: &[u8],
         rows: bool,
     ) -> Result<Vec<(u32, TableQueryResponse)>, TableError> {
-        let asks = partitions.iter().map(|&p| {
-            let req = TableQueryRequest {
-                topic: self.table.name().to_owned(),
-                partition: p,
-                index: index.to_owned(),
-                value: BytesMut::from(value),
-                snapshot: -1,
-                rows,
-            };
-            async move { (p, self.call::<_, TableQueryResponse>(p, ApiKey::TableQuery, &req, Retry::Idempotent).await) }
-        });
-        let mut out = Vec::new();
-        for (p, answer) in futures_util::future::join_all(asks).await {
-            out.push((p, answer.map_err(|e| plain_error(self.table.name(), e))?));
-        }
-        Ok(out)
+        let asks = partitions.iter().map(|&p| async move { (p, self.query_at(p, index, value, -1, rows).await) });
+        futures_util::future::join_all(asks).await.into_iter().map(|(p, answer)| Ok((p, answer?))).collect()
     }
 }
 
